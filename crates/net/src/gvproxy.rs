@@ -1,0 +1,241 @@
+//! gvproxy: the user-mode network of an instance, and a client for its HTTP API.
+//!
+//! gvproxy is started with a configuration file (JSON, which its YAML parser reads) rather than
+//! its default mode, because the default mode NATs 192.168.127.254 to the host's loopback and
+//! forwards host port 2222 to the guest's ssh. Our configuration has no default forwards and maps
+//! the host alias to the host loopback only when the user asks; otherwise to `100::1`, an address
+//! of the IPv6 discard-only prefix (RFC 6666), because gvproxy falls back to its loopback NAT when
+//! the map is empty. gVisor itself drops packets addressed to 127.0.0.0/8 that arrive on the
+//! guest's NIC, so the NAT map is the only way from the guest to the host loopback.
+
+use crate::forward::{Forward, Proto};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// The guest's fixed address on the gvproxy network.
+pub const GUEST_IP: &str = "192.168.127.2";
+/// The gateway and DNS server address.
+pub const GATEWAY_IP: &str = "192.168.127.1";
+/// The address gvproxy offers as "the host".
+pub const HOST_ALIAS_IP: &str = "192.168.127.254";
+/// The guest's fixed MAC address.
+pub const GUEST_MAC: &str = "5a:94:ef:e4:0c:ee";
+/// Largest HTTP answer read from gvproxy.
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// How to run gvproxy for one instance.
+#[derive(Debug, Clone)]
+pub struct GvproxyConfig {
+    /// Unix socket of the HTTP API.
+    pub api_socket: PathBuf,
+    /// Unix socket QEMU (or libkrun) connects its network device to.
+    pub vm_socket: PathBuf,
+    /// Let the guest reach the host's loopback through 192.168.127.254.
+    pub allow_host_loopback: bool,
+}
+
+impl GvproxyConfig {
+    /// The configuration file content.
+    pub fn config_file(&self) -> String {
+        let nat_target = if self.allow_host_loopback { "127.0.0.1" } else { "100::1" };
+        serde_json::json!({
+            "log-level": "info",
+            "stack": {
+                "mtu": 1500,
+                "subnet": "192.168.127.0/24",
+                "gatewayIP": GATEWAY_IP,
+                "deviceIP": GUEST_IP,
+                "nat": { HOST_ALIAS_IP: nat_target },
+                "gatewayVirtualIPs": [HOST_ALIAS_IP],
+                "dhcpStaticLeases": { GUEST_IP: GUEST_MAC },
+            }
+        })
+        .to_string()
+    }
+
+    /// Command-line arguments, given the path the configuration file was written to.
+    pub fn args(&self, config_path: &Path) -> Vec<String> {
+        vec![
+            "-config".into(),
+            config_path.display().to_string(),
+            "-listen".into(),
+            format!("unix://{}", self.api_socket.display()),
+            "-listen-qemu".into(),
+            format!("unix://{}", self.vm_socket.display()),
+        ]
+    }
+}
+
+/// Errors talking to gvproxy's API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("gvproxy API at {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("gvproxy refused forward {forward}: HTTP {status}: {body}")]
+    Refused { forward: String, status: u16, body: String },
+    #[error("gvproxy API answered something that is not HTTP: {0:?}")]
+    Garbled(String),
+    #[error("gvproxy did not accept forward {forward} within {secs} s: {last}")]
+    Timeout { forward: String, secs: u64, last: String },
+}
+
+/// One HTTP exchange with gvproxy over its unix socket. Returns (status, body).
+async fn request(api: &Path, method: &str, path: &str, body: &str) -> Result<(u16, String), ApiError> {
+    let io = |source| ApiError::Io { path: api.to_path_buf(), source };
+    let mut s = UnixStream::connect(api).await.map_err(io)?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: gvproxy\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.map_err(io)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).await.map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_ANSWER {
+            return Err(ApiError::Garbled("answer larger than 64 KiB".into()));
+        }
+    }
+    parse_response(&buf)
+}
+
+/// Parses an HTTP/1.x answer into (status, body text).
+fn parse_response(buf: &[u8]) -> Result<(u16, String), ApiError> {
+    let text = String::from_utf8_lossy(buf);
+    let status_line = text.lines().next().unwrap_or("");
+    let mut parts = status_line.split_whitespace();
+    let (Some(proto), Some(code)) = (parts.next(), parts.next()) else {
+        return Err(ApiError::Garbled(status_line.chars().take(80).collect()));
+    };
+    if !proto.starts_with("HTTP/1.") {
+        return Err(ApiError::Garbled(status_line.chars().take(80).collect()));
+    }
+    let status = code.parse::<u16>().map_err(|_| ApiError::Garbled(status_line.chars().take(80).collect()))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_string()).unwrap_or_default();
+    Ok((status, body.chars().take(300).collect()))
+}
+
+fn expose_body(f: &Forward, guest_ip: &str) -> String {
+    let local = match f.host_ip {
+        std::net::IpAddr::V6(ip) => format!("[{ip}]:{}", f.host_port),
+        std::net::IpAddr::V4(ip) => format!("{ip}:{}", f.host_port),
+    };
+    serde_json::json!({
+        "local": local,
+        "remote": format!("{guest_ip}:{}", f.guest_port),
+        "protocol": match f.proto { Proto::Tcp => "tcp", Proto::Udp => "udp" },
+    })
+    .to_string()
+}
+
+/// Exposes a forward, retrying with backoff while gvproxy's API is not up or its netstack not
+/// ready (it answers 500 then), until `deadline` has passed.
+pub async fn expose(api: &Path, f: &Forward, deadline: Duration) -> Result<(), ApiError> {
+    let body = expose_body(f, GUEST_IP);
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(10);
+    loop {
+        let last = match request(api, "POST", "/services/forwarder/expose", &body).await {
+            Ok((200..=299, _)) => return Ok(()),
+            // "address already in use" and similar are final: retrying will not help.
+            Ok((status, body)) if body.contains("in use") || body.contains("permission denied") => {
+                return Err(ApiError::Refused { forward: f.to_string(), status, body })
+            }
+            Ok((status, body)) => format!("HTTP {status}: {body}"),
+            Err(e) => e.to_string(),
+        };
+        if start.elapsed() >= deadline {
+            return Err(ApiError::Timeout { forward: f.to_string(), secs: deadline.as_secs(), last });
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Removes a forward.
+pub async fn unexpose(api: &Path, f: &Forward) -> Result<(), ApiError> {
+    let local = match f.host_ip {
+        std::net::IpAddr::V6(ip) => format!("[{ip}]:{}", f.host_port),
+        std::net::IpAddr::V4(ip) => format!("{ip}:{}", f.host_port),
+    };
+    let body = serde_json::json!({"local": local, "protocol": f.proto.to_string()}).to_string();
+    match request(api, "POST", "/services/forwarder/unexpose", &body).await? {
+        (200..=299, _) => Ok(()),
+        (status, body) => Err(ApiError::Refused { forward: f.to_string(), status, body }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_maps_host_alias_away_from_loopback_by_default() {
+        let c = GvproxyConfig { api_socket: "/a".into(), vm_socket: "/b".into(), allow_host_loopback: false };
+        let v: serde_json::Value = serde_json::from_str(&c.config_file()).unwrap();
+        assert_eq!(v["stack"]["nat"][HOST_ALIAS_IP], "100::1");
+        assert!(v["stack"].get("forwards").is_none());
+        let c = GvproxyConfig { allow_host_loopback: true, ..c };
+        let v: serde_json::Value = serde_json::from_str(&c.config_file()).unwrap();
+        assert_eq!(v["stack"]["nat"][HOST_ALIAS_IP], "127.0.0.1");
+        assert_eq!(c.args(Path::new("/c"))[..2], ["-config".to_string(), "/c".to_string()]);
+    }
+
+    #[test]
+    fn response_parsing() {
+        assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n").unwrap(), (200, String::new()));
+        assert_eq!(
+            parse_response(b"HTTP/1.1 500 Internal Server Error\r\n\r\nnot ready\n").unwrap(),
+            (500, "not ready".into())
+        );
+        for bad in [&b""[..], b"garbage", b"HTTP/1.1 abc", b"SSH-2.0 x\r\n", b"\xff\xfe"] {
+            assert!(parse_response(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn expose_body_shape() {
+        let f: Forward = "0.0.0.0:8080:80/udp".parse().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&expose_body(&f, GUEST_IP)).unwrap();
+        assert_eq!(v["local"], "0.0.0.0:8080");
+        assert_eq!(v["remote"], "192.168.127.2:80");
+        assert_eq!(v["protocol"], "udp");
+    }
+
+    #[tokio::test]
+    async fn expose_retries_until_ready_then_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(async move {
+            for i in 0..3 {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await.unwrap();
+                let ans: &[u8] = if i < 2 {
+                    b"HTTP/1.1 500 Internal Server Error\r\n\r\nnot ready"
+                } else {
+                    b"HTTP/1.1 200 OK\r\n\r\n"
+                };
+                s.write_all(ans).await.unwrap();
+            }
+        });
+        let f: Forward = "8080:80".parse().unwrap();
+        expose(&sock, &f, Duration::from_secs(5)).await.unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn expose_times_out_when_nobody_listens() {
+        let dir = tempfile::tempdir().unwrap();
+        let f: Forward = "8080:80".parse().unwrap();
+        let err = expose(&dir.path().join("none.sock"), &f, Duration::from_millis(100)).await.unwrap_err();
+        assert!(matches!(err, ApiError::Timeout { .. }), "{err}");
+    }
+}

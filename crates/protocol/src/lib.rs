@@ -1,0 +1,454 @@
+//! The gatevm agent protocol: one byte stream between the host and the guest agent (a virtio-serial
+//! port under QEMU, a vsock port under libkrun), carrying many logical streams.
+//!
+//! Wire format of one frame (all integers big-endian):
+//!
+//! ```text
+//! +----------------+----------------+--------+-----------------------+
+//! | len: u32       | stream: u32    | kind:u8| payload (len-5 bytes) |
+//! +----------------+----------------+--------+-----------------------+
+//! ```
+//!
+//! `len` counts the stream id, the kind byte and the payload, and is bounded by
+//! [`MAX_FRAME_LEN`]: a peer announcing more is a protocol error, so a hostile guest cannot make the
+//! host allocate without bound. Kinds: [`KIND_MSG`] carries a JSON message, `KIND_DATA | fd` raw
+//! bytes of stdin (0), stdout (1) or stderr (2) of the stream's process, `KIND_EOF | fd` the end of
+//! that byte stream.
+//!
+//! The same framing, with other message types, is used between the CLI and the supervisor's control
+//! socket: [`Frame`] is generic over the message type.
+//!
+//! Conversation: the guest sends [`GuestMsg::Hello`] as soon as its agent listens; the host answers
+//! with its own `Hello`. Stream 0 carries connection-level messages (hello, status, shutdown); the
+//! host opens one stream per exec with an id it picks (non-zero, unique while the exec runs).
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::io::{self, Read, Write};
+
+/// Protocol version; both sides refuse a peer whose hello carries another one.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest value of the length field: 5 header bytes plus a 256 KiB payload.
+pub const MAX_FRAME_LEN: usize = 5 + MAX_PAYLOAD;
+/// Largest payload of one frame.
+pub const MAX_PAYLOAD: usize = 256 * 1024;
+/// Size in which writers cut process output into data frames.
+pub const DATA_CHUNK: usize = 32 * 1024;
+/// Name of the virtio-serial port carrying the agent channel.
+pub const AGENT_PORT_NAME: &str = "gatevm.agent";
+/// vsock port of the agent channel (libkrun backend).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Frame kind: a JSON message.
+pub const KIND_MSG: u8 = 0x01;
+/// Frame kind base: bytes of a standard stream; the low bits are the fd (0, 1, 2).
+pub const KIND_DATA: u8 = 0x10;
+/// Frame kind base: end of a standard stream; the low bits are the fd.
+pub const KIND_EOF: u8 = 0x20;
+
+/// Connection-level stream id.
+pub const STREAM_CONTROL: u32 = 0;
+
+/// Errors of framing and decoding.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    /// I/O on the underlying stream failed.
+    #[error("agent channel i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The peer announced a frame larger than the limit.
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
+    TooLarge(usize),
+    /// The peer announced a frame too short to hold its header.
+    #[error("frame of {0} bytes is shorter than its 5-byte header")]
+    TooShort(usize),
+    /// The stream ended inside a frame.
+    #[error("channel closed in the middle of a frame")]
+    Truncated,
+    /// Unknown frame kind or fd.
+    #[error("unknown frame kind 0x{0:02x}")]
+    BadKind(u8),
+    /// A message frame whose JSON does not decode.
+    #[error("undecodable message: {0}")]
+    BadMessage(String),
+    /// A message too large to encode in one frame.
+    #[error("message of {0} bytes is too large for one frame")]
+    MessageTooLarge(usize),
+}
+
+/// One of the three standard streams of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Fd {
+    Stdin = 0,
+    Stdout = 1,
+    Stderr = 2,
+}
+
+impl Fd {
+    fn from_bits(b: u8) -> Option<Fd> {
+        match b {
+            0 => Some(Fd::Stdin),
+            1 => Some(Fd::Stdout),
+            2 => Some(Fd::Stderr),
+            _ => None,
+        }
+    }
+}
+
+/// One frame, generic over the message type carried by [`KIND_MSG`] frames.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame<M> {
+    /// A message on a stream.
+    Msg { stream: u32, msg: M },
+    /// Bytes of one standard stream of the stream's process.
+    Data { stream: u32, fd: Fd, bytes: Vec<u8> },
+    /// End of one standard stream.
+    Eof { stream: u32, fd: Fd },
+}
+
+impl<M> Frame<M> {
+    /// The stream id this frame belongs to.
+    pub fn stream(&self) -> u32 {
+        match self {
+            Frame::Msg { stream, .. } | Frame::Data { stream, .. } | Frame::Eof { stream, .. } => {
+                *stream
+            }
+        }
+    }
+}
+
+impl<M: Serialize> Frame<M> {
+    /// Encodes the frame into its wire bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
+        let (stream, kind, payload): (u32, u8, std::borrow::Cow<'_, [u8]>) = match self {
+            Frame::Msg { stream, msg } => {
+                let json = serde_json::to_vec(msg).map_err(|e| ProtoError::BadMessage(e.to_string()))?;
+                (*stream, KIND_MSG, json.into())
+            }
+            Frame::Data { stream, fd, bytes } => (*stream, KIND_DATA | *fd as u8, bytes.as_slice().into()),
+            Frame::Eof { stream, fd } => (*stream, KIND_EOF | *fd as u8, (&[][..]).into()),
+        };
+        if payload.len() > MAX_PAYLOAD {
+            return Err(ProtoError::MessageTooLarge(payload.len()));
+        }
+        let mut out = Vec::with_capacity(9 + payload.len());
+        out.extend_from_slice(&((5 + payload.len()) as u32).to_be_bytes());
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.push(kind);
+        out.extend_from_slice(&payload);
+        Ok(out)
+    }
+}
+
+/// Checks a frame length field; returns the body length to read.
+pub fn check_len(len: u32) -> Result<usize, ProtoError> {
+    let len = len as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(ProtoError::TooLarge(len));
+    }
+    if len < 5 {
+        return Err(ProtoError::TooShort(len));
+    }
+    Ok(len)
+}
+
+/// Decodes a frame body (everything after the length field).
+pub fn decode_body<M: DeserializeOwned>(body: &[u8]) -> Result<Frame<M>, ProtoError> {
+    if body.len() < 5 {
+        return Err(ProtoError::TooShort(body.len()));
+    }
+    let stream = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    let kind = body[4];
+    let payload = &body[5..];
+    match kind & 0xf0 {
+        0x00 if kind == KIND_MSG => {
+            let msg = serde_json::from_slice(payload).map_err(|e| ProtoError::BadMessage(e.to_string()))?;
+            Ok(Frame::Msg { stream, msg })
+        }
+        KIND_DATA => {
+            let fd = Fd::from_bits(kind & 0x0f).ok_or(ProtoError::BadKind(kind))?;
+            Ok(Frame::Data { stream, fd, bytes: payload.to_vec() })
+        }
+        KIND_EOF => {
+            let fd = Fd::from_bits(kind & 0x0f).ok_or(ProtoError::BadKind(kind))?;
+            if !payload.is_empty() {
+                return Err(ProtoError::BadKind(kind));
+            }
+            Ok(Frame::Eof { stream, fd })
+        }
+        _ => Err(ProtoError::BadKind(kind)),
+    }
+}
+
+/// Reads one frame. `Ok(None)` on a clean end of stream at a frame boundary.
+pub fn read_frame<M: DeserializeOwned, R: Read>(r: &mut R) -> Result<Option<Frame<M>>, ProtoError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(ProtoError::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = check_len(u32::from_be_bytes(len))?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ProtoError::Truncated
+        } else {
+            ProtoError::Io(e)
+        }
+    })?;
+    decode_body(&body).map(Some)
+}
+
+/// Writes one frame with a single `write_all` (callers sharing a writer hold a lock around it).
+pub fn write_frame<M: Serialize, W: Write>(w: &mut W, frame: &Frame<M>) -> Result<(), ProtoError> {
+    let bytes = frame.encode()?;
+    w.write_all(&bytes)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Async reading for tokio users.
+#[cfg(feature = "tokio")]
+pub mod asyncio {
+    use super::*;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    /// Reads one frame. `Ok(None)` on a clean end of stream at a frame boundary.
+    pub async fn read_frame<M: DeserializeOwned, R: AsyncRead + Unpin>(
+        r: &mut R,
+    ) -> Result<Option<Frame<M>>, ProtoError> {
+        let mut len = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            let n = r.read(&mut len[got..]).await?;
+            if n == 0 {
+                return if got == 0 { Ok(None) } else { Err(ProtoError::Truncated) };
+            }
+            got += n;
+        }
+        let len = check_len(u32::from_be_bytes(len))?;
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).await.map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                ProtoError::Truncated
+            } else {
+                ProtoError::Io(e)
+            }
+        })?;
+        decode_body(&body).map(Some)
+    }
+
+    /// Writes one frame.
+    pub async fn write_frame<M: Serialize, W: AsyncWrite + Unpin>(
+        w: &mut W,
+        frame: &Frame<M>,
+    ) -> Result<(), ProtoError> {
+        let bytes = frame.encode()?;
+        w.write_all(&bytes).await?;
+        w.flush().await?;
+        Ok(())
+    }
+}
+
+/// What to run in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ExecRequest {
+    /// Program and arguments; the program is looked up in `PATH` when it has no `/`.
+    pub argv: Vec<String>,
+    /// Extra environment (added to the agent's default `PATH`, `HOME`, `TERM`).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Working directory (default `/`).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Allocate a pseudo-terminal; stdout carries the terminal's output, stderr is unused.
+    #[serde(default)]
+    pub tty: bool,
+    /// Initial terminal size when `tty`.
+    #[serde(default)]
+    pub rows: u16,
+    #[serde(default)]
+    pub cols: u16,
+    /// Keep stdin open for `Data{Stdin}` frames; when false the process gets an empty stdin.
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code when it exited.
+    pub code: Option<i32>,
+    /// Signal number when a signal killed it.
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    /// The shell convention: the code, or 128 + signal.
+    pub fn as_exit_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 255,
+        }
+    }
+}
+
+/// Lifecycle state of the guest's payload (containerd).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadState {
+    /// Not started yet.
+    Pending,
+    /// Started, not answering yet.
+    Starting,
+    /// Running and answering.
+    Ready,
+    /// Exited; waiting for the backoff before the next start.
+    Restarting,
+    /// Being stopped for shutdown.
+    Stopping,
+    /// Not running and not restarted.
+    Failed,
+}
+
+/// Status of one supervised payload service in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadStatus {
+    pub name: String,
+    pub state: PayloadState,
+    pub pid: Option<u32>,
+    pub restarts: u32,
+    /// Last exit, as text, when it exited before.
+    pub last_exit: Option<String>,
+}
+
+/// Messages between the host and the guest agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GuestMsg {
+    /// First message of each side; the guest adds what it knows about its boot.
+    Hello {
+        version: u32,
+        /// Agent or host software version.
+        software: String,
+        /// Guest uptime in milliseconds when the agent started listening.
+        #[serde(default)]
+        uptime_ms: Option<u64>,
+        /// Guest kernel release.
+        #[serde(default)]
+        kernel: Option<String>,
+    },
+    /// Host asks for the guest's status (answered with `Status` on stream 0).
+    StatusRequest,
+    /// Guest status; also sent unsolicited whenever a payload changes state.
+    Status { uptime_ms: u64, payloads: Vec<PayloadStatus> },
+    /// Host asks to run a process on a new stream.
+    Exec(ExecRequest),
+    /// The process runs.
+    ExecStarted { pid: u32 },
+    /// The process could not start: `code` is 127 (not found), 126 (not executable) or 1.
+    ExecFailed { code: i32, message: String },
+    /// The process ended; no more frames follow on the stream.
+    Exit(ExitStatus),
+    /// New terminal size.
+    Resize { rows: u16, cols: u16 },
+    /// Send a signal to the process (number as in Linux x86_64).
+    Signal { signal: i32 },
+    /// Stop the payload, sync, unmount and power off.
+    Shutdown,
+    /// The guest accepted a shutdown and is going down.
+    ShutdownAck,
+    /// A request on this stream failed.
+    Error { message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(f: &Frame<GuestMsg>) -> Frame<GuestMsg> {
+        let bytes = f.encode().unwrap();
+        read_frame(&mut &bytes[..]).unwrap().unwrap()
+    }
+
+    #[test]
+    fn roundtrips() {
+        let frames = vec![
+            Frame::Msg {
+                stream: 0,
+                msg: GuestMsg::Hello { version: 1, software: "x".into(), uptime_ms: Some(5), kernel: None },
+            },
+            Frame::Msg {
+                stream: 7,
+                msg: GuestMsg::Exec(ExecRequest { argv: vec!["ls".into()], ..Default::default() }),
+            },
+            Frame::Data { stream: 7, fd: Fd::Stdout, bytes: b"hello".to_vec() },
+            Frame::Eof { stream: 7, fd: Fd::Stdin },
+            Frame::Msg { stream: 7, msg: GuestMsg::Exit(ExitStatus { code: None, signal: Some(9) }) },
+        ];
+        for f in &frames {
+            assert_eq!(&roundtrip(f), f);
+        }
+    }
+
+    #[test]
+    fn clean_eof_and_truncation() {
+        assert!(read_frame::<GuestMsg, _>(&mut &b""[..]).unwrap().is_none());
+        assert!(matches!(read_frame::<GuestMsg, _>(&mut &b"\0\0"[..]), Err(ProtoError::Truncated)));
+        let bytes = Frame::<GuestMsg>::Data { stream: 1, fd: Fd::Stdout, bytes: vec![1; 10] }.encode().unwrap();
+        assert!(matches!(
+            read_frame::<GuestMsg, _>(&mut &bytes[..bytes.len() - 1]),
+            Err(ProtoError::Truncated)
+        ));
+    }
+
+    #[test]
+    fn oversize_and_bad_kinds_refused() {
+        let mut big = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes().to_vec();
+        big.extend_from_slice(&[0; 16]);
+        assert!(matches!(read_frame::<GuestMsg, _>(&mut &big[..]), Err(ProtoError::TooLarge(_))));
+        let short = [0, 0, 0, 2, 0, 0];
+        assert!(matches!(read_frame::<GuestMsg, _>(&mut &short[..]), Err(ProtoError::TooShort(2))));
+        for kind in [0x00u8, 0x02, 0x13, 0x2f, 0x30, 0xff] {
+            let mut f = vec![0, 0, 0, 5, 0, 0, 0, 1, kind];
+            assert!(read_frame::<GuestMsg, _>(&mut &f[..]).is_err(), "kind {kind:#x}");
+            f.clear();
+        }
+        let eof_with_payload = [0, 0, 0, 6, 0, 0, 0, 1, 0x21, 9];
+        assert!(read_frame::<GuestMsg, _>(&mut &eof_with_payload[..]).is_err());
+        let bad_json = [0, 0, 0, 7, 0, 0, 0, 1, 0x01, b'{', b'x'];
+        assert!(matches!(read_frame::<GuestMsg, _>(&mut &bad_json[..]), Err(ProtoError::BadMessage(_))));
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(ExitStatus { code: Some(3), signal: None }.as_exit_code(), 3);
+        assert_eq!(ExitStatus { code: None, signal: Some(15) }.as_exit_code(), 143);
+    }
+
+    proptest! {
+        // Any byte string either decodes to frames or fails cleanly: no panic, no huge allocation.
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let mut r = &bytes[..];
+            for _ in 0..64 {
+                match read_frame::<GuestMsg, _>(&mut r) {
+                    Ok(Some(_)) => continue,
+                    _ => break,
+                }
+            }
+        }
+
+        #[test]
+        fn data_roundtrip(stream in any::<u32>(), fd in 0u8..3, bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let f = Frame::<GuestMsg>::Data { stream, fd: Fd::from_bits(fd).unwrap(), bytes };
+            prop_assert_eq!(roundtrip(&f), f);
+        }
+    }
+}

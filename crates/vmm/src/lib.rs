@@ -1,0 +1,81 @@
+//! Virtual machine monitors for gatevm.
+//!
+//! A backend turns a [`VmConfig`] into a process to run: QEMU is a separate program; libkrun (a
+//! later backend) runs in a child process of gatevm itself because `krun_start_enter` never
+//! returns. Either way the supervisor owns a child process, so the trait hands back a
+//! [`std::process::Command`] and says which helper processes the backend needs beside it.
+
+pub mod probe;
+pub mod qemu;
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+pub use probe::{probe, HostCaps};
+
+/// How the guest's CPU is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualization through /dev/kvm.
+    Kvm,
+    /// QEMU's software emulation (slow, works everywhere).
+    Tcg,
+}
+
+impl Accel {
+    /// The best acceleration the host offers.
+    pub fn for_host(caps: &HostCaps) -> Accel {
+        if caps.hardware_virt() {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        }
+    }
+}
+
+/// Everything a backend needs to boot one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// Instance name (used for the process name and the guest hostname).
+    pub name: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub accel: Accel,
+    /// Uncompressed guest kernel (ELF with a PVH note, or bzImage).
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// vhost-user socket of virtiofsd serving the root filesystem (tag `root`).
+    pub virtiofs_socket: PathBuf,
+    /// Raw disk image attached as virtio-blk (the guest's /dev/vda).
+    pub state_disk: Option<PathBuf>,
+    /// Unix socket path where the VMM listens for the agent channel.
+    pub agent_socket: PathBuf,
+    /// Unix socket of the network helper (gvproxy `-listen-qemu`), when networking is on.
+    pub net_socket: Option<PathBuf>,
+    /// Guest MAC address.
+    pub mac: String,
+    /// File the guest console is appended to.
+    pub console_log: PathBuf,
+}
+
+/// Errors preparing a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("{what} not found at {path}: run `gatevm setup`")]
+    Missing { what: &'static str, path: PathBuf },
+    #[error("invalid VM configuration: {0}")]
+    Invalid(String),
+}
+
+/// A virtual machine monitor backend.
+pub trait Vmm {
+    /// Short name (`qemu`, `krun`).
+    fn name(&self) -> &'static str;
+    /// Whether the backend needs an external virtiofsd for the root filesystem.
+    fn needs_virtiofsd(&self) -> bool;
+    /// The command that runs the VM; it exits when the guest powers off.
+    fn command(&self, cfg: &VmConfig) -> Result<std::process::Command, VmmError>;
+}

@@ -1,0 +1,122 @@
+//! What the host can virtualize with.
+//!
+//! `/dev/kvm` existing is not enough: under `kvm_pvm` (a KVM module for PVM guest kernels, found on
+//! some cloud machines) a normal guest kernel dies after ~14 s with KVM_EXIT_INTERNAL_ERROR. We count
+//! KVM as usable only with the vmx or svm CPU flag, a `/dev/kvm` we can open read-write, and no
+//! `kvm_pvm` module.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The host's virtualization facts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCaps {
+    /// The CPU advertises vmx (Intel) or svm (AMD).
+    pub cpu_virt_flag: bool,
+    /// `/dev/kvm` exists.
+    pub kvm_device: bool,
+    /// `/dev/kvm` opens read-write for us.
+    pub kvm_accessible: bool,
+    /// The loaded KVM flavour: `kvm_intel`, `kvm_amd`, `kvm_pvm`, or none.
+    pub kvm_flavour: Option<String>,
+    /// `/dev/vhost-vsock` exists.
+    pub vhost_vsock: bool,
+    /// `/dev/vhost-net` exists.
+    pub vhost_net: bool,
+}
+
+impl HostCaps {
+    /// Hardware virtualization that can boot an ordinary guest kernel.
+    pub fn hardware_virt(&self) -> bool {
+        self.cpu_virt_flag && self.kvm_accessible && self.kvm_flavour.as_deref() != Some("kvm_pvm")
+    }
+
+    /// Why hardware virtualization is not usable, in a few words (None when it is).
+    pub fn why_no_hardware_virt(&self) -> Option<String> {
+        if self.kvm_flavour.as_deref() == Some("kvm_pvm") {
+            return Some("/dev/kvm is provided by kvm_pvm, which boots only PVM guest kernels".into());
+        }
+        if !self.cpu_virt_flag {
+            return Some("the CPU has no vmx/svm flag (no nested virtualization here)".into());
+        }
+        if !self.kvm_device {
+            return Some("/dev/kvm does not exist (load kvm_intel or kvm_amd)".into());
+        }
+        if !self.kvm_accessible {
+            return Some("/dev/kvm is not accessible read-write (add the user to the kvm group)".into());
+        }
+        None
+    }
+}
+
+/// Reads the host's capabilities from `/proc`, `/sys` and `/dev` under `root` ("/" normally).
+pub fn probe_at(root: &Path) -> HostCaps {
+    let cpuinfo = std::fs::read_to_string(root.join("proc/cpuinfo")).unwrap_or_default();
+    let cpu_virt_flag = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    let kvm = root.join("dev/kvm");
+    let kvm_device = kvm.exists();
+    let kvm_accessible = kvm_device && std::fs::OpenOptions::new().read(true).write(true).open(&kvm).is_ok();
+    let kvm_flavour = ["kvm_pvm", "kvm_intel", "kvm_amd"]
+        .into_iter()
+        .find(|m| root.join("sys/module").join(m).exists())
+        .map(str::to_string);
+    HostCaps {
+        cpu_virt_flag,
+        kvm_device,
+        kvm_accessible,
+        kvm_flavour,
+        vhost_vsock: root.join("dev/vhost-vsock").exists(),
+        vhost_net: root.join("dev/vhost-net").exists(),
+    }
+}
+
+/// Reads this host's capabilities.
+pub fn probe() -> HostCaps {
+    probe_at(Path::new("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake(flags: &str, module: Option<&str>, kvm: bool) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("proc")).unwrap();
+        std::fs::write(d.path().join("proc/cpuinfo"), format!("processor\t: 0\nflags\t\t: fpu {flags} sse\n")).unwrap();
+        std::fs::create_dir_all(d.path().join("dev")).unwrap();
+        if kvm {
+            std::fs::write(d.path().join("dev/kvm"), "").unwrap();
+        }
+        if let Some(m) = module {
+            std::fs::create_dir_all(d.path().join("sys/module").join(m)).unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn pvm_is_not_hardware_virt() {
+        let d = fake("", Some("kvm_pvm"), true);
+        let c = probe_at(d.path());
+        assert!(c.kvm_device && !c.hardware_virt());
+        assert!(c.why_no_hardware_virt().unwrap().contains("kvm_pvm"));
+    }
+
+    #[test]
+    fn vmx_with_kvm_intel_is_hardware_virt() {
+        let d = fake("vmx", Some("kvm_intel"), true);
+        let c = probe_at(d.path());
+        assert!(c.hardware_virt(), "{c:?}");
+        assert_eq!(c.why_no_hardware_virt(), None);
+    }
+
+    #[test]
+    fn missing_pieces_are_named() {
+        let c = probe_at(fake("svm", Some("kvm_amd"), false).path());
+        assert!(c.why_no_hardware_virt().unwrap().contains("does not exist"));
+        let c = probe_at(fake("", None, true).path());
+        assert!(c.why_no_hardware_virt().unwrap().contains("vmx/svm"));
+    }
+}

@@ -1,0 +1,148 @@
+//! The QEMU backend: `qemu-system-x86_64 -M microvm` with virtio-mmio devices.
+
+use crate::{Accel, Vmm, VmConfig, VmmError};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// QEMU `microvm` backend.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    /// The `qemu-system-x86_64` binary.
+    pub binary: PathBuf,
+}
+
+impl Default for Qemu {
+    fn default() -> Self {
+        Qemu { binary: PathBuf::from("qemu-system-x86_64") }
+    }
+}
+
+/// Escapes a value for QEMU's comma-separated option syntax (a comma is doubled).
+fn opt(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+impl Qemu {
+    /// The argument list for a configuration.
+    pub fn args(&self, cfg: &VmConfig) -> Result<Vec<String>, VmmError> {
+        if cfg.cpus == 0 || cfg.memory_mib < 64 {
+            return Err(VmmError::Invalid(format!("{} CPUs and {} MiB", cfg.cpus, cfg.memory_mib)));
+        }
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+        let mem = format!("{}M", cfg.memory_mib);
+        push(&["-name", &format!("gatevm-{},process=gatevm-{}", cfg.name, cfg.name)]);
+        push(&["-M", "microvm,x-option-roms=off,rtc=on,memory-backend=mem"]);
+        match cfg.accel {
+            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+        }
+        push(&["-smp", &cfg.cpus.to_string(), "-m", &mem]);
+        push(&["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
+        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        push(&["-chardev", &format!("file,id=con,path={},append=on", opt(&cfg.console_log))]);
+        push(&["-serial", "chardev:con"]);
+        push(&["-kernel", &cfg.kernel.display().to_string()]);
+        if let Some(initrd) = &cfg.initramfs {
+            push(&["-initrd", &initrd.display().to_string()]);
+        }
+        push(&["-append", &cfg.cmdline]);
+        // Agent channel: a virtio-serial port the guest finds by name.
+        push(&["-device", "virtio-serial-device"]);
+        push(&["-chardev", &format!("socket,id=ag,path={},server=on,wait=off", opt(&cfg.agent_socket))]);
+        push(&["-device", &format!("virtserialport,chardev=ag,name={}", gatevm_protocol::AGENT_PORT_NAME)]);
+        // Root filesystem through virtiofsd.
+        push(&["-chardev", &format!("socket,id=vfs,path={}", opt(&cfg.virtiofs_socket))]);
+        push(&["-device", "vhost-user-fs-device,chardev=vfs,tag=root"]);
+        if let Some(disk) = &cfg.state_disk {
+            push(&["-drive", &format!("if=none,id=state,format=raw,file={},cache=unsafe,discard=unmap", opt(disk))]);
+            push(&["-device", "virtio-blk-device,drive=state"]);
+        }
+        if let Some(net) = &cfg.net_socket {
+            push(&["-netdev", &format!("stream,id=n0,server=off,addr.type=unix,addr.path={}", opt(net))]);
+            push(&["-device", &format!("virtio-net-device,netdev=n0,mac={}", cfg.mac)]);
+        }
+        Ok(a)
+    }
+}
+
+impl Vmm for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn needs_virtiofsd(&self) -> bool {
+        true
+    }
+
+    fn command(&self, cfg: &VmConfig) -> Result<Command, VmmError> {
+        for (what, p) in [("guest kernel", &cfg.kernel)] {
+            if !p.exists() {
+                return Err(VmmError::Missing { what, path: p.clone() });
+            }
+        }
+        let mut c = Command::new(&self.binary);
+        c.args(self.args(cfg)?);
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            name: "t".into(),
+            cpus: 2,
+            memory_mib: 512,
+            accel: Accel::Tcg,
+            kernel: "/k".into(),
+            initramfs: Some("/i".into()),
+            cmdline: "console=ttyS0".into(),
+            virtiofs_socket: "/run/v,s".into(),
+            state_disk: Some("/d".into()),
+            agent_socket: "/a".into(),
+            net_socket: Some("/n".into()),
+            mac: "5a:94:ef:e4:0c:ee".into(),
+            console_log: "/c".into(),
+        }
+    }
+
+    #[test]
+    fn args_cover_the_appliance() {
+        let a = Qemu::default().args(&cfg()).unwrap().join(" ");
+        for want in [
+            "-accel tcg",
+            "-smp 2 -m 512M",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "path=/run/v,,s",
+            "virtserialport,chardev=ag,name=gatevm.agent",
+            "virtio-blk-device,drive=state",
+            "virtio-net-device,netdev=n0,mac=5a:94:ef:e4:0c:ee",
+            "-no-reboot",
+        ] {
+            assert!(a.contains(want), "missing {want} in {a}");
+        }
+        let mut k = cfg();
+        k.accel = Accel::Kvm;
+        k.net_socket = None;
+        k.state_disk = None;
+        let a = Qemu::default().args(&k).unwrap().join(" ");
+        assert!(a.contains("-accel kvm -cpu host"));
+        assert!(!a.contains("netdev") && !a.contains("virtio-blk"));
+    }
+
+    #[test]
+    fn bad_sizes_refused() {
+        let mut c = cfg();
+        c.cpus = 0;
+        assert!(Qemu::default().args(&c).is_err());
+    }
+
+    #[test]
+    fn missing_kernel_named() {
+        let err = Qemu::default().command(&cfg()).unwrap_err().to_string();
+        assert!(err.contains("guest kernel") && err.contains("/k"), "{err}");
+    }
+}
