@@ -1,0 +1,19 @@
+//! `gatevm delete`
+
+use crate::output::runtime;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Instance name.
+    name: String,
+    /// Stop the instance first if it is running.
+    #[arg(short, long)]
+    force: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    let name = super::name_arg(&a.name)?;
+    runtime()?.block_on(gatevm_instance::client::delete(name, a.force))?;
+    eprintln!("deleted {name}");
+    Ok(0)
+}

@@ -1,0 +1,30 @@
+//! `gatevm list`
+
+use crate::output::{print_json, runtime};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Print a JSON array of status documents.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    let all = runtime()?.block_on(gatevm_instance::client::list());
+    if a.json {
+        print_json(&all)?;
+        return Ok(0);
+    }
+    println!("{:<24} {:<10} {:<8} {:<10} FORWARDS", "NAME", "STATE", "HEALTHY", "BACKEND");
+    for s in &all {
+        println!(
+            "{:<24} {:<10} {:<8} {:<10} {}",
+            s.name,
+            s.state,
+            if s.healthy { "yes" } else { "no" },
+            s.backend.as_deref().unwrap_or("-"),
+            s.forwards.join(",")
+        );
+    }
+    Ok(0)
+}

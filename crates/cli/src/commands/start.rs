@@ -1,0 +1,133 @@
+//! `gatevm start`
+
+use crate::output::{secs, runtime};
+use anyhow::{bail, Context};
+use gatevm_instance::client;
+use gatevm_instance::config::{host_memory_mib, DEFAULT_CPUS, DEFAULT_DISK_GIB, DEFAULT_MEMORY_MIB};
+use gatevm_instance::supervisor::Progress;
+use gatevm_instance::{InstanceConfig, InstancePaths, VmmChoice};
+use std::io::IsTerminal;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Instance name: lowercase letters, digits and '-', at most 63 characters.
+    #[arg(default_value = super::DEFAULT_NAME)]
+    name: String,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = DEFAULT_CPUS)]
+    cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
+    memory: u32,
+    /// Forward a host port to the guest: [ip:]hostport:guestport[/tcp|/udp]. The host side binds
+    /// 127.0.0.1 unless an address is given. Repeatable.
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    publish: Vec<String>,
+    /// Let the guest reach services on the host's loopback through 192.168.127.254.
+    #[arg(long)]
+    allow_host_loopback: bool,
+    /// Stay attached: stop the VM on SIGINT/SIGTERM and exit when it stops (for systemd or a
+    /// calling tool).
+    #[arg(long)]
+    foreground: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    let name = super::name_arg(&a.name)?.to_string();
+    let forwards = gatevm_net::parse_forwards(&a.publish)?;
+    let config = InstanceConfig {
+        name: name.clone(),
+        cpus: a.cpus,
+        memory_mib: a.memory,
+        forwards,
+        allow_host_loopback: a.allow_host_loopback,
+        vmm: VmmChoice::Auto,
+        disk_gib: DEFAULT_DISK_GIB,
+    };
+    config.validate(host_memory_mib())?;
+    gatevm_image::dirs::data_dir().context("finding the data directory")?;
+    let paths = InstancePaths::new(&name);
+    if client::is_running(&paths) {
+        bail!("instance {name:?} is already running");
+    }
+    for f in &config.forwards {
+        gatevm_net::forward::check_host_port_free(f)
+            .map_err(|e| anyhow::anyhow!("host port {} ({}) is not available: {e}", f.host_addr(), f.proto))?;
+    }
+    gatevm_image::Runtime::load()?;
+    let guest = super::guest_bin()?;
+
+    let show = Shower::new();
+    if a.foreground {
+        let mut show = show;
+        let result = gatevm_instance::supervisor::run(
+            gatevm_instance::supervisor::SuperviseOptions { config, guest_bin: guest },
+            Box::new(move |p| show.event(&name, &p)),
+        );
+        return match result {
+            Ok(()) => Ok(0),
+            Err(e) => Err(e.into()),
+        };
+    }
+    let exe = std::env::current_exe().context("locating the gatevm executable")?;
+    let mut events = client::spawn_supervisor(&exe, &config, &guest)?;
+    let mut show = show;
+    while let Some(p) = client::next_progress(&mut events) {
+        show.event(&name, &p);
+        match p {
+            Progress::Ready { .. } => {
+                let st = runtime()?.block_on(client::status(&name))?;
+                if !st.forwards.is_empty() {
+                    eprintln!("forwards: {}", st.forwards.join(", "));
+                }
+                return Ok(0);
+            }
+            Progress::Failed { message } => bail!("{message}"),
+            _ => {}
+        }
+    }
+    bail!(
+        "the supervisor of {name:?} ended without reporting (see {})",
+        paths.log("supervisor").display()
+    )
+}
+
+/// Shows start progress on stderr.
+struct Shower {
+    tty: bool,
+}
+
+impl Shower {
+    fn new() -> Shower {
+        Shower { tty: std::io::stderr().is_terminal() }
+    }
+
+    fn event(&mut self, name: &str, p: &Progress) {
+        match p {
+            Progress::Phase { phase, elapsed_ms } => {
+                if self.tty {
+                    eprint!("\r\x1b[2K[{}] {name}: {phase}…", secs(*elapsed_ms));
+                } else {
+                    eprintln!("[{}] {name}: {phase}", secs(*elapsed_ms));
+                }
+            }
+            Progress::Notice { message } => {
+                if self.tty {
+                    eprint!("\r\x1b[2K");
+                }
+                eprintln!("notice: {message}");
+            }
+            Progress::Ready { agent_ready_ms, ready_ms } => {
+                if self.tty {
+                    eprint!("\r\x1b[2K");
+                }
+                eprintln!("{name} is ready in {} (guest agent after {})", secs(*ready_ms), secs(*agent_ready_ms));
+            }
+            Progress::Failed { .. } => {
+                if self.tty {
+                    eprint!("\r\x1b[2K");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! `gatevm status`
+
+use crate::output::{print_json, runtime, secs};
+use gatevm_instance::InstanceStatus;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Instance name.
+    #[arg(default_value = super::DEFAULT_NAME)]
+    name: String,
+    /// Print the status document as JSON (schema in the README).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    let name = super::name_arg(&a.name)?;
+    let st = runtime()?.block_on(gatevm_instance::client::status(name))?;
+    if a.json {
+        print_json(&st)?;
+    } else {
+        print_human(&st);
+    }
+    Ok(0)
+}
+
+/// The human form of a status.
+pub fn print_human(st: &InstanceStatus) {
+    let health = if st.healthy { " (healthy)" } else { "" };
+    println!("name:       {}", st.name);
+    println!("state:      {}{health}", st.state);
+    if let Some(b) = &st.backend {
+        println!("backend:    {b}");
+    }
+    println!("resources:  {} CPUs, {} MiB", st.cpus, st.memory_mib);
+    if !st.forwards.is_empty() {
+        println!("forwards:   {}", st.forwards.join(", "));
+    }
+    if st.state != "stopped" {
+        if let Some(p) = st.supervisor_pid {
+            println!("supervisor: pid {p}");
+        }
+        if st.agent.connected {
+            println!(
+                "agent:      {} (kernel {}, up {})",
+                st.agent.version.as_deref().unwrap_or("?"),
+                st.agent.kernel.as_deref().unwrap_or("?"),
+                st.agent.uptime_ms.map(secs).unwrap_or_default()
+            );
+        } else {
+            println!("agent:      not connected");
+        }
+        for p in &st.payloads {
+            println!("payload:    {} {:?} (restarts {})", p.name, p.state, p.restarts);
+        }
+        if let (Some(a), Some(r)) = (st.agent_ready_ms, st.ready_ms) {
+            println!("boot:       agent {} , ready {}", secs(a), secs(r));
+        }
+    }
+    if let Some(r) = &st.stop_reason {
+        println!("last stop:  {r}");
+    }
+    if let Some(e) = &st.last_error {
+        println!("error:      {e}");
+    }
+    println!("logs:       {}", st.logs);
+}

@@ -1,0 +1,48 @@
+//! `gatevm __supervise`: the detached supervisor process `start` launches.
+
+use anyhow::Context;
+use gatevm_instance::supervisor::{self, Progress, SuperviseOptions};
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The instance configuration as JSON.
+    #[arg(long)]
+    config_json: String,
+    /// The guest agent binary.
+    #[arg(long)]
+    guest_bin: PathBuf,
+    /// File descriptor to write progress events to (JSON lines), closed once ready or failed.
+    #[arg(long)]
+    progress_fd: Option<i32>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    let config = serde_json::from_str(&a.config_json).context("decoding --config-json")?;
+    // Losing the starter (it was killed, or it stopped reading) must not kill us.
+    // SAFETY: setting SIGPIPE to ignored has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let mut pipe = match a.progress_fd {
+        // SAFETY: the starter passes this fd to us open and owned by nobody else in this process.
+        Some(fd) if fd >= 3 => Some(unsafe { std::fs::File::from_raw_fd(fd) }),
+        _ => None,
+    };
+    let progress = move |p: Progress| {
+        tracing::info!("progress: {p:?}");
+        let done = matches!(p, Progress::Ready { .. } | Progress::Failed { .. });
+        if let Some(f) = pipe.as_mut() {
+            if let Ok(line) = serde_json::to_string(&p) {
+                let _ = writeln!(f, "{line}");
+            }
+        }
+        if done {
+            pipe = None;
+        }
+    };
+    supervisor::run(SuperviseOptions { config, guest_bin: a.guest_bin }, Box::new(progress))?;
+    Ok(0)
+}

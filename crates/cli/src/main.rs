@@ -1,0 +1,87 @@
+//! `gatevm`: run a container control plane as an appliance in a microVM.
+
+mod commands;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success
+  1    failure (one line on stderr says what; -v shows the cause chain)
+  2    usage error
+  N    `exec`/`shell`: the guest command's own exit code (126 not executable, 127 not found,
+       128+N killed by signal N)";
+
+/// Run containerd (and k3s) as a self-contained appliance inside a microVM.
+#[derive(Parser)]
+#[command(name = "gatevm", version, about, after_help = EXIT_CODES, propagate_version = true)]
+struct Cli {
+    /// More output on stderr (-v: error chains and info logs, -vv: debug logs).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install host packages and fetch the runtime: kernel, helpers, root filesystem.
+    Setup(commands::setup::Args),
+    /// Start an instance and wait until it is ready.
+    Start(commands::start::Args),
+    /// Stop an instance: graceful, then forced after a timeout.
+    Stop(commands::stop::Args),
+    /// Show the status of an instance.
+    Status(commands::status::Args),
+    /// List instances.
+    #[command(alias = "ls")]
+    List(commands::list::Args),
+    /// Run a command in an instance.
+    Exec(commands::exec::Args),
+    /// Open an interactive shell in an instance.
+    Shell(commands::shell::Args),
+    /// Show an instance's logs (containerd's by default).
+    Logs(commands::logs::Args),
+    /// Delete an instance and its data.
+    #[command(alias = "rm")]
+    Delete(commands::delete::Args),
+    /// Run an instance's supervisor (internal; started by `start`).
+    #[command(name = "__supervise", hide = true)]
+    Supervise(commands::supervise::Args),
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    output::init_logging(cli.verbose, matches!(cli.cmd, Cmd::Supervise(_)));
+    let result = match cli.cmd {
+        Cmd::Setup(a) => commands::setup::run(a),
+        Cmd::Start(a) => commands::start::run(a),
+        Cmd::Stop(a) => commands::stop::run(a),
+        Cmd::Status(a) => commands::status::run(a),
+        Cmd::List(a) => commands::list::run(a),
+        Cmd::Exec(a) => commands::exec::run(a),
+        Cmd::Shell(a) => commands::shell::run(a),
+        Cmd::Logs(a) => commands::logs::run(a),
+        Cmd::Delete(a) => commands::delete::run(a),
+        Cmd::Supervise(a) => commands::supervise::run(a),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            if cli.verbose > 0 {
+                eprintln!("gatevm: error: {e:#}");
+            } else {
+                eprintln!("gatevm: error: {e}");
+            }
+            std::process::exit(1);
+        }
+    }
+}

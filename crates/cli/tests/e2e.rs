@@ -1,0 +1,275 @@
+//! End-to-end tests: they boot real VMs through the `gatevm` binary, as a user would.
+//!
+//! They run when `GATEVM_E2E=1` (scripts/test.sh sets it after `gatevm setup`); otherwise each
+//! prints that it did not run. `GATEVM_BIN` names the gatevm binary (default: the one cargo built).
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn enabled(test: &str) -> bool {
+    if std::env::var("GATEVM_E2E").as_deref() == Ok("1") {
+        return true;
+    }
+    eprintln!("e2e {test}: NOT RUN: set GATEVM_E2E=1 after `gatevm setup` (scripts/test.sh does both)");
+    false
+}
+
+fn bin() -> PathBuf {
+    std::env::var_os("GATEVM_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_gatevm")))
+}
+
+fn gatevm(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).stdin(Stdio::null()).output().expect("running gatevm")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = gatevm(args);
+    assert!(
+        out.status.success(),
+        "gatevm {args:?} failed ({:?}): {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(args: &[&str], needle: &str) {
+    let out = gatevm(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "gatevm {args:?} should fail");
+    assert!(err.contains(needle), "gatevm {args:?}: {err:?} lacks {needle:?}");
+}
+
+fn status(name: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(&["status", name, "--json"])).expect("status JSON")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Deletes the instance when the test ends, however it ends.
+struct Instance(&'static str);
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = gatevm(&["delete", self.0, "--force"]);
+    }
+}
+
+fn run_dir(name: &str) -> PathBuf {
+    let base = std::env::var_os("GATEVM_RUN_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/gatevm"));
+    base.join(name)
+}
+
+/// Processes whose command line mentions the instance (QEMU is named gatevm-NAME; helpers get
+/// paths under its run directory).
+fn processes_of(name: &str) -> Vec<String> {
+    let run = run_dir(name).display().to_string() + "/";
+    let tag = format!("gatevm-{name},");
+    let mut found = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if !e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if (cmd.contains(&run) || cmd.contains(&tag)) && !cmd.contains("cargo") {
+            found.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+fn assert_no_leftovers(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let procs = processes_of(name);
+        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&format!("/instances/{name}/")))
+            .map(str::to_string)
+            .collect();
+        let sockets: Vec<PathBuf> = std::fs::read_dir(run_dir(name))
+            .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "sock")).collect())
+            .unwrap_or_default();
+        if procs.is_empty() && mounts.is_empty() && sockets.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("leftovers of {name}: processes {procs:?}, mounts {mounts:?}, sockets {sockets:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn exec(name: &str, args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
+    let mut full = vec!["exec", name];
+    if stdin.is_some() {
+        full.push("-i");
+    }
+    full.push("--");
+    full.extend_from_slice(args);
+    let mut child = Command::new(bin())
+        .args(&full)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        let mut i = child.stdin.take().unwrap();
+        i.write_all(input).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Serves a greeting on a guest TCP port (perl is part of every Debian root).
+fn serve_in_guest(name: &str, port: u16) {
+    let script = format!(
+        "nohup perl -MIO::Socket::INET -e 'my $s = IO::Socket::INET->new(LocalPort => {port}, Listen => 5, ReuseAddr => 1) or die; while (my $c = $s->accept) {{ print $c \"hello from {name}\\n\"; close $c }}' >/dev/null 2>&1 &"
+    );
+    let (code, _, err) = exec(name, &["sh", "-c", &script], None);
+    assert_eq!(code, 0, "{err}");
+}
+
+fn fetch(port: u16) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut text = String::new();
+            if s.read_to_string(&mut text).is_ok() && !text.is_empty() {
+                return Some(text);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+#[test]
+fn lifecycle_exec_forward_stop_delete() {
+    if !enabled("lifecycle_exec_forward_stop_delete") {
+        return;
+    }
+    let name = "e2e-life";
+    let _guard = Instance(name);
+    let _ = gatevm(&["delete", name, "--force"]);
+    let port = free_port();
+    ok(&["start", name, "-p", &format!("{port}:8080"), "--memory", "1024"]);
+
+    let st = status(name);
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["healthy"], true, "{st}");
+    assert_eq!(st["agent"]["connected"], true);
+    assert_eq!(st["payloads"][0]["name"], "containerd");
+    assert_eq!(st["payloads"][0]["state"], "ready");
+    assert_eq!(st["forwards"][0], format!("127.0.0.1:{port}:8080/tcp"));
+    assert!(st["vm_pid"].as_u64().is_some());
+
+    // exec: stdout, stderr, exit codes, stdin, not found, not executable.
+    assert_eq!(exec(name, &["sh", "-c", "echo out; echo err >&2; exit 3"], None), (3, "out\n".into(), "err\n".into()));
+    assert_eq!(exec(name, &["hostname"], None), (0, format!("{name}\n"), String::new()));
+    let (code, out, _) = exec(name, &["cat"], Some(b"piped through the guest\n"));
+    assert_eq!((code, out.as_str()), (0, "piped through the guest\n"));
+    let big: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let (code, out, _) = exec(name, &["sha256sum"], Some(&big));
+    assert_eq!(code, 0);
+    let want = {
+        let o = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let mut o = o;
+        o.stdin.take().unwrap().write_all(&big).unwrap();
+        String::from_utf8(o.wait_with_output().unwrap().stdout).unwrap()
+    };
+    assert_eq!(out.split_whitespace().next(), want.split_whitespace().next());
+    let (code, _, err) = exec(name, &["no-such-command"], None);
+    assert_eq!(code, 127, "{err}");
+    let (code, _, err) = exec(name, &["/etc/hostname"], None);
+    assert_eq!(code, 126, "{err}");
+    let (code, _, _) = exec(name, &["sh", "-c", "kill -9 $$"], None);
+    assert_eq!(code, 137);
+    let (code, out, _) = exec(name, &["ctr", "version"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("Server:"), "{out}");
+
+    // A guest TCP service through the forward.
+    serve_in_guest(name, 8080);
+    assert_eq!(fetch(port).as_deref(), Some(format!("hello from {name}\n").as_str()));
+
+    // Refusals that leave the instance as it was.
+    fails(&["start", name], "already running");
+    fails(&["delete", name], "stop it first or use --force");
+    assert_eq!(status(name)["healthy"], true);
+
+    ok(&["stop", name]);
+    let st = status(name);
+    assert_eq!(st["state"], "stopped", "{st}");
+    assert_eq!(st["stop_reason"], "stopped on request", "{st}");
+    assert_no_leftovers(name);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "the forward outlived the instance");
+    fails(&["exec", name, "--", "true"], "is not running");
+    fails(&["stop", name], "is not running");
+    fails(&["logs", name], "is not running");
+    let console = ok(&["logs", name, "--console"]);
+    assert!(console.contains("gatevm-guest"), "console log lacks the guest's lines");
+
+    ok(&["delete", name]);
+    fails(&["status", name], "does not exist");
+    assert_no_leftovers(name);
+}
+
+#[test]
+fn two_instances_and_a_vm_killed_from_outside() {
+    if !enabled("two_instances_and_a_vm_killed_from_outside") {
+        return;
+    }
+    let (a, b) = ("e2e-two-a", "e2e-two-b");
+    let _ga = Instance(a);
+    let _gb = Instance(b);
+    for n in [a, b] {
+        let _ = gatevm(&["delete", n, "--force"]);
+    }
+    // Both start at once.
+    let ta = std::thread::spawn(move || gatevm(&["start", a, "--memory", "768"]));
+    let tb = std::thread::spawn(move || gatevm(&["start", b, "--memory", "768"]));
+    for (n, t) in [(a, ta), (b, tb)] {
+        let out = t.join().unwrap();
+        assert!(out.status.success(), "start {n}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(exec(a, &["hostname"], None).1, format!("{a}\n"));
+    assert_eq!(exec(b, &["hostname"], None).1, format!("{b}\n"));
+
+    // Kill a's VM from outside: status tells within two seconds, b is unaffected.
+    let pid = status(a)["vm_pid"].as_u64().expect("vm pid") as i32;
+    // SAFETY: plain kill(2) of a process id we just read.
+    assert_eq!(unsafe { libc::kill(pid, 9) }, 0);
+    let t = Instant::now();
+    loop {
+        let st = status(a);
+        if st["state"] == "stopped" {
+            let reason = st["stop_reason"].as_str().unwrap_or_default().to_string();
+            assert!(reason.contains("signal 9"), "{st}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(2), "status still says {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_no_leftovers(a);
+    assert_eq!(status(b)["healthy"], true);
+
+    // The next start works.
+    ok(&["start", a, "--memory", "768"]);
+    assert_eq!(exec(a, &["true"], None).0, 0);
+    ok(&["stop", a]);
+    ok(&["stop", b]);
+    assert_no_leftovers(a);
+    assert_no_leftovers(b);
+}

@@ -1,0 +1,178 @@
+//! The `gatevm.*` keys of the kernel command line (`/proc/cmdline`).
+//!
+//! | key               | values          | default  |
+//! |-------------------|-----------------|----------|
+//! | `gatevm.hostname` | a host name     | `gatevm` |
+//! | `gatevm.net`      | `0` or `1`      | `1`      |
+//! | `gatevm.agent`    | `serial`/`vsock`| `serial` |
+
+/// Default host name when the command line names none (or an invalid one).
+pub const DEFAULT_HOSTNAME: &str = "gatevm";
+
+/// Which channel carries the agent protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentTransport {
+    /// The virtio-serial port named [`gatevm_protocol::AGENT_PORT_NAME`] (QEMU).
+    Serial,
+    /// A vsock listener on [`gatevm_protocol::AGENT_VSOCK_PORT`] (libkrun).
+    Vsock,
+}
+
+/// Settings taken from the kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cmdline {
+    /// Host name to set.
+    pub hostname: String,
+    /// Configure `eth0` with the static gvproxy/passt address.
+    pub net: bool,
+    /// Agent channel.
+    pub agent: AgentTransport,
+}
+
+impl Default for Cmdline {
+    fn default() -> Self {
+        Cmdline {
+            hostname: DEFAULT_HOSTNAME.to_string(),
+            net: true,
+            agent: AgentTransport::Serial,
+        }
+    }
+}
+
+/// Splits a command line into words the way the kernel does: whitespace separates, double quotes
+/// group (and are removed).
+pub fn split(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(cur);
+    }
+    words
+}
+
+/// Whether `name` is acceptable for `sethostname`: 1..=64 characters of letters, digits, `-` and
+/// `.`, not starting or ending with `-` or `.`.
+pub fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.'])
+        && !name.ends_with(['-', '.'])
+}
+
+/// Parses the `gatevm.*` keys; returns the settings and one warning per rejected value. Later
+/// occurrences of a key win, unknown words are ignored.
+pub fn parse(line: &str) -> (Cmdline, Vec<String>) {
+    let mut c = Cmdline::default();
+    let mut warnings = Vec::new();
+    for word in split(line) {
+        let Some((key, value)) = word.split_once('=') else {
+            continue;
+        };
+        match key {
+            "gatevm.hostname" => {
+                if valid_hostname(value) {
+                    c.hostname = value.to_string();
+                } else {
+                    warnings.push(format!(
+                        "invalid gatevm.hostname {value:?}, using {DEFAULT_HOSTNAME}"
+                    ));
+                    c.hostname = DEFAULT_HOSTNAME.to_string();
+                }
+            }
+            "gatevm.net" => match value {
+                "0" | "off" | "no" | "false" => c.net = false,
+                "1" | "on" | "yes" | "true" => c.net = true,
+                _ => warnings.push(format!("invalid gatevm.net {value:?}, using 1")),
+            },
+            "gatevm.agent" => match value {
+                "serial" => c.agent = AgentTransport::Serial,
+                "vsock" => c.agent = AgentTransport::Vsock,
+                _ => warnings.push(format!("invalid gatevm.agent {value:?}, using serial")),
+            },
+            _ => {}
+        }
+    }
+    (c, warnings)
+}
+
+/// Reads and parses `/proc/cmdline` (defaults when it cannot be read).
+pub fn read() -> (Cmdline, Vec<String>) {
+    match std::fs::read_to_string("/proc/cmdline") {
+        Ok(s) => parse(&s),
+        Err(e) => (Cmdline::default(), vec![format!("/proc/cmdline: {e}")]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let (c, w) = parse("console=ttyS0 quiet panic=-1\n");
+        assert_eq!(c, Cmdline::default());
+        assert!(w.is_empty());
+        assert_eq!(parse("").0, Cmdline::default());
+    }
+
+    #[test]
+    fn keys() {
+        let (c, w) = parse(
+            "console=ttyS0 gatevm.hostname=box-1.local gatevm.net=0 gatevm.agent=vsock quiet",
+        );
+        assert!(w.is_empty());
+        assert_eq!(c.hostname, "box-1.local");
+        assert!(!c.net);
+        assert_eq!(c.agent, AgentTransport::Vsock);
+        // Last one wins.
+        assert!(parse("gatevm.net=0 gatevm.net=1").0.net);
+    }
+
+    #[test]
+    fn bad_values_warn_and_default() {
+        let (c, w) = parse("gatevm.hostname=-bad gatevm.net=maybe gatevm.agent=tcp");
+        assert_eq!(c, Cmdline::default());
+        assert_eq!(w.len(), 3);
+        let (c, w) = parse(&format!("gatevm.hostname={}", "a".repeat(65)));
+        assert_eq!(c.hostname, DEFAULT_HOSTNAME);
+        assert_eq!(w.len(), 1);
+        assert!(!valid_hostname("a b"));
+        assert!(!valid_hostname(""));
+        assert!(valid_hostname("k3s-node0"));
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(
+            split("a \"b c\" d=\"e f\"  g\t\n"),
+            vec!["a", "b c", "d=e f", "g"]
+        );
+        assert_eq!(split("\"\""), vec![""]);
+        assert!(split("   ").is_empty());
+        let (c, _) = parse("gatevm.hostname=\"node\"");
+        assert_eq!(c.hostname, "node");
+    }
+}

@@ -1,0 +1,211 @@
+//! The state disk: `/dev/vda` (ext4) at `/var/lib/gatevm`, with containerd's state bind-mounted
+//! at `/var/lib/containerd`; a tmpfs there when the VM has no disk (containerd's overlayfs
+//! snapshotter cannot sit on virtio-fs).
+
+use crate::mounts::mkdir;
+use crate::net::virtio_device_present;
+use crate::reaper::{describe, Reaper};
+use crate::sys::Context;
+use nix::mount::{mount, MsFlags};
+use std::io::{self, Read};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The state disk's block device.
+pub const DEVICE: &str = "/dev/vda";
+/// Where the state disk is mounted.
+pub const STATE_DIR: &str = "/var/lib/gatevm";
+/// containerd's root directory.
+pub const CONTAINERD_DIR: &str = "/var/lib/containerd";
+
+/// What backs `/var/lib/containerd` after [`setup`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateBacking {
+    /// The ext4 state disk.
+    Disk,
+    /// A tmpfs (no disk, or the disk could not be mounted): state is lost at shutdown.
+    Tmpfs,
+    /// Nothing could be mounted.
+    None,
+}
+
+/// Whether the first 64 KiB of a device are all zero (a never-formatted disk).
+pub fn is_blank(device: &Path) -> io::Result<bool> {
+    let mut f = std::fs::File::open(device)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read(&mut buf[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(buf[..got].iter().all(|&b| b == 0))
+}
+
+/// Removes runtime leftovers that must not survive a reboot, under a containerd root and the
+/// CNI state directory. Never touches `io.containerd.metadata.v1.bolt` (meta.db), content or
+/// snapshots.
+pub fn clean_runtime_state(containerd_root: &Path, cni_root: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let targets = [
+        containerd_root.join("io.containerd.runtime.v2.task"),
+        cni_root.join("networks"),
+        cni_root.join("results"),
+    ];
+    for t in targets {
+        if std::fs::symlink_metadata(&t).is_ok() && std::fs::remove_dir_all(&t).is_ok() {
+            removed.push(t.display().to_string());
+        }
+    }
+    removed
+}
+
+fn find_mkfs() -> Option<&'static str> {
+    ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+}
+
+fn format(reaper: &Reaper) -> io::Result<()> {
+    let mkfs = find_mkfs()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "mkfs.ext4 not found"))?;
+    let mut cmd = Command::new(mkfs);
+    cmd.args([
+        "-q",
+        "-F",
+        "-L",
+        "gatevm-state",
+        "-E",
+        "lazy_itable_init=1,lazy_journal_init=1",
+        DEVICE,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let s = reaper.spawn(&mut cmd).ctx(|| format!("start {mkfs}"))?;
+    match s.exit.recv_timeout(Duration::from_secs(120)) {
+        Ok(st) if st.code == Some(0) => Ok(()),
+        Ok(st) => Err(io::Error::other(format!(
+            "{mkfs} failed: {}",
+            describe(&st)
+        ))),
+        Err(_) => Err(io::Error::other(format!("{mkfs} did not finish"))),
+    }
+}
+
+fn mount_disk(reaper: &Reaper) -> io::Result<()> {
+    mkdir(Path::new(STATE_DIR), 0o755)?;
+    if is_blank(Path::new(DEVICE)).ctx(|| format!("read {DEVICE}"))? {
+        crate::glog!("state disk is blank, formatting it");
+        format(reaper)?;
+    }
+    mount(
+        Some(DEVICE),
+        STATE_DIR,
+        Some("ext4"),
+        MsFlags::MS_NOATIME,
+        None::<&str>,
+    )
+    .ctx(|| format!("mount {DEVICE} on {STATE_DIR}"))?;
+    let state = Path::new(STATE_DIR).join("containerd");
+    mkdir(&state, 0o711)?;
+    mkdir(Path::new(CONTAINERD_DIR), 0o711)?;
+    mount(
+        Some(&state),
+        CONTAINERD_DIR,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .ctx(|| format!("bind {} on {CONTAINERD_DIR}", state.display()))?;
+    Ok(())
+}
+
+fn mount_tmpfs() -> io::Result<()> {
+    mkdir(Path::new(CONTAINERD_DIR), 0o711)?;
+    mount(
+        Some("tmpfs"),
+        CONTAINERD_DIR,
+        Some("tmpfs"),
+        MsFlags::MS_NODEV,
+        Some("mode=0711"),
+    )
+    .ctx(|| format!("mount tmpfs on {CONTAINERD_DIR}"))
+}
+
+/// Mounts the state disk (formatting it when blank) or the tmpfs fallback, then cleans stale
+/// runtime state. Returns what backs containerd's root and one message per problem.
+pub fn setup(reaper: &Reaper) -> (StateBacking, Vec<String>) {
+    let mut problems = Vec::new();
+    // virtio_blk was just loaded: give the node a moment when a virtio disk exists.
+    if virtio_device_present(2) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !Path::new(DEVICE).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let mut backing = StateBacking::None;
+    if Path::new(DEVICE).exists() {
+        match mount_disk(reaper) {
+            Ok(()) => backing = StateBacking::Disk,
+            Err(e) => problems.push(format!("state disk: {e}; using a tmpfs")),
+        }
+    }
+    if backing == StateBacking::None {
+        match mount_tmpfs() {
+            Ok(()) => backing = StateBacking::Tmpfs,
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    clean_runtime_state(Path::new(CONTAINERD_DIR), Path::new("/var/lib/cni"));
+    (backing, problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleaning_keeps_metadata_content_and_snapshots() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("containerd");
+        let keep = [
+            "io.containerd.metadata.v1.bolt/meta.db",
+            "io.containerd.content.v1.content/blobs/sha256/abc",
+            "io.containerd.snapshotter.v1.overlayfs/snapshots/1/fs/x",
+        ];
+        for k in keep {
+            let p = root.join(k);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, "x").unwrap();
+        }
+        let task = root.join("io.containerd.runtime.v2.task/k8s.io/abc");
+        std::fs::create_dir_all(&task).unwrap();
+        let cni = d.path().join("cni");
+        std::fs::create_dir_all(cni.join("networks/cbr0")).unwrap();
+        std::fs::write(cni.join("networks/cbr0/10.42.0.5"), "id").unwrap();
+        let removed = clean_runtime_state(&root, &cni);
+        assert_eq!(removed.len(), 2);
+        assert!(!root.join("io.containerd.runtime.v2.task").exists());
+        assert!(!cni.join("networks").exists());
+        for k in keep {
+            assert!(root.join(k).exists(), "{k} was removed");
+        }
+        assert!(clean_runtime_state(&root, &cni).is_empty());
+    }
+
+    #[test]
+    fn blank_detection() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("disk");
+        std::fs::write(&p, vec![0u8; 100_000]).unwrap();
+        assert!(is_blank(&p).unwrap());
+        let mut data = vec![0u8; 100_000];
+        data[1080] = 0x53;
+        data[1081] = 0xef;
+        std::fs::write(&p, data).unwrap();
+        assert!(!is_blank(&p).unwrap());
+    }
+}

@@ -1,0 +1,67 @@
+//! The guest side of gatevm: one static binary that is both the initramfs `/init` (stage 1) and
+//! PID 1 of the real root (stage 2), where it mounts the API filesystems, loads modules, configures
+//! the network and the state disk, reaps orphans, supervises the payload (containerd) and serves the
+//! host's agent protocol ([`gatevm_protocol`]) on a virtio-serial port or a vsock port.
+//!
+//! Everything that can be exercised without a VM (command line parsing, `modules.dep` ordering,
+//! `PATH` lookup, the agent conversation with real child processes) is a plain library function
+//! with unit tests; the PID 1 sequencing lives in [`pid1`] and [`stage1`].
+
+pub mod agent;
+pub mod cmdline;
+pub mod disk;
+pub mod exec;
+pub mod log;
+pub mod modules;
+pub mod mounts;
+pub mod net;
+pub mod payload;
+pub mod pid1;
+pub mod reaper;
+pub mod session;
+pub mod shutdown;
+pub mod stage1;
+pub mod sys;
+
+use std::path::Path;
+
+/// Version of this crate, reported in `--version` and in the agent's hello.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Marker file that exists only in gatevm's initramfs.
+pub const INITRAMFS_MARKER: &str = "/gatevm-initramfs";
+
+/// Where the host installs this same binary in the instance root; stage 1 executes it.
+pub const STAGE2_PATH: &str = "/usr/local/sbin/gatevm-guest";
+
+/// Software string of the agent's hello, e.g. `gatevm-guest 0.1.0`.
+pub fn software() -> String {
+    format!("gatevm-guest {VERSION}")
+}
+
+/// Entry point of the binary; returns the exit code when not running as PID 1.
+///
+/// As PID 1 it picks stage 1 when [`INITRAMFS_MARKER`] exists and stage 2 otherwise; neither
+/// returns. Run by hand it only answers `--version` and otherwise prints a usage error (exit 2):
+/// it never does PID 1 work outside PID 1.
+pub fn main_entry() -> i32 {
+    if std::process::id() == 1 {
+        if Path::new(INITRAMFS_MARKER).exists() {
+            stage1::run();
+        }
+        pid1::run();
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("--version") | Some("-V") if args.len() == 1 => {
+            println!("{}", software());
+            0
+        }
+        _ => {
+            eprintln!(
+                "gatevm-guest: usage: gatevm-guest --version (otherwise it only runs as PID 1 of a gatevm VM)"
+            );
+            2
+        }
+    }
+}

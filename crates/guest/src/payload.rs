@@ -1,0 +1,511 @@
+//! Supervision of the payload service (containerd): start, readiness probe on its socket,
+//! restarts with exponential backoff, log capture with rotation, orderly stop.
+
+use crate::reaper::{describe, Reaper};
+use crate::sys;
+use gatevm_protocol::{PayloadState, PayloadStatus};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How one payload service is run.
+#[derive(Debug, Clone)]
+pub struct PayloadConfig {
+    /// Name reported in the status.
+    pub name: String,
+    /// Program to run.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Unix socket that accepts connections once the service is ready.
+    pub socket: PathBuf,
+    /// File receiving stdout and stderr.
+    pub log: PathBuf,
+    /// Size at which the log is rotated to `<log>.1`.
+    pub log_max: u64,
+    /// First restart delay.
+    pub backoff_initial: Duration,
+    /// Largest restart delay.
+    pub backoff_max: Duration,
+    /// A run at least this long resets the delay to `backoff_initial`.
+    pub healthy_reset: Duration,
+    /// Interval of readiness probes.
+    pub probe_interval: Duration,
+}
+
+impl PayloadConfig {
+    /// containerd as gatevm runs it.
+    pub fn containerd() -> Self {
+        PayloadConfig {
+            name: "containerd".into(),
+            program: "/usr/bin/containerd".into(),
+            args: Vec::new(),
+            socket: "/run/containerd/containerd.sock".into(),
+            log: "/var/log/containerd.log".into(),
+            log_max: 10 * 1024 * 1024,
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            healthy_reset: Duration::from_secs(60),
+            probe_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Delay before the next restart: the initial delay after a first failure or a healthy run
+/// (`ran_for >= healthy_reset`), else double the previous one, capped.
+pub fn next_backoff(prev: Option<Duration>, ran_for: Duration, cfg: &PayloadConfig) -> Duration {
+    match prev {
+        Some(p) if ran_for < cfg.healthy_reset => (p * 2).min(cfg.backoff_max),
+        _ => cfg.backoff_initial,
+    }
+}
+
+/// An append-only log file rotated to `<path>.1` when it would grow over `max` bytes.
+pub struct LogWriter {
+    path: PathBuf,
+    max: u64,
+    file: Option<File>,
+    size: u64,
+}
+
+impl LogWriter {
+    /// Opens (appending) the log, rotating it first when it is already too large.
+    pub fn open(path: &Path, max: u64) -> Self {
+        let mut w = LogWriter {
+            path: path.to_path_buf(),
+            max,
+            file: None,
+            size: 0,
+        };
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        w.reopen();
+        if w.size > max {
+            w.rotate();
+        }
+        w
+    }
+
+    fn reopen(&mut self) {
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .ok();
+        self.size = self
+            .file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| m.len())
+            .unwrap_or(0);
+    }
+
+    fn rotate(&mut self) {
+        let mut old = self.path.clone().into_os_string();
+        old.push(".1");
+        self.file = None;
+        if std::fs::rename(&self.path, &old).is_err() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        self.reopen();
+    }
+
+    /// Appends bytes (best effort: a log that cannot be written must not stop the payload).
+    pub fn write(&mut self, buf: &[u8]) {
+        if self.size + buf.len() as u64 > self.max && self.size > 0 {
+            self.rotate();
+        }
+        if let Some(f) = self.file.as_mut() {
+            if f.write_all(buf).is_ok() {
+                self.size += buf.len() as u64;
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: PayloadState,
+    pid: Option<i32>,
+    restarts: u32,
+    last_exit: Option<String>,
+    stopping: bool,
+}
+
+/// One supervised payload service.
+pub struct Payload {
+    cfg: PayloadConfig,
+    inner: Mutex<Inner>,
+    changed: Condvar,
+}
+
+impl Payload {
+    /// A payload that has not started (`Pending`).
+    pub fn new(cfg: PayloadConfig) -> Arc<Self> {
+        Arc::new(Payload {
+            cfg,
+            inner: Mutex::new(Inner {
+                state: PayloadState::Pending,
+                pid: None,
+                restarts: 0,
+                last_exit: None,
+                stopping: false,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// Its current status.
+    pub fn status(&self) -> PayloadStatus {
+        let i = sys::lock(&self.inner);
+        PayloadStatus {
+            name: self.cfg.name.clone(),
+            state: i.state,
+            pid: i.pid.map(|p| p as u32),
+            restarts: i.restarts,
+            last_exit: i.last_exit.clone(),
+        }
+    }
+
+    /// Starts the supervisor thread.
+    pub fn start(self: &Arc<Self>, reaper: &'static Reaper) -> io::Result<()> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name(format!("payload-{}", self.cfg.name))
+            .spawn(move || me.supervise(reaper))?;
+        Ok(())
+    }
+
+    fn set_state(&self, state: PayloadState) {
+        let mut i = sys::lock(&self.inner);
+        if !i.stopping {
+            i.state = state;
+        }
+        drop(i);
+        self.changed.notify_all();
+    }
+
+    fn supervise(&self, reaper: &'static Reaper) {
+        let cfg = &self.cfg;
+        let log = Arc::new(Mutex::new(LogWriter::open(&cfg.log, cfg.log_max)));
+        let mut backoff: Option<Duration> = None;
+        loop {
+            if !cfg.program.exists() {
+                let mut i = sys::lock(&self.inner);
+                if !i.stopping {
+                    i.state = PayloadState::Failed;
+                }
+                i.last_exit = Some(format!("{} not found", cfg.program.display()));
+                drop(i);
+                self.changed.notify_all();
+                crate::glog!(
+                    "{}: {} not found, not starting it",
+                    cfg.name,
+                    cfg.program.display()
+                );
+                return;
+            }
+            let spawned = {
+                let mut i = sys::lock(&self.inner);
+                if i.stopping {
+                    return;
+                }
+                let r = self.spawn_once(reaper, &log);
+                match &r {
+                    Ok(s) => {
+                        i.pid = Some(s.pid);
+                        i.state = PayloadState::Starting;
+                    }
+                    Err(e) => {
+                        i.last_exit = Some(format!("cannot start: {e}"));
+                        i.state = PayloadState::Restarting;
+                    }
+                }
+                r
+            };
+            self.changed.notify_all();
+            let started = Instant::now();
+            let status = match spawned {
+                Ok(s) => {
+                    crate::glog!("{} started (pid {})", cfg.name, s.pid);
+                    Some(self.wait_exit(&s.exit))
+                }
+                Err(e) => {
+                    crate::glog!("{}: cannot start: {e}", cfg.name);
+                    None
+                }
+            };
+            let mut i = sys::lock(&self.inner);
+            i.pid = None;
+            if let Some(st) = status {
+                i.last_exit = Some(describe(&st));
+            }
+            if i.stopping {
+                drop(i);
+                self.changed.notify_all();
+                return;
+            }
+            i.restarts = i.restarts.saturating_add(1);
+            i.state = PayloadState::Restarting;
+            let delay = next_backoff(backoff, started.elapsed(), cfg);
+            backoff = Some(delay);
+            crate::glog!(
+                "{} exited ({}), restart #{} in {}ms",
+                cfg.name,
+                i.last_exit.as_deref().unwrap_or("?"),
+                i.restarts,
+                delay.as_millis()
+            );
+            self.changed.notify_all();
+            let deadline = Instant::now() + delay;
+            while !i.stopping {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                i = self
+                    .changed
+                    .wait_timeout(i, deadline - now)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+        }
+    }
+
+    fn spawn_once(
+        &self,
+        reaper: &Reaper,
+        log: &Arc<Mutex<LogWriter>>,
+    ) -> io::Result<crate::reaper::Spawned> {
+        let cfg = &self.cfg;
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+        let mut cmd = Command::new(&cfg.program);
+        cmd.args(&cfg.args)
+            .env_clear()
+            .env("PATH", crate::exec::DEFAULT_PATH)
+            .env("HOME", "/root")
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(wr.try_clone()?))
+            .stderr(Stdio::from(wr));
+        // SAFETY: runs in the forked child before exec; setsid is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let s = reaper.spawn(&mut cmd)?;
+        drop(cmd);
+        let log = log.clone();
+        let mut rd = File::from(rd);
+        std::thread::Builder::new()
+            .name(format!("{}-log", cfg.name))
+            .spawn(move || {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match rd.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => sys::lock(&log).write(&buf[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+            })?;
+        Ok(s)
+    }
+
+    fn wait_exit(
+        &self,
+        exit: &std::sync::mpsc::Receiver<gatevm_protocol::ExitStatus>,
+    ) -> gatevm_protocol::ExitStatus {
+        let mut ready = false;
+        loop {
+            let wait = if ready {
+                Duration::from_secs(3600)
+            } else {
+                self.cfg.probe_interval
+            };
+            match exit.recv_timeout(wait) {
+                Ok(s) => return s,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return gatevm_protocol::ExitStatus {
+                        code: None,
+                        signal: None,
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if !ready && std::os::unix::net::UnixStream::connect(&self.cfg.socket).is_ok() {
+                        ready = true;
+                        self.set_state(PayloadState::Ready);
+                        crate::glog!("{} ready", self.cfg.name);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the payload for shutdown: state `Stopping`, SIGTERM, up to `timeout` for it to
+    /// exit, then SIGKILL (and up to 2 s more). No restart happens afterwards.
+    pub fn stop(&self, reaper: &Reaper, timeout: Duration) {
+        let pid = {
+            let mut i = sys::lock(&self.inner);
+            i.stopping = true;
+            i.state = PayloadState::Stopping;
+            i.pid
+        };
+        self.changed.notify_all();
+        let Some(pid) = pid else { return };
+        reaper.signal(pid, libc::SIGTERM, false);
+        if !self.wait_gone(pid, timeout) {
+            crate::glog!(
+                "{} did not stop in {}s, killing it",
+                self.cfg.name,
+                timeout.as_secs()
+            );
+            reaper.signal(pid, libc::SIGKILL, false);
+            self.wait_gone(pid, Duration::from_secs(2));
+        }
+    }
+
+    fn wait_gone(&self, pid: i32, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut i = sys::lock(&self.inner);
+        while i.pid == Some(pid) {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            i = self
+                .changed
+                .wait_timeout(i, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(dir: &Path, program: &str, args: &[&str]) -> PayloadConfig {
+        PayloadConfig {
+            name: "test".into(),
+            program: program.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            socket: dir.join("sock"),
+            log: dir.join("log/payload.log"),
+            log_max: 1024 * 1024,
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(40),
+            healthy_reset: Duration::from_secs(60),
+            probe_interval: Duration::from_millis(10),
+        }
+    }
+
+    fn wait_for(p: &Payload, what: impl Fn(&PayloadStatus) -> bool) -> PayloadStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = p.status();
+            if what(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "timed out, last status {s:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_caps_and_resets() {
+        let c = PayloadConfig::containerd();
+        let short = Duration::from_secs(1);
+        let mut d = next_backoff(None, short, &c);
+        assert_eq!(d, Duration::from_millis(500));
+        let mut seen = vec![d];
+        for _ in 0..8 {
+            d = next_backoff(Some(d), short, &c);
+            seen.push(d);
+        }
+        assert_eq!(seen[1], Duration::from_secs(1));
+        assert_eq!(seen[2], Duration::from_secs(2));
+        assert_eq!(*seen.last().unwrap(), Duration::from_secs(30));
+        assert_eq!(
+            next_backoff(Some(d), Duration::from_secs(61), &c),
+            Duration::from_millis(500)
+        );
+    }
+
+    #[test]
+    fn log_rotates() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("x.log");
+        let mut w = LogWriter::open(&path, 10);
+        w.write(b"12345678");
+        w.write(b"abcdef");
+        assert_eq!(std::fs::read(&path).unwrap(), b"abcdef");
+        assert_eq!(
+            std::fs::read(d.path().join("x.log.1")).unwrap(),
+            b"12345678"
+        );
+        drop(w);
+        std::fs::write(&path, vec![b'z'; 20]).unwrap();
+        let mut w = LogWriter::open(&path, 10);
+        w.write(b"new");
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+    }
+
+    #[test]
+    fn restarts_with_backoff_and_logs_output() {
+        let d = tempfile::tempdir().unwrap();
+        let p = Payload::new(cfg(
+            d.path(),
+            "/bin/sh",
+            &["-c", "echo out; echo err >&2; exit 7"],
+        ));
+        assert_eq!(p.status().state, PayloadState::Pending);
+        p.start(Reaper::global()).unwrap();
+        let s = wait_for(&p, |s| s.restarts >= 3);
+        assert_eq!(s.last_exit.as_deref(), Some("exit code 7"));
+        p.stop(Reaper::global(), Duration::from_secs(5));
+        assert_eq!(p.status().state, PayloadState::Stopping);
+        let log = std::fs::read_to_string(d.path().join("log/payload.log")).unwrap();
+        assert!(log.contains("out\n") && log.contains("err\n"), "{log:?}");
+    }
+
+    #[test]
+    fn ready_when_socket_answers_and_stops() {
+        let d = tempfile::tempdir().unwrap();
+        let c = cfg(d.path(), "/bin/sleep", &["30"]);
+        let p = Payload::new(c.clone());
+        p.start(Reaper::global()).unwrap();
+        let s = wait_for(&p, |s| s.state == PayloadState::Starting);
+        assert!(s.pid.is_some());
+        let _listener = std::os::unix::net::UnixListener::bind(&c.socket).unwrap();
+        wait_for(&p, |s| s.state == PayloadState::Ready);
+        let t = Instant::now();
+        p.stop(Reaper::global(), Duration::from_secs(5));
+        assert!(t.elapsed() < Duration::from_secs(4));
+        let s = p.status();
+        assert_eq!(s.state, PayloadState::Stopping);
+        assert_eq!(s.pid, None);
+        assert_eq!(s.restarts, 0);
+        assert_eq!(s.last_exit.as_deref(), Some("killed by signal 15"));
+    }
+
+    #[test]
+    fn missing_program_fails() {
+        let d = tempfile::tempdir().unwrap();
+        let p = Payload::new(cfg(d.path(), "/nonexistent/containerd", &[]));
+        p.start(Reaper::global()).unwrap();
+        let s = wait_for(&p, |s| s.state == PayloadState::Failed);
+        assert!(s.last_exit.unwrap().contains("not found"));
+    }
+}

@@ -1,0 +1,158 @@
+//! Stage 2: PID 1 in the real root. Order matters for boot time: API mounts, then the agent
+//! (so the host can talk as early as possible), then the modules network and disk need, network,
+//! state disk, the remaining modules in the background, and finally the payload.
+
+use crate::agent::{self, Agent, AgentHost, AgentInfo};
+use crate::cmdline::{self, AgentTransport};
+use crate::disk;
+use crate::modules::{self, ModuleIndex};
+use crate::mounts;
+use crate::net;
+use crate::payload::{Payload, PayloadConfig};
+use crate::reaper::Reaper;
+use crate::shutdown;
+use crate::sys;
+use gatevm_protocol::PayloadStatus;
+use std::sync::mpsc::channel;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The running guest, as the agent and the signal handler see it.
+pub struct System {
+    payload: Arc<Payload>,
+    reaper: &'static Reaper,
+}
+
+impl AgentHost for System {
+    fn payloads(&self) -> Vec<PayloadStatus> {
+        vec![self.payload.status()]
+    }
+
+    fn shutdown(&self) {
+        shutdown::run(&self.payload, self.reaper, "host request")
+    }
+}
+
+fn report(what: &str, problems: &[String]) {
+    for p in problems.iter().take(4) {
+        crate::glog!("{what}: {p}");
+    }
+    if problems.len() > 4 {
+        crate::glog!("{what}: {} more problems", problems.len() - 4);
+    }
+}
+
+fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) {
+    if let Err(e) = std::thread::Builder::new().name(name.into()).spawn(f) {
+        crate::glog!("cannot start thread {name}: {e}");
+    }
+}
+
+fn load_report(what: &str, r: &modules::Report) -> String {
+    let mut s = format!("{what}: {} loaded", r.loaded);
+    if !r.missing.is_empty() {
+        s.push_str(&format!(", not in this kernel: {}", r.missing.join(" ")));
+    }
+    if !r.failed.is_empty() {
+        s.push_str(&format!(", failed: {}", r.failed.join("; ")));
+    }
+    s
+}
+
+/// Runs stage 2; never returns.
+pub fn run() -> ! {
+    sys::fix_stdio();
+    let signals = sys::block_shutdown_signals();
+    std::panic::set_hook(Box::new(|info| {
+        crate::glog!("panic: {info}");
+    }));
+    // Ctrl-Alt-Del becomes SIGINT to PID 1 instead of an immediate reboot.
+    let _ = nix::sys::reboot::set_cad_enabled(false);
+    crate::glog!("{} starting as PID 1", crate::software());
+
+    report("mount", &mounts::setup_stage2());
+    let (cmd, warnings) = cmdline::read();
+    report("cmdline", &warnings);
+    if let Err(e) = nix::unistd::sethostname(&cmd.hostname) {
+        crate::glog!("sethostname {}: {e}", cmd.hostname);
+    }
+
+    let reaper = Reaper::global();
+    let payload = Payload::new(PayloadConfig::containerd());
+    let system = Arc::new(System {
+        payload: payload.clone(),
+        reaper,
+    });
+
+    {
+        let system = system.clone();
+        spawn_named("signals", move || loop {
+            if let Ok(sig) = signals.wait() {
+                let why = format!("{sig:?}");
+                shutdown::run(&system.payload, system.reaper, &why);
+            }
+        });
+    }
+
+    {
+        let agent = Agent::new(system.clone(), reaper, AgentInfo::current());
+        let transport = cmd.agent;
+        spawn_named("agent", move || match transport {
+            AgentTransport::Serial => agent::run_serial(&agent),
+            AgentTransport::Vsock => agent::run_vsock(&agent),
+        });
+    }
+
+    // Modules: the early ones in the foreground, overlay next (the payload needs it), the rest
+    // in the background.
+    let tree = modules::running_tree();
+    let index = tree.as_ref().map(|t| (t.clone(), ModuleIndex::load(t)));
+    let (overlay_tx, overlay_rx) = channel::<()>();
+    match index {
+        Some((tree, Ok(index))) => {
+            let r = modules::load(&index, &tree, modules::EARLY);
+            crate::glog!("{}", load_report("modules (early)", &r));
+            spawn_named("modules", move || {
+                let r1 = modules::load(&index, &tree, &["overlay"]);
+                let _ = overlay_tx.send(());
+                let rest: Vec<&str> = modules::WANTED
+                    .iter()
+                    .copied()
+                    .filter(|m| !modules::EARLY.contains(m) && *m != "overlay")
+                    .collect();
+                let mut r = modules::load(&index, &tree, &rest);
+                r.loaded += r1.loaded;
+                r.missing.extend(r1.missing);
+                r.failed.extend(r1.failed);
+                crate::glog!("{}", load_report("modules", &r));
+            });
+        }
+        Some((tree, Err(e))) => {
+            crate::glog!("modules: {e} (module tree {})", tree.display());
+            drop(overlay_tx);
+        }
+        None => drop(overlay_tx),
+    }
+
+    report("net", &net::setup(cmd.net, &cmd.hostname));
+    if cmd.net {
+        crate::glog!("network configured ({} on {})", net::GUEST_ADDR, net::IFACE);
+    }
+    let (backing, problems) = disk::setup(reaper);
+    report("disk", &problems);
+    crate::glog!("state: {backing:?}");
+
+    let _ = overlay_rx.recv_timeout(Duration::from_secs(10));
+    if !mounts::mount_points().iter().any(|p| p == "/dev/mqueue") {
+        crate::glog!("warning: no /dev/mqueue (POSIX mqueue), runc may fail");
+    }
+    if !shutdown::in_progress() {
+        if let Err(e) = payload.start(reaper) {
+            crate::glog!("cannot start the payload supervisor: {e}");
+        }
+    }
+    crate::glog!("boot complete");
+    loop {
+        std::thread::park();
+    }
+}

@@ -1,0 +1,711 @@
+//! Packages from newer Debian suites through a private apt configuration.
+//!
+//! gatevm needs a few packages that the host's release does not have (trixie's kernel and
+//! gvproxy, sid's libkrunfw). They are fetched with `apt-get download` through an apt
+//! configuration of our own (sources list, state and cache under the cache directory, passed with
+//! `-c`) and unpacked with `dpkg-deb -x`; the system's sources, state and dpkg database are never
+//! touched. The mirror is the one the system already uses for its Debian archive, read from its
+//! apt sources at run time (or `GATEVM_DEBIAN_MIRROR`).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::cmd::{self, CommandError};
+
+/// The keyring that signs the Debian archive (from `debian-archive-keyring`).
+pub const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+
+/// Environment variable that overrides the Debian mirror URI found in the system's apt sources.
+pub const MIRROR_ENV: &str = "GATEVM_DEBIAN_MIRROR";
+
+/// Debian release codenames and aliases; a source whose suite is one of these (or one with an
+/// `-updates`/`-backports`/`-proposed-updates` suffix) is an entry of the Debian archive.
+const DEBIAN_SUITES: &[&str] = &[
+    "buzz",
+    "rex",
+    "bo",
+    "hamm",
+    "slink",
+    "potato",
+    "woody",
+    "sarge",
+    "etch",
+    "lenny",
+    "squeeze",
+    "wheezy",
+    "jessie",
+    "stretch",
+    "buster",
+    "bullseye",
+    "bookworm",
+    "trixie",
+    "forky",
+    "duke",
+    "sid",
+    "stable",
+    "oldstable",
+    "oldoldstable",
+    "testing",
+    "unstable",
+    "experimental",
+];
+
+/// Errors of the private apt configuration and of package fetching.
+#[derive(Debug, Error)]
+pub enum AptError {
+    /// No Debian archive entry was found in the system's apt sources.
+    #[error(
+        "no Debian archive mirror found in the system's apt sources ({searched}); \
+         set {MIRROR_ENV} to a Debian mirror URI"
+    )]
+    NoMirror {
+        /// The files that were read.
+        searched: String,
+    },
+    /// A file or directory of the private configuration could not be written or read.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A path cannot be written into an apt configuration file.
+    #[error("path {} cannot be used in an apt configuration (contains a quote or newline)", .0.display())]
+    BadPath(PathBuf),
+    /// The archive keyring is missing.
+    #[error("Debian archive keyring {DEBIAN_KEYRING} is missing: install the debian-archive-keyring package")]
+    NoKeyring,
+    /// An apt or dpkg command failed.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// A package is not in a suite's index.
+    #[error("package {package} not found in Debian {suite} (private apt lists in {})", lists.display())]
+    NotFound {
+        /// The package.
+        package: String,
+        /// The suite.
+        suite: String,
+        /// The private lists directory.
+        lists: PathBuf,
+    },
+    /// A package's index entry lacks a field we need or has an unexpected shape.
+    #[error("package {package} in Debian {suite}: {problem}")]
+    BadEntry {
+        /// The package.
+        package: String,
+        /// The suite.
+        suite: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// `apt-get download` succeeded but left no .deb file.
+    #[error("apt-get download of {package} {version} left no .deb file in {}", dir.display())]
+    NoDeb {
+        /// The package.
+        package: String,
+        /// The version.
+        version: String,
+        /// The download directory.
+        dir: PathBuf,
+    },
+}
+
+/// One entry of an apt sources file (one `deb` line, or one deb822 paragraph).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AptSource {
+    /// `deb`, `deb-src`.
+    pub types: Vec<String>,
+    /// Archive URIs.
+    pub uris: Vec<String>,
+    /// Suites (codenames, with suffixes such as `-updates`).
+    pub suites: Vec<String>,
+    /// Components (`main`, `contrib`, ...).
+    pub components: Vec<String>,
+    /// Whether the entry is enabled (`Enabled: no` disables a deb822 paragraph).
+    pub enabled: bool,
+}
+
+/// Parses a deb822 `.sources` file. Comment lines start with `#`; paragraphs are separated by
+/// blank lines; field names are case-insensitive; continuation lines start with whitespace.
+pub fn parse_deb822(text: &str) -> Vec<AptSource> {
+    let mut out = Vec::new();
+    let mut fields: Vec<(String, String)> = Vec::new();
+    let flush = |fields: &mut Vec<(String, String)>, out: &mut Vec<AptSource>| {
+        if fields.is_empty() {
+            return;
+        }
+        let get = |name: &str| -> Vec<String> {
+            fields
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .flat_map(|(_, v)| v.split_whitespace().map(str::to_string))
+                .collect()
+        };
+        let enabled = get("Enabled")
+            .first()
+            .map(|v| !v.eq_ignore_ascii_case("no"))
+            .unwrap_or(true);
+        let src = AptSource {
+            types: get("Types"),
+            uris: get("URIs"),
+            suites: get("Suites"),
+            components: get("Components"),
+            enabled,
+        };
+        if !src.types.is_empty() && !src.uris.is_empty() {
+            out.push(src);
+        }
+        fields.clear();
+    };
+    for raw in text.lines() {
+        if raw.trim_start().starts_with('#') {
+            continue;
+        }
+        if raw.trim().is_empty() {
+            flush(&mut fields, &mut out);
+            continue;
+        }
+        if raw.starts_with(' ') || raw.starts_with('\t') {
+            if let Some(last) = fields.last_mut() {
+                last.1.push(' ');
+                last.1.push_str(raw.trim());
+            }
+            continue;
+        }
+        if let Some((k, v)) = raw.split_once(':') {
+            fields.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    flush(&mut fields, &mut out);
+    out
+}
+
+/// Parses a one-line-format `sources.list` (`deb [options] URI suite [component...]`).
+pub fn parse_one_line(text: &str) -> Vec<AptSource> {
+    let mut out = Vec::new();
+    for raw in text.lines() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (ty, rest) = match line.split_once(char::is_whitespace) {
+            Some(x) => x,
+            None => continue,
+        };
+        if ty != "deb" && ty != "deb-src" {
+            continue;
+        }
+        let mut rest = rest.trim_start();
+        if rest.starts_with('[') {
+            match rest.find(']') {
+                Some(end) => rest = rest[end + 1..].trim_start(),
+                None => continue,
+            }
+        }
+        let mut words = rest.split_whitespace();
+        let (uri, suite) = match (words.next(), words.next()) {
+            (Some(u), Some(s)) => (u, s),
+            _ => continue,
+        };
+        out.push(AptSource {
+            types: vec![ty.to_string()],
+            uris: vec![uri.to_string()],
+            suites: vec![suite.to_string()],
+            components: words.map(str::to_string).collect(),
+            enabled: true,
+        });
+    }
+    out
+}
+
+/// Whether `suite` names a (non-security) suite of the Debian archive.
+fn is_debian_archive_suite(suite: &str) -> bool {
+    let base = suite.trim_end_matches('/');
+    if base.ends_with("-security") || base.contains("/updates") {
+        return false;
+    }
+    let base = base.split('-').next().unwrap_or(base);
+    DEBIAN_SUITES.contains(&base)
+}
+
+/// Picks the URIs of the main Debian archive out of parsed sources: enabled binary (`deb`)
+/// entries whose suites are Debian codenames, not the security archive; deduplicated, in order.
+pub fn debian_mirrors(sources: &[AptSource]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for s in sources {
+        if !s.enabled || !s.types.iter().any(|t| t == "deb") {
+            continue;
+        }
+        if !s.suites.iter().any(|x| is_debian_archive_suite(x)) {
+            continue;
+        }
+        for uri in &s.uris {
+            let u = uri.trim_end_matches('/');
+            if u.contains("debian-security") || u.starts_with("cdrom:") {
+                continue;
+            }
+            if !out.iter().any(|o| o == u) {
+                out.push(u.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Reads the system's apt sources (`/etc/apt/sources.list`, `/etc/apt/sources.list.d/*.list`
+/// and `*.sources`) and returns the Debian archive mirror URIs. `GATEVM_DEBIAN_MIRROR`, when set,
+/// wins.
+pub fn system_debian_mirrors() -> Result<Vec<String>, AptError> {
+    if let Some(m) = std::env::var_os(MIRROR_ENV) {
+        let m = m.to_string_lossy().trim().trim_end_matches('/').to_string();
+        if !m.is_empty() {
+            return Ok(vec![m]);
+        }
+    }
+    let etc = Path::new("/etc/apt");
+    let mut searched = Vec::new();
+    let mut sources = Vec::new();
+    let main = etc.join("sources.list");
+    if let Ok(text) = std::fs::read_to_string(&main) {
+        sources.extend(parse_one_line(&text));
+    }
+    searched.push(main.display().to_string());
+    let parts = etc.join("sources.list.d");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&parts)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    names.sort();
+    for p in names {
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        match ext {
+            "list" => sources.extend(parse_one_line(&text)),
+            "sources" => sources.extend(parse_deb822(&text)),
+            _ => continue,
+        }
+    }
+    searched.push(format!("{}/*.list, *.sources", parts.display()));
+    let mirrors = debian_mirrors(&sources);
+    if mirrors.is_empty() {
+        return Err(AptError::NoMirror {
+            searched: searched.join(", "),
+        });
+    }
+    Ok(mirrors)
+}
+
+/// A package's entry in a suite's index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageEntry {
+    /// Package name.
+    pub package: String,
+    /// Version.
+    pub version: String,
+    /// Names of the packages in `Depends` (alternatives flattened, version constraints dropped).
+    pub depends: Vec<String>,
+    /// SHA256 of the .deb as the index states it.
+    pub sha256: Option<String>,
+}
+
+/// Parses the first stanza of `apt-cache show` output.
+pub(crate) fn parse_show(text: &str) -> Option<PackageEntry> {
+    let stanza = text.split("\n\n").find(|s| !s.trim().is_empty())?;
+    let mut package = None;
+    let mut version = None;
+    let mut depends = Vec::new();
+    let mut sha256 = None;
+    for line in stanza.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        if line.starts_with(' ') {
+            continue;
+        }
+        let v = v.trim();
+        match k {
+            "Package" => package = Some(v.to_string()),
+            "Version" => version = Some(v.to_string()),
+            "SHA256" => sha256 = Some(v.to_string()),
+            "Depends" | "Pre-Depends" => {
+                for alt in v.split([',', '|']) {
+                    let name = alt.split_whitespace().next().unwrap_or("");
+                    let name = name.split(':').next().unwrap_or(name);
+                    if !name.is_empty() && !depends.iter().any(|d| d == name) {
+                        depends.push(name.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(PackageEntry {
+        package: package?,
+        version: version?,
+        depends,
+        sha256,
+    })
+}
+
+/// A private apt configuration rooted in a directory of its own.
+#[derive(Debug, Clone)]
+pub struct PrivateApt {
+    root: PathBuf,
+    mirrors: Vec<String>,
+    suites: Vec<String>,
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> AptError {
+    let path = path.to_path_buf();
+    move |source| AptError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+fn conf_path(p: &Path) -> Result<String, AptError> {
+    let s = p.to_string_lossy();
+    if s.contains('"') || s.contains('\n') {
+        return Err(AptError::BadPath(p.to_path_buf()));
+    }
+    Ok(s.into_owned())
+}
+
+impl PrivateApt {
+    /// Writes (or rewrites) the configuration under `root`: `sources.list` with one `deb` line per
+    /// mirror and suite (component main, Packages indexes only, signed by the Debian archive
+    /// keyring), `apt.conf` pointing apt's state, cache and source parts into `root`, an empty
+    /// dpkg status and an empty parts directory.
+    pub fn new(root: &Path, mirrors: &[String], suites: &[&str]) -> Result<Self, AptError> {
+        if !Path::new(DEBIAN_KEYRING).exists() {
+            return Err(AptError::NoKeyring);
+        }
+        for d in [
+            root.to_path_buf(),
+            root.join("parts"),
+            root.join("state/lists/partial"),
+            root.join("cache/archives/partial"),
+        ] {
+            std::fs::create_dir_all(&d).map_err(io_err("cannot create", &d))?;
+        }
+        let mut list = String::from("# generated by gatevm: Debian suites newer than the host's\n");
+        for m in mirrors {
+            for s in suites {
+                let _ = writeln!(
+                    list,
+                    "deb [signed-by={DEBIAN_KEYRING} target=Packages] {m} {s} main"
+                );
+            }
+        }
+        let list_path = root.join("sources.list");
+        write_if_changed(&list_path, &list)?;
+        let status = root.join("state/status");
+        if !status.exists() {
+            std::fs::write(&status, "").map_err(io_err("cannot write", &status))?;
+        }
+        let conf = format!(
+            "// generated by gatevm: a private apt configuration (see sources.list beside it)\n\
+             Dir::Etc::SourceList \"{list}\";\n\
+             Dir::Etc::SourceParts \"{parts}\";\n\
+             Dir::Etc::Preferences \"/dev/null\";\n\
+             Dir::Etc::PreferencesParts \"{parts}\";\n\
+             Dir::State \"{state}\";\n\
+             Dir::State::status \"{status}\";\n\
+             Dir::Cache \"{cache}\";\n\
+             Dir::Cache::pkgcache \"pkgcache.bin\";\n\
+             Dir::Cache::srcpkgcache \"srcpkgcache.bin\";\n\
+             Acquire::Languages \"none\";\n\
+             Acquire::Retries \"3\";\n\
+             APT::Sandbox::User \"root\";\n\
+             APT::Get::AllowUnauthenticated \"false\";\n\
+             #clear APT::Update::Pre-Invoke;\n\
+             #clear APT::Update::Post-Invoke;\n\
+             #clear APT::Update::Post-Invoke-Success;\n\
+             #clear DPkg::Pre-Invoke;\n\
+             #clear DPkg::Post-Invoke;\n",
+            list = conf_path(&list_path)?,
+            parts = conf_path(&root.join("parts"))?,
+            state = conf_path(&root.join("state"))?,
+            status = conf_path(&status)?,
+            cache = conf_path(&root.join("cache"))?,
+        );
+        write_if_changed(&root.join("apt.conf"), &conf)?;
+        Ok(PrivateApt {
+            root: root.to_path_buf(),
+            mirrors: mirrors.to_vec(),
+            suites: suites.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    /// The directory the configuration lives in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The mirrors in the sources list.
+    pub fn mirrors(&self) -> &[String] {
+        &self.mirrors
+    }
+
+    /// The suites in the sources list.
+    pub fn suites(&self) -> &[String] {
+        &self.suites
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.arg("-c")
+            .arg(self.root.join("apt.conf"))
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .env("LC_ALL", "C.UTF-8");
+        c
+    }
+
+    /// Runs `apt-get update` on the private configuration, retrying twice with a pause on
+    /// failure (mirrors sync, networks hiccup).
+    pub fn update(&self, log: &Path) -> Result<(), AptError> {
+        let mut attempt = 0u64;
+        loop {
+            let mut c = self.command("apt-get");
+            c.args(["-q", "update"]);
+            let err = match cmd::run_logged(&mut c, log) {
+                // apt-get update exits 0 on some fetch failures ("W: Failed to fetch"); make sure
+                // each suite's index is really there.
+                Ok(()) if self.lists_complete() => return Ok(()),
+                Ok(()) => CommandError::Failed {
+                    command: cmd::describe(&c),
+                    status: "exit code 0, but package indexes are missing".into(),
+                    stderr_tail: String::new(),
+                    log: Some(log.to_path_buf()),
+                },
+                Err(e) => e,
+            };
+            attempt += 1;
+            if attempt >= 3 {
+                return Err(err.into());
+            }
+            std::thread::sleep(Duration::from_secs(2 * attempt));
+        }
+    }
+
+    fn lists_complete(&self) -> bool {
+        let lists = self.root.join("state/lists");
+        let names: Vec<String> = std::fs::read_dir(&lists)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.suites.iter().all(|s| {
+            let needle = format!("_dists_{s}_main_binary-");
+            names
+                .iter()
+                .any(|n| n.contains(&needle) && n.contains("_Packages"))
+        })
+    }
+
+    /// Looks a package up in one suite (`apt-cache show pkg/suite`).
+    pub fn show(&self, package: &str, suite: &str) -> Result<PackageEntry, AptError> {
+        let mut c = self.command("apt-cache");
+        c.args(["show", "--no-all-versions", &format!("{package}/{suite}")]);
+        let not_found = || AptError::NotFound {
+            package: package.to_string(),
+            suite: suite.to_string(),
+            lists: self.root.join("state/lists"),
+        };
+        let out = match cmd::run_captured(&mut c) {
+            Ok(o) => o,
+            Err(CommandError::Failed { .. }) => return Err(not_found()),
+            Err(e) => return Err(e.into()),
+        };
+        parse_show(&String::from_utf8_lossy(&out.stdout)).ok_or_else(not_found)
+    }
+
+    /// Downloads `package` at exactly `version` into `dir` (which should be empty) and returns the
+    /// .deb's path; retries twice on failure. apt checks the file against the signed index.
+    pub fn download(
+        &self,
+        package: &str,
+        version: &str,
+        dir: &Path,
+        log: &Path,
+    ) -> Result<PathBuf, AptError> {
+        std::fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+        let mut attempt = 0u64;
+        loop {
+            let mut c = self.command("apt-get");
+            c.current_dir(dir)
+                .args(["-q", "download", &format!("{package}={version}")]);
+            match cmd::run_logged(&mut c, log) {
+                Ok(()) => break,
+                Err(e) => {
+                    attempt += 1;
+                    if attempt >= 3 {
+                        return Err(e.into());
+                    }
+                    std::thread::sleep(Duration::from_secs(2 * attempt));
+                }
+            }
+        }
+        let prefix = format!("{package}_");
+        let found = std::fs::read_dir(dir)
+            .map_err(io_err("cannot read", dir))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                n.starts_with(&prefix) && n.ends_with(".deb")
+            });
+        found.ok_or_else(|| AptError::NoDeb {
+            package: package.to_string(),
+            version: version.to_string(),
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+fn write_if_changed(path: &Path, content: &str) -> Result<(), AptError> {
+    if std::fs::read_to_string(path).ok().as_deref() == Some(content) {
+        return Ok(());
+    }
+    std::fs::write(path, content).map_err(io_err("cannot write", path))
+}
+
+/// Unpacks a .deb's files into `dest` with `dpkg-deb -x`.
+pub fn unpack_deb(deb: &Path, dest: &Path, log: &Path) -> Result<(), AptError> {
+    std::fs::create_dir_all(dest).map_err(io_err("cannot create", dest))?;
+    let mut c = Command::new("dpkg-deb");
+    c.arg("-x").arg(deb).arg(dest);
+    cmd::run_logged(&mut c, log)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEB822: &str = "\
+Types: deb
+# http://snapshot.example/archive/debian/20250520T000000Z
+URIs: http://mirror.example/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror.example/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb deb-src
+URIs: http://other.example/apt
+Suites: nodistro
+Components: main
+
+Types: deb
+uris: http://second.example/debian/
+ http://third.example/debian
+suites: trixie
+enabled: yes
+
+Types: deb
+URIs: http://disabled.example/debian
+Suites: sid
+Enabled: no
+";
+
+    #[test]
+    fn deb822_parsing() {
+        let s = parse_deb822(DEB822);
+        assert_eq!(s.len(), 5);
+        assert_eq!(s[0].suites, vec!["bookworm", "bookworm-updates"]);
+        assert_eq!(s[0].uris, vec!["http://mirror.example/debian"]);
+        assert_eq!(s[2].types, vec!["deb", "deb-src"]);
+        assert_eq!(
+            s[3].uris,
+            vec!["http://second.example/debian/", "http://third.example/debian"]
+        );
+        assert!(!s[4].enabled);
+        assert_eq!(
+            debian_mirrors(&s),
+            vec![
+                "http://mirror.example/debian",
+                "http://second.example/debian",
+                "http://third.example/debian"
+            ]
+        );
+    }
+
+    #[test]
+    fn one_line_parsing() {
+        let text = "\
+# comment
+deb http://mirror.example/debian bookworm main contrib # trailing
+deb-src http://mirror.example/debian bookworm main
+deb [arch=amd64 signed-by=/k.gpg] http://opts.example/debian bookworm-updates main
+deb http://security.example/debian-security bookworm-security main
+deb http://mirror.example/debian-security bookworm/updates main
+deb [signed-by=/x.gpg] https://vendor.example/apt cloud-sdk-bookworm main
+deb http://mirror.example/debian bookworm-backports main
+deb [broken
+garbage line
+";
+        let s = parse_one_line(text);
+        assert_eq!(s.len(), 7);
+        assert_eq!(s[0].components, vec!["main", "contrib"]);
+        assert_eq!(s[2].uris, vec!["http://opts.example/debian"]);
+        assert_eq!(
+            debian_mirrors(&s),
+            vec!["http://mirror.example/debian", "http://opts.example/debian"]
+        );
+    }
+
+    #[test]
+    fn suites() {
+        assert!(is_debian_archive_suite("bookworm"));
+        assert!(is_debian_archive_suite("bookworm-updates"));
+        assert!(is_debian_archive_suite("stable"));
+        assert!(!is_debian_archive_suite("bookworm-security"));
+        assert!(!is_debian_archive_suite("cloud-sdk-bookworm"));
+        assert!(!is_debian_archive_suite("nodistro"));
+        assert!(!is_debian_archive_suite("jammy"));
+    }
+
+    #[test]
+    fn show_parsing() {
+        let text = "Package: linux-image-cloud-amd64\nSource: linux-signed-amd64 (6.12.107+1)\n\
+Version: 6.12.107-1\nDepends: linux-image-6.12.107+deb13-cloud-amd64 (= 6.12.107-1), a | b:any (>= 1)\n\
+Description: x\n multi: line\nSHA256: abc\n\nPackage: other\nVersion: 1\n";
+        let e = parse_show(text).unwrap();
+        assert_eq!(e.package, "linux-image-cloud-amd64");
+        assert_eq!(e.version, "6.12.107-1");
+        assert_eq!(
+            e.depends,
+            vec!["linux-image-6.12.107+deb13-cloud-amd64", "a", "b"]
+        );
+        assert_eq!(e.sha256.as_deref(), Some("abc"));
+        assert!(parse_show("").is_none());
+        assert!(parse_show("Package: x\n").is_none());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsers_never_panic(s in "\\PC*") {
+            let _ = parse_deb822(&s);
+            let _ = parse_one_line(&s);
+            let _ = parse_show(&s);
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! gatevm's runtime bundle: the guest kernel and its modules, libkrunfw, gvproxy and virtiofsd,
+//! each with its provenance; the base root filesystem built from a recipe; the initramfs that
+//! boots the guest agent.
+//!
+//! - [`setup()`] acquires everything into [`dirs::runtime_dir`] (idempotent, reports each step).
+//! - [`Runtime::load`] gives typed access to what setup installed.
+//! - [`build_initramfs`] makes (or reuses) the initramfs for a guest binary.
+//! - [`verify()`] re-hashes the installed files against `provenance.json`.
+//!
+//! Nothing here prints: progress goes through a callback, results come back as data.
+
+pub mod apt;
+mod cmd;
+pub mod cpio;
+pub mod dirs;
+pub mod host;
+pub mod initramfs;
+pub mod kernel;
+pub mod modules;
+pub mod provenance;
+pub mod rootfs;
+pub mod runtime;
+pub mod setup;
+mod util;
+pub mod virtiofsd;
+
+pub use cmd::{find_program, CommandError};
+pub use initramfs::{build_initramfs, InitramfsError, INITRAMFS_MODULES};
+pub use kernel::{KernelError, KernelInfo};
+pub use provenance::{Component, FileRecord, Provenance, ProvenanceError, VerifyReport};
+pub use rootfs::{RootfsError, RootfsRecipe};
+pub use runtime::{verify, Runtime, RuntimeError};
+pub use setup::{setup, SetupAction, SetupError, SetupOptions, SetupReport, SetupStep};
+pub use virtiofsd::VIRTIOFSD_VERSION;

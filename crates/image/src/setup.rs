@@ -1,0 +1,997 @@
+//! `gatevm setup`: acquiring the runtime bundle, idempotently.
+//!
+//! Layout of the runtime directory ([`crate::dirs::runtime_dir`]):
+//! ```text
+//! provenance.json                       what came from where, sha256 of every file
+//! kernel/vmlinux                        uncompressed ELF kernel (PVH entry), booted by QEMU
+//! kernel/vmlinuz-<release>              the original bzImage
+//! kernel/config-<release>               the kernel's build configuration
+//! kernel/lib/modules/<release>/         module tree, depmod'ed
+//! bin/gvproxy, bin/virtiofsd            helper binaries
+//! lib/libkrunfw.so.5 -> libkrunfw.so.5.x.y
+//! initramfs/initramfs-<hash12>.cpio     per guest binary, built on demand
+//! ```
+//! Base root file systems live in `data_dir()/rootfs/<recipe-hash12>/`; downloads, the private
+//! apt state, build trees and the setup log in the cache directory.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::apt::{self, AptError, PackageEntry, PrivateApt};
+use crate::cmd::{self, CommandError};
+use crate::dirs::{self, DirsError};
+use crate::host::{self, HostError};
+use crate::initramfs::{self, InitramfsError};
+use crate::kernel::{self, KernelError, KernelInfo};
+use crate::provenance::{self, component, Component, Provenance, ProvenanceError, RootfsRecord};
+use crate::rootfs::{self, RootfsError, RootfsRecipe};
+use crate::util;
+use crate::virtiofsd::{self, VirtiofsdError, VIRTIOFSD_VERSION};
+
+/// Debian suite the kernel and gvproxy come from.
+pub const KERNEL_SUITE: &str = "trixie";
+/// The kernel metapackage whose dependency names the real kernel package.
+pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
+/// Debian suite libkrunfw comes from.
+pub const LIBKRUNFW_SUITE: &str = "sid";
+/// The libkrunfw package.
+pub const LIBKRUNFW_PACKAGE: &str = "libkrunfw5";
+/// The gvproxy package.
+pub const GVPROXY_PACKAGE: &str = "gvproxy";
+
+/// What to do in [`setup`].
+#[derive(Debug, Clone)]
+pub struct SetupOptions {
+    /// The `gatevm-guest` binary to build the initramfs for (the CLI passes
+    /// `$GATEVM_GUEST_BIN` or the one next to the `gatevm` executable). `None` skips that step.
+    pub guest_bin: Option<PathBuf>,
+    /// Do not build the base rootfs.
+    pub skip_rootfs: bool,
+    /// Ask Debian for newer package versions and replace components that changed (otherwise a
+    /// component that is present is left as it is, without network access).
+    pub refresh: bool,
+    /// Install missing host packages with apt-get when running as root (otherwise only report).
+    pub install_host_packages: bool,
+}
+
+impl Default for SetupOptions {
+    fn default() -> Self {
+        SetupOptions {
+            guest_bin: None,
+            skip_rootfs: false,
+            refresh: false,
+            install_host_packages: true,
+        }
+    }
+}
+
+/// What a setup step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SetupAction {
+    /// Acquired now; was not there before.
+    Installed,
+    /// Was there already; nothing done.
+    AlreadyPresent,
+    /// Was there, but replaced (newer version, changed recipe, files missing).
+    Rebuilt,
+    /// Not done, as asked (or nothing to do it for).
+    Skipped,
+}
+
+/// One step of [`setup`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SetupStep {
+    /// Component name: `host-packages`, `apt`, `kernel`, `gvproxy`, `libkrunfw`, `virtiofsd`,
+    /// `rootfs`, `initramfs`.
+    pub component: String,
+    /// What was done.
+    pub action: SetupAction,
+    /// One line for humans: version, origin, path.
+    pub detail: String,
+    /// Wall time of the step in milliseconds.
+    pub elapsed_ms: u64,
+}
+
+/// The result of [`setup`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SetupReport {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The runtime bundle directory.
+    pub runtime_dir: PathBuf,
+    /// The cache directory.
+    pub cache_dir: PathBuf,
+    /// The steps, in order.
+    pub steps: Vec<SetupStep>,
+    /// Release of the installed kernel.
+    pub kernel_release: String,
+    /// The base rootfs for the current recipe, unless skipped.
+    pub rootfs: Option<PathBuf>,
+    /// Base rootfs trees of other (older) recipes, left in place.
+    pub old_rootfs: Vec<PathBuf>,
+    /// The initramfs for the given guest binary.
+    pub initramfs: Option<PathBuf>,
+    /// The log with the output of every command setup ran.
+    pub log: PathBuf,
+    /// Wall time of the whole setup in milliseconds.
+    pub elapsed_ms: u64,
+}
+
+impl SetupReport {
+    /// Whether any step installed or rebuilt something.
+    pub fn changed(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| matches!(s.action, SetupAction::Installed | SetupAction::Rebuilt))
+    }
+}
+
+/// Errors of [`setup`]; each names the step, what failed on what, and when known what to do.
+#[derive(Debug, Error)]
+pub enum SetupError {
+    /// A directory could not be resolved or created.
+    #[error("{0}")]
+    Dirs(#[from] DirsError),
+    /// The setup lock could not be taken.
+    #[error("cannot lock {}: {source}", path.display())]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Host packages are missing or could not be installed.
+    #[error("host packages: {0}")]
+    Host(#[from] HostError),
+    /// Fetching a Debian package failed.
+    #[error("{component}: {source}")]
+    Apt {
+        /// The component.
+        component: &'static str,
+        /// The underlying error.
+        #[source]
+        source: AptError,
+    },
+    /// A package did not contain what we expected.
+    #[error("{component}: {problem}")]
+    Package {
+        /// The component.
+        component: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A file operation failed.
+    #[error("{component}: {action} {}: {source}", path.display())]
+    Io {
+        /// The component.
+        component: &'static str,
+        /// What was being done.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A command failed.
+    #[error("{component}: {source}")]
+    Command {
+        /// The component.
+        component: &'static str,
+        /// The underlying error.
+        #[source]
+        source: CommandError,
+    },
+    /// Extracting the ELF kernel failed.
+    #[error("kernel: {0}")]
+    Kernel(#[from] KernelError),
+    /// Building virtiofsd failed.
+    #[error("virtiofsd: {0}")]
+    Virtiofsd(#[from] VirtiofsdError),
+    /// Building the rootfs failed.
+    #[error("rootfs: {0}")]
+    Rootfs(#[from] RootfsError),
+    /// Building the initramfs failed.
+    #[error("initramfs: {0}")]
+    Initramfs(#[from] InitramfsError),
+    /// Reading or writing the provenance manifest failed.
+    #[error("{0}")]
+    Provenance(#[from] ProvenanceError),
+}
+
+fn io(
+    component: &'static str,
+    action: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> SetupError {
+    let path = path.to_path_buf();
+    move |source| SetupError::Io {
+        component,
+        action,
+        path,
+        source,
+    }
+}
+
+/// Paths of one setup run.
+struct Ctx<'a> {
+    runtime: PathBuf,
+    cache: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+    progress: &'a dyn Fn(&str),
+    apt: Option<PrivateApt>,
+    steps: Vec<SetupStep>,
+}
+
+impl Ctx<'_> {
+    fn step(&mut self, component: &str, action: SetupAction, detail: String, started: Instant) {
+        tracing::info!(component, ?action, %detail, "setup step");
+        self.steps.push(SetupStep {
+            component: component.to_string(),
+            action,
+            detail,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        });
+    }
+
+    /// The private apt configuration, created and updated on first use.
+    fn apt(&mut self) -> Result<&PrivateApt, SetupError> {
+        match self.apt {
+            Some(ref a) => Ok(a),
+            None => {
+                let a = self.new_apt()?;
+                Ok(self.apt.insert(a))
+            }
+        }
+    }
+
+    fn new_apt(&mut self) -> Result<PrivateApt, SetupError> {
+        let started = Instant::now();
+        let wrap = |source| SetupError::Apt {
+            component: "apt",
+            source,
+        };
+        let mirrors = apt::system_debian_mirrors().map_err(wrap)?;
+        let suites = [KERNEL_SUITE, LIBKRUNFW_SUITE];
+        let a = PrivateApt::new(&self.cache.join("apt"), &mirrors, &suites).map_err(wrap)?;
+        (self.progress)(&format!(
+            "updating package lists for Debian {} from {}",
+            suites.join(", "),
+            mirrors.join(", ")
+        ));
+        a.update(&self.log).map_err(wrap)?;
+        self.step(
+            "apt",
+            SetupAction::Installed,
+            format!(
+                "private apt config in {} for {} from {}",
+                a.root().display(),
+                suites.join(", "),
+                mirrors.join(", ")
+            ),
+            started,
+        );
+        Ok(a)
+    }
+
+    fn work_dir(&self, component: &'static str) -> Result<tempfile::TempDir, SetupError> {
+        let base = self.cache.join("work");
+        std::fs::create_dir_all(&base).map_err(io(component, "cannot create", &base))?;
+        tempfile::Builder::new()
+            .prefix(&format!("{component}-"))
+            .tempdir_in(&base)
+            .map_err(io(component, "cannot create a work directory in", &base))
+    }
+
+    /// Downloads and unpacks a package; returns the unpack dir and the work dir guard.
+    fn fetch(
+        &mut self,
+        component: &'static str,
+        entry: &PackageEntry,
+        suite: &str,
+    ) -> Result<(PathBuf, tempfile::TempDir), SetupError> {
+        let wrap = |source| SetupError::Apt { component, source };
+        let work = self.work_dir(component)?;
+        (self.progress)(&format!(
+            "downloading {} {} (Debian {suite})",
+            entry.package, entry.version
+        ));
+        let log = self.log.clone();
+        let apt = self.apt()?;
+        let deb = apt
+            .download(&entry.package, &entry.version, &work.path().join("dl"), &log)
+            .map_err(wrap)?;
+        let x = work.path().join("x");
+        apt::unpack_deb(&deb, &x, &log).map_err(wrap)?;
+        Ok((x, work))
+    }
+}
+
+/// Takes the exclusive setup lock (waits for another running setup).
+fn lock(data: &Path, progress: &dyn Fn(&str)) -> Result<File, SetupError> {
+    let path = data.join("setup.lock");
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| SetupError::Lock {
+            path: path.clone(),
+            source,
+        })?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            progress("waiting for another gatevm setup to finish");
+            f.lock().map_err(|source| SetupError::Lock {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Err(std::fs::TryLockError::Error(source)) => {
+            return Err(SetupError::Lock { path, source });
+        }
+    }
+    Ok(f)
+}
+
+/// Acquires the runtime bundle into [`dirs::runtime_dir`] (see the module docs for the layout),
+/// builds the base rootfs and the initramfs. Idempotent: components that are present are left
+/// alone (their files' presence is checked; [`crate::verify`] re-hashes them), so a second run
+/// reports every step as [`SetupAction::AlreadyPresent`] and needs no network. Progress messages
+/// go to `progress`; nothing is printed.
+pub fn setup(opts: &SetupOptions, progress: &dyn Fn(&str)) -> Result<SetupReport, SetupError> {
+    let started = Instant::now();
+    let data = dirs::data_dir()?;
+    let runtime = dirs::runtime_dir()?;
+    let cache = dirs::cache_dir()?;
+    for d in [&data, &runtime, &cache] {
+        dirs::ensure_dir(d)?;
+    }
+    let _lock = lock(&data, progress)?;
+    let logs = cache.join("logs");
+    dirs::ensure_dir(&logs)?;
+    let log = logs.join("setup.log");
+    // One log per run: start it fresh.
+    std::fs::write(&log, "").map_err(io("setup", "cannot write", &log))?;
+
+    let mut ctx = Ctx {
+        runtime: runtime.clone(),
+        cache: cache.clone(),
+        data: data.clone(),
+        log: log.clone(),
+        progress,
+        apt: None,
+        steps: Vec::new(),
+    };
+    let mut prov = Provenance::load(&runtime)?.unwrap_or_default();
+
+    step_host(&mut ctx, opts)?;
+    let kernel = step_kernel(&mut ctx, opts, &mut prov)?;
+    step_gvproxy(&mut ctx, opts, &mut prov)?;
+    step_libkrunfw(&mut ctx, opts, &mut prov)?;
+    step_virtiofsd(&mut ctx, &mut prov)?;
+    if ctx.apt.is_none() {
+        ctx.step(
+            "apt",
+            SetupAction::AlreadyPresent,
+            "not needed: every Debian package is installed".into(),
+            Instant::now(),
+        );
+    }
+    let (rootfs, old_rootfs) = step_rootfs(&mut ctx, opts, &kernel, &mut prov)?;
+    let initramfs = step_initramfs(&mut ctx, opts, &kernel)?;
+    prov.save(&runtime)?;
+
+    Ok(SetupReport {
+        data_dir: data,
+        runtime_dir: runtime,
+        cache_dir: cache,
+        steps: ctx.steps,
+        kernel_release: kernel.release,
+        rootfs,
+        old_rootfs,
+        initramfs,
+        log,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+fn step_host(ctx: &mut Ctx<'_>, opts: &SetupOptions) -> Result<(), SetupError> {
+    let started = Instant::now();
+    (ctx.progress)("checking host packages");
+    let missing = host::check_host();
+    if missing.is_empty() {
+        ctx.step(
+            "host-packages",
+            SetupAction::AlreadyPresent,
+            "qemu-system-x86, mmdebstrap, kmod, e2fsprogs, passt, pkg-config, libseccomp-dev, libcap-ng-dev present".into(),
+            started,
+        );
+        return Ok(());
+    }
+    if !opts.install_host_packages {
+        return Err(HostError::Missing { missing }.into());
+    }
+    let installed = host::ensure_host_packages(&ctx.log, ctx.progress)?;
+    ctx.step(
+        "host-packages",
+        SetupAction::Installed,
+        format!("apt-get install {}", installed.join(" ")),
+        started,
+    );
+    Ok(())
+}
+
+/// Whether component `name` is recorded with at least one file and all its files exist.
+fn present(prov: &Provenance, runtime: &Path, name: &str) -> bool {
+    matches!(prov.missing_files(runtime, name), Some(m) if m.is_empty())
+        && prov.component(name).is_some_and(|c| !c.files.is_empty())
+}
+
+fn kernel_info(runtime: &Path, release: &str) -> KernelInfo {
+    KernelInfo {
+        release: release.to_string(),
+        vmlinux: runtime.join("kernel/vmlinux"),
+        modules_dir: runtime.join("kernel/lib/modules").join(release),
+    }
+}
+
+fn step_kernel(
+    ctx: &mut Ctx<'_>,
+    opts: &SetupOptions,
+    prov: &mut Provenance,
+) -> Result<KernelInfo, SetupError> {
+    const C: &str = component::KERNEL;
+    let started = Instant::now();
+    (ctx.progress)("checking the guest kernel");
+    let had = present(prov, &ctx.runtime, C);
+    let recorded_release = prov.kernel_release.clone();
+    if had && !opts.refresh {
+        if let (Some(rel), Some(c)) = (recorded_release.as_deref(), prov.component(C)) {
+            ctx.step(
+                C,
+                SetupAction::AlreadyPresent,
+                format!("{rel} ({})", c.origin),
+                started,
+            );
+            return Ok(kernel_info(&ctx.runtime, rel));
+        }
+    }
+
+    let wrap = |source| SetupError::Apt {
+        component: C,
+        source,
+    };
+    let meta = ctx.apt()?.show(KERNEL_METAPACKAGE, KERNEL_SUITE).map_err(wrap)?;
+    let real = meta
+        .depends
+        .iter()
+        .find(|d| d.starts_with("linux-image-") && *d != &meta.package)
+        .cloned()
+        .ok_or_else(|| SetupError::Package {
+            component: C,
+            problem: format!(
+                "{KERNEL_METAPACKAGE} {} in Debian {KERNEL_SUITE} depends on no linux-image package (depends: {})",
+                meta.version,
+                meta.depends.join(", ")
+            ),
+        })?;
+    let entry = ctx.apt()?.show(&real, KERNEL_SUITE).map_err(wrap)?;
+    if had && recorded_release.is_some() {
+        if let Some(c) = prov.component(C) {
+            if c.version == entry.version && c.origin.contains(&real) {
+                let rel = recorded_release.unwrap_or_default();
+                ctx.step(
+                    C,
+                    SetupAction::AlreadyPresent,
+                    format!("{rel} ({}; up to date)", c.origin),
+                    started,
+                );
+                return Ok(kernel_info(&ctx.runtime, &rel));
+            }
+        }
+    }
+
+    let (x, _work) = ctx.fetch(C, &entry, KERNEL_SUITE)?;
+    let boot = x.join("boot");
+    let vmlinuz = std::fs::read_dir(&boot)
+        .map_err(io(C, "cannot read", &boot))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("vmlinuz-"))
+        .ok_or_else(|| SetupError::Package {
+            component: C,
+            problem: format!("package {real} {} has no boot/vmlinuz-*", entry.version),
+        })?;
+    let release = vmlinuz.trim_start_matches("vmlinuz-").to_string();
+    let modules_src = ["usr/lib/modules", "lib/modules"]
+        .iter()
+        .map(|d| x.join(d).join(&release))
+        .find(|p| p.is_dir())
+        .ok_or_else(|| SetupError::Package {
+            component: C,
+            problem: format!(
+                "package {real} {} has no module tree for {release} (usr/lib/modules or lib/modules)",
+                entry.version
+            ),
+        })?;
+
+    (ctx.progress)(&format!("extracting vmlinux from vmlinuz-{release}"));
+    let staging = ctx.runtime.join(".kernel-new");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(io(C, "cannot remove", &staging))?;
+    }
+    std::fs::create_dir_all(&staging).map_err(io(C, "cannot create", &staging))?;
+    let vmlinuz_dest = staging.join(&vmlinuz);
+    util::copy_atomic(&boot.join(&vmlinuz), &vmlinuz_dest, 0o644)
+        .map_err(io(C, "cannot copy the kernel to", &vmlinuz_dest))?;
+    let config = format!("config-{release}");
+    if boot.join(&config).is_file() {
+        util::copy_atomic(&boot.join(&config), &staging.join(&config), 0o644)
+            .map_err(io(C, "cannot copy the kernel config to", &staging))?;
+    }
+    let vmlinux_size = kernel::write_vmlinux(&vmlinuz_dest, &staging.join("vmlinux"))?;
+    let modules_dest = staging.join("lib/modules").join(&release);
+    std::fs::create_dir_all(staging.join("lib/modules"))
+        .map_err(io(C, "cannot create", &staging))?;
+    util::copy_tree(&modules_src, &modules_dest)
+        .map_err(io(C, "cannot copy the module tree to", &modules_dest))?;
+    (ctx.progress)(&format!("running depmod for {release}"));
+    let depmod = cmd::find_program("depmod").unwrap_or_else(|| PathBuf::from("depmod"));
+    let mut c = std::process::Command::new(depmod);
+    c.arg("-b").arg(&staging).arg(&release);
+    cmd::run_logged(&mut c, &ctx.log).map_err(|source| SetupError::Command {
+        component: C,
+        source,
+    })?;
+    if !modules_dest.join("modules.dep").is_file() {
+        return Err(SetupError::Package {
+            component: C,
+            problem: format!("depmod produced no modules.dep in {}", modules_dest.display()),
+        });
+    }
+
+    // Swap the new tree in.
+    let final_dir = ctx.runtime.join("kernel");
+    let old = ctx.runtime.join(".kernel-old");
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(io(C, "cannot remove", &old))?;
+    }
+    if final_dir.exists() {
+        std::fs::rename(&final_dir, &old).map_err(io(C, "cannot move aside", &final_dir))?;
+    }
+    std::fs::rename(&staging, &final_dir).map_err(io(C, "cannot install", &final_dir))?;
+    let _ = std::fs::remove_dir_all(&old);
+
+    let rels: Vec<PathBuf> = util::list_files(&final_dir)
+        .map_err(io(C, "cannot list", &final_dir))?
+        .into_iter()
+        .map(|p| PathBuf::from("kernel").join(p))
+        .collect();
+    let files = provenance::records_for(&ctx.runtime, &rels)?;
+    let nfiles = files.len();
+    let origin = format!(
+        "debian {KERNEL_SUITE} package {real} {} (via {KERNEL_METAPACKAGE} {})",
+        entry.version, meta.version
+    );
+    prov.kernel_release = Some(release.clone());
+    prov.set_component(Component {
+        name: C.into(),
+        version: entry.version.clone(),
+        origin: origin.clone(),
+        installed_unix: util::now_unix(),
+        files,
+    });
+    prov.save(&ctx.runtime)?;
+    ctx.step(
+        C,
+        if had {
+            SetupAction::Rebuilt
+        } else {
+            SetupAction::Installed
+        },
+        format!(
+            "{release} from {origin}; vmlinux {} MiB; {nfiles} files incl. modules",
+            vmlinux_size >> 20
+        ),
+        started,
+    );
+    Ok(kernel_info(&ctx.runtime, &release))
+}
+
+/// Finds the first regular file named `name` below `root`, preferring `preferred` paths.
+fn find_file(root: &Path, preferred: &[&str], name: &str) -> Option<PathBuf> {
+    for p in preferred {
+        let c = root.join(p);
+        if std::fs::symlink_metadata(&c).is_ok_and(|m| m.is_file()) {
+            return Some(c);
+        }
+    }
+    util::list_files(root)
+        .ok()?
+        .into_iter()
+        .map(|rel| root.join(rel))
+        .find(|p| {
+            p.file_name().is_some_and(|n| n == name)
+                && std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file())
+        })
+}
+
+/// Common start of the "single Debian package" components: `Ok(None)` when the component is
+/// present (and, with `refresh`, at the suite's current version) and the step is recorded;
+/// otherwise `Some((had_before, entry to install))`.
+fn apt_component_current(
+    ctx: &mut Ctx<'_>,
+    opts: &SetupOptions,
+    prov: &Provenance,
+    name: &'static str,
+    package: &str,
+    suite: &str,
+    started: Instant,
+) -> Result<Option<(bool, PackageEntry)>, SetupError> {
+    let had = present(prov, &ctx.runtime, name);
+    let recorded = prov.component(name).filter(|_| had);
+    if let (Some(c), false) = (recorded, opts.refresh) {
+        let detail = format!("{} ({})", c.version, c.origin);
+        ctx.step(name, SetupAction::AlreadyPresent, detail, started);
+        return Ok(None);
+    }
+    let entry = ctx
+        .apt()?
+        .show(package, suite)
+        .map_err(|source| SetupError::Apt {
+            component: name,
+            source,
+        })?;
+    if let Some(c) = recorded.filter(|c| c.version == entry.version) {
+        let detail = format!("{} ({}; up to date)", c.version, c.origin);
+        ctx.step(name, SetupAction::AlreadyPresent, detail, started);
+        return Ok(None);
+    }
+    Ok(Some((had, entry)))
+}
+
+fn step_gvproxy(
+    ctx: &mut Ctx<'_>,
+    opts: &SetupOptions,
+    prov: &mut Provenance,
+) -> Result<(), SetupError> {
+    const C: &str = component::GVPROXY;
+    let started = Instant::now();
+    (ctx.progress)("checking gvproxy");
+    let Some((had, entry)) = apt_component_current(
+        ctx,
+        opts,
+        prov,
+        C,
+        GVPROXY_PACKAGE,
+        KERNEL_SUITE,
+        started,
+    )?
+    else {
+        return Ok(());
+    };
+    let (x, _work) = ctx.fetch(C, &entry, KERNEL_SUITE)?;
+    let src = find_file(
+        &x,
+        &[
+            "usr/libexec/podman/gvproxy",
+            "usr/bin/gvproxy",
+            "usr/lib/podman/gvproxy",
+        ],
+        "gvproxy",
+    )
+    .ok_or_else(|| SetupError::Package {
+        component: C,
+        problem: format!("package gvproxy {} contains no gvproxy binary", entry.version),
+    })?;
+    let dest = ctx.runtime.join("bin/gvproxy");
+    util::copy_atomic(&src, &dest, 0o755).map_err(io(C, "cannot install", &dest))?;
+    let out = cmd::run_captured(std::process::Command::new(&dest).arg("-version")).map_err(
+        |source| SetupError::Command {
+            component: C,
+            source,
+        },
+    )?;
+    let reported = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let origin = format!(
+        "debian {KERNEL_SUITE} package gvproxy {} ({})",
+        entry.version,
+        src.strip_prefix(&x).unwrap_or(&src).display()
+    );
+    let files = provenance::records_for(&ctx.runtime, &[PathBuf::from("bin/gvproxy")])?;
+    prov.set_component(Component {
+        name: C.into(),
+        version: entry.version.clone(),
+        origin: origin.clone(),
+        installed_unix: util::now_unix(),
+        files,
+    });
+    prov.save(&ctx.runtime)?;
+    ctx.step(
+        C,
+        if had {
+            SetupAction::Rebuilt
+        } else {
+            SetupAction::Installed
+        },
+        format!("{} from {origin}; runs: {reported}", dest.display()),
+        started,
+    );
+    Ok(())
+}
+
+fn step_libkrunfw(
+    ctx: &mut Ctx<'_>,
+    opts: &SetupOptions,
+    prov: &mut Provenance,
+) -> Result<(), SetupError> {
+    const C: &str = component::LIBKRUNFW;
+    let started = Instant::now();
+    (ctx.progress)("checking libkrunfw");
+    let Some((had, entry)) = apt_component_current(
+        ctx,
+        opts,
+        prov,
+        C,
+        LIBKRUNFW_PACKAGE,
+        LIBKRUNFW_SUITE,
+        started,
+    )?
+    else {
+        return Ok(());
+    };
+    let (x, _work) = ctx.fetch(C, &entry, LIBKRUNFW_SUITE)?;
+    let files = util::list_files(&x).map_err(io(C, "cannot list", &x))?;
+    let real = files
+        .iter()
+        .map(|rel| x.join(rel))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libkrunfw.so.5"))
+                && std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file())
+        })
+        .ok_or_else(|| SetupError::Package {
+            component: C,
+            problem: format!(
+                "package {LIBKRUNFW_PACKAGE} {} contains no libkrunfw.so.5* file",
+                entry.version
+            ),
+        })?;
+    let real_name = real
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lib = ctx.runtime.join("lib");
+    std::fs::create_dir_all(&lib).map_err(io(C, "cannot create", &lib))?;
+    let dest = lib.join(&real_name);
+    util::copy_atomic(&real, &dest, 0o644).map_err(io(C, "cannot install", &dest))?;
+    let link = lib.join("libkrunfw.so.5");
+    if link != dest {
+        let tmp_link = lib.join(".libkrunfw.so.5.tmp");
+        let _ = std::fs::remove_file(&tmp_link);
+        std::os::unix::fs::symlink(&real_name, &tmp_link)
+            .map_err(io(C, "cannot create symlink", &tmp_link))?;
+        std::fs::rename(&tmp_link, &link).map_err(io(C, "cannot install", &link))?;
+    }
+    // Remove other versions' files.
+    if let Ok(rd) = std::fs::read_dir(&lib) {
+        for e in rd.filter_map(|e| e.ok()) {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("libkrunfw.so.5.") && n != real_name {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let mut rels = vec![PathBuf::from("lib").join(&real_name)];
+    if link != dest {
+        rels.push(PathBuf::from("lib/libkrunfw.so.5"));
+    }
+    let size = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
+    let records = provenance::records_for(&ctx.runtime, &rels)?;
+    let origin = format!(
+        "debian {LIBKRUNFW_SUITE} package {LIBKRUNFW_PACKAGE} {}",
+        entry.version
+    );
+    prov.set_component(Component {
+        name: C.into(),
+        version: entry.version.clone(),
+        origin: origin.clone(),
+        installed_unix: util::now_unix(),
+        files: records,
+    });
+    prov.save(&ctx.runtime)?;
+    ctx.step(
+        C,
+        if had {
+            SetupAction::Rebuilt
+        } else {
+            SetupAction::Installed
+        },
+        format!(
+            "{} ({} MiB) from {origin}",
+            dest.display(),
+            size >> 20
+        ),
+        started,
+    );
+    Ok(())
+}
+
+fn step_virtiofsd(ctx: &mut Ctx<'_>, prov: &mut Provenance) -> Result<(), SetupError> {
+    const C: &str = component::VIRTIOFSD;
+    let started = Instant::now();
+    (ctx.progress)("checking virtiofsd");
+    let had = present(prov, &ctx.runtime, C);
+    if had
+        && prov
+            .component(C)
+            .is_some_and(|c| c.version == VIRTIOFSD_VERSION)
+    {
+        ctx.step(
+            C,
+            SetupAction::AlreadyPresent,
+            format!("{VIRTIOFSD_VERSION} (crates.io virtiofsd {VIRTIOFSD_VERSION})"),
+            started,
+        );
+        return Ok(());
+    }
+    let build_dir = ctx.cache.join("build");
+    std::fs::create_dir_all(&build_dir).map_err(io(C, "cannot create", &build_dir))?;
+    let bin = virtiofsd::build_virtiofsd(&build_dir, &ctx.log, ctx.progress)?;
+    let dest = ctx.runtime.join("bin/virtiofsd");
+    util::copy_atomic(&bin, &dest, 0o755).map_err(io(C, "cannot install", &dest))?;
+    let files = provenance::records_for(&ctx.runtime, &[PathBuf::from("bin/virtiofsd")])?;
+    let origin = format!("crates.io virtiofsd {VIRTIOFSD_VERSION} (cargo install --locked)");
+    prov.set_component(Component {
+        name: C.into(),
+        version: VIRTIOFSD_VERSION.into(),
+        origin: origin.clone(),
+        installed_unix: util::now_unix(),
+        files,
+    });
+    prov.save(&ctx.runtime)?;
+    ctx.step(
+        C,
+        if had {
+            SetupAction::Rebuilt
+        } else {
+            SetupAction::Installed
+        },
+        format!("{} from {origin}", dest.display()),
+        started,
+    );
+    Ok(())
+}
+
+fn step_rootfs(
+    ctx: &mut Ctx<'_>,
+    opts: &SetupOptions,
+    kernel: &KernelInfo,
+    prov: &mut Provenance,
+) -> Result<(Option<PathBuf>, Vec<PathBuf>), SetupError> {
+    const C: &str = "rootfs";
+    let started = Instant::now();
+    let root = ctx.data.join("rootfs");
+    let recipe = RootfsRecipe::for_kernel(&kernel.release);
+    let id = recipe.id();
+    let others = |root: &Path| -> Vec<PathBuf> {
+        rootfs::list_rootfs(root)
+            .into_iter()
+            .filter(|e| e.id != id)
+            .map(|e| e.path)
+            .collect()
+    };
+    if opts.skip_rootfs {
+        ctx.step(C, SetupAction::Skipped, "skipped as asked".into(), started);
+        return Ok((rootfs::find_rootfs(&root, &recipe), others(&root)));
+    }
+    if let Some(p) = rootfs::find_rootfs(&root, &recipe) {
+        if p.join("usr/bin/containerd").exists() {
+            ctx.step(
+                C,
+                SetupAction::AlreadyPresent,
+                format!("{} ({})", p.display(), recipe.describe()),
+                started,
+            );
+            set_rootfs_record(prov, &recipe, &p);
+            return Ok((Some(p), others(&root)));
+        }
+    }
+    let previous = others(&root);
+    (ctx.progress)(&format!(
+        "building the base rootfs with mmdebstrap (Debian {} {}, about a minute)",
+        recipe.suite, recipe.variant
+    ));
+    let p = rootfs::build_rootfs(&root, &recipe, kernel, &ctx.log)?;
+    set_rootfs_record(prov, &recipe, &p);
+    prov.save(&ctx.runtime)?;
+    let size = dir_size(&p);
+    ctx.step(
+        C,
+        if previous.is_empty() {
+            SetupAction::Installed
+        } else {
+            SetupAction::Rebuilt
+        },
+        format!("{} ({}; {} MiB)", p.display(), recipe.describe(), size >> 20),
+        started,
+    );
+    Ok((Some(p), previous))
+}
+
+fn set_rootfs_record(prov: &mut Provenance, recipe: &RootfsRecipe, path: &Path) {
+    prov.rootfs = Some(RootfsRecord {
+        id: recipe.id(),
+        path: path.to_path_buf(),
+        recipe: recipe.describe(),
+    });
+}
+
+/// Apparent size of the regular files in a tree (for reports).
+fn dir_size(root: &Path) -> u64 {
+    util::list_files(root)
+        .map(|files| {
+            files
+                .iter()
+                .filter_map(|f| std::fs::symlink_metadata(root.join(f)).ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn step_initramfs(
+    ctx: &mut Ctx<'_>,
+    opts: &SetupOptions,
+    kernel: &KernelInfo,
+) -> Result<Option<PathBuf>, SetupError> {
+    const C: &str = "initramfs";
+    let started = Instant::now();
+    let Some(guest) = &opts.guest_bin else {
+        ctx.step(
+            C,
+            SetupAction::Skipped,
+            "no guest binary given (GATEVM_GUEST_BIN or gatevm-guest next to gatevm)".into(),
+            started,
+        );
+        return Ok(None);
+    };
+    (ctx.progress)("building the initramfs");
+    let out_dir = ctx.runtime.join("initramfs");
+    let before: Vec<PathBuf> = std::fs::read_dir(&out_dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let p = initramfs::build_initramfs(guest, kernel, &out_dir)?;
+    let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+    let modules = initramfs::initramfs_modules(kernel)?
+        .iter()
+        .map(|m| crate::modules::module_name(m))
+        .collect::<Vec<_>>()
+        .join(" ");
+    ctx.step(
+        C,
+        if before.contains(&p) {
+            SetupAction::AlreadyPresent
+        } else {
+            SetupAction::Installed
+        },
+        format!(
+            "{} ({} KiB; /init = {}; modules: {modules})",
+            p.display(),
+            size >> 10,
+            guest.display()
+        ),
+        started,
+    );
+    Ok(Some(p))
+}

@@ -1,0 +1,397 @@
+//! Operations on instances from another process (the CLI, or any Rust program): status, list,
+//! stop, delete, exec, and starting a detached supervisor.
+
+use crate::config::{InstanceConfig, Phase, StateFile};
+use crate::control::{AgentInfo, CtlReply, CtlRequest, InstanceStatus, CLIENT_STREAM};
+use crate::lock::is_held;
+use crate::name::{validate, NameError};
+use crate::paths::{instances_dir, InstancePaths};
+use crate::supervisor::{phase_name, read_state, recover_stale, Progress};
+use gatevm_protocol::{asyncio, ExecRequest, Fd, Frame, GuestMsg};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// Errors of instance operations; each message names the instance and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("instance {0:?} does not exist (create it with `gatevm start {0}`)")]
+    NotFound(String),
+    #[error("instance {0:?} is not running (start it with `gatevm start {0}`)")]
+    NotRunning(String),
+    #[error("instance {0:?} is already running")]
+    AlreadyRunning(String),
+    #[error("instance {0:?} is running: stop it first or use --force")]
+    RunningNoForce(String),
+    #[error("instance {name:?}: {message}")]
+    Control { name: String, message: String },
+    #[error("instance {name:?}: {what}: {source}")]
+    Io { name: String, what: String, source: std::io::Error },
+}
+
+fn ioe(name: &str, what: &str) -> impl FnOnce(std::io::Error) -> ClientError {
+    let (name, what) = (name.to_string(), what.to_string());
+    move |source| ClientError::Io { name, what, source }
+}
+
+/// Paths of an existing instance.
+pub fn existing(name: &str) -> Result<InstancePaths, ClientError> {
+    validate(name)?;
+    let p = InstancePaths::new(name);
+    if !p.exists() {
+        return Err(ClientError::NotFound(name.to_string()));
+    }
+    Ok(p)
+}
+
+/// Whether the instance's supervisor is alive.
+pub fn is_running(paths: &InstancePaths) -> bool {
+    is_held(&paths.lock())
+}
+
+async fn connect(paths: &InstancePaths) -> Result<UnixStream, ClientError> {
+    let name = &paths.name;
+    if !is_running(paths) {
+        return Err(ClientError::NotRunning(name.clone()));
+    }
+    // The control socket appears a moment after the supervisor takes the lock.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match UnixStream::connect(paths.control_socket()).await {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                if Instant::now() > deadline || !is_running(paths) {
+                    return Err(ClientError::Control {
+                        name: name.clone(),
+                        message: format!("the supervisor does not answer on {}: {e}", paths.control_socket().display()),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn request(paths: &InstancePaths, req: CtlRequest, timeout: Duration) -> Result<CtlReply, ClientError> {
+    let name = paths.name.clone();
+    let fut = async {
+        let mut s = connect(paths).await?;
+        asyncio::write_frame(&mut s, &Frame::Msg { stream: CLIENT_STREAM, msg: req })
+            .await
+            .map_err(|e| ClientError::Control { name: name.clone(), message: e.to_string() })?;
+        match asyncio::read_frame::<CtlReply, _>(&mut s).await {
+            Ok(Some(Frame::Msg { msg, .. })) => Ok(msg),
+            Ok(_) => Err(ClientError::Control { name: name.clone(), message: "the supervisor closed the connection".into() }),
+            Err(e) => Err(ClientError::Control { name: name.clone(), message: e.to_string() }),
+        }
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| ClientError::Control { name: name.clone(), message: "the supervisor did not answer in time".into() })?
+}
+
+/// Status from the files alone (no supervisor to ask).
+fn offline_status(paths: &InstancePaths, cfg: Option<InstanceConfig>, state: Option<StateFile>) -> InstanceStatus {
+    let running = is_running(paths);
+    let mut st = state.unwrap_or_else(|| StateFile::stopped(None));
+    if !running && st.phase != Phase::Stopped {
+        // The supervisor died without recording it (SIGKILL, host crash).
+        st.phase = Phase::Stopped;
+        st.stop_reason = Some("the supervisor process died unexpectedly".into());
+        st.last_error = st.stop_reason.clone();
+    }
+    let cfg = cfg.unwrap_or(InstanceConfig {
+        name: paths.name.clone(),
+        cpus: 0,
+        memory_mib: 0,
+        forwards: vec![],
+        allow_host_loopback: false,
+        vmm: Default::default(),
+        disk_gib: 0,
+    });
+    let stopped = st.phase == Phase::Stopped;
+    InstanceStatus {
+        name: paths.name.clone(),
+        state: phase_name(st.phase).into(),
+        healthy: false,
+        backend: st.backend.clone(),
+        cpus: cfg.cpus,
+        memory_mib: cfg.memory_mib,
+        forwards: cfg.forwards.iter().map(|f| f.to_string()).collect(),
+        supervisor_pid: if stopped { None } else { st.supervisor.map(|p| p.pid) },
+        vm_pid: if stopped { None } else { st.vmm.map(|p| p.pid) },
+        agent: AgentInfo::default(),
+        payloads: vec![],
+        started_at_ms: st.started_at_ms,
+        agent_ready_ms: st.agent_ready_ms,
+        ready_ms: st.ready_ms,
+        stop_reason: st.stop_reason,
+        last_error: st.last_error,
+        logs: paths.logs().display().to_string(),
+    }
+}
+
+fn read_config(paths: &InstancePaths) -> Option<InstanceConfig> {
+    serde_json::from_slice(&std::fs::read(paths.config()).ok()?).ok()
+}
+
+/// The status of one instance; asks the supervisor when it runs.
+pub async fn status(name: &str) -> Result<InstanceStatus, ClientError> {
+    let paths = existing(name)?;
+    if is_running(&paths) {
+        match request(&paths, CtlRequest::Status, Duration::from_secs(5)).await {
+            Ok(CtlReply::Status(s)) => return Ok(*s),
+            Ok(other) => tracing::warn!("unexpected status reply: {other:?}"),
+            Err(e) => {
+                let mut st = offline_status(&paths, read_config(&paths), read_state(&paths));
+                st.last_error = Some(format!("the supervisor does not answer: {e}"));
+                return Ok(st);
+            }
+        }
+    }
+    Ok(offline_status(&paths, read_config(&paths), read_state(&paths)))
+}
+
+/// Names of all instances, sorted.
+pub fn names() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(instances_dir())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| validate(n).is_ok() && InstancePaths::new(n).exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Status of every instance.
+pub async fn list() -> Vec<InstanceStatus> {
+    let mut out = Vec::new();
+    for n in names() {
+        if let Ok(s) = status(&n).await {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// Stops an instance: graceful within `timeout`, then forced. Returns when every process of the
+/// instance is gone and its mount and sockets are removed.
+pub async fn stop(name: &str, timeout: Duration) -> Result<(), ClientError> {
+    let paths = existing(name)?;
+    if !is_running(&paths) {
+        return Err(ClientError::NotRunning(name.to_string()));
+    }
+    let asked = request(&paths, CtlRequest::Stop { timeout_secs: timeout.as_secs() }, Duration::from_secs(5)).await;
+    if let Err(e) = &asked {
+        tracing::warn!("graceful stop request failed: {e}; forcing");
+    }
+    // The supervisor's own deadline is `timeout` plus a few seconds of teardown.
+    let deadline = Instant::now() + if asked.is_ok() { timeout + Duration::from_secs(10) } else { Duration::ZERO };
+    while is_running(&paths) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if is_running(&paths) {
+        force_kill(&paths);
+    }
+    Ok(())
+}
+
+/// Kills the supervisor (its children die with it through their death signal) and clears leftovers.
+fn force_kill(paths: &InstancePaths) {
+    if let Some(sup) = read_state(paths).and_then(|s| s.supervisor) {
+        if sup.alive() {
+            // SAFETY: kill has no memory effects; the pid was verified by its start time.
+            unsafe {
+                libc::kill(sup.pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while is_running(paths) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    recover_stale(paths);
+    if let Some(mut st) = read_state(paths) {
+        st.phase = Phase::Stopped;
+        st.supervisor = None;
+        st.vmm = None;
+        st.helpers.clear();
+        st.stop_reason = Some("stopped by force: the supervisor did not finish in time".into());
+        if let Ok(b) = serde_json::to_vec_pretty(&st) {
+            let _ = crate::paths::write_atomic(&paths.state(), &b);
+        }
+    }
+}
+
+/// Deletes an instance and everything it keeps (state disk, writable root layer, logs).
+pub async fn delete(name: &str, force: bool) -> Result<(), ClientError> {
+    let paths = existing(name)?;
+    if is_running(&paths) {
+        if !force {
+            return Err(ClientError::RunningNoForce(name.to_string()));
+        }
+        stop(name, Duration::from_secs(10)).await?;
+    }
+    recover_stale(&paths);
+    if is_running(&paths) {
+        return Err(ClientError::AlreadyRunning(name.to_string()));
+    }
+    std::fs::remove_dir_all(&paths.dir).map_err(ioe(name, &format!("removing {}", paths.dir.display())))?;
+    let _ = std::fs::remove_dir_all(&paths.run);
+    Ok(())
+}
+
+/// Runs a process in the guest, streaming its stdin/stdout/stderr, and returns its exit code
+/// (127 not found, 126 not executable, 128+N killed by signal N).
+///
+/// `resize` delivers terminal size changes for TTY sessions; `signals` signals to forward.
+pub async fn exec<I, O, E>(
+    name: &str,
+    req: ExecRequest,
+    mut stdin: Option<I>,
+    mut stdout: O,
+    mut stderr: E,
+    mut events: tokio::sync::mpsc::Receiver<GuestMsg>,
+) -> Result<i32, ClientError>
+where
+    I: AsyncRead + Unpin,
+    O: AsyncWrite + Unpin,
+    E: AsyncWrite + Unpin,
+{
+    let paths = existing(name)?;
+    let cerr = |m: String| ClientError::Control { name: name.to_string(), message: m };
+    let s = connect(&paths).await?;
+    let (mut r, mut w) = s.into_split();
+    asyncio::write_frame(&mut w, &Frame::Msg { stream: CLIENT_STREAM, msg: CtlRequest::Exec(req) })
+        .await
+        .map_err(|e| cerr(e.to_string()))?;
+    let mut buf = vec![0u8; gatevm_protocol::DATA_CHUNK];
+    let mut stdin_open = stdin.is_some();
+    let mut events_open = true;
+    loop {
+        tokio::select! {
+            f = asyncio::read_frame::<GuestMsg, _>(&mut r) => {
+                match f.map_err(|e| cerr(e.to_string()))? {
+                    None => return Err(cerr("the supervisor closed the exec stream".into())),
+                    Some(Frame::Data { fd: Fd::Stdout, bytes, .. }) => {
+                        stdout.write_all(&bytes).await.map_err(ioe(name, "writing stdout"))?;
+                        stdout.flush().await.map_err(ioe(name, "writing stdout"))?;
+                    }
+                    Some(Frame::Data { fd: Fd::Stderr, bytes, .. }) => {
+                        stderr.write_all(&bytes).await.map_err(ioe(name, "writing stderr"))?;
+                        stderr.flush().await.map_err(ioe(name, "writing stderr"))?;
+                    }
+                    Some(Frame::Msg { msg: GuestMsg::Exit(st), .. }) => return Ok(st.as_exit_code()),
+                    Some(Frame::Msg { msg: GuestMsg::ExecFailed { code, message }, .. }) => {
+                        let line = format!("gatevm: {message}\n");
+                        let _ = stderr.write_all(line.as_bytes()).await;
+                        return Ok(code);
+                    }
+                    Some(Frame::Msg { msg: GuestMsg::Error { message }, .. }) => return Err(cerr(message)),
+                    Some(_) => {}
+                }
+            }
+            n = async { match stdin.as_mut() { Some(i) => i.read(&mut buf).await, None => Ok(0) } }, if stdin_open => {
+                match n {
+                    Ok(0) | Err(_) => {
+                        stdin_open = false;
+                        asyncio::write_frame(&mut w, &Frame::<GuestMsg>::Eof { stream: CLIENT_STREAM, fd: Fd::Stdin }).await.map_err(|e| cerr(e.to_string()))?;
+                    }
+                    Ok(n) => {
+                        asyncio::write_frame(&mut w, &Frame::<GuestMsg>::Data { stream: CLIENT_STREAM, fd: Fd::Stdin, bytes: buf[..n].to_vec() }).await.map_err(|e| cerr(e.to_string()))?;
+                    }
+                }
+            }
+            ev = events.recv(), if events_open => {
+                match ev {
+                    Some(msg) => asyncio::write_frame(&mut w, &Frame::Msg { stream: CLIENT_STREAM, msg }).await.map_err(|e| cerr(e.to_string()))?,
+                    None => events_open = false,
+                }
+            }
+        }
+    }
+}
+
+/// Starts a detached supervisor for `config` by running `exe __supervise` in a new session, and
+/// returns its progress events as they come (read from a pipe on fd 3) until it is ready or fails.
+pub fn spawn_supervisor(
+    exe: &Path,
+    config: &InstanceConfig,
+    guest_bin: &Path,
+) -> Result<std::io::BufReader<std::fs::File>, ClientError> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let name = &config.name;
+    let paths = InstancePaths::new(name);
+    paths.create_dirs().map_err(ioe(name, "creating the instance directories"))?;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two fds into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(ioe(name, "creating a pipe")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: both fds were just created by pipe2 and are owned by nobody else.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.log("supervisor"))
+        .map_err(ioe(name, "opening the supervisor log"))?;
+    let log2 = log.try_clone().map_err(ioe(name, "opening the supervisor log"))?;
+    let cfg_json = serde_json::to_string(config).map_err(|e| ClientError::Control { name: name.clone(), message: e.to_string() })?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("__supervise")
+        .arg("--config-json")
+        .arg(cfg_json)
+        .arg("--guest-bin")
+        .arg(guest_bin)
+        .arg("--progress-fd")
+        .arg("3")
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    let wr_raw = wr.as_raw_fd();
+    // SAFETY: between fork and exec we only call async-signal-safe functions (setsid, dup2).
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            if wr_raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0);
+            } else if libc::dup2(wr_raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(ioe(name, &format!("starting the supervisor {}", exe.display())))?;
+    drop(wr);
+    // The supervisor is detached (own session); reap it from a thread so it never lingers as a
+    // zombie while this process lives on (e.g. the library used from a long-running program).
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    Ok(std::io::BufReader::new(std::fs::File::from(rd)))
+}
+
+/// Reads the next progress event from a supervisor's pipe; None at its end.
+pub fn next_progress(r: &mut std::io::BufReader<std::fs::File>) -> Option<Progress> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {
+                if let Ok(p) = serde_json::from_str(line.trim()) {
+                    return Some(p);
+                }
+            }
+        }
+    }
+}

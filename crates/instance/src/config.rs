@@ -1,0 +1,213 @@
+//! An instance's configuration (what `start` was asked for) and the recorded state.
+
+use gatevm_net::Forward;
+use serde::{Deserialize, Serialize};
+
+/// Smallest and largest guest memory in MiB.
+pub const MEMORY_RANGE: (u32, u32) = (256, 262_144);
+/// Largest CPU count.
+pub const MAX_CPUS: u32 = 64;
+/// Default CPU count (fits a 2-core host).
+pub const DEFAULT_CPUS: u32 = 2;
+/// Default guest memory in MiB.
+pub const DEFAULT_MEMORY_MIB: u32 = 2048;
+/// Default state disk size in GiB (a sparse file: it costs only what the guest writes).
+pub const DEFAULT_DISK_GIB: u32 = 32;
+
+/// Which VMM backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmChoice {
+    /// The best the host supports.
+    #[default]
+    Auto,
+    Qemu,
+}
+
+/// What an instance was started with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceConfig {
+    pub name: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    #[serde(default)]
+    pub forwards: Vec<Forward>,
+    /// Let the guest reach the host's loopback via 192.168.127.254.
+    #[serde(default)]
+    pub allow_host_loopback: bool,
+    #[serde(default)]
+    pub vmm: VmmChoice,
+    #[serde(default = "default_disk")]
+    pub disk_gib: u32,
+}
+
+fn default_disk() -> u32 {
+    DEFAULT_DISK_GIB
+}
+
+/// Why a configuration is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--cpus {0} is out of range: use 1 to {MAX_CPUS}")]
+    Cpus(u32),
+    #[error("--memory {0} MiB is out of range: use {lo} to {hi} MiB", lo = MEMORY_RANGE.0, hi = MEMORY_RANGE.1)]
+    Memory(u32),
+    #[error("--memory {want} MiB is more than this host's {host} MiB of RAM")]
+    MemoryHost { want: u32, host: u64 },
+}
+
+impl InstanceConfig {
+    /// Checks the bounds (and, given the host's RAM, that the guest fits).
+    pub fn validate(&self, host_mem_mib: Option<u64>) -> Result<(), ConfigError> {
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(ConfigError::Cpus(self.cpus));
+        }
+        if self.memory_mib < MEMORY_RANGE.0 || self.memory_mib > MEMORY_RANGE.1 {
+            return Err(ConfigError::Memory(self.memory_mib));
+        }
+        if let Some(host) = host_mem_mib {
+            if u64::from(self.memory_mib) > host {
+                return Err(ConfigError::MemoryHost { want: self.memory_mib, host });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The host's total RAM in MiB.
+pub fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// Lifecycle phase of an instance, as recorded by its supervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+}
+
+/// A process owned by the supervisor, identified by pid and start time (so a recycled pid is not
+/// mistaken for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcId {
+    pub pid: u32,
+    /// Start time in clock ticks since boot (field 22 of /proc/PID/stat).
+    pub start_ticks: u64,
+}
+
+impl ProcId {
+    /// The identity of a live process.
+    pub fn of(pid: u32) -> Option<ProcId> {
+        Some(ProcId { pid, start_ticks: proc_start_ticks(pid)? })
+    }
+
+    /// Whether this exact process still exists (and is not a zombie).
+    pub fn alive(&self) -> bool {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else { return false };
+        match parse_stat(&stat) {
+            Some((state, ticks)) => ticks == self.start_ticks && state != 'Z' && state != 'X',
+            None => false,
+        }
+    }
+}
+
+/// (state char, start ticks) from a /proc/PID/stat line; the command name may contain spaces and
+/// parentheses, so fields are counted after the last ')'.
+fn parse_stat(stat: &str) -> Option<(char, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // After the state (field 3) comes field 4; start time is field 22 -> 18 further.
+    let ticks = fields.nth(18)?.parse().ok()?;
+    Some((state, ticks))
+}
+
+fn proc_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat).map(|(_, t)| t)
+}
+
+/// What the supervisor records in `state.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateFile {
+    pub phase: Phase,
+    pub supervisor: Option<ProcId>,
+    pub vmm: Option<ProcId>,
+    pub helpers: Vec<(String, ProcId)>,
+    /// Which backend and acceleration run the VM (`qemu/tcg`, ...).
+    pub backend: Option<String>,
+    /// Unix time in milliseconds when the start began.
+    pub started_at_ms: Option<u64>,
+    /// Milliseconds from start to the guest agent answering.
+    pub agent_ready_ms: Option<u64>,
+    /// Milliseconds from start to the payload being ready.
+    pub ready_ms: Option<u64>,
+    /// Why the instance is stopped, when it did not stop on request.
+    pub last_error: Option<String>,
+    /// How the last run ended.
+    pub stop_reason: Option<String>,
+}
+
+impl StateFile {
+    pub fn stopped(reason: Option<String>) -> StateFile {
+        StateFile {
+            phase: Phase::Stopped,
+            supervisor: None,
+            vmm: None,
+            helpers: vec![],
+            backend: None,
+            started_at_ms: None,
+            agent_ready_ms: None,
+            ready_ms: None,
+            last_error: None,
+            stop_reason: reason,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> InstanceConfig {
+        InstanceConfig {
+            name: "x".into(),
+            cpus: 2,
+            memory_mib: 2048,
+            forwards: vec![],
+            allow_host_loopback: false,
+            vmm: VmmChoice::Auto,
+            disk_gib: 8,
+        }
+    }
+
+    #[test]
+    fn bounds() {
+        assert!(cfg().validate(Some(4096)).is_ok());
+        assert_eq!(InstanceConfig { cpus: 0, ..cfg() }.validate(None), Err(ConfigError::Cpus(0)));
+        assert_eq!(InstanceConfig { cpus: 65, ..cfg() }.validate(None), Err(ConfigError::Cpus(65)));
+        assert_eq!(InstanceConfig { memory_mib: 100, ..cfg() }.validate(None), Err(ConfigError::Memory(100)));
+        assert!(matches!(cfg().validate(Some(1024)), Err(ConfigError::MemoryHost { .. })));
+    }
+
+    #[test]
+    fn stat_parsing() {
+        let line = "123 (a) b) c) S 1 123 123 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
+        assert_eq!(parse_stat(line), Some(('S', 98765)));
+        assert_eq!(parse_stat("garbage"), None);
+        let me = ProcId::of(std::process::id()).unwrap();
+        assert!(me.alive());
+        assert!(!ProcId { start_ticks: me.start_ticks + 1, ..me }.alive());
+    }
+}

@@ -1,0 +1,72 @@
+//! The supervisor's control socket: what CLI clients ask and what they get.
+//!
+//! Each client connection does one operation. The client's first frame is a
+//! `Frame::Msg { stream: 1, msg: CtlRequest }`. For `Status` and `Stop` the supervisor answers with
+//! one `Frame<CtlReply>`. For `Exec` the connection then carries `Frame<GuestMsg>` on stream 1 in
+//! both directions, relayed to and from the guest agent exactly as in the agent protocol.
+
+use gatevm_protocol::{ExecRequest, PayloadStatus};
+use serde::{Deserialize, Serialize};
+
+/// The stream id clients use.
+pub const CLIENT_STREAM: u32 = 1;
+
+/// A client's request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CtlRequest {
+    /// Current status, with a fresh answer from the guest when it is up.
+    Status,
+    /// Stop gracefully within `timeout_secs`, then force.
+    Stop { timeout_secs: u64 },
+    /// Run a process in the guest.
+    Exec(ExecRequest),
+}
+
+/// The supervisor's answer to `Status` and `Stop`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CtlReply {
+    Status(Box<InstanceStatus>),
+    /// The stop has begun; the supervisor exits when it is done.
+    Stopping,
+    Error { message: String },
+}
+
+/// What the guest agent said about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AgentInfo {
+    pub connected: bool,
+    pub version: Option<String>,
+    pub kernel: Option<String>,
+    pub uptime_ms: Option<u64>,
+}
+
+/// The instance status document (`gatevm status --json`). Fields are only ever added.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub name: String,
+    /// `running`, `starting`, `stopping` or `stopped`.
+    pub state: String,
+    /// Running, the agent answers and every payload is ready.
+    pub healthy: bool,
+    /// VMM and acceleration (`qemu/tcg`, `qemu/kvm`).
+    pub backend: Option<String>,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Forwards as `ip:host:guest/proto`.
+    pub forwards: Vec<String>,
+    pub supervisor_pid: Option<u32>,
+    pub vm_pid: Option<u32>,
+    pub agent: AgentInfo,
+    pub payloads: Vec<PayloadStatus>,
+    pub started_at_ms: Option<u64>,
+    pub agent_ready_ms: Option<u64>,
+    pub ready_ms: Option<u64>,
+    /// How the last run ended (when stopped).
+    pub stop_reason: Option<String>,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+    /// Directory of the instance's log files.
+    pub logs: String,
+}

@@ -1,0 +1,17 @@
+//! gatevm instances: a named VM appliance on the host.
+//!
+//! [`client`] is the API other programs use (status, list, stop, delete, exec, start a detached
+//! supervisor); [`supervisor`] is the process that owns a running instance.
+
+pub mod agent;
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod lock;
+pub mod name;
+pub mod paths;
+pub mod supervisor;
+
+pub use config::{InstanceConfig, VmmChoice};
+pub use control::InstanceStatus;
+pub use paths::InstancePaths;

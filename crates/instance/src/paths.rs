@@ -1,0 +1,162 @@
+//! Where an instance keeps its files.
+//!
+//! Persistent files live under `<data dir>/instances/<name>/` (config, state, logs, the state disk,
+//! the writable rootfs layer); sockets live under a runtime directory (`$GATEVM_RUN_DIR`, else
+//! `$XDG_RUNTIME_DIR/gatevm`, else `/run/gatevm` for root, else `/tmp/gatevm-<uid>`), because unix
+//! socket paths are limited to 107 bytes and because they must not outlive a host reboot.
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Longest unix socket path the kernel accepts (sun_path minus the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// All paths of one instance.
+#[derive(Debug, Clone)]
+pub struct InstancePaths {
+    pub name: String,
+    /// Persistent directory.
+    pub dir: PathBuf,
+    /// Runtime directory for sockets.
+    pub run: PathBuf,
+}
+
+/// The directory holding all instances. Without any of `$GATEVM_DATA_DIR`, `$XDG_DATA_HOME` and
+/// `$HOME` (which the CLI refuses up front) it falls back to `/var/lib/gatevm/instances`.
+pub fn instances_dir() -> PathBuf {
+    gatevm_image::dirs::data_dir().unwrap_or_else(|_| PathBuf::from("/var/lib/gatevm")).join("instances")
+}
+
+/// The base runtime directory.
+pub fn run_base() -> PathBuf {
+    if let Some(d) = std::env::var_os("GATEVM_RUN_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("gatevm");
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        PathBuf::from("/run/gatevm")
+    } else {
+        PathBuf::from(format!("/tmp/gatevm-{uid}"))
+    }
+}
+
+impl InstancePaths {
+    /// Paths for a (validated) instance name.
+    pub fn new(name: &str) -> InstancePaths {
+        InstancePaths { name: name.to_string(), dir: instances_dir().join(name), run: run_base().join(name) }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+    pub fn lock(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+    pub fn logs(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+    pub fn log(&self, which: &str) -> PathBuf {
+        self.logs().join(format!("{which}.log"))
+    }
+    pub fn state_disk(&self) -> PathBuf {
+        self.dir.join("state.img")
+    }
+    /// Writable layer of the root filesystem.
+    pub fn upper(&self) -> PathBuf {
+        self.dir.join("rootfs-upper")
+    }
+    pub fn overlay_work(&self) -> PathBuf {
+        self.dir.join("rootfs-work")
+    }
+    /// Mount point of the merged root filesystem that virtiofsd serves.
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+    pub fn control_socket(&self) -> PathBuf {
+        self.run.join("ctl.sock")
+    }
+    pub fn agent_socket(&self) -> PathBuf {
+        self.run.join("agent.sock")
+    }
+    pub fn virtiofs_socket(&self) -> PathBuf {
+        self.run.join("vfs.sock")
+    }
+    pub fn net_socket(&self) -> PathBuf {
+        self.run.join("net.sock")
+    }
+    pub fn net_api_socket(&self) -> PathBuf {
+        self.run.join("netapi.sock")
+    }
+    pub fn gvproxy_config(&self) -> PathBuf {
+        self.run.join("gvproxy.json")
+    }
+
+    /// Every socket path, for cleanup.
+    pub fn sockets(&self) -> Vec<PathBuf> {
+        vec![
+            self.control_socket(),
+            self.agent_socket(),
+            self.virtiofs_socket(),
+            self.net_socket(),
+            self.net_api_socket(),
+        ]
+    }
+
+    /// Whether the instance exists on disk.
+    pub fn exists(&self) -> bool {
+        self.config().exists()
+    }
+
+    /// Creates the directories (0700) and checks the socket paths fit.
+    pub fn create_dirs(&self) -> io::Result<()> {
+        for d in [&self.dir, &self.logs(), &self.run] {
+            mkdir_private(d)?;
+        }
+        for s in self.sockets() {
+            if s.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "socket path {} is longer than {MAX_SOCKET_PATH} bytes: set GATEVM_RUN_DIR to a shorter directory",
+                        s.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Creates a directory and its parents with mode 0700 (parents created here get 0700 too) and
+/// tightens an existing one.
+pub fn mkdir_private(d: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(d)?;
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Writes a file atomically (temp file in the same directory, fsync, rename), mode 0600.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}

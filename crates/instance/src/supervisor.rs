@@ -1,0 +1,870 @@
+//! The supervisor: one host process per running instance.
+//!
+//! It holds the instance lock for its whole life, owns the VMM process and the helpers (virtiofsd,
+//! gvproxy), the agent channel and the control socket, and records the instance state. Its children
+//! get `PR_SET_PDEATHSIG(SIGKILL)`, so they die with it even when it is SIGKILLed; they are spawned
+//! from the runtime's only thread (the death signal follows the spawning thread).
+//!
+//! When a helper dies, the supervisor stops the VM and records why: virtiofsd cannot be restarted
+//! under a running guest (the vhost-user connection is gone), and a guest without its network is
+//! not the appliance the user started. The next `start` begins from a clean slate.
+
+use crate::agent::Agent;
+use crate::config::{now_ms, InstanceConfig, Phase, ProcId, StateFile, VmmChoice};
+use crate::control::{CtlReply, CtlRequest, InstanceStatus, CLIENT_STREAM};
+use crate::lock::{try_lock, InstanceLock};
+use crate::paths::{write_atomic, InstancePaths};
+use gatevm_net::gvproxy::{self, GvproxyConfig};
+use gatevm_protocol::{asyncio, Frame, GuestMsg, PayloadState};
+use gatevm_vmm::{Accel, Vmm, VmConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+/// How long the guest may take from VM start to the agent answering.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long the payload may take after the agent answered.
+const PAYLOAD_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A step of the start, reported to whoever started the supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Progress {
+    /// A phase began.
+    Phase { phase: String, elapsed_ms: u64 },
+    /// Something the user should know (e.g. software emulation).
+    Notice { message: String },
+    /// The instance is ready.
+    Ready { agent_ready_ms: u64, ready_ms: u64 },
+    /// The start failed.
+    Failed { message: String },
+}
+
+/// Errors of the supervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("instance {0:?} is already running")]
+    AlreadyRunning(String),
+    #[error("{0}")]
+    Setup(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("{0}")]
+    Boot(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
+    let what = what.into();
+    move |source| SupervisorError::Io { what, source }
+}
+
+/// What the supervisor needs to run an instance.
+pub struct SuperviseOptions {
+    pub config: InstanceConfig,
+    /// The gatevm-guest binary installed into the guest root and initramfs.
+    pub guest_bin: PathBuf,
+}
+
+/// Runs an instance until it stops. Blocks; builds its own single-threaded runtime.
+pub fn run(opts: SuperviseOptions, progress: Box<dyn FnMut(Progress) + Send>) -> Result<(), SupervisorError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_err("building the async runtime"))?;
+    rt.block_on(supervise(opts, progress))
+}
+
+/// One owned child process.
+struct Owned {
+    name: &'static str,
+    child: Child,
+    id: ProcId,
+}
+
+impl Owned {
+    /// Terminates the process (SIGTERM, then SIGKILL after `grace`) and reaps it.
+    async fn terminate(&mut self, grace: Duration) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        signal(self.id.pid, libc::SIGTERM);
+        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill has no memory effects; pid is a child we have not reaped yet.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// Spawns a helper with its output in a log file and a death signal tied to this thread.
+fn spawn_owned(name: &'static str, mut cmd: Command, log: &Path, cwd: &Path) -> Result<Owned, SupervisorError> {
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io_err(format!("opening {}", log.display())))?;
+    let logf2 = logf.try_clone().map_err(io_err("duplicating a log file descriptor"))?;
+    cmd.stdin(Stdio::null()).stdout(logf).stderr(logf2).current_dir(cwd).kill_on_drop(true);
+    // SAFETY: the closure runs between fork and exec and only calls async-signal-safe functions
+    // (prctl, getppid, _exit).
+    unsafe {
+        let parent = libc::getpid();
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(io_err(format!("starting {name}")))?;
+    let pid = child.id().unwrap_or(0);
+    let id = ProcId::of(pid).unwrap_or(ProcId { pid, start_ticks: 0 });
+    tracing::info!("started {name} as pid {pid}");
+    Ok(Owned { name, child, id })
+}
+
+/// Last lines of a log file, for error messages.
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let v: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    v[v.len().saturating_sub(lines)..].join(" | ")
+}
+
+/// Waits for a socket file to appear while its creator runs.
+async fn wait_socket(p: &Path, owner: &mut Owned, log: &Path, timeout: Duration) -> Result<(), SupervisorError> {
+    let start = Instant::now();
+    loop {
+        if p.exists() {
+            return Ok(());
+        }
+        if let Ok(Some(st)) = owner.child.try_wait() {
+            return Err(SupervisorError::Boot(format!(
+                "{} exited ({st}) before creating {}: {}",
+                owner.name,
+                p.display(),
+                log_tail(log, 3)
+            )));
+        }
+        if start.elapsed() > timeout {
+            return Err(SupervisorError::Boot(format!("{} did not create {} in time", owner.name, p.display())));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Whether `p` is a mount point (its device differs from its parent's, or it is in mountinfo).
+pub fn is_mounted(p: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let want = p.to_string_lossy();
+    info.lines().any(|l| l.split_whitespace().nth(4).map(unescape_mountinfo).as_deref() == Some(&*want))
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+/// Unmounts the instance root if mounted (lazily when busy).
+pub fn unmount_rootfs(paths: &InstancePaths) {
+    let p = paths.rootfs();
+    while is_mounted(&p) {
+        if nix::mount::umount2(&p, nix::mount::MntFlags::empty()).is_err() {
+            if let Err(e) = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
+                tracing::warn!("could not unmount {}: {e}", p.display());
+                return;
+            }
+        }
+    }
+}
+
+/// Clears what a crashed run may have left: processes recorded in the state file (checked by
+/// start time, so a recycled pid is never killed), the rootfs mount and the sockets.
+pub fn recover_stale(paths: &InstancePaths) {
+    if let Some(old) = read_state(paths) {
+        let recorded = old.vmm.into_iter().chain(old.helpers.iter().map(|(_, p)| *p));
+        for p in recorded {
+            if p.alive() {
+                tracing::warn!("killing leftover process {} of a previous run", p.pid);
+                signal(p.pid, libc::SIGKILL);
+            }
+        }
+    }
+    unmount_rootfs(paths);
+    for s in paths.sockets() {
+        let _ = std::fs::remove_file(s);
+    }
+    let _ = std::fs::remove_file(paths.gvproxy_config());
+}
+
+/// Reads the state file; a missing or corrupt one reads as None.
+pub fn read_state(paths: &InstancePaths) -> Option<StateFile> {
+    let bytes = std::fs::read(paths.state()).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("ignoring corrupt state file {}: {e}", paths.state().display());
+            None
+        }
+    }
+}
+
+fn write_state(paths: &InstancePaths, s: &StateFile) {
+    match serde_json::to_vec_pretty(s) {
+        Ok(b) => {
+            if let Err(e) = write_atomic(&paths.state(), &b) {
+                tracing::error!("writing {}: {e}", paths.state().display());
+            }
+        }
+        Err(e) => tracing::error!("encoding state: {e}"),
+    }
+}
+
+/// Mounts the instance's root: the shared read-only base with the instance's writable layer on top.
+fn mount_rootfs(paths: &InstancePaths, base: &Path) -> Result<(), SupervisorError> {
+    for d in [paths.upper(), paths.overlay_work(), paths.rootfs()] {
+        crate::paths::mkdir_private(&d).map_err(io_err(format!("creating {}", d.display())))?;
+    }
+    // The guest's root directory itself must be world-readable like any root.
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(paths.upper(), std::fs::Permissions::from_mode(0o755));
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        base.display(),
+        paths.upper().display(),
+        paths.overlay_work().display()
+    );
+    nix::mount::mount(Some("gatevm"), &paths.rootfs(), Some("overlay"), nix::mount::MsFlags::empty(), Some(&*opts))
+        .map_err(|e| {
+            SupervisorError::Setup(format!(
+                "mounting the instance root (overlay on {}) failed: {e}; gatevm needs root for this",
+                paths.rootfs().display()
+            ))
+        })
+}
+
+/// Copies the guest binary into the instance root when it differs.
+fn install_guest(paths: &InstancePaths, guest_bin: &Path) -> Result<(), SupervisorError> {
+    let dest_dir = paths.rootfs().join("usr/local/sbin");
+    std::fs::create_dir_all(&dest_dir).map_err(io_err(format!("creating {}", dest_dir.display())))?;
+    let dest = dest_dir.join("gatevm-guest");
+    let new = std::fs::read(guest_bin).map_err(io_err(format!("reading the guest binary {}", guest_bin.display())))?;
+    if std::fs::read(&dest).ok().as_deref() == Some(&new[..]) {
+        return Ok(());
+    }
+    let tmp = dest_dir.join(".gatevm-guest.tmp");
+    std::fs::write(&tmp, &new).map_err(io_err(format!("writing {}", tmp.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(io_err("chmod guest binary"))?;
+    std::fs::rename(&tmp, &dest).map_err(io_err(format!("installing {}", dest.display())))
+}
+
+/// Creates the sparse ext4 state disk on first start.
+fn ensure_state_disk(paths: &InstancePaths, gib: u32) -> Result<(), SupervisorError> {
+    let disk = paths.state_disk();
+    if disk.exists() {
+        return Ok(());
+    }
+    let tmp = paths.dir.join("state.img.tmp");
+    let f = std::fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+    f.set_len(u64::from(gib) << 30).map_err(io_err("sizing the state disk"))?;
+    drop(f);
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "gatevm-state", "-E", "lazy_itable_init=1,lazy_journal_init=1,discard"])
+        .arg(&tmp)
+        .output()
+        .map_err(io_err("running mkfs.ext4 (install e2fsprogs)"))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(SupervisorError::Setup(format!(
+            "mkfs.ext4 failed on {}: {}",
+            tmp.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    std::fs::rename(&tmp, &disk).map_err(io_err("installing the state disk"))
+}
+
+/// Shared state of a running supervisor.
+struct Shared {
+    paths: InstancePaths,
+    config: InstanceConfig,
+    state: Mutex<StateFile>,
+    agent: Mutex<Option<Agent>>,
+    stop_tx: mpsc::Sender<u64>,
+}
+
+impl Shared {
+    fn set_state(&self, f: impl FnOnce(&mut StateFile)) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+        write_state(&self.paths, &s);
+    }
+
+    fn agent(&self) -> Option<Agent> {
+        self.agent.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn status(&self) -> InstanceStatus {
+        let agent = self.agent();
+        if let Some(a) = &agent {
+            a.refresh_status(Duration::from_secs(2)).await;
+        }
+        let view = agent.map(|a| a.view()).unwrap_or_default();
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let payload_ready = !view.payloads.is_empty() && view.payloads.iter().all(|p| p.state == PayloadState::Ready);
+        InstanceStatus {
+            name: self.config.name.clone(),
+            state: phase_name(s.phase).into(),
+            healthy: s.phase == Phase::Running && view.agent.connected && payload_ready,
+            backend: s.backend.clone(),
+            cpus: self.config.cpus,
+            memory_mib: self.config.memory_mib,
+            forwards: self.config.forwards.iter().map(|f| f.to_string()).collect(),
+            supervisor_pid: s.supervisor.map(|p| p.pid),
+            vm_pid: s.vmm.map(|p| p.pid),
+            agent: view.agent,
+            payloads: view.payloads,
+            started_at_ms: s.started_at_ms,
+            agent_ready_ms: s.agent_ready_ms,
+            ready_ms: s.ready_ms,
+            stop_reason: s.stop_reason.clone(),
+            last_error: s.last_error.clone(),
+            logs: self.paths.logs().display().to_string(),
+        }
+    }
+}
+
+/// The name of a phase in status documents.
+pub fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Starting => "starting",
+        Phase::Running => "running",
+        Phase::Stopping => "stopping",
+        Phase::Stopped => "stopped",
+    }
+}
+
+async fn supervise(opts: SuperviseOptions, mut progress: Box<dyn FnMut(Progress) + Send>) -> Result<(), SupervisorError> {
+    let name = opts.config.name.clone();
+    let paths = InstancePaths::new(&name);
+    paths.create_dirs().map_err(io_err(format!("creating the directories of instance {name:?}")))?;
+    let Some(lock) = try_lock(&paths.lock()).map_err(io_err("taking the instance lock"))? else {
+        let e = SupervisorError::AlreadyRunning(name);
+        progress(Progress::Failed { message: e.to_string() });
+        return Err(e);
+    };
+    let result = supervise_locked(&opts, &paths, &lock, &mut progress).await;
+    if let Err(e) = &result {
+        progress(Progress::Failed { message: e.to_string() });
+    }
+    drop(lock);
+    result
+}
+
+async fn supervise_locked(
+    opts: &SuperviseOptions,
+    paths: &InstancePaths,
+    _lock: &InstanceLock,
+    progress: &mut Box<dyn FnMut(Progress) + Send>,
+) -> Result<(), SupervisorError> {
+    let t0 = Instant::now();
+    let ms = |t: Instant| t.elapsed().as_millis() as u64;
+    recover_stale(paths);
+    let cfg_bytes = serde_json::to_vec_pretty(&opts.config).map_err(|e| SupervisorError::Setup(e.to_string()))?;
+    write_atomic(&paths.config(), &cfg_bytes).map_err(io_err("writing the instance config"))?;
+
+    let (stop_tx, mut stop_rx) = mpsc::channel::<u64>(4);
+    let mut initial = StateFile::stopped(None);
+    initial.phase = Phase::Starting;
+    initial.supervisor = ProcId::of(std::process::id());
+    initial.started_at_ms = Some(now_ms());
+    let shared = Arc::new(Shared {
+        paths: paths.clone(),
+        config: opts.config.clone(),
+        state: Mutex::new(initial),
+        agent: Mutex::new(None),
+        stop_tx,
+    });
+    shared.set_state(|_| {});
+    // SIGTERM and SIGINT (systemd, Ctrl-C in the foreground) ask for a graceful stop.
+    let sig_stop = shared.stop_tx.clone();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io_err("installing the SIGTERM handler"))?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(io_err("installing the SIGINT handler"))?;
+    let _signals = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = sigterm.recv() => {}
+                _ = sigint.recv() => {}
+            }
+            let _ = sig_stop.send(30).await;
+        }
+    }));
+
+    let mut children: Vec<Owned> = Vec::new();
+    let outcome = boot_and_serve(opts, &shared, &mut children, &mut stop_rx, progress, t0).await;
+
+    // Teardown, on every path.
+    for c in children.iter_mut().rev() {
+        c.terminate(Duration::from_secs(2)).await;
+    }
+    unmount_rootfs(paths);
+    for s in paths.sockets() {
+        let _ = std::fs::remove_file(s);
+    }
+    let _ = std::fs::remove_file(paths.gvproxy_config());
+    let (reason, error) = match &outcome {
+        Ok(reason) => (reason.clone(), None),
+        Err(e) => (format!("start failed: {e}"), Some(e.to_string())),
+    };
+    tracing::info!("instance stopped after {} ms: {reason}", ms(t0));
+    shared.set_state(|s| {
+        s.phase = Phase::Stopped;
+        s.supervisor = None;
+        s.vmm = None;
+        s.helpers.clear();
+        s.stop_reason = Some(reason);
+        if error.is_some() {
+            s.last_error = error;
+        }
+    });
+    outcome.map(|_| ())
+}
+
+/// Boots the VM and serves until it stops; returns why it stopped.
+async fn boot_and_serve(
+    opts: &SuperviseOptions,
+    shared: &Arc<Shared>,
+    children: &mut Vec<Owned>,
+    stop_rx: &mut mpsc::Receiver<u64>,
+    progress: &mut Box<dyn FnMut(Progress) + Send>,
+    t0: Instant,
+) -> Result<String, SupervisorError> {
+    let paths = &shared.paths;
+    let cfg = &opts.config;
+    let ms = || t0.elapsed().as_millis() as u64;
+    let phase = |p: &str, progress: &mut Box<dyn FnMut(Progress) + Send>| {
+        tracing::info!("phase {p} at {} ms", ms());
+        progress(Progress::Phase { phase: p.to_string(), elapsed_ms: ms() });
+    };
+
+    phase("preparing", progress);
+    let runtime = gatevm_image::Runtime::load().map_err(|e| SupervisorError::Setup(e.to_string()))?;
+    let caps = gatevm_vmm::probe();
+    let accel = match cfg.vmm {
+        VmmChoice::Auto | VmmChoice::Qemu => Accel::for_host(&caps),
+    };
+    if accel == Accel::Tcg {
+        let why = caps.why_no_hardware_virt().unwrap_or_default();
+        progress(Progress::Notice {
+            message: format!("no hardware virtualization ({why}): using QEMU software emulation (TCG), which is slower"),
+        });
+    }
+    let vmm = gatevm_vmm::qemu::Qemu::default();
+    let backend = format!("{}/{}", vmm.name(), if accel == Accel::Kvm { "kvm" } else { "tcg" });
+    shared.set_state(|s| s.backend = Some(backend.clone()));
+
+    let base = runtime.rootfs().map_err(|e| SupervisorError::Setup(e.to_string()))?;
+    mount_rootfs(paths, &base)?;
+    install_guest(paths, &opts.guest_bin)?;
+    ensure_state_disk(paths, cfg.disk_gib)?;
+    let initramfs = runtime.initramfs(&opts.guest_bin).map_err(|e| SupervisorError::Setup(e.to_string()))?;
+
+    phase("starting helpers", progress);
+    // virtiofsd serves the merged root.
+    let mut vfs_cmd = Command::new(runtime.virtiofsd());
+    vfs_cmd
+        .arg(format!("--socket-path={}", paths.virtiofs_socket().display()))
+        .arg(format!("--shared-dir={}", paths.rootfs().display()))
+        .args(["--cache=auto", "--sandbox=namespace", "--log-level=info"]);
+    let vfs_log = paths.log("virtiofsd");
+    let mut vfs = spawn_owned("virtiofsd", vfs_cmd, &vfs_log, &paths.run)?;
+    // gvproxy provides the network.
+    let gv = GvproxyConfig {
+        api_socket: paths.net_api_socket(),
+        vm_socket: paths.net_socket(),
+        allow_host_loopback: cfg.allow_host_loopback,
+    };
+    write_atomic(&paths.gvproxy_config(), gv.config_file().as_bytes()).map_err(io_err("writing gvproxy config"))?;
+    let mut gv_cmd = Command::new(runtime.gvproxy());
+    gv_cmd.args(gv.args(&paths.gvproxy_config()));
+    let gv_log = paths.log("gvproxy");
+    let mut gvp = spawn_owned("gvproxy", gv_cmd, &gv_log, &paths.run)?;
+    let helpers = vec![("virtiofsd".to_string(), vfs.id), ("gvproxy".to_string(), gvp.id)];
+    shared.set_state(|s| s.helpers = helpers);
+    let waited_vfs = wait_socket(&paths.virtiofs_socket(), &mut vfs, &vfs_log, Duration::from_secs(10)).await;
+    children.push(vfs);
+    waited_vfs?;
+    let waited_gv = wait_socket(&paths.net_socket(), &mut gvp, &gv_log, Duration::from_secs(10)).await;
+    children.push(gvp);
+    waited_gv?;
+
+    phase("booting", progress);
+    let hostname = cfg.name.clone();
+    let vm_cfg = VmConfig {
+        name: cfg.name.clone(),
+        cpus: cfg.cpus,
+        memory_mib: cfg.memory_mib,
+        accel,
+        kernel: runtime.kernel_path().to_path_buf(),
+        initramfs: Some(initramfs),
+        cmdline: format!("console=ttyS0 quiet panic=-1 gatevm.hostname={hostname}"),
+        virtiofs_socket: paths.virtiofs_socket(),
+        state_disk: Some(paths.state_disk()),
+        agent_socket: paths.agent_socket(),
+        net_socket: Some(paths.net_socket()),
+        mac: gvproxy::GUEST_MAC.to_string(),
+        console_log: paths.log("console"),
+    };
+    let std_cmd = vmm.command(&vm_cfg).map_err(|e| SupervisorError::Setup(e.to_string()))?;
+    let vm_log = paths.log("vmm");
+    let mut vm = spawn_owned("qemu", Command::from(std_cmd), &vm_log, &paths.run)?;
+    let vm_id = vm.id;
+    shared.set_state(|s| s.vmm = Some(vm_id));
+
+    // Forwards go in while the guest boots; gvproxy retries internally until its stack is up.
+    let forwards = cfg.forwards.clone();
+    let api = paths.net_api_socket();
+    let expose = tokio::spawn(async move {
+        for f in &forwards {
+            gvproxy::expose(&api, f, Duration::from_secs(20)).await.map_err(|e| e.to_string())?;
+        }
+        Ok::<(), String>(())
+    });
+
+    // Connect to the agent socket QEMU listens on.
+    let wait_agent = wait_socket(&paths.agent_socket(), &mut vm, &vm_log, Duration::from_secs(20)).await;
+    if let Err(e) = wait_agent {
+        children.push(vm);
+        return Err(e);
+    }
+    let stream = match UnixStream::connect(paths.agent_socket()).await {
+        Ok(s) => s,
+        Err(e) => {
+            children.push(vm);
+            return Err(SupervisorError::Boot(format!("connecting to the agent socket: {e}")));
+        }
+    };
+    let (r, w) = stream.into_split();
+    let agent = Agent::spawn(r, w);
+    *shared.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(agent.clone());
+
+    // The control socket is up from here, so status works during boot.
+    let listener = UnixListener::bind(paths.control_socket()).map_err(io_err("binding the control socket"));
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => {
+            children.push(vm);
+            return Err(e);
+        }
+    };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(paths.control_socket(), std::fs::Permissions::from_mode(0o600));
+    }
+    let sh = shared.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((conn, _)) => {
+                    let sh = sh.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve_client(conn, &sh).await {
+                            tracing::debug!("control client: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("control socket accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    let _server_guard = AbortOnDrop(server);
+
+    let boot = wait_ready(&agent, &mut vm, &vm_log, t0, progress);
+    let boot_result = tokio::select! {
+        r = boot => r,
+        t = stop_rx.recv() => Err(SupervisorError::Boot(format!("stopped during boot (timeout {} s)", t.unwrap_or(0)))),
+    };
+    let (agent_ms, ready_ms) = match boot_result {
+        Ok(v) => v,
+        Err(e) => {
+            children.push(vm);
+            return Err(e);
+        }
+    };
+    match expose.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            children.push(vm);
+            return Err(SupervisorError::Boot(format!("port forward failed: {e}")));
+        }
+        Err(e) => {
+            children.push(vm);
+            return Err(SupervisorError::Boot(format!("port forward task failed: {e}")));
+        }
+    }
+    shared.set_state(|s| {
+        s.phase = Phase::Running;
+        s.agent_ready_ms = Some(agent_ms);
+        s.ready_ms = Some(ready_ms);
+        s.last_error = None;
+        s.stop_reason = None;
+    });
+    progress(Progress::Ready { agent_ready_ms: agent_ms, ready_ms });
+
+    // Serve until the VM ends, a helper dies, or a stop is asked for.
+    let reason = loop {
+        // children holds [virtiofsd, gvproxy] here.
+        let (head, tail) = children.split_at_mut(1);
+        let (vfs, gvp) = (&mut head[0], &mut tail[0]);
+        tokio::select! {
+            st = vm.child.wait() => break describe_vm_exit(st, false),
+            st = vfs.child.wait() => {
+                let why = format!("virtiofsd exited unexpectedly ({}); the VM was stopped", describe(st));
+                shared.set_state(|s| s.last_error = Some(why.clone()));
+                break why;
+            }
+            st = gvp.child.wait() => {
+                let why = format!("gvproxy exited unexpectedly ({}); the VM was stopped", describe(st));
+                shared.set_state(|s| s.last_error = Some(why.clone()));
+                break why;
+            }
+            t = stop_rx.recv() => {
+                break graceful_stop(shared, &agent, &mut vm, Duration::from_secs(t.unwrap_or(30))).await;
+            }
+        }
+    };
+    shared.set_state(|s| s.phase = Phase::Stopping);
+    children.push(vm);
+    Ok(reason)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn describe(st: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match st {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("exit code {c}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => "unknown status".into(),
+        },
+        Err(e) => format!("wait failed: {e}"),
+    }
+}
+
+fn describe_vm_exit(st: std::io::Result<std::process::ExitStatus>, requested: bool) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (&st, requested) {
+        (Ok(s), true) if s.success() => "stopped on request".into(),
+        (Ok(s), false) if s.success() => "the guest powered off".into(),
+        (Ok(s), _) if s.signal().is_some() => format!("the VM process was {} from outside", describe(st)),
+        _ => format!("the VM process ended ({})", describe(st)),
+    }
+}
+
+/// Waits for the agent's hello, then for every payload to be ready. Returns (agent ms, ready ms).
+async fn wait_ready(
+    agent: &Agent,
+    vm: &mut Owned,
+    vm_log: &Path,
+    t0: Instant,
+    progress: &mut Box<dyn FnMut(Progress) + Send>,
+) -> Result<(u64, u64), SupervisorError> {
+    let ms = || t0.elapsed().as_millis() as u64;
+    let mut connected = agent.connected.clone();
+    let deadline = Instant::now() + AGENT_TIMEOUT;
+    // Say hello until the guest answers (our bytes wait in the socket until the guest opens its port).
+    loop {
+        if *connected.borrow() {
+            break;
+        }
+        agent.hello().await.map_err(SupervisorError::Boot)?;
+        tokio::select! {
+            _ = connected.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            st = vm.child.wait() => {
+                return Err(SupervisorError::Boot(format!(
+                    "the VM exited during boot ({}): see the console log; last lines: {}",
+                    describe(st), log_tail(vm_log, 2)
+                )));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(SupervisorError::Boot(format!(
+                "the guest agent did not answer within {} s: see the console log",
+                AGENT_TIMEOUT.as_secs()
+            )));
+        }
+    }
+    let agent_ms = ms();
+    progress(Progress::Phase { phase: "agent ready, starting containerd".into(), elapsed_ms: agent_ms });
+    let deadline = Instant::now() + PAYLOAD_TIMEOUT;
+    loop {
+        agent.refresh_status(Duration::from_secs(2)).await;
+        let view = agent.view();
+        if !view.payloads.is_empty() && view.payloads.iter().all(|p| p.state == PayloadState::Ready) {
+            return Ok((agent_ms, ms()));
+        }
+        if let Some(p) = view.payloads.iter().find(|p| p.state == PayloadState::Failed) {
+            return Err(SupervisorError::Boot(format!(
+                "{} failed in the guest: {}",
+                p.name,
+                p.last_exit.clone().unwrap_or_default()
+            )));
+        }
+        if !*agent.connected.borrow() {
+            return Err(SupervisorError::Boot("the guest agent disconnected during boot".into()));
+        }
+        if Instant::now() > deadline {
+            let states: Vec<String> = view.payloads.iter().map(|p| format!("{} {:?}", p.name, p.state)).collect();
+            return Err(SupervisorError::Boot(format!(
+                "the payload was not ready within {} s ({})",
+                PAYLOAD_TIMEOUT.as_secs(),
+                states.join(", ")
+            )));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            st = vm.child.wait() => {
+                return Err(SupervisorError::Boot(format!("the VM exited during boot ({})", describe(st))));
+            }
+        }
+    }
+}
+
+/// Asks the guest to power off, waits up to `timeout`, then forces the VM down.
+async fn graceful_stop(shared: &Shared, agent: &Agent, vm: &mut Owned, timeout: Duration) -> String {
+    shared.set_state(|s| s.phase = Phase::Stopping);
+    let start = Instant::now();
+    let acked = *agent.connected.borrow() && agent.shutdown(Duration::from_secs(2).min(timeout)).await;
+    if acked {
+        let left = timeout.saturating_sub(start.elapsed());
+        if let Ok(st) = tokio::time::timeout(left, vm.child.wait()).await {
+            return match st {
+                Ok(s) if s.success() => "stopped on request".into(),
+                other => format!("stopped on request ({})", describe(other)),
+            };
+        }
+    }
+    vm.terminate(Duration::from_secs(2)).await;
+    if acked {
+        format!("stopped on request (forced after {} s: the guest did not power off)", timeout.as_secs())
+    } else {
+        "stopped on request (forced: the guest agent did not answer)".into()
+    }
+}
+
+/// Serves one control client.
+async fn serve_client(mut conn: UnixStream, shared: &Shared) -> Result<(), String> {
+    let first = tokio::time::timeout(Duration::from_secs(10), asyncio::read_frame::<CtlRequest, _>(&mut conn))
+        .await
+        .map_err(|_| "client sent no request".to_string())?
+        .map_err(|e| e.to_string())?;
+    let Some(Frame::Msg { msg, .. }) = first else { return Err("client closed without a request".into()) };
+    let reply = |m: CtlReply| Frame::Msg { stream: CLIENT_STREAM, msg: m };
+    match msg {
+        CtlRequest::Status => {
+            let st = shared.status().await;
+            asyncio::write_frame(&mut conn, &reply(CtlReply::Status(Box::new(st)))).await.map_err(|e| e.to_string())
+        }
+        CtlRequest::Stop { timeout_secs } => {
+            let _ = shared.stop_tx.send(timeout_secs.min(3600)).await;
+            asyncio::write_frame(&mut conn, &reply(CtlReply::Stopping)).await.map_err(|e| e.to_string())
+        }
+        CtlRequest::Exec(req) => {
+            let agent = match shared.agent() {
+                Some(a) if *a.connected.borrow() => a,
+                _ => {
+                    let f: Frame<GuestMsg> = Frame::Msg {
+                        stream: CLIENT_STREAM,
+                        msg: GuestMsg::ExecFailed { code: 1, message: "the guest agent is not connected".into() },
+                    };
+                    return asyncio::write_frame(&mut conn, &f).await.map_err(|e| e.to_string());
+                }
+            };
+            relay_exec(conn, agent, req).await
+        }
+    }
+}
+
+/// Relays one exec between a client connection and the guest.
+async fn relay_exec(conn: UnixStream, agent: Agent, req: gatevm_protocol::ExecRequest) -> Result<(), String> {
+    let tty = req.tty;
+    let (sid, mut from_guest) = agent.open_stream();
+    agent.send(Frame::Msg { stream: sid, msg: GuestMsg::Exec(req) }).await?;
+    let (mut cr, mut cw) = conn.into_split();
+    let mut finished = false;
+    loop {
+        tokio::select! {
+            f = from_guest.recv() => {
+                let Some(f) = f else {
+                    // The channel to the guest ended.
+                    let f: Frame<GuestMsg> = Frame::Msg { stream: CLIENT_STREAM, msg: GuestMsg::Error { message: "the guest agent disconnected".into() } };
+                    let _ = asyncio::write_frame(&mut cw, &f).await;
+                    break;
+                };
+                let last = matches!(f, Frame::Msg { msg: GuestMsg::Exit(_) | GuestMsg::ExecFailed { .. }, .. });
+                let f = restream(f, CLIENT_STREAM);
+                if asyncio::write_frame(&mut cw, &f).await.is_err() {
+                    break;
+                }
+                if last {
+                    finished = true;
+                    break;
+                }
+            }
+            f = asyncio::read_frame::<GuestMsg, _>(&mut cr) => {
+                match f {
+                    Ok(Some(f)) => {
+                        let allowed = matches!(&f, Frame::Data { .. } | Frame::Eof { .. } | Frame::Msg { msg: GuestMsg::Resize { .. } | GuestMsg::Signal { .. }, .. });
+                        if allowed {
+                            agent.send(restream(f, sid)).await?;
+                        }
+                    }
+                    // The client hung up (or sent garbage).
+                    _ => break,
+                }
+            }
+        }
+    }
+    if !finished {
+        // The client went away: hang up a terminal session, close stdin of the rest.
+        if tty {
+            let _ = agent.send(Frame::Msg { stream: sid, msg: GuestMsg::Signal { signal: libc::SIGHUP } }).await;
+        }
+        let _ = agent.send(Frame::Eof { stream: sid, fd: gatevm_protocol::Fd::Stdin }).await;
+        agent.close_stream(sid);
+    }
+    Ok(())
+}
+
+fn restream(f: Frame<GuestMsg>, stream: u32) -> Frame<GuestMsg> {
+    match f {
+        Frame::Msg { msg, .. } => Frame::Msg { stream, msg },
+        Frame::Data { fd, bytes, .. } => Frame::Data { stream, fd, bytes },
+        Frame::Eof { fd, .. } => Frame::Eof { stream, fd },
+    }
+}
