@@ -5,8 +5,14 @@ use std::process::{Command, Output};
 fn gatevm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_gatevm"))
         .args(args)
-        .env("GATEVM_DATA_DIR", std::env::temp_dir().join("gatevm-cli-test-data"))
-        .env("GATEVM_RUN_DIR", std::env::temp_dir().join("gatevm-cli-test-run"))
+        .env(
+            "GATEVM_DATA_DIR",
+            std::env::temp_dir().join("gatevm-cli-test-data"),
+        )
+        .env(
+            "GATEVM_RUN_DIR",
+            std::env::temp_dir().join("gatevm-cli-test-run"),
+        )
         .env_remove("RUST_LOG")
         .output()
         .expect("running gatevm")
@@ -17,11 +23,22 @@ fn refused(args: &[&str], code: i32, needle: &str) {
     let out = gatevm(args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(code), "{args:?}: stderr {err}");
-    assert!(err.contains(needle), "{args:?}: stderr {err:?} lacks {needle:?}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: stderr {err:?} lacks {needle:?}"
+    );
     if code == 1 {
-        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: not one line: {err:?}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: not one line: {err:?}"
+        );
     }
-    assert!(out.stdout.is_empty(), "{args:?}: stdout {:?}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "{args:?}: stdout {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -56,11 +73,31 @@ fn bad_ports_and_sizes() {
     ] {
         refused(&["start", "x", "-p", spec], 1, needle);
     }
-    refused(&["start", "x", "-p", "8080:80", "-p", "8080:81"], 1, "forwarded twice");
-    refused(&["start", "x", "--cpus", "0"], 1, "--cpus 0 is out of range");
-    refused(&["start", "x", "--cpus", "1000"], 1, "--cpus 1000 is out of range");
-    refused(&["start", "x", "--memory", "10"], 1, "--memory 10 MiB is out of range");
-    refused(&["start", "x", "--memory", "262144"], 1, "more than this host's");
+    refused(
+        &["start", "x", "-p", "8080:80", "-p", "8080:81"],
+        1,
+        "forwarded twice",
+    );
+    refused(
+        &["start", "x", "--cpus", "0"],
+        1,
+        "--cpus 0 is out of range",
+    );
+    refused(
+        &["start", "x", "--cpus", "1000"],
+        1,
+        "--cpus 1000 is out of range",
+    );
+    refused(
+        &["start", "x", "--memory", "10"],
+        1,
+        "--memory 10 MiB is out of range",
+    );
+    refused(
+        &["start", "x", "--memory", "262144"],
+        1,
+        "more than this host's",
+    );
     refused(&["start", "x", "--memory", "lots"], 2, "invalid value");
     refused(&["start", "x", "--cpus", "-1"], 2, "");
     refused(&["stop", "x", "--timeout", "99999"], 2, "");
@@ -70,7 +107,11 @@ fn bad_ports_and_sizes() {
 fn port_already_bound() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
-    refused(&["start", "x", "-p", &format!("{port}:80")], 1, "is not available");
+    refused(
+        &["start", "x", "-p", &format!("{port}:80")],
+        1,
+        "is not available",
+    );
 }
 
 #[test]

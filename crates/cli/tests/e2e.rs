@@ -12,16 +12,24 @@ fn enabled(test: &str) -> bool {
     if std::env::var("GATEVM_E2E").as_deref() == Ok("1") {
         return true;
     }
-    eprintln!("e2e {test}: NOT RUN: set GATEVM_E2E=1 after `gatevm setup` (scripts/test.sh does both)");
+    eprintln!(
+        "e2e {test}: NOT RUN: set GATEVM_E2E=1 after `gatevm setup` (scripts/test.sh does both)"
+    );
     false
 }
 
 fn bin() -> PathBuf {
-    std::env::var_os("GATEVM_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_gatevm")))
+    std::env::var_os("GATEVM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_gatevm")))
 }
 
 fn gatevm(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).stdin(Stdio::null()).output().expect("running gatevm")
+    Command::new(bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running gatevm")
 }
 
 fn ok(args: &[&str]) -> String {
@@ -39,7 +47,10 @@ fn fails(args: &[&str], needle: &str) {
     let out = gatevm(args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "gatevm {args:?} should fail");
-    assert!(err.contains(needle), "gatevm {args:?}: {err:?} lacks {needle:?}");
+    assert!(
+        err.contains(needle),
+        "gatevm {args:?}: {err:?} lacks {needle:?}"
+    );
 }
 
 fn status(name: &str) -> serde_json::Value {
@@ -47,7 +58,11 @@ fn status(name: &str) -> serde_json::Value {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Deletes the instance when the test ends, however it ends.
@@ -59,7 +74,9 @@ impl Drop for Instance {
 }
 
 fn run_dir(name: &str) -> PathBuf {
-    let base = std::env::var_os("GATEVM_RUN_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/gatevm"));
+    let base = std::env::var_os("GATEVM_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/gatevm"));
     base.join(name)
 }
 
@@ -70,10 +87,17 @@ fn processes_of(name: &str) -> Vec<String> {
     let tag = format!("gatevm-{name},");
     let mut found = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if !e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()) {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .chars()
+            .all(|c| c.is_ascii_digit())
+        {
             continue;
         }
-        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
         if (cmd.contains(&run) || cmd.contains(&tag)) && !cmd.contains("cargo") {
             found.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
@@ -93,13 +117,20 @@ fn assert_no_leftovers(name: &str) {
             .map(str::to_string)
             .collect();
         let sockets: Vec<PathBuf> = std::fs::read_dir(run_dir(name))
-            .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "sock")).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                    .collect()
+            })
             .unwrap_or_default();
         if procs.is_empty() && mounts.is_empty() && sockets.is_empty() {
             return;
         }
         if Instant::now() > deadline {
-            panic!("leftovers of {name}: processes {procs:?}, mounts {mounts:?}, sockets {sockets:?}");
+            panic!(
+                "leftovers of {name}: processes {procs:?}, mounts {mounts:?}, sockets {sockets:?}"
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -114,7 +145,11 @@ fn exec(name: &str, args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String
     full.extend_from_slice(args);
     let mut child = Command::new(bin())
         .args(&full)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -164,7 +199,14 @@ fn lifecycle_exec_forward_stop_delete() {
     let _guard = Instance(name);
     let _ = gatevm(&["delete", name, "--force"]);
     let port = free_port();
-    ok(&["start", name, "-p", &format!("{port}:8080"), "--memory", "1024"]);
+    ok(&[
+        "start",
+        name,
+        "-p",
+        &format!("{port}:8080"),
+        "--memory",
+        "1024",
+    ]);
 
     let st = status(name);
     assert_eq!(st["state"], "running", "{st}");
@@ -176,20 +218,33 @@ fn lifecycle_exec_forward_stop_delete() {
     assert!(st["vm_pid"].as_u64().is_some());
 
     // exec: stdout, stderr, exit codes, stdin, not found, not executable.
-    assert_eq!(exec(name, &["sh", "-c", "echo out; echo err >&2; exit 3"], None), (3, "out\n".into(), "err\n".into()));
-    assert_eq!(exec(name, &["hostname"], None), (0, format!("{name}\n"), String::new()));
+    assert_eq!(
+        exec(name, &["sh", "-c", "echo out; echo err >&2; exit 3"], None),
+        (3, "out\n".into(), "err\n".into())
+    );
+    assert_eq!(
+        exec(name, &["hostname"], None),
+        (0, format!("{name}\n"), String::new())
+    );
     let (code, out, _) = exec(name, &["cat"], Some(b"piped through the guest\n"));
     assert_eq!((code, out.as_str()), (0, "piped through the guest\n"));
     let big: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
     let (code, out, _) = exec(name, &["sha256sum"], Some(&big));
     assert_eq!(code, 0);
     let want = {
-        let o = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let o = Command::new("sha256sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
         let mut o = o;
         o.stdin.take().unwrap().write_all(&big).unwrap();
         String::from_utf8(o.wait_with_output().unwrap().stdout).unwrap()
     };
-    assert_eq!(out.split_whitespace().next(), want.split_whitespace().next());
+    assert_eq!(
+        out.split_whitespace().next(),
+        want.split_whitespace().next()
+    );
     let (code, _, err) = exec(name, &["no-such-command"], None);
     assert_eq!(code, 127, "{err}");
     let (code, _, err) = exec(name, &["/etc/hostname"], None);
@@ -202,7 +257,10 @@ fn lifecycle_exec_forward_stop_delete() {
 
     // A guest TCP service through the forward.
     serve_in_guest(name, 8080);
-    assert_eq!(fetch(port).as_deref(), Some(format!("hello from {name}\n").as_str()));
+    assert_eq!(
+        fetch(port).as_deref(),
+        Some(format!("hello from {name}\n").as_str())
+    );
 
     // Refusals that leave the instance as it was.
     fails(&["start", name], "already running");
@@ -214,12 +272,18 @@ fn lifecycle_exec_forward_stop_delete() {
     assert_eq!(st["state"], "stopped", "{st}");
     assert_eq!(st["stop_reason"], "stopped on request", "{st}");
     assert_no_leftovers(name);
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "the forward outlived the instance");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the forward outlived the instance"
+    );
     fails(&["exec", name, "--", "true"], "is not running");
     fails(&["stop", name], "is not running");
     fails(&["logs", name], "is not running");
     let console = ok(&["logs", name, "--console"]);
-    assert!(console.contains("gatevm-guest"), "console log lacks the guest's lines");
+    assert!(
+        console.contains("gatevm-guest"),
+        "console log lacks the guest's lines"
+    );
 
     ok(&["delete", name]);
     fails(&["status", name], "does not exist");
@@ -242,7 +306,11 @@ fn two_instances_and_a_vm_killed_from_outside() {
     let tb = std::thread::spawn(move || gatevm(&["start", b, "--memory", "768"]));
     for (n, t) in [(a, ta), (b, tb)] {
         let out = t.join().unwrap();
-        assert!(out.status.success(), "start {n}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "start {n}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     assert_eq!(exec(a, &["hostname"], None).1, format!("{a}\n"));
     assert_eq!(exec(b, &["hostname"], None).1, format!("{b}\n"));
@@ -259,7 +327,10 @@ fn two_instances_and_a_vm_killed_from_outside() {
             assert!(reason.contains("signal 9"), "{st}");
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(2), "status still says {st}");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "status still says {st}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_no_leftovers(a);

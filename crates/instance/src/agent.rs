@@ -74,7 +74,11 @@ impl Agent {
         agent
     }
 
-    async fn read_loop(&self, mut read: OwnedReadHalf, conn: &watch::Sender<bool>) -> Result<(), String> {
+    async fn read_loop(
+        &self,
+        mut read: OwnedReadHalf,
+        conn: &watch::Sender<bool>,
+    ) -> Result<(), String> {
         loop {
             let frame = match asyncio::read_frame::<GuestMsg, _>(&mut read).await {
                 Ok(Some(f)) => f,
@@ -84,7 +88,16 @@ impl Agent {
             let stream = frame.stream();
             if stream == STREAM_CONTROL {
                 match frame {
-                    Frame::Msg { msg: GuestMsg::Hello { version, software, uptime_ms, kernel }, .. } => {
+                    Frame::Msg {
+                        msg:
+                            GuestMsg::Hello {
+                                version,
+                                software,
+                                uptime_ms,
+                                kernel,
+                            },
+                        ..
+                    } => {
                         if version != PROTOCOL_VERSION {
                             return Err(format!(
                                 "guest agent speaks protocol {version}, this host {PROTOCOL_VERSION}: rebuild the runtime with `gatevm setup`"
@@ -100,7 +113,14 @@ impl Agent {
                         drop(v);
                         conn.send_replace(true);
                     }
-                    Frame::Msg { msg: GuestMsg::Status { uptime_ms, payloads }, .. } => {
+                    Frame::Msg {
+                        msg:
+                            GuestMsg::Status {
+                                uptime_ms,
+                                payloads,
+                            },
+                        ..
+                    } => {
                         let mut v = lock(&self.view);
                         v.agent.uptime_ms = Some(uptime_ms);
                         v.payloads = payloads.into_iter().take(16).collect();
@@ -109,15 +129,24 @@ impl Agent {
                             let _ = w.send(());
                         }
                     }
-                    Frame::Msg { msg: GuestMsg::ShutdownAck, .. } => {
+                    Frame::Msg {
+                        msg: GuestMsg::ShutdownAck,
+                        ..
+                    } => {
                         if let Some(w) = lock(&self.shutdown_ack).take() {
                             let _ = w.send(());
                         }
                     }
-                    Frame::Msg { msg: GuestMsg::Error { message }, .. } => {
+                    Frame::Msg {
+                        msg: GuestMsg::Error { message },
+                        ..
+                    } => {
                         tracing::warn!("guest agent error: {}", truncate(&message, 300));
                     }
-                    other => tracing::debug!("ignoring unexpected control frame from guest: {:?}", kind(&other)),
+                    other => tracing::debug!(
+                        "ignoring unexpected control frame from guest: {:?}",
+                        kind(&other)
+                    ),
                 }
                 continue;
             }
@@ -126,7 +155,13 @@ impl Agent {
                 tracing::debug!("dropping frame for unknown stream {stream}");
                 continue;
             };
-            let last = matches!(frame, Frame::Msg { msg: GuestMsg::Exit(_) | GuestMsg::ExecFailed { .. }, .. });
+            let last = matches!(
+                frame,
+                Frame::Msg {
+                    msg: GuestMsg::Exit(_) | GuestMsg::ExecFailed { .. },
+                    ..
+                }
+            );
             if route.send(frame).await.is_err() || last {
                 lock(&self.routes).remove(&stream);
             }
@@ -136,7 +171,10 @@ impl Agent {
     /// Queues a frame for the guest.
     pub async fn send(&self, frame: Frame<GuestMsg>) -> Result<(), String> {
         let bytes = frame.encode().map_err(|e| e.to_string())?;
-        self.tx.send(bytes).await.map_err(|_| "agent channel is closed".to_string())
+        self.tx
+            .send(bytes)
+            .await
+            .map_err(|_| "agent channel is closed".to_string())
     }
 
     /// Sends the host hello.
@@ -160,7 +198,14 @@ impl Agent {
         }
         let (tx, rx) = oneshot::channel();
         lock(&self.status_waiters).push_back(tx);
-        if self.send(Frame::Msg { stream: STREAM_CONTROL, msg: GuestMsg::StatusRequest }).await.is_err() {
+        if self
+            .send(Frame::Msg {
+                stream: STREAM_CONTROL,
+                msg: GuestMsg::StatusRequest,
+            })
+            .await
+            .is_err()
+        {
             return false;
         }
         matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
@@ -192,7 +237,14 @@ impl Agent {
     pub async fn shutdown(&self, timeout: Duration) -> bool {
         let (tx, rx) = oneshot::channel();
         *lock(&self.shutdown_ack) = Some(tx);
-        if self.send(Frame::Msg { stream: STREAM_CONTROL, msg: GuestMsg::Shutdown }).await.is_err() {
+        if self
+            .send(Frame::Msg {
+                stream: STREAM_CONTROL,
+                msg: GuestMsg::Shutdown,
+            })
+            .await
+            .is_err()
+        {
             return false;
         }
         matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))

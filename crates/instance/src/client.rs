@@ -29,7 +29,11 @@ pub enum ClientError {
     #[error("instance {name:?}: {message}")]
     Control { name: String, message: String },
     #[error("instance {name:?}: {what}: {source}")]
-    Io { name: String, what: String, source: std::io::Error },
+    Io {
+        name: String,
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 fn ioe(name: &str, what: &str) -> impl FnOnce(std::io::Error) -> ClientError {
@@ -66,7 +70,10 @@ async fn connect(paths: &InstancePaths) -> Result<UnixStream, ClientError> {
                 if Instant::now() > deadline || !is_running(paths) {
                     return Err(ClientError::Control {
                         name: name.clone(),
-                        message: format!("the supervisor does not answer on {}: {e}", paths.control_socket().display()),
+                        message: format!(
+                            "the supervisor does not answer on {}: {e}",
+                            paths.control_socket().display()
+                        ),
                     });
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -75,26 +82,52 @@ async fn connect(paths: &InstancePaths) -> Result<UnixStream, ClientError> {
     }
 }
 
-async fn request(paths: &InstancePaths, req: CtlRequest, timeout: Duration) -> Result<CtlReply, ClientError> {
+async fn request(
+    paths: &InstancePaths,
+    req: CtlRequest,
+    timeout: Duration,
+) -> Result<CtlReply, ClientError> {
     let name = paths.name.clone();
     let fut = async {
         let mut s = connect(paths).await?;
-        asyncio::write_frame(&mut s, &Frame::Msg { stream: CLIENT_STREAM, msg: req })
-            .await
-            .map_err(|e| ClientError::Control { name: name.clone(), message: e.to_string() })?;
+        asyncio::write_frame(
+            &mut s,
+            &Frame::Msg {
+                stream: CLIENT_STREAM,
+                msg: req,
+            },
+        )
+        .await
+        .map_err(|e| ClientError::Control {
+            name: name.clone(),
+            message: e.to_string(),
+        })?;
         match asyncio::read_frame::<CtlReply, _>(&mut s).await {
             Ok(Some(Frame::Msg { msg, .. })) => Ok(msg),
-            Ok(_) => Err(ClientError::Control { name: name.clone(), message: "the supervisor closed the connection".into() }),
-            Err(e) => Err(ClientError::Control { name: name.clone(), message: e.to_string() }),
+            Ok(_) => Err(ClientError::Control {
+                name: name.clone(),
+                message: "the supervisor closed the connection".into(),
+            }),
+            Err(e) => Err(ClientError::Control {
+                name: name.clone(),
+                message: e.to_string(),
+            }),
         }
     };
     tokio::time::timeout(timeout, fut)
         .await
-        .map_err(|_| ClientError::Control { name: name.clone(), message: "the supervisor did not answer in time".into() })?
+        .map_err(|_| ClientError::Control {
+            name: name.clone(),
+            message: "the supervisor did not answer in time".into(),
+        })?
 }
 
 /// Status from the files alone (no supervisor to ask).
-fn offline_status(paths: &InstancePaths, cfg: Option<InstanceConfig>, state: Option<StateFile>) -> InstanceStatus {
+fn offline_status(
+    paths: &InstancePaths,
+    cfg: Option<InstanceConfig>,
+    state: Option<StateFile>,
+) -> InstanceStatus {
     let running = is_running(paths);
     let mut st = state.unwrap_or_else(|| StateFile::stopped(None));
     if !running && st.phase != Phase::Stopped {
@@ -121,7 +154,11 @@ fn offline_status(paths: &InstancePaths, cfg: Option<InstanceConfig>, state: Opt
         cpus: cfg.cpus,
         memory_mib: cfg.memory_mib,
         forwards: cfg.forwards.iter().map(|f| f.to_string()).collect(),
-        supervisor_pid: if stopped { None } else { st.supervisor.map(|p| p.pid) },
+        supervisor_pid: if stopped {
+            None
+        } else {
+            st.supervisor.map(|p| p.pid)
+        },
         vm_pid: if stopped { None } else { st.vmm.map(|p| p.pid) },
         agent: AgentInfo::default(),
         payloads: vec![],
@@ -152,7 +189,11 @@ pub async fn status(name: &str) -> Result<InstanceStatus, ClientError> {
             }
         }
     }
-    Ok(offline_status(&paths, read_config(&paths), read_state(&paths)))
+    Ok(offline_status(
+        &paths,
+        read_config(&paths),
+        read_state(&paths),
+    ))
 }
 
 /// Names of all instances, sorted.
@@ -187,12 +228,24 @@ pub async fn stop(name: &str, timeout: Duration) -> Result<(), ClientError> {
     if !is_running(&paths) {
         return Err(ClientError::NotRunning(name.to_string()));
     }
-    let asked = request(&paths, CtlRequest::Stop { timeout_secs: timeout.as_secs() }, Duration::from_secs(5)).await;
+    let asked = request(
+        &paths,
+        CtlRequest::Stop {
+            timeout_secs: timeout.as_secs(),
+        },
+        Duration::from_secs(5),
+    )
+    .await;
     if let Err(e) = &asked {
         tracing::warn!("graceful stop request failed: {e}; forcing");
     }
     // The supervisor's own deadline is `timeout` plus a few seconds of teardown.
-    let deadline = Instant::now() + if asked.is_ok() { timeout + Duration::from_secs(10) } else { Duration::ZERO };
+    let deadline = Instant::now()
+        + if asked.is_ok() {
+            timeout + Duration::from_secs(10)
+        } else {
+            Duration::ZERO
+        };
     while is_running(&paths) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -242,7 +295,8 @@ pub async fn delete(name: &str, force: bool) -> Result<(), ClientError> {
     if is_running(&paths) {
         return Err(ClientError::AlreadyRunning(name.to_string()));
     }
-    std::fs::remove_dir_all(&paths.dir).map_err(ioe(name, &format!("removing {}", paths.dir.display())))?;
+    std::fs::remove_dir_all(&paths.dir)
+        .map_err(ioe(name, &format!("removing {}", paths.dir.display())))?;
     let _ = std::fs::remove_dir_all(&paths.run);
     Ok(())
 }
@@ -265,12 +319,21 @@ where
     E: AsyncWrite + Unpin,
 {
     let paths = existing(name)?;
-    let cerr = |m: String| ClientError::Control { name: name.to_string(), message: m };
+    let cerr = |m: String| ClientError::Control {
+        name: name.to_string(),
+        message: m,
+    };
     let s = connect(&paths).await?;
     let (mut r, mut w) = s.into_split();
-    asyncio::write_frame(&mut w, &Frame::Msg { stream: CLIENT_STREAM, msg: CtlRequest::Exec(req) })
-        .await
-        .map_err(|e| cerr(e.to_string()))?;
+    asyncio::write_frame(
+        &mut w,
+        &Frame::Msg {
+            stream: CLIENT_STREAM,
+            msg: CtlRequest::Exec(req),
+        },
+    )
+    .await
+    .map_err(|e| cerr(e.to_string()))?;
     let mut buf = vec![0u8; gatevm_protocol::DATA_CHUNK];
     let mut stdin_open = stdin.is_some();
     let mut events_open = true;
@@ -329,7 +392,9 @@ pub fn spawn_supervisor(
     use std::os::unix::process::CommandExt;
     let name = &config.name;
     let paths = InstancePaths::new(name);
-    paths.create_dirs().map_err(ioe(name, "creating the instance directories"))?;
+    paths
+        .create_dirs()
+        .map_err(ioe(name, "creating the instance directories"))?;
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 writes two fds into the array we own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -342,8 +407,13 @@ pub fn spawn_supervisor(
         .append(true)
         .open(paths.log("supervisor"))
         .map_err(ioe(name, "opening the supervisor log"))?;
-    let log2 = log.try_clone().map_err(ioe(name, "opening the supervisor log"))?;
-    let cfg_json = serde_json::to_string(config).map_err(|e| ClientError::Control { name: name.clone(), message: e.to_string() })?;
+    let log2 = log
+        .try_clone()
+        .map_err(ioe(name, "opening the supervisor log"))?;
+    let cfg_json = serde_json::to_string(config).map_err(|e| ClientError::Control {
+        name: name.clone(),
+        message: e.to_string(),
+    })?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("__supervise")
         .arg("--config-json")
@@ -368,7 +438,10 @@ pub fn spawn_supervisor(
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(ioe(name, &format!("starting the supervisor {}", exe.display())))?;
+    let child = cmd.spawn().map_err(ioe(
+        name,
+        &format!("starting the supervisor {}", exe.display()),
+    ))?;
     drop(wr);
     // The supervisor is detached (own session); reap it from a thread so it never lingers as a
     // zombie while this process lives on (e.g. the library used from a long-running program).

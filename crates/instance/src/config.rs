@@ -67,7 +67,10 @@ impl InstanceConfig {
         }
         if let Some(host) = host_mem_mib {
             if u64::from(self.memory_mib) > host {
-                return Err(ConfigError::MemoryHost { want: self.memory_mib, host });
+                return Err(ConfigError::MemoryHost {
+                    want: self.memory_mib,
+                    host,
+                });
             }
         }
         Ok(())
@@ -104,12 +107,17 @@ pub struct ProcId {
 impl ProcId {
     /// The identity of a live process.
     pub fn of(pid: u32) -> Option<ProcId> {
-        Some(ProcId { pid, start_ticks: proc_start_ticks(pid)? })
+        Some(ProcId {
+            pid,
+            start_ticks: proc_start_ticks(pid)?,
+        })
     }
 
     /// Whether this exact process still exists (and is not a zombie).
     pub fn alive(&self) -> bool {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else { return false };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
+            return false;
+        };
         match parse_stat(&stat) {
             Some((state, ticks)) => ticks == self.start_ticks && state != 'Z' && state != 'X',
             None => false,
@@ -173,7 +181,10 @@ impl StateFile {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -195,19 +206,40 @@ mod tests {
     #[test]
     fn bounds() {
         assert!(cfg().validate(Some(4096)).is_ok());
-        assert_eq!(InstanceConfig { cpus: 0, ..cfg() }.validate(None), Err(ConfigError::Cpus(0)));
-        assert_eq!(InstanceConfig { cpus: 65, ..cfg() }.validate(None), Err(ConfigError::Cpus(65)));
-        assert_eq!(InstanceConfig { memory_mib: 100, ..cfg() }.validate(None), Err(ConfigError::Memory(100)));
-        assert!(matches!(cfg().validate(Some(1024)), Err(ConfigError::MemoryHost { .. })));
+        assert_eq!(
+            InstanceConfig { cpus: 0, ..cfg() }.validate(None),
+            Err(ConfigError::Cpus(0))
+        );
+        assert_eq!(
+            InstanceConfig { cpus: 65, ..cfg() }.validate(None),
+            Err(ConfigError::Cpus(65))
+        );
+        assert_eq!(
+            InstanceConfig {
+                memory_mib: 100,
+                ..cfg()
+            }
+            .validate(None),
+            Err(ConfigError::Memory(100))
+        );
+        assert!(matches!(
+            cfg().validate(Some(1024)),
+            Err(ConfigError::MemoryHost { .. })
+        ));
     }
 
     #[test]
     fn stat_parsing() {
-        let line = "123 (a) b) c) S 1 123 123 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
+        let line =
+            "123 (a) b) c) S 1 123 123 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
         assert_eq!(parse_stat(line), Some(('S', 98765)));
         assert_eq!(parse_stat("garbage"), None);
         let me = ProcId::of(std::process::id()).unwrap();
         assert!(me.alive());
-        assert!(!ProcId { start_ticks: me.start_ticks + 1, ..me }.alive());
+        assert!(!ProcId {
+            start_ticks: me.start_ticks + 1,
+            ..me
+        }
+        .alive());
     }
 }

@@ -30,7 +30,9 @@ pub enum CtlReply {
     Status(Box<InstanceStatus>),
     /// The stop has begun; the supervisor exits when it is done.
     Stopping,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// What the guest agent said about itself.

@@ -14,7 +14,13 @@ pub struct InstanceLock {
 }
 
 fn open(path: &Path) -> io::Result<File> {
-    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
 }
 
 /// Takes the lock without waiting; `Ok(None)` when someone else holds it.

@@ -38,7 +38,22 @@ mod tests {
         for ok in ["default", "a", "gw-1", "0", &"a".repeat(63)] {
             assert!(validate(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "..", ".", "a/b", "/", "A", "a_b", "-a", "a-", "a b", "ä", &"a".repeat(64), "a\n", "a.b"] {
+        for bad in [
+            "",
+            "..",
+            ".",
+            "a/b",
+            "/",
+            "A",
+            "a_b",
+            "-a",
+            "a-",
+            "a b",
+            "ä",
+            &"a".repeat(64),
+            "a\n",
+            "a.b",
+        ] {
             assert!(validate(bad).is_err(), "{bad:?}");
         }
     }

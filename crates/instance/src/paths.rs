@@ -25,7 +25,9 @@ pub struct InstancePaths {
 /// The directory holding all instances. Without any of `$GATEVM_DATA_DIR`, `$XDG_DATA_HOME` and
 /// `$HOME` (which the CLI refuses up front) it falls back to `/var/lib/gatevm/instances`.
 pub fn instances_dir() -> PathBuf {
-    gatevm_image::dirs::data_dir().unwrap_or_else(|_| PathBuf::from("/var/lib/gatevm")).join("instances")
+    gatevm_image::dirs::data_dir()
+        .unwrap_or_else(|_| PathBuf::from("/var/lib/gatevm"))
+        .join("instances")
 }
 
 /// The base runtime directory.
@@ -48,7 +50,11 @@ pub fn run_base() -> PathBuf {
 impl InstancePaths {
     /// Paths for a (validated) instance name.
     pub fn new(name: &str) -> InstancePaths {
-        InstancePaths { name: name.to_string(), dir: instances_dir().join(name), run: run_base().join(name) }
+        InstancePaths {
+            name: name.to_string(),
+            dir: instances_dir().join(name),
+            run: run_base().join(name),
+        }
     }
 
     pub fn config(&self) -> PathBuf {
@@ -95,9 +101,6 @@ impl InstancePaths {
     pub fn net_api_socket(&self) -> PathBuf {
         self.run.join("netapi.sock")
     }
-    pub fn gvproxy_config(&self) -> PathBuf {
-        self.run.join("gvproxy.json")
-    }
 
     /// Every socket path, for cleanup.
     pub fn sockets(&self) -> Vec<PathBuf> {
@@ -138,7 +141,10 @@ impl InstancePaths {
 /// Creates a directory and its parents with mode 0700 (parents created here get 0700 too) and
 /// tightens an existing one.
 pub fn mkdir_private(d: &Path) -> io::Result<()> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(d)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(d)?;
     std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
 }
 
@@ -152,7 +158,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
         std::process::id()
     ));
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);

@@ -15,8 +15,9 @@ use crate::control::{CtlReply, CtlRequest, InstanceStatus, CLIENT_STREAM};
 use crate::lock::{try_lock, InstanceLock};
 use crate::paths::{write_atomic, InstancePaths};
 use gatevm_net::gvproxy::{self, GvproxyConfig};
+use gatevm_net::loopback::{self, LoopbackGuard};
 use gatevm_protocol::{asyncio, Frame, GuestMsg, PayloadState};
-use gatevm_vmm::{Accel, Vmm, VmConfig};
+use gatevm_vmm::{Accel, VmConfig, Vmm};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -53,7 +54,10 @@ pub enum SupervisorError {
     #[error("{0}")]
     Setup(String),
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Boot(String),
 }
@@ -71,7 +75,10 @@ pub struct SuperviseOptions {
 }
 
 /// Runs an instance until it stops. Blocks; builds its own single-threaded runtime.
-pub fn run(opts: SuperviseOptions, progress: Box<dyn FnMut(Progress) + Send>) -> Result<(), SupervisorError> {
+pub fn run(
+    opts: SuperviseOptions,
+    progress: Box<dyn FnMut(Progress) + Send>,
+) -> Result<(), SupervisorError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -93,7 +100,10 @@ impl Owned {
             return;
         }
         signal(self.id.pid, libc::SIGTERM);
-        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
             let _ = self.child.start_kill();
             let _ = self.child.wait().await;
         }
@@ -108,16 +118,28 @@ fn signal(pid: u32, sig: i32) {
 }
 
 /// Spawns a helper with its output in a log file and a death signal tied to this thread.
-fn spawn_owned(name: &'static str, mut cmd: Command, log: &Path, cwd: &Path) -> Result<Owned, SupervisorError> {
+fn spawn_owned(
+    name: &'static str,
+    mut cmd: Command,
+    log: &Path,
+    cwd: &Path,
+    guard: Option<LoopbackGuard>,
+) -> Result<Owned, SupervisorError> {
     let logf = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .map_err(io_err(format!("opening {}", log.display())))?;
-    let logf2 = logf.try_clone().map_err(io_err("duplicating a log file descriptor"))?;
-    cmd.stdin(Stdio::null()).stdout(logf).stderr(logf2).current_dir(cwd).kill_on_drop(true);
+    let logf2 = logf
+        .try_clone()
+        .map_err(io_err("duplicating a log file descriptor"))?;
+    cmd.stdin(Stdio::null())
+        .stdout(logf)
+        .stderr(logf2)
+        .current_dir(cwd)
+        .kill_on_drop(true);
     // SAFETY: the closure runs between fork and exec and only calls async-signal-safe functions
-    // (prctl, getppid, _exit).
+    // (prctl, getppid, _exit, and open/write/close in enter_self).
     unsafe {
         let parent = libc::getpid();
         cmd.pre_exec(move || {
@@ -127,25 +149,38 @@ fn spawn_owned(name: &'static str, mut cmd: Command, log: &Path, cwd: &Path) -> 
             if libc::getppid() != parent {
                 libc::_exit(1);
             }
+            if let Some(g) = &guard {
+                g.enter_self()?;
+            }
             Ok(())
         });
     }
     let child = cmd.spawn().map_err(io_err(format!("starting {name}")))?;
     let pid = child.id().unwrap_or(0);
-    let id = ProcId::of(pid).unwrap_or(ProcId { pid, start_ticks: 0 });
+    let id = ProcId::of(pid).unwrap_or(ProcId {
+        pid,
+        start_ticks: 0,
+    });
     tracing::info!("started {name} as pid {pid}");
     Ok(Owned { name, child, id })
 }
 
 /// Last lines of a log file, for error messages.
 fn log_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let v: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     v[v.len().saturating_sub(lines)..].join(" | ")
 }
 
 /// Waits for a socket file to appear while its creator runs.
-async fn wait_socket(p: &Path, owner: &mut Owned, log: &Path, timeout: Duration) -> Result<(), SupervisorError> {
+async fn wait_socket(
+    p: &Path,
+    owner: &mut Owned,
+    log: &Path,
+    timeout: Duration,
+) -> Result<(), SupervisorError> {
     let start = Instant::now();
     loop {
         if p.exists() {
@@ -160,7 +195,11 @@ async fn wait_socket(p: &Path, owner: &mut Owned, log: &Path, timeout: Duration)
             )));
         }
         if start.elapsed() > timeout {
-            return Err(SupervisorError::Boot(format!("{} did not create {} in time", owner.name, p.display())));
+            return Err(SupervisorError::Boot(format!(
+                "{} did not create {} in time",
+                owner.name,
+                p.display()
+            )));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -168,13 +207,24 @@ async fn wait_socket(p: &Path, owner: &mut Owned, log: &Path, timeout: Duration)
 
 /// Whether `p` is a mount point (its device differs from its parent's, or it is in mountinfo).
 pub fn is_mounted(p: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let want = p.to_string_lossy();
-    info.lines().any(|l| l.split_whitespace().nth(4).map(unescape_mountinfo).as_deref() == Some(&*want))
+    info.lines().any(|l| {
+        l.split_whitespace()
+            .nth(4)
+            .map(unescape_mountinfo)
+            .as_deref()
+            == Some(&*want)
+    })
 }
 
 fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 /// Unmounts the instance root if mounted (lazily when busy).
@@ -194,7 +244,10 @@ pub fn unmount_rootfs(paths: &InstancePaths) {
 /// start time, so a recycled pid is never killed), the rootfs mount and the sockets.
 pub fn recover_stale(paths: &InstancePaths) {
     if let Some(old) = read_state(paths) {
-        let recorded = old.vmm.into_iter().chain(old.helpers.iter().map(|(_, p)| *p));
+        let recorded = old
+            .vmm
+            .into_iter()
+            .chain(old.helpers.iter().map(|(_, p)| *p));
         for p in recorded {
             if p.alive() {
                 tracing::warn!("killing leftover process {} of a previous run", p.pid);
@@ -206,7 +259,7 @@ pub fn recover_stale(paths: &InstancePaths) {
     for s in paths.sockets() {
         let _ = std::fs::remove_file(s);
     }
-    let _ = std::fs::remove_file(paths.gvproxy_config());
+    loopback::remove_stale(&paths.name);
 }
 
 /// Reads the state file; a missing or corrupt one reads as None.
@@ -215,7 +268,10 @@ pub fn read_state(paths: &InstancePaths) -> Option<StateFile> {
     match serde_json::from_slice(&bytes) {
         Ok(s) => Some(s),
         Err(e) => {
-            tracing::warn!("ignoring corrupt state file {}: {e}", paths.state().display());
+            tracing::warn!(
+                "ignoring corrupt state file {}: {e}",
+                paths.state().display()
+            );
             None
         }
     }
@@ -246,28 +302,39 @@ fn mount_rootfs(paths: &InstancePaths, base: &Path) -> Result<(), SupervisorErro
         paths.upper().display(),
         paths.overlay_work().display()
     );
-    nix::mount::mount(Some("gatevm"), &paths.rootfs(), Some("overlay"), nix::mount::MsFlags::empty(), Some(&*opts))
-        .map_err(|e| {
-            SupervisorError::Setup(format!(
-                "mounting the instance root (overlay on {}) failed: {e}; gatevm needs root for this",
-                paths.rootfs().display()
-            ))
-        })
+    nix::mount::mount(
+        Some("gatevm"),
+        &paths.rootfs(),
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(&*opts),
+    )
+    .map_err(|e| {
+        SupervisorError::Setup(format!(
+            "mounting the instance root (overlay on {}) failed: {e}; gatevm needs root for this",
+            paths.rootfs().display()
+        ))
+    })
 }
 
 /// Copies the guest binary into the instance root when it differs.
 fn install_guest(paths: &InstancePaths, guest_bin: &Path) -> Result<(), SupervisorError> {
     let dest_dir = paths.rootfs().join("usr/local/sbin");
-    std::fs::create_dir_all(&dest_dir).map_err(io_err(format!("creating {}", dest_dir.display())))?;
+    std::fs::create_dir_all(&dest_dir)
+        .map_err(io_err(format!("creating {}", dest_dir.display())))?;
     let dest = dest_dir.join("gatevm-guest");
-    let new = std::fs::read(guest_bin).map_err(io_err(format!("reading the guest binary {}", guest_bin.display())))?;
+    let new = std::fs::read(guest_bin).map_err(io_err(format!(
+        "reading the guest binary {}",
+        guest_bin.display()
+    )))?;
     if std::fs::read(&dest).ok().as_deref() == Some(&new[..]) {
         return Ok(());
     }
     let tmp = dest_dir.join(".gatevm-guest.tmp");
     std::fs::write(&tmp, &new).map_err(io_err(format!("writing {}", tmp.display())))?;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(io_err("chmod guest binary"))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+        .map_err(io_err("chmod guest binary"))?;
     std::fs::rename(&tmp, &dest).map_err(io_err(format!("installing {}", dest.display())))
 }
 
@@ -279,10 +346,18 @@ fn ensure_state_disk(paths: &InstancePaths, gib: u32) -> Result<(), SupervisorEr
     }
     let tmp = paths.dir.join("state.img.tmp");
     let f = std::fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
-    f.set_len(u64::from(gib) << 30).map_err(io_err("sizing the state disk"))?;
+    f.set_len(u64::from(gib) << 30)
+        .map_err(io_err("sizing the state disk"))?;
     drop(f);
     let out = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "gatevm-state", "-E", "lazy_itable_init=1,lazy_journal_init=1,discard"])
+        .args([
+            "-q",
+            "-F",
+            "-L",
+            "gatevm-state",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,discard",
+        ])
         .arg(&tmp)
         .output()
         .map_err(io_err("running mkfs.ext4 (install e2fsprogs)"))?;
@@ -324,7 +399,8 @@ impl Shared {
         }
         let view = agent.map(|a| a.view()).unwrap_or_default();
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let payload_ready = !view.payloads.is_empty() && view.payloads.iter().all(|p| p.state == PayloadState::Ready);
+        let payload_ready = !view.payloads.is_empty()
+            && view.payloads.iter().all(|p| p.state == PayloadState::Ready);
         InstanceStatus {
             name: self.config.name.clone(),
             state: phase_name(s.phase).into(),
@@ -357,18 +433,27 @@ pub fn phase_name(p: Phase) -> &'static str {
     }
 }
 
-async fn supervise(opts: SuperviseOptions, mut progress: Box<dyn FnMut(Progress) + Send>) -> Result<(), SupervisorError> {
+async fn supervise(
+    opts: SuperviseOptions,
+    mut progress: Box<dyn FnMut(Progress) + Send>,
+) -> Result<(), SupervisorError> {
     let name = opts.config.name.clone();
     let paths = InstancePaths::new(&name);
-    paths.create_dirs().map_err(io_err(format!("creating the directories of instance {name:?}")))?;
+    paths.create_dirs().map_err(io_err(format!(
+        "creating the directories of instance {name:?}"
+    )))?;
     let Some(lock) = try_lock(&paths.lock()).map_err(io_err("taking the instance lock"))? else {
         let e = SupervisorError::AlreadyRunning(name);
-        progress(Progress::Failed { message: e.to_string() });
+        progress(Progress::Failed {
+            message: e.to_string(),
+        });
         return Err(e);
     };
     let result = supervise_locked(&opts, &paths, &lock, &mut progress).await;
     if let Err(e) = &result {
-        progress(Progress::Failed { message: e.to_string() });
+        progress(Progress::Failed {
+            message: e.to_string(),
+        });
     }
     drop(lock);
     result
@@ -383,7 +468,8 @@ async fn supervise_locked(
     let t0 = Instant::now();
     let ms = |t: Instant| t.elapsed().as_millis() as u64;
     recover_stale(paths);
-    let cfg_bytes = serde_json::to_vec_pretty(&opts.config).map_err(|e| SupervisorError::Setup(e.to_string()))?;
+    let cfg_bytes = serde_json::to_vec_pretty(&opts.config)
+        .map_err(|e| SupervisorError::Setup(e.to_string()))?;
     write_atomic(&paths.config(), &cfg_bytes).map_err(io_err("writing the instance config"))?;
 
     let (stop_tx, mut stop_rx) = mpsc::channel::<u64>(4);
@@ -426,7 +512,7 @@ async fn supervise_locked(
     for s in paths.sockets() {
         let _ = std::fs::remove_file(s);
     }
-    let _ = std::fs::remove_file(paths.gvproxy_config());
+    loopback::remove_stale(&paths.name);
     let (reason, error) = match &outcome {
         Ok(reason) => (reason.clone(), None),
         Err(e) => (format!("start failed: {e}"), Some(e.to_string())),
@@ -459,11 +545,15 @@ async fn boot_and_serve(
     let ms = || t0.elapsed().as_millis() as u64;
     let phase = |p: &str, progress: &mut Box<dyn FnMut(Progress) + Send>| {
         tracing::info!("phase {p} at {} ms", ms());
-        progress(Progress::Phase { phase: p.to_string(), elapsed_ms: ms() });
+        progress(Progress::Phase {
+            phase: p.to_string(),
+            elapsed_ms: ms(),
+        });
     };
 
     phase("preparing", progress);
-    let runtime = gatevm_image::Runtime::load().map_err(|e| SupervisorError::Setup(e.to_string()))?;
+    let runtime =
+        gatevm_image::Runtime::load().map_err(|e| SupervisorError::Setup(e.to_string()))?;
     let caps = gatevm_vmm::probe();
     let accel = match cfg.vmm {
         VmmChoice::Auto | VmmChoice::Qemu => Accel::for_host(&caps),
@@ -475,41 +565,72 @@ async fn boot_and_serve(
         });
     }
     let vmm = gatevm_vmm::qemu::Qemu::default();
-    let backend = format!("{}/{}", vmm.name(), if accel == Accel::Kvm { "kvm" } else { "tcg" });
+    let backend = format!(
+        "{}/{}",
+        vmm.name(),
+        if accel == Accel::Kvm { "kvm" } else { "tcg" }
+    );
     shared.set_state(|s| s.backend = Some(backend.clone()));
 
-    let base = runtime.rootfs().map_err(|e| SupervisorError::Setup(e.to_string()))?;
+    let base = runtime
+        .rootfs()
+        .map_err(|e| SupervisorError::Setup(e.to_string()))?;
     mount_rootfs(paths, &base)?;
     install_guest(paths, &opts.guest_bin)?;
     ensure_state_disk(paths, cfg.disk_gib)?;
-    let initramfs = runtime.initramfs(&opts.guest_bin).map_err(|e| SupervisorError::Setup(e.to_string()))?;
+    let initramfs = runtime
+        .initramfs(&opts.guest_bin)
+        .map_err(|e| SupervisorError::Setup(e.to_string()))?;
 
     phase("starting helpers", progress);
     // virtiofsd serves the merged root.
     let mut vfs_cmd = Command::new(runtime.virtiofsd());
     vfs_cmd
-        .arg(format!("--socket-path={}", paths.virtiofs_socket().display()))
+        .arg(format!(
+            "--socket-path={}",
+            paths.virtiofs_socket().display()
+        ))
         .arg(format!("--shared-dir={}", paths.rootfs().display()))
         .args(["--cache=auto", "--sandbox=namespace", "--log-level=info"]);
     let vfs_log = paths.log("virtiofsd");
-    let mut vfs = spawn_owned("virtiofsd", vfs_cmd, &vfs_log, &paths.run)?;
-    // gvproxy provides the network.
+    let mut vfs = spawn_owned("virtiofsd", vfs_cmd, &vfs_log, &paths.run, None)?;
+    // gvproxy provides the network; unless the user allows it, it runs where it cannot reach the
+    // host's loopback (it NATs 192.168.127.254 there).
     let gv = GvproxyConfig {
         api_socket: paths.net_api_socket(),
         vm_socket: paths.net_socket(),
-        allow_host_loopback: cfg.allow_host_loopback,
+        ssh_port: gvproxy::free_ssh_port().map_err(io_err("finding a port for gvproxy"))?,
     };
-    write_atomic(&paths.gvproxy_config(), gv.config_file().as_bytes()).map_err(io_err("writing gvproxy config"))?;
+    let guard = if cfg.allow_host_loopback {
+        None
+    } else {
+        Some(LoopbackGuard::create(&cfg.name).map_err(|e| SupervisorError::Setup(e.to_string()))?)
+    };
     let mut gv_cmd = Command::new(runtime.gvproxy());
-    gv_cmd.args(gv.args(&paths.gvproxy_config()));
+    gv_cmd.args(gv.args());
     let gv_log = paths.log("gvproxy");
-    let mut gvp = spawn_owned("gvproxy", gv_cmd, &gv_log, &paths.run)?;
-    let helpers = vec![("virtiofsd".to_string(), vfs.id), ("gvproxy".to_string(), gvp.id)];
+    let mut gvp = spawn_owned("gvproxy", gv_cmd, &gv_log, &paths.run, guard)?;
+    let helpers = vec![
+        ("virtiofsd".to_string(), vfs.id),
+        ("gvproxy".to_string(), gvp.id),
+    ];
     shared.set_state(|s| s.helpers = helpers);
-    let waited_vfs = wait_socket(&paths.virtiofs_socket(), &mut vfs, &vfs_log, Duration::from_secs(10)).await;
+    let waited_vfs = wait_socket(
+        &paths.virtiofs_socket(),
+        &mut vfs,
+        &vfs_log,
+        Duration::from_secs(10),
+    )
+    .await;
     children.push(vfs);
     waited_vfs?;
-    let waited_gv = wait_socket(&paths.net_socket(), &mut gvp, &gv_log, Duration::from_secs(10)).await;
+    let waited_gv = wait_socket(
+        &paths.net_socket(),
+        &mut gvp,
+        &gv_log,
+        Duration::from_secs(10),
+    )
+    .await;
     children.push(gvp);
     waited_gv?;
 
@@ -530,24 +651,38 @@ async fn boot_and_serve(
         mac: gvproxy::GUEST_MAC.to_string(),
         console_log: paths.log("console"),
     };
-    let std_cmd = vmm.command(&vm_cfg).map_err(|e| SupervisorError::Setup(e.to_string()))?;
+    let std_cmd = vmm
+        .command(&vm_cfg)
+        .map_err(|e| SupervisorError::Setup(e.to_string()))?;
     let vm_log = paths.log("vmm");
-    let mut vm = spawn_owned("qemu", Command::from(std_cmd), &vm_log, &paths.run)?;
+    let mut vm = spawn_owned("qemu", Command::from(std_cmd), &vm_log, &paths.run, None)?;
     let vm_id = vm.id;
     shared.set_state(|s| s.vmm = Some(vm_id));
 
     // Forwards go in while the guest boots; gvproxy retries internally until its stack is up.
     let forwards = cfg.forwards.clone();
     let api = paths.net_api_socket();
+    let ssh_port = gv.ssh_port;
     let expose = tokio::spawn(async move {
+        gvproxy::remove_ssh_forward(&api, ssh_port, Duration::from_secs(20))
+            .await
+            .map_err(|e| e.to_string())?;
         for f in &forwards {
-            gvproxy::expose(&api, f, Duration::from_secs(20)).await.map_err(|e| e.to_string())?;
+            gvproxy::expose(&api, f, Duration::from_secs(20))
+                .await
+                .map_err(|e| e.to_string())?;
         }
         Ok::<(), String>(())
     });
 
     // Connect to the agent socket QEMU listens on.
-    let wait_agent = wait_socket(&paths.agent_socket(), &mut vm, &vm_log, Duration::from_secs(20)).await;
+    let wait_agent = wait_socket(
+        &paths.agent_socket(),
+        &mut vm,
+        &vm_log,
+        Duration::from_secs(20),
+    )
+    .await;
     if let Err(e) = wait_agent {
         children.push(vm);
         return Err(e);
@@ -556,7 +691,9 @@ async fn boot_and_serve(
         Ok(s) => s,
         Err(e) => {
             children.push(vm);
-            return Err(SupervisorError::Boot(format!("connecting to the agent socket: {e}")));
+            return Err(SupervisorError::Boot(format!(
+                "connecting to the agent socket: {e}"
+            )));
         }
     };
     let (r, w) = stream.into_split();
@@ -564,7 +701,8 @@ async fn boot_and_serve(
     *shared.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(agent.clone());
 
     // The control socket is up from here, so status works during boot.
-    let listener = UnixListener::bind(paths.control_socket()).map_err(io_err("binding the control socket"));
+    let listener =
+        UnixListener::bind(paths.control_socket()).map_err(io_err("binding the control socket"));
     let listener = match listener {
         Ok(l) => l,
         Err(e) => {
@@ -574,7 +712,10 @@ async fn boot_and_serve(
     };
     {
         use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(paths.control_socket(), std::fs::Permissions::from_mode(0o600));
+        let _ = std::fs::set_permissions(
+            paths.control_socket(),
+            std::fs::Permissions::from_mode(0o600),
+        );
     }
     let sh = shared.clone();
     let server = tokio::spawn(async move {
@@ -617,7 +758,9 @@ async fn boot_and_serve(
         }
         Err(e) => {
             children.push(vm);
-            return Err(SupervisorError::Boot(format!("port forward task failed: {e}")));
+            return Err(SupervisorError::Boot(format!(
+                "port forward task failed: {e}"
+            )));
         }
     }
     shared.set_state(|s| {
@@ -627,7 +770,10 @@ async fn boot_and_serve(
         s.last_error = None;
         s.stop_reason = None;
     });
-    progress(Progress::Ready { agent_ready_ms: agent_ms, ready_ms });
+    progress(Progress::Ready {
+        agent_ready_ms: agent_ms,
+        ready_ms,
+    });
 
     // Serve until the VM ends, a helper dies, or a stop is asked for.
     let reason = loop {
@@ -680,7 +826,9 @@ fn describe_vm_exit(st: std::io::Result<std::process::ExitStatus>, requested: bo
     match (&st, requested) {
         (Ok(s), true) if s.success() => "stopped on request".into(),
         (Ok(s), false) if s.success() => "the guest powered off".into(),
-        (Ok(s), _) if s.signal().is_some() => format!("the VM process was {} from outside", describe(st)),
+        (Ok(s), _) if s.signal().is_some() => {
+            format!("the VM process was {} from outside", describe(st))
+        }
         _ => format!("the VM process ended ({})", describe(st)),
     }
 }
@@ -720,15 +868,23 @@ async fn wait_ready(
         }
     }
     let agent_ms = ms();
-    progress(Progress::Phase { phase: "agent ready, starting containerd".into(), elapsed_ms: agent_ms });
+    progress(Progress::Phase {
+        phase: "agent ready, starting containerd".into(),
+        elapsed_ms: agent_ms,
+    });
     let deadline = Instant::now() + PAYLOAD_TIMEOUT;
     loop {
         agent.refresh_status(Duration::from_secs(2)).await;
         let view = agent.view();
-        if !view.payloads.is_empty() && view.payloads.iter().all(|p| p.state == PayloadState::Ready) {
+        if !view.payloads.is_empty() && view.payloads.iter().all(|p| p.state == PayloadState::Ready)
+        {
             return Ok((agent_ms, ms()));
         }
-        if let Some(p) = view.payloads.iter().find(|p| p.state == PayloadState::Failed) {
+        if let Some(p) = view
+            .payloads
+            .iter()
+            .find(|p| p.state == PayloadState::Failed)
+        {
             return Err(SupervisorError::Boot(format!(
                 "{} failed in the guest: {}",
                 p.name,
@@ -736,10 +892,16 @@ async fn wait_ready(
             )));
         }
         if !*agent.connected.borrow() {
-            return Err(SupervisorError::Boot("the guest agent disconnected during boot".into()));
+            return Err(SupervisorError::Boot(
+                "the guest agent disconnected during boot".into(),
+            ));
         }
         if Instant::now() > deadline {
-            let states: Vec<String> = view.payloads.iter().map(|p| format!("{} {:?}", p.name, p.state)).collect();
+            let states: Vec<String> = view
+                .payloads
+                .iter()
+                .map(|p| format!("{} {:?}", p.name, p.state))
+                .collect();
             return Err(SupervisorError::Boot(format!(
                 "the payload was not ready within {} s ({})",
                 PAYLOAD_TIMEOUT.as_secs(),
@@ -756,10 +918,16 @@ async fn wait_ready(
 }
 
 /// Asks the guest to power off, waits up to `timeout`, then forces the VM down.
-async fn graceful_stop(shared: &Shared, agent: &Agent, vm: &mut Owned, timeout: Duration) -> String {
+async fn graceful_stop(
+    shared: &Shared,
+    agent: &Agent,
+    vm: &mut Owned,
+    timeout: Duration,
+) -> String {
     shared.set_state(|s| s.phase = Phase::Stopping);
     let start = Instant::now();
-    let acked = *agent.connected.borrow() && agent.shutdown(Duration::from_secs(2).min(timeout)).await;
+    let acked =
+        *agent.connected.borrow() && agent.shutdown(Duration::from_secs(2).min(timeout)).await;
     if acked {
         let left = timeout.saturating_sub(start.elapsed());
         if let Ok(st) = tokio::time::timeout(left, vm.child.wait()).await {
@@ -771,7 +939,10 @@ async fn graceful_stop(shared: &Shared, agent: &Agent, vm: &mut Owned, timeout: 
     }
     vm.terminate(Duration::from_secs(2)).await;
     if acked {
-        format!("stopped on request (forced after {} s: the guest did not power off)", timeout.as_secs())
+        format!(
+            "stopped on request (forced after {} s: the guest did not power off)",
+            timeout.as_secs()
+        )
     } else {
         "stopped on request (forced: the guest agent did not answer)".into()
     }
@@ -779,20 +950,32 @@ async fn graceful_stop(shared: &Shared, agent: &Agent, vm: &mut Owned, timeout: 
 
 /// Serves one control client.
 async fn serve_client(mut conn: UnixStream, shared: &Shared) -> Result<(), String> {
-    let first = tokio::time::timeout(Duration::from_secs(10), asyncio::read_frame::<CtlRequest, _>(&mut conn))
-        .await
-        .map_err(|_| "client sent no request".to_string())?
-        .map_err(|e| e.to_string())?;
-    let Some(Frame::Msg { msg, .. }) = first else { return Err("client closed without a request".into()) };
-    let reply = |m: CtlReply| Frame::Msg { stream: CLIENT_STREAM, msg: m };
+    let first = tokio::time::timeout(
+        Duration::from_secs(10),
+        asyncio::read_frame::<CtlRequest, _>(&mut conn),
+    )
+    .await
+    .map_err(|_| "client sent no request".to_string())?
+    .map_err(|e| e.to_string())?;
+    let Some(Frame::Msg { msg, .. }) = first else {
+        return Err("client closed without a request".into());
+    };
+    let reply = |m: CtlReply| Frame::Msg {
+        stream: CLIENT_STREAM,
+        msg: m,
+    };
     match msg {
         CtlRequest::Status => {
             let st = shared.status().await;
-            asyncio::write_frame(&mut conn, &reply(CtlReply::Status(Box::new(st)))).await.map_err(|e| e.to_string())
+            asyncio::write_frame(&mut conn, &reply(CtlReply::Status(Box::new(st))))
+                .await
+                .map_err(|e| e.to_string())
         }
         CtlRequest::Stop { timeout_secs } => {
             let _ = shared.stop_tx.send(timeout_secs.min(3600)).await;
-            asyncio::write_frame(&mut conn, &reply(CtlReply::Stopping)).await.map_err(|e| e.to_string())
+            asyncio::write_frame(&mut conn, &reply(CtlReply::Stopping))
+                .await
+                .map_err(|e| e.to_string())
         }
         CtlRequest::Exec(req) => {
             let agent = match shared.agent() {
@@ -800,9 +983,14 @@ async fn serve_client(mut conn: UnixStream, shared: &Shared) -> Result<(), Strin
                 _ => {
                     let f: Frame<GuestMsg> = Frame::Msg {
                         stream: CLIENT_STREAM,
-                        msg: GuestMsg::ExecFailed { code: 1, message: "the guest agent is not connected".into() },
+                        msg: GuestMsg::ExecFailed {
+                            code: 1,
+                            message: "the guest agent is not connected".into(),
+                        },
                     };
-                    return asyncio::write_frame(&mut conn, &f).await.map_err(|e| e.to_string());
+                    return asyncio::write_frame(&mut conn, &f)
+                        .await
+                        .map_err(|e| e.to_string());
                 }
             };
             relay_exec(conn, agent, req).await
@@ -811,10 +999,19 @@ async fn serve_client(mut conn: UnixStream, shared: &Shared) -> Result<(), Strin
 }
 
 /// Relays one exec between a client connection and the guest.
-async fn relay_exec(conn: UnixStream, agent: Agent, req: gatevm_protocol::ExecRequest) -> Result<(), String> {
+async fn relay_exec(
+    conn: UnixStream,
+    agent: Agent,
+    req: gatevm_protocol::ExecRequest,
+) -> Result<(), String> {
     let tty = req.tty;
     let (sid, mut from_guest) = agent.open_stream();
-    agent.send(Frame::Msg { stream: sid, msg: GuestMsg::Exec(req) }).await?;
+    agent
+        .send(Frame::Msg {
+            stream: sid,
+            msg: GuestMsg::Exec(req),
+        })
+        .await?;
     let (mut cr, mut cw) = conn.into_split();
     let mut finished = false;
     loop {
@@ -853,9 +1050,21 @@ async fn relay_exec(conn: UnixStream, agent: Agent, req: gatevm_protocol::ExecRe
     if !finished {
         // The client went away: hang up a terminal session, close stdin of the rest.
         if tty {
-            let _ = agent.send(Frame::Msg { stream: sid, msg: GuestMsg::Signal { signal: libc::SIGHUP } }).await;
+            let _ = agent
+                .send(Frame::Msg {
+                    stream: sid,
+                    msg: GuestMsg::Signal {
+                        signal: libc::SIGHUP,
+                    },
+                })
+                .await;
         }
-        let _ = agent.send(Frame::Eof { stream: sid, fd: gatevm_protocol::Fd::Stdin }).await;
+        let _ = agent
+            .send(Frame::Eof {
+                stream: sid,
+                fd: gatevm_protocol::Fd::Stdin,
+            })
+            .await;
         agent.close_stream(sid);
     }
     Ok(())

@@ -42,8 +42,16 @@ impl Forward {
 impl fmt::Display for Forward {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.host_ip {
-            IpAddr::V6(ip) => write!(f, "[{ip}]:{}:{}/{}", self.host_port, self.guest_port, self.proto),
-            IpAddr::V4(ip) => write!(f, "{ip}:{}:{}/{}", self.host_port, self.guest_port, self.proto),
+            IpAddr::V6(ip) => write!(
+                f,
+                "[{ip}]:{}:{}/{}",
+                self.host_port, self.guest_port, self.proto
+            ),
+            IpAddr::V4(ip) => write!(
+                f,
+                "{ip}:{}:{}/{}",
+                self.host_port, self.guest_port, self.proto
+            ),
         }
     }
 }
@@ -56,7 +64,11 @@ pub enum ForwardSpecError {
     #[error("invalid port forward {spec:?}: protocol {proto:?} is not tcp or udp")]
     Proto { spec: String, proto: String },
     #[error("invalid port forward {spec:?}: {what} port {value:?} is not a number in 1-65535")]
-    Port { spec: String, what: &'static str, value: String },
+    Port {
+        spec: String,
+        what: &'static str,
+        value: String,
+    },
     #[error("invalid port forward {spec:?}: {value:?} is not an IP address")]
     Addr { spec: String, value: String },
     #[error("host port {addr}/{proto} is forwarded twice")]
@@ -64,7 +76,11 @@ pub enum ForwardSpecError {
 }
 
 fn port(spec: &str, what: &'static str, value: &str) -> Result<u16, ForwardSpecError> {
-    let bad = || ForwardSpecError::Port { spec: spec.to_string(), what, value: value.to_string() };
+    let bad = || ForwardSpecError::Port {
+        spec: spec.to_string(),
+        what,
+        value: value.to_string(),
+    };
     if value.is_empty() || value.len() > 5 || !value.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
@@ -78,13 +94,20 @@ impl FromStr for Forward {
     type Err = ForwardSpecError;
 
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
-        let shape = || ForwardSpecError::Shape { spec: spec.to_string() };
+        let shape = || ForwardSpecError::Shape {
+            spec: spec.to_string(),
+        };
         let (rest, proto) = match spec.rsplit_once('/') {
             Some((rest, p)) => {
                 let proto = match p {
                     "tcp" => Proto::Tcp,
                     "udp" => Proto::Udp,
-                    _ => return Err(ForwardSpecError::Proto { spec: spec.to_string(), proto: p.to_string() }),
+                    _ => {
+                        return Err(ForwardSpecError::Proto {
+                            spec: spec.to_string(),
+                            proto: p.to_string(),
+                        })
+                    }
                 };
                 (rest, proto)
             }
@@ -109,11 +132,17 @@ impl FromStr for Forward {
         }
         let host_ip = match ip_text {
             None => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            Some(t) => t
-                .parse::<IpAddr>()
-                .map_err(|_| ForwardSpecError::Addr { spec: spec.to_string(), value: t.to_string() })?,
+            Some(t) => t.parse::<IpAddr>().map_err(|_| ForwardSpecError::Addr {
+                spec: spec.to_string(),
+                value: t.to_string(),
+            })?,
         };
-        Ok(Forward { host_ip, host_port: port(spec, "host", h)?, guest_port: port(spec, "guest", g)?, proto })
+        Ok(Forward {
+            host_ip,
+            host_port: port(spec, "host", h)?,
+            guest_port: port(spec, "guest", g)?,
+            proto,
+        })
     }
 }
 
@@ -127,10 +156,15 @@ pub fn parse_forwards<S: AsRef<str>>(specs: &[S]) -> Result<Vec<Forward>, Forwar
             o.host_port == f.host_port
                 && o.proto == f.proto
                 && o.host_ip.is_ipv4() == f.host_ip.is_ipv4()
-                && (o.host_ip == f.host_ip || o.host_ip.is_unspecified() || f.host_ip.is_unspecified())
+                && (o.host_ip == f.host_ip
+                    || o.host_ip.is_unspecified()
+                    || f.host_ip.is_unspecified())
         });
         if clash {
-            return Err(ForwardSpecError::Duplicate { addr: f.host_addr(), proto: f.proto });
+            return Err(ForwardSpecError::Duplicate {
+                addr: f.host_addr(),
+                proto: f.proto,
+            });
         }
         out.push(f);
     }
@@ -161,15 +195,36 @@ mod tests {
         let f: Forward = "[::1]:1:65535/tcp".parse().unwrap();
         assert_eq!(f.host_ip, "::1".parse::<IpAddr>().unwrap());
         assert_eq!(f.to_string(), "[::1]:1:65535/tcp");
-        assert_eq!("8080:80".parse::<Forward>().unwrap().to_string(), "127.0.0.1:8080:80/tcp");
+        assert_eq!(
+            "8080:80".parse::<Forward>().unwrap().to_string(),
+            "127.0.0.1:8080:80/tcp"
+        );
     }
 
     #[test]
     fn refuses_bad_specs() {
         for bad in [
-            "", "80", "0:80", "80:0", "65536:80", "80:70000", "a:80", "80:b", "-1:80", "80:80/sctp", "80:80/",
-            "1.2.3:80:80", "x:80:80", "::1:80:80", "[::1]80:80", "[::1:80:80", "1:2:3:4", "+80:80", " 80:80",
-            "080080:80", "80:80/tcp/udp",
+            "",
+            "80",
+            "0:80",
+            "80:0",
+            "65536:80",
+            "80:70000",
+            "a:80",
+            "80:b",
+            "-1:80",
+            "80:80/sctp",
+            "80:80/",
+            "1.2.3:80:80",
+            "x:80:80",
+            "::1:80:80",
+            "[::1]80:80",
+            "[::1:80:80",
+            "1:2:3:4",
+            "+80:80",
+            " 80:80",
+            "080080:80",
+            "80:80/tcp/udp",
         ] {
             assert!(bad.parse::<Forward>().is_err(), "{bad:?} should be refused");
         }
@@ -179,7 +234,10 @@ mod tests {
     fn duplicates_refused() {
         assert!(parse_forwards(&["8080:80", "8081:80"]).is_ok());
         assert!(parse_forwards(&["8080:80", "8080:80/udp"]).is_ok());
-        assert!(matches!(parse_forwards(&["8080:80", "8080:81"]), Err(ForwardSpecError::Duplicate { .. })));
+        assert!(matches!(
+            parse_forwards(&["8080:80", "8080:81"]),
+            Err(ForwardSpecError::Duplicate { .. })
+        ));
         assert!(matches!(
             parse_forwards(&["0.0.0.0:8080:80", "127.0.0.1:8080:81"]),
             Err(ForwardSpecError::Duplicate { .. })

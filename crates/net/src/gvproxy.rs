@@ -1,12 +1,11 @@
 //! gvproxy: the user-mode network of an instance, and a client for its HTTP API.
 //!
-//! gvproxy is started with a configuration file (JSON, which its YAML parser reads) rather than
-//! its default mode, because the default mode NATs 192.168.127.254 to the host's loopback and
-//! forwards host port 2222 to the guest's ssh. Our configuration has no default forwards and maps
-//! the host alias to the host loopback only when the user asks; otherwise to `100::1`, an address
-//! of the IPv6 discard-only prefix (RFC 6666), because gvproxy falls back to its loopback NAT when
-//! the map is empty. gVisor itself drops packets addressed to 127.0.0.0/8 that arrive on the
-//! guest's NIC, so the NAT map is the only way from the guest to the host loopback.
+//! Debian's gvproxy (0.8.1) has no configuration file: its stack is fixed (192.168.127.0/24,
+//! gateway .1, guest .2 by static lease), it NATs 192.168.127.254 to the host's 127.0.0.1, and it
+//! always forwards a host port to the guest's ssh port (`-ssh-port`, 1024-65535, no way to turn it
+//! off). We pass a free port and remove that forward through the API as soon as gvproxy is up, so
+//! no listener is left that the user did not ask for. Keeping the guest away from the host's
+//! loopback is done around gvproxy (see [`crate::loopback`]), since gvproxy itself cannot.
 
 use crate::forward::{Forward, Proto};
 use std::path::{Path, PathBuf};
@@ -18,7 +17,7 @@ use tokio::net::UnixStream;
 pub const GUEST_IP: &str = "192.168.127.2";
 /// The gateway and DNS server address.
 pub const GATEWAY_IP: &str = "192.168.127.1";
-/// The address gvproxy offers as "the host".
+/// The address gvproxy NATs to the host's 127.0.0.1.
 pub const HOST_ALIAS_IP: &str = "192.168.127.254";
 /// The guest's fixed MAC address.
 pub const GUEST_MAC: &str = "5a:94:ef:e4:0c:ee";
@@ -32,39 +31,65 @@ pub struct GvproxyConfig {
     pub api_socket: PathBuf,
     /// Unix socket QEMU (or libkrun) connects its network device to.
     pub vm_socket: PathBuf,
-    /// Let the guest reach the host's loopback through 192.168.127.254.
-    pub allow_host_loopback: bool,
+    /// The host port gvproxy insists on forwarding to the guest's ssh; removed with
+    /// [`remove_ssh_forward`] once gvproxy is up.
+    pub ssh_port: u16,
 }
 
 impl GvproxyConfig {
-    /// The configuration file content.
-    pub fn config_file(&self) -> String {
-        let nat_target = if self.allow_host_loopback { "127.0.0.1" } else { "100::1" };
-        serde_json::json!({
-            "log-level": "info",
-            "stack": {
-                "mtu": 1500,
-                "subnet": "192.168.127.0/24",
-                "gatewayIP": GATEWAY_IP,
-                "deviceIP": GUEST_IP,
-                "nat": { HOST_ALIAS_IP: nat_target },
-                "gatewayVirtualIPs": [HOST_ALIAS_IP],
-                "dhcpStaticLeases": { GUEST_IP: GUEST_MAC },
-            }
-        })
-        .to_string()
-    }
-
-    /// Command-line arguments, given the path the configuration file was written to.
-    pub fn args(&self, config_path: &Path) -> Vec<String> {
+    /// Command-line arguments.
+    pub fn args(&self) -> Vec<String> {
         vec![
-            "-config".into(),
-            config_path.display().to_string(),
             "-listen".into(),
             format!("unix://{}", self.api_socket.display()),
             "-listen-qemu".into(),
             format!("unix://{}", self.vm_socket.display()),
+            "-ssh-port".into(),
+            self.ssh_port.to_string(),
         ]
+    }
+}
+
+/// A free TCP port on 127.0.0.1 in gvproxy's accepted range for its ssh forward.
+pub fn free_ssh_port() -> std::io::Result<u16> {
+    for _ in 0..64 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let p = l.local_addr()?.port();
+        if p >= 1024 {
+            return Ok(p);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrNotAvailable,
+        "no free port for gvproxy",
+    ))
+}
+
+/// Removes gvproxy's built-in ssh forward, retrying until its API answers.
+pub async fn remove_ssh_forward(
+    api: &Path,
+    ssh_port: u16,
+    deadline: Duration,
+) -> Result<(), ApiError> {
+    let body = serde_json::json!({"local": format!("127.0.0.1:{ssh_port}"), "protocol": "tcp"})
+        .to_string();
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(5);
+    loop {
+        let last = match request(api, "POST", "/services/forwarder/unexpose", &body).await {
+            Ok((200..=299, _)) => return Ok(()),
+            Ok((status, body)) => format!("HTTP {status}: {body}"),
+            Err(e) => e.to_string(),
+        };
+        if start.elapsed() >= deadline {
+            return Err(ApiError::Timeout {
+                forward: format!("unexpose 127.0.0.1:{ssh_port}"),
+                secs: deadline.as_secs(),
+                last,
+            });
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(100));
     }
 }
 
@@ -72,18 +97,37 @@ impl GvproxyConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("gvproxy API at {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("gvproxy refused forward {forward}: HTTP {status}: {body}")]
-    Refused { forward: String, status: u16, body: String },
+    Refused {
+        forward: String,
+        status: u16,
+        body: String,
+    },
     #[error("gvproxy API answered something that is not HTTP: {0:?}")]
     Garbled(String),
     #[error("gvproxy did not accept forward {forward} within {secs} s: {last}")]
-    Timeout { forward: String, secs: u64, last: String },
+    Timeout {
+        forward: String,
+        secs: u64,
+        last: String,
+    },
 }
 
 /// One HTTP exchange with gvproxy over its unix socket. Returns (status, body).
-async fn request(api: &Path, method: &str, path: &str, body: &str) -> Result<(u16, String), ApiError> {
-    let io = |source| ApiError::Io { path: api.to_path_buf(), source };
+async fn request(
+    api: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String), ApiError> {
+    let io = |source| ApiError::Io {
+        path: api.to_path_buf(),
+        source,
+    };
     let mut s = UnixStream::connect(api).await.map_err(io)?;
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: gvproxy\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -116,8 +160,13 @@ fn parse_response(buf: &[u8]) -> Result<(u16, String), ApiError> {
     if !proto.starts_with("HTTP/1.") {
         return Err(ApiError::Garbled(status_line.chars().take(80).collect()));
     }
-    let status = code.parse::<u16>().map_err(|_| ApiError::Garbled(status_line.chars().take(80).collect()))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_string()).unwrap_or_default();
+    let status = code
+        .parse::<u16>()
+        .map_err(|_| ApiError::Garbled(status_line.chars().take(80).collect()))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim().to_string())
+        .unwrap_or_default();
     Ok((status, body.chars().take(300).collect()))
 }
 
@@ -145,13 +194,21 @@ pub async fn expose(api: &Path, f: &Forward, deadline: Duration) -> Result<(), A
             Ok((200..=299, _)) => return Ok(()),
             // "address already in use" and similar are final: retrying will not help.
             Ok((status, body)) if body.contains("in use") || body.contains("permission denied") => {
-                return Err(ApiError::Refused { forward: f.to_string(), status, body })
+                return Err(ApiError::Refused {
+                    forward: f.to_string(),
+                    status,
+                    body,
+                })
             }
             Ok((status, body)) => format!("HTTP {status}: {body}"),
             Err(e) => e.to_string(),
         };
         if start.elapsed() >= deadline {
-            return Err(ApiError::Timeout { forward: f.to_string(), secs: deadline.as_secs(), last });
+            return Err(ApiError::Timeout {
+                forward: f.to_string(),
+                secs: deadline.as_secs(),
+                last,
+            });
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(200));
@@ -167,7 +224,11 @@ pub async fn unexpose(api: &Path, f: &Forward) -> Result<(), ApiError> {
     let body = serde_json::json!({"local": local, "protocol": f.proto.to_string()}).to_string();
     match request(api, "POST", "/services/forwarder/unexpose", &body).await? {
         (200..=299, _) => Ok(()),
-        (status, body) => Err(ApiError::Refused { forward: f.to_string(), status, body }),
+        (status, body) => Err(ApiError::Refused {
+            forward: f.to_string(),
+            status,
+            body,
+        }),
     }
 }
 
@@ -176,25 +237,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn config_maps_host_alias_away_from_loopback_by_default() {
-        let c = GvproxyConfig { api_socket: "/a".into(), vm_socket: "/b".into(), allow_host_loopback: false };
-        let v: serde_json::Value = serde_json::from_str(&c.config_file()).unwrap();
-        assert_eq!(v["stack"]["nat"][HOST_ALIAS_IP], "100::1");
-        assert!(v["stack"].get("forwards").is_none());
-        let c = GvproxyConfig { allow_host_loopback: true, ..c };
-        let v: serde_json::Value = serde_json::from_str(&c.config_file()).unwrap();
-        assert_eq!(v["stack"]["nat"][HOST_ALIAS_IP], "127.0.0.1");
-        assert_eq!(c.args(Path::new("/c"))[..2], ["-config".to_string(), "/c".to_string()]);
+    fn args_name_sockets_and_ssh_port() {
+        let c = GvproxyConfig {
+            api_socket: "/a".into(),
+            vm_socket: "/b".into(),
+            ssh_port: 40000,
+        };
+        assert_eq!(
+            c.args(),
+            [
+                "-listen",
+                "unix:///a",
+                "-listen-qemu",
+                "unix:///b",
+                "-ssh-port",
+                "40000"
+            ]
+        );
+        assert!(free_ssh_port().unwrap() >= 1024);
     }
 
     #[test]
     fn response_parsing() {
-        assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n").unwrap(), (200, String::new()));
+        assert_eq!(
+            parse_response(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n").unwrap(),
+            (200, String::new())
+        );
         assert_eq!(
             parse_response(b"HTTP/1.1 500 Internal Server Error\r\n\r\nnot ready\n").unwrap(),
             (500, "not ready".into())
         );
-        for bad in [&b""[..], b"garbage", b"HTTP/1.1 abc", b"SSH-2.0 x\r\n", b"\xff\xfe"] {
+        for bad in [
+            &b""[..],
+            b"garbage",
+            b"HTTP/1.1 abc",
+            b"SSH-2.0 x\r\n",
+            b"\xff\xfe",
+        ] {
             assert!(parse_response(bad).is_err());
         }
     }
@@ -235,7 +314,13 @@ mod tests {
     async fn expose_times_out_when_nobody_listens() {
         let dir = tempfile::tempdir().unwrap();
         let f: Forward = "8080:80".parse().unwrap();
-        let err = expose(&dir.path().join("none.sock"), &f, Duration::from_millis(100)).await.unwrap_err();
+        let err = expose(
+            &dir.path().join("none.sock"),
+            &f,
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, ApiError::Timeout { .. }), "{err}");
     }
 }

@@ -2,5 +2,6 @@
 
 pub mod forward;
 pub mod gvproxy;
+pub mod loopback;
 
 pub use forward::{parse_forwards, Forward, ForwardSpecError, Proto};

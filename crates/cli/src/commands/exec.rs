@@ -44,7 +44,15 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     if a.cmd.first().is_none_or(|c| c.is_empty()) {
         bail!("the command is empty");
     }
-    let req = ExecRequest { argv: a.cmd, env, cwd: a.workdir, tty: a.tty, rows: 0, cols: 0, stdin: a.interactive };
+    let req = ExecRequest {
+        argv: a.cmd,
+        env,
+        cwd: a.workdir,
+        tty: a.tty,
+        rows: 0,
+        cols: 0,
+        stdin: a.interactive,
+    };
     run_exec(&name, req)
 }
 
@@ -66,7 +74,9 @@ impl RawMode {
         if !stdin.is_terminal() {
             return RawMode(None);
         }
-        let Ok(orig) = tcgetattr(&stdin) else { return RawMode(None) };
+        let Ok(orig) = tcgetattr(&stdin) else {
+            return RawMode(None);
+        };
         let mut raw = orig.clone();
         cfmakeraw(&mut raw);
         if tcsetattr(&stdin, SetArg::TCSANOW, &raw).is_err() {
@@ -79,7 +89,11 @@ impl RawMode {
 impl Drop for RawMode {
     fn drop(&mut self) {
         if let Some(t) = &self.0 {
-            let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, t);
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                t,
+            );
         }
     }
 }
@@ -94,7 +108,11 @@ pub fn run_exec(name: &str, mut req: ExecRequest) -> anyhow::Result<i32> {
     }
     let tty = req.tty;
     let interactive = req.stdin;
-    let _raw = if tty && interactive { Some(RawMode::enter()) } else { None };
+    let _raw = if tty && interactive {
+        Some(RawMode::enter())
+    } else {
+        None
+    };
     let code = rt.block_on(async {
         let (tx, rx) = tokio::sync::mpsc::channel::<GuestMsg>(16);
         // Forward terminal resizes and the usual signals to the guest process.

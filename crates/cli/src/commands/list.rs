@@ -15,7 +15,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         print_json(&all)?;
         return Ok(0);
     }
-    println!("{:<24} {:<10} {:<8} {:<10} FORWARDS", "NAME", "STATE", "HEALTHY", "BACKEND");
+    println!(
+        "{:<24} {:<10} {:<8} {:<10} FORWARDS",
+        "NAME", "STATE", "HEALTHY", "BACKEND"
+    );
     for s in &all {
         println!(
             "{:<24} {:<10} {:<8} {:<10} {}",

@@ -37,15 +37,29 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         argv.push("-F".into());
     }
     argv.push("/var/log/containerd.log".into());
-    let req = ExecRequest { argv, env: vec![], cwd: None, tty: false, rows: 0, cols: 0, stdin: false };
+    let req = ExecRequest {
+        argv,
+        env: vec![],
+        cwd: None,
+        tty: false,
+        rows: 0,
+        cols: 0,
+        stdin: false,
+    };
     super::exec::run_exec(&name, req)
 }
 
 /// Prints a host-side log file, and with `follow` keeps printing while the instance runs.
-fn follow_file(paths: &gatevm_instance::InstancePaths, file: &std::path::Path, follow: bool) -> anyhow::Result<i32> {
+fn follow_file(
+    paths: &gatevm_instance::InstancePaths,
+    file: &std::path::Path,
+    follow: bool,
+) -> anyhow::Result<i32> {
     let mut f = match std::fs::File::open(file) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("no log yet at {}", file.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("no log yet at {}", file.display())
+        }
         Err(e) => bail!("reading {}: {e}", file.display()),
     };
     let mut out = std::io::stdout().lock();
@@ -63,7 +77,10 @@ fn follow_file(paths: &gatevm_instance::InstancePaths, file: &std::path::Path, f
         std::thread::sleep(Duration::from_millis(200));
         // A truncated file starts over.
         let pos = f.stream_position()?;
-        if std::fs::metadata(file).map(|m| m.len() < pos).unwrap_or(false) {
+        if std::fs::metadata(file)
+            .map(|m| m.len() < pos)
+            .unwrap_or(false)
+        {
             f.seek(SeekFrom::Start(0))?;
         }
     }

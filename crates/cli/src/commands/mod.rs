@@ -22,7 +22,10 @@ pub fn guest_bin() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("GATEVM_GUEST_BIN") {
         let p = PathBuf::from(p);
         if !p.is_file() {
-            bail!("GATEVM_GUEST_BIN names {}, which is not a file", p.display());
+            bail!(
+                "GATEVM_GUEST_BIN names {}, which is not a file",
+                p.display()
+            );
         }
         return Ok(p);
     }

@@ -52,10 +52,20 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             SetupAction::Rebuilt => "rebuilt",
             SetupAction::Skipped => "skipped",
         };
-        eprintln!("  {:<14} {:<9} {} ({})", s.component, what, s.detail, secs(s.elapsed_ms));
+        eprintln!(
+            "  {:<14} {:<9} {} ({})",
+            s.component,
+            what,
+            s.detail,
+            secs(s.elapsed_ms)
+        );
     }
     if report.changed() {
-        eprintln!("setup done in {} (runtime in {})", secs(report.elapsed_ms), report.runtime_dir.display());
+        eprintln!(
+            "setup done in {} (runtime in {})",
+            secs(report.elapsed_ms),
+            report.runtime_dir.display()
+        );
     } else {
         eprintln!("setup: everything was already in place; nothing to do");
     }

@@ -1,9 +1,11 @@
 //! `gatevm start`
 
-use crate::output::{secs, runtime};
+use crate::output::{runtime, secs};
 use anyhow::{bail, Context};
 use gatevm_instance::client;
-use gatevm_instance::config::{host_memory_mib, DEFAULT_CPUS, DEFAULT_DISK_GIB, DEFAULT_MEMORY_MIB};
+use gatevm_instance::config::{
+    host_memory_mib, DEFAULT_CPUS, DEFAULT_DISK_GIB, DEFAULT_MEMORY_MIB,
+};
 use gatevm_instance::supervisor::Progress;
 use gatevm_instance::{InstanceConfig, InstancePaths, VmmChoice};
 use std::io::IsTerminal;
@@ -51,8 +53,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         bail!("instance {name:?} is already running");
     }
     for f in &config.forwards {
-        gatevm_net::forward::check_host_port_free(f)
-            .map_err(|e| anyhow::anyhow!("host port {} ({}) is not available: {e}", f.host_addr(), f.proto))?;
+        gatevm_net::forward::check_host_port_free(f).map_err(|e| {
+            anyhow::anyhow!(
+                "host port {} ({}) is not available: {e}",
+                f.host_addr(),
+                f.proto
+            )
+        })?;
     }
     gatevm_image::Runtime::load()?;
     let guest = super::guest_bin()?;
@@ -61,7 +68,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     if a.foreground {
         let mut show = show;
         let result = gatevm_instance::supervisor::run(
-            gatevm_instance::supervisor::SuperviseOptions { config, guest_bin: guest },
+            gatevm_instance::supervisor::SuperviseOptions {
+                config,
+                guest_bin: guest,
+            },
             Box::new(move |p| show.event(&name, &p)),
         );
         return match result {
@@ -99,7 +109,9 @@ struct Shower {
 
 impl Shower {
     fn new() -> Shower {
-        Shower { tty: std::io::stderr().is_terminal() }
+        Shower {
+            tty: std::io::stderr().is_terminal(),
+        }
     }
 
     fn event(&mut self, name: &str, p: &Progress) {
@@ -117,11 +129,18 @@ impl Shower {
                 }
                 eprintln!("notice: {message}");
             }
-            Progress::Ready { agent_ready_ms, ready_ms } => {
+            Progress::Ready {
+                agent_ready_ms,
+                ready_ms,
+            } => {
                 if self.tty {
                     eprint!("\r\x1b[2K");
                 }
-                eprintln!("{name} is ready in {} (guest agent after {})", secs(*ready_ms), secs(*agent_ready_ms));
+                eprintln!(
+                    "{name} is ready in {} (guest agent after {})",
+                    secs(*ready_ms),
+                    secs(*agent_ready_ms)
+                );
             }
             Progress::Failed { .. } => {
                 if self.tty {

@@ -51,7 +51,10 @@ pub fn print_human(st: &InstanceStatus) {
             println!("agent:      not connected");
         }
         for p in &st.payloads {
-            println!("payload:    {} {:?} (restarts {})", p.name, p.state, p.restarts);
+            println!(
+                "payload:    {} {:?} (restarts {})",
+                p.name, p.state, p.restarts
+            );
         }
         if let (Some(a), Some(r)) = (st.agent_ready_ms, st.ready_ms) {
             println!("boot:       agent {} , ready {}", secs(a), secs(r));

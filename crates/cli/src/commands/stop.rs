@@ -15,7 +15,10 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?;
-    runtime()?.block_on(gatevm_instance::client::stop(name, Duration::from_secs(a.timeout)))?;
+    runtime()?.block_on(gatevm_instance::client::stop(
+        name,
+        Duration::from_secs(a.timeout),
+    ))?;
     eprintln!("stopped {name}");
     Ok(0)
 }

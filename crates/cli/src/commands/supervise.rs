@@ -43,6 +43,12 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             pipe = None;
         }
     };
-    supervisor::run(SuperviseOptions { config, guest_bin: a.guest_bin }, Box::new(progress))?;
+    supervisor::run(
+        SuperviseOptions {
+            config,
+            guest_bin: a.guest_bin,
+        },
+        Box::new(progress),
+    )?;
     Ok(0)
 }
