@@ -1,15 +1,18 @@
 //! Runs `gatevm_image::setup` and prints its progress and report (a development aid; the real
 //! front end is `gatevm setup`).
 //!
-//! Usage: `cargo run -p gatevm-image --example setup -- [--skip-rootfs] [--refresh] [GUEST_BIN]`
+//! Usage: `cargo run -p gatevm-image --example setup -- [--skip-rootfs] [--refresh] [--verify]
+//! [GUEST_BIN]`
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 fn main() {
     let mut opts = gatevm_image::SetupOptions::default();
+    let mut verify = false;
     for a in std::env::args().skip(1) {
         match a.as_str() {
+            "--verify" => verify = true,
             "--skip-rootfs" => opts.skip_rootfs = true,
             "--refresh" => opts.refresh = true,
             other => opts.guest_bin = Some(PathBuf::from(other)),
@@ -28,7 +31,11 @@ fn main() {
                     s.detail
                 );
             }
-            println!("total {} ms; log {}", report.elapsed_ms, report.log.display());
+            println!(
+                "total {} ms; log {}",
+                report.elapsed_ms,
+                report.log.display()
+            );
             for old in &report.old_rootfs {
                 println!("old rootfs left in place: {}", old.display());
             }
@@ -36,6 +43,51 @@ fn main() {
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(1);
+        }
+    }
+    let t = Instant::now();
+    let rt = match gatevm_image::Runtime::load() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "Runtime::load {} us: kernel {} ({}), modules {}, gvproxy {}, virtiofsd {}, libkrunfw {}",
+        t.elapsed().as_micros(),
+        rt.kernel_path().display(),
+        rt.kernel_release(),
+        rt.modules_dir().display(),
+        rt.gvproxy().display(),
+        rt.virtiofsd().display(),
+        rt.libkrunfw().display()
+    );
+    match rt.rootfs() {
+        Ok(p) => println!("rootfs {}", p.display()),
+        Err(e) => println!("rootfs: {e}"),
+    }
+    if let Some(g) = &opts.guest_bin {
+        let t = Instant::now();
+        match rt.initramfs(g) {
+            Ok(p) => println!("initramfs {} ({} us)", p.display(), t.elapsed().as_micros()),
+            Err(e) => println!("initramfs: {e}"),
+        }
+    }
+    if verify {
+        let t = Instant::now();
+        let r = rt.verify();
+        println!(
+            "verify: {} files, {} problems ({} ms)",
+            r.checked,
+            r.problems.len(),
+            t.elapsed().as_millis()
+        );
+        for p in &r.problems {
+            println!(
+                "  {} {}: expected {} got {:?}",
+                p.component, p.path, p.expected, p.actual
+            );
         }
     }
 }

@@ -83,6 +83,17 @@ pub enum AptError {
     /// The archive keyring is missing.
     #[error("Debian archive keyring {DEBIAN_KEYRING} is missing: install the debian-archive-keyring package")]
     NoKeyring,
+    /// `apt-get update` on the private configuration failed.
+    #[error("cannot fetch the Debian {suites} package lists from {mirrors}: {source}; check network access to the mirror, or set {MIRROR_ENV}")]
+    Update {
+        /// The suites.
+        suites: String,
+        /// The mirrors.
+        mirrors: String,
+        /// The underlying error.
+        #[source]
+        source: Box<CommandError>,
+    },
     /// An apt or dpkg command failed.
     #[error(transparent)]
     Command(#[from] CommandError),
@@ -423,7 +434,7 @@ impl PrivateApt {
              Dir::State::status \"{status}\";\n\
              Dir::Cache \"{cache}\";\n\
              Dir::Cache::pkgcache \"pkgcache.bin\";\n\
-             Dir::Cache::srcpkgcache \"srcpkgcache.bin\";\n\
+             Dir::Cache::srcpkgcache \"\";\n\
              Acquire::Languages \"none\";\n\
              Acquire::Retries \"3\";\n\
              APT::Sandbox::User \"root\";\n\
@@ -485,20 +496,25 @@ impl PrivateApt {
                 Ok(()) => CommandError::Failed {
                     command: cmd::describe(&c),
                     status: "exit code 0, but package indexes are missing".into(),
-                    stderr_tail: String::new(),
+                    stderr_tail: cmd::log_tail(log, &["E:", "W:", "Err:"], 4),
                     log: Some(log.to_path_buf()),
                 },
                 Err(e) => e,
             };
             attempt += 1;
             if attempt >= 3 {
-                return Err(err.into());
+                return Err(AptError::Update {
+                    suites: self.suites.join(", "),
+                    mirrors: self.mirrors.join(", "),
+                    source: Box::new(err),
+                });
             }
             std::thread::sleep(Duration::from_secs(2 * attempt));
         }
     }
 
-    fn lists_complete(&self) -> bool {
+    /// Whether every suite's package index has been downloaded (by an earlier `update`).
+    pub fn lists_complete(&self) -> bool {
         let lists = self.root.join("state/lists");
         let names: Vec<String> = std::fs::read_dir(&lists)
             .map(|rd| {
@@ -635,7 +651,10 @@ Enabled: no
         assert_eq!(s[2].types, vec!["deb", "deb-src"]);
         assert_eq!(
             s[3].uris,
-            vec!["http://second.example/debian/", "http://third.example/debian"]
+            vec![
+                "http://second.example/debian/",
+                "http://third.example/debian"
+            ]
         );
         assert!(!s[4].enabled);
         assert_eq!(

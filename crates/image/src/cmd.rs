@@ -100,6 +100,23 @@ pub(crate) fn tail_lines(text: &str, n: usize) -> String {
     lines[start..].join(" | ")
 }
 
+/// The last `n` lines of a log file that start with one of `prefixes` (all lines when none
+/// match), joined like [`tail_lines`]; empty when the file cannot be read.
+pub(crate) fn log_tail(path: &Path, prefixes: &[&str], n: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let matching: Vec<&str> = text
+        .lines()
+        .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
+        .collect();
+    if matching.is_empty() {
+        tail_lines(&text, n)
+    } else {
+        tail_lines(&matching.join("\n"), n)
+    }
+}
+
 /// Runs `cmd` with stdin from /dev/null and both outputs captured; fails on a non-zero exit.
 pub(crate) fn run_captured(cmd: &mut Command) -> Result<Output, CommandError> {
     let command = describe(cmd);
@@ -189,7 +206,14 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
-    for d in ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+    for d in [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ] {
         dirs.push(PathBuf::from(d));
     }
     dirs.into_iter()
@@ -208,8 +232,9 @@ mod tests {
 
     #[test]
     fn failed_command_reports_code_and_tail() {
-        let err = run_captured(Command::new("sh").args(["-c", "echo one >&2; echo two >&2; exit 3"]))
-            .unwrap_err();
+        let err =
+            run_captured(Command::new("sh").args(["-c", "echo one >&2; echo two >&2; exit 3"]))
+                .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("exit code 3"), "{msg}");
         assert!(msg.contains("one | two"), "{msg}");
@@ -220,9 +245,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let log = tmp.path().join("x.log");
         run_logged(Command::new("sh").args(["-c", "echo earlier"]), &log).unwrap();
-        let err = run_logged(Command::new("sh").args(["-c", "echo boom >&2; exit 1"]), &log)
-            .unwrap_err()
-            .to_string();
+        let err = run_logged(
+            Command::new("sh").args(["-c", "echo boom >&2; exit 1"]),
+            &log,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("boom"), "{err}");
         assert!(!err.contains("earlier"), "{err}");
         assert!(err.contains("x.log"), "{err}");

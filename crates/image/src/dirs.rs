@@ -165,8 +165,14 @@ mod tests {
     #[test]
     fn resolution_order() {
         let e = env(&[("HOME", "/home/u")]);
-        assert_eq!(resolve_data(&e).unwrap(), Path::new("/home/u/.local/share/gatevm"));
-        assert_eq!(resolve_cache(&e).unwrap(), Path::new("/home/u/.cache/gatevm"));
+        assert_eq!(
+            resolve_data(&e).unwrap(),
+            Path::new("/home/u/.local/share/gatevm")
+        );
+        assert_eq!(
+            resolve_cache(&e).unwrap(),
+            Path::new("/home/u/.cache/gatevm")
+        );
         assert_eq!(
             resolve_runtime(&e).unwrap(),
             Path::new("/home/u/.local/share/gatevm/runtime/v1")
@@ -177,7 +183,10 @@ mod tests {
             ("XDG_CACHE_HOME", "relative/ignored"),
         ]);
         assert_eq!(resolve_data(&e).unwrap(), Path::new("/x/data/gatevm"));
-        assert_eq!(resolve_cache(&e).unwrap(), Path::new("/home/u/.cache/gatevm"));
+        assert_eq!(
+            resolve_cache(&e).unwrap(),
+            Path::new("/home/u/.cache/gatevm")
+        );
         let e = env(&[
             ("GATEVM_DATA_DIR", "/d"),
             ("GATEVM_RUNTIME_DIR", "/r"),

@@ -106,7 +106,11 @@ pub struct Missing {
 #[derive(Debug, Error)]
 pub enum HostError {
     /// Something is missing and we cannot install it (not root, or no apt-get).
-    #[error("missing on the host: {}; install them as root: apt-get install {}", list_what(missing), list_packages(missing))]
+    #[error(
+        "missing on the host: {}; install them as root: apt-get install {}",
+        list_what(missing),
+        list_packages(missing)
+    )]
     Missing {
         /// What is missing.
         missing: Vec<Missing>,
@@ -163,10 +167,7 @@ pub(crate) fn is_root() -> bool {
 /// Makes sure the host has what gatevm needs: returns the packages it installed (empty when
 /// everything was there). Installs with `apt-get update` + `apt-get install -y
 /// --no-install-recommends` when running as root; otherwise fails naming the packages.
-pub fn ensure_host_packages(
-    log: &Path,
-    progress: &dyn Fn(&str),
-) -> Result<Vec<String>, HostError> {
+pub fn ensure_host_packages(log: &Path, progress: &dyn Fn(&str)) -> Result<Vec<String>, HostError> {
     let missing = check_host();
     if missing.is_empty() {
         return Ok(Vec::new());
@@ -176,10 +177,7 @@ pub fn ensure_host_packages(
         return Err(HostError::Missing { missing });
     };
     let packages = packages_of(&missing);
-    progress(&format!(
-        "installing host packages: {}",
-        packages.join(" ")
-    ));
+    progress(&format!("installing host packages: {}", packages.join(" ")));
     let mut c = Command::new(&apt_get);
     c.args(["-q", "update"])
         .env("DEBIAN_FRONTEND", "noninteractive");

@@ -92,7 +92,10 @@ fn check_static_elf(bin: &[u8]) -> Result<(), &'static str> {
     if bin[4] != 2 || bin[5] != 1 {
         return Err("not a 64-bit little-endian ELF executable");
     }
-    let u16_at = |at: usize| bin.get(at..at.checked_add(2)?).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u16_at = |at: usize| {
+        bin.get(at..at.checked_add(2)?)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
     let u64_at = |at: usize| {
         bin.get(at..at.checked_add(8)?).map(|b| {
             let mut a = [0u8; 8];
@@ -114,7 +117,9 @@ fn check_static_elf(bin: &[u8]) -> Result<(), &'static str> {
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .ok_or("bad program headers")?;
         if ty == 3 {
-            return Err("dynamically linked (has a PT_INTERP); build it statically (musl target)");
+            return Err("dynamically linked (has a PT_INTERP); /init must be static: build it with \
+                        RUSTFLAGS='-C target-feature=+crt-static' --target x86_64-unknown-linux-gnu \
+                        (or a musl target)");
         }
     }
     Ok(())
@@ -228,7 +233,7 @@ fn prune(dir: &Path, current: &Path) {
             Some((t, e.path()))
         })
         .collect();
-    files.sort_by(|a, b| b.0.cmp(&a.0));
+    files.sort_by_key(|f| std::cmp::Reverse(f.0));
     for (_, p) in files.into_iter().skip(KEEP) {
         if p != current {
             let _ = std::fs::remove_file(p);
@@ -285,7 +290,10 @@ mod tests {
         let out_dir = tmp.path().join("initramfs");
         let p = build_initramfs(&guest, &k, &out_dir).unwrap();
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(name.starts_with("initramfs-") && name.ends_with(".cpio"), "{name}");
+        assert!(
+            name.starts_with("initramfs-") && name.ends_with(".cpio"),
+            "{name}"
+        );
         let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
         let again = build_initramfs(&guest, &k, &out_dir).unwrap();
         assert_eq!(p, again);
@@ -335,7 +343,7 @@ mod tests {
         let dynp = tmp.path().join("dyn");
         std::fs::write(&dynp, dynamic).unwrap();
         let e = build_initramfs(&dynp, &k, &out_dir).unwrap_err();
-        assert!(e.to_string().contains("statically"), "{e}");
+        assert!(e.to_string().contains("must be static"), "{e}");
     }
 
     #[test]

@@ -241,7 +241,10 @@ pub fn check_pvh_elf(elf: &[u8]) -> Result<u64, KernelError> {
     if elf[5] != 1 {
         return Err(KernelError::NotElf("not little-endian"));
     }
-    let u16_at = |at: usize| elf.get(at..at.checked_add(2)?).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u16_at = |at: usize| {
+        elf.get(at..at.checked_add(2)?)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
     let u32_at = |at: usize| {
         elf.get(at..at.checked_add(4)?)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -382,7 +385,11 @@ pub(crate) mod tests {
     pub(crate) fn fake_bzimage(kernel: &[u8], setup_sects: u8) -> Vec<u8> {
         let mut payload = zstd::encode_all(kernel, 3).unwrap();
         payload.extend_from_slice(&(kernel.len() as u32).to_le_bytes());
-        let sects = if setup_sects == 0 { 4 } else { setup_sects as usize };
+        let sects = if setup_sects == 0 {
+            4
+        } else {
+            setup_sects as usize
+        };
         let payload_offset = 0x3c0u32; // some pm-code prefix
         let mut img = vec![0u8; (sects + 1) * 512 + payload_offset as usize];
         img[0x1f1] = setup_sects;

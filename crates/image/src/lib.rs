@@ -9,6 +9,8 @@
 //!
 //! Nothing here prints: progress goes through a callback, results come back as data.
 
+#![warn(missing_docs)]
+
 pub mod apt;
 mod cmd;
 pub mod cpio;

@@ -126,7 +126,9 @@ impl ModuleIndex {
 
     /// The relative path of a loadable module, if it is one.
     pub fn path_of(&self, name: &str) -> Option<&str> {
-        self.modules.get(&module_name(name)).map(|(p, _)| p.as_str())
+        self.modules
+            .get(&module_name(name))
+            .map(|(p, _)| p.as_str())
     }
 
     /// Resolves the modules to load for `names`: their loadable dependency closure in load

@@ -190,12 +190,11 @@ impl Provenance {
         self.format = PROVENANCE_FORMAT;
         self.updated_unix = util::now_unix();
         let path = Self::path_in(runtime_dir);
-        let mut text = serde_json::to_string_pretty(self).map_err(|source| {
-            ProvenanceError::Parse {
+        let mut text =
+            serde_json::to_string_pretty(self).map_err(|source| ProvenanceError::Parse {
                 path: path.clone(),
                 source,
-            }
-        })?;
+            })?;
         text.push('\n');
         util::write_atomic(&path, text.as_bytes(), 0o644).map_err(|source| ProvenanceError::Io {
             action: "cannot write",
@@ -299,7 +298,7 @@ mod tests {
         p.set_component(Component {
             name: component::VIRTIOFSD.into(),
             version: "1.14.0".into(),
-            origin: "crates.io virtiofsd 1.14.0".into(),
+            origin: "crates-io virtiofsd 1.14.0".into(),
             installed_unix: 1,
             files: records_for(rt, &[PathBuf::from("bin/virtiofsd")]).unwrap(),
         });

@@ -1,4 +1,4 @@
-//! Typed access to an installed runtime bundle (what [`crate::setup`] produced).
+//! Typed access to an installed runtime bundle (what [`crate::setup()`] produced).
 
 use std::path::{Path, PathBuf};
 
@@ -63,10 +63,9 @@ impl Runtime {
     /// Loads the bundle from `runtime_dir`, with base rootfs trees under `rootfs_root`. Checks
     /// that every component is recorded and its key files exist (no hashing).
     pub fn load_from(runtime_dir: &Path, rootfs_root: &Path) -> Result<Runtime, RuntimeError> {
-        let provenance =
-            Provenance::load(runtime_dir)?.ok_or_else(|| RuntimeError::NotSetUp {
-                path: Provenance::path_in(runtime_dir),
-            })?;
+        let provenance = Provenance::load(runtime_dir)?.ok_or_else(|| RuntimeError::NotSetUp {
+            path: Provenance::path_in(runtime_dir),
+        })?;
         for name in [
             component::KERNEL,
             component::GVPROXY,
@@ -79,12 +78,13 @@ impl Runtime {
                 });
             }
         }
-        let release = provenance
-            .kernel_release
-            .clone()
-            .ok_or_else(|| RuntimeError::Incomplete {
-                what: "no kernel release recorded".into(),
-            })?;
+        let release =
+            provenance
+                .kernel_release
+                .clone()
+                .ok_or_else(|| RuntimeError::Incomplete {
+                    what: "no kernel release recorded".into(),
+                })?;
         let kernel = KernelInfo {
             vmlinux: runtime_dir.join("kernel/vmlinux"),
             modules_dir: runtime_dir.join("kernel/lib/modules").join(&release),

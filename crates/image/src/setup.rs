@@ -266,10 +266,15 @@ impl Ctx<'_> {
             suites.join(", "),
             mirrors.join(", ")
         ));
+        let had_lists = a.lists_complete();
         a.update(&self.log).map_err(wrap)?;
         self.step(
             "apt",
-            SetupAction::Installed,
+            if had_lists {
+                SetupAction::Rebuilt
+            } else {
+                SetupAction::Installed
+            },
             format!(
                 "private apt config in {} for {} from {}",
                 a.root().display(),
@@ -306,7 +311,12 @@ impl Ctx<'_> {
         let log = self.log.clone();
         let apt = self.apt()?;
         let deb = apt
-            .download(&entry.package, &entry.version, &work.path().join("dl"), &log)
+            .download(
+                &entry.package,
+                &entry.version,
+                &work.path().join("dl"),
+                &log,
+            )
             .map_err(wrap)?;
         let x = work.path().join("x");
         apt::unpack_deb(&deb, &x, &log).map_err(wrap)?;
@@ -372,6 +382,7 @@ pub fn setup(opts: &SetupOptions, progress: &dyn Fn(&str)) -> Result<SetupReport
         steps: Vec::new(),
     };
     let mut prov = Provenance::load(&runtime)?.unwrap_or_default();
+    let loaded = prov.clone();
 
     step_host(&mut ctx, opts)?;
     let kernel = step_kernel(&mut ctx, opts, &mut prov)?;
@@ -387,8 +398,10 @@ pub fn setup(opts: &SetupOptions, progress: &dyn Fn(&str)) -> Result<SetupReport
         );
     }
     let (rootfs, old_rootfs) = step_rootfs(&mut ctx, opts, &kernel, &mut prov)?;
+    if prov != loaded {
+        prov.save(&runtime)?;
+    }
     let initramfs = step_initramfs(&mut ctx, opts, &kernel)?;
-    prov.save(&runtime)?;
 
     Ok(SetupReport {
         data_dir: data,
@@ -452,9 +465,10 @@ fn step_kernel(
     const C: &str = component::KERNEL;
     let started = Instant::now();
     (ctx.progress)("checking the guest kernel");
-    let had = present(prov, &ctx.runtime, C);
+    let had = prov.component(C).is_some();
+    let complete = present(prov, &ctx.runtime, C);
     let recorded_release = prov.kernel_release.clone();
-    if had && !opts.refresh {
+    if complete && !opts.refresh {
         if let (Some(rel), Some(c)) = (recorded_release.as_deref(), prov.component(C)) {
             ctx.step(
                 C,
@@ -470,7 +484,10 @@ fn step_kernel(
         component: C,
         source,
     };
-    let meta = ctx.apt()?.show(KERNEL_METAPACKAGE, KERNEL_SUITE).map_err(wrap)?;
+    let meta = ctx
+        .apt()?
+        .show(KERNEL_METAPACKAGE, KERNEL_SUITE)
+        .map_err(wrap)?;
     let real = meta
         .depends
         .iter()
@@ -485,7 +502,7 @@ fn step_kernel(
             ),
         })?;
     let entry = ctx.apt()?.show(&real, KERNEL_SUITE).map_err(wrap)?;
-    if had && recorded_release.is_some() {
+    if complete && recorded_release.is_some() {
         if let Some(c) = prov.component(C) {
             if c.version == entry.version && c.origin.contains(&real) {
                 let rel = recorded_release.unwrap_or_default();
@@ -531,19 +548,31 @@ fn step_kernel(
     }
     std::fs::create_dir_all(&staging).map_err(io(C, "cannot create", &staging))?;
     let vmlinuz_dest = staging.join(&vmlinuz);
-    util::copy_atomic(&boot.join(&vmlinuz), &vmlinuz_dest, 0o644)
-        .map_err(io(C, "cannot copy the kernel to", &vmlinuz_dest))?;
+    util::copy_atomic(&boot.join(&vmlinuz), &vmlinuz_dest, 0o644).map_err(io(
+        C,
+        "cannot copy the kernel to",
+        &vmlinuz_dest,
+    ))?;
     let config = format!("config-{release}");
     if boot.join(&config).is_file() {
-        util::copy_atomic(&boot.join(&config), &staging.join(&config), 0o644)
-            .map_err(io(C, "cannot copy the kernel config to", &staging))?;
+        util::copy_atomic(&boot.join(&config), &staging.join(&config), 0o644).map_err(io(
+            C,
+            "cannot copy the kernel config to",
+            &staging,
+        ))?;
     }
     let vmlinux_size = kernel::write_vmlinux(&vmlinuz_dest, &staging.join("vmlinux"))?;
     let modules_dest = staging.join("lib/modules").join(&release);
-    std::fs::create_dir_all(staging.join("lib/modules"))
-        .map_err(io(C, "cannot create", &staging))?;
-    util::copy_tree(&modules_src, &modules_dest)
-        .map_err(io(C, "cannot copy the module tree to", &modules_dest))?;
+    std::fs::create_dir_all(staging.join("lib/modules")).map_err(io(
+        C,
+        "cannot create",
+        &staging,
+    ))?;
+    util::copy_tree(&modules_src, &modules_dest).map_err(io(
+        C,
+        "cannot copy the module tree to",
+        &modules_dest,
+    ))?;
     (ctx.progress)(&format!("running depmod for {release}"));
     let depmod = cmd::find_program("depmod").unwrap_or_else(|| PathBuf::from("depmod"));
     let mut c = std::process::Command::new(depmod);
@@ -555,7 +584,10 @@ fn step_kernel(
     if !modules_dest.join("modules.dep").is_file() {
         return Err(SetupError::Package {
             component: C,
-            problem: format!("depmod produced no modules.dep in {}", modules_dest.display()),
+            problem: format!(
+                "depmod produced no modules.dep in {}",
+                modules_dest.display()
+            ),
         });
     }
 
@@ -637,8 +669,10 @@ fn apt_component_current(
     suite: &str,
     started: Instant,
 ) -> Result<Option<(bool, PackageEntry)>, SetupError> {
-    let had = present(prov, &ctx.runtime, name);
-    let recorded = prov.component(name).filter(|_| had);
+    let had = prov.component(name).is_some();
+    let recorded = prov
+        .component(name)
+        .filter(|_| present(prov, &ctx.runtime, name));
     if let (Some(c), false) = (recorded, opts.refresh) {
         let detail = format!("{} ({})", c.version, c.origin);
         ctx.step(name, SetupAction::AlreadyPresent, detail, started);
@@ -667,15 +701,8 @@ fn step_gvproxy(
     const C: &str = component::GVPROXY;
     let started = Instant::now();
     (ctx.progress)("checking gvproxy");
-    let Some((had, entry)) = apt_component_current(
-        ctx,
-        opts,
-        prov,
-        C,
-        GVPROXY_PACKAGE,
-        KERNEL_SUITE,
-        started,
-    )?
+    let Some((had, entry)) =
+        apt_component_current(ctx, opts, prov, C, GVPROXY_PACKAGE, KERNEL_SUITE, started)?
     else {
         return Ok(());
     };
@@ -691,16 +718,20 @@ fn step_gvproxy(
     )
     .ok_or_else(|| SetupError::Package {
         component: C,
-        problem: format!("package gvproxy {} contains no gvproxy binary", entry.version),
+        problem: format!(
+            "package gvproxy {} contains no gvproxy binary",
+            entry.version
+        ),
     })?;
     let dest = ctx.runtime.join("bin/gvproxy");
     util::copy_atomic(&src, &dest, 0o755).map_err(io(C, "cannot install", &dest))?;
-    let out = cmd::run_captured(std::process::Command::new(&dest).arg("-version")).map_err(
-        |source| SetupError::Command {
-            component: C,
-            source,
-        },
-    )?;
+    let out =
+        cmd::run_captured(std::process::Command::new(&dest).arg("-version")).map_err(|source| {
+            SetupError::Command {
+                component: C,
+                source,
+            }
+        })?;
     let reported = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let origin = format!(
         "debian {KERNEL_SUITE} package gvproxy {} ({})",
@@ -778,8 +809,11 @@ fn step_libkrunfw(
     if link != dest {
         let tmp_link = lib.join(".libkrunfw.so.5.tmp");
         let _ = std::fs::remove_file(&tmp_link);
-        std::os::unix::fs::symlink(&real_name, &tmp_link)
-            .map_err(io(C, "cannot create symlink", &tmp_link))?;
+        std::os::unix::fs::symlink(&real_name, &tmp_link).map_err(io(
+            C,
+            "cannot create symlink",
+            &tmp_link,
+        ))?;
         std::fs::rename(&tmp_link, &link).map_err(io(C, "cannot install", &link))?;
     }
     // Remove other versions' files.
@@ -816,11 +850,7 @@ fn step_libkrunfw(
         } else {
             SetupAction::Installed
         },
-        format!(
-            "{} ({} MiB) from {origin}",
-            dest.display(),
-            size >> 20
-        ),
+        format!("{} ({} MiB) from {origin}", dest.display(), size >> 20),
         started,
     );
     Ok(())
@@ -830,8 +860,8 @@ fn step_virtiofsd(ctx: &mut Ctx<'_>, prov: &mut Provenance) -> Result<(), SetupE
     const C: &str = component::VIRTIOFSD;
     let started = Instant::now();
     (ctx.progress)("checking virtiofsd");
-    let had = present(prov, &ctx.runtime, C);
-    if had
+    let had = prov.component(C).is_some();
+    if present(prov, &ctx.runtime, C)
         && prov
             .component(C)
             .is_some_and(|c| c.version == VIRTIOFSD_VERSION)
@@ -839,7 +869,7 @@ fn step_virtiofsd(ctx: &mut Ctx<'_>, prov: &mut Provenance) -> Result<(), SetupE
         ctx.step(
             C,
             SetupAction::AlreadyPresent,
-            format!("{VIRTIOFSD_VERSION} (crates.io virtiofsd {VIRTIOFSD_VERSION})"),
+            format!("{VIRTIOFSD_VERSION} (crates-io virtiofsd {VIRTIOFSD_VERSION})"),
             started,
         );
         return Ok(());
@@ -850,7 +880,7 @@ fn step_virtiofsd(ctx: &mut Ctx<'_>, prov: &mut Provenance) -> Result<(), SetupE
     let dest = ctx.runtime.join("bin/virtiofsd");
     util::copy_atomic(&bin, &dest, 0o755).map_err(io(C, "cannot install", &dest))?;
     let files = provenance::records_for(&ctx.runtime, &[PathBuf::from("bin/virtiofsd")])?;
-    let origin = format!("crates.io virtiofsd {VIRTIOFSD_VERSION} (cargo install --locked)");
+    let origin = format!("crates-io virtiofsd {VIRTIOFSD_VERSION} (cargo install --locked)");
     prov.set_component(Component {
         name: C.into(),
         version: VIRTIOFSD_VERSION.into(),
@@ -922,7 +952,12 @@ fn step_rootfs(
         } else {
             SetupAction::Rebuilt
         },
-        format!("{} ({}; {} MiB)", p.display(), recipe.describe(), size >> 20),
+        format!(
+            "{} ({}; {} MiB)",
+            p.display(),
+            recipe.describe(),
+            size >> 20
+        ),
         started,
     );
     Ok((Some(p), previous))

@@ -1,5 +1,5 @@
-//! virtiofsd built from crates.io at a pinned version (Debian trixie's build needs a newer glibc
-//! than bookworm has).
+//! virtiofsd built from the crates-io registry at a pinned version (Debian trixie's build needs
+//! a newer glibc than bookworm has).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,17 +9,17 @@ use thiserror::Error;
 use crate::cmd::{self, CommandError};
 
 /// The virtiofsd release gatevm builds (`cargo install virtiofsd --version =X --locked`).
-/// 1.14.0 is the newest on crates.io and builds with Rust 1.95.
+/// 1.14.0 is the newest on crates-io and builds with Rust 1.95.
 pub const VIRTIOFSD_VERSION: &str = "1.14.0";
 
 /// Errors of building virtiofsd.
 #[derive(Debug, Error)]
 pub enum VirtiofsdError {
     /// No cargo to build with.
-    #[error("cargo not found (looked at $CARGO, PATH and ~/.cargo/bin): virtiofsd {VIRTIOFSD_VERSION} is built from crates.io; install a Rust toolchain (rustup) and run setup again")]
+    #[error("cargo not found (looked at $CARGO, PATH and ~/.cargo/bin): virtiofsd {VIRTIOFSD_VERSION} is built from crates-io; install a Rust toolchain (rustup) and run setup again")]
     NoCargo,
     /// The build failed.
-    #[error("building virtiofsd {VIRTIOFSD_VERSION} from crates.io failed: {0}")]
+    #[error("building virtiofsd {VIRTIOFSD_VERSION} from crates-io failed: {0}")]
     Build(#[source] CommandError),
     /// The built binary does not run or reports another version.
     #[error("built virtiofsd at {} does not work: {problem}", path.display())]
@@ -73,7 +73,7 @@ pub fn build_virtiofsd(
     }
     let cargo = find_cargo().ok_or(VirtiofsdError::NoCargo)?;
     progress(&format!(
-        "building virtiofsd {VIRTIOFSD_VERSION} from crates.io (a few minutes)"
+        "building virtiofsd {VIRTIOFSD_VERSION} from crates-io (a few minutes)"
     ));
     let target = build_dir.join("target");
     let mut c = Command::new(cargo);
