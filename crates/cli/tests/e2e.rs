@@ -247,7 +247,21 @@ fn lifecycle_exec_forward_stop_delete() {
     );
     let (code, _, err) = exec(name, &["no-such-command"], None);
     assert_eq!(code, 127, "{err}");
-    let (code, _, err) = exec(name, &["/etc/hostname"], None);
+    assert!(err.contains("no-such-command"), "{err}");
+    let (code, _, err) = exec(
+        name,
+        &[
+            "sh",
+            "-c",
+            "echo 'echo run' > /tmp/noexec; chmod 644 /tmp/noexec",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = exec(name, &["/tmp/noexec"], None);
+    assert_eq!((code, out.as_str()), (126, ""), "{err}");
+    assert!(err.contains("/tmp/noexec"), "{err}");
+    let (code, _, err) = exec(name, &["/etc"], None);
     assert_eq!(code, 126, "{err}");
     let (code, _, _) = exec(name, &["sh", "-c", "kill -9 $$"], None);
     assert_eq!(code, 137);

@@ -175,6 +175,13 @@ fn read_config(paths: &InstancePaths) -> Option<InstanceConfig> {
     serde_json::from_slice(&std::fs::read(paths.config()).ok()?).ok()
 }
 
+/// The configuration an existing instance last ran with (None for a new instance, or when the
+/// file is unreadable, in which case the defaults apply again).
+pub fn saved_config(name: &str) -> Option<InstanceConfig> {
+    validate(name).ok()?;
+    read_config(&InstancePaths::new(name))
+}
+
 /// The status of one instance; asks the supervisor when it runs.
 pub async fn status(name: &str) -> Result<InstanceStatus, ClientError> {
     let paths = existing(name)?;
@@ -354,6 +361,7 @@ where
                     Some(Frame::Msg { msg: GuestMsg::ExecFailed { code, message }, .. }) => {
                         let line = format!("gatevm: {message}\n");
                         let _ = stderr.write_all(line.as_bytes()).await;
+                        let _ = stderr.flush().await;
                         return Ok(code);
                     }
                     Some(Frame::Msg { msg: GuestMsg::Error { message }, .. }) => return Err(cerr(message)),

@@ -564,7 +564,7 @@ async fn boot_and_serve(
             message: format!("no hardware virtualization ({why}): using QEMU software emulation (TCG), which is slower"),
         });
     }
-    let vmm = gatevm_vmm::qemu::Qemu::default();
+    let vmm = gatevm_vmm::qemu::Qemu::for_host();
     let backend = format!(
         "{}/{}",
         vmm.name(),
@@ -643,7 +643,7 @@ async fn boot_and_serve(
         accel,
         kernel: runtime.kernel_path().to_path_buf(),
         initramfs: Some(initramfs),
-        cmdline: format!("console=ttyS0 quiet panic=-1 gatevm.hostname={hostname}"),
+        cmdline: kernel_cmdline(&hostname),
         virtiofs_socket: paths.virtiofs_socket(),
         state_disk: Some(paths.state_disk()),
         agent_socket: paths.agent_socket(),
@@ -800,6 +800,17 @@ async fn boot_and_serve(
     shared.set_state(|s| s.phase = Phase::Stopping);
     children.push(vm);
     Ok(reason)
+}
+
+/// The guest kernel command line; `$GATEVM_KERNEL_APPEND` adds to it (e.g. `loglevel=7` to see
+/// the kernel's messages in the console log).
+fn kernel_cmdline(hostname: &str) -> String {
+    let mut c = format!("console=ttyS0 quiet panic=-1 gatevm.hostname={hostname}");
+    if let Ok(extra) = std::env::var("GATEVM_KERNEL_APPEND") {
+        c.push(' ');
+        c.push_str(&extra);
+    }
+    c
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -34,7 +34,9 @@ impl HostCaps {
     /// Why hardware virtualization is not usable, in a few words (None when it is).
     pub fn why_no_hardware_virt(&self) -> Option<String> {
         if self.kvm_flavour.as_deref() == Some("kvm_pvm") {
-            return Some("/dev/kvm is provided by kvm_pvm, which boots only PVM guest kernels".into());
+            return Some(
+                "/dev/kvm is provided by kvm_pvm, which boots only PVM guest kernels".into(),
+            );
         }
         if !self.cpu_virt_flag {
             return Some("the CPU has no vmx/svm flag (no nested virtualization here)".into());
@@ -43,7 +45,9 @@ impl HostCaps {
             return Some("/dev/kvm does not exist (load kvm_intel or kvm_amd)".into());
         }
         if !self.kvm_accessible {
-            return Some("/dev/kvm is not accessible read-write (add the user to the kvm group)".into());
+            return Some(
+                "/dev/kvm is not accessible read-write (add the user to the kvm group)".into(),
+            );
         }
         None
     }
@@ -58,7 +62,12 @@ pub fn probe_at(root: &Path) -> HostCaps {
         .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
     let kvm = root.join("dev/kvm");
     let kvm_device = kvm.exists();
-    let kvm_accessible = kvm_device && std::fs::OpenOptions::new().read(true).write(true).open(&kvm).is_ok();
+    let kvm_accessible = kvm_device
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&kvm)
+            .is_ok();
     let kvm_flavour = ["kvm_pvm", "kvm_intel", "kvm_amd"]
         .into_iter()
         .find(|m| root.join("sys/module").join(m).exists())
@@ -73,6 +82,37 @@ pub fn probe_at(root: &Path) -> HostCaps {
     }
 }
 
+/// The host's TSC frequency in kHz, measured against CLOCK_MONOTONIC over ~5 ms and rounded to
+/// 1 MHz; None where there is no usable TSC.
+pub fn host_tsc_khz() -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let flags = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .unwrap_or("");
+        if !flags.split_whitespace().any(|f| f == "constant_tsc") {
+            return None;
+        }
+        let t0 = std::time::Instant::now();
+        // SAFETY: rdtsc has no preconditions on x86_64.
+        let c0 = unsafe { core::arch::x86_64::_rdtsc() };
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        // SAFETY: as above.
+        let c1 = unsafe { core::arch::x86_64::_rdtsc() };
+        let ns = t0.elapsed().as_nanos() as u64;
+        if ns == 0 || c1 <= c0 {
+            return None;
+        }
+        let khz = (c1 - c0).saturating_mul(1_000_000) / ns;
+        let mhz = (khz + 500) / 1000;
+        (mhz > 100).then_some(mhz * 1000)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
 /// Reads this host's capabilities.
 pub fn probe() -> HostCaps {
     probe_at(Path::new("/"))
@@ -85,7 +125,11 @@ mod tests {
     fn fake(flags: &str, module: Option<&str>, kvm: bool) -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("proc")).unwrap();
-        std::fs::write(d.path().join("proc/cpuinfo"), format!("processor\t: 0\nflags\t\t: fpu {flags} sse\n")).unwrap();
+        std::fs::write(
+            d.path().join("proc/cpuinfo"),
+            format!("processor\t: 0\nflags\t\t: fpu {flags} sse\n"),
+        )
+        .unwrap();
         std::fs::create_dir_all(d.path().join("dev")).unwrap();
         if kvm {
             std::fs::write(d.path().join("dev/kvm"), "").unwrap();

@@ -1,6 +1,6 @@
 //! The QEMU backend: `qemu-system-x86_64 -M microvm` with virtio-mmio devices.
 
-use crate::{Accel, Vmm, VmConfig, VmmError};
+use crate::{Accel, VmConfig, Vmm, VmmError};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -9,11 +9,31 @@ use std::process::Command;
 pub struct Qemu {
     /// The `qemu-system-x86_64` binary.
     pub binary: PathBuf,
+    /// The host's TSC frequency in kHz, handed to a TCG guest as `tsc_early_khz`.
+    ///
+    /// Under TCG the guest's TSC is the host's, but the guest kernel has to calibrate it against
+    /// the emulated PIT; on a loaded host that calibration fails, the kernel marks the TSC
+    /// unusable and boot stalls for minutes (seen with three VMs on two cores). Telling it the
+    /// frequency skips the calibration.
+    pub tsc_khz: Option<u64>,
 }
 
 impl Default for Qemu {
     fn default() -> Self {
-        Qemu { binary: PathBuf::from("qemu-system-x86_64") }
+        Qemu {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            tsc_khz: None,
+        }
+    }
+}
+
+impl Qemu {
+    /// The backend for this host (measures the TSC frequency once, ~5 ms).
+    pub fn for_host() -> Qemu {
+        Qemu {
+            tsc_khz: crate::probe::host_tsc_khz(),
+            ..Qemu::default()
+        }
     }
 }
 
@@ -26,41 +46,89 @@ impl Qemu {
     /// The argument list for a configuration.
     pub fn args(&self, cfg: &VmConfig) -> Result<Vec<String>, VmmError> {
         if cfg.cpus == 0 || cfg.memory_mib < 64 {
-            return Err(VmmError::Invalid(format!("{} CPUs and {} MiB", cfg.cpus, cfg.memory_mib)));
+            return Err(VmmError::Invalid(format!(
+                "{} CPUs and {} MiB",
+                cfg.cpus, cfg.memory_mib
+            )));
         }
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         let mem = format!("{}M", cfg.memory_mib);
-        push(&["-name", &format!("gatevm-{},process=gatevm-{}", cfg.name, cfg.name)]);
+        push(&[
+            "-name",
+            &format!("gatevm-{},process=gatevm-{}", cfg.name, cfg.name),
+        ]);
         push(&["-M", "microvm,x-option-roms=off,rtc=on,memory-backend=mem"]);
         match cfg.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-            Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+            // TCG keeps QEMU's default CPU model: under QEMU 7.2, `-cpu max` made the guest
+            // kernel double-fault in kmalloc during virtio-fs readahead.
+            Accel::Tcg => push(&["-accel", "tcg"]),
         }
         push(&["-smp", &cfg.cpus.to_string(), "-m", &mem]);
-        push(&["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
+        push(&[
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        ]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
-        push(&["-chardev", &format!("file,id=con,path={},append=on", opt(&cfg.console_log))]);
+        push(&[
+            "-chardev",
+            &format!("file,id=con,path={},append=on", opt(&cfg.console_log)),
+        ]);
         push(&["-serial", "chardev:con"]);
         push(&["-kernel", &cfg.kernel.display().to_string()]);
         if let Some(initrd) = &cfg.initramfs {
             push(&["-initrd", &initrd.display().to_string()]);
         }
-        push(&["-append", &cfg.cmdline]);
+        let mut cmdline = cfg.cmdline.clone();
+        if let (Accel::Tcg, Some(khz)) = (cfg.accel, self.tsc_khz) {
+            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        push(&["-append", &cmdline]);
         // Agent channel: a virtio-serial port the guest finds by name.
         push(&["-device", "virtio-serial-device"]);
-        push(&["-chardev", &format!("socket,id=ag,path={},server=on,wait=off", opt(&cfg.agent_socket))]);
-        push(&["-device", &format!("virtserialport,chardev=ag,name={}", gatevm_protocol::AGENT_PORT_NAME)]);
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=ag,path={},server=on,wait=off",
+                opt(&cfg.agent_socket)
+            ),
+        ]);
+        push(&[
+            "-device",
+            &format!(
+                "virtserialport,chardev=ag,name={}",
+                gatevm_protocol::AGENT_PORT_NAME
+            ),
+        ]);
         // Root filesystem through virtiofsd.
-        push(&["-chardev", &format!("socket,id=vfs,path={}", opt(&cfg.virtiofs_socket))]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=vfs,path={}", opt(&cfg.virtiofs_socket)),
+        ]);
         push(&["-device", "vhost-user-fs-device,chardev=vfs,tag=root"]);
         if let Some(disk) = &cfg.state_disk {
-            push(&["-drive", &format!("if=none,id=state,format=raw,file={},cache=unsafe,discard=unmap", opt(disk))]);
+            push(&[
+                "-drive",
+                &format!(
+                    "if=none,id=state,format=raw,file={},cache=unsafe,discard=unmap",
+                    opt(disk)
+                ),
+            ]);
             push(&["-device", "virtio-blk-device,drive=state"]);
         }
         if let Some(net) = &cfg.net_socket {
-            push(&["-netdev", &format!("stream,id=n0,server=off,addr.type=unix,addr.path={}", opt(net))]);
-            push(&["-device", &format!("virtio-net-device,netdev=n0,mac={}", cfg.mac)]);
+            push(&[
+                "-netdev",
+                &format!(
+                    "stream,id=n0,server=off,addr.type=unix,addr.path={}",
+                    opt(net)
+                ),
+            ]);
+            push(&[
+                "-device",
+                &format!("virtio-net-device,netdev=n0,mac={}", cfg.mac),
+            ]);
         }
         Ok(a)
     }
@@ -78,7 +146,10 @@ impl Vmm for Qemu {
     fn command(&self, cfg: &VmConfig) -> Result<Command, VmmError> {
         for (what, p) in [("guest kernel", &cfg.kernel)] {
             if !p.exists() {
-                return Err(VmmError::Missing { what, path: p.clone() });
+                return Err(VmmError::Missing {
+                    what,
+                    path: p.clone(),
+                });
             }
         }
         let mut c = Command::new(&self.binary);
@@ -111,7 +182,14 @@ mod tests {
 
     #[test]
     fn args_cover_the_appliance() {
-        let a = Qemu::default().args(&cfg()).unwrap().join(" ");
+        let a = Qemu {
+            tsc_khz: Some(2_600_000),
+            ..Qemu::default()
+        }
+        .args(&cfg())
+        .unwrap()
+        .join(" ");
+        assert!(a.contains("console=ttyS0 tsc_early_khz=2600000"), "{a}");
         for want in [
             "-accel tcg",
             "-smp 2 -m 512M",
@@ -128,8 +206,15 @@ mod tests {
         k.accel = Accel::Kvm;
         k.net_socket = None;
         k.state_disk = None;
-        let a = Qemu::default().args(&k).unwrap().join(" ");
+        let a = Qemu {
+            tsc_khz: Some(2_600_000),
+            ..Qemu::default()
+        }
+        .args(&k)
+        .unwrap()
+        .join(" ");
         assert!(a.contains("-accel kvm -cpu host"));
+        assert!(!a.contains("tsc_early_khz"), "KVM guests use kvmclock");
         assert!(!a.contains("netdev") && !a.contains("virtio-blk"));
     }
 

@@ -15,19 +15,27 @@ pub struct Args {
     /// Instance name: lowercase letters, digits and '-', at most 63 characters.
     #[arg(default_value = super::DEFAULT_NAME)]
     name: String,
-    /// Virtual CPUs.
-    #[arg(long, default_value_t = DEFAULT_CPUS)]
-    cpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
-    memory: u32,
+    /// Virtual CPUs [default: 2, or what the instance last ran with].
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Guest memory in MiB [default: 2048, or what the instance last ran with].
+    #[arg(long)]
+    memory: Option<u32>,
     /// Forward a host port to the guest: [ip:]hostport:guestport[/tcp|/udp]. The host side binds
-    /// 127.0.0.1 unless an address is given. Repeatable.
+    /// 127.0.0.1 unless an address is given. Repeatable; replaces the instance's previous forwards
+    /// (without -p an existing instance keeps them).
     #[arg(short = 'p', long = "publish", value_name = "SPEC")]
     publish: Vec<String>,
-    /// Let the guest reach services on the host's loopback through 192.168.127.254.
+    /// Drop the instance's previous forwards.
+    #[arg(long, conflicts_with = "publish")]
+    no_publish: bool,
+    /// Let the guest reach services on the host's loopback through 192.168.127.254 (kept for
+    /// later starts until --deny-host-loopback).
     #[arg(long)]
     allow_host_loopback: bool,
+    /// Withdraw an earlier --allow-host-loopback.
+    #[arg(long, conflicts_with = "allow_host_loopback")]
+    deny_host_loopback: bool,
     /// Stay attached: stop the VM on SIGINT/SIGTERM and exit when it stops (for systemd or a
     /// calling tool).
     #[arg(long)]
@@ -37,14 +45,30 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?.to_string();
     let forwards = gatevm_net::parse_forwards(&a.publish)?;
-    let config = InstanceConfig {
+    // An existing instance starts as it last ran, with the flags given on top.
+    let saved = client::saved_config(&name);
+    let base = saved.unwrap_or(InstanceConfig {
         name: name.clone(),
-        cpus: a.cpus,
-        memory_mib: a.memory,
-        forwards,
-        allow_host_loopback: a.allow_host_loopback,
+        cpus: DEFAULT_CPUS,
+        memory_mib: DEFAULT_MEMORY_MIB,
+        forwards: vec![],
+        allow_host_loopback: false,
         vmm: VmmChoice::Auto,
         disk_gib: DEFAULT_DISK_GIB,
+    });
+    let config = InstanceConfig {
+        name: name.clone(),
+        cpus: a.cpus.unwrap_or(base.cpus),
+        memory_mib: a.memory.unwrap_or(base.memory_mib),
+        forwards: if a.no_publish || !forwards.is_empty() {
+            forwards
+        } else {
+            base.forwards
+        },
+        allow_host_loopback: (base.allow_host_loopback || a.allow_host_loopback)
+            && !a.deny_host_loopback,
+        vmm: base.vmm,
+        disk_gib: base.disk_gib,
     };
     config.validate(host_memory_mib())?;
     gatevm_image::dirs::data_dir().context("finding the data directory")?;
