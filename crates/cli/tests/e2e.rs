@@ -65,10 +65,22 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Deletes the instance when the test ends, however it ends.
+/// Deletes the instance when the test ends, however it ends; after a failure it first prints the
+/// end of the instance's console and supervisor logs, so CI output says what happened.
 struct Instance(&'static str);
 impl Drop for Instance {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            for which in ["console", "supervisor"] {
+                let out = gatevm(&["logs", self.0, if which == "console" { "--console" } else { "--host=supervisor" }]);
+                let text = String::from_utf8_lossy(&out.stdout);
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("--- last {which} lines of {} ---", self.0);
+                for l in &lines[lines.len().saturating_sub(25)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
         let _ = gatevm(&["delete", self.0, "--force"]);
     }
 }
@@ -175,6 +187,19 @@ fn serve_in_guest(name: &str, port: u16) {
     assert_eq!(code, 0, "{err}");
 }
 
+/// Whether a guest process can open a TCP connection to the host's loopback through gvproxy's
+/// host alias, checked against a listener of this test on 127.0.0.1.
+fn guest_reaches_host_loopback(name: &str) -> bool {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let script = format!("timeout 10 bash -c 'exec 3<>/dev/tcp/192.168.127.254/{port}' 2>/dev/null");
+    let (code, _, _) = exec(name, &["sh", "-c", &script], None);
+    l.set_nonblocking(true).unwrap();
+    let accepted = l.accept().is_ok();
+    assert_eq!(code == 0, accepted, "the guest's view and the host listener disagree");
+    accepted
+}
+
 fn fetch(port: u16) -> Option<String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
@@ -269,6 +294,9 @@ fn lifecycle_exec_forward_stop_delete() {
     assert_eq!(code, 0);
     assert!(out.contains("Server:"), "{out}");
 
+    // The guest cannot reach the host's loopback by default.
+    assert!(!guest_reaches_host_loopback(name), "the guest reached the host loopback");
+
     // A guest TCP service through the forward.
     serve_in_guest(name, 8080);
     assert_eq!(
@@ -316,7 +344,7 @@ fn two_instances_and_a_vm_killed_from_outside() {
         let _ = gatevm(&["delete", n, "--force"]);
     }
     // Both start at once.
-    let ta = std::thread::spawn(move || gatevm(&["start", a, "--memory", "768"]));
+    let ta = std::thread::spawn(move || gatevm(&["start", a, "--memory", "768", "--allow-host-loopback"]));
     let tb = std::thread::spawn(move || gatevm(&["start", b, "--memory", "768"]));
     for (n, t) in [(a, ta), (b, tb)] {
         let out = t.join().unwrap();
@@ -328,6 +356,8 @@ fn two_instances_and_a_vm_killed_from_outside() {
     }
     assert_eq!(exec(a, &["hostname"], None).1, format!("{a}\n"));
     assert_eq!(exec(b, &["hostname"], None).1, format!("{b}\n"));
+    // Asked for, the host loopback is reachable.
+    assert!(guest_reaches_host_loopback(a), "--allow-host-loopback did not let the guest through");
 
     // Kill a's VM from outside: status tells within two seconds, b is unaffected.
     let pid = status(a)["vm_pid"].as_u64().expect("vm pid") as i32;
@@ -358,3 +388,54 @@ fn two_instances_and_a_vm_killed_from_outside() {
     assert_no_leftovers(a);
     assert_no_leftovers(b);
 }
+
+#[test]
+fn foreground_start_stops_on_sigterm() {
+    if !enabled("foreground_start_stops_on_sigterm") {
+        return;
+    }
+    let name = "e2e-fg";
+    let _guard = Instance(name);
+    let _ = gatevm(&["delete", name, "--force"]);
+    let mut child = Command::new(bin())
+        .args(["start", name, "--foreground", "--memory", "768"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let out = gatevm(&["status", name, "--json"]);
+        if out.status.success() {
+            let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if st["healthy"] == true {
+                break;
+            }
+        }
+        if let Some(code) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            panic!("foreground start exited early ({code}): {err}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "not healthy within 120 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(exec(name, &["true"], None).0, 0);
+    // SAFETY: kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let t = Instant::now();
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "foreground start did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exit.success(), "exit status {exit}");
+    let st = status(name);
+    assert_eq!(st["state"], "stopped", "{st}");
+    assert_eq!(st["stop_reason"], "stopped on request", "{st}");
+    assert_no_leftovers(name);
+}
+

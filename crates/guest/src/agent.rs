@@ -6,6 +6,11 @@
 //! connection: sessions of the previous one are muted and their process groups killed (their
 //! stream ids may be reused by the new host).
 //!
+//! Per exec stream: `ExecStarted` or `ExecFailed` answers the `Exec`; then `Data`/`Eof` frames of
+//! stdout and stderr (a terminal session has only stdout); `Exit` comes last. `Resize`, `Signal`
+//! and stdin frames for a stream that has already ended are dropped silently (they race with the
+//! exit). In terminal mode `Eof{Stdin}` is ignored: a pty has no end-of-file to pass on.
+//!
 //! [`Agent::serve`] is generic over the channel, so tests drive it over a socketpair with real
 //! child processes; [`run_serial`] and [`run_vsock`] are the two real transports.
 

@@ -231,13 +231,13 @@ pub fn hosts_with(current: Option<&str>, hostname: &str) -> Option<String> {
     }
 }
 
-/// Brings `lo` up and, when `net`, configures `eth0`, the default route and DNS. Returns one
-/// message per problem.
-pub fn setup(net: bool, hostname: &str) -> Vec<String> {
+/// Brings `lo` up and, when `net`, configures `eth0`, the default route and DNS. Returns whether
+/// `eth0` got its address and one message per problem.
+pub fn setup(net: bool, hostname: &str) -> (bool, Vec<String>) {
     let mut problems = Vec::new();
     let ctl = match NetCtl::open() {
         Ok(c) => c,
-        Err(e) => return vec![e.to_string()],
+        Err(e) => return (false, vec![e.to_string()]),
     };
     if let Err(e) = ctl.up("lo") {
         problems.push(e.to_string());
@@ -249,7 +249,7 @@ pub fn setup(net: bool, hostname: &str) -> Vec<String> {
         }
     }
     if !net {
-        return problems;
+        return (false, problems);
     }
     let wait = if virtio_device_present(1) {
         Duration::from_secs(2)
@@ -258,19 +258,19 @@ pub fn setup(net: bool, hostname: &str) -> Vec<String> {
     };
     if !wait_for_iface(IFACE, wait) {
         problems.push(format!("{IFACE} did not appear"));
-        return problems;
+        return (false, problems);
     }
-    let steps = ctl
+    let addressed = ctl
         .set_addr(IFACE, GUEST_ADDR, NETMASK)
-        .and_then(|_| ctl.up(IFACE))
-        .and_then(|_| ctl.add_default_route(GATEWAY, IFACE));
-    if let Err(e) = steps {
+        .and_then(|_| ctl.up(IFACE));
+    let configured = addressed.is_ok();
+    if let Err(e) = addressed.and_then(|_| ctl.add_default_route(GATEWAY, IFACE)) {
         problems.push(e.to_string());
     }
     if let Err(e) = write_resolv_conf(Path::new("/etc/resolv.conf")) {
         problems.push(e.to_string());
     }
-    problems
+    (configured, problems)
 }
 
 #[cfg(test)]

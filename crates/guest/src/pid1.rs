@@ -103,46 +103,47 @@ pub fn run() -> ! {
         });
     }
 
-    // Modules: the early ones in the foreground, overlay next (the payload needs it), the rest
-    // in the background.
+    // Modules: the ones network and disk need in the foreground, the rest in the background
+    // while network and disk are set up. The payload starts after all are loaded: measured under
+    // QEMU TCG with 2 vCPUs, containerd was ready ~1 s sooner than when it started after `overlay`
+    // and competed with module decompression for the CPUs.
     let tree = modules::running_tree();
     let index = tree.as_ref().map(|t| (t.clone(), ModuleIndex::load(t)));
-    let (overlay_tx, overlay_rx) = channel::<()>();
+    let (modules_tx, modules_rx) = channel::<()>();
     match index {
         Some((tree, Ok(index))) => {
             let r = modules::load(&index, &tree, modules::EARLY);
-            crate::glog!("{}", load_report("modules (early)", &r));
+            if r.loaded > 0 || !r.failed.is_empty() {
+                crate::glog!("{}", load_report("modules (early)", &r));
+            }
             spawn_named("modules", move || {
-                let r1 = modules::load(&index, &tree, &["overlay"]);
-                let _ = overlay_tx.send(());
                 let rest: Vec<&str> = modules::WANTED
                     .iter()
                     .copied()
-                    .filter(|m| !modules::EARLY.contains(m) && *m != "overlay")
+                    .filter(|m| !modules::EARLY.contains(m))
                     .collect();
-                let mut r = modules::load(&index, &tree, &rest);
-                r.loaded += r1.loaded;
-                r.missing.extend(r1.missing);
-                r.failed.extend(r1.failed);
+                let r = modules::load(&index, &tree, &rest);
                 crate::glog!("{}", load_report("modules", &r));
+                let _ = modules_tx.send(());
             });
         }
         Some((tree, Err(e))) => {
             crate::glog!("modules: {e} (module tree {})", tree.display());
-            drop(overlay_tx);
+            drop(modules_tx);
         }
-        None => drop(overlay_tx),
+        None => drop(modules_tx),
     }
 
-    report("net", &net::setup(cmd.net, &cmd.hostname));
-    if cmd.net {
+    let (configured, problems) = net::setup(cmd.net, &cmd.hostname);
+    report("net", &problems);
+    if configured {
         crate::glog!("network configured ({} on {})", net::GUEST_ADDR, net::IFACE);
     }
     let (backing, problems) = disk::setup(reaper);
     report("disk", &problems);
     crate::glog!("state: {backing:?}");
 
-    let _ = overlay_rx.recv_timeout(Duration::from_secs(10));
+    let _ = modules_rx.recv_timeout(Duration::from_secs(20));
     if !mounts::mount_points().iter().any(|p| p == "/dev/mqueue") {
         crate::glog!("warning: no /dev/mqueue (POSIX mqueue), runc may fail");
     }

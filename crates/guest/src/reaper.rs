@@ -16,6 +16,7 @@ use crate::sys;
 use gatevm_protocol::ExitStatus;
 use std::collections::HashMap;
 use std::io;
+use std::os::unix::process::CommandExt;
 use std::process::{ChildStderr, ChildStdin, ChildStdout, Command};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Condvar, Mutex, OnceLock};
@@ -73,8 +74,19 @@ impl Reaper {
         r
     }
 
-    /// Spawns `cmd` and registers its pid before any exit can be reaped.
+    /// Spawns `cmd` and registers its pid before any exit can be reaped. The child starts with an
+    /// empty signal mask (std keeps the parent's, and PID 1 blocks its shutdown signals).
     pub fn spawn(&self, cmd: &mut Command) -> io::Result<Spawned> {
+        // SAFETY: runs in the forked child before exec; sigemptyset and pthread_sigmask are
+        // async-signal-safe and only touch the local set and the calling thread's mask.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+                libc::sigemptyset(set.as_mut_ptr());
+                libc::pthread_sigmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut());
+                Ok(())
+            });
+        }
         let mut reg = sys::lock(&self.registry);
         let mut child = cmd.spawn()?;
         let pid = child.id() as i32;
@@ -260,6 +272,28 @@ mod tests {
         assert!(!r.signal(s.pid, libc::SIGKILL, false));
         assert!(!r.signal(1, libc::SIGTERM, false));
         assert_eq!(describe(&st), "killed by signal 9");
+    }
+
+    #[test]
+    fn children_get_an_empty_signal_mask() {
+        use std::io::Read;
+        // Block a signal in a thread of our own (the mask is per thread), then spawn from it.
+        let out = std::thread::spawn(|| {
+            let mut set = nix::sys::signal::SigSet::empty();
+            set.add(nix::sys::signal::Signal::SIGUSR2);
+            set.thread_block().unwrap();
+            let mut cmd = Command::new("/bin/grep");
+            cmd.args(["SigBlk", "/proc/self/status"])
+                .stdout(Stdio::piped());
+            let s = Reaper::global().spawn(&mut cmd).expect("spawn grep");
+            let mut out = String::new();
+            s.stdout.unwrap().read_to_string(&mut out).unwrap();
+            s.exit.recv_timeout(Duration::from_secs(10)).unwrap();
+            out
+        })
+        .join()
+        .unwrap();
+        assert_eq!(out.trim(), "SigBlk:\t0000000000000000");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -239,13 +239,5 @@ pub fn pump(
                 }
             }
         }
-    }
-}
-
-/// Waits for an exit status with a timeout (helper for callers that must not block forever).
-pub fn recv_exit(exit: &Receiver<ExitStatus>, timeout: Duration) -> Option<ExitStatus> {
-    match exit.recv_timeout(timeout) {
-        Ok(s) => Some(s),
-        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
     }
 }

@@ -18,9 +18,11 @@
 //! The same framing, with other message types, is used between the CLI and the supervisor's control
 //! socket: [`Frame`] is generic over the message type.
 //!
-//! Conversation: the guest sends [`GuestMsg::Hello`] as soon as its agent listens; the host answers
-//! with its own `Hello`. Stream 0 carries connection-level messages (hello, status, shutdown); the
-//! host opens one stream per exec with an id it picks (non-zero, unique while the exec runs).
+//! Conversation: the host speaks first with [`GuestMsg::Hello`] (and again whenever it
+//! reconnects); the guest answers each host hello with its own. The guest never sends anything
+//! unsolicited: a virtio-serial write blocks while no host is connected, so the host polls with
+//! `StatusRequest`. Stream 0 carries connection-level messages (hello, status, shutdown); the host
+//! opens one stream per exec with an id it picks (non-zero, unique while the exec runs).
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{self, Read, Write};
@@ -120,10 +122,13 @@ impl<M: Serialize> Frame<M> {
     pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
         let (stream, kind, payload): (u32, u8, std::borrow::Cow<'_, [u8]>) = match self {
             Frame::Msg { stream, msg } => {
-                let json = serde_json::to_vec(msg).map_err(|e| ProtoError::BadMessage(e.to_string()))?;
+                let json =
+                    serde_json::to_vec(msg).map_err(|e| ProtoError::BadMessage(e.to_string()))?;
                 (*stream, KIND_MSG, json.into())
             }
-            Frame::Data { stream, fd, bytes } => (*stream, KIND_DATA | *fd as u8, bytes.as_slice().into()),
+            Frame::Data { stream, fd, bytes } => {
+                (*stream, KIND_DATA | *fd as u8, bytes.as_slice().into())
+            }
             Frame::Eof { stream, fd } => (*stream, KIND_EOF | *fd as u8, (&[][..]).into()),
         };
         if payload.len() > MAX_PAYLOAD {
@@ -160,12 +165,17 @@ pub fn decode_body<M: DeserializeOwned>(body: &[u8]) -> Result<Frame<M>, ProtoEr
     let payload = &body[5..];
     match kind & 0xf0 {
         0x00 if kind == KIND_MSG => {
-            let msg = serde_json::from_slice(payload).map_err(|e| ProtoError::BadMessage(e.to_string()))?;
+            let msg = serde_json::from_slice(payload)
+                .map_err(|e| ProtoError::BadMessage(e.to_string()))?;
             Ok(Frame::Msg { stream, msg })
         }
         KIND_DATA => {
             let fd = Fd::from_bits(kind & 0x0f).ok_or(ProtoError::BadKind(kind))?;
-            Ok(Frame::Data { stream, fd, bytes: payload.to_vec() })
+            Ok(Frame::Data {
+                stream,
+                fd,
+                bytes: payload.to_vec(),
+            })
         }
         KIND_EOF => {
             let fd = Fd::from_bits(kind & 0x0f).ok_or(ProtoError::BadKind(kind))?;
@@ -226,7 +236,11 @@ pub mod asyncio {
         while got < 4 {
             let n = r.read(&mut len[got..]).await?;
             if n == 0 {
-                return if got == 0 { Ok(None) } else { Err(ProtoError::Truncated) };
+                return if got == 0 {
+                    Ok(None)
+                } else {
+                    Err(ProtoError::Truncated)
+                };
             }
             got += n;
         }
@@ -331,7 +345,8 @@ pub struct PayloadStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum GuestMsg {
-    /// First message of each side; the guest adds what it knows about its boot.
+    /// The host's first message, and the guest's answer to it, which adds what it knows about
+    /// its boot.
     Hello {
         version: u32,
         /// Agent or host software version.
@@ -345,8 +360,11 @@ pub enum GuestMsg {
     },
     /// Host asks for the guest's status (answered with `Status` on stream 0).
     StatusRequest,
-    /// Guest status; also sent unsolicited whenever a payload changes state.
-    Status { uptime_ms: u64, payloads: Vec<PayloadStatus> },
+    /// Guest status, the answer to `StatusRequest`.
+    Status {
+        uptime_ms: u64,
+        payloads: Vec<PayloadStatus>,
+    },
     /// Host asks to run a process on a new stream.
     Exec(ExecRequest),
     /// The process runs.
@@ -382,15 +400,36 @@ mod tests {
         let frames = vec![
             Frame::Msg {
                 stream: 0,
-                msg: GuestMsg::Hello { version: 1, software: "x".into(), uptime_ms: Some(5), kernel: None },
+                msg: GuestMsg::Hello {
+                    version: 1,
+                    software: "x".into(),
+                    uptime_ms: Some(5),
+                    kernel: None,
+                },
             },
             Frame::Msg {
                 stream: 7,
-                msg: GuestMsg::Exec(ExecRequest { argv: vec!["ls".into()], ..Default::default() }),
+                msg: GuestMsg::Exec(ExecRequest {
+                    argv: vec!["ls".into()],
+                    ..Default::default()
+                }),
             },
-            Frame::Data { stream: 7, fd: Fd::Stdout, bytes: b"hello".to_vec() },
-            Frame::Eof { stream: 7, fd: Fd::Stdin },
-            Frame::Msg { stream: 7, msg: GuestMsg::Exit(ExitStatus { code: None, signal: Some(9) }) },
+            Frame::Data {
+                stream: 7,
+                fd: Fd::Stdout,
+                bytes: b"hello".to_vec(),
+            },
+            Frame::Eof {
+                stream: 7,
+                fd: Fd::Stdin,
+            },
+            Frame::Msg {
+                stream: 7,
+                msg: GuestMsg::Exit(ExitStatus {
+                    code: None,
+                    signal: Some(9),
+                }),
+            },
         ];
         for f in &frames {
             assert_eq!(&roundtrip(f), f);
@@ -400,8 +439,17 @@ mod tests {
     #[test]
     fn clean_eof_and_truncation() {
         assert!(read_frame::<GuestMsg, _>(&mut &b""[..]).unwrap().is_none());
-        assert!(matches!(read_frame::<GuestMsg, _>(&mut &b"\0\0"[..]), Err(ProtoError::Truncated)));
-        let bytes = Frame::<GuestMsg>::Data { stream: 1, fd: Fd::Stdout, bytes: vec![1; 10] }.encode().unwrap();
+        assert!(matches!(
+            read_frame::<GuestMsg, _>(&mut &b"\0\0"[..]),
+            Err(ProtoError::Truncated)
+        ));
+        let bytes = Frame::<GuestMsg>::Data {
+            stream: 1,
+            fd: Fd::Stdout,
+            bytes: vec![1; 10],
+        }
+        .encode()
+        .unwrap();
         assert!(matches!(
             read_frame::<GuestMsg, _>(&mut &bytes[..bytes.len() - 1]),
             Err(ProtoError::Truncated)
@@ -412,24 +460,50 @@ mod tests {
     fn oversize_and_bad_kinds_refused() {
         let mut big = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes().to_vec();
         big.extend_from_slice(&[0; 16]);
-        assert!(matches!(read_frame::<GuestMsg, _>(&mut &big[..]), Err(ProtoError::TooLarge(_))));
+        assert!(matches!(
+            read_frame::<GuestMsg, _>(&mut &big[..]),
+            Err(ProtoError::TooLarge(_))
+        ));
         let short = [0, 0, 0, 2, 0, 0];
-        assert!(matches!(read_frame::<GuestMsg, _>(&mut &short[..]), Err(ProtoError::TooShort(2))));
+        assert!(matches!(
+            read_frame::<GuestMsg, _>(&mut &short[..]),
+            Err(ProtoError::TooShort(2))
+        ));
         for kind in [0x00u8, 0x02, 0x13, 0x2f, 0x30, 0xff] {
             let mut f = vec![0, 0, 0, 5, 0, 0, 0, 1, kind];
-            assert!(read_frame::<GuestMsg, _>(&mut &f[..]).is_err(), "kind {kind:#x}");
+            assert!(
+                read_frame::<GuestMsg, _>(&mut &f[..]).is_err(),
+                "kind {kind:#x}"
+            );
             f.clear();
         }
         let eof_with_payload = [0, 0, 0, 6, 0, 0, 0, 1, 0x21, 9];
         assert!(read_frame::<GuestMsg, _>(&mut &eof_with_payload[..]).is_err());
         let bad_json = [0, 0, 0, 7, 0, 0, 0, 1, 0x01, b'{', b'x'];
-        assert!(matches!(read_frame::<GuestMsg, _>(&mut &bad_json[..]), Err(ProtoError::BadMessage(_))));
+        assert!(matches!(
+            read_frame::<GuestMsg, _>(&mut &bad_json[..]),
+            Err(ProtoError::BadMessage(_))
+        ));
     }
 
     #[test]
     fn exit_codes() {
-        assert_eq!(ExitStatus { code: Some(3), signal: None }.as_exit_code(), 3);
-        assert_eq!(ExitStatus { code: None, signal: Some(15) }.as_exit_code(), 143);
+        assert_eq!(
+            ExitStatus {
+                code: Some(3),
+                signal: None
+            }
+            .as_exit_code(),
+            3
+        );
+        assert_eq!(
+            ExitStatus {
+                code: None,
+                signal: Some(15)
+            }
+            .as_exit_code(),
+            143
+        );
     }
 
     proptest! {

@@ -609,3 +609,44 @@ fn port_discovery() {
     assert_eq!(find_port(d.path(), "missing"), None);
     assert_eq!(find_port(&d.path().join("nope"), "gatevm.agent"), None);
 }
+
+fn quiet_agent() -> Agent {
+    let host = Arc::new(TestHost {
+        shutdown: AtomicBool::new(false),
+    });
+    Agent::new(host, Reaper::global(), AgentInfo::current())
+}
+
+proptest::proptest! {
+    // Arbitrary bytes from the host never panic the agent and never make it hang.
+    #[test]
+    fn arbitrary_input_is_survived(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096)) {
+        let agent = quiet_agent();
+        let w = session::shared_writer(std::io::sink());
+        let mut r = &bytes[..];
+        agent.serve(&mut r, &w, OnEof::Stop);
+    }
+
+    // Well-framed bodies with arbitrary stream ids, kinds and payloads.
+    #[test]
+    fn arbitrary_frames_are_survived(
+        frames in proptest::collection::vec(
+            (proptest::prelude::any::<u32>(), proptest::prelude::any::<u8>(),
+             proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)),
+            0..32,
+        )
+    ) {
+        let mut bytes = Vec::new();
+        for (stream, kind, payload) in frames {
+            bytes.extend_from_slice(&((5 + payload.len()) as u32).to_be_bytes());
+            bytes.extend_from_slice(&stream.to_be_bytes());
+            bytes.push(kind);
+            bytes.extend_from_slice(&payload);
+        }
+        let agent = quiet_agent();
+        let w = session::shared_writer(std::io::sink());
+        let mut r = &bytes[..];
+        agent.serve(&mut r, &w, OnEof::Stop);
+        proptest::prop_assert_eq!(agent.session_count(), 0);
+    }
+}
