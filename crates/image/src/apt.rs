@@ -54,6 +54,21 @@ const DEBIAN_SUITES: &[&str] = &[
     "experimental",
 ];
 
+/// Whether `name` is the codename of a Debian release (one that can have a `-backports` suite):
+/// not an alias such as `stable`, not `sid` or `experimental`.
+pub fn is_debian_codename(name: &str) -> bool {
+    const NOT_RELEASES: &[&str] = &[
+        "sid",
+        "stable",
+        "oldstable",
+        "oldoldstable",
+        "testing",
+        "unstable",
+        "experimental",
+    ];
+    DEBIAN_SUITES.contains(&name) && !NOT_RELEASES.contains(&name)
+}
+
 /// Errors of the private apt configuration and of package fetching.
 #[derive(Debug, Error)]
 pub enum AptError {
@@ -419,7 +434,11 @@ impl PrivateApt {
             }
         }
         let list_path = root.join("sources.list");
-        write_if_changed(&list_path, &list)?;
+        if write_if_changed(&list_path, &list)? {
+            // Indexes fetched for other sources would make `lists_complete` true after an update
+            // that failed for the new ones; drop them (apt would on its next good update anyway).
+            clear_lists(&root.join("state/lists"))?;
+        }
         let status = root.join("state/status");
         if !status.exists() {
             std::fs::write(&status, "").map_err(io_err("cannot write", &status))?;
@@ -591,11 +610,25 @@ impl PrivateApt {
     }
 }
 
-fn write_if_changed(path: &Path, content: &str) -> Result<(), AptError> {
+/// Writes `content` unless the file holds it already; returns whether it wrote.
+fn write_if_changed(path: &Path, content: &str) -> Result<bool, AptError> {
     if std::fs::read_to_string(path).ok().as_deref() == Some(content) {
-        return Ok(());
+        return Ok(false);
     }
-    std::fs::write(path, content).map_err(io_err("cannot write", path))
+    std::fs::write(path, content).map_err(io_err("cannot write", path))?;
+    Ok(true)
+}
+
+/// Removes the downloaded indexes (`*_dists_*` files) from an apt lists directory.
+fn clear_lists(lists: &Path) -> Result<(), AptError> {
+    let rd = std::fs::read_dir(lists).map_err(io_err("cannot read", lists))?;
+    for e in rd.filter_map(|e| e.ok()) {
+        let name = e.file_name();
+        if name.to_string_lossy().contains("_dists_") && e.path().is_file() {
+            std::fs::remove_file(e.path()).map_err(io_err("cannot remove", &e.path()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Unpacks a .deb's files into `dest` with `dpkg-deb -x`.
@@ -700,6 +733,37 @@ garbage line
         assert!(!is_debian_archive_suite("cloud-sdk-bookworm"));
         assert!(!is_debian_archive_suite("nodistro"));
         assert!(!is_debian_archive_suite("jammy"));
+        assert!(is_debian_codename("bookworm"));
+        assert!(is_debian_codename("bullseye"));
+        assert!(!is_debian_codename("sid"));
+        assert!(!is_debian_codename("stable"));
+        assert!(!is_debian_codename("noble"));
+        assert!(!is_debian_codename("bookworm-backports"));
+    }
+
+    #[test]
+    fn changed_sources_drop_old_indexes() {
+        if !Path::new(DEBIAN_KEYRING).exists() {
+            eprintln!("SKIPPED changed_sources_drop_old_indexes: no {DEBIAN_KEYRING}");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("apt");
+        let a = PrivateApt::new(&root, &["http://one.example/debian".into()], &["trixie"]).unwrap();
+        let lists = root.join("state/lists");
+        let index = lists.join("one.example_debian_dists_trixie_main_binary-amd64_Packages");
+        std::fs::write(&index, "").unwrap();
+        std::fs::write(lists.join("lock"), "").unwrap();
+        assert!(a.lists_complete());
+        // Same sources: the index stays.
+        let a = PrivateApt::new(&root, &["http://one.example/debian".into()], &["trixie"]).unwrap();
+        assert!(a.lists_complete());
+        // Another mirror: the old index must not count as this one's.
+        let a = PrivateApt::new(&root, &["http://two.example/debian".into()], &["trixie"]).unwrap();
+        assert!(!a.lists_complete());
+        assert!(!index.exists());
+        assert!(lists.join("lock").exists());
+        assert!(lists.join("partial").is_dir());
     }
 
     #[test]

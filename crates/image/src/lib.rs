@@ -1,5 +1,6 @@
-//! gatevm's runtime bundle: the guest kernel and its modules, libkrunfw, gvproxy and virtiofsd,
-//! each with its provenance; the base root filesystem built from a recipe; the initramfs that
+//! gatevm's runtime bundle: the guest kernel and its modules, libkrunfw, gvproxy, virtiofsd and
+//! QEMU (the host's when it is 8 or newer, else Debian's backport; see [`qemu`]), each with its
+//! provenance; the base root filesystem built from a recipe; the initramfs that
 //! boots the guest agent.
 //!
 //! - [`setup()`] acquires everything into [`dirs::runtime_dir`] (idempotent, reports each step).
@@ -20,6 +21,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod modules;
 pub mod provenance;
+pub mod qemu;
 pub mod rootfs;
 pub mod runtime;
 pub mod setup;

@@ -23,6 +23,9 @@ pub mod component {
     pub const LIBKRUNFW: &str = "libkrunfw";
     /// virtiofsd.
     pub const VIRTIOFSD: &str = "virtiofsd";
+    /// QEMU: Debian's backport unpacked into the runtime directory (binary and firmware), or the
+    /// host's `qemu-system-x86_64` recorded by absolute path.
+    pub const QEMU: &str = "qemu";
 }
 
 /// Errors reading, writing or verifying the manifest.
@@ -61,7 +64,8 @@ pub enum ProvenanceError {
 /// One installed file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRecord {
-    /// Path relative to the runtime directory.
+    /// Path relative to the runtime directory, or absolute for a file of the host's (the host's
+    /// QEMU when it is used).
     pub path: String,
     /// SHA-256 of the contents, hex.
     pub sha256: String,

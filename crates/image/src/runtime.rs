@@ -8,6 +8,7 @@ use crate::dirs::{self, DirsError};
 use crate::initramfs::{self, InitramfsError};
 use crate::kernel::KernelInfo;
 use crate::provenance::{component, Provenance, ProvenanceError, VerifyReport};
+use crate::qemu::{self, RecordedQemu};
 use crate::rootfs::{self, RootfsRecipe};
 
 /// Errors of loading or using the runtime bundle.
@@ -51,6 +52,7 @@ pub struct Runtime {
     rootfs_root: PathBuf,
     provenance: Provenance,
     kernel: KernelInfo,
+    qemu: RecordedQemu,
 }
 
 impl Runtime {
@@ -71,6 +73,7 @@ impl Runtime {
             component::GVPROXY,
             component::LIBKRUNFW,
             component::VIRTIOFSD,
+            component::QEMU,
         ] {
             if provenance.component(name).is_none() {
                 return Err(RuntimeError::Incomplete {
@@ -90,19 +93,29 @@ impl Runtime {
             modules_dir: runtime_dir.join("kernel/lib/modules").join(&release),
             release,
         };
+        let qemu = provenance
+            .component(component::QEMU)
+            .and_then(qemu::recorded_binary)
+            .ok_or_else(|| RuntimeError::Incomplete {
+                what: "the qemu component records no qemu-system-x86_64".into(),
+            })?;
         let rt = Runtime {
             dir: runtime_dir.to_path_buf(),
             rootfs_root: rootfs_root.to_path_buf(),
             provenance,
             kernel,
+            qemu,
         };
-        for p in [
+        let mut required = vec![
             rt.kernel.vmlinux.clone(),
             rt.kernel.modules_dir.join("modules.dep"),
             rt.gvproxy(),
             rt.virtiofsd(),
             rt.libkrunfw(),
-        ] {
+            rt.qemu_binary(),
+        ];
+        required.extend(rt.qemu_data_dirs());
+        for p in required {
             if !p.exists() {
                 return Err(RuntimeError::Incomplete {
                     what: format!("{} is missing", p.display()),
@@ -162,6 +175,33 @@ impl Runtime {
     /// The directory holding the bundle's shared libraries (for `LD_LIBRARY_PATH`).
     pub fn lib_dir(&self) -> PathBuf {
         self.dir.join("lib")
+    }
+
+    /// The `qemu-system-x86_64` to run: the bundled backport (`<runtime>/qemu/usr/bin/...`) or the
+    /// host's, by absolute path (see [`crate::qemu`] for which and why).
+    pub fn qemu_binary(&self) -> PathBuf {
+        match &self.qemu {
+            RecordedQemu::Bundled => self.dir.join(qemu::BUNDLED_BINARY),
+            RecordedQemu::Host(p) => p.clone(),
+        }
+    }
+
+    /// The firmware directories to pass to [`Runtime::qemu_binary`], each with `-L`, in order:
+    /// the bundle's `usr/share/qemu` and `usr/share/seabios`; empty for the host's QEMU (which
+    /// finds its own). Without them the bundled QEMU would load the host's older firmware.
+    pub fn qemu_data_dirs(&self) -> Vec<PathBuf> {
+        match &self.qemu {
+            RecordedQemu::Bundled => qemu::BUNDLED_DATA_DIRS
+                .iter()
+                .map(|d| self.dir.join(d))
+                .collect(),
+            RecordedQemu::Host(_) => Vec::new(),
+        }
+    }
+
+    /// Whether [`Runtime::qemu_binary`] is the bundled backport (not the host's QEMU).
+    pub fn qemu_is_bundled(&self) -> bool {
+        self.qemu == RecordedQemu::Bundled
     }
 
     /// The recipe of the base rootfs for the installed kernel.
@@ -266,13 +306,83 @@ mod tests {
             files: vec![],
         });
         p.save(&rt).unwrap();
+        // A bundle set up before QEMU became a component: the usual one-line message.
+        let e = Runtime::load_from(&rt, &tmp.path().join("rootfs")).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, RuntimeError::Incomplete { .. }), "{msg}");
+        assert!(msg.contains("qemu not installed"), "{msg}");
+        assert!(msg.contains("run `gatevm setup`"), "{msg}");
+        assert!(!msg.contains('\n'));
+
+        // The bundled backport.
+        for f in [
+            "qemu/usr/bin/qemu-system-x86_64",
+            "qemu/usr/share/qemu/pvh.bin",
+            "qemu/usr/share/seabios/bios-microvm.bin",
+        ] {
+            let p = rt.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, b"x").unwrap();
+        }
+        let bundled = crate::provenance::records_for(
+            &rt,
+            &[
+                PathBuf::from("qemu/usr/bin/qemu-system-x86_64"),
+                PathBuf::from("qemu/usr/share/seabios/bios-microvm.bin"),
+            ],
+        )
+        .unwrap();
+        p.set_component(Component {
+            name: "qemu".into(),
+            version: "1:10.0.2+ds-2+deb13u1~bpo12+1".into(),
+            origin: "test".into(),
+            installed_unix: 0,
+            files: bundled,
+        });
+        p.save(&rt).unwrap();
         let r = Runtime::load_from(&rt, &tmp.path().join("rootfs")).unwrap();
         assert_eq!(r.kernel_release(), rel);
         assert_eq!(r.kernel_path(), rt.join("kernel/vmlinux"));
         assert!(r.libkrunfw().exists());
+        assert!(r.qemu_is_bundled());
+        assert_eq!(r.qemu_binary(), rt.join("qemu/usr/bin/qemu-system-x86_64"));
+        assert_eq!(
+            r.qemu_data_dirs(),
+            vec![
+                rt.join("qemu/usr/share/qemu"),
+                rt.join("qemu/usr/share/seabios")
+            ]
+        );
         let e = r.rootfs().unwrap_err();
         assert!(e.to_string().contains("gatevm setup"), "{e}");
         assert!(r.verify().ok());
+
+        // The host's QEMU, by absolute path.
+        let host_bin = tmp.path().join("host/usr/bin/qemu-system-x86_64");
+        std::fs::create_dir_all(host_bin.parent().unwrap()).unwrap();
+        std::fs::write(&host_bin, b"elf").unwrap();
+        let files = crate::provenance::records_for(&rt, std::slice::from_ref(&host_bin)).unwrap();
+        assert_eq!(files[0].path, host_bin.to_string_lossy());
+        p.set_component(Component {
+            name: "qemu".into(),
+            version: "1:10.0.2+ds-2".into(),
+            origin: "host package qemu-system-x86 1:10.0.2+ds-2".into(),
+            installed_unix: 0,
+            files,
+        });
+        p.save(&rt).unwrap();
+        let r = Runtime::load_from(&rt, &tmp.path().join("rootfs")).unwrap();
+        assert!(!r.qemu_is_bundled());
+        assert_eq!(r.qemu_binary(), host_bin);
+        assert!(r.qemu_data_dirs().is_empty());
+        assert!(r.verify().ok());
+        std::fs::remove_file(&host_bin).unwrap();
+        let e = Runtime::load_from(&rt, &tmp.path().join("rootfs")).unwrap_err();
+        assert!(
+            e.to_string().contains("qemu-system-x86_64 is missing"),
+            "{e}"
+        );
+        std::fs::write(&host_bin, b"elf").unwrap();
 
         std::fs::remove_file(rt.join("bin/gvproxy")).unwrap();
         let e = Runtime::load_from(&rt, &tmp.path().join("rootfs")).unwrap_err();

@@ -8,15 +8,18 @@
 //! kernel/config-<release>               the kernel's build configuration
 //! kernel/lib/modules/<release>/         module tree, depmod'ed
 //! bin/gvproxy, bin/virtiofsd            helper binaries
+//! qemu/usr/bin/qemu-system-x86_64       QEMU from Debian's <codename>-backports, when the host's
+//! qemu/usr/share/{qemu,seabios}/        is older than 8 (its firmware: pass each dir with -L)
 //! lib/libkrunfw.so.5 -> libkrunfw.so.5.x.y
 //! initramfs/initramfs-<hash12>.cpio     per guest binary, built on demand
 //! ```
 //! Base root file systems live in `data_dir()/rootfs/<recipe-hash12>/`; downloads, the private
-//! apt state, build trees and the setup log in the cache directory.
+//! apt state (`apt/` for trixie and sid, `apt-backports/` for the host release's backports),
+//! build trees and the setup log in the cache directory.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use thiserror::Error;
@@ -28,6 +31,7 @@ use crate::host::{self, HostError};
 use crate::initramfs::{self, InitramfsError};
 use crate::kernel::{self, KernelError, KernelInfo};
 use crate::provenance::{self, component, Component, Provenance, ProvenanceError, RootfsRecord};
+use crate::qemu::{self, HostQemu, QemuError, QemuPlan, QemuVersion, RecordedQemu};
 use crate::rootfs::{self, RootfsError, RootfsRecipe};
 use crate::util;
 use crate::virtiofsd::{self, VirtiofsdError, VIRTIOFSD_VERSION};
@@ -86,8 +90,8 @@ pub enum SetupAction {
 /// One step of [`setup`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SetupStep {
-    /// Component name: `host-packages`, `apt`, `kernel`, `gvproxy`, `libkrunfw`, `virtiofsd`,
-    /// `rootfs`, `initramfs`.
+    /// Component name: `host-packages`, `apt`, `kernel`, `qemu`, `gvproxy`, `libkrunfw`,
+    /// `virtiofsd`, `rootfs`, `initramfs`.
     pub component: String,
     /// What was done.
     pub action: SetupAction,
@@ -203,6 +207,9 @@ pub enum SetupError {
     /// Reading or writing the provenance manifest failed.
     #[error("{0}")]
     Provenance(#[from] ProvenanceError),
+    /// No QEMU that runs the guests reliably, or the fetched one does not work.
+    #[error("qemu: {0}")]
+    Qemu(#[from] QemuError),
 }
 
 fn io(
@@ -227,6 +234,9 @@ struct Ctx<'a> {
     log: PathBuf,
     progress: &'a dyn Fn(&str),
     apt: Option<PrivateApt>,
+    /// The private apt configuration for the host release's backports suite (kept apart from
+    /// `apt`, so that a missing or failing backports suite cannot break the other lookups).
+    backports_apt: Option<PrivateApt>,
     steps: Vec<SetupStep>,
 }
 
@@ -279,6 +289,52 @@ impl Ctx<'_> {
                 "private apt config in {} for {} from {}",
                 a.root().display(),
                 suites.join(", "),
+                mirrors.join(", ")
+            ),
+            started,
+        );
+        Ok(a)
+    }
+
+    /// The private apt configuration for `suite` (a `-backports` suite), created and updated on
+    /// first use.
+    fn backports_apt(&mut self, suite: &str) -> Result<&PrivateApt, AptError> {
+        if !self
+            .backports_apt
+            .as_ref()
+            .is_some_and(|a| a.suites().iter().any(|s| s == suite))
+        {
+            self.backports_apt = None;
+        }
+        match self.backports_apt {
+            Some(ref a) => Ok(a),
+            None => {
+                let a = self.new_backports_apt(suite)?;
+                Ok(self.backports_apt.insert(a))
+            }
+        }
+    }
+
+    fn new_backports_apt(&mut self, suite: &str) -> Result<PrivateApt, AptError> {
+        let started = Instant::now();
+        let mirrors = apt::system_debian_mirrors()?;
+        let a = PrivateApt::new(&self.cache.join("apt-backports"), &mirrors, &[suite])?;
+        (self.progress)(&format!(
+            "updating package lists for Debian {suite} from {}",
+            mirrors.join(", ")
+        ));
+        let had_lists = a.lists_complete();
+        a.update(&self.log)?;
+        self.step(
+            "apt",
+            if had_lists {
+                SetupAction::Rebuilt
+            } else {
+                SetupAction::Installed
+            },
+            format!(
+                "private apt config in {} for {suite} from {}",
+                a.root().display(),
                 mirrors.join(", ")
             ),
             started,
@@ -379,6 +435,7 @@ pub fn setup(opts: &SetupOptions, progress: &dyn Fn(&str)) -> Result<SetupReport
         log: log.clone(),
         progress,
         apt: None,
+        backports_apt: None,
         steps: Vec::new(),
     };
     let mut prov = Provenance::load(&runtime)?.unwrap_or_default();
@@ -386,10 +443,12 @@ pub fn setup(opts: &SetupOptions, progress: &dyn Fn(&str)) -> Result<SetupReport
 
     step_host(&mut ctx, opts)?;
     let kernel = step_kernel(&mut ctx, opts, &mut prov)?;
+    // After the kernel: a fetched QEMU is checked by booting it.
+    step_qemu(&mut ctx, opts, &kernel, &mut prov)?;
     step_gvproxy(&mut ctx, opts, &mut prov)?;
     step_libkrunfw(&mut ctx, opts, &mut prov)?;
     step_virtiofsd(&mut ctx, &mut prov)?;
-    if ctx.apt.is_none() {
+    if ctx.apt.is_none() && ctx.backports_apt.is_none() {
         ctx.step(
             "apt",
             SetupAction::AlreadyPresent,
@@ -900,6 +959,428 @@ fn step_virtiofsd(ctx: &mut Ctx<'_>, prov: &mut Provenance) -> Result<(), SetupE
         started,
     );
     Ok(())
+}
+
+/// Why Debian's QEMU backport could not be used.
+enum BackportFailure {
+    /// Not to be had: no such suite or package, apt or network failures, too old a version.
+    /// Falls back to the host's QEMU when hardware KVM works, else [`QemuError::HostTooOld`].
+    Unavailable(String),
+    /// Fetched, but it does not work here (missing libraries, a broken package). Reported as is,
+    /// unless hardware KVM makes the host's QEMU fine.
+    Broken(SetupError),
+}
+
+/// The `qemu` step: the host's QEMU when it is 8 or newer, else Debian's backport for the host's
+/// release in `runtime/qemu/`, else the host's old QEMU where hardware KVM works (see
+/// [`crate::qemu`]).
+fn step_qemu(
+    ctx: &mut Ctx<'_>,
+    opts: &SetupOptions,
+    kernel: &KernelInfo,
+    prov: &mut Provenance,
+) -> Result<(), SetupError> {
+    const C: &str = component::QEMU;
+    let started = Instant::now();
+    (ctx.progress)("checking QEMU");
+    let host = qemu::probe_host_qemu();
+    let codename = qemu::host_codename();
+    let recorded = prov.component(C).and_then(qemu::recorded_binary);
+    let complete = present(prov, &ctx.runtime, C);
+    // A bundle from an earlier layout (without a file now required) is installed again.
+    let bundle_complete = complete
+        && recorded == Some(RecordedQemu::Bundled)
+        && qemu::BUNDLED_REQUIRED
+            .iter()
+            .all(|f| ctx.runtime.join(f).exists());
+
+    let problem = match (
+        qemu::plan(host.as_ref().map(|h| h.version), codename.as_deref()),
+        &host,
+    ) {
+        (QemuPlan::UseHost, Some(h)) => return use_host_qemu(ctx, prov, h, None, started),
+        (QemuPlan::UseHost, None) => format!("no usable {}", qemu::QEMU_PROGRAM),
+        (QemuPlan::NoBackport { reason }, _) => reason,
+        (QemuPlan::FetchBackport { suite }, _) => {
+            if bundle_complete && !opts.refresh {
+                if let Some(c) = prov.component(C) {
+                    let detail = bundle_detail(&ctx.runtime, c, "");
+                    ctx.step(C, SetupAction::AlreadyPresent, detail, started);
+                    return Ok(());
+                }
+            }
+            // The host's old QEMU accepted earlier because of hardware KVM: still fine while
+            // KVM works and the binary is the same version (`--refresh` tries the backport again).
+            if let (Some(RecordedQemu::Host(path)), Some(h), false) =
+                (&recorded, &host, opts.refresh)
+            {
+                let same = complete
+                    && *path == h.path
+                    && prov
+                        .component(C)
+                        .is_some_and(|c| c.version == h.version_string());
+                if same && qemu::hardware_kvm().is_ok() {
+                    let detail = format!(
+                        "QEMU {} at {} (older than {}, accepted because hardware KVM works)",
+                        h.version,
+                        h.path.display(),
+                        qemu::MIN_TCG_SAFE_MAJOR
+                    );
+                    ctx.step(C, SetupAction::AlreadyPresent, detail, started);
+                    return Ok(());
+                }
+            }
+            match install_backport(ctx, prov, kernel, &suite, bundle_complete, started) {
+                Ok(()) => return Ok(()),
+                Err(BackportFailure::Unavailable(why)) if bundle_complete => {
+                    // --refresh could not reach the backport: keep the working bundle.
+                    if let Some(c) = prov.component(C) {
+                        let detail = bundle_detail(
+                            &ctx.runtime,
+                            c,
+                            &format!("; could not check for a newer version: {why}"),
+                        );
+                        ctx.step(C, SetupAction::AlreadyPresent, detail, started);
+                    }
+                    return Ok(());
+                }
+                Err(BackportFailure::Unavailable(why)) => format!("{suite}: {why}"),
+                Err(BackportFailure::Broken(e)) => {
+                    if host.is_none() || qemu::hardware_kvm().is_err() {
+                        return Err(e);
+                    }
+                    format!("{suite}: {e}")
+                }
+            }
+        }
+    };
+    let (h, note) = qemu::accept_old_host(
+        host.as_ref(),
+        qemu::hardware_kvm(),
+        codename.as_deref(),
+        &problem,
+    )?;
+    use_host_qemu(ctx, prov, h, Some(note), started)
+}
+
+/// The report line of a bundled QEMU that is left as it is.
+fn bundle_detail(runtime: &Path, c: &Component, suffix: &str) -> String {
+    let version = QemuVersion::from_debian_version(&c.version)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| c.version.clone());
+    format!(
+        "QEMU {version} in {} ({}{suffix})",
+        runtime.join(qemu::BUNDLE_DIR).display(),
+        c.origin
+    )
+}
+
+/// Records the host's QEMU as the `qemu` component (its binary by absolute path and hash) and
+/// removes a bundled QEMU left from before.
+fn use_host_qemu(
+    ctx: &mut Ctx<'_>,
+    prov: &mut Provenance,
+    h: &HostQemu,
+    note: Option<String>,
+    started: Instant,
+) -> Result<(), SetupError> {
+    const C: &str = component::QEMU;
+    let version = h.version_string();
+    let origin = format!("host package {} {version}", qemu::QEMU_HOST_PACKAGE);
+    let path = h.path.to_string_lossy().into_owned();
+    let mut detail = format!("QEMU {} at {}", h.version, h.path.display());
+    if let Some(n) = &note {
+        detail.push_str(&format!(" ({n})"));
+    }
+    let same = present(prov, &ctx.runtime, C)
+        && prov.component(C).is_some_and(|c| {
+            c.version == version && c.origin == origin && c.files.iter().any(|f| f.path == path)
+        });
+    if same {
+        ctx.step(C, SetupAction::AlreadyPresent, detail, started);
+        return Ok(());
+    }
+    let had = prov.component(C).is_some();
+    let files = provenance::records_for(&ctx.runtime, std::slice::from_ref(&h.path))?;
+    prov.set_component(Component {
+        name: C.into(),
+        version,
+        origin,
+        installed_unix: util::now_unix(),
+        files,
+    });
+    prov.save(&ctx.runtime)?;
+    let bundle = ctx.runtime.join(qemu::BUNDLE_DIR);
+    if bundle.exists() {
+        std::fs::remove_dir_all(&bundle).map_err(io(C, "cannot remove", &bundle))?;
+    }
+    ctx.step(
+        C,
+        if had {
+            SetupAction::Rebuilt
+        } else {
+            SetupAction::Installed
+        },
+        detail,
+        started,
+    );
+    Ok(())
+}
+
+/// Fetches QEMU from Debian's `suite` (a `-backports` suite) into `runtime/qemu/`: the packages
+/// of [`qemu::BACKPORT_PACKAGES`], unpacked, trimmed to the binary and the x86 firmware, checked
+/// (`--version`, a boot of the guest kernel), swapped in and recorded.
+fn install_backport(
+    ctx: &mut Ctx<'_>,
+    prov: &mut Provenance,
+    kernel: &KernelInfo,
+    suite: &str,
+    bundle_complete: bool,
+    started: Instant,
+) -> Result<(), BackportFailure> {
+    const C: &str = component::QEMU;
+    let unavailable = |e: AptError| BackportFailure::Unavailable(e.to_string());
+    let broken = |e: SetupError| BackportFailure::Broken(e);
+    let mut entries: Vec<PackageEntry> = Vec::new();
+    for pkg in qemu::BACKPORT_PACKAGES {
+        let apt = ctx.backports_apt(suite).map_err(unavailable)?;
+        entries.push(apt.show(pkg, suite).map_err(unavailable)?);
+    }
+    let (Some(main), Some(seabios)) = (entries.first(), entries.last()) else {
+        return Err(BackportFailure::Unavailable("no packages".into()));
+    };
+    let upstream = QemuVersion::from_debian_version(&main.version).ok_or_else(|| {
+        BackportFailure::Unavailable(format!(
+            "cannot read a QEMU version in {} {}",
+            main.package, main.version
+        ))
+    })?;
+    if !upstream.tcg_safe() {
+        return Err(BackportFailure::Unavailable(format!(
+            "it has QEMU {upstream} ({} {}), older than {} too",
+            main.package,
+            main.version,
+            qemu::MIN_TCG_SAFE_MAJOR
+        )));
+    }
+    let origin = format!(
+        "debian {suite} packages {} {}, {}, {}, {} {}",
+        main.package,
+        main.version,
+        qemu::BACKPORT_PACKAGES[1],
+        qemu::BACKPORT_PACKAGES[2],
+        seabios.package,
+        seabios.version
+    );
+    if bundle_complete {
+        if let Some(c) = prov
+            .component(C)
+            .filter(|c| c.version == main.version && c.origin == origin)
+        {
+            let detail = bundle_detail(&ctx.runtime, c, "; up to date");
+            ctx.step(C, SetupAction::AlreadyPresent, detail, started);
+            return Ok(());
+        }
+    }
+
+    let work = ctx.work_dir(C).map_err(broken)?;
+    let x = work.path().join("x");
+    let log = ctx.log.clone();
+    for e in &entries {
+        (ctx.progress)(&format!(
+            "downloading {} {} (Debian {suite})",
+            e.package, e.version
+        ));
+        let dl = work.path().join("dl").join(&e.package);
+        let apt = ctx.backports_apt(suite).map_err(unavailable)?;
+        let deb = apt
+            .download(&e.package, &e.version, &dl, &log)
+            .map_err(unavailable)?;
+        apt::unpack_deb(&deb, &x, &log).map_err(|source| {
+            broken(SetupError::Apt {
+                component: C,
+                source,
+            })
+        })?;
+    }
+
+    let staging = ctx.runtime.join(".qemu-new");
+    let result = stage_backport(ctx, kernel, work.path(), &x, &staging, &entries, upstream);
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    let version = result.map_err(broken)?;
+
+    let final_dir = ctx.runtime.join(qemu::BUNDLE_DIR);
+    let old = ctx.runtime.join(".qemu-old");
+    let swap = || -> Result<(), SetupError> {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io(C, "cannot remove", &old))?;
+        }
+        if final_dir.exists() {
+            std::fs::rename(&final_dir, &old).map_err(io(C, "cannot move aside", &final_dir))?;
+        }
+        std::fs::rename(&staging, &final_dir).map_err(io(C, "cannot install", &final_dir))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    };
+    swap().map_err(broken)?;
+
+    let had = prov.component(C).is_some();
+    let nfiles =
+        record_bundle(&ctx.runtime, prov, &final_dir, &main.version, &origin).map_err(broken)?;
+    let size = dir_size(&final_dir);
+    ctx.step(
+        C,
+        if had {
+            SetupAction::Rebuilt
+        } else {
+            SetupAction::Installed
+        },
+        format!(
+            "QEMU {version} in {} ({} MiB, {nfiles} files) from {origin}",
+            final_dir.display(),
+            size >> 20
+        ),
+        started,
+    );
+    Ok(())
+}
+
+/// Records the files of the bundle in `dir` as the `qemu` component; returns their number.
+fn record_bundle(
+    runtime: &Path,
+    prov: &mut Provenance,
+    dir: &Path,
+    version: &str,
+    origin: &str,
+) -> Result<usize, SetupError> {
+    const C: &str = component::QEMU;
+    let rels: Vec<PathBuf> = util::list_files(dir)
+        .map_err(io(C, "cannot list", dir))?
+        .into_iter()
+        .map(|p| PathBuf::from(qemu::BUNDLE_DIR).join(p))
+        .collect();
+    let files = provenance::records_for(runtime, &rels)?;
+    let n = files.len();
+    prov.set_component(Component {
+        name: C.into(),
+        version: version.to_string(),
+        origin: origin.to_string(),
+        installed_unix: util::now_unix(),
+        files,
+    });
+    prov.save(runtime)?;
+    Ok(n)
+}
+
+/// Builds the trimmed QEMU tree in `staging` from the unpacked packages in `x` and checks it;
+/// returns the version the binary reports.
+fn stage_backport(
+    ctx: &Ctx<'_>,
+    kernel: &KernelInfo,
+    work: &Path,
+    x: &Path,
+    staging: &Path,
+    entries: &[PackageEntry],
+    expected: QemuVersion,
+) -> Result<QemuVersion, SetupError> {
+    const C: &str = component::QEMU;
+    if staging.exists() {
+        std::fs::remove_dir_all(staging).map_err(io(C, "cannot remove", staging))?;
+    }
+    let bin_dir = staging.join("usr/bin");
+    let share = staging.join("usr/share");
+    for d in [&bin_dir, &share] {
+        std::fs::create_dir_all(d).map_err(io(C, "cannot create", d))?;
+    }
+    let packages = entries
+        .iter()
+        .map(|e| format!("{} {}", e.package, e.version))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let src_bin = x.join("usr/bin").join(qemu::QEMU_PROGRAM);
+    if !src_bin.is_file() {
+        return Err(SetupError::Package {
+            component: C,
+            problem: format!(
+                "packages {packages} contain no usr/bin/{}",
+                qemu::QEMU_PROGRAM
+            ),
+        });
+    }
+    let bin = bin_dir.join(qemu::QEMU_PROGRAM);
+    util::copy_atomic(&src_bin, &bin, 0o755).map_err(io(C, "cannot copy QEMU to", &bin))?;
+    let src_seabios = x.join("usr/share/seabios");
+    let seabios = share.join("seabios");
+    util::copy_tree(&src_seabios, &seabios).map_err(io(
+        C,
+        "cannot copy the firmware to",
+        &seabios,
+    ))?;
+    // usr/share/qemu without other architectures' firmware.
+    let src_data = x.join("usr/share/qemu");
+    let data = share.join("qemu");
+    std::fs::create_dir_all(&data).map_err(io(C, "cannot create", &data))?;
+    let names = std::fs::read_dir(&src_data).map_err(io(C, "cannot read", &src_data))?;
+    for e in names {
+        let e = e.map_err(io(C, "cannot read", &src_data))?;
+        let name = e.file_name();
+        if qemu::is_non_x86_firmware(&name.to_string_lossy()) {
+            continue;
+        }
+        let dest = data.join(&name);
+        util::copy_tree(&e.path(), &dest).map_err(io(C, "cannot copy the firmware to", &dest))?;
+    }
+    let prefix = format!("{}/", qemu::BUNDLE_DIR);
+    // The microvm machine's firmware is qboot (see qemu::MICROVM_FIRMWARE).
+    let microvm_fw = data.join("bios-microvm.bin");
+    if std::fs::symlink_metadata(&microvm_fw).is_err() && data.join("qboot.rom").is_file() {
+        std::os::unix::fs::symlink("qboot.rom", &microvm_fw).map_err(io(
+            C,
+            "cannot create symlink",
+            &microvm_fw,
+        ))?;
+    }
+    for req in qemu::BUNDLED_REQUIRED {
+        let rel = req.strip_prefix(&prefix).unwrap_or(req);
+        if !staging.join(rel).exists() {
+            return Err(SetupError::Package {
+                component: C,
+                problem: format!("packages {packages} contain no {rel}"),
+            });
+        }
+    }
+
+    (ctx.progress)("checking the fetched QEMU");
+    let depends: Vec<String> = entries.iter().flat_map(|e| e.depends.clone()).collect();
+    let (version, _) = qemu::check_binary(&bin, &depends)?;
+    if (version.major, version.minor) != (expected.major, expected.minor) {
+        return Err(SetupError::Package {
+            component: C,
+            problem: format!(
+                "{} reports QEMU {version}, but the package is {expected}",
+                bin.display()
+            ),
+        });
+    }
+    let dirs: Vec<PathBuf> = qemu::BUNDLED_DATA_DIRS
+        .iter()
+        .map(|d| staging.join(d.strip_prefix(&prefix).unwrap_or(d)))
+        .collect();
+    (ctx.progress)(&format!(
+        "booting the guest kernel with QEMU {version} (TCG) to check it"
+    ));
+    let serial = work.join("boot-test-console.log");
+    let took = qemu::boot_test(
+        &bin,
+        &dirs,
+        &kernel.vmlinux,
+        &serial,
+        Duration::from_secs(180),
+    )?;
+    tracing::info!(?took, "bundled QEMU boots the guest kernel");
+    Ok(version)
 }
 
 fn step_rootfs(

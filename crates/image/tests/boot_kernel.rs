@@ -4,9 +4,12 @@
 //! entry, the initramfs layout is what the guest expects and every module loads in the given
 //! order.
 //!
-//! Needs the runtime bundle (`gatevm setup`), `qemu-system-x86_64` and a C compiler that can link
+//! Runs the runtime's QEMU (`Runtime::qemu_binary`, with `-L` for its firmware directories).
+//!
+//! Needs the runtime bundle (`gatevm setup`) and a C compiler that can link
 //! statically; when one is missing the test says so and returns without checking anything.
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -58,9 +61,7 @@ fn boots_vmlinux_with_generated_initramfs() {
         Ok(rt) => rt,
         Err(e) => return skip(&format!("no runtime bundle ({e})")),
     };
-    let Some(qemu) = gatevm_image::find_program("qemu-system-x86_64") else {
-        return skip("qemu-system-x86_64 not installed");
-    };
+    let qemu = rt.qemu_binary();
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("init.c");
     std::fs::write(&src, INIT_C).unwrap();
@@ -90,7 +91,12 @@ fn boots_vmlinux_with_generated_initramfs() {
         initrd.display()
     );
 
-    let mut child = Command::new(qemu)
+    let mut child = Command::new(&qemu)
+        .args(
+            rt.qemu_data_dirs()
+                .iter()
+                .flat_map(|d| [OsStr::new("-L"), d.as_os_str()]),
+        )
         .args([
             "-M",
             "microvm,x-option-roms=off,rtc=on",

@@ -106,6 +106,7 @@ impl Agent {
                         let mut v = lock(&self.view);
                         v.agent = AgentInfo {
                             connected: true,
+                            responding: true,
                             version: Some(truncate(&software, 100)),
                             kernel: kernel.map(|k| truncate(&k, 100)),
                             uptime_ms,

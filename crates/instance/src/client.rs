@@ -309,7 +309,8 @@ pub async fn delete(name: &str, force: bool) -> Result<(), ClientError> {
 }
 
 /// Runs a process in the guest, streaming its stdin/stdout/stderr, and returns its exit code
-/// (127 not found, 126 not executable, 128+N killed by signal N).
+/// (127 not found, 126 not executable, 128+N killed by signal N; 141 when our own output was
+/// closed, as for a process killed by SIGPIPE — the guest process then gets SIGHUP).
 ///
 /// `resize` delivers terminal size changes for TTY sessions; `signals` signals to forward.
 pub async fn exec<I, O, E>(
@@ -349,13 +350,22 @@ where
             f = asyncio::read_frame::<GuestMsg, _>(&mut r) => {
                 match f.map_err(|e| cerr(e.to_string()))? {
                     None => return Err(cerr("the supervisor closed the exec stream".into())),
-                    Some(Frame::Data { fd: Fd::Stdout, bytes, .. }) => {
-                        stdout.write_all(&bytes).await.map_err(ioe(name, "writing stdout"))?;
-                        stdout.flush().await.map_err(ioe(name, "writing stdout"))?;
-                    }
-                    Some(Frame::Data { fd: Fd::Stderr, bytes, .. }) => {
-                        stderr.write_all(&bytes).await.map_err(ioe(name, "writing stderr"))?;
-                        stderr.flush().await.map_err(ioe(name, "writing stderr"))?;
+                    Some(Frame::Data { fd, bytes, .. }) if fd != Fd::Stdin => {
+                        let out: &mut (dyn AsyncWrite + Unpin) =
+                            if fd == Fd::Stdout { &mut stdout } else { &mut stderr };
+                        let written = match out.write_all(&bytes).await {
+                            Ok(()) => out.flush().await,
+                            Err(e) => Err(e),
+                        };
+                        match written {
+                            Ok(()) => {}
+                            // Our reader went away (`| head`): end like a process killed by
+                            // SIGPIPE; the supervisor hangs up on the guest process.
+                            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                                return Ok(128 + libc::SIGPIPE)
+                            }
+                            Err(e) => return Err(ioe(name, "writing output")(e)),
+                        }
                     }
                     Some(Frame::Msg { msg: GuestMsg::Exit(st), .. }) => return Ok(st.as_exit_code()),
                     Some(Frame::Msg { msg: GuestMsg::ExecFailed { code, message }, .. }) => {

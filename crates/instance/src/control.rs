@@ -38,7 +38,11 @@ pub enum CtlReply {
 /// What the guest agent said about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct AgentInfo {
+    /// The agent channel is open and the guest said hello.
     pub connected: bool,
+    /// The agent answered a status request just now (within 2 s).
+    #[serde(default)]
+    pub responding: bool,
     pub version: Option<String>,
     pub kernel: Option<String>,
     pub uptime_ms: Option<u64>,

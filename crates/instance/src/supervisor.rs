@@ -29,6 +29,8 @@ use tokio::sync::mpsc;
 
 /// How long the guest may take from VM start to the agent answering.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long the guest may take to answer an exec request with "started" or "failed".
+const EXEC_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the payload may take after the agent answered.
 const PAYLOAD_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -256,10 +258,17 @@ pub fn recover_stale(paths: &InstancePaths) {
         }
     }
     unmount_rootfs(paths);
-    for s in paths.sockets() {
-        let _ = std::fs::remove_file(s);
-    }
+    clear_run_dir(paths);
     loopback::remove_stale(&paths.name);
+}
+
+/// Removes everything in the instance's runtime directory (sockets, virtiofsd's pid file).
+fn clear_run_dir(paths: &InstancePaths) {
+    if let Ok(rd) = std::fs::read_dir(&paths.run) {
+        for e in rd.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Reads the state file; a missing or corrupt one reads as None.
@@ -394,17 +403,19 @@ impl Shared {
 
     async fn status(&self) -> InstanceStatus {
         let agent = self.agent();
-        if let Some(a) = &agent {
-            a.refresh_status(Duration::from_secs(2)).await;
-        }
-        let view = agent.map(|a| a.view()).unwrap_or_default();
+        let responding = match &agent {
+            Some(a) => a.refresh_status(Duration::from_secs(2)).await,
+            None => false,
+        };
+        let mut view = agent.map(|a| a.view()).unwrap_or_default();
+        view.agent.responding = responding;
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let payload_ready = !view.payloads.is_empty()
             && view.payloads.iter().all(|p| p.state == PayloadState::Ready);
         InstanceStatus {
             name: self.config.name.clone(),
             state: phase_name(s.phase).into(),
-            healthy: s.phase == Phase::Running && view.agent.connected && payload_ready,
+            healthy: s.phase == Phase::Running && responding && payload_ready,
             backend: s.backend.clone(),
             cpus: self.config.cpus,
             memory_mib: self.config.memory_mib,
@@ -509,9 +520,7 @@ async fn supervise_locked(
         c.terminate(Duration::from_secs(2)).await;
     }
     unmount_rootfs(paths);
-    for s in paths.sockets() {
-        let _ = std::fs::remove_file(s);
-    }
+    clear_run_dir(paths);
     loopback::remove_stale(&paths.name);
     let (reason, error) = match &outcome {
         Ok(reason) => (reason.clone(), None),
@@ -564,7 +573,7 @@ async fn boot_and_serve(
             message: format!("no hardware virtualization ({why}): using QEMU software emulation (TCG), which is slower"),
         });
     }
-    let vmm = gatevm_vmm::qemu::Qemu::for_host();
+    let vmm = gatevm_vmm::qemu::Qemu::for_host(runtime.qemu_binary(), runtime.qemu_data_dirs());
     let backend = format!(
         "{}/{}",
         vmm.name(),
@@ -1015,7 +1024,6 @@ async fn relay_exec(
     agent: Agent,
     req: gatevm_protocol::ExecRequest,
 ) -> Result<(), String> {
-    let tty = req.tty;
     let (sid, mut from_guest) = agent.open_stream();
     agent
         .send(Frame::Msg {
@@ -1025,9 +1033,22 @@ async fn relay_exec(
         .await?;
     let (mut cr, mut cw) = conn.into_split();
     let mut finished = false;
+    let mut started = false;
+    let start_deadline = tokio::time::Instant::now() + EXEC_START_TIMEOUT;
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(start_deadline), if !started => {
+                let message = format!(
+                    "the guest agent did not start the command within {} s (see `gatevm logs --console`)",
+                    EXEC_START_TIMEOUT.as_secs()
+                );
+                tracing::warn!("{message}");
+                let f: Frame<GuestMsg> = Frame::Msg { stream: CLIENT_STREAM, msg: GuestMsg::Error { message } };
+                let _ = asyncio::write_frame(&mut cw, &f).await;
+                break;
+            }
             f = from_guest.recv() => {
+                started = true;
                 let Some(f) = f else {
                     // The channel to the guest ended.
                     let f: Frame<GuestMsg> = Frame::Msg { stream: CLIENT_STREAM, msg: GuestMsg::Error { message: "the guest agent disconnected".into() } };
@@ -1059,23 +1080,11 @@ async fn relay_exec(
         }
     }
     if !finished {
-        // The client went away: hang up a terminal session, close stdin of the rest.
-        if tty {
-            let _ = agent
-                .send(Frame::Msg {
-                    stream: sid,
-                    msg: GuestMsg::Signal {
-                        signal: libc::SIGHUP,
-                    },
-                })
-                .await;
-        }
-        let _ = agent
-            .send(Frame::Eof {
-                stream: sid,
-                fd: gatevm_protocol::Fd::Stdin,
-            })
-            .await;
+        // The client went away: hang up on the process as a terminal would (`nohup` survives it),
+        // and close its stdin.
+        let hup = GuestMsg::Signal { signal: libc::SIGHUP };
+        let _ = agent.send(Frame::Msg { stream: sid, msg: hup }).await;
+        let _ = agent.send(Frame::Eof { stream: sid, fd: gatevm_protocol::Fd::Stdin }).await;
         agent.close_stream(sid);
     }
     Ok(())

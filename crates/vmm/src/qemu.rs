@@ -9,6 +9,8 @@ use std::process::Command;
 pub struct Qemu {
     /// The `qemu-system-x86_64` binary.
     pub binary: PathBuf,
+    /// Firmware directories (`-L`), searched in order; empty for QEMU's built-in paths.
+    pub data_dirs: Vec<PathBuf>,
     /// The host's TSC frequency in kHz, handed to a TCG guest as `tsc_early_khz`.
     ///
     /// Under TCG the guest's TSC is the host's, but the guest kernel has to calibrate it against
@@ -22,18 +24,17 @@ impl Default for Qemu {
     fn default() -> Self {
         Qemu {
             binary: PathBuf::from("qemu-system-x86_64"),
+            data_dirs: vec![],
             tsc_khz: None,
         }
     }
 }
 
 impl Qemu {
-    /// The backend for this host (measures the TSC frequency once, ~5 ms).
-    pub fn for_host() -> Qemu {
-        Qemu {
-            tsc_khz: crate::probe::host_tsc_khz(),
-            ..Qemu::default()
-        }
+    /// The backend for a QEMU binary and its firmware directories on this host (measures the
+    /// TSC frequency once, ~5 ms).
+    pub fn for_host(binary: PathBuf, data_dirs: Vec<PathBuf>) -> Qemu {
+        Qemu { binary, data_dirs, tsc_khz: crate::probe::host_tsc_khz() }
     }
 }
 
@@ -58,11 +59,14 @@ impl Qemu {
             "-name",
             &format!("gatevm-{},process=gatevm-{}", cfg.name, cfg.name),
         ]);
+        for d in &self.data_dirs {
+            push(&["-L", &d.display().to_string()]);
+        }
         push(&["-M", "microvm,x-option-roms=off,rtc=on,memory-backend=mem"]);
         match cfg.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-            // TCG keeps QEMU's default CPU model: under QEMU 7.2, `-cpu max` made the guest
-            // kernel double-fault in kmalloc during virtio-fs readahead.
+            // TCG keeps QEMU's default CPU model. QEMU 7.2 crashed 6.12 guests under TCG with any
+            // model; the runtime bundle brings QEMU 10 where the host's is older.
             Accel::Tcg => push(&["-accel", "tcg"]),
         }
         push(&["-smp", &cfg.cpus.to_string(), "-m", &mem]);
@@ -182,14 +186,14 @@ mod tests {
 
     #[test]
     fn args_cover_the_appliance() {
-        let a = Qemu {
+        let q = Qemu {
             tsc_khz: Some(2_600_000),
+            data_dirs: vec!["/fw1".into(), "/fw2".into()],
             ..Qemu::default()
-        }
-        .args(&cfg())
-        .unwrap()
-        .join(" ");
+        };
+        let a = q.args(&cfg()).unwrap().join(" ");
         assert!(a.contains("console=ttyS0 tsc_early_khz=2600000"), "{a}");
+        assert!(a.contains("-L /fw1 -L /fw2"), "{a}");
         for want in [
             "-accel tcg",
             "-smp 2 -m 512M",

@@ -41,8 +41,9 @@ pub fn print_human(st: &InstanceStatus) {
             println!("supervisor: pid {p}");
         }
         if st.agent.connected {
+            let answer = if st.agent.responding { "" } else { ", NOT RESPONDING" };
             println!(
-                "agent:      {} (kernel {}, up {})",
+                "agent:      {} (kernel {}, up {}{answer})",
                 st.agent.version.as_deref().unwrap_or("?"),
                 st.agent.kernel.as_deref().unwrap_or("?"),
                 st.agent.uptime_ms.map(secs).unwrap_or_default()
