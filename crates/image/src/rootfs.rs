@@ -17,7 +17,7 @@ use crate::kernel::KernelInfo;
 use crate::util;
 
 /// Bump when the build steps change in a way that needs new trees.
-pub const ROOTFS_RECIPE_REVISION: u32 = 1;
+pub const ROOTFS_RECIPE_REVISION: u32 = 2;
 /// Name of the recipe file inside a built tree.
 pub const RECIPE_FILE: &str = ".gatevm-rootfs.json";
 /// The Debian suite of the base rootfs.
@@ -305,6 +305,20 @@ fn build_into(
 
     let sbin = dir.join("usr/local/sbin");
     std::fs::create_dir_all(&sbin).map_err(io_err("cannot create", &sbin))?;
+
+    // mmdebstrap copies the build host's hostname, hosts and resolv.conf (with the host's modes):
+    // the guest's own belong here instead (gatevm-guest sets the hostname and DNS at boot).
+    for (file, text) in [
+        ("etc/hostname", "gatevm\n"),
+        ("etc/hosts", "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n"),
+        ("etc/resolv.conf", "nameserver 192.168.127.1\n"),
+    ] {
+        let p = dir.join(file);
+        let _ = std::fs::remove_file(&p);
+        std::fs::write(&p, text).map_err(io_err("cannot write", &p))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err("cannot chmod", &p))?;
+    }
 
     for must in [
         "usr/bin/containerd".to_string(),
