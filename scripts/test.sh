@@ -5,5 +5,15 @@ cd "$(dirname "$0")/.."
 ./scripts/build.sh
 target/release/gatevm setup
 export GATEVM_E2E=1 GATEVM_BIN="$PWD/target/release/gatevm" GATEVM_GUEST_BIN="$PWD/target/release/gatevm-guest"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 # End-to-end tests boot VMs; two cores fit two tests at a time.
-cargo test --workspace --locked -- --test-threads=2
+set +e
+cargo test --workspace --locked --all-targets -- --test-threads=2 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+read -r passed failed < <(awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { print p+0, f+0 }' "$log")
+not_run=$(grep -c 'NOT RUN' "$log" || true)
+echo
+echo "tests: $passed passed, $failed failed, $not_run skipped"
+exit "$rc"
