@@ -38,12 +38,12 @@ for i in $(seq 1 "$runs"); do
   grep -q userspace "$work/console" || { echo "bare boot did not reach userspace" >&2; exit 1; }
   "$gatevm" delete bench-boot --force >/dev/null 2>&1 || true
   t=$(ms); "$gatevm" start bench-boot >/dev/null 2>&1; cold+=($(( $(ms) - t )))
-  "$gatevm" stop bench-boot >/dev/null
+  "$gatevm" stop bench-boot >/dev/null 2>&1
   t=$(ms); "$gatevm" start bench-boot >/dev/null 2>&1; warm+=($(( $(ms) - t )))
   st=$("$gatevm" status bench-boot --json)
   agent+=($(echo "$st" | sed -n 's/.*"agent_ready_ms": \([0-9]*\).*/\1/p'))
   ready+=($(echo "$st" | sed -n 's/.*"ready_ms": \([0-9]*\).*/\1/p'))
-  "$gatevm" stop bench-boot >/dev/null
+  "$gatevm" stop bench-boot >/dev/null 2>&1
 done
 echo "host: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), accel $accel, $("$qemu" --version | head -1)"
 echo "bare QEMU boot to userspace + power-off: $(printf '%s\n' "${bare[@]}" | stats)"
