@@ -29,6 +29,8 @@ use tokio::sync::mpsc;
 
 /// How long the guest may take from VM start to the agent answering.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(90);
+/// Index of the VM process in the supervisor's process list ([virtiofsd, gvproxy, qemu]).
+const VM: usize = 2;
 /// How long the guest may take to answer an exec request with "started" or "failed".
 const EXEC_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the payload may take after the agent answered.
@@ -664,8 +666,9 @@ async fn boot_and_serve(
         .command(&vm_cfg)
         .map_err(|e| SupervisorError::Setup(e.to_string()))?;
     let vm_log = paths.log("vmm");
-    let mut vm = spawn_owned("qemu", Command::from(std_cmd), &vm_log, &paths.run, None)?;
-    let vm_id = vm.id;
+    // From here `children` is [virtiofsd, gvproxy, qemu]; teardown goes in reverse.
+    children.push(spawn_owned("qemu", Command::from(std_cmd), &vm_log, &paths.run, None)?);
+    let vm_id = children[VM].id;
     shared.set_state(|s| s.vmm = Some(vm_id));
 
     // Forwards go in while the guest boots; gvproxy retries internally until its stack is up.
@@ -685,40 +688,17 @@ async fn boot_and_serve(
     });
 
     // Connect to the agent socket QEMU listens on.
-    let wait_agent = wait_socket(
-        &paths.agent_socket(),
-        &mut vm,
-        &vm_log,
-        Duration::from_secs(20),
-    )
-    .await;
-    if let Err(e) = wait_agent {
-        children.push(vm);
-        return Err(e);
-    }
-    let stream = match UnixStream::connect(paths.agent_socket()).await {
-        Ok(s) => s,
-        Err(e) => {
-            children.push(vm);
-            return Err(SupervisorError::Boot(format!(
-                "connecting to the agent socket: {e}"
-            )));
-        }
-    };
+    wait_socket(&paths.agent_socket(), &mut children[VM], &vm_log, Duration::from_secs(20)).await?;
+    let stream = UnixStream::connect(paths.agent_socket())
+        .await
+        .map_err(|e| SupervisorError::Boot(format!("connecting to the agent socket: {e}")))?;
     let (r, w) = stream.into_split();
     let agent = Agent::spawn(r, w);
     *shared.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(agent.clone());
 
     // The control socket is up from here, so status works during boot.
     let listener =
-        UnixListener::bind(paths.control_socket()).map_err(io_err("binding the control socket"));
-    let listener = match listener {
-        Ok(l) => l,
-        Err(e) => {
-            children.push(vm);
-            return Err(e);
-        }
-    };
+        UnixListener::bind(paths.control_socket()).map_err(io_err("binding the control socket"))?;
     {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(
@@ -747,30 +727,16 @@ async fn boot_and_serve(
     });
     let _server_guard = AbortOnDrop(server);
 
-    let boot = wait_ready(&agent, &mut vm, &vm_log, t0, progress);
+    let boot = wait_ready(&agent, &mut children[VM], &vm_log, t0, progress);
     let boot_result = tokio::select! {
         r = boot => r,
         t = stop_rx.recv() => Err(SupervisorError::Boot(format!("stopped during boot (timeout {} s)", t.unwrap_or(0)))),
     };
-    let (agent_ms, ready_ms) = match boot_result {
-        Ok(v) => v,
-        Err(e) => {
-            children.push(vm);
-            return Err(e);
-        }
-    };
+    let (agent_ms, ready_ms) = boot_result?;
     match expose.await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            children.push(vm);
-            return Err(SupervisorError::Boot(format!("port forward failed: {e}")));
-        }
-        Err(e) => {
-            children.push(vm);
-            return Err(SupervisorError::Boot(format!(
-                "port forward task failed: {e}"
-            )));
-        }
+        Ok(Err(e)) => return Err(SupervisorError::Boot(format!("port forward failed: {e}"))),
+        Err(e) => return Err(SupervisorError::Boot(format!("port forward task failed: {e}"))),
     }
     shared.set_state(|s| {
         s.phase = Phase::Running;
@@ -786,9 +752,9 @@ async fn boot_and_serve(
 
     // Serve until the VM ends, a helper dies, or a stop is asked for.
     let reason = loop {
-        // children holds [virtiofsd, gvproxy] here.
-        let (head, tail) = children.split_at_mut(1);
-        let (vfs, gvp) = (&mut head[0], &mut tail[0]);
+        let [vfs, gvp, vm] = &mut children[..] else {
+            return Err(SupervisorError::Boot("internal error: the process list is incomplete".into()));
+        };
         tokio::select! {
             st = vm.child.wait() => break describe_vm_exit(st, false),
             st = vfs.child.wait() => {
@@ -802,12 +768,11 @@ async fn boot_and_serve(
                 break why;
             }
             t = stop_rx.recv() => {
-                break graceful_stop(shared, &agent, &mut vm, Duration::from_secs(t.unwrap_or(30))).await;
+                break graceful_stop(shared, &agent, vm, Duration::from_secs(t.unwrap_or(30))).await;
             }
         }
     };
     shared.set_state(|s| s.phase = Phase::Stopping);
-    children.push(vm);
     Ok(reason)
 }
 
