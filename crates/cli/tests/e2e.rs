@@ -72,7 +72,15 @@ impl Drop for Instance {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for which in ["console", "supervisor"] {
-                let out = gatevm(&["logs", self.0, if which == "console" { "--console" } else { "--host=supervisor" }]);
+                let out = gatevm(&[
+                    "logs",
+                    self.0,
+                    if which == "console" {
+                        "--console"
+                    } else {
+                        "--host=supervisor"
+                    },
+                ]);
                 let text = String::from_utf8_lossy(&out.stdout);
                 let lines: Vec<&str> = text.lines().collect();
                 eprintln!("--- last {which} lines of {} ---", self.0);
@@ -192,11 +200,16 @@ fn serve_in_guest(name: &str, port: u16) {
 fn guest_reaches_host_loopback(name: &str) -> bool {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
-    let script = format!("timeout 10 bash -c 'exec 3<>/dev/tcp/192.168.127.254/{port}' 2>/dev/null");
+    let script =
+        format!("timeout 10 bash -c 'exec 3<>/dev/tcp/192.168.127.254/{port}' 2>/dev/null");
     let (code, _, _) = exec(name, &["sh", "-c", &script], None);
     l.set_nonblocking(true).unwrap();
     let accepted = l.accept().is_ok();
-    assert_eq!(code == 0, accepted, "the guest's view and the host listener disagree");
+    assert_eq!(
+        code == 0,
+        accepted,
+        "the guest's view and the host listener disagree"
+    );
     accepted
 }
 
@@ -295,7 +308,10 @@ fn lifecycle_exec_forward_stop_delete() {
     assert!(out.contains("Server:"), "{out}");
 
     // The guest cannot reach the host's loopback by default.
-    assert!(!guest_reaches_host_loopback(name), "the guest reached the host loopback");
+    assert!(
+        !guest_reaches_host_loopback(name),
+        "the guest reached the host loopback"
+    );
 
     // A guest TCP service through the forward.
     serve_in_guest(name, 8080);
@@ -344,7 +360,9 @@ fn two_instances_and_a_vm_killed_from_outside() {
         let _ = gatevm(&["delete", n, "--force"]);
     }
     // Both start at once.
-    let ta = std::thread::spawn(move || gatevm(&["start", a, "--memory", "768", "--allow-host-loopback"]));
+    let ta = std::thread::spawn(move || {
+        gatevm(&["start", a, "--memory", "768", "--allow-host-loopback"])
+    });
     let tb = std::thread::spawn(move || gatevm(&["start", b, "--memory", "768"]));
     for (n, t) in [(a, ta), (b, tb)] {
         let out = t.join().unwrap();
@@ -357,7 +375,10 @@ fn two_instances_and_a_vm_killed_from_outside() {
     assert_eq!(exec(a, &["hostname"], None).1, format!("{a}\n"));
     assert_eq!(exec(b, &["hostname"], None).1, format!("{b}\n"));
     // Asked for, the host loopback is reachable.
-    assert!(guest_reaches_host_loopback(a), "--allow-host-loopback did not let the guest through");
+    assert!(
+        guest_reaches_host_loopback(a),
+        "--allow-host-loopback did not let the guest through"
+    );
 
     // Kill a's VM from outside: status tells within two seconds, b is unaffected.
     let pid = status(a)["vm_pid"].as_u64().expect("vm pid") as i32;
@@ -415,10 +436,18 @@ fn foreground_start_stops_on_sigterm() {
         }
         if let Some(code) = child.try_wait().unwrap() {
             let mut err = String::new();
-            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
             panic!("foreground start exited early ({code}): {err}");
         }
-        assert!(t.elapsed() < Duration::from_secs(120), "not healthy within 120 s");
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "not healthy within 120 s"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(exec(name, &["true"], None).0, 0);
@@ -429,7 +458,10 @@ fn foreground_start_stops_on_sigterm() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "foreground start did not exit after SIGTERM");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "foreground start did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(exit.success(), "exit status {exit}");
@@ -438,4 +470,3 @@ fn foreground_start_stops_on_sigterm() {
     assert_eq!(st["stop_reason"], "stopped on request", "{st}");
     assert_no_leftovers(name);
 }
-

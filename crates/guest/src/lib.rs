@@ -3,7 +3,7 @@
 //! the network and the state disk, reaps orphans, supervises the payload (containerd) and serves the
 //! host's agent protocol ([`gatevm_protocol`]) on a virtio-serial port or a vsock port.
 //!
-//! Everything that can be exercised without a VM (command line parsing, `modules.dep` ordering,
+//! Everything that can be exercised without a VM (command line parsing, module loading plans,
 //! `PATH` lookup, the agent conversation with real child processes) is a plain library function
 //! with unit tests; the PID 1 sequencing lives in [`pid1`] and [`stage1`].
 

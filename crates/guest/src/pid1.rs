@@ -5,13 +5,14 @@
 use crate::agent::{self, Agent, AgentHost, AgentInfo};
 use crate::cmdline::{self, AgentTransport};
 use crate::disk;
-use crate::modules::{self, ModuleIndex};
+use crate::modules;
 use crate::mounts;
 use crate::net;
 use crate::payload::{Payload, PayloadConfig};
 use crate::reaper::Reaper;
 use crate::shutdown;
 use crate::sys;
+use gatevm_kmod::ModuleIndex;
 use gatevm_protocol::PayloadStatus;
 use std::sync::mpsc::channel;
 use std::sync::Arc;

@@ -21,7 +21,7 @@ use thiserror::Error;
 
 use crate::cpio::CpioWriter;
 use crate::kernel::KernelInfo;
-use crate::modules::{ModuleIndex, ModulesError};
+use crate::modules::{self, ModulesError};
 
 /// Modules wanted before the root is mounted (those built into the kernel are skipped).
 pub const INITRAMFS_MODULES: &[&str] = &[
@@ -127,8 +127,8 @@ fn check_static_elf(bin: &[u8]) -> Result<(), &'static str> {
 
 /// The module files (relative to the module tree) that go into the initramfs, in load order.
 pub fn initramfs_modules(kernel: &KernelInfo) -> Result<Vec<String>, InitramfsError> {
-    let idx = ModuleIndex::load(&kernel.modules_dir)?;
-    Ok(idx.closure(INITRAMFS_MODULES)?.load_order)
+    let idx = modules::load_index(&kernel.modules_dir)?;
+    Ok(modules::closure(&idx, INITRAMFS_MODULES)?.load_order)
 }
 
 /// Builds (or finds cached) the initramfs for `guest_bin` and `kernel` in `out_dir` and returns

@@ -310,7 +310,10 @@ fn build_into(
     // the guest's own belong here instead (gatevm-guest sets the hostname and DNS at boot).
     for (file, text) in [
         ("etc/hostname", "gatevm\n"),
-        ("etc/hosts", "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n"),
+        (
+            "etc/hosts",
+            "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n",
+        ),
         ("etc/resolv.conf", "nameserver 192.168.127.1\n"),
     ] {
         let p = dir.join(file);

@@ -667,7 +667,13 @@ async fn boot_and_serve(
         .map_err(|e| SupervisorError::Setup(e.to_string()))?;
     let vm_log = paths.log("vmm");
     // From here `children` is [virtiofsd, gvproxy, qemu]; teardown goes in reverse.
-    children.push(spawn_owned("qemu", Command::from(std_cmd), &vm_log, &paths.run, None)?);
+    children.push(spawn_owned(
+        "qemu",
+        Command::from(std_cmd),
+        &vm_log,
+        &paths.run,
+        None,
+    )?);
     let vm_id = children[VM].id;
     shared.set_state(|s| s.vmm = Some(vm_id));
 
@@ -688,7 +694,13 @@ async fn boot_and_serve(
     });
 
     // Connect to the agent socket QEMU listens on.
-    wait_socket(&paths.agent_socket(), &mut children[VM], &vm_log, Duration::from_secs(20)).await?;
+    wait_socket(
+        &paths.agent_socket(),
+        &mut children[VM],
+        &vm_log,
+        Duration::from_secs(20),
+    )
+    .await?;
     let stream = UnixStream::connect(paths.agent_socket())
         .await
         .map_err(|e| SupervisorError::Boot(format!("connecting to the agent socket: {e}")))?;
@@ -736,7 +748,11 @@ async fn boot_and_serve(
     match expose.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(SupervisorError::Boot(format!("port forward failed: {e}"))),
-        Err(e) => return Err(SupervisorError::Boot(format!("port forward task failed: {e}"))),
+        Err(e) => {
+            return Err(SupervisorError::Boot(format!(
+                "port forward task failed: {e}"
+            )))
+        }
     }
     shared.set_state(|s| {
         s.phase = Phase::Running;
@@ -753,7 +769,9 @@ async fn boot_and_serve(
     // Serve until the VM ends, a helper dies, or a stop is asked for.
     let reason = loop {
         let [vfs, gvp, vm] = &mut children[..] else {
-            return Err(SupervisorError::Boot("internal error: the process list is incomplete".into()));
+            return Err(SupervisorError::Boot(
+                "internal error: the process list is incomplete".into(),
+            ));
         };
         tokio::select! {
             st = vm.child.wait() => break describe_vm_exit(st, false),
@@ -1047,9 +1065,21 @@ async fn relay_exec(
     if !finished {
         // The client went away: hang up on the process as a terminal would (`nohup` survives it),
         // and close its stdin.
-        let hup = GuestMsg::Signal { signal: libc::SIGHUP };
-        let _ = agent.send(Frame::Msg { stream: sid, msg: hup }).await;
-        let _ = agent.send(Frame::Eof { stream: sid, fd: gatevm_protocol::Fd::Stdin }).await;
+        let hup = GuestMsg::Signal {
+            signal: libc::SIGHUP,
+        };
+        let _ = agent
+            .send(Frame::Msg {
+                stream: sid,
+                msg: hup,
+            })
+            .await;
+        let _ = agent
+            .send(Frame::Eof {
+                stream: sid,
+                fd: gatevm_protocol::Fd::Stdin,
+            })
+            .await;
         agent.close_stream(sid);
     }
     Ok(())

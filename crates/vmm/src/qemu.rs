@@ -34,7 +34,11 @@ impl Qemu {
     /// The backend for a QEMU binary and its firmware directories on this host (measures the
     /// TSC frequency once, ~5 ms).
     pub fn for_host(binary: PathBuf, data_dirs: Vec<PathBuf>) -> Qemu {
-        Qemu { binary, data_dirs, tsc_khz: crate::probe::host_tsc_khz() }
+        Qemu {
+            binary,
+            data_dirs,
+            tsc_khz: crate::probe::host_tsc_khz(),
+        }
     }
 }
 

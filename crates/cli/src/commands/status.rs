@@ -41,7 +41,11 @@ pub fn print_human(st: &InstanceStatus) {
             println!("supervisor: pid {p}");
         }
         if st.agent.connected {
-            let answer = if st.agent.responding { "" } else { ", NOT RESPONDING" };
+            let answer = if st.agent.responding {
+                ""
+            } else {
+                ", NOT RESPONDING"
+            };
             println!(
                 "agent:      {} (kernel {}, up {}{answer})",
                 st.agent.version.as_deref().unwrap_or("?"),
