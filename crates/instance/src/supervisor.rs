@@ -767,28 +767,24 @@ async fn boot_and_serve(
     });
 
     // Serve until the VM ends, a helper dies, or a stop is asked for.
-    let reason = loop {
-        let [vfs, gvp, vm] = &mut children[..] else {
-            return Err(SupervisorError::Boot(
-                "internal error: the process list is incomplete".into(),
-            ));
-        };
-        tokio::select! {
-            st = vm.child.wait() => break describe_vm_exit(st, false),
-            st = vfs.child.wait() => {
-                let why = format!("virtiofsd exited unexpectedly ({}); the VM was stopped", describe(st));
-                shared.set_state(|s| s.last_error = Some(why.clone()));
-                break why;
-            }
-            st = gvp.child.wait() => {
-                let why = format!("gvproxy exited unexpectedly ({}); the VM was stopped", describe(st));
-                shared.set_state(|s| s.last_error = Some(why.clone()));
-                break why;
-            }
-            t = stop_rx.recv() => {
-                break graceful_stop(shared, &agent, vm, Duration::from_secs(t.unwrap_or(30))).await;
-            }
-        }
+    let [vfs, gvp, vm] = &mut children[..] else {
+        return Err(SupervisorError::Boot(
+            "internal error: the process list is incomplete".into(),
+        ));
+    };
+    let helper_died = |name: &str, st| {
+        let why = format!(
+            "{name} exited unexpectedly ({}); the VM was stopped",
+            describe(st)
+        );
+        shared.set_state(|s| s.last_error = Some(why.clone()));
+        why
+    };
+    let reason = tokio::select! {
+        st = vm.child.wait() => describe_vm_exit(st),
+        st = vfs.child.wait() => helper_died("virtiofsd", st),
+        st = gvp.child.wait() => helper_died("gvproxy", st),
+        t = stop_rx.recv() => graceful_stop(shared, &agent, vm, Duration::from_secs(t.unwrap_or(30))).await,
     };
     shared.set_state(|s| s.phase = Phase::Stopping);
     Ok(reason)
@@ -824,12 +820,11 @@ fn describe(st: std::io::Result<std::process::ExitStatus>) -> String {
     }
 }
 
-fn describe_vm_exit(st: std::io::Result<std::process::ExitStatus>, requested: bool) -> String {
+fn describe_vm_exit(st: std::io::Result<std::process::ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
-    match (&st, requested) {
-        (Ok(s), true) if s.success() => "stopped on request".into(),
-        (Ok(s), false) if s.success() => "the guest powered off".into(),
-        (Ok(s), _) if s.signal().is_some() => {
+    match &st {
+        Ok(s) if s.success() => "the guest powered off".into(),
+        Ok(s) if s.signal().is_some() => {
             format!("the VM process was {} from outside", describe(st))
         }
         _ => format!("the VM process ended ({})", describe(st)),
