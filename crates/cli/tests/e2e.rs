@@ -237,11 +237,18 @@ fn lifecycle_exec_forward_stop_delete() {
     let _guard = Instance(name);
     let _ = gatevm(&["delete", name, "--force"]);
     let port = free_port();
+    let uport = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     ok(&[
         "start",
         name,
         "-p",
         &format!("{port}:8080"),
+        "-p",
+        &format!("{uport}:9000/udp"),
         "--memory",
         "1024",
     ]);
@@ -318,6 +325,27 @@ fn lifecycle_exec_forward_stop_delete() {
     assert_eq!(
         fetch(port).as_deref(),
         Some(format!("hello from {name}\n").as_str())
+    );
+
+    // A guest UDP echo service through a UDP forward.
+    let script = "nohup perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalPort => 9000, Proto => \"udp\") or die; while ($s->recv($m, 1024)) { $s->send(\"echo:$m\") }' >/dev/null 2>&1 &";
+    assert_eq!(exec(name, &["sh", "-c", script], None).0, 0);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut answer = None;
+    for _ in 0..40 {
+        udp.send_to(b"ping", ("127.0.0.1", uport)).unwrap();
+        let mut buf = [0u8; 64];
+        if let Ok((n, _)) = udp.recv_from(&mut buf) {
+            answer = Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            break;
+        }
+    }
+    assert_eq!(
+        answer.as_deref(),
+        Some("echo:ping"),
+        "no UDP answer through the forward"
     );
 
     // Refusals that leave the instance as it was.

@@ -772,18 +772,10 @@ async fn boot_and_serve(
             "internal error: the process list is incomplete".into(),
         ));
     };
-    let helper_died = |name: &str, st| {
-        let why = format!(
-            "{name} exited unexpectedly ({}); the VM was stopped",
-            describe(st)
-        );
-        shared.set_state(|s| s.last_error = Some(why.clone()));
-        why
-    };
     let reason = tokio::select! {
         st = vm.child.wait() => describe_vm_exit(st),
-        st = vfs.child.wait() => helper_died("virtiofsd", st),
-        st = gvp.child.wait() => helper_died("gvproxy", st),
+        st = vfs.child.wait() => helper_died(shared, vm, "virtiofsd", st).await,
+        st = gvp.child.wait() => helper_died(shared, vm, "gvproxy", st).await,
         t = stop_rx.recv() => graceful_stop(shared, &agent, vm, Duration::from_secs(t.unwrap_or(30))).await,
     };
     shared.set_state(|s| s.phase = Phase::Stopping);
@@ -818,6 +810,26 @@ fn describe(st: std::io::Result<std::process::ExitStatus>) -> String {
         },
         Err(e) => format!("wait failed: {e}"),
     }
+}
+
+/// Why the instance ends after a helper exited. The helpers end by themselves when the VM goes
+/// away (gvproxy exits when QEMU's network connection closes), so a VM that exited at about the
+/// same time is the cause, not the helper.
+async fn helper_died(
+    shared: &Shared,
+    vm: &mut Owned,
+    name: &str,
+    st: std::io::Result<std::process::ExitStatus>,
+) -> String {
+    if let Ok(vm_st) = tokio::time::timeout(Duration::from_millis(500), vm.child.wait()).await {
+        return describe_vm_exit(vm_st);
+    }
+    let why = format!(
+        "{name} exited unexpectedly ({}); the VM was stopped",
+        describe(st)
+    );
+    shared.set_state(|s| s.last_error = Some(why.clone()));
+    why
 }
 
 fn describe_vm_exit(st: std::io::Result<std::process::ExitStatus>) -> String {

@@ -2,11 +2,14 @@
 //!
 //! gvproxy NATs 192.168.127.254 to the host's 127.0.0.1 and cannot be told otherwise, so a guest
 //! could reach every service the host keeps on loopback. We close that door around gvproxy: it runs
-//! in a cgroup of its own (cgroup v2) with BPF programs on the cgroup's `connect4`, `sendmsg4`,
-//! `connect6` and `sendmsg6` hooks that refuse (EPERM) any destination in 127.0.0.0/8, `::1` or
-//! `::ffff:127.0.0.0/104`. Everything else gvproxy does (outbound connections for the guest,
-//! listeners for port forwards) is untouched. This is how systemd's socket-address filters work,
-//! and it needs root (CAP_BPF and CAP_SYS_ADMIN) and a cgroup v2 hierarchy.
+//! in a cgroup of its own (cgroup v2) with BPF programs on the cgroup's `connect4` and `connect6`
+//! hooks that refuse (EPERM) any destination in 127.0.0.0/8, `::1` or `::ffff:127.0.0.0/104`.
+//! gvproxy reaches NATed destinations only through `net.Dial` (TCP and UDP alike), which connects.
+//! The `sendmsg` hooks are deliberately left alone: gvproxy answers host clients of a UDP port
+//! forward with `sendto` to their 127.0.0.1 address, and that must keep working. Everything else
+//! gvproxy does (outbound connections for the guest, listeners for port forwards) is untouched.
+//! This is how systemd's socket-address filters work, and it needs root (CAP_BPF and
+//! CAP_SYS_ADMIN) and a cgroup v2 hierarchy.
 
 use std::ffi::CString;
 use std::io;
@@ -19,8 +22,6 @@ const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET6_CONNECT: u32 = 11;
-const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
-const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
 
 /// One eBPF instruction.
 #[derive(Clone, Copy)]
@@ -201,9 +202,7 @@ impl LoopbackGuard {
         let v6 = prog_v6();
         for (prog, at) in [
             (&v4, BPF_CGROUP_INET4_CONNECT),
-            (&v4, BPF_CGROUP_UDP4_SENDMSG),
             (&v6, BPF_CGROUP_INET6_CONNECT),
-            (&v6, BPF_CGROUP_UDP6_SENDMSG),
         ] {
             let fd = load(prog, at).map_err(|err| e("loading a BPF filter", err))?;
             attach(&cg, &fd, at).map_err(|err| e("attaching a BPF filter", err))?;
@@ -270,9 +269,13 @@ mod tests {
     use std::os::unix::process::CommandExt;
 
     fn try_connect(guard: Option<&LoopbackGuard>, addr: &str) -> bool {
-        let mut cmd = std::process::Command::new("bash");
-        cmd.args(["-c", &format!("exec 3<>/dev/tcp/{addr}")])
-            .stderr(std::process::Stdio::null());
+        run_guarded(guard, "bash", &format!("exec 3<>/dev/tcp/{addr}"))
+    }
+
+    /// Runs `prog -c script`, in the guard's cgroup when given; true when it succeeded.
+    fn run_guarded(guard: Option<&LoopbackGuard>, prog: &str, script: &str) -> bool {
+        let mut cmd = std::process::Command::new(prog);
+        cmd.args(["-c", script]).stderr(std::process::Stdio::null());
         if let Some(g) = guard {
             let procs = g.procs.clone();
             let g2 = LoopbackGuard {
@@ -340,6 +343,32 @@ mod tests {
                 "guarded process reached ::1"
             );
         }
+        // UDP: a connected socket (how gvproxy dials NATed destinations) is refused; an answer
+        // sent with sendto (how gvproxy replies to host clients of a UDP forward) goes through.
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let up = u.local_addr().unwrap().port();
+        assert!(
+            !run_guarded(
+                Some(&guard),
+                "bash",
+                &format!("exec 3<>/dev/udp/127.0.0.1/{up}")
+            ),
+            "guarded process connected a UDP socket to 127.0.0.1"
+        );
+        let send = format!(
+            "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'answer', ('127.0.0.1', {up}))"
+        );
+        assert!(
+            run_guarded(Some(&guard), "python3", &send),
+            "guarded sendto to loopback failed"
+        );
+        u.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let (n, _) = u
+            .recv_from(&mut buf)
+            .expect("the guarded sendto did not arrive");
+        assert_eq!(&buf[..n], b"answer");
         guard.remove();
     }
 }
