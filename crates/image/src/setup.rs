@@ -241,6 +241,28 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// Records a component acquired now (or replaced, when it `had` been there) in the
+    /// provenance manifest, saves the manifest and reports the step.
+    fn record(
+        &mut self,
+        prov: &mut Provenance,
+        component: Component,
+        had: bool,
+        detail: String,
+        started: Instant,
+    ) -> Result<(), SetupError> {
+        let name = component.name.clone();
+        prov.set_component(component);
+        prov.save(&self.runtime)?;
+        let action = if had {
+            SetupAction::Rebuilt
+        } else {
+            SetupAction::Installed
+        };
+        self.step(&name, action, detail, started);
+        Ok(())
+    }
+
     fn step(&mut self, component: &str, action: SetupAction, detail: String, started: Instant) {
         tracing::info!(component, ?action, %detail, "setup step");
         self.steps.push(SetupStep {
@@ -674,27 +696,22 @@ fn step_kernel(
         entry.version, meta.version
     );
     prov.kernel_release = Some(release.clone());
-    prov.set_component(Component {
-        name: C.into(),
-        version: entry.version.clone(),
-        origin: origin.clone(),
-        installed_unix: util::now_unix(),
-        files,
-    });
-    prov.save(&ctx.runtime)?;
-    ctx.step(
-        C,
-        if had {
-            SetupAction::Rebuilt
-        } else {
-            SetupAction::Installed
+    ctx.record(
+        prov,
+        Component {
+            name: C.into(),
+            version: entry.version.clone(),
+            origin: origin.clone(),
+            installed_unix: util::now_unix(),
+            files,
         },
+        had,
         format!(
             "{release} from {origin}; vmlinux {} MiB; {nfiles} files incl. modules",
             vmlinux_size >> 20
         ),
         started,
-    );
+    )?;
     Ok(kernel_info(&ctx.runtime, &release))
 }
 
@@ -798,24 +815,19 @@ fn step_gvproxy(
         src.strip_prefix(&x).unwrap_or(&src).display()
     );
     let files = provenance::records_for(&ctx.runtime, &[PathBuf::from("bin/gvproxy")])?;
-    prov.set_component(Component {
-        name: C.into(),
-        version: entry.version.clone(),
-        origin: origin.clone(),
-        installed_unix: util::now_unix(),
-        files,
-    });
-    prov.save(&ctx.runtime)?;
-    ctx.step(
-        C,
-        if had {
-            SetupAction::Rebuilt
-        } else {
-            SetupAction::Installed
+    ctx.record(
+        prov,
+        Component {
+            name: C.into(),
+            version: entry.version.clone(),
+            origin: origin.clone(),
+            installed_unix: util::now_unix(),
+            files,
         },
+        had,
         format!("{} from {origin}; runs: {reported}", dest.display()),
         started,
-    );
+    )?;
     Ok(())
 }
 
@@ -894,24 +906,19 @@ fn step_libkrunfw(
         "debian {LIBKRUNFW_SUITE} package {LIBKRUNFW_PACKAGE} {}",
         entry.version
     );
-    prov.set_component(Component {
-        name: C.into(),
-        version: entry.version.clone(),
-        origin: origin.clone(),
-        installed_unix: util::now_unix(),
-        files: records,
-    });
-    prov.save(&ctx.runtime)?;
-    ctx.step(
-        C,
-        if had {
-            SetupAction::Rebuilt
-        } else {
-            SetupAction::Installed
+    ctx.record(
+        prov,
+        Component {
+            name: C.into(),
+            version: entry.version.clone(),
+            origin: origin.clone(),
+            installed_unix: util::now_unix(),
+            files: records,
         },
+        had,
         format!("{} ({} MiB) from {origin}", dest.display(), size >> 20),
         started,
-    );
+    )?;
     Ok(())
 }
 
@@ -940,24 +947,19 @@ fn step_virtiofsd(ctx: &mut Ctx<'_>, prov: &mut Provenance) -> Result<(), SetupE
     util::copy_atomic(&bin, &dest, 0o755).map_err(io(C, "cannot install", &dest))?;
     let files = provenance::records_for(&ctx.runtime, &[PathBuf::from("bin/virtiofsd")])?;
     let origin = format!("crates-io virtiofsd {VIRTIOFSD_VERSION} (cargo install --locked)");
-    prov.set_component(Component {
-        name: C.into(),
-        version: VIRTIOFSD_VERSION.into(),
-        origin: origin.clone(),
-        installed_unix: util::now_unix(),
-        files,
-    });
-    prov.save(&ctx.runtime)?;
-    ctx.step(
-        C,
-        if had {
-            SetupAction::Rebuilt
-        } else {
-            SetupAction::Installed
+    ctx.record(
+        prov,
+        Component {
+            name: C.into(),
+            version: VIRTIOFSD_VERSION.into(),
+            origin: origin.clone(),
+            installed_unix: util::now_unix(),
+            files,
         },
+        had,
         format!("{} from {origin}", dest.display()),
         started,
-    );
+    )?;
     Ok(())
 }
 
