@@ -43,6 +43,8 @@ enum Cmd {
     Shell(commands::shell::Args),
     /// Show an instance's logs (containerd's by default).
     Logs(commands::logs::Args),
+    /// Report host capabilities, available backends, runtime components and guest kernels.
+    Doctor(commands::doctor::Args),
     /// Delete an instance and its data.
     #[command(alias = "rm")]
     Delete(commands::delete::Args),
@@ -71,6 +73,7 @@ fn main() {
         Cmd::Shell(a) => commands::shell::run(a),
         Cmd::Logs(a) => commands::logs::run(a),
         Cmd::Delete(a) => commands::delete::run(a),
+        Cmd::Doctor(a) => commands::doctor::run(a),
         Cmd::Supervise(a) => commands::supervise::run(a),
     };
     match result {

@@ -14,6 +14,7 @@ fn gatevm(args: &[&str]) -> Output {
             std::env::temp_dir().join("gatevm-cli-test-run"),
         )
         .env_remove("RUST_LOG")
+        .env_remove("GATEVM_RUNTIME_DIR")
         .output()
         .expect("running gatevm")
 }
@@ -136,4 +137,27 @@ fn help_documents_exit_codes() {
     for w in ["Exit codes", "127", "start", "exec", "status"] {
         assert!(text.contains(w), "help lacks {w}");
     }
+}
+
+#[test]
+fn doctor_reports_without_a_runtime() {
+    let out = gatevm(&["doctor", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor JSON");
+    assert!(v["host"]["kvm_device"].is_boolean());
+    assert!(v["hardware_virtualization"].is_boolean());
+    assert!(
+        v["runtime_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("gatevm setup"),
+        "{v}"
+    );
+    assert_eq!(v["backends"][0]["name"], "qemu");
+    assert_eq!(v["backends"][0]["available"], false);
+    assert_eq!(v["backends"][1]["name"], "krun");
 }

@@ -18,6 +18,7 @@ pub mod cpio;
 pub mod dirs;
 pub mod host;
 pub mod initramfs;
+pub mod kconfig;
 pub mod kernel;
 pub mod modules;
 pub mod provenance;

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod delete;
+pub mod doctor;
 pub mod exec;
 pub mod list;
 pub mod logs;
