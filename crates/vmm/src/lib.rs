@@ -5,6 +5,7 @@
 //! returns. Either way the supervisor owns a child process, so the trait hands back a
 //! [`std::process::Command`] and says which helper processes the backend needs beside it.
 
+pub mod krun;
 pub mod probe;
 pub mod qemu;
 
