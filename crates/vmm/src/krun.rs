@@ -385,3 +385,185 @@ mod tests {
         );
     }
 }
+
+/// The real libkrun, linked from the `libkrun` crate (lib name `krun`).
+pub mod sys {
+    use super::{KrunApi, KrunCall};
+    use std::ffi::{c_char, CString};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    /// libkrun itself. Configuration calls are safe to make anywhere; `start_enter` boots.
+    #[derive(Debug, Default)]
+    pub struct LibKrun;
+
+    fn cstr(s: &str) -> Option<CString> {
+        CString::new(s).ok()
+    }
+
+    fn cpath(p: &Path) -> Option<CString> {
+        CString::new(p.as_os_str().as_bytes()).ok()
+    }
+
+    /// A NULL-terminated array of C strings (the pointers borrow `owned`).
+    fn carray(owned: &[CString]) -> Vec<*const c_char> {
+        owned
+            .iter()
+            .map(|s| s.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect()
+    }
+
+    impl KrunApi for LibKrun {
+        fn create_ctx(&mut self) -> i32 {
+            ::krun::krun_create_ctx()
+        }
+
+        fn call(&mut self, ctx: u32, call: &KrunCall) -> i32 {
+            let inval = -libc::EINVAL;
+            match call {
+                KrunCall::SetVmConfig { vcpus, ram_mib } => {
+                    ::krun::krun_set_vm_config(ctx, *vcpus, *ram_mib)
+                }
+                KrunCall::SetKernel {
+                    path,
+                    format,
+                    initramfs,
+                    cmdline,
+                } => {
+                    let (Some(p), Some(c)) = (cpath(path), cstr(cmdline)) else {
+                        return inval;
+                    };
+                    let i = match initramfs {
+                        Some(i) => match cpath(i) {
+                            Some(i) => Some(i),
+                            None => return inval,
+                        },
+                        None => None,
+                    };
+                    let iptr = i.as_ref().map_or(std::ptr::null(), |i| i.as_ptr());
+                    // SAFETY: pointers from CStrings/arrays alive for the call; libkrun copies them.
+                    unsafe { ::krun::krun_set_kernel(ctx, p.as_ptr(), *format, iptr, c.as_ptr()) }
+                }
+                KrunCall::SetRoot { path } => {
+                    let Some(p) = cpath(path) else { return inval };
+                    // SAFETY: pointers from CStrings/arrays alive for the call; libkrun copies them.
+                    unsafe { ::krun::krun_set_root(ctx, p.as_ptr()) }
+                }
+                KrunCall::AddDisk3 {
+                    block_id,
+                    path,
+                    format,
+                    read_only,
+                    direct_io,
+                    sync_mode,
+                } => {
+                    let (Some(b), Some(p)) = (cstr(block_id), cpath(path)) else {
+                        return inval;
+                    };
+                    // SAFETY: pointers from CStrings/arrays alive for the call; libkrun copies them.
+                    unsafe {
+                        ::krun::krun_add_disk3(
+                            ctx,
+                            b.as_ptr(),
+                            p.as_ptr(),
+                            *format,
+                            *read_only,
+                            *direct_io,
+                            *sync_mode,
+                        )
+                    }
+                }
+                KrunCall::AddNetUnixstream {
+                    path,
+                    mac,
+                    features,
+                    flags,
+                } => {
+                    let Some(p) = cpath(path) else { return inval };
+                    // SAFETY: pointers from CStrings/arrays alive for the call; libkrun copies them.
+                    unsafe {
+                        ::krun::krun_add_net_unixstream(
+                            ctx,
+                            p.as_ptr(),
+                            -1,
+                            mac.as_ptr(),
+                            *features,
+                            *flags,
+                        )
+                    }
+                }
+                KrunCall::AddVsockPort2 { port, path, listen } => {
+                    let Some(p) = cpath(path) else { return inval };
+                    // SAFETY: pointers from CStrings/arrays alive for the call; libkrun copies them.
+                    unsafe { ::krun::krun_add_vsock_port2(ctx, *port, p.as_ptr(), *listen) }
+                }
+                KrunCall::SetConsoleOutput { path } => {
+                    let Some(p) = cpath(path) else { return inval };
+                    // SAFETY: pointers from CStrings/arrays alive for the call; libkrun copies them.
+                    unsafe { ::krun::krun_set_console_output(ctx, p.as_ptr()) }
+                }
+                KrunCall::SetWorkdir { path } => {
+                    let Some(p) = cstr(path) else { return inval };
+                    // SAFETY: pointers from CStrings/arrays alive for the call; libkrun copies them.
+                    unsafe { ::krun::krun_set_workdir(ctx, p.as_ptr()) }
+                }
+                KrunCall::SetExec { path, argv, envp } => {
+                    let Some(p) = cstr(path) else { return inval };
+                    let Some(a) = argv.iter().map(|s| cstr(s)).collect::<Option<Vec<_>>>() else {
+                        return inval;
+                    };
+                    let Some(e) = envp.iter().map(|s| cstr(s)).collect::<Option<Vec<_>>>() else {
+                        return inval;
+                    };
+                    let (ap, ep) = (carray(&a), carray(&e));
+                    // SAFETY: pointers from CStrings/arrays alive for the call; libkrun copies them.
+                    unsafe { ::krun::krun_set_exec(ctx, p.as_ptr(), ap.as_ptr(), ep.as_ptr()) }
+                }
+            }
+        }
+
+        fn free_ctx(&mut self, ctx: u32) -> i32 {
+            ::krun::krun_free_ctx(ctx)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::super::*;
+        use super::LibKrun;
+
+        /// The real libkrun accepts the whole configuration (booting needs KVM; configuring
+        /// does not), and refuses a bad one with the call named.
+        #[test]
+        fn real_libkrun_accepts_the_plan() {
+            let d = tempfile::tempdir().unwrap();
+            let disk = d.path().join("state.img");
+            std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+            let c = KrunConfig {
+                cpus: 2,
+                memory_mib: 512,
+                kernel: KrunKernel::Libkrunfw,
+                root_dir: d.path().to_path_buf(),
+                state_disk: Some(disk),
+                agent_socket: d.path().join("agent.sock"),
+                net_socket: Some(d.path().join("net.sock")),
+                mac: [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee],
+                console_log: d.path().join("console.log"),
+                exec: "/usr/local/sbin/gatevm-guest".into(),
+                args: vec!["--krun".into()],
+                env: vec![("PATH".into(), "/usr/bin".into())],
+            };
+            let mut api = LibKrun;
+            let ctx = configure(&mut api, &plan(&c)).expect("libkrun refused the plan");
+            assert!(ctx.id() < 1 << 20);
+            drop(ctx);
+
+            let bad = KrunConfig { cpus: 0, ..c };
+            let err = configure(&mut api, &plan(&bad))
+                .err()
+                .expect("0 vCPUs accepted");
+            assert_eq!(err.function, "krun_set_vm_config");
+        }
+    }
+}
