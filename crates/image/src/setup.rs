@@ -285,37 +285,11 @@ impl Ctx<'_> {
     }
 
     fn new_apt(&mut self) -> Result<PrivateApt, SetupError> {
-        let started = Instant::now();
-        let wrap = |source| SetupError::Apt {
-            component: "apt",
-            source,
-        };
-        let mirrors = apt::system_debian_mirrors().map_err(wrap)?;
-        let suites = [KERNEL_SUITE, LIBKRUNFW_SUITE];
-        let a = PrivateApt::new(&self.cache.join("apt"), &mirrors, &suites).map_err(wrap)?;
-        (self.progress)(&format!(
-            "updating package lists for Debian {} from {}",
-            suites.join(", "),
-            mirrors.join(", ")
-        ));
-        let had_lists = a.lists_complete();
-        a.update(&self.log).map_err(wrap)?;
-        self.step(
-            "apt",
-            if had_lists {
-                SetupAction::Rebuilt
-            } else {
-                SetupAction::Installed
-            },
-            format!(
-                "private apt config in {} for {} from {}",
-                a.root().display(),
-                suites.join(", "),
-                mirrors.join(", ")
-            ),
-            started,
-        );
-        Ok(a)
+        self.open_apt("apt", &[KERNEL_SUITE, LIBKRUNFW_SUITE])
+            .map_err(|source| SetupError::Apt {
+                component: "apt",
+                source,
+            })
     }
 
     /// The private apt configuration for `suite` (a `-backports` suite), created and updated on
@@ -338,29 +312,26 @@ impl Ctx<'_> {
     }
 
     fn new_backports_apt(&mut self, suite: &str) -> Result<PrivateApt, AptError> {
+        self.open_apt("apt-backports", &[suite])
+    }
+
+    /// Creates (or reuses) the private apt configuration in `cache/<dir>` for `suites`, updates
+    /// its package lists and reports the step.
+    fn open_apt(&mut self, dir: &str, suites: &[&str]) -> Result<PrivateApt, AptError> {
         let started = Instant::now();
         let mirrors = apt::system_debian_mirrors()?;
-        let a = PrivateApt::new(&self.cache.join("apt-backports"), &mirrors, &[suite])?;
-        (self.progress)(&format!(
-            "updating package lists for Debian {suite} from {}",
-            mirrors.join(", ")
-        ));
+        let a = PrivateApt::new(&self.cache.join(dir), &mirrors, suites)?;
+        let what = format!("{} from {}", suites.join(", "), mirrors.join(", "));
+        (self.progress)(&format!("updating package lists for Debian {what}"));
         let had_lists = a.lists_complete();
         a.update(&self.log)?;
-        self.step(
-            "apt",
-            if had_lists {
-                SetupAction::Rebuilt
-            } else {
-                SetupAction::Installed
-            },
-            format!(
-                "private apt config in {} for {suite} from {}",
-                a.root().display(),
-                mirrors.join(", ")
-            ),
-            started,
-        );
+        let action = if had_lists {
+            SetupAction::Rebuilt
+        } else {
+            SetupAction::Installed
+        };
+        let detail = format!("private apt config in {} for {what}", a.root().display());
+        self.step("apt", action, detail, started);
         Ok(a)
     }
 
