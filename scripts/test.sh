@@ -4,6 +4,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/build.sh
 target/release/gatevm setup
+# The vm-run tests build their root filesystems and image archives from a static busybox.
+if [ ! -x /usr/bin/busybox ] || readelf -l /usr/bin/busybox 2>/dev/null | grep -q 'program interpreter'; then
+  echo "test: installing busybox-static for the vm-run tests"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends busybox-static >/dev/null \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends busybox-static >/dev/null; }
+fi
 export GATEVM_E2E=1 GATEVM_BIN="$PWD/target/release/gatevm" GATEVM_GUEST_BIN="$PWD/target/release/gatevm-guest"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

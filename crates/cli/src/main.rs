@@ -10,7 +10,7 @@ Exit codes:
   0    success
   1    failure (one line on stderr says what; -v shows the cause chain)
   2    usage error
-  N    `exec`/`shell`: the guest command's own exit code (126 not executable, 127 not found,
+  N    `exec`/`shell`/`vm-run`: the guest command's own exit code (126 not executable, 127 not found,
        128+N killed by signal N)";
 
 /// Run containerd (and k3s) as a self-contained appliance inside a microVM.
@@ -39,6 +39,9 @@ enum Cmd {
     List(commands::list::Args),
     /// Run a command in an instance.
     Exec(commands::exec::Args),
+    /// Boot a throwaway microVM, run one command in it, and remove it again.
+    #[command(name = "vm-run")]
+    VmRun(commands::vm_run::Args),
     /// Open an interactive shell in an instance.
     Shell(commands::shell::Args),
     /// Show an instance's logs (containerd's by default).
@@ -51,6 +54,9 @@ enum Cmd {
     /// Run an instance's supervisor (internal; started by `start`).
     #[command(name = "__supervise", hide = true)]
     Supervise(commands::supervise::Args),
+    /// Be a libkrun VM (internal; started by the supervisor, never returns on success).
+    #[command(name = "__krun-vm", hide = true)]
+    KrunVm(commands::krun_vm::Args),
 }
 
 fn main() {
@@ -62,7 +68,10 @@ fn main() {
             std::process::exit(code);
         }
     };
-    output::init_logging(cli.verbose, matches!(cli.cmd, Cmd::Supervise(_)));
+    output::init_logging(
+        cli.verbose,
+        matches!(cli.cmd, Cmd::Supervise(_) | Cmd::KrunVm(_)),
+    );
     let result = match cli.cmd {
         Cmd::Setup(a) => commands::setup::run(a),
         Cmd::Start(a) => commands::start::run(a),
@@ -70,11 +79,13 @@ fn main() {
         Cmd::Status(a) => commands::status::run(a),
         Cmd::List(a) => commands::list::run(a),
         Cmd::Exec(a) => commands::exec::run(a),
+        Cmd::VmRun(a) => commands::vm_run::run(a),
         Cmd::Shell(a) => commands::shell::run(a),
         Cmd::Logs(a) => commands::logs::run(a),
         Cmd::Delete(a) => commands::delete::run(a),
         Cmd::Doctor(a) => commands::doctor::run(a),
         Cmd::Supervise(a) => commands::supervise::run(a),
+        Cmd::KrunVm(a) => commands::krun_vm::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,10 +1,13 @@
-//! The `gatevm.*` keys of the kernel command line (`/proc/cmdline`).
+//! The `gatevm.*` keys of the kernel command line (`/proc/cmdline`), and of the arguments when
+//! libkrun's init starts the guest (libkrun writes the kernel command line itself).
 //!
-//! | key               | values          | default  |
-//! |-------------------|-----------------|----------|
-//! | `gatevm.hostname` | a host name     | `gatevm` |
-//! | `gatevm.net`      | `0` or `1`      | `1`      |
-//! | `gatevm.agent`    | `serial`/`vsock`| `serial` |
+//! | key               | values                 | default      |
+//! |-------------------|------------------------|--------------|
+//! | `gatevm.hostname` | a host name            | `gatevm`     |
+//! | `gatevm.net`      | `0` or `1`             | `1`          |
+//! | `gatevm.agent`    | `serial`/`vsock`       | `serial`     |
+//! | `gatevm.payload`  | `containerd`/`none`    | `containerd` |
+//! | `gatevm.vmm`      | `qemu`/`krun`          | `qemu`       |
 
 /// Default host name when the command line names none (or an invalid one).
 pub const DEFAULT_HOSTNAME: &str = "gatevm";
@@ -27,6 +30,11 @@ pub struct Cmdline {
     pub net: bool,
     /// Agent channel.
     pub agent: AgentTransport,
+    /// Run containerd (and keep its state on the state disk); `false` for throwaway VMs
+    /// (`gatevm vm-run`), whose root may not even have containerd.
+    pub payload: bool,
+    /// Started by libkrun's init: power-off is a reboot there (libkrun ends the VM on reset).
+    pub krun: bool,
 }
 
 impl Default for Cmdline {
@@ -35,6 +43,8 @@ impl Default for Cmdline {
             hostname: DEFAULT_HOSTNAME.to_string(),
             net: true,
             agent: AgentTransport::Serial,
+            payload: true,
+            krun: false,
         }
     }
 }
@@ -112,18 +122,45 @@ pub fn parse(line: &str) -> (Cmdline, Vec<String>) {
                 "vsock" => c.agent = AgentTransport::Vsock,
                 _ => warnings.push(format!("invalid gatevm.agent {value:?}, using serial")),
             },
+            "gatevm.payload" => match value {
+                "containerd" => c.payload = true,
+                "none" => c.payload = false,
+                _ => warnings.push(format!(
+                    "invalid gatevm.payload {value:?}, using containerd"
+                )),
+            },
+            "gatevm.vmm" => match value {
+                "qemu" => c.krun = false,
+                "krun" => c.krun = true,
+                _ => warnings.push(format!("invalid gatevm.vmm {value:?}, using qemu")),
+            },
             _ => {}
         }
     }
     (c, warnings)
 }
 
-/// Reads and parses `/proc/cmdline` (defaults when it cannot be read).
+/// Reads and parses `/proc/cmdline` and then this process's arguments (which win); defaults when
+/// neither can be read.
 pub fn read() -> (Cmdline, Vec<String>) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
     match std::fs::read_to_string("/proc/cmdline") {
-        Ok(s) => parse(&s),
-        Err(e) => (Cmdline::default(), vec![format!("/proc/cmdline: {e}")]),
+        Ok(s) => parse(&with_args(&s, &args)),
+        Err(e) => {
+            let (c, mut w) = parse(&with_args("", &args));
+            w.push(format!("/proc/cmdline: {e}"));
+            (c, w)
+        }
     }
+}
+
+/// A command line followed by arguments (each quoted, so one argument stays one word).
+fn with_args(line: &str, args: &[String]) -> String {
+    let mut s = line.trim_end().to_string();
+    for a in args.iter().filter(|a| !a.contains('"')) {
+        s.push_str(&format!(" \"{a}\""));
+    }
+    s
 }
 
 #[cfg(test)]
@@ -149,13 +186,37 @@ mod tests {
         assert_eq!(c.agent, AgentTransport::Vsock);
         // Last one wins.
         assert!(parse("gatevm.net=0 gatevm.net=1").0.net);
+        let (c, w) = parse("gatevm.payload=none gatevm.vmm=krun");
+        assert!(w.is_empty());
+        assert!(!c.payload && c.krun);
+        assert!(Cmdline::default().payload && !Cmdline::default().krun);
+    }
+
+    #[test]
+    fn arguments_follow_the_command_line() {
+        // Under libkrun, /proc/cmdline holds libkrun's line; the arguments carry the settings.
+        let line = with_args(
+            "reboot=k KRUN_INIT=/usr/local/sbin/gatevm-guest -- x\n",
+            &[
+                "gatevm.hostname=gw".into(),
+                "gatevm.agent=vsock".into(),
+                "a b".into(),
+            ],
+        );
+        let (c, w) = parse(&line);
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(c.hostname, "gw");
+        assert_eq!(c.agent, AgentTransport::Vsock);
+        assert!(split(&line).contains(&"a b".to_string()));
     }
 
     #[test]
     fn bad_values_warn_and_default() {
-        let (c, w) = parse("gatevm.hostname=-bad gatevm.net=maybe gatevm.agent=tcp");
+        let (c, w) = parse(
+            "gatevm.hostname=-bad gatevm.net=maybe gatevm.agent=tcp gatevm.payload=k8s gatevm.vmm=x",
+        );
         assert_eq!(c, Cmdline::default());
-        assert_eq!(w.len(), 3);
+        assert_eq!(w.len(), 5);
         let (c, w) = parse(&format!("gatevm.hostname={}", "a".repeat(65)));
         assert_eq!(c.hostname, DEFAULT_HOSTNAME);
         assert_eq!(w.len(), 1);

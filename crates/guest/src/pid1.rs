@@ -20,17 +20,18 @@ use std::time::Duration;
 
 /// The running guest, as the agent and the signal handler see it.
 pub struct System {
-    payload: Arc<Payload>,
+    /// containerd, unless the command line says `gatevm.payload=none`.
+    payload: Option<Arc<Payload>>,
     reaper: &'static Reaper,
 }
 
 impl AgentHost for System {
     fn payloads(&self) -> Vec<PayloadStatus> {
-        vec![self.payload.status()]
+        self.payload.iter().map(|p| p.status()).collect()
     }
 
     fn shutdown(&self) {
-        shutdown::run(&self.payload, self.reaper, "host request")
+        shutdown::run(self.payload.as_deref(), self.reaper, "host request")
     }
 }
 
@@ -74,12 +75,17 @@ pub fn run() -> ! {
     report("mount", &mounts::setup_stage2());
     let (cmd, warnings) = cmdline::read();
     report("cmdline", &warnings);
+    if cmd.krun {
+        sys::end_by_reboot();
+    }
     if let Err(e) = nix::unistd::sethostname(&cmd.hostname) {
         crate::glog!("sethostname {}: {e}", cmd.hostname);
     }
 
     let reaper = Reaper::global();
-    let payload = Payload::new(PayloadConfig::containerd());
+    let payload = cmd
+        .payload
+        .then(|| Payload::new(PayloadConfig::containerd()));
     let system = Arc::new(System {
         payload: payload.clone(),
         reaper,
@@ -90,7 +96,7 @@ pub fn run() -> ! {
         spawn_named("signals", move || loop {
             if let Ok(sig) = signals.wait() {
                 let why = format!("{sig:?}");
-                shutdown::run(&system.payload, system.reaper, &why);
+                shutdown::run(system.payload.as_deref(), system.reaper, &why);
             }
         });
     }
@@ -140,17 +146,22 @@ pub fn run() -> ! {
     if configured {
         crate::glog!("network configured ({} on {})", net::GUEST_ADDR, net::IFACE);
     }
-    let (backing, problems) = disk::setup(reaper);
-    report("disk", &problems);
-    crate::glog!("state: {backing:?}");
+    // A throwaway VM (no payload) has no state disk and keeps nothing.
+    if payload.is_some() {
+        let (backing, problems) = disk::setup(reaper);
+        report("disk", &problems);
+        crate::glog!("state: {backing:?}");
+    }
 
     let _ = modules_rx.recv_timeout(Duration::from_secs(20));
-    if !mounts::mount_points().iter().any(|p| p == "/dev/mqueue") {
-        crate::glog!("warning: no /dev/mqueue (POSIX mqueue), runc may fail");
-    }
-    if !shutdown::in_progress() {
-        if let Err(e) = payload.start(reaper) {
-            crate::glog!("cannot start the payload supervisor: {e}");
+    if let Some(payload) = &payload {
+        if !mounts::mount_points().iter().any(|p| p == "/dev/mqueue") {
+            crate::glog!("warning: no /dev/mqueue (POSIX mqueue), runc may fail");
+        }
+        if !shutdown::in_progress() {
+            if let Err(e) = payload.start(reaper) {
+                crate::glog!("cannot start the payload supervisor: {e}");
+            }
         }
     }
     crate::glog!("boot complete");

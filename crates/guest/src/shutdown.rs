@@ -21,15 +21,19 @@ pub fn in_progress() -> bool {
 
 /// Shuts the VM down; never returns. A second caller (say SIGTERM during a host-requested
 /// shutdown) just waits for the first one to finish.
-pub fn run(payload: &Payload, reaper: &Reaper, why: &str) -> ! {
+pub fn run(payload: Option<&Payload>, reaper: &Reaper, why: &str) -> ! {
     if STARTED.swap(true, Ordering::SeqCst) {
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
     let t = Instant::now();
-    crate::glog!("shutdown ({why}): stopping payload");
-    payload.stop(reaper, PAYLOAD_STOP_TIMEOUT);
+    if let Some(payload) = payload {
+        crate::glog!("shutdown ({why}): stopping payload");
+        payload.stop(reaper, PAYLOAD_STOP_TIMEOUT);
+    } else {
+        crate::glog!("shutdown ({why})");
+    }
 
     // SIGTERM to every process but PID 1 (and kernel threads).
     let _ = crate::sys::kill(-1, libc::SIGTERM);

@@ -120,11 +120,22 @@ pub fn block_shutdown_signals() -> nix::sys::signal::SigSet {
     set
 }
 
+static END_BY_REBOOT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes [`power_off`] reboot first: libkrun ends the VM on a guest reset, while its kernel has
+/// no power-off device (a power-off would only halt the CPUs and leave the VM running).
+pub fn end_by_reboot() {
+    END_BY_REBOOT.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Syncs and powers the machine off; never returns. Falls back to a reboot (QEMU runs with
 /// `-no-reboot`, so that ends the VM too) and finally sleeps forever: PID 1 must not exit.
 pub fn power_off() -> ! {
     use nix::sys::reboot::{reboot, RebootMode};
     nix::unistd::sync();
+    if END_BY_REBOOT.load(std::sync::atomic::Ordering::SeqCst) {
+        let _ = reboot(RebootMode::RB_AUTOBOOT);
+    }
     let _ = reboot(RebootMode::RB_POWER_OFF);
     let _ = reboot(RebootMode::RB_AUTOBOOT);
     loop {

@@ -21,6 +21,7 @@ pub mod initramfs;
 pub mod kconfig;
 pub mod kernel;
 pub mod modules;
+pub mod oci;
 pub mod provenance;
 pub mod qemu;
 pub mod rootfs;

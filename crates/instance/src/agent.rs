@@ -37,6 +37,7 @@ pub struct Agent {
     /// Becomes true when the guest said hello; false again when the channel ends.
     pub connected: watch::Receiver<bool>,
     shutdown_ack: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+    ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -56,6 +57,7 @@ impl Agent {
             view: Arc::default(),
             connected: conn_rx,
             shutdown_ack: Arc::default(),
+            ended: Arc::default(),
         };
         tokio::spawn(writer(write, rx));
         let a = agent.clone();
@@ -66,12 +68,18 @@ impl Agent {
             } else {
                 tracing::info!("agent channel closed by the guest");
             }
+            a.ended.store(true, Ordering::SeqCst);
             conn_tx.send_replace(false);
             lock(&a.view).agent.connected = false;
             lock(&a.routes).clear();
             lock(&a.status_waiters).clear();
         });
         agent
+    }
+
+    /// Whether the channel has ended (the guest or the VMM closed it).
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
     }
 
     async fn read_loop(

@@ -136,14 +136,11 @@ fn offline_status(
         st.stop_reason = Some("the supervisor process died unexpectedly".into());
         st.last_error = st.stop_reason.clone();
     }
-    let cfg = cfg.unwrap_or(InstanceConfig {
-        name: paths.name.clone(),
+    let cfg = cfg.unwrap_or_else(|| InstanceConfig {
         cpus: 0,
         memory_mib: 0,
-        forwards: vec![],
-        allow_host_loopback: false,
-        vmm: Default::default(),
         disk_gib: 0,
+        ..InstanceConfig::new(&paths.name)
     });
     let stopped = st.phase == Phase::Stopped;
     InstanceStatus {
@@ -151,6 +148,8 @@ fn offline_status(
         state: phase_name(st.phase).into(),
         healthy: false,
         backend: st.backend.clone(),
+        kernel: st.kernel.clone(),
+        ephemeral: cfg.ephemeral.is_some(),
         cpus: cfg.cpus,
         memory_mib: cfg.memory_mib,
         forwards: cfg.forwards.iter().map(|f| f.to_string()).collect(),
@@ -305,6 +304,55 @@ pub async fn delete(name: &str, force: bool) -> Result<(), ClientError> {
     std::fs::remove_dir_all(&paths.dir)
         .map_err(ioe(name, &format!("removing {}", paths.dir.display())))?;
     let _ = std::fs::remove_dir_all(&paths.run);
+    Ok(())
+}
+
+/// Name prefix of the throwaway instances of `gatevm vm-run`.
+pub const EPHEMERAL_PREFIX: &str = "vmrun-";
+/// File an ephemeral instance's client holds locked for its whole life (before its supervisor
+/// exists, too, while an image is unpacked).
+pub const EPHEMERAL_HOLD: &str = "vmrun.lock";
+
+/// Removes throwaway instances whose client is gone (killed before it could clean up). Returns
+/// their names.
+pub fn sweep_ephemeral() -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(instances_dir()) else {
+        return vec![];
+    };
+    let mut swept = Vec::new();
+    for e in rd.flatten() {
+        let Ok(name) = e.file_name().into_string() else {
+            continue;
+        };
+        if !name.starts_with(EPHEMERAL_PREFIX) || validate(&name).is_err() {
+            continue;
+        }
+        let paths = InstancePaths::new(&name);
+        let hold = paths.dir.join(EPHEMERAL_HOLD);
+        if is_held(&hold) || is_running(&paths) {
+            continue;
+        }
+        // Only throwaway instances (or one that died before writing its configuration).
+        if paths.exists() && read_config(&paths).is_none_or(|c| c.ephemeral.is_none()) {
+            continue;
+        }
+        if remove_ephemeral(&paths).is_ok() {
+            swept.push(name);
+        }
+    }
+    swept
+}
+
+/// Removes a throwaway instance that no supervisor runs: leftovers of its processes and mount, its
+/// directory and its runtime directory.
+pub fn remove_ephemeral(paths: &InstancePaths) -> std::io::Result<()> {
+    recover_stale(paths);
+    if paths.dir.exists() {
+        std::fs::remove_dir_all(&paths.dir)?;
+    }
+    if paths.run.exists() {
+        std::fs::remove_dir_all(&paths.run)?;
+    }
     Ok(())
 }
 

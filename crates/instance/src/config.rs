@@ -2,6 +2,7 @@
 
 use gatevm_net::Forward;
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 /// Smallest and largest guest memory in MiB.
 pub const MEMORY_RANGE: (u32, u32) = (256, 262_144);
@@ -22,6 +23,29 @@ pub enum VmmChoice {
     #[default]
     Auto,
     Qemu,
+    Krun,
+}
+
+impl VmmChoice {
+    pub fn name(self) -> &'static str {
+        match self {
+            VmmChoice::Auto => "auto",
+            VmmChoice::Qemu => "qemu",
+            VmmChoice::Krun => "krun",
+        }
+    }
+}
+
+impl std::str::FromStr for VmmChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(VmmChoice::Auto),
+            "qemu" => Ok(VmmChoice::Qemu),
+            "krun" => Ok(VmmChoice::Krun),
+            _ => Err(format!("unknown VMM {s:?}: use auto, krun or qemu")),
+        }
+    }
 }
 
 /// What an instance was started with.
@@ -39,6 +63,21 @@ pub struct InstanceConfig {
     pub vmm: VmmChoice,
     #[serde(default = "default_disk")]
     pub disk_gib: u32,
+    /// A kernel for the krun backend instead of libkrunfw's (`krun_set_kernel`).
+    #[serde(default)]
+    pub krun_kernel: Option<PathBuf>,
+    /// A throwaway VM (`gatevm vm-run`): its own root, no containerd, no state disk, deleted
+    /// when it stops.
+    #[serde(default)]
+    pub ephemeral: Option<Ephemeral>,
+}
+
+/// What a throwaway VM boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ephemeral {
+    /// The read-only lower layer of the root (the VM's writes go to a private upper layer);
+    /// None for gatevm's own rootfs.
+    pub rootfs: Option<PathBuf>,
 }
 
 fn default_disk() -> u32 {
@@ -57,6 +96,21 @@ pub enum ConfigError {
 }
 
 impl InstanceConfig {
+    /// A configuration with the defaults.
+    pub fn new(name: &str) -> InstanceConfig {
+        InstanceConfig {
+            name: name.to_string(),
+            cpus: DEFAULT_CPUS,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            forwards: vec![],
+            allow_host_loopback: false,
+            vmm: VmmChoice::Auto,
+            disk_gib: DEFAULT_DISK_GIB,
+            krun_kernel: None,
+            ephemeral: None,
+        }
+    }
+
     /// Checks the bounds (and, given the host's RAM, that the guest fits).
     pub fn validate(&self, host_mem_mib: Option<u64>) -> Result<(), ConfigError> {
         if self.cpus == 0 || self.cpus > MAX_CPUS {
@@ -150,6 +204,9 @@ pub struct StateFile {
     pub helpers: Vec<(String, ProcId)>,
     /// Which backend and acceleration run the VM (`qemu/tcg`, ...).
     pub backend: Option<String>,
+    /// Which kernel the VM boots (a path, or libkrunfw's).
+    #[serde(default)]
+    pub kernel: Option<String>,
     /// Unix time in milliseconds when the start began.
     pub started_at_ms: Option<u64>,
     /// Milliseconds from start to the guest agent answering.
@@ -170,6 +227,7 @@ impl StateFile {
             vmm: None,
             helpers: vec![],
             backend: None,
+            kernel: None,
             started_at_ms: None,
             agent_ready_ms: None,
             ready_ms: None,
@@ -200,6 +258,8 @@ mod tests {
             allow_host_loopback: false,
             vmm: VmmChoice::Auto,
             disk_gib: 8,
+            krun_kernel: None,
+            ephemeral: None,
         }
     }
 

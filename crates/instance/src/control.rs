@@ -56,8 +56,14 @@ pub struct InstanceStatus {
     pub state: String,
     /// Running, the agent answers and every payload is ready.
     pub healthy: bool,
-    /// VMM and acceleration (`qemu/tcg`, `qemu/kvm`).
+    /// VMM and acceleration (`qemu/tcg`, `qemu/kvm`, `krun/kvm`).
     pub backend: Option<String>,
+    /// The guest kernel: a path, or `libkrunfw` with its file.
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// A throwaway VM of `gatevm vm-run`, deleted when it stops.
+    #[serde(default)]
+    pub ephemeral: bool,
     pub cpus: u32,
     pub memory_mib: u32,
     /// Forwards as `ip:host:guest/proto`.

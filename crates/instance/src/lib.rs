@@ -4,6 +4,7 @@
 //! supervisor); [`supervisor`] is the process that owns a running instance.
 
 pub mod agent;
+pub mod backend;
 pub mod client;
 pub mod config;
 pub mod control;

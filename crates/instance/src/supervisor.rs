@@ -10,14 +10,15 @@
 //! not the appliance the user started. The next `start` begins from a clean slate.
 
 use crate::agent::Agent;
-use crate::config::{now_ms, InstanceConfig, Phase, ProcId, StateFile, VmmChoice};
+use crate::backend;
+use crate::config::{now_ms, InstanceConfig, Phase, ProcId, StateFile};
 use crate::control::{CtlReply, CtlRequest, InstanceStatus, CLIENT_STREAM};
 use crate::lock::{try_lock, InstanceLock};
 use crate::paths::{write_atomic, InstancePaths};
 use gatevm_net::gvproxy::{self, GvproxyConfig};
 use gatevm_net::loopback::{self, LoopbackGuard};
 use gatevm_protocol::{asyncio, Frame, GuestMsg, PayloadState};
-use gatevm_vmm::{Accel, VmConfig, Vmm};
+use gatevm_vmm::{Accel, VmConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -29,8 +30,8 @@ use tokio::sync::mpsc;
 
 /// How long the guest may take from VM start to the agent answering.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(90);
-/// Index of the VM process in the supervisor's process list ([virtiofsd, gvproxy, qemu]).
-const VM: usize = 2;
+/// Where gatevm-guest is installed in every instance root (the guest's stage 2 path).
+pub const GUEST_PATH: &str = "/usr/local/sbin/gatevm-guest";
 /// How long the guest may take to answer an exec request with "started" or "failed".
 const EXEC_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the payload may take after the agent answered.
@@ -76,6 +77,9 @@ pub struct SuperviseOptions {
     pub config: InstanceConfig,
     /// The gatevm-guest binary installed into the guest root and initramfs.
     pub guest_bin: PathBuf,
+    /// SIGTERM and SIGINT stop the instance gracefully. Off for `vm-run`, whose client forwards
+    /// them to the command in the guest and stops the VM when the command ends.
+    pub handle_signals: bool,
 }
 
 /// Runs an instance until it stops. Blocks; builds its own single-threaded runtime.
@@ -328,24 +332,56 @@ fn mount_rootfs(paths: &InstancePaths, base: &Path) -> Result<(), SupervisorErro
     })
 }
 
-/// Copies the guest binary into the instance root when it differs.
+/// Copies the guest binary into the instance root when it differs. The root is not trusted (the
+/// guest writes its upper layer; a `vm-run` image comes from anywhere), so no symlink in it is
+/// followed on the host: a directory on the way that is a symlink is refused, and a symlink at the
+/// binary's own path is replaced.
 fn install_guest(paths: &InstancePaths, guest_bin: &Path) -> Result<(), SupervisorError> {
-    let dest_dir = paths.rootfs().join("usr/local/sbin");
-    std::fs::create_dir_all(&dest_dir)
-        .map_err(io_err(format!("creating {}", dest_dir.display())))?;
-    let dest = dest_dir.join("gatevm-guest");
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let rel = GUEST_PATH.trim_start_matches('/');
+    let (dir_rel, file) = rel.rsplit_once('/').unwrap_or(("", rel));
+    let mut dir = paths.rootfs();
+    for comp in dir_rel.split('/').filter(|c| !c.is_empty()) {
+        dir.push(comp);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(SupervisorError::Setup(format!(
+                    "the instance root's {} is not a directory (a symlink or a file), so gatevm-guest cannot be installed at {GUEST_PATH}",
+                    dir.strip_prefix(paths.rootfs()).map(|p| format!("/{}", p.display())).unwrap_or_default()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+                let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
+            }
+            Err(e) => return Err(io_err(format!("inspecting {}", dir.display()))(e)),
+        }
+    }
+    let dest = dir.join(file);
     let new = std::fs::read(guest_bin).map_err(io_err(format!(
         "reading the guest binary {}",
         guest_bin.display()
     )))?;
-    if std::fs::read(&dest).ok().as_deref() == Some(&new[..]) {
+    let is_file = std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_file());
+    if is_file && std::fs::read(&dest).ok().as_deref() == Some(&new[..]) {
         return Ok(());
     }
-    let tmp = dest_dir.join(".gatevm-guest.tmp");
-    std::fs::write(&tmp, &new).map_err(io_err(format!("writing {}", tmp.display())))?;
-    use std::os::unix::fs::PermissionsExt;
+    let tmp = dir.join(".gatevm-guest.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o755)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(io_err(format!("creating {}", tmp.display())))?;
+    std::io::Write::write_all(&mut f, &new)
+        .map_err(io_err(format!("writing {}", tmp.display())))?;
+    drop(f);
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
         .map_err(io_err("chmod guest binary"))?;
+    // rename replaces whatever is at `dest` (a symlink included) without following it.
     std::fs::rename(&tmp, &dest).map_err(io_err(format!("installing {}", dest.display())))
 }
 
@@ -412,13 +448,14 @@ impl Shared {
         let mut view = agent.map(|a| a.view()).unwrap_or_default();
         view.agent.responding = responding;
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let payload_ready = !view.payloads.is_empty()
-            && view.payloads.iter().all(|p| p.state == PayloadState::Ready);
+        let payload_ready = payloads_ready(&self.config, &view.payloads);
         InstanceStatus {
             name: self.config.name.clone(),
             state: phase_name(s.phase).into(),
             healthy: s.phase == Phase::Running && responding && payload_ready,
             backend: s.backend.clone(),
+            kernel: s.kernel.clone(),
+            ephemeral: self.config.ephemeral.is_some(),
             cpus: self.config.cpus,
             memory_mib: self.config.memory_mib,
             forwards: self.config.forwards.iter().map(|f| f.to_string()).collect(),
@@ -434,6 +471,14 @@ impl Shared {
             logs: self.paths.logs().display().to_string(),
         }
     }
+}
+
+/// Whether the payloads the instance runs are all ready (a throwaway VM runs none).
+fn payloads_ready(cfg: &InstanceConfig, payloads: &[gatevm_protocol::PayloadStatus]) -> bool {
+    if cfg.ephemeral.is_some() {
+        return payloads.iter().all(|p| p.state == PayloadState::Ready);
+    }
+    !payloads.is_empty() && payloads.iter().all(|p| p.state == PayloadState::Ready)
 }
 
 /// The name of a phase in status documents.
@@ -499,20 +544,24 @@ async fn supervise_locked(
     });
     shared.set_state(|_| {});
     // SIGTERM and SIGINT (systemd, Ctrl-C in the foreground) ask for a graceful stop.
-    let sig_stop = shared.stop_tx.clone();
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(io_err("installing the SIGTERM handler"))?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(io_err("installing the SIGINT handler"))?;
-    let _signals = AbortOnDrop(tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = sigterm.recv() => {}
-                _ = sigint.recv() => {}
+    let _signals = if opts.handle_signals {
+        let sig_stop = shared.stop_tx.clone();
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(io_err("installing the SIGTERM handler"))?;
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(io_err("installing the SIGINT handler"))?;
+        Some(AbortOnDrop(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = sigterm.recv() => {}
+                    _ = sigint.recv() => {}
+                }
+                let _ = sig_stop.send(30).await;
             }
-            let _ = sig_stop.send(30).await;
-        }
-    }));
+        })))
+    } else {
+        None
+    };
 
     let mut children: Vec<Owned> = Vec::new();
     let outcome = boot_and_serve(opts, &shared, &mut children, &mut stop_rx, progress, t0).await;
@@ -566,45 +615,83 @@ async fn boot_and_serve(
     let runtime =
         gatevm_image::Runtime::load().map_err(|e| SupervisorError::Setup(e.to_string()))?;
     let caps = gatevm_vmm::probe();
-    let accel = match cfg.vmm {
-        VmmChoice::Auto | VmmChoice::Qemu => Accel::for_host(&caps),
-    };
-    if accel == Accel::Tcg {
+    let chosen = backend::choose(
+        cfg.vmm,
+        &caps,
+        &runtime.libkrunfw(),
+        cfg.krun_kernel.as_deref(),
+    )
+    .map_err(SupervisorError::Setup)?;
+    if chosen == backend::Chosen::Qemu(Accel::Tcg) {
         let why = caps.why_no_hardware_virt().unwrap_or_default();
         progress(Progress::Notice {
             message: format!("no hardware virtualization ({why}): using QEMU software emulation (TCG), which is slower"),
         });
     }
-    let vmm = gatevm_vmm::qemu::Qemu::for_host(runtime.qemu_binary(), runtime.qemu_data_dirs());
-    let backend = format!(
-        "{}/{}",
-        vmm.name(),
-        if accel == Accel::Kvm { "kvm" } else { "tcg" }
-    );
-    shared.set_state(|s| s.backend = Some(backend.clone()));
+    let program = std::env::current_exe().map_err(io_err("locating the gatevm executable"))?;
+    let vmm = backend::build(&chosen, &runtime, program);
+    let kernel_label = match &chosen {
+        backend::Chosen::Krun(gatevm_vmm::krun::KrunKernel::Libkrunfw) => {
+            format!("libkrunfw ({})", runtime.libkrunfw().display())
+        }
+        backend::Chosen::Krun(gatevm_vmm::krun::KrunKernel::External { path, .. }) => {
+            path.display().to_string()
+        }
+        backend::Chosen::Qemu(_) => runtime.kernel_path().display().to_string(),
+    };
+    shared.set_state(|s| {
+        s.backend = Some(chosen.label().to_string());
+        s.kernel = Some(kernel_label);
+    });
 
-    let base = runtime
-        .rootfs()
-        .map_err(|e| SupervisorError::Setup(e.to_string()))?;
-    mount_rootfs(paths, &base)?;
+    let lower = match cfg.ephemeral.as_ref().and_then(|e| e.rootfs.clone()) {
+        Some(dir) => dir,
+        None => runtime
+            .rootfs()
+            .map_err(|e| SupervisorError::Setup(e.to_string()))?,
+    };
+    mount_rootfs(paths, &lower)?;
     install_guest(paths, &opts.guest_bin)?;
-    ensure_state_disk(paths, cfg.disk_gib)?;
-    let initramfs = runtime
-        .initramfs(&opts.guest_bin)
-        .map_err(|e| SupervisorError::Setup(e.to_string()))?;
+    let state_disk = if cfg.ephemeral.is_some() {
+        None
+    } else {
+        ensure_state_disk(paths, cfg.disk_gib)?;
+        Some(paths.state_disk())
+    };
+    let initramfs = if vmm.needs_virtiofsd() {
+        Some(
+            runtime
+                .initramfs(&opts.guest_bin)
+                .map_err(|e| SupervisorError::Setup(e.to_string()))?,
+        )
+    } else {
+        None
+    };
 
     phase("starting helpers", progress);
-    // virtiofsd serves the merged root.
-    let mut vfs_cmd = Command::new(runtime.virtiofsd());
-    vfs_cmd
-        .arg(format!(
-            "--socket-path={}",
-            paths.virtiofs_socket().display()
-        ))
-        .arg(format!("--shared-dir={}", paths.rootfs().display()))
-        .args(["--cache=auto", "--sandbox=namespace", "--log-level=info"]);
-    let vfs_log = paths.log("virtiofsd");
-    let mut vfs = spawn_owned("virtiofsd", vfs_cmd, &vfs_log, &paths.run, None)?;
+    if vmm.needs_virtiofsd() {
+        // virtiofsd serves the merged root.
+        let mut vfs_cmd = Command::new(runtime.virtiofsd());
+        vfs_cmd
+            .arg(format!(
+                "--socket-path={}",
+                paths.virtiofs_socket().display()
+            ))
+            .arg(format!("--shared-dir={}", paths.rootfs().display()))
+            .args(["--cache=auto", "--sandbox=namespace", "--log-level=info"]);
+        let vfs_log = paths.log("virtiofsd");
+        let mut vfs = spawn_owned("virtiofsd", vfs_cmd, &vfs_log, &paths.run, None)?;
+        shared.set_state(|s| s.helpers.push(("virtiofsd".to_string(), vfs.id)));
+        let waited = wait_socket(
+            &paths.virtiofs_socket(),
+            &mut vfs,
+            &vfs_log,
+            Duration::from_secs(10),
+        )
+        .await;
+        children.push(vfs);
+        waited?;
+    }
     // gvproxy provides the network; unless the user allows it, it runs where it cannot reach the
     // host's loopback (it NATs 192.168.127.254 there).
     let gv = GvproxyConfig {
@@ -621,21 +708,8 @@ async fn boot_and_serve(
     gv_cmd.args(gv.args());
     let gv_log = paths.log("gvproxy");
     let mut gvp = spawn_owned("gvproxy", gv_cmd, &gv_log, &paths.run, guard)?;
-    let helpers = vec![
-        ("virtiofsd".to_string(), vfs.id),
-        ("gvproxy".to_string(), gvp.id),
-    ];
-    shared.set_state(|s| s.helpers = helpers);
-    let waited_vfs = wait_socket(
-        &paths.virtiofs_socket(),
-        &mut vfs,
-        &vfs_log,
-        Duration::from_secs(10),
-    )
-    .await;
-    children.push(vfs);
-    waited_vfs?;
-    let waited_gv = wait_socket(
+    shared.set_state(|s| s.helpers.push(("gvproxy".to_string(), gvp.id)));
+    let waited = wait_socket(
         &paths.net_socket(),
         &mut gvp,
         &gv_log,
@@ -643,20 +717,23 @@ async fn boot_and_serve(
     )
     .await;
     children.push(gvp);
-    waited_gv?;
+    waited?;
 
     phase("booting", progress);
-    let hostname = cfg.name.clone();
     let vm_cfg = VmConfig {
         name: cfg.name.clone(),
         cpus: cfg.cpus,
         memory_mib: cfg.memory_mib,
-        accel,
+        accel: match chosen {
+            backend::Chosen::Qemu(a) => a,
+            backend::Chosen::Krun(_) => Accel::Kvm,
+        },
         kernel: runtime.kernel_path().to_path_buf(),
-        initramfs: Some(initramfs),
-        cmdline: kernel_cmdline(&hostname),
+        initramfs,
+        cmdline: kernel_cmdline(&cfg.name, cfg.ephemeral.is_none()),
+        root_dir: paths.rootfs(),
         virtiofs_socket: paths.virtiofs_socket(),
-        state_disk: Some(paths.state_disk()),
+        state_disk,
         agent_socket: paths.agent_socket(),
         net_socket: Some(paths.net_socket()),
         mac: gvproxy::GUEST_MAC.to_string(),
@@ -666,15 +743,18 @@ async fn boot_and_serve(
         .command(&vm_cfg)
         .map_err(|e| SupervisorError::Setup(e.to_string()))?;
     let vm_log = paths.log("vmm");
-    // From here `children` is [virtiofsd, gvproxy, qemu]; teardown goes in reverse.
+    // libkrun refuses to listen on an existing path.
+    let _ = std::fs::remove_file(paths.agent_socket());
+    // From here the VM is the last of `children`; teardown goes in reverse.
     children.push(spawn_owned(
-        "qemu",
+        vmm.name(),
         Command::from(std_cmd),
         &vm_log,
         &paths.run,
         None,
     )?);
-    let vm_id = children[VM].id;
+    let vm_index = children.len() - 1;
+    let vm_id = children[vm_index].id;
     shared.set_state(|s| s.vmm = Some(vm_id));
 
     // Forwards go in while the guest boots; gvproxy retries internally until its stack is up.
@@ -692,21 +772,6 @@ async fn boot_and_serve(
         }
         Ok::<(), String>(())
     });
-
-    // Connect to the agent socket QEMU listens on.
-    wait_socket(
-        &paths.agent_socket(),
-        &mut children[VM],
-        &vm_log,
-        Duration::from_secs(20),
-    )
-    .await?;
-    let stream = UnixStream::connect(paths.agent_socket())
-        .await
-        .map_err(|e| SupervisorError::Boot(format!("connecting to the agent socket: {e}")))?;
-    let (r, w) = stream.into_split();
-    let agent = Agent::spawn(r, w);
-    *shared.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(agent.clone());
 
     // The control socket is up from here, so status works during boot.
     let listener =
@@ -739,12 +804,18 @@ async fn boot_and_serve(
     });
     let _server_guard = AbortOnDrop(server);
 
-    let boot = wait_ready(&agent, &mut children[VM], &vm_log, t0, progress);
+    let reconnect = !vmm.needs_virtiofsd();
+    let boot = async {
+        let agent = connect_agent(paths, &mut children[vm_index], &vm_log, reconnect).await?;
+        *shared.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(agent.clone());
+        let times = wait_ready(&agent, cfg, &mut children[vm_index], &vm_log, t0, progress).await?;
+        Ok::<_, SupervisorError>((agent, times))
+    };
     let boot_result = tokio::select! {
         r = boot => r,
         t = stop_rx.recv() => Err(SupervisorError::Boot(format!("stopped during boot (timeout {} s)", t.unwrap_or(0)))),
     };
-    let (agent_ms, ready_ms) = boot_result?;
+    let (agent, (agent_ms, ready_ms)) = boot_result?;
     match expose.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(SupervisorError::Boot(format!("port forward failed: {e}"))),
@@ -767,25 +838,102 @@ async fn boot_and_serve(
     });
 
     // Serve until the VM ends, a helper dies, or a stop is asked for.
-    let [vfs, gvp, vm] = &mut children[..] else {
-        return Err(SupervisorError::Boot(
-            "internal error: the process list is incomplete".into(),
-        ));
-    };
+    let (helpers, vm) = children.split_at_mut(vm_index);
+    let vm = &mut vm[0];
     let reason = tokio::select! {
         st = vm.child.wait() => describe_vm_exit(st),
-        st = vfs.child.wait() => helper_died(shared, vm, "virtiofsd", st).await,
-        st = gvp.child.wait() => helper_died(shared, vm, "gvproxy", st).await,
+        (name, st) = first_exit(helpers) => helper_died(shared, vm, name, st).await,
         t = stop_rx.recv() => graceful_stop(shared, &agent, vm, Duration::from_secs(t.unwrap_or(30))).await,
     };
     shared.set_state(|s| s.phase = Phase::Stopping);
     Ok(reason)
 }
 
+/// The first helper to exit, with its status (pending forever when there are none).
+async fn first_exit(
+    helpers: &mut [Owned],
+) -> (&'static str, std::io::Result<std::process::ExitStatus>) {
+    let waits: Vec<_> = helpers
+        .iter_mut()
+        .map(|h| {
+            let name = h.name;
+            Box::pin(async move { (name, h.child.wait().await) })
+        })
+        .collect();
+    if waits.is_empty() {
+        return std::future::pending().await;
+    }
+    let mut waits = waits;
+    std::future::poll_fn(move |cx| {
+        for w in waits.iter_mut() {
+            if let std::task::Poll::Ready(r) = std::future::Future::poll(w.as_mut(), cx) {
+                return std::task::Poll::Ready(r);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// Connects to the agent channel. QEMU listens on the socket and keeps a connection until the
+/// guest opens its port, so one connection is enough. libkrun connects each host connection to
+/// the guest's vsock port and closes it while nothing listens there yet, so with `reconnect` a
+/// closed channel is retried until the guest answers (the VM's exit and the boot timeout end the
+/// wait).
+async fn connect_agent(
+    paths: &InstancePaths,
+    vm: &mut Owned,
+    vm_log: &Path,
+    reconnect: bool,
+) -> Result<Agent, SupervisorError> {
+    wait_socket(&paths.agent_socket(), vm, vm_log, Duration::from_secs(20)).await?;
+    let deadline = Instant::now() + AGENT_TIMEOUT;
+    loop {
+        let stream = UnixStream::connect(paths.agent_socket())
+            .await
+            .map_err(|e| SupervisorError::Boot(format!("connecting to the agent socket: {e}")))?;
+        let (r, w) = stream.into_split();
+        let agent = Agent::spawn(r, w);
+        if !reconnect {
+            return Ok(agent);
+        }
+        agent.hello().await.map_err(SupervisorError::Boot)?;
+        let mut connected = agent.connected.clone();
+        let answered = tokio::time::timeout(Duration::from_millis(500), async {
+            while !*connected.borrow() && !agent.ended() {
+                if connected.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        if *agent.connected.borrow() || (answered.is_err() && !agent.ended()) {
+            // Answered, or the connection stays open: the hello loop of `wait_ready` goes on.
+            return Ok(agent);
+        }
+        if let Ok(Some(st)) = vm.child.try_wait() {
+            return Err(SupervisorError::Boot(format!(
+                "the VM exited during boot ({st}): see the console log; last lines: {}",
+                log_tail(vm_log, 2)
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(SupervisorError::Boot(format!(
+                "the guest agent did not answer within {} s: see the console log",
+                AGENT_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The guest kernel command line; `$GATEVM_KERNEL_APPEND` adds to it (e.g. `loglevel=7` to see
 /// the kernel's messages in the console log).
-fn kernel_cmdline(hostname: &str) -> String {
+fn kernel_cmdline(hostname: &str, payload: bool) -> String {
     let mut c = format!("console=ttyS0 quiet panic=-1 gatevm.hostname={hostname}");
+    if !payload {
+        c.push_str(" gatevm.payload=none");
+    }
     if let Ok(extra) = std::env::var("GATEVM_KERNEL_APPEND") {
         c.push(' ');
         c.push_str(&extra);
@@ -846,6 +994,7 @@ fn describe_vm_exit(st: std::io::Result<std::process::ExitStatus>) -> String {
 /// Waits for the agent's hello, then for every payload to be ready. Returns (agent ms, ready ms).
 async fn wait_ready(
     agent: &Agent,
+    cfg: &InstanceConfig,
     vm: &mut Owned,
     vm_log: &Path,
     t0: Instant,
@@ -878,6 +1027,9 @@ async fn wait_ready(
         }
     }
     let agent_ms = ms();
+    if cfg.ephemeral.is_some() {
+        return Ok((agent_ms, agent_ms));
+    }
     progress(Progress::Phase {
         phase: "agent ready, starting containerd".into(),
         elapsed_ms: agent_ms,
@@ -886,8 +1038,7 @@ async fn wait_ready(
     loop {
         agent.refresh_status(Duration::from_secs(2)).await;
         let view = agent.view();
-        if !view.payloads.is_empty() && view.payloads.iter().all(|p| p.state == PayloadState::Ready)
-        {
+        if payloads_ready(cfg, &view.payloads) {
             return Ok((agent_ms, ms()));
         }
         if let Some(p) = view

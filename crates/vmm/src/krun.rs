@@ -1,14 +1,27 @@
-//! The libkrun backend's call sequence (work in progress for issue 3).
+//! The libkrun backend: the fast path on hosts with hardware virtualization.
 //!
 //! A libkrun VM is configured by a sequence of C calls on a context and started with
-//! `krun_start_enter`, which never returns on success. This module turns an instance
-//! configuration into that sequence as plain data ([`KrunCall`]), so the sequence is unit-tested
-//! without a hypervisor, and replays it through the [`KrunApi`] trait: the real implementation
-//! calls the `libkrun` crate in the VM's own child process; tests use a recording fake.
+//! `krun_start_enter`, which never returns on success: the process becomes the VM and exits when
+//! the guest does. So every VM runs in a child process of its own (`gatevm __krun-vm`, built by
+//! [`Krun::command`]), which the supervisor owns, reaps and reports exactly like a QEMU process.
+//!
+//! This module turns an instance configuration into that call sequence as plain data
+//! ([`KrunCall`]), so the sequence is unit-tested without a hypervisor, and replays it through the
+//! [`KrunApi`] trait: [`sys::LibKrun`] calls the linked `libkrun` crate; tests use a recording
+//! fake.
+//!
+//! The appliance is the same as under QEMU: the instance root over libkrun's built-in virtio-fs,
+//! the state disk as virtio-blk, `gatevm-guest` as the workload (started by libkrun's own init as
+//! PID 1, `KRUN_INIT_PID1=1`), the agent on vsock port 1024 mapped to a host unix socket, and
+//! gvproxy attached as a unix stream network device with the same static address and MAC.
+//! Transparent socket impersonation (TSI) stays off: it would give the guest the host's network
+//! stack, loopback included.
 //!
 //! Constants below are libkrun 1.19's (`libkrun.h`).
 
-use std::path::PathBuf;
+use crate::{HostCaps, VmConfig, Vmm, VmmError};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 
 /// `krun_add_disk3` disk format: raw.
 pub const KRUN_DISK_FORMAT_RAW: u32 = 0;
@@ -21,7 +34,7 @@ pub const NET_COMPAT_FEATURES: u32 =
     (1 << 0) | (1 << 1) | (1 << 7) | (1 << 10) | (1 << 11) | (1 << 14);
 
 /// Which kernel the VM boots.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KrunKernel {
     /// The kernel inside libkrunfw (`libkrunfw.so.5`), with libkrun's own command line.
     Libkrunfw,
@@ -34,7 +47,7 @@ pub enum KrunKernel {
 }
 
 /// Everything the libkrun backend needs for one instance.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KrunConfig {
     pub cpus: u8,
     pub memory_mib: u32,
@@ -85,6 +98,12 @@ pub enum KrunCall {
         features: u32,
         flags: u32,
     },
+    /// Drops libkrun's implicit vsock device (which would enable TSI when there is no network).
+    DisableImplicitVsock,
+    /// An explicit vsock device with these TSI features (gatevm uses none).
+    AddVsock {
+        tsi_features: u32,
+    },
     AddVsockPort2 {
         port: u32,
         path: PathBuf,
@@ -112,6 +131,8 @@ impl KrunCall {
             KrunCall::SetRoot { .. } => "krun_set_root",
             KrunCall::AddDisk3 { .. } => "krun_add_disk3",
             KrunCall::AddNetUnixstream { .. } => "krun_add_net_unixstream",
+            KrunCall::DisableImplicitVsock => "krun_disable_implicit_vsock",
+            KrunCall::AddVsock { .. } => "krun_add_vsock",
             KrunCall::AddVsockPort2 { .. } => "krun_add_vsock_port2",
             KrunCall::SetConsoleOutput { .. } => "krun_set_console_output",
             KrunCall::SetWorkdir { .. } => "krun_set_workdir",
@@ -161,6 +182,8 @@ pub fn plan(c: &KrunConfig) -> Vec<KrunCall> {
             flags: 0,
         });
     }
+    calls.push(KrunCall::DisableImplicitVsock);
+    calls.push(KrunCall::AddVsock { tsi_features: 0 });
     calls.push(KrunCall::AddVsockPort2 {
         port: gatevm_protocol::AGENT_VSOCK_PORT,
         path: c.agent_socket.clone(),
@@ -192,6 +215,8 @@ pub trait KrunApi {
     fn create_ctx(&mut self) -> i32;
     fn call(&mut self, ctx: u32, call: &KrunCall) -> i32;
     fn free_ctx(&mut self, ctx: u32) -> i32;
+    /// Boots the VM; returns only on failure (a negative errno).
+    fn start_enter(&mut self, ctx: u32) -> i32;
 }
 
 /// A configured context; freed on drop unless started.
@@ -204,6 +229,16 @@ impl<A: KrunApi> Context<'_, A> {
     /// The context id.
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// Boots the VM with `krun_start_enter`. On success the call never returns (the process
+    /// exits with the guest), so what comes back is always the failure.
+    pub fn start(self) -> KrunError {
+        let rc = self.api.start_enter(self.id);
+        KrunError {
+            function: "krun_start_enter",
+            errno: if rc < 0 { -rc } else { libc::EIO },
+        }
     }
 }
 
@@ -239,6 +274,168 @@ pub fn configure<'a, A: KrunApi>(
     Ok(ctx)
 }
 
+/// The libkrun release linked in (the `libkrun` crate's version, pinned in Cargo.toml).
+pub const LIBKRUN_VERSION: &str = "1.19.7";
+
+/// The workload's `PATH` in the guest.
+pub const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Why the krun backend cannot run on this host, as one line naming the reason and the
+/// alternative; None when it can. Cheap (a few file reads), so `--vmm krun` fails in
+/// milliseconds instead of a guest dying later.
+pub fn unavailable(caps: &HostCaps, libkrunfw: &Path, kernel: &KrunKernel) -> Option<String> {
+    if let Some(why) = caps.why_no_hardware_virt() {
+        return Some(format!(
+            "the krun backend needs hardware virtualization, and {why}: use --vmm qemu (or auto)"
+        ));
+    }
+    match kernel {
+        KrunKernel::Libkrunfw if !libkrunfw.exists() => Some(format!(
+            "the krun backend needs {}, which is missing: run `gatevm setup`, or use --vmm qemu",
+            libkrunfw.display()
+        )),
+        KrunKernel::External { path, .. } if !path.is_file() => Some(format!(
+            "the kernel for the krun backend, {}, is not a file",
+            path.display()
+        )),
+        _ => None,
+    }
+}
+
+/// Parses a MAC address written as six colon-separated hex bytes.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], VmmError> {
+    let bad = || VmmError::Invalid(format!("MAC address {s:?} is not six hex bytes"));
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let part = parts.next().ok_or_else(bad)?;
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+/// The libkrun configuration for a VM configuration: the guest gets the `gatevm.*` settings of
+/// the kernel command line as arguments (libkrun writes its own command line), the agent on vsock,
+/// and an environment of its own.
+pub fn translate(
+    vm: &VmConfig,
+    kernel: &KrunKernel,
+    guest_exec: &str,
+) -> Result<KrunConfig, VmmError> {
+    let cpus = u8::try_from(vm.cpus)
+        .ok()
+        .filter(|c| *c > 0)
+        .ok_or_else(|| {
+            VmmError::Invalid(format!("libkrun takes 1 to 255 vCPUs, not {}", vm.cpus))
+        })?;
+    if vm.memory_mib < 64 {
+        return Err(VmmError::Invalid(format!(
+            "{} MiB of memory",
+            vm.memory_mib
+        )));
+    }
+    let mut args: Vec<String> = vm
+        .cmdline
+        .split_whitespace()
+        .filter(|w| w.starts_with("gatevm.") && !w.starts_with("gatevm.agent="))
+        .map(str::to_string)
+        .collect();
+    args.push("gatevm.agent=vsock".into());
+    args.push("gatevm.vmm=krun".into());
+    Ok(KrunConfig {
+        cpus,
+        memory_mib: vm.memory_mib,
+        kernel: kernel.clone(),
+        root_dir: vm.root_dir.clone(),
+        state_disk: vm.state_disk.clone(),
+        agent_socket: vm.agent_socket.clone(),
+        net_socket: vm.net_socket.clone(),
+        mac: parse_mac(&vm.mac)?,
+        console_log: vm.console_log.clone(),
+        exec: guest_exec.to_string(),
+        args,
+        env: vec![
+            ("KRUN_INIT_PID1".into(), "1".into()),
+            ("HOSTNAME".into(), vm.name.clone()),
+            ("PATH".into(), GUEST_PATH.into()),
+            ("HOME".into(), "/root".into()),
+            ("TERM".into(), "linux".into()),
+        ],
+    })
+}
+
+/// The krun backend: runs each VM as `PROGRAM __krun-vm --config-json JSON`, a child process that
+/// configures libkrun and enters the VM ([`run_vm`]).
+#[derive(Debug, Clone)]
+pub struct Krun {
+    /// The gatevm executable (it links libkrun).
+    pub program: PathBuf,
+    /// `libkrunfw.so.5`; its directory goes on the child's library path.
+    pub libkrunfw: PathBuf,
+    pub kernel: KrunKernel,
+    /// Path of gatevm-guest inside the guest root.
+    pub guest_exec: String,
+}
+
+impl Krun {
+    /// The child's argument list after the program.
+    pub fn args(&self, cfg: &VmConfig) -> Result<Vec<String>, VmmError> {
+        let kc = translate(cfg, &self.kernel, &self.guest_exec)?;
+        let json = serde_json::to_string(&kc).map_err(|e| VmmError::Invalid(e.to_string()))?;
+        Ok(vec!["__krun-vm".into(), "--config-json".into(), json])
+    }
+}
+
+impl Vmm for Krun {
+    fn name(&self) -> &'static str {
+        "krun"
+    }
+
+    fn needs_virtiofsd(&self) -> bool {
+        false
+    }
+
+    fn command(&self, cfg: &VmConfig) -> Result<std::process::Command, VmmError> {
+        if matches!(self.kernel, KrunKernel::Libkrunfw) && !self.libkrunfw.exists() {
+            return Err(VmmError::Missing {
+                what: "libkrunfw",
+                path: self.libkrunfw.clone(),
+            });
+        }
+        let mut cmd = std::process::Command::new(&self.program);
+        cmd.args(self.args(cfg)?);
+        // The VM process gets a small, explicit environment: libkrun finds libkrunfw by name.
+        cmd.env_clear();
+        if let Some(dir) = self.libkrunfw.parent() {
+            cmd.env("LD_LIBRARY_PATH", dir);
+        }
+        // libkrun names the process `VM:$HOSTNAME`.
+        cmd.env("HOSTNAME", &cfg.name);
+        if let Ok(v) = std::env::var("RUST_LOG") {
+            cmd.env("RUST_LOG", v);
+        }
+        Ok(cmd)
+    }
+}
+
+/// Runs in the VM child process: configures libkrun and enters the VM. Returns only on failure.
+pub fn run_vm(cfg: &KrunConfig) -> KrunError {
+    // Warnings and errors from libkrun go to stderr, i.e. the instance's vmm log.
+    let _ = ::krun::krun_set_log_level(2);
+    let mut api = sys::LibKrun;
+    let result = match configure(&mut api, &plan(cfg)) {
+        Ok(ctx) => ctx.start(),
+        Err(e) => e,
+    };
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +469,10 @@ mod tests {
             self.log.push(format!("krun_free_ctx({ctx})"));
             0
         }
+        fn start_enter(&mut self, ctx: u32) -> i32 {
+            self.log.push(format!("krun_start_enter({ctx})"));
+            -libc::ENOENT
+        }
     }
 
     fn cfg() -> KrunConfig {
@@ -302,6 +503,8 @@ mod tests {
                 "krun_set_root",
                 "krun_add_disk3",
                 "krun_add_net_unixstream",
+                "krun_disable_implicit_vsock",
+                "krun_add_vsock",
                 "krun_add_vsock_port2",
                 "krun_set_console_output",
                 "krun_set_workdir",
@@ -318,6 +521,191 @@ mod tests {
             argv: vec![],
             envp: vec!["PATH=/usr/sbin:/usr/bin".into()]
         }));
+    }
+
+    fn vm() -> VmConfig {
+        VmConfig {
+            name: "gw".into(),
+            cpus: 2,
+            memory_mib: 1024,
+            accel: crate::Accel::Kvm,
+            kernel: "/rt/vmlinux".into(),
+            initramfs: Some("/rt/initramfs".into()),
+            cmdline:
+                "console=ttyS0 quiet gatevm.hostname=gw gatevm.agent=serial gatevm.payload=none"
+                    .into(),
+            root_dir: "/i/rootfs".into(),
+            virtiofs_socket: "/run/gatevm/gw/vfs.sock".into(),
+            state_disk: Some("/i/state.img".into()),
+            agent_socket: "/run/gatevm/gw/agent.sock".into(),
+            net_socket: Some("/run/gatevm/gw/net.sock".into()),
+            mac: "5a:94:ef:e4:0c:ee".into(),
+            console_log: "/i/logs/console.log".into(),
+        }
+    }
+
+    #[test]
+    fn translation_of_a_vm_configuration() {
+        let k = translate(
+            &vm(),
+            &KrunKernel::Libkrunfw,
+            "/usr/local/sbin/gatevm-guest",
+        )
+        .unwrap();
+        assert_eq!(k.cpus, 2);
+        assert_eq!(k.memory_mib, 1024);
+        assert_eq!(k.root_dir, PathBuf::from("/i/rootfs"));
+        assert_eq!(k.mac, [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee]);
+        // Only gatevm.* words reach the guest, and the agent is always on vsock.
+        assert_eq!(
+            k.args,
+            [
+                "gatevm.hostname=gw",
+                "gatevm.payload=none",
+                "gatevm.agent=vsock",
+                "gatevm.vmm=krun"
+            ]
+        );
+        assert!(k.env.contains(&("KRUN_INIT_PID1".into(), "1".into())));
+        assert!(k.env.iter().all(|(key, _)| key != "LD_LIBRARY_PATH"));
+
+        let mut bad = vm();
+        bad.cpus = 300;
+        assert!(translate(&bad, &KrunKernel::Libkrunfw, "/g").is_err());
+        bad = vm();
+        bad.mac = "5a:94:ef:e4:0c".into();
+        assert!(translate(&bad, &KrunKernel::Libkrunfw, "/g")
+            .unwrap_err()
+            .to_string()
+            .contains("MAC"));
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("00:11:22:aa:bb:ff").unwrap(),
+            [0, 0x11, 0x22, 0xaa, 0xbb, 0xff]
+        );
+        for bad in [
+            "",
+            "00:11:22:aa:bb",
+            "00:11:22:aa:bb:ff:00",
+            "0:11:22:aa:bb:ff",
+            "zz:11:22:aa:bb:ff",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_child_command_has_its_own_environment() {
+        let d = tempfile::tempdir().unwrap();
+        let fw = d.path().join("libkrunfw.so.5");
+        std::fs::write(&fw, b"").unwrap();
+        let k = Krun {
+            program: "/usr/bin/gatevm".into(),
+            libkrunfw: fw.clone(),
+            kernel: KrunKernel::Libkrunfw,
+            guest_exec: "/usr/local/sbin/gatevm-guest".into(),
+        };
+        let cmd = k.command(&vm()).unwrap();
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(&args[..2], ["__krun-vm", "--config-json"]);
+        let back: KrunConfig = serde_json::from_str(&args[2]).unwrap();
+        assert_eq!(
+            back,
+            translate(
+                &vm(),
+                &KrunKernel::Libkrunfw,
+                "/usr/local/sbin/gatevm-guest"
+            )
+            .unwrap()
+        );
+        let envs: Vec<(String, Option<String>)> = cmd
+            .get_envs()
+            .map(|(k, v)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    v.map(|v| v.to_string_lossy().into_owned()),
+                )
+            })
+            .collect();
+        assert!(envs.contains(&(
+            "LD_LIBRARY_PATH".into(),
+            Some(d.path().display().to_string())
+        )));
+        assert!(envs.contains(&("HOSTNAME".into(), Some("gw".into()))));
+
+        std::fs::remove_file(&fw).unwrap();
+        assert!(matches!(k.command(&vm()), Err(VmmError::Missing { .. })));
+    }
+
+    #[test]
+    fn unavailable_names_the_reason_and_the_alternative() {
+        let good = HostCaps {
+            cpu_virt_flag: true,
+            kvm_device: true,
+            kvm_accessible: true,
+            kvm_flavour: Some("kvm_intel".into()),
+            vhost_vsock: true,
+            vhost_net: true,
+        };
+        let d = tempfile::tempdir().unwrap();
+        let fw = d.path().join("libkrunfw.so.5");
+        std::fs::write(&fw, b"").unwrap();
+        assert_eq!(unavailable(&good, &fw, &KrunKernel::Libkrunfw), None);
+        let pvm = HostCaps {
+            kvm_flavour: Some("kvm_pvm".into()),
+            ..good.clone()
+        };
+        let why = unavailable(&pvm, &fw, &KrunKernel::Libkrunfw).unwrap();
+        assert!(
+            why.contains("kvm_pvm") && why.contains("--vmm qemu"),
+            "{why}"
+        );
+        let no_access = HostCaps {
+            kvm_accessible: false,
+            ..good.clone()
+        };
+        assert!(unavailable(&no_access, &fw, &KrunKernel::Libkrunfw)
+            .unwrap()
+            .contains("read-write"));
+        let missing = d.path().join("nope.so");
+        let why = unavailable(&good, &missing, &KrunKernel::Libkrunfw).unwrap();
+        assert!(
+            why.contains("nope.so") && why.contains("gatevm setup"),
+            "{why}"
+        );
+        // An external kernel does not need libkrunfw, but must exist.
+        let ext = KrunKernel::External {
+            path: missing.clone(),
+            initramfs: None,
+            cmdline: String::new(),
+        };
+        assert!(unavailable(&good, &missing, &ext)
+            .unwrap()
+            .contains("not a file"));
+        let ext = KrunKernel::External {
+            path: fw.clone(),
+            initramfs: None,
+            cmdline: String::new(),
+        };
+        assert_eq!(unavailable(&good, &missing, &ext), None);
+    }
+
+    #[test]
+    fn start_reports_the_failure_and_frees_the_context() {
+        let mut r = Recorder::default();
+        let calls = plan(&cfg());
+        let err = configure(&mut r, &calls).unwrap().start();
+        assert_eq!(err.function, "krun_start_enter");
+        assert_eq!(err.errno, libc::ENOENT);
+        let n = r.log.len();
+        assert_eq!(r.log[n - 2], "krun_start_enter(7)");
+        assert_eq!(r.log[n - 1], "krun_free_ctx(7)");
     }
 
     #[test]
@@ -493,6 +881,8 @@ pub mod sys {
                         )
                     }
                 }
+                KrunCall::DisableImplicitVsock => ::krun::krun_disable_implicit_vsock(ctx),
+                KrunCall::AddVsock { tsi_features } => ::krun::krun_add_vsock(ctx, *tsi_features),
                 KrunCall::AddVsockPort2 { port, path, listen } => {
                     let Some(p) = cpath(path) else { return inval };
                     // SAFETY: pointers from CStrings/arrays alive for the call; libkrun copies them.
@@ -525,6 +915,10 @@ pub mod sys {
 
         fn free_ctx(&mut self, ctx: u32) -> i32 {
             ::krun::krun_free_ctx(ctx)
+        }
+
+        fn start_enter(&mut self, ctx: u32) -> i32 {
+            ::krun::krun_start_enter(ctx)
         }
     }
 

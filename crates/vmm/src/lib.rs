@@ -1,7 +1,7 @@
 //! Virtual machine monitors for gatevm.
 //!
-//! A backend turns a [`VmConfig`] into a process to run: QEMU is a separate program; libkrun (a
-//! later backend) runs in a child process of gatevm itself because `krun_start_enter` never
+//! A backend turns a [`VmConfig`] into a process to run: QEMU is a separate program; libkrun
+//! runs in a child process of gatevm itself (`gatevm __krun-vm`) because `krun_start_enter` never
 //! returns. Either way the supervisor owns a child process, so the trait hands back a
 //! [`std::process::Command`] and says which helper processes the backend needs beside it.
 
@@ -48,7 +48,9 @@ pub struct VmConfig {
     pub initramfs: Option<PathBuf>,
     /// Kernel command line.
     pub cmdline: String,
-    /// vhost-user socket of virtiofsd serving the root filesystem (tag `root`).
+    /// The instance's root directory on the host (libkrun serves it itself).
+    pub root_dir: PathBuf,
+    /// vhost-user socket of virtiofsd serving the root filesystem (tag `root`; QEMU).
     pub virtiofs_socket: PathBuf,
     /// Raw disk image attached as virtio-blk (the guest's /dev/vda).
     pub state_disk: Option<PathBuf>,

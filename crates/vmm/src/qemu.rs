@@ -179,6 +179,7 @@ mod tests {
             kernel: "/k".into(),
             initramfs: Some("/i".into()),
             cmdline: "console=ttyS0".into(),
+            root_dir: "/r".into(),
             virtiofs_socket: "/run/v,s".into(),
             state_disk: Some("/d".into()),
             agent_socket: "/a".into(),

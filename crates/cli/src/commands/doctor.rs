@@ -86,13 +86,26 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             note: e.to_string(),
         }),
     }
+    let libkrunfw = runtime.as_ref().map(|rt| rt.libkrunfw()).ok();
+    let krun_why = match &libkrunfw {
+        Some(fw) => {
+            gatevm_vmm::krun::unavailable(&host, fw, &gatevm_vmm::krun::KrunKernel::Libkrunfw)
+        }
+        None => Some("needs the runtime: run `gatevm setup`".into()),
+    };
     backends.push(Backend {
         name: "krun",
-        available: false,
-        accel: None,
-        note: match host.why_no_hardware_virt() {
-            Some(why) => format!("needs hardware virtualization: {why}"),
-            None => "not in this version of gatevm yet".into(),
+        available: krun_why.is_none(),
+        accel: krun_why.is_none().then_some("kvm"),
+        note: match krun_why {
+            Some(why) => why,
+            None => format!(
+                "libkrun {} linked in, kernel from {}; `--vmm auto` picks it",
+                gatevm_vmm::krun::LIBKRUN_VERSION,
+                libkrunfw
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
         },
     });
 

@@ -3,6 +3,7 @@
 pub mod delete;
 pub mod doctor;
 pub mod exec;
+pub mod krun_vm;
 pub mod list;
 pub mod logs;
 pub mod setup;
@@ -11,6 +12,7 @@ pub mod start;
 pub mod status;
 pub mod stop;
 pub mod supervise;
+pub mod vm_run;
 
 use anyhow::{bail, Context};
 use std::path::PathBuf;

@@ -3,12 +3,11 @@
 use crate::output::{runtime, secs};
 use anyhow::{bail, Context};
 use gatevm_instance::client;
-use gatevm_instance::config::{
-    host_memory_mib, DEFAULT_CPUS, DEFAULT_DISK_GIB, DEFAULT_MEMORY_MIB,
-};
+use gatevm_instance::config::host_memory_mib;
 use gatevm_instance::supervisor::Progress;
 use gatevm_instance::{InstanceConfig, InstancePaths, VmmChoice};
 use std::io::IsTerminal;
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -36,26 +35,56 @@ pub struct Args {
     /// Withdraw an earlier --allow-host-loopback.
     #[arg(long, conflicts_with = "allow_host_loopback")]
     deny_host_loopback: bool,
+    /// The virtual machine monitor: auto (libkrun with hardware virtualization, else QEMU), krun
+    /// or qemu [default: $GATEVM_VMM, or what the instance last ran with, or auto].
+    #[arg(long, value_name = "VMM", env = "GATEVM_VMM", value_parser = parse_vmm)]
+    vmm: Option<VmmChoice>,
+    /// A kernel (uncompressed ELF) for the krun backend instead of libkrunfw's.
+    #[arg(long, value_name = "PATH")]
+    krun_kernel: Option<PathBuf>,
     /// Stay attached: stop the VM on SIGINT/SIGTERM and exit when it stops (for systemd or a
     /// calling tool).
     #[arg(long)]
     foreground: bool,
 }
 
+/// `--vmm` values.
+pub fn parse_vmm(s: &str) -> Result<VmmChoice, String> {
+    s.parse()
+}
+
+/// Fails at once, naming the reason and the alternative, when the chosen backend cannot run here.
+pub fn check_backend(
+    config: &InstanceConfig,
+    runtime: &gatevm_image::Runtime,
+) -> anyhow::Result<()> {
+    if let Some(k) = &config.krun_kernel {
+        if !k.is_file() {
+            bail!("--krun-kernel {} is not a file", k.display());
+        }
+    }
+    gatevm_instance::backend::choose(
+        config.vmm,
+        &gatevm_vmm::probe(),
+        &runtime.libkrunfw(),
+        config.krun_kernel.as_deref(),
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(())
+}
+
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?.to_string();
+    if name.starts_with(client::EPHEMERAL_PREFIX) {
+        bail!(
+            "instance names starting with {:?} are reserved for gatevm vm-run",
+            client::EPHEMERAL_PREFIX
+        );
+    }
     let forwards = gatevm_net::parse_forwards(&a.publish)?;
     // An existing instance starts as it last ran, with the flags given on top.
     let saved = client::saved_config(&name);
-    let base = saved.unwrap_or(InstanceConfig {
-        name: name.clone(),
-        cpus: DEFAULT_CPUS,
-        memory_mib: DEFAULT_MEMORY_MIB,
-        forwards: vec![],
-        allow_host_loopback: false,
-        vmm: VmmChoice::Auto,
-        disk_gib: DEFAULT_DISK_GIB,
-    });
+    let base = saved.unwrap_or_else(|| InstanceConfig::new(&name));
     let config = InstanceConfig {
         name: name.clone(),
         cpus: a.cpus.unwrap_or(base.cpus),
@@ -67,8 +96,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         },
         allow_host_loopback: (base.allow_host_loopback || a.allow_host_loopback)
             && !a.deny_host_loopback,
-        vmm: base.vmm,
+        vmm: a.vmm.unwrap_or(base.vmm),
         disk_gib: base.disk_gib,
+        krun_kernel: a.krun_kernel.or(base.krun_kernel),
+        ephemeral: None,
     };
     config.validate(host_memory_mib())?;
     gatevm_image::dirs::data_dir().context("finding the data directory")?;
@@ -85,7 +116,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             )
         })?;
     }
-    gatevm_image::Runtime::load()?;
+    let rt = gatevm_image::Runtime::load()?;
+    check_backend(&config, &rt)?;
     let guest = super::guest_bin()?;
 
     let show = Shower::new();
@@ -95,6 +127,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             gatevm_instance::supervisor::SuperviseOptions {
                 config,
                 guest_bin: guest,
+                handle_signals: true,
             },
             Box::new(move |p| show.event(&name, &p)),
         );

@@ -47,6 +47,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         SuperviseOptions {
             config,
             guest_bin: a.guest_bin,
+            handle_signals: true,
         },
         Box::new(progress),
     )?;

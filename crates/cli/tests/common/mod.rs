@@ -1,0 +1,227 @@
+//! Helpers shared by the end-to-end test files (each includes this module).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn enabled(test: &str) -> bool {
+    if std::env::var("GATEVM_E2E").as_deref() == Ok("1") {
+        return true;
+    }
+    eprintln!(
+        "e2e {test}: NOT RUN: set GATEVM_E2E=1 after `gatevm setup` (scripts/test.sh does both)"
+    );
+    false
+}
+
+pub fn bin() -> PathBuf {
+    std::env::var_os("GATEVM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_gatevm")))
+}
+
+pub fn gatevm(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running gatevm")
+}
+
+pub fn ok(args: &[&str]) -> String {
+    let out = gatevm(args);
+    assert!(
+        out.status.success(),
+        "gatevm {args:?} failed ({:?}): {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn fails(args: &[&str], needle: &str) {
+    let out = gatevm(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "gatevm {args:?} should fail");
+    assert!(
+        err.contains(needle),
+        "gatevm {args:?}: {err:?} lacks {needle:?}"
+    );
+}
+
+pub fn status(name: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(&["status", name, "--json"])).expect("status JSON")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Deletes the instance when the test ends, however it ends; after a failure it first prints the
+/// end of the instance's console and supervisor logs, so CI output says what happened.
+pub struct Instance(pub &'static str);
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for which in ["console", "supervisor"] {
+                let out = gatevm(&[
+                    "logs",
+                    self.0,
+                    if which == "console" {
+                        "--console"
+                    } else {
+                        "--host=supervisor"
+                    },
+                ]);
+                let text = String::from_utf8_lossy(&out.stdout);
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("--- last {which} lines of {} ---", self.0);
+                for l in &lines[lines.len().saturating_sub(25)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        let _ = gatevm(&["delete", self.0, "--force"]);
+    }
+}
+
+pub fn run_dir(name: &str) -> PathBuf {
+    let base = std::env::var_os("GATEVM_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/gatevm"));
+    base.join(name)
+}
+
+/// Processes whose command line mentions the instance (QEMU is named gatevm-NAME; helpers get
+/// paths under its run directory).
+pub fn processes_of(name: &str) -> Vec<String> {
+    let run = run_dir(name).display().to_string() + "/";
+    let tag = format!("gatevm-{name},");
+    let mut found = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .chars()
+            .all(|c| c.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if (cmd.contains(&run) || cmd.contains(&tag)) && !cmd.contains("cargo") {
+            found.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+pub fn assert_no_leftovers(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let procs = processes_of(name);
+        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&format!("/instances/{name}/")))
+            .map(str::to_string)
+            .collect();
+        let sockets: Vec<PathBuf> = std::fs::read_dir(run_dir(name))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if procs.is_empty() && mounts.is_empty() && sockets.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "leftovers of {name}: processes {procs:?}, mounts {mounts:?}, sockets {sockets:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn exec(name: &str, args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
+    let mut full = vec!["exec", name];
+    if stdin.is_some() {
+        full.push("-i");
+    }
+    full.push("--");
+    full.extend_from_slice(args);
+    let mut child = Command::new(bin())
+        .args(&full)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        let mut i = child.stdin.take().unwrap();
+        i.write_all(input).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Serves a greeting on a guest TCP port (perl is part of every Debian root).
+pub fn serve_in_guest(name: &str, port: u16) {
+    let script = format!(
+        "nohup perl -MIO::Socket::INET -e 'my $s = IO::Socket::INET->new(LocalPort => {port}, Listen => 5, ReuseAddr => 1) or die; while (my $c = $s->accept) {{ print $c \"hello from {name}\\n\"; close $c }}' >/dev/null 2>&1 &"
+    );
+    let (code, _, err) = exec(name, &["sh", "-c", &script], None);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// Whether a guest process can open a TCP connection to the host's loopback through gvproxy's
+/// host alias, checked against a listener of this test on 127.0.0.1.
+pub fn guest_reaches_host_loopback(name: &str) -> bool {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let script =
+        format!("timeout 10 bash -c 'exec 3<>/dev/tcp/192.168.127.254/{port}' 2>/dev/null");
+    let (code, _, _) = exec(name, &["sh", "-c", &script], None);
+    l.set_nonblocking(true).unwrap();
+    let accepted = l.accept().is_ok();
+    assert_eq!(
+        code == 0,
+        accepted,
+        "the guest's view and the host listener disagree"
+    );
+    accepted
+}
+
+pub fn fetch(port: u16) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut text = String::new();
+            if s.read_to_string(&mut text).is_ok() && !text.is_empty() {
+                return Some(text);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}

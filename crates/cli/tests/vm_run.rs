@@ -1,0 +1,604 @@
+//! End-to-end tests of `gatevm vm-run` (throwaway VMs) and of the krun backend's fast failure.
+//!
+//! Each test works in a sandbox of its own (data and run directories; the real runtime), so it can
+//! prove that nothing is left behind while other tests run. They boot real VMs and run when
+//! `GATEVM_E2E=1`; the root filesystems and image archives are built here from the host's static
+//! busybox (scripts/test.sh installs busybox-static).
+
+mod common;
+
+use common::{bin, enabled, free_port};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BUSYBOX: &str = "/usr/bin/busybox";
+const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "ls", "nc", "sleep", "true", "false", "test", "pwd", "env", "mkdir",
+];
+
+/// A private gatevm namespace.
+struct Sandbox {
+    data: tempfile::TempDir,
+    run: tempfile::TempDir,
+    runtime: PathBuf,
+}
+
+impl Sandbox {
+    fn new() -> Sandbox {
+        let doctor = Command::new(bin())
+            .args(["doctor", "--json"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&doctor.stdout).expect("doctor JSON");
+        let runtime = PathBuf::from(
+            v["runtime_dir"]
+                .as_str()
+                .expect("doctor names the runtime directory"),
+        );
+        Sandbox {
+            data: tempfile::tempdir().unwrap(),
+            run: tempfile::Builder::new()
+                .prefix("gr")
+                .tempdir_in("/tmp")
+                .unwrap(),
+            runtime,
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.args(args)
+            .env("GATEVM_DATA_DIR", self.data.path())
+            .env("GATEVM_RUN_DIR", self.run.path())
+            .env("GATEVM_RUNTIME_DIR", &self.runtime)
+            .env_remove("GATEVM_VMM");
+        c
+    }
+
+    /// Runs gatevm; returns (exit code, stdout, stderr).
+    fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.cmd(args).stdin(Stdio::null()).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// No instance directory, socket, process or mount of this sandbox is left.
+    fn assert_clean(&self) {
+        let data = self.data.path().display().to_string();
+        let run = self.run.path().display().to_string();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let instances: Vec<String> = std::fs::read_dir(self.data.path().join("instances"))
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let run_entries: Vec<String> = std::fs::read_dir(self.run.path())
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains(&data))
+                .map(str::to_string)
+                .collect();
+            let procs = processes_mentioning(&[&data, &run]);
+            if instances.is_empty()
+                && run_entries.is_empty()
+                && mounts.is_empty()
+                && procs.is_empty()
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("leftovers: instances {instances:?}, run dir {run_entries:?}, mounts {mounts:?}, processes {procs:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn processes_mentioning(needles: &[&str]) -> Vec<String> {
+    let mut found = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if needles.iter().any(|n| cmd.contains(n)) {
+            found.push(format!("{name}: {cmd}"));
+        }
+    }
+    found
+}
+
+fn have_busybox(test: &str) -> bool {
+    if Path::new(BUSYBOX).is_file() {
+        return true;
+    }
+    eprintln!("e2e {test}: NOT RUN: {BUSYBOX} is missing (apt-get install busybox-static)");
+    false
+}
+
+/// A root directory with a static busybox and a few applets.
+fn busybox_root(dir: &Path) {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    std::fs::copy(BUSYBOX, dir.join("bin/busybox")).unwrap();
+    for a in APPLETS {
+        std::os::unix::fs::symlink("busybox", dir.join("bin").join(a)).unwrap();
+    }
+    std::fs::write(dir.join("etc/greeting"), "from the root directory\n").unwrap();
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = walk(dir)
+        .into_iter()
+        .map(|p| p.strip_prefix(dir).unwrap().display().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        out.push(p.clone());
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&p));
+        }
+    }
+    out
+}
+
+/// Reads from a forwarded port until `want` arrives (gvproxy accepts and closes connections while
+/// the guest does not listen yet).
+fn read_forward(port: u16, want: &str, within: Duration) -> Option<String> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut text = String::new();
+            let mut buf = [0u8; 256];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                if text.contains(want) {
+                    return Some(text);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+#[test]
+fn vm_run_on_a_root_directory() {
+    if !enabled("vm_run_on_a_root_directory") || !have_busybox("vm_run_on_a_root_directory") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let root_tmp = tempfile::tempdir().unwrap();
+    let root = root_tmp.path().join("root");
+    busybox_root(&root);
+    let before = listing(&root);
+    let r = root.to_str().unwrap();
+
+    // Output on both streams and the exit code come back.
+    let (code, out, err) = sb.run(&[
+        "vm-run",
+        "--rootfs",
+        r,
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
+    ]);
+    assert_eq!(code, 7, "stdout {out:?} stderr {err:?}");
+    assert_eq!(out, "out\n");
+    assert!(err.contains("err"), "{err:?}");
+    sb.assert_clean();
+
+    // The VM writes to a private layer: the directory is untouched.
+    let (code, out, err) = sb.run(&[
+        "vm-run",
+        "--rootfs",
+        r,
+        "--",
+        "sh",
+        "-c",
+        "echo new > /written && cat /written /etc/greeting && echo changed > /etc/greeting",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "new\nfrom the root directory\n");
+    assert_eq!(listing(&root), before);
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/greeting")).unwrap(),
+        "from the root directory\n"
+    );
+
+    // A command that does not exist: 127, like a shell.
+    let (code, _, err) = sb.run(&["vm-run", "--rootfs", r, "--", "no-such-command"]);
+    assert_eq!(code, 127, "{err}");
+
+    // A forward reaches a server in the guest; the command ends when the client has its answer.
+    let port = free_port();
+    let spec = format!("{port}:8080");
+    let mut child = sb
+        .cmd(&[
+            "vm-run",
+            "--rootfs",
+            r,
+            "-p",
+            &spec,
+            "--",
+            "sh",
+            "-c",
+            "echo hello-forward | nc -l -p 8080",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let got = read_forward(port, "hello-forward", Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ended = child.try_wait().unwrap().is_some();
+    if !ended {
+        let _ = child.kill();
+    }
+    let st = child.wait().unwrap();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(
+        got.is_some(),
+        "no answer through the forward; vm-run said {err:?}"
+    );
+    assert!(ended, "vm-run did not end after its command");
+    assert!(st.success(), "vm-run: {st:?} {err}");
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+        "the forwarded port is still bound"
+    );
+    sb.assert_clean();
+}
+
+/// A tar with the given entries, built with raw headers so hostile names survive.
+fn tar_of(entries: &[Entry]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        let name = e.name.as_bytes();
+        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+        h.set_mode(e.mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        match &e.kind {
+            Kind::File(data) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(data.len() as u64);
+                h.set_cksum();
+                b.append(&h, &data[..]).unwrap();
+            }
+            Kind::Dir => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                h.set_cksum();
+                b.append(&h, std::io::empty()).unwrap();
+            }
+            Kind::Symlink(t) | Kind::Hardlink(t) => {
+                h.set_entry_type(if matches!(e.kind, Kind::Symlink(_)) {
+                    tar::EntryType::Symlink
+                } else {
+                    tar::EntryType::Link
+                });
+                h.set_size(0);
+                let t = t.as_bytes();
+                h.as_gnu_mut().unwrap().linkname[..t.len()].copy_from_slice(t);
+                h.set_cksum();
+                b.append(&h, std::io::empty()).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+struct Entry {
+    name: String,
+    mode: u32,
+    kind: Kind,
+}
+
+enum Kind {
+    File(Vec<u8>),
+    Dir,
+    Symlink(String),
+    Hardlink(String),
+}
+
+fn file(name: &str, data: &[u8]) -> Entry {
+    Entry {
+        name: name.into(),
+        mode: 0o644,
+        kind: Kind::File(data.to_vec()),
+    }
+}
+
+fn dir(name: &str) -> Entry {
+    Entry {
+        name: name.into(),
+        mode: 0o755,
+        kind: Kind::Dir,
+    }
+}
+
+fn symlink(name: &str, target: &str) -> Entry {
+    Entry {
+        name: name.into(),
+        mode: 0o777,
+        kind: Kind::Symlink(target.into()),
+    }
+}
+
+fn busybox_layer() -> Vec<Entry> {
+    let mut v = vec![
+        dir("bin/"),
+        dir("etc/"),
+        Entry {
+            name: "bin/busybox".into(),
+            mode: 0o755,
+            kind: Kind::File(std::fs::read(BUSYBOX).unwrap()),
+        },
+    ];
+    for a in APPLETS {
+        v.push(symlink(&format!("bin/{a}"), "busybox"));
+    }
+    v
+}
+
+/// A `docker save` archive (the classic layout) with these layers and image config.
+fn docker_archive(path: &Path, layers: &[Vec<u8>], config: serde_json::Value) {
+    let mut entries = vec![];
+    let mut names = vec![];
+    for (i, l) in layers.iter().enumerate() {
+        entries.push(dir(&format!("layer{i}/")));
+        entries.push(file(&format!("layer{i}/layer.tar"), l));
+        names.push(format!("layer{i}/layer.tar"));
+    }
+    entries.push(file("config.json", config.to_string().as_bytes()));
+    let manifest = serde_json::json!([{
+        "Config": "config.json",
+        "RepoTags": ["gatevm-test/busybox:1"],
+        "Layers": names,
+    }]);
+    entries.push(file("manifest.json", manifest.to_string().as_bytes()));
+    std::fs::write(path, tar_of(&entries)).unwrap();
+}
+
+fn image_config(
+    entrypoint: &[&str],
+    cmd: &[&str],
+    env: &[&str],
+    workdir: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Entrypoint": entrypoint, "Cmd": cmd, "Env": env, "WorkingDir": workdir},
+        "rootfs": {"type": "layers", "diff_ids": []},
+    })
+}
+
+#[test]
+fn vm_run_on_an_image_archive() {
+    if !enabled("vm_run_on_an_image_archive") || !have_busybox("vm_run_on_an_image_archive") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let t = tempfile::tempdir().unwrap();
+    let mut l0 = busybox_layer();
+    l0.push(file("etc/old", b"deleted by the next layer\n"));
+    l0.push(file("etc/greeting", b"first layer\n"));
+    let l1 = vec![
+        dir("etc/"),
+        file("etc/.wh.old", b""),
+        file("etc/greeting", b"hello from the image\n"),
+    ];
+    let archive = t.path().join("image.tar");
+    docker_archive(
+        &archive,
+        &[tar_of(&l0), tar_of(&l1)],
+        image_config(
+            &["/bin/sh", "-c"],
+            &["cat greeting; test -e /etc/old || echo whiteout-ok; echo $FROM_CONFIG; pwd"],
+            &["PATH=/bin", "FROM_CONFIG=config-env"],
+            "/etc",
+        ),
+    );
+    let a = archive.to_str().unwrap();
+
+    // The image's entrypoint, command, environment and working directory.
+    let (code, out, err) = sb.run(&["vm-run", "--image", a]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "hello from the image\nwhiteout-ok\nconfig-env\n/etc\n");
+    sb.assert_clean();
+
+    // Arguments go to the entrypoint; -e overrides the image's environment.
+    let (code, out, err) = sb.run(&[
+        "vm-run",
+        "--image",
+        a,
+        "-e",
+        "FROM_CONFIG=user",
+        "--",
+        "echo $FROM_CONFIG; exit 3",
+    ]);
+    assert_eq!(code, 3, "{err}");
+    assert_eq!(out, "user\n");
+    sb.assert_clean();
+}
+
+#[test]
+fn vm_run_refuses_or_contains_hostile_archives() {
+    if !enabled("vm_run_refuses_or_contains_hostile_archives")
+        || !have_busybox("vm_run_refuses_or_contains_hostile_archives")
+    {
+        return;
+    }
+    let sb = Sandbox::new();
+    let t = tempfile::tempdir().unwrap();
+    let outside = t.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("keep"), "host file\n").unwrap();
+    let o = outside.display().to_string();
+    let cfg = image_config(&[], &["/bin/sh", "-c", "ls /"], &["PATH=/bin"], "/");
+    let cases: Vec<(&str, Vec<Entry>)> = vec![
+        (
+            "climb",
+            vec![file(&format!("../../../../../../../..{o}/climbed"), b"x")],
+        ),
+        (
+            "symlinked-dir",
+            vec![symlink("evil", &o), file("evil/through-symlink", b"x")],
+        ),
+        (
+            "relative-symlink",
+            vec![
+                dir("a/"),
+                symlink("a/up", "../../../../../../../.."),
+                file(&format!("a/up{o}/through-relative"), b"x"),
+            ],
+        ),
+        (
+            "hardlink-out",
+            vec![Entry {
+                name: "hl".into(),
+                mode: 0o644,
+                kind: Kind::Hardlink(format!("{o}/keep")),
+            }],
+        ),
+        (
+            "whiteout-out",
+            vec![file(&format!("../../../../../../../..{o}/.wh.keep"), b"")],
+        ),
+        ("absolute", vec![file(&format!("{o}/absolute"), b"x")]),
+    ];
+    for (what, entries) in cases {
+        let mut layer = busybox_layer();
+        layer.extend(entries);
+        let archive = t.path().join(format!("{what}.tar"));
+        docker_archive(&archive, &[tar_of(&layer)], cfg.clone());
+        let (code, out, err) = sb.run(&["vm-run", "--image", archive.to_str().unwrap()]);
+        eprintln!("{what}: exit {code}, stderr {:?}", err.trim());
+        // Refused with one clear line, or contained (the VM ran and saw its own root).
+        if code != 0 {
+            assert_eq!(err.trim().lines().count(), 1, "{what}: {err:?}");
+            assert!(err.starts_with("gatevm: error:"), "{what}: {err:?}");
+        } else {
+            assert!(out.contains("bin"), "{what}: {out:?}");
+        }
+        assert_eq!(
+            listing(&outside),
+            ["keep"],
+            "{what}: the archive wrote outside its root"
+        );
+        assert_eq!(
+            std::fs::read_to_string(outside.join("keep")).unwrap(),
+            "host file\n"
+        );
+        sb.assert_clean();
+    }
+
+    // Not archives at all.
+    let junk = t.path().join("junk.tar");
+    std::fs::write(
+        &junk,
+        (0..4096u32)
+            .map(|i| (i * 7919 % 251) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let empty = t.path().join("empty.tar");
+    std::fs::write(&empty, b"").unwrap();
+    let mut truncated = std::fs::read(t.path().join("absolute.tar")).unwrap();
+    truncated.truncate(truncated.len() / 2);
+    let trunc = t.path().join("truncated.tar");
+    std::fs::write(&trunc, truncated).unwrap();
+    for bad in [&junk, &empty, &trunc] {
+        let (code, _, err) = sb.run(&["vm-run", "--image", bad.to_str().unwrap()]);
+        assert_ne!(code, 0, "{}", bad.display());
+        assert_eq!(err.trim().lines().count(), 1, "{}: {err:?}", bad.display());
+        sb.assert_clean();
+    }
+}
+
+#[test]
+fn krun_fails_fast_where_it_cannot_run() {
+    if !enabled("krun_fails_fast_where_it_cannot_run") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (_, doctor, _) = sb.run(&["doctor", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&doctor).unwrap();
+    if v["hardware_virtualization"].as_bool() != Some(false) {
+        eprintln!("e2e krun_fails_fast_where_it_cannot_run: NOT RUN: this host has hardware virtualization, so krun can run");
+        return;
+    }
+    for args in [
+        vec!["vm-run", "--vmm", "krun", "--", "true"],
+        vec!["start", "krun-here", "--vmm", "krun"],
+    ] {
+        let t = Instant::now();
+        let (code, _, err) = sb.run(&args);
+        let took = t.elapsed();
+        eprintln!(
+            "gatevm {args:?} refused in {} ms: {}",
+            took.as_millis(),
+            err.trim()
+        );
+        assert_eq!(code, 1, "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err:?}");
+        assert!(
+            err.contains("krun backend needs") && err.contains("--vmm qemu"),
+            "{err:?}"
+        );
+        sb.assert_clean();
+    }
+    // $GATEVM_VMM is the default.
+    let out = sb
+        .cmd(&["vm-run", "--", "true"])
+        .env("GATEVM_VMM", "krun")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--vmm qemu"));
+    let (code, _, err) = sb.run(&["vm-run", "--vmm", "firecracker", "--", "true"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown VMM"), "{err}");
+    sb.assert_clean();
+}
