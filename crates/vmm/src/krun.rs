@@ -277,6 +277,13 @@ pub fn configure<'a, A: KrunApi>(
 /// The libkrun release linked in (the `libkrun` crate's version, pinned in Cargo.toml).
 pub const LIBKRUN_VERSION: &str = "1.19.7";
 
+/// The variable the dynamic loader searches for libkrunfw (macOS, with Hypervisor.framework,
+/// would use `DYLD_LIBRARY_PATH` and `libkrunfw.5.dylib`; only Linux is built today).
+#[cfg(target_os = "linux")]
+pub const LIBRARY_PATH_VAR: &str = "LD_LIBRARY_PATH";
+#[cfg(target_os = "macos")]
+pub const LIBRARY_PATH_VAR: &str = "DYLD_LIBRARY_PATH";
+
 /// The workload's `PATH` in the guest.
 pub const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -413,7 +420,7 @@ impl Vmm for Krun {
         // The VM process gets a small, explicit environment: libkrun finds libkrunfw by name.
         cmd.env_clear();
         if let Some(dir) = self.libkrunfw.parent() {
-            cmd.env("LD_LIBRARY_PATH", dir);
+            cmd.env(LIBRARY_PATH_VAR, dir);
         }
         // libkrun names the process `VM:$HOSTNAME`.
         cmd.env("HOSTNAME", &cfg.name);

@@ -10,49 +10,63 @@ use tokio::signal::unix::{signal, SignalKind};
 pub struct Args {
     /// Instance name.
     name: String,
-    /// Keep stdin open and send it to the command.
-    #[arg(short, long)]
-    interactive: bool,
-    /// Allocate a terminal for the command.
-    #[arg(short, long)]
-    tty: bool,
-    /// Set an environment variable in the guest (KEY=VALUE). Repeatable.
-    #[arg(short, long = "env", value_name = "KEY=VALUE")]
-    env: Vec<String>,
-    /// Working directory in the guest.
-    #[arg(short, long)]
-    workdir: Option<String>,
+    #[command(flatten)]
+    opts: ExecOpts,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<String>,
 }
 
+/// How a command runs in the guest (shared by `exec` and `vm-run`).
+#[derive(clap::Args, Clone)]
+pub struct ExecOpts {
+    /// Keep stdin open and send it to the command.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Allocate a terminal for the command.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Set an environment variable for the command (KEY=VALUE). Repeatable.
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory of the command in the guest.
+    #[arg(short, long)]
+    pub workdir: Option<String>,
+}
+
+impl ExecOpts {
+    /// The request for `argv` (which may still be empty for `vm-run --image`).
+    pub fn request(&self, argv: &[String]) -> anyhow::Result<ExecRequest> {
+        let mut env = Vec::new();
+        for kv in &self.env {
+            match kv.split_once('=') {
+                Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
+                    env.push((k.to_string(), v.to_string()))
+                }
+                _ => bail!("invalid --env {kv:?}: expected KEY=VALUE with a non-empty KEY"),
+            }
+        }
+        if argv.iter().any(|c| c.contains('\0')) {
+            bail!("the command contains a NUL byte");
+        }
+        if argv.first().is_some_and(|c| c.is_empty()) {
+            bail!("the command is empty");
+        }
+        Ok(ExecRequest {
+            argv: argv.to_vec(),
+            env,
+            cwd: self.workdir.clone(),
+            tty: self.tty,
+            rows: 0,
+            cols: 0,
+            stdin: self.interactive,
+        })
+    }
+}
+
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?.to_string();
-    let mut env = Vec::new();
-    for kv in &a.env {
-        match kv.split_once('=') {
-            Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
-                env.push((k.to_string(), v.to_string()))
-            }
-            _ => bail!("invalid --env {kv:?}: expected KEY=VALUE with a non-empty KEY"),
-        }
-    }
-    if a.cmd.iter().any(|c| c.contains('\0')) {
-        bail!("the command contains a NUL byte");
-    }
-    if a.cmd.first().is_none_or(|c| c.is_empty()) {
-        bail!("the command is empty");
-    }
-    let req = ExecRequest {
-        argv: a.cmd,
-        env,
-        cwd: a.workdir,
-        tty: a.tty,
-        rows: 0,
-        cols: 0,
-        stdin: a.interactive,
-    };
+    let req = a.opts.request(&a.cmd)?;
     run_exec(&name, req)
 }
 

@@ -47,3 +47,17 @@ pub fn guest_bin() -> anyhow::Result<PathBuf> {
 pub fn name_arg(name: &str) -> anyhow::Result<&str> {
     Ok(gatevm_instance::name::validate(name)?)
 }
+
+/// Fails naming the first forward whose host port is taken.
+pub fn check_ports_free(forwards: &[gatevm_net::Forward]) -> anyhow::Result<()> {
+    for f in forwards {
+        gatevm_net::forward::check_host_port_free(f).map_err(|e| {
+            anyhow::anyhow!(
+                "host port {} ({}) is not available: {e}",
+                f.host_addr(),
+                f.proto
+            )
+        })?;
+    }
+    Ok(())
+}

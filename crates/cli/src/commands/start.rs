@@ -107,15 +107,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     if client::is_running(&paths) {
         bail!("instance {name:?} is already running");
     }
-    for f in &config.forwards {
-        gatevm_net::forward::check_host_port_free(f).map_err(|e| {
-            anyhow::anyhow!(
-                "host port {} ({}) is not available: {e}",
-                f.host_addr(),
-                f.proto
-            )
-        })?;
-    }
+    super::check_ports_free(&config.forwards)?;
     let rt = gatevm_image::Runtime::load()?;
     check_backend(&config, &rt)?;
     let guest = super::guest_bin()?;

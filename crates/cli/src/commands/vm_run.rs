@@ -51,18 +51,8 @@ pub struct Args {
     /// A kernel (uncompressed ELF) for the krun backend instead of libkrunfw's.
     #[arg(long, value_name = "PATH")]
     krun_kernel: Option<PathBuf>,
-    /// Keep stdin open and send it to the command.
-    #[arg(short, long)]
-    interactive: bool,
-    /// Allocate a terminal for the command.
-    #[arg(short, long)]
-    tty: bool,
-    /// Set an environment variable for the command (KEY=VALUE). Repeatable.
-    #[arg(short, long = "env", value_name = "KEY=VALUE")]
-    env: Vec<String>,
-    /// Working directory of the command [default: the image's, or /].
-    #[arg(short, long)]
-    workdir: Option<String>,
+    #[command(flatten)]
+    exec: super::exec::ExecOpts,
     /// The command and its arguments [default with --image: the image's entrypoint and command].
     #[arg(last = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -86,19 +76,6 @@ fn root_dir(dir: &Path) -> anyhow::Result<PathBuf> {
         bail!("--rootfs / would hand the host's whole filesystem to the guest: give a root directory of its own");
     }
     Ok(abs)
-}
-
-/// Parses `KEY=VALUE` options.
-pub fn parse_env(items: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    items
-        .iter()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
-                Ok((k.to_string(), v.to_string()))
-            }
-            _ => bail!("invalid --env {kv:?}: expected KEY=VALUE with a non-empty KEY"),
-        })
-        .collect()
 }
 
 /// A fresh name for a throwaway instance.
@@ -136,26 +113,12 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             bail!("--image {} is not a file", img.display());
         }
     }
-    if a.cmd.iter().any(|c| c.contains('\0')) {
-        bail!("the command contains a NUL byte");
-    }
-    if a.cmd.first().is_some_and(|c| c.is_empty()) {
-        bail!("the command is empty");
-    }
     if a.cmd.is_empty() && a.image.is_none() {
         bail!("no command: give one after --, e.g. gatevm vm-run -- uname -a");
     }
-    let env = parse_env(&a.env)?;
+    let mut req = a.exec.request(&a.cmd)?;
     let forwards = gatevm_net::parse_forwards(&a.publish)?;
-    for f in &forwards {
-        gatevm_net::forward::check_host_port_free(f).map_err(|e| {
-            anyhow::anyhow!(
-                "host port {} ({}) is not available: {e}",
-                f.host_addr(),
-                f.proto
-            )
-        })?;
-    }
+    super::check_ports_free(&forwards)?;
     let name = fresh_name();
     let mut config = InstanceConfig {
         cpus: a.cpus,
@@ -181,15 +144,6 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let hold = gatevm_instance::lock::try_lock(&paths.dir.join(EPHEMERAL_HOLD))
         .context("locking the throwaway instance")?;
     let result = (|| {
-        let mut req = ExecRequest {
-            argv: a.cmd.clone(),
-            env,
-            cwd: a.workdir.clone(),
-            tty: a.tty,
-            rows: 0,
-            cols: 0,
-            stdin: a.interactive,
-        };
         if let Some(img) = &a.image {
             let dir = paths.dir.join("image-root");
             std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;

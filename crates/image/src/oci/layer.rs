@@ -405,44 +405,29 @@ impl Unpacker {
     fn symlink(&mut self, dir: RawFd, name: &[u8], target: &[u8], meta: &Meta) -> io::Result<()> {
         self.replace(dir, name, false)?;
         symlinkat(target, Some(dir), name)?;
+        self.chown_at(dir, name, meta)?;
+        times_at(dir, name, meta)
+    }
+
+    /// Gives `name` in `dir` the entry's owner, without following a symlink there.
+    fn chown_at(&mut self, dir: RawFd, name: &[u8], meta: &Meta) -> io::Result<()> {
         self.chown(fchownat(
             Some(dir),
             name,
             Some(Uid::from_raw(meta.uid)),
             Some(Gid::from_raw(meta.gid)),
             AtFlags::AT_SYMLINK_NOFOLLOW,
-        ))?;
-        let t = TimeSpec::new(meta.mtime, 0);
-        times(utimensat(
-            Some(dir),
-            name,
-            &t,
-            &t,
-            UtimensatFlags::NoFollowSymlink,
         ))
     }
 
     fn fifo(&mut self, dir: RawFd, name: &[u8], meta: &Meta) -> io::Result<()> {
         self.replace(dir, name, false)?;
         mkfifoat(Some(dir), name, Mode::from_bits_truncate(0o600))?;
-        self.chown(fchownat(
-            Some(dir),
-            name,
-            Some(Uid::from_raw(meta.uid)),
-            Some(Gid::from_raw(meta.gid)),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        ))?;
+        self.chown_at(dir, name, meta)?;
         // `fchmodat` follows symlinks, but `name` is the FIFO just made (an open FIFO would
         // block, and `fchmod` refuses `O_PATH` descriptors).
         fchmodat(Some(dir), name, mode(meta), FchmodatFlags::FollowSymlink)?;
-        let t = TimeSpec::new(meta.mtime, 0);
-        times(utimensat(
-            Some(dir),
-            name,
-            &t,
-            &t,
-            UtimensatFlags::NoFollowSymlink,
-        ))
+        times_at(dir, name, meta)
     }
 
     /// A hardlink to an earlier entry. The target is normalized like an entry path (refused
@@ -591,6 +576,18 @@ fn prune(dir: RawFd, name: &[u8], node: Option<&Node>, depth: usize) -> io::Resu
 }
 
 /// Setting a time the kernel finds invalid is not worth failing the unpack for.
+/// Sets the entry's mtime (and atime) on `name` in `dir`, without following a symlink there.
+fn times_at(dir: RawFd, name: &[u8], meta: &Meta) -> io::Result<()> {
+    let t = TimeSpec::new(meta.mtime, 0);
+    times(utimensat(
+        Some(dir),
+        name,
+        &t,
+        &t,
+        UtimensatFlags::NoFollowSymlink,
+    ))
+}
+
 fn times(result: nix::Result<()>) -> io::Result<()> {
     match result {
         Ok(()) | Err(Errno::EINVAL | Errno::EOVERFLOW) => Ok(()),
