@@ -8,9 +8,10 @@ use clap::{Parser, Subcommand};
 const EXIT_CODES: &str = "\
 Exit codes:
   0    success
-  1    failure (one line on stderr says what; -v shows the cause chain)
+  1    failure (one line on stderr says what and why)
   2    usage error
-  N    `exec`/`shell`/`vm-run`: the guest command's own exit code (126 not executable, 127 not found,
+  125  `run`: the container could not be started
+  N    `exec`/`shell`/`vm-run`/`run`: the guest command's (or container's) own exit code (126 not executable, 127 not found,
        128+N killed by signal N)";
 
 /// Run containerd (and k3s) as a self-contained appliance inside a microVM.
@@ -49,8 +50,15 @@ enum Cmd {
     /// Report host capabilities, available backends, runtime components and guest kernels.
     Doctor(commands::doctor::Args),
     /// Delete an instance and its data.
-    #[command(alias = "rm")]
     Delete(commands::delete::Args),
+    /// Import, list and remove container images in an instance.
+    Image(commands::image::Args),
+    /// Run a container from an imported image in an instance.
+    Run(commands::container::RunArgs),
+    /// List the containers of an instance.
+    Ps(commands::container::PsArgs),
+    /// Remove containers from an instance.
+    Rm(commands::container::RmArgs),
     /// Run an instance's supervisor (internal; started by `start`).
     #[command(name = "__supervise", hide = true)]
     Supervise(commands::supervise::Args),
@@ -83,6 +91,10 @@ fn main() {
         Cmd::Shell(a) => commands::shell::run(a),
         Cmd::Logs(a) => commands::logs::run(a),
         Cmd::Delete(a) => commands::delete::run(a),
+        Cmd::Image(a) => commands::image::run(a),
+        Cmd::Run(a) => commands::container::run(a),
+        Cmd::Ps(a) => commands::container::ps(a),
+        Cmd::Rm(a) => commands::container::rm(a),
         Cmd::Doctor(a) => commands::doctor::run(a),
         Cmd::Supervise(a) => commands::supervise::run(a),
         Cmd::KrunVm(a) => commands::krun_vm::run(a),
@@ -90,11 +102,8 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            if cli.verbose > 0 {
-                eprintln!("gatevm: error: {e:#}");
-            } else {
-                eprintln!("gatevm: error: {e}");
-            }
+            // One line: the error and its causes.
+            eprintln!("gatevm: error: {e:#}");
             std::process::exit(1);
         }
     }

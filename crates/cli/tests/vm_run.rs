@@ -7,16 +7,11 @@
 
 mod common;
 
-use common::{bin, enabled, free_port};
+use common::*;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const BUSYBOX: &str = "/usr/bin/busybox";
-const APPLETS: &[&str] = &[
-    "sh", "echo", "cat", "ls", "nc", "sleep", "true", "false", "test", "pwd", "env", "mkdir",
-];
 
 /// A private gatevm namespace.
 struct Sandbox {
@@ -127,14 +122,6 @@ fn processes_mentioning(needles: &[&str]) -> Vec<String> {
     found
 }
 
-fn have_busybox(test: &str) -> bool {
-    if Path::new(BUSYBOX).is_file() {
-        return true;
-    }
-    eprintln!("e2e {test}: NOT RUN: {BUSYBOX} is missing (apt-get install busybox-static)");
-    false
-}
-
 /// A root directory with a static busybox and a few applets.
 fn busybox_root(dir: &Path) {
     std::fs::create_dir_all(dir.join("bin")).unwrap();
@@ -165,30 +152,6 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
-}
-
-/// Reads from a forwarded port until `want` arrives (gvproxy accepts and closes connections while
-/// the guest does not listen yet).
-fn read_forward(port: u16, want: &str, within: Duration) -> Option<String> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            let mut text = String::new();
-            let mut buf = [0u8; 256];
-            while let Ok(n) = s.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                text.push_str(&String::from_utf8_lossy(&buf[..n]));
-                if text.contains(want) {
-                    return Some(text);
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    None
 }
 
 #[test]
@@ -285,133 +248,6 @@ fn vm_run_on_a_root_directory() {
         "the forwarded port is still bound"
     );
     sb.assert_clean();
-}
-
-/// A tar with the given entries, built with raw headers so hostile names survive.
-fn tar_of(entries: &[Entry]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for e in entries {
-        let mut h = tar::Header::new_gnu();
-        let name = e.name.as_bytes();
-        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
-        h.set_mode(e.mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        match &e.kind {
-            Kind::File(data) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_size(data.len() as u64);
-                h.set_cksum();
-                b.append(&h, &data[..]).unwrap();
-            }
-            Kind::Dir => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_size(0);
-                h.set_cksum();
-                b.append(&h, std::io::empty()).unwrap();
-            }
-            Kind::Symlink(t) | Kind::Hardlink(t) => {
-                h.set_entry_type(if matches!(e.kind, Kind::Symlink(_)) {
-                    tar::EntryType::Symlink
-                } else {
-                    tar::EntryType::Link
-                });
-                h.set_size(0);
-                let t = t.as_bytes();
-                h.as_gnu_mut().unwrap().linkname[..t.len()].copy_from_slice(t);
-                h.set_cksum();
-                b.append(&h, std::io::empty()).unwrap();
-            }
-        }
-    }
-    b.into_inner().unwrap()
-}
-
-struct Entry {
-    name: String,
-    mode: u32,
-    kind: Kind,
-}
-
-enum Kind {
-    File(Vec<u8>),
-    Dir,
-    Symlink(String),
-    Hardlink(String),
-}
-
-fn file(name: &str, data: &[u8]) -> Entry {
-    Entry {
-        name: name.into(),
-        mode: 0o644,
-        kind: Kind::File(data.to_vec()),
-    }
-}
-
-fn dir(name: &str) -> Entry {
-    Entry {
-        name: name.into(),
-        mode: 0o755,
-        kind: Kind::Dir,
-    }
-}
-
-fn symlink(name: &str, target: &str) -> Entry {
-    Entry {
-        name: name.into(),
-        mode: 0o777,
-        kind: Kind::Symlink(target.into()),
-    }
-}
-
-fn busybox_layer() -> Vec<Entry> {
-    let mut v = vec![
-        dir("bin/"),
-        dir("etc/"),
-        Entry {
-            name: "bin/busybox".into(),
-            mode: 0o755,
-            kind: Kind::File(std::fs::read(BUSYBOX).unwrap()),
-        },
-    ];
-    for a in APPLETS {
-        v.push(symlink(&format!("bin/{a}"), "busybox"));
-    }
-    v
-}
-
-/// A `docker save` archive (the classic layout) with these layers and image config.
-fn docker_archive(path: &Path, layers: &[Vec<u8>], config: serde_json::Value) {
-    let mut entries = vec![];
-    let mut names = vec![];
-    for (i, l) in layers.iter().enumerate() {
-        entries.push(dir(&format!("layer{i}/")));
-        entries.push(file(&format!("layer{i}/layer.tar"), l));
-        names.push(format!("layer{i}/layer.tar"));
-    }
-    entries.push(file("config.json", config.to_string().as_bytes()));
-    let manifest = serde_json::json!([{
-        "Config": "config.json",
-        "RepoTags": ["gatevm-test/busybox:1"],
-        "Layers": names,
-    }]);
-    entries.push(file("manifest.json", manifest.to_string().as_bytes()));
-    std::fs::write(path, tar_of(&entries)).unwrap();
-}
-
-fn image_config(
-    entrypoint: &[&str],
-    cmd: &[&str],
-    env: &[&str],
-    workdir: &str,
-) -> serde_json::Value {
-    serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Entrypoint": entrypoint, "Cmd": cmd, "Env": env, "WorkingDir": workdir},
-        "rootfs": {"type": "layers", "diff_ids": []},
-    })
 }
 
 #[test]

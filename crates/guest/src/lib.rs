@@ -9,6 +9,8 @@
 
 pub mod agent;
 pub mod cmdline;
+pub mod cni;
+pub mod container;
 pub mod disk;
 pub mod exec;
 pub mod log;
@@ -42,8 +44,9 @@ pub fn software() -> String {
 /// Entry point of the binary; returns the exit code when not running as PID 1.
 ///
 /// As PID 1 it picks stage 1 when [`INITRAMFS_MARKER`] exists and stage 2 otherwise; neither
-/// returns. Run by hand it only answers `--version` and otherwise prints a usage error (exit 2):
-/// it never does PID 1 work outside PID 1.
+/// returns. Run as an ordinary process it answers `--version` and the `container` commands (see
+/// [`container`]; the host runs them through the agent) and otherwise prints a usage error (exit
+/// 2): it never does PID 1 work outside PID 1.
 pub fn main_entry() -> i32 {
     if std::process::id() == 1 {
         if Path::new(INITRAMFS_MARKER).exists() {
@@ -57,9 +60,10 @@ pub fn main_entry() -> i32 {
             println!("{}", software());
             0
         }
+        Some("container") => container::main(&args[1..]),
         _ => {
             eprintln!(
-                "gatevm-guest: usage: gatevm-guest --version (otherwise it only runs as PID 1 of a gatevm VM)"
+                "gatevm-guest: usage: gatevm-guest --version | gatevm-guest container run|ps|rm ... (otherwise it only runs as PID 1 of a gatevm VM)"
             );
             2
         }

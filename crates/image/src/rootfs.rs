@@ -17,7 +17,7 @@ use crate::kernel::KernelInfo;
 use crate::util;
 
 /// Bump when the build steps change in a way that needs new trees.
-pub const ROOTFS_RECIPE_REVISION: u32 = 2;
+pub const ROOTFS_RECIPE_REVISION: u32 = 3;
 /// Name of the recipe file inside a built tree.
 pub const RECIPE_FILE: &str = ".gatevm-rootfs.json";
 /// The Debian suite of the base rootfs.
@@ -30,6 +30,7 @@ pub const ROOTFS_PACKAGES: &[&str] = &[
     "runc",
     "containernetworking-plugins",
     "nftables",
+    "iptables",
     "iproute2",
     "ca-certificates",
     "e2fsprogs",

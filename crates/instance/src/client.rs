@@ -307,6 +307,29 @@ pub async fn delete(name: &str, force: bool) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// Discards a stopped instance's state: the state disk and the writable layer of its root.
+pub fn reset_state(name: &str) -> Result<(), ClientError> {
+    validate(name)?;
+    let paths = InstancePaths::new(name);
+    if is_running(&paths) {
+        return Err(ClientError::AlreadyRunning(name.to_string()));
+    }
+    recover_stale(&paths);
+    for p in [paths.state_disk(), paths.dir.join("state.img.tmp")] {
+        if let Err(e) = std::fs::remove_file(&p) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(ioe(name, &format!("removing {}", p.display()))(e));
+            }
+        }
+    }
+    for d in [paths.upper(), paths.overlay_work()] {
+        if d.exists() {
+            std::fs::remove_dir_all(&d).map_err(ioe(name, &format!("removing {}", d.display())))?;
+        }
+    }
+    Ok(())
+}
+
 /// Name prefix of the throwaway instances of `gatevm vm-run`.
 pub const EPHEMERAL_PREFIX: &str = "vmrun-";
 /// File an ephemeral instance's client holds locked for its whole life (before its supervisor

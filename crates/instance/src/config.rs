@@ -14,6 +14,40 @@ pub const DEFAULT_CPUS: u32 = 2;
 pub const DEFAULT_MEMORY_MIB: u32 = 2048;
 /// Default state disk size in GiB (a sparse file: it costs only what the guest writes).
 pub const DEFAULT_DISK_GIB: u32 = 32;
+/// Largest state disk in GiB.
+pub const MAX_DISK_GIB: u32 = 16 * 1024;
+
+/// Parses a disk size: a number of GiB, or a number with a `G`/`GiB`/`T`/`TiB` suffix.
+pub fn parse_disk_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = lower
+        .strip_suffix("tib")
+        .or_else(|| lower.strip_suffix('t'))
+    {
+        (n, 1024)
+    } else if let Some(n) = lower
+        .strip_suffix("gib")
+        .or_else(|| lower.strip_suffix('g'))
+    {
+        (n, 1)
+    } else {
+        (lower.as_str(), 1)
+    };
+    let n: u32 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid disk size {s:?}: use GiB, e.g. 32 or 32G or 1T"))?;
+    let gib = n
+        .checked_mul(mult)
+        .filter(|g| (1..=MAX_DISK_GIB).contains(g));
+    gib.ok_or_else(|| {
+        format!(
+            "disk size {s:?} is out of range: use 1G to {}T",
+            MAX_DISK_GIB / 1024
+        )
+    })
+}
 
 /// Which VMM backend to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -286,6 +320,17 @@ mod tests {
             cfg().validate(Some(1024)),
             Err(ConfigError::MemoryHost { .. })
         ));
+    }
+
+    #[test]
+    fn disk_sizes() {
+        assert_eq!(parse_disk_size("32"), Ok(32));
+        assert_eq!(parse_disk_size("8G"), Ok(8));
+        assert_eq!(parse_disk_size("8GiB"), Ok(8));
+        assert_eq!(parse_disk_size("2t"), Ok(2048));
+        for bad in ["", "0", "-1", "1.5G", "32M", "17T", "x", "99999999999"] {
+            assert!(parse_disk_size(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

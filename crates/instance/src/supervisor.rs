@@ -385,10 +385,15 @@ fn install_guest(paths: &InstancePaths, guest_bin: &Path) -> Result<(), Supervis
     std::fs::rename(&tmp, &dest).map_err(io_err(format!("installing {}", dest.display())))
 }
 
-/// Creates the sparse ext4 state disk on first start.
+/// Creates the sparse ext4 state disk on first start, and grows it (file and file system) when
+/// the configuration asks for more than it has.
 fn ensure_state_disk(paths: &InstancePaths, gib: u32) -> Result<(), SupervisorError> {
     let disk = paths.state_disk();
-    if disk.exists() {
+    let want = u64::from(gib) << 30;
+    if let Ok(meta) = std::fs::metadata(&disk) {
+        if meta.len() < want {
+            grow_state_disk(&disk, want)?;
+        }
         return Ok(());
     }
     let tmp = paths.dir.join("state.img.tmp");
@@ -417,6 +422,34 @@ fn ensure_state_disk(paths: &InstancePaths, gib: u32) -> Result<(), SupervisorEr
         )));
     }
     std::fs::rename(&tmp, &disk).map_err(io_err("installing the state disk"))
+}
+
+/// Grows a state disk image offline: the file, then the ext4 file system (checked first, as
+/// resize2fs requires).
+fn grow_state_disk(disk: &Path, bytes: u64) -> Result<(), SupervisorError> {
+    let run = |prog: &str, args: &[&str], ok: &[i32]| -> Result<(), SupervisorError> {
+        let out = std::process::Command::new(prog)
+            .args(args)
+            .arg(disk)
+            .output()
+            .map_err(io_err(format!("running {prog} (install e2fsprogs)")))?;
+        if !ok.contains(&out.status.code().unwrap_or(-1)) {
+            return Err(SupervisorError::Setup(format!(
+                "{prog} failed on {}: {}",
+                disk.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    };
+    // e2fsck: 0 clean, 1 errors corrected.
+    run("e2fsck", &["-f", "-p"], &[0, 1])?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .and_then(|f| f.set_len(bytes))
+        .map_err(io_err(format!("growing {}", disk.display())))?;
+    run("resize2fs", &["-f"], &[0])
 }
 
 /// Shared state of a running supervisor.

@@ -156,3 +156,59 @@ pub fn run_exec(name: &str, mut req: ExecRequest) -> anyhow::Result<i32> {
     rt.shutdown_background();
     Ok(code)
 }
+
+/// What a command in the guest printed, and its exit code.
+pub struct Captured {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Captured {
+    /// The last non-empty line of stderr (where `ctr` and friends put their error), without a
+    /// `ctr: ` prefix.
+    pub fn error_line(&self) -> String {
+        let line = self
+            .stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
+        line.strip_prefix("ctr: ").unwrap_or(line).to_string()
+    }
+}
+
+/// Runs a command in the guest with `stdin` (if any) as its input and collects its output.
+pub async fn capture<I>(name: &str, argv: &[&str], stdin: Option<I>) -> anyhow::Result<Captured>
+where
+    I: tokio::io::AsyncRead + Unpin,
+{
+    let req = ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![],
+        cwd: None,
+        tty: false,
+        rows: 0,
+        cols: 0,
+        stdin: stdin.is_some(),
+    };
+    let (_tx, rx) = tokio::sync::mpsc::channel::<GuestMsg>(1);
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let code = gatevm_instance::client::exec(name, req, stdin, &mut out, &mut err, rx).await?;
+    Ok(Captured {
+        code,
+        stdout: String::from_utf8_lossy(&out).into_owned(),
+        stderr: String::from_utf8_lossy(&err).into_owned(),
+    })
+}
+
+/// The instance must exist and run (the one-line errors say which is not the case).
+pub fn require_running(name: &str) -> anyhow::Result<()> {
+    let paths = gatevm_instance::client::existing(name)?;
+    if !gatevm_instance::client::is_running(&paths) {
+        return Err(gatevm_instance::client::ClientError::NotRunning(name.to_string()).into());
+    }
+    Ok(())
+}

@@ -1,8 +1,10 @@
 //! One module per subcommand.
 
+pub mod container;
 pub mod delete;
 pub mod doctor;
 pub mod exec;
+pub mod image;
 pub mod krun_vm;
 pub mod list;
 pub mod logs;

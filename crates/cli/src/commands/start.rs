@@ -42,6 +42,14 @@ pub struct Args {
     /// A kernel (uncompressed ELF) for the krun backend instead of libkrunfw's.
     #[arg(long, value_name = "PATH")]
     krun_kernel: Option<PathBuf>,
+    /// Size of the state disk (containerd's images, containers and data), a sparse file: GiB, or
+    /// with a G/T suffix [default: 32G for a new instance]. An existing disk can grow, not shrink.
+    #[arg(long, value_name = "SIZE", value_parser = gatevm_instance::config::parse_disk_size)]
+    disk: Option<u32>,
+    /// Discard the instance's state (state disk and the root's writable layer) and start afresh
+    /// with the same settings.
+    #[arg(long)]
+    reset: bool,
     /// Stay attached: stop the VM on SIGINT/SIGTERM and exit when it stops (for systemd or a
     /// calling tool).
     #[arg(long)]
@@ -97,7 +105,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         allow_host_loopback: (base.allow_host_loopback || a.allow_host_loopback)
             && !a.deny_host_loopback,
         vmm: a.vmm.unwrap_or(base.vmm),
-        disk_gib: base.disk_gib,
+        disk_gib: a.disk.unwrap_or(base.disk_gib),
         krun_kernel: a.krun_kernel.or(base.krun_kernel),
         ephemeral: None,
     };
@@ -108,6 +116,19 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         bail!("instance {name:?} is already running");
     }
     super::check_ports_free(&config.forwards)?;
+    if let Ok(meta) = std::fs::metadata(paths.state_disk()) {
+        let have = meta.len() >> 30;
+        if !a.reset && u64::from(config.disk_gib) < have {
+            bail!(
+                "the state disk of {name:?} is {have} GiB and cannot shrink to {} GiB (--reset discards it)",
+                config.disk_gib
+            );
+        }
+    }
+    if a.reset {
+        client::reset_state(&name)?;
+        eprintln!("{name}: state discarded");
+    }
     let rt = gatevm_image::Runtime::load()?;
     check_backend(&config, &rt)?;
     let guest = super::guest_bin()?;

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -219,6 +219,189 @@ pub fn fetch(port: u16) -> Option<String> {
             let mut text = String::new();
             if s.read_to_string(&mut text).is_ok() && !text.is_empty() {
                 return Some(text);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+// Image archives and roots built from the host's static busybox.
+
+pub const BUSYBOX: &str = "/usr/bin/busybox";
+pub const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "ls", "nc", "sleep", "true", "false", "test", "pwd", "env", "mkdir",
+];
+
+pub fn have_busybox(test: &str) -> bool {
+    if Path::new(BUSYBOX).is_file() {
+        return true;
+    }
+    eprintln!("e2e {test}: NOT RUN: {BUSYBOX} is missing (apt-get install busybox-static)");
+    false
+}
+
+/// A tar with the given entries, built with raw headers so hostile names survive.
+pub fn tar_of(entries: &[Entry]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        let name = e.name.as_bytes();
+        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+        h.set_mode(e.mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        match &e.kind {
+            Kind::File(data) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(data.len() as u64);
+                h.set_cksum();
+                b.append(&h, &data[..]).unwrap();
+            }
+            Kind::Dir => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                h.set_cksum();
+                b.append(&h, std::io::empty()).unwrap();
+            }
+            Kind::Symlink(t) | Kind::Hardlink(t) => {
+                h.set_entry_type(if matches!(e.kind, Kind::Symlink(_)) {
+                    tar::EntryType::Symlink
+                } else {
+                    tar::EntryType::Link
+                });
+                h.set_size(0);
+                let t = t.as_bytes();
+                h.as_gnu_mut().unwrap().linkname[..t.len()].copy_from_slice(t);
+                h.set_cksum();
+                b.append(&h, std::io::empty()).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+pub struct Entry {
+    pub name: String,
+    pub mode: u32,
+    pub kind: Kind,
+}
+
+pub enum Kind {
+    File(Vec<u8>),
+    Dir,
+    Symlink(String),
+    Hardlink(String),
+}
+
+pub fn file(name: &str, data: &[u8]) -> Entry {
+    Entry {
+        name: name.into(),
+        mode: 0o644,
+        kind: Kind::File(data.to_vec()),
+    }
+}
+
+pub fn dir(name: &str) -> Entry {
+    Entry {
+        name: name.into(),
+        mode: 0o755,
+        kind: Kind::Dir,
+    }
+}
+
+pub fn symlink(name: &str, target: &str) -> Entry {
+    Entry {
+        name: name.into(),
+        mode: 0o777,
+        kind: Kind::Symlink(target.into()),
+    }
+}
+
+pub fn busybox_layer() -> Vec<Entry> {
+    let mut v = vec![
+        dir("bin/"),
+        dir("etc/"),
+        Entry {
+            name: "bin/busybox".into(),
+            mode: 0o755,
+            kind: Kind::File(std::fs::read(BUSYBOX).unwrap()),
+        },
+    ];
+    for a in APPLETS {
+        v.push(symlink(&format!("bin/{a}"), "busybox"));
+    }
+    v
+}
+
+/// A `docker save` archive (the classic layout) with these layers and image config.
+pub fn docker_archive(path: &Path, layers: &[Vec<u8>], config: serde_json::Value) {
+    docker_archive_tagged(path, "gatevm-test/busybox:1", layers, config)
+}
+
+/// A `docker save` archive with one tagged image.
+pub fn docker_archive_tagged(
+    path: &Path,
+    tag: &str,
+    layers: &[Vec<u8>],
+    mut config: serde_json::Value,
+) {
+    use sha2::Digest;
+    // containerd checks unpacked layers against the config's diff IDs.
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|l| format!("sha256:{}", hex::encode(sha2::Sha256::digest(l))))
+        .collect();
+    config["rootfs"] = serde_json::json!({"type": "layers", "diff_ids": diff_ids});
+    let mut entries = vec![];
+    let mut names = vec![];
+    for (i, l) in layers.iter().enumerate() {
+        entries.push(dir(&format!("layer{i}/")));
+        entries.push(file(&format!("layer{i}/layer.tar"), l));
+        names.push(format!("layer{i}/layer.tar"));
+    }
+    entries.push(file("config.json", config.to_string().as_bytes()));
+    let manifest = serde_json::json!([{
+        "Config": "config.json",
+        "RepoTags": [tag],
+        "Layers": names,
+    }]);
+    entries.push(file("manifest.json", manifest.to_string().as_bytes()));
+    std::fs::write(path, tar_of(&entries)).unwrap();
+}
+
+pub fn image_config(
+    entrypoint: &[&str],
+    cmd: &[&str],
+    env: &[&str],
+    workdir: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Entrypoint": entrypoint, "Cmd": cmd, "Env": env, "WorkingDir": workdir},
+        "rootfs": {"type": "layers", "diff_ids": []},
+    })
+}
+
+/// Reads from a forwarded port until `want` arrives (gvproxy accepts and closes connections while
+/// the guest does not listen yet).
+pub fn read_forward(port: u16, want: &str, within: Duration) -> Option<String> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut text = String::new();
+            let mut buf = [0u8; 256];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                if text.contains(want) {
+                    return Some(text);
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -512,8 +512,12 @@ fn index(file: &File, path: &Path, len: u64) -> Result<(HashMap<String, Member>,
             } else if seen_any {
                 OciError::Read {
                     path: path.to_owned(),
-                    reason: format!("bad tar entry: {e}"),
+                    reason: format!("bad tar entry: {}", shorten(&e.to_string())),
                 }
+            } else if e.kind() == io::ErrorKind::Other {
+                // The tar reader's complaint quotes the garbage it found; it says no more than
+                // this.
+                not_tar("its first 512 bytes are not a tar header".into())
             } else {
                 not_tar(format!("not a tar archive: {e}"))
             }
@@ -567,6 +571,15 @@ fn index(file: &File, path: &Path, len: u64) -> Result<(HashMap<String, Member>,
         return Err(not_tar("it holds no tar entries".into()));
     }
     Ok((members, data_end >= len))
+}
+
+/// At most 200 characters of a tar reader's message (it may quote a whole header of garbage).
+fn shorten(msg: &str) -> String {
+    const MAX: usize = 200;
+    match msg.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}...", &msg[..at]),
+        None => msg.to_owned(),
+    }
 }
 
 /// Reads one member's data with `pread`; a short file is an `UnexpectedEof` error.

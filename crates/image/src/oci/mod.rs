@@ -1,5 +1,6 @@
 //! Unpacking container image archives into a root directory: what `gatevm vm-run --image`
-//! boots a throwaway VM on.
+//! boots a throwaway VM on; and [`inspect_archive`], the cheap check `gatevm image import` does
+//! before streaming an archive into the VM (indexes and JSON documents only, no layer data).
 //!
 //! Reads `docker save` archives (`manifest.json`; the legacy `<id>/layer.tar` layout and
 //! Docker 25+'s, whose blobs are under `blobs/sha256/`) and OCI image layout archives
@@ -100,7 +101,23 @@ pub struct Unpacked {
     pub skipped: Vec<String>,
 }
 
-/// Errors of [`unpack_archive`].
+/// One image of an archive, as [`inspect_archive`] found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImageSummary {
+    /// The image's name: a repo tag (`docker save`) or OCI ref name, when the archive gives one.
+    pub reference: Option<String>,
+    /// The archive's format.
+    pub format: ArchiveFormat,
+    /// Number of layers.
+    pub layers: usize,
+    /// Sum of the layer members' sizes as stored in the archive (compressed, if they are).
+    pub layer_bytes: u64,
+    /// `os/architecture[/variant]` from the image config (or, failing that, from the index
+    /// entry that selected the manifest), when known.
+    pub platform: Option<String>,
+}
+
+/// Errors of [`unpack_archive`] and [`inspect_archive`].
 #[derive(Debug, Error)]
 pub enum OciError {
     /// The archive cannot be opened.
@@ -120,7 +137,7 @@ pub enum OciError {
         reason: String,
     },
     /// The file is not a (possibly compressed) tar archive.
-    #[error("{} is not an image archive: {reason}", path.display())]
+    #[error("{} is not an image archive: {}", path.display(), printable(reason))]
     NotArchive {
         /// The archive.
         path: PathBuf,
@@ -128,7 +145,7 @@ pub enum OciError {
         reason: String,
     },
     /// Reading or decompressing the archive failed.
-    #[error("cannot read image archive {}: {reason}", path.display())]
+    #[error("cannot read image archive {}: {}", path.display(), printable(reason))]
     Read {
         /// The archive.
         path: PathBuf,
@@ -136,7 +153,7 @@ pub enum OciError {
         reason: String,
     },
     /// A member's data extends past the end of the file.
-    #[error("image archive {} is truncated: {what} extends past the end of the file", path.display())]
+    #[error("image archive {} is truncated: {} extends past the end of the file", path.display(), printable(what))]
     Truncated {
         /// The archive.
         path: PathBuf,
@@ -144,7 +161,7 @@ pub enum OciError {
         what: String,
     },
     /// A member the image needs is not in the archive.
-    #[error("image archive {} has no {member}{note}", path.display())]
+    #[error("image archive {} has no {}{note}", path.display(), printable(member))]
     MissingMember {
         /// The archive.
         path: PathBuf,
@@ -162,7 +179,10 @@ pub enum OciError {
         note: &'static str,
     },
     /// A JSON document is over the size limit.
-    #[error("{what} is {size} bytes, over the {limit}-byte limit for JSON documents")]
+    #[error(
+        "{} is {size} bytes, over the {limit}-byte limit for JSON documents",
+        printable(what)
+    )]
     TooLarge {
         /// The member or digest.
         what: String,
@@ -172,7 +192,7 @@ pub enum OciError {
         limit: u64,
     },
     /// A JSON document does not parse.
-    #[error("{what} is not valid: {source}")]
+    #[error("{} is not valid: {}", printable(what), printable(&source.to_string()))]
     Json {
         /// The member or digest.
         what: String,
@@ -180,7 +200,7 @@ pub enum OciError {
         source: serde_json::Error,
     },
     /// A document is well-formed JSON but not usable.
-    #[error("{what}: {reason}")]
+    #[error("{}: {}", printable(what), printable(reason))]
     Invalid {
         /// The member or digest.
         what: String,
@@ -194,7 +214,7 @@ pub enum OciError {
         path: PathBuf,
     },
     /// Several images and none chosen.
-    #[error("image archive {} holds several images; choose one of: {refs}", path.display())]
+    #[error("image archive {} holds several images; choose one of: {}", path.display(), printable(refs))]
     Ambiguous {
         /// The archive.
         path: PathBuf,
@@ -202,7 +222,7 @@ pub enum OciError {
         refs: String,
     },
     /// The chosen image is not in the archive.
-    #[error("image archive {} has no image {wanted}; it holds: {refs}", path.display())]
+    #[error("image archive {} has no image {}; it holds: {}", path.display(), printable(wanted), printable(refs))]
     ImageNotFound {
         /// The archive.
         path: PathBuf,
@@ -212,7 +232,10 @@ pub enum OciError {
         refs: String,
     },
     /// A multi-platform index has nothing for this host.
-    #[error("image index {digest} has no manifest for {wanted}; it has: {available}")]
+    #[error(
+        "image index {digest} has no manifest for {wanted}; it has: {}",
+        printable(available)
+    )]
     NoPlatform {
         /// The index.
         digest: String,
@@ -246,7 +269,7 @@ pub enum OciError {
         actual: u64,
     },
     /// A layer's uncompressed tar does not match the config's diff ID.
-    #[error("layer {layer} does not match diff ID {expected} from the image config: its tar hashes to sha256:{actual}")]
+    #[error("layer {} does not match diff ID {expected} from the image config: its tar hashes to sha256:{actual}", printable(layer))]
     DiffIdMismatch {
         /// The layer member.
         layer: String,
@@ -256,7 +279,7 @@ pub enum OciError {
         actual: String,
     },
     /// A layer cannot be read (decompression, tar format, truncation).
-    #[error("layer {layer}: {reason}")]
+    #[error("layer {}: {}", printable(layer), printable(reason))]
     Layer {
         /// The layer member.
         layer: String,
@@ -264,7 +287,12 @@ pub enum OciError {
         reason: String,
     },
     /// An entry of a layer was refused or could not be created.
-    #[error("layer {layer}: entry {entry}: {reason}")]
+    #[error(
+        "layer {}: entry {}: {}",
+        printable(layer),
+        printable(entry),
+        printable(reason)
+    )]
     Entry {
         /// The layer member.
         layer: String,
@@ -273,6 +301,25 @@ pub enum OciError {
         /// Why.
         reason: String,
     },
+}
+
+/// `s` with control characters (newlines, terminal escapes, ...) escaped, so that a message
+/// quoting archive content (member names, references, a tar reader's complaint about header
+/// bytes) stays on one line and cannot drive the terminal.
+fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -299,15 +346,10 @@ pub fn unpack_archive(
 ) -> Result<Unpacked, OciError> {
     check_destination(dest)?;
     let outer = OuterArchive::open(archive)?;
-    let (format, selected) = if outer.contains("manifest.json") {
-        (ArchiveFormat::DockerSave, select_docker(&outer, image)?)
-    } else if outer.contains("index.json") {
-        (ArchiveFormat::Oci, select_oci(&outer, image, host_arch())?)
-    } else {
-        return Err(OciError::UnknownLayout {
-            path: outer.path().to_owned(),
-            note: outer.note(),
-        });
+    let format = layout(&outer)?;
+    let selected = match format {
+        ArchiveFormat::DockerSave => select_docker(&outer, image)?,
+        ArchiveFormat::Oci => select_oci(&outer, image, host_arch())?,
     };
     let config_file: ConfigFile =
         outer.read_json(&selected.config_member, selected.config_digest.as_ref())?;
@@ -323,20 +365,8 @@ pub fn unpack_archive(
     })?;
     let mut unpacker = layer::Unpacker::new(root);
     for (i, layer) in selected.layers.iter().enumerate() {
-        let (reader, size) = outer.member(&layer.member)?;
-        if let (Some(expected), Some(digest)) = (layer.size, &layer.digest) {
-            if expected != size {
-                return Err(OciError::SizeMismatch {
-                    digest: digest.to_string(),
-                    expected,
-                    actual: size,
-                });
-            }
-        }
-        let name = match &layer.digest {
-            Some(d) => d.to_string(),
-            None => layer.member.clone(),
-        };
+        let (reader, size) = layer_member(&outer, layer)?;
+        let name = layer.name();
         tracing::debug!(layer = %name, size, "applying layer");
         unpacker.apply(&name, reader, layer.digest.as_ref(), diff_ids.get(i))?;
     }
@@ -348,6 +378,93 @@ pub fn unpack_archive(
         config,
         skipped: unpacker.skipped,
     })
+}
+
+/// Lists the images in `archive` without unpacking anything: what `gatevm image import` checks
+/// before it streams the archive to `ctr images import` in the VM, so that a file that cannot
+/// be imported fails early with a one-line error.
+///
+/// Reads the archive's member index and its JSON documents (`manifest.json` or `index.json`,
+/// image indexes and manifests, image configs), checks the digests and sizes of those
+/// documents, and checks that every layer they reference is a member lying within the file
+/// (with the size its descriptor gives). Layer data is neither read nor hashed: an
+/// uncompressed archive is read only at its tar headers and JSON members (a gzip or zstd
+/// compressed one is decompressed to a temporary file first, as [`unpack_archive`] does).
+///
+/// Returns one summary per image: for `docker save`, one per repo tag (an untagged image
+/// gives one summary without a reference); for an OCI layout, one per name in `index.json`
+/// (unnamed entries are one image each). A multi-platform image gives **one** summary, for
+/// the manifest the host would pick (linux and [`host_arch`], as `ctr images import` and
+/// [`unpack_archive`] choose); when it has none for this host, that is an error
+/// ([`OciError::NoPlatform`], listing the platforms it has), since the VM could not run it.
+///
+/// Errors are those of [`unpack_archive`]: not an archive (empty file, random bytes), truncated,
+/// neither layout, bad JSON, a missing member, [`OciError::NoImage`] when nothing is listed.
+pub fn inspect_archive(archive: &Path) -> Result<Vec<ImageSummary>, OciError> {
+    let outer = OuterArchive::open(archive)?;
+    let format = layout(&outer)?;
+    let images = match format {
+        ArchiveFormat::DockerSave => docker_images(&outer)?,
+        ArchiveFormat::Oci => oci_images(&outer, host_arch())?,
+    };
+    if images.is_empty() {
+        return Err(OciError::NoImage {
+            path: outer.path().to_owned(),
+        });
+    }
+    let mut summaries = Vec::with_capacity(images.len());
+    for image in images {
+        let config: ConfigFile =
+            outer.read_json(&image.config_member, image.config_digest.as_ref())?;
+        let mut layer_bytes = 0u64;
+        for layer in &image.layers {
+            let (_, size) = layer_member(&outer, layer)?;
+            layer_bytes = layer_bytes.saturating_add(size);
+        }
+        summaries.push(ImageSummary {
+            reference: image.reference,
+            format,
+            layers: image.layers.len(),
+            layer_bytes,
+            platform: config
+                .platform()
+                .or_else(|| image.platform.map(|p| p.to_string())),
+        });
+    }
+    Ok(summaries)
+}
+
+/// Which layout the archive has, told by its top-level document.
+fn layout(outer: &OuterArchive) -> Result<ArchiveFormat, OciError> {
+    if outer.contains("manifest.json") {
+        Ok(ArchiveFormat::DockerSave)
+    } else if outer.contains("index.json") {
+        Ok(ArchiveFormat::Oci)
+    } else {
+        Err(OciError::UnknownLayout {
+            path: outer.path().to_owned(),
+            note: outer.note(),
+        })
+    }
+}
+
+/// A layer's member (a reader at its data, not yet read) and its size, checked against the
+/// descriptor's size when there is one.
+fn layer_member<'a>(
+    outer: &'a OuterArchive,
+    layer: &LayerRef,
+) -> Result<(archive::MemberReader<'a>, u64), OciError> {
+    let (reader, size) = outer.member(&layer.member)?;
+    if let (Some(expected), Some(digest)) = (layer.size, &layer.digest) {
+        if expected != size {
+            return Err(OciError::SizeMismatch {
+                digest: digest.to_string(),
+                expected,
+                actual: size,
+            });
+        }
+    }
+    Ok((reader, size))
 }
 
 fn check_destination(dest: &Path) -> Result<(), OciError> {
@@ -388,17 +505,31 @@ struct LayerRef {
     size: Option<u64>,
 }
 
+impl LayerRef {
+    /// How errors and logs name the layer: its digest, else its member.
+    fn name(&self) -> String {
+        match &self.digest {
+            Some(d) => d.to_string(),
+            None => self.member.clone(),
+        }
+    }
+}
+
 /// The image chosen in the archive.
 struct Selected {
     reference: Option<String>,
     config_member: String,
     config_digest: Option<Sha256Digest>,
     layers: Vec<LayerRef>,
+    /// The platform of the index entry that led to the manifest, when there was one.
+    platform: Option<Platform>,
 }
 
 /// `name[:tag]` / `name@digest` in a canonical form: `docker.io/` and `library/` dropped,
 /// `:latest` added when there is neither tag nor digest.
-fn normalize_ref(r: &str) -> String {
+/// A reference in a short canonical form for comparing (`docker.io/library/busybox:1` and
+/// `busybox:1` both become `busybox:1`; a missing tag is `latest`).
+pub fn normalize_ref(r: &str) -> String {
     let r = r.trim();
     let (name, suffix) = match r.find('@') {
         Some(at) => r.split_at(at),
@@ -447,15 +578,55 @@ struct DockerManifestEntry {
     layers: Option<Vec<String>>,
 }
 
-fn select_docker(outer: &OuterArchive, image: Option<&str>) -> Result<Selected, OciError> {
-    let entries: Vec<DockerManifestEntry> = outer.read_json("manifest.json", None)?;
-    let config_digest = |e: &DockerManifestEntry| {
-        digest_of_blob_path(&e.config).or_else(|| {
-            // Legacy layout: `<config sha256>.json`.
-            let base = e.config.rsplit('/').next()?;
+impl DockerManifestEntry {
+    /// The image ID, when the config's member name gives it (`blobs/sha256/<hex>`, or the
+    /// legacy `<hex>.json`).
+    fn config_digest(&self) -> Option<Sha256Digest> {
+        digest_of_blob_path(&self.config).or_else(|| {
+            let base = self.config.rsplit('/').next()?;
             Sha256Digest::from_hex(base.strip_suffix(".json")?)
         })
-    };
+    }
+
+    /// This image, named `reference`.
+    fn selected(&self, reference: Option<String>) -> Selected {
+        Selected {
+            reference,
+            config_member: self.config.clone(),
+            config_digest: self.config_digest(),
+            layers: self
+                .layers
+                .iter()
+                .flatten()
+                .map(|l| LayerRef {
+                    member: l.clone(),
+                    digest: digest_of_blob_path(l),
+                    size: None,
+                })
+                .collect(),
+            platform: None,
+        }
+    }
+}
+
+/// Every image of a `docker save` archive, once per repo tag.
+fn docker_images(outer: &OuterArchive) -> Result<Vec<Selected>, OciError> {
+    let entries: Vec<DockerManifestEntry> = outer.read_json("manifest.json", None)?;
+    let mut images = Vec::new();
+    for e in &entries {
+        match e.repo_tags.as_deref() {
+            Some(tags) if !tags.is_empty() => {
+                images.extend(tags.iter().map(|t| e.selected(Some(t.clone()))));
+            }
+            _ => images.push(e.selected(None)),
+        }
+    }
+    Ok(images)
+}
+
+fn select_docker(outer: &OuterArchive, image: Option<&str>) -> Result<Selected, OciError> {
+    let entries: Vec<DockerManifestEntry> = outer.read_json("manifest.json", None)?;
+    let config_digest = DockerManifestEntry::config_digest;
     let names = |e: &DockerManifestEntry| -> Vec<String> {
         match e.repo_tags.as_deref() {
             Some(tags) if !tags.is_empty() => tags.to_vec(),
@@ -509,21 +680,7 @@ fn select_docker(outer: &OuterArchive, image: Option<&str>) -> Result<Selected, 
                 })?
         }
     };
-    Ok(Selected {
-        reference,
-        config_member: entry.config.clone(),
-        config_digest: config_digest(entry),
-        layers: entry
-            .layers
-            .iter()
-            .flatten()
-            .map(|l| LayerRef {
-                member: l.clone(),
-                digest: digest_of_blob_path(l),
-                size: None,
-            })
-            .collect(),
-    })
+    Ok(entry.selected(reference))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -587,6 +744,8 @@ struct Index {
 struct Manifest {
     config: Descriptor,
     layers: Vec<Descriptor>,
+    /// The platform of the descriptor that pointed to it.
+    platform: Option<Platform>,
 }
 
 /// Either document a descriptor may point to, told apart by media type or shape.
@@ -603,7 +762,8 @@ struct IndexOrManifest {
     layers: Option<Vec<Descriptor>>,
 }
 
-fn select_oci(outer: &OuterArchive, image: Option<&str>, arch: &str) -> Result<Selected, OciError> {
+/// The entries of `index.json` (attestation manifests left out), after checking `oci-layout`.
+fn oci_index(outer: &OuterArchive) -> Result<Vec<Descriptor>, OciError> {
     if outer.contains("oci-layout") {
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
@@ -622,9 +782,65 @@ fn select_oci(outer: &OuterArchive, image: Option<&str>, arch: &str) -> Result<S
         }
     }
     let index: Index = outer.read_json("index.json", None)?;
+    let mut manifests = index.manifests.unwrap_or_default();
+    manifests.retain(|d| !d.is_attestation());
+    Ok(manifests)
+}
+
+/// The entry to follow when `distinct` (index.json entries with distinct digests) is one
+/// image: the only entry, or, when all have a platform and the same name (one image whose
+/// platform manifests are listed directly in index.json), the one for linux/`arch`. `None`
+/// when they are several images.
+fn single_image<'a>(
+    distinct: &[&'a Descriptor],
+    arch: &str,
+) -> Result<Option<&'a Descriptor>, OciError> {
+    match distinct {
+        [] => Ok(None),
+        [one] => Ok(Some(one)),
+        [first, ..]
+            if distinct.iter().all(|d| d.platform.is_some())
+                && distinct.iter().all(|d| d.name() == first.name()) =>
+        {
+            select_platform(distinct, arch, "index.json").map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Every image of an OCI layout: the entries of index.json grouped by name (in order of first
+/// appearance); a group is one image when [`single_image`] says so, else each entry is one.
+fn oci_images(outer: &OuterArchive, arch: &str) -> Result<Vec<Selected>, OciError> {
+    let manifests = oci_index(outer)?;
+    let mut groups: Vec<(Option<&str>, Vec<&Descriptor>)> = Vec::new();
+    for d in &manifests {
+        match groups.iter_mut().find(|(name, _)| *name == d.name()) {
+            Some((_, group)) => {
+                if !group.iter().any(|g| g.digest == d.digest) {
+                    group.push(d);
+                }
+            }
+            None => groups.push((d.name(), vec![d])),
+        }
+    }
+    let mut images = Vec::new();
+    for (_, group) in &groups {
+        match single_image(group, arch)? {
+            Some(top) => images.push(oci_selected(outer, top, arch)?),
+            None => {
+                for d in group {
+                    images.push(oci_selected(outer, d, arch)?);
+                }
+            }
+        }
+    }
+    Ok(images)
+}
+
+fn select_oci(outer: &OuterArchive, image: Option<&str>, arch: &str) -> Result<Selected, OciError> {
+    let manifests = oci_index(outer)?;
     let path = outer.path().to_owned();
-    let manifests = index.manifests.unwrap_or_default();
-    let candidates: Vec<&Descriptor> = manifests.iter().filter(|d| !d.is_attestation()).collect();
+    let candidates: Vec<&Descriptor> = manifests.iter().collect();
     let show = |d: &Descriptor| match (d.name(), &d.platform) {
         (Some(n), Some(p)) => format!("{n} ({p})"),
         (Some(n), None) => n.to_owned(),
@@ -684,14 +900,7 @@ fn select_oci(outer: &OuterArchive, image: Option<&str>, arch: &str) -> Result<S
         .copied()
         .filter(|d| seen.insert(d.digest.as_str()))
         .collect();
-    let top = if distinct.len() == 1 {
-        distinct[0].clone()
-    } else if distinct.iter().all(|d| d.platform.is_some())
-        && distinct.iter().all(|d| d.name() == distinct[0].name())
-    {
-        // One image whose platform manifests are listed directly in index.json.
-        select_platform(&distinct, arch, "index.json")?.clone()
-    } else {
+    let Some(top) = single_image(&distinct, arch)? else {
         return Err(OciError::Ambiguous {
             path,
             refs: distinct
@@ -701,8 +910,14 @@ fn select_oci(outer: &OuterArchive, image: Option<&str>, arch: &str) -> Result<S
                 .join(", "),
         });
     };
+    oci_selected(outer, top, arch)
+}
+
+/// The image an index.json entry leads to (through nested indexes, for linux/`arch`): its
+/// manifest read and checked, its config's size checked.
+fn oci_selected(outer: &OuterArchive, top: &Descriptor, arch: &str) -> Result<Selected, OciError> {
     let reference = top.name().map(str::to_owned);
-    let manifest = resolve_manifest(outer, &top, arch, 0)?;
+    let manifest = resolve_manifest(outer, top, arch, 0)?;
     let config_digest = Sha256Digest::parse(&manifest.config.digest)?;
     let mut layers = Vec::with_capacity(manifest.layers.len());
     for l in &manifest.layers {
@@ -729,6 +944,7 @@ fn select_oci(outer: &OuterArchive, image: Option<&str>, arch: &str) -> Result<S
         config_member,
         config_digest: Some(config_digest),
         layers,
+        platform: manifest.platform,
     })
 }
 
@@ -781,6 +997,7 @@ fn resolve_manifest(
     Ok(Manifest {
         config,
         layers: doc.layers.unwrap_or_default(),
+        platform: desc.platform.clone(),
     })
 }
 
@@ -879,9 +1096,26 @@ struct ConfigFile {
     rootfs: Option<RootFs>,
     #[serde(default)]
     os: Option<String>,
+    #[serde(default)]
+    architecture: Option<String>,
+    #[serde(default)]
+    variant: Option<String>,
 }
 
 impl ConfigFile {
+    /// `os/architecture[/variant]`, when the config gives both os and architecture.
+    fn platform(&self) -> Option<String> {
+        fn non_empty(s: &Option<String>) -> Option<&str> {
+            s.as_deref().filter(|s| !s.is_empty())
+        }
+        let os = non_empty(&self.os)?;
+        let arch = non_empty(&self.architecture)?;
+        Some(match non_empty(&self.variant) {
+            Some(v) => format!("{os}/{arch}/{v}"),
+            None => format!("{os}/{arch}"),
+        })
+    }
+
     fn image_config(&self) -> ImageConfig {
         let empty = RunConfig::default();
         let c = self.config.as_ref().unwrap_or(&empty);

@@ -1494,6 +1494,391 @@ fn references_are_normalized() {
     assert!(!ref_matches("busybox:1", "busybox:latest"));
 }
 
+// ---- inspect ------------------------------------------------------------------------------
+
+/// Writes `bytes` to a file and inspects it.
+fn inspect_bytes(bytes: &[u8]) -> Result<Vec<ImageSummary>, OciError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("image.tar");
+    std::fs::write(&path, bytes).unwrap();
+    inspect_archive(&path)
+}
+
+/// The error of inspecting `bytes`, and its message, which must be one line.
+fn inspect_error(bytes: &[u8]) -> (OciError, String) {
+    let err = match inspect_bytes(bytes) {
+        Ok(summaries) => panic!("expected an error, got {summaries:?}"),
+        Err(err) => err,
+    };
+    let msg = err.to_string();
+    assert!(!msg.contains('\n'), "not one line: {msg:?}");
+    (err, msg)
+}
+
+/// Bytes this thread has read with read(2)/pread(2) and friends so far, when the kernel
+/// exposes it.
+fn thread_rchar() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/thread-self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[test]
+fn inspect_docker_save_gives_one_summary_per_tag() {
+    let l1 = layer(&[E::File("a", "a", 0o644)]);
+    let l2 = layer(&[E::File("b", &"b".repeat(5000), 0o644)]);
+    let l3 = layer(&[E::File("c", "c", 0o644)]);
+    let plain = docker_legacy(&[
+        (
+            &["app:1", "reg.example:5000/team/app:2"],
+            &[&l1, &l2],
+            json!({}),
+        ),
+        (&[], &[&l3], json!({})),
+    ]);
+    let platform = format!("linux/{}", host_arch());
+    let summary = |reference: Option<&str>, layers, layer_bytes| ImageSummary {
+        reference: reference.map(str::to_owned),
+        format: ArchiveFormat::DockerSave,
+        layers,
+        layer_bytes,
+        platform: Some(platform.clone()),
+    };
+    let two = (l1.len() + l2.len()) as u64;
+    let expected = [
+        summary(Some("app:1"), 2, two),
+        summary(Some("reg.example:5000/team/app:2"), 2, two),
+        summary(None, 1, l3.len() as u64),
+    ];
+    assert_eq!(inspect_bytes(&plain).unwrap(), expected);
+    // Compressed outer archives give the same answer.
+    assert_eq!(inspect_bytes(&gzip(&plain)).unwrap(), expected);
+    assert_eq!(
+        inspect_bytes(&zstd::encode_all(&plain[..], 3).unwrap()).unwrap(),
+        expected
+    );
+}
+
+#[test]
+fn inspect_docker_25_layout() {
+    let l = layer(&[E::File("hello", "world", 0o644)]);
+    let mut oci = Oci::default();
+    let img = oci.image(&[(&l, Z::Gzip)], json!({}));
+    let blob = |d: &str| format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
+    let manifest = json!([{
+        "Config": blob(&img.config),
+        "RepoTags": ["app:1.0"],
+        "Layers": img.layers.iter().map(|d| blob(d)).collect::<Vec<_>>(),
+    }]);
+    let layer_bytes = gzip(&l).len() as u64;
+    let bytes = oci.finish(
+        vec![named(img.manifest, "app:1.0")],
+        vec![(
+            "manifest.json".into(),
+            serde_json::to_vec(&manifest).unwrap(),
+        )],
+    );
+    let s = inspect_bytes(&bytes).unwrap();
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].format, ArchiveFormat::DockerSave);
+    assert_eq!(s[0].reference.as_deref(), Some("app:1.0"));
+    assert_eq!((s[0].layers, s[0].layer_bytes), (1, layer_bytes));
+}
+
+#[test]
+fn inspect_oci_layout_with_ref_names() {
+    let l1 = layer(&[E::File("one", &"1".repeat(3000), 0o644)]);
+    let l2 = layer(&[E::File("two", "2", 0o644)]);
+    let l3 = layer(&[E::File("three", "3", 0o644)]);
+    let mut oci = Oci::default();
+    let thing = oci.image(&[(&l1, Z::Gzip), (&l2, Z::Zstd)], json!({}));
+    let other = oci.image(&[(&l3, Z::Plain)], json!({"Cmd": ["other"]}));
+    let unnamed = oci.image(&[], json!({"Cmd": ["unnamed"]}));
+    let stored = |digests: &[String]| -> u64 {
+        digests
+            .iter()
+            .map(|d| {
+                let name = format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
+                oci.files.iter().find(|(n, _)| *n == name).unwrap().1.len() as u64
+            })
+            .sum()
+    };
+    let (thing_bytes, other_bytes) = (stored(&thing.layers), stored(&other.layers));
+    let bytes = oci.finish(
+        vec![
+            named(thing.manifest.clone(), "docker.io/library/thing:2"),
+            named(other.manifest, "other:1"),
+            // The same manifest under a second name is a second image to import.
+            named(thing.manifest, "thing:latest"),
+            unnamed.manifest,
+        ],
+        vec![],
+    );
+    let s = inspect_bytes(&bytes).unwrap();
+    let got: Vec<(Option<&str>, usize, u64)> = s
+        .iter()
+        .map(|s| (s.reference.as_deref(), s.layers, s.layer_bytes))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (Some("docker.io/library/thing:2"), 2, thing_bytes),
+            (Some("other:1"), 1, other_bytes),
+            (Some("thing:latest"), 2, thing_bytes),
+            (None, 0, 0),
+        ]
+    );
+    let platform = format!("linux/{}", host_arch());
+    for summary in &s {
+        assert_eq!(summary.format, ArchiveFormat::Oci);
+        assert_eq!(summary.platform.as_deref(), Some(platform.as_str()));
+    }
+}
+
+#[test]
+fn inspect_multi_platform_index_reports_the_host_platform() {
+    // Each architecture's layer has a different size, so layer_bytes tells which was picked.
+    let mut arches = vec!["s390x", "riscv64", host_arch()];
+    arches.dedup();
+    let mut oci = Oci::default();
+    let mut platform_manifests = Vec::new();
+    let mut host_bytes = 0;
+    for (i, arch) in arches.iter().enumerate() {
+        let l = layer(&[E::File("arch", &"x".repeat(1000 * (i + 1)), 0o644)]);
+        if *arch == host_arch() {
+            host_bytes = l.len() as u64;
+        }
+        let img = oci.image(&[(&l, Z::Plain)], json!({}));
+        platform_manifests.push(with(
+            img.manifest,
+            "platform",
+            json!({"os": "linux", "architecture": arch}),
+        ));
+    }
+    // Nested: index.json -> image index -> platform manifests.
+    let mut nested = Oci {
+        files: oci.files.clone(),
+    };
+    let index = nested.index(platform_manifests.clone());
+    let s = inspect_bytes(&nested.finish(vec![named(index, "multi:1")], vec![])).unwrap();
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!(s[0].reference.as_deref(), Some("multi:1"));
+    assert_eq!(s[0].layer_bytes, host_bytes);
+    assert_eq!(s[0].platform, Some(format!("linux/{}", host_arch())));
+
+    // Listed directly in index.json under one name: still one image.
+    let direct = Oci {
+        files: oci.files.clone(),
+    };
+    let top = platform_manifests
+        .iter()
+        .map(|m| named(m.clone(), "multi:1"))
+        .collect();
+    let s = inspect_bytes(&direct.finish(top, vec![])).unwrap();
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!(s[0].layer_bytes, host_bytes);
+
+    // Nothing for this host: an error naming what there is.
+    let mut foreign = Oci {
+        files: oci.files.clone(),
+    };
+    let others: Vec<Value> = platform_manifests[..arches.len() - 1].to_vec();
+    let index = foreign.index(others);
+    let (err, msg) = inspect_error(&foreign.finish(vec![named(index, "multi:1")], vec![]));
+    assert!(matches!(err, OciError::NoPlatform { .. }), "{msg}");
+    assert!(
+        msg.contains(&format!("linux/{}", host_arch())) && msg.contains("linux/s390x"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn inspect_truncated_archive_is_an_error() {
+    let l1 = layer(&[E::File("f", &"x".repeat(3000), 0o644)]);
+    let l2 = layer(&[E::File("g", "g", 0o644)]);
+    let full = docker_legacy(&[(&["t:1"], &[&l1, &l2], json!({}))]);
+    // Builder ends with two zero blocks; before them, cutting loses data of some member.
+    let content = full.len() - 1024;
+    for cut in (512..=content - 512).step_by(211).chain([content - 512]) {
+        let (_, msg) = inspect_error(&full[..cut]);
+        assert!(msg.contains("truncated"), "cut at {cut}: {msg}");
+    }
+    // Cut inside the layer: the error names it.
+    let at = full
+        .windows(3000)
+        .position(|w| w.iter().all(|&b| b == b'x'))
+        .unwrap();
+    let (err, msg) = inspect_error(&full[..at + 1000]);
+    assert!(
+        matches!(&err, OciError::Truncated { what, .. } if what.ends_with("/layer.tar")),
+        "{msg}"
+    );
+    // A compressed archive cut short fails while decompressing.
+    let gz = gzip(&full);
+    let (err, msg) = inspect_error(&gz[..gz.len() / 2]);
+    assert!(matches!(err, OciError::Read { .. }), "{msg}");
+}
+
+#[test]
+fn inspect_empty_and_random_files_are_errors() {
+    let (err, msg) = inspect_error(b"");
+    assert!(matches!(err, OciError::NotArchive { .. }), "{msg}");
+    assert!(
+        msg.contains("not an image archive") && msg.contains("empty"),
+        "{msg}"
+    );
+
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let random: Vec<u8> = (0..8192)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    let (err, msg) = inspect_error(&random);
+    assert!(matches!(err, OciError::NotArchive { .. }), "{msg}");
+    assert!(msg.contains("not an image archive"), "{msg}");
+}
+
+#[test]
+fn inspect_tar_without_manifest_is_an_error() {
+    let (err, msg) = inspect_error(&outer(&[("hello.txt".into(), b"hi".to_vec())]));
+    assert!(matches!(err, OciError::UnknownLayout { .. }), "{msg}");
+    assert!(
+        msg.contains("no manifest.json") && msg.contains("no index.json"),
+        "{msg}"
+    );
+    // Well-formed layouts that list no image.
+    let (err, msg) = inspect_error(&outer(&[("manifest.json".into(), b"[]".to_vec())]));
+    assert!(matches!(err, OciError::NoImage { .. }), "{msg}");
+    let index = json!({"schemaVersion": 2, "manifests": []});
+    let (err, msg) = inspect_error(&outer(&[(
+        "index.json".into(),
+        serde_json::to_vec(&index).unwrap(),
+    )]));
+    assert!(matches!(err, OciError::NoImage { .. }), "{msg}");
+    // Bad JSON is named.
+    let (err, msg) = inspect_error(&outer(&[("manifest.json".into(), b"{not json".to_vec())]));
+    assert!(matches!(err, OciError::Json { .. }), "{msg}");
+    assert!(msg.contains("manifest.json"), "{msg}");
+}
+
+#[test]
+fn inspect_missing_members_are_errors() {
+    // docker save: the manifest names a layer the archive lacks.
+    let l = layer(&[E::File("f", "x", 0o644)]);
+    let config = config_json(json!({}), &[&l]);
+    let config_name = format!("{}.json", sha(&config));
+    let missing = format!("{}/layer.tar", sha(b"missing"));
+    let manifest = json!([{"Config": config_name, "RepoTags": ["t:1"], "Layers": [missing]}]);
+    let bytes = outer(&[
+        (config_name.clone(), config.clone()),
+        (
+            "manifest.json".into(),
+            serde_json::to_vec(&manifest).unwrap(),
+        ),
+    ]);
+    let (err, msg) = inspect_error(&bytes);
+    assert!(
+        matches!(&err, OciError::MissingMember { member, .. } if *member == missing),
+        "{msg}"
+    );
+    assert!(msg.contains(&missing), "{msg}");
+
+    // A name with control characters is quoted escaped, on one line.
+    let manifest = json!([{"Config": config_name, "Layers": ["evil\n\u{1b}[2Jname"]}]);
+    let bytes = outer(&[
+        (config_name.clone(), config.clone()),
+        (
+            "manifest.json".into(),
+            serde_json::to_vec(&manifest).unwrap(),
+        ),
+    ]);
+    let (_, msg) = inspect_error(&bytes);
+    assert!(msg.ends_with(r"has no evil\n\u{1b}[2Jname"), "{msg}");
+
+    // ... or a config it lacks.
+    let manifest = json!([{"Config": "nope.json", "RepoTags": ["t:1"], "Layers": []}]);
+    let (err, msg) = inspect_error(&outer(&[(
+        "manifest.json".into(),
+        serde_json::to_vec(&manifest).unwrap(),
+    )]));
+    assert!(
+        matches!(&err, OciError::MissingMember { member, .. } if member == "nope.json"),
+        "{msg}"
+    );
+
+    // OCI: a layer blob is missing.
+    let mut oci = Oci::default();
+    let img = oci.image(&[(&l, Z::Plain)], json!({}));
+    let blob = format!(
+        "blobs/sha256/{}",
+        img.layers[0].trim_start_matches("sha256:")
+    );
+    oci.files.retain(|(n, _)| *n != blob);
+    let (err, msg) = inspect_error(&oci.finish(vec![img.manifest], vec![]));
+    assert!(
+        matches!(&err, OciError::MissingMember { member, .. } if *member == blob),
+        "{msg}"
+    );
+}
+
+#[test]
+fn inspect_does_not_read_layer_data() {
+    const BIG: usize = 1 << 20;
+    let l = layer(&[E::File("big", &"z".repeat(BIG), 0o644)]);
+    let corrupt = |mut bytes: Vec<u8>| {
+        let at = bytes
+            .windows(4096)
+            .position(|w| w.iter().all(|&b| b == b'z'))
+            .unwrap();
+        bytes[at + BIG / 2] = b'y';
+        bytes
+    };
+
+    // docker save (legacy: only the config's diff IDs can catch it).
+    let bytes = corrupt(docker_legacy(&[(&["t:1"], &[&l], json!({}))]));
+    let sb = Sandbox::new();
+    std::fs::write(&sb.archive, &bytes).unwrap();
+    let before = thread_rchar();
+    let s = inspect_archive(&sb.archive).unwrap();
+    let inspect_read = thread_rchar().zip(before).map(|(after, b)| after - b);
+    assert_eq!((s[0].layers, s[0].layer_bytes), (1, l.len() as u64));
+    let before = thread_rchar();
+    let err = sb.unpack(&bytes, None).unwrap_err();
+    let unpack_read = thread_rchar().zip(before).map(|(after, b)| after - b);
+    assert!(matches!(err, OciError::DiffIdMismatch { .. }), "{err}");
+    match (inspect_read, unpack_read) {
+        (Some(inspect_read), Some(unpack_read)) => {
+            // The measure works: unpacking read the layer.
+            assert!(unpack_read >= BIG as u64, "unpack read {unpack_read} bytes");
+            assert!(
+                inspect_read < 64 << 10,
+                "inspect read {inspect_read} bytes of a {}-byte archive",
+                bytes.len()
+            );
+        }
+        _ => eprintln!(
+            "inspect_does_not_read_layer_data: /proc/thread-self/io is unavailable; \
+             only checked that the corrupt layer goes unnoticed"
+        ),
+    }
+
+    // OCI: the blob no longer matches its digest.
+    let mut oci = Oci::default();
+    let img = oci.image(&[(&l, Z::Plain)], json!({}));
+    let bytes = corrupt(oci.finish(vec![named(img.manifest, "big:1")], vec![]));
+    let s = inspect_bytes(&bytes).unwrap();
+    assert_eq!((s[0].layers, s[0].layer_bytes), (1, l.len() as u64));
+    let err = Sandbox::new().unpack(&bytes, None).unwrap_err();
+    assert!(matches!(err, OciError::DigestMismatch { .. }), "{err}");
+}
+
 mod fuzz {
     use proptest::prelude::*;
 
@@ -1540,7 +1925,15 @@ mod fuzz {
                 bytes = gzip(&bytes);
             }
             let sb = Sandbox::new();
-            let _ = sb.unpack(&bytes, None);
+            let unpacked = sb.unpack(&bytes, None);
+            // Inspecting checks a subset of what unpacking does.
+            let inspected = inspect_archive(&sb.archive);
+            if let Ok(u) = unpacked {
+                let summaries = inspected.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(summaries.len(), 1);
+                prop_assert_eq!(summaries[0].layers, u.layers);
+                prop_assert_eq!(&summaries[0].reference, &u.reference);
+            }
         }
     }
 }

@@ -1,0 +1,315 @@
+//! `gatevm run`, `gatevm ps`, `gatevm rm`: containers in an instance.
+//!
+//! The work happens in the guest (`gatevm-guest container ...`, run through the agent): a network
+//! namespace per container on the `gatevm0` CNI bridge (portmap, masquerade), `ctr run` in it,
+//! and clean-up of both when the container ends or is removed. Published ports are guest ports;
+//! the instance's forwards (`gatevm start -p HOST:GUEST`) carry them to the host.
+
+use super::exec::{run_exec, ExecOpts};
+use super::image::Namespace;
+use crate::output::runtime;
+use anyhow::bail;
+use gatevm_instance::client;
+
+/// Where the supervisor installs gatevm-guest in every instance.
+const GUEST: &str = gatevm_instance::supervisor::GUEST_PATH;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Instance name.
+    name: String,
+    /// An imported image (see `gatevm image ls`; short forms like busybox:1 work).
+    image: String,
+    /// Container name [default: generated].
+    #[arg(long = "name", value_name = "C")]
+    container: Option<String>,
+    /// Keep the container running in the background and print its name.
+    #[arg(short, long)]
+    detach: bool,
+    /// Publish a container port on a guest port: GUESTPORT:CONTAINERPORT[/tcp|/udp]. Repeatable.
+    /// The instance's forwards reach guest ports from the host.
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    publish: Vec<String>,
+    #[command(flatten)]
+    exec: ExecOpts,
+    #[command(flatten)]
+    ns: Namespace,
+    /// Command and arguments [default: the image's].
+    #[arg(last = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub struct PsArgs {
+    /// Instance name.
+    name: String,
+    #[command(flatten)]
+    ns: Namespace,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct RmArgs {
+    /// Instance name.
+    name: String,
+    /// Container names.
+    #[arg(required = true, value_name = "C")]
+    containers: Vec<String>,
+    /// Kill running containers first.
+    #[arg(short, long)]
+    force: bool,
+    #[command(flatten)]
+    ns: Namespace,
+}
+
+/// A container port published on a guest port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Publish {
+    pub guest: u16,
+    pub container: u16,
+    pub udp: bool,
+}
+
+/// Parses `GUESTPORT:CONTAINERPORT[/tcp|/udp]`.
+pub fn parse_publish(s: &str) -> anyhow::Result<Publish> {
+    let bad = |why: &str| anyhow::anyhow!("invalid --publish {s:?}: {why}");
+    let (ports, proto) = match s.rsplit_once('/') {
+        Some((p, proto)) => (p, proto),
+        None => (s, "tcp"),
+    };
+    let udp = match proto {
+        "tcp" => false,
+        "udp" => true,
+        _ => return Err(bad("the protocol must be tcp or udp")),
+    };
+    let Some((g, c)) = ports.split_once(':') else {
+        return Err(bad("expected GUESTPORT:CONTAINERPORT"));
+    };
+    let port = |p: &str| -> anyhow::Result<u16> {
+        match p.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(bad(&format!("{p:?} is not a port (1-65535)"))),
+        }
+    };
+    Ok(Publish {
+        guest: port(g)?,
+        container: port(c)?,
+        udp,
+    })
+}
+
+/// Container names: 1 to 63 of `[A-Za-z0-9_.-]`, starting with a letter or digit.
+pub fn valid_container_name(c: &str) -> bool {
+    !c.is_empty()
+        && c.len() <= 63
+        && c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
+        && c.chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-'))
+}
+
+/// A name for an unnamed container: the image's base name and a random suffix.
+fn generated_name(image: &str) -> String {
+    let base = image
+        .rsplit('/')
+        .next()
+        .unwrap_or(image)
+        .split([':', '@'])
+        .next()
+        .unwrap_or("c");
+    let base: String = base
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(40)
+        .collect();
+    let mut b = [0u8; 3];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let base = if base.is_empty() {
+        "c".to_string()
+    } else {
+        base
+    };
+    format!("{base}-{}", hex(&b))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn run(a: RunArgs) -> anyhow::Result<i32> {
+    let name = super::name_arg(&a.name)?.to_string();
+    let mut publish = Vec::new();
+    for p in &a.publish {
+        let p = parse_publish(p)?;
+        if publish
+            .iter()
+            .any(|q: &Publish| q.guest == p.guest && q.udp == p.udp)
+        {
+            bail!("guest port {} is published twice", p.guest);
+        }
+        publish.push(p);
+    }
+    let container = match &a.container {
+        Some(c) if !valid_container_name(c) => bail!(
+            "invalid container name {c:?}: 1 to 63 of letters, digits, '_', '.', '-', starting with a letter or digit"
+        ),
+        Some(c) => c.clone(),
+        None => generated_name(&a.image),
+    };
+    if a.image.is_empty() || a.image.contains(char::is_whitespace) {
+        bail!("invalid image reference {:?}", a.image);
+    }
+    super::exec::require_running(&name)?;
+    // A published port the host cannot reach is worth a word.
+    if !publish.is_empty() {
+        if let Ok(st) = runtime()?.block_on(client::status(&name)) {
+            for p in &publish {
+                let proto = if p.udp { "udp" } else { "tcp" };
+                let suffix = format!(":{}/{proto}", p.guest);
+                if !st.forwards.iter().any(|f| f.ends_with(&suffix)) {
+                    eprintln!(
+                        "note: no forward of {name:?} reaches guest port {}/{proto}; add one with `gatevm start {name} -p HOSTPORT:{}{}` (after a stop)",
+                        p.guest,
+                        p.guest,
+                        if p.udp { "/udp" } else { "" }
+                    );
+                }
+            }
+        }
+    }
+    let mut argv: Vec<String> = vec![
+        GUEST.into(),
+        "container".into(),
+        "run".into(),
+        "--namespace".into(),
+        a.ns.namespace.clone(),
+        "--name".into(),
+        container.clone(),
+    ];
+    if a.detach {
+        argv.push("--detach".into());
+    }
+    if a.exec.tty {
+        argv.push("--tty".into());
+    }
+    for p in &publish {
+        argv.push("--publish".into());
+        argv.push(format!(
+            "{}:{}/{}",
+            p.guest,
+            p.container,
+            if p.udp { "udp" } else { "tcp" }
+        ));
+    }
+    // The environment and working directory are the container's, not gatevm-guest's.
+    let inner = a.exec.request(&a.cmd)?;
+    for (k, v) in &inner.env {
+        argv.push("--env".into());
+        argv.push(format!("{k}={v}"));
+    }
+    if let Some(w) = &inner.cwd {
+        argv.push("--workdir".into());
+        argv.push(w.clone());
+    }
+    argv.push(a.image.clone());
+    argv.push("--".into());
+    argv.extend(a.cmd.iter().cloned());
+    let mut req = inner;
+    req.argv = argv;
+    req.env = vec![];
+    req.cwd = None;
+    run_exec(&name, req)
+}
+
+fn guest_command(name: &str, args: Vec<String>) -> anyhow::Result<i32> {
+    super::exec::require_running(name)?;
+    let mut argv = vec![GUEST.to_string(), "container".to_string()];
+    argv.extend(args);
+    let req = ExecOpts {
+        interactive: false,
+        tty: false,
+        env: vec![],
+        workdir: None,
+    }
+    .request(&argv)?;
+    run_exec(name, req)
+}
+
+pub fn ps(a: PsArgs) -> anyhow::Result<i32> {
+    let name = super::name_arg(&a.name)?;
+    let mut args = vec!["ps".to_string(), "--namespace".into(), a.ns.namespace];
+    if a.json {
+        args.push("--json".into());
+    }
+    guest_command(name, args)
+}
+
+pub fn rm(a: RmArgs) -> anyhow::Result<i32> {
+    let name = super::name_arg(&a.name)?;
+    for c in &a.containers {
+        if !valid_container_name(c) {
+            bail!("invalid container name {c:?}");
+        }
+    }
+    let mut worst = 0;
+    for c in &a.containers {
+        let mut args = vec![
+            "rm".to_string(),
+            "--namespace".into(),
+            a.ns.namespace.clone(),
+        ];
+        if a.force {
+            args.push("--force".into());
+        }
+        args.push(c.clone());
+        let code = guest_command(name, args)?;
+        if code != 0 {
+            worst = code;
+        }
+    }
+    Ok(worst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_specs() {
+        assert_eq!(
+            parse_publish("8080:80").unwrap(),
+            Publish {
+                guest: 8080,
+                container: 80,
+                udp: false
+            }
+        );
+        assert!(parse_publish("53:53/udp").unwrap().udp);
+        for bad in [
+            "80",
+            "0:80",
+            "80:0",
+            "x:80",
+            "80:80/sctp",
+            "70000:80",
+            ":80",
+            "80:",
+        ] {
+            assert!(parse_publish(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn container_names() {
+        assert!(valid_container_name("web-1"));
+        assert!(valid_container_name("a.b_c"));
+        for bad in ["", "-a", "a b", "a/b", &"x".repeat(64)] {
+            assert!(!valid_container_name(bad), "{bad:?}");
+        }
+        let g = generated_name("docker.io/library/busybox:1");
+        assert!(g.starts_with("busybox-") && valid_container_name(&g), "{g}");
+        assert!(valid_container_name(&generated_name("@@@")));
+    }
+}

@@ -1,0 +1,308 @@
+//! Talking to containerd through `ctr`: running it, and reading its whitespace tables.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// containerd's socket; its absence means containerd is not running.
+pub const SOCKET: &str = "/run/containerd/containerd.sock";
+/// Where Debian installs `ctr`.
+pub const CTR: &str = "/usr/bin/ctr";
+
+/// A `ctr` command for a namespace (`ctr --address SOCKET --namespace NS ARGS…`), with an empty
+/// signal mask.
+pub fn command(ns: &str, args: &[&str]) -> Command {
+    let prog = if Path::new(CTR).exists() { CTR } else { "ctr" };
+    let mut cmd = Command::new(prog);
+    cmd.arg("--address")
+        .arg(SOCKET)
+        .arg("--namespace")
+        .arg(ns)
+        .args(args);
+    crate::cni::unblock_signals(&mut cmd);
+    cmd
+}
+
+/// Runs `ctr` to completion with captured output; stdout on success, else ctr's error message.
+pub fn output(ns: &str, args: &[&str]) -> Result<String, String> {
+    let out = command(ns, args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run ctr: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let err = error_line(&String::from_utf8_lossy(&out.stderr));
+        Err(if err.is_empty() {
+            format!("ctr {} failed ({})", args.join(" "), out.status)
+        } else {
+            err
+        })
+    }
+}
+
+/// The message of a ctr failure: its last non-empty stderr line without the `ctr: ` prefix
+/// (logrus lines: their `msg="…"`).
+pub fn error_line(stderr: &str) -> String {
+    let line = stderr
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    if let Some(m) = line.strip_prefix("ctr: ") {
+        return m.trim().to_string();
+    }
+    if let Some(i) = line.find("msg=\"") {
+        let rest = &line[i + 5..];
+        let mut msg = String::new();
+        let mut chars = rest.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some(n) = chars.next() {
+                        msg.push(n);
+                    }
+                }
+                '"' => break,
+                c => msg.push(c),
+            }
+        }
+        return msg;
+    }
+    line.to_string()
+}
+
+/// One row of `ctr containers ls`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerRow {
+    /// Container id (gatevm's name).
+    pub id: String,
+    /// Image reference (`-` when none).
+    pub image: String,
+}
+
+/// One row of `ctr tasks ls`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRow {
+    /// Container id.
+    pub id: String,
+    /// Pid of the task's init process.
+    pub pid: u32,
+    /// Status in lower case: `running`, `stopped`, `created`, `paused`, `pausing`, `unknown`.
+    pub status: String,
+}
+
+impl TaskRow {
+    /// Whether the task has live processes (anything but `stopped` and `created`).
+    pub fn is_running(&self) -> bool {
+        !matches!(self.status.as_str(), "stopped" | "created")
+    }
+}
+
+/// Rows of a tabwriter table, without its header line (the first line, starting with `header`).
+fn rows<'a>(out: &'a str, header: &str) -> Vec<Vec<&'a str>> {
+    let mut lines = out
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|cols| !cols.is_empty())
+        .peekable();
+    if lines.peek().is_some_and(|cols| cols[0] == header) {
+        lines.next();
+    }
+    lines.collect()
+}
+
+/// Parses `ctr containers ls` (`CONTAINER IMAGE RUNTIME`).
+pub fn parse_containers(out: &str) -> Vec<ContainerRow> {
+    rows(out, "CONTAINER")
+        .into_iter()
+        .filter(|c| c.len() >= 2)
+        .map(|c| ContainerRow {
+            id: c[0].to_string(),
+            image: c[1].to_string(),
+        })
+        .collect()
+}
+
+/// Parses `ctr tasks ls` (`TASK PID STATUS`).
+pub fn parse_tasks(out: &str) -> Vec<TaskRow> {
+    rows(out, "TASK")
+        .into_iter()
+        .filter(|c| c.len() >= 3)
+        .filter_map(|c| {
+            Some(TaskRow {
+                id: c[0].to_string(),
+                pid: c[1].parse().ok()?,
+                status: c[2].to_ascii_lowercase(),
+            })
+        })
+        .collect()
+}
+
+/// Parses a `-q` listing: one name per line.
+pub fn parse_quiet(out: &str) -> Vec<String> {
+    out.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The labels in `ctr containers info` output (`{"Labels": {...}, ...}`).
+pub fn parse_info_labels(out: &str) -> BTreeMap<String, String> {
+    let Ok(v) = serde_json::from_str::<Value>(out) else {
+        return BTreeMap::new();
+    };
+    v.get("Labels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Image names stored in a namespace.
+pub fn images(ns: &str) -> Result<Vec<String>, String> {
+    output(ns, &["images", "ls", "-q"]).map(|o| parse_quiet(&o))
+}
+
+/// Container ids of a namespace.
+pub fn container_ids(ns: &str) -> Result<Vec<String>, String> {
+    output(ns, &["containers", "ls", "-q"]).map(|o| parse_quiet(&o))
+}
+
+/// Containers of a namespace with their images.
+pub fn containers(ns: &str) -> Result<Vec<ContainerRow>, String> {
+    output(ns, &["containers", "ls"]).map(|o| parse_containers(&o))
+}
+
+/// Tasks of a namespace.
+pub fn tasks(ns: &str) -> Result<Vec<TaskRow>, String> {
+    output(ns, &["tasks", "ls"]).map(|o| parse_tasks(&o))
+}
+
+/// The task of one container, if it has one.
+pub fn task(ns: &str, id: &str) -> Result<Option<TaskRow>, String> {
+    Ok(tasks(ns)?.into_iter().find(|t| t.id == id))
+}
+
+/// Labels of one container.
+pub fn labels(ns: &str, id: &str) -> Result<BTreeMap<String, String>, String> {
+    output(ns, &["containers", "info", id]).map(|o| parse_info_labels(&o))
+}
+
+/// Whether containerd's socket exists.
+pub fn check_running() -> Result<(), String> {
+    if Path::new(SOCKET).exists() {
+        Ok(())
+    } else {
+        Err(format!("containerd is not running (no {SOCKET})"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containers_table() {
+        let out = "CONTAINER    IMAGE                                RUNTIME                  \n\
+                   web          docker.io/library/nginx:latest       io.containerd.runc.v2    \n\
+                   raw          -                                    io.containerd.runc.v2    \n\
+                   \n";
+        assert_eq!(
+            parse_containers(out),
+            vec![
+                ContainerRow {
+                    id: "web".into(),
+                    image: "docker.io/library/nginx:latest".into()
+                },
+                ContainerRow {
+                    id: "raw".into(),
+                    image: "-".into()
+                },
+            ]
+        );
+        assert!(parse_containers("CONTAINER    IMAGE    RUNTIME    \n").is_empty());
+        assert!(parse_containers("").is_empty());
+        // Only the first line is the header.
+        let out = "CONTAINER    IMAGE    RUNTIME\nCONTAINER    img      io.containerd.runc.v2\n";
+        assert_eq!(parse_containers(out)[0].id, "CONTAINER");
+    }
+
+    #[test]
+    fn tasks_table() {
+        let out = "TASK    PID     STATUS    \n\
+                   web     1234    RUNNING\n\
+                   job     0       STOPPED\n\
+                   new     77      CREATED\n\
+                   frz     88      PAUSED\n\
+                   bad     x       RUNNING\n";
+        let t = parse_tasks(out);
+        assert_eq!(t.len(), 4);
+        assert_eq!(
+            t[0],
+            TaskRow {
+                id: "web".into(),
+                pid: 1234,
+                status: "running".into()
+            }
+        );
+        assert_eq!(t[1].status, "stopped");
+        assert!(t[0].is_running());
+        assert!(!t[1].is_running());
+        assert!(!t[2].is_running());
+        assert!(t[3].is_running());
+    }
+
+    #[test]
+    fn quiet_lists() {
+        assert_eq!(
+            parse_quiet("docker.io/library/busybox:latest\n\nweb\n"),
+            vec!["docker.io/library/busybox:latest", "web"]
+        );
+    }
+
+    #[test]
+    fn info_labels() {
+        let out = r#"{
+            "ID": "web",
+            "Labels": {"gatevm.ports": "8080:80/tcp", "io.containerd.image.config.stop-signal": "SIGQUIT", "n": 1},
+            "Image": "docker.io/library/nginx:latest"
+        }"#;
+        let l = parse_info_labels(out);
+        assert_eq!(
+            l.get("gatevm.ports").map(String::as_str),
+            Some("8080:80/tcp")
+        );
+        assert_eq!(l.len(), 2);
+        assert!(parse_info_labels(r#"{"ID":"x"}"#).is_empty());
+        assert!(parse_info_labels("not json").is_empty());
+    }
+
+    #[test]
+    fn ctr_error_lines() {
+        assert_eq!(
+            error_line("ctr: container \"web\": already exists\n"),
+            "container \"web\": already exists"
+        );
+        assert_eq!(
+            error_line(
+                "some output\nctr: failed to create shim task: OCI runtime create failed\n\n"
+            ),
+            "failed to create shim task: OCI runtime create failed"
+        );
+        assert_eq!(
+            error_line(
+                r#"time="2024-01-01T00:00:00Z" level=fatal msg="failed to dial \"/run/x\": context deadline exceeded""#
+            ),
+            r#"failed to dial "/run/x": context deadline exceeded"#
+        );
+        assert_eq!(error_line("plain"), "plain");
+        assert_eq!(error_line(""), "");
+    }
+}

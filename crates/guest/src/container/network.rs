@@ -1,0 +1,326 @@
+//! A container's network: its named network namespace, the CNI attachment to the `gatevm`
+//! network, and the state kept in `/run/gatevm/containers/NAME/` so it can be undone.
+//!
+//! `state.json` is written before anything is created (so a half-done setup can be undone) and
+//! holds the namespace, the owning process, the published ports and the exact network list used;
+//! `cni-result.json` is the ADD result, given back to the plugins as `prevResult` on DEL. After a
+//! VM reboot `/run` is empty and the guest cleaned the IPAM state at boot, so a missing state
+//! directory simply means there is nothing to undo.
+
+use super::args::{parse_publish, Publish};
+use crate::cni::{self, Attachment, PortMapping};
+use serde_json::{json, Value};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Root of the per-container state directories.
+pub const STATE_ROOT: &str = "/run/gatevm/containers";
+/// Where `ip netns` keeps named network namespaces.
+pub const NETNS_DIR: &str = "/run/netns";
+/// Where detached containers' output goes (the state disk, not the RAM-backed `/run`).
+pub const LOG_DIR: &str = "/var/lib/gatevm/logs";
+
+const STATE_FILE: &str = "state.json";
+const RESULT_FILE: &str = "cni-result.json";
+
+/// The state directory of a container.
+pub fn state_dir(name: &str) -> PathBuf {
+    Path::new(STATE_ROOT).join(name)
+}
+
+/// The name of a container's network namespace (`gatevm-NAME`).
+pub fn netns_name(name: &str) -> String {
+    format!("gatevm-{name}")
+}
+
+/// The path of a container's network namespace.
+pub fn netns_path(name: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(netns_name(name))
+}
+
+/// The output log of a detached container.
+pub fn log_path(name: &str) -> PathBuf {
+    Path::new(LOG_DIR).join(format!("{name}.log"))
+}
+
+/// What DEL needs, and who owns the container's setup.
+#[derive(Debug, Clone, PartialEq)]
+pub struct State {
+    /// containerd namespace of the container.
+    pub namespace: String,
+    /// Container name.
+    pub name: String,
+    /// Pid of the `gatevm-guest` process that set it up (a foreground run owns it until it ends).
+    pub owner_pid: u32,
+    /// Network namespace path.
+    pub netns: String,
+    /// `CNI_CONTAINERID` used for ADD.
+    pub cni_container_id: String,
+    /// `CNI_IFNAME` used for ADD.
+    pub ifname: String,
+    /// Published ports.
+    pub ports: Vec<Publish>,
+    /// The network configuration list used for ADD.
+    pub conflist: Value,
+}
+
+impl State {
+    /// The state of a new container of `namespace` owned by this process.
+    pub fn new(namespace: &str, name: &str, ports: &[Publish]) -> State {
+        State {
+            namespace: namespace.into(),
+            name: name.into(),
+            owner_pid: std::process::id(),
+            netns: netns_path(name).display().to_string(),
+            cni_container_id: name.into(),
+            ifname: cni::IFNAME.into(),
+            ports: ports.to_vec(),
+            conflist: cni::conflist(),
+        }
+    }
+
+    /// As `state.json`.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "namespace": self.namespace,
+            "name": self.name,
+            "owner_pid": self.owner_pid,
+            "netns": self.netns,
+            "cni_container_id": self.cni_container_id,
+            "ifname": self.ifname,
+            "ports": self.ports.iter().map(Publish::to_string).collect::<Vec<_>>(),
+            "conflist": self.conflist,
+        })
+    }
+
+    /// Reads `state.json`.
+    pub fn from_json(v: &Value) -> Result<State, String> {
+        let s = |k: &str| -> Result<String, String> {
+            v.get(k)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| format!("container state has no {k}"))
+        };
+        let ports = v
+            .get("ports")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .filter_map(|p| parse_publish(p).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(State {
+            namespace: s("namespace")?,
+            name: s("name")?,
+            owner_pid: v
+                .get("owner_pid")
+                .and_then(Value::as_u64)
+                .and_then(|p| u32::try_from(p).ok())
+                .unwrap_or(0),
+            netns: s("netns")?,
+            cni_container_id: s("cni_container_id")?,
+            ifname: s("ifname")?,
+            ports,
+            conflist: v
+                .get("conflist")
+                .cloned()
+                .ok_or_else(|| "container state has no conflist".to_string())?,
+        })
+    }
+
+    /// The CNI attachment this state describes.
+    pub fn attachment(&self) -> Attachment {
+        Attachment {
+            container_id: self.cni_container_id.clone(),
+            netns: self.netns.clone(),
+            ifname: self.ifname.clone(),
+            cni_path: cni::CNI_PATH.into(),
+        }
+    }
+
+    /// The port mappings for the portmap plugin.
+    pub fn mappings(&self) -> Vec<PortMapping> {
+        self.ports.iter().map(Publish::mapping).collect()
+    }
+}
+
+/// Reads a container's saved state; `Ok(None)` when there is none.
+pub fn load(name: &str) -> Result<Option<State>, String> {
+    let path = state_dir(name).join(STATE_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("read {}: {e}", path.display())),
+    };
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| format!("read {}: {e}", path.display()))?;
+    State::from_json(&v).map(Some)
+}
+
+fn load_result(name: &str) -> Option<Value> {
+    let text = std::fs::read_to_string(state_dir(name).join(RESULT_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Whether a pid belongs to a live `gatevm-guest` process other than this one.
+pub fn owner_alive(pid: u32) -> bool {
+    if pid == 0 || pid == std::process::id() {
+        return false;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim() == "gatevm-guest")
+        .unwrap_or(false)
+}
+
+/// Runs a helper (`ip`) to completion; its last stderr line on failure.
+fn run(prog: &str, args: &[&str]) -> Result<(), String> {
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cni::unblock_signals(&mut cmd);
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {prog}: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    Err(format!("{prog} {}: {line}", args.join(" ")))
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
+    std::fs::write(path, text + "\n").map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// Claims the state directory of a new container (fails when it exists: the name is taken or
+/// being set up) and records `state` in it.
+pub fn claim(state: &State) -> Result<(), String> {
+    std::fs::create_dir_all(STATE_ROOT).map_err(|e| format!("create {STATE_ROOT}: {e}"))?;
+    let dir = state_dir(&state.name);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(format!(
+                "container name {:?} is being set up by another command",
+                state.name
+            ))
+        }
+        Err(e) => return Err(format!("create {}: {e}", dir.display())),
+    }
+    write_json(&dir.join(STATE_FILE), &state.to_json())
+}
+
+/// Creates the network namespace, writes the network list when missing or different, and
+/// attaches the namespace (CNI ADD); the result is saved for DEL.
+pub fn setup(state: &State) -> Result<(), String> {
+    let ns = netns_name(&state.name);
+    if Path::new(&state.netns).exists() {
+        // A leftover of an earlier container of that name whose state is gone.
+        let _ = run("ip", &["netns", "delete", &ns]);
+    }
+    run("ip", &["netns", "add", &ns])?;
+    run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+    cni::ensure_file(
+        Path::new(cni::CONFLIST_PATH),
+        &cni::conflist_text(&state.conflist),
+    )
+    .map_err(|e| format!("network configuration: {e}"))?;
+    let result = cni::add(&state.conflist, &state.attachment(), &state.mappings())
+        .map_err(|e| format!("network setup failed: {e}"))?;
+    write_json(&state_dir(&state.name).join(RESULT_FILE), &result)
+}
+
+/// Undoes whatever [`setup`] did for `name` (CNI DEL with the saved state, namespace deletion,
+/// state directory removal), tolerating each part being absent. Returns problems as messages.
+pub fn teardown(name: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    match load(name) {
+        Ok(Some(state)) => {
+            let prev = load_result(name);
+            if let Err(e) = cni::del(
+                &state.conflist,
+                &state.attachment(),
+                &state.mappings(),
+                prev.as_ref(),
+            ) {
+                problems.push(format!("network teardown: {e}"));
+            }
+        }
+        Ok(None) => {}
+        Err(e) => problems.push(format!("network teardown: {e}")),
+    }
+    if netns_path(name).exists() {
+        if let Err(e) = run("ip", &["netns", "delete", &netns_name(name)]) {
+            problems.push(e);
+        }
+    }
+    let dir = state_dir(name);
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        if e.kind() != io::ErrorKind::NotFound {
+            problems.push(format!("remove {}: {e}", dir.display()));
+        }
+    }
+    problems
+}
+
+/// Whether anything of a container's network is left (state directory or namespace).
+pub fn exists(name: &str) -> bool {
+    state_dir(name).exists() || netns_path(name).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_paths() {
+        assert_eq!(netns_name("web"), "gatevm-web");
+        assert_eq!(netns_path("web"), Path::new("/run/netns/gatevm-web"));
+        assert_eq!(state_dir("web"), Path::new("/run/gatevm/containers/web"));
+        assert_eq!(log_path("web"), Path::new("/var/lib/gatevm/logs/web.log"));
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let ports = vec![
+            parse_publish("8080:80").unwrap(),
+            parse_publish("53:53/udp").unwrap(),
+        ];
+        let s = State::new("default", "web", &ports);
+        assert_eq!(s.netns, "/run/netns/gatevm-web");
+        assert_eq!(s.owner_pid, std::process::id());
+        let v = s.to_json();
+        assert_eq!(v["ports"], json!(["8080:80/tcp", "53:53/udp"]));
+        assert_eq!(v["conflist"]["name"], "gatevm");
+        assert_eq!(State::from_json(&v).unwrap(), s);
+        let att = s.attachment();
+        assert_eq!(att.container_id, "web");
+        assert_eq!(att.ifname, "eth0");
+        assert_eq!(att.cni_path, "/usr/lib/cni:/opt/cni/bin");
+        assert_eq!(s.mappings()[1].protocol, "udp");
+        assert!(State::from_json(&json!({"name": "x"})).is_err());
+    }
+
+    #[test]
+    fn owner_liveness() {
+        assert!(!owner_alive(0));
+        assert!(!owner_alive(std::process::id()));
+        // A process that is not gatevm-guest does not own anything.
+        let mut child = Command::new("sleep").arg("5").spawn().unwrap();
+        assert!(!owner_alive(child.id()));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
