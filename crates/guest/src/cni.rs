@@ -7,9 +7,10 @@
 //! only to plugins whose `capabilities` enable `portMappings`. A failing plugin prints a JSON error
 //! (`{"code":…,"msg":…,"details":…}`) on its stdout; its `msg` is what the user sees.
 
+use crate::reaper::{describe, Reaper};
+use gatevm_protocol::ExitStatus;
 use serde_json::{json, Map, Value};
-use std::io::{self, Write};
-use std::os::unix::process::CommandExt;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -282,40 +283,96 @@ pub fn exec_plugin(
         .env("CNI_NETNS", &att.netns)
         .env("CNI_IFNAME", &att.ifname)
         .env("CNI_PATH", &att.cni_path)
-        .env_remove("CNI_ARGS")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env_remove("CNI_ARGS");
     if std::env::var_os("PATH").is_none() {
         cmd.env("PATH", DEFAULT_PATH);
     }
-    unblock_signals(&mut cmd);
-    let mut child = cmd.spawn().map_err(|e| {
+    let out = run_captured(&mut cmd, Some(stdin.to_string().as_bytes())).map_err(|e| {
         CniError(format!(
             "CNI plugin {ty}: cannot run {}: {e}",
             path.display()
         ))
     })?;
-    let input = stdin.to_string();
-    if let Some(mut w) = child.stdin.take() {
-        // A plugin that exits without reading its stdin closes the pipe: its exit status tells.
-        let _ = w.write_all(input.as_bytes());
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| CniError(format!("CNI plugin {ty}: {e}")))?;
-    if out.status.success() {
+    if out.success() {
         return Ok(out.stdout);
     }
-    let exit = match out.status.code() {
-        Some(c) => format!("exited with status {c}"),
-        None => "was killed by a signal".to_string(),
-    };
     Err(CniError(format!(
         "CNI plugin {ty} ({}): {}",
         verb.as_str(),
-        error_message(&out.stdout, &out.stderr, &exit)
+        error_message(&out.stdout, &out.stderr, &describe(&out.status))
     )))
+}
+
+/// What a process run by [`run_captured`] left behind.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    /// How it ended.
+    pub status: ExitStatus,
+    /// Everything it wrote on stdout.
+    pub stdout: Vec<u8>,
+    /// Everything it wrote on stderr.
+    pub stderr: Vec<u8>,
+}
+
+impl Captured {
+    /// Whether it exited with status 0.
+    pub fn success(&self) -> bool {
+        self.status.code == Some(0)
+    }
+}
+
+/// Runs a command to completion through the process's [`Reaper`] (the one place that waits),
+/// feeding it `input` (else `/dev/null`) and capturing stdout and stderr. The child starts with
+/// an empty signal mask.
+pub fn run_captured(cmd: &mut Command, input: Option<&[u8]>) -> io::Result<Captured> {
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let spawned = Reaper::global().spawn(cmd)?;
+    // Threads feed stdin and drain stderr while stdout is read here, so no pipe can fill up and
+    // block the child. If a thread cannot start, its pipe is closed instead (no panic).
+    let feeder = match (spawned.stdin, input) {
+        (Some(mut w), Some(data)) => {
+            let data = data.to_vec();
+            // A child that exits without reading its stdin closes the pipe: its status tells.
+            std::thread::Builder::new()
+                .spawn(move || {
+                    let _ = w.write_all(&data);
+                })
+                .ok()
+        }
+        _ => None,
+    };
+    let err_reader = spawned.stderr.and_then(|mut e| {
+        std::thread::Builder::new()
+            .spawn(move || {
+                let mut buf = Vec::new();
+                let _ = e.read_to_end(&mut buf);
+                buf
+            })
+            .ok()
+    });
+    let mut stdout = Vec::new();
+    if let Some(mut o) = spawned.stdout {
+        let _ = o.read_to_end(&mut stdout);
+    }
+    let stderr = err_reader.and_then(|h| h.join().ok()).unwrap_or_default();
+    if let Some(h) = feeder {
+        let _ = h.join();
+    }
+    let status = spawned
+        .exit
+        .recv()
+        .map_err(|_| io::Error::other("lost the exit status of a child process"))?;
+    Ok(Captured {
+        status,
+        stdout,
+        stderr,
+    })
 }
 
 /// `ADD` through the whole list; returns the final result.
@@ -359,21 +416,6 @@ pub fn del(
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),
-    }
-}
-
-/// Makes a child start with an empty signal mask (the container commands block the signals they
-/// forward, and a mask is inherited across exec).
-pub fn unblock_signals(cmd: &mut Command) {
-    // SAFETY: runs in the forked child before exec; sigemptyset and pthread_sigmask are
-    // async-signal-safe and only touch the local set and the calling thread's mask.
-    unsafe {
-        cmd.pre_exec(|| {
-            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-            libc::sigemptyset(set.as_mut_ptr());
-            libc::pthread_sigmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut());
-            Ok(())
-        });
     }
 }
 

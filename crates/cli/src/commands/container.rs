@@ -140,6 +140,9 @@ fn hex(b: &[u8]) -> String {
 
 pub fn run(a: RunArgs) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?.to_string();
+    if a.detach && (a.exec.tty || a.exec.interactive) {
+        bail!("--detach runs the container in the background: it cannot take -t or -i");
+    }
     let mut publish = Vec::new();
     for p in &a.publish {
         let p = parse_publish(p)?;

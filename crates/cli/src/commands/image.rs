@@ -305,7 +305,7 @@ fn import(a: ImportArgs) -> anyhow::Result<i32> {
             let need = space_needed(size, layers);
             if need > free {
                 bail!(
-                    "{} needs about {} in {name:?} (its content plus the unpacked layers) and the state disk has {} free: delete images, or recreate the instance with a larger --disk",
+                    "{} needs about {} in {name:?} (its content plus the unpacked layers) and the state disk has {} free: remove images, or stop the instance and start it with a larger --disk",
                     path.display(),
                     mib(need),
                     mib(free)

@@ -1,17 +1,18 @@
 //! Talking to containerd through `ctr`: running it, and reading its whitespace tables.
 
+use crate::cni::run_captured;
+use crate::reaper::describe;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// containerd's socket; its absence means containerd is not running.
 pub const SOCKET: &str = "/run/containerd/containerd.sock";
 /// Where Debian installs `ctr`.
 pub const CTR: &str = "/usr/bin/ctr";
 
-/// A `ctr` command for a namespace (`ctr --address SOCKET --namespace NS ARGS…`), with an empty
-/// signal mask.
+/// A `ctr` command for a namespace (`ctr --address SOCKET --namespace NS ARGS…`).
 pub fn command(ns: &str, args: &[&str]) -> Command {
     let prog = if Path::new(CTR).exists() { CTR } else { "ctr" };
     let mut cmd = Command::new(prog);
@@ -20,22 +21,19 @@ pub fn command(ns: &str, args: &[&str]) -> Command {
         .arg("--namespace")
         .arg(ns)
         .args(args);
-    crate::cni::unblock_signals(&mut cmd);
     cmd
 }
 
 /// Runs `ctr` to completion with captured output; stdout on success, else ctr's error message.
 pub fn output(ns: &str, args: &[&str]) -> Result<String, String> {
-    let out = command(ns, args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run ctr: {e}"))?;
-    if out.status.success() {
+    let out =
+        run_captured(&mut command(ns, args), None).map_err(|e| format!("cannot run ctr: {e}"))?;
+    if out.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         let err = error_line(&String::from_utf8_lossy(&out.stderr));
         Err(if err.is_empty() {
-            format!("ctr {} failed ({})", args.join(" "), out.status)
+            format!("ctr {} failed ({})", args.join(" "), describe(&out.status))
         } else {
             err
         })

@@ -50,7 +50,7 @@ pub fn normalize(reference: &str) -> Result<String, String> {
     // After the domain a `:` can only start the tag.
     let has_tag = match path.rsplit_once(':') {
         Some((p, tag)) => {
-            if p.is_empty() || tag.is_empty() || tag.contains('/') {
+            if p.is_empty() || p.ends_with('/') || tag.is_empty() || tag.contains('/') {
                 return Err(invalid());
             }
             true

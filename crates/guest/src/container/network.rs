@@ -12,7 +12,7 @@ use crate::cni::{self, Attachment, PortMapping};
 use serde_json::{json, Value};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// Root of the per-container state directories.
 pub const STATE_ROOT: &str = "/run/gatevm/containers";
@@ -177,16 +177,9 @@ pub fn owner_alive(pid: u32) -> bool {
 
 /// Runs a helper (`ip`) to completion; its last stderr line on failure.
 fn run(prog: &str, args: &[&str]) -> Result<(), String> {
-    let mut cmd = Command::new(prog);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    cni::unblock_signals(&mut cmd);
-    let out = cmd
-        .output()
+    let out = cni::run_captured(Command::new(prog).args(args), None)
         .map_err(|e| format!("cannot run {prog}: {e}"))?;
-    if out.status.success() {
+    if out.success() {
         return Ok(());
     }
     let err = String::from_utf8_lossy(&out.stderr);
@@ -318,9 +311,10 @@ mod tests {
         assert!(!owner_alive(0));
         assert!(!owner_alive(std::process::id()));
         // A process that is not gatevm-guest does not own anything.
-        let mut child = Command::new("sleep").arg("5").spawn().unwrap();
-        assert!(!owner_alive(child.id()));
-        let _ = child.kill();
-        let _ = child.wait();
+        let reaper = crate::reaper::Reaper::global();
+        let child = reaper.spawn(Command::new("sleep").arg("5")).unwrap();
+        assert!(!owner_alive(child.pid as u32));
+        reaper.signal(child.pid, libc::SIGKILL, false);
+        let _ = child.exit.recv();
     }
 }

@@ -8,12 +8,13 @@
 
 use super::args::{self, ports_label, RunOpts};
 use super::network::{self, State};
-use super::signals::{Forwarder, LaunchError, Target};
+use super::signals::{Forwarder, LaunchError};
 use super::{ctr, error, exit_code, image, print, rm, Failure};
+use crate::reaper::{Reaper, Spawned};
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 
 /// Exit code of setup failures (like docker).
 pub const SETUP_FAILED: i32 = 125;
@@ -27,34 +28,34 @@ fn setup_failure(msg: impl Into<String>) -> Failure {
 }
 
 /// Arguments of `ctr containers create` for a run.
+///
+/// Every flag is written `--flag=value` and the image follows `--`: some ctr versions reorder
+/// arguments, take the word after a flag without `=` as its possible value (so a `--` right after
+/// `--tty` would be swallowed) and would then take flags of the command (`sh -c …`) as their own.
 pub fn create_args(o: &RunOpts, image: &str, mount_resolv: bool) -> Vec<String> {
     let mut a: Vec<String> = vec!["containers".into(), "create".into()];
-    a.push("--with-ns".into());
     a.push(format!(
-        "network:{}",
+        "--with-ns=network:{}",
         network::netns_path(&o.name).display()
     ));
     if mount_resolv {
-        a.push("--mount".into());
         a.push(format!(
-            "type=bind,src={RESOLV_CONF},dst={RESOLV_CONF},options=rbind:ro"
+            "--mount=type=bind,src={RESOLV_CONF},dst={RESOLV_CONF},options=rbind:ro"
         ));
     }
     if o.tty {
-        a.push("--tty".into());
+        a.push("--tty=true".into());
     }
     for e in &o.env {
-        a.push("--env".into());
-        a.push(e.clone());
+        a.push(format!("--env={e}"));
     }
     if let Some(w) = &o.workdir {
-        a.push("--cwd".into());
-        a.push(w.clone());
+        a.push(format!("--cwd={w}"));
     }
     if !o.publish.is_empty() {
-        a.push("--label".into());
-        a.push(format!("{PORTS_LABEL}={}", ports_label(&o.publish)));
+        a.push(format!("--label={PORTS_LABEL}={}", ports_label(&o.publish)));
     }
+    a.push("--".into());
     a.push(image.into());
     a.push(o.name.clone());
     a.extend(o.command.iter().cloned());
@@ -127,8 +128,9 @@ fn undo(ns: &str, name: &str, container: bool) {
     let mut problems = Vec::new();
     // The container may be gone already (an `rm --force` while it ran).
     if container && ctr::container_ids(ns).is_ok_and(|ids| ids.iter().any(|c| c == name)) {
-        if let Err(f) = rm::remove_container(ns, name, true) {
-            problems.push(f.message);
+        match rm::remove_container(ns, name, true) {
+            Err(f) if !f.message.contains("not found") => problems.push(f.message),
+            _ => {}
         }
     }
     problems.extend(network::teardown(name));
@@ -269,7 +271,7 @@ fn reclaim_terminal() {
     }
 }
 
-fn spawn_ctr(ns: &str, name: &str, take_terminal: bool) -> std::io::Result<Child> {
+fn spawn_ctr(ns: &str, name: &str, take_terminal: bool) -> std::io::Result<Spawned> {
     let start = start_args(name, false);
     let start: Vec<&str> = start.iter().map(String::as_str).collect();
     let mut cmd = ctr::command(ns, &start);
@@ -298,43 +300,43 @@ fn spawn_ctr(ns: &str, name: &str, take_terminal: bool) -> std::io::Result<Child
             Ok(())
         });
     }
-    cmd.spawn()
+    Reaper::global().spawn(&mut cmd)
 }
 
-/// Copies ctr's stderr to ours as it comes and returns the last few KiB of it.
-fn relay_stderr(mut from: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        const KEEP: usize = 4096;
-        let mut tail: Vec<u8> = Vec::new();
-        let mut buf = [0u8; 8192];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    let mut err = std::io::stderr().lock();
-                    let _ = err.write_all(&buf[..n]);
-                    let _ = err.flush();
-                    tail.extend_from_slice(&buf[..n]);
-                    if tail.len() > 2 * KEEP {
-                        tail.drain(..tail.len() - KEEP);
+/// Copies ctr's stderr to ours as it comes and returns the last few KiB of it (`None` when the
+/// thread cannot start: ctr's stderr is then closed).
+fn relay_stderr(mut from: impl Read + Send + 'static) -> Option<std::thread::JoinHandle<String>> {
+    let relay = std::thread::Builder::new().name("ctr-stderr".into());
+    relay
+        .spawn(move || {
+            const KEEP: usize = 4096;
+            let mut tail: Vec<u8> = Vec::new();
+            let mut buf = [0u8; 8192];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let mut err = std::io::stderr().lock();
+                        let _ = err.write_all(&buf[..n]);
+                        let _ = err.flush();
+                        tail.extend_from_slice(&buf[..n]);
+                        if tail.len() > 2 * KEEP {
+                            tail.drain(..tail.len() - KEEP);
+                        }
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
             }
-        }
-        String::from_utf8_lossy(&tail).into_owned()
-    })
+            String::from_utf8_lossy(&tail).into_owned()
+        })
+        .ok()
 }
 
 fn foreground(o: &RunOpts, fwd: &Forwarder) -> Result<i32, Failure> {
     let (ns, name) = (o.namespace.as_str(), o.name.as_str());
     let take_terminal = owns_terminal();
-    let task = o.tty.then(|| Target::Task {
-        namespace: ns.into(),
-        id: name.into(),
-    });
-    let mut child = match fwd.launch(|| spawn_ctr(ns, name, take_terminal), task) {
+    let mut child = match fwd.launch(|| spawn_ctr(ns, name, take_terminal), ns, name, o.tty) {
         Ok(c) => c,
         Err(LaunchError::Signalled(sig)) => {
             undo(ns, name, true);
@@ -348,16 +350,16 @@ fn foreground(o: &RunOpts, fwd: &Forwarder) -> Result<i32, Failure> {
             return Err(setup_failure(format!("cannot run ctr: {e}")));
         }
     };
-    let relay = child.stderr.take().map(relay_stderr);
-    let status = fwd.wait(&mut child);
+    let relay = child.stderr.take().and_then(relay_stderr);
+    let status = fwd.wait(&child);
     if take_terminal {
         reclaim_terminal();
     }
     let tail = relay.and_then(|h| h.join().ok()).unwrap_or_default();
     undo(ns, name, true);
     match status {
-        Ok(st) => Ok(foreground_code(exit_code(st), &tail)),
-        Err(e) => Err(setup_failure(format!("waiting for ctr: {e}"))),
+        Some(st) => Ok(foreground_code(exit_code(&st), &tail)),
+        None => Err(setup_failure("lost the exit status of ctr")),
     }
 }
 
@@ -399,17 +401,13 @@ mod tests {
             [
                 "containers",
                 "create",
-                "--with-ns",
-                "network:/run/netns/gatevm-web",
-                "--mount",
-                "type=bind,src=/etc/resolv.conf,dst=/etc/resolv.conf,options=rbind:ro",
-                "--tty",
-                "--env",
-                "A=1",
-                "--cwd",
-                "/srv",
-                "--label",
-                "gatevm.ports=8080:80/tcp,53:53/udp",
+                "--with-ns=network:/run/netns/gatevm-web",
+                "--mount=type=bind,src=/etc/resolv.conf,dst=/etc/resolv.conf,options=rbind:ro",
+                "--tty=true",
+                "--env=A=1",
+                "--cwd=/srv",
+                "--label=gatevm.ports=8080:80/tcp,53:53/udp",
+                "--",
                 "docker.io/library/nginx:latest",
                 "web",
                 "nginx",
@@ -419,17 +417,22 @@ mod tests {
         );
         let plain =
             args::parse_run(&["-n", "d", "--name", "c", "busybox"].map(String::from)).unwrap();
+        let a = create_args(&plain, "docker.io/library/busybox:latest", false);
         assert_eq!(
-            create_args(&plain, "docker.io/library/busybox:latest", false),
+            a,
             [
                 "containers",
                 "create",
-                "--with-ns",
-                "network:/run/netns/gatevm-c",
+                "--with-ns=network:/run/netns/gatevm-c",
+                "--",
                 "docker.io/library/busybox:latest",
                 "c",
             ]
         );
+        // No flag leaves its value to the next word, so ctr cannot take `--` as a value.
+        for w in a.iter().take_while(|w| *w != "--").skip(2) {
+            assert!(w.starts_with("--") && w.contains('='), "{w}");
+        }
     }
 
     #[test]

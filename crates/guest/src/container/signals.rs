@@ -7,36 +7,62 @@
 //!
 //! Without a terminal `ctr tasks start` proxies signals to the task itself, so they go to the ctr
 //! process. With `--tty` ctr does not proxy anything (the terminal is expected to carry ^C), so
-//! they are sent to the task with `ctr tasks kill`.
+//! they are sent to the task with `ctr tasks kill`. A container's init that ignores them (a plain
+//! `sleep` as PID 1 does) would keep the run going forever, so the third forwarded signal kills
+//! the task with SIGKILL.
 
 use super::ctr;
+use crate::cni::run_captured;
+use crate::reaper::{Reaper, Spawned};
+use gatevm_protocol::ExitStatus;
 use nix::sys::signal::{SigSet, Signal};
-use nix::sys::wait::{waitid, Id, WaitPidFlag};
-use nix::unistd::Pid;
-use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 
 /// The signals that are forwarded.
 pub const FORWARDED: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
 
-/// Where forwarded signals go.
+/// The forwarded signal from which on the task is killed instead.
+pub const KILL_AFTER: u32 = 3;
+
+/// The foreground container.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// The ctr process (it proxies them to the task).
-    Ctr(i32),
-    /// The task, through `ctr tasks kill` (terminal mode).
-    Task {
-        /// containerd namespace.
-        namespace: String,
-        /// Container id.
-        id: String,
-    },
+pub struct Target {
+    /// Pid of the attached `ctr tasks start`.
+    pub ctr_pid: i32,
+    /// containerd namespace.
+    pub namespace: String,
+    /// Container id.
+    pub id: String,
+    /// Signal the task with `ctr tasks kill` (terminal mode) rather than the ctr process.
+    pub via_task: bool,
+}
+
+/// What to do with the `nth` forwarded signal (counting from 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Send it to the ctr process.
+    SignalCtr(i32),
+    /// Send it to the task with `ctr tasks kill`.
+    SignalTask(i32),
+    /// Kill the task with SIGKILL.
+    KillTask,
+}
+
+/// Decides how the `nth` signal reaches the container.
+pub fn action(target: &Target, sig: i32, nth: u32) -> Action {
+    if nth >= KILL_AFTER {
+        Action::KillTask
+    } else if target.via_task {
+        Action::SignalTask(sig)
+    } else {
+        Action::SignalCtr(sig)
+    }
 }
 
 #[derive(Debug)]
 enum Phase {
     Setup { pending: Option<i32> },
-    Running(Target),
+    Running { target: Target, count: u32 },
     Done,
 }
 
@@ -53,6 +79,11 @@ pub enum LaunchError {
     Signalled(i32),
     /// The process could not be spawned.
     Spawn(std::io::Error),
+}
+
+fn task_kill(namespace: &str, id: &str, sig: &str) {
+    let mut kill = ctr::command(namespace, &["tasks", "kill", "--signal", sig, id]);
+    let _ = run_captured(&mut kill, None);
 }
 
 fn set() -> SigSet {
@@ -86,16 +117,18 @@ impl Forwarder {
                     Phase::Setup { pending } => {
                         pending.get_or_insert(sig);
                     }
-                    Phase::Running(Target::Ctr(pid)) => {
-                        let _ = crate::sys::kill(*pid, sig);
-                    }
-                    Phase::Running(Target::Task { namespace, id }) => {
-                        let sig = sig.to_string();
-                        let _ = ctr::command(namespace, &["tasks", "kill", "--signal", &sig, id])
-                            .stdin(Stdio::null())
-                            .stdout(Stdio::null())
-                            .stderr(Stdio::null())
-                            .status();
+                    Phase::Running { target, count } => {
+                        *count += 1;
+                        match action(target, sig, *count) {
+                            // Only while the reaper has not reaped it: never a recycled pid.
+                            Action::SignalCtr(s) => {
+                                Reaper::global().signal(target.ctr_pid, s, false);
+                            }
+                            Action::SignalTask(s) => {
+                                task_kill(&target.namespace, &target.id, &s.to_string())
+                            }
+                            Action::KillTask => task_kill(&target.namespace, &target.id, "SIGKILL"),
+                        }
                     }
                     Phase::Done => {}
                 }
@@ -114,34 +147,37 @@ impl Forwarder {
         }
     }
 
-    /// Spawns the foreground ctr unless a signal is pending, and routes signals to it (to the
-    /// task instead when `task` is given).
+    /// Spawns the foreground ctr unless a signal is pending, and routes signals to container
+    /// `id` of `namespace` (through the task when `via_task`).
     pub fn launch(
         &self,
-        spawn: impl FnOnce() -> std::io::Result<Child>,
-        task: Option<Target>,
-    ) -> Result<Child, LaunchError> {
+        spawn: impl FnOnce() -> std::io::Result<Spawned>,
+        namespace: &str,
+        id: &str,
+        via_task: bool,
+    ) -> Result<Spawned, LaunchError> {
         let mut p = crate::sys::lock(&self.phase);
         if let Phase::Setup { pending: Some(sig) } = &*p {
             return Err(LaunchError::Signalled(*sig));
         }
         let child = spawn().map_err(LaunchError::Spawn)?;
-        *p = Phase::Running(task.unwrap_or(Target::Ctr(child.id() as i32)));
+        *p = Phase::Running {
+            target: Target {
+                ctr_pid: child.pid,
+                namespace: namespace.into(),
+                id: id.into(),
+                via_task,
+            },
+            count: 0,
+        };
         Ok(child)
     }
 
-    /// Waits for the launched child, stops forwarding before it is reaped (so no signal can hit
-    /// a reused pid), then reaps it.
-    pub fn wait(&self, child: &mut Child) -> std::io::Result<std::process::ExitStatus> {
-        let pid = Pid::from_raw(child.id() as i32);
-        loop {
-            match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                _ => break,
-            }
-        }
+    /// Waits for the launched child; signals that arrive afterwards are ignored.
+    pub fn wait(&self, child: &Spawned) -> Option<ExitStatus> {
+        let status = child.exit.recv().ok();
         *crate::sys::lock(&self.phase) = Phase::Done;
-        child.wait()
+        status
     }
 
     /// Stops forwarding for good (signals from now on are ignored).
@@ -162,21 +198,42 @@ mod tests {
             phase: Arc::new(Mutex::new(Phase::Setup { pending: None })),
         };
         assert_eq!(fwd.pending(), None);
-        let mut child = fwd
-            .launch(|| Command::new("true").spawn(), None)
+        let child = fwd
+            .launch(
+                || Reaper::global().spawn(&mut Command::new("true")),
+                "default",
+                "web",
+                false,
+            )
             .expect("launch");
         assert!(matches!(
             &*crate::sys::lock(&fwd.phase),
-            Phase::Running(Target::Ctr(pid)) if *pid == child.id() as i32
+            Phase::Running { target, count: 0 } if target.ctr_pid == child.pid && target.id == "web"
         ));
-        assert!(fwd.wait(&mut child).unwrap().success());
+        assert_eq!(fwd.wait(&child).and_then(|s| s.code), Some(0));
         assert!(matches!(&*crate::sys::lock(&fwd.phase), Phase::Done));
 
         let fwd = Forwarder {
             phase: Arc::new(Mutex::new(Phase::Setup { pending: Some(15) })),
         };
         assert_eq!(fwd.pending(), Some(15));
-        let r = fwd.launch(|| panic!("must not spawn"), None);
+        let r = fwd.launch(|| panic!("must not spawn"), "default", "web", false);
         assert!(matches!(r, Err(LaunchError::Signalled(15))));
+    }
+
+    #[test]
+    fn signals_reach_ctr_or_the_task_and_the_third_kills() {
+        let mut t = Target {
+            ctr_pid: 42,
+            namespace: "default".into(),
+            id: "web".into(),
+            via_task: false,
+        };
+        assert_eq!(action(&t, 15, 1), Action::SignalCtr(15));
+        assert_eq!(action(&t, 2, 2), Action::SignalCtr(2));
+        assert_eq!(action(&t, 2, 3), Action::KillTask);
+        t.via_task = true;
+        assert_eq!(action(&t, 1, 1), Action::SignalTask(1));
+        assert_eq!(action(&t, 15, 4), Action::KillTask);
     }
 }
