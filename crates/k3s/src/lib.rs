@@ -1,0 +1,10 @@
+//! The k3s profile, host side: what gatevm prepares on the host for k3s in the guest.
+//!
+//! - [`pki`]: the gateway's CA, server and client certificates, the Kubernetes TLS Secret that
+//!   hands them to the guest, and the gateway metadata clients read.
+//! - [`kubeconfig`]: the instance's kubeconfig and its merge into the user's.
+//! - [`flags`]: k3s server flags and CNI configuration chosen from the guest kernel's features.
+
+pub mod flags;
+pub mod kubeconfig;
+pub mod pki;

@@ -1,0 +1,116 @@
+//! Standard base64 (RFC 4648, with padding): encoding for Kubernetes Secret data, decoding for the
+//! body of PEM files. Small enough that a dependency is not worth it.
+
+const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Encodes `data` as one line of padded standard base64.
+pub(crate) fn encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 0x3f) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn value(c: u8) -> Option<u32> {
+    match c {
+        b'A'..=b'Z' => Some(u32::from(c - b'A')),
+        b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
+        b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    }
+}
+
+/// Decodes padded standard base64, ignoring ASCII whitespace (PEM bodies are wrapped at 64
+/// columns). Returns why the text is not base64.
+pub(crate) fn decode(text: &str) -> Result<Vec<u8>, String> {
+    let clean: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    let chunks = clean.chunks_exact(4);
+    if !chunks.remainder().is_empty() {
+        return Err(format!(
+            "base64 text has {} characters, not a multiple of 4",
+            clean.len()
+        ));
+    }
+    let quads = chunks.len();
+    let mut out = Vec::with_capacity(quads * 3);
+    for (index, quad) in chunks.enumerate() {
+        let last = index + 1 == quads;
+        let padding = quad.iter().rev().take_while(|&&b| b == b'=').count();
+        if padding > 2 || (padding > 0 && !last) {
+            return Err("misplaced '=' padding in base64 text".into());
+        }
+        let mut n = 0u32;
+        for &c in &quad[..4 - padding] {
+            let v =
+                value(c).ok_or_else(|| format!("{:?} is not a base64 character", char::from(c)))?;
+            n = (n << 6) | v;
+        }
+        n <<= 6 * padding as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - padding]);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn rfc4648_vectors() {
+        let vectors = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ];
+        for (plain, encoded) in vectors {
+            assert_eq!(encode(plain.as_bytes()), encoded);
+            assert_eq!(decode(encoded).unwrap(), plain.as_bytes());
+        }
+        assert_eq!(encode(&[0xfb, 0xff, 0xbf]), "+/+/");
+    }
+
+    #[test]
+    fn decode_skips_whitespace_and_rejects_garbage() {
+        assert_eq!(decode("Zm9v\nYmFy\r\n").unwrap(), b"foobar");
+        assert!(decode("Zm9").is_err());
+        assert!(decode("Zm=v").is_err());
+        assert!(decode("Zg==Zg==").is_err());
+        assert!(decode("Z===").is_err());
+        assert!(decode("Zm9*").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let text = encode(&data);
+            prop_assert_eq!(text.len() % 4, 0);
+            prop_assert_eq!(decode(&text).unwrap(), data);
+        }
+
+        #[test]
+        fn decode_never_panics(text in "[A-Za-z0-9+/= \n*]{0,64}") {
+            let _ = decode(&text);
+        }
+    }
+}
