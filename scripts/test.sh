@@ -15,10 +15,19 @@ export GATEVM_E2E=1 GATEVM_BIN="$PWD/target/release/gatevm" GATEVM_GUEST_BIN="$P
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # End-to-end tests boot VMs; two cores fit two tests at a time.
+# The k3s end-to-end test needs a k3s binary, which no package registry here carries: it runs when
+# GATEVM_K3S_BIN names one, and is reported as not run otherwise.
+skip=()
+if [ -z "${GATEVM_K3S_BIN:-}" ]; then
+  skip=(--skip k3s_gateway_with_a_nodeport_across_a_restart)
+fi
 set +e
-cargo test --workspace --locked --all-targets -- --test-threads=2 2>&1 | tee "$log"
+cargo test --workspace --locked --all-targets -- --test-threads=2 "${skip[@]}" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
+if [ -z "${GATEVM_K3S_BIN:-}" ]; then
+  echo "e2e k3s_gateway_with_a_nodeport_across_a_restart: NOT RUN: set GATEVM_K3S_BIN to a k3s binary" | tee -a "$log"
+fi
 read -r passed failed < <(awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { print p+0, f+0 }' "$log")
 not_run=$(grep -c 'NOT RUN' "$log" || true)
 echo

@@ -51,6 +51,8 @@ enum Cmd {
     Doctor(commands::doctor::Args),
     /// Delete an instance and its data.
     Delete(commands::delete::Args),
+    /// Print the kubeconfig of a k3s instance.
+    Kubeconfig(commands::k3s::KubeconfigArgs),
     /// Import, list and remove container images in an instance.
     Image(commands::image::Args),
     /// Run a container from an imported image in an instance.
@@ -92,6 +94,7 @@ fn main() {
         Cmd::Logs(a) => commands::logs::run(a),
         Cmd::Delete(a) => commands::delete::run(a),
         Cmd::Image(a) => commands::image::run(a),
+        Cmd::Kubeconfig(a) => commands::k3s::print_kubeconfig(a),
         Cmd::Run(a) => commands::container::run(a),
         Cmd::Ps(a) => commands::container::ps(a),
         Cmd::Rm(a) => commands::container::rm(a),

@@ -161,3 +161,79 @@ fn doctor_reports_without_a_runtime() {
     assert_eq!(v["backends"][0]["available"], false);
     assert_eq!(v["backends"][1]["name"], "krun");
 }
+
+#[test]
+fn k3s_profile_and_appliance_inputs() {
+    refused(
+        &["start", "k1", "--profile", "k3s"],
+        1,
+        "needs a k3s binary: pass --k3s PATH",
+    );
+    refused(
+        &["start", "k1", "--profile", "k3s", "--k3s", "/bin/true"],
+        1,
+        "like k3s",
+    );
+    refused(&["start", "k1", "--no-kubeconfig"], 1, "--profile k3s");
+    refused(
+        &["start", "k1", "--profile", "k3s", "--enable", "istio"],
+        1,
+        "istio",
+    );
+    refused(
+        &[
+            "start",
+            "k1",
+            "--profile",
+            "k3s",
+            "--manifest",
+            "/nonexistent.yaml",
+        ],
+        1,
+        "--manifest",
+    );
+    refused(&["start", "k1", "--profile", "docker"], 2, "docker");
+    refused(&["start", "vmrun-1"], 1, "reserved for gatevm vm-run");
+    refused(&["start", "k1", "--disk", "0"], 2, "out of range");
+    refused(&["start", "k1", "--disk", "12M"], 2, "invalid disk size");
+    refused(&["start", "k1", "--vmm", "xen"], 2, "unknown VMM");
+    refused(&["setup", "--k3s", "/bin/true"], 1, "like k3s");
+    refused(&["kubeconfig", "nothere"], 1, "does not exist");
+    refused(
+        &["image", "import", "nothere", "/etc/hostname"],
+        1,
+        "does not exist",
+    );
+    refused(&["image", "ls", "nothere"], 1, "does not exist");
+    refused(
+        &["image", "import", "x", "f", "--namespace", "a b"],
+        2,
+        "invalid namespace",
+    );
+    refused(&["run", "nothere", "busybox"], 1, "does not exist");
+    refused(
+        &["run", "x", "busybox", "-p", "80"],
+        1,
+        "GUESTPORT:CONTAINERPORT",
+    );
+    refused(
+        &["run", "x", "busybox", "--name", "a/b"],
+        1,
+        "invalid container name",
+    );
+    refused(&["run", "x", "busybox", "-d", "-t"], 1, "--detach");
+    refused(&["ps", "nothere"], 1, "does not exist");
+    refused(&["rm", "nothere", "c"], 1, "does not exist");
+    refused(
+        &["vm-run", "--rootfs", "/nonexistent", "--", "true"],
+        1,
+        "--rootfs",
+    );
+    refused(&["vm-run"], 1, "no command");
+    refused(&["vm-run", "--image", "/nonexistent.tar"], 1, "not a file");
+    refused(
+        &["vm-run", "--rootfs", "/tmp", "--image", "/x"],
+        2,
+        "cannot be used with",
+    );
+}

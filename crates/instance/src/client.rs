@@ -152,7 +152,10 @@ fn offline_status(
         ephemeral: cfg.ephemeral.is_some(),
         cpus: cfg.cpus,
         memory_mib: cfg.memory_mib,
-        forwards: cfg.forwards.iter().map(|f| f.to_string()).collect(),
+        forwards: crate::supervisor::all_forwards(&cfg)
+            .iter()
+            .map(|f| f.to_string())
+            .collect(),
         supervisor_pid: if stopped {
             None
         } else {

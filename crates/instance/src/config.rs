@@ -104,6 +104,53 @@ pub struct InstanceConfig {
     /// when it stops.
     #[serde(default)]
     pub ephemeral: Option<Ephemeral>,
+    /// The k3s profile's settings; None for the containerd profile.
+    #[serde(default)]
+    pub k3s: Option<K3sSettings>,
+}
+
+/// Guest port of the Kubernetes API server.
+pub const K3S_API_GUEST_PORT: u16 = 6443;
+
+/// The k3s profile: k3s with the VM's containerd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct K3sSettings {
+    /// The k3s binary installed into the guest.
+    pub binary: PathBuf,
+    /// Its version and sha256 (checked at start).
+    pub version: String,
+    pub sha256: String,
+    /// Host port forwarded to the API server (127.0.0.1).
+    pub api_port: u16,
+    /// Manifest files or directories placed in k3s's auto-deploy directory.
+    #[serde(default)]
+    pub manifests: Vec<PathBuf>,
+    /// Image archives k3s imports at boot.
+    #[serde(default)]
+    pub images: Vec<PathBuf>,
+    /// Packaged components to keep (traefik, servicelb, metrics-server); off by default.
+    #[serde(default)]
+    pub enable: Vec<String>,
+    /// Merge the kubeconfig into the user's (`~/.kube/config` or the first of `$KUBECONFIG`).
+    #[serde(default = "yes")]
+    pub merge_kubeconfig: bool,
+    /// Namespace and name of the gateway's TLS Secret.
+    #[serde(default = "default_secret_namespace")]
+    pub secret_namespace: String,
+    #[serde(default = "default_secret_name")]
+    pub secret_name: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_secret_namespace() -> String {
+    "gatevm".into()
+}
+
+fn default_secret_name() -> String {
+    "gateway-tls".into()
 }
 
 /// What a throwaway VM boots.
@@ -142,6 +189,7 @@ impl InstanceConfig {
             disk_gib: DEFAULT_DISK_GIB,
             krun_kernel: None,
             ephemeral: None,
+            k3s: None,
         }
     }
 
@@ -294,6 +342,7 @@ mod tests {
             disk_gib: 8,
             krun_kernel: None,
             ephemeral: None,
+            k3s: None,
         }
     }
 

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod k3s_stage;
 pub mod lock;
 pub mod name;
 pub mod paths;

@@ -491,7 +491,10 @@ impl Shared {
             ephemeral: self.config.ephemeral.is_some(),
             cpus: self.config.cpus,
             memory_mib: self.config.memory_mib,
-            forwards: self.config.forwards.iter().map(|f| f.to_string()).collect(),
+            forwards: all_forwards(&self.config)
+                .iter()
+                .map(|f| f.to_string())
+                .collect(),
             supervisor_pid: s.supervisor.map(|p| p.pid),
             vm_pid: s.vmm.map(|p| p.pid),
             agent: view.agent,
@@ -685,6 +688,18 @@ async fn boot_and_serve(
     };
     mount_rootfs(paths, &lower)?;
     install_guest(paths, &opts.guest_bin)?;
+    if let Some(k3s) = &cfg.k3s {
+        // The plan follows the kernel the VM boots: Debian's config is read; libkrunfw's kernel
+        // ships none, so every feature counts as missing and the plan is the conservative one.
+        let caps = match &chosen {
+            backend::Chosen::Qemu(_) => {
+                gatevm_image::kconfig::capabilities_of(&runtime.kernel_config()).unwrap_or_default()
+            }
+            backend::Chosen::Krun(_) => vec![],
+        };
+        crate::k3s_stage::stage(paths, k3s, &caps)
+            .map_err(|e| SupervisorError::Setup(format!("preparing k3s: {e}")))?;
+    }
     let state_disk = if cfg.ephemeral.is_some() {
         None
     } else {
@@ -763,7 +778,7 @@ async fn boot_and_serve(
         },
         kernel: runtime.kernel_path().to_path_buf(),
         initramfs,
-        cmdline: kernel_cmdline(&cfg.name, cfg.ephemeral.is_none()),
+        cmdline: kernel_cmdline(&cfg.name, payload_name(cfg)),
         root_dir: paths.rootfs(),
         virtiofs_socket: paths.virtiofs_socket(),
         state_disk,
@@ -791,7 +806,7 @@ async fn boot_and_serve(
     shared.set_state(|s| s.vmm = Some(vm_id));
 
     // Forwards go in while the guest boots; gvproxy retries internally until its stack is up.
-    let forwards = cfg.forwards.clone();
+    let forwards = all_forwards(cfg);
     let api = paths.net_api_socket();
     let ssh_port = gv.ssh_port;
     let expose = tokio::spawn(async move {
@@ -960,12 +975,43 @@ async fn connect_agent(
     }
 }
 
+/// What the guest runs: `none` for a throwaway VM, `k3s` (with containerd) for the k3s profile,
+/// else `containerd`.
+fn payload_name(cfg: &InstanceConfig) -> &'static str {
+    if cfg.ephemeral.is_some() {
+        "none"
+    } else if cfg.k3s.is_some() {
+        "k3s"
+    } else {
+        "containerd"
+    }
+}
+
+/// Every forward of the instance: the configured ones and, for k3s, the API server's.
+pub fn all_forwards(cfg: &InstanceConfig) -> Vec<gatevm_net::Forward> {
+    let mut v = cfg.forwards.clone();
+    if let Some(k) = &cfg.k3s {
+        if !v
+            .iter()
+            .any(|f| f.guest_port == crate::config::K3S_API_GUEST_PORT)
+        {
+            v.push(gatevm_net::Forward {
+                host_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+                host_port: k.api_port,
+                guest_port: crate::config::K3S_API_GUEST_PORT,
+                proto: gatevm_net::forward::Proto::Tcp,
+            });
+        }
+    }
+    v
+}
+
 /// The guest kernel command line; `$GATEVM_KERNEL_APPEND` adds to it (e.g. `loglevel=7` to see
 /// the kernel's messages in the console log).
-fn kernel_cmdline(hostname: &str, payload: bool) -> String {
+fn kernel_cmdline(hostname: &str, payload: &str) -> String {
     let mut c = format!("console=ttyS0 quiet panic=-1 gatevm.hostname={hostname}");
-    if !payload {
-        c.push_str(" gatevm.payload=none");
+    if payload != "containerd" {
+        c.push_str(&format!(" gatevm.payload={payload}"));
     }
     if let Ok(extra) = std::env::var("GATEVM_KERNEL_APPEND") {
         c.push(' ');
@@ -1064,10 +1110,20 @@ async fn wait_ready(
         return Ok((agent_ms, agent_ms));
     }
     progress(Progress::Phase {
-        phase: "agent ready, starting containerd".into(),
+        phase: if cfg.k3s.is_some() {
+            "agent ready, starting containerd and k3s".into()
+        } else {
+            "agent ready, starting containerd".into()
+        },
         elapsed_ms: agent_ms,
     });
-    let deadline = Instant::now() + PAYLOAD_TIMEOUT;
+    // k3s under software emulation takes minutes to bring its API server up.
+    let payload_timeout = if cfg.k3s.is_some() {
+        Duration::from_secs(600)
+    } else {
+        PAYLOAD_TIMEOUT
+    };
+    let deadline = Instant::now() + payload_timeout;
     loop {
         agent.refresh_status(Duration::from_secs(2)).await;
         let view = agent.view();
@@ -1098,7 +1154,7 @@ async fn wait_ready(
                 .collect();
             return Err(SupervisorError::Boot(format!(
                 "the payload was not ready within {} s ({})",
-                PAYLOAD_TIMEOUT.as_secs(),
+                payload_timeout.as_secs(),
                 states.join(", ")
             )));
         }

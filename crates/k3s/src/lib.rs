@@ -3,8 +3,10 @@
 //! - [`pki`]: the gateway's CA, server and client certificates, the Kubernetes TLS Secret that
 //!   hands them to the guest, and the gateway metadata clients read.
 //! - [`kubeconfig`]: the instance's kubeconfig and its merge into the user's.
+//! - [`binary`]: the k3s binary: checked, cached by `gatevm setup --k3s`, version and hash.
 //! - [`flags`]: k3s server flags and CNI configuration chosen from the guest kernel's features.
 
+pub mod binary;
 pub mod flags;
 pub mod kubeconfig;
 pub mod pki;

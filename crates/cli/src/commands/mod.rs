@@ -5,6 +5,7 @@ pub mod delete;
 pub mod doctor;
 pub mod exec;
 pub mod image;
+pub mod k3s;
 pub mod krun_vm;
 pub mod list;
 pub mod logs;

@@ -18,9 +18,15 @@ pub struct Args {
     /// Print the setup report as JSON.
     #[arg(long)]
     json: bool,
+    /// Check a k3s binary and cache it in the runtime for `start --profile k3s`.
+    #[arg(long, value_name = "FILE")]
+    k3s: Option<std::path::PathBuf>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
+    if let Some(f) = &a.k3s {
+        super::k3s::cache_binary(f)?;
+    }
     let guest = super::guest_bin()?;
     let opts = SetupOptions {
         guest_bin: Some(guest),

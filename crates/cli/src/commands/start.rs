@@ -50,6 +50,8 @@ pub struct Args {
     /// with the same settings.
     #[arg(long)]
     reset: bool,
+    #[command(flatten)]
+    k3s: super::k3s::K3sArgs,
     /// Stay attached: stop the VM on SIGINT/SIGTERM and exit when it stops (for systemd or a
     /// calling tool).
     #[arg(long)]
@@ -108,6 +110,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         disk_gib: a.disk.unwrap_or(base.disk_gib),
         krun_kernel: a.krun_kernel.or(base.krun_kernel),
         ephemeral: None,
+        k3s: super::k3s::resolve(&a.k3s, base.k3s.as_ref())?,
     };
     config.validate(host_memory_mib())?;
     gatevm_image::dirs::data_dir().context("finding the data directory")?;
@@ -115,7 +118,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     if client::is_running(&paths) {
         bail!("instance {name:?} is already running");
     }
-    super::check_ports_free(&config.forwards)?;
+    super::check_ports_free(&gatevm_instance::supervisor::all_forwards(&config))?;
     if let Ok(meta) = std::fs::metadata(paths.state_disk()) {
         let have = meta.len() >> 30;
         if !a.reset && u64::from(config.disk_gib) < have {
@@ -134,15 +137,28 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let guest = super::guest_bin()?;
 
     let show = Shower::new();
+    let k3s = config.k3s.clone();
     if a.foreground {
         let mut show = show;
+        let k3s_fg = k3s.clone();
+        let name_fg = name.clone();
         let result = gatevm_instance::supervisor::run(
             gatevm_instance::supervisor::SuperviseOptions {
                 config,
                 guest_bin: guest,
                 handle_signals: true,
             },
-            Box::new(move |p| show.event(&name, &p)),
+            Box::new(move |p| {
+                show.event(&name, &p);
+                if let (Progress::Ready { .. }, Some(s)) = (&p, &k3s_fg) {
+                    let (n, s) = (name_fg.clone(), s.clone());
+                    std::thread::spawn(move || {
+                        if let Err(e) = super::k3s::after_ready(&n, &s) {
+                            eprintln!("gatevm: error: {e:#}");
+                        }
+                    });
+                }
+            }),
         );
         return match result {
             Ok(()) => Ok(0),
@@ -159,6 +175,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 let st = runtime()?.block_on(client::status(&name))?;
                 if !st.forwards.is_empty() {
                     eprintln!("forwards: {}", st.forwards.join(", "));
+                }
+                if let Some(s) = &k3s {
+                    super::k3s::after_ready(&name, s)?;
                 }
                 return Ok(0);
             }

@@ -231,6 +231,7 @@ pub fn fetch(port: u16) -> Option<String> {
 pub const BUSYBOX: &str = "/usr/bin/busybox";
 pub const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "ls", "nc", "sleep", "true", "false", "test", "pwd", "env", "mkdir",
+    "httpd",
 ];
 
 pub fn have_busybox(test: &str) -> bool {

@@ -1,0 +1,306 @@
+//! The k3s profile on the CLI side: `start --profile k3s` flags, the k3s binary, and after the
+//! start the kubeconfig (fetched from the guest, rewritten for the forwarded API port, merged
+//! into the user's) and the gateway metadata; `gatevm kubeconfig NAME`; clean-up on delete.
+
+use super::exec::capture;
+use crate::output::runtime;
+use anyhow::bail;
+use gatevm_instance::config::K3sSettings;
+use gatevm_instance::{InstanceConfig, InstancePaths};
+use gatevm_k3s::{binary, kubeconfig, pki};
+use std::path::{Path, PathBuf};
+
+/// Packaged k3s components `--enable` can keep.
+pub const COMPONENTS: &[&str] = &["traefik", "servicelb", "metrics-server"];
+
+/// What the instance runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    /// containerd only.
+    Containerd,
+    /// k3s with the VM's containerd.
+    K3s,
+}
+
+#[derive(clap::Args, Debug, Default)]
+pub struct K3sArgs {
+    /// What the instance runs: containerd, or k3s on top of it [default: what the instance last
+    /// ran, or containerd].
+    #[arg(long, value_enum)]
+    pub profile: Option<Profile>,
+    /// The k3s binary [default: the one cached by `gatevm setup --k3s FILE`].
+    #[arg(long, value_name = "PATH")]
+    pub k3s: Option<PathBuf>,
+    /// Host port (on 127.0.0.1) for the Kubernetes API [default: a free port, kept afterwards].
+    #[arg(long, value_name = "PORT")]
+    pub api_port: Option<u16>,
+    /// A manifest file, or a directory of *.yaml/*.yml/*.json, for k3s's auto-deploy directory.
+    /// Repeatable; replaces the instance's earlier list.
+    #[arg(long = "manifest", value_name = "FILE|DIR")]
+    pub manifests: Vec<PathBuf>,
+    /// An image archive k3s imports at boot (airgap images). Repeatable; replaces the earlier
+    /// list.
+    #[arg(long = "images", value_name = "FILE")]
+    pub images: Vec<PathBuf>,
+    /// Keep a packaged component that is off by default: traefik, servicelb, metrics-server.
+    #[arg(long = "enable", value_name = "COMPONENT")]
+    pub enable: Vec<String>,
+    /// Don't merge the kubeconfig into ~/.kube/config (or the first file of $KUBECONFIG).
+    #[arg(long)]
+    pub no_kubeconfig: bool,
+}
+
+impl K3sArgs {
+    fn any_k3s_flag(&self) -> bool {
+        self.k3s.is_some()
+            || self.api_port.is_some()
+            || !self.manifests.is_empty()
+            || !self.images.is_empty()
+            || !self.enable.is_empty()
+            || self.no_kubeconfig
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The k3s settings for a start: the flags over what the instance last ran with. None for the
+/// containerd profile. Fails within a second when no k3s binary is to be had.
+pub fn resolve(a: &K3sArgs, saved: Option<&K3sSettings>) -> anyhow::Result<Option<K3sSettings>> {
+    let profile = a.profile.unwrap_or(if saved.is_some() {
+        Profile::K3s
+    } else {
+        Profile::Containerd
+    });
+    if profile == Profile::Containerd {
+        if a.any_k3s_flag() {
+            bail!("--k3s, --api-port, --manifest, --images, --enable and --no-kubeconfig belong to --profile k3s");
+        }
+        return Ok(None);
+    }
+    for e in &a.enable {
+        if !COMPONENTS.contains(&e.as_str()) {
+            bail!(
+                "--enable {e:?}: not a k3s component gatevm turns off; use one of {}",
+                COMPONENTS.join(", ")
+            );
+        }
+    }
+    for m in &a.manifests {
+        gatevm_instance::k3s_stage::manifest_files(m).map_err(|e| anyhow::anyhow!(e))?;
+    }
+    for i in &a.images {
+        if !i.is_file() {
+            bail!("--images {} is not a file", i.display());
+        }
+    }
+    if a.api_port == Some(0) {
+        bail!("--api-port 0 is not a port: use 1 to 65535");
+    }
+    let bin = match (&a.k3s, saved) {
+        (Some(p), _) => binary::inspect(p).map_err(|e| anyhow::anyhow!("--k3s {e}"))?,
+        (None, Some(s)) if s.binary.is_file() => {
+            binary::inspect(&s.binary).map_err(|e| anyhow::anyhow!(e))?
+        }
+        _ => {
+            let rt = gatevm_image::dirs::runtime_dir()?;
+            match binary::cached(&rt) {
+                Some(b) => b,
+                None => bail!(
+                    "the k3s profile needs a k3s binary: pass --k3s PATH, or cache one with `gatevm setup --k3s FILE`"
+                ),
+            }
+        }
+    };
+    let api_port = match (a.api_port, saved) {
+        (Some(p), _) => p,
+        (None, Some(s)) => s.api_port,
+        (None, None) => free_port()?,
+    };
+    let pick = |given: &Vec<PathBuf>, old: Option<&Vec<PathBuf>>| {
+        if given.is_empty() {
+            old.cloned().unwrap_or_default()
+        } else {
+            given
+                .iter()
+                .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+                .collect()
+        }
+    };
+    Ok(Some(K3sSettings {
+        binary: bin.path,
+        version: bin.version,
+        sha256: bin.sha256,
+        api_port,
+        manifests: pick(&a.manifests, saved.map(|s| &s.manifests)),
+        images: pick(&a.images, saved.map(|s| &s.images)),
+        enable: if a.enable.is_empty() {
+            saved.map(|s| s.enable.clone()).unwrap_or_default()
+        } else {
+            a.enable.clone()
+        },
+        merge_kubeconfig: if a.no_kubeconfig {
+            false
+        } else {
+            saved.is_none_or(|s| s.merge_kubeconfig)
+        },
+        secret_namespace: saved.map_or("gatevm".into(), |s| s.secret_namespace.clone()),
+        secret_name: saved.map_or("gateway-tls".into(), |s| s.secret_name.clone()),
+    }))
+}
+
+/// The instance's own kubeconfig file.
+pub fn kubeconfig_file(paths: &InstancePaths) -> PathBuf {
+    paths.dir.join("kubeconfig")
+}
+
+/// The user's kubeconfig gatevm merges into.
+fn user_kubeconfig() -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow::anyhow!("$HOME is not set: cannot find ~/.kube/config"))?;
+    Ok(kubeconfig::target_path(
+        std::env::var("KUBECONFIG").ok().as_deref(),
+        &home,
+    ))
+}
+
+/// After a k3s instance is ready: its kubeconfig (from the guest, for the forwarded port), merged
+/// into the user's unless disabled, and the gateway metadata for clients.
+pub fn after_ready(name: &str, s: &K3sSettings) -> anyhow::Result<()> {
+    let paths = InstancePaths::new(name);
+    let out = runtime()?.block_on(capture::<tokio::io::Empty>(
+        name,
+        &["cat", "/etc/rancher/k3s/k3s.yaml"],
+        None,
+    ))?;
+    if out.code != 0 {
+        bail!("reading k3s's kubeconfig in {name:?}: {}", out.error_line());
+    }
+    let yaml = kubeconfig::instance_kubeconfig(&out.stdout, name, s.api_port)?;
+    gatevm_instance::k3s_stage::write_new(&kubeconfig_file(&paths), yaml.as_bytes(), 0o600)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    eprintln!(
+        "kubeconfig: {} (API at https://127.0.0.1:{})",
+        kubeconfig_file(&paths).display(),
+        s.api_port
+    );
+    if s.merge_kubeconfig {
+        let target = user_kubeconfig()?;
+        let m = kubeconfig::merge(&target, &yaml, name)?;
+        eprintln!(
+            "kubeconfig: context {} in {}{}",
+            m.context,
+            m.path.display(),
+            if m.current_context_set {
+                " (now the current context)"
+            } else {
+                ""
+            }
+        );
+    }
+    let pki = pki::load_or_create(&paths.dir.join("pki"), &pki::PkiOptions::new(name))?;
+    if let Some(dir) = pki::config_dir() {
+        let endpoint = format!("https://127.0.0.1:{}", s.api_port);
+        let at = pki::write_gateway_metadata(&dir, name, &endpoint, &pki)?;
+        eprintln!("gateway credentials: {}", at.display());
+    }
+    Ok(())
+}
+
+/// On delete: the instance's context leaves the user's kubeconfig and its gateway metadata goes.
+pub fn on_delete(name: &str, cfg: Option<&InstanceConfig>) {
+    let Some(s) = cfg.and_then(|c| c.k3s.as_ref()) else {
+        return;
+    };
+    if s.merge_kubeconfig {
+        if let Ok(target) = user_kubeconfig() {
+            if let Err(e) = kubeconfig::remove(&target, name) {
+                eprintln!(
+                    "warning: removing context gatevm-{name} from {}: {e}",
+                    target.display()
+                );
+            }
+        }
+    }
+    if let Some(dir) = pki::config_dir() {
+        if let Err(e) = pki::remove_gateway_metadata(&dir, name) {
+            eprintln!("warning: removing the gateway metadata of {name}: {e}");
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct KubeconfigArgs {
+    /// Instance name.
+    name: String,
+}
+
+/// `gatevm kubeconfig NAME`: prints the instance's kubeconfig.
+pub fn print_kubeconfig(a: KubeconfigArgs) -> anyhow::Result<i32> {
+    let name = super::name_arg(&a.name)?;
+    let paths = gatevm_instance::client::existing(name)?;
+    let f = kubeconfig_file(&paths);
+    match std::fs::read_to_string(&f) {
+        Ok(text) => {
+            print!("{text}");
+            Ok(0)
+        }
+        Err(_) => bail!(
+            "{name:?} has no kubeconfig: it is written when a --profile k3s instance becomes ready"
+        ),
+    }
+}
+
+/// `gatevm setup --k3s FILE`: checks and caches the binary in the runtime.
+pub fn cache_binary(file: &Path) -> anyhow::Result<()> {
+    let b = binary::inspect(file).map_err(|e| anyhow::anyhow!("--k3s {e}"))?;
+    let rt = gatevm_image::dirs::runtime_dir()?;
+    let c = binary::cache(&b, &rt).map_err(|e| anyhow::anyhow!(e))?;
+    eprintln!(
+        "k3s {} cached at {} (sha256 {})",
+        c.version,
+        c.path.display(),
+        c.sha256
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containerd_profile_takes_no_k3s_flags() {
+        let a = K3sArgs {
+            no_kubeconfig: true,
+            ..Default::default()
+        };
+        assert!(resolve(&a, None)
+            .unwrap_err()
+            .to_string()
+            .contains("--profile k3s"));
+        assert_eq!(resolve(&K3sArgs::default(), None).unwrap(), None);
+    }
+
+    #[test]
+    fn bad_k3s_flags_are_refused_before_anything_runs() {
+        let k3s = |f: fn(&mut K3sArgs)| {
+            let mut a = K3sArgs {
+                profile: Some(Profile::K3s),
+                ..Default::default()
+            };
+            f(&mut a);
+            resolve(&a, None).unwrap_err().to_string()
+        };
+        assert!(k3s(|a| a.enable = vec!["istio".into()]).contains("istio"));
+        assert!(k3s(|a| a.manifests = vec!["/nonexistent.yaml".into()]).contains("--manifest"));
+        assert!(k3s(|a| a.images = vec!["/nonexistent.tar".into()]).contains("--images"));
+        assert!(k3s(|a| a.api_port = Some(0)).contains("--api-port"));
+        assert!(k3s(|a| a.k3s = Some("/bin/true".into())).contains("like k3s"));
+    }
+}

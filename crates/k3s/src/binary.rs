@@ -1,0 +1,218 @@
+//! The k3s binary: supplied with `--k3s PATH`, or cached in the runtime by `gatevm setup --k3s
+//! FILE`. It is checked before use (an executable ELF file that answers `--version` like k3s), and
+//! its version and sha256 are recorded next to the cached copy (`k3s.json`), which `doctor` and
+//! the instance status report.
+
+use serde::{Deserialize, Serialize};
+use sha2_compat::sha256_file;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A checked k3s binary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct K3sBinary {
+    pub path: PathBuf,
+    /// e.g. `v1.31.4+k3s1`.
+    pub version: String,
+    pub sha256: String,
+}
+
+/// Where `gatevm setup --k3s` keeps the binary inside the runtime directory.
+pub fn cache_dir(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("k3s")
+}
+
+/// The version in `k3s --version` output (`k3s version v1.31.4+k3s1 (a1b2c3d4)`).
+pub fn parse_version(output: &str) -> Option<String> {
+    let line = output.lines().find(|l| l.starts_with("k3s version "))?;
+    let v = line
+        .strip_prefix("k3s version ")?
+        .split_whitespace()
+        .next()?;
+    (v.starts_with('v') && v.len() > 1).then(|| v.to_string())
+}
+
+/// Checks that `path` is a k3s binary and reads its version and hash.
+pub fn inspect(path: &Path) -> Result<K3sBinary, String> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a file", path.display()));
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if &magic != b"\x7fELF" {
+        return Err(format!(
+            "{} is not a k3s binary (not an ELF executable)",
+            path.display()
+        ));
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!(
+            "{} is not executable (chmod +x it)",
+            path.display()
+        ));
+    }
+    let version = run_version(path)?;
+    let sha256 = sha256_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(K3sBinary {
+        path: path.to_path_buf(),
+        version,
+        sha256,
+    })
+}
+
+/// Runs `k3s --version` with a timeout and parses it.
+fn run_version(path: &Path) -> Result<String, String> {
+    let mut child = std::process::Command::new(path)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("running {} --version: {e}", path.display()))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{} --version did not answer within 10 s",
+                    path.display()
+                ));
+            }
+        }
+    }
+    let mut out = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        use std::io::Read;
+        let _ = o.read_to_string(&mut out);
+    }
+    parse_version(&out).ok_or_else(|| {
+        format!(
+            "{} does not answer --version like k3s (\"k3s version v…\")",
+            path.display()
+        )
+    })
+}
+
+/// Copies a checked binary into the runtime's cache (atomically) and records it in `k3s.json`.
+pub fn cache(bin: &K3sBinary, runtime_dir: &Path) -> Result<K3sBinary, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = cache_dir(runtime_dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let dest = dir.join("k3s");
+    let tmp = dir.join(".k3s.tmp");
+    std::fs::copy(&bin.path, &tmp).map_err(|e| format!("copying {}: {e}", bin.path.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("chmod {}: {e}", tmp.display()))?;
+    let copied = sha256_file(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    if copied != bin.sha256 {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!(
+            "{} changed while it was copied",
+            bin.path.display()
+        ));
+    }
+    std::fs::rename(&tmp, &dest).map_err(|e| format!("installing {}: {e}", dest.display()))?;
+    let cached = K3sBinary {
+        path: dest,
+        ..bin.clone()
+    };
+    let json = serde_json::to_vec_pretty(&cached).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("k3s.json"), json).map_err(|e| format!("writing k3s.json: {e}"))?;
+    Ok(cached)
+}
+
+/// The cached binary, if `gatevm setup --k3s` put one there.
+pub fn cached(runtime_dir: &Path) -> Option<K3sBinary> {
+    let dir = cache_dir(runtime_dir);
+    let b: K3sBinary = serde_json::from_slice(&std::fs::read(dir.join("k3s.json")).ok()?).ok()?;
+    b.path.is_file().then_some(b)
+}
+
+mod sha2_compat {
+    use std::path::Path;
+
+    /// Hex sha256 of a file's contents.
+    pub fn sha256_file(p: &Path) -> std::io::Result<String> {
+        use sha2::Digest;
+        let mut f = std::fs::File::open(p)?;
+        let mut h = sha2::Sha256::new();
+        std::io::copy(&mut f, &mut h)?;
+        Ok(hex::encode(h.finalize()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn version_parsing() {
+        assert_eq!(
+            parse_version("k3s version v1.31.4+k3s1 (a1b2c3d4)\ngo version go1.22.9\n").as_deref(),
+            Some("v1.31.4+k3s1")
+        );
+        assert_eq!(parse_version("kubectl version"), None);
+        assert_eq!(parse_version("k3s version "), None);
+    }
+
+    /// A stand-in k3s: a copy of /bin/sh would not answer --version, so use a script... which is
+    /// not an ELF. Tests use the checks that do not need a real k3s.
+    #[test]
+    fn refuses_what_is_not_k3s() {
+        let d = tempfile::tempdir().unwrap();
+        let script = d.path().join("k3s");
+        std::fs::write(&script, "#!/bin/sh\necho 'k3s version v1.31.4+k3s1 (x)'\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(inspect(&script).unwrap_err().contains("not an ELF"));
+        assert!(inspect(d.path()).unwrap_err().contains("not a file"));
+        assert!(inspect(&d.path().join("none")).is_err());
+        // An ELF that is not k3s.
+        let sh = d.path().join("sh");
+        std::fs::copy("/bin/true", &sh).unwrap();
+        assert!(
+            inspect(&sh).unwrap_err().contains("like k3s"),
+            "{:?}",
+            inspect(&sh)
+        );
+        std::fs::set_permissions(&sh, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(inspect(&sh).unwrap_err().contains("not executable"));
+    }
+
+    #[test]
+    fn cache_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::copy("/bin/true", &src).unwrap();
+        let b = K3sBinary {
+            path: src.clone(),
+            version: "v1.31.4+k3s1".into(),
+            sha256: sha2_compat::sha256_file(&src).unwrap(),
+        };
+        let rt = d.path().join("rt");
+        assert_eq!(cached(&rt), None);
+        let c = cache(&b, &rt).unwrap();
+        assert_eq!(c.path, rt.join("k3s/k3s"));
+        assert_eq!(cached(&rt), Some(c.clone()));
+        assert_eq!(
+            std::fs::metadata(&c.path).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        let wrong = K3sBinary {
+            sha256: "0".repeat(64),
+            ..b
+        };
+        assert!(cache(&wrong, &rt).unwrap_err().contains("changed"));
+    }
+}
