@@ -11,7 +11,10 @@ if [ ! -x /usr/bin/busybox ] || readelf -l /usr/bin/busybox 2>/dev/null | grep -
   apt-get install -y -q --no-install-recommends busybox-static >/dev/null \
     || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends busybox-static >/dev/null; }
 fi
+# A stand-in k3s for the k3s profile's plumbing test (k3s itself is not available here).
+cargo build --release --locked -p gatevm-fake-k3s
 export GATEVM_E2E=1 GATEVM_BIN="$PWD/target/release/gatevm" GATEVM_GUEST_BIN="$PWD/target/release/gatevm-guest"
+export GATEVM_FAKE_K3S="$PWD/target/release/fake-k3s"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # End-to-end tests boot VMs; two cores fit two tests at a time.

@@ -177,3 +177,133 @@ fn k3s_gateway_with_a_nodeport_across_a_restart() {
     let after = std::fs::read_to_string(&kubeconfig).unwrap_or_default();
     assert!(!after.contains(&format!("gatevm-{NAME}")), "{after}");
 }
+
+/// The k3s profile's plumbing with a stand-in k3s (crates/fake-k3s): everything gatevm does
+/// around k3s (binary check and cache, staging of the plan, manifests and TLS Secret, the guest
+/// supervising k3s on the VM's containerd, readiness, the API forward, kubeconfig merge and
+/// removal, gateway metadata, restart with kept settings) on a machine without k3s.
+#[test]
+fn k3s_profile_plumbing_with_a_stand_in() {
+    const NAME: &str = "e2e-k3sfake";
+    let test = "k3s_profile_plumbing_with_a_stand_in";
+    if !enabled(test) {
+        return;
+    }
+    let Some(fake) = std::env::var_os("GATEVM_FAKE_K3S").map(PathBuf::from) else {
+        eprintln!("e2e {test}: NOT RUN: set GATEVM_FAKE_K3S to the fake-k3s binary (scripts/test.sh builds it)");
+        return;
+    };
+    let _guard = Instance(NAME);
+    let _ = gatevm(&["delete", NAME, "--force"]);
+    let t = tempfile::tempdir().unwrap();
+    let kubeconfig = t.path().join("kube/config");
+    let config_home = t.path().join("config");
+    let manifest = t.path().join("marker.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: marker}\n",
+    )
+    .unwrap();
+    let api = free_port();
+    let run = |args: &[&str]| {
+        let out = Command::new(bin())
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("XDG_CONFIG_HOME", &config_home)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "gatevm {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let api_s = api.to_string();
+    run(&[
+        "start",
+        NAME,
+        "--profile",
+        "k3s",
+        "--k3s",
+        fake.to_str().unwrap(),
+        "--api-port",
+        &api_s,
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]);
+    let st = status(NAME);
+    assert_eq!(st["healthy"], true, "{st}");
+    let payloads: Vec<&str> = st["payloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        payloads.contains(&"containerd") && payloads.contains(&"k3s"),
+        "{st}"
+    );
+    let fwd = format!("127.0.0.1:{api}:6443/tcp");
+    assert!(
+        st["forwards"].as_array().unwrap().iter().any(|f| f == &fwd),
+        "{st}"
+    );
+
+    // The API port reaches the guest's server.
+    let got = read_forward(api, "fake-k3s", Duration::from_secs(30));
+    assert!(got.is_some(), "the API forward did not reach the guest");
+    // What k3s was started with and found.
+    let (code, report, err) = exec(NAME, &["cat", "/run/fake-k3s.json"], None);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let args: Vec<&str> = report["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    for want in [
+        "--container-runtime-endpoint=unix:///run/containerd/containerd.sock",
+        "--data-dir=/var/lib/gatevm/k3s",
+    ] {
+        assert!(args.contains(&want), "{want} missing from {args:?}");
+    }
+    let manifests = report["manifests"].to_string();
+    assert!(
+        manifests.contains("marker.yaml") && manifests.contains("gatevm-gateway-tls.yaml"),
+        "{manifests}"
+    );
+
+    // The kubeconfig: the instance's, and merged into $KUBECONFIG's file.
+    let own = run(&["kubeconfig", NAME]);
+    assert!(own.contains(&format!("https://127.0.0.1:{api}")), "{own}");
+    let merged = std::fs::read_to_string(&kubeconfig).unwrap();
+    assert!(merged.contains(&format!("gatevm-{NAME}")), "{merged}");
+    // Gateway metadata for clients.
+    let gw = config_home.join(format!("gatevm/gateways/{NAME}"));
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(gw.join("gateway.json")).unwrap()).unwrap();
+    assert_eq!(meta["endpoint"], format!("https://127.0.0.1:{api}"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(gw.join("client.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    // A plain start keeps the profile and its settings.
+    run(&["stop", NAME]);
+    run(&["start", NAME]);
+    assert_eq!(status(NAME)["healthy"], true);
+    assert!(read_forward(api, "fake-k3s", Duration::from_secs(30)).is_some());
+
+    // Delete takes the context and the gateway metadata away.
+    run(&["delete", NAME, "--force"]);
+    let after = std::fs::read_to_string(&kubeconfig).unwrap_or_default();
+    assert!(!after.contains(&format!("gatevm-{NAME}")), "{after}");
+    assert!(!gw.exists());
+}

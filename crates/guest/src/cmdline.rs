@@ -1,13 +1,13 @@
 //! The `gatevm.*` keys of the kernel command line (`/proc/cmdline`), and of the arguments when
 //! libkrun's init starts the guest (libkrun writes the kernel command line itself).
 //!
-//! | key               | values                 | default      |
-//! |-------------------|------------------------|--------------|
-//! | `gatevm.hostname` | a host name            | `gatevm`     |
-//! | `gatevm.net`      | `0` or `1`             | `1`          |
-//! | `gatevm.agent`    | `serial`/`vsock`       | `serial`     |
-//! | `gatevm.payload`  | `containerd`/`none`    | `containerd` |
-//! | `gatevm.vmm`      | `qemu`/`krun`          | `qemu`       |
+//! | key               | values                    | default      |
+//! |-------------------|---------------------------|--------------|
+//! | `gatevm.hostname` | a host name               | `gatevm`     |
+//! | `gatevm.net`      | `0` or `1`                | `1`          |
+//! | `gatevm.agent`    | `serial`/`vsock`          | `serial`     |
+//! | `gatevm.payload`  | `containerd`/`k3s`/`none` | `containerd` |
+//! | `gatevm.vmm`      | `qemu`/`krun`             | `qemu`       |
 
 /// Default host name when the command line names none (or an invalid one).
 pub const DEFAULT_HOSTNAME: &str = "gatevm";
@@ -21,6 +21,25 @@ pub enum AgentTransport {
     Vsock,
 }
 
+/// Which services the guest runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadKind {
+    /// Nothing, and no state disk: a throwaway VM (`gatevm vm-run`), whose root may not even
+    /// have containerd.
+    None,
+    /// containerd, with its state on the state disk.
+    Containerd,
+    /// containerd configured for k3s, then `k3s server` using it (see [`crate::k3s`]).
+    K3s,
+}
+
+impl PayloadKind {
+    /// Whether any payload runs (and so the state disk is set up).
+    pub fn runs_anything(self) -> bool {
+        self != PayloadKind::None
+    }
+}
+
 /// Settings taken from the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cmdline {
@@ -30,9 +49,8 @@ pub struct Cmdline {
     pub net: bool,
     /// Agent channel.
     pub agent: AgentTransport,
-    /// Run containerd (and keep its state on the state disk); `false` for throwaway VMs
-    /// (`gatevm vm-run`), whose root may not even have containerd.
-    pub payload: bool,
+    /// What to run (and whether to keep state on the state disk).
+    pub payload: PayloadKind,
     /// Started by libkrun's init: power-off is a reboot there (libkrun ends the VM on reset).
     pub krun: bool,
 }
@@ -43,7 +61,7 @@ impl Default for Cmdline {
             hostname: DEFAULT_HOSTNAME.to_string(),
             net: true,
             agent: AgentTransport::Serial,
-            payload: true,
+            payload: PayloadKind::Containerd,
             krun: false,
         }
     }
@@ -123,8 +141,9 @@ pub fn parse(line: &str) -> (Cmdline, Vec<String>) {
                 _ => warnings.push(format!("invalid gatevm.agent {value:?}, using serial")),
             },
             "gatevm.payload" => match value {
-                "containerd" => c.payload = true,
-                "none" => c.payload = false,
+                "containerd" => c.payload = PayloadKind::Containerd,
+                "k3s" => c.payload = PayloadKind::K3s,
+                "none" => c.payload = PayloadKind::None,
                 _ => warnings.push(format!(
                     "invalid gatevm.payload {value:?}, using containerd"
                 )),
@@ -188,8 +207,33 @@ mod tests {
         assert!(parse("gatevm.net=0 gatevm.net=1").0.net);
         let (c, w) = parse("gatevm.payload=none gatevm.vmm=krun");
         assert!(w.is_empty());
-        assert!(!c.payload && c.krun);
-        assert!(Cmdline::default().payload && !Cmdline::default().krun);
+        assert!(c.payload == PayloadKind::None && c.krun);
+        assert!(!c.payload.runs_anything());
+        assert_eq!(Cmdline::default().payload, PayloadKind::Containerd);
+        assert!(!Cmdline::default().krun);
+    }
+
+    #[test]
+    fn payload_values() {
+        let (c, w) = parse("quiet gatevm.payload=k3s");
+        assert!(w.is_empty());
+        assert_eq!(c.payload, PayloadKind::K3s);
+        assert!(c.payload.runs_anything());
+        assert_eq!(
+            parse("gatevm.payload=containerd").0.payload,
+            PayloadKind::Containerd
+        );
+        assert_eq!(
+            parse("gatevm.payload=k3s gatevm.payload=none").0.payload,
+            PayloadKind::None
+        );
+        // Under libkrun the value comes as an argument.
+        let line = with_args("reboot=k", &["gatevm.payload=k3s".into()]);
+        assert_eq!(parse(&line).0.payload, PayloadKind::K3s);
+        // Case matters; a bad value warns and keeps the default.
+        let (c, w) = parse("gatevm.payload=K3S");
+        assert_eq!(c.payload, PayloadKind::Containerd);
+        assert_eq!(w.len(), 1);
     }
 
     #[test]

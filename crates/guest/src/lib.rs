@@ -1,7 +1,8 @@
 //! The guest side of gatevm: one static binary that is both the initramfs `/init` (stage 1) and
 //! PID 1 of the real root (stage 2), where it mounts the API filesystems, loads modules, configures
-//! the network and the state disk, reaps orphans, supervises the payload (containerd) and serves the
-//! host's agent protocol ([`gatevm_protocol`]) on a virtio-serial port or a vsock port.
+//! the network and the state disk, reaps orphans, supervises the payload (containerd, or
+//! containerd and then k3s: see [`k3s`]) and serves the host's agent protocol
+//! ([`gatevm_protocol`]) on a virtio-serial port or a vsock port.
 //!
 //! Everything that can be exercised without a VM (command line parsing, module loading plans,
 //! `PATH` lookup, the agent conversation with real child processes) is a plain library function
@@ -13,6 +14,7 @@ pub mod cni;
 pub mod container;
 pub mod disk;
 pub mod exec;
+pub mod k3s;
 pub mod log;
 pub mod modules;
 pub mod mounts;

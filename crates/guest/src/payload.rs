@@ -1,17 +1,56 @@
-//! Supervision of the payload service (containerd): start, readiness probe on its socket,
-//! restarts with exponential backoff, log capture with rotation, orderly stop.
+//! Supervision of the payload services (containerd, and k3s in the k3s profile): start,
+//! readiness probe, restarts with exponential backoff, log capture with rotation, orderly stop.
 
 use crate::reaper::{describe, Reaper};
 use crate::sys;
 use gatevm_protocol::{PayloadState, PayloadStatus};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+/// How the supervisor decides that a started service is ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// A unix socket accepts connections (containerd's API socket).
+    UnixSocket(PathBuf),
+    /// A file exists and a TCP connection to the address succeeds (k3s: the kubeconfig it writes
+    /// once the API server is up, and its supervisor port).
+    TcpAndFile(SocketAddr, PathBuf),
+}
+
+impl Readiness {
+    /// How long a TCP probe may take before it counts as "not ready yet".
+    pub const TCP_TIMEOUT: Duration = Duration::from_millis(500);
+
+    /// One probe: whether the service answers now.
+    pub fn probe(&self) -> bool {
+        match self {
+            Readiness::UnixSocket(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
+            Readiness::TcpAndFile(addr, file) => {
+                file.is_file() && TcpStream::connect_timeout(addr, Self::TCP_TIMEOUT).is_ok()
+            }
+        }
+    }
+}
+
+/// What [`Payload::wait_ready`] saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// The payload is ready.
+    Ready,
+    /// The payload failed for good (not restarted); its last exit or failure message.
+    Failed(String),
+    /// The payload is being stopped (shutdown).
+    Stopping,
+    /// Neither happened within the time given.
+    Timeout,
+}
 
 /// How one payload service is run.
 #[derive(Debug, Clone)]
@@ -22,8 +61,8 @@ pub struct PayloadConfig {
     pub program: PathBuf,
     /// Its arguments.
     pub args: Vec<String>,
-    /// Unix socket that accepts connections once the service is ready.
-    pub socket: PathBuf,
+    /// How readiness is probed.
+    pub readiness: Readiness,
     /// File receiving stdout and stderr.
     pub log: PathBuf,
     /// Size at which the log is rotated to `<log>.1`.
@@ -36,6 +75,8 @@ pub struct PayloadConfig {
     pub healthy_reset: Duration,
     /// Interval of readiness probes.
     pub probe_interval: Duration,
+    /// Time between SIGTERM and SIGKILL when the payload is stopped for shutdown.
+    pub stop_timeout: Duration,
 }
 
 impl PayloadConfig {
@@ -45,13 +86,14 @@ impl PayloadConfig {
             name: "containerd".into(),
             program: "/usr/bin/containerd".into(),
             args: Vec::new(),
-            socket: "/run/containerd/containerd.sock".into(),
+            readiness: Readiness::UnixSocket("/run/containerd/containerd.sock".into()),
             log: "/var/log/containerd.log".into(),
             log_max: 10 * 1024 * 1024,
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             healthy_reset: Duration::from_secs(60),
             probe_interval: Duration::from_millis(50),
+            stop_timeout: crate::shutdown::PAYLOAD_STOP_TIMEOUT,
         }
     }
 }
@@ -170,6 +212,52 @@ impl Payload {
             pid: i.pid.map(|p| p as u32),
             restarts: i.restarts,
             last_exit: i.last_exit.clone(),
+        }
+    }
+
+    /// How it is run.
+    pub fn config(&self) -> &PayloadConfig {
+        &self.cfg
+    }
+
+    /// Marks a payload that will not be started as `Failed`, with `message` as its last exit
+    /// (what the host's status shows), e.g. when what it needs is missing from the root.
+    pub fn fail(&self, message: &str) {
+        let mut i = sys::lock(&self.inner);
+        if !i.stopping {
+            i.state = PayloadState::Failed;
+        }
+        i.last_exit = Some(message.to_string());
+        drop(i);
+        self.changed.notify_all();
+        crate::glog!("{}: {message}", self.cfg.name);
+    }
+
+    /// Waits up to `timeout` for the payload to become ready, fail for good, or be stopped.
+    /// A payload that is restarting is waited for.
+    pub fn wait_ready(&self, timeout: Duration) -> WaitOutcome {
+        let deadline = Instant::now() + timeout;
+        let mut i = sys::lock(&self.inner);
+        loop {
+            if i.stopping {
+                return WaitOutcome::Stopping;
+            }
+            match i.state {
+                PayloadState::Ready => return WaitOutcome::Ready,
+                PayloadState::Failed => {
+                    return WaitOutcome::Failed(i.last_exit.clone().unwrap_or_default())
+                }
+                _ => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return WaitOutcome::Timeout;
+            }
+            i = self
+                .changed
+                .wait_timeout(i, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
         }
     }
 
@@ -341,7 +429,7 @@ impl Payload {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    if !ready && std::os::unix::net::UnixStream::connect(&self.cfg.socket).is_ok() {
+                    if !ready && self.cfg.readiness.probe() {
                         ready = true;
                         self.set_state(PayloadState::Ready);
                         crate::glog!("{} ready", self.cfg.name);
@@ -401,13 +489,14 @@ mod tests {
             name: "test".into(),
             program: program.into(),
             args: args.iter().map(|s| s.to_string()).collect(),
-            socket: dir.join("sock"),
+            readiness: Readiness::UnixSocket(dir.join("sock")),
             log: dir.join("log/payload.log"),
             log_max: 1024 * 1024,
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_millis(40),
             healthy_reset: Duration::from_secs(60),
             probe_interval: Duration::from_millis(10),
+            stop_timeout: Duration::from_secs(5),
         }
     }
 
@@ -488,7 +577,7 @@ mod tests {
         p.start(Reaper::global()).unwrap();
         let s = wait_for(&p, |s| s.state == PayloadState::Starting);
         assert!(s.pid.is_some());
-        let _listener = std::os::unix::net::UnixListener::bind(&c.socket).unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(d.path().join("sock")).unwrap();
         wait_for(&p, |s| s.state == PayloadState::Ready);
         let t = Instant::now();
         p.stop(Reaper::global(), Duration::from_secs(5));
@@ -507,5 +596,62 @@ mod tests {
         p.start(Reaper::global()).unwrap();
         let s = wait_for(&p, |s| s.state == PayloadState::Failed);
         assert!(s.last_exit.unwrap().contains("not found"));
+    }
+
+    #[test]
+    fn tcp_and_file_readiness_needs_both() {
+        let d = tempfile::tempdir().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let file = d.path().join("k3s.yaml");
+        let r = Readiness::TcpAndFile(addr, file.clone());
+        assert!(!r.probe(), "no file yet");
+        std::fs::write(&file, "x").unwrap();
+        assert!(r.probe());
+        drop(listener);
+        assert!(!r.probe(), "nothing listening");
+        // A directory of that name is not the file.
+        let dir = d.path().join("dir");
+        std::fs::create_dir(&dir).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(!Readiness::TcpAndFile(listener.local_addr().unwrap(), dir).probe());
+    }
+
+    #[test]
+    fn ready_on_tcp_and_file() {
+        let d = tempfile::tempdir().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let file = d.path().join("k3s.yaml");
+        let mut c = cfg(d.path(), "/bin/sleep", &["30"]);
+        c.readiness = Readiness::TcpAndFile(listener.local_addr().unwrap(), file.clone());
+        let p = Payload::new(c);
+        p.start(Reaper::global()).unwrap();
+        assert_eq!(
+            p.wait_ready(Duration::from_millis(200)),
+            WaitOutcome::Timeout
+        );
+        std::fs::write(&file, "x").unwrap();
+        assert_eq!(p.wait_ready(Duration::from_secs(20)), WaitOutcome::Ready);
+        p.stop(Reaper::global(), Duration::from_secs(5));
+        assert_eq!(p.wait_ready(Duration::from_secs(1)), WaitOutcome::Stopping);
+    }
+
+    #[test]
+    fn fail_reports_the_message_and_wait_sees_it() {
+        let d = tempfile::tempdir().unwrap();
+        let p = Payload::new(cfg(d.path(), "/bin/true", &[]));
+        p.fail("plan.json missing");
+        let s = p.status();
+        assert_eq!(s.state, PayloadState::Failed);
+        assert_eq!(s.last_exit.as_deref(), Some("plan.json missing"));
+        assert_eq!(
+            p.wait_ready(Duration::from_secs(1)),
+            WaitOutcome::Failed("plan.json missing".into())
+        );
+        // A stopped payload keeps Stopping; a later fail only records the message.
+        let p = Payload::new(cfg(d.path(), "/bin/true", &[]));
+        p.stop(Reaper::global(), Duration::from_secs(1));
+        p.fail("late");
+        assert_eq!(p.status().state, PayloadState::Stopping);
     }
 }

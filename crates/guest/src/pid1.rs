@@ -1,10 +1,12 @@
 //! Stage 2: PID 1 in the real root. Order matters for boot time: API mounts, then the agent
 //! (so the host can talk as early as possible), then the modules network and disk need, network,
-//! state disk, the remaining modules in the background, and finally the payload.
+//! state disk, the remaining modules in the background, and finally the payloads (containerd;
+//! in the k3s profile containerd and then k3s, see [`crate::k3s`]).
 
 use crate::agent::{self, Agent, AgentHost, AgentInfo};
-use crate::cmdline::{self, AgentTransport};
+use crate::cmdline::{self, AgentTransport, PayloadKind};
 use crate::disk;
+use crate::k3s;
 use crate::modules;
 use crate::mounts;
 use crate::net;
@@ -20,18 +22,19 @@ use std::time::Duration;
 
 /// The running guest, as the agent and the signal handler see it.
 pub struct System {
-    /// containerd, unless the command line says `gatevm.payload=none`.
-    payload: Option<Arc<Payload>>,
+    /// The payloads in start order: none (`gatevm.payload=none`), containerd, or containerd
+    /// and k3s.
+    payloads: Vec<Arc<Payload>>,
     reaper: &'static Reaper,
 }
 
 impl AgentHost for System {
     fn payloads(&self) -> Vec<PayloadStatus> {
-        self.payload.iter().map(|p| p.status()).collect()
+        self.payloads.iter().map(|p| p.status()).collect()
     }
 
     fn shutdown(&self) {
-        shutdown::run(self.payload.as_deref(), self.reaper, "host request")
+        shutdown::run(&self.payloads, self.reaper, "host request")
     }
 }
 
@@ -83,11 +86,16 @@ pub fn run() -> ! {
     }
 
     let reaper = Reaper::global();
-    let payload = cmd
-        .payload
-        .then(|| Payload::new(PayloadConfig::containerd()));
+    // The k3s profile reads its plan and writes containerd's configuration now, so a missing
+    // plan or binary shows in the very first status.
+    let mut profile = (cmd.payload == PayloadKind::K3s).then(k3s::Profile::load);
+    let payloads = match (&profile, cmd.payload) {
+        (Some(p), _) => p.payloads(),
+        (None, PayloadKind::Containerd) => vec![Payload::new(PayloadConfig::containerd())],
+        (None, _) => Vec::new(),
+    };
     let system = Arc::new(System {
-        payload: payload.clone(),
+        payloads: payloads.clone(),
         reaper,
     });
 
@@ -96,7 +104,7 @@ pub fn run() -> ! {
         spawn_named("signals", move || loop {
             if let Ok(sig) = signals.wait() {
                 let why = format!("{sig:?}");
-                shutdown::run(system.payload.as_deref(), system.reaper, &why);
+                shutdown::run(&system.payloads, system.reaper, &why);
             }
         });
     }
@@ -147,20 +155,31 @@ pub fn run() -> ! {
         crate::glog!("network configured ({} on {})", net::GUEST_ADDR, net::IFACE);
     }
     // A throwaway VM (no payload) has no state disk and keeps nothing.
-    if payload.is_some() {
+    if cmd.payload.runs_anything() {
         let (backing, problems) = disk::setup(reaper);
         report("disk", &problems);
         crate::glog!("state: {backing:?}");
     }
+    // k3s's data directory is on the state disk.
+    if let Some(profile) = profile.as_mut() {
+        profile.prepare();
+    }
 
     let _ = modules_rx.recv_timeout(Duration::from_secs(20));
-    if let Some(payload) = &payload {
+    if !payloads.is_empty() {
         if !mounts::mount_points().iter().any(|p| p == "/dev/mqueue") {
             crate::glog!("warning: no /dev/mqueue (POSIX mqueue), runc may fail");
         }
         if !shutdown::in_progress() {
-            if let Err(e) = payload.start(reaper) {
-                crate::glog!("cannot start the payload supervisor: {e}");
+            match &profile {
+                Some(profile) => profile.start(reaper),
+                None => {
+                    for payload in &payloads {
+                        if let Err(e) = payload.start(reaper) {
+                            crate::glog!("cannot start the payload supervisor: {e}");
+                        }
+                    }
+                }
             }
         }
     }

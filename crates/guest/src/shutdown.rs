@@ -1,13 +1,16 @@
-//! Orderly power-off of the guest (PID 1 only): stop the payload, terminate everything else,
-//! sync, unmount the state, power off.
+//! Orderly power-off of the guest (PID 1 only): stop the payloads (the last started first: k3s
+//! before the containerd it uses), terminate everything else (containerd-shim processes k3s's
+//! pods leave included), sync, unmount the state, power off.
 
 use crate::disk::{CONTAINERD_DIR, STATE_DIR};
 use crate::payload::Payload;
 use crate::reaper::Reaper;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Time the payload gets between SIGTERM and SIGKILL.
+/// Time a payload gets between SIGTERM and SIGKILL unless its configuration says otherwise
+/// ([`crate::payload::PayloadConfig::stop_timeout`]).
 pub const PAYLOAD_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time all other processes get between SIGTERM and SIGKILL.
 pub const OTHERS_STOP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -19,20 +22,23 @@ pub fn in_progress() -> bool {
     STARTED.load(Ordering::SeqCst)
 }
 
-/// Shuts the VM down; never returns. A second caller (say SIGTERM during a host-requested
+/// Shuts the VM down; never returns. `payloads` are in start order and are stopped in reverse,
+/// each with its own stop timeout. A second caller (say SIGTERM during a host-requested
 /// shutdown) just waits for the first one to finish.
-pub fn run(payload: Option<&Payload>, reaper: &Reaper, why: &str) -> ! {
+pub fn run(payloads: &[Arc<Payload>], reaper: &Reaper, why: &str) -> ! {
     if STARTED.swap(true, Ordering::SeqCst) {
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
     let t = Instant::now();
-    if let Some(payload) = payload {
-        crate::glog!("shutdown ({why}): stopping payload");
-        payload.stop(reaper, PAYLOAD_STOP_TIMEOUT);
-    } else {
+    if payloads.is_empty() {
         crate::glog!("shutdown ({why})");
+    }
+    for payload in payloads.iter().rev() {
+        let cfg = payload.config();
+        crate::glog!("shutdown ({why}): stopping {}", cfg.name);
+        payload.stop(reaper, cfg.stop_timeout);
     }
 
     // SIGTERM to every process but PID 1 (and kernel threads).

@@ -57,6 +57,8 @@ struct Report {
     /// With --verify: files checked and problems found.
     verified_files: Option<usize>,
     verify_problems: Vec<String>,
+    /// The k3s binary cached by `gatevm setup --k3s` (null when none).
+    k3s: Option<gatevm_k3s::binary::K3sBinary>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
@@ -118,6 +120,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         kernels: vec![],
         verified_files: None,
         verify_problems: vec![],
+        k3s: gatevm_image::dirs::runtime_dir()
+            .ok()
+            .and_then(|rt| gatevm_k3s::binary::cached(&rt)),
         host,
     };
     match &runtime {
@@ -222,6 +227,19 @@ fn print_human(r: &Report) {
             "  {:<10} {:<32} {} ({} files)",
             c.name, c.version, c.origin, c.files
         );
+    }
+    match &r.k3s {
+        Some(k) => println!(
+            "  {:<10} {:<32} {} (sha256 {})",
+            "k3s",
+            k.version,
+            k.path.display(),
+            &k.sha256[..16.min(k.sha256.len())]
+        ),
+        None => println!(
+            "  {:<10} {:<32} (for --profile k3s: gatevm setup --k3s FILE, or start --k3s PATH)",
+            "k3s", "not cached"
+        ),
     }
     if let Some(n) = r.verified_files {
         println!(
