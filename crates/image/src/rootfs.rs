@@ -17,7 +17,7 @@ use crate::kernel::KernelInfo;
 use crate::util;
 
 /// Bump when the build steps change in a way that needs new trees.
-pub const ROOTFS_RECIPE_REVISION: u32 = 3;
+pub const ROOTFS_RECIPE_REVISION: u32 = 4;
 /// Name of the recipe file inside a built tree.
 pub const RECIPE_FILE: &str = ".gatevm-rootfs.json";
 /// The Debian suite of the base rootfs.
@@ -31,6 +31,7 @@ pub const ROOTFS_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "nftables",
     "iptables",
+    "zstd",
     "iproute2",
     "ca-certificates",
     "e2fsprogs",
