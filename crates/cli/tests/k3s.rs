@@ -244,6 +244,9 @@ fn k3s_profile_plumbing_with_a_stand_in() {
         payloads.contains(&"containerd") && payloads.contains(&"k3s"),
         "{st}"
     );
+    assert_eq!(st["k3s"]["api_ready"], true, "{st}");
+    assert_eq!(st["k3s"]["node_ready"], true, "{st}");
+    assert_eq!(st["k3s"]["version"], "v1.31.0+k3s1", "{st}");
     let fwd = format!("127.0.0.1:{api}:6443/tcp");
     assert!(
         st["forwards"].as_array().unwrap().iter().any(|f| f == &fwd),

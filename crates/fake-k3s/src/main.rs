@@ -2,6 +2,8 @@
 //! registry carries it). It is not Kubernetes: it does what gatevm relies on k3s doing.
 //!
 //! - `fake-k3s --version` prints a k3s-style version line.
+//! - `fake-k3s kubectl get --raw=/readyz` prints `ok`; `fake-k3s kubectl get nodes ...` prints
+//!   `True` (the node's Ready condition, as gatevm's status asks for it).
 //! - `fake-k3s server ARGS...` records its arguments and the manifests it finds in
 //!   `<data-dir>/server/manifests` in `/run/fake-k3s.json`, writes a k3s-shaped kubeconfig to
 //!   `/etc/rancher/k3s/k3s.yaml` (embedded CA and client credentials; the data is not a real
@@ -100,6 +102,15 @@ fn main() {
             println!("k3s version v1.31.0+k3s1 (fake0000)");
             println!("go version go1.22.0 (a stand-in for tests)");
         }
+        // What gatevm's status asks: `kubectl get --raw=/readyz` and the node's Ready condition.
+        Some("kubectl") => match args.get(1..).unwrap_or_default() {
+            [get, raw] if get == "get" && raw == "--raw=/readyz" => println!("ok"),
+            [get, nodes, ..] if get == "get" && nodes == "nodes" => print!("True"),
+            _ => {
+                eprintln!("fake-k3s: kubectl: only get --raw=/readyz and get nodes");
+                std::process::exit(1);
+            }
+        },
         Some("server") => {
             if let Err(e) = server(&args[1..]) {
                 eprintln!("fake-k3s: {e}");

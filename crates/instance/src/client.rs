@@ -150,6 +150,7 @@ fn offline_status(
         backend: st.backend.clone(),
         kernel: st.kernel.clone(),
         ephemeral: cfg.ephemeral.is_some(),
+        k3s: None,
         cpus: cfg.cpus,
         memory_mib: cfg.memory_mib,
         forwards: crate::supervisor::all_forwards(&cfg)

@@ -48,6 +48,21 @@ pub struct AgentInfo {
     pub uptime_ms: Option<u64>,
 }
 
+/// Health of the k3s profile, asked of the guest's k3s at status time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct K3sHealth {
+    /// k3s's version (from the instance configuration).
+    pub version: String,
+    /// Host port of the API server.
+    pub api_port: u16,
+    /// The API server's `/readyz` answered `ok`.
+    pub api_ready: bool,
+    /// The node reports Ready.
+    pub node_ready: bool,
+    /// Why a part is not ready, when known.
+    pub detail: Option<String>,
+}
+
 /// The instance status document (`gatevm status --json`). Fields are only ever added.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceStatus {
@@ -64,6 +79,9 @@ pub struct InstanceStatus {
     /// A throwaway VM of `gatevm vm-run`, deleted when it stops.
     #[serde(default)]
     pub ephemeral: bool,
+    /// The k3s profile's health (null for the containerd profile or a stopped instance).
+    #[serde(default)]
+    pub k3s: Option<K3sHealth>,
     pub cpus: u32,
     pub memory_mib: u32,
     /// Forwards as `ip:host:guest/proto`.

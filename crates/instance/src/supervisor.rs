@@ -489,6 +489,7 @@ impl Shared {
             backend: s.backend.clone(),
             kernel: s.kernel.clone(),
             ephemeral: self.config.ephemeral.is_some(),
+            k3s: None,
             cpus: self.config.cpus,
             memory_mib: self.config.memory_mib,
             forwards: all_forwards(&self.config)

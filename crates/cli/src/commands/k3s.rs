@@ -234,6 +234,57 @@ pub fn on_delete(name: &str, cfg: Option<&InstanceConfig>) {
     }
 }
 
+/// Asks the guest's k3s whether its API server is ready (`/readyz`) and its node is Ready, and
+/// fills the status's `k3s` part; for a k3s instance, healthy then also needs both.
+pub async fn health(st: &mut gatevm_instance::InstanceStatus) {
+    let Some(s) = gatevm_instance::client::saved_config(&st.name).and_then(|c| c.k3s) else {
+        return;
+    };
+    let mut h = gatevm_instance::control::K3sHealth {
+        version: s.version.clone(),
+        api_port: s.api_port,
+        ..Default::default()
+    };
+    if st.state == "running" {
+        let readyz = capture::<tokio::io::Empty>(
+            &st.name,
+            &["/usr/local/bin/k3s", "kubectl", "get", "--raw=/readyz"],
+            None,
+        )
+        .await;
+        match readyz {
+            Ok(o) if o.code == 0 && o.stdout.trim() == "ok" => h.api_ready = true,
+            Ok(o) => h.detail = Some(format!("/readyz: {}", o.error_line())),
+            Err(e) => h.detail = Some(format!("/readyz: {e}")),
+        }
+        if h.api_ready {
+            let node = capture::<tokio::io::Empty>(
+                &st.name,
+                &[
+                    "/usr/local/bin/k3s",
+                    "kubectl",
+                    "get",
+                    "nodes",
+                    "-o",
+                    "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}",
+                ],
+                None,
+            )
+            .await;
+            match node {
+                Ok(o) if o.code == 0 && o.stdout.split_whitespace().any(|w| w == "True") => {
+                    h.node_ready = true
+                }
+                Ok(o) if o.code == 0 => h.detail = Some("the node is not Ready yet".into()),
+                Ok(o) => h.detail = Some(format!("nodes: {}", o.error_line())),
+                Err(e) => h.detail = Some(format!("nodes: {e}")),
+            }
+        }
+        st.healthy = st.healthy && h.api_ready && h.node_ready;
+    }
+    st.k3s = Some(h);
+}
+
 #[derive(clap::Args)]
 pub struct KubeconfigArgs {
     /// Instance name.

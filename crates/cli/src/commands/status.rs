@@ -15,7 +15,11 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?;
-    let st = runtime()?.block_on(gatevm_instance::client::status(name))?;
+    let st = runtime()?.block_on(async {
+        let mut st = gatevm_instance::client::status(name).await?;
+        super::k3s::health(&mut st).await;
+        Ok::<_, anyhow::Error>(st)
+    })?;
     if a.json {
         print_json(&st)?;
     } else {
@@ -35,6 +39,19 @@ pub fn print_human(st: &InstanceStatus) {
     println!("resources:  {} CPUs, {} MiB", st.cpus, st.memory_mib);
     if !st.forwards.is_empty() {
         println!("forwards:   {}", st.forwards.join(", "));
+    }
+    if let Some(k) = &st.k3s {
+        println!(
+            "k3s:        {} on https://127.0.0.1:{} (API {}, node {}{})",
+            k.version,
+            k.api_port,
+            if k.api_ready { "ready" } else { "not ready" },
+            if k.node_ready { "Ready" } else { "not Ready" },
+            k.detail
+                .as_deref()
+                .map(|d| format!("; {d}"))
+                .unwrap_or_default()
+        );
     }
     if st.state != "stopped" {
         if let Some(p) = st.supervisor_pid {
