@@ -8,6 +8,7 @@
 
 use crate::config::K3sSettings;
 use crate::paths::InstancePaths;
+pub use crate::rootdir::{dir_in_root, write_new};
 use gatevm_image::kconfig::Capability;
 use gatevm_k3s::flags::{self, K3sOptions};
 use gatevm_k3s::pki::{self, PkiOptions};
@@ -34,55 +35,6 @@ pub struct StagedPlan {
 pub struct StagedCni {
     pub file: String,
     pub json: String,
-}
-
-/// The directory `rel` under `root`, created as needed, refusing any symlink or non-directory on
-/// the way.
-pub fn dir_in_root(root: &Path, rel: &str) -> Result<PathBuf, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut dir = root.to_path_buf();
-    for comp in rel.split('/').filter(|c| !c.is_empty()) {
-        if comp == ".." || comp == "." {
-            return Err(format!("bad path {rel:?}"));
-        }
-        dir.push(comp);
-        match std::fs::symlink_metadata(&dir) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(format!(
-                    "the instance root's /{} is not a directory (a symlink or a file)",
-                    dir.strip_prefix(root).unwrap_or(&dir).display()
-                ))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir(&dir)
-                    .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-                let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
-            }
-            Err(e) => return Err(format!("inspecting {}: {e}", dir.display())),
-        }
-    }
-    Ok(dir)
-}
-
-/// Writes a new file (replacing whatever is there, a symlink included, without following it).
-pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let tmp = path.with_extension("gatevm-tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
-    f.write_all(bytes)
-        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    drop(f);
-    let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode));
-    std::fs::rename(&tmp, path).map_err(|e| format!("installing {}: {e}", path.display()))
 }
 
 /// Copies a host file into the root (no-follow on the root side).
@@ -134,7 +86,7 @@ pub fn stage(paths: &InstancePaths, s: &K3sSettings, caps: &[Capability]) -> Res
         .rsplit_once('/')
         .unwrap_or(("", K3S_GUEST_PATH));
     let dir = dir_in_root(&root, bin_dir)?;
-    copy_in(&s.binary, &dir.join(bin_name), 0o755)?;
+    crate::rootdir::install(&s.binary, &dir.join(bin_name), 0o755)?;
 
     // A fresh staging directory.
     let stage_parent = dir_in_root(&root, "etc/gatevm")?;

@@ -12,6 +12,7 @@ pub mod k3s_stage;
 pub mod lock;
 pub mod name;
 pub mod paths;
+pub mod rootdir;
 pub mod supervisor;
 
 pub use config::{InstanceConfig, VmmChoice};

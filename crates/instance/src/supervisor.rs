@@ -337,52 +337,14 @@ fn mount_rootfs(paths: &InstancePaths, base: &Path) -> Result<(), SupervisorErro
 /// followed on the host: a directory on the way that is a symlink is refused, and a symlink at the
 /// binary's own path is replaced.
 fn install_guest(paths: &InstancePaths, guest_bin: &Path) -> Result<(), SupervisorError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let rel = GUEST_PATH.trim_start_matches('/');
     let (dir_rel, file) = rel.rsplit_once('/').unwrap_or(("", rel));
-    let mut dir = paths.rootfs();
-    for comp in dir_rel.split('/').filter(|c| !c.is_empty()) {
-        dir.push(comp);
-        match std::fs::symlink_metadata(&dir) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(SupervisorError::Setup(format!(
-                    "the instance root's {} is not a directory (a symlink or a file), so gatevm-guest cannot be installed at {GUEST_PATH}",
-                    dir.strip_prefix(paths.rootfs()).map(|p| format!("/{}", p.display())).unwrap_or_default()
-                )))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-                let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
-            }
-            Err(e) => return Err(io_err(format!("inspecting {}", dir.display()))(e)),
-        }
-    }
-    let dest = dir.join(file);
-    let new = std::fs::read(guest_bin).map_err(io_err(format!(
-        "reading the guest binary {}",
-        guest_bin.display()
-    )))?;
-    let is_file = std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_file());
-    if is_file && std::fs::read(&dest).ok().as_deref() == Some(&new[..]) {
-        return Ok(());
-    }
-    let tmp = dir.join(".gatevm-guest.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o755)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(io_err(format!("creating {}", tmp.display())))?;
-    std::io::Write::write_all(&mut f, &new)
-        .map_err(io_err(format!("writing {}", tmp.display())))?;
-    drop(f);
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
-        .map_err(io_err("chmod guest binary"))?;
-    // rename replaces whatever is at `dest` (a symlink included) without following it.
-    std::fs::rename(&tmp, &dest).map_err(io_err(format!("installing {}", dest.display())))
+    let dir = crate::rootdir::dir_in_root(&paths.rootfs(), dir_rel).map_err(|e| {
+        SupervisorError::Setup(format!(
+            "{e}, so gatevm-guest cannot be installed at {GUEST_PATH}"
+        ))
+    })?;
+    crate::rootdir::install(guest_bin, &dir.join(file), 0o755).map_err(SupervisorError::Setup)
 }
 
 /// Creates the sparse ext4 state disk on first start, and grows it (file and file system) when

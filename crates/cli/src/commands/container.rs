@@ -123,19 +123,12 @@ fn generated_name(image: &str) -> String {
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
         .take(40)
         .collect();
-    let mut b = [0u8; 3];
-    // SAFETY: getrandom writes at most b.len() bytes into b.
-    unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     let base = if base.is_empty() {
         "c".to_string()
     } else {
         base
     };
-    format!("{base}-{}", hex(&b))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    format!("{base}-{}", super::random_hex(3))
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<i32> {

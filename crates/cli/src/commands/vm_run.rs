@@ -80,29 +80,11 @@ fn root_dir(dir: &Path) -> anyhow::Result<PathBuf> {
 
 /// A fresh name for a throwaway instance.
 fn fresh_name() -> String {
-    let mut b = [0u8; 4];
-    if getrandom(&mut b).is_err() {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        b = t.to_le_bytes();
-    }
     format!(
-        "{EPHEMERAL_PREFIX}{}-{:08x}",
+        "{EPHEMERAL_PREFIX}{}-{}",
         std::process::id(),
-        u32::from_le_bytes(b)
+        super::random_hex(4)
     )
-}
-
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
-    // SAFETY: getrandom writes at most buf.len() bytes into buf.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n == buf.len() as isize {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
