@@ -15,6 +15,9 @@ fn gatevm(args: &[&str]) -> Output {
         )
         .env_remove("RUST_LOG")
         .env_remove("GATEVM_RUNTIME_DIR")
+        // Never the network: the pinned k3s download is pointed at a file that is not there.
+        .env("GATEVM_K3S_URL", "file:///nonexistent/k3s")
+        .env("GATEVM_K3S_SHA256", "0".repeat(64))
         .output()
         .expect("running gatevm")
 }
@@ -165,16 +168,47 @@ fn doctor_reports_without_a_runtime() {
 #[test]
 fn k3s_profile_and_appliance_inputs() {
     refused(
-        &["start", "k1", "--profile", "k3s"],
-        1,
-        "needs a k3s binary: pass --k3s PATH",
-    );
-    refused(
         &["start", "k1", "--profile", "k3s", "--k3s", "/bin/true"],
         1,
         "like k3s",
     );
+    // The pinned download is tried (one progress line), fails, and says how to supply k3s.
+    let out = gatevm(&["start", "k1", "--profile", "k3s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.trim_end().lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(lines[0].starts_with("fetching k3s"), "{err}");
+    assert!(
+        lines[1].contains("needs a k3s binary: pass --k3s PATH")
+            && lines[1].contains("the pinned download failed: fetching file:///nonexistent/k3s"),
+        "{err}"
+    );
     refused(&["start", "k1", "--no-kubeconfig"], 1, "--profile k3s");
+    refused(
+        &["start", "k1", "--gateway-port", "30443"],
+        1,
+        "--profile k3s",
+    );
+    let k3s = |extra: &[&str], needle: &str| {
+        let mut args = vec!["start", "k1", "--profile", "k3s"];
+        args.extend_from_slice(extra);
+        refused(&args, 1, needle);
+    };
+    k3s(&["--gateway-port", "0"], "not a port");
+    k3s(&["--gateway-port", "x:30443"], "not a port");
+    k3s(&["--gateway-port", "8443:70000"], "not a port");
+    k3s(&["--gateway-port", "6443"], "Kubernetes API");
+    k3s(&["--gateway-secret", "noslash"], "NAMESPACE/NAME");
+    k3s(&["--gateway-secret", "Bad/x"], "invalid namespace");
+    k3s(&["--gateway-secret", "ns/"], "invalid secret name");
+    k3s(&["--gateway-service", "nodot"], "NAME.NAMESPACE");
+    k3s(&["--gateway-service", "a.B"], "NAME.NAMESPACE");
+    k3s(&["--tls-san", "bad name"], "--tls-san");
+    k3s(
+        &["--api-port", "18443", "--gateway-port", "18443:30443"],
+        "both use host port 18443",
+    );
     refused(
         &["start", "k1", "--profile", "k3s", "--enable", "istio"],
         1,

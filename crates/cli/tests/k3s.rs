@@ -220,6 +220,9 @@ fn k3s_profile_plumbing_with_a_stand_in() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let api_s = api.to_string();
+    let gw_port = free_port();
+    // fake-k3s serves the gateway Secret's pair with TLS on guest port 30443.
+    let gw_spec = format!("{gw_port}:30443");
     run(&[
         "start",
         NAME,
@@ -231,6 +234,14 @@ fn k3s_profile_plumbing_with_a_stand_in() {
         &api_s,
         "--manifest",
         manifest.to_str().unwrap(),
+        "--gateway-port",
+        &gw_spec,
+        "--gateway-service",
+        "web.edge",
+        "--tls-san",
+        "gw.example.test",
+        "--gateway-secret",
+        "edge/web-tls",
     ]);
     let st = status(NAME);
     assert_eq!(st["healthy"], true, "{st}");
@@ -247,6 +258,12 @@ fn k3s_profile_plumbing_with_a_stand_in() {
     assert_eq!(st["k3s"]["api_ready"], true, "{st}");
     assert_eq!(st["k3s"]["node_ready"], true, "{st}");
     assert_eq!(st["k3s"]["version"], "v1.31.0+k3s1", "{st}");
+    // The gateway port: TLS from the guest's stand-in gateway, verified against the CA.
+    assert_eq!(st["k3s"]["gateway"]["tls_ready"], true, "{st}");
+    assert_eq!(
+        st["k3s"]["gateway"]["endpoint"],
+        format!("https://127.0.0.1:{gw_port}")
+    );
     let fwd = format!("127.0.0.1:{api}:6443/tcp");
     assert!(
         st["forwards"].as_array().unwrap().iter().any(|f| f == &fwd),
@@ -277,6 +294,39 @@ fn k3s_profile_plumbing_with_a_stand_in() {
         manifests.contains("marker.yaml") && manifests.contains("gatevm-gateway-tls.yaml"),
         "{manifests}"
     );
+    let (code, secret, err) = exec(
+        NAME,
+        &[
+            "cat",
+            "/var/lib/gatevm/k3s/server/manifests/gatevm-gateway-tls.yaml",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        secret.contains("name: web-tls") && secret.contains("namespace: edge"),
+        "{secret}"
+    );
+    // The server certificate names the service and the extra SAN.
+    let pem = std::fs::read(
+        gatevm_image::dirs::data_dir()
+            .unwrap()
+            .join(format!("instances/{NAME}/pki/server.crt")),
+    )
+    .unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let text = format!(
+        "{:?}",
+        cert.subject_alternative_name().unwrap().unwrap().value
+    );
+    for want in [
+        "web.edge.svc",
+        "web.edge.svc.cluster.local",
+        "gw.example.test",
+    ] {
+        assert!(text.contains(want), "{want} missing from {text}");
+    }
 
     // The kubeconfig: the instance's, and merged into $KUBECONFIG's file.
     let own = run(&["kubeconfig", NAME]);
@@ -287,7 +337,7 @@ fn k3s_profile_plumbing_with_a_stand_in() {
     let gw = config_home.join(format!("gatevm/gateways/{NAME}"));
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(gw.join("gateway.json")).unwrap()).unwrap();
-    assert_eq!(meta["endpoint"], format!("https://127.0.0.1:{api}"));
+    assert_eq!(meta["endpoint"], format!("https://127.0.0.1:{gw_port}"));
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(gw.join("client.key"))
@@ -303,6 +353,19 @@ fn k3s_profile_plumbing_with_a_stand_in() {
     run(&["start", NAME]);
     assert_eq!(status(NAME)["healthy"], true);
     assert!(read_forward(api, "fake-k3s", Duration::from_secs(30)).is_some());
+
+    assert_eq!(status(NAME)["k3s"]["gateway"]["tls_ready"], true);
+
+    // A gateway port where nothing serves TLS: running, but not healthy, and status says why.
+    run(&["stop", NAME]);
+    run(&["start", NAME, "--gateway-port", "30444"]);
+    let st = status(NAME);
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["healthy"], false, "{st}");
+    assert_eq!(st["k3s"]["node_ready"], true, "{st}");
+    assert_eq!(st["k3s"]["gateway"]["tls_ready"], false, "{st}");
+    assert_eq!(st["k3s"]["gateway"]["guest_port"], 30444, "{st}");
+    assert!(st["k3s"]["gateway"]["detail"].is_string(), "{st}");
 
     // Delete takes the context and the gateway metadata away.
     run(&["delete", NAME, "--force"]);

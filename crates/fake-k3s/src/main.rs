@@ -9,6 +9,10 @@
 //!   `/etc/rancher/k3s/k3s.yaml` (embedded CA and client credentials; the data is not a real
 //!   certificate), and accepts TCP connections on the API port (6443 or `--https-listen-port`),
 //!   answering each with `fake-k3s\n`, until it is terminated.
+//! - As a stand-in for a gateway workload, when the manifests hold gatevm's TLS Secret
+//!   (`gatevm-gateway-tls.yaml`), it serves TLS with that Secret's server pair on port
+//!   [`GATEWAY_PORT`], requiring a client certificate signed by the Secret's `ca.crt`, and
+//!   answers `gateway\n`.
 
 use std::io::Write;
 
@@ -60,6 +64,83 @@ users:
     client-key-data: ZmFrZS1rZXk=
 ";
 
+/// Where the stand-in gateway listens (in the NodePort range, like a real gateway Service).
+const GATEWAY_PORT: u16 = 30443;
+
+/// Standard base64, as in Secret data.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// A `key: value` of the Secret's data.
+fn secret_field(yaml: &str, key: &str) -> Option<Vec<u8>> {
+    let want = format!("{key}:");
+    let line = yaml.lines().find(|l| l.trim_start().starts_with(&want))?;
+    base64_decode(line.trim_start()[want.len()..].trim())
+}
+
+/// Serves TLS with the Secret's server pair, requiring a client certificate of its CA.
+fn gateway(secret_yaml: &str) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::Arc;
+    let field = |k: &str| secret_field(secret_yaml, k).ok_or(format!("no {k} in the Secret"));
+    let (crt, key, ca) = (field("tls.crt")?, field("tls.key")?, field("ca.crt")?);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(&ca).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
+            .build()
+            .map_err(|e| e.to_string())?;
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(&crt).map_err(|e| e.to_string())?],
+            PrivateKeyDer::from_pem_slice(&key).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+    let cfg = Arc::new(cfg);
+    let l = std::net::TcpListener::bind(("0.0.0.0", GATEWAY_PORT)).map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                    .ok();
+                if let Ok(mut c) = rustls::ServerConnection::new(cfg) {
+                    let mut t = rustls::Stream::new(&mut c, &mut s);
+                    let _ = t.write_all(b"gateway\n");
+                    let _ = t.flush();
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
 fn server(args: &[String]) -> std::io::Result<()> {
     let data_dir = arg_value(args, "--data-dir").unwrap_or_else(|| "/var/lib/rancher/k3s".into());
     let port: u16 = arg_value(args, "--https-listen-port")
@@ -86,6 +167,12 @@ fn server(args: &[String]) -> std::io::Result<()> {
             .join(", ")
     );
     std::fs::write("/run/fake-k3s.json", report)?;
+    let secret = format!("{data_dir}/server/manifests/gatevm-gateway-tls.yaml");
+    if let Ok(y) = std::fs::read_to_string(&secret) {
+        if let Err(e) = gateway(&y) {
+            eprintln!("fake-k3s: gateway: {e}");
+        }
+    }
     let listener = std::net::TcpListener::bind(("0.0.0.0", port))?;
     std::fs::create_dir_all("/etc/rancher/k3s")?;
     std::fs::write("/etc/rancher/k3s/k3s.yaml", KUBECONFIG)?;

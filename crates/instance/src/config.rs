@@ -139,6 +139,39 @@ pub struct K3sSettings {
     pub secret_namespace: String,
     #[serde(default = "default_secret_name")]
     pub secret_name: String,
+    /// In-cluster names of the gateway Service (`NAME.NAMESPACE`); empty for the default,
+    /// `gateway.gatevm`. Each puts `NAME.NAMESPACE.svc[.cluster.local]` in the server certificate.
+    #[serde(default)]
+    pub services: Vec<String>,
+    /// More names or addresses for the gateway's server certificate.
+    #[serde(default)]
+    pub tls_sans: Vec<String>,
+    /// The gateway's port: a host port (127.0.0.1) forwarded to a guest port (normally the
+    /// gateway Service's NodePort); health then also needs TLS signed by the instance's CA there.
+    #[serde(default)]
+    pub gateway: Option<GatewayPort>,
+}
+
+/// Where the gateway is reached: host port (on 127.0.0.1) to guest port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayPort {
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+impl K3sSettings {
+    /// The service DNS names for the server certificate.
+    pub fn service_dns_names(&self) -> Vec<String> {
+        let services: Vec<&str> = if self.services.is_empty() {
+            vec!["gateway.gatevm"]
+        } else {
+            self.services.iter().map(String::as_str).collect()
+        };
+        services
+            .iter()
+            .flat_map(|s| [format!("{s}.svc"), format!("{s}.svc.cluster.local")])
+            .collect()
+    }
 }
 
 fn yes() -> bool {

@@ -61,6 +61,22 @@ pub struct K3sHealth {
     pub node_ready: bool,
     /// Why a part is not ready, when known.
     pub detail: Option<String>,
+    /// The gateway port, when one is configured.
+    #[serde(default)]
+    pub gateway: Option<GatewayHealth>,
+}
+
+/// The gateway port's part of the k3s health.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayHealth {
+    /// `https://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// The guest port it is forwarded to.
+    pub guest_port: u16,
+    /// A TLS handshake there verified against the instance's CA (client certificate offered).
+    pub tls_ready: bool,
+    /// Why not, when it failed.
+    pub detail: Option<String>,
 }
 
 /// The instance status document (`gatevm status --json`). Fields are only ever added.

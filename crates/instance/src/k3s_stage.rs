@@ -76,6 +76,15 @@ pub fn options(name: &str, s: &K3sSettings) -> K3sOptions {
     }
 }
 
+/// The gateway PKI's options for an instance: its service names and extra SANs.
+pub fn pki_options(name: &str, s: &K3sSettings) -> PkiOptions {
+    PkiOptions {
+        service_names: s.service_dns_names(),
+        extra_sans: s.tls_sans.clone(),
+        ..PkiOptions::new(name)
+    }
+}
+
 /// Prepares the k3s profile in the mounted instance root. `caps` are the guest kernel's features
 /// (empty when unknown: every feature then counts as missing and the plan is the conservative
 /// one).
@@ -140,8 +149,8 @@ pub fn stage(paths: &InstancePaths, s: &K3sSettings, caps: &[Capability]) -> Res
 
     // The gateway's certificates: made on the host, so they exist before the guest boots.
     let pki_dir = paths.dir.join("pki");
-    let pki = pki::load_or_create(&pki_dir, &PkiOptions::new(paths.name.clone()))
-        .map_err(|e| e.to_string())?;
+    let pki =
+        pki::load_or_create(&pki_dir, &pki_options(&paths.name, s)).map_err(|e| e.to_string())?;
     let secret = pki::tls_secret_manifest(&s.secret_namespace, &s.secret_name, &pki)
         .map_err(|e| e.to_string())?;
     write_new(
@@ -168,6 +177,9 @@ mod tests {
             merge_kubeconfig: true,
             secret_namespace: "gatevm".into(),
             secret_name: "gateway-tls".into(),
+            services: vec![],
+            tls_sans: vec![],
+            gateway: None,
         }
     }
 

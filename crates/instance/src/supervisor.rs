@@ -965,6 +965,16 @@ pub fn all_forwards(cfg: &InstanceConfig) -> Vec<gatevm_net::Forward> {
                 proto: gatevm_net::forward::Proto::Tcp,
             });
         }
+        if let Some(g) = k.gateway {
+            if !v.iter().any(|f| f.host_port == g.host_port) {
+                v.push(gatevm_net::Forward {
+                    host_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+                    host_port: g.host_port,
+                    guest_port: g.guest_port,
+                    proto: gatevm_net::forward::Proto::Tcp,
+                });
+            }
+        }
     }
     v
 }

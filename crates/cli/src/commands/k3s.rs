@@ -5,9 +5,9 @@
 use super::exec::capture;
 use crate::output::runtime;
 use anyhow::bail;
-use gatevm_instance::config::K3sSettings;
+use gatevm_instance::config::{GatewayPort, K3sSettings};
 use gatevm_instance::{InstanceConfig, InstancePaths};
-use gatevm_k3s::{binary, kubeconfig, pki};
+use gatevm_k3s::{binary, download, kubeconfig, pki};
 use std::path::{Path, PathBuf};
 
 /// Packaged k3s components `--enable` can keep.
@@ -48,6 +48,67 @@ pub struct K3sArgs {
     /// Don't merge the kubeconfig into ~/.kube/config (or the first file of $KUBECONFIG).
     #[arg(long)]
     pub no_kubeconfig: bool,
+    /// The gateway's port: guest port GUESTPORT (normally the gateway Service's NodePort)
+    /// forwarded to 127.0.0.1:HOSTPORT [default HOSTPORT: a free port, kept]. Health then also
+    /// needs TLS signed by the instance's CA there, and it is the gateway metadata's endpoint.
+    #[arg(long, value_name = "[HOSTPORT:]GUESTPORT")]
+    pub gateway_port: Option<String>,
+    /// The gateway Service, NAME.NAMESPACE, whose cluster DNS names go into the server
+    /// certificate. Repeatable; replaces the earlier list [default: gateway.gatevm].
+    #[arg(long = "gateway-service", value_name = "NAME.NAMESPACE")]
+    pub services: Vec<String>,
+    /// Another DNS name (`*.` allowed) or IP address for the gateway's server certificate.
+    /// Repeatable; replaces the earlier list.
+    #[arg(long = "tls-san", value_name = "NAME|IP")]
+    pub tls_sans: Vec<String>,
+    /// The TLS Secret holding the gateway's server pair and CA [default: gatevm/gateway-tls].
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub gateway_secret: Option<String>,
+}
+
+/// `--gateway-port [HOSTPORT:]GUESTPORT`; a missing host port is None.
+fn parse_gateway_port(v: &str) -> anyhow::Result<(Option<u16>, u16)> {
+    let port = |p: &str| -> anyhow::Result<u16> {
+        match p.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("--gateway-port {v:?}: {p:?} is not a port (1 to 65535)"),
+        }
+    };
+    let (host, guest) = match v.split_once(':') {
+        Some((h, g)) => (Some(port(h)?), port(g)?),
+        None => (None, port(v)?),
+    };
+    if guest == gatevm_instance::config::K3S_API_GUEST_PORT {
+        bail!("--gateway-port {v:?}: guest port 6443 is the Kubernetes API (see --api-port)");
+    }
+    Ok((host, guest))
+}
+
+/// `--gateway-secret NAMESPACE/NAME`.
+fn parse_secret(v: &str) -> anyhow::Result<(String, String)> {
+    let Some((ns, name)) = v.split_once('/') else {
+        bail!("--gateway-secret {v:?}: use NAMESPACE/NAME");
+    };
+    pki::check_secret_ref(ns, name).map_err(|e| anyhow::anyhow!("--gateway-secret: {e}"))?;
+    Ok((ns.to_string(), name.to_string()))
+}
+
+/// `--gateway-service NAME.NAMESPACE`: two DNS labels.
+fn check_service(v: &str) -> anyhow::Result<()> {
+    let ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    match v.split_once('.') {
+        Some((n, ns)) if ok(n) && ok(ns) => Ok(()),
+        _ => bail!(
+            "--gateway-service {v:?}: use NAME.NAMESPACE, each lowercase letters, digits and '-'"
+        ),
+    }
 }
 
 impl K3sArgs {
@@ -58,6 +119,10 @@ impl K3sArgs {
             || !self.images.is_empty()
             || !self.enable.is_empty()
             || self.no_kubeconfig
+            || self.gateway_port.is_some()
+            || !self.services.is_empty()
+            || !self.tls_sans.is_empty()
+            || self.gateway_secret.is_some()
     }
 }
 
@@ -78,7 +143,7 @@ pub fn resolve(a: &K3sArgs, saved: Option<&K3sSettings>) -> anyhow::Result<Optio
     });
     if profile == Profile::Containerd {
         if a.any_k3s_flag() {
-            bail!("--k3s, --api-port, --manifest, --images, --enable and --no-kubeconfig belong to --profile k3s");
+            bail!("--k3s, --api-port, --manifest, --images, --enable, --no-kubeconfig and the --gateway-*/--tls-san flags belong to --profile k3s");
         }
         return Ok(None);
     }
@@ -101,6 +166,42 @@ pub fn resolve(a: &K3sArgs, saved: Option<&K3sSettings>) -> anyhow::Result<Optio
     if a.api_port == Some(0) {
         bail!("--api-port 0 is not a port: use 1 to 65535");
     }
+    for v in &a.services {
+        check_service(v)?;
+    }
+    let gateway_port = a
+        .gateway_port
+        .as_deref()
+        .map(parse_gateway_port)
+        .transpose()?;
+    let secret = a.gateway_secret.as_deref().map(parse_secret).transpose()?;
+    pki::PkiOptions {
+        extra_sans: a.tls_sans.clone(),
+        ..pki::PkiOptions::new("x")
+    }
+    .validate()
+    .map_err(|e| anyhow::anyhow!("--tls-san: {e}"))?;
+    let api_port = match (a.api_port, saved) {
+        (Some(p), _) => p,
+        (None, Some(s)) => s.api_port,
+        (None, None) => free_port()?,
+    };
+    let gateway = match (gateway_port, saved.and_then(|s| s.gateway)) {
+        (Some((Some(h), g)), _) => Some(GatewayPort {
+            host_port: h,
+            guest_port: g,
+        }),
+        // Same guest port as before: keep its host port.
+        (Some((None, g)), Some(old)) if old.guest_port == g => Some(old),
+        (Some((None, g)), _) => Some(GatewayPort {
+            host_port: free_port()?,
+            guest_port: g,
+        }),
+        (None, old) => old,
+    };
+    if gateway.is_some_and(|g| g.host_port == api_port) {
+        bail!("--gateway-port and --api-port both use host port {api_port}");
+    }
     let bin = match (&a.k3s, saved) {
         (Some(p), _) => binary::inspect(p).map_err(|e| anyhow::anyhow!("--k3s {e}"))?,
         (None, Some(s)) if s.binary.is_file() => {
@@ -110,16 +211,13 @@ pub fn resolve(a: &K3sArgs, saved: Option<&K3sSettings>) -> anyhow::Result<Optio
             let rt = gatevm_image::dirs::runtime_dir()?;
             match binary::cached(&rt) {
                 Some(b) => b,
-                None => bail!(
-                    "the k3s profile needs a k3s binary: pass --k3s PATH, or cache one with `gatevm setup --k3s FILE`"
-                ),
+                None => fetch_pinned(&rt).map_err(|e| {
+                    anyhow::anyhow!(
+                        "the k3s profile needs a k3s binary: pass --k3s PATH, or cache one with `gatevm setup --k3s FILE` (the pinned download failed: {e})"
+                    )
+                })?,
             }
         }
-    };
-    let api_port = match (a.api_port, saved) {
-        (Some(p), _) => p,
-        (None, Some(s)) => s.api_port,
-        (None, None) => free_port()?,
     };
     let pick = |given: &Vec<PathBuf>, old: Option<&Vec<PathBuf>>| {
         if given.is_empty() {
@@ -148,9 +246,50 @@ pub fn resolve(a: &K3sArgs, saved: Option<&K3sSettings>) -> anyhow::Result<Optio
         } else {
             saved.is_none_or(|s| s.merge_kubeconfig)
         },
-        secret_namespace: saved.map_or("gatevm".into(), |s| s.secret_namespace.clone()),
-        secret_name: saved.map_or("gateway-tls".into(), |s| s.secret_name.clone()),
+        secret_namespace: secret
+            .as_ref()
+            .map(|s| s.0.clone())
+            .unwrap_or_else(|| saved.map_or("gatevm".into(), |s| s.secret_namespace.clone())),
+        secret_name: secret
+            .map(|s| s.1)
+            .unwrap_or_else(|| saved.map_or("gateway-tls".into(), |s| s.secret_name.clone())),
+        services: if a.services.is_empty() {
+            saved.map(|s| s.services.clone()).unwrap_or_default()
+        } else {
+            a.services.clone()
+        },
+        tls_sans: if a.tls_sans.is_empty() {
+            saved.map(|s| s.tls_sans.clone()).unwrap_or_default()
+        } else {
+            a.tls_sans.clone()
+        },
+        gateway,
     }))
+}
+
+/// Fetches the pinned k3s release into the runtime's cache (verified before it runs).
+fn fetch_pinned(rt: &Path) -> anyhow::Result<binary::K3sBinary> {
+    let pin = download::pin().map_err(|e| anyhow::anyhow!(e))?;
+    eprintln!(
+        "fetching k3s {} from {} (sha256 {})",
+        pin.version.as_deref().unwrap_or("(version unpinned)"),
+        pin.url,
+        pin.sha256
+    );
+    download::fetch(&pin, rt).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// `gatevm setup --fetch-k3s`: the pinned release, verified and cached.
+pub fn fetch_and_cache() -> anyhow::Result<()> {
+    let rt = gatevm_image::dirs::runtime_dir()?;
+    let b = fetch_pinned(&rt)?;
+    eprintln!(
+        "k3s {} cached at {} (sha256 {})",
+        b.version,
+        b.path.display(),
+        b.sha256
+    );
+    Ok(())
 }
 
 /// The instance's own kubeconfig file.
@@ -169,8 +308,18 @@ fn user_kubeconfig() -> anyhow::Result<PathBuf> {
     ))
 }
 
+/// How long `start` waits, after the API server answers, for the node to be Ready.
+const NODE_READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The gateway endpoint of an instance, when it has a gateway port.
+fn gateway_endpoint(s: &K3sSettings) -> Option<String> {
+    s.gateway
+        .map(|g| format!("https://127.0.0.1:{}", g.host_port))
+}
+
 /// After a k3s instance is ready: its kubeconfig (from the guest, for the forwarded port), merged
-/// into the user's unless disabled, and the gateway metadata for clients.
+/// into the user's unless disabled, and the gateway metadata for clients; then waits for the
+/// node to be Ready (the API server answering is not enough to run anything).
 pub fn after_ready(name: &str, s: &K3sSettings) -> anyhow::Result<()> {
     let paths = InstancePaths::new(name);
     let out = runtime()?.block_on(capture::<tokio::io::Empty>(
@@ -203,13 +352,123 @@ pub fn after_ready(name: &str, s: &K3sSettings) -> anyhow::Result<()> {
             }
         );
     }
-    let pki = pki::load_or_create(&paths.dir.join("pki"), &pki::PkiOptions::new(name))?;
+    let pki = pki::load_or_create(
+        &paths.dir.join("pki"),
+        &gatevm_instance::k3s_stage::pki_options(name, s),
+    )?;
     if let Some(dir) = pki::config_dir() {
-        let endpoint = format!("https://127.0.0.1:{}", s.api_port);
-        let at = pki::write_gateway_metadata(&dir, name, &endpoint, &pki)?;
-        eprintln!("gateway credentials: {}", at.display());
+        let at = pki::write_gateway_metadata(&dir, name, gateway_endpoint(s).as_deref(), &pki)?;
+        eprintln!(
+            "gateway credentials: {}{}",
+            at.display(),
+            gateway_endpoint(s)
+                .map(|e| format!(" (endpoint {e})"))
+                .unwrap_or_default()
+        );
     }
-    Ok(())
+    let deadline = std::time::Instant::now() + NODE_READY_WITHIN;
+    let mut said = false;
+    loop {
+        let h = runtime()?.block_on(k3s_health(name, s, false));
+        if h.api_ready && h.node_ready {
+            eprintln!("{name}: node Ready");
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "{name} is running, but its node is not Ready after {} s ({}); `gatevm status {name}` shows progress",
+                NODE_READY_WITHIN.as_secs(),
+                h.detail.as_deref().unwrap_or("no detail")
+            );
+        }
+        if !said {
+            eprintln!("{name}: waiting for the node to be Ready");
+            said = true;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+}
+
+/// Asks the guest's k3s whether its API server is ready (`/readyz`) and its node is Ready and,
+/// with `gateway`, whether the gateway port accepts TLS signed by the instance's CA.
+pub async fn k3s_health(
+    name: &str,
+    s: &K3sSettings,
+    gateway: bool,
+) -> gatevm_instance::control::K3sHealth {
+    let mut h = gatevm_instance::control::K3sHealth {
+        version: s.version.clone(),
+        api_port: s.api_port,
+        ..Default::default()
+    };
+    let readyz = capture::<tokio::io::Empty>(
+        name,
+        &["/usr/local/bin/k3s", "kubectl", "get", "--raw=/readyz"],
+        None,
+    )
+    .await;
+    match readyz {
+        Ok(o) if o.code == 0 && o.stdout.trim() == "ok" => h.api_ready = true,
+        Ok(o) => h.detail = Some(format!("/readyz: {}", o.error_line())),
+        Err(e) => h.detail = Some(format!("/readyz: {e}")),
+    }
+    if h.api_ready {
+        let node = capture::<tokio::io::Empty>(
+            name,
+            &[
+                "/usr/local/bin/k3s",
+                "kubectl",
+                "get",
+                "nodes",
+                "-o",
+                "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}",
+            ],
+            None,
+        )
+        .await;
+        match node {
+            Ok(o) if o.code == 0 && o.stdout.split_whitespace().any(|w| w == "True") => {
+                h.node_ready = true
+            }
+            Ok(o) if o.code == 0 => h.detail = Some("the node is not Ready yet".into()),
+            Ok(o) => h.detail = Some(format!("nodes: {}", o.error_line())),
+            Err(e) => h.detail = Some(format!("nodes: {e}")),
+        }
+    }
+    if let (true, Some(g)) = (gateway, s.gateway) {
+        h.gateway = Some(gateway_health(name, s, g).await);
+    }
+    h
+}
+
+/// The TLS check of the gateway port, from the host through the forward.
+async fn gateway_health(
+    name: &str,
+    s: &K3sSettings,
+    g: GatewayPort,
+) -> gatevm_instance::control::GatewayHealth {
+    let mut gh = gatevm_instance::control::GatewayHealth {
+        endpoint: format!("https://127.0.0.1:{}", g.host_port),
+        guest_port: g.guest_port,
+        ..Default::default()
+    };
+    let dir = InstancePaths::new(name).dir.join("pki");
+    let opts = gatevm_instance::k3s_stage::pki_options(name, s);
+    let checked = tokio::task::spawn_blocking(move || {
+        let pki = pki::load_or_create(&dir, &opts).map_err(|e| e.to_string())?;
+        gatevm_k3s::tls::probe(
+            (std::net::Ipv4Addr::LOCALHOST, g.host_port).into(),
+            &pki,
+            std::time::Duration::from_secs(5),
+        )
+    })
+    .await;
+    match checked {
+        Ok(Ok(())) => gh.tls_ready = true,
+        Ok(Err(e)) => gh.detail = Some(e),
+        Err(e) => gh.detail = Some(e.to_string()),
+    }
+    gh
 }
 
 /// On delete: the instance's context leaves the user's kubeconfig and its gateway metadata goes.
@@ -234,54 +493,29 @@ pub fn on_delete(name: &str, cfg: Option<&InstanceConfig>) {
     }
 }
 
-/// Asks the guest's k3s whether its API server is ready (`/readyz`) and its node is Ready, and
-/// fills the status's `k3s` part; for a k3s instance, healthy then also needs both.
+/// Fills the status's `k3s` part for a k3s instance; healthy then also needs the API server,
+/// the node and, when configured, the gateway port's TLS.
 pub async fn health(st: &mut gatevm_instance::InstanceStatus) {
     let Some(s) = gatevm_instance::client::saved_config(&st.name).and_then(|c| c.k3s) else {
         return;
     };
-    let mut h = gatevm_instance::control::K3sHealth {
-        version: s.version.clone(),
-        api_port: s.api_port,
-        ..Default::default()
+    let h = if st.state == "running" {
+        let h = k3s_health(&st.name, &s, true).await;
+        let gateway_ok = h.gateway.as_ref().is_none_or(|g| g.tls_ready);
+        st.healthy = st.healthy && h.api_ready && h.node_ready && gateway_ok;
+        h
+    } else {
+        gatevm_instance::control::K3sHealth {
+            version: s.version.clone(),
+            api_port: s.api_port,
+            gateway: s.gateway.map(|g| gatevm_instance::control::GatewayHealth {
+                endpoint: format!("https://127.0.0.1:{}", g.host_port),
+                guest_port: g.guest_port,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
     };
-    if st.state == "running" {
-        let readyz = capture::<tokio::io::Empty>(
-            &st.name,
-            &["/usr/local/bin/k3s", "kubectl", "get", "--raw=/readyz"],
-            None,
-        )
-        .await;
-        match readyz {
-            Ok(o) if o.code == 0 && o.stdout.trim() == "ok" => h.api_ready = true,
-            Ok(o) => h.detail = Some(format!("/readyz: {}", o.error_line())),
-            Err(e) => h.detail = Some(format!("/readyz: {e}")),
-        }
-        if h.api_ready {
-            let node = capture::<tokio::io::Empty>(
-                &st.name,
-                &[
-                    "/usr/local/bin/k3s",
-                    "kubectl",
-                    "get",
-                    "nodes",
-                    "-o",
-                    "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}",
-                ],
-                None,
-            )
-            .await;
-            match node {
-                Ok(o) if o.code == 0 && o.stdout.split_whitespace().any(|w| w == "True") => {
-                    h.node_ready = true
-                }
-                Ok(o) if o.code == 0 => h.detail = Some("the node is not Ready yet".into()),
-                Ok(o) => h.detail = Some(format!("nodes: {}", o.error_line())),
-                Err(e) => h.detail = Some(format!("nodes: {e}")),
-            }
-        }
-        st.healthy = st.healthy && h.api_ready && h.node_ready;
-    }
     st.k3s = Some(h);
 }
 

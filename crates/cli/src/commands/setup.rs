@@ -21,11 +21,18 @@ pub struct Args {
     /// Check a k3s binary and cache it in the runtime for `start --profile k3s`.
     #[arg(long, value_name = "FILE")]
     k3s: Option<std::path::PathBuf>,
+    /// Fetch the pinned k3s release (verified against its pinned sha256) and cache it;
+    /// $GATEVM_K3S_URL with $GATEVM_K3S_SHA256 pins another file.
+    #[arg(long, conflicts_with = "k3s")]
+    fetch_k3s: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     if let Some(f) = &a.k3s {
         super::k3s::cache_binary(f)?;
+    }
+    if a.fetch_k3s {
+        super::k3s::fetch_and_cache()?;
     }
     let guest = super::guest_bin()?;
     let opts = SetupOptions {

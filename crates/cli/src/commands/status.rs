@@ -52,6 +52,22 @@ pub fn print_human(st: &InstanceStatus) {
                 .map(|d| format!("; {d}"))
                 .unwrap_or_default()
         );
+        if let Some(g) = &k.gateway {
+            println!(
+                "gateway:    {} -> guest port {} ({}{})",
+                g.endpoint,
+                g.guest_port,
+                if g.tls_ready {
+                    "TLS ok, signed by the instance's CA"
+                } else {
+                    "TLS not ready"
+                },
+                g.detail
+                    .as_deref()
+                    .map(|d| format!("; {d}"))
+                    .unwrap_or_default()
+            );
+        }
     }
     if st.state != "stopped" {
         if let Some(p) = st.supervisor_pid {
@@ -79,7 +95,7 @@ pub fn print_human(st: &InstanceStatus) {
             );
         }
         if let (Some(a), Some(r)) = (st.agent_ready_ms, st.ready_ms) {
-            println!("boot:       agent {} , ready {}", secs(a), secs(r));
+            println!("boot:       agent {}, ready {}", secs(a), secs(r));
         }
     }
     if let Some(r) = &st.stop_reason {

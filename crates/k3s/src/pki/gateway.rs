@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! CONFIG/gateways/NAME/   0700   (CONFIG is config_dir(): $XDG_CONFIG_HOME/gatevm or ~/.config/gatevm)
-//!   endpoint              0644   e.g. "https://127.0.0.1:PORT\n"
+//!   endpoint              0644   e.g. "https://127.0.0.1:PORT\n" (only when a gateway port is set)
 //!   ca.crt                0644
 //!   client.crt            0644
 //!   client.key            0600
@@ -32,8 +32,9 @@ pub const METADATA_FILE: &str = "gateway.json";
 pub struct GatewayMetadata {
     /// The gateway's name (the instance name, normally).
     pub name: String,
-    /// Where the gateway listens, e.g. `https://127.0.0.1:8443`.
-    pub endpoint: String,
+    /// Where the gateway listens, e.g. `https://127.0.0.1:8443`; null while the instance has no
+    /// gateway port.
+    pub endpoint: Option<String>,
     /// The CA certificate to verify the gateway with.
     pub ca: PathBuf,
     /// The client certificate.
@@ -95,11 +96,13 @@ fn check_endpoint(endpoint: &str) -> Result<(), PkiError> {
 pub fn write_gateway_metadata(
     config_dir: &Path,
     name: &str,
-    endpoint: &str,
+    endpoint: Option<&str>,
     pki: &Pki,
 ) -> Result<PathBuf, PkiError> {
     check_name(name)?;
-    check_endpoint(endpoint)?;
+    if let Some(e) = endpoint {
+        check_endpoint(e)?;
+    }
     let config_dir = std::path::absolute(config_dir).map_err(|source| PkiError::Io {
         action: "resolve",
         path: config_dir.to_path_buf(),
@@ -109,7 +112,7 @@ pub fn write_gateway_metadata(
     fsutil::ensure_private_dir(&dir)?;
     let metadata = GatewayMetadata {
         name: name.to_string(),
-        endpoint: endpoint.to_string(),
+        endpoint: endpoint.map(str::to_string),
         ca: dir.join(CA_CERT_FILE),
         cert: dir.join(CLIENT_CERT_FILE),
         key: dir.join(CLIENT_KEY_FILE),
@@ -126,11 +129,23 @@ pub fn write_gateway_metadata(
         fsutil::PUBLIC_MODE,
     )?;
     fsutil::write_atomic(&metadata.key, pki.client_key.as_bytes(), fsutil::KEY_MODE)?;
-    fsutil::write_atomic(
-        &dir.join(ENDPOINT_FILE),
-        format!("{endpoint}\n").as_bytes(),
-        fsutil::PUBLIC_MODE,
-    )?;
+    match endpoint {
+        Some(endpoint) => fsutil::write_atomic(
+            &dir.join(ENDPOINT_FILE),
+            format!("{endpoint}\n").as_bytes(),
+            fsutil::PUBLIC_MODE,
+        )?,
+        None => match fs::remove_file(dir.join(ENDPOINT_FILE)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(PkiError::Io {
+                    action: "remove",
+                    path: dir.join(ENDPOINT_FILE),
+                    source: e,
+                })
+            }
+            _ => {}
+        },
+    }
     fsutil::write_atomic(
         &dir.join(METADATA_FILE),
         json.as_bytes(),

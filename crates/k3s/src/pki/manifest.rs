@@ -41,6 +41,13 @@ fn to_yaml(object: &Object<'_>) -> Result<String, PkiError> {
     })
 }
 
+/// Checks a Secret's namespace (a DNS-1123 label) and name (a DNS-1123 subdomain).
+pub fn check_secret_ref(namespace: &str, name: &str) -> Result<(), PkiError> {
+    names::dns1123_label(namespace)
+        .map_err(|reason| invalid_input("namespace", namespace, reason))?;
+    names::dns1123_subdomain(name).map_err(|reason| invalid_input("secret name", name, reason))
+}
+
 /// A `kubernetes.io/tls` Secret named `name` in `namespace` holding the server certificate
 /// (`tls.crt`), its key (`tls.key`) and the CA certificate (`ca.crt`, for verifying clients), as
 /// YAML for k3s's auto-deploy directory. When `namespace` is not a built-in one (`default`,
@@ -49,9 +56,7 @@ fn to_yaml(object: &Object<'_>) -> Result<String, PkiError> {
 ///
 /// `namespace` must be a DNS-1123 label, `name` a DNS-1123 subdomain.
 pub fn tls_secret_manifest(namespace: &str, name: &str, pki: &Pki) -> Result<String, PkiError> {
-    names::dns1123_label(namespace)
-        .map_err(|reason| invalid_input("namespace", namespace, reason))?;
-    names::dns1123_subdomain(name).map_err(|reason| invalid_input("secret name", name, reason))?;
+    check_secret_ref(namespace, name)?;
     let mut documents = Vec::new();
     if !BUILTIN_NAMESPACES.contains(&namespace) {
         documents.push(to_yaml(&Object {

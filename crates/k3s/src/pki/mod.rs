@@ -68,7 +68,7 @@ pub use gateway::{
     config_dir, remove_gateway_metadata, write_gateway_metadata, GatewayMetadata, ENDPOINT_FILE,
     GATEWAYS_DIR, METADATA_FILE,
 };
-pub use manifest::tls_secret_manifest;
+pub use manifest::{check_secret_ref, tls_secret_manifest};
 
 /// The guest's address on the user-mode network; always a SAN of the server certificate.
 pub const GUEST_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 168, 127, 2));
@@ -128,6 +128,12 @@ impl PkiOptions {
             extra_sans: Vec::new(),
             client_cn: DEFAULT_CLIENT_CN.to_string(),
         }
+    }
+
+    /// Checks every value (instance name, service names, SANs, client CN); the error names the
+    /// first bad one.
+    pub fn validate(&self) -> Result<(), PkiError> {
+        self.check().map(|_| ())
     }
 
     /// Checks every value and normalizes: the server's SANs in certificate order (fixed ones

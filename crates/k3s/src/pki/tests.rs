@@ -703,7 +703,8 @@ fn secret_manifest_rejects_bad_names() {
 fn gateway_metadata_files_and_modes() {
     let (tmp, _dir, pki) = fresh();
     let config = tmp.path().join("config/gatevm");
-    let dir = write_gateway_metadata(&config, "demo", "https://127.0.0.1:8443", &pki).unwrap();
+    let dir =
+        write_gateway_metadata(&config, "demo", Some("https://127.0.0.1:8443"), &pki).unwrap();
     assert_eq!(dir, config.join("gateways/demo"));
     assert_eq!(mode(&dir), 0o700);
     let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap();
@@ -738,16 +739,23 @@ fn gateway_metadata_files_and_modes() {
 fn gateway_metadata_is_replaced_and_removed() {
     let (tmp, _dir, pki) = fresh();
     let config = tmp.path().join("cfg");
-    let dir = write_gateway_metadata(&config, "demo", "https://127.0.0.1:1", &pki).unwrap();
-    write_gateway_metadata(&config, "other", "https://127.0.0.1:3", &pki).unwrap();
-    write_gateway_metadata(&config, "demo", "https://127.0.0.1:2", &pki).unwrap();
+    let dir = write_gateway_metadata(&config, "demo", Some("https://127.0.0.1:1"), &pki).unwrap();
+    write_gateway_metadata(&config, "other", Some("https://127.0.0.1:3"), &pki).unwrap();
+    write_gateway_metadata(&config, "demo", Some("https://127.0.0.1:2"), &pki).unwrap();
     assert_eq!(
         fs::read_to_string(dir.join(ENDPOINT_FILE)).unwrap(),
         "https://127.0.0.1:2\n"
     );
     let typed: GatewayMetadata =
         serde_json::from_str(&fs::read_to_string(dir.join(METADATA_FILE)).unwrap()).unwrap();
-    assert_eq!(typed.endpoint, "https://127.0.0.1:2");
+    assert_eq!(typed.endpoint.as_deref(), Some("https://127.0.0.1:2"));
+    // Without a gateway port: endpoint null, no endpoint file.
+    write_gateway_metadata(&config, "demo", None, &pki).unwrap();
+    assert!(!dir.join(ENDPOINT_FILE).exists());
+    let typed: GatewayMetadata =
+        serde_json::from_str(&fs::read_to_string(dir.join(METADATA_FILE)).unwrap()).unwrap();
+    assert_eq!(typed.endpoint, None);
+    assert!(dir.join(CLIENT_KEY_FILE).is_file());
     remove_gateway_metadata(&config, "demo").unwrap();
     assert!(!dir.exists());
     assert!(
@@ -777,14 +785,16 @@ fn gateway_metadata_rejects_bad_input() {
     let (tmp, _dir, pki) = fresh();
     let config = tmp.path().join("cfg");
     for name in ["../x", "A", "", "a/b", "."] {
-        let err = write_gateway_metadata(&config, name, "https://127.0.0.1:1", &pki).unwrap_err();
+        let err =
+            write_gateway_metadata(&config, name, Some("https://127.0.0.1:1"), &pki).unwrap_err();
         assert!(
             err.to_string().contains(&format!("gateway name {name:?}")),
             "{err}"
         );
         assert!(remove_gateway_metadata(&config, name).is_err());
     }
-    let err = write_gateway_metadata(&config, "demo", "http://127.0.0.1:1", &pki).unwrap_err();
+    let err =
+        write_gateway_metadata(&config, "demo", Some("http://127.0.0.1:1"), &pki).unwrap_err();
     assert!(
         err.to_string()
             .contains("gateway endpoint \"http://127.0.0.1:1\""),

@@ -1,0 +1,230 @@
+//! The pinned k3s release: on hosts with network access, the k3s profile can fetch k3s itself.
+//! The file is checked against a sha256 pinned here before it is made executable or run; a
+//! mismatch leaves nothing behind. `$GATEVM_K3S_URL` with `$GATEVM_K3S_SHA256` replaces the pin
+//! (a mirror, or another release), and is verified the same way.
+
+use crate::binary::{self, K3sBinary};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// The pinned k3s release.
+pub const PINNED_VERSION: &str = "v1.34.2+k3s1";
+
+/// Release asset and sha256 (from the release's `sha256sum-<arch>.txt`) per host architecture.
+const PINNED: &[(&str, &str, &str)] = &[
+    (
+        "x86_64",
+        "k3s",
+        "15811d34187e03fe29d0e46108c42cc33e62cec1b3d9d80f50944536ebcad40a",
+    ),
+    (
+        "aarch64",
+        "k3s-arm64",
+        "2e1db0e54a8b0d0ab8a264a119c9c617561f9290e7bb2722d795f8bc91b24cf8",
+    ),
+];
+
+/// Where the release's assets are published.
+const RELEASES: &str = "https://github.com/k3s-io/k3s/releases/download";
+
+/// Largest file accepted (the k3s binary is about 70 MiB).
+const MAX_BYTES: u64 = 512 << 20;
+
+/// A file to fetch and the hash it must have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    pub url: String,
+    pub sha256: String,
+    /// The version the binary must report, when known.
+    pub version: Option<String>,
+}
+
+/// The built-in pin for an architecture (`std::env::consts::ARCH` spelling).
+pub fn pinned(arch: &str) -> Option<Pin> {
+    let (_, asset, sha) = PINNED.iter().find(|(a, _, _)| *a == arch)?;
+    Some(Pin {
+        url: format!("{RELEASES}/{}/{asset}", PINNED_VERSION.replace('+', "%2B")),
+        sha256: sha.to_string(),
+        version: Some(PINNED_VERSION.to_string()),
+    })
+}
+
+/// The pin to use: `$GATEVM_K3S_URL` and `$GATEVM_K3S_SHA256` together, or the built-in one.
+pub fn pin_from(url: Option<String>, sha256: Option<String>, arch: &str) -> Result<Pin, String> {
+    match (url, sha256) {
+        (Some(url), Some(sha)) => {
+            let sha = sha.trim().to_ascii_lowercase();
+            if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "GATEVM_K3S_SHA256 {sha:?} is not a sha256 (64 hex digits)"
+                ));
+            }
+            Ok(Pin {
+                url,
+                sha256: sha,
+                version: None,
+            })
+        }
+        (Some(_), None) => Err("GATEVM_K3S_URL needs GATEVM_K3S_SHA256: gatevm does not run an unverified k3s".into()),
+        (None, Some(_)) => Err("GATEVM_K3S_SHA256 is set without GATEVM_K3S_URL".into()),
+        (None, None) => pinned(arch).ok_or_else(|| {
+            format!("no k3s release is pinned for {arch}: pass --k3s PATH, or cache one with `gatevm setup --k3s FILE`")
+        }),
+    }
+}
+
+/// The pin for this host, from the environment or built in.
+pub fn pin() -> Result<Pin, String> {
+    pin_from(
+        std::env::var("GATEVM_K3S_URL")
+            .ok()
+            .filter(|s| !s.is_empty()),
+        std::env::var("GATEVM_K3S_SHA256")
+            .ok()
+            .filter(|s| !s.is_empty()),
+        std::env::consts::ARCH,
+    )
+}
+
+/// Fetches `pin` with curl into the runtime's k3s cache, verifies its sha256 before anything
+/// else, checks that it is k3s (and the pinned version), and caches it like `setup --k3s`.
+pub fn fetch(pin: &Pin, runtime_dir: &Path) -> Result<K3sBinary, String> {
+    let dir = binary::cache_dir(runtime_dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let tmp = dir.join(".download");
+    let _ = std::fs::remove_file(&tmp);
+    let result = fetch_into(pin, &tmp, runtime_dir);
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
+fn fetch_into(pin: &Pin, tmp: &Path, runtime_dir: &Path) -> Result<K3sBinary, String> {
+    let out = Command::new("curl")
+        .args([
+            "--fail",
+            "--silent",
+            "--show-error",
+            "--location",
+            "--connect-timeout",
+            "10",
+            "--max-filesize",
+            &MAX_BYTES.to_string(),
+            "--output",
+        ])
+        .arg(tmp)
+        .arg(&pin.url)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| {
+            format!("running curl to fetch k3s: {e} (install curl, or pass --k3s PATH)")
+        })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or("failed");
+        return Err(format!("fetching {}: {}", pin.url, line.trim()));
+    }
+    let got = sha256_file(tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    if got != pin.sha256 {
+        return Err(format!(
+            "{} has sha256 {got}, not the pinned {}: refusing to run it",
+            pin.url, pin.sha256
+        ));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("chmod {}: {e}", tmp.display()))?;
+    let bin = binary::inspect(tmp)?;
+    if let Some(v) = &pin.version {
+        if &bin.version != v {
+            return Err(format!(
+                "{} reports k3s {}, not the pinned {v}",
+                pin.url, bin.version
+            ));
+        }
+    }
+    binary::cache(&bin, runtime_dir)
+}
+
+fn sha256_file(p: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(p)?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins() {
+        let p = pinned("x86_64").unwrap();
+        assert_eq!(
+            p.url,
+            format!("{RELEASES}/v1.34.2%2Bk3s1/k3s"),
+            "the + of the tag is escaped"
+        );
+        assert_eq!(p.sha256.len(), 64);
+        assert!(pinned("aarch64").unwrap().url.ends_with("/k3s-arm64"));
+        assert!(pinned("riscv64").is_none());
+        assert!(pin_from(None, None, "riscv64")
+            .unwrap_err()
+            .contains("--k3s PATH"));
+        assert!(pin_from(Some("file:///x".into()), None, "x86_64")
+            .unwrap_err()
+            .contains("unverified"));
+        assert!(pin_from(None, Some("0".repeat(64)), "x86_64").is_err());
+        assert!(
+            pin_from(Some("file:///x".into()), Some("xyz".into()), "x86_64")
+                .unwrap_err()
+                .contains("64 hex")
+        );
+        let own = pin_from(Some("file:///x".into()), Some("AB".repeat(32)), "x86_64").unwrap();
+        assert_eq!(own.sha256, "ab".repeat(32));
+        assert_eq!(own.version, None);
+    }
+
+    #[test]
+    fn a_wrong_hash_is_refused_and_nothing_is_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("k3s");
+        std::fs::copy("/bin/true", &src).unwrap();
+        let rt = d.path().join("rt");
+        let pin = Pin {
+            url: format!("file://{}", src.display()),
+            sha256: "0".repeat(64),
+            version: None,
+        };
+        let e = fetch(&pin, &rt).unwrap_err();
+        assert!(e.contains("not the pinned"), "{e}");
+        assert_eq!(
+            std::fs::read_dir(binary::cache_dir(&rt)).unwrap().count(),
+            0
+        );
+
+        // The right hash, but not k3s: checked after the hash, still nothing kept.
+        let pin = Pin {
+            sha256: sha256_file(&src).unwrap(),
+            ..pin
+        };
+        let e = fetch(&pin, &rt).unwrap_err();
+        assert!(e.contains("like k3s"), "{e}");
+        assert_eq!(
+            std::fs::read_dir(binary::cache_dir(&rt)).unwrap().count(),
+            0
+        );
+        assert_eq!(binary::cached(&rt), None);
+
+        // Not there at all.
+        let pin = Pin {
+            url: format!("file://{}/none", d.path().display()),
+            ..pin
+        };
+        let e = fetch(&pin, &rt).unwrap_err();
+        assert!(e.starts_with("fetching file://"), "{e}");
+    }
+}
