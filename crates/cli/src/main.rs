@@ -82,6 +82,14 @@ fn main() {
         cli.verbose,
         matches!(cli.cmd, Cmd::Supervise(_) | Cmd::KrunVm(_)),
     );
+    // The environment that places gatevm's files is checked before any command touches them
+    // (`doctor` reports a problem instead; the internal commands inherit a checked one).
+    if !matches!(cli.cmd, Cmd::Doctor(_) | Cmd::Supervise(_) | Cmd::KrunVm(_)) {
+        if let Err(e) = commands::check_env() {
+            eprintln!("gatevm: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
     let result = match cli.cmd {
         Cmd::Setup(a) => commands::setup::run(a),
         Cmd::Start(a) => commands::start::run(a),

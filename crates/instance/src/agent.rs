@@ -2,11 +2,17 @@
 //! guest to per-stream routes, one writer task serializing frames to the guest.
 //!
 //! The guest is untrusted: frames are bounded by the protocol decoder, routes are bounded channels,
-//! a frame for an unknown stream is dropped, and a framing error ends the channel (the instance then
-//! reports the agent as disconnected) rather than anything on the host.
+//! a frame for an unknown stream (or one an exec stream never carries) is dropped, strings the guest
+//! reports are cut short and stripped of control characters, and a framing error ends the channel
+//! (the instance then reports the agent as disconnected) rather than anything on the host. Nothing
+//! waits on the guest without a bound: a request that expects an answer has a timeout covering the
+//! whole exchange, and queueing a frame for a guest that stopped reading gives up after
+//! [`SEND_TIMEOUT`].
 
 use crate::control::AgentInfo;
-use gatevm_protocol::{asyncio, Frame, GuestMsg, PayloadStatus, PROTOCOL_VERSION, STREAM_CONTROL};
+use gatevm_protocol::{
+    asyncio, Fd, Frame, GuestMsg, PayloadStatus, PROTOCOL_VERSION, STREAM_CONTROL,
+};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,8 +20,18 @@ use std::time::Duration;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Frames queued for one exec stream before the reader waits for the client.
+/// Frames queued for one exec stream before the reader waits for the client (each at most
+/// `MAX_FRAME_LEN` bytes: 16 MiB per stream at worst).
 const ROUTE_DEPTH: usize = 64;
+/// Frames queued for the guest before senders wait for the writer.
+const WRITE_DEPTH: usize = 256;
+/// How long queueing one frame for the guest may wait. The queue only stays full while the guest
+/// reads nothing at all: the agent drains it continuously (it stalls at most 10 s on a process that
+/// does not read its stdin), so this is a guest that stopped reading.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Error messages from the guest logged as warnings; later ones go to the debug level, so a
+/// guest cannot fill the supervisor's log.
+const GUEST_ERRORS_LOGGED: u32 = 20;
 
 type Route = mpsc::Sender<Frame<GuestMsg>>;
 
@@ -38,6 +54,7 @@ pub struct Agent {
     pub connected: watch::Receiver<bool>,
     shutdown_ack: Arc<Mutex<Option<oneshot::Sender<()>>>>,
     ended: Arc<std::sync::atomic::AtomicBool>,
+    send_timeout: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -47,7 +64,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Agent {
     /// Starts the reader and writer tasks over a connected socket.
     pub fn spawn(read: OwnedReadHalf, write: OwnedWriteHalf) -> Agent {
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(256);
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(WRITE_DEPTH);
         let (conn_tx, conn_rx) = watch::channel(false);
         let agent = Agent {
             tx,
@@ -58,6 +75,7 @@ impl Agent {
             connected: conn_rx,
             shutdown_ack: Arc::default(),
             ended: Arc::default(),
+            send_timeout: SEND_TIMEOUT,
         };
         tokio::spawn(writer(write, rx));
         let a = agent.clone();
@@ -73,8 +91,16 @@ impl Agent {
             lock(&a.view).agent.connected = false;
             lock(&a.routes).clear();
             lock(&a.status_waiters).clear();
+            lock(&a.shutdown_ack).take();
         });
         agent
+    }
+
+    /// This handle with another bound on queueing a frame than [`SEND_TIMEOUT`] (tests use a short
+    /// one).
+    pub fn with_send_timeout(mut self, timeout: Duration) -> Agent {
+        self.send_timeout = timeout;
+        self
     }
 
     /// Whether the channel has ended (the guest or the VMM closed it).
@@ -87,6 +113,7 @@ impl Agent {
         mut read: OwnedReadHalf,
         conn: &watch::Sender<bool>,
     ) -> Result<(), String> {
+        let mut errors_logged = 0u32;
         loop {
             let frame = match asyncio::read_frame::<GuestMsg, _>(&mut read).await {
                 Ok(Some(f)) => f,
@@ -132,9 +159,18 @@ impl Agent {
                     } => {
                         let mut v = lock(&self.view);
                         v.agent.uptime_ms = Some(uptime_ms);
-                        v.payloads = payloads.into_iter().take(16).collect();
+                        v.payloads = payloads
+                            .into_iter()
+                            .take(16)
+                            .map(|p| PayloadStatus {
+                                name: truncate(&p.name, 100),
+                                last_exit: p.last_exit.map(|e| truncate(&e, 1000)),
+                                ..p
+                            })
+                            .collect();
                         drop(v);
-                        if let Some(w) = lock(&self.status_waiters).pop_front() {
+                        // The view is fresh for everyone who asked before this answer.
+                        for w in lock(&self.status_waiters).drain(..) {
                             let _ = w.send(());
                         }
                     }
@@ -150,13 +186,30 @@ impl Agent {
                         msg: GuestMsg::Error { message },
                         ..
                     } => {
-                        tracing::warn!("guest agent error: {}", truncate(&message, 300));
+                        let message = truncate(&message, 300);
+                        errors_logged = errors_logged.saturating_add(1);
+                        if errors_logged < GUEST_ERRORS_LOGGED {
+                            tracing::warn!("guest agent error: {message}");
+                        } else if errors_logged == GUEST_ERRORS_LOGGED {
+                            tracing::warn!(
+                                "guest agent error: {message} (further ones at debug level)"
+                            );
+                        } else {
+                            tracing::debug!("guest agent error: {message}");
+                        }
                     }
                     other => tracing::debug!(
                         "ignoring unexpected control frame from guest: {:?}",
                         kind(&other)
                     ),
                 }
+                continue;
+            }
+            if !expected_on_exec_stream(&frame) {
+                tracing::debug!(
+                    "dropping unexpected {} frame on stream {stream}",
+                    kind(&frame)
+                );
                 continue;
             }
             let route = lock(&self.routes).get(&stream).cloned();
@@ -177,18 +230,25 @@ impl Agent {
         }
     }
 
-    /// Queues a frame for the guest.
+    /// Queues a frame for the guest; fails when the channel is closed, or when the guest has read
+    /// nothing for the send timeout ([`SEND_TIMEOUT`]) while the queue is full.
     pub async fn send(&self, frame: Frame<GuestMsg>) -> Result<(), String> {
+        use mpsc::error::SendTimeoutError;
         let bytes = frame.encode().map_err(|e| e.to_string())?;
-        self.tx
-            .send(bytes)
-            .await
-            .map_err(|_| "agent channel is closed".to_string())
+        match self.tx.send_timeout(bytes, self.send_timeout).await {
+            Ok(()) => Ok(()),
+            Err(SendTimeoutError::Closed(_)) => Err("agent channel is closed".to_string()),
+            Err(SendTimeoutError::Timeout(_)) => Err(format!(
+                "the guest agent has not read its channel for {} s",
+                self.send_timeout.as_secs()
+            )),
+        }
     }
 
-    /// Sends the host hello.
+    /// Sends the host hello. Never waits: when the queue is full, hellos the guest has not read
+    /// yet are already waiting in it, and one more adds nothing.
     pub async fn hello(&self) -> Result<(), String> {
-        self.send(Frame::Msg {
+        let frame = Frame::Msg {
             stream: STREAM_CONTROL,
             msg: GuestMsg::Hello {
                 version: PROTOCOL_VERSION,
@@ -196,28 +256,36 @@ impl Agent {
                 uptime_ms: None,
                 kernel: None,
             },
-        })
-        .await
+        };
+        let bytes = frame.encode().map_err(|e| e.to_string())?;
+        match self.tx.try_send(bytes) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err("agent channel is closed".to_string()),
+        }
     }
 
-    /// Asks the guest for its status and waits up to `timeout` for the answer.
+    /// Asks the guest for its status and waits up to `timeout` for the answer (queueing the
+    /// request included).
     pub async fn refresh_status(&self, timeout: Duration) -> bool {
         if !*self.connected.borrow() {
             return false;
         }
         let (tx, rx) = oneshot::channel();
-        lock(&self.status_waiters).push_back(tx);
-        if self
-            .send(Frame::Msg {
+        {
+            let mut waiters = lock(&self.status_waiters);
+            // Callers that gave up; without this a silent guest would grow the queue per call.
+            waiters.retain(|w| !w.is_closed());
+            waiters.push_back(tx);
+        }
+        let exchange = async {
+            self.send(Frame::Msg {
                 stream: STREAM_CONTROL,
                 msg: GuestMsg::StatusRequest,
             })
-            .await
-            .is_err()
-        {
-            return false;
-        }
-        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
+            .await?;
+            rx.await.map_err(|_| "agent channel is closed".to_string())
+        };
+        matches!(tokio::time::timeout(timeout, exchange).await, Ok(Ok(())))
     }
 
     /// The latest view of the guest.
@@ -242,21 +310,38 @@ impl Agent {
         lock(&self.routes).remove(&id);
     }
 
-    /// Asks the guest to shut down; true when it acknowledged within `timeout`.
+    /// Asks the guest to shut down; true when it acknowledged within `timeout` (queueing the
+    /// request included).
     pub async fn shutdown(&self, timeout: Duration) -> bool {
         let (tx, rx) = oneshot::channel();
         *lock(&self.shutdown_ack) = Some(tx);
-        if self
-            .send(Frame::Msg {
+        if self.ended() {
+            return false;
+        }
+        let exchange = async {
+            self.send(Frame::Msg {
                 stream: STREAM_CONTROL,
                 msg: GuestMsg::Shutdown,
             })
-            .await
-            .is_err()
-        {
-            return false;
-        }
-        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
+            .await?;
+            rx.await.map_err(|_| "agent channel is closed".to_string())
+        };
+        matches!(tokio::time::timeout(timeout, exchange).await, Ok(Ok(())))
+    }
+}
+
+/// What the guest sends on an exec stream: the process's output and how it started and ended.
+/// Anything else is dropped before it is queued for the client.
+fn expected_on_exec_stream(f: &Frame<GuestMsg>) -> bool {
+    match f {
+        Frame::Data { fd, .. } | Frame::Eof { fd, .. } => *fd != Fd::Stdin,
+        Frame::Msg { msg, .. } => matches!(
+            msg,
+            GuestMsg::ExecStarted { .. }
+                | GuestMsg::ExecFailed { .. }
+                | GuestMsg::Exit(_)
+                | GuestMsg::Error { .. }
+        ),
     }
 }
 
@@ -268,8 +353,13 @@ fn kind(f: &Frame<GuestMsg>) -> &'static str {
     }
 }
 
+/// The first `n` characters of a string from the guest, control characters (terminal escapes)
+/// turned into spaces: these strings end up in logs and on the user's terminal.
 fn truncate(s: &str, n: usize) -> String {
-    s.chars().take(n).collect()
+    s.chars()
+        .take(n)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 async fn writer(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {

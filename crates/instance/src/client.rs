@@ -135,6 +135,7 @@ fn offline_status(
         st.phase = Phase::Stopped;
         st.stop_reason = Some("the supervisor process died unexpectedly".into());
         st.last_error = st.stop_reason.clone();
+        clean_up_after_dead_supervisor(paths, &st);
     }
     let cfg = cfg.unwrap_or_else(|| InstanceConfig {
         cpus: 0,
@@ -174,8 +175,48 @@ fn offline_status(
     }
 }
 
+/// The first client to notice that a supervisor died without recording it (SIGKILL, host crash)
+/// clears what it left (its children are dead already, by their death signal): the root mount,
+/// the sockets, the loopback guard; and records the instance as stopped. This happens under the
+/// instance lock, so never beside a live supervisor; a start that races with it waits for the lock.
+fn clean_up_after_dead_supervisor(paths: &InstancePaths, st: &StateFile) {
+    let Ok(Some(_lock)) = crate::lock::try_lock(&paths.lock()) else {
+        return;
+    };
+    // Under the lock, the state file is re-read: a supervisor may have come and gone meanwhile.
+    if read_state(paths).is_some_and(|now| now.phase == Phase::Stopped) {
+        return;
+    }
+    recover_stale(paths);
+    let mut rec = st.clone();
+    rec.supervisor = None;
+    rec.vmm = None;
+    rec.helpers.clear();
+    if let Ok(b) = serde_json::to_vec_pretty(&rec) {
+        if let Err(e) = crate::paths::write_atomic(&paths.state(), &b) {
+            tracing::warn!("recording the stop of {}: {e}", paths.name);
+        }
+    }
+}
+
 fn read_config(paths: &InstancePaths) -> Option<InstanceConfig> {
-    serde_json::from_slice(&std::fs::read(paths.config()).ok()?).ok()
+    read_config_checked(paths).ok().flatten()
+}
+
+/// The saved config; `Ok(None)` when there is none, `Err` naming the file when it is unreadable.
+fn read_config_checked(paths: &InstancePaths) -> Result<Option<InstanceConfig>, String> {
+    let f = paths.config();
+    let bytes = match std::fs::read(&f) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", f.display())),
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        format!(
+            "{} is corrupt ({e}); the next start rewrites it",
+            f.display()
+        )
+    })
 }
 
 /// The configuration an existing instance last ran with (None for a new instance, or when the
@@ -199,11 +240,15 @@ pub async fn status(name: &str) -> Result<InstanceStatus, ClientError> {
             }
         }
     }
-    Ok(offline_status(
-        &paths,
-        read_config(&paths),
-        read_state(&paths),
-    ))
+    let (cfg, cfg_err) = match read_config_checked(&paths) {
+        Ok(c) => (c, None),
+        Err(e) => (None, Some(e)),
+    };
+    let mut st = offline_status(&paths, cfg, read_state(&paths));
+    if let Some(e) = cfg_err {
+        st.last_error = Some(e);
+    }
+    Ok(st)
 }
 
 /// Names of all instances, sorted.
@@ -236,6 +281,18 @@ pub async fn list() -> Vec<InstanceStatus> {
 pub async fn stop(name: &str, timeout: Duration) -> Result<(), ClientError> {
     let paths = existing(name)?;
     if !is_running(&paths) {
+        // A crashed run's leftovers go now, not at the next status or start.
+        // (Read quietly: a corrupt state file is no news to someone stopping.)
+        let state: Option<StateFile> = std::fs::read(paths.state())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(st) = state.filter(|s| s.phase != Phase::Stopped) {
+            let mut st = st;
+            st.phase = Phase::Stopped;
+            st.stop_reason = Some("the supervisor process died unexpectedly".into());
+            st.last_error = st.stop_reason.clone();
+            clean_up_after_dead_supervisor(&paths, &st);
+        }
         return Err(ClientError::NotRunning(name.to_string()));
     }
     let asked = request(
@@ -301,13 +358,27 @@ pub async fn delete(name: &str, force: bool) -> Result<(), ClientError> {
         }
         stop(name, Duration::from_secs(10)).await?;
     }
+    // Under the lock, so no supervisor starts while the files go (one waiting for the lock then
+    // finds them gone and starts a new instance).
+    let _lock = match crate::lock::try_lock(&paths.lock()) {
+        Ok(Some(l)) => l,
+        Ok(None) => return Err(ClientError::AlreadyRunning(name.to_string())),
+        Err(e) => return Err(ioe(name, "taking the instance lock")(e)),
+    };
     recover_stale(&paths);
-    if is_running(&paths) {
-        return Err(ClientError::AlreadyRunning(name.to_string()));
+    // A racing `start` may still be creating directories (before its supervisor runs).
+    let mut tries = 0;
+    loop {
+        match remove_any(&paths.dir) {
+            Ok(()) => break,
+            Err(e) if tries < 10 && e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(ioe(name, &format!("removing {}", paths.dir.display()))(e)),
+        }
     }
-    std::fs::remove_dir_all(&paths.dir)
-        .map_err(ioe(name, &format!("removing {}", paths.dir.display())))?;
-    let _ = std::fs::remove_dir_all(&paths.run);
+    remove_any(&paths.run).map_err(ioe(name, &format!("removing {}", paths.run.display())))?;
     Ok(())
 }
 
@@ -377,10 +448,22 @@ pub fn remove_ephemeral(paths: &InstancePaths) -> std::io::Result<()> {
     if paths.dir.exists() {
         std::fs::remove_dir_all(&paths.dir)?;
     }
-    if paths.run.exists() {
-        std::fs::remove_dir_all(&paths.run)?;
+    remove_any(&paths.run)
+}
+
+/// Removes what is at `p`: a directory with its contents, or a file or symlink (never what a
+/// symlink points to); nothing there is fine.
+fn remove_any(p: &Path) -> std::io::Result<()> {
+    let r = match std::fs::symlink_metadata(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => Err(e),
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+        Ok(_) => std::fs::remove_file(p),
+    };
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
     }
-    Ok(())
 }
 
 /// Runs a process in the guest, streaming its stdin/stdout/stderr, and returns its exit code
@@ -407,7 +490,9 @@ where
         message: m,
     };
     let s = connect(&paths).await?;
-    let (mut r, mut w) = s.into_split();
+    let (r, mut w) = s.into_split();
+    // Raced against stdin in select!, so a reader that keeps partial frames across cancellation.
+    let mut r = asyncio::FrameReader::new(r);
     asyncio::write_frame(
         &mut w,
         &Frame::Msg {
@@ -420,9 +505,17 @@ where
     let mut buf = vec![0u8; gatevm_protocol::DATA_CHUNK];
     let mut stdin_open = stdin.is_some();
     let mut events_open = true;
+    // The supervisor answers within its own start timeout (30 s, see relay_exec); a silent one
+    // must not hang the caller.
+    let mut started = false;
+    let start_deadline = tokio::time::Instant::now() + Duration::from_secs(45);
     loop {
         tokio::select! {
-            f = asyncio::read_frame::<GuestMsg, _>(&mut r) => {
+            _ = tokio::time::sleep_until(start_deadline), if !started => {
+                return Err(cerr("the supervisor did not start the command within 45 s".into()));
+            }
+            f = r.read_frame::<GuestMsg>() => {
+                started = true;
                 match f.map_err(|e| cerr(e.to_string()))? {
                     None => return Err(cerr("the supervisor closed the exec stream".into())),
                     Some(Frame::Data { fd, bytes, .. }) if fd != Fd::Stdin => {

@@ -30,13 +30,20 @@ pub fn instances_dir() -> PathBuf {
         .join("instances")
 }
 
+/// An absolute path from a variable; empty and relative values count as unset (as for the
+/// data directory: a relative one would depend on the working directory).
+fn abs_var(var: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(std::env::var_os(var)?);
+    p.is_absolute().then_some(p)
+}
+
 /// The base runtime directory.
 pub fn run_base() -> PathBuf {
-    if let Some(d) = std::env::var_os("GATEVM_RUN_DIR") {
-        return PathBuf::from(d);
+    if let Some(d) = abs_var("GATEVM_RUN_DIR") {
+        return d;
     }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("gatevm");
+    if let Some(d) = abs_var("XDG_RUNTIME_DIR") {
+        return d.join("gatevm");
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
@@ -121,7 +128,8 @@ impl InstancePaths {
     /// Creates the directories (0700) and checks the socket paths fit.
     pub fn create_dirs(&self) -> io::Result<()> {
         for d in [&self.dir, &self.logs(), &self.run] {
-            mkdir_private(d)?;
+            mkdir_private(d)
+                .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", d.display())))?;
         }
         for s in self.sockets() {
             if s.as_os_str().len() > MAX_SOCKET_PATH {
@@ -167,7 +175,53 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
-    std::fs::rename(&tmp, path).inspect_err(|_| {
+    let renamed = std::fs::rename(&tmp, path).or_else(|e| {
+        // An empty directory in the file's place (left by an accident, never by gatevm) gives
+        // way; anything else is reported.
+        let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+        if is_dir && std::fs::remove_dir(path).is_ok() {
+            std::fs::rename(&tmp, path)
+        } else {
+            Err(e)
+        }
+    });
+    renamed.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
+        io::Error::new(e.kind(), format!("replacing {}: {e}", path.display()))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_atomic_replaces_files_and_empty_directories() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("state.json");
+        write_atomic(&f, b"one").unwrap();
+        write_atomic(&f, b"two").unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"two");
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        let empty = d.path().join("config.json");
+        std::fs::create_dir(&empty).unwrap();
+        write_atomic(&empty, b"{}").unwrap();
+        assert_eq!(std::fs::read(&empty).unwrap(), b"{}");
+
+        let full = d.path().join("lock");
+        std::fs::create_dir(&full).unwrap();
+        std::fs::write(full.join("x"), b"").unwrap();
+        let e = write_atomic(&full, b"{}").unwrap_err();
+        assert!(e.to_string().contains("lock"), "{e}");
+        assert!(full.join("x").exists());
+        // No temporary file stays behind.
+        let left: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left.len(), 3, "{left:?}");
+    }
 }

@@ -268,6 +268,17 @@ pub fn recover_stale(paths: &InstancePaths) {
     loopback::remove_stale(&paths.name);
 }
 
+/// Makes every socket in the instance's runtime directory owner-only (0600). The directory is
+/// 0700 already; this keeps the sockets private even if it is not.
+fn restrict_sockets(run: &Path) {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    for e in std::fs::read_dir(run).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_socket()) {
+            let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600));
+        }
+    }
+}
+
 /// Removes everything in the instance's runtime directory (sockets, virtiofsd's pid file).
 fn clear_run_dir(paths: &InstancePaths) {
     if let Ok(rd) = std::fs::read_dir(&paths.run) {
@@ -499,7 +510,29 @@ async fn supervise(
     paths.create_dirs().map_err(io_err(format!(
         "creating the directories of instance {name:?}"
     )))?;
-    let Some(lock) = try_lock(&paths.lock()).map_err(io_err("taking the instance lock"))? else {
+    // Clients probe the lock by taking it for a moment (and clean up after a dead supervisor
+    // under it), so a free lock can look taken briefly: retry for a little while.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let lock = loop {
+        let taken = match try_lock(&paths.lock()) {
+            // The instance was deleted meanwhile: this start makes it anew.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && Instant::now() < deadline => {
+                paths.create_dirs().map_err(io_err(format!(
+                    "creating the directories of instance {name:?}"
+                )))?;
+                continue;
+            }
+            other => other.map_err(io_err("taking the instance lock"))?,
+        };
+        match taken {
+            Some(l) => break Some(l),
+            None if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            None => break None,
+        }
+    };
+    let Some(lock) = lock else {
         let e = SupervisorError::AlreadyRunning(name);
         progress(Progress::Failed {
             message: e.to_string(),
@@ -816,14 +849,25 @@ async fn boot_and_serve(
     let _server_guard = AbortOnDrop(server);
 
     let reconnect = !vmm.needs_virtiofsd();
+    // The helpers are watched from here on: one that dies during boot ends the start at once.
+    let (helpers, vm) = children.split_at_mut(vm_index);
+    let vm = &mut vm[0];
+    restrict_sockets(&paths.run);
     let boot = async {
-        let agent = connect_agent(paths, &mut children[vm_index], &vm_log, reconnect).await?;
+        let agent = connect_agent(paths, vm, &vm_log, reconnect).await?;
+        // The helpers' and the VMM's sockets exist by now; their makers use their own modes.
+        restrict_sockets(&paths.run);
         *shared.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(agent.clone());
-        let times = wait_ready(&agent, cfg, &mut children[vm_index], &vm_log, t0, progress).await?;
+        let times = wait_ready(&agent, cfg, vm, &vm_log, t0, progress).await?;
         Ok::<_, SupervisorError>((agent, times))
     };
     let boot_result = tokio::select! {
         r = boot => r,
+        (name, st) = first_exit(helpers) => Err(SupervisorError::Boot(format!(
+            "{name} exited during boot ({}); see {}",
+            describe(st),
+            paths.log(name).display()
+        ))),
         t = stop_rx.recv() => Err(SupervisorError::Boot(format!("stopped during boot (timeout {} s)", t.unwrap_or(0)))),
     };
     let (agent, (agent_ms, ready_ms)) = boot_result?;
@@ -849,8 +893,6 @@ async fn boot_and_serve(
     });
 
     // Serve until the VM ends, a helper dies, or a stop is asked for.
-    let (helpers, vm) = children.split_at_mut(vm_index);
-    let vm = &mut vm[0];
     let reason = tokio::select! {
         st = vm.child.wait() => describe_vm_exit(st),
         (name, st) = first_exit(helpers) => helper_died(shared, vm, name, st).await,
@@ -1228,16 +1270,37 @@ async fn relay_exec(
     req: gatevm_protocol::ExecRequest,
 ) -> Result<(), String> {
     let (sid, mut from_guest) = agent.open_stream();
-    agent
-        .send(Frame::Msg {
+    let start_deadline = tokio::time::Instant::now() + EXEC_START_TIMEOUT;
+    match tokio::time::timeout_at(
+        start_deadline,
+        agent.send(Frame::Msg {
             stream: sid,
             msg: GuestMsg::Exec(req),
-        })
-        .await?;
-    let (mut cr, mut cw) = conn.into_split();
+        }),
+    )
+    .await
+    {
+        Ok(sent) => sent?,
+        Err(_) => {
+            agent.close_stream(sid);
+            let message = "the guest agent does not take requests (see `gatevm logs --console`)";
+            tracing::warn!("{message}");
+            let f: Frame<GuestMsg> = Frame::Msg {
+                stream: CLIENT_STREAM,
+                msg: GuestMsg::Error {
+                    message: message.into(),
+                },
+            };
+            let mut conn = conn;
+            let _ = asyncio::write_frame(&mut conn, &f).await;
+            return Ok(());
+        }
+    }
+    let (cr, mut cw) = conn.into_split();
+    // Raced against the guest's frames in select!: keeps partial frames across cancellation.
+    let mut cr = asyncio::FrameReader::new(cr);
     let mut finished = false;
     let mut started = false;
-    let start_deadline = tokio::time::Instant::now() + EXEC_START_TIMEOUT;
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(start_deadline), if !started => {
@@ -1268,7 +1331,7 @@ async fn relay_exec(
                     break;
                 }
             }
-            f = asyncio::read_frame::<GuestMsg, _>(&mut cr) => {
+            f = cr.read_frame::<GuestMsg>() => {
                 match f {
                     Ok(Some(f)) => {
                         let allowed = matches!(&f, Frame::Data { .. } | Frame::Eof { .. } | Frame::Msg { msg: GuestMsg::Resize { .. } | GuestMsg::Signal { .. }, .. });

@@ -40,11 +40,11 @@ pub fn inspect(path: &Path) -> Result<K3sBinary, String> {
     if !meta.is_file() {
         return Err(format!("{} is not a file", path.display()));
     }
-    let mut magic = [0u8; 4];
+    let mut magic = Vec::with_capacity(4);
     std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
+        .and_then(|f| f.take(4).read_to_end(&mut magic))
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    if &magic != b"\x7fELF" {
+    if magic != b"\x7fELF" {
         return Err(format!(
             "{} is not a k3s binary (not an ELF executable)",
             path.display()

@@ -228,6 +228,10 @@ pub mod asyncio {
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
     /// Reads one frame. `Ok(None)` on a clean end of stream at a frame boundary.
+    ///
+    /// Not cancel-safe: when the future is dropped part-way (a losing `tokio::select!` branch),
+    /// the bytes it consumed are lost and the stream is out of step. Loops that select on reading
+    /// use a [`FrameReader`].
     pub async fn read_frame<M: DeserializeOwned, R: AsyncRead + Unpin>(
         r: &mut R,
     ) -> Result<Option<Frame<M>>, ProtoError> {
@@ -254,6 +258,67 @@ pub mod asyncio {
             }
         })?;
         decode_body(&body).map(Some)
+    }
+
+    /// A frame reader whose [`FrameReader::read_frame`] is cancel-safe: the bytes of a partly read
+    /// frame stay in the reader, so a `tokio::select!` loop can race it against other branches.
+    /// It holds at most one frame (4 + [`MAX_FRAME_LEN`] bytes), allocated only after the length
+    /// field was checked.
+    #[derive(Debug)]
+    pub struct FrameReader<R> {
+        inner: R,
+        buf: Vec<u8>,
+        filled: usize,
+    }
+
+    impl<R: AsyncRead + Unpin> FrameReader<R> {
+        /// Wraps a byte stream.
+        pub fn new(inner: R) -> FrameReader<R> {
+            FrameReader {
+                inner,
+                buf: vec![0; 4],
+                filled: 0,
+            }
+        }
+
+        /// The underlying stream.
+        pub fn get_mut(&mut self) -> &mut R {
+            &mut self.inner
+        }
+
+        /// Reads one frame. `Ok(None)` on a clean end of stream at a frame boundary. A framing
+        /// error leaves the stream unusable (every later call fails the same way); an undecodable
+        /// frame of valid length is consumed, so the next call reads the frame after it.
+        pub async fn read_frame<M: DeserializeOwned>(
+            &mut self,
+        ) -> Result<Option<Frame<M>>, ProtoError> {
+            loop {
+                let need = if self.filled < 4 {
+                    4
+                } else {
+                    let len =
+                        u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+                    4 + check_len(len)?
+                };
+                if self.filled == need && need > 4 {
+                    self.filled = 0;
+                    return decode_body(&self.buf[4..need]).map(Some);
+                }
+                if self.buf.len() < need {
+                    self.buf.resize(need, 0);
+                }
+                // The only await: `read` is cancel-safe, and `filled` moves only after it returned.
+                let n = self.inner.read(&mut self.buf[self.filled..need]).await?;
+                if n == 0 {
+                    return if self.filled == 0 {
+                        Ok(None)
+                    } else {
+                        Err(ProtoError::Truncated)
+                    };
+                }
+                self.filled += n;
+            }
+        }
     }
 
     /// Writes one frame.
@@ -523,6 +588,319 @@ mod tests {
         fn data_roundtrip(stream in any::<u32>(), fd in 0u8..3, bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let f = Frame::<GuestMsg>::Data { stream, fd: Fd::from_bits(fd).unwrap(), bytes };
             prop_assert_eq!(roundtrip(&f), f);
+        }
+
+        #[test]
+        fn frame_roundtrip(f in frame()) {
+            prop_assert_eq!(roundtrip(&f), f);
+        }
+
+        // A frame body of any content decodes or fails cleanly, and what decodes encodes back to
+        // a frame that decodes to the same thing.
+        #[test]
+        fn body_decoder_never_panics(stream in any::<u32>(), kind in prop_oneof![Just(KIND_MSG), any::<u8>()], payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut body = stream.to_be_bytes().to_vec();
+            body.push(kind);
+            body.extend_from_slice(&payload);
+            if let Ok(f) = decode_body::<GuestMsg>(&body) {
+                prop_assert_eq!(roundtrip(&f), f);
+            }
+        }
+
+        // Valid length fields with arbitrary bodies, several frames in a row, cut anywhere.
+        #[test]
+        fn framed_garbage_never_panics(bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..8), cut in any::<usize>()) {
+            let mut bytes = Vec::new();
+            for b in &bodies {
+                bytes.extend_from_slice(&(b.len() as u32).to_be_bytes());
+                bytes.extend_from_slice(b);
+            }
+            let cut = if bytes.is_empty() { 0 } else { cut % (bytes.len() + 1) };
+            let mut r = &bytes[..cut];
+            while let Ok(Some(_)) = read_frame::<GuestMsg, _>(&mut r) {}
+        }
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        ".{0,12}"
+    }
+
+    fn msg() -> impl Strategy<Value = GuestMsg> {
+        let payload = (
+            text(),
+            0u8..6,
+            any::<Option<u32>>(),
+            any::<u32>(),
+            proptest::option::of(text()),
+        )
+            .prop_map(|(name, s, pid, restarts, last_exit)| PayloadStatus {
+                name,
+                state: [
+                    PayloadState::Pending,
+                    PayloadState::Starting,
+                    PayloadState::Ready,
+                    PayloadState::Restarting,
+                    PayloadState::Stopping,
+                    PayloadState::Failed,
+                ][s as usize],
+                pid,
+                restarts,
+                last_exit,
+            });
+        let exec = (
+            proptest::collection::vec(text(), 0..4),
+            proptest::collection::vec((text(), text()), 0..3),
+            proptest::option::of(text()),
+            any::<(bool, u16, u16, bool)>(),
+        )
+            .prop_map(|(argv, env, cwd, (tty, rows, cols, stdin))| ExecRequest {
+                argv,
+                env,
+                cwd,
+                tty,
+                rows,
+                cols,
+                stdin,
+            });
+        prop_oneof![
+            (
+                any::<u32>(),
+                text(),
+                any::<Option<u64>>(),
+                proptest::option::of(text())
+            )
+                .prop_map(|(version, software, uptime_ms, kernel)| GuestMsg::Hello {
+                    version,
+                    software,
+                    uptime_ms,
+                    kernel
+                }),
+            Just(GuestMsg::StatusRequest),
+            (any::<u64>(), proptest::collection::vec(payload, 0..4)).prop_map(
+                |(uptime_ms, payloads)| GuestMsg::Status {
+                    uptime_ms,
+                    payloads
+                }
+            ),
+            exec.prop_map(GuestMsg::Exec),
+            any::<u32>().prop_map(|pid| GuestMsg::ExecStarted { pid }),
+            (any::<i32>(), text())
+                .prop_map(|(code, message)| GuestMsg::ExecFailed { code, message }),
+            any::<(Option<i32>, Option<i32>)>()
+                .prop_map(|(code, signal)| GuestMsg::Exit(ExitStatus { code, signal })),
+            any::<(u16, u16)>().prop_map(|(rows, cols)| GuestMsg::Resize { rows, cols }),
+            any::<i32>().prop_map(|signal| GuestMsg::Signal { signal }),
+            Just(GuestMsg::Shutdown),
+            Just(GuestMsg::ShutdownAck),
+            text().prop_map(|message| GuestMsg::Error { message }),
+        ]
+    }
+
+    fn frame() -> impl Strategy<Value = Frame<GuestMsg>> {
+        let fd = (0u8..3).prop_map(|b| Fd::from_bits(b).unwrap_or(Fd::Stdout));
+        prop_oneof![
+            (any::<u32>(), msg()).prop_map(|(stream, msg)| Frame::Msg { stream, msg }),
+            (
+                any::<u32>(),
+                fd.clone(),
+                proptest::collection::vec(any::<u8>(), 0..256)
+            )
+                .prop_map(|(stream, fd, bytes)| Frame::Data { stream, fd, bytes }),
+            (any::<u32>(), fd).prop_map(|(stream, fd)| Frame::Eof { stream, fd }),
+        ]
+    }
+
+    #[cfg(feature = "tokio")]
+    mod asyncio_tests {
+        use super::*;
+        use std::pin::Pin;
+        use std::task::{Context, Poll};
+        use tokio::io::{AsyncRead, ReadBuf};
+
+        /// Hands out at most `step` bytes per read and is not ready every other poll, so reads
+        /// stop in the middle of frames.
+        struct Trickle {
+            data: Vec<u8>,
+            pos: usize,
+            step: usize,
+            ready: bool,
+        }
+
+        impl AsyncRead for Trickle {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                let this = &mut *self;
+                if !this.ready {
+                    this.ready = true;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                this.ready = false;
+                let n = (this.data.len() - this.pos)
+                    .min(buf.remaining())
+                    .min(this.step);
+                buf.put_slice(&this.data[this.pos..this.pos + n]);
+                this.pos += n;
+                Poll::Ready(Ok(()))
+            }
+        }
+
+        fn rt() -> tokio::runtime::Runtime {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+        }
+
+        /// Every result of the sync reader over `bytes`, as text (errors compare by message).
+        fn sync_results(bytes: &[u8]) -> Vec<String> {
+            let mut r = bytes;
+            let mut out = Vec::new();
+            loop {
+                match read_frame::<GuestMsg, _>(&mut r) {
+                    Ok(Some(f)) => out.push(format!("{f:?}")),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(e.to_string());
+                        if !matches!(e, ProtoError::BadMessage(_) | ProtoError::BadKind(_)) {
+                            break;
+                        }
+                    }
+                }
+            }
+            out
+        }
+
+        async fn reader_results<R: AsyncRead + Unpin>(
+            r: &mut asyncio::FrameReader<R>,
+        ) -> Vec<String> {
+            let mut out = Vec::new();
+            loop {
+                match r.read_frame::<GuestMsg>().await {
+                    Ok(Some(f)) => out.push(format!("{f:?}")),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(e.to_string());
+                        if !matches!(e, ProtoError::BadMessage(_) | ProtoError::BadKind(_)) {
+                            break;
+                        }
+                    }
+                }
+            }
+            out
+        }
+
+        #[test]
+        fn frame_reader_survives_cancellation() {
+            let frames = vec![
+                Frame::Msg {
+                    stream: 1,
+                    msg: GuestMsg::ExecStarted { pid: 7 },
+                },
+                Frame::Data {
+                    stream: 1,
+                    fd: Fd::Stdout,
+                    bytes: (0..100_000u32).map(|i| i as u8).collect(),
+                },
+                Frame::Eof {
+                    stream: 1,
+                    fd: Fd::Stdout,
+                },
+                Frame::Msg {
+                    stream: 1,
+                    msg: GuestMsg::Exit(ExitStatus {
+                        code: Some(0),
+                        signal: None,
+                    }),
+                },
+            ];
+            let mut data = Vec::new();
+            for f in &frames {
+                data.extend_from_slice(&f.encode().unwrap());
+            }
+            let mut r = asyncio::FrameReader::new(Trickle {
+                data,
+                pos: 0,
+                step: 4096,
+                ready: false,
+            });
+            let (got, interrupted) = rt().block_on(async {
+                let mut got = Vec::new();
+                let mut interrupted = 0;
+                loop {
+                    tokio::select! {
+                        biased;
+                        f = r.read_frame::<GuestMsg>() => match f.unwrap() {
+                            Some(f) => got.push(f),
+                            None => break,
+                        },
+                        _ = tokio::task::yield_now() => interrupted += 1,
+                    }
+                }
+                (got, interrupted)
+            });
+            assert!(
+                interrupted > 10,
+                "the reads were not interrupted ({interrupted})"
+            );
+            assert_eq!(got, frames);
+        }
+
+        #[test]
+        fn frame_reader_errors() {
+            rt().block_on(async {
+                let mut huge = asyncio::FrameReader::new(&[0xff, 0xff, 0xff, 0xff, 0, 0][..]);
+                assert!(matches!(
+                    huge.read_frame::<GuestMsg>().await,
+                    Err(ProtoError::TooLarge(_))
+                ));
+                // A broken stream stays broken.
+                assert!(huge.read_frame::<GuestMsg>().await.is_err());
+                let mut cut = asyncio::FrameReader::new(&[0, 0, 0, 50, 0, 0, 0, 1, 0x11, 1][..]);
+                assert!(matches!(
+                    cut.read_frame::<GuestMsg>().await,
+                    Err(ProtoError::Truncated)
+                ));
+                let mut empty = asyncio::FrameReader::new(&[][..]);
+                assert!(empty.read_frame::<GuestMsg>().await.unwrap().is_none());
+            });
+        }
+
+        proptest! {
+            // The cancel-safe reader, the plain async reader and the sync reader agree on any input.
+            #[test]
+            fn readers_agree(bytes in proptest::collection::vec(any::<u8>(), 0..1024), framed in proptest::collection::vec(frame(), 0..4), step in 1usize..64) {
+                let mut data = Vec::new();
+                for f in &framed {
+                    data.extend_from_slice(&f.encode().unwrap());
+                }
+                data.extend_from_slice(&bytes);
+                let want = sync_results(&data);
+                let rt = rt();
+                let mut r = asyncio::FrameReader::new(Trickle { data: data.clone(), pos: 0, step, ready: false });
+                let got = rt.block_on(reader_results(&mut r));
+                prop_assert_eq!(&got, &want);
+                let plain = rt.block_on(async {
+                    let mut r = &data[..];
+                    let mut out = Vec::new();
+                    loop {
+                        match asyncio::read_frame::<GuestMsg, _>(&mut r).await {
+                            Ok(Some(f)) => out.push(format!("{f:?}")),
+                            Ok(None) => break,
+                            Err(e) => {
+                                out.push(e.to_string());
+                                if !matches!(e, ProtoError::BadMessage(_) | ProtoError::BadKind(_)) {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    out
+                });
+                prop_assert_eq!(&plain, &want);
+            }
         }
     }
 }

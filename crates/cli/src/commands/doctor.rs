@@ -64,7 +64,11 @@ struct Report {
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let host = gatevm_vmm::probe();
     let hw = host.hardware_virt();
-    let runtime = gatevm_image::Runtime::load();
+    // A bad environment (a relative GATEVM_DATA_DIR, no HOME) is the runtime's problem here.
+    let runtime = match super::check_env() {
+        Ok(()) => gatevm_image::Runtime::load().map_err(|e| e.to_string()),
+        Err(e) => Err(format!("{e:#}")),
+    };
     let mut backends = Vec::new();
     match &runtime {
         Ok(rt) => backends.push(Backend {
@@ -85,7 +89,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             name: "qemu",
             available: false,
             accel: None,
-            note: e.to_string(),
+            note: e.clone(),
         }),
     }
     let libkrunfw = runtime.as_ref().map(|rt| rt.libkrunfw()).ok();
@@ -163,7 +167,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 report.verify_problems = v.problems.iter().map(|p| format!("{p:?}")).collect();
             }
         }
-        Err(e) => report.runtime_error = Some(e.to_string()),
+        Err(e) => report.runtime_error = Some(e.clone()),
     }
 
     if a.json {

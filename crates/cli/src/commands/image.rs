@@ -277,7 +277,9 @@ pub fn space_needed(archive_bytes: u64, layer_bytes: u64) -> u64 {
 
 fn import(a: ImportArgs) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?.to_string();
-    require_running(&name)?;
+    // The instance must exist; then the archive is checked (a bad file is named even while the
+    // instance is stopped); then the instance must run.
+    gatevm_instance::client::existing(&name)?;
     let ns = a.ns.namespace.clone();
     let from_stdin = a.file == "-";
     let path = PathBuf::from(&a.file);
@@ -296,6 +298,7 @@ fn import(a: ImportArgs) -> anyhow::Result<i32> {
             gatevm_image::oci::inspect_archive(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
         (Some(meta.len()), summaries)
     };
+    require_running(&name)?;
     let rt = runtime()?;
     rt.block_on(async {
         let (free, before) = free_and_images(&name, &ns).await?;

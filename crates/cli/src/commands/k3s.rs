@@ -126,6 +126,31 @@ impl K3sArgs {
     }
 }
 
+/// A manifest file k3s will deploy: `*.yaml`, `*.yml` or `*.json` (k3s skips anything else),
+/// and not named like the manifests gatevm writes itself (the start would fail at staging).
+fn check_manifest_name(f: &Path) -> anyhow::Result<()> {
+    let name = f
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name.starts_with("gatevm-") {
+        bail!(
+            "--manifest {}: names starting with gatevm- are reserved",
+            f.display()
+        );
+    }
+    let deployable = f
+        .extension()
+        .is_some_and(|x| x == "yaml" || x == "yml" || x == "json");
+    if !deployable {
+        bail!(
+            "--manifest {}: k3s deploys only *.yaml, *.yml and *.json files",
+            f.display()
+        );
+    }
+    Ok(())
+}
+
 /// A free TCP port on 127.0.0.1.
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -156,7 +181,9 @@ pub fn resolve(a: &K3sArgs, saved: Option<&K3sSettings>) -> anyhow::Result<Optio
         }
     }
     for m in &a.manifests {
-        gatevm_instance::k3s_stage::manifest_files(m).map_err(|e| anyhow::anyhow!(e))?;
+        for f in gatevm_instance::k3s_stage::manifest_files(m).map_err(|e| anyhow::anyhow!(e))? {
+            check_manifest_name(&f)?;
+        }
     }
     for i in &a.images {
         if !i.is_file() {
@@ -267,7 +294,8 @@ pub fn resolve(a: &K3sArgs, saved: Option<&K3sSettings>) -> anyhow::Result<Optio
     }))
 }
 
-/// Fetches the pinned k3s release into the runtime's cache (verified before it runs).
+/// Fetches the pinned k3s release into the runtime's cache (verified before it runs). A failed
+/// fetch leaves no directories behind that it created.
 fn fetch_pinned(rt: &Path) -> anyhow::Result<binary::K3sBinary> {
     let pin = download::pin().map_err(|e| anyhow::anyhow!(e))?;
     eprintln!(
@@ -276,7 +304,18 @@ fn fetch_pinned(rt: &Path) -> anyhow::Result<binary::K3sBinary> {
         pin.url,
         pin.sha256
     );
-    download::fetch(&pin, rt).map_err(|e| anyhow::anyhow!(e))
+    let created: Vec<PathBuf> = binary::cache_dir(rt)
+        .ancestors()
+        .take_while(|d| !d.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    download::fetch(&pin, rt).map_err(|e| {
+        // Deepest first; remove_dir leaves anything that is not empty.
+        for d in &created {
+            let _ = std::fs::remove_dir(d);
+        }
+        anyhow::anyhow!(e)
+    })
 }
 
 /// `gatevm setup --fetch-k3s`: the pinned release, verified and cached.
@@ -535,9 +574,10 @@ pub fn print_kubeconfig(a: KubeconfigArgs) -> anyhow::Result<i32> {
             print!("{text}");
             Ok(0)
         }
-        Err(_) => bail!(
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
             "{name:?} has no kubeconfig: it is written when a --profile k3s instance becomes ready"
         ),
+        Err(e) => bail!("reading the kubeconfig of {name:?}, {}: {e}", f.display()),
     }
 }
 

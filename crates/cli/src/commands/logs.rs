@@ -62,10 +62,14 @@ fn follow_file(
         }
         Err(e) => bail!("reading {}: {e}", file.display()),
     };
+    let read_err = |e: std::io::Error| anyhow::anyhow!("reading {}: {e}", file.display());
+    if !f.metadata().map_err(read_err)?.is_file() {
+        bail!("{} is not a file", file.display());
+    }
     let mut out = std::io::stdout().lock();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = f.read(&mut buf)?;
+        let n = f.read(&mut buf).map_err(read_err)?;
         if n > 0 {
             out.write_all(&buf[..n])?;
             continue;
@@ -76,12 +80,12 @@ fn follow_file(
         }
         std::thread::sleep(Duration::from_millis(200));
         // A truncated file starts over.
-        let pos = f.stream_position()?;
+        let pos = f.stream_position().map_err(read_err)?;
         if std::fs::metadata(file)
             .map(|m| m.len() < pos)
             .unwrap_or(false)
         {
-            f.seek(SeekFrom::Start(0))?;
+            f.seek(SeekFrom::Start(0)).map_err(read_err)?;
         }
     }
 }

@@ -63,16 +63,22 @@ pub fn parse_vmm(s: &str) -> Result<VmmChoice, String> {
     s.parse()
 }
 
-/// Fails at once, naming the reason and the alternative, when the chosen backend cannot run here.
-pub fn check_backend(
-    config: &InstanceConfig,
-    runtime: &gatevm_image::Runtime,
-) -> anyhow::Result<()> {
+/// Fails when `--krun-kernel` (given or saved) is not a file.
+pub fn check_krun_kernel(config: &InstanceConfig) -> anyhow::Result<()> {
     if let Some(k) = &config.krun_kernel {
         if !k.is_file() {
             bail!("--krun-kernel {} is not a file", k.display());
         }
     }
+    Ok(())
+}
+
+/// Fails at once, naming the reason and the alternative, when the chosen backend cannot run here.
+pub fn check_backend(
+    config: &InstanceConfig,
+    runtime: &gatevm_image::Runtime,
+) -> anyhow::Result<()> {
+    check_krun_kernel(config)?;
     gatevm_instance::backend::choose(
         config.vmm,
         &gatevm_vmm::probe(),
@@ -95,7 +101,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     // An existing instance starts as it last ran, with the flags given on top.
     let saved = client::saved_config(&name);
     let base = saved.unwrap_or_else(|| InstanceConfig::new(&name));
-    let config = InstanceConfig {
+    let mut config = InstanceConfig {
         name: name.clone(),
         cpus: a.cpus.unwrap_or(base.cpus),
         memory_mib: a.memory.unwrap_or(base.memory_mib),
@@ -110,9 +116,12 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         disk_gib: a.disk.unwrap_or(base.disk_gib),
         krun_kernel: a.krun_kernel.or(base.krun_kernel),
         ephemeral: None,
-        k3s: super::k3s::resolve(&a.k3s, base.k3s.as_ref())?,
+        k3s: None,
     };
+    // The cheap checks first: resolving k3s may download it.
     config.validate(host_memory_mib())?;
+    check_krun_kernel(&config)?;
+    config.k3s = super::k3s::resolve(&a.k3s, base.k3s.as_ref())?;
     gatevm_image::dirs::data_dir().context("finding the data directory")?;
     let paths = InstancePaths::new(&name);
     if client::is_running(&paths) {
@@ -128,13 +137,14 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             );
         }
     }
+    let rt = gatevm_image::Runtime::load()?;
+    check_backend(&config, &rt)?;
+    let guest = super::guest_bin()?;
+    // Only now that the start can go ahead: a refused start keeps the instance's state.
     if a.reset {
         client::reset_state(&name)?;
         eprintln!("{name}: state discarded");
     }
-    let rt = gatevm_image::Runtime::load()?;
-    check_backend(&config, &rt)?;
-    let guest = super::guest_bin()?;
 
     let show = Shower::new();
     let k3s = config.k3s.clone();

@@ -78,6 +78,34 @@ fn root_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(abs)
 }
 
+/// Checks an image archive before anything is created: a non-empty file that reads as a
+/// `docker save` or OCI archive with an image for this host (reading only its index and
+/// documents; the layers are unpacked later).
+fn check_image(img: &Path) -> anyhow::Result<()> {
+    let meta = match std::fs::metadata(img) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("--image {} is not a file: it does not exist", img.display())
+        }
+        Err(e) => bail!("--image {}: {e}", img.display()),
+    };
+    if !meta.is_file() {
+        bail!("--image {} is not a file", img.display());
+    }
+    if meta.len() == 0 {
+        bail!("--image {} is empty: not an image archive", img.display());
+    }
+    gatevm_image::oci::inspect_archive(img).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains(&*img.to_string_lossy()) {
+            anyhow::anyhow!("{msg}")
+        } else {
+            anyhow::anyhow!("image archive {}: {msg}", img.display())
+        }
+    })?;
+    Ok(())
+}
+
 /// A fresh name for a throwaway instance.
 fn fresh_name() -> String {
     format!(
@@ -91,9 +119,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     // Everything from the command line is checked before anything is created.
     let rootfs = a.rootfs.as_deref().map(root_dir).transpose()?;
     if let Some(img) = &a.image {
-        if !img.is_file() {
-            bail!("--image {} is not a file", img.display());
-        }
+        check_image(img)?;
     }
     if a.cmd.is_empty() && a.image.is_none() {
         bail!("no command: give one after --, e.g. gatevm vm-run -- uname -a");
@@ -114,6 +140,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         ..InstanceConfig::new(&name)
     };
     config.validate(host_memory_mib())?;
+    super::start::check_krun_kernel(&config)?;
     let rt = gatevm_image::Runtime::load()?;
     super::start::check_backend(&config, &rt)?;
     let guest = super::guest_bin()?;
