@@ -31,6 +31,15 @@ set -e
 if [ -z "${GATEVM_K3S_BIN:-}" ]; then
   echo "e2e k3s_gateway_with_a_nodeport_across_a_restart: NOT RUN: set GATEVM_K3S_BIN to a k3s binary" | tee -a "$log"
 fi
+# The agent protocol's decoders under libFuzzer for a minute (scripts/fuzz.sh SECONDS for longer).
+fuzz_rc=0
+./scripts/fuzz.sh "${GATEVM_FUZZ_SECONDS:-60}" 2>&1 | tail -n 25 | tee -a "$log" || fuzz_rc=$?
+if [ "$fuzz_rc" -ne 0 ]; then
+  echo "test result: FAILED. 0 passed; 1 failed (fuzz: decode_frame)" | tee -a "$log"
+  rc=1
+else
+  echo "test result: ok. 1 passed; 0 failed (fuzz: decode_frame, ${GATEVM_FUZZ_SECONDS:-60} s)" | tee -a "$log"
+fi
 read -r passed failed < <(awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { print p+0, f+0 }' "$log")
 not_run=$(grep -c 'NOT RUN' "$log" || true)
 echo

@@ -426,8 +426,12 @@ pub fn sweep_ephemeral() -> Vec<String> {
             continue;
         }
         let paths = InstancePaths::new(&name);
-        let hold = paths.dir.join(EPHEMERAL_HOLD);
-        if is_held(&hold) || is_running(&paths) {
+        // Swept only under its hold lock: the vm-run that made it holds that lock for its whole
+        // life, and one that loses a fresh directory to this sweep takes another name.
+        let Ok(Some(_hold)) = crate::lock::try_lock(&paths.dir.join(EPHEMERAL_HOLD)) else {
+            continue;
+        };
+        if is_running(&paths) {
             continue;
         }
         // Only throwaway instances (or one that died before writing its configuration).

@@ -116,10 +116,12 @@ impl Qemu {
         ]);
         push(&["-device", "vhost-user-fs-device,chardev=vfs,tag=root"]);
         if let Some(disk) = &cfg.state_disk {
+            // writeback: the host's page cache, with the guest's flushes passed on as fsync of
+            // the file, so what the guest fsyncs survives a host crash too.
             push(&[
                 "-drive",
                 &format!(
-                    "if=none,id=state,format=raw,file={},cache=unsafe,discard=unmap",
+                    "if=none,id=state,format=raw,file={},cache=writeback,discard=unmap",
                     opt(disk)
                 ),
             ]);
@@ -206,6 +208,7 @@ mod tests {
             "path=/run/v,,s",
             "virtserialport,chardev=ag,name=gatevm.agent",
             "virtio-blk-device,drive=state",
+            "cache=writeback",
             "virtio-net-device,netdev=n0,mac=5a:94:ef:e4:0c:ee",
             "-no-reboot",
         ] {

@@ -127,7 +127,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let mut req = a.exec.request(&a.cmd)?;
     let forwards = gatevm_net::parse_forwards(&a.publish)?;
     super::check_ports_free(&forwards)?;
-    let name = fresh_name();
+    let mut name = fresh_name();
     let mut config = InstanceConfig {
         cpus: a.cpus,
         memory_mib: a.memory,
@@ -146,12 +146,25 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let guest = super::guest_bin()?;
 
     client::sweep_ephemeral();
-    let paths = InstancePaths::new(&name);
-    paths
-        .create_dirs()
-        .with_context(|| format!("creating {}", paths.dir.display()))?;
-    let hold = gatevm_instance::lock::try_lock(&paths.dir.join(EPHEMERAL_HOLD))
-        .context("locking the throwaway instance")?;
+    // A concurrent vm-run's sweep may take a directory between its creation and its hold lock
+    // (it sweeps only under that lock): then this run takes another name.
+    let mut tries = 0;
+    let (paths, hold) = loop {
+        let paths = InstancePaths::new(&name);
+        paths
+            .create_dirs()
+            .with_context(|| format!("creating {}", paths.dir.display()))?;
+        match gatevm_instance::lock::try_lock(&paths.dir.join(EPHEMERAL_HOLD)) {
+            Ok(Some(hold)) if paths.dir.is_dir() => break (paths, hold),
+            Ok(_) | Err(_) if tries < 5 => {
+                tries += 1;
+                name = fresh_name();
+                config.name = name.clone();
+            }
+            Ok(_) => bail!("cannot hold the throwaway instance {name}: it is being swept"),
+            Err(e) => return Err(anyhow::Error::new(e).context("locking the throwaway instance")),
+        }
+    };
     let result = (|| {
         if let Some(img) = &a.image {
             let dir = paths.dir.join("image-root");
