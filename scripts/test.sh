@@ -25,7 +25,7 @@ if [ -z "${GATEVM_K3S_BIN:-}" ]; then
   skip=(--skip k3s_gateway_with_a_nodeport_across_a_restart)
 fi
 set +e
-cargo test --workspace --locked --all-targets -- --test-threads=2 "${skip[@]}" 2>&1 | tee "$log"
+cargo test --workspace --locked --all-targets --no-fail-fast -- --test-threads=2 "${skip[@]}" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 if [ -z "${GATEVM_K3S_BIN:-}" ]; then

@@ -941,10 +941,26 @@ async fn connect_agent(
 ) -> Result<Agent, SupervisorError> {
     wait_socket(&paths.agent_socket(), vm, vm_log, Duration::from_secs(20)).await?;
     let deadline = Instant::now() + AGENT_TIMEOUT;
+    // The VMM binds the socket a moment before it listens on it: refused connections are retried
+    // for a while (as long as the VM lives).
+    let refused_until = Instant::now() + Duration::from_secs(10);
     loop {
-        let stream = UnixStream::connect(paths.agent_socket())
-            .await
-            .map_err(|e| SupervisorError::Boot(format!("connecting to the agent socket: {e}")))?;
+        let stream = match UnixStream::connect(paths.agent_socket()).await {
+            Ok(s) => s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < refused_until
+                    && matches!(vm.child.try_wait(), Ok(None)) =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(e) => {
+                return Err(SupervisorError::Boot(format!(
+                    "connecting to the agent socket: {e}"
+                )))
+            }
+        };
         let (r, w) = stream.into_split();
         let agent = Agent::spawn(r, w);
         if !reconnect {
