@@ -475,6 +475,13 @@ fn exposure_listeners_modes_and_virtiofsd_confinement() {
         0o700,
         "instances directory"
     );
+    let data_dir = instance_dir.parent().unwrap().parent().unwrap();
+    assert_eq!(
+        mode(data_dir),
+        0o700,
+        "data directory {}",
+        data_dir.display()
+    );
     let run = run_dir(NAME);
     assert_eq!(mode(&run), 0o700, "{}", run.display());
     for e in std::fs::read_dir(&run).unwrap().flatten() {
