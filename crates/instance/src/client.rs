@@ -361,8 +361,11 @@ pub async fn delete(name: &str, force: bool) -> Result<(), ClientError> {
     // Under the lock, so no supervisor starts while the files go (one waiting for the lock then
     // finds them gone and starts a new instance).
     let _lock = match crate::lock::try_lock(&paths.lock()) {
-        Ok(Some(l)) => l,
+        Ok(Some(l)) => Some(l),
         Ok(None) => return Err(ClientError::AlreadyRunning(name.to_string())),
+        // Something that is no lock file (a directory left in its place) cannot be held by a
+        // supervisor either: it goes with the rest.
+        Err(_) if !is_running(&paths) => None,
         Err(e) => return Err(ioe(name, "taking the instance lock")(e)),
     };
     recover_stale(&paths);

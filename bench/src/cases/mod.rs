@@ -1,0 +1,47 @@
+//! The benchmark cases. Each runs its measurements `--runs` times (exec: `--exec-runs`) and
+//! returns a report section whose rows stand beside a baseline measured in the same run.
+
+pub mod boot;
+pub mod exec;
+pub mod import;
+pub mod memory;
+
+use crate::gatevm::Gatevm;
+use crate::host::{Machine, Qemu};
+use crate::scratch::Scratch;
+use crate::stats::{summarize, Summary};
+use std::path::PathBuf;
+
+/// What every case needs.
+pub struct Bench<'a> {
+    /// Repetitions of each measurement.
+    pub runs: usize,
+    /// Round trips of the exec case.
+    pub exec_runs: usize,
+    /// Size of the import case's archive.
+    pub import_mib: u64,
+    /// The gatevm binary on the benchmark's instance.
+    pub gv: Gatevm<'a>,
+    /// Scratch space (the initramfs, the image archive, command output).
+    pub scratch: &'a Scratch,
+    /// The host.
+    pub machine: Machine,
+    /// gatevm's runtime directory.
+    pub runtime: PathBuf,
+    /// The bare boot's QEMU, or why there is none.
+    pub qemu: Result<Qemu, String>,
+    /// The backend the instance reported (`qemu/tcg`, ...), once known.
+    pub backend: Option<String>,
+}
+
+/// The summary of samples that a loop of at least one run filled.
+pub(crate) fn summary(samples: &[f64]) -> Summary {
+    summarize(samples).unwrap_or(Summary {
+        n: 0,
+        min: f64::NAN,
+        median: f64::NAN,
+        max: f64::NAN,
+        p50: f64::NAN,
+        p95: f64::NAN,
+    })
+}

@@ -1,0 +1,221 @@
+//! The gatevm commands the benchmarks drive, each with a timeout, on one instance.
+
+use crate::runner::{self, Finished};
+use crate::scratch::Scratch;
+use anyhow::{bail, Context};
+use serde_json::Value;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// `gatevm start` of a new instance may build its state disk first.
+pub const START_TIMEOUT: Duration = Duration::from_secs(300);
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+const DELETE_TIMEOUT: Duration = Duration::from_secs(120);
+const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
+const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+const RM_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The fields of `gatevm status NAME --json` the benchmarks read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Status {
+    /// `running`, `stopped`, ...
+    pub state: String,
+    /// VMM and acceleration, e.g. `qemu/tcg`.
+    pub backend: Option<String>,
+    /// Guest RAM configured.
+    pub memory_mib: Option<u64>,
+    /// The supervisor's pid.
+    pub supervisor_pid: Option<u32>,
+    /// The VM process's pid.
+    pub vm_pid: Option<u32>,
+    /// Milliseconds from start to the guest agent answering.
+    pub agent_ready_ms: Option<u64>,
+    /// Milliseconds from start to containerd being ready.
+    pub ready_ms: Option<u64>,
+}
+
+/// Parses the status document.
+pub fn parse_status(json: &str) -> anyhow::Result<Status> {
+    let v: Value = serde_json::from_str(json).context("the status is not JSON")?;
+    if !v.is_object() {
+        bail!("the status is not a JSON object");
+    }
+    let u64_of = |k: &str| v.get(k).and_then(Value::as_u64);
+    let u32_of = |k: &str| u64_of(k).and_then(|n| u32::try_from(n).ok());
+    Ok(Status {
+        state: v
+            .get("state")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string(),
+        backend: v.get("backend").and_then(Value::as_str).map(str::to_string),
+        memory_mib: u64_of("memory_mib"),
+        supervisor_pid: u32_of("supervisor_pid"),
+        vm_pid: u32_of("vm_pid"),
+        agent_ready_ms: u64_of("agent_ready_ms"),
+        ready_ms: u64_of("ready_ms"),
+    })
+}
+
+/// The gatevm binary and the instance it works on.
+pub struct Gatevm<'a> {
+    bin: PathBuf,
+    /// The instance.
+    pub name: String,
+    scratch: &'a Scratch,
+}
+
+impl<'a> Gatevm<'a> {
+    /// Drives `bin` on instance `name`.
+    pub fn new(bin: &Path, name: &str, scratch: &'a Scratch) -> Gatevm<'a> {
+        Gatevm {
+            bin: bin.to_owned(),
+            name: name.to_string(),
+            scratch,
+        }
+    }
+
+    fn run<S: AsRef<OsStr>>(&self, args: &[S], timeout: Duration) -> anyhow::Result<Finished> {
+        let mut c = Command::new(&self.bin);
+        c.args(args);
+        runner::run(&mut c, timeout, self.scratch)
+    }
+
+    /// `gatevm start NAME`: the wall time.
+    pub fn start(&self) -> anyhow::Result<Duration> {
+        Ok(self
+            .run(&["start", &self.name], START_TIMEOUT)?
+            .ok()?
+            .elapsed)
+    }
+
+    /// `gatevm stop NAME`.
+    pub fn stop(&self) -> anyhow::Result<()> {
+        self.run(&["stop", &self.name], STOP_TIMEOUT)?.ok()?;
+        Ok(())
+    }
+
+    /// `gatevm delete NAME --force`; an instance that does not exist is fine.
+    pub fn delete(&self) -> anyhow::Result<()> {
+        self.delete_with(true)
+    }
+
+    /// [`Gatevm::delete`], even after Ctrl-C (the clean-up on the way out).
+    pub fn delete_uninterruptible(&self) -> anyhow::Result<()> {
+        self.delete_with(false)
+    }
+
+    fn delete_with(&self, interruptible: bool) -> anyhow::Result<()> {
+        let mut c = Command::new(&self.bin);
+        c.args(["delete", &self.name, "--force"]);
+        let f = if interruptible {
+            runner::run(&mut c, DELETE_TIMEOUT, self.scratch)?
+        } else {
+            runner::run_uninterruptible(&mut c, DELETE_TIMEOUT, self.scratch)?
+        };
+        if !f.status.success() && f.stderr.contains("does not exist") {
+            return Ok(());
+        }
+        f.ok()?;
+        Ok(())
+    }
+
+    /// `gatevm status NAME --json`.
+    pub fn status(&self) -> anyhow::Result<Status> {
+        let f = self
+            .run(&["status", &self.name, "--json"], STATUS_TIMEOUT)?
+            .ok()?;
+        parse_status(&f.stdout).with_context(|| format!("reading the output of `{}`", f.label))
+    }
+
+    /// Starts the instance unless it runs.
+    pub fn ensure_running(&self) -> anyhow::Result<Status> {
+        let running = matches!(self.status(), Ok(s) if s.state == "running");
+        if !running {
+            eprintln!("gatevm-bench: starting instance {:?}", self.name);
+            self.start()?;
+        }
+        let st = self.status()?;
+        if st.state != "running" {
+            bail!(
+                "instance {:?} is {} after `gatevm start {}`",
+                self.name,
+                st.state,
+                self.name
+            );
+        }
+        Ok(st)
+    }
+
+    /// `gatevm exec NAME -- true`: the wall time.
+    pub fn exec_true(&self) -> anyhow::Result<Duration> {
+        Ok(self
+            .run(&["exec", &self.name, "--", "true"], EXEC_TIMEOUT)?
+            .ok()?
+            .elapsed)
+    }
+
+    /// `gatevm image import NAME FILE`: the wall time.
+    pub fn image_import(&self, file: &Path, timeout: Duration) -> anyhow::Result<Duration> {
+        let args = [
+            OsStr::new("image"),
+            OsStr::new("import"),
+            OsStr::new(&self.name),
+            file.as_os_str(),
+        ];
+        Ok(self.run(&args, timeout)?.ok()?.elapsed)
+    }
+
+    /// `gatevm image rm NAME REF`.
+    pub fn image_rm(&self, reference: &str) -> anyhow::Result<()> {
+        self.run(&["image", "rm", &self.name, reference], RM_TIMEOUT)?
+            .ok()?;
+        Ok(())
+    }
+}
+
+/// A status field that must be there after a start.
+pub fn need<T>(v: Option<T>, field: &str, name: &str) -> anyhow::Result<T> {
+    v.with_context(|| format!("`gatevm status {name} --json` has no {field}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields() {
+        let st = parse_status(
+            r#"{"name":"bench","state":"running","healthy":true,"backend":"qemu/tcg",
+                "cpus":2,"memory_mib":2048,"forwards":[],"supervisor_pid":101,"vm_pid":202,
+                "agent":{"connected":true},"payloads":[],"started_at_ms":1,
+                "agent_ready_ms":3400,"ready_ms":5100,"stop_reason":null,"last_error":null,
+                "logs":"/x"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            st,
+            Status {
+                state: "running".into(),
+                backend: Some("qemu/tcg".into()),
+                memory_mib: Some(2048),
+                supervisor_pid: Some(101),
+                vm_pid: Some(202),
+                agent_ready_ms: Some(3400),
+                ready_ms: Some(5100),
+            }
+        );
+        let stopped =
+            parse_status(r#"{"state":"stopped","supervisor_pid":null,"vm_pid":null}"#).unwrap();
+        assert_eq!(stopped.state, "stopped");
+        assert_eq!(stopped.vm_pid, None);
+        assert!(parse_status("[]").is_err());
+        assert!(parse_status("not json").is_err());
+        assert!(need(stopped.ready_ms, "ready_ms", "bench")
+            .unwrap_err()
+            .to_string()
+            .contains("has no ready_ms"));
+    }
+}

@@ -1,0 +1,219 @@
+//! Benchmarks of gatevm, each beside a baseline measured in the same run: boot (against a bare
+//! QEMU boot of the same kernel), exec round trip (against spawning a host process), host memory
+//! (against the guest RAM configured) and image import throughput (against a host-side copy).
+//!
+//! The tool drives the `gatevm` binary on one instance, `bench`, which it deletes at the end,
+//! on failure and on Ctrl-C. It prints each case's tables as they finish and writes them all,
+//! with a description of the machine, to docs/benchmarks.md.
+
+pub mod cases;
+pub mod cpio;
+pub mod docker;
+pub mod gatevm;
+pub mod host;
+pub mod markdown;
+pub mod procs;
+pub mod report;
+pub mod runner;
+pub mod scratch;
+pub mod stats;
+
+use anyhow::{bail, Context};
+use cases::Bench;
+use gatevm::Gatevm;
+use host::Machine;
+use markdown::Section;
+use scratch::Scratch;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The instance the benchmarks create, use and delete.
+pub const INSTANCE: &str = "bench";
+
+/// A benchmark case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Case {
+    /// Bare QEMU boot against cold and warm `gatevm start`.
+    Boot,
+    /// `gatevm exec -- true` round trip.
+    Exec,
+    /// Host memory of the supervisor, helpers and VM.
+    Memory,
+    /// `gatevm image import` throughput.
+    Import,
+}
+
+impl Case {
+    /// Every case, in the order they run.
+    pub const ALL: [Case; 4] = [Case::Boot, Case::Exec, Case::Memory, Case::Import];
+
+    /// The name `--only` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Case::Boot => "boot",
+            Case::Exec => "exec",
+            Case::Memory => "memory",
+            Case::Import => "import",
+        }
+    }
+}
+
+/// What to run and where.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The gatevm binary.
+    pub gatevm: PathBuf,
+    /// Repetitions per case.
+    pub runs: usize,
+    /// Round trips of the exec case.
+    pub exec_runs: usize,
+    /// Size of the import case's archive, MiB.
+    pub import_mib: u64,
+    /// Where the report goes.
+    pub out: PathBuf,
+    /// The cases to run.
+    pub cases: Vec<Case>,
+    /// The gatevm repository (for its commit).
+    pub repo: PathBuf,
+    /// How the tool was invoked, for the report.
+    pub command: String,
+}
+
+/// Deletes the instance when dropped: at the end, on an error, after Ctrl-C.
+struct DeleteOnDrop<'a>(Gatevm<'a>);
+
+impl Drop for DeleteOnDrop<'_> {
+    fn drop(&mut self) {
+        eprintln!("gatevm-bench: deleting instance {:?}", self.0.name);
+        if let Err(e) = self.0.delete_uninterruptible() {
+            eprintln!(
+                "gatevm-bench: warning: could not delete instance {:?}: {e:#} (run `gatevm delete {} --force`)",
+                self.0.name, self.0.name
+            );
+        }
+    }
+}
+
+/// `git rev-parse --short HEAD` of `repo`, and whether tracked files other than the report have
+/// uncommitted changes.
+fn commit(repo: &Path, scratch: &Scratch) -> (String, bool) {
+    let git = |args: &[&str]| {
+        let mut c = Command::new("git");
+        c.arg("-C").arg(repo).args(args);
+        runner::run(&mut c, Duration::from_secs(20), scratch)
+            .and_then(|f| f.ok())
+            .map(|f| f.stdout.trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Ok(c) if !c.is_empty() => {
+            let dirty = git(&[
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":!docs/benchmarks.md",
+            ])
+            .map(|s| !s.is_empty())
+            .unwrap_or(false);
+            (c, dirty)
+        }
+        _ => ("unknown".to_string(), false),
+    }
+}
+
+/// The first line of `qemu --version` and which binary, or why there is none.
+fn qemu_description(qemu: &Result<host::Qemu, String>, scratch: &Scratch) -> String {
+    match qemu {
+        Ok(q) => {
+            let mut c = Command::new(&q.bin);
+            c.arg("--version");
+            let v = runner::run(&mut c, Duration::from_secs(30), scratch)
+                .and_then(|f| f.ok())
+                .map(|f| {
+                    runner::last_line(f.stdout.lines().next().unwrap_or(""))
+                        .unwrap_or("")
+                        .to_string()
+                })
+                .unwrap_or_else(|e| format!("version unknown ({e:#})"));
+            format!("{v} ({})", q.bin.display())
+        }
+        Err(e) => format!("not found: {e}"),
+    }
+}
+
+/// Runs the selected cases, prints their tables and writes the report. Targets that are missed
+/// are reported, not errors.
+pub fn run(o: &Options) -> anyhow::Result<()> {
+    if !o.gatevm.is_file() {
+        bail!(
+            "no gatevm binary at {}: run scripts/build.sh (or pass --gatevm)",
+            o.gatevm.display()
+        );
+    }
+    let scratch = Scratch::new("gatevm-bench")?;
+    let machine = Machine::probe();
+    let runtime = host::runtime_dir(|k| std::env::var_os(k))?;
+    let qemu = host::find_qemu(&runtime, std::env::var_os("PATH")).map_err(|e| format!("{e:#}"));
+    let (commit, dirty) = commit(&o.repo, &scratch);
+    let mut meta = report::Meta {
+        date: report::utc_date(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        ),
+        commit,
+        dirty,
+        machine: machine.clone(),
+        qemu: qemu_description(&qemu, &scratch),
+        backend: None,
+        command: o.command.clone(),
+        skipped: Case::ALL
+            .iter()
+            .filter(|c| !o.cases.contains(c))
+            .map(|c| c.name().to_string())
+            .collect(),
+    };
+    println!(
+        "## Machine\n\n{}",
+        report::machine_table(&meta, false).render()
+    );
+
+    let _cleanup = DeleteOnDrop(Gatevm::new(&o.gatevm, INSTANCE, &scratch));
+    let mut bench = Bench {
+        runs: o.runs,
+        exec_runs: o.exec_runs,
+        import_mib: o.import_mib,
+        gv: Gatevm::new(&o.gatevm, INSTANCE, &scratch),
+        scratch: &scratch,
+        machine,
+        runtime,
+        qemu,
+        backend: None,
+    };
+    let mut sections: Vec<Section> = Vec::new();
+    for case in Case::ALL.iter().filter(|c| o.cases.contains(c)) {
+        eprintln!("gatevm-bench: {} ...", case.name());
+        let section = match case {
+            Case::Boot => bench.boot(),
+            Case::Exec => bench.exec(),
+            Case::Memory => bench.memory(),
+            Case::Import => bench.import(),
+        }
+        .with_context(|| format!("{} benchmark", case.name()))?;
+        print!("{}", section.render());
+        let _ = std::io::stdout().flush();
+        sections.push(section);
+    }
+    meta.backend = bench.backend.clone();
+    let md = report::render(&meta, &sections);
+    if let Some(dir) = o.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(&o.out, md).with_context(|| format!("cannot write {}", o.out.display()))?;
+    eprintln!("gatevm-bench: wrote {}", o.out.display());
+    Ok(())
+}

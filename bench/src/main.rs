@@ -1,0 +1,71 @@
+//! `gatevm-bench`: runs gatevm's benchmarks beside their baselines and writes docs/benchmarks.md.
+
+use clap::Parser;
+use gatevm_bench::{runner, Case, Options};
+use std::path::{Path, PathBuf};
+
+/// Benchmarks of gatevm, each beside a baseline measured in the same run: boot (bare QEMU boot of
+/// the same kernel), exec round trip (spawning a host process), host memory (guest RAM
+/// configured), image import (host-side copy). Uses, and deletes at the end, an instance named
+/// `bench`.
+#[derive(Parser)]
+#[command(
+    name = "gatevm-bench",
+    version,
+    after_help = "Exit codes: 0 ok (missed targets are reported, not failures), 1 a command failed or timed out, 2 usage, 130 interrupted."
+)]
+struct Args {
+    /// Cases to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "boot,exec,memory,import"
+    )]
+    only: Vec<Case>,
+    /// Repetitions of each case.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    runs: u64,
+    /// Round trips of the exec case.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    exec_runs: u64,
+    /// Size of the import case's image archive, MiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    import_mib: u64,
+    /// Where to write the report [default: docs/benchmarks.md of the repository].
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// The gatevm binary [default: target/release/gatevm of the repository].
+    #[arg(long, value_name = "PATH")]
+    gatevm: Option<PathBuf>,
+}
+
+fn main() {
+    let a = Args::parse();
+    // The repository is the bench crate's parent directory.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new(".."))
+        .to_path_buf();
+    let command = std::iter::once("gatevm-bench".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let o = Options {
+        gatevm: a
+            .gatevm
+            .unwrap_or_else(|| repo.join("target/release/gatevm")),
+        runs: a.runs as usize,
+        exec_runs: a.exec_runs as usize,
+        import_mib: a.import_mib,
+        out: a.out.unwrap_or_else(|| repo.join("docs/benchmarks.md")),
+        cases: a.only,
+        repo,
+        command,
+    };
+    runner::install_signal_handlers();
+    if let Err(e) = gatevm_bench::run(&o) {
+        eprintln!("gatevm-bench: {e:#}");
+        std::process::exit(if runner::interrupted() { 130 } else { 1 });
+    }
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# gatevm's benchmarks, each beside a baseline measured in the same run (the gatevm-bench tool in
+# bench/): boot against a bare QEMU boot of the same kernel, exec round trip, host memory, image
+# import throughput. Prints the tables and writes docs/benchmarks.md.
+# Usage: scripts/bench.sh [--only boot,exec,memory,import] [--runs N] [--exec-runs N]
+#                         [--import-mib N] [--out FILE] [--gatevm PATH]   (--help for more)
+# It boots VMs: run it on an otherwise idle machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v cargo >/dev/null || { echo "bench: cargo is missing: install a Rust toolchain (rustup)" >&2; exit 1; }
+# The tool is a cargo project of its own (not a member of the main workspace), built into
+# bench/target whatever CARGO_TARGET_DIR says.
+CARGO_TARGET_DIR="$PWD/bench/target" cargo build --release --locked --manifest-path bench/Cargo.toml
+tool=bench/target/release/gatevm-bench
+for a in "$@"; do
+  case $a in -h|--help|-V|--version) exec "$tool" "$@" ;; esac
+done
+# The bare-boot baseline's initramfs holds a static busybox (the same check as scripts/test.sh).
+if [ ! -x /bin/busybox ] || readelf -l /bin/busybox 2>/dev/null | grep -q 'program interpreter'; then
+  echo "bench: installing busybox-static for the bare-boot baseline"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends busybox-static >/dev/null \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends busybox-static >/dev/null; }
+fi
+./scripts/build.sh
+# The runtime (kernel, QEMU, root filesystem) the instance and the baseline boot.
+target/release/gatevm setup
+exec "$tool" "$@"
