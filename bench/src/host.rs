@@ -246,8 +246,46 @@ pub fn bare_boot_args(
     a.push("-initrd".into());
     a.push(initrd.into());
     a.push("-append".into());
-    a.push("console=ttyS0 quiet panic=-1".into());
+    // As gatevm boots a TCG guest: the host's TSC frequency given, so the guest kernel does not
+    // calibrate it (which under emulation is slow and now and then hangs).
+    let mut cmdline = String::from("console=ttyS0 quiet panic=-1");
+    if let (Accel::Tcg, Some(khz)) = (accel, host_tsc_khz()) {
+        cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    a.push(cmdline.into());
     a
+}
+
+/// The host's TSC frequency in kHz, measured as gatevm's QEMU backend does (None without a
+/// constant TSC).
+pub fn host_tsc_khz() -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let flags = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .unwrap_or("");
+        if !flags.split_whitespace().any(|f| f == "constant_tsc") {
+            return None;
+        }
+        let t0 = std::time::Instant::now();
+        // SAFETY: rdtsc has no preconditions on x86_64.
+        let c0 = unsafe { core::arch::x86_64::_rdtsc() };
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        // SAFETY: as above.
+        let c1 = unsafe { core::arch::x86_64::_rdtsc() };
+        let ns = t0.elapsed().as_nanos() as u64;
+        if ns == 0 || c1 <= c0 {
+            return None;
+        }
+        let mhz = ((c1 - c0).saturating_mul(1_000_000) / ns + 500) / 1000;
+        (mhz > 100).then_some(mhz * 1000)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
 }
 
 /// Whether a 64-bit little-endian ELF file asks for a program interpreter (is dynamically
@@ -379,11 +417,21 @@ mod tests {
             Path::new("/c"),
         );
         let a: Vec<String> = a.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+        let tsc = host_tsc_khz()
+            .map(|k| format!(" tsc_early_khz={k}"))
+            .unwrap_or_default();
+        let joined = a.join(" ");
+        // The TSC is measured afresh each call: compare up to it.
         assert_eq!(
-            a.join(" "),
+            joined.split(" tsc_early_khz=").next().unwrap(),
             "-L /a -M microvm,x-option-roms=off,rtc=on -accel tcg -smp 2 -m 2048 -nodefaults \
              -no-user-config -nographic -no-reboot -serial file:/c -kernel /k -initrd /i \
              -append console=ttyS0 quiet panic=-1"
+        );
+        assert_eq!(
+            joined.contains(" tsc_early_khz="),
+            !tsc.is_empty(),
+            "{joined}"
         );
     }
 

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-const BARE_TIMEOUT: Duration = Duration::from_secs(180);
+const BARE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where the baseline's busybox comes from (Debian's busybox-static).
 pub const BUSYBOX: &str = "/bin/busybox";
 
