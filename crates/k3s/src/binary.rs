@@ -4,7 +4,7 @@
 //! the instance status report.
 
 use serde::{Deserialize, Serialize};
-use sha2_compat::sha256_file;
+pub(crate) use sha2_compat::sha256_file;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! mismatch leaves nothing behind. `$GATEVM_K3S_URL` with `$GATEVM_K3S_SHA256` replaces the pin
 //! (a mirror, or another release), and is verified the same way.
 
-use crate::binary::{self, K3sBinary};
+use crate::binary::{self, sha256_file, K3sBinary};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -146,14 +146,6 @@ fn fetch_into(pin: &Pin, tmp: &Path, runtime_dir: &Path) -> Result<K3sBinary, St
         }
     }
     binary::cache(&bin, runtime_dir)
-}
-
-fn sha256_file(p: &Path) -> std::io::Result<String> {
-    use sha2::Digest;
-    let mut f = std::fs::File::open(p)?;
-    let mut h = sha2::Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
 }
 
 #[cfg(test)]

@@ -95,15 +95,18 @@ fn check_image(img: &Path) -> anyhow::Result<()> {
     if meta.len() == 0 {
         bail!("--image {} is empty: not an image archive", img.display());
     }
-    gatevm_image::oci::inspect_archive(img).map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains(&*img.to_string_lossy()) {
-            anyhow::anyhow!("{msg}")
-        } else {
-            anyhow::anyhow!("image archive {}: {msg}", img.display())
-        }
-    })?;
+    gatevm_image::oci::inspect_archive(img).map_err(|e| archive_error(img, e))?;
     Ok(())
+}
+
+/// An archive error that names the archive (once).
+fn archive_error(img: &std::path::Path, e: impl std::fmt::Display) -> anyhow::Error {
+    let msg = e.to_string();
+    if msg.contains(&*img.to_string_lossy()) {
+        anyhow::anyhow!("{msg}")
+    } else {
+        anyhow::anyhow!("image archive {}: {msg}", img.display())
+    }
 }
 
 /// A fresh name for a throwaway instance.
@@ -170,14 +173,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             let dir = paths.dir.join("image-root");
             std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let unpacked = gatevm_image::oci::unpack_archive(img, &dir, a.image_ref.as_deref())
-                .map_err(|e| {
-                    let msg = e.to_string();
-                    if msg.contains(&*img.to_string_lossy()) {
-                        anyhow::anyhow!("{msg}")
-                    } else {
-                        anyhow::anyhow!("image archive {}: {msg}", img.display())
-                    }
-                })?;
+                .map_err(|e| archive_error(img, e))?;
             for s in &unpacked.skipped {
                 tracing::info!("image entry not unpacked: {s}");
             }
