@@ -513,23 +513,6 @@ fn exposure_listeners_modes_and_virtiofsd_confinement() {
         confined,
         "no virtiofsd process in a mount namespace of its own"
     );
-    // From the guest, the host is not visible through the shared root.
-    let (code, out, _) = exec(
-        NAME,
-        &["sh", "-c", "ls /proc/1/root/.. / | sort -u | head -50"],
-        None,
-    );
-    assert_eq!(code, 0);
-    assert!(
-        !out.contains(
-            &instance_dir
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .to_string()
-        ),
-        "{out}"
-    );
     ok(&["stop", NAME]);
 }
 

@@ -132,10 +132,7 @@ fn offline_status(
     let mut st = state.unwrap_or_else(|| StateFile::stopped(None));
     if !running && st.phase != Phase::Stopped {
         // The supervisor died without recording it (SIGKILL, host crash).
-        st.phase = Phase::Stopped;
-        st.stop_reason = Some("the supervisor process died unexpectedly".into());
-        st.last_error = st.stop_reason.clone();
-        clean_up_after_dead_supervisor(paths, &st);
+        after_dead_supervisor(paths, &mut st);
     }
     let cfg = cfg.unwrap_or_else(|| InstanceConfig {
         cpus: 0,
@@ -173,6 +170,15 @@ fn offline_status(
         last_error: st.last_error,
         logs: paths.logs().display().to_string(),
     }
+}
+
+/// Marks `st` (the state a dead supervisor left) as stopped with the reason, and clears up after
+/// that supervisor.
+fn after_dead_supervisor(paths: &InstancePaths, st: &mut StateFile) {
+    st.phase = Phase::Stopped;
+    st.stop_reason = Some("the supervisor process died unexpectedly".into());
+    st.last_error = st.stop_reason.clone();
+    clean_up_after_dead_supervisor(paths, st);
 }
 
 /// The first client to notice that a supervisor died without recording it (SIGKILL, host crash)
@@ -286,12 +292,8 @@ pub async fn stop(name: &str, timeout: Duration) -> Result<(), ClientError> {
         let state: Option<StateFile> = std::fs::read(paths.state())
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        if let Some(st) = state.filter(|s| s.phase != Phase::Stopped) {
-            let mut st = st;
-            st.phase = Phase::Stopped;
-            st.stop_reason = Some("the supervisor process died unexpectedly".into());
-            st.last_error = st.stop_reason.clone();
-            clean_up_after_dead_supervisor(&paths, &st);
+        if let Some(mut st) = state.filter(|s| s.phase != Phase::Stopped) {
+            after_dead_supervisor(&paths, &mut st);
         }
         return Err(ClientError::NotRunning(name.to_string()));
     }

@@ -91,7 +91,8 @@ pub fn pin() -> Result<Pin, String> {
 pub fn fetch(pin: &Pin, runtime_dir: &Path) -> Result<K3sBinary, String> {
     let dir = binary::cache_dir(runtime_dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let tmp = dir.join(".download");
+    // Per process: two fetches at once do not share (or remove) each other's partial file.
+    let tmp = dir.join(format!(".download-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let result = fetch_into(pin, &tmp, runtime_dir);
     let _ = std::fs::remove_file(&tmp);
