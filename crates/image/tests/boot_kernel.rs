@@ -91,6 +91,13 @@ fn boots_vmlinux_with_generated_initramfs() {
         initrd.display()
     );
 
+    // As gatevm's own TCG guests get it: without the host's TSC frequency the guest calibrates
+    // the TSC against the emulated PIT, which on a loaded host fails and stalls the boot for
+    // minutes.
+    let mut append = String::from("console=ttyS0 quiet panic=-1");
+    if let Some(khz) = gatevm_vmm::probe::host_tsc_khz() {
+        append.push_str(&format!(" tsc_early_khz={khz}"));
+    }
     let mut child = Command::new(&qemu)
         .args(
             rt.qemu_data_dirs()
@@ -111,8 +118,8 @@ fn boots_vmlinux_with_generated_initramfs() {
             "stdio",
             "-no-reboot",
             "-append",
-            "console=ttyS0 quiet panic=-1",
         ])
+        .arg(&append)
         .arg("-kernel")
         .arg(rt.kernel_path())
         .arg("-initrd")
@@ -122,6 +129,23 @@ fn boots_vmlinux_with_generated_initramfs() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // The console is read as it comes, so a guest that never powers off shows how far it got.
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let handle = std::thread::spawn(move || {
+            let mut pipe = pipe.unwrap();
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        (buf, handle)
+    };
+    let (out_buf, out_thread) = reader(child.stdout.take().map(|p| Box::new(p) as _));
+    let (err_buf, err_thread) = reader(child.stderr.take().map(|p| Box::new(p) as _));
+    let text =
+        |b: &std::sync::Mutex<Vec<u8>>| String::from_utf8_lossy(&b.lock().unwrap()).into_owned();
     let started = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -130,24 +154,17 @@ fn boots_vmlinux_with_generated_initramfs() {
         if started.elapsed() > Duration::from_secs(90) {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("guest did not power off within 90 s");
+            panic!(
+                "guest did not power off within 90 s; console so far:\n{}\n{}",
+                text(&out_buf),
+                text(&err_buf)
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    out_thread.join().unwrap();
+    err_thread.join().unwrap();
+    let (out, err) = (text(&out_buf), text(&err_buf));
     eprintln!(
         "guest ran {:?}, exit {status}\n{out}\n{err}",
         started.elapsed()
