@@ -280,3 +280,43 @@ fn foreground_start_stops_on_sigterm() {
     assert_eq!(st["stop_reason"], "stopped on request", "{st}");
     assert_no_leftovers(name);
 }
+
+#[test]
+fn passt_network_forwards_and_keeps_the_host_loopback_closed() {
+    if !enabled("passt_network_forwards_and_keeps_the_host_loopback_closed") {
+        return;
+    }
+    let name = "e2e-passt";
+    let _guard = Instance(name);
+    let _ = gatevm(&["delete", name, "--force"]);
+    let port = free_port();
+    let publish = format!("{port}:8080");
+    ok(&[
+        "start", name, "--memory", "768", "--net", "passt", "-p", &publish,
+    ]);
+    let st = status(name);
+    assert_eq!(st["net"], "passt", "{st}");
+    assert_eq!(st["healthy"], true, "{st}");
+    assert!(
+        processes_of(name).iter().any(|p| p.contains("passt")),
+        "no passt process marked as the instance's"
+    );
+    // A forward into the guest, through passt.
+    serve_in_guest(name, 8080);
+    let got = fetch(port).expect("the forward did not answer");
+    assert_eq!(got, format!("hello from {name}\n"));
+    // The guest's outbound TCP goes through passt too: to a listener on the host's own address.
+    // Neither the gateway (which passt would map to the host's loopback) nor gvproxy's alias
+    // reaches the host's loopback.
+    assert!(!guest_reaches_host_loopback_via(name, "192.168.127.1"));
+    assert!(!guest_reaches_host_loopback_via(name, "192.168.127.254"));
+    ok(&["stop", name]);
+    assert_no_leftovers(name);
+
+    // Allowed, passt maps the gateway address to the host's loopback.
+    ok(&["start", name, "--allow-host-loopback"]);
+    assert_eq!(status(name)["net"], "passt", "the choice is kept");
+    assert!(guest_reaches_host_loopback_via(name, "192.168.127.1"));
+    ok(&["stop", name]);
+    assert_no_leftovers(name);
+}

@@ -146,6 +146,7 @@ fn offline_status(
         state: phase_name(st.phase).into(),
         healthy: false,
         backend: st.backend.clone(),
+        net: cfg.net.name().into(),
         kernel: st.kernel.clone(),
         ephemeral: cfg.ephemeral.is_some(),
         k3s: None,

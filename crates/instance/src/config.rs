@@ -49,6 +49,39 @@ pub fn parse_disk_size(s: &str) -> Result<u32, String> {
     })
 }
 
+/// Which user-mode network helper gives the guest its network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NetBackend {
+    /// gvproxy: its own TCP/IP stack, forwards added at run time through its API.
+    #[default]
+    Gvproxy,
+    /// passt: the host's sockets, forwards fixed at start.
+    Passt,
+}
+
+impl NetBackend {
+    pub fn name(self) -> &'static str {
+        match self {
+            NetBackend::Gvproxy => "gvproxy",
+            NetBackend::Passt => "passt",
+        }
+    }
+}
+
+impl std::str::FromStr for NetBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "gvproxy" => Ok(NetBackend::Gvproxy),
+            "passt" => Ok(NetBackend::Passt),
+            _ => Err(format!(
+                "unknown network helper {s:?}: use gvproxy or passt"
+            )),
+        }
+    }
+}
+
 /// Which VMM backend to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -95,6 +128,9 @@ pub struct InstanceConfig {
     pub allow_host_loopback: bool,
     #[serde(default)]
     pub vmm: VmmChoice,
+    /// The network helper.
+    #[serde(default)]
+    pub net: NetBackend,
     #[serde(default = "default_disk")]
     pub disk_gib: u32,
     /// A kernel for the krun backend instead of libkrunfw's (`krun_set_kernel`).
@@ -219,6 +255,7 @@ impl InstanceConfig {
             forwards: vec![],
             allow_host_loopback: false,
             vmm: VmmChoice::Auto,
+            net: NetBackend::Gvproxy,
             disk_gib: DEFAULT_DISK_GIB,
             krun_kernel: None,
             ephemeral: None,
@@ -372,6 +409,7 @@ mod tests {
             forwards: vec![],
             allow_host_loopback: false,
             vmm: VmmChoice::Auto,
+            net: NetBackend::Gvproxy,
             disk_gib: 8,
             krun_kernel: None,
             ephemeral: None,

@@ -89,6 +89,9 @@ pub struct InstanceStatus {
     pub healthy: bool,
     /// VMM and acceleration (`qemu/tcg`, `qemu/kvm`, `krun/kvm`).
     pub backend: Option<String>,
+    /// The network helper: `gvproxy` or `passt`.
+    #[serde(default)]
+    pub net: String,
     /// The guest kernel: a path, or `libkrunfw` with its file.
     #[serde(default)]
     pub kernel: Option<String>,

@@ -3,5 +3,6 @@
 pub mod forward;
 pub mod gvproxy;
 pub mod loopback;
+pub mod passt;
 
 pub use forward::{parse_forwards, Forward, ForwardSpecError, Proto};

@@ -57,8 +57,8 @@ pub struct KrunConfig {
     pub state_disk: Option<PathBuf>,
     /// Host unix socket libkrun listens on and connects to the guest agent's vsock port.
     pub agent_socket: PathBuf,
-    /// gvproxy's `-listen-qemu` socket.
-    pub net_socket: Option<PathBuf>,
+    /// The network helper: gvproxy's `-listen-qemu` socket or passt's inherited descriptor.
+    pub net: Option<crate::NetAttach>,
     pub mac: [u8; 6],
     pub console_log: PathBuf,
     /// The workload: gatevm-guest in the instance root, and its arguments.
@@ -93,7 +93,7 @@ pub enum KrunCall {
         sync_mode: u32,
     },
     AddNetUnixstream {
-        path: PathBuf,
+        net: crate::NetAttach,
         mac: [u8; 6],
         features: u32,
         flags: u32,
@@ -174,9 +174,9 @@ pub fn plan(c: &KrunConfig) -> Vec<KrunCall> {
             sync_mode: KRUN_SYNC_FULL,
         });
     }
-    if let Some(net) = &c.net_socket {
+    if let Some(net) = &c.net {
         calls.push(KrunCall::AddNetUnixstream {
-            path: net.clone(),
+            net: net.clone(),
             mac: c.mac,
             features: NET_COMPAT_FEATURES,
             flags: 0,
@@ -362,7 +362,7 @@ pub fn translate(
         root_dir: vm.root_dir.clone(),
         state_disk: vm.state_disk.clone(),
         agent_socket: vm.agent_socket.clone(),
-        net_socket: vm.net_socket.clone(),
+        net: vm.net.clone(),
         mac: parse_mac(&vm.mac)?,
         console_log: vm.console_log.clone(),
         exec: guest_exec.to_string(),
@@ -490,7 +490,7 @@ mod tests {
             root_dir: "/i/rootfs".into(),
             state_disk: Some("/i/state.img".into()),
             agent_socket: "/run/gatevm/i/agent.sock".into(),
-            net_socket: Some("/run/gatevm/i/net.sock".into()),
+            net: Some(crate::NetAttach::Socket("/run/gatevm/i/net.sock".into())),
             mac: [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee],
             console_log: "/i/logs/console.log".into(),
             exec: "/usr/local/sbin/gatevm-guest".into(),
@@ -545,7 +545,7 @@ mod tests {
             virtiofs_socket: "/run/gatevm/gw/vfs.sock".into(),
             state_disk: Some("/i/state.img".into()),
             agent_socket: "/run/gatevm/gw/agent.sock".into(),
-            net_socket: Some("/run/gatevm/gw/net.sock".into()),
+            net: Some(crate::NetAttach::Socket("/run/gatevm/gw/net.sock".into())),
             mac: "5a:94:ef:e4:0c:ee".into(),
             console_log: "/i/logs/console.log".into(),
         }
@@ -724,7 +724,7 @@ mod tests {
                 cmdline: "quiet".into(),
             },
             state_disk: None,
-            net_socket: None,
+            net: None,
             ..cfg()
         };
         let p = plan(&c);
@@ -870,18 +870,26 @@ pub mod sys {
                     }
                 }
                 KrunCall::AddNetUnixstream {
-                    path,
+                    net,
                     mac,
                     features,
                     flags,
                 } => {
-                    let Some(p) = cpath(path) else { return inval };
-                    // SAFETY: pointers from CStrings/arrays alive for the call; libkrun copies them.
+                    // A path, or an inherited connected descriptor (passt): one of the two.
+                    let (p, fd) = match net {
+                        crate::NetAttach::Socket(path) => {
+                            let Some(p) = cpath(path) else { return inval };
+                            (Some(p), -1)
+                        }
+                        crate::NetAttach::Fd(fd) => (None, *fd),
+                    };
+                    // SAFETY: pointers from CStrings/arrays alive for the call (or null with a
+                    // descriptor, as libkrun documents); libkrun copies them.
                     unsafe {
                         ::krun::krun_add_net_unixstream(
                             ctx,
-                            p.as_ptr(),
-                            -1,
+                            p.as_ref().map_or(std::ptr::null(), |p| p.as_ptr()),
+                            fd,
                             mac.as_ptr(),
                             *features,
                             *flags,
@@ -948,7 +956,7 @@ pub mod sys {
                 root_dir: d.path().to_path_buf(),
                 state_disk: Some(disk),
                 agent_socket: d.path().join("agent.sock"),
-                net_socket: Some(d.path().join("net.sock")),
+                net: Some(crate::NetAttach::Socket(d.path().join("net.sock"))),
                 mac: [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee],
                 console_log: d.path().join("console.log"),
                 exec: "/usr/local/sbin/gatevm-guest".into(),

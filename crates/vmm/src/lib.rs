@@ -56,12 +56,23 @@ pub struct VmConfig {
     pub state_disk: Option<PathBuf>,
     /// Unix socket path where the VMM listens for the agent channel.
     pub agent_socket: PathBuf,
-    /// Unix socket of the network helper (gvproxy `-listen-qemu`), when networking is on.
-    pub net_socket: Option<PathBuf>,
+    /// The network helper's end (gvproxy's `-listen-qemu` socket, or passt's connected socket),
+    /// when networking is on.
+    pub net: Option<NetAttach>,
     /// Guest MAC address.
     pub mac: String,
     /// File the guest console is appended to.
     pub console_log: PathBuf,
+}
+
+/// How the VM's network device reaches the network helper; both speak QEMU's stream protocol
+/// (frames with a 32-bit length prefix).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetAttach {
+    /// A unix socket the helper listens on (gvproxy).
+    Socket(PathBuf),
+    /// A connected stream socket the VMM inherits as this descriptor (passt `--fd`).
+    Fd(i32),
 }
 
 /// Errors preparing a VM.

@@ -127,17 +127,21 @@ impl Qemu {
             ]);
             push(&["-device", "virtio-blk-device,drive=state"]);
         }
-        if let Some(net) = &cfg.net_socket {
-            push(&[
-                "-netdev",
-                &format!(
-                    "stream,id=n0,server=off,addr.type=unix,addr.path={}",
-                    opt(net)
-                ),
-            ]);
+        if let Some(net) = &cfg.net {
+            let addr = match net {
+                crate::NetAttach::Socket(p) => format!("addr.type=unix,addr.path={}", opt(p)),
+                crate::NetAttach::Fd(fd) => format!("addr.type=fd,addr.str={fd}"),
+            };
+            push(&["-netdev", &format!("stream,id=n0,server=off,{addr}")]);
+            // The stream backend carries no virtio-net header: checksums the guest left to the
+            // device would go out unfilled, which passt (unlike gvproxy) does not forgive.
+            let csum = match net {
+                crate::NetAttach::Fd(_) => ",csum=off",
+                crate::NetAttach::Socket(_) => "",
+            };
             push(&[
                 "-device",
-                &format!("virtio-net-device,netdev=n0,mac={}", cfg.mac),
+                &format!("virtio-net-device,netdev=n0,mac={}{csum}", cfg.mac),
             ]);
         }
         Ok(a)
@@ -185,7 +189,7 @@ mod tests {
             virtiofs_socket: "/run/v,s".into(),
             state_disk: Some("/d".into()),
             agent_socket: "/a".into(),
-            net_socket: Some("/n".into()),
+            net: Some(crate::NetAttach::Socket("/n".into())),
             mac: "5a:94:ef:e4:0c:ee".into(),
             console_log: "/c".into(),
         }
@@ -216,7 +220,13 @@ mod tests {
         }
         let mut k = cfg();
         k.accel = Accel::Kvm;
-        k.net_socket = None;
+        k.net = Some(crate::NetAttach::Fd(7));
+        let a = Qemu::default().args(&k).unwrap().join(" ");
+        assert!(
+            a.contains("-netdev stream,id=n0,server=off,addr.type=fd,addr.str=7"),
+            "{a}"
+        );
+        k.net = None;
         k.state_disk = None;
         let a = Qemu {
             tsc_khz: Some(2_600_000),

@@ -39,6 +39,10 @@ pub struct Args {
     /// or qemu [default: $GATEVM_VMM, or what the instance last ran with, or auto].
     #[arg(long, value_name = "VMM", env = "GATEVM_VMM", value_parser = parse_vmm)]
     vmm: Option<VmmChoice>,
+    /// The network helper: gvproxy, or passt (the host's own sockets; forwards fixed at start)
+    /// [default: what the instance last ran with, or gvproxy].
+    #[arg(long, value_name = "HELPER", value_parser = parse_net)]
+    net: Option<gatevm_instance::config::NetBackend>,
     /// A kernel (uncompressed ELF) for the krun backend instead of libkrunfw's.
     #[arg(long, value_name = "PATH")]
     krun_kernel: Option<PathBuf>,
@@ -59,6 +63,10 @@ pub struct Args {
 }
 
 /// `--vmm` values.
+pub fn parse_net(s: &str) -> Result<gatevm_instance::config::NetBackend, String> {
+    s.parse()
+}
+
 pub fn parse_vmm(s: &str) -> Result<VmmChoice, String> {
     s.parse()
 }
@@ -113,6 +121,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         allow_host_loopback: (base.allow_host_loopback || a.allow_host_loopback)
             && !a.deny_host_loopback,
         vmm: a.vmm.unwrap_or(base.vmm),
+        net: a.net.unwrap_or(base.net),
         disk_gib: a.disk.unwrap_or(base.disk_gib),
         krun_kernel: a.krun_kernel.or(base.krun_kernel),
         ephemeral: None,

@@ -34,7 +34,7 @@ pub fn print_human(st: &InstanceStatus) {
     println!("name:       {}", st.name);
     println!("state:      {}{health}", st.state);
     if let Some(b) = &st.backend {
-        println!("backend:    {b}");
+        println!("backend:    {b}, network {}", st.net);
     }
     println!("resources:  {} CPUs, {} MiB", st.cpus, st.memory_mib);
     if !st.forwards.is_empty() {

@@ -48,6 +48,9 @@ pub struct Args {
     /// The virtual machine monitor: auto, krun or qemu [default: $GATEVM_VMM, or auto].
     #[arg(long, value_name = "VMM", env = "GATEVM_VMM", value_parser = super::start::parse_vmm)]
     vmm: Option<VmmChoice>,
+    /// The network helper: gvproxy or passt [default: gvproxy].
+    #[arg(long, value_name = "HELPER", value_parser = super::start::parse_net)]
+    net: Option<gatevm_instance::config::NetBackend>,
     /// A kernel (uncompressed ELF) for the krun backend instead of libkrunfw's.
     #[arg(long, value_name = "PATH")]
     krun_kernel: Option<PathBuf>,
@@ -137,6 +140,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         forwards,
         allow_host_loopback: a.allow_host_loopback,
         vmm: a.vmm.unwrap_or_default(),
+        net: a.net.unwrap_or_default(),
         disk_gib: 0,
         krun_kernel: a.krun_kernel.clone(),
         ephemeral: Some(Ephemeral { rootfs }),

@@ -117,7 +117,12 @@ pub fn processes_of(name: &str) -> Vec<String> {
             continue;
         };
         let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if (cmd.contains(&run) || cmd.contains(&tag)) && !cmd.contains("cargo") {
+        // The supervisor marks every process it starts with GATEVM_INSTANCE=NAME.
+        let marked = std::fs::read(e.path().join("environ")).is_ok_and(|env| {
+            env.split(|b| *b == 0)
+                .any(|kv| kv == format!("GATEVM_INSTANCE={name}").as_bytes())
+        });
+        if (cmd.contains(&run) || cmd.contains(&tag) || marked) && !cmd.contains("cargo") {
             found.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
         }
     }
@@ -196,10 +201,14 @@ pub fn serve_in_guest(name: &str, port: u16) {
 /// Whether a guest process can open a TCP connection to the host's loopback through gvproxy's
 /// host alias, checked against a listener of this test on 127.0.0.1.
 pub fn guest_reaches_host_loopback(name: &str) -> bool {
+    guest_reaches_host_loopback_via(name, "192.168.127.254")
+}
+
+/// Whether the guest, connecting to `addr`, reaches a listener on the host's 127.0.0.1.
+pub fn guest_reaches_host_loopback_via(name: &str, addr: &str) -> bool {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
-    let script =
-        format!("timeout 10 bash -c 'exec 3<>/dev/tcp/192.168.127.254/{port}' 2>/dev/null");
+    let script = format!("timeout 10 bash -c 'exec 3<>/dev/tcp/{addr}/{port}' 2>/dev/null");
     let (code, _, _) = exec(name, &["sh", "-c", &script], None);
     l.set_nonblocking(true).unwrap();
     let accepted = l.accept().is_ok();

@@ -1,0 +1,126 @@
+//! passt, the second network helper (`--net passt`): a user-mode network stack that talks QEMU's
+//! stream protocol like gvproxy, but forwards with the host's own sockets (splicing, no userspace
+//! TCP stack for the host side) and takes its port forwards on the command line.
+//!
+//! The guest sees the same network as with gvproxy (192.168.127.2/24, gateway and DNS .1), so the
+//! guest side does not change. passt gets its end of the VM's network as an already connected
+//! socket (`--fd`): no socket file, nothing another process could connect to. Debian bookworm's
+//! passt binds a `--socket` path inside its own sandbox, where nobody can reach it, which is the
+//! other reason for `--fd`.
+//!
+//! Host loopback: passt maps the gateway address to the host's loopback unless `--no-map-gw`, so
+//! that flag is given unless the user allowed the guest onto the host's loopback.
+
+use crate::forward::{Forward, Proto};
+use crate::gvproxy::{GATEWAY_IP, GUEST_IP};
+use std::net::IpAddr;
+
+/// What passt is started with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasstConfig {
+    /// passt's end of the VM's network: a connected stream socket passt inherits.
+    pub fd: i32,
+    /// Host-to-guest forwards (host address, host port, guest port, protocol).
+    pub forwards: Vec<Forward>,
+    /// Let the guest reach the host's loopback through the gateway address.
+    pub allow_host_loopback: bool,
+}
+
+/// Why a configuration cannot be given to passt.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--net passt: {0}")]
+pub struct PasstError(String);
+
+impl PasstConfig {
+    /// Command-line arguments.
+    pub fn args(&self) -> Result<Vec<String>, PasstError> {
+        let mut a: Vec<String> = vec![
+            "--foreground".into(),
+            "--quiet".into(),
+            "--ipv4-only".into(),
+            "--fd".into(),
+            self.fd.to_string(),
+            "--address".into(),
+            GUEST_IP.into(),
+            "--netmask".into(),
+            "24".into(),
+            "--gateway".into(),
+            GATEWAY_IP.into(),
+            // The guest's resolv.conf names the gateway (as with gvproxy); passt forwards those
+            // queries to the host's resolver.
+            "--dns-forward".into(),
+            GATEWAY_IP.into(),
+        ];
+        if !self.allow_host_loopback {
+            a.push("--no-map-gw".into());
+        }
+        for f in &self.forwards {
+            let IpAddr::V4(ip) = f.host_ip else {
+                return Err(PasstError(format!(
+                    "forward {f}: passt runs IPv4 only here; use an IPv4 host address"
+                )));
+            };
+            a.push(
+                match f.proto {
+                    Proto::Tcp => "--tcp-ports",
+                    Proto::Udp => "--udp-ports",
+                }
+                .into(),
+            );
+            a.push(format!("{ip}/{}:{}", f.host_port, f.guest_port));
+        }
+        Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fwd(spec: &str) -> Forward {
+        crate::parse_forwards(&[spec.to_string()])
+            .unwrap()
+            .remove(0)
+    }
+
+    #[test]
+    fn arguments() {
+        let c = PasstConfig {
+            fd: 5,
+            forwards: vec![fwd("8080:80"), fwd("127.0.0.1:5353:53/udp")],
+            allow_host_loopback: false,
+        };
+        let a = c.args().unwrap().join(" ");
+        assert!(
+            a.starts_with("--foreground --quiet --ipv4-only --fd 5 "),
+            "{a}"
+        );
+        assert!(
+            a.contains("--address 192.168.127.2 --netmask 24 --gateway 192.168.127.1"),
+            "{a}"
+        );
+        assert!(a.contains("--dns-forward 192.168.127.1"), "{a}");
+        assert!(a.contains("--no-map-gw"), "{a}");
+        assert!(a.contains("--tcp-ports 127.0.0.1/8080:80"), "{a}");
+        assert!(a.contains("--udp-ports 127.0.0.1/5353:53"), "{a}");
+
+        let open = PasstConfig {
+            allow_host_loopback: true,
+            forwards: vec![],
+            ..c
+        };
+        let a = open.args().unwrap().join(" ");
+        assert!(!a.contains("--no-map-gw") && !a.contains("-ports"), "{a}");
+    }
+
+    #[test]
+    fn ipv6_host_addresses_are_refused() {
+        let c = PasstConfig {
+            fd: 5,
+            forwards: vec![fwd("[::1]:8080:80")],
+            allow_host_loopback: false,
+        };
+        let e = c.args().unwrap_err().to_string();
+        assert!(e.contains("IPv4 only"), "{e}");
+    }
+}
