@@ -290,6 +290,13 @@ fn passt_network_forwards_and_keeps_the_host_loopback_closed() {
     let _guard = Instance(name);
     let _ = gatevm(&["delete", name, "--force"]);
     let port = free_port();
+    // passt takes IPv4 forwards only: refused before anything starts.
+    let v6 = format!("[::1]:{port}:8080");
+    fails(&["start", name, "--net", "passt", "-p", &v6], "IPv4 only");
+    assert!(
+        !run_dir(name).exists(),
+        "a refused start made a run directory"
+    );
     let publish = format!("{port}:8080");
     ok(&[
         "start", name, "--memory", "768", "--net", "passt", "-p", &publish,

@@ -564,11 +564,13 @@ fn no_leaks_over_repeated_cycles() {
         .unwrap_or(3);
     let _guard = Instance(NAME);
     let _ = gatevm(&["delete", NAME, "--force"]);
+    // The instance's own mounts: other instances on the machine (a user's, another test's) come
+    // and go meanwhile.
     let mounts = || {
         std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap()
             .lines()
-            .filter(|l| l.contains("gatevm"))
+            .filter(|l| l.contains(&format!("/{NAME}")))
             .count()
     };
     let count_files = |dir: &std::path::Path| -> usize {

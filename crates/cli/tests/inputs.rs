@@ -454,6 +454,16 @@ fn bad_port_specs() {
 #[test]
 fn bad_sizes() {
     check_all(&[
+        case(
+            &["start", "x", "--net", "slirp"],
+            2,
+            "unknown network helper",
+        ),
+        case(
+            &["vm-run", "--net", "", "--", "true"],
+            2,
+            "unknown network helper",
+        ),
         case(&["start", "x", "--disk", "17T"], 2, "out of range"),
         case(&["start", "x", "--disk", "1.5G"], 2, "invalid disk size"),
         case(&["start", "x", "--disk", ""], 2, "invalid disk size"),

@@ -5,8 +5,11 @@
 //! configuration of our own (sources list, state and cache under the cache directory, passed with
 //! `-c`) and unpacked with `dpkg-deb -x`; the system's sources, state and dpkg database are never
 //! touched. The mirror is the one the system already uses for its Debian archive, read from its
-//! apt sources at run time (or `GATEVM_DEBIAN_MIRROR`).
+//! apt sources at run time (or `GATEVM_DEBIAN_MIRROR`). A configuration can hold source entries
+//! instead ([`IndexKind::Source`]), for what gatevm builds from a Debian source package
+//! (`apt-get source --download-only`, checked against the signed `Sources` index).
 
+use std::cmp::Ordering;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +18,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::cmd::{self, CommandError};
+use crate::util;
 
 /// The keyring that signs the Debian archive (from `debian-archive-keyring`).
 pub const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
@@ -129,6 +133,16 @@ pub enum AptError {
         package: String,
         /// The suite.
         suite: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A file `apt-get source` left does not match the source package's index entry.
+    #[error("source package {package}: {}: {problem}", file.display())]
+    SourceFile {
+        /// The source package and its version.
+        package: String,
+        /// The file.
+        file: PathBuf,
         /// What is wrong.
         problem: String,
     },
@@ -382,12 +396,191 @@ pub(crate) fn parse_show(text: &str) -> Option<PackageEntry> {
     })
 }
 
+/// One file of a source package, as its `Sources` index entry lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    /// File name (no directory part).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the contents, hex.
+    pub sha256: String,
+}
+
+/// A source package's entry in a suite's `Sources` index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceEntry {
+    /// Source package name.
+    pub package: String,
+    /// Version.
+    pub version: String,
+    /// Its files (`.dsc`, tarballs), from `Checksums-Sha256`.
+    pub files: Vec<SourceFile>,
+}
+
+/// Whether `name` is a bare file name that is safe to join to a directory.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains('/') && !name.starts_with('.')
+}
+
+/// Parses `Sources` stanzas (as `apt-cache showsrc` prints them). Stanzas without a package or
+/// version, and `Extra-Source-Only: yes` ones (kept in the archive only because other packages
+/// were built from them), are left out; so are file lines that do not name a plain file.
+pub fn parse_sources(text: &str) -> Vec<SourceEntry> {
+    let mut out = Vec::new();
+    for stanza in text.split("\n\n") {
+        let mut package = None;
+        let mut version = None;
+        let mut extra_only = false;
+        let mut files = Vec::new();
+        let mut field = String::new();
+        for line in stanza.lines() {
+            if line.starts_with(' ') || line.starts_with('\t') {
+                if field.eq_ignore_ascii_case("Checksums-Sha256") {
+                    let words: Vec<&str> = line.split_whitespace().collect();
+                    if let [sha256, size, name] = words[..] {
+                        if let (Ok(size), true) = (size.parse(), is_plain_file_name(name)) {
+                            files.push(SourceFile {
+                                name: name.to_string(),
+                                size,
+                                sha256: sha256.to_ascii_lowercase(),
+                            });
+                        }
+                    }
+                }
+                continue;
+            }
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
+            field = k.trim().to_string();
+            let v = v.trim();
+            match field.as_str() {
+                "Package" => package = Some(v.to_string()),
+                "Version" => version = Some(v.to_string()),
+                "Extra-Source-Only" => extra_only = v.eq_ignore_ascii_case("yes"),
+                _ => {}
+            }
+        }
+        if let (Some(package), Some(version), false) = (package, version, extra_only) {
+            out.push(SourceEntry {
+                package,
+                version,
+                files,
+            });
+        }
+    }
+    out
+}
+
+/// The entry of source package `package` with the highest version among `entries`.
+pub fn select_source(entries: &[SourceEntry], package: &str) -> Option<SourceEntry> {
+    entries
+        .iter()
+        .filter(|e| e.package == package)
+        .max_by(|a, b| compare_versions(&a.version, &b.version))
+        .cloned()
+}
+
+/// Orders two Debian version strings as dpkg does (`[epoch:]upstream[-revision]`, `~` sorting
+/// before everything, letters before other characters, digit runs compared as numbers).
+pub fn compare_versions(a: &str, b: &str) -> Ordering {
+    fn split(v: &str) -> (u64, &str, &str) {
+        let (epoch, rest) = match v.split_once(':') {
+            Some((e, r)) if !e.is_empty() && e.bytes().all(|c| c.is_ascii_digit()) => {
+                (e.parse().unwrap_or(u64::MAX), r)
+            }
+            _ => (0, v),
+        };
+        match rest.rsplit_once('-') {
+            Some((up, rev)) => (epoch, up, rev),
+            None => (epoch, rest, ""),
+        }
+    }
+    fn order(c: u8) -> i32 {
+        match c {
+            0 => 0,
+            b'~' => -1,
+            c if c.is_ascii_digit() => 0,
+            c if c.is_ascii_alphabetic() => i32::from(c),
+            c => i32::from(c) + 256,
+        }
+    }
+    fn part(a: &str, b: &str) -> Ordering {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        let at = |i: usize| a.get(i).copied().unwrap_or(0);
+        let bt = |j: usize| b.get(j).copied().unwrap_or(0);
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() || j < b.len() {
+            while (i < a.len() && !at(i).is_ascii_digit())
+                || (j < b.len() && !bt(j).is_ascii_digit())
+            {
+                let (ac, bc) = (order(at(i)), order(bt(j)));
+                if ac != bc {
+                    return ac.cmp(&bc);
+                }
+                i += 1;
+                j += 1;
+            }
+            while at(i) == b'0' {
+                i += 1;
+            }
+            while bt(j) == b'0' {
+                j += 1;
+            }
+            let mut first_diff = Ordering::Equal;
+            while at(i).is_ascii_digit() && bt(j).is_ascii_digit() {
+                if first_diff == Ordering::Equal {
+                    first_diff = at(i).cmp(&bt(j));
+                }
+                i += 1;
+                j += 1;
+            }
+            if at(i).is_ascii_digit() {
+                return Ordering::Greater;
+            }
+            if bt(j).is_ascii_digit() {
+                return Ordering::Less;
+            }
+            if first_diff != Ordering::Equal {
+                return first_diff;
+            }
+        }
+        Ordering::Equal
+    }
+    let (ea, ua, ra) = split(a);
+    let (eb, ub, rb) = split(b);
+    ea.cmp(&eb)
+        .then_with(|| part(ua, ub))
+        .then_with(|| part(ra, rb))
+}
+
+/// Which indexes a [`PrivateApt`] configuration fetches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexKind {
+    /// Binary packages: `deb` entries, `Packages` indexes.
+    Binary,
+    /// Source packages: `deb-src` entries, `Sources` indexes.
+    Source,
+}
+
+/// The sources.list line for `suite` on `mirror`: component main, only `kind`'s indexes, signed
+/// by the Debian archive keyring.
+pub fn source_line(kind: IndexKind, mirror: &str, suite: &str) -> String {
+    let (ty, target) = match kind {
+        IndexKind::Binary => ("deb", "Packages"),
+        IndexKind::Source => ("deb-src", "Sources"),
+    };
+    format!("{ty} [signed-by={DEBIAN_KEYRING} target={target}] {mirror} {suite} main")
+}
+
 /// A private apt configuration rooted in a directory of its own.
 #[derive(Debug, Clone)]
 pub struct PrivateApt {
     root: PathBuf,
     mirrors: Vec<String>,
     suites: Vec<String>,
+    kind: IndexKind,
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> AptError {
@@ -413,6 +606,17 @@ impl PrivateApt {
     /// keyring), `apt.conf` pointing apt's state, cache and source parts into `root`, an empty
     /// dpkg status and an empty parts directory.
     pub fn new(root: &Path, mirrors: &[String], suites: &[&str]) -> Result<Self, AptError> {
+        Self::with_kind(root, mirrors, suites, IndexKind::Binary)
+    }
+
+    /// Like [`PrivateApt::new`], for `kind`'s indexes: [`IndexKind::Source`] writes `deb-src`
+    /// lines (Sources indexes only) instead.
+    pub fn with_kind(
+        root: &Path,
+        mirrors: &[String],
+        suites: &[&str],
+        kind: IndexKind,
+    ) -> Result<Self, AptError> {
         if !Path::new(DEBIAN_KEYRING).exists() {
             return Err(AptError::NoKeyring);
         }
@@ -424,13 +628,13 @@ impl PrivateApt {
         ] {
             std::fs::create_dir_all(&d).map_err(io_err("cannot create", &d))?;
         }
-        let mut list = String::from("# generated by gatevm: Debian suites newer than the host's\n");
+        let mut list = String::from(match kind {
+            IndexKind::Binary => "# generated by gatevm: Debian suites newer than the host's\n",
+            IndexKind::Source => "# generated by gatevm: Debian source packages gatevm builds\n",
+        });
         for m in mirrors {
             for s in suites {
-                let _ = writeln!(
-                    list,
-                    "deb [signed-by={DEBIAN_KEYRING} target=Packages] {m} {s} main"
-                );
+                let _ = writeln!(list, "{}", source_line(kind, m, s));
             }
         }
         let list_path = root.join("sources.list");
@@ -474,6 +678,7 @@ impl PrivateApt {
             root: root.to_path_buf(),
             mirrors: mirrors.to_vec(),
             suites: suites.iter().map(|s| s.to_string()).collect(),
+            kind,
         })
     }
 
@@ -543,10 +748,13 @@ impl PrivateApt {
             })
             .unwrap_or_default();
         self.suites.iter().all(|s| {
-            let needle = format!("_dists_{s}_main_binary-");
+            let (needle, index) = match self.kind {
+                IndexKind::Binary => (format!("_dists_{s}_main_binary-"), "_Packages"),
+                IndexKind::Source => (format!("_dists_{s}_main_source_"), "_Sources"),
+            };
             names
                 .iter()
-                .any(|n| n.contains(&needle) && n.contains("_Packages"))
+                .any(|n| n.contains(&needle) && n.contains(index))
         })
     }
 
@@ -577,22 +785,7 @@ impl PrivateApt {
         log: &Path,
     ) -> Result<PathBuf, AptError> {
         std::fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
-        let mut attempt = 0u64;
-        loop {
-            let mut c = self.command("apt-get");
-            c.current_dir(dir)
-                .args(["-q", "download", &format!("{package}={version}")]);
-            match cmd::run_logged(&mut c, log) {
-                Ok(()) => break,
-                Err(e) => {
-                    attempt += 1;
-                    if attempt >= 3 {
-                        return Err(e.into());
-                    }
-                    std::thread::sleep(Duration::from_secs(2 * attempt));
-                }
-            }
-        }
+        self.run_retrying(dir, &["download", &format!("{package}={version}")], log)?;
         let prefix = format!("{package}_");
         let found = std::fs::read_dir(dir)
             .map_err(io_err("cannot read", dir))?
@@ -607,6 +800,101 @@ impl PrivateApt {
             version: version.to_string(),
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// Runs `apt-get -q <args>` in `dir`, retrying twice with a pause on failure.
+    fn run_retrying(&self, dir: &Path, args: &[&str], log: &Path) -> Result<(), AptError> {
+        let mut attempt = 0u64;
+        loop {
+            let mut c = self.command("apt-get");
+            c.current_dir(dir).arg("-q").args(args);
+            match cmd::run_logged(&mut c, log) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    attempt += 1;
+                    if attempt >= 3 {
+                        return Err(e.into());
+                    }
+                    std::thread::sleep(Duration::from_secs(2 * attempt));
+                }
+            }
+        }
+    }
+
+    /// Looks source package `package` up in the `Sources` indexes of a configuration made with
+    /// [`IndexKind::Source`] (`apt-cache showsrc --only-source`); the highest version when they
+    /// list several.
+    pub fn showsrc(&self, package: &str) -> Result<SourceEntry, AptError> {
+        let mut c = self.command("apt-cache");
+        c.args(["showsrc", "--only-source", package]);
+        let not_found = || AptError::NotFound {
+            package: format!("source package {package}"),
+            suite: self.suites.join(", "),
+            lists: self.root.join("state/lists"),
+        };
+        let out = match cmd::run_captured(&mut c) {
+            Ok(o) => o,
+            Err(CommandError::Failed { .. }) => return Err(not_found()),
+            Err(e) => return Err(e.into()),
+        };
+        let entries = parse_sources(&String::from_utf8_lossy(&out.stdout));
+        select_source(&entries, package).ok_or_else(not_found)
+    }
+
+    /// Downloads the tarballs of source package `entry` into `dir` (which should be empty) with
+    /// `apt-get source --download-only` (apt checks each file against the signed index; no
+    /// dpkg-dev needed) and checks every file it left against the entry's SHA-256 too. Returns
+    /// their paths, sorted.
+    ///
+    /// Only the tarballs are fetched (`--tar-only`, then `--diff-only` for the Debian tarball):
+    /// the `.dsc` adds nothing the signed index does not already vouch for, the build does not
+    /// read it, and some mirrors serve the pool only in part.
+    pub fn download_source(
+        &self,
+        entry: &SourceEntry,
+        dir: &Path,
+        log: &Path,
+    ) -> Result<Vec<PathBuf>, AptError> {
+        std::fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+        let spec = format!("{}={}", entry.package, entry.version);
+        for only in ["--tar-only", "--diff-only"] {
+            let args = ["source", "--download-only", "--only-source", only, &spec];
+            self.run_retrying(dir, &args, log)?;
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io_err("cannot read", dir))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        let problem = |file: &Path, problem: String| AptError::SourceFile {
+            package: format!("{} {}", entry.package, entry.version),
+            file: file.to_path_buf(),
+            problem,
+        };
+        for f in &files {
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
+            let listed = entry
+                .files
+                .iter()
+                .find(|s| Some(&s.name) == name.as_ref())
+                .ok_or_else(|| problem(f, "not listed in the Sources index".into()))?;
+            let actual = util::sha256_file(f).map_err(io_err("cannot hash", f))?;
+            if actual != listed.sha256 {
+                return Err(problem(
+                    f,
+                    format!(
+                        "SHA-256 {actual} differs from the index's {}",
+                        listed.sha256
+                    ),
+                ));
+            }
+        }
+        if files.is_empty() {
+            return Err(problem(dir, "apt-get source left no files".into()));
+        }
+        Ok(files)
     }
 }
 
@@ -783,12 +1071,180 @@ Description: x\n multi: line\nSHA256: abc\n\nPackage: other\nVersion: 1\n";
         assert!(parse_show("Package: x\n").is_none());
     }
 
+    /// `apt-cache showsrc --only-source passt` output: trixie's entry, an older
+    /// `Extra-Source-Only` one with a higher version (must be ignored), a second mirror's copy.
+    const SHOWSRC: &str = "\
+Package: passt
+Binary: passt
+Version: 0.0~git20250503.587980c-2+deb13u1
+Maintainer: Someone <someone@example.org>
+Format: 3.0 (quilt)
+Files:
+ 4cfc703735498412f3b64071ecc02555 1975 passt_0.0~git20250503.587980c-2+deb13u1.dsc
+Checksums-Sha256:
+ 4edfbb2bf4d12db992af4b2f82cde87140d01ace3c9c55d93afd61d23034a8b4 1975 passt_0.0~git20250503.587980c-2+deb13u1.dsc
+ 69D5EB843F7D648C2CC60BFBCA6EA7B5014C6B6F07CDEE362C2A8CF490515A49 261392 passt_0.0~git20250503.587980c.orig.tar.xz
+ f8d9fdfc1ba89e7dde48705ae68d1dfa8a40477cb85184d41194487f2902b77d 9192 passt_0.0~git20250503.587980c-2+deb13u1.debian.tar.xz
+ 0000 1 ../escape.tar.xz
+Directory: pool/main/p/passt
+
+Package: passt
+Version: 1:9.0-1
+Extra-Source-Only: yes
+Checksums-Sha256:
+ aa 1 passt_9.0-1.dsc
+
+Package: passt
+Version: 0.0~git20250217.a1e48a0-1
+Checksums-Sha256:
+ bb 1 passt_0.0~git20250217.a1e48a0-1.dsc
+
+Package: passt-other
+Version: 99
+";
+
+    #[test]
+    fn source_selection() {
+        let entries = parse_sources(SHOWSRC);
+        assert_eq!(entries.len(), 3, "{entries:?}");
+        let e = select_source(&entries, "passt").unwrap();
+        assert_eq!(e.version, "0.0~git20250503.587980c-2+deb13u1");
+        let names: Vec<&str> = e.files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            vec![
+                "passt_0.0~git20250503.587980c-2+deb13u1.dsc",
+                "passt_0.0~git20250503.587980c.orig.tar.xz",
+                "passt_0.0~git20250503.587980c-2+deb13u1.debian.tar.xz",
+            ]
+        );
+        assert_eq!(e.files[1].size, 261392);
+        assert_eq!(
+            e.files[1].sha256,
+            "69d5eb843f7d648c2cc60bfbca6ea7b5014c6b6f07cdee362c2a8cf490515a49"
+        );
+        assert_eq!(
+            select_source(&entries, "passt-other").unwrap().version,
+            "99"
+        );
+        assert!(select_source(&entries, "pass").is_none());
+        assert!(parse_sources("").is_empty());
+        assert!(parse_sources("Package: x\n").is_empty());
+    }
+
+    #[test]
+    fn debian_version_order() {
+        use Ordering::*;
+        for (a, b, want) in [
+            ("1.0", "1.0", Equal),
+            ("1.0", "1.1", Less),
+            ("1.10", "1.9", Greater),
+            ("1.0~rc1", "1.0", Less),
+            ("1.0~~", "1.0~", Less),
+            ("1.0", "1.0+b1", Less),
+            ("1.0a", "1.0+", Less),
+            ("1:0.1", "2.0", Greater),
+            ("0:1.0", "1.0", Equal),
+            ("1.0-1", "1.0-2", Less),
+            ("1.0-10", "1.0-9", Greater),
+            ("1.001", "1.1", Equal),
+            ("1.0", "1.0-0", Equal),
+            (
+                "0.0~git20250503.587980c-2+deb13u1",
+                "0.0~git20250503.587980c-2",
+                Greater,
+            ),
+            (
+                "0.0~git20250503.587980c-2",
+                "0.0~git20250217.a1e48a0-1",
+                Greater,
+            ),
+            ("0.0~git20230309.7c7625d-1", "0.0", Less),
+            ("1.2-3-4", "1.2-3-5", Less),
+        ] {
+            assert_eq!(compare_versions(a, b), want, "{a} vs {b}");
+            assert_eq!(compare_versions(b, a), want.reverse(), "{b} vs {a}");
+        }
+    }
+
+    #[test]
+    fn deb_src_line() {
+        assert_eq!(
+            source_line(IndexKind::Source, "http://mirror.example/debian", "trixie"),
+            format!(
+                "deb-src [signed-by={DEBIAN_KEYRING} target=Sources] \
+                 http://mirror.example/debian trixie main"
+            )
+        );
+        assert_eq!(
+            source_line(IndexKind::Binary, "http://mirror.example/debian", "sid"),
+            format!(
+                "deb [signed-by={DEBIAN_KEYRING} target=Packages] http://mirror.example/debian sid main"
+            )
+        );
+        // The lines parse back as what they say.
+        let s = parse_one_line(&source_line(
+            IndexKind::Source,
+            "http://m.example/debian",
+            "trixie",
+        ));
+        assert_eq!(s[0].types, vec!["deb-src"]);
+        assert_eq!(s[0].suites, vec!["trixie"]);
+        assert_eq!(s[0].components, vec!["main"]);
+    }
+
+    #[test]
+    fn source_config_and_lists() {
+        if !Path::new(DEBIAN_KEYRING).exists() {
+            eprintln!("SKIPPED source_config_and_lists: no {DEBIAN_KEYRING}");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("apt-src");
+        let mirrors = ["http://one.example/debian".to_string()];
+        let a = PrivateApt::with_kind(&root, &mirrors, &["trixie"], IndexKind::Source).unwrap();
+        let list = std::fs::read_to_string(root.join("sources.list")).unwrap();
+        let lines: Vec<&str> = list.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines,
+            vec![source_line(IndexKind::Source, &mirrors[0], "trixie")]
+        );
+        assert!(!a.lists_complete());
+        let lists = root.join("state/lists");
+        // A binary index does not make a source configuration complete, a Sources one does.
+        std::fs::write(
+            lists.join("one.example_debian_dists_trixie_main_binary-amd64_Packages"),
+            "",
+        )
+        .unwrap();
+        assert!(!a.lists_complete());
+        std::fs::write(
+            lists.join("one.example_debian_dists_trixie_main_source_Sources.lz4"),
+            "",
+        )
+        .unwrap();
+        assert!(a.lists_complete());
+        // The binary configuration's file is unchanged by the source option.
+        let b = tmp.path().join("apt");
+        PrivateApt::new(&b, &mirrors, &["trixie"]).unwrap();
+        let list = std::fs::read_to_string(b.join("sources.list")).unwrap();
+        assert!(list.starts_with("# generated by gatevm: Debian suites newer than the host's\n"));
+        assert!(list.contains("\ndeb [signed-by="), "{list}");
+    }
+
     proptest::proptest! {
         #[test]
         fn parsers_never_panic(s in "\\PC*") {
             let _ = parse_deb822(&s);
             let _ = parse_one_line(&s);
             let _ = parse_show(&s);
+            let _ = parse_sources(&s);
+        }
+
+        #[test]
+        fn version_order_is_antisymmetric(a in "[0-9a-z.+~:-]{0,12}", b in "[0-9a-z.+~:-]{0,12}") {
+            proptest::prop_assert_eq!(compare_versions(&a, &b), compare_versions(&b, &a).reverse());
+            proptest::prop_assert_eq!(compare_versions(&a, &a), Ordering::Equal);
         }
     }
 }

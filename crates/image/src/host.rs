@@ -57,11 +57,6 @@ const REQUIREMENTS: &[Requirement] = &[
         probe: Probe::Program("apt-get"),
     },
     Requirement {
-        what: "passt",
-        package: "passt",
-        probe: Probe::Program("passt"),
-    },
-    Requirement {
         what: "pkg-config",
         package: "pkg-config",
         probe: Probe::Program("pkg-config"),
@@ -80,6 +75,21 @@ const REQUIREMENTS: &[Requirement] = &[
         what: "C compiler/linker (cc)",
         package: "gcc",
         probe: Probe::Program("cc"),
+    },
+    Requirement {
+        what: "make",
+        package: "make",
+        probe: Probe::Program("make"),
+    },
+    Requirement {
+        what: "patch",
+        package: "patch",
+        probe: Probe::Program("patch"),
+    },
+    Requirement {
+        what: "xz (for .tar.xz source tarballs)",
+        package: "xz-utils",
+        probe: Probe::Program("xz"),
     },
     Requirement {
         what: "C library headers",
@@ -142,6 +152,18 @@ fn packages_of(m: &[Missing]) -> Vec<String> {
     p.sort();
     p.dedup();
     p
+}
+
+/// The Debian packages that provide what gatevm needs on the host, in order, without
+/// duplicates.
+pub fn required_packages() -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for r in REQUIREMENTS {
+        if !out.contains(&r.package) {
+            out.push(r.package);
+        }
+    }
+    out
 }
 
 /// Lists the host requirements that are not met.
@@ -228,9 +250,24 @@ mod tests {
             "libseccomp-dev",
             "libcap-ng-dev",
             "pkg-config",
-            "passt",
+            // Building passt from Debian's source package (see crate::passt).
+            "gcc",
+            "libc6-dev",
+            "make",
+            "patch",
+            "xz-utils",
         ] {
             assert!(pk.contains(&p), "{p}");
         }
+        // Debian bookworm's passt is not used any more (setup builds trixie's).
+        assert!(!pk.contains(&"passt"));
+        let listed = required_packages();
+        assert_eq!(listed.len(), {
+            let mut d = pk.clone();
+            d.sort();
+            d.dedup();
+            d.len()
+        });
+        assert_eq!(listed[0], "qemu-system-x86");
     }
 }

@@ -1,7 +1,7 @@
-//! gatevm's runtime bundle: the guest kernel and its modules, libkrunfw, gvproxy, virtiofsd and
-//! QEMU (the host's when it is 8 or newer, else Debian's backport; see [`qemu`]), each with its
-//! provenance; the base root filesystem built from a recipe; the initramfs that
-//! boots the guest agent.
+//! gatevm's runtime bundle: the guest kernel and its modules, libkrunfw, gvproxy, virtiofsd,
+//! passt (built from Debian's source package; see [`passt`]) and QEMU (the host's when it is 8 or
+//! newer, else Debian's backport; see [`qemu`]), each with its provenance; the base root
+//! filesystem built from a recipe; the initramfs that boots the guest agent.
 //!
 //! - [`setup()`] acquires everything into [`dirs::runtime_dir`] (idempotent, reports each step).
 //! - [`Runtime::load`] gives typed access to what setup installed.
@@ -22,6 +22,7 @@ pub mod kconfig;
 pub mod kernel;
 pub mod modules;
 pub mod oci;
+pub mod passt;
 pub mod provenance;
 pub mod qemu;
 pub mod rootfs;

@@ -167,6 +167,13 @@ impl Runtime {
         self.dir.join("bin/virtiofsd")
     }
 
+    /// The passt binary (built by setup from Debian trixie's source package; see
+    /// [`crate::passt`]). Not checked by [`Runtime::load`]: a bundle set up before passt was
+    /// part of it lacks the file until `gatevm setup` runs again.
+    pub fn passt(&self) -> PathBuf {
+        self.dir.join(crate::passt::PASST_BIN)
+    }
+
     /// `libkrunfw.so.5` (a symlink to the versioned file in the same directory).
     pub fn libkrunfw(&self) -> PathBuf {
         self.lib_dir().join("libkrunfw.so.5")
@@ -344,6 +351,7 @@ mod tests {
         assert_eq!(r.kernel_release(), rel);
         assert_eq!(r.kernel_path(), rt.join("kernel/vmlinux"));
         assert!(r.libkrunfw().exists());
+        assert_eq!(r.passt(), rt.join("bin/passt"));
         assert!(r.qemu_is_bundled());
         assert_eq!(r.qemu_binary(), rt.join("qemu/usr/bin/qemu-system-x86_64"));
         assert_eq!(

@@ -8,14 +8,15 @@
 //! kernel/config-<release>               the kernel's build configuration
 //! kernel/lib/modules/<release>/         module tree, depmod'ed
 //! bin/gvproxy, bin/virtiofsd            helper binaries
+//! bin/passt                             built from Debian trixie's source package (crate::passt)
 //! qemu/usr/bin/qemu-system-x86_64       QEMU from Debian's <codename>-backports, when the host's
 //! qemu/usr/share/{qemu,seabios}/        is older than 8 (its firmware: pass each dir with -L)
 //! lib/libkrunfw.so.5 -> libkrunfw.so.5.x.y
 //! initramfs/initramfs-<hash12>.cpio     per guest binary, built on demand
 //! ```
 //! Base root file systems live in `data_dir()/rootfs/<recipe-hash12>/`; downloads, the private
-//! apt state (`apt/` for trixie and sid, `apt-backports/` for the host release's backports),
-//! build trees and the setup log in the cache directory.
+//! apt state (`apt/` for trixie and sid, `apt-backports/` for the host release's backports,
+//! `apt-src/` for trixie's source index), build trees and the setup log in the cache directory.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -24,12 +25,13 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::apt::{self, AptError, PackageEntry, PrivateApt};
+use crate::apt::{self, AptError, IndexKind, PackageEntry, PrivateApt};
 use crate::cmd::{self, CommandError};
 use crate::dirs::{self, DirsError};
 use crate::host::{self, HostError};
 use crate::initramfs::{self, InitramfsError};
 use crate::kernel::{self, KernelError, KernelInfo};
+use crate::passt::{self, PasstError, PASST_SOURCE_PACKAGE, PASST_SOURCE_SUITE};
 use crate::provenance::{self, component, Component, Provenance, ProvenanceError, RootfsRecord};
 use crate::qemu::{self, HostQemu, QemuError, QemuPlan, QemuVersion, RecordedQemu};
 use crate::rootfs::{self, RootfsError, RootfsRecipe};
@@ -91,7 +93,7 @@ pub enum SetupAction {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SetupStep {
     /// Component name: `host-packages`, `apt`, `kernel`, `qemu`, `gvproxy`, `libkrunfw`,
-    /// `virtiofsd`, `rootfs`, `initramfs`.
+    /// `virtiofsd`, `passt`, `rootfs`, `initramfs`.
     pub component: String,
     /// What was done.
     pub action: SetupAction,
@@ -198,6 +200,9 @@ pub enum SetupError {
     /// Building virtiofsd failed.
     #[error("virtiofsd: {0}")]
     Virtiofsd(#[from] VirtiofsdError),
+    /// Building passt from its Debian source package failed.
+    #[error("passt: {0}")]
+    Passt(#[from] PasstError),
     /// Building the rootfs failed.
     #[error("rootfs: {0}")]
     Rootfs(#[from] RootfsError),
@@ -237,6 +242,8 @@ struct Ctx<'a> {
     /// The private apt configuration for the host release's backports suite (kept apart from
     /// `apt`, so that a missing or failing backports suite cannot break the other lookups).
     backports_apt: Option<PrivateApt>,
+    /// The private apt configuration with trixie's source index (for passt).
+    source_apt: Option<PrivateApt>,
     steps: Vec<SetupStep>,
 }
 
@@ -285,7 +292,7 @@ impl Ctx<'_> {
     }
 
     fn new_apt(&mut self) -> Result<PrivateApt, SetupError> {
-        self.open_apt("apt", &[KERNEL_SUITE, LIBKRUNFW_SUITE])
+        self.open_apt("apt", &[KERNEL_SUITE, LIBKRUNFW_SUITE], IndexKind::Binary)
             .map_err(|source| SetupError::Apt {
                 component: "apt",
                 source,
@@ -312,16 +319,37 @@ impl Ctx<'_> {
     }
 
     fn new_backports_apt(&mut self, suite: &str) -> Result<PrivateApt, AptError> {
-        self.open_apt("apt-backports", &[suite])
+        self.open_apt("apt-backports", &[suite], IndexKind::Binary)
     }
 
-    /// Creates (or reuses) the private apt configuration in `cache/<dir>` for `suites`, updates
-    /// its package lists and reports the step.
-    fn open_apt(&mut self, dir: &str, suites: &[&str]) -> Result<PrivateApt, AptError> {
+    /// The private apt configuration with [`PASST_SOURCE_SUITE`]'s source index, created and
+    /// updated on first use.
+    fn source_apt(&mut self) -> Result<&PrivateApt, AptError> {
+        match self.source_apt {
+            Some(ref a) => Ok(a),
+            None => {
+                let a = self.open_apt("apt-src", &[PASST_SOURCE_SUITE], IndexKind::Source)?;
+                Ok(self.source_apt.insert(a))
+            }
+        }
+    }
+
+    /// Creates (or reuses) the private apt configuration in `cache/<dir>` for `suites` and
+    /// `kind`'s indexes, updates its package lists and reports the step.
+    fn open_apt(
+        &mut self,
+        dir: &str,
+        suites: &[&str],
+        kind: IndexKind,
+    ) -> Result<PrivateApt, AptError> {
         let started = Instant::now();
         let mirrors = apt::system_debian_mirrors()?;
-        let a = PrivateApt::new(&self.cache.join(dir), &mirrors, suites)?;
-        let what = format!("{} from {}", suites.join(", "), mirrors.join(", "));
+        let a = PrivateApt::with_kind(&self.cache.join(dir), &mirrors, suites, kind)?;
+        let sources = match kind {
+            IndexKind::Binary => "",
+            IndexKind::Source => " (source packages)",
+        };
+        let what = format!("{}{sources} from {}", suites.join(", "), mirrors.join(", "));
         (self.progress)(&format!("updating package lists for Debian {what}"));
         let had_lists = a.lists_complete();
         a.update(&self.log)?;
@@ -429,6 +457,7 @@ pub fn setup(opts: &SetupOptions, progress: &dyn Fn(&str)) -> Result<SetupReport
         progress,
         apt: None,
         backports_apt: None,
+        source_apt: None,
         steps: Vec::new(),
     };
     let mut prov = Provenance::load(&runtime)?.unwrap_or_default();
@@ -441,7 +470,8 @@ pub fn setup(opts: &SetupOptions, progress: &dyn Fn(&str)) -> Result<SetupReport
     step_gvproxy(&mut ctx, opts, &mut prov)?;
     step_libkrunfw(&mut ctx, opts, &mut prov)?;
     step_virtiofsd(&mut ctx, &mut prov)?;
-    if ctx.apt.is_none() && ctx.backports_apt.is_none() {
+    step_passt(&mut ctx, opts, &mut prov)?;
+    if ctx.apt.is_none() && ctx.backports_apt.is_none() && ctx.source_apt.is_none() {
         ctx.step(
             "apt",
             SetupAction::AlreadyPresent,
@@ -477,7 +507,7 @@ fn step_host(ctx: &mut Ctx<'_>, opts: &SetupOptions) -> Result<(), SetupError> {
         ctx.step(
             "host-packages",
             SetupAction::AlreadyPresent,
-            "qemu-system-x86, mmdebstrap, kmod, e2fsprogs, passt, pkg-config, libseccomp-dev, libcap-ng-dev present".into(),
+            format!("{} present", host::required_packages().join(", ")),
             started,
         );
         return Ok(());
@@ -923,6 +953,81 @@ fn step_virtiofsd(ctx: &mut Ctx<'_>, prov: &mut Provenance) -> Result<(), SetupE
         Component {
             name: C.into(),
             version: VIRTIOFSD_VERSION.into(),
+            origin: origin.clone(),
+            installed_unix: util::now_unix(),
+            files,
+        },
+        had,
+        format!("{} from {origin}", dest.display()),
+        started,
+    )?;
+    Ok(())
+}
+
+/// The `passt` step: passt built from [`PASST_SOURCE_SUITE`]'s source package (see
+/// [`crate::passt`]). Left alone, without network access, when it is recorded and its binary is
+/// there; with `refresh`, rebuilt when the suite has another version.
+fn step_passt(
+    ctx: &mut Ctx<'_>,
+    opts: &SetupOptions,
+    prov: &mut Provenance,
+) -> Result<(), SetupError> {
+    const C: &str = component::PASST;
+    let started = Instant::now();
+    (ctx.progress)("checking passt");
+    let wrap = |source| SetupError::Apt {
+        component: C,
+        source,
+    };
+    let had = prov.component(C).is_some();
+    let recorded = prov
+        .component(C)
+        .filter(|_| present(prov, &ctx.runtime, C))
+        .cloned();
+    if let (Some(c), false) = (&recorded, opts.refresh) {
+        let detail = format!("{} ({})", c.version, c.origin);
+        ctx.step(C, SetupAction::AlreadyPresent, detail, started);
+        return Ok(());
+    }
+    let entry = ctx
+        .source_apt()
+        .and_then(|a| a.showsrc(PASST_SOURCE_PACKAGE))
+        .map_err(wrap)?;
+    if let Some(c) = recorded.filter(|c| c.version == entry.version) {
+        let detail = format!("{} ({}; up to date)", c.version, c.origin);
+        ctx.step(C, SetupAction::AlreadyPresent, detail, started);
+        return Ok(());
+    }
+
+    let work = ctx.work_dir(C)?;
+    (ctx.progress)(&format!(
+        "downloading source package {PASST_SOURCE_PACKAGE} {} (Debian {PASST_SOURCE_SUITE})",
+        entry.version
+    ));
+    let log = ctx.log.clone();
+    let files = ctx
+        .source_apt()
+        .and_then(|a| a.download_source(&entry, &work.path().join("dl"), &log))
+        .map_err(wrap)?;
+    let bin = passt::build_passt(
+        &work.path().join("build"),
+        &files,
+        &entry.version,
+        &log,
+        ctx.progress,
+    )?;
+    let dest = ctx.runtime.join(passt::PASST_BIN);
+    util::copy_atomic(&bin, &dest, 0o755).map_err(io(C, "cannot install", &dest))?;
+    let files = provenance::records_for(&ctx.runtime, &[PathBuf::from(passt::PASST_BIN)])?;
+    let origin = format!(
+        "Debian {PASST_SOURCE_SUITE} source package {PASST_SOURCE_PACKAGE} {} (built with make)",
+        entry.version
+    );
+    ctx.record(
+        prov,
+        Component {
+            name: C.into(),
+            version: entry.version.clone(),
             origin: origin.clone(),
             installed_unix: util::now_unix(),
             files,

@@ -801,11 +801,13 @@ async fn boot_and_serve(
             let args = pc
                 .args()
                 .map_err(|e| SupervisorError::Setup(e.to_string()))?;
-            let bin = gatevm_image::find_program("passt").ok_or_else(|| {
-                SupervisorError::Setup(
-                    "--net passt needs passt on the host (gatevm setup installs it)".into(),
-                )
-            })?;
+            let bin = runtime.passt();
+            if !bin.is_file() {
+                return Err(SupervisorError::Setup(format!(
+                    "--net passt: {} is missing: run `gatevm setup` (it builds passt)",
+                    bin.display()
+                )));
+            }
             let mut p_cmd = Command::new(bin);
             p_cmd.args(args);
             let p_log = paths.log("passt");

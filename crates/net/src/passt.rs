@@ -4,9 +4,11 @@
 //!
 //! The guest sees the same network as with gvproxy (192.168.127.2/24, gateway and DNS .1), so the
 //! guest side does not change. passt gets its end of the VM's network as an already connected
-//! socket (`--fd`): no socket file, nothing another process could connect to. Debian bookworm's
-//! passt binds a `--socket` path inside its own sandbox, where nobody can reach it, which is the
-//! other reason for `--fd`.
+//! socket (`--fd`): no socket file, nothing another process could connect to.
+//!
+//! The binary is the runtime's `bin/passt`, which `gatevm setup` builds from Debian trixie's
+//! source package: bookworm's packaged passt (2023-03) never completes inbound connections (they
+//! stay in SYN_RCVD), and trixie's binary package needs a newer glibc than bookworm's.
 //!
 //! Host loopback: passt maps the gateway address to the host's loopback unless `--no-map-gw`, so
 //! that flag is given unless the user allowed the guest onto the host's loopback.
@@ -54,11 +56,10 @@ impl PasstConfig {
         if !self.allow_host_loopback {
             a.push("--no-map-gw".into());
         }
+        check_forwards(&self.forwards)?;
         for f in &self.forwards {
             let IpAddr::V4(ip) = f.host_ip else {
-                return Err(PasstError(format!(
-                    "forward {f}: passt runs IPv4 only here; use an IPv4 host address"
-                )));
+                unreachable!("check_forwards refuses IPv6 host addresses");
             };
             a.push(
                 match f.proto {
@@ -70,6 +71,16 @@ impl PasstConfig {
             a.push(format!("{ip}/{}:{}", f.host_port, f.guest_port));
         }
         Ok(a)
+    }
+}
+
+/// Whether passt can take these forwards: it runs IPv4 only here.
+pub fn check_forwards(forwards: &[Forward]) -> Result<(), PasstError> {
+    match forwards.iter().find(|f| !f.host_ip.is_ipv4()) {
+        Some(f) => Err(PasstError(format!(
+            "forward {f}: passt runs IPv4 only here; use an IPv4 host address"
+        ))),
+        None => Ok(()),
     }
 }
 

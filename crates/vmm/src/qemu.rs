@@ -133,15 +133,9 @@ impl Qemu {
                 crate::NetAttach::Fd(fd) => format!("addr.type=fd,addr.str={fd}"),
             };
             push(&["-netdev", &format!("stream,id=n0,server=off,{addr}")]);
-            // The stream backend carries no virtio-net header: checksums the guest left to the
-            // device would go out unfilled, which passt (unlike gvproxy) does not forgive.
-            let csum = match net {
-                crate::NetAttach::Fd(_) => ",csum=off",
-                crate::NetAttach::Socket(_) => "",
-            };
             push(&[
                 "-device",
-                &format!("virtio-net-device,netdev=n0,mac={}{csum}", cfg.mac),
+                &format!("virtio-net-device,netdev=n0,mac={}", cfg.mac),
             ]);
         }
         Ok(a)

@@ -81,12 +81,23 @@ pub fn check_krun_kernel(config: &InstanceConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fails at once, naming the reason and the alternative, when the chosen backend cannot run here.
+/// Fails at once, naming the reason and the alternative, when the chosen backend or network helper
+/// cannot run here.
 pub fn check_backend(
     config: &InstanceConfig,
     runtime: &gatevm_image::Runtime,
 ) -> anyhow::Result<()> {
     check_krun_kernel(config)?;
+    if config.net == gatevm_instance::config::NetBackend::Passt {
+        gatevm_net::passt::check_forwards(&gatevm_instance::supervisor::all_forwards(config))?;
+        let passt = runtime.passt();
+        if !passt.is_file() {
+            bail!(
+                "--net passt: {} is missing: run `gatevm setup` (it builds passt)",
+                passt.display()
+            );
+        }
+    }
     gatevm_instance::backend::choose(
         config.vmm,
         &gatevm_vmm::probe(),
