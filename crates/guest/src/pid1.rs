@@ -131,12 +131,11 @@ pub fn run() -> ! {
             if r.loaded > 0 || !r.failed.is_empty() {
                 crate::glog!("{}", load_report("modules (early)", &r));
             }
+            let rest = modules::background(
+                cmd.payload == PayloadKind::K3s,
+                cmd.agent == AgentTransport::Vsock,
+            );
             spawn_named("modules", move || {
-                let rest: Vec<&str> = modules::WANTED
-                    .iter()
-                    .copied()
-                    .filter(|m| !modules::EARLY.contains(m))
-                    .collect();
                 let r = modules::load(&index, &tree, &rest);
                 crate::glog!("{}", load_report("modules", &r));
                 let _ = modules_tx.send(());
