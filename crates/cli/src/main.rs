@@ -86,7 +86,7 @@ fn main() {
     // (`doctor` reports a problem instead; the internal commands inherit a checked one).
     if !matches!(cli.cmd, Cmd::Doctor(_) | Cmd::Supervise(_) | Cmd::KrunVm(_)) {
         if let Err(e) = commands::check_env() {
-            eprintln!("gatevm: error: {e:#}");
+            eprintln!("gatevm: error: {}", crate::output::error_line(&e));
             std::process::exit(1);
         }
     }
@@ -114,7 +114,7 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             // One line: the error and its causes.
-            eprintln!("gatevm: error: {e:#}");
+            eprintln!("gatevm: error: {}", crate::output::error_line(&e));
             std::process::exit(1);
         }
     }

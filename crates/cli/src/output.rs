@@ -38,3 +38,49 @@ pub fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
+
+/// An error and its causes on one line, like `{:#}`, but a cause whose text the line already
+/// holds (an error that prints its source as part of its own message) is not repeated.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    /// Prints its source as part of its own message, as `#[error("passt: {0}")]` with
+    /// `#[from]` does.
+    #[derive(Debug)]
+    struct Wraps(std::io::Error);
+    impl std::fmt::Display for Wraps {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "passt: {}", self.0)
+        }
+    }
+    impl std::error::Error for Wraps {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn causes_are_not_repeated() {
+        let inner = std::io::Error::other("make failed (exit code 2)");
+        let e = anyhow::Error::from(Wraps(inner)).context("setup");
+        assert_eq!(error_line(&e), "setup: passt: make failed (exit code 2)");
+        let plain = anyhow::anyhow!("disk full").context("importing x");
+        assert_eq!(error_line(&plain), "importing x: disk full");
+    }
+}

@@ -67,7 +67,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     // A bad environment (a relative GATEVM_DATA_DIR, no HOME) is the runtime's problem here.
     let runtime = match super::check_env() {
         Ok(()) => gatevm_image::Runtime::load().map_err(|e| e.to_string()),
-        Err(e) => Err(format!("{e:#}")),
+        Err(e) => Err(crate::output::error_line(&e)),
     };
     let mut backends = Vec::new();
     match &runtime {

@@ -184,7 +184,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                     let (n, s) = (name_fg.clone(), s.clone());
                     std::thread::spawn(move || {
                         if let Err(e) = super::k3s::after_ready(&n, &s) {
-                            eprintln!("gatevm: error: {e:#}");
+                            eprintln!("gatevm: error: {}", crate::output::error_line(&e));
                         }
                     });
                 }
