@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # gatevm's benchmarks, each beside a baseline measured in the same run (the gatevm-bench tool in
-# bench/): boot against a bare QEMU boot of the same kernel, exec round trip, host memory, image
-# import throughput. Prints the tables and writes docs/benchmarks.md.
-# Usage: scripts/bench.sh [--only boot,exec,memory,import] [--runs N] [--exec-runs N]
-#                         [--import-mib N] [--out FILE] [--gatevm PATH]   (--help for more)
-# It boots VMs: run it on an otherwise idle machine.
+# bench/): boot against a bare QEMU boot of the same kernel, exec round trip against ssh into the
+# same VM, host memory, image import throughput against a host copy, port-forward throughput and
+# latency (gvproxy, passt) against QEMU's user networking, rootfs build against a minbase
+# mmdebstrap. Prints the tables and writes docs/benchmarks.md.
+# Usage: scripts/bench.sh [--only boot,exec,memory,import,net,rootfs] [--runs N] [--exec-runs N]
+#                         [--import-mib N] [--net-mib N] [--net-pings N] [--rootfs-runs N]
+#                         [--out FILE] [--gatevm PATH]   (--help for more)
+# It boots VMs and, the first time, builds an ssh test rootfs (cached in ~/.cache/gatevm-bench):
+# run it on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "bench: cargo is missing: install a Rust toolchain (rustup)" >&2; exit 1; }
@@ -22,6 +26,15 @@ if [ ! -x /bin/busybox ] || readelf -l /bin/busybox 2>/dev/null | grep -q 'progr
   apt-get install -y -q --no-install-recommends busybox-static >/dev/null \
     || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends busybox-static >/dev/null; }
 fi
+# The exec case's ssh baseline needs the ssh client and ssh-keygen on the host (the server runs
+# in the guest).
+if ! command -v ssh >/dev/null || ! command -v ssh-keygen >/dev/null; then
+  echo "bench: installing openssh-client for the exec case's ssh baseline"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends openssh-client >/dev/null \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends openssh-client >/dev/null; }
+fi
+# (build.sh also makes sure of gcc and libc6-dev, which the net case's static test server needs.)
 ./scripts/build.sh
 # The runtime (kernel, QEMU, root filesystem) the instance and the baseline boot.
 target/release/gatevm setup

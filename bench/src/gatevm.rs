@@ -59,6 +59,40 @@ pub fn parse_status(json: &str) -> anyhow::Result<Status> {
     })
 }
 
+/// The names in `gatevm list --json` (an array of status documents).
+pub fn parse_list_names(json: &str) -> anyhow::Result<Vec<String>> {
+    let v: Value = serde_json::from_str(json).context("the instance list is not JSON")?;
+    let Some(a) = v.as_array() else {
+        bail!("the instance list is not a JSON array");
+    };
+    Ok(a.iter()
+        .filter_map(|d| d.get("name").and_then(Value::as_str))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Whether `gatevm start --help` offers the option `--NAME`.
+pub fn help_has_option(help: &str, name: &str) -> bool {
+    let opt = format!("--{name}");
+    help.split(|c: char| c.is_whitespace() || c == ',' || c == '=' || c == '[')
+        .any(|w| w == opt)
+}
+
+/// Deletes the instance when dropped: at the end, on an error, after Ctrl-C.
+pub struct DeleteOnDrop<'a>(pub Gatevm<'a>);
+
+impl Drop for DeleteOnDrop<'_> {
+    fn drop(&mut self) {
+        eprintln!("gatevm-bench: deleting instance {:?}", self.0.name);
+        if let Err(e) = self.0.delete_uninterruptible() {
+            eprintln!(
+                "gatevm-bench: warning: could not delete instance {:?}: {e:#} (run `gatevm delete {} --force`)",
+                self.0.name, self.0.name
+            );
+        }
+    }
+}
+
 /// The gatevm binary and the instance it works on.
 pub struct Gatevm<'a> {
     bin: PathBuf,
@@ -77,6 +111,16 @@ impl<'a> Gatevm<'a> {
         }
     }
 
+    /// The binary.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// The same binary on another instance.
+    pub fn on(&self, name: &str) -> Gatevm<'a> {
+        Gatevm::new(&self.bin, name, self.scratch)
+    }
+
     fn run<S: AsRef<OsStr>>(&self, args: &[S], timeout: Duration) -> anyhow::Result<Finished> {
         let mut c = Command::new(&self.bin);
         c.args(args);
@@ -89,6 +133,44 @@ impl<'a> Gatevm<'a> {
             .run(&["start", &self.name], START_TIMEOUT)?
             .ok()?
             .elapsed)
+    }
+
+    /// `gatevm start NAME ARGS...`: the wall time.
+    pub fn start_with(&self, args: &[&str]) -> anyhow::Result<Duration> {
+        let mut a = vec!["start", self.name.as_str()];
+        a.extend_from_slice(args);
+        Ok(self.run(&a, START_TIMEOUT)?.ok()?.elapsed)
+    }
+
+    /// `gatevm SUBCOMMAND --help`.
+    pub fn help(&self, subcommand: &str) -> anyhow::Result<String> {
+        Ok(self
+            .run(&[subcommand, "--help"], STATUS_TIMEOUT)?
+            .ok()?
+            .stdout)
+    }
+
+    /// The instances' names (`gatevm list --json`).
+    pub fn list_names(&self) -> anyhow::Result<Vec<String>> {
+        let f = self.run(&["list", "--json"], STATUS_TIMEOUT)?.ok()?;
+        parse_list_names(&f.stdout).with_context(|| format!("reading the output of `{}`", f.label))
+    }
+
+    /// Stops the instance if it runs (to keep its VM from competing for the CPUs).
+    pub fn stop_if_running(&self) -> anyhow::Result<()> {
+        if matches!(self.status(), Ok(s) if s.state == "running") {
+            eprintln!("gatevm-bench: stopping instance {:?} meanwhile", self.name);
+            self.stop()?;
+        }
+        Ok(())
+    }
+
+    /// `gatevm exec -i NAME -- ARGV...` with standard input from `stdin`.
+    pub fn exec_with_stdin(&self, argv: &[&str], stdin: std::fs::File) -> anyhow::Result<()> {
+        let mut c = Command::new(&self.bin);
+        c.args(["exec", "-i", &self.name, "--"]).args(argv);
+        runner::run_with_stdin(&mut c, stdin, EXEC_TIMEOUT, self.scratch)?.ok()?;
+        Ok(())
     }
 
     /// `gatevm stop NAME`.
@@ -217,5 +299,30 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("has no ready_ms"));
+    }
+
+    #[test]
+    fn list_names() {
+        assert_eq!(
+            parse_list_names(r#"[{"name":"bench","state":"running"},{"name":"vmrun-12-ab","ephemeral":true},{"x":1}]"#)
+                .unwrap(),
+            vec!["bench", "vmrun-12-ab"]
+        );
+        assert_eq!(parse_list_names("[]").unwrap(), Vec::<String>::new());
+        assert!(parse_list_names("{}").is_err());
+        assert!(parse_list_names("").is_err());
+    }
+
+    #[test]
+    fn options_in_help() {
+        let help = "Options:\n      --cpus <CPUS>\n          Virtual CPUs\n      --net <HELPER>\n          The network helper\n      --no-publish\n";
+        assert!(help_has_option(help, "net"));
+        assert!(help_has_option(help, "cpus"));
+        assert!(!help_has_option(help, "publish"));
+        assert!(!help_has_option(
+            "      --network <X>\n      --net-foo\n",
+            "net"
+        ));
+        assert!(help_has_option("  -n, --net=<HELPER>  x", "net"));
     }
 }

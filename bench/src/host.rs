@@ -1,5 +1,6 @@
-//! Facts about the host: CPU, memory, kernel, whether KVM is usable, where gatevm's runtime
-//! (kernel, bundled QEMU) lives, and whether a binary is statically linked.
+//! Facts about the host: CPU, memory, kernel, whether KVM is usable, which QEMU the bare boots
+//! use, and whether a binary is statically linked. (Where gatevm's runtime lives comes from
+//! `gatevm_image::dirs`, gatevm's own lookup.)
 
 use anyhow::{bail, Context};
 use std::ffi::OsString;
@@ -141,25 +142,6 @@ impl Machine {
             accel,
         }
     }
-}
-
-/// gatevm's runtime directory: `$GATEVM_RUNTIME_DIR`, else
-/// `${GATEVM_DATA_DIR:-$HOME/.local/share/gatevm}/runtime/v1`.
-pub fn runtime_dir(env: impl Fn(&str) -> Option<OsString>) -> anyhow::Result<PathBuf> {
-    let set = |k: &str| env(k).filter(|v| !v.is_empty());
-    if let Some(d) = set("GATEVM_RUNTIME_DIR") {
-        return Ok(PathBuf::from(d));
-    }
-    let data = match set("GATEVM_DATA_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => match set("HOME") {
-            Some(h) => PathBuf::from(h).join(".local/share/gatevm"),
-            None => bail!(
-                "cannot find gatevm's runtime: set HOME, GATEVM_DATA_DIR or GATEVM_RUNTIME_DIR"
-            ),
-        },
-    };
-    Ok(data.join("runtime/v1"))
 }
 
 /// The QEMU of the bare-boot baseline: the runtime's bundled one with its firmware directories,
@@ -376,31 +358,6 @@ mod tests {
         assert!(pvm.why.contains("kvm_pvm"));
         assert_eq!(choose_accel(false, true, false).accel, Accel::Tcg);
         assert_eq!(choose_accel(true, false, false).accel, Accel::Tcg);
-    }
-
-    #[test]
-    fn runtime_dir_lookup() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| {
-                pairs
-                    .iter()
-                    .find(|(n, _)| *n == k)
-                    .map(|(_, v)| OsString::from(v))
-            }
-        };
-        assert_eq!(
-            runtime_dir(env(&[("GATEVM_RUNTIME_DIR", "/rt"), ("HOME", "/h")])).unwrap(),
-            PathBuf::from("/rt")
-        );
-        assert_eq!(
-            runtime_dir(env(&[("GATEVM_DATA_DIR", "/d"), ("HOME", "/h")])).unwrap(),
-            PathBuf::from("/d/runtime/v1")
-        );
-        assert_eq!(
-            runtime_dir(env(&[("HOME", "/h"), ("GATEVM_DATA_DIR", "")])).unwrap(),
-            PathBuf::from("/h/.local/share/gatevm/runtime/v1")
-        );
-        assert!(runtime_dir(env(&[])).is_err());
     }
 
     #[test]

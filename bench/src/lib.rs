@@ -1,26 +1,30 @@
 //! Benchmarks of gatevm, each beside a baseline measured in the same run: boot (against a bare
-//! QEMU boot of the same kernel), exec round trip (against spawning a host process), host memory
-//! (against the guest RAM configured) and image import throughput (against a host-side copy).
+//! QEMU boot of the same kernel), exec round trip (against ssh into the same VM), host memory
+//! (against the guest RAM configured), image import throughput (against a host-side copy),
+//! port-forward throughput and latency (against QEMU's user networking) and the rootfs build
+//! (against a plain minbase mmdebstrap).
 //!
-//! The tool drives the `gatevm` binary on one instance, `bench`, which it deletes at the end,
-//! on failure and on Ctrl-C. It prints each case's tables as they finish and writes them all,
-//! with a description of the machine, to docs/benchmarks.md.
+//! The tool drives the `gatevm` binary on the instances `bench` and `benchnet` (and a `gatevm
+//! vm-run` VM), which it deletes at the end, on failure and on Ctrl-C. It prints each case's
+//! tables as they finish and writes them all, with a description of the machine, to
+//! docs/benchmarks.md.
 
 pub mod cases;
-pub mod cpio;
 pub mod docker;
 pub mod gatevm;
 pub mod host;
 pub mod markdown;
+pub mod netproto;
 pub mod procs;
 pub mod report;
 pub mod runner;
 pub mod scratch;
 pub mod stats;
+pub mod trees;
 
 use anyhow::{bail, Context};
 use cases::Bench;
-use gatevm::Gatevm;
+use gatevm::{DeleteOnDrop, Gatevm};
 use host::Machine;
 use markdown::Section;
 use scratch::Scratch;
@@ -37,17 +41,28 @@ pub const INSTANCE: &str = "bench";
 pub enum Case {
     /// Bare QEMU boot against cold and warm `gatevm start`.
     Boot,
-    /// `gatevm exec -- true` round trip.
+    /// `gatevm exec -- true` round trip beside ssh into the same VM.
     Exec,
     /// Host memory of the supervisor, helpers and VM.
     Memory,
     /// `gatevm image import` throughput.
     Import,
+    /// Port-forward throughput and latency: gvproxy, passt, QEMU user networking.
+    Net,
+    /// Rootfs build, cold and cached, beside a minbase mmdebstrap.
+    Rootfs,
 }
 
 impl Case {
     /// Every case, in the order they run.
-    pub const ALL: [Case; 4] = [Case::Boot, Case::Exec, Case::Memory, Case::Import];
+    pub const ALL: [Case; 6] = [
+        Case::Boot,
+        Case::Exec,
+        Case::Memory,
+        Case::Import,
+        Case::Net,
+        Case::Rootfs,
+    ];
 
     /// The name `--only` takes.
     pub fn name(self) -> &'static str {
@@ -56,6 +71,8 @@ impl Case {
             Case::Exec => "exec",
             Case::Memory => "memory",
             Case::Import => "import",
+            Case::Net => "net",
+            Case::Rootfs => "rootfs",
         }
     }
 }
@@ -71,6 +88,12 @@ pub struct Options {
     pub exec_runs: usize,
     /// Size of the import case's archive, MiB.
     pub import_mib: u64,
+    /// MiB sent per throughput measurement of the net case.
+    pub net_mib: u64,
+    /// Round trips per latency measurement of the net case.
+    pub net_pings: usize,
+    /// Cold builds of the rootfs case.
+    pub rootfs_runs: usize,
     /// Where the report goes.
     pub out: PathBuf,
     /// The cases to run.
@@ -79,21 +102,6 @@ pub struct Options {
     pub repo: PathBuf,
     /// How the tool was invoked, for the report.
     pub command: String,
-}
-
-/// Deletes the instance when dropped: at the end, on an error, after Ctrl-C.
-struct DeleteOnDrop<'a>(Gatevm<'a>);
-
-impl Drop for DeleteOnDrop<'_> {
-    fn drop(&mut self) {
-        eprintln!("gatevm-bench: deleting instance {:?}", self.0.name);
-        if let Err(e) = self.0.delete_uninterruptible() {
-            eprintln!(
-                "gatevm-bench: warning: could not delete instance {:?}: {e:#} (run `gatevm delete {} --force`)",
-                self.0.name, self.0.name
-            );
-        }
-    }
 }
 
 /// `git rev-parse --short HEAD` of `repo`, and whether tracked files other than the report have
@@ -155,7 +163,7 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     }
     let scratch = Scratch::new("gatevm-bench")?;
     let machine = Machine::probe();
-    let runtime = host::runtime_dir(|k| std::env::var_os(k))?;
+    let runtime = gatevm_image::dirs::runtime_dir().map_err(|e| anyhow::anyhow!("{e}"))?;
     let qemu = host::find_qemu(&runtime, std::env::var_os("PATH")).map_err(|e| format!("{e:#}"));
     let (commit, dirty) = commit(&o.repo, &scratch);
     let mut meta = report::Meta {
@@ -183,16 +191,25 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     );
 
     let _cleanup = DeleteOnDrop(Gatevm::new(&o.gatevm, INSTANCE, &scratch));
+    let _cleanup_net = o
+        .cases
+        .contains(&Case::Net)
+        .then(|| DeleteOnDrop(Gatevm::new(&o.gatevm, cases::net::NET_INSTANCE, &scratch)));
     let mut bench = Bench {
         runs: o.runs,
         exec_runs: o.exec_runs,
         import_mib: o.import_mib,
+        net_mib: o.net_mib,
+        net_pings: o.net_pings,
+        rootfs_runs: o.rootfs_runs,
         gv: Gatevm::new(&o.gatevm, INSTANCE, &scratch),
         scratch: &scratch,
         machine,
         runtime,
         qemu,
         backend: None,
+        ssh_rootfs_build: None,
+        not_measured: Vec::new(),
     };
     let mut sections: Vec<Section> = Vec::new();
     for case in Case::ALL.iter().filter(|c| o.cases.contains(c)) {
@@ -202,6 +219,8 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
             Case::Exec => bench.exec(),
             Case::Memory => bench.memory(),
             Case::Import => bench.import(),
+            Case::Net => bench.net(),
+            Case::Rootfs => bench.rootfs(),
         }
         .with_context(|| format!("{} benchmark", case.name()))?;
         print!("{}", section.render());
@@ -209,7 +228,7 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         sections.push(section);
     }
     meta.backend = bench.backend.clone();
-    let md = report::render(&meta, &sections);
+    let md = report::render(&meta, &sections, &bench.not_measured);
     if let Some(dir) = o.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

@@ -5,9 +5,11 @@ use gatevm_bench::{runner, Case, Options};
 use std::path::{Path, PathBuf};
 
 /// Benchmarks of gatevm, each beside a baseline measured in the same run: boot (bare QEMU boot of
-/// the same kernel), exec round trip (spawning a host process), host memory (guest RAM
-/// configured), image import (host-side copy). Uses, and deletes at the end, an instance named
-/// `bench`.
+/// the same kernel), exec round trip (ssh into the same VM), host memory (guest RAM configured),
+/// image import (host-side copy), port-forward throughput and latency (QEMU user networking),
+/// rootfs build (minbase mmdebstrap). Uses, and deletes at the end, instances named `bench` and
+/// `benchnet` and a `gatevm vm-run` VM; caches the ssh test rootfs in ~/.cache/gatevm-bench
+/// ($GATEVM_BENCH_CACHE_DIR).
 #[derive(Parser)]
 #[command(
     name = "gatevm-bench",
@@ -20,7 +22,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "boot,exec,memory,import"
+        default_value = "boot,exec,memory,import,net,rootfs"
     )]
     only: Vec<Case>,
     /// Repetitions of each case.
@@ -32,6 +34,15 @@ struct Args {
     /// Size of the import case's image archive, MiB.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
     import_mib: u64,
+    /// MiB sent from the host into the guest per throughput measurement of the net case.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    net_mib: u64,
+    /// One-byte round trips per latency measurement of the net case.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    net_pings: u64,
+    /// Cold builds (and minbase baselines) of the rootfs case: each downloads every package.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+    rootfs_runs: u64,
     /// Where to write the report [default: docs/benchmarks.md of the repository].
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -58,6 +69,9 @@ fn main() {
         runs: a.runs as usize,
         exec_runs: a.exec_runs as usize,
         import_mib: a.import_mib,
+        net_mib: a.net_mib,
+        net_pings: a.net_pings as usize,
+        rootfs_runs: a.rootfs_runs as usize,
         out: a.out.unwrap_or_else(|| repo.join("docs/benchmarks.md")),
         cases: a.only,
         repo,

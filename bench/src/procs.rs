@@ -3,6 +3,11 @@
 //! The supervisor and the VM process come from the status JSON; the helpers are the supervisor's
 //! descendants (found through `/proc/PID/task/*/children`), named by `comm` or command line. A
 //! child of a helper (virtiofsd may fork one) counts as that helper.
+//!
+//! Resident memory is read as `VmRSS` and as its three parts (`RssAnon`, `RssFile`,
+//! `RssShmem`): virtiofsd and QEMU map guest RAM from shared memory, so the guest pages they touch
+//! show in their `VmRSS` as `RssShmem` although they are the guest's memory, not the process's
+//! own. A process's own memory is `RssAnon + RssFile`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -57,13 +62,71 @@ pub fn classify(comm: &str, cmdline: &str) -> Option<Role> {
     }
 }
 
-/// `VmRSS` of a /proc/PID/status text, in KiB.
-pub fn parse_vm_rss_kib(status: &str) -> Option<u64> {
+/// Resident memory of a process (or a sum of processes), KiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rss {
+    /// `VmRSS`: everything resident (anon + file + shmem).
+    pub vm: u64,
+    /// `RssAnon`: private anonymous pages (heap, stacks).
+    pub anon: u64,
+    /// `RssFile`: file-backed pages (the binary, libraries, mapped files).
+    pub file: u64,
+    /// `RssShmem`: shared memory (memfd, tmpfs, SysV), e.g. guest RAM mapped by virtiofsd.
+    pub shmem: u64,
+}
+
+impl Rss {
+    /// The process's own memory: `RssAnon + RssFile` (without shared memory).
+    pub fn own(&self) -> u64 {
+        self.anon + self.file
+    }
+
+    /// Field-wise sum.
+    pub fn plus(self, o: Rss) -> Rss {
+        Rss {
+            vm: self.vm + o.vm,
+            anon: self.anon + o.anon,
+            file: self.file + o.file,
+            shmem: self.shmem + o.shmem,
+        }
+    }
+
+    /// Field-wise maximum.
+    pub fn max(self, o: Rss) -> Rss {
+        Rss {
+            vm: self.vm.max(o.vm),
+            anon: self.anon.max(o.anon),
+            file: self.file.max(o.file),
+            shmem: self.shmem.max(o.shmem),
+        }
+    }
+}
+
+/// A `Key:   123 kB` field of a /proc/PID/status text, in KiB.
+fn status_kib(status: &str, key: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|n| n.parse().ok())
+}
+
+/// `VmRSS` of a /proc/PID/status text, in KiB.
+pub fn parse_vm_rss_kib(status: &str) -> Option<u64> {
+    status_kib(status, "VmRSS")
+}
+
+/// `VmRSS`, `RssAnon`, `RssFile` and `RssShmem` of a /proc/PID/status text; `None` without a
+/// `VmRSS` (a kernel thread). A missing part (kernels before 4.5) counts as 0.
+pub fn parse_rss(status: &str) -> Option<Rss> {
+    let vm = parse_vm_rss_kib(status)?;
+    let part = |k| status_kib(status, k).unwrap_or(0);
+    Some(Rss {
+        vm,
+        anon: part("RssAnon"),
+        file: part("RssFile"),
+        shmem: part("RssShmem"),
+    })
 }
 
 /// Pids in the text of `/proc/PID/task/TID/children` files.
@@ -79,8 +142,8 @@ pub trait Procfs {
     fn children(&self, pid: u32) -> Vec<u32>;
     /// `comm` and the command line (arguments joined by spaces).
     fn names(&self, pid: u32) -> (String, String);
-    /// Resident memory in KiB; `None` for a process that is gone (or a kernel thread).
-    fn rss_kib(&self, pid: u32) -> Option<u64>;
+    /// Resident memory; `None` for a process that is gone (or a kernel thread).
+    fn rss(&self, pid: u32) -> Option<Rss>;
 }
 
 /// The real /proc.
@@ -112,9 +175,9 @@ impl Procfs for RealProc {
         (comm.trim().to_string(), cmdline.trim().to_string())
     }
 
-    fn rss_kib(&self, pid: u32) -> Option<u64> {
+    fn rss(&self, pid: u32) -> Option<Rss> {
         let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        parse_vm_rss_kib(&s)
+        parse_rss(&s)
     }
 }
 
@@ -123,8 +186,8 @@ impl Procfs for RealProc {
 pub struct Usage {
     /// The pids.
     pub pids: Vec<u32>,
-    /// Sum of their VmRSS, KiB.
-    pub rss_kib: u64,
+    /// Their summed resident memory.
+    pub rss: Rss,
 }
 
 /// The instance's processes by role at one moment.
@@ -134,10 +197,10 @@ pub type Snapshot = BTreeMap<Role, Usage>;
 pub fn snapshot(p: &dyn Procfs, supervisor: u32, vm: Option<u32>) -> Snapshot {
     let mut snap = Snapshot::new();
     let add = |role: Role, pid: u32, snap: &mut Snapshot| {
-        if let Some(kib) = p.rss_kib(pid) {
+        if let Some(r) = p.rss(pid) {
             let u = snap.entry(role).or_default();
             u.pids.push(pid);
-            u.rss_kib += kib;
+            u.rss = u.rss.plus(r);
         }
     };
     // Breadth first from the supervisor; a process inherits its parent's role unless its own
@@ -181,12 +244,11 @@ pub fn snapshot(p: &dyn Procfs, supervisor: u32, vm: Option<u32>) -> Snapshot {
     snap
 }
 
-/// Sum of the helpers' (not the VM's) memory in a snapshot, KiB.
-pub fn helpers_kib(s: &Snapshot) -> u64 {
+/// Sum of the helpers' (not the VM's) memory in a snapshot.
+pub fn helpers_rss(s: &Snapshot) -> Rss {
     s.iter()
         .filter(|(r, _)| r.is_helper())
-        .map(|(_, u)| u.rss_kib)
-        .sum()
+        .fold(Rss::default(), |acc, (_, u)| acc.plus(u.rss))
 }
 
 #[cfg(test)]
@@ -196,6 +258,16 @@ mod tests {
 
     struct Fake {
         procs: HashMap<u32, (Vec<u32>, &'static str, u64)>,
+    }
+
+    /// A fake process of `kib` resident: half anonymous, an eighth file-backed, the rest shared.
+    fn rss_of(kib: u64) -> Rss {
+        Rss {
+            vm: kib,
+            anon: kib / 2,
+            file: kib / 8,
+            shmem: kib - kib / 2 - kib / 8,
+        }
     }
 
     impl Procfs for Fake {
@@ -212,8 +284,8 @@ mod tests {
                 format!("/usr/libexec/{n} --flag"),
             )
         }
-        fn rss_kib(&self, pid: u32) -> Option<u64> {
-            self.procs.get(&pid).map(|p| p.2)
+        fn rss(&self, pid: u32) -> Option<Rss> {
+            self.procs.get(&pid).map(|p| rss_of(p.2))
         }
     }
 
@@ -235,26 +307,19 @@ mod tests {
             s[&Role::Supervisor],
             Usage {
                 pids: vec![10],
-                rss_kib: 6000
+                rss: rss_of(6000)
             }
         );
-        assert_eq!(s[&Role::Gvproxy].rss_kib, 20000);
-        assert_eq!(
-            s[&Role::Virtiofsd],
-            Usage {
-                pids: vec![12, 15],
-                rss_kib: 6000
-            }
-        );
-        assert_eq!(
-            s[&Role::Vm],
-            Usage {
-                pids: vec![13, 16],
-                rss_kib: 300100
-            }
-        );
-        assert_eq!(s[&Role::Other("mkfs.ext4".into())].rss_kib, 700);
-        assert_eq!(helpers_kib(&s), 6000 + 20000 + 6000 + 700);
+        assert_eq!(s[&Role::Gvproxy].rss.vm, 20000);
+        assert_eq!(s[&Role::Virtiofsd].pids, vec![12, 15]);
+        assert_eq!(s[&Role::Virtiofsd].rss, rss_of(5000).plus(rss_of(1000)));
+        assert_eq!(s[&Role::Vm].pids, vec![13, 16]);
+        assert_eq!(s[&Role::Vm].rss.vm, 300100);
+        assert_eq!(s[&Role::Other("mkfs.ext4".into())].rss.vm, 700);
+        let h = helpers_rss(&s);
+        assert_eq!(h.vm, 6000 + 20000 + 6000 + 700);
+        assert_eq!(h.own() + h.shmem, h.vm);
+        assert_eq!(h.anon, 3000 + 10000 + 2500 + 500 + 350);
     }
 
     #[test]
@@ -290,7 +355,72 @@ mod tests {
     }
 
     #[test]
+    fn rss_parts() {
+        // A virtiofsd that has touched guest RAM: most of its VmRSS is shared memory.
+        let status = "Name:\tvirtiofsd\nVmHWM:\t   60000 kB\nVmRSS:\t   55900 kB\n\
+                      RssAnon:\t    3000 kB\nRssFile:\t    2900 kB\nRssShmem:\t   50000 kB\n\
+                      VmData:\t 9 kB\n";
+        let r = parse_rss(status).unwrap();
+        assert_eq!(
+            r,
+            Rss {
+                vm: 55900,
+                anon: 3000,
+                file: 2900,
+                shmem: 50000
+            }
+        );
+        assert_eq!(r.own(), 5900);
+        // No VmRSS: a kernel thread; no parts: an old kernel.
+        assert_eq!(parse_rss("Name:\tkthreadd\n"), None);
+        assert_eq!(
+            parse_rss("VmRSS:\t 10 kB\n"),
+            Some(Rss {
+                vm: 10,
+                ..Rss::default()
+            })
+        );
+        // A key that merely starts like another is not taken for it.
+        assert_eq!(
+            status_kib("RssFileX:\t 5 kB\nRssFile:\t 7 kB\n", "RssFile"),
+            Some(7)
+        );
+        let a = Rss {
+            vm: 10,
+            anon: 5,
+            file: 3,
+            shmem: 2,
+        };
+        let b = Rss {
+            vm: 4,
+            anon: 1,
+            file: 1,
+            shmem: 9,
+        };
+        assert_eq!(
+            a.plus(b),
+            Rss {
+                vm: 14,
+                anon: 6,
+                file: 4,
+                shmem: 11
+            }
+        );
+        assert_eq!(
+            a.max(b),
+            Rss {
+                vm: 10,
+                anon: 5,
+                file: 3,
+                shmem: 9
+            }
+        );
+    }
+
+    #[test]
     fn this_process_has_an_rss() {
-        assert!(RealProc.rss_kib(std::process::id()).unwrap_or(0) > 0);
+        let r = RealProc.rss(std::process::id()).unwrap();
+        assert!(r.vm > 0);
+        assert!(r.anon + r.file <= r.vm);
     }
 }

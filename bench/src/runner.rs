@@ -1,4 +1,5 @@
-//! Runs external commands with a timeout, measuring the wall time from spawn to exit.
+//! Runs external commands with a timeout, measuring the wall time from spawn to exit, and owns
+//! the long-running ones ([`Background`]: a VM, a guest-side server, an ssh master).
 //!
 //! Standard output and error go to files in the scratch directory (not pipes: a daemon the
 //! command leaves behind cannot hold them open and stall the measurement). A waiter thread
@@ -7,8 +8,9 @@
 
 use crate::scratch::Scratch;
 use anyhow::{anyhow, bail};
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -161,7 +163,18 @@ pub fn run_labeled(
     timeout: Duration,
     scratch: &Scratch,
 ) -> anyhow::Result<Finished> {
-    run_inner(cmd, label, timeout, scratch, true)
+    run_inner(cmd, label, timeout, scratch, true, None)
+}
+
+/// Like [`run`], with standard input read from `stdin`.
+pub fn run_with_stdin(
+    cmd: &mut Command,
+    stdin: File,
+    timeout: Duration,
+    scratch: &Scratch,
+) -> anyhow::Result<Finished> {
+    let l = label(cmd);
+    run_inner(cmd, &l, timeout, scratch, true, Some(stdin))
 }
 
 /// Like [`run`], but runs even after Ctrl-C (for the clean-up on the way out).
@@ -171,7 +184,7 @@ pub fn run_uninterruptible(
     scratch: &Scratch,
 ) -> anyhow::Result<Finished> {
     let l = label(cmd);
-    run_inner(cmd, &l, timeout, scratch, false)
+    run_inner(cmd, &l, timeout, scratch, false, None)
 }
 
 fn run_inner(
@@ -180,6 +193,7 @@ fn run_inner(
     timeout: Duration,
     scratch: &Scratch,
     interruptible: bool,
+    stdin: Option<File>,
 ) -> anyhow::Result<Finished> {
     let stop_asked = || interruptible && interrupted();
     if stop_asked() {
@@ -191,7 +205,7 @@ fn run_inner(
     let create = |p: &Path| {
         std::fs::File::create(p).map_err(|e| anyhow!("cannot create {}: {e}", p.display()))
     };
-    cmd.stdin(Stdio::null())
+    cmd.stdin(stdin.map_or_else(Stdio::null, Stdio::from))
         .stdout(create(&out_path)?)
         .stderr(create(&err_path)?);
     let t0 = Instant::now();
@@ -254,6 +268,175 @@ fn run_inner(
         stderr: read(&err_path),
         elapsed: t1.duration_since(t0),
     })
+}
+
+/// A long-running child process the benchmark owns: stdin from /dev/null, output to files in the
+/// scratch directory, a parent-death signal (SIGTERM) so it does not outlive a SIGKILLed
+/// benchmark, and stopped (SIGTERM, then SIGKILL after a grace period) when dropped: at the end,
+/// on an error, after Ctrl-C. It is signalled by pid only while unreaped.
+pub struct Background {
+    child: Child,
+    label: String,
+    out: PathBuf,
+    err: PathBuf,
+    exited: Option<ExitStatus>,
+    grace: Duration,
+    _files: RemoveOnDrop,
+}
+
+impl Background {
+    /// Starts `cmd`, named `label` in messages.
+    pub fn spawn(cmd: &mut Command, label: &str, scratch: &Scratch) -> anyhow::Result<Background> {
+        use std::os::unix::process::CommandExt;
+        check_interrupted()?;
+        let out = scratch.unique("bg-stdout");
+        let err = scratch.unique("bg-stderr");
+        let files = RemoveOnDrop(vec![out.clone(), err.clone()]);
+        let create =
+            |p: &Path| File::create(p).map_err(|e| anyhow!("cannot create {}: {e}", p.display()));
+        cmd.stdin(Stdio::null())
+            .stdout(create(&out)?)
+            .stderr(create(&err)?);
+        // SAFETY: the closure runs in the child between fork and exec and only calls prctl(2),
+        // which is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| anyhow!("cannot run `{label}`: {e}"))?;
+        Ok(Background {
+            child,
+            label: label.to_string(),
+            out,
+            err,
+            exited: None,
+            grace: TERM_GRACE,
+            _files: files,
+        })
+    }
+
+    /// How long it gets to exit after SIGTERM when dropped [default: 10 s].
+    pub fn with_grace(mut self, grace: Duration) -> Background {
+        self.grace = grace;
+        self
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// How it was named.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Its exit status, if it has exited (reaping it).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                self.exited = Some(st);
+            }
+        }
+        self.exited
+    }
+
+    /// What it printed so far on standard output (lossy UTF-8).
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.out).unwrap_or_default()).into_owned()
+    }
+
+    /// The last non-empty line of its standard error, else of its standard output.
+    pub fn last_line(&self) -> String {
+        let err =
+            String::from_utf8_lossy(&std::fs::read(&self.err).unwrap_or_default()).into_owned();
+        let out = self.stdout();
+        last_line(&err)
+            .or_else(|| last_line(&out))
+            .unwrap_or("no output")
+            .to_string()
+    }
+
+    /// An error unless it still runs: "`label` exited early (status): last line".
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        match self.exited() {
+            None => Ok(()),
+            Some(st) => bail!("`{}` exited early ({st}): {}", self.label, self.last_line()),
+        }
+    }
+
+    /// Waits up to `timeout` for it to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.exited() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` unless it has exited, waits up to `grace` for the exit, then SIGKILLs it;
+    /// returns its exit status.
+    pub fn stop(&mut self, signal: libc::c_int, grace: Duration) -> anyhow::Result<ExitStatus> {
+        if let Some(st) = self.exited() {
+            return Ok(st);
+        }
+        // SAFETY: kill(2) has no memory-safety preconditions; the child is unreaped (exited()
+        // said so), so its pid names no other process.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, signal);
+        }
+        if let Some(st) = self.wait_exit(grace) {
+            return Ok(st);
+        }
+        let _ = self.child.kill();
+        let st = self
+            .child
+            .wait()
+            .map_err(|e| anyhow!("waiting for `{}` failed: {e}", self.label))?;
+        self.exited = Some(st);
+        Ok(st)
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            eprintln!("gatevm-bench: stopping `{}`", self.label);
+            let _ = self.stop(libc::SIGTERM, self.grace);
+        }
+    }
+}
+
+/// Calls `probe` every `every` until it gives `Some`, an error on Ctrl-C or after `timeout`
+/// ("timed out after N s waiting for WHAT").
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut probe: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_interrupted()?;
+        if let Some(v) = probe()? {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {} s waiting for {what}", timeout.as_secs());
+        }
+        std::thread::sleep(every);
+    }
 }
 
 /// Milliseconds of a duration.
@@ -352,6 +535,74 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().starts_with("cannot run `gatevm`"), "{e}");
+    }
+
+    #[test]
+    fn stdin_from_a_file() {
+        let s = Scratch::new("gatevm-bench-test").unwrap();
+        let p = s.path().join("in");
+        std::fs::write(&p, b"abc").unwrap();
+        let f = run_with_stdin(
+            &mut sh("wc -c"),
+            File::open(&p).unwrap(),
+            Duration::from_secs(10),
+            &s,
+        )
+        .unwrap();
+        assert_eq!(f.stdout.trim(), "3");
+    }
+
+    #[test]
+    fn background_is_stopped_when_dropped() {
+        let s = Scratch::new("gatevm-bench-test").unwrap();
+        let mut b = Background::spawn(&mut sh("echo up; exec sleep 30"), "sleeper", &s).unwrap();
+        let pid = b.pid();
+        assert!(b.check_running().is_ok());
+        wait_until(
+            "the output",
+            Duration::from_secs(5),
+            Duration::from_millis(10),
+            || Ok(b.stdout().contains("up").then_some(())),
+        )
+        .unwrap();
+        let t = Instant::now();
+        drop(b);
+        assert!(t.elapsed() < Duration::from_secs(5));
+        // Reaped: the pid is gone (or, unlikely, reused by another process).
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert_ne!(comm.trim(), "sleep");
+    }
+
+    #[test]
+    fn background_that_exits_early_says_why() {
+        let s = Scratch::new("gatevm-bench-test").unwrap();
+        let mut b =
+            Background::spawn(&mut sh("echo 'no such port' >&2; exit 4"), "server", &s).unwrap();
+        assert!(b.wait_exit(Duration::from_secs(5)).is_some());
+        let e = b.check_running().unwrap_err().to_string();
+        assert!(e.starts_with("`server` exited early"), "{e}");
+        assert!(e.ends_with(": no such port"), "{e}");
+        // Stopping an exited process only reports its status.
+        assert_eq!(
+            b.stop(libc::SIGTERM, Duration::from_secs(1))
+                .unwrap()
+                .code(),
+            Some(4)
+        );
+    }
+
+    #[test]
+    fn wait_until_times_out() {
+        let t = Instant::now();
+        let e = wait_until(
+            "nothing",
+            Duration::from_millis(100),
+            Duration::from_millis(10),
+            || Ok(None::<()>),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("waiting for nothing"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2));
     }
 
     #[test]

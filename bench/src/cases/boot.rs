@@ -2,18 +2,35 @@
 //! of a new instance (cold) and of a stopped one (warm).
 
 use super::{summary, Bench};
-use crate::cpio::baseline_initramfs;
 use crate::gatevm::need;
 use crate::host::{self, bare_boot_args};
 use crate::markdown::{num, times, Align, Section, Table, Target, Verdict};
 use crate::runner::{self, ms};
 use crate::stats::{ratio, Summary};
 use anyhow::{bail, Context};
+use gatevm_image::cpio::CpioWriter;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 const BARE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `/init` of the baseline: prints a marker on the console, then powers off at once.
+pub const BASELINE_INIT: &str =
+    "#!/bin/busybox sh\n/bin/busybox echo userspace\n/bin/busybox poweroff -f\n";
+
+/// The baseline initramfs (cpio newc, gatevm's writer): `/bin/busybox` (static), `/init`, and
+/// `/dev/console` so that init has a console even when the kernel's built-in initramfs lacks
+/// one.
+pub fn baseline_initramfs(busybox: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut w = CpioWriter::new(Vec::with_capacity(busybox.len() + 4096));
+    w.dir("bin", 0o755)?;
+    w.file("bin/busybox", 0o755, busybox)?;
+    w.dir("dev", 0o755)?;
+    w.char_device("dev/console", 0o600, 5, 1)?;
+    w.file("init", 0o755, BASELINE_INIT.as_bytes())?;
+    w.finish()
+}
 /// Where the baseline's busybox comes from (Debian's busybox-static).
 pub const BUSYBOX: &str = "/bin/busybox";
 
@@ -176,5 +193,25 @@ impl Bench<'_> {
             ],
             notes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gatevm_image::cpio::{parse_newc, S_IFCHR, S_IFREG};
+
+    #[test]
+    fn baseline_initramfs_layout() {
+        let e = parse_newc(&baseline_initramfs(b"\x7fELF fake busybox").unwrap()).unwrap();
+        let get = |n: &str| e.iter().find(|p| p.name == n).unwrap();
+        assert_eq!(get("bin/busybox").data, b"\x7fELF fake busybox");
+        assert_eq!(get("bin/busybox").mode, S_IFREG | 0o755);
+        assert_eq!(get("init").data, BASELINE_INIT.as_bytes());
+        assert_eq!(get("init").mode, S_IFREG | 0o755);
+        assert!(BASELINE_INIT.starts_with("#!/bin/busybox sh\n"));
+        let console = get("dev/console");
+        assert_eq!(console.mode, S_IFCHR | 0o600);
+        assert_eq!((console.rdev_major, console.rdev_minor), (5, 1));
     }
 }

@@ -1,16 +1,20 @@
-//! The benchmark cases. Each runs its measurements `--runs` times (exec: `--exec-runs`) and
-//! returns a report section whose rows stand beside a baseline measured in the same run.
+//! The benchmark cases. Each runs its measurements `--runs` times (exec: `--exec-runs`; the
+//! rootfs case's cold builds: `--rootfs-runs`) and returns a report section whose rows stand
+//! beside a baseline measured in the same run.
 
 pub mod boot;
 pub mod exec;
 pub mod import;
 pub mod memory;
+pub mod net;
+pub mod rootfs;
 
 use crate::gatevm::Gatevm;
 use crate::host::{Machine, Qemu};
 use crate::scratch::Scratch;
 use crate::stats::{summarize, Summary};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// What every case needs.
 pub struct Bench<'a> {
@@ -20,6 +24,12 @@ pub struct Bench<'a> {
     pub exec_runs: usize,
     /// Size of the import case's archive.
     pub import_mib: u64,
+    /// MiB sent per throughput measurement of the net case.
+    pub net_mib: u64,
+    /// Round trips per latency measurement of the net case.
+    pub net_pings: usize,
+    /// Cold builds of the rootfs case.
+    pub rootfs_runs: usize,
     /// The gatevm binary on the benchmark's instance.
     pub gv: Gatevm<'a>,
     /// Scratch space (the initramfs, the image archive, command output).
@@ -32,6 +42,10 @@ pub struct Bench<'a> {
     pub qemu: Result<Qemu, String>,
     /// The backend the instance reported (`qemu/tcg`, ...), once known.
     pub backend: Option<String>,
+    /// How long the exec case took to build the ssh test rootfs, when it built it in this run.
+    pub ssh_rootfs_build: Option<Duration>,
+    /// What the cases could not measure, for the report's last section.
+    pub not_measured: Vec<String>,
 }
 
 /// The summary of samples that a loop of at least one run filled.
