@@ -40,6 +40,11 @@ impl PayloadKind {
     }
 }
 
+/// The MTUs `gatevm.mtu` accepts: IPv4's minimum to the largest an Ethernet frame on virtio-net
+/// can carry.
+pub const MIN_MTU: u32 = 68;
+pub const MAX_MTU: u32 = 65535;
+
 /// Settings taken from the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cmdline {
@@ -53,6 +58,8 @@ pub struct Cmdline {
     pub payload: PayloadKind,
     /// Started by libkrun's init: power-off is a reboot there (libkrun ends the VM on reset).
     pub krun: bool,
+    /// MTU of `eth0` when not the device's default (passt: 65520).
+    pub mtu: Option<u32>,
 }
 
 impl Default for Cmdline {
@@ -63,6 +70,7 @@ impl Default for Cmdline {
             agent: AgentTransport::Serial,
             payload: PayloadKind::Containerd,
             krun: false,
+            mtu: None,
         }
     }
 }
@@ -130,6 +138,12 @@ pub fn parse(line: &str) -> (Cmdline, Vec<String>) {
                     c.hostname = DEFAULT_HOSTNAME.to_string();
                 }
             }
+            "gatevm.mtu" => match value.parse::<u32>() {
+                Ok(m) if (MIN_MTU..=MAX_MTU).contains(&m) => c.mtu = Some(m),
+                _ => warnings.push(format!(
+                    "invalid gatevm.mtu {value:?} (expected {MIN_MTU}-{MAX_MTU}), using the device's"
+                )),
+            },
             "gatevm.net" => match value {
                 "0" | "off" | "no" | "false" => c.net = false,
                 "1" | "on" | "yes" | "true" => c.net = true,
@@ -185,6 +199,25 @@ fn with_args(line: &str, args: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mtu_is_taken_when_in_range() {
+        assert_eq!(parse("gatevm.mtu=65520").0.mtu, Some(65520));
+        assert_eq!(parse("quiet").0.mtu, None);
+        for bad in [
+            "gatevm.mtu=67",
+            "gatevm.mtu=65536",
+            "gatevm.mtu=big",
+            "gatevm.mtu=",
+        ] {
+            let (c, warnings) = parse(bad);
+            assert_eq!(c.mtu, None, "{bad}");
+            assert!(
+                warnings[0].contains("invalid gatevm.mtu"),
+                "{bad}: {warnings:?}"
+            );
+        }
+    }
 
     #[test]
     fn defaults() {

@@ -93,7 +93,7 @@ impl NetCtl {
         op: libc::c_ulong,
         req: &mut libc::ifreq,
     ) -> io::Result<()> {
-        // SAFETY: every request used here (SIOC[GS]IFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK) reads or
+        // SAFETY: every request used here (SIOC[GS]IFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK, SIOCSIFMTU) reads or
         // writes one `struct ifreq`, which `req` points to for the duration of the call.
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), op as _, req as *mut libc::ifreq) };
         if rc < 0 {
@@ -109,6 +109,13 @@ impl NetCtl {
         // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
         unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
         self.ioctl("SIOCSIFFLAGS", name, libc::SIOCSIFFLAGS, &mut req)
+    }
+
+    /// Sets an interface's MTU.
+    pub fn set_mtu(&self, name: &str, mtu: u32) -> io::Result<()> {
+        let mut req = Self::ifreq(name)?;
+        req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
+        self.ioctl("SIOCSIFMTU", name, libc::SIOCSIFMTU, &mut req)
     }
 
     /// Sets an interface's IPv4 address and netmask.
@@ -231,9 +238,9 @@ pub fn hosts_with(current: Option<&str>, hostname: &str) -> Option<String> {
     }
 }
 
-/// Brings `lo` up and, when `net`, configures `eth0`, the default route and DNS. Returns whether
-/// `eth0` got its address and one message per problem.
-pub fn setup(net: bool, hostname: &str) -> (bool, Vec<String>) {
+/// Brings `lo` up and, when `net`, configures `eth0` (its MTU when given), the default route and
+/// DNS. Returns whether `eth0` got its address and one message per problem.
+pub fn setup(net: bool, hostname: &str, mtu: Option<u32>) -> (bool, Vec<String>) {
     let mut problems = Vec::new();
     let ctl = match NetCtl::open() {
         Ok(c) => c,
@@ -259,6 +266,11 @@ pub fn setup(net: bool, hostname: &str) -> (bool, Vec<String>) {
     if !wait_for_iface(IFACE, wait) {
         problems.push(format!("{IFACE} did not appear"));
         return (false, problems);
+    }
+    if let Some(mtu) = mtu {
+        if let Err(e) = ctl.set_mtu(IFACE, mtu) {
+            problems.push(e.to_string());
+        }
     }
     let addressed = ctl
         .set_addr(IFACE, GUEST_ADDR, NETMASK)

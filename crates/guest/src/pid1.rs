@@ -148,7 +148,7 @@ pub fn run() -> ! {
         None => drop(modules_tx),
     }
 
-    let (configured, problems) = net::setup(cmd.net, &cmd.hostname);
+    let (configured, problems) = net::setup(cmd.net, &cmd.hostname, cmd.mtu);
     report("net", &problems);
     if configured {
         crate::glog!("network configured ({} on {})", net::GUEST_ADDR, net::IFACE);

@@ -764,6 +764,11 @@ async fn boot_and_serve(
     } else {
         Some(LoopbackGuard::create(&cfg.name).map_err(|e| SupervisorError::Setup(e.to_string()))?)
     };
+    // Large frames where the VMM's device is known to take them (QEMU's virtio-net).
+    let mtu = match chosen {
+        backend::Chosen::Qemu(_) => gatevm_net::LARGE_MTU,
+        backend::Chosen::Krun(_) => gatevm_net::ETHERNET_MTU,
+    };
     // For passt: the VM's end of the connected pair, held until the VM has inherited it.
     let mut vm_net_end: Option<std::os::unix::net::UnixStream> = None;
     let (net_attach, gv) = match cfg.net {
@@ -772,6 +777,7 @@ async fn boot_and_serve(
                 api_socket: paths.net_api_socket(),
                 vm_socket: paths.net_socket(),
                 ssh_port: gvproxy::free_ssh_port().map_err(io_err("finding a port for gvproxy"))?,
+                mtu,
             };
             let mut gv_cmd = Command::new(runtime.gvproxy());
             gv_cmd.args(gv.args());
@@ -797,6 +803,7 @@ async fn boot_and_serve(
                 fd: passt_end.as_raw_fd(),
                 forwards: all_forwards(cfg),
                 allow_host_loopback: cfg.allow_host_loopback,
+                mtu,
             };
             let args = pc
                 .args()
@@ -833,7 +840,7 @@ async fn boot_and_serve(
         },
         kernel: runtime.kernel_path().to_path_buf(),
         initramfs,
-        cmdline: kernel_cmdline(&cfg.name, payload_name(cfg)),
+        cmdline: kernel_cmdline(&cfg.name, payload_name(cfg), mtu),
         root_dir: paths.rootfs(),
         virtiofs_socket: paths.virtiofs_socket(),
         state_disk,
@@ -1107,10 +1114,13 @@ pub fn all_forwards(cfg: &InstanceConfig) -> Vec<gatevm_net::Forward> {
 
 /// The guest kernel command line; `$GATEVM_KERNEL_APPEND` adds to it (e.g. `loglevel=7` to see
 /// the kernel's messages in the console log).
-fn kernel_cmdline(hostname: &str, payload: &str) -> String {
+fn kernel_cmdline(hostname: &str, payload: &str, mtu: u32) -> String {
     let mut c = format!("console=ttyS0 quiet panic=-1 gatevm.hostname={hostname}");
     if payload != "containerd" {
         c.push_str(&format!(" gatevm.payload={payload}"));
+    }
+    if mtu != gatevm_net::ETHERNET_MTU {
+        c.push_str(&format!(" gatevm.mtu={mtu}"));
     }
     if let Ok(extra) = std::env::var("GATEVM_KERNEL_APPEND") {
         c.push(' ');
@@ -1457,5 +1467,28 @@ fn restream(f: Frame<GuestMsg>, stream: u32) -> Frame<GuestMsg> {
         Frame::Msg { msg, .. } => Frame::Msg { stream, msg },
         Frame::Data { fd, bytes, .. } => Frame::Data { stream, fd, bytes },
         Frame::Eof { fd, .. } => Frame::Eof { stream, fd },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_cmdline;
+
+    #[test]
+    fn kernel_cmdline_names_payload_and_a_large_mtu() {
+        if std::env::var_os("GATEVM_KERNEL_APPEND").is_some() {
+            eprintln!(
+                "NOT RUN kernel_cmdline_names_payload_and_a_large_mtu: GATEVM_KERNEL_APPEND is set"
+            );
+            return;
+        }
+        assert_eq!(
+            kernel_cmdline("gw", "containerd", gatevm_net::ETHERNET_MTU),
+            "console=ttyS0 quiet panic=-1 gatevm.hostname=gw"
+        );
+        assert_eq!(
+            kernel_cmdline("gw", "k3s", gatevm_net::LARGE_MTU),
+            "console=ttyS0 quiet panic=-1 gatevm.hostname=gw gatevm.payload=k3s gatevm.mtu=65520"
+        );
     }
 }

@@ -34,6 +34,8 @@ pub struct GvproxyConfig {
     /// The host port gvproxy insists on forwarding to the guest's ssh; removed with
     /// [`remove_ssh_forward`] once gvproxy is up.
     pub ssh_port: u16,
+    /// The link MTU (the guest's `eth0` gets the same).
+    pub mtu: u32,
 }
 
 impl GvproxyConfig {
@@ -46,6 +48,8 @@ impl GvproxyConfig {
             format!("unix://{}", self.vm_socket.display()),
             "-ssh-port".into(),
             self.ssh_port.to_string(),
+            "-mtu".into(),
+            self.mtu.to_string(),
         ]
     }
 }
@@ -242,6 +246,7 @@ mod tests {
             api_socket: "/a".into(),
             vm_socket: "/b".into(),
             ssh_port: 40000,
+            mtu: 65520,
         };
         assert_eq!(
             c.args(),
@@ -251,7 +256,9 @@ mod tests {
                 "-listen-qemu",
                 "unix:///b",
                 "-ssh-port",
-                "40000"
+                "40000",
+                "-mtu",
+                "65520"
             ]
         );
         assert!(free_ssh_port().unwrap() >= 1024);

@@ -26,6 +26,8 @@ pub struct PasstConfig {
     pub forwards: Vec<Forward>,
     /// Let the guest reach the host's loopback through the gateway address.
     pub allow_host_loopback: bool,
+    /// The link MTU (the guest's `eth0` gets the same).
+    pub mtu: u32,
 }
 
 /// Why a configuration cannot be given to passt.
@@ -42,6 +44,8 @@ impl PasstConfig {
             "--ipv4-only".into(),
             "--fd".into(),
             self.fd.to_string(),
+            "--mtu".into(),
+            self.mtu.to_string(),
             "--address".into(),
             GUEST_IP.into(),
             "--netmask".into(),
@@ -100,10 +104,11 @@ mod tests {
             fd: 5,
             forwards: vec![fwd("8080:80"), fwd("127.0.0.1:5353:53/udp")],
             allow_host_loopback: false,
+            mtu: crate::LARGE_MTU,
         };
         let a = c.args().unwrap().join(" ");
         assert!(
-            a.starts_with("--foreground --quiet --ipv4-only --fd 5 "),
+            a.starts_with("--foreground --quiet --ipv4-only --fd 5 --mtu 65520 "),
             "{a}"
         );
         assert!(
@@ -130,6 +135,7 @@ mod tests {
             fd: 5,
             forwards: vec![fwd("[::1]:8080:80")],
             allow_host_loopback: false,
+            mtu: crate::LARGE_MTU,
         };
         let e = c.args().unwrap_err().to_string();
         assert!(e.contains("IPv4 only"), "{e}");
