@@ -152,11 +152,14 @@ mod tests {
     #[test]
     fn nothing_listening_or_no_tls_or_silence() {
         let (_d, p) = pki("gw");
+        // A port nobody listens on, held for the test: the local end of a connection. (A listener
+        // closed before the probe left its port to a parallel test's TLS server once.)
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        drop(l);
+        let held = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let addr = held.local_addr().unwrap();
         let e = probe(addr, &p, T).unwrap_err();
         assert!(e.contains("connecting to"), "{e}");
+        drop((held, l));
 
         // A plain TCP server that answers garbage.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
