@@ -391,7 +391,7 @@ impl Plan {
 }
 
 /// A TOML basic string.
-fn toml_string(s: &str) -> String {
+pub(crate) fn toml_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -417,7 +417,8 @@ fn toml_string(s: &str) -> String {
 /// - the `runc` runtime (its type and sandbox mode restated, since a table given here replaces
 ///   the default entry) with `SystemdCgroup = false`: no systemd in the guest, and k3s's kubelet
 ///   uses the cgroupfs driver;
-/// - the sandbox (pause) image, see [`DEFAULT_PAUSE_IMAGE`].
+/// - the sandbox (pause) image, see [`DEFAULT_PAUSE_IMAGE`];
+/// - the plugins of [`crate::payload::DISABLED_PLUGINS`] turned off.
 pub fn containerd_config(plan: &Plan) -> String {
     format!(
         "# Written by gatevm-guest at every boot of the k3s profile; changes are lost.\n\
@@ -425,6 +426,7 @@ pub fn containerd_config(plan: &Plan) -> String {
          version = 2\n\
          root = \"/var/lib/containerd\"\n\
          state = \"/run/containerd\"\n\
+         {disabled}\n\
          \n\
          [grpc]\n\
          \x20 address = \"/run/containerd/containerd.sock\"\n\
@@ -442,6 +444,7 @@ pub fn containerd_config(plan: &Plan) -> String {
          \n\
          [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n\
          \x20 SystemdCgroup = false\n",
+        disabled = crate::payload::disabled_plugins_line(),
         pause = toml_string(plan.pause_image()),
         bin = toml_string(&plan.cni_bin_dir().to_string_lossy()),
         conf = toml_string(&plan.cni_conf_dir().to_string_lossy()),
@@ -457,7 +460,7 @@ fn mkdir_private(p: &Path) -> io::Result<()> {
 }
 
 /// Writes `data` to `path` through a temporary file renamed over it.
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
     let tmp = dir.join(format!(".{}{TMP_SUFFIX}", name.unwrap_or_default()));
@@ -479,13 +482,7 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 
 /// Writes containerd's configuration for `plan` to `path` (directory created as needed).
 pub fn write_containerd_config(plan: &Plan, path: &Path) -> io::Result<()> {
-    if let Some(dir) = path.parent() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)?;
-    }
-    write_atomic(path, containerd_config(plan).as_bytes(), 0o644)
+    crate::payload::write_config(path, &containerd_config(plan))
 }
 
 /// What a reconciliation of a target directory did.
@@ -1528,6 +1525,10 @@ mod tests {
         let expected = "version = 2\n\
             root = \"/var/lib/containerd\"\n\
             state = \"/run/containerd\"\n\
+            disabled_plugins = [\"io.containerd.snapshotter.v1.aufs\", \
+            \"io.containerd.snapshotter.v1.btrfs\", \"io.containerd.snapshotter.v1.zfs\", \
+            \"io.containerd.snapshotter.v1.devmapper\", \
+            \"io.containerd.snapshotter.v1.blockfile\"]\n\
             \n\
             [grpc]\n\
             \x20 address = \"/run/containerd/containerd.sock\"\n\

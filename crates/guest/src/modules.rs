@@ -31,21 +31,77 @@ pub const WANTED: &[&str] = &[
 /// is most of the ~2 s the module thread takes).
 pub const K3S_ONLY: &[&str] = &["vxlan", "ip_vs"];
 
-/// The modules a guest loads in the background: [`WANTED`] without [`EARLY`], plus
+/// What containerd needs loaded before it starts: overlayfs, which its default snapshotter
+/// checks at start-up.
+pub const FOR_CONTAINERD: &[&str] = &["overlay"];
+
+/// The modules a guest loads in the background, in two batches: `first` before the payload
+/// starts, `rest` beside it. Together they are [`WANTED`] without [`EARLY`], plus
 /// [`K3S_ONLY`] for k3s and `vsock` when the agent talks over vsock (libkrun).
-pub fn background(k3s: bool, vsock: bool) -> Vec<&'static str> {
-    let mut m: Vec<&str> = WANTED
+///
+/// containerd needs only [`FOR_CONTAINERD`] (and the agent `vsock`); bridges, veths and
+/// netfilter are for containers' networks, which wait for [`LOADED_MARKER`]. k3s's kubelet,
+/// flannel and kube-proxy check the kernel as they start, so for k3s everything is `first`.
+pub fn background(k3s: bool, vsock: bool) -> Batches {
+    let mut all: Vec<&str> = WANTED
         .iter()
         .copied()
         .filter(|m| !EARLY.contains(m))
         .collect();
     if k3s {
-        m.extend_from_slice(K3S_ONLY);
+        all.extend_from_slice(K3S_ONLY);
     }
     if vsock {
-        m.push("vsock");
+        all.push("vsock");
     }
-    m
+    if k3s {
+        return Batches {
+            first: all,
+            rest: Vec::new(),
+        };
+    }
+    let (first, rest) = all
+        .into_iter()
+        .partition(|m| FOR_CONTAINERD.contains(m) || *m == "vsock");
+    Batches { first, rest }
+}
+
+/// The two batches of [`background`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batches {
+    /// Loaded before the payload starts.
+    pub first: Vec<&'static str>,
+    /// Loaded while the payload starts.
+    pub rest: Vec<&'static str>,
+}
+
+/// Created by stage 2 once every background module is loaded (or given up on).
+pub const LOADED_MARKER: &str = "/run/gatevm/modules-loaded";
+
+/// Marks the background modules as loaded ([`LOADED_MARKER`]).
+pub fn mark_loaded() {
+    let path = Path::new(LOADED_MARKER);
+    let r = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|_| std::fs::write(path, b""));
+    if let Err(e) = r {
+        crate::glog!("cannot create {LOADED_MARKER}: {e}");
+    }
+}
+
+/// Waits up to `timeout` for [`LOADED_MARKER`]; whether it appeared.
+pub fn wait_loaded(timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if Path::new(LOADED_MARKER).exists() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Modules needed before the network and the state disk are set up (loaded in the foreground).
@@ -116,11 +172,20 @@ mod tests {
     #[test]
     fn background_modules_follow_profile_and_transport() {
         let plain = background(false, false);
-        assert!(plain.contains(&"overlay") && plain.contains(&"br_netfilter"));
-        assert!(!plain.iter().any(|m| EARLY.contains(m)), "{plain:?}");
-        assert!(!plain.iter().any(|m| K3S_ONLY.contains(m) || *m == "vsock"));
+        assert_eq!(plain.first, FOR_CONTAINERD);
+        assert!(plain.rest.contains(&"br_netfilter") && plain.rest.contains(&"nf_tables"));
+        let all: Vec<&str> = plain.first.iter().chain(&plain.rest).copied().collect();
+        assert_eq!(all.len(), WANTED.len() - EARLY.len(), "{all:?}");
+        assert!(!all.iter().any(|m| EARLY.contains(m)), "{all:?}");
+        assert!(!all.iter().any(|m| K3S_ONLY.contains(m) || *m == "vsock"));
+
         let k3s = background(true, false);
-        assert!(K3S_ONLY.iter().all(|m| k3s.contains(m)), "{k3s:?}");
-        assert!(background(false, true).contains(&"vsock"));
+        assert!(k3s.rest.is_empty(), "{k3s:?}");
+        assert!(K3S_ONLY.iter().all(|m| k3s.first.contains(m)), "{k3s:?}");
+        assert!(k3s.first.contains(&"overlay") && k3s.first.contains(&"br_netfilter"));
+
+        let vsock = background(false, true);
+        assert!(vsock.first.contains(&"vsock"), "{vsock:?}");
+        assert!(!vsock.rest.contains(&"vsock"), "{vsock:?}");
     }
 }

@@ -15,6 +15,11 @@ use std::io::{IsTerminal, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Stdio;
+use std::time::Duration;
+
+/// How long a container's start waits for the boot's network modules (see
+/// [`crate::modules::background`]).
+const MODULES_WAIT: Duration = Duration::from_secs(30);
 
 /// Exit code of setup failures (like docker).
 pub const SETUP_FAILED: i32 = 125;
@@ -212,6 +217,13 @@ fn run(o: &RunOpts, fwd: &Forwarder) -> Result<i32, Failure> {
     check_name_free(ns, name)?;
     check_signal(fwd, ns, name, false)?;
 
+    // Bridges, veths and netfilter load beside containerd at boot.
+    if !crate::modules::wait_loaded(MODULES_WAIT) {
+        eprintln!(
+            "gatevm-guest: kernel modules are still loading after {} s; setting up the network anyway",
+            MODULES_WAIT.as_secs()
+        );
+    }
     let state = State::new(ns, name, &o.publish);
     network::claim(&state).map_err(setup_failure)?;
     if let Err(e) = network::setup(&state) {
