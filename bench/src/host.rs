@@ -206,6 +206,9 @@ pub fn bare_boot_args(
     for s in [
         "-M",
         "microvm,x-option-roms=off,rtc=on",
+        // Modern virtio-mmio devices, as gatevm's VMs have (for the network baseline's NIC).
+        "-global",
+        "virtio-mmio.force-legacy=false",
         "-accel",
         accel.name(),
         "-smp",
@@ -381,7 +384,8 @@ mod tests {
         // The TSC is measured afresh each call: compare up to it.
         assert_eq!(
             joined.split(" tsc_early_khz=").next().unwrap(),
-            "-L /a -M microvm,x-option-roms=off,rtc=on -accel tcg -smp 2 -m 2048 -nodefaults \
+            "-L /a -M microvm,x-option-roms=off,rtc=on -global virtio-mmio.force-legacy=false \
+             -accel tcg -smp 2 -m 2048 -nodefaults \
              -no-user-config -nographic -no-reboot -serial file:/c -kernel /k -initrd /i \
              -append console=ttyS0 quiet panic=-1"
         );

@@ -165,7 +165,7 @@ impl Bench<'_> {
         let backend = self.backend.clone().unwrap_or_else(|| "unknown".into());
         let mut notes = vec![
             format!(
-                "Bare boot: `{}` with the runtime's kernel ({}), `-M microvm,x-option-roms=off,rtc=on -accel {} -smp 2 -m 2048`, and an initramfs of a static busybox whose /init prints `userspace` and powers off; wall time from spawn to QEMU's exit, the console checked for `userspace`.",
+                "Bare boot: `{}` with the runtime's kernel ({}), `-M microvm,x-option-roms=off,rtc=on -global virtio-mmio.force-legacy=false -accel {} -smp 2 -m 2048`, and an initramfs of a static busybox whose /init prints `userspace` and powers off; wall time from spawn to QEMU's exit, the console checked for `userspace`.",
                 qemu.bin.display(),
                 kernel.display(),
                 accel.name()

@@ -427,10 +427,10 @@ impl Bench<'_> {
                     gp = netproto::GUEST_PORT
                 ),
                 format!(
-                    "gatevm: `gatevm start {NET_INSTANCE} --net HELPER -p 127.0.0.1:PORT:{gp}` (default 2 CPUs, 2048 MiB), the server copied in with `gatevm exec -i` and run by a long-running `gatevm exec {NET_INSTANCE} -- {GUEST_SERVER}`; the guest also runs gatevm's agent and containerd. The instance is deleted after each helper, and the benchmark instance is stopped meanwhile, so one VM runs at a time.",
+                    "gatevm: `gatevm start {NET_INSTANCE} --net HELPER -p 127.0.0.1:PORT:{gp}` (default 2 CPUs, 2048 MiB), the server copied in with `gatevm exec -i` and run by a long-running `gatevm exec {NET_INSTANCE} -- {GUEST_SERVER}`; the guest also runs gatevm's agent and containerd. gvproxy speaks QEMU's stream protocol on a unix socket (`-netdev stream`); passt is the device's vhost-user back end (`-netdev vhost-user`) and moves frames in and out of guest memory itself. All three VMs have modern (virtio 1.x) virtio-mmio devices. The instance is deleted after each helper, and the benchmark instance is stopped meanwhile, so one VM runs at a time.",
                     gp = netproto::GUEST_PORT
                 ),
-                "Helper memory: the network helper's processes among the supervisor's children, sampled 5 times idle and every 50 ms while sending (VmRSS, and own memory = RssAnon + RssFile). QEMU's user networking runs inside the QEMU process: there is no helper to measure.".into(),
+                "Helper memory: the network helper's processes among the supervisor's children, sampled 5 times idle and every 50 ms while sending (VmRSS, and own memory = RssAnon + RssFile; passt under vhost-user maps the guest's memory, whose pages it touches count as its shmem, not its own). QEMU's user networking runs inside the QEMU process: there is no helper to measure.".into(),
             ],
         })
     }
@@ -457,7 +457,7 @@ mod tests {
         let a: Vec<String> = a.iter().map(|s| s.to_string_lossy().into_owned()).collect();
         let j = a.join(" ");
         assert!(
-            j.starts_with("-M microvm,x-option-roms=off,rtc=on -accel tcg"),
+            j.starts_with("-M microvm,x-option-roms=off,rtc=on -global virtio-mmio.force-legacy=false -accel tcg"),
             "{j}"
         );
         assert!(j.ends_with(

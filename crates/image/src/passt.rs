@@ -26,6 +26,8 @@ pub const PASST_REQUIRED_FLAGS: &[&str] = &[
     "--quiet",
     "--ipv4-only",
     "--fd",
+    "--vhost-user",
+    "--socket",
     "--address",
     "--netmask",
     "--gateway",

@@ -18,7 +18,7 @@ use crate::lock::{try_lock, InstanceLock};
 use crate::paths::{write_atomic, InstancePaths};
 use gatevm_net::gvproxy::{self, GvproxyConfig};
 use gatevm_net::loopback::{self, LoopbackGuard};
-use gatevm_net::passt::PasstConfig;
+use gatevm_net::passt::{PasstAttach, PasstConfig};
 use gatevm_protocol::{asyncio, Frame, GuestMsg, PayloadState};
 use gatevm_vmm::{Accel, NetAttach, VmConfig};
 use serde::{Deserialize, Serialize};
@@ -230,6 +230,19 @@ async fn wait_socket(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Waits for a helper's socket (10 s at most) and keeps the helper among `children` either way,
+/// so a failure still tears it down.
+async fn keep_when_listening(
+    mut helper: Owned,
+    socket: &Path,
+    log: &Path,
+    children: &mut Vec<Owned>,
+) -> Result<(), SupervisorError> {
+    let waited = wait_socket(socket, &mut helper, log, Duration::from_secs(10)).await;
+    children.push(helper);
+    waited
 }
 
 /// Whether `p` is a mount point (its device differs from its parent's, or it is in mountinfo).
@@ -744,17 +757,9 @@ async fn boot_and_serve(
             .arg(format!("--shared-dir={}", paths.rootfs().display()))
             .args(["--cache=auto", "--sandbox=namespace", "--log-level=info"]);
         let vfs_log = paths.log("virtiofsd");
-        let mut vfs = spawn_owned("virtiofsd", vfs_cmd, &vfs_log, &paths.run, None, None)?;
+        let vfs = spawn_owned("virtiofsd", vfs_cmd, &vfs_log, &paths.run, None, None)?;
         shared.set_state(|s| s.helpers.push(("virtiofsd".to_string(), vfs.id)));
-        let waited = wait_socket(
-            &paths.virtiofs_socket(),
-            &mut vfs,
-            &vfs_log,
-            Duration::from_secs(10),
-        )
-        .await;
-        children.push(vfs);
-        waited?;
+        keep_when_listening(vfs, &paths.virtiofs_socket(), &vfs_log, children).await?;
     }
     // The network helper; unless the user allows it, it runs where it cannot reach the host's
     // loopback (gvproxy NATs 192.168.127.254 there; passt maps the gateway there without
@@ -782,25 +787,33 @@ async fn boot_and_serve(
             let mut gv_cmd = Command::new(runtime.gvproxy());
             gv_cmd.args(gv.args());
             let gv_log = paths.log("gvproxy");
-            let mut gvp = spawn_owned("gvproxy", gv_cmd, &gv_log, &paths.run, guard, None)?;
+            let gvp = spawn_owned("gvproxy", gv_cmd, &gv_log, &paths.run, guard, None)?;
             shared.set_state(|s| s.helpers.push(("gvproxy".to_string(), gvp.id)));
-            let waited = wait_socket(
-                &paths.net_socket(),
-                &mut gvp,
-                &gv_log,
-                Duration::from_secs(10),
-            )
-            .await;
-            children.push(gvp);
-            waited?;
+            keep_when_listening(gvp, &paths.net_socket(), &gv_log, children).await?;
             (NetAttach::Socket(paths.net_socket()), Some(gv))
         }
         NetBackend::Passt => {
             use std::os::fd::AsRawFd;
-            let (vm_end, passt_end) = std::os::unix::net::UnixStream::pair()
-                .map_err(io_err("creating the network socket pair"))?;
+            // QEMU: vhost-user on the instance's network socket. libkrun: a connected pair,
+            // passt's end inherited by passt, the VM's by the VM.
+            let vhost_user = matches!(chosen, backend::Chosen::Qemu(_));
+            let pair = if vhost_user {
+                None
+            } else {
+                Some(
+                    std::os::unix::net::UnixStream::pair()
+                        .map_err(io_err("creating the network socket pair"))?,
+                )
+            };
+            let attach = match &pair {
+                Some((_, passt_end)) => PasstAttach::Fd(passt_end.as_raw_fd()),
+                None => {
+                    let _ = std::fs::remove_file(paths.net_socket());
+                    PasstAttach::VhostUser(paths.net_socket())
+                }
+            };
             let pc = PasstConfig {
-                fd: passt_end.as_raw_fd(),
+                attach,
                 forwards: all_forwards(cfg),
                 allow_host_loopback: cfg.allow_host_loopback,
                 mtu,
@@ -818,14 +831,22 @@ async fn boot_and_serve(
             let mut p_cmd = Command::new(bin);
             p_cmd.args(args);
             let p_log = paths.log("passt");
-            let fd = passt_end.as_raw_fd();
-            let passt = spawn_owned("passt", p_cmd, &p_log, &paths.run, guard, Some(fd))?;
-            drop(passt_end);
+            let inherit = pair.as_ref().map(|(_, passt_end)| passt_end.as_raw_fd());
+            let passt = spawn_owned("passt", p_cmd, &p_log, &paths.run, guard, inherit)?;
             shared.set_state(|s| s.helpers.push(("passt".to_string(), passt.id)));
-            children.push(passt);
-            let attach = NetAttach::Fd(vm_end.as_raw_fd());
-            vm_net_end = Some(vm_end);
-            (attach, None)
+            match pair {
+                Some((vm_end, passt_end)) => {
+                    drop(passt_end);
+                    children.push(passt);
+                    let attach = NetAttach::Fd(vm_end.as_raw_fd());
+                    vm_net_end = Some(vm_end);
+                    (attach, None)
+                }
+                None => {
+                    keep_when_listening(passt, &paths.net_socket(), &p_log, children).await?;
+                    (NetAttach::VhostUser(paths.net_socket()), None)
+                }
+            }
         }
     };
 

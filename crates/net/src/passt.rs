@@ -3,8 +3,10 @@
 //! TCP stack for the host side) and takes its port forwards on the command line.
 //!
 //! The guest sees the same network as with gvproxy (192.168.127.2/24, gateway and DNS .1), so the
-//! guest side does not change. passt gets its end of the VM's network as an already connected
-//! socket (`--fd`): no socket file, nothing another process could connect to.
+//! guest side does not change. Under QEMU, passt is QEMU's vhost-user network back end
+//! (`--vhost-user`): it reads and writes the guest's virtqueues in the shared guest memory, so
+//! frames are not copied through QEMU's main loop. libkrun has no vhost-user network device;
+//! there passt gets its end of the VM's network as an already connected socket (`--fd`).
 //!
 //! The binary is the runtime's `bin/passt`, which `gatevm setup` builds from Debian trixie's
 //! source package: bookworm's packaged passt (2023-03) never completes inbound connections (they
@@ -17,11 +19,20 @@ use crate::forward::{Forward, Proto};
 use crate::gvproxy::{GATEWAY_IP, GUEST_IP};
 use std::net::IpAddr;
 
+/// How passt meets the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasstAttach {
+    /// A connected stream socket passt inherits as this descriptor (QEMU's stream protocol).
+    Fd(i32),
+    /// The vhost-user socket passt listens on (one connection: the VMM's).
+    VhostUser(std::path::PathBuf),
+}
+
 /// What passt is started with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PasstConfig {
-    /// passt's end of the VM's network: a connected stream socket passt inherits.
-    pub fd: i32,
+    /// passt's end of the VM's network.
+    pub attach: PasstAttach,
     /// Host-to-guest forwards (host address, host port, guest port, protocol).
     pub forwards: Vec<Forward>,
     /// Let the guest reach the host's loopback through the gateway address.
@@ -42,8 +53,16 @@ impl PasstConfig {
             "--foreground".into(),
             "--quiet".into(),
             "--ipv4-only".into(),
-            "--fd".into(),
-            self.fd.to_string(),
+        ];
+        match &self.attach {
+            PasstAttach::Fd(fd) => a.extend(["--fd".into(), fd.to_string()]),
+            PasstAttach::VhostUser(p) => a.extend([
+                "--vhost-user".into(),
+                "--socket".into(),
+                p.to_string_lossy().into_owned(),
+            ]),
+        }
+        a.extend([
             "--mtu".into(),
             self.mtu.to_string(),
             "--address".into(),
@@ -56,7 +75,7 @@ impl PasstConfig {
             // queries to the host's resolver.
             "--dns-forward".into(),
             GATEWAY_IP.into(),
-        ];
+        ]);
         if !self.allow_host_loopback {
             a.push("--no-map-gw".into());
         }
@@ -101,7 +120,7 @@ mod tests {
     #[test]
     fn arguments() {
         let c = PasstConfig {
-            fd: 5,
+            attach: PasstAttach::Fd(5),
             forwards: vec![fwd("8080:80"), fwd("127.0.0.1:5353:53/udp")],
             allow_host_loopback: false,
             mtu: crate::LARGE_MTU,
@@ -127,12 +146,25 @@ mod tests {
         };
         let a = open.args().unwrap().join(" ");
         assert!(!a.contains("--no-map-gw") && !a.contains("-ports"), "{a}");
+
+        let vhost = PasstConfig {
+            attach: PasstAttach::VhostUser("/run/gatevm/gw/net.sock".into()),
+            ..open
+        };
+        let a = vhost.args().unwrap().join(" ");
+        assert!(
+            a.starts_with(
+                "--foreground --quiet --ipv4-only --vhost-user --socket /run/gatevm/gw/net.sock --mtu 65520 "
+            ),
+            "{a}"
+        );
+        assert!(!a.contains("--fd"), "{a}");
     }
 
     #[test]
     fn ipv6_host_addresses_are_refused() {
         let c = PasstConfig {
-            fd: 5,
+            attach: PasstAttach::Fd(5),
             forwards: vec![fwd("[::1]:8080:80")],
             allow_host_loopback: false,
             mtu: crate::LARGE_MTU,

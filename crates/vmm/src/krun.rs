@@ -355,6 +355,11 @@ pub fn translate(
         .collect();
     args.push("gatevm.agent=vsock".into());
     args.push("gatevm.vmm=krun".into());
+    if let Some(crate::NetAttach::VhostUser(_)) = &vm.net {
+        return Err(VmmError::Invalid(
+            "libkrun has no vhost-user network device (passt is attached with --fd)".into(),
+        ));
+    }
     Ok(KrunConfig {
         cpus,
         memory_mib: vm.memory_mib,
@@ -585,6 +590,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("MAC"));
+        bad = vm();
+        bad.net = Some(crate::NetAttach::VhostUser("/i/net.sock".into()));
+        assert!(translate(&bad, &KrunKernel::Libkrunfw, "/g")
+            .unwrap_err()
+            .to_string()
+            .contains("vhost-user"));
     }
 
     #[test]
@@ -882,6 +893,8 @@ pub mod sys {
                             (Some(p), -1)
                         }
                         crate::NetAttach::Fd(fd) => (None, *fd),
+                        // Refused when the configuration is made.
+                        crate::NetAttach::VhostUser(_) => return inval,
                     };
                     // SAFETY: pointers from CStrings/arrays alive for the call (or null with a
                     // descriptor, as libkrun documents); libkrun copies them.

@@ -65,14 +65,18 @@ pub struct VmConfig {
     pub console_log: PathBuf,
 }
 
-/// How the VM's network device reaches the network helper; both speak QEMU's stream protocol
-/// (frames with a 32-bit length prefix).
+/// How the VM's network device reaches the network helper: QEMU's stream protocol (frames with
+/// a 32-bit length prefix) on a socket or descriptor, or vhost-user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NetAttach {
     /// A unix socket the helper listens on (gvproxy).
     Socket(PathBuf),
     /// A connected stream socket the VMM inherits as this descriptor (passt `--fd`).
     Fd(i32),
+    /// A vhost-user socket the helper listens on (passt `--vhost-user`): the helper reads and
+    /// writes the guest's virtqueues in the shared guest memory itself, so frames are not
+    /// copied through the VMM. QEMU only.
+    VhostUser(PathBuf),
 }
 
 /// Errors preparing a VM.

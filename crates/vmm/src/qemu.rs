@@ -67,6 +67,9 @@ impl Qemu {
             push(&["-L", &d.display().to_string()]);
         }
         push(&["-M", "microvm,x-option-roms=off,rtc=on,memory-backend=mem"]);
+        // Modern (virtio 1.x) devices on virtio-mmio instead of QEMU's legacy default: vhost-user
+        // back ends such as passt take only modern devices.
+        push(&["-global", "virtio-mmio.force-legacy=false"]);
         match cfg.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             // TCG keeps QEMU's default CPU model. QEMU 7.2 crashed 6.12 guests under TCG with any
@@ -128,11 +131,21 @@ impl Qemu {
             push(&["-device", "virtio-blk-device,drive=state"]);
         }
         if let Some(net) = &cfg.net {
-            let addr = match net {
-                crate::NetAttach::Socket(p) => format!("addr.type=unix,addr.path={}", opt(p)),
-                crate::NetAttach::Fd(fd) => format!("addr.type=fd,addr.str={fd}"),
-            };
-            push(&["-netdev", &format!("stream,id=n0,server=off,{addr}")]);
+            let stream = |addr: String| format!("stream,id=n0,server=off,{addr}");
+            match net {
+                crate::NetAttach::Socket(p) => push(&[
+                    "-netdev",
+                    &stream(format!("addr.type=unix,addr.path={}", opt(p))),
+                ]),
+                crate::NetAttach::Fd(fd) => {
+                    push(&["-netdev", &stream(format!("addr.type=fd,addr.str={fd}"))])
+                }
+                crate::NetAttach::VhostUser(p) => {
+                    // The guest RAM is a shared memfd already (for virtiofsd).
+                    push(&["-chardev", &format!("socket,id=net,path={}", opt(p))]);
+                    push(&["-netdev", "vhost-user,id=n0,chardev=net"]);
+                }
+            }
             push(&[
                 "-device",
                 &format!("virtio-net-device,netdev=n0,mac={}", cfg.mac),
@@ -203,6 +216,7 @@ mod tests {
             "-accel tcg",
             "-smp 2 -m 512M",
             "memory-backend-memfd,id=mem,size=512M,share=on",
+            "-global virtio-mmio.force-legacy=false",
             "path=/run/v,,s",
             "virtserialport,chardev=ag,name=gatevm.agent",
             "virtio-blk-device,drive=state",
@@ -218,6 +232,12 @@ mod tests {
         let a = Qemu::default().args(&k).unwrap().join(" ");
         assert!(
             a.contains("-netdev stream,id=n0,server=off,addr.type=fd,addr.str=7"),
+            "{a}"
+        );
+        k.net = Some(crate::NetAttach::VhostUser("/run/n,x".into()));
+        let a = Qemu::default().args(&k).unwrap().join(" ");
+        assert!(
+            a.contains("-chardev socket,id=net,path=/run/n,,x -netdev vhost-user,id=n0,chardev=net -device virtio-net-device,netdev=n0"),
             "{a}"
         );
         k.net = None;
