@@ -232,6 +232,15 @@ async fn wait_socket(
     }
 }
 
+/// How many times gvproxy is started when another process takes its ssh port first.
+const GVPROXY_ATTEMPTS: u32 = 4;
+
+/// Whether gvproxy failed because `port` was taken between choosing and binding it.
+fn lost_port(e: &SupervisorError, port: u16) -> bool {
+    let text = e.to_string();
+    text.contains(&format!(":{port}: bind: address already in use"))
+}
+
 /// Waits for a helper's socket (10 s at most) and keeps the helper among `children` either way,
 /// so a failure still tears it down.
 async fn keep_when_listening(
@@ -778,18 +787,49 @@ async fn boot_and_serve(
     let mut vm_net_end: Option<std::os::unix::net::UnixStream> = None;
     let (net_attach, gv) = match cfg.net {
         NetBackend::Gvproxy => {
-            let gv = GvproxyConfig {
-                api_socket: paths.net_api_socket(),
-                vm_socket: paths.net_socket(),
-                ssh_port: gvproxy::free_ssh_port().map_err(io_err("finding a port for gvproxy"))?,
-                mtu,
-            };
-            let mut gv_cmd = Command::new(runtime.gvproxy());
-            gv_cmd.args(gv.args());
             let gv_log = paths.log("gvproxy");
-            let gvp = spawn_owned("gvproxy", gv_cmd, &gv_log, &paths.run, guard, None)?;
+            // gvproxy insists on a host port for its ssh forward (removed once it runs). The
+            // port is free when chosen, but another process (another instance starting at the
+            // same moment) can take it before gvproxy binds it: then gvproxy exits at once, and
+            // it is started again with another port.
+            let mut attempt = 1;
+            let (gvp, gv) = loop {
+                let gv = GvproxyConfig {
+                    api_socket: paths.net_api_socket(),
+                    vm_socket: paths.net_socket(),
+                    ssh_port: gvproxy::free_ssh_port()
+                        .map_err(io_err("finding a port for gvproxy"))?,
+                    mtu,
+                };
+                let mut gv_cmd = Command::new(runtime.gvproxy());
+                gv_cmd.args(gv.args());
+                let mut gvp =
+                    spawn_owned("gvproxy", gv_cmd, &gv_log, &paths.run, guard.clone(), None)?;
+                let waited = wait_socket(
+                    &paths.net_socket(),
+                    &mut gvp,
+                    &gv_log,
+                    Duration::from_secs(10),
+                )
+                .await;
+                match waited {
+                    Ok(()) => break (gvp, gv),
+                    Err(e) if attempt < GVPROXY_ATTEMPTS && lost_port(&e, gv.ssh_port) => {
+                        tracing::info!(
+                            "gvproxy lost its ssh port {} to another process: {e}",
+                            gv.ssh_port
+                        );
+                        gvp.terminate(Duration::from_secs(1)).await;
+                        attempt += 1;
+                    }
+                    Err(e) => {
+                        children.push(gvp);
+                        return Err(e);
+                    }
+                }
+            };
             shared.set_state(|s| s.helpers.push(("gvproxy".to_string(), gvp.id)));
-            keep_when_listening(gvp, &paths.net_socket(), &gv_log, children).await?;
+            children.push(gvp);
             (NetAttach::Socket(paths.net_socket()), Some(gv))
         }
         NetBackend::Passt => {
@@ -1494,6 +1534,22 @@ fn restream(f: Frame<GuestMsg>, stream: u32) -> Frame<GuestMsg> {
 #[cfg(test)]
 mod tests {
     use super::kernel_cmdline;
+
+    #[test]
+    fn a_lost_ssh_port_is_told_from_other_failures() {
+        use super::{lost_port, SupervisorError};
+        let e = SupervisorError::Boot(
+            "gvproxy exited (exit status: 0) before creating /run/gatevm/a/net.sock: level=error \
+             msg=\"gvproxy exiting: cannot add network services: listen tcp 127.0.0.1:42485: \
+             bind: address already in use\""
+                .into(),
+        );
+        assert!(lost_port(&e, 42485));
+        assert!(!lost_port(&e, 4248));
+        assert!(!lost_port(&e, 42486));
+        let other = SupervisorError::Boot("gvproxy did not create /run/x in time".into());
+        assert!(!lost_port(&other, 42485));
+    }
 
     #[test]
     fn kernel_cmdline_names_payload_and_a_large_mtu() {
