@@ -65,6 +65,21 @@ fn load_report(what: &str, r: &modules::Report) -> String {
     s
 }
 
+/// Configures loopback, the hostname's /etc/hosts line and the guest's link, and logs the outcome.
+fn setup_network(on: bool, hostname: &str, mtu: Option<u32>) {
+    let (configured, problems) = net::setup(on, hostname, mtu);
+    report("net", &problems);
+    if configured {
+        crate::glog!("network configured ({} on {})", net::GUEST_ADDR, net::IFACE);
+    }
+}
+
+fn join(thread: Option<std::thread::JoinHandle<()>>) {
+    if let Some(t) = thread {
+        let _ = t.join();
+    }
+}
+
 /// Runs stage 2; never returns.
 pub fn run() -> ! {
     sys::fix_stdio();
@@ -162,11 +177,21 @@ pub fn run() -> ! {
         }
     }
 
-    let (configured, problems) = net::setup(cmd.net, &cmd.hostname, cmd.mtu);
-    report("net", &problems);
-    if configured {
-        crate::glog!("network configured ({} on {})", net::GUEST_ADDR, net::IFACE);
-    }
+    // The network is set up beside the state disk: containerd needs only the disk, so in the
+    // containerd profile it starts before the network is waited for (containers' networks wait
+    // for the modules marker, which comes much later). k3s binds the guest address: for it the
+    // network is done before it starts.
+    let mut network = {
+        let (on, hostname, mtu) = (cmd.net, cmd.hostname.clone(), cmd.mtu);
+        std::thread::Builder::new()
+            .name("net".into())
+            .spawn(move || setup_network(on, &hostname, mtu))
+            .map_err(|e| {
+                crate::glog!("cannot start thread net ({e}): setting the network up first");
+                setup_network(cmd.net, &cmd.hostname, cmd.mtu)
+            })
+            .ok()
+    };
     // A throwaway VM (no payload) has no state disk and keeps nothing.
     if cmd.payload.runs_anything() {
         let (backing, problems) = disk::setup(reaper);
@@ -175,6 +200,7 @@ pub fn run() -> ! {
     }
     // k3s's data directory is on the state disk.
     if let Some(profile) = profile.as_mut() {
+        join(network.take());
         profile.prepare();
     }
 
@@ -196,6 +222,7 @@ pub fn run() -> ! {
             }
         }
     }
+    join(network.take());
     crate::glog!("boot complete");
     loop {
         std::thread::park();
