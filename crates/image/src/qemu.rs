@@ -626,6 +626,12 @@ pub fn boot_test(
         problem,
     };
     let started = Instant::now();
+    // Without the TSC frequency a TCG guest calibrates against the emulated PIT, which stalls on
+    // a loaded host ("Unable to calibrate against PIT"): give it what gatevm's own VMs get.
+    let mut append = "console=ttyS0 panic=-1".to_string();
+    if let Some(khz) = gatevm_vmm::probe::host_tsc_khz() {
+        append.push_str(&format!(" tsc_early_khz={khz}"));
+    }
     let mut c = Command::new(binary);
     for d in data_dirs {
         c.arg("-L").arg(d);
@@ -643,7 +649,7 @@ pub fn boot_test(
         "none",
         "-no-reboot",
         "-append",
-        "console=ttyS0 panic=-1",
+        &append,
         "-serial",
     ])
     .arg(format!("file:{}", serial_log.display()))

@@ -396,14 +396,23 @@ pub fn reset_state(name: &str) -> Result<(), ClientError> {
         return Err(ClientError::AlreadyRunning(name.to_string()));
     }
     recover_stale(&paths);
-    for p in [paths.state_disk(), paths.dir.join("state.img.tmp")] {
+    for p in [
+        paths.state_disk(),
+        paths.dir.join("state.img.tmp"),
+        paths.upper_image(),
+        paths.dir.join("rootfs-rw.img.tmp"),
+    ] {
         if let Err(e) = std::fs::remove_file(&p) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 return Err(ioe(name, &format!("removing {}", p.display()))(e));
             }
         }
     }
-    for d in [paths.upper(), paths.overlay_work()] {
+    for d in [
+        paths.legacy_upper(),
+        paths.dir.join("rootfs-work"),
+        paths.upper_mount(),
+    ] {
         if d.exists() {
             std::fs::remove_dir_all(&d).map_err(ioe(name, &format!("removing {}", d.display())))?;
         }

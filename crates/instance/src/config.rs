@@ -16,6 +16,48 @@ pub const DEFAULT_MEMORY_MIB: u32 = 2048;
 pub const DEFAULT_DISK_GIB: u32 = 32;
 /// Largest state disk in GiB.
 pub const MAX_DISK_GIB: u32 = 16 * 1024;
+/// Default budget of the guest's writes to its root filesystem, in MiB (a sparse file: it costs
+/// only what the guest writes).
+pub const DEFAULT_ROOT_MIB: u32 = 8 * 1024;
+/// Smallest root budget in MiB (room for the guest agent and a journal).
+pub const MIN_ROOT_MIB: u32 = 128;
+/// Largest root budget in MiB.
+pub const MAX_ROOT_MIB: u32 = 1024 * 1024;
+
+/// Parses a root write budget: MiB with an M suffix, GiB plain or with a G suffix, TiB with T.
+pub fn parse_root_size(s: &str) -> Result<u32, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = lower
+        .strip_suffix("tib")
+        .or_else(|| lower.strip_suffix('t'))
+    {
+        (n, 1024 * 1024)
+    } else if let Some(n) = lower
+        .strip_suffix("gib")
+        .or_else(|| lower.strip_suffix('g'))
+    {
+        (n, 1024)
+    } else if let Some(n) = lower
+        .strip_suffix("mib")
+        .or_else(|| lower.strip_suffix('m'))
+    {
+        (n, 1)
+    } else {
+        (lower.as_str(), 1024)
+    };
+    let n: u32 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid root size {s:?}: use e.g. 512M, 8G or 8 (GiB)"))?;
+    n.checked_mul(mult)
+        .filter(|m| (MIN_ROOT_MIB..=MAX_ROOT_MIB).contains(m))
+        .ok_or_else(|| {
+            format!(
+                "root size {s:?} is out of range: use {MIN_ROOT_MIB}M to {}T",
+                MAX_ROOT_MIB / 1024 / 1024
+            )
+        })
+}
 
 /// Parses a disk size: a number of GiB, or a number with a `G`/`GiB`/`T`/`TiB` suffix.
 pub fn parse_disk_size(s: &str) -> Result<u32, String> {
@@ -133,6 +175,11 @@ pub struct InstanceConfig {
     pub net: NetBackend,
     #[serde(default = "default_disk")]
     pub disk_gib: u32,
+    /// Budget of the guest's writes to its root filesystem (MiB): the writable layer lives in a
+    /// sparse ext4 image of this size, so a guest that fills it gets ENOSPC and the host keeps its
+    /// space.
+    #[serde(default = "default_root")]
+    pub root_mib: u32,
     /// A kernel for the krun backend instead of libkrunfw's (`krun_set_kernel`).
     #[serde(default)]
     pub krun_kernel: Option<PathBuf>,
@@ -234,6 +281,10 @@ fn default_disk() -> u32 {
     DEFAULT_DISK_GIB
 }
 
+fn default_root() -> u32 {
+    DEFAULT_ROOT_MIB
+}
+
 /// Why a configuration is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -257,6 +308,7 @@ impl InstanceConfig {
             vmm: VmmChoice::Auto,
             net: NetBackend::Gvproxy,
             disk_gib: DEFAULT_DISK_GIB,
+            root_mib: DEFAULT_ROOT_MIB,
             krun_kernel: None,
             ephemeral: None,
             k3s: None,
@@ -411,6 +463,7 @@ mod tests {
             vmm: VmmChoice::Auto,
             net: NetBackend::Gvproxy,
             disk_gib: 8,
+            root_mib: DEFAULT_ROOT_MIB,
             krun_kernel: None,
             ephemeral: None,
             k3s: None,

@@ -82,12 +82,35 @@ impl InstancePaths {
     pub fn state_disk(&self) -> PathBuf {
         self.dir.join("state.img")
     }
-    /// Writable layer of the root filesystem.
-    pub fn upper(&self) -> PathBuf {
+    /// The writable layer of an instance created before root budgets: a plain directory, used
+    /// as it is (no budget) while it exists.
+    pub fn legacy_upper(&self) -> PathBuf {
         self.dir.join("rootfs-upper")
     }
+    /// The image holding the root's writable layer (sparse ext4 of the root budget's size).
+    pub fn upper_image(&self) -> PathBuf {
+        self.dir.join("rootfs-rw.img")
+    }
+    /// Where [`Self::upper_image`] is mounted (nosuid, nodev) on the host.
+    pub fn upper_mount(&self) -> PathBuf {
+        self.dir.join("rootfs-rw")
+    }
+    /// Whether the instance keeps its writable layer in the old unbudgeted directory.
+    pub fn is_legacy_upper(&self) -> bool {
+        !self.upper_image().exists() && self.legacy_upper().is_dir()
+    }
+    /// Writable layer of the root filesystem.
+    pub fn upper(&self) -> PathBuf {
+        if self.is_legacy_upper() {
+            return self.legacy_upper();
+        }
+        self.upper_mount().join("upper")
+    }
     pub fn overlay_work(&self) -> PathBuf {
-        self.dir.join("rootfs-work")
+        if self.is_legacy_upper() {
+            return self.dir.join("rootfs-work");
+        }
+        self.upper_mount().join("work")
     }
     /// Mount point of the merged root filesystem that virtiofsd serves.
     pub fn rootfs(&self) -> PathBuf {
@@ -102,11 +125,16 @@ impl InstancePaths {
     pub fn virtiofs_socket(&self) -> PathBuf {
         self.run.join("vfs.sock")
     }
+    /// The network helper's own directory: the only place a confined gvproxy may create or
+    /// remove files (owned by the helper's uid when gatevm runs as root).
+    pub fn net_dir(&self) -> PathBuf {
+        self.run.join("net")
+    }
     pub fn net_socket(&self) -> PathBuf {
-        self.run.join("net.sock")
+        self.net_dir().join("net.sock")
     }
     pub fn net_api_socket(&self) -> PathBuf {
-        self.run.join("netapi.sock")
+        self.net_dir().join("netapi.sock")
     }
 
     /// Every socket path, for cleanup.

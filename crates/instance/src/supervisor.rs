@@ -16,6 +16,8 @@ use crate::config::{now_ms, InstanceConfig, Phase, ProcId, StateFile};
 use crate::control::{CtlReply, CtlRequest, InstanceStatus, CLIENT_STREAM};
 use crate::lock::{try_lock, InstanceLock};
 use crate::paths::{write_atomic, InstancePaths};
+use gatevm_net::confine::HelperConfine;
+use gatevm_net::filter::{self, FilterStats};
 use gatevm_net::gvproxy::{self, GvproxyConfig};
 use gatevm_net::loopback::{self, LoopbackGuard};
 use gatevm_net::passt::{PasstAttach, PasstConfig};
@@ -138,6 +140,7 @@ fn spawn_owned(
     cwd: &Path,
     guard: Option<LoopbackGuard>,
     inherit: Option<std::os::fd::RawFd>,
+    confine: Option<std::sync::Arc<HelperConfine>>,
 ) -> Result<Owned, SupervisorError> {
     let logf = std::fs::OpenOptions::new()
         .create(true)
@@ -160,7 +163,8 @@ fn spawn_owned(
         .env(INSTANCE_ENV, instance)
         .kill_on_drop(true);
     // SAFETY: the closure runs between fork and exec and only calls async-signal-safe functions
-    // (prctl, getppid, _exit, and open/write/close in enter_self).
+    // (prctl, getppid, _exit, open/write/close in enter_self, and the system calls of
+    // HelperConfine::apply_in_child).
     unsafe {
         let parent = libc::getpid();
         cmd.pre_exec(move || {
@@ -179,6 +183,10 @@ fn spawn_owned(
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            // Last: the uid change and Landlock come after entering the guard's cgroup.
+            if let Some(c) = &confine {
+                c.apply_in_child(parent)?;
+            }
             Ok(())
         });
     }
@@ -190,6 +198,22 @@ fn spawn_owned(
     });
     tracing::info!("started {name} as pid {pid}");
     Ok(Owned { name, child, id })
+}
+
+/// Connects to a unix socket that its creator may not be listening on yet (blocking socket, for
+/// a relay thread).
+async fn connect_unix_retrying(
+    p: &Path,
+    within: Duration,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
+    let start = Instant::now();
+    loop {
+        match std::os::unix::net::UnixStream::connect(p) {
+            Ok(s) => return Ok(s),
+            Err(e) if start.elapsed() >= within => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
 }
 
 /// Last lines of a log file, for error messages.
@@ -276,14 +300,15 @@ fn unescape_mountinfo(s: &str) -> String {
         .replace("\\134", "\\")
 }
 
-/// Unmounts the instance root if mounted (lazily when busy).
+/// Unmounts the instance root and the image of its writable layer if mounted (lazily when busy).
 pub fn unmount_rootfs(paths: &InstancePaths) {
-    let p = paths.rootfs();
-    while is_mounted(&p) {
-        if nix::mount::umount2(&p, nix::mount::MntFlags::empty()).is_err() {
-            if let Err(e) = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
-                tracing::warn!("could not unmount {}: {e}", p.display());
-                return;
+    for p in [paths.rootfs(), paths.upper_mount()] {
+        while is_mounted(&p) {
+            if nix::mount::umount2(&p, nix::mount::MntFlags::empty()).is_err() {
+                if let Err(e) = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
+                    tracing::warn!("could not unmount {}: {e}", p.display());
+                    break;
+                }
             }
         }
     }
@@ -355,8 +380,22 @@ fn write_state(paths: &InstancePaths, s: &StateFile) {
     }
 }
 
-/// Mounts the instance's root: the shared read-only base with the instance's writable layer on top.
-fn mount_rootfs(paths: &InstancePaths, base: &Path) -> Result<(), SupervisorError> {
+/// Mounts the instance's root: the shared read-only base with the instance's writable layer on
+/// top. The writable layer lives in a sparse ext4 image of the root budget's size, mounted
+/// `nosuid,nodev` (so a guest that fills its root gets ENOSPC and the host keeps its space); an
+/// instance created before budgets keeps its plain directory. The overlay itself is `nosuid,nodev`
+/// too: nothing the guest writes is a setuid program or a device for the host.
+fn mount_rootfs(paths: &InstancePaths, base: &Path, root_mib: u32) -> Result<(), SupervisorError> {
+    if paths.is_legacy_upper() {
+        tracing::warn!(
+            "{}: the root's writable layer is the unbudgeted directory {} of an earlier gatevm; \
+             `gatevm start --reset` moves it into a budgeted image",
+            paths.name,
+            paths.legacy_upper().display()
+        );
+    } else {
+        mount_upper(paths, root_mib)?;
+    }
     for d in [paths.upper(), paths.overlay_work(), paths.rootfs()] {
         crate::paths::mkdir_private(&d).map_err(io_err(format!("creating {}", d.display())))?;
     }
@@ -373,7 +412,7 @@ fn mount_rootfs(paths: &InstancePaths, base: &Path) -> Result<(), SupervisorErro
         Some("gatevm"),
         &paths.rootfs(),
         Some("overlay"),
-        nix::mount::MsFlags::empty(),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
         Some(&*opts),
     )
     .map_err(|e| {
@@ -382,6 +421,54 @@ fn mount_rootfs(paths: &InstancePaths, base: &Path) -> Result<(), SupervisorErro
             paths.rootfs().display()
         ))
     })
+}
+
+/// Creates the root budget's image on first use (a fresh file system on an empty sparse file:
+/// the host never runs a file system tool on what the guest wrote) and mounts it.
+fn mount_upper(paths: &InstancePaths, root_mib: u32) -> Result<(), SupervisorError> {
+    let (img, mnt) = (paths.upper_image(), paths.upper_mount());
+    crate::paths::mkdir_private(&mnt).map_err(io_err(format!("creating {}", mnt.display())))?;
+    if is_mounted(&mnt) {
+        return Ok(());
+    }
+    if !img.exists() {
+        let tmp = paths.dir.join("rootfs-rw.img.tmp");
+        let f =
+            std::fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+        f.set_len(u64::from(root_mib) << 20)
+            .map_err(io_err("sizing the root's writable layer"))?;
+        drop(f);
+        let out = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0", "-L", "gatevm-root"])
+            .args(["-E", "lazy_itable_init=1,lazy_journal_init=1"])
+            .arg(&tmp)
+            .output()
+            .map_err(io_err("running mkfs.ext4 for the root's writable layer"))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(SupervisorError::Setup(format!(
+                "mkfs.ext4 of {} failed: {}",
+                tmp.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        std::fs::rename(&tmp, &img).map_err(io_err(format!("creating {}", img.display())))?;
+    }
+    let out = std::process::Command::new("mount")
+        .args(["-t", "ext4", "-o", "loop,nosuid,nodev,noatime"])
+        .arg(&img)
+        .arg(&mnt)
+        .output()
+        .map_err(io_err("running mount for the root's writable layer"))?;
+    if !out.status.success() {
+        return Err(SupervisorError::Setup(format!(
+            "mounting {} on {} failed: {}; gatevm needs root (and loop devices) for this",
+            img.display(),
+            mnt.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 /// Copies the guest binary into the instance root when it differs. The root is not trusted (the
@@ -724,7 +811,7 @@ async fn boot_and_serve(
             .rootfs()
             .map_err(|e| SupervisorError::Setup(e.to_string()))?,
     };
-    mount_rootfs(paths, &lower)?;
+    mount_rootfs(paths, &lower, cfg.root_mib)?;
     install_guest(paths, &opts.guest_bin)?;
     if let Some(k3s) = &cfg.k3s {
         // The plan follows the kernel the VM boots: Debian's config is read; libkrunfw's kernel
@@ -766,7 +853,7 @@ async fn boot_and_serve(
             .arg(format!("--shared-dir={}", paths.rootfs().display()))
             .args(["--cache=auto", "--sandbox=namespace", "--log-level=info"]);
         let vfs_log = paths.log("virtiofsd");
-        let vfs = spawn_owned("virtiofsd", vfs_cmd, &vfs_log, &paths.run, None, None)?;
+        let vfs = spawn_owned("virtiofsd", vfs_cmd, &vfs_log, &paths.run, None, None, None)?;
         shared.set_state(|s| s.helpers.push(("virtiofsd".to_string(), vfs.id)));
         keep_when_listening(vfs, &paths.virtiofs_socket(), &vfs_log, children).await?;
     }
@@ -788,23 +875,55 @@ async fn boot_and_serve(
     let (net_attach, gv) = match cfg.net {
         NetBackend::Gvproxy => {
             let gv_log = paths.log("gvproxy");
+            // gvproxy runs confined (see gatevm_net::confine): its own directory is the only place
+            // it may create or remove files, it binds only the forwarded TCP ports (and its ssh
+            // port, removed once it runs), and as root it runs as `nobody`, reaching its directory
+            // and binary through descriptors.
+            let net_dir = paths.net_dir();
+            let _ = std::fs::remove_dir_all(&net_dir);
+            crate::paths::mkdir_private(&net_dir)
+                .map_err(io_err(format!("creating {}", net_dir.display())))?;
+            let forwards = all_forwards(cfg);
             // gvproxy insists on a host port for its ssh forward (removed once it runs). The
             // port is free when chosen, but another process (another instance starting at the
             // same moment) can take it before gvproxy binds it: then gvproxy exits at once, and
             // it is started again with another port.
             let mut attempt = 1;
             let (gvp, gv) = loop {
+                let ssh_port =
+                    gvproxy::free_ssh_port().map_err(io_err("finding a port for gvproxy"))?;
+                let mut ports: Vec<u16> = forwards
+                    .iter()
+                    .filter(|f| f.proto == gatevm_net::Proto::Tcp)
+                    .map(|f| f.host_port)
+                    .collect();
+                ports.push(ssh_port);
+                let confine = HelperConfine::new(&net_dir, &ports)
+                    .and_then(|c| c.with_program(&runtime.gvproxy()))
+                    .map_err(|e| SupervisorError::Setup(format!("confining gvproxy: {e}")))?;
+                let inside = confine.dir_path();
                 let gv = GvproxyConfig {
-                    api_socket: paths.net_api_socket(),
-                    vm_socket: paths.net_socket(),
-                    ssh_port: gvproxy::free_ssh_port()
-                        .map_err(io_err("finding a port for gvproxy"))?,
+                    api_socket: PathBuf::from(format!("{inside}/netapi.sock")),
+                    vm_socket: PathBuf::from(format!("{inside}/net.sock")),
+                    ssh_port,
                     mtu,
                 };
-                let mut gv_cmd = Command::new(runtime.gvproxy());
+                let program = confine
+                    .program()
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| runtime.gvproxy());
+                tracing::info!("gvproxy confinement: {}", confine.describe());
+                let mut gv_cmd = Command::new(program);
                 gv_cmd.args(gv.args());
-                let mut gvp =
-                    spawn_owned("gvproxy", gv_cmd, &gv_log, &paths.run, guard.clone(), None)?;
+                let mut gvp = spawn_owned(
+                    "gvproxy",
+                    gv_cmd,
+                    &gv_log,
+                    &paths.run,
+                    guard.clone(),
+                    None,
+                    Some(Arc::new(confine)),
+                )?;
                 let waited = wait_socket(
                     &paths.net_socket(),
                     &mut gvp,
@@ -830,7 +949,21 @@ async fn boot_and_serve(
             };
             shared.set_state(|s| s.helpers.push(("gvproxy".to_string(), gvp.id)));
             children.push(gvp);
-            (NetAttach::Socket(paths.net_socket()), Some(gv))
+            // The VM does not talk to gvproxy directly: its frames pass the filter that keeps
+            // the guest away from gvproxy's API (gatevm_net::filter).
+            let helper = connect_unix_retrying(&paths.net_socket(), Duration::from_secs(5))
+                .await
+                .map_err(io_err("connecting to gvproxy's VM socket"))?;
+            let (vm_end, relay_end) = std::os::unix::net::UnixStream::pair()
+                .map_err(io_err("creating the network socket pair"))?;
+            filter::spawn_relay(relay_end, helper, Arc::new(FilterStats::default()))
+                .map_err(io_err("starting the network filter"))?;
+            let attach = {
+                use std::os::fd::AsRawFd;
+                NetAttach::Fd(vm_end.as_raw_fd())
+            };
+            vm_net_end = Some(vm_end);
+            (attach, Some(gv))
         }
         NetBackend::Passt => {
             use std::os::fd::AsRawFd;
@@ -872,7 +1005,7 @@ async fn boot_and_serve(
             p_cmd.args(args);
             let p_log = paths.log("passt");
             let inherit = pair.as_ref().map(|(_, passt_end)| passt_end.as_raw_fd());
-            let passt = spawn_owned("passt", p_cmd, &p_log, &paths.run, guard, inherit)?;
+            let passt = spawn_owned("passt", p_cmd, &p_log, &paths.run, guard, inherit, None)?;
             shared.set_state(|s| s.helpers.push(("passt".to_string(), passt.id)));
             match pair {
                 Some((vm_end, passt_end)) => {
@@ -927,6 +1060,7 @@ async fn boot_and_serve(
             use std::os::fd::AsRawFd;
             s.as_raw_fd()
         }),
+        None,
     )?);
     // The VM has its copy; ours goes.
     drop(vm_net_end);

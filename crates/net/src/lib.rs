@@ -1,6 +1,8 @@
 //! User-mode networking for gatevm instances: port forward specs and the network helpers
 //! (gvproxy, passt).
 
+pub mod confine;
+pub mod filter;
 pub mod forward;
 pub mod gvproxy;
 pub mod loopback;

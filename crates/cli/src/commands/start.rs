@@ -50,6 +50,11 @@ pub struct Args {
     /// with a G/T suffix [default: 32G for a new instance]. An existing disk can grow, not shrink.
     #[arg(long, value_name = "SIZE", value_parser = gatevm_instance::config::parse_disk_size)]
     disk: Option<u32>,
+    /// Budget of the guest's writes to its root filesystem, a sparse file: MiB with M, GiB plain
+    /// or with G [default: 8G for a new instance]. A guest that fills it gets "no space left on
+    /// device"; the host keeps its space. Set when the instance is created (or with --reset).
+    #[arg(long, value_name = "SIZE", value_parser = gatevm_instance::config::parse_root_size)]
+    root_size: Option<u32>,
     /// Discard the instance's state (state disk and the root's writable layer) and start afresh
     /// with the same settings.
     #[arg(long)]
@@ -134,6 +139,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         vmm: a.vmm.unwrap_or(base.vmm),
         net: a.net.unwrap_or(base.net),
         disk_gib: a.disk.unwrap_or(base.disk_gib),
+        root_mib: a.root_size.unwrap_or(base.root_mib),
         krun_kernel: a.krun_kernel.or(base.krun_kernel),
         ephemeral: None,
         k3s: None,
@@ -156,6 +162,15 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 config.disk_gib
             );
         }
+    }
+    if let Ok(meta) = std::fs::metadata(paths.upper_image()) {
+        let have = (meta.len() >> 20) as u32;
+        if !a.reset && a.root_size.is_some_and(|m| m != have) {
+            bail!(
+                "the root budget of {name:?} is {have} MiB; it changes only with --reset (which discards the root's writable layer)"
+            );
+        }
+        config.root_mib = have;
     }
     let rt = gatevm_image::Runtime::load()?;
     check_backend(&config, &rt)?;
