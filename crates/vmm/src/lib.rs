@@ -89,6 +89,13 @@ pub enum VmmError {
     Missing { what: &'static str, path: PathBuf },
     #[error("invalid VM configuration: {0}")]
     Invalid(String),
+    #[error("opening the {what} {path}")]
+    Open {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A virtual machine monitor backend.
