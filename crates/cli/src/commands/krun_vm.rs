@@ -1,9 +1,9 @@
 //! `gatevm __krun-vm`: the process that becomes a libkrun VM.
 //!
-//! The supervisor starts it with the VM's libkrun configuration as JSON; it configures libkrun and
-//! confines itself (its own mount namespace holding only what the VM needs, capabilities dropped:
-//! `gatevm_vmm::confine`), and calls `krun_start_enter`, which on success never returns: libkrun exits the process with the
-//! guest's exit code when the guest shuts down. Anything that comes back is a failure, reported on
+//! The supervisor starts it with the VM's libkrun configuration as JSON; it configures libkrun,
+//! confines itself (its own mount namespace holding only what the VM needs, capabilities
+//! dropped: `gatevm_vmm::confine`) and calls `krun_start_enter`, which on success never returns:
+//! libkrun exits the process with the guest's exit code when the guest shuts down. Anything that comes back is a failure, reported on
 //! stderr (the instance's vmm log) with the libkrun call and errno.
 
 use anyhow::Context;
