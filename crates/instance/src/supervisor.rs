@@ -1043,12 +1043,16 @@ async fn boot_and_serve(
         mac: gvproxy::GUEST_MAC.to_string(),
         console_log: paths.log("console"),
     };
+    // libkrun refuses to listen on an existing path; an unprivileged QEMU gets the agent
+    // socket bound by `command` (so before it).
+    let _ = std::fs::remove_file(paths.agent_socket());
     let std_cmd = vmm
         .command(&vm_cfg)
-        .map_err(|e| SupervisorError::Setup(e.to_string()))?;
+        .map_err(|e| match std::error::Error::source(&e) {
+            Some(cause) => SupervisorError::Setup(format!("{e}: {cause}")),
+            None => SupervisorError::Setup(e.to_string()),
+        })?;
     let vm_log = paths.log("vmm");
-    // libkrun refuses to listen on an existing path.
-    let _ = std::fs::remove_file(paths.agent_socket());
     // From here the VM is the last of `children`; teardown goes in reverse.
     children.push(spawn_owned(
         vmm.name(),

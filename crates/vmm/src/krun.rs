@@ -436,14 +436,30 @@ impl Vmm for Krun {
     }
 }
 
-/// Runs in the VM child process: configures libkrun and enters the VM. Returns only on failure.
-pub fn run_vm(cfg: &KrunConfig) -> KrunError {
+/// Why the VM process did not become the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum RunVmError {
+    #[error(transparent)]
+    Krun(#[from] KrunError),
+    #[error(transparent)]
+    Confine(#[from] crate::confine::ConfineError),
+}
+
+/// Runs in the VM child process: configures libkrun, confines the process
+/// ([`crate::confine::for_krun`]: its own mount namespace holding only what the VM needs,
+/// capabilities dropped, no_new_privs) and enters the VM. Returns only on failure.
+pub fn run_vm(cfg: &KrunConfig) -> RunVmError {
     // Warnings and errors from libkrun go to stderr, i.e. the instance's vmm log.
     let _ = ::krun::krun_set_log_level(2);
     let mut api = sys::LibKrun;
+    let confine = crate::confine::for_krun(cfg);
     let result = match configure(&mut api, &plan(cfg)) {
-        Ok(ctx) => ctx.start(),
-        Err(e) => e,
+        // libkrunfw is loaded by now; the files libkrun opens when it starts must be inside.
+        Ok(ctx) => match confine.apply() {
+            Ok(()) => ctx.start().into(),
+            Err(e) => e.into(),
+        },
+        Err(e) => e.into(),
     };
     result
 }

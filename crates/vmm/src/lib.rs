@@ -5,14 +5,17 @@
 //! returns. Either way the supervisor owns a child process, so the trait hands back a
 //! [`std::process::Command`] and says which helper processes the backend needs beside it.
 
+pub mod confine;
 pub mod krun;
 pub mod probe;
+pub mod process;
 pub mod qemu;
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 pub use probe::{probe, HostCaps};
+pub use process::{confinement, ProcessConfinement};
 
 /// How the guest's CPU is run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +89,13 @@ pub enum VmmError {
     Missing { what: &'static str, path: PathBuf },
     #[error("invalid VM configuration: {0}")]
     Invalid(String),
+    #[error("opening the {what} {path}")]
+    Open {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A virtual machine monitor backend.

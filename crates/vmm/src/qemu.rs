@@ -1,8 +1,43 @@
 //! The QEMU backend: `qemu-system-x86_64 -M microvm` with virtio-mmio devices.
 
 use crate::{Accel, VmConfig, Vmm, VmmError};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// QEMU's seccomp sandbox: obsolete system calls, privilege changes (`setuid` and friends),
+/// spawning processes and resource control (scheduler, affinity, rlimits) are refused.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The unprivileged identity QEMU runs as when gatevm runs as root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// `nobody` and its primary group from `/etc/passwd`, else 65534:65534.
+    pub fn nobody() -> RunAs {
+        let from_passwd = std::fs::read_to_string("/etc/passwd").ok().and_then(|t| {
+            t.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.first() == Some(&"nobody") && f.len() > 3)
+                    .then(|| {
+                        Some(RunAs {
+                            uid: f[2].parse().ok()?,
+                            gid: f[3].parse().ok()?,
+                        })
+                    })
+                    .flatten()
+            })
+        });
+        from_passwd.unwrap_or(RunAs {
+            uid: 65534,
+            gid: 65534,
+        })
+    }
+}
 
 /// QEMU `microvm` backend.
 #[derive(Debug, Clone)]
@@ -18,6 +53,8 @@ pub struct Qemu {
     /// unusable and boot stalls for minutes (seen with three VMs on two cores). Telling it the
     /// frequency skips the calibration.
     pub tsc_khz: Option<u64>,
+    /// Whom QEMU runs as: set when gatevm runs as root (see [`Qemu::command`]).
+    pub run_as: Option<RunAs>,
 }
 
 impl Default for Qemu {
@@ -26,6 +63,7 @@ impl Default for Qemu {
             binary: PathBuf::from("qemu-system-x86_64"),
             data_dirs: vec![],
             tsc_khz: None,
+            run_as: None,
         }
     }
 }
@@ -34,11 +72,101 @@ impl Qemu {
     /// The backend for a QEMU binary and its firmware directories on this host (measures the
     /// TSC frequency once, ~5 ms).
     pub fn for_host(binary: PathBuf, data_dirs: Vec<PathBuf>) -> Qemu {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
         Qemu {
             binary,
             data_dirs,
             tsc_khz: crate::probe::host_tsc_khz(),
+            run_as: root.then(RunAs::nobody),
         }
+    }
+}
+
+/// What an unprivileged QEMU is handed already open, by descriptor number: everything it would
+/// otherwise open by a path under root's directories.
+#[derive(Debug, Default)]
+struct Handles {
+    /// Descriptors QEMU inherits (close-on-exec cleared in the child).
+    keep: Vec<OwnedFd>,
+    data_dirs: Vec<RawFd>,
+    kernel: RawFd,
+    initramfs: Option<RawFd>,
+    console: RawFd,
+    disk: Option<RawFd>,
+    agent: RawFd,
+    virtiofs: RawFd,
+    net: Option<RawFd>,
+}
+
+fn open_fd(p: &Path, flags: i32, what: &'static str) -> Result<OwnedFd, VmmError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| VmmError::Invalid(format!("{what} path {} has a NUL byte", p.display())))?;
+    // SAFETY: c is a NUL-terminated path; the descriptor is checked and then owned.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, 0o600) };
+    if fd < 0 {
+        return Err(VmmError::Open {
+            what,
+            path: p.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: fd was just opened and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Handles {
+    fn add(&mut self, fd: OwnedFd) -> RawFd {
+        let n = fd.as_raw_fd();
+        self.keep.push(fd);
+        n
+    }
+
+    /// Opens the files and sockets of a configuration; the agent socket is bound and listening.
+    fn open(q: &Qemu, cfg: &VmConfig) -> Result<Handles, VmmError> {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let mut h = Handles::default();
+        for d in &q.data_dirs {
+            let fd = open_fd(
+                d,
+                libc::O_PATH | libc::O_DIRECTORY,
+                "QEMU firmware directory",
+            )?;
+            let n = h.add(fd);
+            h.data_dirs.push(n);
+        }
+        h.kernel = h.add(open_fd(&cfg.kernel, libc::O_RDONLY, "guest kernel")?);
+        if let Some(i) = &cfg.initramfs {
+            h.initramfs = Some(h.add(open_fd(i, libc::O_RDONLY, "initramfs")?));
+        }
+        h.console = h.add(open_fd(
+            &cfg.console_log,
+            libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT,
+            "console log",
+        )?);
+        if let Some(d) = &cfg.state_disk {
+            h.disk = Some(h.add(open_fd(d, libc::O_RDWR, "state disk")?));
+        }
+        fn sock(what: &'static str, p: &Path) -> impl FnOnce(std::io::Error) -> VmmError {
+            let path = p.to_path_buf();
+            move |source| VmmError::Open { what, path, source }
+        }
+        let _ = std::fs::remove_file(&cfg.agent_socket);
+        let agent = UnixListener::bind(&cfg.agent_socket)
+            .map_err(sock("agent socket", &cfg.agent_socket))?;
+        h.agent = h.add(agent.into());
+        let vfs = UnixStream::connect(&cfg.virtiofs_socket)
+            .map_err(sock("virtiofsd socket", &cfg.virtiofs_socket))?;
+        h.virtiofs = h.add(vfs.into());
+        h.net = match &cfg.net {
+            Some(crate::NetAttach::Socket(p)) | Some(crate::NetAttach::VhostUser(p)) => {
+                let s = UnixStream::connect(p).map_err(sock("network helper socket", p))?;
+                Some(h.add(s.into()))
+            }
+            _ => None,
+        };
+        Ok(h)
     }
 }
 
@@ -48,8 +176,16 @@ fn opt(p: &Path) -> String {
 }
 
 impl Qemu {
-    /// The argument list for a configuration.
+    /// The argument list for a configuration, with QEMU opening every path itself.
     pub fn args(&self, cfg: &VmConfig) -> Result<Vec<String>, VmmError> {
+        self.args_with(cfg, None)
+    }
+
+    /// The argument list; with `h`, files and sockets are the inherited descriptors instead of
+    /// paths (`/proc/self/fd/N` for what QEMU opens with plain `open`, `/dev/fdset/N` for what
+    /// it opens through its own fd sets, `fd=N` for sockets).
+    fn args_with(&self, cfg: &VmConfig, h: Option<&Handles>) -> Result<Vec<String>, VmmError> {
+        let fdpath = |fd: RawFd| format!("/proc/self/fd/{fd}");
         if cfg.cpus == 0 || cfg.memory_mib < 64 {
             return Err(VmmError::Invalid(format!(
                 "{} CPUs and {} MiB",
@@ -63,9 +199,17 @@ impl Qemu {
             "-name",
             &format!("gatevm-{},process=gatevm-{}", cfg.name, cfg.name),
         ]);
-        for d in &self.data_dirs {
-            push(&["-L", &d.display().to_string()]);
+        match h {
+            Some(h) => h
+                .data_dirs
+                .iter()
+                .for_each(|fd| push(&["-L", &fdpath(*fd)])),
+            None => self
+                .data_dirs
+                .iter()
+                .for_each(|d| push(&["-L", &d.display().to_string()])),
         }
+        push(&["-sandbox", SANDBOX]);
         push(&["-M", "microvm,x-option-roms=off,rtc=on,memory-backend=mem"]);
         // Modern (virtio 1.x) devices on virtio-mmio instead of QEMU's legacy default: vhost-user
         // back ends such as passt take only modern devices.
@@ -82,14 +226,23 @@ impl Qemu {
             &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
         ]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
-        push(&[
-            "-chardev",
-            &format!("file,id=con,path={},append=on", opt(&cfg.console_log)),
-        ]);
+        let console = match h {
+            Some(h) => {
+                push(&["-add-fd", &format!("fd={},set=1", h.console)]);
+                "/dev/fdset/1".to_string()
+            }
+            None => opt(&cfg.console_log),
+        };
+        push(&["-chardev", &format!("file,id=con,path={console},append=on")]);
         push(&["-serial", "chardev:con"]);
-        push(&["-kernel", &cfg.kernel.display().to_string()]);
-        if let Some(initrd) = &cfg.initramfs {
-            push(&["-initrd", &initrd.display().to_string()]);
+        match h {
+            Some(h) => push(&["-kernel", &fdpath(h.kernel)]),
+            None => push(&["-kernel", &cfg.kernel.display().to_string()]),
+        }
+        match (h.and_then(|h| h.initramfs), &cfg.initramfs) {
+            (Some(fd), _) => push(&["-initrd", &fdpath(fd)]),
+            (None, Some(initrd)) => push(&["-initrd", &initrd.display().to_string()]),
+            (None, None) => {}
         }
         let mut cmdline = cfg.cmdline.clone();
         if let (Accel::Tcg, Some(khz)) = (cfg.accel, self.tsc_khz) {
@@ -100,10 +253,13 @@ impl Qemu {
         push(&["-device", "virtio-serial-device"]);
         push(&[
             "-chardev",
-            &format!(
-                "socket,id=ag,path={},server=on,wait=off",
-                opt(&cfg.agent_socket)
-            ),
+            &match h {
+                Some(h) => format!("socket,id=ag,fd={},server=on,wait=off", h.agent),
+                None => format!(
+                    "socket,id=ag,path={},server=on,wait=off",
+                    opt(&cfg.agent_socket)
+                ),
+            },
         ]);
         push(&[
             "-device",
@@ -115,24 +271,36 @@ impl Qemu {
         // Root filesystem through virtiofsd.
         push(&[
             "-chardev",
-            &format!("socket,id=vfs,path={}", opt(&cfg.virtiofs_socket)),
+            &match h {
+                Some(h) => format!("socket,id=vfs,fd={}", h.virtiofs),
+                None => format!("socket,id=vfs,path={}", opt(&cfg.virtiofs_socket)),
+            },
         ]);
         push(&["-device", "vhost-user-fs-device,chardev=vfs,tag=root"]);
         if let Some(disk) = &cfg.state_disk {
+            let file = match h.and_then(|h| h.disk) {
+                Some(fd) => {
+                    push(&["-add-fd", &format!("fd={fd},set=2")]);
+                    "/dev/fdset/2".to_string()
+                }
+                None => opt(disk),
+            };
             // writeback: the host's page cache, with the guest's flushes passed on as fsync of
             // the file, so what the guest fsyncs survives a host crash too.
             push(&[
                 "-drive",
-                &format!(
-                    "if=none,id=state,format=raw,file={},cache=writeback,discard=unmap",
-                    opt(disk)
-                ),
+                &format!("if=none,id=state,format=raw,file={file},cache=writeback,discard=unmap"),
             ]);
             push(&["-device", "virtio-blk-device,drive=state"]);
         }
         if let Some(net) = &cfg.net {
             let stream = |addr: String| format!("stream,id=n0,server=off,{addr}");
+            let net_fd = h.and_then(|h| h.net);
             match net {
+                crate::NetAttach::Socket(_) if net_fd.is_some() => push(&[
+                    "-netdev",
+                    &stream(format!("addr.type=fd,addr.str={}", net_fd.unwrap_or(-1))),
+                ]),
                 crate::NetAttach::Socket(p) => push(&[
                     "-netdev",
                     &stream(format!("addr.type=unix,addr.path={}", opt(p))),
@@ -142,7 +310,11 @@ impl Qemu {
                 }
                 crate::NetAttach::VhostUser(p) => {
                     // The guest RAM is a shared memfd already (for virtiofsd).
-                    push(&["-chardev", &format!("socket,id=net,path={}", opt(p))]);
+                    let chardev = match net_fd {
+                        Some(fd) => format!("socket,id=net,fd={fd}"),
+                        None => format!("socket,id=net,path={}", opt(p)),
+                    };
+                    push(&["-chardev", &chardev]);
                     push(&["-netdev", "vhost-user,id=n0,chardev=net"]);
                 }
             }
@@ -173,8 +345,86 @@ impl Vmm for Qemu {
                 });
             }
         }
-        let mut c = Command::new(&self.binary);
-        c.args(self.args(cfg)?);
+        let run_as = self
+            .run_as
+            .and_then(|r| kvm_group(cfg.accel).map(|g| (r, g)));
+        let Some((run_as, kvm_gid)) = run_as else {
+            let mut c = Command::new(&self.binary);
+            c.args(self.args(cfg)?);
+            return Ok(c);
+        };
+        self.unprivileged_command(cfg, run_as, kvm_gid)
+    }
+}
+
+/// Under KVM, the group an unprivileged QEMU needs for `/dev/kvm` (`Some(None)`: none, the
+/// device is open to everybody; `None`: only root can open it, so QEMU keeps root). Under TCG,
+/// `Some(None)`.
+fn kvm_group(accel: Accel) -> Option<Option<u32>> {
+    use std::os::unix::fs::MetadataExt;
+    if accel == Accel::Tcg {
+        return Some(None);
+    }
+    let m = std::fs::metadata("/dev/kvm").ok()?;
+    if m.mode() & 0o006 == 0o006 {
+        Some(None)
+    } else if m.mode() & 0o060 == 0o060 {
+        Some(Some(m.gid()))
+    } else {
+        tracing::warn!("/dev/kvm is open to root only: QEMU keeps running as root (sandboxed)");
+        None
+    }
+}
+
+impl Qemu {
+    /// QEMU as an unprivileged user, for gatevm running as root.
+    ///
+    /// QEMU's own `-run-with user=` would drop privileges after opening its files, but QEMU
+    /// installs its seccomp filter first, and `elevateprivileges=deny` then kills it at its
+    /// `setuid` (others ship `elevateprivileges=allow` for that reason). So, as libvirt does,
+    /// the privileges are dropped before exec, in the child: no supplementary groups (or just
+    /// `/dev/kvm`'s group under KVM), then the gid and uid of [`RunAs`]; and QEMU gets
+    /// everything it would open under root's private directories already open: the firmware
+    /// directories, kernel and initramfs as `/proc/self/fd/N` (their files are world-readable;
+    /// their directories need not be), the console log and state disk through QEMU fd sets,
+    /// the agent socket bound and listening, and connected sockets to virtiofsd and the network
+    /// helper. The binary itself is executed through a descriptor too.
+    fn unprivileged_command(
+        &self,
+        cfg: &VmConfig,
+        run_as: RunAs,
+        kvm_gid: Option<u32>,
+    ) -> Result<Command, VmmError> {
+        use std::os::unix::process::CommandExt;
+        let binary = open_fd(&self.binary, libc::O_PATH, "QEMU binary")?;
+        let h = Handles::open(self, cfg)?;
+        let args = self.args_with(cfg, Some(&h))?;
+        let mut c = Command::new(format!("/proc/self/fd/{}", binary.as_raw_fd()));
+        c.arg0(&self.binary).args(args);
+        let keep = h.keep;
+        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+        // functions (fcntl, setgroups, setgid, setuid); it owns the descriptors it names.
+        unsafe {
+            c.pre_exec(move || {
+                let _ = &binary;
+                for fd in &keep {
+                    if libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                let groups: &[libc::gid_t] = match &kvm_gid {
+                    Some(g) => std::slice::from_ref(g),
+                    None => &[],
+                };
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(run_as.gid) != 0
+                    || libc::setuid(run_as.uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         Ok(c)
     }
 }
@@ -252,6 +502,90 @@ mod tests {
         assert!(a.contains("-accel kvm -cpu host"));
         assert!(!a.contains("tsc_early_khz"), "KVM guests use kvmclock");
         assert!(!a.contains("netdev") && !a.contains("virtio-blk"));
+    }
+
+    #[test]
+    fn sandboxed_always() {
+        let a = Qemu::default().args(&cfg()).unwrap().join(" ");
+        assert!(
+            a.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ),
+            "{a}"
+        );
+    }
+
+    /// As root, QEMU gets descriptors instead of paths and drops to the unprivileged user.
+    #[test]
+    fn unprivileged_qemu_gets_descriptors() {
+        use std::os::unix::net::UnixListener;
+        let d = tempfile::tempdir().unwrap();
+        let p = |n: &str| d.path().join(n);
+        for f in ["vmlinux", "initrd", "state.img"] {
+            std::fs::write(p(f), b"x").unwrap();
+        }
+        let _vfs = UnixListener::bind(p("vfs.sock")).unwrap();
+        let _net = UnixListener::bind(p("net.sock")).unwrap();
+        let c = VmConfig {
+            kernel: p("vmlinux"),
+            initramfs: Some(p("initrd")),
+            state_disk: Some(p("state.img")),
+            virtiofs_socket: p("vfs.sock"),
+            agent_socket: p("agent.sock"),
+            console_log: p("console.log"),
+            net: Some(crate::NetAttach::Socket(p("net.sock"))),
+            ..cfg()
+        };
+        let q = Qemu {
+            binary: "/bin/true".into(),
+            data_dirs: vec![d.path().to_path_buf()],
+            run_as: Some(RunAs::nobody()),
+            ..Qemu::default()
+        };
+        let cmd = q.command(&c).unwrap();
+        assert!(cmd
+            .get_program()
+            .to_string_lossy()
+            .starts_with("/proc/self/fd/"));
+        let a: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let a = a.join(" ");
+        for want in [
+            "-L /proc/self/fd/",
+            "-kernel /proc/self/fd/",
+            "-initrd /proc/self/fd/",
+            "path=/dev/fdset/1,append=on",
+            "file=/dev/fdset/2,",
+            "socket,id=ag,fd=",
+            "socket,id=vfs,fd=",
+            "stream,id=n0,server=off,addr.type=fd,addr.str=",
+            "-sandbox on,",
+        ] {
+            assert!(a.contains(want), "missing {want} in {a}");
+        }
+        assert!(
+            !a.contains(&d.path().display().to_string()),
+            "a path left: {a}"
+        );
+        // The agent socket is bound and listening already; the console log exists.
+        assert!(std::os::unix::net::UnixStream::connect(p("agent.sock")).is_ok());
+        assert!(p("console.log").exists());
+        // A socket that is not there is named.
+        let bad = VmConfig {
+            virtiofs_socket: p("missing.sock"),
+            ..c
+        };
+        let e = q.command(&bad).unwrap_err();
+        assert!(e.to_string().contains("missing.sock"), "{e}");
+    }
+
+    #[test]
+    fn nobody_is_found() {
+        let n = RunAs::nobody();
+        assert_ne!(n.uid, 0);
+        assert_ne!(n.gid, 0);
     }
 
     #[test]
