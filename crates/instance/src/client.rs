@@ -170,6 +170,7 @@ fn offline_status(
         stop_reason: st.stop_reason,
         last_error: st.last_error,
         logs: paths.logs().display().to_string(),
+        processes: vec![],
     }
 }
 

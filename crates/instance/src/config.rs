@@ -406,6 +406,9 @@ pub struct StateFile {
     pub supervisor: Option<ProcId>,
     pub vmm: Option<ProcId>,
     pub helpers: Vec<(String, ProcId)>,
+    /// Confinement a process got that `/proc` does not show, by role (gvproxy's Landlock rules).
+    #[serde(default)]
+    pub policies: Vec<(String, String)>,
     /// Which backend and acceleration run the VM (`qemu/tcg`, ...).
     pub backend: Option<String>,
     /// Which kernel the VM boots (a path, or libkrunfw's).
@@ -430,6 +433,7 @@ impl StateFile {
             supervisor: None,
             vmm: None,
             helpers: vec![],
+            policies: vec![],
             backend: None,
             kernel: None,
             started_at_ms: None,

@@ -118,4 +118,21 @@ pub struct InstanceStatus {
     pub last_error: Option<String>,
     /// Directory of the instance's log files.
     pub logs: String,
+    /// The instance's host processes (supervisor, VMM, helpers) and how each is confined.
+    #[serde(default)]
+    pub processes: Vec<ProcessReport>,
+}
+
+/// One host process of an instance, as `status --json` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcessReport {
+    /// `supervisor`, `vmm`, `virtiofsd`, `gvproxy` or `passt`.
+    pub role: String,
+    pub pid: u32,
+    /// What the kernel says about it (uid, capabilities, seccomp, no_new_privs, mount
+    /// namespace); null when it could not be read.
+    pub confinement: Option<gatevm_vmm::ProcessConfinement>,
+    /// What gatevm applied that `/proc` does not show (e.g. gvproxy's Landlock rules).
+    #[serde(default)]
+    pub policy: Option<String>,
 }

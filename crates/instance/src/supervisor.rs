@@ -608,8 +608,32 @@ impl Shared {
             stop_reason: s.stop_reason.clone(),
             last_error: s.last_error.clone(),
             logs: self.paths.logs().display().to_string(),
+            processes: process_reports(&s),
         }
     }
+}
+
+/// The running processes of the instance and their confinement, for status.
+fn process_reports(s: &StateFile) -> Vec<crate::control::ProcessReport> {
+    let named = s
+        .supervisor
+        .map(|p| ("supervisor".to_string(), p))
+        .into_iter()
+        .chain(s.vmm.map(|p| ("vmm".to_string(), p)))
+        .chain(s.helpers.iter().cloned());
+    named
+        .filter(|(_, p)| p.alive())
+        .map(|(role, p)| crate::control::ProcessReport {
+            confinement: gatevm_vmm::confinement(p.pid).ok(),
+            policy: s
+                .policies
+                .iter()
+                .find(|(r, _)| *r == role)
+                .map(|(_, d)| d.clone()),
+            role,
+            pid: p.pid,
+        })
+        .collect()
 }
 
 /// Whether the payloads the instance runs are all ready (a throwaway VM runs none).
@@ -912,7 +936,12 @@ async fn boot_and_serve(
                     .program()
                     .map(PathBuf::from)
                     .unwrap_or_else(|| runtime.gvproxy());
-                tracing::info!("gvproxy confinement: {}", confine.describe());
+                let policy = confine.describe();
+                tracing::info!("gvproxy confinement: {policy}");
+                shared.set_state(|s| {
+                    s.policies.retain(|(r, _)| r != "gvproxy");
+                    s.policies.push(("gvproxy".to_string(), policy));
+                });
                 let mut gv_cmd = Command::new(program);
                 gv_cmd.args(gv.args());
                 let mut gvp = spawn_owned(

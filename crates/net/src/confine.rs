@@ -146,6 +146,8 @@ pub struct HelperConfine {
     pub identity: Option<Identity>,
     /// Whether the helper keeps `CAP_NET_BIND_SERVICE` (a forward below the unprivileged ports).
     pub bind_low_ports: bool,
+    /// The TCP ports it may bind.
+    pub ports: Vec<u16>,
     /// Descriptors the helper inherits (its directory, its binary).
     inherit: Vec<OwnedFd>,
 }
@@ -215,6 +217,7 @@ impl HelperConfine {
             landlock_abi: abi,
             identity,
             bind_low_ports,
+            ports: ports.to_vec(),
             inherit: vec![dir_fd],
         })
     }
@@ -250,12 +253,21 @@ impl HelperConfine {
         } else {
             "no capabilities"
         };
-        let ll = if self.landlock_abi == 0 {
-            "no Landlock (the kernel has none)".to_string()
-        } else {
-            format!("Landlock ABI {}", self.landlock_abi)
+        let ll = match self.landlock_abi {
+            0 => "no Landlock (the kernel has none)".to_string(),
+            abi => {
+                let mut rules = vec!["creates, removes and writes files only in its directory"];
+                let ports = format!("binds TCP only on {:?}", self.ports);
+                if abi >= 4 {
+                    rules.push(&ports);
+                }
+                if abi >= 6 {
+                    rules.push("no abstract sockets or signals outside its domain");
+                }
+                format!("Landlock ABI {abi}: {}", rules.join("; "))
+            }
         };
-        format!("{who}, {caps}, {ll}")
+        format!("{who}, {caps}, no_new_privs, {ll}")
     }
 
     /// Applies the confinement to the calling process: meant for the child between `fork` and
