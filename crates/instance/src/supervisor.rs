@@ -896,6 +896,12 @@ async fn boot_and_serve(
     };
     // For passt: the VM's end of the connected pair, held until the VM has inherited it.
     let mut vm_net_end: Option<std::os::unix::net::UnixStream> = None;
+    // The network helper's own directory (its sockets; the only place a confined gvproxy may
+    // write).
+    let net_dir = paths.net_dir();
+    let _ = std::fs::remove_dir_all(&net_dir);
+    crate::paths::mkdir_private(&net_dir)
+        .map_err(io_err(format!("creating {}", net_dir.display())))?;
     let (net_attach, gv) = match cfg.net {
         NetBackend::Gvproxy => {
             let gv_log = paths.log("gvproxy");
@@ -903,10 +909,6 @@ async fn boot_and_serve(
             // it may create or remove files, it binds only the forwarded TCP ports (and its ssh
             // port, removed once it runs), and as root it runs as `nobody`, reaching its directory
             // and binary through descriptors.
-            let net_dir = paths.net_dir();
-            let _ = std::fs::remove_dir_all(&net_dir);
-            crate::paths::mkdir_private(&net_dir)
-                .map_err(io_err(format!("creating {}", net_dir.display())))?;
             let forwards = all_forwards(cfg);
             // gvproxy insists on a host port for its ssh forward (removed once it runs). The
             // port is free when chosen, but another process (another instance starting at the

@@ -94,6 +94,9 @@ struct Handles {
     initramfs: Option<RawFd>,
     console: RawFd,
     disk: Option<RawFd>,
+    /// The state disk again, read-only: QEMU also opens an image read-only (for its lock) and
+    /// takes from the fd set only a descriptor whose access mode matches.
+    disk_ro: Option<RawFd>,
     agent: RawFd,
     virtiofs: RawFd,
     net: Option<RawFd>,
@@ -147,6 +150,7 @@ impl Handles {
         )?);
         if let Some(d) = &cfg.state_disk {
             h.disk = Some(h.add(open_fd(d, libc::O_RDWR, "state disk")?));
+            h.disk_ro = Some(h.add(open_fd(d, libc::O_RDONLY, "state disk")?));
         }
         fn sock(what: &'static str, p: &Path) -> impl FnOnce(std::io::Error) -> VmmError {
             let path = p.to_path_buf();
@@ -281,6 +285,9 @@ impl Qemu {
             let file = match h.and_then(|h| h.disk) {
                 Some(fd) => {
                     push(&["-add-fd", &format!("fd={fd},set=2")]);
+                    if let Some(ro) = h.and_then(|h| h.disk_ro) {
+                        push(&["-add-fd", &format!("fd={ro},set=2")]);
+                    }
                     "/dev/fdset/2".to_string()
                 }
                 None => opt(disk),
