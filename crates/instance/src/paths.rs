@@ -108,6 +108,11 @@ impl InstancePaths {
     pub fn net_api_socket(&self) -> PathBuf {
         self.run.join("netapi.sock")
     }
+    /// The FIFO the VMM writes the guest console into (the supervisor drains it into the
+    /// capped `console.log`).
+    pub fn console_fifo(&self) -> PathBuf {
+        self.run.join("console.fifo")
+    }
 
     /// Every socket path, for cleanup.
     pub fn sockets(&self) -> Vec<PathBuf> {
@@ -117,6 +122,7 @@ impl InstancePaths {
             self.virtiofs_socket(),
             self.net_socket(),
             self.net_api_socket(),
+            self.console_fifo(),
         ]
     }
 
@@ -175,12 +181,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
-    let renamed = std::fs::rename(&tmp, path).or_else(|e| {
+    let renamed = gatevm_image::fsutil::rename_durable(&tmp, path).or_else(|e| {
         // An empty directory in the file's place (left by an accident, never by gatevm) gives
         // way; anything else is reported.
         let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
         if is_dir && std::fs::remove_dir(path).is_ok() {
-            std::fs::rename(&tmp, path)
+            gatevm_image::fsutil::rename_durable(&tmp, path)
         } else {
             Err(e)
         }

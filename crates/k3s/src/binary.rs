@@ -122,7 +122,7 @@ pub fn cache(bin: &K3sBinary, runtime_dir: &Path) -> Result<K3sBinary, String> {
             bin.path.display()
         ));
     }
-    std::fs::rename(&tmp, &dest).map_err(|e| format!("installing {}: {e}", dest.display()))?;
+    gatevm_image::fsutil::rename_durable(&tmp, &dest).map_err(|e| format!("installing {}: {e}", dest.display()))?;
     let cached = K3sBinary {
         path: dest,
         ..bin.clone()
