@@ -126,9 +126,8 @@ fn mount_disk(reaper: &Reaper) -> io::Result<()> {
 /// Size in bytes of the ext4 file system whose superblock (the 1024 bytes at offset 1024 of the
 /// device) is `sb`; None when it is not ext4.
 pub fn ext4_size(sb: &[u8]) -> Option<u64> {
-    let u32_at = |o: usize| -> Option<u32> {
-        Some(u32::from_le_bytes(sb.get(o..o + 4)?.try_into().ok()?))
-    };
+    let u32_at =
+        |o: usize| -> Option<u32> { Some(u32::from_le_bytes(sb.get(o..o + 4)?.try_into().ok()?)) };
     if sb.get(0x38..0x3a)? != [0x53, 0xef] {
         return None;
     }
@@ -321,7 +320,10 @@ mod tests {
         };
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("img");
-        std::fs::File::create(&p).unwrap().set_len(64 << 20).unwrap();
+        std::fs::File::create(&p)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
         let ok = Command::new(mkfs)
             .args(["-q", "-F"])
             .arg(&p)

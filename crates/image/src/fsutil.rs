@@ -104,6 +104,10 @@ mod tests {
                 }
             }
         }
-        assert!(offenders.is_empty(), "renames without a directory sync:\n{}", offenders.join("\n"));
+        assert!(
+            offenders.is_empty(),
+            "renames without a directory sync:\n{}",
+            offenders.join("\n")
+        );
     }
 }

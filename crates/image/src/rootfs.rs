@@ -269,7 +269,8 @@ pub fn build_rootfs(
             mounts,
         })?;
     }
-    crate::fsutil::rename_durable(&build, &dest).map_err(io_err("cannot rename the build into", &dest))?;
+    crate::fsutil::rename_durable(&build, &dest)
+        .map_err(io_err("cannot rename the build into", &dest))?;
     Ok(dest)
 }
 

@@ -680,9 +680,17 @@ fn step_kernel(
         std::fs::remove_dir_all(&old).map_err(io(C, "cannot remove", &old))?;
     }
     if final_dir.exists() {
-        crate::fsutil::rename_durable(&final_dir, &old).map_err(io(C, "cannot move aside", &final_dir))?;
+        crate::fsutil::rename_durable(&final_dir, &old).map_err(io(
+            C,
+            "cannot move aside",
+            &final_dir,
+        ))?;
     }
-    crate::fsutil::rename_durable(&staging, &final_dir).map_err(io(C, "cannot install", &final_dir))?;
+    crate::fsutil::rename_durable(&staging, &final_dir).map_err(io(
+        C,
+        "cannot install",
+        &final_dir,
+    ))?;
     let _ = std::fs::remove_dir_all(&old);
 
     let rels: Vec<PathBuf> = util::list_files(&final_dir)
@@ -1296,9 +1304,17 @@ fn install_backport(
             std::fs::remove_dir_all(&old).map_err(io(C, "cannot remove", &old))?;
         }
         if final_dir.exists() {
-            crate::fsutil::rename_durable(&final_dir, &old).map_err(io(C, "cannot move aside", &final_dir))?;
+            crate::fsutil::rename_durable(&final_dir, &old).map_err(io(
+                C,
+                "cannot move aside",
+                &final_dir,
+            ))?;
         }
-        crate::fsutil::rename_durable(&staging, &final_dir).map_err(io(C, "cannot install", &final_dir))?;
+        crate::fsutil::rename_durable(&staging, &final_dir).map_err(io(
+            C,
+            "cannot install",
+            &final_dir,
+        ))?;
         let _ = std::fs::remove_dir_all(&old);
         Ok(())
     };

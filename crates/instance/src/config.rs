@@ -564,7 +564,9 @@ mod tests {
             r#"{"pid":1,"start_ticks":2,"boot_id":"not-a-uuid"}"#
         )
         .is_err());
-        assert_eq!(BootId::parse("00112233445566778899aabbccddeeff").map(|b| b.to_string()),
-            Some("00112233-4455-6677-8899-aabbccddeeff".into()));
+        assert_eq!(
+            BootId::parse("00112233445566778899aabbccddeeff").map(|b| b.to_string()),
+            Some("00112233-4455-6677-8899-aabbccddeeff".into())
+        );
     }
 }

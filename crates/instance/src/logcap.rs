@@ -353,7 +353,11 @@ mod tests {
         assert!(drained.done());
         assert!(size(&path) <= 1000 && size(&previous_generation(&path)) <= 1000);
         let all = read_all(&path).unwrap();
-        assert!(all.ends_with(b"x\nTHE END\n"), "{:?}", String::from_utf8_lossy(&all));
+        assert!(
+            all.ends_with(b"x\nTHE END\n"),
+            "{:?}",
+            String::from_utf8_lossy(&all)
+        );
     }
 
     #[test]
@@ -394,6 +398,9 @@ mod tests {
         let mut f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         f.write_all(b"!").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"abc!");
-        assert_eq!(std::fs::read(previous_generation(&path)).unwrap(), b"0123456789");
+        assert_eq!(
+            std::fs::read(previous_generation(&path)).unwrap(),
+            b"0123456789"
+        );
     }
 }

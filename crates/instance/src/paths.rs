@@ -30,11 +30,18 @@ pub fn instances_dir() -> PathBuf {
         .join("instances")
 }
 
-/// An absolute path from a variable; empty and relative values count as unset (as for the
-/// data directory: a relative one would depend on the working directory).
-fn abs_var(var: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(std::env::var_os(var)?);
-    p.is_absolute().then_some(p)
+/// An absolute path from a variable, used only when it belongs to the calling user
+/// ([`gatevm_image::dirs::env_dir`]); empty and relative values count as unset (as for the data
+/// directory: a relative one would depend on the working directory). A `GATEVM_RUN_DIR` of
+/// another user's is refused by the CLI before any command runs; here it is skipped.
+fn abs_var(var: &'static str) -> Option<PathBuf> {
+    match gatevm_image::dirs::env_dir(var) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("ignoring {var}: {e}");
+            None
+        }
+    }
 }
 
 /// The base runtime directory.

@@ -893,7 +893,10 @@ async fn boot_and_serve(
         &paths.log("console"),
         crate::logcap::CONSOLE_LOG_CAP,
     )
-    .map_err(io_err(format!("creating {}", paths.console_fifo().display())))?;
+    .map_err(io_err(format!(
+        "creating {}",
+        paths.console_fifo().display()
+    )))?;
     let vm_cfg = VmConfig {
         name: cfg.name.clone(),
         cpus: cfg.cpus,

@@ -209,8 +209,7 @@ impl Unpacker {
                 .entries()
                 .map_err(|e| over(layer_err(e.to_string())))?;
             for entry in entries {
-                let mut entry =
-                    entry.map_err(|e| over(layer_err(format!("bad tar data: {e}"))))?;
+                let mut entry = entry.map_err(|e| over(layer_err(format!("bad tar data: {e}"))))?;
                 let raw = entry.path_bytes().into_owned();
                 self.entries += 1;
                 if self.entries > self.limits.entries {

@@ -1982,7 +1982,10 @@ fn gzip_bomb_outer_archive_is_refused_and_leaves_nothing() {
     let (line, var) = expansion(err);
     assert_eq!(var, MAX_BYTES_ENV);
     assert!(!line.contains('\n'), "{line}");
-    assert!(line.contains("image.tar") && line.contains("8388608 bytes"), "{line}");
+    assert!(
+        line.contains("image.tar") && line.contains("8388608 bytes"),
+        "{line}"
+    );
     assert!(line.contains(MAX_BYTES_ENV), "{line}");
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
     assert!(left.is_empty(), "temporary files left behind: {left:?}");
@@ -1993,7 +1996,10 @@ fn gzip_bomb_outer_archive_is_refused_and_leaves_nothing() {
     sb.assert_outside_untouched();
     // Under the default caps the same archive is fine.
     sb.unpack(&bomb, None).unwrap();
-    assert_eq!(std::fs::metadata(sb.p("zeros")).unwrap().len(), (64 << 20) + 8);
+    assert_eq!(
+        std::fs::metadata(sb.p("zeros")).unwrap().len(),
+        (64 << 20) + 8
+    );
 }
 
 /// A zstd layer that expands past the cap is refused; what it had written is removed.
@@ -2032,7 +2038,8 @@ fn per_file_and_entry_caps() {
         file_bytes: 1 << 20,
         ..UnpackLimits::default()
     };
-    let (line, var) = expansion(unpack_archive_with(&sb.archive, &sb.dest, None, &limits).unwrap_err());
+    let (line, var) =
+        expansion(unpack_archive_with(&sb.archive, &sb.dest, None, &limits).unwrap_err());
     assert_eq!(var, MAX_FILE_BYTES_ENV);
     assert!(line.contains("entry big"), "{line}");
 
@@ -2049,14 +2056,16 @@ fn per_file_and_entry_caps() {
         entries: 6,
         ..UnpackLimits::default()
     };
-    let (line, var) = expansion(unpack_archive_with(&sb.archive, &sb.dest, None, &limits).unwrap_err());
+    let (line, var) =
+        expansion(unpack_archive_with(&sb.archive, &sb.dest, None, &limits).unwrap_err());
     assert_eq!(var, MAX_ENTRIES_ENV);
     assert!(line.contains("6 entries"), "{line}");
     let limits = UnpackLimits {
         entries: 3,
         ..UnpackLimits::default()
     };
-    let (line, _) = expansion(unpack_archive_with(&sb.archive, &sb.dest, None, &limits).unwrap_err());
+    let (line, _) =
+        expansion(unpack_archive_with(&sb.archive, &sb.dest, None, &limits).unwrap_err());
     assert!(line.contains("image archive"), "{line}");
 }
 
