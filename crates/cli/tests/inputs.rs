@@ -1361,3 +1361,51 @@ fn short_k3s_binary_is_named_as_such() {
         ),
     ]);
 }
+
+/// Directories of another user named by the environment: a `GATEVM_*_DIR` is refused with one
+/// line naming the variable, an `XDG_*` one is ignored with a warning; nothing is written there.
+#[test]
+fn other_users_directories_are_not_used() {
+    let sb = Sandbox::new();
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let theirs = sb.root.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    let theirs = if uid == 0 {
+        std::os::unix::fs::chown(&theirs, Some(4242), Some(4242)).unwrap();
+        theirs
+    } else {
+        // Not root: a directory of root's plays the other user's.
+        PathBuf::from("/")
+    };
+    let t = theirs.display().to_string();
+    for var in ["GATEVM_CACHE_DIR", "GATEVM_RUN_DIR", "GATEVM_DATA_DIR"] {
+        let out = sb.gatevm(&["list".to_string()], &[(var.to_string(), Some(t.clone()))]);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{var}: {err}");
+        assert!(
+            err.contains(&format!("{var}={t} is not owned by the calling user")),
+            "{var}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let out = sb.gatevm(
+        &["list".to_string()],
+        &[
+            ("GATEVM_RUN_DIR".to_string(), None),
+            ("XDG_RUNTIME_DIR".to_string(), Some(t.clone())),
+            ("GATEVM_DATA_DIR".to_string(), None),
+            ("XDG_DATA_HOME".to_string(), Some(t.clone())),
+        ],
+    );
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("ignoring XDG_DATA_HOME"), "{err}");
+    if uid == 0 {
+        assert_eq!(
+            std::fs::read_dir(&theirs).unwrap().count(),
+            0,
+            "something was written into the other user's directory"
+        );
+    }
+}

@@ -162,6 +162,20 @@ impl Drained {
     }
 }
 
+/// How long a drain waits after a short read, so that a trickle of small writes is copied in
+/// batches rather than one wake-up per write.
+const DRAIN_PAUSE: Duration = Duration::from_millis(5);
+/// Capacity asked for the pipes and FIFOs that are drained (best effort; the default is 64 KiB).
+const PIPE_BYTES: i32 = 1 << 20;
+
+/// Asks for a larger pipe buffer on `fd` (best effort).
+fn enlarge_pipe(fd: std::os::fd::RawFd) {
+    // SAFETY: F_SETPIPE_SZ on a descriptor we own changes only the pipe's capacity.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_BYTES);
+    }
+}
+
 /// Creates a pipe: (read end, write end), both close-on-exec.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     use std::os::fd::FromRawFd;
@@ -170,6 +184,7 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    enlarge_pipe(fds[0]);
     // SAFETY: both descriptors were just created by pipe2 and belong to nobody else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
@@ -192,13 +207,19 @@ pub fn drain_into(from: OwnedFd, path: &Path, cap: u64) -> io::Result<Drained> {
         .stack_size(64 * 1024)
         .spawn(move || {
             let mut from = File::from(from);
-            let mut buf = vec![0u8; 16 * 1024];
+            let mut buf = vec![0u8; 64 * 1024];
             loop {
                 match from.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
                         if let Err(e) = log.append(&buf[..n]) {
                             tracing::debug!("writing {}: {e}", log.path.display());
+                        }
+                        // A writer of single bytes (QEMU's serial port) would wake us once per
+                        // byte: let a short read be followed by a pause, so the pipe gathers
+                        // (it holds PIPE_BYTES, far more than a pause's worth of a flood).
+                        if n < buf.len() {
+                            std::thread::sleep(DRAIN_PAUSE);
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -247,6 +268,7 @@ impl LogFifo {
         {
             use std::os::fd::AsRawFd;
             let fd = reader.as_raw_fd();
+            enlarge_pipe(fd);
             // SAFETY: fcntl on a descriptor we own, changing only its status flags.
             unsafe {
                 let flags = libc::fcntl(fd, libc::F_GETFL);
