@@ -78,9 +78,15 @@ fn main() {
             std::process::exit(code);
         }
     };
+    // The supervisor writes its log itself, capped; its stdout and stderr follow that file.
+    let own_log = match &cli.cmd {
+        Cmd::Supervise(a) => a.open_log(),
+        _ => None,
+    };
     output::init_logging(
         cli.verbose,
         matches!(cli.cmd, Cmd::Supervise(_) | Cmd::KrunVm(_)),
+        own_log,
     );
     // The environment that places gatevm's files is checked before any command touches them
     // (`doctor` reports a problem instead; the internal commands inherit a checked one).

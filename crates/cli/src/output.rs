@@ -4,7 +4,12 @@ use std::io::IsTerminal;
 
 /// Logs go to stderr: warnings by default, info with -v, debug with -vv, or as `RUST_LOG` says.
 /// The supervisor logs at info by default (its stderr is its log file).
-pub fn init_logging(verbose: u8, supervisor: bool) {
+/// With `log`, the lines go to that capped log instead of stderr.
+pub fn init_logging(
+    verbose: u8,
+    supervisor: bool,
+    log: Option<gatevm_instance::logcap::SharedLog>,
+) {
     let default = match (verbose, supervisor) {
         (0, false) => "warn",
         (0, true) | (1, _) => "info",
@@ -14,11 +19,13 @@ pub fn init_logging(verbose: u8, supervisor: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi =
         !supervisor && std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .try_init();
+        .with_ansi(ansi);
+    let _ = match log {
+        Some(log) => builder.with_writer(move || log.clone()).try_init(),
+        None => builder.with_writer(std::io::stderr).try_init(),
+    };
 }
 
 /// A single-threaded runtime for a command.

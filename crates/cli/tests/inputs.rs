@@ -1153,6 +1153,21 @@ fn start_ticks(pid: u32) -> u64 {
     rest.split_whitespace().nth(19).unwrap().parse().unwrap()
 }
 
+/// The host's current boot id, as the supervisor records it.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// A boot id that is not the current one.
+fn other_boot_id() -> String {
+    let now = boot_id();
+    let first = if now.starts_with('0') { "1" } else { "0" };
+    format!("{first}{}", &now[1..])
+}
+
 fn sleeper() -> std::process::Child {
     Command::new("sleep").arg("60").spawn().unwrap()
 }
@@ -1177,13 +1192,16 @@ fn recorded_leftovers_are_killed_and_nothing_else() {
     let mut vmm = sleeper();
     let mut helper = sleeper();
     let mut stranger = sleeper();
+    let mut earlier = sleeper();
     let st = serde_json::json!({
         "phase": "running",
         "supervisor": {"pid": dead_pid(), "start_ticks": 1},
-        "vmm": {"pid": vmm.id(), "start_ticks": start_ticks(vmm.id())},
+        "vmm": {"pid": vmm.id(), "start_ticks": start_ticks(vmm.id()), "boot_id": boot_id()},
         "helpers": [
-            ["gvproxy", {"pid": helper.id(), "start_ticks": start_ticks(helper.id())}],
-            ["virtiofsd", {"pid": stranger.id(), "start_ticks": start_ticks(stranger.id()) + 1}],
+            ["gvproxy", {"pid": helper.id(), "start_ticks": start_ticks(helper.id()), "boot_id": boot_id()}],
+            ["virtiofsd", {"pid": stranger.id(), "start_ticks": start_ticks(stranger.id()) + 1, "boot_id": boot_id()}],
+            // Same pid and start time, recorded in another boot of the host: not ours.
+            ["passt", {"pid": earlier.id(), "start_ticks": start_ticks(earlier.id()), "boot_id": other_boot_id()}],
         ],
         "backend": "qemu/tcg", "kernel": null, "started_at_ms": 1, "agent_ready_ms": 2,
         "ready_ms": 3, "last_error": null, "stop_reason": null,
@@ -1203,7 +1221,8 @@ fn recorded_leftovers_are_killed_and_nothing_else() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
     let (vmm_ended, helper_ended) = (ends(&mut vmm), ends(&mut helper));
     let stranger_lives = stranger.try_wait().unwrap().is_none();
-    for c in [&mut vmm, &mut helper, &mut stranger] {
+    let earlier_lives = earlier.try_wait().unwrap().is_none();
+    for c in [&mut vmm, &mut helper, &mut stranger, &mut earlier] {
         let _ = c.kill();
         let _ = c.wait();
     }
@@ -1212,6 +1231,10 @@ fn recorded_leftovers_are_killed_and_nothing_else() {
     assert!(
         stranger_lives,
         "delete killed a process whose pid was recorded with another start time"
+    );
+    assert!(
+        earlier_lives,
+        "delete killed a process whose pid and start time were recorded in another boot"
     );
 }
 
@@ -1307,7 +1330,7 @@ fn stop_clears_a_crashed_runs_leftovers() {
     let st = serde_json::json!({
         "phase": "running",
         "supervisor": {"pid": dead_pid(), "start_ticks": 1},
-        "vmm": {"pid": vmm.id(), "start_ticks": start_ticks(vmm.id())},
+        "vmm": {"pid": vmm.id(), "start_ticks": start_ticks(vmm.id()), "boot_id": boot_id()},
         "helpers": [], "backend": "qemu/tcg", "kernel": null, "started_at_ms": 1,
         "agent_ready_ms": 2, "ready_ms": 3, "last_error": null, "stop_reason": null,
     });
@@ -1337,4 +1360,52 @@ fn short_k3s_binary_is_named_as_such() {
             "is not a k3s binary",
         ),
     ]);
+}
+
+/// Directories of another user named by the environment: a `GATEVM_*_DIR` is refused with one
+/// line naming the variable, an `XDG_*` one is ignored with a warning; nothing is written there.
+#[test]
+fn other_users_directories_are_not_used() {
+    let sb = Sandbox::new();
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let theirs = sb.root.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    let theirs = if uid == 0 {
+        std::os::unix::fs::chown(&theirs, Some(4242), Some(4242)).unwrap();
+        theirs
+    } else {
+        // Not root: a directory of root's plays the other user's.
+        PathBuf::from("/")
+    };
+    let t = theirs.display().to_string();
+    for var in ["GATEVM_CACHE_DIR", "GATEVM_RUN_DIR", "GATEVM_DATA_DIR"] {
+        let out = sb.gatevm(&["list".to_string()], &[(var.to_string(), Some(t.clone()))]);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{var}: {err}");
+        assert!(
+            err.contains(&format!("{var}={t} is not owned by the calling user")),
+            "{var}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let out = sb.gatevm(
+        &["list".to_string()],
+        &[
+            ("GATEVM_RUN_DIR".to_string(), None),
+            ("XDG_RUNTIME_DIR".to_string(), Some(t.clone())),
+            ("GATEVM_DATA_DIR".to_string(), None),
+            ("XDG_DATA_HOME".to_string(), Some(t.clone())),
+        ],
+    );
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("ignoring XDG_DATA_HOME"), "{err}");
+    if uid == 0 {
+        assert_eq!(
+            std::fs::read_dir(&theirs).unwrap().count(),
+            0,
+            "something was written into the other user's directory"
+        );
+    }
 }

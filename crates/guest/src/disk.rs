@@ -123,6 +123,92 @@ fn mount_disk(reaper: &Reaper) -> io::Result<()> {
     Ok(())
 }
 
+/// Size in bytes of the ext4 file system whose superblock (the 1024 bytes at offset 1024 of the
+/// device) is `sb`; None when it is not ext4.
+pub fn ext4_size(sb: &[u8]) -> Option<u64> {
+    let u32_at =
+        |o: usize| -> Option<u32> { Some(u32::from_le_bytes(sb.get(o..o + 4)?.try_into().ok()?)) };
+    if sb.get(0x38..0x3a)? != [0x53, 0xef] {
+        return None;
+    }
+    let log = u32_at(0x18)?;
+    if log > 6 {
+        return None;
+    }
+    let block = 1024u64 << log;
+    let mut blocks = u64::from(u32_at(0x4)?);
+    // INCOMPAT_64BIT: the high half of the block count.
+    if u32_at(0x60)? & 0x80 != 0 {
+        blocks |= u64::from(u32_at(0x150)?) << 32;
+    }
+    blocks.checked_mul(block)
+}
+
+/// Growth below this is not worth a resize2fs run at every boot (file systems end on a block
+/// or group boundary, a little short of the device).
+const GROW_SLACK: u64 = 16 << 20;
+
+/// Whether a file system of `fs_bytes` on a device of `dev_bytes` should be grown.
+pub fn needs_grow(dev_bytes: u64, fs_bytes: u64) -> bool {
+    dev_bytes > fs_bytes.saturating_add(GROW_SLACK)
+}
+
+/// Size of block device `dev` (`/dev/vda`) from sysfs, in bytes.
+fn device_bytes(dev: &Path) -> io::Result<u64> {
+    let name = dev
+        .file_name()
+        .ok_or_else(|| io::Error::other("no device name"))?;
+    let sectors = std::fs::read_to_string(Path::new("/sys/class/block").join(name).join("size"))?;
+    sectors
+        .trim()
+        .parse::<u64>()
+        .map(|s| s * 512)
+        .map_err(|e| io::Error::other(format!("reading the size of {}: {e}", dev.display())))
+}
+
+fn find_resize2fs() -> Option<&'static str> {
+    ["/usr/sbin/resize2fs", "/sbin/resize2fs"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+}
+
+/// Grows the mounted state file system to its device when the host made the disk larger (the
+/// host grows only the image file; it never runs a file system tool on what the guest wrote).
+/// Online: resize2fs on a mounted ext4 uses the kernel's resize ioctl.
+fn grow_if_larger(reaper: &Reaper) -> io::Result<()> {
+    let dev = Path::new(DEVICE);
+    let dev_bytes = device_bytes(dev).ctx(|| format!("size of {DEVICE}"))?;
+    let mut sb = vec![0u8; 2048];
+    let mut f = std::fs::File::open(dev).ctx(|| format!("open {DEVICE}"))?;
+    f.read_exact(&mut sb).ctx(|| format!("read {DEVICE}"))?;
+    let fs_bytes = ext4_size(&sb[1024..])
+        .ok_or_else(|| io::Error::other(format!("{DEVICE} holds no ext4 superblock")))?;
+    if !needs_grow(dev_bytes, fs_bytes) {
+        return Ok(());
+    }
+    let prog = find_resize2fs()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "resize2fs not found"))?;
+    crate::glog!(
+        "state disk: growing the file system from {} to {} MiB",
+        fs_bytes >> 20,
+        dev_bytes >> 20
+    );
+    let mut cmd = Command::new(prog);
+    cmd.arg(DEVICE)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let s = reaper.spawn(&mut cmd).ctx(|| format!("start {prog}"))?;
+    match s.exit.recv_timeout(Duration::from_secs(300)) {
+        Ok(st) if st.code == Some(0) => Ok(()),
+        Ok(st) => Err(io::Error::other(format!(
+            "{prog} {DEVICE} failed: {}",
+            describe(&st)
+        ))),
+        Err(_) => Err(io::Error::other(format!("{prog} {DEVICE} did not finish"))),
+    }
+}
+
 fn mount_tmpfs() -> io::Result<()> {
     mkdir(Path::new(CONTAINERD_DIR), 0o711)?;
     mount(
@@ -149,7 +235,13 @@ pub fn setup(reaper: &Reaper) -> (StateBacking, Vec<String>) {
     let mut backing = StateBacking::None;
     if Path::new(DEVICE).exists() {
         match mount_disk(reaper) {
-            Ok(()) => backing = StateBacking::Disk,
+            Ok(()) => {
+                backing = StateBacking::Disk;
+                // A file system that could not grow still works at its old size.
+                if let Err(e) = grow_if_larger(reaper) {
+                    problems.push(format!("state disk: growing the file system: {e}"));
+                }
+            }
             Err(e) => problems.push(format!("state disk: {e}; using a tmpfs")),
         }
     }
@@ -194,6 +286,54 @@ mod tests {
             assert!(root.join(k).exists(), "{k} was removed");
         }
         assert!(clean_runtime_state(&root, &cni).is_empty());
+    }
+
+    #[test]
+    fn ext4_superblock_size_and_growth() {
+        let mut sb = vec![0u8; 1024];
+        assert_eq!(ext4_size(&sb), None, "no magic");
+        sb[0x38] = 0x53;
+        sb[0x39] = 0xef;
+        sb[0x18..0x1c].copy_from_slice(&2u32.to_le_bytes()); // 4 KiB blocks
+        sb[0x4..0x8].copy_from_slice(&262_144u32.to_le_bytes()); // 1 GiB
+        assert_eq!(ext4_size(&sb), Some(1 << 30));
+        // The high half counts only with the 64bit feature.
+        sb[0x150..0x154].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(ext4_size(&sb), Some(1 << 30));
+        sb[0x60..0x64].copy_from_slice(&0x80u32.to_le_bytes());
+        assert_eq!(ext4_size(&sb), Some((1 << 30) + (4096u64 << 32)));
+        sb[0x18..0x1c].copy_from_slice(&40u32.to_le_bytes());
+        assert_eq!(ext4_size(&sb), None, "absurd block size");
+        assert_eq!(ext4_size(&sb[..100]), None, "short");
+        assert!(needs_grow(2 << 30, 1 << 30));
+        assert!(!needs_grow(1 << 30, 1 << 30));
+        assert!(!needs_grow((1 << 30) + 4096, 1 << 30));
+        assert!(!needs_grow(1 << 30, 2 << 30));
+    }
+
+    /// The superblock mkfs.ext4 writes parses to the size it was given (where mkfs exists).
+    #[test]
+    fn ext4_size_of_a_real_file_system() {
+        let Some(mkfs) = find_mkfs() else {
+            println!("NOT RUN: mkfs.ext4 is not installed");
+            return;
+        };
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("img");
+        std::fs::File::create(&p)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let ok = Command::new(mkfs)
+            .args(["-q", "-F"])
+            .arg(&p)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let img = std::fs::read(&p).unwrap();
+        assert_eq!(ext4_size(&img[1024..2048]), Some(64 << 20));
+        assert!(needs_grow(128 << 20, 64 << 20));
     }
 
     #[test]

@@ -6,8 +6,16 @@
 //! | [`runtime_dir`] | `GATEVM_RUNTIME_DIR`   | `data_dir()/runtime/v1`                             |
 //! | [`cache_dir`]   | `GATEVM_CACHE_DIR`     | `$XDG_CACHE_HOME/gatevm`, else `~/.cache/gatevm`    |
 //!
-//! The resolvers do no I/O; [`ensure_dir`] creates a directory (and its missing parents) with
-//! mode 0700.
+//! The resolvers read nothing but the ownership of the directories the environment names;
+//! [`ensure_dir`] creates a directory (and its missing parents) with mode 0700.
+//!
+//! A directory from the environment is used only when it belongs to the calling user (when it
+//! does not exist yet: when its nearest existing ancestor belongs to the user or to root), so
+//! that `sudo gatevm`, which keeps the caller's `XDG_*` variables, never writes root's files
+//! into another user's directories or runs binaries from them. An `XDG_*` variable naming
+//! someone else's directory is ignored with a warning (the next default applies); a
+//! `GATEVM_*_DIR` one, which can only have been set on purpose, is an error naming the
+//! variable ([`DirsError::NotOwned`]).
 
 use std::ffi::OsString;
 use std::fs::DirBuilder;
@@ -31,6 +39,18 @@ pub enum DirsError {
         /// The override variable the user can set.
         var: &'static str,
     },
+    /// A `GATEVM_*_DIR` variable names a directory that belongs to another user.
+    #[error("{var}={} is not owned by the calling user (uid {uid}): {why}; unset it or point it at your own directory", path.display())]
+    NotOwned {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        path: PathBuf,
+        /// The calling user.
+        uid: u32,
+        /// Who owns what.
+        why: String,
+    },
     /// Creating a directory failed.
     #[error("cannot create directory {}: {source}", path.display())]
     Create {
@@ -53,15 +73,94 @@ fn var_path(get: &dyn Fn(&str) -> Option<OsString>, var: &str) -> Option<PathBuf
     path.is_absolute().then_some(path)
 }
 
+/// Whether `path` may be used as a directory of the calling user `uid`: it exists and belongs to
+/// `uid`, or it does not exist and its nearest existing ancestor belongs to `uid` or to root.
+/// The error says who owns what.
+pub fn check_owner(path: &Path, uid: u32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.uid() == uid => return Ok(()),
+        Ok(m) => return Err(format!("it belongs to uid {}", m.uid())),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("cannot check its owner: {e}"))
+        }
+        Err(_) => {}
+    }
+    let mut at = path.parent();
+    while let Some(p) = at {
+        match std::fs::metadata(p) {
+            Ok(m) if m.uid() == uid || m.uid() == 0 => return Ok(()),
+            Ok(m) => {
+                return Err(format!(
+                    "it does not exist and {} belongs to uid {}",
+                    p.display(),
+                    m.uid()
+                ))
+            }
+            Err(_) => at = p.parent(),
+        }
+    }
+    Ok(())
+}
+
+/// The effective uid of this process.
+pub fn caller_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// An `XDG_*` directory variable through `get`, ignored (with a warning) when it names another
+/// user's directory.
+fn xdg_path(get: &dyn Fn(&str) -> Option<OsString>, var: &str) -> Option<PathBuf> {
+    let p = var_path(get, var)?;
+    match check_owner(&p, caller_uid()) {
+        Ok(()) => Some(p),
+        Err(why) => {
+            tracing::warn!(
+                "ignoring {var}={}: not owned by the calling user ({why})",
+                p.display()
+            );
+            None
+        }
+    }
+}
+
+/// A `GATEVM_*_DIR` variable through `get`; an error when it names another user's directory.
+fn gatevm_path(
+    get: &dyn Fn(&str) -> Option<OsString>,
+    var: &'static str,
+) -> Result<Option<PathBuf>, DirsError> {
+    let Some(p) = var_path(get, var) else {
+        return Ok(None);
+    };
+    let uid = caller_uid();
+    check_owner(&p, uid).map_err(|why| DirsError::NotOwned {
+        var,
+        path: p.clone(),
+        uid,
+        why,
+    })?;
+    Ok(Some(p))
+}
+
+/// An absolute directory from the environment variable `var` (`XDG_*` or `GATEVM_*_DIR`), used
+/// only when it belongs to the calling user, as the module documentation says.
+pub fn env_dir(var: &'static str) -> Result<Option<PathBuf>, DirsError> {
+    if var.starts_with("XDG_") {
+        Ok(xdg_path(&process_env, var))
+    } else {
+        gatevm_path(&process_env, var)
+    }
+}
+
 fn process_env(var: &str) -> Option<OsString> {
     std::env::var_os(var)
 }
 
 fn resolve_data(get: &dyn Fn(&str) -> Option<OsString>) -> Result<PathBuf, DirsError> {
-    if let Some(p) = var_path(get, "GATEVM_DATA_DIR") {
+    if let Some(p) = gatevm_path(get, "GATEVM_DATA_DIR")? {
         return Ok(p);
     }
-    if let Some(p) = var_path(get, "XDG_DATA_HOME") {
+    if let Some(p) = xdg_path(get, "XDG_DATA_HOME") {
         return Ok(p.join("gatevm"));
     }
     var_path(get, "HOME")
@@ -73,7 +172,7 @@ fn resolve_data(get: &dyn Fn(&str) -> Option<OsString>) -> Result<PathBuf, DirsE
 }
 
 fn resolve_runtime(get: &dyn Fn(&str) -> Option<OsString>) -> Result<PathBuf, DirsError> {
-    if let Some(p) = var_path(get, "GATEVM_RUNTIME_DIR") {
+    if let Some(p) = gatevm_path(get, "GATEVM_RUNTIME_DIR")? {
         return Ok(p);
     }
     Ok(resolve_data(get)?
@@ -82,10 +181,10 @@ fn resolve_runtime(get: &dyn Fn(&str) -> Option<OsString>) -> Result<PathBuf, Di
 }
 
 fn resolve_cache(get: &dyn Fn(&str) -> Option<OsString>) -> Result<PathBuf, DirsError> {
-    if let Some(p) = var_path(get, "GATEVM_CACHE_DIR") {
+    if let Some(p) = gatevm_path(get, "GATEVM_CACHE_DIR")? {
         return Ok(p);
     }
-    if let Some(p) = var_path(get, "XDG_CACHE_HOME") {
+    if let Some(p) = xdg_path(get, "XDG_CACHE_HOME") {
         return Ok(p.join("gatevm"));
     }
     var_path(get, "HOME")
@@ -160,6 +259,65 @@ mod tests {
                 .find(|(n, _)| *n == k)
                 .map(|(_, v)| OsString::from(v))
         }
+    }
+
+    /// Root (or anyone) ignores an XDG directory of another user and refuses a GATEVM_*_DIR one.
+    #[test]
+    fn other_users_directories_are_not_used() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let mine = tmp.path().join("mine");
+        std::fs::create_dir(&mine).unwrap();
+        let theirs = tmp.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        let uid = caller_uid();
+        let other = if uid == 0 { 4242 } else { 0 };
+        if uid == 0 {
+            std::os::unix::fs::chown(&theirs, Some(other), Some(other)).unwrap();
+        }
+        let theirs = if uid == 0 { theirs } else { PathBuf::from("/") };
+        assert_eq!(std::fs::metadata(&theirs).unwrap().uid(), other);
+        assert_eq!(check_owner(&mine, uid), Ok(()));
+        assert!(check_owner(&theirs, uid)
+            .unwrap_err()
+            .contains(&format!("uid {other}")));
+        // Not there yet: judged by the nearest existing ancestor (another user's refuses).
+        assert_eq!(check_owner(&mine.join("a/b"), uid), Ok(()));
+        if uid == 0 {
+            let e = check_owner(&theirs.join("a/b"), uid).unwrap_err();
+            assert!(e.contains("does not exist"), "{e}");
+        }
+        let (mine_s, theirs_s) = (mine.into_os_string(), theirs.into_os_string());
+        let get = move |k: &str| match k {
+            "HOME" => Some(OsString::from("/home/u")),
+            "XDG_DATA_HOME" | "XDG_CACHE_HOME" | "GATEVM_CACHE_DIR" => Some(theirs_s.clone()),
+            "GATEVM_DATA_DIR" => None,
+            "GATEVM_RUNTIME_DIR" => Some(mine_s.clone()),
+            _ => None,
+        };
+        // XDG: ignored, the default applies.
+        assert_eq!(
+            resolve_data(&get).unwrap(),
+            Path::new("/home/u/.local/share/gatevm")
+        );
+        // GATEVM_*_DIR: refused, naming the variable.
+        let e = resolve_cache(&get).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DirsError::NotOwned {
+                    var: "GATEVM_CACHE_DIR",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("GATEVM_CACHE_DIR="), "{e}");
+        // One's own is used.
+        assert_eq!(
+            resolve_runtime(&get).unwrap(),
+            PathBuf::from(get("GATEVM_RUNTIME_DIR").unwrap())
+        );
     }
 
     #[test]

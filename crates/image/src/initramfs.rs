@@ -210,7 +210,7 @@ pub fn build_initramfs(
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
             .map_err(write_err)?;
     }
-    tmp.persist(&out).map_err(|e| write_err(e.error))?;
+    crate::fsutil::persist_durable(tmp, &out).map_err(write_err)?;
     prune(out_dir, &out);
     Ok(out)
 }

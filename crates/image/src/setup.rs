@@ -680,9 +680,17 @@ fn step_kernel(
         std::fs::remove_dir_all(&old).map_err(io(C, "cannot remove", &old))?;
     }
     if final_dir.exists() {
-        std::fs::rename(&final_dir, &old).map_err(io(C, "cannot move aside", &final_dir))?;
+        crate::fsutil::rename_durable(&final_dir, &old).map_err(io(
+            C,
+            "cannot move aside",
+            &final_dir,
+        ))?;
     }
-    std::fs::rename(&staging, &final_dir).map_err(io(C, "cannot install", &final_dir))?;
+    crate::fsutil::rename_durable(&staging, &final_dir).map_err(io(
+        C,
+        "cannot install",
+        &final_dir,
+    ))?;
     let _ = std::fs::remove_dir_all(&old);
 
     let rels: Vec<PathBuf> = util::list_files(&final_dir)
@@ -886,7 +894,7 @@ fn step_libkrunfw(
             "cannot create symlink",
             &tmp_link,
         ))?;
-        std::fs::rename(&tmp_link, &link).map_err(io(C, "cannot install", &link))?;
+        crate::fsutil::rename_durable(&tmp_link, &link).map_err(io(C, "cannot install", &link))?;
     }
     // Remove other versions' files.
     if let Ok(rd) = std::fs::read_dir(&lib) {
@@ -1296,9 +1304,17 @@ fn install_backport(
             std::fs::remove_dir_all(&old).map_err(io(C, "cannot remove", &old))?;
         }
         if final_dir.exists() {
-            std::fs::rename(&final_dir, &old).map_err(io(C, "cannot move aside", &final_dir))?;
+            crate::fsutil::rename_durable(&final_dir, &old).map_err(io(
+                C,
+                "cannot move aside",
+                &final_dir,
+            ))?;
         }
-        std::fs::rename(&staging, &final_dir).map_err(io(C, "cannot install", &final_dir))?;
+        crate::fsutil::rename_durable(&staging, &final_dir).map_err(io(
+            C,
+            "cannot install",
+            &final_dir,
+        ))?;
         let _ = std::fs::remove_dir_all(&old);
         Ok(())
     };

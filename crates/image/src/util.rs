@@ -19,7 +19,7 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()
     tmp.write_all(data)?;
     tmp.as_file().sync_all()?;
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(mode))?;
-    tmp.persist(path).map_err(|e| e.error)?;
+    crate::fsutil::persist_durable(tmp, path)?;
     Ok(())
 }
 
@@ -36,7 +36,7 @@ pub(crate) fn copy_atomic(src: &Path, dest: &Path, mode: u32) -> io::Result<()> 
     io::copy(&mut input, &mut out)?;
     out.sync_all()?;
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(mode))?;
-    tmp.persist(dest).map_err(|e| e.error)?;
+    crate::fsutil::persist_durable(tmp, dest)?;
     Ok(())
 }
 

@@ -353,13 +353,72 @@ pub enum Phase {
     Stopped,
 }
 
-/// A process owned by the supervisor, identified by pid and start time (so a recycled pid is not
+/// A process owned by the supervisor, identified by pid, start time and the host's boot (so a
+/// recycled pid, also one of a later boot that happens to have the same start time, is not
 /// mistaken for it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcId {
     pub pid: u32,
     /// Start time in clock ticks since boot (field 22 of /proc/PID/stat).
     pub start_ticks: u64,
+    /// The host's boot id when the process was recorded (`/proc/sys/kernel/random/boot_id`).
+    /// A record without one (written by an older gatevm) never matches a live process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<BootId>,
+}
+
+/// The kernel's random id of the current boot, a UUID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootId(pub [u8; 16]);
+
+const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+
+impl BootId {
+    /// The current boot's id; None where the kernel does not say.
+    pub fn current() -> Option<BootId> {
+        std::fs::read_to_string(BOOT_ID_PATH)
+            .ok()
+            .and_then(|s| BootId::parse(&s))
+    }
+
+    /// Parses a UUID (with or without dashes, surrounding whitespace ignored).
+    pub fn parse(s: &str) -> Option<BootId> {
+        let hex: Vec<u8> = s.trim().bytes().filter(|b| *b != b'-').collect();
+        if hex.len() != 32 {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        for (i, pair) in hex.chunks(2).enumerate() {
+            let text = std::str::from_utf8(pair).ok()?;
+            out[i] = u8::from_str_radix(text, 16).ok()?;
+        }
+        Some(BootId(out))
+    }
+}
+
+impl std::fmt::Display for BootId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                f.write_str("-")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for BootId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for BootId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<BootId, D::Error> {
+        let s = String::deserialize(d)?;
+        BootId::parse(&s).ok_or_else(|| serde::de::Error::custom("not a boot id (a UUID)"))
+    }
 }
 
 impl ProcId {
@@ -368,11 +427,16 @@ impl ProcId {
         Some(ProcId {
             pid,
             start_ticks: proc_start_ticks(pid)?,
+            boot_id: BootId::current(),
         })
     }
 
-    /// Whether this exact process still exists (and is not a zombie).
+    /// Whether this exact process still exists (and is not a zombie): same pid, same start time,
+    /// and recorded during this boot of the host.
     pub fn alive(&self) -> bool {
+        if self.boot_id != BootId::current() {
+            return false;
+        }
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
             return false;
         };
@@ -523,5 +587,43 @@ mod tests {
             ..me
         }
         .alive());
+    }
+
+    #[test]
+    fn boot_id_is_part_of_the_identity() {
+        let me = ProcId::of(std::process::id()).unwrap();
+        let Some(now) = me.boot_id else {
+            println!("NOT RUN: this kernel has no {BOOT_ID_PATH}");
+            return;
+        };
+        assert!(me.alive());
+        // The same pid and start time recorded in another boot is not this process.
+        let mut other = now;
+        other.0[0] ^= 1;
+        assert!(!ProcId {
+            boot_id: Some(other),
+            ..me
+        }
+        .alive());
+        // Nor is a record that does not say which boot it is from.
+        assert!(!ProcId {
+            boot_id: None,
+            ..me
+        }
+        .alive());
+        // Round trip through the state file's JSON, as the kernel writes it.
+        let text = std::fs::read_to_string(BOOT_ID_PATH).unwrap();
+        let json = serde_json::to_string(&me).unwrap();
+        assert!(json.contains(text.trim()), "{json}");
+        let back: ProcId = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, me);
+        assert!(serde_json::from_str::<ProcId>(
+            r#"{"pid":1,"start_ticks":2,"boot_id":"not-a-uuid"}"#
+        )
+        .is_err());
+        assert_eq!(
+            BootId::parse("00112233445566778899aabbccddeeff").map(|b| b.to_string()),
+            Some("00112233-4455-6677-8899-aabbccddeeff".into())
+        );
     }
 }

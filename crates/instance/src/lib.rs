@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod k3s_stage;
 pub mod lock;
+pub mod logcap;
 pub mod name;
 pub mod paths;
 pub mod rootdir;

@@ -30,11 +30,18 @@ pub fn instances_dir() -> PathBuf {
         .join("instances")
 }
 
-/// An absolute path from a variable; empty and relative values count as unset (as for the
-/// data directory: a relative one would depend on the working directory).
-fn abs_var(var: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(std::env::var_os(var)?);
-    p.is_absolute().then_some(p)
+/// An absolute path from a variable, used only when it belongs to the calling user
+/// ([`gatevm_image::dirs::env_dir`]); empty and relative values count as unset (as for the data
+/// directory: a relative one would depend on the working directory). A `GATEVM_RUN_DIR` of
+/// another user's is refused by the CLI before any command runs; here it is skipped.
+fn abs_var(var: &'static str) -> Option<PathBuf> {
+    match gatevm_image::dirs::env_dir(var) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("ignoring {var}: {e}");
+            None
+        }
+    }
 }
 
 /// The base runtime directory.
@@ -136,6 +143,11 @@ impl InstancePaths {
     pub fn net_api_socket(&self) -> PathBuf {
         self.net_dir().join("netapi.sock")
     }
+    /// The FIFO the VMM writes the guest console into (the supervisor drains it into the
+    /// capped `console.log`).
+    pub fn console_fifo(&self) -> PathBuf {
+        self.run.join("console.fifo")
+    }
 
     /// Every socket path, for cleanup.
     pub fn sockets(&self) -> Vec<PathBuf> {
@@ -145,6 +157,7 @@ impl InstancePaths {
             self.virtiofs_socket(),
             self.net_socket(),
             self.net_api_socket(),
+            self.console_fifo(),
         ]
     }
 
@@ -203,12 +216,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
-    let renamed = std::fs::rename(&tmp, path).or_else(|e| {
+    let renamed = gatevm_image::fsutil::rename_durable(&tmp, path).or_else(|e| {
         // An empty directory in the file's place (left by an accident, never by gatevm) gives
         // way; anything else is reported.
         let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
         if is_dir && std::fs::remove_dir(path).is_ok() {
-            std::fs::rename(&tmp, path)
+            gatevm_image::fsutil::rename_durable(&tmp, path)
         } else {
             Err(e)
         }

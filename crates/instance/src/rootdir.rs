@@ -51,7 +51,8 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
         .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
     drop(f);
     let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode));
-    std::fs::rename(&tmp, path).map_err(|e| format!("installing {}: {e}", path.display()))
+    gatevm_image::fsutil::rename_durable(&tmp, path)
+        .map_err(|e| format!("installing {}: {e}", path.display()))
 }
 
 /// Installs a host file at `dest` in the root unless an identical regular file is already there.

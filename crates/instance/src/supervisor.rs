@@ -103,6 +103,8 @@ struct Owned {
     name: &'static str,
     child: Child,
     id: ProcId,
+    /// The end of the drain that copies its output into its capped log.
+    drained: crate::logcap::Drained,
 }
 
 impl Owned {
@@ -132,7 +134,8 @@ fn signal(pid: u32, sig: i32) {
 /// The environment variable naming the instance a process belongs to.
 pub const INSTANCE_ENV: &str = "GATEVM_INSTANCE";
 
-/// Spawns a helper with its output in a log file and a death signal tied to this thread.
+/// Spawns a helper with its output in a capped log (through a pipe the supervisor drains) and a
+/// death signal tied to this thread.
 fn spawn_owned(
     name: &'static str,
     mut cmd: Command,
@@ -142,14 +145,12 @@ fn spawn_owned(
     inherit: Option<std::os::fd::RawFd>,
     confine: Option<std::sync::Arc<HelperConfine>>,
 ) -> Result<Owned, SupervisorError> {
-    let logf = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(io_err(format!("opening {}", log.display())))?;
+    let (rd, logf) = crate::logcap::pipe().map_err(io_err("creating a log pipe"))?;
     let logf2 = logf
         .try_clone()
-        .map_err(io_err("duplicating a log file descriptor"))?;
+        .map_err(io_err("duplicating a log pipe descriptor"))?;
+    let drained = crate::logcap::drain_into(rd, log, crate::logcap::HELPER_LOG_CAP)
+        .map_err(io_err(format!("opening {}", log.display())))?;
     // Every process of an instance carries its name in the environment, so tools (and the tests'
     // leak checks) find even one whose command line names no path of the instance (passt).
     let instance = cwd
@@ -191,13 +192,21 @@ fn spawn_owned(
         });
     }
     let child = cmd.spawn().map_err(io_err(format!("starting {name}")))?;
+    // Our copies of the pipe's write end go with the command, so the drain ends with the child.
+    drop(cmd);
     let pid = child.id().unwrap_or(0);
     let id = ProcId::of(pid).unwrap_or(ProcId {
         pid,
         start_ticks: 0,
+        boot_id: None,
     });
     tracing::info!("started {name} as pid {pid}");
-    Ok(Owned { name, child, id })
+    Ok(Owned {
+        name,
+        child,
+        id,
+        drained,
+    })
 }
 
 /// Connects to a unix socket that its creator may not be listening on yet (blocking socket, for
@@ -238,6 +247,8 @@ async fn wait_socket(
             return Ok(());
         }
         if let Ok(Some(st)) = owner.child.try_wait() {
+            // Its last words are in the log once the drain has copied them.
+            owner.drained.wait(Duration::from_secs(1)).await;
             return Err(SupervisorError::Boot(format!(
                 "{} exited ({st}) before creating {}: {}",
                 owner.name,
@@ -522,35 +533,20 @@ fn ensure_state_disk(paths: &InstancePaths, gib: u32) -> Result<(), SupervisorEr
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    std::fs::rename(&tmp, &disk).map_err(io_err("installing the state disk"))
+    gatevm_image::fsutil::rename_durable(&tmp, &disk).map_err(io_err("installing the state disk"))
 }
 
-/// Grows a state disk image offline: the file, then the ext4 file system (checked first, as
-/// resize2fs requires).
+/// Grows a state disk image as a file only (sparse: the new bytes are a hole). The ext4 file
+/// system on it was written by the guest, so the host runs no file system tool on it: the guest
+/// grows the mounted file system to the device's size itself (`gatevm-guest`'s disk set-up).
 fn grow_state_disk(disk: &Path, bytes: u64) -> Result<(), SupervisorError> {
-    let run = |prog: &str, args: &[&str], ok: &[i32]| -> Result<(), SupervisorError> {
-        let out = std::process::Command::new(prog)
-            .args(args)
-            .arg(disk)
-            .output()
-            .map_err(io_err(format!("running {prog} (install e2fsprogs)")))?;
-        if !ok.contains(&out.status.code().unwrap_or(-1)) {
-            return Err(SupervisorError::Setup(format!(
-                "{prog} failed on {}: {}",
-                disk.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
-    };
-    // e2fsck: 0 clean, 1 errors corrected.
-    run("e2fsck", &["-f", "-p"], &[0, 1])?;
+    use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(disk)
         .and_then(|f| f.set_len(bytes))
-        .map_err(io_err(format!("growing {}", disk.display())))?;
-    run("resize2fs", &["-f"], &[0])
+        .map_err(io_err(format!("growing {}", disk.display())))
 }
 
 /// Shared state of a running supervisor.
@@ -1055,6 +1051,16 @@ async fn boot_and_serve(
     };
 
     phase("booting", progress);
+    // The VMM writes the console into a FIFO that the supervisor drains into the capped log.
+    let _console = crate::logcap::LogFifo::create(
+        &paths.console_fifo(),
+        &paths.log("console"),
+        crate::logcap::CONSOLE_LOG_CAP,
+    )
+    .map_err(io_err(format!(
+        "creating {}",
+        paths.console_fifo().display()
+    )))?;
     let vm_cfg = VmConfig {
         name: cfg.name.clone(),
         cpus: cfg.cpus,
@@ -1072,7 +1078,7 @@ async fn boot_and_serve(
         agent_socket: paths.agent_socket(),
         net: Some(net_attach),
         mac: gvproxy::GUEST_MAC.to_string(),
-        console_log: paths.log("console"),
+        console_log: paths.console_fifo(),
     };
     // libkrun refuses to listen on an existing path; an unprivileged QEMU gets the agent
     // socket bound by `command` (so before it).
@@ -1286,6 +1292,7 @@ async fn connect_agent(
             return Ok(agent);
         }
         if let Ok(Some(st)) = vm.child.try_wait() {
+            vm.drained.wait(Duration::from_secs(1)).await;
             return Err(SupervisorError::Boot(format!(
                 "the VM exited during boot ({st}): see the console log; last lines: {}",
                 log_tail(vm_log, 2)
@@ -1421,6 +1428,7 @@ async fn wait_ready(
     let ms = || t0.elapsed().as_millis() as u64;
     let mut connected = agent.connected.clone();
     let deadline = Instant::now() + AGENT_TIMEOUT;
+    let vm_drained = vm.drained.clone();
     // Say hello until the guest answers (our bytes wait in the socket until the guest opens its port).
     loop {
         if *connected.borrow() {
@@ -1431,6 +1439,7 @@ async fn wait_ready(
             _ = connected.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             st = vm.child.wait() => {
+                vm_drained.wait(Duration::from_secs(1)).await;
                 return Err(SupervisorError::Boot(format!(
                     "the VM exited during boot ({}): see the console log; last lines: {}",
                     describe(st), log_tail(vm_log, 2)

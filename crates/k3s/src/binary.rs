@@ -32,8 +32,78 @@ pub fn parse_version(output: &str) -> Option<String> {
     (v.starts_with('v') && v.len() > 1).then(|| v.to_string())
 }
 
-/// Checks that `path` is a k3s binary and reads its version and hash.
-pub fn inspect(path: &Path) -> Result<K3sBinary, String> {
+/// Where `--k3s PATH` binaries are copied before they are checked and used:
+/// `CACHE/k3s/supplied/<sha256>/k3s`.
+pub fn supplied_dir(cache_dir: &Path) -> PathBuf {
+    cache_dir.join("k3s").join("supplied")
+}
+
+/// Takes a `--k3s PATH` binary: checks what can be checked without running it, copies it into
+/// the cache (named by its hash), and inspects and returns **the copy**. The copy is what runs
+/// (`--version` here, k3s in the guest later), so changing or replacing the user's file after
+/// this does not change what runs.
+pub fn import(src: &Path, cache_dir: &Path) -> Result<K3sBinary, String> {
+    check_file(src)?;
+    let dest = copy_to_cache(src, &supplied_dir(cache_dir))?;
+    let b = inspect(&dest)?;
+    Ok(b)
+}
+
+/// Copies `src` to `dir/<sha256>/k3s` (mode 0755, atomically, the directory synced) and returns
+/// that path. An identical copy already there is kept.
+pub fn copy_to_cache(src: &Path, dir: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let tmp = dir.join(format!(".k3s.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let copied = (|| {
+        let mut input = std::fs::File::open(src)?;
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o700)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        std::io::copy(&mut input, &mut out)?;
+        out.set_permissions(std::fs::Permissions::from_mode(0o755))?;
+        out.sync_all()
+    })();
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!(
+            "copying {} into {}: {e}",
+            src.display(),
+            dir.display()
+        ));
+    }
+    // The hash of what was copied, not of the user's file (which may change meanwhile).
+    let sha = sha256_file(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let home = dir.join(&sha);
+    let dest = home.join("k3s");
+    let installed = (|| {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&home)?;
+        if sha256_file(&dest).is_ok_and(|have| have == sha) {
+            std::fs::remove_file(&tmp)
+        } else {
+            gatevm_image::fsutil::rename_durable(&tmp, &dest)
+        }
+    })();
+    if let Err(e) = installed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("installing {}: {e}", dest.display()));
+    }
+    Ok(dest)
+}
+
+/// The checks of [`inspect`] that do not run the file: a regular file, an ELF, executable.
+fn check_file(path: &Path) -> Result<(), String> {
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -56,6 +126,12 @@ pub fn inspect(path: &Path) -> Result<K3sBinary, String> {
             path.display()
         ));
     }
+    Ok(())
+}
+
+/// Checks that `path` is a k3s binary and reads its version and hash.
+pub fn inspect(path: &Path) -> Result<K3sBinary, String> {
+    check_file(path)?;
     let version = run_version(path)?;
     let sha256 = sha256_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(K3sBinary {
@@ -122,7 +198,8 @@ pub fn cache(bin: &K3sBinary, runtime_dir: &Path) -> Result<K3sBinary, String> {
             bin.path.display()
         ));
     }
-    std::fs::rename(&tmp, &dest).map_err(|e| format!("installing {}: {e}", dest.display()))?;
+    gatevm_image::fsutil::rename_durable(&tmp, &dest)
+        .map_err(|e| format!("installing {}: {e}", dest.display()))?;
     let cached = K3sBinary {
         path: dest,
         ..bin.clone()
@@ -188,6 +265,48 @@ mod tests {
         );
         std::fs::set_permissions(&sh, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(inspect(&sh).unwrap_err().contains("not executable"));
+    }
+
+    /// A `--k3s` file is copied, by hash, and later changes of the user's file do not reach
+    /// the copy; a file that is no binary is refused before anything is copied.
+    #[test]
+    fn supplied_binary_is_copied_and_pinned() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("k3s");
+        std::fs::copy("/bin/true", &src).unwrap();
+        let cache = d.path().join("cache");
+        let dir = supplied_dir(&cache);
+        let copy = copy_to_cache(&src, &dir).unwrap();
+        let sha = sha256_file(&src).unwrap();
+        assert_eq!(copy, dir.join(&sha).join("k3s"));
+        assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&src).unwrap());
+        assert_eq!(
+            std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        // The user replaces their file: the copy stays what was checked.
+        std::fs::copy("/bin/false", &src).unwrap();
+        assert_eq!(sha256_file(&copy).unwrap(), sha);
+        // Copying again gives the new content its own place, and leaves no temporary file.
+        let again = copy_to_cache(&src, &dir).unwrap();
+        assert_ne!(again, copy);
+        assert_eq!(sha256_file(&copy).unwrap(), sha);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| n.len() == 64), "{names:?}");
+        // import: the checks on the user's path come first, nothing is copied for a script.
+        let script = d.path().join("script");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let other = d.path().join("other-cache");
+        assert!(import(&script, &other).unwrap_err().contains("not an ELF"));
+        assert!(!other.exists());
+        // An ELF that is no k3s: refused, naming the copy that was run.
+        let e = import(&src, &other).unwrap_err();
+        assert!(e.contains("like k3s") && e.contains("supplied"), "{e}");
     }
 
     #[test]

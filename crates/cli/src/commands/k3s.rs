@@ -230,7 +230,9 @@ pub fn resolve(a: &K3sArgs, saved: Option<&K3sSettings>) -> anyhow::Result<Optio
         bail!("--gateway-port and --api-port both use host port {api_port}");
     }
     let bin = match (&a.k3s, saved) {
-        (Some(p), _) => binary::inspect(p).map_err(|e| anyhow::anyhow!("--k3s {e}"))?,
+        // Copied into the cache first: what runs is the copy, whatever happens to the file.
+        (Some(p), _) => binary::import(p, &gatevm_image::dirs::cache_dir()?)
+            .map_err(|e| anyhow::anyhow!("--k3s {e}"))?,
         (None, Some(s)) if s.binary.is_file() => {
             binary::inspect(&s.binary).map_err(|e| anyhow::anyhow!(e))?
         }

@@ -49,27 +49,48 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     super::exec::run_exec(&name, req)
 }
 
-/// Prints a host-side log file, and with `follow` keeps printing while the instance runs.
+/// Prints a host-side log file (its previous generation `NAME.log.1` first, when there is one),
+/// and with `follow` keeps printing while the instance runs, across the supervisor's rotations.
 fn follow_file(
     paths: &gatevm_instance::InstancePaths,
     file: &std::path::Path,
     follow: bool,
 ) -> anyhow::Result<i32> {
-    let mut f = match std::fs::File::open(file) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("no log yet at {}", file.display())
-        }
-        Err(e) => bail!("reading {}: {e}", file.display()),
-    };
+    use std::os::unix::fs::MetadataExt;
     let read_err = |e: std::io::Error| anyhow::anyhow!("reading {}: {e}", file.display());
-    if !f.metadata().map_err(read_err)?.is_file() {
-        bail!("{} is not a file", file.display());
-    }
+    let open = || -> anyhow::Result<Option<std::fs::File>> {
+        match std::fs::File::open(file) {
+            Ok(f) => {
+                if !f.metadata().map_err(read_err)?.is_file() {
+                    bail!("{} is not a file", file.display());
+                }
+                Ok(Some(f))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(read_err(e)),
+        }
+    };
+    let old = gatevm_instance::logcap::previous_generation(file);
     let mut out = std::io::stdout().lock();
     let mut buf = vec![0u8; 64 * 1024];
+    let mut current = open()?;
+    match std::fs::File::open(&old) {
+        Ok(mut f) if f.metadata().is_ok_and(|m| m.is_file()) => {
+            std::io::copy(&mut f, &mut out).map_err(read_err)?;
+        }
+        Ok(_) => bail!("{} is not a file", old.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if current.is_none() {
+                bail!("no log yet at {}", file.display())
+            }
+        }
+        Err(e) => bail!("reading {}: {e}", old.display()),
+    }
     loop {
-        let n = f.read(&mut buf).map_err(read_err)?;
+        let n = match current.as_mut() {
+            Some(f) => f.read(&mut buf).map_err(read_err)?,
+            None => 0,
+        };
         if n > 0 {
             out.write_all(&buf[..n])?;
             continue;
@@ -79,13 +100,27 @@ fn follow_file(
             return Ok(0);
         }
         std::thread::sleep(Duration::from_millis(200));
-        // A truncated file starts over.
-        let pos = f.stream_position().map_err(read_err)?;
-        if std::fs::metadata(file)
-            .map(|m| m.len() < pos)
-            .unwrap_or(false)
-        {
-            f.seek(SeekFrom::Start(0)).map_err(read_err)?;
+        // Rotated: the file we read is now NAME.log.1 (read to its end above, and once more
+        // here for what came in meanwhile); go on with the new NAME.log from its start.
+        let now = std::fs::metadata(file).ok();
+        let ours = current.as_ref().and_then(|f| f.metadata().ok());
+        match (now, ours) {
+            (Some(now), Some(ours)) if (now.dev(), now.ino()) != (ours.dev(), ours.ino()) => {
+                if let Some(f) = current.as_mut() {
+                    std::io::copy(f, &mut out).map_err(read_err)?;
+                }
+                current = open()?;
+            }
+            // A truncated file starts over.
+            (Some(now), Some(_)) => {
+                if let Some(f) = current.as_mut() {
+                    if now.len() < f.stream_position().map_err(read_err)? {
+                        f.seek(SeekFrom::Start(0)).map_err(read_err)?;
+                    }
+                }
+            }
+            (Some(_), None) => current = open()?,
+            _ => {}
         }
     }
 }

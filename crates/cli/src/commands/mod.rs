@@ -60,7 +60,7 @@ pub const DIR_VARS: &[&str] = &[
 /// data directory must be found (`$HOME` unset is refused here rather than falling back to a
 /// system-wide directory).
 pub fn check_env() -> anyhow::Result<()> {
-    for var in DIR_VARS {
+    for &var in DIR_VARS {
         let Some(value) = std::env::var_os(var).filter(|v| !v.is_empty()) else {
             continue;
         };
@@ -72,6 +72,8 @@ pub fn check_env() -> anyhow::Result<()> {
             );
         }
         check_dir(&p).map_err(|why| anyhow::anyhow!("{var}={} {why}", p.display()))?;
+        // Another user's directory is refused (root included: `sudo -E` passes them on).
+        gatevm_image::dirs::env_dir(var)?;
     }
     let data = gatevm_image::dirs::data_dir()?;
     check_dir(&data)

@@ -19,6 +19,22 @@ pub struct Args {
     progress_fd: Option<i32>,
 }
 
+impl Args {
+    /// Opens the instance's capped supervisor log and points this process's stdout and stderr
+    /// at it (they follow it across rotations). None when the configuration or the log cannot
+    /// be read: the log then stays the file the starter opened.
+    pub fn open_log(&self) -> Option<gatevm_instance::logcap::SharedLog> {
+        use gatevm_instance::logcap::{CappedLog, SharedLog, HELPER_LOG_CAP};
+        let config: gatevm_instance::config::InstanceConfig =
+            serde_json::from_str(&self.config_json).ok()?;
+        let paths = gatevm_instance::InstancePaths::new(&config.name);
+        let mut log = CappedLog::open(&paths.log("supervisor"), HELPER_LOG_CAP).ok()?;
+        log.follow_with_fd(1).ok()?;
+        log.follow_with_fd(2).ok()?;
+        Some(SharedLog::new(log))
+    }
+}
+
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let config = serde_json::from_str(&a.config_json).context("decoding --config-json")?;
     // Losing the starter (it was killed, or it stopped reading) must not kill us.

@@ -18,7 +18,7 @@ use ruzstd::decoding::{BlockDecodingStrategy, FrameDecoder};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
-use super::OciError;
+use super::{OciError, UnpackLimits};
 
 /// Largest JSON document (manifest, index, config) read into memory.
 pub(super) const MAX_JSON: u64 = 4 << 20;
@@ -31,6 +31,125 @@ const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
 const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0];
 /// How many bytes [`Compression::detect`] looks at.
 pub(super) const MAGIC_LEN: usize = 10;
+
+/// What is left of a byte budget, shared between the reader that spends it and the code that
+/// reports its exhaustion (the tar reader may wrap the reader's error in its own).
+#[derive(Debug)]
+pub(super) struct Budget {
+    left: std::cell::Cell<u64>,
+    exceeded: std::cell::Cell<bool>,
+}
+
+impl Budget {
+    pub(super) fn new(bytes: u64) -> std::rc::Rc<Budget> {
+        std::rc::Rc::new(Budget {
+            left: std::cell::Cell::new(bytes),
+            exceeded: std::cell::Cell::new(false),
+        })
+    }
+
+    /// Whether a reader tried to go past the budget.
+    pub(super) fn exceeded(&self) -> bool {
+        self.exceeded.get()
+    }
+}
+
+/// A reader that fails once it would yield more bytes than its [`Budget`] has left.
+pub(super) struct Capped<R> {
+    inner: R,
+    budget: std::rc::Rc<Budget>,
+}
+
+impl<R> Capped<R> {
+    pub(super) fn new(inner: R, budget: std::rc::Rc<Budget>) -> Self {
+        Capped { inner, budget }
+    }
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.budget.left.get();
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if left == 0 {
+            // One byte more than the budget is one too many; the end of the stream is fine.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => {
+                    self.budget.exceeded.set(true);
+                    Err(io::Error::other("expands beyond its size limit"))
+                }
+            };
+        }
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.budget.left.set(left - n as u64);
+        Ok(n)
+    }
+}
+
+/// Block size for finding holes: runs of zero blocks this large are skipped, not written.
+const HOLE_BLOCK: usize = 4096;
+
+/// Copies `r` into `out` from its current position, writing runs of whole zero blocks as holes
+/// (a sparse file takes no disk space for them), and sets the file's length to the end of
+/// what was copied. Returns the number of bytes copied.
+pub(super) fn copy_sparse<R: Read>(r: &mut R, out: &File) -> io::Result<u64> {
+    let start = {
+        let mut f = out;
+        f.stream_position()?
+    };
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut pos = start;
+    loop {
+        // Fill the buffer (short reads would break block alignment).
+        let mut got = 0;
+        while got < buf.len() {
+            match r.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if got == 0 {
+            break;
+        }
+        let mut at = 0;
+        while at < got {
+            let end = (at + HOLE_BLOCK).min(got);
+            let block = &buf[at..end];
+            if !block.iter().all(|&b| b == 0) {
+                // Write the run of data blocks starting here in one go.
+                let mut run_end = end;
+                while run_end < got {
+                    let next = (run_end + HOLE_BLOCK).min(got);
+                    if buf[run_end..next].iter().all(|&b| b == 0) {
+                        break;
+                    }
+                    run_end = next;
+                }
+                out.write_all_at(&buf[at..run_end], pos + at as u64)?;
+                at = run_end;
+            } else {
+                at = end;
+            }
+        }
+        pos += got as u64;
+        if got < buf.len() {
+            break;
+        }
+    }
+    // A trailing hole exists only once the length says so.
+    if out.metadata()?.len() < pos {
+        out.set_len(pos)?;
+    }
+    let mut f = out;
+    f.seek(SeekFrom::Start(pos))?;
+    Ok(pos - start)
+}
 
 /// Compression of a stream, told by its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -342,8 +461,19 @@ fn member_key(name: &str) -> Option<String> {
 }
 
 impl OuterArchive {
-    /// Opens and indexes the archive at `path`.
-    pub(super) fn open(path: &Path) -> Result<Self, OciError> {
+    /// Opens and indexes the archive at `path`. A compressed archive may expand to at most
+    /// `limits.total_bytes` (in an anonymous temporary file, holes kept sparse), and may hold
+    /// at most `limits.entries` members.
+    pub(super) fn open(path: &Path, limits: &UnpackLimits) -> Result<Self, OciError> {
+        Self::open_in(path, limits, &std::env::temp_dir())
+    }
+
+    /// [`Self::open`], decompressing into an anonymous file in `tmp_dir`.
+    pub(super) fn open_in(
+        path: &Path,
+        limits: &UnpackLimits,
+        tmp_dir: &Path,
+    ) -> Result<Self, OciError> {
         let open_err = |source| OciError::Open {
             path: path.to_owned(),
             source,
@@ -378,20 +508,29 @@ impl OuterArchive {
                         path: path.to_owned(),
                         reason: reason.into(),
                     })?;
-            let mut tmp = tempfile::tempfile().map_err(|e| OciError::Read {
+            let mut tmp = tempfile::tempfile_in(tmp_dir).map_err(|e| OciError::Read {
                 path: path.to_owned(),
                 reason: format!("cannot create a temporary file to decompress it into: {e}"),
             })?;
-            io::copy(&mut decoder, &mut tmp).map_err(|e| OciError::Read {
-                path: path.to_owned(),
-                reason: format!("decompressing ({compression:?}): {e}"),
+            let budget = Budget::new(limits.total_bytes);
+            let mut capped = Capped::new(&mut decoder, budget.clone());
+            // The temporary file is anonymous: whatever happens, nothing stays behind.
+            copy_sparse(&mut capped, &tmp).map_err(|e| {
+                if budget.exceeded() {
+                    limits.total_error(format!("image archive {}", path.display()))
+                } else {
+                    OciError::Read {
+                        path: path.to_owned(),
+                        reason: format!("decompressing ({compression:?}): {e}"),
+                    }
+                }
             })?;
             drop(decoder);
             tmp.seek(SeekFrom::Start(0)).map_err(read_err)?;
             tmp
         };
         let len = file.metadata().map_err(read_err)?.len();
-        let (members, unterminated) = index(&file, path, len)?;
+        let (members, unterminated) = index(&file, path, len, limits)?;
         Ok(OuterArchive {
             path: path.to_owned(),
             file,
@@ -489,7 +628,12 @@ impl OuterArchive {
 /// One pass over the tar: name -> data position, and whether the end-of-archive marker is
 /// missing. Rejects non-tar input and members whose data would extend past the end of the file
 /// (a truncated archive).
-fn index(file: &File, path: &Path, len: u64) -> Result<(HashMap<String, Member>, bool), OciError> {
+fn index(
+    file: &File,
+    path: &Path,
+    len: u64,
+    limits: &UnpackLimits,
+) -> Result<(HashMap<String, Member>, bool), OciError> {
     let not_tar = |reason: String| OciError::NotArchive {
         path: path.to_owned(),
         reason,
@@ -502,7 +646,12 @@ fn index(file: &File, path: &Path, len: u64) -> Result<(HashMap<String, Member>,
     let mut seen_any = false;
     // Where the data of the last member read ends (rounded up to the 512-byte block).
     let mut data_end = 0u64;
+    let mut count = 0u64;
     for entry in entries {
+        count += 1;
+        if count > limits.entries {
+            return Err(limits.entries_error(format!("image archive {}", path.display())));
+        }
         let entry = entry.map_err(|e| {
             if seen_any && len & 511 != 0 {
                 OciError::Truncated {

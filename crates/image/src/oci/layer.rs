@@ -16,9 +16,11 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{fchown, fchownat, linkat, mkfifoat, symlinkat, Gid, Uid};
 use tar::EntryType;
 
-use super::archive::{peek, Compression, HashingReader, Sha256Digest, MAGIC_LEN};
+use super::archive::{
+    copy_sparse, peek, Budget, Capped, Compression, HashingReader, Sha256Digest, MAGIC_LEN,
+};
 use super::fs::{self, Name, Root, MAX_DEPTH};
-use super::OciError;
+use super::{OciError, UnpackLimits};
 
 /// Longest entry path accepted (Linux `PATH_MAX`).
 const MAX_PATH: usize = 4096;
@@ -116,11 +118,20 @@ pub(super) struct Unpacker {
     is_root: bool,
     /// A chown was refused already (logged once).
     chown_refused: bool,
+    /// The caps on what the layers may expand to.
+    limits: UnpackLimits,
+    /// Uncompressed tar bytes the remaining layers may still read, in all.
+    budget: std::rc::Rc<Budget>,
+    /// Entries of all layers so far.
+    entries: u64,
 }
 
 impl Unpacker {
-    pub(super) fn new(root: Root) -> Self {
+    pub(super) fn new(root: Root, limits: UnpackLimits) -> Self {
         Unpacker {
+            limits,
+            budget: Budget::new(limits.total_bytes),
+            entries: 0,
             root,
             skipped: Vec::new(),
             skipped_paths: HashSet::new(),
@@ -180,31 +191,57 @@ impl Unpacker {
         let decoder = compression
             .decoder(stream)
             .map_err(|r| layer_err(r.to_owned()))?;
-        let mut tar_stream = HashingReader::new(decoder);
+        let budget = self.budget.clone();
+        let limits = self.limits;
+        // Whatever failed, going past the budget is what is reported.
+        let over = |e: OciError| {
+            if budget.exceeded() {
+                limits.total_error(format!("the layers of the image (at layer {layer})"))
+            } else {
+                e
+            }
+        };
+        let mut tar_stream = HashingReader::new(Capped::new(decoder, budget.clone()));
         let mut state = LayerState::default();
         {
             let mut archive = tar::Archive::new(&mut tar_stream);
-            let entries = archive.entries().map_err(|e| layer_err(e.to_string()))?;
+            let entries = archive
+                .entries()
+                .map_err(|e| over(layer_err(e.to_string())))?;
             for entry in entries {
-                let mut entry = entry.map_err(|e| layer_err(format!("bad tar data: {e}")))?;
+                let mut entry = entry.map_err(|e| over(layer_err(format!("bad tar data: {e}"))))?;
                 let raw = entry.path_bytes().into_owned();
+                self.entries += 1;
+                if self.entries > self.limits.entries {
+                    return Err(self
+                        .limits
+                        .entries_error(format!("the layers of the image (at layer {layer})")));
+                }
+                if entry.size() > self.limits.file_bytes {
+                    return Err(self.limits.file_error(format!(
+                        "layer {layer}: entry {}",
+                        String::from_utf8_lossy(&raw)
+                    )));
+                }
                 self.dirty = false;
                 let result = self.entry(&mut state, &raw, &mut entry);
                 if self.dirty {
                     self.cache = None;
                 }
-                result.map_err(|reason| OciError::Entry {
-                    layer: layer.to_owned(),
-                    entry: String::from_utf8_lossy(&raw).into_owned(),
-                    reason,
-                })?;
+                result
+                    .map_err(|reason| OciError::Entry {
+                        layer: layer.to_owned(),
+                        entry: String::from_utf8_lossy(&raw).into_owned(),
+                        reason,
+                    })
+                    .map_err(over)?;
             }
         }
         self.cache = None;
         self.set_dir_times(&state);
         let (tar_digest, _) = tar_stream
             .finish()
-            .map_err(|e| layer_err(format!("reading past the end of the tar: {e}")))?;
+            .map_err(|e| over(layer_err(format!("reading past the end of the tar: {e}"))))?;
         Ok(tar_digest)
     }
 
@@ -362,8 +399,9 @@ impl Unpacker {
         meta: &Meta,
     ) -> io::Result<()> {
         self.replace(dir, name, false)?;
-        let mut file = fs::create_file(dir, name)?;
-        let copied = io::copy(entry, &mut file)?;
+        let file = fs::create_file(dir, name)?;
+        // Runs of zero blocks become holes: a sparse file in the image stays sparse.
+        let copied = copy_sparse(entry, &file)?;
         if copied != entry.size() {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,

@@ -286,6 +286,19 @@ pub enum OciError {
         /// Why.
         reason: String,
     },
+    /// Reading the image would go past one of its [`UnpackLimits`] (a decompression bomb, or
+    /// an image larger than allowed).
+    #[error("{} expands beyond {limit} {unit}: refused as a possible decompression bomb (set {var} to allow more)", printable(what))]
+    Expansion {
+        /// What was being expanded (the archive, a layer, an entry).
+        what: String,
+        /// The limit.
+        limit: u64,
+        /// `bytes` or `entries`.
+        unit: &'static str,
+        /// The variable that sets the limit.
+        var: &'static str,
+    },
     /// An entry of a layer was refused or could not be created.
     #[error(
         "layer {}: entry {}: {}",
@@ -301,6 +314,117 @@ pub enum OciError {
         /// Why.
         reason: String,
     },
+}
+
+/// Caps on what reading an image may expand to, so that a small hostile archive (a
+/// decompression bomb, a layer of millions of entries or one huge file) fails with a clear
+/// error instead of filling the host's disk. Each can be set in the environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// Bytes a compressed archive or the layers of one image may expand to, in all
+    /// ([`MAX_BYTES_ENV`]; default 64 GiB).
+    pub total_bytes: u64,
+    /// Size of one file in a layer ([`MAX_FILE_BYTES_ENV`]; default 16 GiB).
+    pub file_bytes: u64,
+    /// Entries in the outer archive, and in all the layers of one image
+    /// ([`MAX_ENTRIES_ENV`]; default 2,000,000).
+    pub entries: u64,
+}
+
+/// Overrides [`UnpackLimits::total_bytes`] (bytes, or with a K/M/G/T suffix).
+pub const MAX_BYTES_ENV: &str = "GATEVM_UNPACK_MAX_BYTES";
+/// Overrides [`UnpackLimits::file_bytes`] (bytes, or with a K/M/G/T suffix).
+pub const MAX_FILE_BYTES_ENV: &str = "GATEVM_UNPACK_MAX_FILE_BYTES";
+/// Overrides [`UnpackLimits::entries`].
+pub const MAX_ENTRIES_ENV: &str = "GATEVM_UNPACK_MAX_ENTRIES";
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        UnpackLimits {
+            total_bytes: 64 << 30,
+            file_bytes: 16 << 30,
+            entries: 2_000_000,
+        }
+    }
+}
+
+/// A count with an optional binary suffix (`64G`, `512M`, `1000`).
+fn parse_amount(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 10),
+        (i, 'm' | 'M') => (&s[..i], 20),
+        (i, 'g' | 'G') => (&s[..i], 30),
+        (i, 't' | 'T') => (&s[..i], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().ok()?;
+    let v = n.checked_mul(1u64 << shift)?;
+    (v > 0).then_some(v)
+}
+
+impl UnpackLimits {
+    /// The defaults, with the overrides set in the environment.
+    pub fn from_env() -> Result<Self, OciError> {
+        Self::from_lookup(&|k| std::env::var(k).ok())
+    }
+
+    fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Self, OciError> {
+        let mut l = UnpackLimits::default();
+        for (var, field) in [
+            (MAX_BYTES_ENV, &mut l.total_bytes),
+            (MAX_FILE_BYTES_ENV, &mut l.file_bytes),
+            (MAX_ENTRIES_ENV, &mut l.entries),
+        ] {
+            if let Some(v) = get(var).filter(|v| !v.is_empty()) {
+                *field = parse_amount(&v).ok_or_else(|| OciError::Invalid {
+                    what: format!("{var}={v}"),
+                    reason: "not a positive number (a K, M, G or T suffix may follow)".into(),
+                })?;
+            }
+        }
+        Ok(l)
+    }
+
+    pub(crate) fn total_error(&self, what: String) -> OciError {
+        OciError::Expansion {
+            what,
+            limit: self.total_bytes,
+            unit: "bytes",
+            var: MAX_BYTES_ENV,
+        }
+    }
+
+    pub(crate) fn file_error(&self, what: String) -> OciError {
+        OciError::Expansion {
+            what,
+            limit: self.file_bytes,
+            unit: "bytes",
+            var: MAX_FILE_BYTES_ENV,
+        }
+    }
+
+    pub(crate) fn entries_error(&self, what: String) -> OciError {
+        OciError::Expansion {
+            what,
+            limit: self.entries,
+            unit: "entries",
+            var: MAX_ENTRIES_ENV,
+        }
+    }
+}
+
+/// Removes everything inside `dir` (not following symlinks), best effort.
+fn empty_dir(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let is_dir = std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir());
+        let _ = if is_dir {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+    }
 }
 
 /// `s` with control characters (newlines, terminal escapes, ...) escaped, so that a message
@@ -344,8 +468,18 @@ pub fn unpack_archive(
     dest: &Path,
     image: Option<&str>,
 ) -> Result<Unpacked, OciError> {
+    unpack_archive_with(archive, dest, image, &UnpackLimits::from_env()?)
+}
+
+/// [`unpack_archive`] with explicit [`UnpackLimits`] instead of those of the environment.
+pub fn unpack_archive_with(
+    archive: &Path,
+    dest: &Path,
+    image: Option<&str>,
+    limits: &UnpackLimits,
+) -> Result<Unpacked, OciError> {
     check_destination(dest)?;
-    let outer = OuterArchive::open(archive)?;
+    let outer = OuterArchive::open(archive, limits)?;
     let format = layout(&outer)?;
     let selected = match format {
         ArchiveFormat::DockerSave => select_docker(&outer, image)?,
@@ -363,12 +497,18 @@ pub fn unpack_archive(
         path: dest.to_owned(),
         reason: e.to_string(),
     })?;
-    let mut unpacker = layer::Unpacker::new(root);
+    let mut unpacker = layer::Unpacker::new(root, *limits);
     for (i, layer) in selected.layers.iter().enumerate() {
         let (reader, size) = layer_member(&outer, layer)?;
         let name = layer.name();
         tracing::debug!(layer = %name, size, "applying layer");
-        unpacker.apply(&name, reader, layer.digest.as_ref(), diff_ids.get(i))?;
+        if let Err(e) = unpacker.apply(&name, reader, layer.digest.as_ref(), diff_ids.get(i)) {
+            // A bomb leaves nothing of what it expanded behind.
+            if matches!(e, OciError::Expansion { .. }) {
+                empty_dir(dest);
+            }
+            return Err(e);
+        }
     }
     Ok(Unpacked {
         format,
@@ -401,7 +541,7 @@ pub fn unpack_archive(
 /// Errors are those of [`unpack_archive`]: not an archive (empty file, random bytes), truncated,
 /// neither layout, bad JSON, a missing member, [`OciError::NoImage`] when nothing is listed.
 pub fn inspect_archive(archive: &Path) -> Result<Vec<ImageSummary>, OciError> {
-    let outer = OuterArchive::open(archive)?;
+    let outer = OuterArchive::open(archive, &UnpackLimits::from_env()?)?;
     let format = layout(&outer)?;
     let images = match format {
         ArchiveFormat::DockerSave => docker_images(&outer)?,

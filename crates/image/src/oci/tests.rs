@@ -1937,3 +1937,201 @@ mod fuzz {
         }
     }
 }
+
+// ---- limits and sparse files ----------------------------------------------------------------
+
+/// A layer holding one file of `zeros` zero bytes between two short pieces of data.
+fn sparse_layer(name: &str, zeros: usize) -> Vec<u8> {
+    let mut data = b"head".to_vec();
+    data.resize(4 + zeros, 0);
+    data.extend_from_slice(b"tail");
+    let mut b = Builder::new(Vec::new());
+    raw_entry(&mut b, EntryType::Regular, name, "", &data, 0o644);
+    b.into_inner().unwrap()
+}
+
+fn small_limits() -> UnpackLimits {
+    UnpackLimits {
+        total_bytes: 8 << 20,
+        ..UnpackLimits::default()
+    }
+}
+
+fn expansion(err: OciError) -> (String, &'static str) {
+    let line = err.to_string();
+    match err {
+        OciError::Expansion { var, .. } => (line, var),
+        other => panic!("expected an expansion error, got {other}"),
+    }
+}
+
+/// A gzip outer archive of 64 KiB that expands to 64 MiB is refused at the cap, with one line
+/// naming the archive and the variable, and its temporary file is gone.
+#[test]
+fn gzip_bomb_outer_archive_is_refused_and_leaves_nothing() {
+    let sb = Sandbox::new();
+    let img = docker_legacy(&[(&["bomb:1"], &[&sparse_layer("zeros", 64 << 20)], json!({}))]);
+    let bomb = gzip(&img);
+    assert!(bomb.len() < 1 << 20, "the bomb is {} bytes", bomb.len());
+    std::fs::write(&sb.archive, &bomb).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let err = match archive::OuterArchive::open_in(&sb.archive, &small_limits(), tmp.path()) {
+        Ok(_) => panic!("a 64 MiB expansion passed an 8 MiB cap"),
+        Err(e) => e,
+    };
+    let (line, var) = expansion(err);
+    assert_eq!(var, MAX_BYTES_ENV);
+    assert!(!line.contains('\n'), "{line}");
+    assert!(
+        line.contains("image.tar") && line.contains("8388608 bytes"),
+        "{line}"
+    );
+    assert!(line.contains(MAX_BYTES_ENV), "{line}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "temporary files left behind: {left:?}");
+    // The whole unpack says the same, and the destination stays empty.
+    let err = unpack_archive_with(&sb.archive, &sb.dest, None, &small_limits()).unwrap_err();
+    assert_eq!(expansion(err).1, MAX_BYTES_ENV);
+    assert!(sb.tree().is_empty(), "{:?}", sb.tree());
+    sb.assert_outside_untouched();
+    // Under the default caps the same archive is fine.
+    sb.unpack(&bomb, None).unwrap();
+    assert_eq!(
+        std::fs::metadata(sb.p("zeros")).unwrap().len(),
+        (64 << 20) + 8
+    );
+}
+
+/// A zstd layer that expands past the cap is refused; what it had written is removed.
+#[test]
+fn zstd_bomb_layer_is_refused_and_leaves_nothing() {
+    let sb = Sandbox::new();
+    let layer = zstd::encode_all(&sparse_layer("zeros", 64 << 20)[..], 3).unwrap();
+    assert!(layer.len() < 1 << 20);
+    let small = layer_of(&[E::File("small", "x", 0o644)]);
+    std::fs::write(
+        &sb.archive,
+        docker_legacy(&[(&["bomb:1"], &[&small, &layer], json!({}))]),
+    )
+    .unwrap();
+    let err = unpack_archive_with(&sb.archive, &sb.dest, None, &small_limits()).unwrap_err();
+    let (line, var) = expansion(err);
+    assert_eq!(var, MAX_BYTES_ENV);
+    assert!(line.contains("layers of the image"), "{line}");
+    assert!(sb.tree().is_empty(), "left behind: {:?}", sb.tree());
+    sb.assert_outside_untouched();
+}
+
+fn layer_of(entries: &[E]) -> Vec<u8> {
+    layer(entries)
+}
+
+#[test]
+fn per_file_and_entry_caps() {
+    let sb = Sandbox::new();
+    std::fs::write(
+        &sb.archive,
+        docker_legacy(&[(&["f:1"], &[&sparse_layer("big", 2 << 20)], json!({}))]),
+    )
+    .unwrap();
+    let limits = UnpackLimits {
+        file_bytes: 1 << 20,
+        ..UnpackLimits::default()
+    };
+    let (line, var) =
+        expansion(unpack_archive_with(&sb.archive, &sb.dest, None, &limits).unwrap_err());
+    assert_eq!(var, MAX_FILE_BYTES_ENV);
+    assert!(line.contains("entry big"), "{line}");
+
+    let sb = Sandbox::new();
+    let names: Vec<String> = (0..10).map(|i| format!("f{i}")).collect();
+    let entries: Vec<E> = names.iter().map(|n| E::File(n, "x", 0o644)).collect();
+    std::fs::write(
+        &sb.archive,
+        docker_legacy(&[(&["e:1"], &[&layer(&entries)], json!({}))]),
+    )
+    .unwrap();
+    // The outer archive has 4 members (config, VERSION, layer.tar, manifest.json).
+    let limits = UnpackLimits {
+        entries: 6,
+        ..UnpackLimits::default()
+    };
+    let (line, var) =
+        expansion(unpack_archive_with(&sb.archive, &sb.dest, None, &limits).unwrap_err());
+    assert_eq!(var, MAX_ENTRIES_ENV);
+    assert!(line.contains("6 entries"), "{line}");
+    let limits = UnpackLimits {
+        entries: 3,
+        ..UnpackLimits::default()
+    };
+    let (line, _) =
+        expansion(unpack_archive_with(&sb.archive, &sb.dest, None, &limits).unwrap_err());
+    assert!(line.contains("image archive"), "{line}");
+}
+
+/// A file with a long run of zeros is written with a hole: it takes far less disk than its
+/// size, and reads back the same.
+#[test]
+fn zero_runs_are_written_sparse() {
+    let sb = Sandbox::new();
+    let zeros = 32 << 20;
+    sb.unpack_layers(&[&sparse_layer("sparse", zeros)]).unwrap();
+    let meta = std::fs::metadata(sb.p("sparse")).unwrap();
+    assert_eq!(meta.len(), zeros as u64 + 8);
+    let on_disk = meta.blocks() * 512;
+    assert!(
+        on_disk < 1 << 20,
+        "{on_disk} bytes on disk for a file of {} bytes, mostly zeros",
+        meta.len()
+    );
+    let back = std::fs::read(sb.p("sparse")).unwrap();
+    assert_eq!(&back[..4], b"head");
+    assert_eq!(&back[back.len() - 4..], b"tail");
+    assert!(back[4..back.len() - 4].iter().all(|&b| b == 0));
+    // A file that ends in zeros keeps its length.
+    let sb = Sandbox::new();
+    let mut b = Builder::new(Vec::new());
+    let mut data = b"x".to_vec();
+    data.resize(1 << 20, 0);
+    raw_entry(&mut b, EntryType::Regular, "trailing", "", &data, 0o644);
+    sb.unpack_layers(&[&b.into_inner().unwrap()]).unwrap();
+    let back = std::fs::read(sb.p("trailing")).unwrap();
+    assert_eq!(back, data);
+}
+
+#[test]
+fn limits_from_the_environment() {
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    assert_eq!(
+        UnpackLimits::from_lookup(&env(&[])).unwrap(),
+        UnpackLimits::default()
+    );
+    let l = UnpackLimits::from_lookup(&env(&[
+        (MAX_BYTES_ENV, "2G"),
+        (MAX_FILE_BYTES_ENV, "512m"),
+        (MAX_ENTRIES_ENV, "1000"),
+    ]))
+    .unwrap();
+    assert_eq!(
+        l,
+        UnpackLimits {
+            total_bytes: 2 << 30,
+            file_bytes: 512 << 20,
+            entries: 1000
+        }
+    );
+    for bad in ["0", "-1", "x", "1.5G", "99999999999T"] {
+        let e = UnpackLimits::from_lookup(&move |k: &str| {
+            (k == MAX_BYTES_ENV).then(|| bad.to_string())
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains(MAX_BYTES_ENV), "{e}");
+    }
+}

@@ -1,6 +1,6 @@
 //! Private directories and atomic file writes.
 
-use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
+use std::fs::{self, DirBuilder, OpenOptions, Permissions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
@@ -114,15 +114,11 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()
         file.write_all(contents)
             .and_then(|()| file.sync_all())
             .map_err(|e| io_error("write", &temp, e))?;
-        fs::rename(&temp, path).map_err(|e| io_error("replace", path, e))
+        gatevm_image::fsutil::rename_durable(&temp, path).map_err(|e| io_error("replace", path, e))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&temp);
         return result;
-    }
-    // Make the rename itself durable; failing to sync a directory is not worth failing for.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
     }
     Ok(())
 }

@@ -46,8 +46,13 @@ pub struct GatewayMetadata {
 /// The gatevm config directory: `$XDG_CONFIG_HOME/gatevm` when that is set to an absolute path,
 /// else `$HOME/.config/gatevm`; `None` when neither is usable. The directory is not created.
 pub fn config_dir() -> Option<PathBuf> {
+    // XDG_CONFIG_HOME counts only when it belongs to the calling user (root ignores another
+    // user's, which `sudo` passes on).
     config_dir_from(
-        std::env::var_os("XDG_CONFIG_HOME"),
+        gatevm_image::dirs::env_dir("XDG_CONFIG_HOME")
+            .ok()
+            .flatten()
+            .map(PathBuf::into_os_string),
         std::env::var_os("HOME"),
     )
 }
