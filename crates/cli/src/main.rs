@@ -119,8 +119,9 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            // One line: the error and its causes.
-            eprintln!("gatevm: error: {}", crate::output::error_line(&e));
+            // One line: the error and its causes (terminal control sequences stripped: a
+            // message may quote the guest).
+            eprintln!("gatevm: error: {}", crate::output::shown_error(&e));
             std::process::exit(1);
         }
     }

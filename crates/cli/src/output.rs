@@ -63,9 +63,95 @@ pub fn error_line(e: &anyhow::Error) -> String {
     line
 }
 
+/// Most characters of an error message shown.
+pub const MAX_ERROR_CHARS: usize = 2000;
+
+/// The error line as it is printed: [`error_line`], stripped of terminal control sequences (a
+/// message may quote the guest) and bounded.
+pub fn shown_error(e: &anyhow::Error) -> String {
+    gatevm_instance::text::line(&error_line(e), MAX_ERROR_CHARS)
+}
+
+/// Makes a status document safe to show (human or JSON): every string that comes from the
+/// guest, or quotes it, is stripped of terminal control sequences and bounded. The supervisor
+/// already does this for what the agent reports; this covers the CLI's own additions (the k3s
+/// health details) and a supervisor that did not.
+pub fn sanitize_status(st: &mut gatevm_instance::InstanceStatus) {
+    use gatevm_instance::text::line;
+    let opt = |s: &mut Option<String>, max: usize| {
+        if let Some(v) = s.as_mut() {
+            *v = line(v, max);
+        }
+    };
+    opt(&mut st.agent.version, 100);
+    opt(&mut st.agent.kernel, 100);
+    st.payloads.truncate(16);
+    for p in &mut st.payloads {
+        p.name = line(&p.name, 100);
+        opt(&mut p.last_exit, 1000);
+    }
+    if let Some(k) = st.k3s.as_mut() {
+        k.version = line(&k.version, 100);
+        opt(&mut k.detail, 1000);
+        if let Some(g) = k.gateway.as_mut() {
+            opt(&mut g.detail, 1000);
+        }
+    }
+    opt(&mut st.stop_reason, 1000);
+    opt(&mut st.last_error, MAX_ERROR_CHARS);
+    opt(&mut st.kernel, 200);
+    opt(&mut st.backend, 100);
+    st.state = line(&st.state, 40);
+    st.net = line(&st.net, 40);
+    for f in &mut st.forwards {
+        *f = line(f, 200);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::error_line;
+
+    #[test]
+    fn hostile_status_texts_are_made_safe() {
+        use gatevm_protocol::{PayloadState, PayloadStatus};
+        let hostile = "x\u{1b}]52;c;aGk=\u{7}\u{1b}[2J\u{9b}31m\u{7}\u{8}\u{202e}y";
+        let mut st: gatevm_instance::InstanceStatus =
+            serde_json::from_value(serde_json::json!({
+                "name": "n", "state": "running", "healthy": false, "net": "passt",
+                "cpus": 1, "memory_mib": 512, "forwards": [], "agent": {"connected": true, "responding": true},
+                "payloads": [], "logs": "/x"
+            }))
+            .unwrap();
+        st.payloads = vec![
+            PayloadStatus {
+                name: format!("{hostile}{}", "n".repeat(5000)),
+                state: PayloadState::Ready,
+                pid: None,
+                restarts: 0,
+                last_exit: Some(hostile.into()),
+            };
+            40
+        ];
+        st.last_error = Some(hostile.into());
+        st.agent.version = Some(hostile.into());
+        st.k3s = Some(gatevm_instance::control::K3sHealth {
+            detail: Some(hostile.into()),
+            ..Default::default()
+        });
+        super::sanitize_status(&mut st);
+        assert_eq!(st.payloads.len(), 16);
+        assert_eq!(st.payloads[0].name.chars().count(), 100);
+        assert_eq!(st.payloads[0].last_exit.as_deref(), Some("x   y"));
+        assert_eq!(st.last_error.as_deref(), Some("x   y"));
+        assert_eq!(st.k3s.as_ref().unwrap().detail.as_deref(), Some("x   y"));
+        let json = serde_json::to_string(&st).unwrap();
+        for bad in ["\\u001b", "\u{9b}", "\u{202e}", "\\u0007", "\\b"] {
+            assert!(!json.contains(bad), "{bad:?} in {json}");
+        }
+        let e = anyhow::anyhow!("guest said {hostile}");
+        assert_eq!(super::shown_error(&e), "guest said x   y");
+    }
 
     /// Prints its source as part of its own message, as `#[error("passt: {0}")]` with
     /// `#[from]` does.

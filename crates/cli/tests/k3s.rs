@@ -367,6 +367,157 @@ fn k3s_profile_plumbing_with_a_stand_in() {
     assert_eq!(st["k3s"]["gateway"]["guest_port"], 30444, "{st}");
     assert!(st["k3s"]["gateway"]["detail"].is_string(), "{st}");
 
+    // A hostile guest (issue 13): k3s's kubeconfig replaced by one carrying an `exec`
+    // credential plugin and "\n" credentials. `kubeconfig --refresh` refuses it with one line
+    // naming the field; neither the instance's kubeconfig nor the user's changes.
+    let gatevm_env = |args: &[&str]| {
+        Command::new(bin())
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("XDG_CONFIG_HOME", &config_home)
+            .output()
+            .unwrap()
+    };
+    let (code, orig, err) = exec(NAME, &["cat", "/etc/rancher/k3s/k3s.yaml"], None);
+    assert_eq!(code, 0, "{err}");
+    let line_of = |key: &str| {
+        orig.lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .unwrap_or_else(|| panic!("no {key} in {orig}"))
+            .to_string()
+    };
+    let (cert_line, key_line) = (
+        line_of("client-certificate-data:"),
+        line_of("client-key-data:"),
+    );
+    let exec_plugin = "  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1beta1\n      command: /bin/sh\n      args: [\"-c\", \"echo pwned > /tmp/gatevm-e2e-pwned\"]\n";
+    let write_guest = |yaml: &str| {
+        let (c, _, e) = exec(
+            NAME,
+            &["sh", "-c", "cat > /etc/rancher/k3s/k3s.yaml"],
+            Some(yaml.as_bytes()),
+        );
+        assert_eq!(c, 0, "{e}");
+    };
+    write_guest(
+        &orig
+            .replacen("  user:\n", exec_plugin, 1)
+            .replace(&cert_line, "    client-certificate-data: \"\\n\"")
+            .replace(&key_line, "    client-key-data: \"\\n\""),
+    );
+    let merged_before = std::fs::read_to_string(&kubeconfig).unwrap();
+    let own_before = run(&["kubeconfig", NAME]);
+    let out = gatevm_env(&["kubeconfig", NAME, "--refresh"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a hostile kubeconfig was taken: {err}"
+    );
+    // One error line naming the field (a warning may name the fields that were dropped).
+    let errors: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("gatevm: error"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains("client-certificate-data"), "{err}");
+    assert_eq!(std::fs::read_to_string(&kubeconfig).unwrap(), merged_before);
+    assert_eq!(run(&["kubeconfig", NAME]), own_before);
+
+    // Valid credentials beside the plugin and fields that change where and how kubectl
+    // connects: the credentials are taken, nothing else.
+    write_guest(
+        &orig
+            .replacen(
+                "  user:\n",
+                &format!("{exec_plugin}    auth-provider:\n      name: oidc\n      config: {{cmd-path: /bin/sh}}\n    username: admin\n    password: hunter2\n"),
+                1,
+            )
+            .replace(
+                "    server: https://127.0.0.1:6443\n",
+                "    server: https://evil.example:6443\n    proxy-url: http://192.168.127.2:3128\n    insecure-skip-tls-verify: true\n    tls-server-name: evil.example\n",
+            ),
+    );
+    let own = run(&["kubeconfig", NAME, "--refresh"]);
+    let merged = std::fs::read_to_string(&kubeconfig).unwrap();
+    assert!(
+        own.contains(&format!("server: https://127.0.0.1:{api}\n")),
+        "{own}"
+    );
+    const ALLOWED: &[&str] = &[
+        "apiVersion",
+        "kind",
+        "clusters",
+        "users",
+        "contexts",
+        "name",
+        "cluster",
+        "user",
+        "context",
+        "current-context",
+        "preferences",
+        "server",
+        "certificate-authority-data",
+        "client-certificate-data",
+        "client-key-data",
+    ];
+    for (what, text) in [("instance", &own), ("merged", &merged)] {
+        for l in text.lines() {
+            let key = l
+                .trim_start()
+                .trim_start_matches("- ")
+                .split(':')
+                .next()
+                .unwrap();
+            assert!(
+                ALLOWED.contains(&key),
+                "{what} kubeconfig holds {key:?}:\n{text}"
+            );
+        }
+        for bad in [
+            "/bin/sh",
+            "pwned",
+            "hunter2",
+            "evil.example",
+            "192.168.127.2",
+        ] {
+            assert!(
+                !text.contains(bad),
+                "{what} kubeconfig holds {bad:?}:\n{text}"
+            );
+        }
+    }
+
+    // Text from the guest on the user's terminal: the guest's `k3s` answers the health probe
+    // with terminal control sequences (OSC 52 clipboard write, clear screen, 8-bit CSI, BEL,
+    // backspace, RTL override); `status` shows the detail without them.
+    let hostile_k3s = "#!/bin/sh\nprintf 'boom \\033]52;c;aGk=\\007\\033[2J\\302\\2332J\\007\\010\\342\\200\\256done\\n' >&2\nexit 1\n";
+    let (c, _, e) = exec(
+        NAME,
+        &[
+            "sh",
+            "-c",
+            "cat > /usr/local/bin/.k3s-hostile && chmod 755 /usr/local/bin/.k3s-hostile && mv /usr/local/bin/.k3s-hostile /usr/local/bin/k3s",
+        ],
+        Some(hostile_k3s.as_bytes()),
+    );
+    assert_eq!(c, 0, "{e}");
+    let human = run(&["status", NAME]);
+    let json = run(&["status", NAME, "--json"]);
+    for text in [&human, &json] {
+        assert!(text.contains("boom"), "{text}");
+        assert!(text.contains("done"), "{text}");
+        for bad in ['\u{1b}', '\u{9b}', '\u{7}', '\u{8}', '\u{202e}'] {
+            assert!(
+                !text.contains(bad),
+                "{bad:?} reached the terminal: {text:?}"
+            );
+        }
+        assert!(
+            !text.contains("\\u001b") && !text.contains("52;c;"),
+            "{text}"
+        );
+    }
+
     // Delete takes the context and the gateway metadata away.
     run(&["delete", NAME, "--force"]);
     let after = std::fs::read_to_string(&kubeconfig).unwrap_or_default();

@@ -6,8 +6,8 @@
 //!   `True` (the node's Ready condition, as gatevm's status asks for it).
 //! - `fake-k3s server ARGS...` records its arguments and the manifests it finds in
 //!   `<data-dir>/server/manifests` in `/run/fake-k3s.json`, writes a k3s-shaped kubeconfig to
-//!   `/etc/rancher/k3s/k3s.yaml` (embedded CA and client credentials; the data is not a real
-//!   certificate), and accepts TCP connections on the API port (6443 or `--https-listen-port`),
+//!   `/etc/rancher/k3s/k3s.yaml` (embedded CA and client credentials, real certificates and key
+//!   generated at start, shaped like k3s's), and accepts TCP connections on the API port (6443 or `--https-listen-port`),
 //!   answering each with `fake-k3s\n`, until it is terminated.
 //! - As a stand-in for a gateway workload, when the manifests hold gatevm's TLS Secret
 //!   (`gatevm-gateway-tls.yaml`), it serves TLS with that Secret's server pair on port
@@ -43,10 +43,60 @@ fn json_str(s: &str) -> String {
     o
 }
 
-const KUBECONFIG: &str = "apiVersion: v1
+/// Standard base64 with padding.
+fn base64_encode(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A kubeconfig shaped like k3s's, with real credentials made at start: a server CA, a client
+/// CA, and a client certificate for `system:admin` signed by the client CA, bundled with it
+/// (k3s puts both in `client-certificate-data`), and its key.
+fn kubeconfig() -> Result<String, rcgen::Error> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    let ca = |cn: &str| -> Result<(rcgen::Certificate, KeyPair), rcgen::Error> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(vec![])?;
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, cn);
+        Ok((p.self_signed(&key)?, key))
+    };
+    let (server_ca, _) = ca("k3s-server-ca@fake")?;
+    let (client_ca, client_ca_key) = ca("k3s-client-ca@fake")?;
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(vec![])?;
+    p.distinguished_name
+        .push(DnType::CommonName, "system:admin");
+    p.distinguished_name
+        .push(DnType::OrganizationName, "system:masters");
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client = p.signed_by(&key, &client_ca, &client_ca_key)?;
+    let ca_data = base64_encode(server_ca.pem().as_bytes());
+    let cert_data = base64_encode(format!("{}{}", client.pem(), client_ca.pem()).as_bytes());
+    let key_data = base64_encode(key.serialize_pem().as_bytes());
+    Ok(format!(
+        "apiVersion: v1
 clusters:
 - cluster:
-    certificate-authority-data: ZmFrZS1jYQ==
+    certificate-authority-data: {ca_data}
     server: https://127.0.0.1:6443
   name: default
 contexts:
@@ -56,13 +106,15 @@ contexts:
   name: default
 current-context: default
 kind: Config
-preferences: {}
+preferences: {{}}
 users:
 - name: default
   user:
-    client-certificate-data: ZmFrZS1jZXJ0
-    client-key-data: ZmFrZS1rZXk=
-";
+    client-certificate-data: {cert_data}
+    client-key-data: {key_data}
+"
+    ))
+}
 
 /// Where the stand-in gateway listens (in the NodePort range, like a real gateway Service).
 const GATEWAY_PORT: u16 = 30443;
@@ -175,7 +227,8 @@ fn server(args: &[String]) -> std::io::Result<()> {
     }
     let listener = std::net::TcpListener::bind(("0.0.0.0", port))?;
     std::fs::create_dir_all("/etc/rancher/k3s")?;
-    std::fs::write("/etc/rancher/k3s/k3s.yaml", KUBECONFIG)?;
+    let kubeconfig = kubeconfig().map_err(std::io::Error::other)?;
+    std::fs::write("/etc/rancher/k3s/k3s.yaml", kubeconfig)?;
     for mut c in listener.incoming().flatten() {
         let _ = c.write_all(b"fake-k3s\n");
     }
@@ -208,5 +261,26 @@ fn main() {
             eprintln!("fake-k3s: usage: fake-k3s --version | server [ARGS]");
             std::process::exit(2);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_round_trips() {
+        for s in ["", "f", "fo", "foo", "foob", "fooba", "foobar"] {
+            let e = super::base64_encode(s.as_bytes());
+            assert_eq!(super::base64_decode(&e).unwrap(), s.as_bytes(), "{e}");
+        }
+        assert_eq!(super::base64_encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(super::base64_encode(b"fo"), "Zm8=");
+    }
+
+    /// gatevm takes the stand-in's kubeconfig as it takes k3s's (the end-to-end test relies on it).
+    #[test]
+    fn its_kubeconfig_passes_gatevm_checks() {
+        let yaml = super::kubeconfig().unwrap();
+        let out = gatevm_k3s::kubeconfig::instance_kubeconfig(&yaml, "t", 7000).unwrap();
+        assert!(out.contains("client-key-data: "), "{out}");
     }
 }

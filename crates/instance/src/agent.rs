@@ -353,13 +353,10 @@ fn kind(f: &Frame<GuestMsg>) -> &'static str {
     }
 }
 
-/// The first `n` characters of a string from the guest, control characters (terminal escapes)
-/// turned into spaces: these strings end up in logs and on the user's terminal.
+/// At most `n` characters of a string from the guest, terminal control sequences removed (see
+/// [`crate::text`]): these strings end up in logs and on the user's terminal.
 fn truncate(s: &str, n: usize) -> String {
-    s.chars()
-        .take(n)
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    crate::text::line(s, n)
 }
 
 async fn writer(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {

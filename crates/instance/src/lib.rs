@@ -15,6 +15,7 @@ pub mod name;
 pub mod paths;
 pub mod rootdir;
 pub mod supervisor;
+pub mod text;
 
 pub use config::{InstanceConfig, VmmChoice};
 pub use control::InstanceStatus;

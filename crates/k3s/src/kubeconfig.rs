@@ -6,7 +6,9 @@
 //! [`instance_kubeconfig`] points the server at `https://127.0.0.1:PORT` (k3s's serving
 //! certificate carries `127.0.0.1` as a SAN, so TLS still verifies against the embedded CA) and
 //! names everything `gatevm-NAME` so several instances and the user's own clusters can live side by
-//! side in one file.
+//! side in one file. That file comes from the guest, which is untrusted: the instance's kubeconfig
+//! is rebuilt from an allowlist of its fields, each credential decoded and checked (`creds`); an
+//! `exec` or `auth-provider` entry, which would run a program on the host, never gets through.
 //!
 //! [`merge`] and [`remove`] edit the user's kubeconfig (see [`target_path`]) the way kubectl
 //! does, but conservatively:
@@ -60,14 +62,6 @@ const LISTS: [(&str, &str); 3] = [
     ("clusters", "cluster"),
     ("users", "user"),
     ("contexts", "context"),
-];
-
-/// Fields of k3s's cluster or user entries that name a file, which would be a guest path.
-const FILE_FIELDS: [&str; 4] = [
-    "certificate-authority",
-    "client-certificate",
-    "client-key",
-    "tokenFile",
 ];
 
 /// What went wrong preparing or editing a kubeconfig.
@@ -166,14 +160,35 @@ pub fn entry_name(name: &str) -> String {
     format!("{ENTRY_PREFIX}{name}")
 }
 
-/// The instance's kubeconfig from k3s's: server rewritten to `https://127.0.0.1:PORT` (keeping
-/// the CA so TLS verifies: k3s's serving certificate has `127.0.0.1` as a SAN), cluster, user and
-/// context renamed to `gatevm-NAME`, current-context set to it.
+/// Largest k3s kubeconfig accepted from the guest (k3s's is about 3 KiB).
+pub const MAX_K3S_YAML: usize = 64 * 1024;
+
+/// Fields of k3s's kubeconfig that are read; everything else the guest wrote is dropped.
+const ALLOWED: [(&str, &[&str]); 3] = [
+    ("cluster", &["certificate-authority-data", "server"]),
+    (
+        "user",
+        &["client-certificate-data", "client-key-data", "token"],
+    ),
+    ("context", &["cluster", "user"]),
+];
+
+/// The instance's kubeconfig, rebuilt from an allowlist of what k3s's (read from the guest, so
+/// untrusted) holds: nothing the guest wrote is copied as it is.
 ///
-/// The context used is k3s's current context (or its only one). Its cluster must embed the CA
-/// (`certificate-authority-data`) and its user must embed its credentials: a field naming a file
-/// (`client-key`, ...) would name a path inside the guest, so it is refused. Unknown fields of the
-/// cluster, user and context are kept.
+/// The context used is k3s's current context (or its only one); of its cluster and user only
+/// these are taken, each checked by [`creds`] and re-encoded:
+/// - the cluster's `certificate-authority-data` (CA certificates);
+/// - the user's `client-certificate-data` with `client-key-data` (a certificate signed by a CA
+///   of its bundle or of the cluster's CA data, and its private key), or else its `token`.
+///
+/// The server is always `https://127.0.0.1:PORT` (the forwarded port; k3s's serving certificate
+/// has `127.0.0.1` as a SAN, so TLS verifies against the CA), never the guest's; cluster, user
+/// and context are named `gatevm-NAME`. Every other field is dropped: `exec` and
+/// `auth-provider` (which run programs on the host), `proxy-url`, `tls-server-name`,
+/// `insecure-skip-tls-verify`, `username`/`password`, impersonation, file paths, extensions,
+/// a context's namespace. The input is bounded ([`MAX_K3S_YAML`], each credential field
+/// [`creds::MAX_FIELD`]); every refusal is one line naming the field.
 pub fn instance_kubeconfig(
     k3s_yaml: &str,
     name: &str,
@@ -189,6 +204,12 @@ pub fn instance_kubeconfig(
         name: name.into(),
         reason,
     };
+    if k3s_yaml.len() > MAX_K3S_YAML {
+        return Err(bad(format!(
+            "{} bytes, more than {MAX_K3S_YAML}",
+            k3s_yaml.len()
+        )));
+    }
     let doc = parse_doc(k3s_yaml).map_err(bad)?;
 
     let context_name = match doc.get("current-context").and_then(Value::as_str) {
@@ -198,54 +219,103 @@ pub fn instance_kubeconfig(
             _ => return Err(bad("no current-context and not exactly one context".into())),
         },
     };
-    let context = body(&doc, "contexts", "context", &context_name).map_err(bad)?;
+    let shown_context = shown(&context_name);
+    let context =
+        body(&doc, "contexts", "context", &context_name).map_err(|e| bad(shown_error(e)))?;
     let field = |key: &str| -> Result<String, KubeconfigError> {
         context
             .get(key)
             .and_then(Value::as_str)
             .map(str::to_string)
-            .ok_or_else(|| bad(format!("context {context_name:?} names no {key}")))
+            .ok_or_else(|| bad(format!("context {shown_context}: no {key}")))
     };
     let (cluster_name, user_name) = (field("cluster")?, field("user")?);
-    let mut cluster = body(&doc, "clusters", "cluster", &cluster_name).map_err(bad)?;
-    let user = body(&doc, "users", "user", &user_name).map_err(bad)?;
+    let cluster =
+        body(&doc, "clusters", "cluster", &cluster_name).map_err(|e| bad(shown_error(e)))?;
+    let user = body(&doc, "users", "user", &user_name).map_err(|e| bad(shown_error(e)))?;
+    let (cluster_name, user_name) = (shown(&cluster_name), shown(&user_name));
+    for ((what, allowed), entry) in ALLOWED.iter().zip([&cluster, &user, &context]) {
+        let dropped: Vec<String> = entry
+            .keys()
+            .filter(|k| !k.as_str().is_some_and(|k| allowed.contains(&k)))
+            .map(|k| k.as_str().map_or_else(|| "?".into(), shown))
+            .collect();
+        if !dropped.is_empty() {
+            tracing::warn!(
+                instance = name,
+                "k3s's kubeconfig: {what} fields not taken over: {}",
+                dropped.join(", ")
+            );
+        }
+    }
 
-    match cluster.get("certificate-authority-data") {
-        Some(Value::String(s)) if !s.trim().is_empty() => {}
-        _ => {
+    // A field that is present must be a string; None when absent.
+    let text =
+        |entry: &Mapping, what: &str, key: &str| -> Result<Option<String>, KubeconfigError> {
+            match entry.get(key) {
+                None => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(bad(format!("{what}: {key}: {}, not a string", kind(other)))),
+            }
+        };
+    let cluster_what = format!("cluster {cluster_name}");
+    let ca_text = text(&cluster, &cluster_what, "certificate-authority-data")?
+        .ok_or_else(|| bad(format!("{cluster_what}: no certificate-authority-data")))?;
+    let ca = creds::ca(&ca_text)
+        .map_err(|e| bad(format!("{cluster_what}: certificate-authority-data: {e}")))?;
+
+    let user_what = format!("user {user_name}");
+    let mut user_out = Mapping::new();
+    match (
+        text(&user, &user_what, "client-certificate-data")?,
+        text(&user, &user_what, "client-key-data")?,
+        text(&user, &user_what, "token")?,
+    ) {
+        (Some(cert), Some(key), _) => {
+            let (cert, key) = creds::client(&cert, &key, &ca).map_err(|e| match e {
+                creds::Field::Cert(e) => bad(format!("{user_what}: client-certificate-data: {e}")),
+                creds::Field::Key(e) => bad(format!("{user_what}: client-key-data: {e}")),
+            })?;
+            user_out.insert("client-certificate-data".into(), cert.into());
+            user_out.insert("client-key-data".into(), key.into());
+        }
+        (Some(_), None, _) => {
             return Err(bad(format!(
-                "cluster {cluster_name:?} has no embedded certificate-authority-data"
+                "{user_what}: client-certificate-data without client-key-data"
+            )))
+        }
+        (None, Some(_), _) => {
+            return Err(bad(format!(
+                "{user_what}: client-key-data without client-certificate-data"
+            )))
+        }
+        (None, None, Some(token)) => {
+            let token =
+                creds::token(&token).map_err(|e| bad(format!("{user_what}: token: {e}")))?;
+            user_out.insert("token".into(), token.into());
+        }
+        (None, None, None) => {
+            return Err(bad(format!(
+                "{user_what}: neither client-certificate-data with client-key-data nor a token"
             )))
         }
     }
-    for (what, entry) in [("cluster", &cluster), ("user", &user)] {
-        if let Some(f) = FILE_FIELDS.iter().find(|f| entry.contains_key(**f)) {
-            return Err(bad(format!(
-                "{what} refers to a file in the guest ({f}); credentials must be embedded"
-            )));
-        }
-    }
-    let has = |k: &str| matches!(user.get(k), Some(Value::String(s)) if !s.is_empty());
-    let client_cert = has("client-certificate-data") && has("client-key-data");
-    if !(client_cert || has("token")) {
-        return Err(bad(format!(
-            "user {user_name:?} has neither an embedded client certificate and key nor a token"
-        )));
-    }
-    cluster.insert(
+
+    let entry = entry_name(name);
+    let mut cluster_out = Mapping::new();
+    cluster_out.insert("certificate-authority-data".into(), ca.data.into());
+    cluster_out.insert(
         "server".into(),
         Value::String(format!("https://127.0.0.1:{port}")),
     );
-
-    let entry = entry_name(name);
-    let mut context = context;
-    context.insert("cluster".into(), Value::String(entry.clone()));
-    context.insert("user".into(), Value::String(entry.clone()));
+    let mut context_out = Mapping::new();
+    context_out.insert("cluster".into(), Value::String(entry.clone()));
+    context_out.insert("user".into(), Value::String(entry.clone()));
 
     let mut out = Mapping::new();
     out.insert("apiVersion".into(), "v1".into());
     out.insert("kind".into(), "Config".into());
-    for ((list, key), body) in LISTS.iter().zip([cluster, user, context]) {
+    for ((list, key), body) in LISTS.iter().zip([cluster_out, user_out, context_out]) {
         out.insert(
             (*list).into(),
             Value::Sequence(vec![named(&entry, key, body)]),
@@ -254,6 +324,24 @@ pub fn instance_kubeconfig(
     out.insert("current-context".into(), Value::String(entry.clone()));
     out.insert("preferences".into(), Value::Mapping(Mapping::new()));
     Ok(yaml::to_string(&Value::Mapping(out)))
+}
+
+/// A name from the guest as an error message shows it: quoted, escaped, at most 64 characters.
+fn shown(s: &str) -> String {
+    let cut: String = s.chars().take(64).collect();
+    if cut.len() < s.len() {
+        format!("{cut:?}...")
+    } else {
+        format!("{cut:?}")
+    }
+}
+
+/// An error of [`body`], whose names come from the guest, cut short.
+fn shown_error(e: String) -> String {
+    let cut: String = e.chars().take(200).collect();
+    cut.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// The file to merge into: the first path of `$KUBECONFIG` (split on `:`, empty parts skipped),
@@ -696,6 +784,7 @@ fn one_line(e: impl Display) -> String {
         .join(" ")
 }
 
+mod creds;
 mod yaml;
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! and clean-up of both when the container ends or is removed. Published ports are guest ports;
 //! the instance's forwards (`gatevm start -p HOST:GUEST`) carry them to the host.
 
-use super::exec::{run_exec, ExecOpts};
+use super::exec::{capture, run_exec, ExecOpts, Limits};
 use super::image::Namespace;
 use crate::output::runtime;
 use anyhow::bail;
@@ -219,18 +219,41 @@ pub fn run(a: RunArgs) -> anyhow::Result<i32> {
     run_exec(&name, req)
 }
 
+/// Runs `gatevm-guest container ARGS` in the instance for the host (bounded by
+/// [`Limits::DEFAULT`]) and shows what it printed: the guest wrote it, so terminal control
+/// sequences are stripped (lines and tabs kept) before it reaches the user's terminal. Returns
+/// its exit code.
 fn guest_command(name: &str, args: Vec<String>) -> anyhow::Result<i32> {
     super::exec::require_running(name)?;
     let mut argv = vec![GUEST.to_string(), "container".to_string()];
     argv.extend(args);
-    let req = ExecOpts {
+    ExecOpts {
         interactive: false,
         tty: false,
         env: vec![],
         workdir: None,
     }
     .request(&argv)?;
-    run_exec(name, req)
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = runtime()?.block_on(capture::<tokio::io::Empty>(
+        name,
+        &argv,
+        None,
+        Limits::DEFAULT,
+    ))?;
+    let (stdout, stderr) = shown_output(&out.stdout, &out.stderr);
+    print!("{stdout}");
+    eprint!("{stderr}");
+    Ok(out.code)
+}
+
+/// Guest output as it is shown: see [`guest_command`].
+fn shown_output(stdout: &str, stderr: &str) -> (String, String) {
+    let max = Limits::DEFAULT.max_stdout;
+    (
+        gatevm_instance::text::text(stdout, max),
+        gatevm_instance::text::text(stderr, max),
+    )
 }
 
 pub fn ps(a: PsArgs) -> anyhow::Result<i32> {
@@ -295,6 +318,17 @@ mod tests {
         ] {
             assert!(parse_publish(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn container_listings_from_the_guest_are_shown_safely() {
+        let ps = "NAME\tIMAGE\tSTATUS\nweb\u{1b}]52;c;aGk=\u{7}\u{1b}[2J\tbusybox:1\trunning\u{9b}1;1H\r\n\u{202e}evil\u{8}\u{8}\n";
+        let (out, err) = shown_output(ps, "warn\u{1b}]0;title\u{7}ing\n");
+        assert_eq!(
+            out,
+            "NAME\tIMAGE\tSTATUS\nweb\tbusybox:1\trunning\n evil  \n"
+        );
+        assert_eq!(err, "warning\n");
     }
 
     #[test]

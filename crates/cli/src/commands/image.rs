@@ -6,7 +6,7 @@
 //! it complete) and compared with the free space of the state disk; after a failed import, images
 //! the failed run registered are removed again, so a partial image is never listed.
 
-use super::exec::{capture, require_running, Captured};
+use super::exec::{capture, require_running, Captured, Limits};
 use crate::output::{print_json, runtime};
 use anyhow::bail;
 use serde::Serialize;
@@ -113,6 +113,39 @@ pub struct ImageInfo {
     pub platforms: Vec<String>,
 }
 
+/// Bounds on `ctr images ls`, `ctr images rm` and the free-space probe (each `ctr` start takes
+/// seconds under software emulation; a listing of thousands of images fits in 4 MiB).
+const LISTING: Limits = Limits::DEFAULT.within(std::time::Duration::from_secs(120));
+
+/// Bounds on `ctr images import`: 10 minutes plus a second per MiB of a known archive size (an
+/// hour for stdin), 4 MiB of output.
+fn import_limits(size: Option<u64>) -> Limits {
+    let secs = match size {
+        Some(bytes) => 600 + bytes / (1 << 20),
+        None => 3600,
+    };
+    Limits::DEFAULT.within(std::time::Duration::from_secs(secs))
+}
+
+impl ImageInfo {
+    /// The image as the user is shown it: the guest wrote these strings, so terminal control
+    /// sequences are stripped and each is cut short.
+    pub fn shown(&self) -> ImageInfo {
+        let line = gatevm_instance::text::line;
+        ImageInfo {
+            reference: line(&self.reference, 512),
+            digest: line(&self.digest, 80),
+            size: line(&self.size, 32),
+            platforms: self
+                .platforms
+                .iter()
+                .take(32)
+                .map(|p| line(p, 64))
+                .collect(),
+        }
+    }
+}
+
 /// Parses `ctr images ls` (columns REF TYPE DIGEST SIZE PLATFORMS LABELS; SIZE is two words).
 pub fn parse_images(table: &str) -> Vec<ImageInfo> {
     table
@@ -138,7 +171,8 @@ pub fn parse_images(table: &str) -> Vec<ImageInfo> {
 }
 
 async fn list_images(name: &str, ns: &str) -> anyhow::Result<Vec<ImageInfo>> {
-    let out = capture::<tokio::io::Empty>(name, &["ctr", "-n", ns, "images", "ls"], None).await?;
+    let out = capture::<tokio::io::Empty>(name, &["ctr", "-n", ns, "images", "ls"], None, LISTING)
+        .await?;
     if out.code != 0 {
         bail!("listing images in {name:?} failed: {}", out.error_line());
     }
@@ -152,6 +186,7 @@ fn ls(a: LsArgs) -> anyhow::Result<i32> {
         .block_on(list_images(name, &a.ns.namespace))?
         .into_iter()
         .filter(|i| !is_id_alias(&i.reference))
+        .map(|i| i.shown())
         .collect();
     if a.json {
         print_json(&images)?;
@@ -209,12 +244,12 @@ fn rm(a: RmArgs) -> anyhow::Result<i32> {
         let mut argv = vec!["ctr", "-n", ns, "images", "rm", "--sync"];
         argv.extend(refs.iter().map(String::as_str));
         argv.extend(aliases.iter().map(String::as_str));
-        let out = capture::<tokio::io::Empty>(name, &argv, None).await?;
+        let out = capture::<tokio::io::Empty>(name, &argv, None, LISTING).await?;
         if out.code != 0 {
             bail!("removing images failed: {}", out.error_line());
         }
         for r in &refs {
-            println!("removed {r}");
+            println!("removed {}", gatevm_instance::text::line(r, 512));
         }
         Ok(0)
     })
@@ -257,7 +292,7 @@ fn mib(bytes: u64) -> String {
 async fn free_and_images(name: &str, ns: &str) -> anyhow::Result<(u64, Vec<ImageInfo>)> {
     let script =
         "df -B1 --output=avail /var/lib/containerd && echo --- && exec ctr -n \"$0\" images ls";
-    let out = capture::<tokio::io::Empty>(name, &["sh", "-c", script, ns], None).await?;
+    let out = capture::<tokio::io::Empty>(name, &["sh", "-c", script, ns], None, LISTING).await?;
     let (df, table) = out.stdout.split_once("---\n").unwrap_or(("", ""));
     let free = df.lines().nth(1).and_then(|l| l.trim().parse().ok());
     match free {
@@ -338,13 +373,13 @@ fn import(a: ImportArgs) -> anyhow::Result<i32> {
         let argv = ["ctr", "-n", &ns, "images", "import", "-"];
         let out: anyhow::Result<Captured> = if from_stdin {
             let input = Counting { inner: tokio::io::stdin(), count: count.clone() };
-            capture(&name, &argv, Some(input)).await
+            capture(&name, &argv, Some(input), import_limits(None)).await
         } else {
             let f = tokio::fs::File::open(&path)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
             let input = Counting { inner: f, count: count.clone() };
-            capture(&name, &argv, Some(input)).await
+            capture(&name, &argv, Some(input), import_limits(size)).await
         };
         progress.abort();
         if show {
@@ -366,7 +401,7 @@ fn import(a: ImportArgs) -> anyhow::Result<i32> {
                 if !new.is_empty() {
                     let mut argv = vec!["ctr", "-n", &ns, "images", "rm", "--sync"];
                     argv.extend(new);
-                    let _ = capture::<tokio::io::Empty>(&name, &argv, None).await;
+                    let _ = capture::<tokio::io::Empty>(&name, &argv, None, LISTING).await;
                 }
             }
             let what = if from_stdin { "stdin".to_string() } else { path.display().to_string() };
@@ -374,7 +409,7 @@ fn import(a: ImportArgs) -> anyhow::Result<i32> {
         }
         let imported = imported_refs(&out?.stdout);
         for r in &imported {
-            println!("imported {r}");
+            println!("imported {}", gatevm_instance::text::line(r, 512));
         }
         if imported.is_empty() {
             bail!("the archive imported no image (it holds no tagged image?)");
@@ -418,6 +453,31 @@ junk\n";
         assert_eq!(v[0].size, "2.1 MiB");
         assert_eq!(v[0].platforms, ["linux/amd64"]);
         assert!(parse_images("REF TYPE DIGEST SIZE PLATFORMS LABELS\n").is_empty());
+    }
+
+    #[test]
+    fn hostile_image_listings_are_shown_safely() {
+        let t = "REF TYPE DIGEST SIZE PLATFORMS LABELS\n\
+docker.io/x/\u{1b}]52;c;aGk=\u{7}evil\u{1b}[2J:1 t sha256:\u{9b}2Jabc 2.1 MiB linux/amd64,\u{202e}46dma/xunil -\n";
+        let v = parse_images(t);
+        assert_eq!(v.len(), 1);
+        let shown = v[0].shown();
+        assert_eq!(shown.reference, "docker.io/x/evil:1");
+        assert_eq!(shown.digest, "sha256:abc");
+        assert_eq!(shown.platforms, ["linux/amd64", " 46dma/xunil"]);
+        let json = serde_json::to_string(&shown).unwrap();
+        assert!(
+            !json.contains('\u{1b}') && !json.contains("\\u001b"),
+            "{json}"
+        );
+        let long = format!(
+            "REF TYPE DIGEST SIZE PLATFORMS LABELS\n{} t d 1 B p -\n",
+            "r".repeat(100_000)
+        );
+        assert_eq!(
+            parse_images(&long)[0].shown().reference.chars().count(),
+            512
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! start the kubeconfig (fetched from the guest, rewritten for the forwarded API port, merged
 //! into the user's) and the gateway metadata; `gatevm kubeconfig NAME`; clean-up on delete.
 
-use super::exec::capture;
+use super::exec::{capture, capture_bytes, Limits};
 use crate::output::runtime;
 use anyhow::bail;
 use gatevm_instance::config::{GatewayPort, K3sSettings};
@@ -358,20 +358,58 @@ fn gateway_endpoint(s: &K3sSettings) -> Option<String> {
         .map(|g| format!("https://127.0.0.1:{}", g.host_port))
 }
 
-/// After a k3s instance is ready: its kubeconfig (from the guest, for the forwarded port), merged
-/// into the user's unless disabled, and the gateway metadata for clients; then waits for the
-/// node to be Ready (the API server answering is not enough to run anything).
-pub fn after_ready(name: &str, s: &K3sSettings) -> anyhow::Result<()> {
-    let paths = InstancePaths::new(name);
-    let out = runtime()?.block_on(capture::<tokio::io::Empty>(
+/// Where k3s writes its kubeconfig in the guest.
+const K3S_YAML: &str = "/etc/rancher/k3s/k3s.yaml";
+
+/// How long a kubeconfig fetch may take.
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Bounds on each probe of the k3s health check (`k3s kubectl` starts slowly under software
+/// emulation).
+const PROBE: Limits = Limits {
+    timeout: std::time::Duration::from_secs(30),
+    max_stdout: 64 << 10,
+    max_stderr: 64 << 10,
+};
+
+/// Reads a file of the guest: at most `max` bytes, within [`FETCH_TIMEOUT`], as UTF-8 text.
+///
+/// For now this runs `/bin/cat -- PATH` through exec (an absolute path, so not a program the
+/// guest's PATH picks), with an overall timeout and a capped output; what it returns is
+/// untrusted either way. Its body is to be replaced by the agent's own file read
+/// (`gatevm_instance::client::read_file`), which runs no guest program at all.
+async fn fetch_guest_file(name: &str, path: &str, max: usize) -> anyhow::Result<String> {
+    let out = capture_bytes::<tokio::io::Empty>(
         name,
-        &["cat", "/etc/rancher/k3s/k3s.yaml"],
+        &["/bin/cat", "--", path],
         None,
-    ))?;
+        Limits {
+            timeout: FETCH_TIMEOUT,
+            max_stdout: max,
+            max_stderr: 4 << 10,
+        },
+    )
+    .await?;
     if out.code != 0 {
-        bail!("reading k3s's kubeconfig in {name:?}: {}", out.error_line());
+        let err = super::exec::Captured {
+            code: out.code,
+            stdout: String::new(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        bail!("reading {path} in {name:?}: {}", err.error_line());
     }
-    let yaml = kubeconfig::instance_kubeconfig(&out.stdout, name, s.api_port)?;
+    String::from_utf8(out.stdout)
+        .map_err(|_| anyhow::anyhow!("{path} in {name:?} is not UTF-8 text"))
+}
+
+/// Fetches k3s's kubeconfig from the guest, rebuilds the instance's from its allowlisted
+/// fields (see [`kubeconfig::instance_kubeconfig`]), writes it to the instance's directory and,
+/// unless disabled, merges it into the user's.
+fn refresh_kubeconfig(name: &str, s: &K3sSettings) -> anyhow::Result<()> {
+    let paths = InstancePaths::new(name);
+    let k3s_yaml =
+        runtime()?.block_on(fetch_guest_file(name, K3S_YAML, kubeconfig::MAX_K3S_YAML))?;
+    let yaml = kubeconfig::instance_kubeconfig(&k3s_yaml, name, s.api_port)?;
     gatevm_instance::k3s_stage::write_new(&kubeconfig_file(&paths), yaml.as_bytes(), 0o600)
         .map_err(|e| anyhow::anyhow!(e))?;
     eprintln!(
@@ -393,6 +431,15 @@ pub fn after_ready(name: &str, s: &K3sSettings) -> anyhow::Result<()> {
             }
         );
     }
+    Ok(())
+}
+
+/// After a k3s instance is ready: its kubeconfig (from the guest, for the forwarded port), merged
+/// into the user's unless disabled, and the gateway metadata for clients; then waits for the
+/// node to be Ready (the API server answering is not enough to run anything).
+pub fn after_ready(name: &str, s: &K3sSettings) -> anyhow::Result<()> {
+    let paths = InstancePaths::new(name);
+    refresh_kubeconfig(name, s)?;
     let pki = pki::load_or_create(
         &paths.dir.join("pki"),
         &gatevm_instance::k3s_stage::pki_options(name, s),
@@ -446,12 +493,13 @@ pub async fn k3s_health(
         name,
         &["/usr/local/bin/k3s", "kubectl", "get", "--raw=/readyz"],
         None,
+        PROBE,
     )
     .await;
     match readyz {
         Ok(o) if o.code == 0 && o.stdout.trim() == "ok" => h.api_ready = true,
         Ok(o) => h.detail = Some(format!("/readyz: {}", o.error_line())),
-        Err(e) => h.detail = Some(format!("/readyz: {e}")),
+        Err(e) => h.detail = Some(format!("/readyz: {}", crate::output::error_line(&e))),
     }
     if h.api_ready {
         let node = capture::<tokio::io::Empty>(
@@ -465,6 +513,7 @@ pub async fn k3s_health(
                 "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}",
             ],
             None,
+            PROBE,
         )
         .await;
         match node {
@@ -473,7 +522,7 @@ pub async fn k3s_health(
             }
             Ok(o) if o.code == 0 => h.detail = Some("the node is not Ready yet".into()),
             Ok(o) => h.detail = Some(format!("nodes: {}", o.error_line())),
-            Err(e) => h.detail = Some(format!("nodes: {e}")),
+            Err(e) => h.detail = Some(format!("nodes: {}", crate::output::error_line(&e))),
         }
     }
     if let (true, Some(g)) = (gateway, s.gateway) {
@@ -564,12 +613,23 @@ pub async fn health(st: &mut gatevm_instance::InstanceStatus) {
 pub struct KubeconfigArgs {
     /// Instance name.
     name: String,
+    /// Fetch k3s's kubeconfig from the running instance again first (after k3s renewed its
+    /// certificates), rebuild the instance's from it and merge it as `start` does.
+    #[arg(long)]
+    refresh: bool,
 }
 
 /// `gatevm kubeconfig NAME`: prints the instance's kubeconfig.
 pub fn print_kubeconfig(a: KubeconfigArgs) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?;
     let paths = gatevm_instance::client::existing(name)?;
+    if a.refresh {
+        let Some(s) = gatevm_instance::client::saved_config(name).and_then(|c| c.k3s) else {
+            bail!("{name:?} does not run the k3s profile: it has no kubeconfig");
+        };
+        super::exec::require_running(name)?;
+        refresh_kubeconfig(name, &s)?;
+    }
     let f = kubeconfig_file(&paths);
     match std::fs::read_to_string(&f) {
         Ok(text) => {

@@ -10,7 +10,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let all = runtime()?.block_on(gatevm_instance::client::list());
+    let mut all = runtime()?.block_on(gatevm_instance::client::list());
+    all.iter_mut().for_each(crate::output::sanitize_status);
     if a.json {
         print_json(&all)?;
         return Ok(0);

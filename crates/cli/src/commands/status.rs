@@ -20,6 +20,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         super::k3s::health(&mut st).await;
         Ok::<_, anyhow::Error>(st)
     })?;
+    let mut st = st;
+    crate::output::sanitize_status(&mut st);
     if a.json {
         print_json(&st)?;
     } else {

@@ -2,12 +2,92 @@ use super::*;
 use proptest::prelude::*;
 use std::os::unix::fs::symlink;
 
-/// What k3s writes to /etc/rancher/k3s/k3s.yaml (credentials shortened).
-const K3S_YAML: &str = "\
+/// Credentials shaped like k3s's, generated with rcgen: a server CA, a client CA, a client
+/// certificate signed by the client CA (bundled with it, as k3s does) and its key in SEC1 PEM
+/// (`EC PRIVATE KEY`, as k3s writes it).
+struct K3sCreds {
+    server_ca: String,
+    client_bundle: String,
+    client_key: String,
+    client_ca: rcgen::Certificate,
+    client_ca_key: rcgen::KeyPair,
+}
+
+fn ca(cn: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    (p.self_signed(&key).unwrap(), key)
+}
+
+fn client_cert(
+    issuer: &rcgen::Certificate,
+    issuer_key: &rcgen::KeyPair,
+) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "system:admin");
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    (p.signed_by(&key, issuer, issuer_key).unwrap(), key)
+}
+
+/// One DER element: (contents, rest).
+fn der_tlv(b: &[u8]) -> (&[u8], &[u8]) {
+    let (len, head) = match b[1] {
+        n if n < 0x80 => (usize::from(n), 2),
+        0x81 => (usize::from(b[2]), 3),
+        0x82 => (usize::from(b[2]) << 8 | usize::from(b[3]), 4),
+        n => panic!("length form {n:#x}"),
+    };
+    (&b[head..head + len], &b[head + len..])
+}
+
+/// The SEC1 `ECPrivateKey` inside a PKCS#8 EC key, as PEM.
+fn sec1_pem(key: &rcgen::KeyPair) -> String {
+    let der = key.serialize_der();
+    let (info, _) = der_tlv(&der);
+    let (_version, rest) = der_tlv(info);
+    let (_alg, rest) = der_tlv(rest);
+    let (sec1, _) = der_tlv(rest);
+    let b64 = crate::pki::base64::encode(sec1);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN EC PRIVATE KEY-----\n{}\n-----END EC PRIVATE KEY-----\n",
+        lines.join("\n")
+    )
+}
+
+fn new_creds() -> K3sCreds {
+    let (server_ca, _) = ca("k3s-server-ca@1700000000");
+    let (client_ca, client_ca_key) = ca("k3s-client-ca@1700000000");
+    let (client, key) = client_cert(&client_ca, &client_ca_key);
+    K3sCreds {
+        server_ca: server_ca.pem(),
+        client_bundle: format!("{}{}", client.pem(), client_ca.pem()),
+        client_key: sec1_pem(&key),
+        client_ca,
+        client_ca_key,
+    }
+}
+
+fn b64(s: &str) -> String {
+    crate::pki::base64::encode(s.as_bytes())
+}
+
+/// A kubeconfig as k3s writes it to /etc/rancher/k3s/k3s.yaml.
+fn k3s_yaml_with(ca: &str, cert: &str, key: &str) -> String {
+    format!(
+        "\
 apiVersion: v1
 clusters:
 - cluster:
-    certificate-authority-data: Q0EtREFUQQ==
+    certificate-authority-data: {ca}
     server: https://127.0.0.1:6443
   name: default
 contexts:
@@ -17,13 +97,33 @@ contexts:
   name: default
 current-context: default
 kind: Config
-preferences: {}
+preferences: {{}}
 users:
 - name: default
   user:
-    client-certificate-data: Q0xJRU5ULUNFUlQ=
-    client-key-data: Q0xJRU5ULUtFWQ==
-";
+    client-certificate-data: {cert}
+    client-key-data: {key}
+"
+    )
+}
+
+fn creds() -> &'static K3sCreds {
+    static CREDS: std::sync::OnceLock<K3sCreds> = std::sync::OnceLock::new();
+    CREDS.get_or_init(new_creds)
+}
+
+/// A valid k3s kubeconfig (generated once per test run).
+fn k3s_yaml() -> &'static str {
+    static YAML: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    YAML.get_or_init(|| {
+        let c = creds();
+        k3s_yaml_with(
+            &b64(&c.server_ca),
+            &b64(&c.client_bundle),
+            &b64(&c.client_key),
+        )
+    })
+}
 
 /// A user's kubeconfig with other clusters, unknown fields, preferences and extensions.
 const OTHER_YAML: &str = "\
@@ -63,7 +163,7 @@ x-top-level: also kept
 ";
 
 fn instance(name: &str, port: u16) -> String {
-    instance_kubeconfig(K3S_YAML, name, port).unwrap()
+    instance_kubeconfig(k3s_yaml(), name, port).unwrap()
 }
 
 fn load(path: &Path) -> Value {
@@ -117,35 +217,340 @@ fn instance_rewrites_server_names_and_current_context() {
     assert_eq!(doc["apiVersion"].as_str(), Some("v1"));
 }
 
+/// The keys of a mapping, sorted.
+fn keys(v: &Value) -> Vec<String> {
+    let mut k: Vec<String> = v
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    k.sort();
+    k
+}
+
 #[test]
-fn instance_keeps_ca_credentials_and_unknown_fields() {
-    let k3s = K3S_YAML
-        .replace("    server:", "    x-cluster-field: 1\n    server:")
-        .replace(
-            "    user: default\n  name",
-            "    user: default\n    namespace: apps\n  name",
-        );
-    let doc: Value =
-        serde_yaml::from_str(&instance_kubeconfig(&k3s, "box", 7000).unwrap()).unwrap();
+fn a_valid_k3s_kubeconfig_gives_its_credentials_re_encoded() {
+    let doc: Value = serde_yaml::from_str(&instance("box", 7000)).unwrap();
+    let c = creds();
     let cluster = &find(&doc, "clusters", "gatevm-box")["cluster"];
+    assert_eq!(keys(cluster), ["certificate-authority-data", "server"]);
+    let decoded = |v: &Value| {
+        String::from_utf8(crate::pki::base64::decode(v.as_str().unwrap()).unwrap()).unwrap()
+    };
+    // Same certificates (rcgen writes the same canonical PEM).
     assert_eq!(
-        cluster["certificate-authority-data"].as_str(),
-        Some("Q0EtREFUQQ==")
+        decoded(&cluster["certificate-authority-data"]),
+        c.server_ca.replace("\r", "")
     );
-    assert_eq!(cluster["x-cluster-field"].as_u64(), Some(1));
     let user = &find(&doc, "users", "gatevm-box")["user"];
+    assert_eq!(keys(user), ["client-certificate-data", "client-key-data"]);
     assert_eq!(
-        user["client-certificate-data"].as_str(),
-        Some("Q0xJRU5ULUNFUlQ=")
+        decoded(&user["client-certificate-data"]),
+        c.client_bundle.replace("\r", "")
     );
-    assert_eq!(user["client-key-data"].as_str(), Some("Q0xJRU5ULUtFWQ=="));
-    let context = &find(&doc, "contexts", "gatevm-box")["context"];
-    assert_eq!(context["namespace"].as_str(), Some("apps"));
+    assert_eq!(decoded(&user["client-key-data"]), c.client_key);
+    // A PKCS#8 key, as other tools write it, is fine too.
+    let (client, key) = client_cert(&c.client_ca, &c.client_ca_key);
+    let bundle = format!("{}{}", client.pem(), c.client_ca.pem());
+    let yaml = k3s_yaml_with(
+        &b64(&c.server_ca),
+        &b64(&bundle),
+        &b64(&key.serialize_pem()),
+    );
+    instance_kubeconfig(&yaml, "box", 7000).unwrap();
+    // A client certificate signed by the cluster's CA, with no bundle behind it, is fine.
+    let (server_ca, server_ca_key) = ca("k3s-server-ca");
+    let (client, key) = client_cert(&server_ca, &server_ca_key);
+    let yaml = k3s_yaml_with(
+        &b64(&server_ca.pem()),
+        &b64(&client.pem()),
+        &b64(&key.serialize_pem()),
+    );
+    instance_kubeconfig(&yaml, "box", 7000).unwrap();
+}
+
+#[test]
+fn a_token_user_is_taken_when_it_is_printable() {
+    let c = creds();
+    let token_yaml = |token: &str| {
+        k3s_yaml_with(&b64(&c.server_ca), "x", "x").replace(
+            "    client-certificate-data: x\n    client-key-data: x\n",
+            &format!("    token: {token}\n"),
+        )
+    };
+    let doc: Value = serde_yaml::from_str(
+        &instance_kubeconfig(&token_yaml("K10abc::server:def"), "box", 7000).unwrap(),
+    )
+    .unwrap();
+    let user = &find(&doc, "users", "gatevm-box")["user"];
+    assert_eq!(keys(user), ["token"]);
+    assert_eq!(user["token"].as_str(), Some("K10abc::server:def"));
+    for bad in [
+        "\"a b\"",
+        "\"a\\u001b[2Jb\"",
+        "\"\"",
+        &"t".repeat(5000),
+        "\"\\n\"",
+    ] {
+        let err = instance_kubeconfig(&token_yaml(bad), "box", 7000)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token"), "{bad}: {err}");
+        assert!(!err.contains('\n') && !err.contains('\u{1b}'), "{err}");
+    }
+}
+
+/// Fields a hostile guest may add, and where.
+const FORBIDDEN: &[(&str, &str)] = &[
+    ("user", "exec:\n      apiVersion: client.authentication.k8s.io/v1beta1\n      command: /bin/sh\n      args: [-c, touch /tmp/pwned]"),
+    ("user", "auth-provider:\n      name: oidc\n      config: {cmd-path: /bin/sh}"),
+    ("user", "username: admin"),
+    ("user", "password: secret"),
+    ("user", "as: system:admin"),
+    ("user", "as-groups: [system:masters]"),
+    ("user", "client-certificate: /etc/ssh/ssh_host_key"),
+    ("user", "client-key: /root/.ssh/id_rsa"),
+    ("user", "tokenFile: /etc/shadow"),
+    ("user", "extensions: [{name: x, extension: {a: 1}}]"),
+    ("cluster", "proxy-url: http://192.168.127.2:3128"),
+    ("cluster", "tls-server-name: evil.example"),
+    ("cluster", "insecure-skip-tls-verify: true"),
+    ("cluster", "certificate-authority: /etc/ssl/certs/ca.pem"),
+    ("cluster", "disable-compression: true"),
+    ("cluster", "extensions: [{name: x, extension: {a: 1}}]"),
+    ("context", "namespace: kube-system"),
+    ("context", "extensions: [{name: x, extension: {a: 1}}]"),
+];
+
+#[test]
+fn forbidden_fields_from_the_guest_are_dropped() {
+    for (entry, field) in FORBIDDEN {
+        let anchor = match *entry {
+            "user" => "  user:\n",
+            "cluster" => "- cluster:\n",
+            _ => "- context:\n",
+        };
+        let yaml = k3s_yaml().replacen(anchor, &format!("{anchor}    {field}\n"), 1);
+        assert_ne!(yaml, k3s_yaml());
+        let out = instance_kubeconfig(&yaml, "box", 7000).unwrap();
+        let key = field.split(':').next().unwrap();
+        let doc: Value = serde_yaml::from_str(&out).unwrap();
+        for (list, body) in [
+            ("clusters", "cluster"),
+            ("users", "user"),
+            ("contexts", "context"),
+        ] {
+            let b = &find(&doc, list, "gatevm-box")[body];
+            assert!(b.get(key).is_none(), "{field}: kept in {body}:\n{out}");
+        }
+        assert!(
+            !out.contains("/bin/sh") && !out.contains("evil") && !out.contains("/etc/"),
+            "{out}"
+        );
+        // The same output as without the field: nothing else changed either.
+        assert_eq!(out, instance("box", 7000), "{field}");
+    }
+    // The guest's server and top-level extras are not taken either.
+    let yaml = k3s_yaml()
+        .replace("https://127.0.0.1:6443", "https://evil.example:443")
+        .replace(
+            "kind: Config\n",
+            "kind: Config\nextensions: [{name: x, extension: {exec: 1}}]\n",
+        );
+    let out = instance_kubeconfig(&yaml, "box", 7000).unwrap();
+    assert_eq!(out, instance("box", 7000));
+}
+
+#[test]
+fn an_exec_plugin_with_a_newline_certificate_is_refused() {
+    // The attack of issue 13: "\n" passed the old non-empty check and exec came along.
+    let yaml = k3s_yaml()
+        .replacen(
+            "  user:\n",
+            "  user:\n    exec:\n      command: /bin/sh\n",
+            1,
+        )
+        .replace(
+            &format!("client-certificate-data: {}", b64(&creds().client_bundle)),
+            "client-certificate-data: \"\\n\"",
+        )
+        .replace(
+            &format!("client-key-data: {}", b64(&creds().client_key)),
+            "client-key-data: \"\\n\"",
+        );
+    let err = instance_kubeconfig(&yaml, "box", 7000)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("client-certificate-data: empty"), "{err}");
+    // Only the exec plugin, no credentials: refused, naming what is missing.
+    let c = creds();
+    let yaml = k3s_yaml_with(&b64(&c.server_ca), "x", "x").replace(
+        "    client-certificate-data: x\n    client-key-data: x\n",
+        "    exec:\n      command: /bin/sh\n",
+    );
+    let err = instance_kubeconfig(&yaml, "box", 7000)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("neither client-certificate-data"), "{err}");
+}
+
+#[test]
+fn bad_credentials_are_refused_naming_the_field() {
+    let c = creds();
+    let (ca_b, cert_b, key_b) = (b64(&c.server_ca), b64(&c.client_bundle), b64(&c.client_key));
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    // Another CA with the same name as the client CA: the name matches, the signature does not.
+    let (impostor, impostor_key) = ca("k3s-client-ca@1700000000");
+    let (forged, forged_key) = client_cert(&impostor, &impostor_key);
+    let forged_bundle = format!("{}{}", forged.pem(), c.client_ca.pem());
+    let (lone_client, _) = client_cert(&c.client_ca, &c.client_ca_key);
+    let not_a_ca = lone_client.pem();
+    let huge = "A".repeat(creds::MAX_FIELD + 4);
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "newline CA",
+            k3s_yaml_with("\"\\n\"", &cert_b, &key_b),
+            "certificate-authority-data: empty",
+        ),
+        (
+            "garbage CA",
+            k3s_yaml_with("'!!notbase64'", &cert_b, &key_b),
+            "certificate-authority-data: not base64",
+        ),
+        (
+            "CA not PEM",
+            k3s_yaml_with(&b64("hello"), &cert_b, &key_b),
+            "certificate-authority-data: not PEM",
+        ),
+        (
+            "CA not X.509",
+            k3s_yaml_with(
+                &b64("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+                &cert_b,
+                &key_b,
+            ),
+            "certificate-authority-data: certificate 0 is not X.509",
+        ),
+        (
+            "CA not a CA",
+            k3s_yaml_with(&b64(&not_a_ca), &cert_b, &key_b),
+            "certificate-authority-data: certificate 0 is not a CA",
+        ),
+        (
+            "CA with trailing text",
+            k3s_yaml_with(&b64(&format!("{}exec: x\n", c.server_ca)), &cert_b, &key_b),
+            "certificate-authority-data: not PEM",
+        ),
+        (
+            "CA huge",
+            k3s_yaml_with(&huge, &cert_b, &key_b),
+            "certificate-authority-data:",
+        ),
+        (
+            "CA a list",
+            k3s_yaml_with("[a]", &cert_b, &key_b),
+            "certificate-authority-data: a list, not a string",
+        ),
+        (
+            "newline cert",
+            k3s_yaml_with(&ca_b, "\"\\n\"", &key_b),
+            "client-certificate-data: empty",
+        ),
+        (
+            "garbage cert",
+            k3s_yaml_with(&ca_b, "'%%%%'", &key_b),
+            "client-certificate-data: not base64",
+        ),
+        (
+            "cert is a key",
+            k3s_yaml_with(&ca_b, &key_b, &key_b),
+            "client-certificate-data: PEM block 0 is EC PRIVATE KEY",
+        ),
+        (
+            "forged cert",
+            k3s_yaml_with(
+                &ca_b,
+                &b64(&forged_bundle),
+                &b64(&forged_key.serialize_pem()),
+            ),
+            "client-certificate-data: the client certificate is not signed",
+        ),
+        (
+            "cert without its CA",
+            k3s_yaml_with(&ca_b, &b64(&lone_client.pem()), &key_b),
+            "client-certificate-data: the client certificate is not signed",
+        ),
+        (
+            "newline key",
+            k3s_yaml_with(&ca_b, &cert_b, "\"\\n\""),
+            "client-key-data: empty",
+        ),
+        (
+            "garbage key",
+            k3s_yaml_with(&ca_b, &cert_b, "'@@@@'"),
+            "client-key-data: not base64",
+        ),
+        (
+            "key of another cert",
+            k3s_yaml_with(&ca_b, &cert_b, &b64(&other_key.serialize_pem())),
+            "client-key-data: does not belong to the client certificate",
+        ),
+        (
+            "key is a cert",
+            k3s_yaml_with(&ca_b, &cert_b, &cert_b),
+            "client-key-data:",
+        ),
+        (
+            "key not DER",
+            k3s_yaml_with(
+                &ca_b,
+                &cert_b,
+                &b64("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"),
+            ),
+            "client-key-data: not a private key",
+        ),
+        (
+            "cert without key",
+            k3s_yaml_with(&ca_b, &cert_b, "x").replace("    client-key-data: x\n", ""),
+            "client-certificate-data without client-key-data",
+        ),
+        (
+            "key without cert",
+            k3s_yaml_with(&ca_b, "x", &key_b).replace("    client-certificate-data: x\n", ""),
+            "client-key-data without client-certificate-data",
+        ),
+        (
+            "no CA",
+            k3s_yaml().replace(&format!("    certificate-authority-data: {ca_b}\n"), ""),
+            "no certificate-authority-data",
+        ),
+    ];
+    for (what, yaml, want) in cases {
+        let err = instance_kubeconfig(&yaml, "box", 7000).unwrap_err();
+        assert!(
+            matches!(err, KubeconfigError::K3sYaml { .. }),
+            "{what}: {err}"
+        );
+        let err = err.to_string();
+        assert!(err.contains(want), "{what}: {err:?} lacks {want:?}");
+        assert!(!err.contains('\n'), "{what}: {err}");
+        assert!(err.len() < 400, "{what}: {err}");
+    }
+}
+
+#[test]
+fn oversized_input_is_refused_before_parsing() {
+    let yaml = format!("{}# {}\n", k3s_yaml(), "x".repeat(MAX_K3S_YAML));
+    let err = instance_kubeconfig(&yaml, "box", 7000)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("more than 65536"), "{err}");
 }
 
 #[test]
 fn instance_uses_the_only_context_when_none_is_current() {
-    let k3s = K3S_YAML.replace("current-context: default\n", "");
+    let k3s = k3s_yaml().replace("current-context: default\n", "");
     let out = instance_kubeconfig(&k3s, "box", 7000).unwrap();
     assert!(out.contains("https://127.0.0.1:7000"));
 }
@@ -154,19 +559,17 @@ fn instance_uses_the_only_context_when_none_is_current() {
 fn instance_refuses_unusable_k3s_yaml() {
     let cases = [
         ("not yaml", "clusters: [".to_string()),
-        ("no CA", K3S_YAML.replace("    certificate-authority-data: Q0EtREFUQQ==\n", "")),
         (
-            "CA as a guest file",
-            K3S_YAML.replace(
-                "certificate-authority-data: Q0EtREFUQQ==",
-                "certificate-authority-data: Q0EtREFUQQ==\n    certificate-authority: /var/lib/ca.crt",
+            "dangling context",
+            k3s_yaml().replace("current-context: default", "current-context: other"),
+        ),
+        (
+            "hostile context name",
+            k3s_yaml().replace(
+                "current-context: default",
+                "current-context: \"\\e]52;c;aGk=\\a\\e[2J\"",
             ),
         ),
-        (
-            "key as a guest file",
-            K3S_YAML.replace("client-key-data: Q0xJRU5ULUtFWQ==", "client-key: /etc/key.pem"),
-        ),
-        ("dangling context", K3S_YAML.replace("current-context: default", "current-context: other")),
         ("top level list", "- a\n- b\n".to_string()),
     ];
     for (what, yaml) in cases {
@@ -175,14 +578,18 @@ fn instance_refuses_unusable_k3s_yaml() {
             matches!(err, KubeconfigError::K3sYaml { .. }),
             "{what}: {err}"
         );
-        assert!(!err.to_string().contains('\n'), "{what}: {err}");
+        let err = err.to_string();
+        assert!(
+            !err.contains('\n') && !err.chars().any(char::is_control),
+            "{what}: {err:?}"
+        );
     }
     assert!(matches!(
-        instance_kubeconfig(K3S_YAML, "", 7000),
+        instance_kubeconfig(k3s_yaml(), "", 7000),
         Err(KubeconfigError::EmptyName)
     ));
     assert!(matches!(
-        instance_kubeconfig(K3S_YAML, "box", 0),
+        instance_kubeconfig(k3s_yaml(), "box", 0),
         Err(KubeconfigError::NoPort { .. })
     ));
 }

@@ -195,6 +195,41 @@ pub(crate) fn pem_decode(text: &str, label: &str) -> Result<Vec<u8>, String> {
     Ok(der)
 }
 
+/// The parts of a certificate its issuer's signature covers and carries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Signed<'a> {
+    /// The tbsCertificate as signed: tag, length and contents.
+    pub tbs: &'a [u8],
+    /// The contents of the signatureAlgorithm's OID.
+    pub algorithm: &'a [u8],
+    /// The signature bytes (the BIT STRING without its unused-bits byte).
+    pub signature: &'a [u8],
+}
+
+/// Splits a DER certificate into what a signature check needs.
+pub(crate) fn signed_parts(der: &[u8]) -> Result<Signed<'_>, String> {
+    let mut outer = Reader::new(der);
+    let cert = outer.expect(SEQUENCE, "certificate")?;
+    outer.finish("certificate")?;
+    let mut fields = Reader::new(cert.value);
+    let tbs = fields.expect(SEQUENCE, "tbsCertificate")?;
+    let alg = fields.expect(SEQUENCE, "signatureAlgorithm")?;
+    let bits = fields.expect(BIT_STRING, "signatureValue")?;
+    fields.finish("certificate")?;
+    let algorithm = Reader::new(alg.value)
+        .expect(OID, "signatureAlgorithm")?
+        .value;
+    let signature = match bits.value.split_first() {
+        Some((0, sig)) if !sig.is_empty() => sig,
+        _ => return Err("signatureValue: malformed BIT STRING".into()),
+    };
+    Ok(Signed {
+        tbs: tbs.raw,
+        algorithm,
+        signature,
+    })
+}
+
 /// Parses a DER certificate.
 pub(crate) fn parse_certificate(der: &[u8]) -> Result<CertInfo, String> {
     let mut outer = Reader::new(der);

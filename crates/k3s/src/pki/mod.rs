@@ -41,8 +41,8 @@
 //! ([`tls_secret_manifest`]) and the per-gateway metadata clients read
 //! ([`write_gateway_metadata`]).
 
-mod base64;
-mod der;
+pub(crate) mod base64;
+pub(crate) mod der;
 mod fsutil;
 mod gateway;
 mod manifest;

@@ -1,0 +1,286 @@
+//! Checks of the credentials embedded in k3s's kubeconfig, which comes from the guest and is
+//! untrusted input.
+//!
+//! Each credential is decoded and checked before it goes into a kubeconfig on the host, and what
+//! is written is re-encoded from the checked DER (canonical PEM, one line of base64), so no byte
+//! the checks did not look at survives:
+//!
+//! - `certificate-authority-data`: base64 of PEM `CERTIFICATE` blocks (at most
+//!   [`MAX_CERTS`], nothing else between them), each an X.509 certificate with basicConstraints
+//!   `cA` set.
+//! - `client-certificate-data`: base64 of PEM `CERTIFICATE` blocks. k3s writes the client
+//!   certificate followed by the client CA that issued it (k3s's client CA is not the server CA
+//!   of `certificate-authority-data`). The first block is the client certificate; its signature
+//!   must verify under the public key of a CA certificate whose subject is the client
+//!   certificate's issuer, taken from the rest of the bundle or from `certificate-authority-data`.
+//!   This proves the bundle is a consistent chain the API server may accept, not that the API
+//!   server trusts it: the host never sees k3s's client CA except through the guest, so there is
+//!   nothing better to anchor it to. What matters for the host's safety is that only inert,
+//!   well-formed certificate data is written; whether the server accepts it is the server's
+//!   business. Validity dates are not checked (the guest's clock is the guest's).
+//! - `client-key-data`: base64 of exactly one PEM private key (`EC PRIVATE KEY`, as k3s writes
+//!   it, `PRIVATE KEY` or `RSA PRIVATE KEY`) that belongs to the client certificate: a message
+//!   signed with the key must verify under the certificate's public key.
+//! - `token`: 1 to [`MAX_TOKEN`] printable ASCII characters, no whitespace.
+//!
+//! Every error is one line and short; the caller prefixes the field's name.
+
+use crate::pki::{base64, der};
+use rustls::pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer,
+};
+use rustls::SignatureScheme;
+
+/// Most base64 characters of one credential field (k3s's are about 1.5 KiB).
+pub(crate) const MAX_FIELD: usize = 32 * 1024;
+/// Most certificates in one bundle.
+pub(crate) const MAX_CERTS: usize = 8;
+/// Longest token accepted.
+pub(crate) const MAX_TOKEN: usize = 4096;
+
+/// A checked CA bundle: canonical base64 of its PEM, and each certificate's DER.
+pub(crate) struct CaBundle {
+    /// For `certificate-authority-data`.
+    pub data: String,
+    /// The certificates: DER, and what was parsed of it.
+    pub certs: Vec<(Vec<u8>, der::CertInfo)>,
+}
+
+/// Base64 field text to bytes: bounded, base64, not empty.
+fn field_bytes(text: &str) -> Result<Vec<u8>, String> {
+    if text.len() > MAX_FIELD {
+        return Err(format!("{} bytes, more than {MAX_FIELD}", text.len()));
+    }
+    let bytes = base64::decode(text).map_err(|e| format!("not base64: {e}"))?;
+    if bytes.is_empty() {
+        return Err("empty".into());
+    }
+    Ok(bytes)
+}
+
+/// Splits PEM text into (label, DER) blocks; anything but blocks and whitespace is refused.
+fn pem_blocks(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not PEM: not UTF-8 text")?;
+    let mut rest = text.trim_start();
+    let mut blocks = Vec::new();
+    while !rest.is_empty() {
+        if blocks.len() == MAX_CERTS {
+            return Err(format!("more than {MAX_CERTS} PEM blocks"));
+        }
+        let after = rest
+            .strip_prefix("-----BEGIN ")
+            .ok_or("not PEM: text outside a -----BEGIN ...----- block")?;
+        let label_end = after
+            .find("-----")
+            .ok_or("not PEM: unterminated BEGIN line")?;
+        let label = &after[..label_end];
+        if label.is_empty()
+            || label.len() > 32
+            || !label.bytes().all(|b| b.is_ascii_uppercase() || b == b' ')
+        {
+            return Err("not PEM: malformed BEGIN line".into());
+        }
+        let body_and_rest = after[label_end + 5..]
+            .strip_prefix('\n')
+            .or_else(|| after[label_end + 5..].strip_prefix("\r\n"))
+            .ok_or("not PEM: BEGIN line not followed by a line break")?;
+        let end = format!("-----END {label}-----");
+        let stop = body_and_rest
+            .find(&end)
+            .ok_or_else(|| format!("not PEM: no END line for {label}"))?;
+        let der = base64::decode(&body_and_rest[..stop])
+            .map_err(|e| format!("not PEM: {label} body: {e}"))?;
+        if der.is_empty() {
+            return Err(format!("not PEM: empty {label} block"));
+        }
+        blocks.push((label.to_string(), der));
+        rest = body_and_rest[stop + end.len()..].trim_start();
+    }
+    if blocks.is_empty() {
+        return Err("no PEM block".into());
+    }
+    Ok(blocks)
+}
+
+/// PEM text of DER blocks, 64 columns.
+fn pem(label: &str, ders: &[&[u8]]) -> String {
+    let mut out = String::new();
+    for der in ders {
+        out.push_str(&format!("-----BEGIN {label}-----\n"));
+        let b64 = base64::encode(der);
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).unwrap_or_default());
+            out.push('\n');
+        }
+        out.push_str(&format!("-----END {label}-----\n"));
+    }
+    out
+}
+
+/// Certificates of a `*-data` field, each parsed.
+fn certificates(text: &str) -> Result<Vec<(Vec<u8>, der::CertInfo)>, String> {
+    let blocks = pem_blocks(&field_bytes(text)?)?;
+    let mut out = Vec::new();
+    for (i, (label, der)) in blocks.into_iter().enumerate() {
+        if label != "CERTIFICATE" {
+            return Err(format!("PEM block {i} is {label}, not CERTIFICATE"));
+        }
+        let info = der::parse_certificate(&der)
+            .map_err(|e| format!("certificate {i} is not X.509: {e}"))?;
+        out.push((der, info));
+    }
+    Ok(out)
+}
+
+/// Checks `certificate-authority-data`: CA certificates only.
+pub(crate) fn ca(text: &str) -> Result<CaBundle, String> {
+    let certs = certificates(text)?;
+    if let Some(i) = certs.iter().position(|(_, info)| !info.is_ca) {
+        return Err(format!("certificate {i} is not a CA certificate"));
+    }
+    let refs: Vec<&[u8]> = certs.iter().map(|(d, _)| d.as_slice()).collect();
+    Ok(CaBundle {
+        data: base64::encode(pem("CERTIFICATE", &refs).as_bytes()),
+        certs,
+    })
+}
+
+/// webpki algorithms that may verify a certificate signature with this signatureAlgorithm OID.
+fn algorithms(oid: &[u8]) -> Vec<&'static dyn rustls::pki_types::SignatureVerificationAlgorithm> {
+    use webpki::ring as alg;
+    const ECDSA_SHA256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02];
+    const ECDSA_SHA384: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03];
+    const RSA_SHA256: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b];
+    const RSA_SHA384: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c];
+    const RSA_SHA512: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d];
+    const ED25519: &[u8] = &[0x2b, 0x65, 0x70];
+    match oid {
+        ECDSA_SHA256 => vec![alg::ECDSA_P256_SHA256, alg::ECDSA_P384_SHA256],
+        ECDSA_SHA384 => vec![alg::ECDSA_P384_SHA384, alg::ECDSA_P256_SHA384],
+        RSA_SHA256 => vec![alg::RSA_PKCS1_2048_8192_SHA256],
+        RSA_SHA384 => vec![alg::RSA_PKCS1_2048_8192_SHA384],
+        RSA_SHA512 => vec![alg::RSA_PKCS1_2048_8192_SHA512],
+        ED25519 => vec![alg::ED25519],
+        _ => vec![],
+    }
+}
+
+/// Whether `signed`'s signature verifies under `issuer`'s public key.
+fn signed_by(signed: &der::Signed<'_>, issuer: &[u8]) -> bool {
+    let issuer = CertificateDer::from(issuer);
+    let Ok(issuer) = webpki::EndEntityCert::try_from(&issuer) else {
+        return false;
+    };
+    algorithms(signed.algorithm).iter().any(|a| {
+        issuer
+            .verify_signature(*a, signed.tbs, signed.signature)
+            .is_ok()
+    })
+}
+
+/// Checks `client-certificate-data` and `client-key-data` (see the module's documentation).
+/// Returns both, canonically re-encoded.
+pub(crate) fn client(
+    cert_text: &str,
+    key_text: &str,
+    ca: &CaBundle,
+) -> Result<(String, String), Field> {
+    let certs = certificates(cert_text).map_err(Field::Cert)?;
+    let (leaf_der, leaf) = &certs[0];
+    let signed = der::signed_parts(leaf_der).map_err(|e| Field::Cert(e.to_string()))?;
+    if algorithms(signed.algorithm).is_empty() {
+        return Err(Field::Cert(
+            "the client certificate's signature algorithm is not supported".into(),
+        ));
+    }
+    let verified = certs[1..]
+        .iter()
+        .chain(ca.certs.iter())
+        .any(|(der, info)| info.is_ca && info.subject == leaf.issuer && signed_by(&signed, der));
+    if !verified {
+        return Err(Field::Cert(
+            "the client certificate is not signed by a CA certificate of its bundle or of certificate-authority-data".into(),
+        ));
+    }
+
+    let key = key(key_text).map_err(Field::Key)?;
+    key_matches(&key, leaf_der).map_err(Field::Key)?;
+    let ders: Vec<&[u8]> = certs.iter().map(|(d, _)| d.as_slice()).collect();
+    let cert_data = base64::encode(pem("CERTIFICATE", &ders).as_bytes());
+    let (label, key_der) = match &key {
+        PrivateKeyDer::Sec1(k) => ("EC PRIVATE KEY", k.secret_sec1_der()),
+        PrivateKeyDer::Pkcs1(k) => ("RSA PRIVATE KEY", k.secret_pkcs1_der()),
+        PrivateKeyDer::Pkcs8(k) => ("PRIVATE KEY", k.secret_pkcs8_der()),
+        _ => return Err(Field::Key("unsupported private key form".into())),
+    };
+    let key_data = base64::encode(pem(label, &[key_der]).as_bytes());
+    Ok((cert_data, key_data))
+}
+
+/// Which field of a client certificate pair failed, and why.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Field {
+    /// `client-certificate-data`.
+    Cert(String),
+    /// `client-key-data`.
+    Key(String),
+}
+
+/// Exactly one PEM private key.
+fn key(text: &str) -> Result<PrivateKeyDer<'static>, String> {
+    let mut blocks = pem_blocks(&field_bytes(text)?)?;
+    if blocks.len() != 1 {
+        return Err(format!("{} PEM blocks, not one private key", blocks.len()));
+    }
+    let (label, der) = blocks.remove(0);
+    Ok(match label.as_str() {
+        "EC PRIVATE KEY" => PrivateSec1KeyDer::from(der).into(),
+        "PRIVATE KEY" => PrivatePkcs8KeyDer::from(der).into(),
+        "RSA PRIVATE KEY" => PrivatePkcs1KeyDer::from(der).into(),
+        other => return Err(format!("PEM block is {other}, not a private key")),
+    })
+}
+
+/// Whether the key belongs to the certificate: a message signed with it verifies under the
+/// certificate's public key.
+fn key_matches(key: &PrivateKeyDer<'_>, cert_der: &[u8]) -> Result<(), String> {
+    let signing = rustls::crypto::ring::sign::any_supported_type(key)
+        .map_err(|_| "not a private key of a supported type (ECDSA, RSA, Ed25519)".to_string())?;
+    let signer = signing
+        .choose_scheme(&[
+            SignatureScheme::ECDSA_NISTP256_SHA256,
+            SignatureScheme::ECDSA_NISTP384_SHA384,
+            SignatureScheme::ED25519,
+            SignatureScheme::RSA_PKCS1_SHA256,
+        ])
+        .ok_or("no supported signature scheme for this key")?;
+    const MSG: &[u8] = b"gatevm: does this key belong to the client certificate?";
+    let sig = signer
+        .sign(MSG)
+        .map_err(|_| "signing with the key failed".to_string())?;
+    let alg = match signer.scheme() {
+        SignatureScheme::ECDSA_NISTP256_SHA256 => webpki::ring::ECDSA_P256_SHA256,
+        SignatureScheme::ECDSA_NISTP384_SHA384 => webpki::ring::ECDSA_P384_SHA384,
+        SignatureScheme::ED25519 => webpki::ring::ED25519,
+        _ => webpki::ring::RSA_PKCS1_2048_8192_SHA256,
+    };
+    let cert = CertificateDer::from(cert_der);
+    let ee = webpki::EndEntityCert::try_from(&cert)
+        .map_err(|e| format!("the client certificate cannot be used: {e}"))?;
+    ee.verify_signature(alg, MSG, &sig)
+        .map_err(|_| "does not belong to the client certificate (another public key)".to_string())
+}
+
+/// Checks `token`: printable ASCII, no whitespace, bounded.
+pub(crate) fn token(t: &str) -> Result<String, String> {
+    if t.is_empty() {
+        return Err("empty".into());
+    }
+    if t.len() > MAX_TOKEN {
+        return Err(format!("{} bytes, more than {MAX_TOKEN}", t.len()));
+    }
+    if !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("not printable ASCII without whitespace".into());
+    }
+    Ok(t.to_string())
+}
