@@ -11,9 +11,14 @@
 //! frame's bytes, so it is unit- and property-tested; the relay is [`spawn_relay`].
 //!
 //! Rules for frames from the guest (everything else passes, as it did without the filter):
-//! - IPv4 to the gateway address: ICMP, UDP 53 and 67 (DNS, DHCP) and TCP 53 pass; any other
-//!   protocol or port is dropped, and so is every fragment (a fragment may hide its ports), a
-//!   header that does not parse, and a packet whose options push the ports past the frame's end.
+//! - IPv4 to the gateway address: a TCP segment that opens a connection (SYN without ACK) passes
+//!   only to port 53 (DNS): the API's port 80 and every other port of the gateway stay closed to
+//!   the guest. Other TCP segments pass: they belong to connections gvproxy opened itself (the
+//!   user's port forwards reach the guest from the gateway's address, and the guest's answers go
+//!   back to it), and a TCP listener takes a connection only from a SYN. UDP and ICMP pass (the
+//!   API is TCP only; UDP forwards are answered the same way). Any other protocol is dropped, and
+//!   so is every fragment (a fragment may hide its header), a header that does not parse, and a
+//!   packet whose options push the TCP flags past the frame's end.
 //! - VLAN-tagged frames (802.1Q, 802.1ad, QinQ) are dropped: the guest has no use for them and a
 //!   tag would hide the packet from the rules above.
 //! - IPv6 passes: gvproxy's network is IPv4 only and its API listens on the IPv4 gateway address.
@@ -32,10 +37,10 @@ use std::sync::Arc;
 pub const GATEWAY: [u8; 4] = [192, 168, 127, 1];
 /// Largest frame relayed: a 65520-byte MTU plus the Ethernet header, with room to spare.
 pub const MAX_FRAME: usize = 65_536 + 64;
-/// Ports of the gateway the guest may use over UDP: DNS and DHCP.
-pub const GATEWAY_UDP_PORTS: [u16; 2] = [53, 67];
-/// Ports of the gateway the guest may use over TCP: DNS.
+/// Ports of the gateway the guest may open TCP connections to: DNS.
 pub const GATEWAY_TCP_PORTS: [u16; 1] = [53];
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const VLAN_TYPES: [u16; 3] = [0x8100, 0x88a8, 0x9100];
@@ -97,17 +102,19 @@ pub fn verdict(frame: &[u8]) -> Verdict {
     if flags_frag & 0x3fff != 0 {
         return Verdict::Drop(Drop::GatewayFragment);
     }
-    let allowed: &[u16] = match proto {
-        PROTO_ICMP => return Verdict::Pass,
-        PROTO_UDP => &GATEWAY_UDP_PORTS,
-        PROTO_TCP => &GATEWAY_TCP_PORTS,
+    match proto {
+        PROTO_ICMP | PROTO_UDP => return Verdict::Pass,
+        PROTO_TCP => {}
         _ => return Verdict::Drop(Drop::GatewayService),
-    };
-    match be16(ip, ihl + 2) {
-        Some(port) if allowed.contains(&port) => Verdict::Pass,
-        Some(_) => Verdict::Drop(Drop::GatewayService),
-        None => Verdict::Drop(Drop::Malformed),
     }
+    let (Some(port), Some(flags)) = (be16(ip, ihl + 2), ip.get(ihl + 13)) else {
+        return Verdict::Drop(Drop::Malformed);
+    };
+    let opens = flags & TCP_SYN != 0 && flags & TCP_ACK == 0;
+    if opens && !GATEWAY_TCP_PORTS.contains(&port) {
+        return Verdict::Drop(Drop::GatewayService);
+    }
+    Verdict::Pass
 }
 
 /// Counters of the relay, shared with whoever reports on it.
@@ -227,6 +234,7 @@ mod tests {
         let mut l4 = vec![0u8; 20];
         l4[0..2].copy_from_slice(&40000u16.to_be_bytes());
         l4[2..4].copy_from_slice(&port.to_be_bytes());
+        l4[13] = TCP_SYN; // a connection opening, for TCP
         f.extend_from_slice(&l4);
         f
     }
@@ -239,10 +247,6 @@ mod tests {
         );
         assert_eq!(
             verdict(&ipv4(GATEWAY, PROTO_TCP, 8080)),
-            Verdict::Drop(Drop::GatewayService)
-        );
-        assert_eq!(
-            verdict(&ipv4(GATEWAY, PROTO_UDP, 80)),
             Verdict::Drop(Drop::GatewayService)
         );
         // SCTP or any other protocol to the gateway.
@@ -258,6 +262,22 @@ mod tests {
         assert_eq!(verdict(&ipv4(GATEWAY, PROTO_TCP, 53)), Verdict::Pass);
         assert_eq!(verdict(&ipv4(GATEWAY, PROTO_UDP, 67)), Verdict::Pass);
         assert_eq!(verdict(&ipv4(GATEWAY, PROTO_ICMP, 0)), Verdict::Pass);
+    }
+
+    #[test]
+    fn answers_on_connections_gvproxy_opened_pass() {
+        // The guest's SYN-ACK and data to the gateway's ephemeral port of a port forward.
+        let mut f = ipv4(GATEWAY, PROTO_TCP, 45678);
+        f[14 + 20 + 13] = TCP_SYN | TCP_ACK;
+        assert_eq!(verdict(&f), Verdict::Pass);
+        f[14 + 20 + 13] = TCP_ACK;
+        assert_eq!(verdict(&f), Verdict::Pass);
+        // A SYN with ACK to the API's port is no opening: the listener answers it with RST.
+        let mut f = ipv4(GATEWAY, PROTO_TCP, 80);
+        f[14 + 20 + 13] = TCP_SYN | TCP_ACK;
+        assert_eq!(verdict(&f), Verdict::Pass);
+        // UDP answers of a UDP forward.
+        assert_eq!(verdict(&ipv4(GATEWAY, PROTO_UDP, 45678)), Verdict::Pass);
     }
 
     #[test]
@@ -385,8 +405,8 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever the bytes, nothing TCP to the gateway's port 80 gets through, and the
-        /// verdict never panics.
+        /// Whatever the bytes, no connection opening (SYN without ACK) to the gateway's port 80
+        /// gets through, and the verdict never panics.
         #[test]
         fn no_frame_reaches_the_api(mut f in proptest::collection::vec(any::<u8>(), 0..200),
                                     ihl in 5u8..16, extra in 0usize..40) {
@@ -399,6 +419,9 @@ mod tests {
             f[ip + 16..ip + 20].copy_from_slice(&GATEWAY);
             let l4 = ip + usize::from(ihl) * 4;
             f[l4 + 2..l4 + 4].copy_from_slice(&80u16.to_be_bytes());
+            if f.len() > l4 + 13 {
+                f[l4 + 13] = (f[l4 + 13] | TCP_SYN) & !TCP_ACK;
+            }
             f.truncate((l4 + 4 + extra).min(f.len()));
             prop_assert_ne!(verdict(&f), Verdict::Pass);
         }
