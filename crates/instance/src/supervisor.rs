@@ -1368,6 +1368,15 @@ async fn graceful_stop(
     }
 }
 
+/// Writes a one-frame reply, giving up on a client that does not read it within 10 s (the task
+/// serving it would otherwise wait forever).
+async fn reply_within(conn: &mut UnixStream, f: &Frame<CtlReply>) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(10), asyncio::write_frame(conn, f)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("the client does not read its reply".into()),
+    }
+}
+
 /// Serves one control client.
 async fn serve_client(mut conn: UnixStream, shared: &Shared) -> Result<(), String> {
     let first = tokio::time::timeout(
@@ -1387,15 +1396,11 @@ async fn serve_client(mut conn: UnixStream, shared: &Shared) -> Result<(), Strin
     match msg {
         CtlRequest::Status => {
             let st = shared.status().await;
-            asyncio::write_frame(&mut conn, &reply(CtlReply::Status(Box::new(st))))
-                .await
-                .map_err(|e| e.to_string())
+            reply_within(&mut conn, &reply(CtlReply::Status(Box::new(st)))).await
         }
         CtlRequest::Stop { timeout_secs } => {
             let _ = shared.stop_tx.send(timeout_secs.min(3600)).await;
-            asyncio::write_frame(&mut conn, &reply(CtlReply::Stopping))
-                .await
-                .map_err(|e| e.to_string())
+            reply_within(&mut conn, &reply(CtlReply::Stopping)).await
         }
         CtlRequest::Exec(req) => {
             let agent = match shared.agent() {
@@ -1413,24 +1418,45 @@ async fn serve_client(mut conn: UnixStream, shared: &Shared) -> Result<(), Strin
                         .map_err(|e| e.to_string());
                 }
             };
-            relay_exec(conn, agent, req).await
+            relay_exec(conn, agent, GuestMsg::Exec(req)).await
+        }
+        CtlRequest::ReadFile { path, max_bytes } => {
+            let agent = match shared.agent() {
+                Some(a) if *a.connected.borrow() => a,
+                _ => {
+                    let f: Frame<GuestMsg> = Frame::Msg {
+                        stream: CLIENT_STREAM,
+                        msg: GuestMsg::ExecFailed {
+                            code: 1,
+                            message: "the guest agent is not connected".into(),
+                        },
+                    };
+                    return asyncio::write_frame(&mut conn, &f)
+                        .await
+                        .map_err(|e| e.to_string());
+                }
+            };
+            relay_exec(conn, agent, GuestMsg::ReadFile { path, max_bytes }).await
         }
     }
 }
 
-/// Relays one exec between a client connection and the guest.
-async fn relay_exec(
-    conn: UnixStream,
-    agent: Agent,
-    req: gatevm_protocol::ExecRequest,
-) -> Result<(), String> {
-    let (sid, mut from_guest) = agent.open_stream();
+/// Relays one exec (or read-file) stream between a client connection and the guest.
+///
+/// Flow control: guest output is written to the client first and granted back to the guest only
+/// after the write, so a client that stops reading stops only this relay (and, through the
+/// window, its process in the guest); client frames are read only while the guest granted stdin
+/// credit, so a process that does not read its stdin stops only its own client.
+async fn relay_exec(conn: UnixStream, agent: Agent, request: GuestMsg) -> Result<(), String> {
+    let read_file = matches!(request, GuestMsg::ReadFile { .. });
+    let (sid, stream) = agent.open_stream();
+    let (mut from_guest, mut stdin_credit) = stream.split();
     let start_deadline = tokio::time::Instant::now() + EXEC_START_TIMEOUT;
     match tokio::time::timeout_at(
         start_deadline,
         agent.send(Frame::Msg {
             stream: sid,
-            msg: GuestMsg::Exec(req),
+            msg: request,
         }),
     )
     .await
@@ -1456,7 +1482,10 @@ async fn relay_exec(
     let mut cr = asyncio::FrameReader::new(cr);
     let mut finished = false;
     let mut started = false;
+    // Stdin the client sent beyond the guest's credit, sent on as grants come.
+    let mut pending: Vec<u8> = Vec::new();
     loop {
+        let read_client = pending.is_empty() && stdin_credit.available() > 0;
         tokio::select! {
             _ = tokio::time::sleep_until(start_deadline), if !started => {
                 let message = format!(
@@ -1471,12 +1500,20 @@ async fn relay_exec(
             f = from_guest.recv() => {
                 started = true;
                 let Some(f) = f else {
-                    // The channel to the guest ended.
-                    let f: Frame<GuestMsg> = Frame::Msg { stream: CLIENT_STREAM, msg: GuestMsg::Error { message: "the guest agent disconnected".into() } };
-                    let _ = asyncio::write_frame(&mut cw, &f).await;
+                    if agent.ended() {
+                        let f: Frame<GuestMsg> = Frame::Msg { stream: CLIENT_STREAM, msg: GuestMsg::Error { message: "the guest agent disconnected".into() } };
+                        let _ = asyncio::write_frame(&mut cw, &f).await;
+                    }
+                    // Otherwise the stream was ended for breaking flow control: its consumer
+                    // got the error already.
                     break;
                 };
-                let last = matches!(f, Frame::Msg { msg: GuestMsg::Exit(_) | GuestMsg::ExecFailed { .. }, .. });
+                let last = matches!(f, Frame::Msg { msg: GuestMsg::Exit(_) | GuestMsg::ExecFailed { .. }, .. })
+                    || (read_file && matches!(f, Frame::Msg { msg: GuestMsg::Error { .. }, .. }));
+                let data = match &f {
+                    Frame::Data { bytes, .. } => bytes.len(),
+                    _ => 0,
+                };
                 let f = restream(f, CLIENT_STREAM);
                 if asyncio::write_frame(&mut cw, &f).await.is_err() {
                     break;
@@ -1485,11 +1522,22 @@ async fn relay_exec(
                     finished = true;
                     break;
                 }
+                if data > 0 {
+                    // Handed on: the guest may send as much more.
+                    agent.consumed(sid, data).await?;
+                }
             }
-            f = cr.read_frame::<GuestMsg>() => {
+            _ = stdin_credit.granted(), if !pending.is_empty() => {
+                send_stdin(&agent, sid, &mut stdin_credit, &mut pending).await?;
+            }
+            f = cr.read_frame::<GuestMsg>(), if read_client => {
                 match f {
+                    Ok(Some(Frame::Data { fd: gatevm_protocol::Fd::Stdin, bytes, .. })) => {
+                        pending = bytes;
+                        send_stdin(&agent, sid, &mut stdin_credit, &mut pending).await?;
+                    }
                     Ok(Some(f)) => {
-                        let allowed = matches!(&f, Frame::Data { .. } | Frame::Eof { .. } | Frame::Msg { msg: GuestMsg::Resize { .. } | GuestMsg::Signal { .. }, .. });
+                        let allowed = matches!(&f, Frame::Eof { fd: gatevm_protocol::Fd::Stdin, .. } | Frame::Msg { msg: GuestMsg::Resize { .. } | GuestMsg::Signal { .. }, .. });
                         if allowed {
                             agent.send(restream(f, sid)).await?;
                         }
@@ -1502,7 +1550,7 @@ async fn relay_exec(
     }
     if !finished {
         // The client went away: hang up on the process as a terminal would (`nohup` survives it),
-        // and close its stdin.
+        // close its stdin, and let the guest discard the rest of its output.
         let hup = GuestMsg::Signal {
             signal: libc::SIGHUP,
         };
@@ -1518,7 +1566,38 @@ async fn relay_exec(
                 fd: gatevm_protocol::Fd::Stdin,
             })
             .await;
-        agent.close_stream(sid);
+        let _ = agent.discard(sid).await;
+    }
+    agent.close_stream(sid);
+    Ok(())
+}
+
+/// Sends as much of `pending` stdin as the guest's credit allows, in data chunks; what is left
+/// waits for the next grant.
+async fn send_stdin(
+    agent: &Agent,
+    sid: u32,
+    credit: &mut crate::agent::StdinCredit,
+    pending: &mut Vec<u8>,
+) -> Result<(), String> {
+    while !pending.is_empty() {
+        let n = usize::try_from(credit.available())
+            .unwrap_or(usize::MAX)
+            .min(pending.len())
+            .min(gatevm_protocol::DATA_CHUNK);
+        if n == 0 {
+            break;
+        }
+        let rest = pending.split_off(n);
+        let bytes = std::mem::replace(pending, rest);
+        credit.sent(n);
+        agent
+            .send(Frame::Data {
+                stream: sid,
+                fd: gatevm_protocol::Fd::Stdin,
+                bytes,
+            })
+            .await?;
     }
     Ok(())
 }
@@ -1528,6 +1607,7 @@ fn restream(f: Frame<GuestMsg>, stream: u32) -> Frame<GuestMsg> {
         Frame::Msg { msg, .. } => Frame::Msg { stream, msg },
         Frame::Data { fd, bytes, .. } => Frame::Data { stream, fd, bytes },
         Frame::Eof { fd, .. } => Frame::Eof { stream, fd },
+        Frame::Credit { bytes, .. } => Frame::Credit { stream, bytes },
     }
 }
 
