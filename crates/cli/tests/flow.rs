@@ -119,7 +119,10 @@ fn a_stalled_reader_stops_only_its_own_exec_and_files_read_through_the_agent() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    println!("the guest's `yes` ended {:?} after its client was killed", t.elapsed());
+    println!(
+        "the guest's `yes` ended {:?} after its client was killed",
+        t.elapsed()
+    );
     assert_eq!(exec(name, &["echo", "still"], None).1, "still\n");
     assert_eq!(status(name)["healthy"], true);
 
@@ -127,11 +130,7 @@ fn a_stalled_reader_stops_only_its_own_exec_and_files_read_through_the_agent() {
     let content: Vec<u8> = (0..700_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
-    let (code, _, err) = exec(
-        name,
-        &["sh", "-c", "cat > /tmp/flow-file"],
-        Some(&content),
-    );
+    let (code, _, err) = exec(name, &["sh", "-c", "cat > /tmp/flow-file"], Some(&content));
     assert_eq!(code, 0, "{err}");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -163,7 +162,10 @@ fn a_stalled_reader_stops_only_its_own_exec_and_files_read_through_the_agent() {
     let e = read("/nonexistent-flow/file", 4096)
         .expect_err("a missing file")
         .to_string();
-    assert!(e.contains("cannot open") && e.contains("No such file"), "{e}");
+    assert!(
+        e.contains("cannot open") && e.contains("No such file"),
+        "{e}"
+    );
     let e = read("tmp/flow-file", 4096)
         .expect_err("a relative path")
         .to_string();
@@ -179,7 +181,11 @@ fn a_stalled_reader_stops_only_its_own_exec_and_files_read_through_the_agent() {
         None,
     );
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = exec(name, &["sh", "-c", "printf 'k3s: yes\\n' > /tmp/small"], None);
+    let (code, _, err) = exec(
+        name,
+        &["sh", "-c", "printf 'k3s: yes\\n' > /tmp/small"],
+        None,
+    );
     assert_eq!(code, 0, "{err}");
     assert_eq!(read("/tmp/small", 64).expect("small file"), b"k3s: yes\n");
     let _ = exec(name, &["rm", "-f", "/usr/local/bin/cat"], None);
