@@ -7,20 +7,27 @@
 //! stream ids may be reused by the new host).
 //!
 //! Per exec stream: `ExecStarted` or `ExecFailed` answers the `Exec`; then `Data`/`Eof` frames of
-//! stdout and stderr (a terminal session has only stdout); `Exit` comes last. `Resize`, `Signal`
-//! and stdin frames for a stream that has already ended are dropped silently (they race with the
-//! exit). In terminal mode `Eof{Stdin}` is ignored: a pty has no end-of-file to pass on.
+//! stdout and stderr (a terminal session has only stdout); `Exit` comes last. `Resize`, `Signal`,
+//! `Credit` and stdin frames for a stream that has already ended are dropped silently (they race
+//! with the exit). In terminal mode `Eof{Stdin}` is ignored: a pty has no end-of-file to pass on.
+//!
+//! Flow control: output is sent only within the credit the host granted on the stream (the
+//! session's thread waits for it; the agent loop never does), and stdin beyond the window this
+//! side granted is dropped with a log line, so the loop never blocks on a process.
+//!
+//! `ReadFile` streams are served by the agent itself (no program runs): only a regular file at
+//! an absolute path, no larger than the host's limit, read in a thread within the credit.
 //!
 //! [`Agent::serve`] is generic over the channel, so tests drive it over a socketpair with real
 //! child processes; [`run_serial`] and [`run_vsock`] are the two real transports.
 
 use crate::exec;
 use crate::reaper::Reaper;
-use crate::session::{self, Link, SharedWriter, StdinQueue};
+use crate::session::{self, Link, OutputCredit, SharedWriter, StdinQueue};
 use crate::sys;
 use gatevm_protocol::{
     check_len, decode_body, ExecRequest, Fd, Frame, GuestMsg, PayloadStatus, ProtoError,
-    PROTOCOL_VERSION, STREAM_CONTROL,
+    CREDIT_DISCARD, PROTOCOL_VERSION, STREAM_CONTROL,
 };
 use std::collections::HashMap;
 use std::fs::File;
@@ -80,10 +87,12 @@ pub enum ServeEnd {
 
 struct SessionHandle {
     serial: u64,
-    pid: i32,
+    /// The process (none for a read-file stream).
+    pid: Option<i32>,
     tty: Option<Arc<File>>,
     stdin: Option<StdinQueue>,
     muted: Arc<AtomicBool>,
+    credit: Arc<OutputCredit>,
 }
 
 type Sessions = Arc<Mutex<HashMap<u32, SessionHandle>>>;
@@ -218,7 +227,11 @@ impl Agent {
             drained
         };
         for s in drained {
-            self.reaper.signal(s.pid, libc::SIGKILL, true);
+            // Wakes a thread that waits for credit: nobody reads its output any more.
+            s.credit.grant(CREDIT_DISCARD);
+            if let Some(pid) = s.pid {
+                self.reaper.signal(pid, libc::SIGKILL, true);
+            }
         }
     }
 
@@ -241,7 +254,7 @@ impl Agent {
                 fd: Fd::Stdin,
                 bytes,
             } => {
-                // Push outside the table lock: it may wait for a slow process.
+                // Never waits: beyond the window the bytes are dropped.
                 let q = {
                     let sessions = sys::lock(&self.sessions);
                     sessions.get(&stream).and_then(|s| s.stdin.clone())
@@ -264,6 +277,12 @@ impl Agent {
                     w,
                     &error(stream, format!("the host cannot send {fd:?} data")),
                 );
+            }
+            Frame::Credit { stream, bytes } => {
+                let sessions = sys::lock(&self.sessions);
+                if let Some(s) = sessions.get(&stream) {
+                    s.credit.grant(bytes);
+                }
             }
         }
         None
@@ -325,6 +344,9 @@ impl Agent {
                 }
             }
             GuestMsg::Exec(req) => self.start_exec(stream, req, w),
+            GuestMsg::ReadFile { path, max_bytes } => {
+                self.start_read_file(stream, &path, max_bytes, w)
+            }
             GuestMsg::Resize { rows, cols } => {
                 let sessions = sys::lock(&self.sessions);
                 if let Some(tty) = sessions.get(&stream).and_then(|s| s.tty.as_ref()) {
@@ -337,7 +359,7 @@ impl Agent {
                 } else {
                     let target = sys::lock(&self.sessions)
                         .get(&stream)
-                        .map(|s| (s.pid, s.tty.is_some()));
+                        .and_then(|s| Some((s.pid?, s.tty.is_some())));
                     // Signals for finished sessions race with their exit: drop them silently.
                     if let Some((pid, group)) = target {
                         self.reaper.signal(pid, signal, group);
@@ -361,16 +383,82 @@ impl Agent {
         None
     }
 
-    fn start_exec(&self, stream: u32, req: ExecRequest, w: &SharedWriter) {
+    /// Whether `stream` can take a new session; answers with an error when not.
+    fn stream_free(&self, stream: u32, what: &str, w: &SharedWriter) -> bool {
         if stream == STREAM_CONTROL {
-            session::send(w, &error(stream, "exec needs a non-zero stream id"));
-            return;
+            session::send(
+                w,
+                &error(stream, format!("{what} needs a non-zero stream id")),
+            );
+            return false;
         }
         if sys::lock(&self.sessions).contains_key(&stream) {
             session::send(
                 w,
                 &error(stream, format!("stream {stream} is already in use")),
             );
+            return false;
+        }
+        true
+    }
+
+    fn start_read_file(&self, stream: u32, path: &str, max_bytes: u64, w: &SharedWriter) {
+        if !self.stream_free(stream, "read_file", w) {
+            return;
+        }
+        let failed = |message: String| {
+            session::send(w, &msg(stream, GuestMsg::ExecFailed { code: 1, message }));
+        };
+        let file = match open_for_reading(path, max_bytes) {
+            Ok(f) => f,
+            Err(message) => return failed(message),
+        };
+        let serial = self.next_serial.fetch_add(1, Ordering::SeqCst);
+        let link = Link {
+            writer: w.clone(),
+            muted: Arc::new(AtomicBool::new(false)),
+        };
+        let credit = OutputCredit::new();
+        sys::lock(&self.sessions).insert(
+            stream,
+            SessionHandle {
+                serial,
+                pid: None,
+                tty: None,
+                stdin: None,
+                muted: link.muted.clone(),
+                credit: credit.clone(),
+            },
+        );
+        link.send(&msg(stream, GuestMsg::ExecStarted { pid: 0 }));
+        let sessions = self.sessions.clone();
+        let thread_link = link.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("read-{stream}"))
+            .spawn(move || {
+                let last = session::send_file(stream, file, max_bytes, &thread_link, &credit);
+                {
+                    let mut s = sys::lock(&sessions);
+                    if s.get(&stream).map(|h| h.serial) == Some(serial) {
+                        s.remove(&stream);
+                    }
+                }
+                if let Some(last) = last {
+                    thread_link.send(&msg(stream, last));
+                }
+            });
+        if let Err(e) = spawned {
+            let mut s = sys::lock(&self.sessions);
+            if s.get(&stream).map(|h| h.serial) == Some(serial) {
+                s.remove(&stream);
+            }
+            drop(s);
+            link.send(&error(stream, format!("cannot start the read thread: {e}")));
+        }
+    }
+
+    fn start_exec(&self, stream: u32, req: ExecRequest, w: &SharedWriter) {
+        if !self.stream_free(stream, "exec", w) {
             return;
         }
         let p = match exec::spawn(&req, self.reaper) {
@@ -394,16 +482,20 @@ impl Agent {
             writer: w.clone(),
             muted: Arc::new(AtomicBool::new(false)),
         };
-        let stdin = p.stdin.and_then(|f| StdinQueue::start(f, req.tty).ok());
+        let stdin = p
+            .stdin
+            .and_then(|f| StdinQueue::start(f, req.tty, stream, link.clone()).ok());
         let pid = p.pid;
+        let credit = OutputCredit::new();
         sys::lock(&self.sessions).insert(
             stream,
             SessionHandle {
                 serial,
-                pid,
+                pid: Some(pid),
                 tty: p.tty.map(Arc::new),
                 stdin,
                 muted: link.muted.clone(),
+                credit: credit.clone(),
             },
         );
         link.send(&msg(stream, GuestMsg::ExecStarted { pid: pid as u32 }));
@@ -416,7 +508,7 @@ impl Agent {
         let spawned = std::thread::Builder::new()
             .name(format!("exec-{stream}"))
             .spawn(move || {
-                let status = session::pump(stream, outputs, &exit, &thread_link, grace);
+                let status = session::pump(stream, outputs, &exit, &thread_link, &credit, grace);
                 {
                     let mut s = sys::lock(&sessions);
                     if s.get(&stream).map(|h| h.serial) == Some(serial) {
@@ -438,6 +530,40 @@ impl Agent {
             ));
         }
     }
+}
+
+/// Opens `path` for a `ReadFile`: an absolute path naming a regular file of at most `max_bytes`
+/// bytes. Opened without blocking (a FIFO or device would otherwise hold the agent loop) and
+/// checked on the open file, so a swap after the check changes nothing.
+fn open_for_reading(path: &str, max_bytes: u64) -> Result<File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !path.starts_with('/') || path.contains('\0') {
+        return Err(format!("{:?} is not an absolute path", truncate(path, 200)));
+    }
+    let shown = truncate(path, 200);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("cannot open {shown}: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot stat {shown}: {e}"))?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        return Err(format!("{shown} is {what}"));
+    }
+    if meta.len() > max_bytes {
+        return Err(format!(
+            "{shown} is {} bytes, more than the limit of {max_bytes}",
+            meta.len()
+        ));
+    }
+    Ok(file)
 }
 
 fn truncate(s: &str, max: usize) -> &str {

@@ -1,14 +1,20 @@
-//! The I/O side of one exec session: forwarding stdout/stderr (or the pty) as data frames,
-//! feeding stdin, and sending the final `Exit` after all output.
+//! The I/O side of one exec session: forwarding stdout/stderr (or the pty) as data frames within
+//! the output credit the host granted, feeding stdin within the input window (granting it back as
+//! the process takes the bytes), and sending the final `Exit` after all output.
+//!
+//! Nothing here blocks the agent loop: output waits for credit in the session's own thread (so a
+//! host-side reader that stalls stops only its own process, through its full pipe), and stdin
+//! beyond the window the guest granted is dropped with a log line.
 
 use crate::sys;
+use gatevm_protocol::flow::{RecvWindow, SendWindow};
 use gatevm_protocol::{write_frame, ExitStatus, Fd, Frame, GuestMsg, DATA_CHUNK};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// The writing half of the agent channel, shared by all sessions; each frame is written whole
@@ -19,11 +25,8 @@ pub type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
 /// keeps its stdout open.
 pub const EXIT_GRACE: Duration = Duration::from_millis(200);
 
-/// Bytes of stdin that may wait for a slow process before the agent loop waits too.
-pub const MAX_STDIN_QUEUED: usize = 8 * 1024 * 1024;
-
-/// How long the agent loop waits for a full stdin queue to drain before dropping the data.
-pub const STDIN_STALL_LIMIT: Duration = Duration::from_secs(10);
+/// How long the output pump waits for credit before it looks at the process's exit again.
+const CREDIT_POLL: Duration = Duration::from_millis(100);
 
 /// Wraps any writer into a [`SharedWriter`].
 pub fn shared_writer(w: impl Write + Send + 'static) -> SharedWriter {
@@ -66,23 +69,27 @@ enum StdinMsg {
     Close,
 }
 
-/// The stdin side of a session: a queue drained by a writer thread, so a process that does not
-/// read its stdin cannot block the agent loop (up to [`MAX_STDIN_QUEUED`] bytes).
+/// Stdin frames dropped because the host sent beyond the window, for the log's rate limit.
+static STDIN_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// The stdin side of a session: a queue drained by a writer thread, bounded by the input window
+/// (the host may send [`gatevm_protocol::INITIAL_WINDOW`] bytes plus what was granted back), so a
+/// process that does not read its stdin never blocks the agent loop. The writer thread grants the
+/// credit back once it wrote the bytes to the process.
 #[derive(Clone)]
 pub struct StdinQueue {
+    stream: u32,
     tx: Sender<StdinMsg>,
-    queued: Arc<AtomicUsize>,
-    alive: Arc<AtomicBool>,
+    window: Arc<Mutex<RecvWindow>>,
 }
 
 impl StdinQueue {
-    /// Starts the writer thread for `file`. In terminal mode `Close` leaves the terminal open (a
-    /// pty has no end-of-file to pass on).
-    pub fn start(file: File, tty: bool) -> io::Result<StdinQueue> {
+    /// Starts the writer thread for `file` on `stream`; grants go out on `link`. In terminal mode
+    /// `Close` leaves the terminal open (a pty has no end-of-file to pass on).
+    pub fn start(file: File, tty: bool, stream: u32, link: Link) -> io::Result<StdinQueue> {
         let (tx, rx) = channel::<StdinMsg>();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let alive = Arc::new(AtomicBool::new(true));
-        let (q, a) = (queued.clone(), alive.clone());
+        let window = Arc::new(Mutex::new(RecvWindow::new()));
+        let w = window.clone();
         std::thread::Builder::new()
             .name("exec-stdin".into())
             .spawn(move || {
@@ -90,13 +97,16 @@ impl StdinQueue {
                 for msg in rx {
                     match msg {
                         StdinMsg::Data(bytes) => {
-                            let n = bytes.len();
                             if let Some(f) = file.as_mut() {
                                 if f.write_all(&bytes).is_err() {
                                     file = None;
                                 }
                             }
-                            q.fetch_sub(n, Ordering::SeqCst);
+                            // Taken (or dropped with a closed stdin): the host may send more.
+                            let grant = sys::lock(&w).consume(bytes.len());
+                            if let Some(g) = grant {
+                                link.send(&Frame::Credit { stream, bytes: g });
+                            }
                         }
                         StdinMsg::Close => {
                             if !tty {
@@ -105,32 +115,99 @@ impl StdinQueue {
                         }
                     }
                 }
-                a.store(false, Ordering::SeqCst);
             })?;
-        Ok(StdinQueue { tx, queued, alive })
+        Ok(StdinQueue { stream, tx, window })
     }
 
-    /// Queues bytes for the process (waits while too much is queued; drops them after
-    /// [`STDIN_STALL_LIMIT`] or when the process's stdin is gone).
+    /// Queues bytes for the process without waiting; bytes beyond the host's window are dropped
+    /// with a log line (a host that ignores the window).
     pub fn push(&self, bytes: Vec<u8>) {
-        let started = Instant::now();
-        while self.queued.load(Ordering::SeqCst) > MAX_STDIN_QUEUED {
-            if !self.alive.load(Ordering::SeqCst) || started.elapsed() > STDIN_STALL_LIMIT {
-                crate::glog!("exec: stdin not drained, dropping {} bytes", bytes.len());
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        if bytes.is_empty() {
+            return;
         }
         let n = bytes.len();
-        self.queued.fetch_add(n, Ordering::SeqCst);
+        if let Err(e) = sys::lock(&self.window).receive(n) {
+            let dropped = STDIN_DROPPED.fetch_add(1, Ordering::Relaxed) + 1;
+            if dropped.is_power_of_two() {
+                crate::glog!(
+                    "exec: stdin on stream {} beyond the window, dropping {n} bytes ({e}; {dropped} frames so far)",
+                    self.stream
+                );
+            }
+            return;
+        }
         if self.tx.send(StdinMsg::Data(bytes)).is_err() {
-            self.queued.fetch_sub(n, Ordering::SeqCst);
+            sys::lock(&self.window).consume(n);
         }
     }
 
     /// Closes the process's stdin (after the queued bytes).
     pub fn close(&self) {
         let _ = self.tx.send(StdinMsg::Close);
+    }
+
+    /// Bytes received and not yet written to the process.
+    pub fn queued(&self) -> u64 {
+        sys::lock(&self.window).queued()
+    }
+}
+
+/// What [`OutputCredit::wait`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credit {
+    /// This many bytes may be sent now (more than zero).
+    Bytes(usize),
+    /// The reader is gone: read and discard the rest.
+    Discard,
+    /// No credit came within the wait.
+    None,
+}
+
+/// The output window of one session: the host's grants, waited for by the session's thread.
+#[derive(Debug, Default)]
+pub struct OutputCredit {
+    window: Mutex<SendWindow>,
+    cv: Condvar,
+}
+
+impl OutputCredit {
+    /// A new session's window.
+    pub fn new() -> Arc<OutputCredit> {
+        Arc::new(OutputCredit::default())
+    }
+
+    /// Adds a grant from the host ([`gatevm_protocol::CREDIT_DISCARD`]: the reader is gone) and wakes the waiter.
+    pub fn grant(&self, bytes: u32) {
+        sys::lock(&self.window).grant(bytes);
+        self.cv.notify_all();
+    }
+
+    /// Waits up to `timeout` until some credit is there; does not take it.
+    pub fn wait(&self, timeout: Duration) -> Credit {
+        let deadline = Instant::now() + timeout;
+        let mut w = sys::lock(&self.window);
+        loop {
+            if w.discarding() {
+                return Credit::Discard;
+            }
+            let avail = w.available();
+            if avail > 0 {
+                return Credit::Bytes(usize::try_from(avail).unwrap_or(usize::MAX));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Credit::None;
+            }
+            w = match self.cv.wait_timeout(w, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    /// Uses `n` bytes of credit (after sending them).
+    pub fn take(&self, n: usize) {
+        sys::lock(&self.window).take(n);
     }
 }
 
@@ -152,14 +229,17 @@ fn poll_readable(fds: &[&File], timeout: Duration) -> Vec<bool> {
     pfds.iter().map(|p| p.revents != 0).collect()
 }
 
-/// Forwards the process's output on `stream` until both outputs ended and the exit status
-/// arrived (or [`EXIT_GRACE`] after the exit, when something else still holds the output open),
-/// sending `Eof` for each output. Returns the exit status; the caller sends `Exit`.
+/// Forwards the process's output on `stream` within the host's credit until both outputs ended
+/// and the exit status arrived (or [`EXIT_GRACE`] after the exit, when something else still holds
+/// the output open; time spent waiting for credit does not count), sending `Eof` for each output.
+/// Without credit the outputs are not read, so a process whose output nobody reads blocks on its
+/// own full pipe. Returns the exit status; the caller sends `Exit`.
 pub fn pump(
     stream: u32,
     outputs: Vec<(Fd, OwnedFd)>,
     exit: &Receiver<ExitStatus>,
     link: &Link,
+    credit: &OutputCredit,
     grace: Duration,
 ) -> ExitStatus {
     let unknown = ExitStatus {
@@ -186,6 +266,19 @@ pub fn pump(
                 None => exit.recv().unwrap_or(unknown),
             };
         }
+        let (allowed, discard) = match credit.wait(Duration::ZERO) {
+            Credit::Bytes(n) => (n.min(DATA_CHUNK), false),
+            Credit::Discard => (DATA_CHUNK, true),
+            Credit::None => {
+                let t = Instant::now();
+                credit.wait(CREDIT_POLL);
+                // The grace after the exit counts only time in which output could flow.
+                if let Some(d) = deadline.as_mut() {
+                    *d += t.elapsed();
+                }
+                continue;
+            }
+        };
         let timeout = match deadline {
             Some(d) => {
                 let now = Instant::now();
@@ -197,31 +290,36 @@ pub fn pump(
                 }
                 d - now
             }
-            None => Duration::from_millis(100),
+            None => CREDIT_POLL,
         };
         let files: Vec<&File> = open.iter().map(|(_, f)| f).collect();
         let ready = poll_readable(&files, timeout);
+        let mut left = allowed;
         let mut i = 0;
         let mut idx = 0;
         while i < open.len() {
-            if !ready.get(idx).copied().unwrap_or(false) {
+            if !ready.get(idx).copied().unwrap_or(false) || left == 0 {
                 i += 1;
                 idx += 1;
                 continue;
             }
             idx += 1;
             let fd = open[i].0;
-            match open[i].1.read(&mut buf) {
+            match open[i].1.read(&mut buf[..left]) {
                 Ok(0) => {
                     link.send(&Frame::Eof { stream, fd });
                     open.remove(i);
                 }
                 Ok(n) => {
-                    link.send(&Frame::Data {
-                        stream,
-                        fd,
-                        bytes: buf[..n].to_vec(),
-                    });
+                    if !discard {
+                        credit.take(n);
+                        left -= n;
+                        link.send(&Frame::Data {
+                            stream,
+                            fd,
+                            bytes: buf[..n].to_vec(),
+                        });
+                    }
                     i += 1;
                 }
                 Err(e)
@@ -240,4 +338,59 @@ pub fn pump(
             }
         }
     }
+}
+
+/// Serves a [`GuestMsg::ReadFile`] whose file is open: sends its bytes on `stream` as stdout
+/// data within the host's credit, then `Eof`. Returns the stream's last message for the caller to
+/// send: `Exit` with code 0, or an `Error` when reading failed or the file grew beyond `max_bytes`
+/// meanwhile; `None` when the host discards the stream or the link is muted.
+pub fn send_file(
+    stream: u32,
+    mut file: File,
+    max_bytes: u64,
+    link: &Link,
+    credit: &OutputCredit,
+) -> Option<GuestMsg> {
+    let mut buf = vec![0u8; DATA_CHUNK];
+    let mut total: u64 = 0;
+    loop {
+        if link.muted.load(Ordering::SeqCst) {
+            return None;
+        }
+        let allowed = match credit.wait(CREDIT_POLL) {
+            Credit::Bytes(n) => n.min(DATA_CHUNK),
+            Credit::Discard => return None,
+            Credit::None => continue,
+        };
+        let n = match file.read(&mut buf[..allowed]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Some(GuestMsg::Error {
+                    message: format!("reading the file failed: {e}"),
+                })
+            }
+        };
+        total += n as u64;
+        if total > max_bytes {
+            return Some(GuestMsg::Error {
+                message: format!("the file grew beyond the limit of {max_bytes} bytes"),
+            });
+        }
+        credit.take(n);
+        link.send(&Frame::Data {
+            stream,
+            fd: Fd::Stdout,
+            bytes: buf[..n].to_vec(),
+        });
+    }
+    link.send(&Frame::Eof {
+        stream,
+        fd: Fd::Stdout,
+    });
+    Some(GuestMsg::Exit(ExitStatus {
+        code: Some(0),
+        signal: None,
+    }))
 }

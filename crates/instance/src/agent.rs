@@ -1,17 +1,26 @@
 //! The supervisor's end of the guest agent channel: one reader task demultiplexing frames from the
 //! guest to per-stream routes, one writer task serializing frames to the guest.
 //!
-//! The guest is untrusted: frames are bounded by the protocol decoder, routes are bounded channels,
-//! a frame for an unknown stream (or one an exec stream never carries) is dropped, strings the guest
-//! reports are cut short and stripped of control characters, and a framing error ends the channel
-//! (the instance then reports the agent as disconnected) rather than anything on the host. Nothing
-//! waits on the guest without a bound: a request that expects an answer has a timeout covering the
-//! whole exchange, and queueing a frame for a guest that stopped reading gives up after
-//! [`SEND_TIMEOUT`].
+//! The guest is untrusted: frames are bounded by the protocol decoder, a frame for an unknown stream
+//! (or one an exec stream never carries) is dropped, strings the guest reports are cut short and
+//! stripped of control characters, and a framing error ends the channel (the instance then reports
+//! the agent as disconnected) rather than anything on the host. Nothing waits on the guest without
+//! a bound: a request that expects an answer has a timeout covering the whole exchange, and
+//! queueing a frame for a guest that stopped reading gives up after [`SEND_TIMEOUT`].
+//!
+//! Flow control: the reader never waits for a stream's consumer. Each exec stream has an unbounded
+//! queue whose data is bounded by the stream's credit window instead: the guest may send only
+//! [`gatevm_protocol::INITIAL_WINDOW`] bytes plus what was granted back, and the host grants only
+//! after the consumer handed bytes on ([`Agent::consumed`]). A guest that exceeds its window, or
+//! sends more than [`MAX_STREAM_MSGS`] messages and ends on one exec stream, breaks only that
+//! stream: its consumer gets an `Error` and the stream is closed; the channel and every other
+//! stream go on. The guest grants stdin credit the same way ([`StdinCredit`]).
 
 use crate::control::AgentInfo;
+use gatevm_protocol::flow::RecvWindow;
 use gatevm_protocol::{
-    asyncio, Fd, Frame, GuestMsg, PayloadStatus, PROTOCOL_VERSION, STREAM_CONTROL,
+    asyncio, Fd, Frame, GuestMsg, PayloadStatus, CREDIT_DISCARD, INITIAL_WINDOW, PROTOCOL_VERSION,
+    STREAM_CONTROL,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -20,20 +29,81 @@ use std::time::Duration;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Frames queued for one exec stream before the reader waits for the client (each at most
-/// `MAX_FRAME_LEN` bytes: 16 MiB per stream at worst).
-const ROUTE_DEPTH: usize = 64;
+/// Messages and ends (frames other than data and credit) the guest may send on one exec stream:
+/// an honest one sends a start, two ends and an exit, and an error now and then. Beyond this the
+/// stream is ended, which bounds what its queue holds besides the window's data.
+pub const MAX_STREAM_MSGS: u32 = 16;
 /// Frames queued for the guest before senders wait for the writer.
 const WRITE_DEPTH: usize = 256;
 /// How long queueing one frame for the guest may wait. The queue only stays full while the guest
-/// reads nothing at all: the agent drains it continuously (it stalls at most 10 s on a process that
-/// does not read its stdin), so this is a guest that stopped reading.
+/// reads nothing at all: the agent drains it continuously (it never waits for a process; stdin is
+/// bounded by its window), so this is a guest that stopped reading.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Error messages from the guest logged as warnings; later ones go to the debug level, so a
 /// guest cannot fill the supervisor's log.
 const GUEST_ERRORS_LOGGED: u32 = 20;
 
-type Route = mpsc::Sender<Frame<GuestMsg>>;
+/// The host's side of one exec stream, as the reader sees it.
+struct Route {
+    tx: mpsc::UnboundedSender<Frame<GuestMsg>>,
+    /// The guest's output window: what it may still send, what is queued, what to grant back.
+    window: RecvWindow,
+    /// Messages and ends received on the stream.
+    msgs: u32,
+    /// Stdin credit the guest granted in all, the initial window included.
+    stdin_granted: watch::Sender<u64>,
+}
+
+/// The consumer's end of one exec stream: the guest's frames on it, and the stdin credit the guest
+/// granted.
+pub struct GuestStream {
+    /// The stream id.
+    pub id: u32,
+    rx: mpsc::UnboundedReceiver<Frame<GuestMsg>>,
+    /// The stream's stdin credit.
+    pub stdin: StdinCredit,
+}
+
+impl GuestStream {
+    /// The next frame from the guest; None once the stream ended (after its last frame, a
+    /// violation of its window, or the end of the channel).
+    pub async fn recv(&mut self) -> Option<Frame<GuestMsg>> {
+        self.rx.recv().await
+    }
+
+    /// The frame receiver and the stdin credit apart, to wait on both at once.
+    pub fn split(self) -> (mpsc::UnboundedReceiver<Frame<GuestMsg>>, StdinCredit) {
+        (self.rx, self.stdin)
+    }
+}
+
+/// The stdin credit the guest granted on one stream.
+pub struct StdinCredit {
+    granted: watch::Receiver<u64>,
+    sent: u64,
+    open: bool,
+}
+
+impl StdinCredit {
+    /// Stdin bytes that may be sent to the guest now.
+    pub fn available(&self) -> u64 {
+        self.granted.borrow().saturating_sub(self.sent)
+    }
+
+    /// Records `n` stdin bytes as sent.
+    pub fn sent(&mut self, n: usize) {
+        self.sent = self.sent.saturating_add(n as u64);
+    }
+
+    /// Waits for the guest's next stdin grant; never returns once the stream is closed.
+    pub async fn granted(&mut self) {
+        if self.open && self.granted.changed().await.is_ok() {
+            return;
+        }
+        self.open = false;
+        std::future::pending::<()>().await
+    }
+}
 
 /// What the host knows about the guest, updated by the reader.
 #[derive(Debug, Default, Clone)]
@@ -212,11 +282,40 @@ impl Agent {
                 );
                 continue;
             }
-            let route = lock(&self.routes).get(&stream).cloned();
-            let Some(route) = route else {
+            let mut routes = lock(&self.routes);
+            let Some(route) = routes.get_mut(&stream) else {
                 tracing::debug!("dropping frame for unknown stream {stream}");
                 continue;
             };
+            match &frame {
+                Frame::Credit { bytes, .. } => {
+                    let bytes = u64::from(*bytes);
+                    route
+                        .stdin_granted
+                        .send_modify(|g| *g = g.saturating_add(bytes));
+                    continue;
+                }
+                Frame::Data { bytes, .. } if bytes.is_empty() => continue,
+                Frame::Data { bytes, .. } => {
+                    if let Err(e) = route.window.receive(bytes.len()) {
+                        let message = format!(
+                            "the guest broke flow control on this stream ({e}); the stream was ended"
+                        );
+                        violation(&mut routes, stream, message);
+                        continue;
+                    }
+                }
+                Frame::Msg { .. } | Frame::Eof { .. } => {
+                    route.msgs += 1;
+                    if route.msgs > MAX_STREAM_MSGS {
+                        let message = format!(
+                            "the guest sent more than {MAX_STREAM_MSGS} messages on this stream; the stream was ended"
+                        );
+                        violation(&mut routes, stream, message);
+                        continue;
+                    }
+                }
+            }
             let last = matches!(
                 frame,
                 Frame::Msg {
@@ -224,10 +323,34 @@ impl Agent {
                     ..
                 }
             );
-            if route.send(frame).await.is_err() || last {
-                lock(&self.routes).remove(&stream);
+            // Unbounded, so never waits: the window bounds the data in it, MAX_STREAM_MSGS the rest.
+            if route.tx.send(frame).is_err() || last {
+                routes.remove(&stream);
             }
         }
+    }
+
+    /// `n` data bytes of stream `id` were handed on by its consumer: grants the guest credit when
+    /// a grant is due. Fails only when the grant cannot be queued (see [`Agent::send`]).
+    pub async fn consumed(&self, id: u32, n: usize) -> Result<(), String> {
+        let grant = lock(&self.routes)
+            .get_mut(&id)
+            .and_then(|r| r.window.consume(n));
+        match grant {
+            Some(bytes) => self.send(Frame::Credit { stream: id, bytes }).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Tells the guest that nobody reads stream `id` any more (it discards the rest of the
+    /// output) and forgets the stream.
+    pub async fn discard(&self, id: u32) -> Result<(), String> {
+        self.close_stream(id);
+        self.send(Frame::Credit {
+            stream: id,
+            bytes: CREDIT_DISCARD,
+        })
+        .await
     }
 
     /// Queues a frame for the guest; fails when the channel is closed, or when the guest has read
@@ -293,16 +416,42 @@ impl Agent {
         lock(&self.view).clone()
     }
 
-    /// Opens an exec stream: returns its id and the receiver of the guest's frames on it.
-    pub fn open_stream(&self) -> (u32, mpsc::Receiver<Frame<GuestMsg>>) {
-        let (tx, rx) = mpsc::channel(ROUTE_DEPTH);
+    /// Opens an exec stream: returns its id and the consumer's end of it.
+    pub fn open_stream(&self) -> (u32, GuestStream) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (granted_tx, granted_rx) = watch::channel(u64::from(INITIAL_WINDOW));
         let mut routes = lock(&self.routes);
         let mut id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         while id == STREAM_CONTROL || routes.contains_key(&id) {
             id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         }
-        routes.insert(id, tx);
-        (id, rx)
+        routes.insert(
+            id,
+            Route {
+                tx,
+                window: RecvWindow::new(),
+                msgs: 0,
+                stdin_granted: granted_tx,
+            },
+        );
+        (
+            id,
+            GuestStream {
+                id,
+                rx,
+                stdin: StdinCredit {
+                    granted: granted_rx,
+                    sent: 0,
+                    open: true,
+                },
+            },
+        )
+    }
+
+    /// Bytes of stream `id`'s output the guest sent and its consumer has not handed on yet (None
+    /// for a closed stream).
+    pub fn queued(&self, id: u32) -> Option<u64> {
+        lock(&self.routes).get(&id).map(|r| r.window.queued())
     }
 
     /// Forgets a stream (its client went away).
@@ -330,10 +479,23 @@ impl Agent {
     }
 }
 
-/// What the guest sends on an exec stream: the process's output and how it started and ended.
-/// Anything else is dropped before it is queued for the client.
+/// Ends stream `stream` for breaking flow control: its consumer gets `message` as an `Error`, and
+/// later frames on it are dropped as frames of an unknown stream.
+fn violation(routes: &mut HashMap<u32, Route>, stream: u32, message: String) {
+    tracing::warn!("guest agent, stream {stream}: {message}");
+    if let Some(r) = routes.remove(&stream) {
+        let _ = r.tx.send(Frame::Msg {
+            stream,
+            msg: GuestMsg::Error { message },
+        });
+    }
+}
+
+/// What the guest sends on an exec stream: the process's output, how it started and ended, and
+/// stdin credit. Anything else is dropped before it is queued for the client.
 fn expected_on_exec_stream(f: &Frame<GuestMsg>) -> bool {
     match f {
+        Frame::Credit { .. } => true,
         Frame::Data { fd, .. } | Frame::Eof { fd, .. } => *fd != Fd::Stdin,
         Frame::Msg { msg, .. } => matches!(
             msg,
@@ -350,6 +512,7 @@ fn kind(f: &Frame<GuestMsg>) -> &'static str {
         Frame::Msg { .. } => "message",
         Frame::Data { .. } => "data",
         Frame::Eof { .. } => "eof",
+        Frame::Credit { .. } => "credit",
     }
 }
 

@@ -1,5 +1,5 @@
 //! Operations on instances from another process (the CLI, or any Rust program): status, list,
-//! stop, delete, exec, and starting a detached supervisor.
+//! stop, delete, exec, read a guest file, and starting a detached supervisor.
 
 use crate::config::{InstanceConfig, Phase, StateFile};
 use crate::control::{AgentInfo, CtlReply, CtlRequest, InstanceStatus, CLIENT_STREAM};
@@ -28,6 +28,14 @@ pub enum ClientError {
     RunningNoForce(String),
     #[error("instance {name:?}: {message}")]
     Control { name: String, message: String },
+    /// A [`read_file`] failed: the guest refused or could not read the file, sent more than the
+    /// limit, or did not finish in time.
+    #[error("instance {name:?}: reading {path} in the guest: {message}")]
+    ReadFile {
+        name: String,
+        path: String,
+        message: String,
+    },
     #[error("instance {name:?}: {what}: {source}")]
     Io {
         name: String,
@@ -585,6 +593,112 @@ where
             }
         }
     }
+}
+
+/// Reads a regular file in the guest through the guest agent, without running any program there
+/// (so nothing on the guest's `PATH` is involved): the agent opens `path` itself and refuses
+/// anything but a regular file at an absolute path.
+///
+/// The guest is untrusted, and this is bounded both ways: the whole exchange (connecting
+/// included) ends after `timeout`, and a guest that sends more than `max_bytes` bytes is an error,
+/// never a truncated answer. Messages from the guest in errors are cut short and stripped of
+/// control characters. Fails with [`ClientError::ReadFile`] for a missing file, a directory or
+/// other non-regular file, a file over the limit, or a timeout; with the usual errors when the
+/// instance does not exist or does not run.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), gatevm_instance::client::ClientError> {
+/// use std::time::Duration;
+/// let yaml = gatevm_instance::client::read_file(
+///     "dev",
+///     "/etc/rancher/k3s/k3s.yaml",
+///     64 * 1024,
+///     Duration::from_secs(10),
+/// )
+/// .await?;
+/// # Ok(()) }
+/// ```
+pub async fn read_file(
+    name: &str,
+    path: &str,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<Vec<u8>, ClientError> {
+    let paths = existing(name)?;
+    let fail = |message: String| ClientError::ReadFile {
+        name: name.to_string(),
+        path: path.to_string(),
+        message,
+    };
+    let exchange = async {
+        let mut s = connect(&paths).await?;
+        asyncio::write_frame(
+            &mut s,
+            &Frame::Msg {
+                stream: CLIENT_STREAM,
+                msg: CtlRequest::ReadFile {
+                    path: path.to_string(),
+                    max_bytes: max_bytes as u64,
+                },
+            },
+        )
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+        let mut out = Vec::new();
+        loop {
+            let f = asyncio::read_frame::<GuestMsg, _>(&mut s)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            match f {
+                None => return Err(fail("the supervisor closed the stream".into())),
+                Some(Frame::Data {
+                    fd: Fd::Stdout,
+                    bytes,
+                    ..
+                }) => {
+                    if out.len() + bytes.len() > max_bytes {
+                        return Err(fail(format!(
+                            "the guest sent more than the limit of {max_bytes} bytes"
+                        )));
+                    }
+                    out.extend_from_slice(&bytes);
+                }
+                Some(Frame::Data { fd, .. }) => {
+                    return Err(fail(format!("the guest sent {fd:?} data for a file")))
+                }
+                Some(Frame::Msg { msg, .. }) => match msg {
+                    GuestMsg::Exit(st) if st.code == Some(0) => return Ok(out),
+                    GuestMsg::Exit(st) => {
+                        return Err(fail(format!(
+                            "the read ended with code {}",
+                            st.as_exit_code()
+                        )))
+                    }
+                    GuestMsg::ExecFailed { message, .. } | GuestMsg::Error { message } => {
+                        return Err(fail(clean(&message)))
+                    }
+                    _ => {}
+                },
+                Some(Frame::Eof { .. } | Frame::Credit { .. }) => {}
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(fail(format!(
+            "no complete answer within {:.1} s",
+            timeout.as_secs_f64()
+        ))),
+    }
+}
+
+/// A message from the guest, fit for a terminal: at most 300 characters, control characters
+/// (terminal escapes) turned into spaces.
+fn clean(s: &str) -> String {
+    s.chars()
+        .take(300)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// Starts a detached supervisor for `config` by running `exe __supervise` in a new session, and

@@ -2,8 +2,11 @@
 //!
 //! Each client connection does one operation. The client's first frame is a
 //! `Frame::Msg { stream: 1, msg: CtlRequest }`. For `Status` and `Stop` the supervisor answers with
-//! one `Frame<CtlReply>`. For `Exec` the connection then carries `Frame<GuestMsg>` on stream 1 in
-//! both directions, relayed to and from the guest agent exactly as in the agent protocol.
+//! one `Frame<CtlReply>`. For `Exec` and `ReadFile` the connection then carries `Frame<GuestMsg>` on
+//! stream 1 in both directions, relayed to and from the guest agent as in the agent protocol, less
+//! its credit frames: the connection is the client's own, so the socket's backpressure is its flow
+//! control (the supervisor reads the client's stdin only while the guest granted credit, and
+//! grants the guest credit only after writing its output to the client).
 
 use gatevm_protocol::{ExecRequest, PayloadStatus};
 use serde::{Deserialize, Serialize};
@@ -21,6 +24,9 @@ pub enum CtlRequest {
     Stop { timeout_secs: u64 },
     /// Run a process in the guest.
     Exec(ExecRequest),
+    /// Read a regular file in the guest (the guest agent opens it; no program runs), at most
+    /// `max_bytes` bytes. Answered like an exec: see [`gatevm_protocol::GuestMsg::ReadFile`].
+    ReadFile { path: String, max_bytes: u64 },
 }
 
 /// The supervisor's answer to `Status` and `Stop`.

@@ -1546,6 +1546,15 @@ async fn graceful_stop(
     }
 }
 
+/// Writes a one-frame reply, giving up on a client that does not read it within 10 s (the task
+/// serving it would otherwise wait forever).
+async fn reply_within(conn: &mut UnixStream, f: &Frame<CtlReply>) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(10), asyncio::write_frame(conn, f)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("the client does not read its reply".into()),
+    }
+}
+
 /// Serves one control client.
 async fn serve_client(mut conn: UnixStream, shared: &Shared) -> Result<(), String> {
     let first = tokio::time::timeout(
@@ -1565,15 +1574,11 @@ async fn serve_client(mut conn: UnixStream, shared: &Shared) -> Result<(), Strin
     match msg {
         CtlRequest::Status => {
             let st = shared.status().await;
-            asyncio::write_frame(&mut conn, &reply(CtlReply::Status(Box::new(st))))
-                .await
-                .map_err(|e| e.to_string())
+            reply_within(&mut conn, &reply(CtlReply::Status(Box::new(st)))).await
         }
         CtlRequest::Stop { timeout_secs } => {
             let _ = shared.stop_tx.send(timeout_secs.min(3600)).await;
-            asyncio::write_frame(&mut conn, &reply(CtlReply::Stopping))
-                .await
-                .map_err(|e| e.to_string())
+            reply_within(&mut conn, &reply(CtlReply::Stopping)).await
         }
         CtlRequest::Exec(req) => {
             let agent = match shared.agent() {
@@ -1591,24 +1596,45 @@ async fn serve_client(mut conn: UnixStream, shared: &Shared) -> Result<(), Strin
                         .map_err(|e| e.to_string());
                 }
             };
-            relay_exec(conn, agent, req).await
+            relay_exec(conn, agent, GuestMsg::Exec(req)).await
+        }
+        CtlRequest::ReadFile { path, max_bytes } => {
+            let agent = match shared.agent() {
+                Some(a) if *a.connected.borrow() => a,
+                _ => {
+                    let f: Frame<GuestMsg> = Frame::Msg {
+                        stream: CLIENT_STREAM,
+                        msg: GuestMsg::ExecFailed {
+                            code: 1,
+                            message: "the guest agent is not connected".into(),
+                        },
+                    };
+                    return asyncio::write_frame(&mut conn, &f)
+                        .await
+                        .map_err(|e| e.to_string());
+                }
+            };
+            relay_exec(conn, agent, GuestMsg::ReadFile { path, max_bytes }).await
         }
     }
 }
 
-/// Relays one exec between a client connection and the guest.
-async fn relay_exec(
-    conn: UnixStream,
-    agent: Agent,
-    req: gatevm_protocol::ExecRequest,
-) -> Result<(), String> {
-    let (sid, mut from_guest) = agent.open_stream();
+/// Relays one exec (or read-file) stream between a client connection and the guest.
+///
+/// Flow control: guest output is written to the client first and granted back to the guest only
+/// after the write, so a client that stops reading stops only this relay (and, through the
+/// window, its process in the guest); client frames are read only while the guest granted stdin
+/// credit, so a process that does not read its stdin stops only its own client.
+async fn relay_exec(conn: UnixStream, agent: Agent, request: GuestMsg) -> Result<(), String> {
+    let read_file = matches!(request, GuestMsg::ReadFile { .. });
+    let (sid, stream) = agent.open_stream();
+    let (mut from_guest, mut stdin_credit) = stream.split();
     let start_deadline = tokio::time::Instant::now() + EXEC_START_TIMEOUT;
     match tokio::time::timeout_at(
         start_deadline,
         agent.send(Frame::Msg {
             stream: sid,
-            msg: GuestMsg::Exec(req),
+            msg: request,
         }),
     )
     .await
@@ -1634,7 +1660,12 @@ async fn relay_exec(
     let mut cr = asyncio::FrameReader::new(cr);
     let mut finished = false;
     let mut started = false;
+    // Stdin the client sent beyond the guest's credit, sent on as grants come.
+    let mut pending: Vec<u8> = Vec::new();
+    // A frame that could not be queued for the guest (it stopped reading): the stream ends.
+    let mut failed: Option<String> = None;
     loop {
+        let read_client = pending.is_empty() && stdin_credit.available() > 0;
         tokio::select! {
             _ = tokio::time::sleep_until(start_deadline), if !started => {
                 let message = format!(
@@ -1649,12 +1680,20 @@ async fn relay_exec(
             f = from_guest.recv() => {
                 started = true;
                 let Some(f) = f else {
-                    // The channel to the guest ended.
-                    let f: Frame<GuestMsg> = Frame::Msg { stream: CLIENT_STREAM, msg: GuestMsg::Error { message: "the guest agent disconnected".into() } };
-                    let _ = asyncio::write_frame(&mut cw, &f).await;
+                    if agent.ended() {
+                        let f: Frame<GuestMsg> = Frame::Msg { stream: CLIENT_STREAM, msg: GuestMsg::Error { message: "the guest agent disconnected".into() } };
+                        let _ = asyncio::write_frame(&mut cw, &f).await;
+                    }
+                    // Otherwise the stream was ended for breaking flow control: its consumer
+                    // got the error already.
                     break;
                 };
-                let last = matches!(f, Frame::Msg { msg: GuestMsg::Exit(_) | GuestMsg::ExecFailed { .. }, .. });
+                let last = matches!(f, Frame::Msg { msg: GuestMsg::Exit(_) | GuestMsg::ExecFailed { .. }, .. })
+                    || (read_file && matches!(f, Frame::Msg { msg: GuestMsg::Error { .. }, .. }));
+                let data = match &f {
+                    Frame::Data { bytes, .. } => bytes.len(),
+                    _ => 0,
+                };
                 let f = restream(f, CLIENT_STREAM);
                 if asyncio::write_frame(&mut cw, &f).await.is_err() {
                     break;
@@ -1663,13 +1702,37 @@ async fn relay_exec(
                     finished = true;
                     break;
                 }
+                if data > 0 {
+                    // Handed on: the guest may send as much more.
+                    if let Err(e) = agent.consumed(sid, data).await {
+                        failed = Some(e);
+                        break;
+                    }
+                }
             }
-            f = cr.read_frame::<GuestMsg>() => {
+            // Waits for a grant while stdin is held back: pending bytes, or no credit at all.
+            _ = stdin_credit.granted(), if !read_client => {
+                if let Err(e) = send_stdin(&agent, sid, &mut stdin_credit, &mut pending).await {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            f = cr.read_frame::<GuestMsg>(), if read_client => {
                 match f {
+                    Ok(Some(Frame::Data { fd: gatevm_protocol::Fd::Stdin, bytes, .. })) => {
+                        pending = bytes;
+                        if let Err(e) = send_stdin(&agent, sid, &mut stdin_credit, &mut pending).await {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
                     Ok(Some(f)) => {
-                        let allowed = matches!(&f, Frame::Data { .. } | Frame::Eof { .. } | Frame::Msg { msg: GuestMsg::Resize { .. } | GuestMsg::Signal { .. }, .. });
+                        let allowed = matches!(&f, Frame::Eof { fd: gatevm_protocol::Fd::Stdin, .. } | Frame::Msg { msg: GuestMsg::Resize { .. } | GuestMsg::Signal { .. }, .. });
                         if allowed {
-                            agent.send(restream(f, sid)).await?;
+                            if let Err(e) = agent.send(restream(f, sid)).await {
+                                failed = Some(e);
+                                break;
+                            }
                         }
                     }
                     // The client hung up (or sent garbage).
@@ -1680,7 +1743,7 @@ async fn relay_exec(
     }
     if !finished {
         // The client went away: hang up on the process as a terminal would (`nohup` survives it),
-        // and close its stdin.
+        // close its stdin, and let the guest discard the rest of its output.
         let hup = GuestMsg::Signal {
             signal: libc::SIGHUP,
         };
@@ -1696,7 +1759,50 @@ async fn relay_exec(
                 fd: gatevm_protocol::Fd::Stdin,
             })
             .await;
-        agent.close_stream(sid);
+        let _ = agent.discard(sid).await;
+    }
+    agent.close_stream(sid);
+    match failed {
+        Some(e) => {
+            let f: Frame<GuestMsg> = Frame::Msg {
+                stream: CLIENT_STREAM,
+                msg: GuestMsg::Error { message: e.clone() },
+            };
+            // The client may be the one that stalled: do not wait on it for long.
+            let _ = tokio::time::timeout(Duration::from_secs(5), asyncio::write_frame(&mut cw, &f))
+                .await;
+            Err(e)
+        }
+        None => Ok(()),
+    }
+}
+
+/// Sends as much of `pending` stdin as the guest's credit allows, in data chunks; what is left
+/// waits for the next grant.
+async fn send_stdin(
+    agent: &Agent,
+    sid: u32,
+    credit: &mut crate::agent::StdinCredit,
+    pending: &mut Vec<u8>,
+) -> Result<(), String> {
+    while !pending.is_empty() {
+        let n = usize::try_from(credit.available())
+            .unwrap_or(usize::MAX)
+            .min(pending.len())
+            .min(gatevm_protocol::DATA_CHUNK);
+        if n == 0 {
+            break;
+        }
+        let rest = pending.split_off(n);
+        let bytes = std::mem::replace(pending, rest);
+        credit.sent(n);
+        agent
+            .send(Frame::Data {
+                stream: sid,
+                fd: gatevm_protocol::Fd::Stdin,
+                bytes,
+            })
+            .await?;
     }
     Ok(())
 }
@@ -1706,6 +1812,7 @@ fn restream(f: Frame<GuestMsg>, stream: u32) -> Frame<GuestMsg> {
         Frame::Msg { msg, .. } => Frame::Msg { stream, msg },
         Frame::Data { fd, bytes, .. } => Frame::Data { stream, fd, bytes },
         Frame::Eof { fd, .. } => Frame::Eof { stream, fd },
+        Frame::Credit { bytes, .. } => Frame::Credit { stream, bytes },
     }
 }
 
@@ -1745,5 +1852,306 @@ mod tests {
             kernel_cmdline("gw", "k3s", gatevm_net::LARGE_MTU),
             "console=ttyS0 quiet panic=-1 gatevm.hostname=gw gatevm.payload=k3s gatevm.mtu=65520"
         );
+    }
+}
+
+/// The exec relay between a CLI client and the guest, against a fake guest that keeps to the
+/// credit windows: a client that stops reading stops only its own relay.
+#[cfg(test)]
+mod relay_tests {
+    use super::{relay_exec, Agent};
+    use crate::control::CLIENT_STREAM;
+    use gatevm_protocol::flow::SendWindow;
+    use gatevm_protocol::{
+        asyncio, ExecRequest, ExitStatus, Fd, Frame, GuestMsg, DATA_CHUNK, INITIAL_WINDOW,
+        PROTOCOL_VERSION, STREAM_CONTROL,
+    };
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixStream;
+
+    /// The fake process sends nothing and never exits.
+    const RUNS_SILENTLY: usize = usize::MAX;
+
+    #[derive(Default)]
+    struct Seen {
+        /// Output credit granted by the host, per stream.
+        granted: HashMap<u32, u64>,
+        /// Stdin bytes the host sent, per stream.
+        stdin: HashMap<u32, u64>,
+    }
+
+    /// A guest that answers status, starts every exec, and streams `output` bytes on it within
+    /// the host's credit (then exits); it grants stdin credit back for every frame when
+    /// `grant_stdin`.
+    async fn fake_guest(output: usize, grant_stdin: bool) -> (Agent, Arc<Mutex<Seen>>) {
+        let (host, guest) = UnixStream::pair().expect("socketpair");
+        let (hr, hw) = host.into_split();
+        let agent = Agent::spawn(hr, hw);
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (gr, gw) = guest.into_split();
+        let gw = Arc::new(tokio::sync::Mutex::new(gw));
+        let windows: Arc<Mutex<HashMap<u32, SendWindow>>> = Arc::default();
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let put = |gw: Arc<tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>>,
+                   f: Frame<GuestMsg>| async move {
+            let b = f.encode().expect("encode");
+            let _ = gw.lock().await.write_all(&b).await;
+        };
+        put(
+            gw.clone(),
+            Frame::Msg {
+                stream: STREAM_CONTROL,
+                msg: GuestMsg::Hello {
+                    version: PROTOCOL_VERSION,
+                    software: "fake".into(),
+                    uptime_ms: None,
+                    kernel: None,
+                },
+            },
+        )
+        .await;
+        let s2 = seen.clone();
+        tokio::spawn(async move {
+            let mut r = asyncio::FrameReader::new(gr);
+            while let Ok(Some(f)) = r.read_frame::<GuestMsg>().await {
+                match f {
+                    Frame::Msg {
+                        msg: GuestMsg::StatusRequest,
+                        ..
+                    } => {
+                        let answer = Frame::Msg {
+                            stream: STREAM_CONTROL,
+                            msg: GuestMsg::Status {
+                                uptime_ms: 1,
+                                payloads: vec![],
+                            },
+                        };
+                        put(gw.clone(), answer).await;
+                    }
+                    Frame::Msg {
+                        stream,
+                        msg: GuestMsg::Exec(_),
+                    } => {
+                        windows
+                            .lock()
+                            .expect("lock")
+                            .insert(stream, SendWindow::new());
+                        let (gw, windows, notify) = (gw.clone(), windows.clone(), notify.clone());
+                        tokio::spawn(async move {
+                            let started = Frame::Msg {
+                                stream,
+                                msg: GuestMsg::ExecStarted { pid: stream },
+                            };
+                            put(gw.clone(), started).await;
+                            if output == RUNS_SILENTLY {
+                                return;
+                            }
+                            let mut left = output;
+                            while left > 0 {
+                                let n = windows
+                                    .lock()
+                                    .expect("lock")
+                                    .get_mut(&stream)
+                                    .map(|w| w.take(left.min(DATA_CHUNK)))
+                                    .unwrap_or(0);
+                                if n == 0 {
+                                    // Polls too: a grant between the take and this wait would
+                                    // otherwise be missed.
+                                    let _ = tokio::time::timeout(
+                                        Duration::from_millis(20),
+                                        notify.notified(),
+                                    )
+                                    .await;
+                                    continue;
+                                }
+                                let data = Frame::Data {
+                                    stream,
+                                    fd: Fd::Stdout,
+                                    bytes: vec![b'y'; n],
+                                };
+                                put(gw.clone(), data).await;
+                                left -= n;
+                            }
+                            let exit = Frame::Msg {
+                                stream,
+                                msg: GuestMsg::Exit(ExitStatus {
+                                    code: Some(0),
+                                    signal: None,
+                                }),
+                            };
+                            put(gw.clone(), exit).await;
+                        });
+                    }
+                    Frame::Credit { stream, bytes } => {
+                        *s2.lock().expect("lock").granted.entry(stream).or_default() +=
+                            u64::from(bytes);
+                        if let Some(w) = windows.lock().expect("lock").get_mut(&stream) {
+                            w.grant(bytes);
+                        }
+                        notify.notify_waiters();
+                    }
+                    Frame::Data {
+                        stream,
+                        fd: Fd::Stdin,
+                        bytes,
+                    } => {
+                        *s2.lock().expect("lock").stdin.entry(stream).or_default() +=
+                            bytes.len() as u64;
+                        if grant_stdin {
+                            let grant = Frame::Credit {
+                                stream,
+                                bytes: bytes.len() as u32,
+                            };
+                            put(gw.clone(), grant).await;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let mut c = agent.connected.clone();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !*c.borrow_and_update() {
+                let _ = c.changed().await;
+            }
+        })
+        .await
+        .expect("the fake guest's hello");
+        (agent, seen)
+    }
+
+    /// A client connection running `relay_exec`; returns the client's end.
+    fn client(agent: &Agent, stdin: bool) -> UnixStream {
+        let (mine, theirs) = UnixStream::pair().expect("socketpair");
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let req = ExecRequest {
+                argv: vec!["yes".into()],
+                stdin,
+                ..Default::default()
+            };
+            let _ = relay_exec(theirs, agent, GuestMsg::Exec(req)).await;
+        });
+        mine
+    }
+
+    async fn status_within_1s(agent: &Agent) -> Duration {
+        let t = std::time::Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(1),
+            agent.refresh_status(Duration::from_secs(1)),
+        )
+        .await;
+        assert!(matches!(r, Ok(true)), "no status within 1 s");
+        t.elapsed()
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_stops_only_its_own_relay() {
+        const OUTPUT: usize = 16 * 1024 * 1024;
+        let (agent, seen) = fake_guest(OUTPUT, false).await;
+        // This client never reads its socket.
+        let _stalled = client(&agent, false);
+        // Let the relay fill the client's socket and the guest its window.
+        let mut last = 0;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let g = seen.lock().expect("lock").granted.values().sum::<u64>();
+            if g == last && g > 0 {
+                break;
+            }
+            last = g;
+        }
+        let granted = seen.lock().expect("lock").granted.values().sum::<u64>();
+        // Granted only what was written to the client's socket: bounded by its buffer, far
+        // below the 16 MiB the guest would send.
+        assert!(granted > 0 && granted < 2 * 1024 * 1024, "{granted}");
+        let t = status_within_1s(&agent).await;
+        println!("status in {t:?} beside a client that does not read ({granted} bytes granted)");
+        // Another exec runs to its end meanwhile.
+        let mut reader = asyncio::FrameReader::new(client(&agent, false));
+        let t = std::time::Instant::now();
+        let mut bytes = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), reader.read_frame::<GuestMsg>())
+                .await
+            {
+                Ok(Ok(Some(Frame::Data { bytes: b, .. }))) => bytes += b.len(),
+                Ok(Ok(Some(Frame::Msg {
+                    stream: CLIENT_STREAM,
+                    msg: GuestMsg::Exit(_),
+                }))) => break,
+                Ok(Ok(Some(_))) => {}
+                other => panic!("the second exec did not finish: {other:?}"),
+            }
+        }
+        println!("a second exec streamed {bytes} bytes in {:?}", t.elapsed());
+        assert_eq!(bytes, OUTPUT);
+    }
+
+    #[tokio::test]
+    async fn stdin_is_read_from_the_client_only_within_the_guest_credit() {
+        let (agent, seen) = fake_guest(RUNS_SILENTLY, false).await;
+        let conn = client(&agent, true);
+        let (_r, mut w) = conn.into_split();
+        // The client offers 4 MiB; the guest grants nothing beyond the initial window.
+        let writer = tokio::spawn(async move {
+            let chunk = vec![b'x'; DATA_CHUNK];
+            for _ in 0..128 {
+                let f: Frame<GuestMsg> = Frame::Data {
+                    stream: CLIENT_STREAM,
+                    fd: Fd::Stdin,
+                    bytes: chunk.clone(),
+                };
+                if asyncio::write_frame(&mut w, &f).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        status_within_1s(&agent).await;
+        let sent: u64 = seen.lock().expect("lock").stdin.values().sum();
+        assert_eq!(
+            sent,
+            u64::from(INITIAL_WINDOW),
+            "stdin beyond the guest's credit"
+        );
+        assert!(
+            !writer.is_finished(),
+            "the client's writes should be blocked"
+        );
+        writer.abort();
+    }
+
+    #[tokio::test]
+    async fn stdin_flows_on_as_the_guest_grants() {
+        // Regression: with no credit left and nothing pending, the relay must still wake up for
+        // the next grant.
+        let (agent, seen) = fake_guest(RUNS_SILENTLY, true).await;
+        let conn = client(&agent, true);
+        let (_r, mut w) = conn.into_split();
+        let total = 4 * INITIAL_WINDOW as u64;
+        let chunk = vec![b'x'; DATA_CHUNK];
+        for _ in 0..(total as usize / DATA_CHUNK) {
+            let f: Frame<GuestMsg> = Frame::Data {
+                stream: CLIENT_STREAM,
+                fd: Fd::Stdin,
+                bytes: chunk.clone(),
+            };
+            tokio::time::timeout(Duration::from_secs(10), asyncio::write_frame(&mut w, &f))
+                .await
+                .expect("the relay stopped reading stdin")
+                .expect("write");
+        }
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while seen.lock().expect("lock").stdin.values().sum::<u64>() < total {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("all stdin reached the guest");
     }
 }

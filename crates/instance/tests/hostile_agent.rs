@@ -498,6 +498,7 @@ fn restream(f: Frame<GuestMsg>, stream: u32) -> Frame<GuestMsg> {
         Frame::Msg { msg, .. } => Frame::Msg { stream, msg },
         Frame::Data { fd, bytes, .. } => Frame::Data { stream, fd, bytes },
         Frame::Eof { fd, .. } => Frame::Eof { stream, fd },
+        Frame::Credit { bytes, .. } => Frame::Credit { stream, bytes },
     }
 }
 
@@ -703,5 +704,347 @@ mod control_client {
     #[tokio::test]
     async fn exec_against_a_silent_supervisor() {
         exec_fails_within("hostile-ex-silent", Fake::Silent, Duration::from_secs(120)).await;
+    }
+}
+
+/// Flow control against a hostile guest: each violation ends only its own stream, and a consumer
+/// that stops reading delays nobody else.
+mod flow {
+    use super::*;
+    use gatevm_instance::agent::MAX_STREAM_MSGS;
+    use gatevm_protocol::{GRANT_STEP, INITIAL_WINDOW};
+    use std::sync::Arc;
+    use tokio::net::unix::OwnedWriteHalf;
+    use tokio::sync::Mutex;
+
+    /// A guest that said hello and answers every status request; the test writes through the
+    /// same writer. Credit frames the host sends are counted per stream.
+    struct Guest {
+        w: Arc<Mutex<OwnedWriteHalf>>,
+        credits: Arc<std::sync::Mutex<std::collections::HashMap<u32, u64>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Guest {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl Guest {
+        async fn put(&self, f: &Frame<GuestMsg>) {
+            put_half(&mut *self.w.lock().await, f).await;
+        }
+
+        fn credit(&self, stream: u32) -> u64 {
+            self.credits
+                .lock()
+                .map(|c| c.get(&stream).copied().unwrap_or(0))
+                .unwrap_or(0)
+        }
+    }
+
+    async fn connected() -> (Agent, Guest) {
+        let (agent, guest) = agent();
+        let (gr, gw) = guest.into_split();
+        let w = Arc::new(Mutex::new(gw));
+        let credits: Arc<std::sync::Mutex<std::collections::HashMap<u32, u64>>> = Arc::default();
+        put_half(&mut *w.lock().await, &hello(PROTOCOL_VERSION)).await;
+        wait_connected(&agent).await;
+        let (w2, c2) = (w.clone(), credits.clone());
+        let task = tokio::spawn(async move {
+            let mut r = FrameReader::new(gr);
+            loop {
+                match r.read_frame::<GuestMsg>().await {
+                    Ok(Some(Frame::Msg {
+                        msg: GuestMsg::StatusRequest,
+                        ..
+                    })) => {
+                        let answer = Frame::Msg {
+                            stream: STREAM_CONTROL,
+                            msg: GuestMsg::Status {
+                                uptime_ms: 1,
+                                payloads: vec![],
+                            },
+                        };
+                        put_half(&mut *w2.lock().await, &answer).await;
+                    }
+                    Ok(Some(Frame::Credit { stream, bytes })) => {
+                        if let Ok(mut c) = c2.lock() {
+                            *c.entry(stream).or_default() += u64::from(bytes);
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    _ => return,
+                }
+            }
+        });
+        (agent, Guest { w, credits, task })
+    }
+
+    fn data(stream: u32, n: usize) -> Frame<GuestMsg> {
+        Frame::Data {
+            stream,
+            fd: Fd::Stdout,
+            bytes: vec![b'y'; n],
+        }
+    }
+
+    /// A status answer must come within 1 s, measured by a timeout around the whole request.
+    async fn status_within_1s(agent: &Agent) {
+        let t = std::time::Instant::now();
+        let answered = tokio::time::timeout(
+            Duration::from_secs(1),
+            agent.refresh_status(Duration::from_secs(1)),
+        )
+        .await;
+        println!("status answered in {:?}", t.elapsed());
+        assert!(
+            matches!(answered, Ok(true)),
+            "no status answer within 1 s ({:?})",
+            t.elapsed()
+        );
+    }
+
+    /// The stream's frames until it ends: (data bytes, other frames).
+    async fn drain(s: &mut gatevm_instance::agent::GuestStream) -> (usize, Vec<Frame<GuestMsg>>) {
+        let mut bytes = 0;
+        let mut other = Vec::new();
+        bounded("the stream to end", async {
+            while let Some(f) = s.recv().await {
+                match f {
+                    Frame::Data { bytes: b, .. } => bytes += b.len(),
+                    f => other.push(f),
+                }
+            }
+        })
+        .await;
+        (bytes, other)
+    }
+
+    fn error_text(frames: &[Frame<GuestMsg>]) -> String {
+        match frames.last() {
+            Some(Frame::Msg {
+                msg: GuestMsg::Error { message },
+                ..
+            }) => message.clone(),
+            other => panic!("the stream did not end with an error: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stalled_consumer_does_not_delay_status_or_other_streams() {
+        let (agent, guest) = connected().await;
+        let (stalled, _stalled_rx) = agent.open_stream();
+        let (other, mut other_rx) = agent.open_stream();
+        // Far more frames than any per-stream queue depth, all within the window: nobody reads
+        // them. The old bounded route (64 frames) stopped the reader for everybody here.
+        let chunk = 1024;
+        for _ in 0..(INITIAL_WINDOW as usize / chunk) {
+            guest.put(&data(stalled, chunk)).await;
+        }
+        // Empty data frames are dropped without counting against anything.
+        for _ in 0..5000 {
+            guest.put(&data(stalled, 0)).await;
+        }
+        status_within_1s(&agent).await;
+        assert_eq!(agent.queued(stalled), Some(u64::from(INITIAL_WINDOW)));
+        // Another stream runs to its end meanwhile.
+        let t = std::time::Instant::now();
+        guest
+            .put(&Frame::Msg {
+                stream: other,
+                msg: GuestMsg::ExecStarted { pid: 2 },
+            })
+            .await;
+        guest.put(&data(other, 10)).await;
+        guest
+            .put(&Frame::Msg {
+                stream: other,
+                msg: GuestMsg::Exit(ExitStatus {
+                    code: Some(0),
+                    signal: None,
+                }),
+            })
+            .await;
+        let (bytes, frames) = drain(&mut other_rx).await;
+        println!("another stream ran to its end in {:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert_eq!(bytes, 10);
+        assert_eq!(frames.len(), 2);
+        assert!(!agent.ended());
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_ignores_the_window_loses_only_that_stream() {
+        let (agent, guest) = connected().await;
+        let (bad, mut bad_rx) = agent.open_stream();
+        let (good, mut good_rx) = agent.open_stream();
+        // Exactly the window is fine; one byte more is a violation.
+        for _ in 0..(INITIAL_WINDOW as usize / gatevm_protocol::DATA_CHUNK) {
+            guest.put(&data(bad, gatevm_protocol::DATA_CHUNK)).await;
+        }
+        guest.put(&data(bad, 1)).await;
+        // And it goes on, as a hostile guest would.
+        for _ in 0..64 {
+            guest.put(&data(bad, gatevm_protocol::DATA_CHUNK)).await;
+        }
+        let (bytes, frames) = drain(&mut bad_rx).await;
+        assert_eq!(
+            bytes, INITIAL_WINDOW as usize,
+            "only the window got through"
+        );
+        let e = error_text(&frames);
+        assert!(e.contains("flow control"), "{e}");
+        assert_eq!(agent.queued(bad), None, "the stream is closed");
+        // The channel and the other stream are untouched.
+        assert!(!agent.ended());
+        status_within_1s(&agent).await;
+        guest.put(&data(good, 5)).await;
+        guest
+            .put(&Frame::Msg {
+                stream: good,
+                msg: GuestMsg::Exit(ExitStatus {
+                    code: Some(0),
+                    signal: None,
+                }),
+            })
+            .await;
+        let (bytes, frames) = drain(&mut good_rx).await;
+        assert_eq!(bytes, 5);
+        assert!(matches!(
+            frames.last(),
+            Some(Frame::Msg {
+                msg: GuestMsg::Exit(_),
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_messages_on_an_exec_stream_ends_only_that_stream() {
+        let (agent, guest) = connected().await;
+        let (bad, mut bad_rx) = agent.open_stream();
+        let (good, mut good_rx) = agent.open_stream();
+        for i in 0..1000 {
+            let f = if i % 2 == 0 {
+                Frame::Msg {
+                    stream: bad,
+                    msg: GuestMsg::Error {
+                        message: "z".repeat(10_000),
+                    },
+                }
+            } else {
+                Frame::Eof {
+                    stream: bad,
+                    fd: Fd::Stderr,
+                }
+            };
+            guest.put(&f).await;
+        }
+        let (_, frames) = drain(&mut bad_rx).await;
+        assert_eq!(
+            frames.len() as u32,
+            MAX_STREAM_MSGS + 1,
+            "the limit, then the error"
+        );
+        let e = error_text(&frames);
+        assert!(e.contains("more than"), "{e}");
+        assert!(!agent.ended());
+        status_within_1s(&agent).await;
+        guest
+            .put(&Frame::Msg {
+                stream: good,
+                msg: GuestMsg::ExecFailed {
+                    code: 127,
+                    message: "nope".into(),
+                },
+            })
+            .await;
+        let (_, frames) = drain(&mut good_rx).await;
+        assert_eq!(frames.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn credit_is_granted_only_after_the_consumer_took_the_bytes() {
+        let (agent, guest) = connected().await;
+        let (sid, mut rx) = agent.open_stream();
+        for _ in 0..(INITIAL_WINDOW as usize / gatevm_protocol::DATA_CHUNK) {
+            guest.put(&data(sid, gatevm_protocol::DATA_CHUNK)).await;
+        }
+        // Received but not handed on: no grant.
+        let mut got = 0;
+        while got < INITIAL_WINDOW as usize {
+            match bounded("data", rx.recv()).await {
+                Some(Frame::Data { bytes, .. }) => got += bytes.len(),
+                other => panic!("{other:?}"),
+            }
+        }
+        status_within_1s(&agent).await;
+        assert_eq!(
+            guest.credit(sid),
+            0,
+            "granted before the consumer handed anything on"
+        );
+        // Handed on in small steps: grants come in steps of GRANT_STEP, never more than taken.
+        let step = 4096;
+        let mut taken = 0;
+        while taken < INITIAL_WINDOW as usize {
+            agent.consumed(sid, step).await.expect("grant");
+            taken += step;
+        }
+        status_within_1s(&agent).await;
+        let granted = guest.credit(sid);
+        assert_eq!(granted, u64::from(INITIAL_WINDOW));
+        assert_eq!(granted % u64::from(GRANT_STEP), 0);
+        // With the grant the guest may send another window's worth, and no more.
+        for _ in 0..(INITIAL_WINDOW as usize / gatevm_protocol::DATA_CHUNK) {
+            guest.put(&data(sid, gatevm_protocol::DATA_CHUNK)).await;
+        }
+        status_within_1s(&agent).await;
+        assert_eq!(agent.queued(sid), Some(u64::from(INITIAL_WINDOW)));
+        guest.put(&data(sid, 1)).await;
+        status_within_1s(&agent).await;
+        assert_eq!(agent.queued(sid), None, "one byte over the granted window");
+    }
+
+    #[tokio::test]
+    async fn stdin_credit_follows_the_guest_grants() {
+        let (agent, guest) = connected().await;
+        let (sid, s) = agent.open_stream();
+        let (_rx, mut stdin) = s.split();
+        assert_eq!(stdin.available(), u64::from(INITIAL_WINDOW));
+        stdin.sent(INITIAL_WINDOW as usize);
+        assert_eq!(stdin.available(), 0);
+        // A grant wakes the waiter and adds exactly its bytes.
+        let waiter = async {
+            stdin.granted().await;
+            stdin.available()
+        };
+        let put = async {
+            guest
+                .put(&Frame::Credit {
+                    stream: sid,
+                    bytes: GRANT_STEP,
+                })
+                .await
+        };
+        let (available, ()) = bounded("a stdin grant", async { tokio::join!(waiter, put) }).await;
+        assert_eq!(available, u64::from(GRANT_STEP));
+        // Credit on the control stream or an unknown stream goes nowhere and breaks nothing.
+        guest
+            .put(&Frame::Credit {
+                stream: STREAM_CONTROL,
+                bytes: 1,
+            })
+            .await;
+        guest
+            .put(&Frame::Credit {
+                stream: 4242,
+                bytes: 1,
+            })
+            .await;
+        status_within_1s(&agent).await;
+        assert!(!agent.ended());
     }
 }

@@ -13,7 +13,21 @@
 //! [`MAX_FRAME_LEN`]: a peer announcing more is a protocol error, so a hostile guest cannot make the
 //! host allocate without bound. Kinds: [`KIND_MSG`] carries a JSON message, `KIND_DATA | fd` raw
 //! bytes of stdin (0), stdout (1) or stderr (2) of the stream's process, `KIND_EOF | fd` the end of
-//! that byte stream.
+//! that byte stream, [`KIND_CREDIT`] a flow-control grant (a 4-byte big-endian byte count).
+//!
+//! Flow control (version 2): every exec or read-file stream has two credit windows, as SSH
+//! channels and HTTP/2 streams do. Each side may send data bytes on a stream only within the
+//! credit its peer granted: [`INITIAL_WINDOW`] bytes when the stream opens, plus every
+//! [`Frame::Credit`] the peer sent on that stream since. The guest's stdout and stderr share the
+//! output window, granted by the host once it handed the bytes on to its client (so a reader that
+//! stalls stops only its own stream, never the channel); the host's stdin data uses the input
+//! window, granted by the guest once the process took the bytes. A receiver grants in steps of at
+//! least [`GRANT_STEP`] bytes ([`flow::RecvWindow`] does the accounting, [`flow::SendWindow`]
+//! the sender's). A peer that sends beyond its window breaks the protocol on that stream only:
+//! the host ends that stream with an error for its client, the guest drops the excess. A grant
+//! of [`CREDIT_DISCARD`] means the reader is gone: the guest reads and discards the rest of the
+//! output and sends only the stream's end. Data frames carry at least one byte; empty ones are
+//! dropped.
 //!
 //! The same framing, with other message types, is used between the CLI and the supervisor's control
 //! socket: [`Frame`] is generic over the message type.
@@ -22,19 +36,33 @@
 //! reconnects); the guest answers each host hello with its own. The guest never sends anything
 //! unsolicited: a virtio-serial write blocks while no host is connected, so the host polls with
 //! `StatusRequest`. Stream 0 carries connection-level messages (hello, status, shutdown); the host
-//! opens one stream per exec with an id it picks (non-zero, unique while the exec runs).
+//! opens one stream per exec (or [`GuestMsg::ReadFile`]) with an id it picks (non-zero, unique
+//! while the stream runs). A read-file stream is answered like an exec: `ExecStarted { pid: 0 }`
+//! or `ExecFailed`, then the file's bytes as stdout data (within the window), `Eof`, and `Exit`
+//! with code 0; a failure after the start is an `Error` in place of the `Exit`.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
+pub mod flow;
+
 /// Protocol version; both sides refuse a peer whose hello carries another one.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest value of the length field: 5 header bytes plus a 256 KiB payload.
 pub const MAX_FRAME_LEN: usize = 5 + MAX_PAYLOAD;
 /// Largest payload of one frame.
 pub const MAX_PAYLOAD: usize = 256 * 1024;
 /// Size in which writers cut process output into data frames.
 pub const DATA_CHUNK: usize = 32 * 1024;
+/// Credit each direction of a stream starts with, known to both sides (see the module header).
+pub const INITIAL_WINDOW: u32 = 256 * 1024;
+/// A receiver grants credit back once at least this many bytes were consumed since its last grant.
+pub const GRANT_STEP: u32 = INITIAL_WINDOW / 4;
+/// Most credit a sender keeps; grants beyond it are capped (a grant can never make a window larger
+/// than this).
+pub const MAX_WINDOW: u64 = 16 * 1024 * 1024;
+/// The grant that says "the reader is gone: discard the rest of the output".
+pub const CREDIT_DISCARD: u32 = u32::MAX;
 /// Name of the virtio-serial port carrying the agent channel.
 pub const AGENT_PORT_NAME: &str = "gatevm.agent";
 /// vsock port of the agent channel (libkrun backend).
@@ -46,6 +74,8 @@ pub const KIND_MSG: u8 = 0x01;
 pub const KIND_DATA: u8 = 0x10;
 /// Frame kind base: end of a standard stream; the low bits are the fd.
 pub const KIND_EOF: u8 = 0x20;
+/// Frame kind: a credit grant; the payload is the granted byte count, 4 bytes big-endian.
+pub const KIND_CREDIT: u8 = 0x30;
 
 /// Connection-level stream id.
 pub const STREAM_CONTROL: u32 = 0;
@@ -104,15 +134,19 @@ pub enum Frame<M> {
     Data { stream: u32, fd: Fd, bytes: Vec<u8> },
     /// End of one standard stream.
     Eof { stream: u32, fd: Fd },
+    /// The sender may send `bytes` more data bytes on the stream ([`CREDIT_DISCARD`]: the reader
+    /// is gone).
+    Credit { stream: u32, bytes: u32 },
 }
 
 impl<M> Frame<M> {
     /// The stream id this frame belongs to.
     pub fn stream(&self) -> u32 {
         match self {
-            Frame::Msg { stream, .. } | Frame::Data { stream, .. } | Frame::Eof { stream, .. } => {
-                *stream
-            }
+            Frame::Msg { stream, .. }
+            | Frame::Data { stream, .. }
+            | Frame::Eof { stream, .. }
+            | Frame::Credit { stream, .. } => *stream,
         }
     }
 }
@@ -130,6 +164,9 @@ impl<M: Serialize> Frame<M> {
                 (*stream, KIND_DATA | *fd as u8, bytes.as_slice().into())
             }
             Frame::Eof { stream, fd } => (*stream, KIND_EOF | *fd as u8, (&[][..]).into()),
+            Frame::Credit { stream, bytes } => {
+                (*stream, KIND_CREDIT, bytes.to_be_bytes().to_vec().into())
+            }
         };
         if payload.len() > MAX_PAYLOAD {
             return Err(ProtoError::MessageTooLarge(payload.len()));
@@ -183,6 +220,13 @@ pub fn decode_body<M: DeserializeOwned>(body: &[u8]) -> Result<Frame<M>, ProtoEr
                 return Err(ProtoError::BadKind(kind));
             }
             Ok(Frame::Eof { stream, fd })
+        }
+        KIND_CREDIT if kind == KIND_CREDIT => {
+            let bytes: [u8; 4] = payload.try_into().map_err(|_| ProtoError::BadKind(kind))?;
+            Ok(Frame::Credit {
+                stream,
+                bytes: u32::from_be_bytes(bytes),
+            })
         }
         _ => Err(ProtoError::BadKind(kind)),
     }
@@ -432,6 +476,10 @@ pub enum GuestMsg {
     },
     /// Host asks to run a process on a new stream.
     Exec(ExecRequest),
+    /// Host asks for the contents of a file on a new stream: the guest agent opens it itself (no
+    /// program runs), refuses anything but a regular file at an absolute path, and refuses a file
+    /// larger than `max_bytes` (answered as described in the module header).
+    ReadFile { path: String, max_bytes: u64 },
     /// The process runs.
     ExecStarted { pid: u32 },
     /// The process could not start: `code` is 127 (not found), 126 (not executable) or 1.
@@ -487,6 +535,21 @@ mod tests {
             Frame::Eof {
                 stream: 7,
                 fd: Fd::Stdin,
+            },
+            Frame::Credit {
+                stream: 7,
+                bytes: GRANT_STEP,
+            },
+            Frame::Credit {
+                stream: 8,
+                bytes: CREDIT_DISCARD,
+            },
+            Frame::Msg {
+                stream: 9,
+                msg: GuestMsg::ReadFile {
+                    path: "/etc/hostname".into(),
+                    max_bytes: 4096,
+                },
             },
             Frame::Msg {
                 stream: 7,
@@ -549,6 +612,32 @@ mod tests {
             read_frame::<GuestMsg, _>(&mut &bad_json[..]),
             Err(ProtoError::BadMessage(_))
         ));
+    }
+
+    #[test]
+    fn credit_frames_are_exactly_four_bytes() {
+        let ok = [0, 0, 0, 9, 0, 0, 0, 3, KIND_CREDIT, 0, 1, 0, 0];
+        assert_eq!(
+            read_frame::<GuestMsg, _>(&mut &ok[..]).unwrap(),
+            Some(Frame::Credit {
+                stream: 3,
+                bytes: 65536
+            })
+        );
+        for payload in [&[][..], &[1, 2, 3], &[1, 2, 3, 4, 5]] {
+            let mut f = ((5 + payload.len()) as u32).to_be_bytes().to_vec();
+            f.extend_from_slice(&[0, 0, 0, 3, KIND_CREDIT]);
+            f.extend_from_slice(payload);
+            assert!(matches!(
+                read_frame::<GuestMsg, _>(&mut &f[..]),
+                Err(ProtoError::BadKind(KIND_CREDIT))
+            ));
+        }
+        // The other kinds of the 0x30 row stay unknown.
+        for kind in [0x31u8, 0x33, 0x3f] {
+            let f = [0, 0, 0, 9, 0, 0, 0, 3, kind, 0, 0, 0, 1];
+            assert!(read_frame::<GuestMsg, _>(&mut &f[..]).is_err(), "{kind:#x}");
+        }
     }
 
     #[test]
@@ -690,6 +779,8 @@ mod tests {
                 .prop_map(|(code, signal)| GuestMsg::Exit(ExitStatus { code, signal })),
             any::<(u16, u16)>().prop_map(|(rows, cols)| GuestMsg::Resize { rows, cols }),
             any::<i32>().prop_map(|signal| GuestMsg::Signal { signal }),
+            (text(), any::<u64>())
+                .prop_map(|(path, max_bytes)| GuestMsg::ReadFile { path, max_bytes }),
             Just(GuestMsg::Shutdown),
             Just(GuestMsg::ShutdownAck),
             text().prop_map(|message| GuestMsg::Error { message }),
@@ -707,6 +798,7 @@ mod tests {
             )
                 .prop_map(|(stream, fd, bytes)| Frame::Data { stream, fd, bytes }),
             (any::<u32>(), fd).prop_map(|(stream, fd)| Frame::Eof { stream, fd }),
+            any::<(u32, u32)>().prop_map(|(stream, bytes)| Frame::Credit { stream, bytes }),
         ]
     }
 

@@ -1,7 +1,10 @@
 //! End-to-end tests of the agent over a socketpair, with real child processes.
 
 use super::*;
-use gatevm_protocol::{read_frame, write_frame, ExitStatus, PayloadState, DATA_CHUNK};
+use gatevm_protocol::flow::{RecvWindow, SendWindow};
+use gatevm_protocol::{
+    read_frame, write_frame, ExitStatus, PayloadState, DATA_CHUNK, GRANT_STEP, INITIAL_WINDOW,
+};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::AtomicBool;
@@ -41,6 +44,8 @@ struct Outcome {
     eofs: Vec<Fd>,
     exit: Option<ExitStatus>,
     max_chunk: usize,
+    /// Stdin credit the guest granted back.
+    credit: u64,
 }
 
 fn hello() -> GuestMsg {
@@ -122,8 +127,13 @@ impl Peer {
         }
     }
 
-    /// Reads frames of one stream until its Exit, checking nothing follows the Eofs but Exit.
+    /// Reads frames of one stream until its Exit, checking nothing follows the Eofs but Exit,
+    /// granting output credit as an honest host does and checking the guest keeps to it.
     fn collect(&mut self, stream: u32) -> Outcome {
+        self.collect_within(stream, RecvWindow::new())
+    }
+
+    fn collect_within(&mut self, stream: u32, mut window: RecvWindow) -> Outcome {
         let mut o = Outcome::default();
         loop {
             match self.recv() {
@@ -133,6 +143,12 @@ impl Peer {
                     bytes,
                 } if s == stream => {
                     assert!(!o.eofs.contains(&fd), "data after eof on {fd:?}");
+                    window
+                        .receive(bytes.len())
+                        .expect("the guest sent beyond its window");
+                    if let Some(g) = window.consume(bytes.len()) {
+                        self.send(Frame::Credit { stream, bytes: g });
+                    }
                     o.max_chunk = o.max_chunk.max(bytes.len());
                     match fd {
                         Fd::Stdout => o.stdout.extend(bytes),
@@ -141,6 +157,7 @@ impl Peer {
                     }
                 }
                 Frame::Eof { stream: s, fd } if s == stream => o.eofs.push(fd),
+                Frame::Credit { stream: s, bytes } if s == stream => o.credit += u64::from(bytes),
                 Frame::Msg {
                     stream: s,
                     msg: GuestMsg::Exit(st),
@@ -149,6 +166,59 @@ impl Peer {
                     return o;
                 }
                 other => panic!("unexpected frame while collecting {stream}: {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame within `t`, or None.
+    fn recv_within(&mut self, t: Duration) -> Option<Frame<GuestMsg>> {
+        self.sock.set_read_timeout(Some(t)).unwrap();
+        let f = match read_frame(&mut self.sock) {
+            Ok(f) => f,
+            Err(gatevm_protocol::ProtoError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(e) => panic!("{e}"),
+        };
+        self.sock
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        f
+    }
+
+    /// Reads the stdout data of `stream` without granting anything until `want` bytes came;
+    /// panics on other frames of the stream (except Credit).
+    fn drain_data(&mut self, stream: u32, want: usize) -> usize {
+        let mut got = 0;
+        while got < want {
+            match self.recv() {
+                Frame::Data {
+                    stream: s, bytes, ..
+                } if s == stream => got += bytes.len(),
+                Frame::Credit { stream: s, .. } if s == stream => {}
+                other => panic!("unexpected frame while draining {stream}: {other:?}"),
+            }
+        }
+        got
+    }
+
+    /// Asks for the status and returns how long the answer took.
+    fn status_time(&mut self) -> Duration {
+        let t = Instant::now();
+        self.msg(0, GuestMsg::StatusRequest);
+        loop {
+            match self.recv() {
+                Frame::Msg {
+                    stream: 0,
+                    msg: GuestMsg::Status { .. },
+                } => return t.elapsed(),
+                Frame::Credit { .. } => {}
+                other => panic!("expected the status, got {other:?}"),
             }
         }
     }
@@ -589,6 +659,252 @@ fn truncated_frame_ends_a_stop_connection() {
     let mut p = Peer::start();
     p.raw(&[0, 0, 0, 20, 0, 0]);
     assert_eq!(p.finish(), ServeEnd::Eof);
+}
+
+#[test]
+fn output_waits_for_credit_and_stops_only_its_own_stream() {
+    let mut p = Peer::start();
+    p.exec(50, exec_req(&["yes"]));
+    // Without grants the guest sends the initial window, then nothing.
+    let got = p.drain_data(50, INITIAL_WINDOW as usize);
+    assert_eq!(got, INITIAL_WINDOW as usize, "more than the window");
+    assert!(
+        p.recv_within(Duration::from_millis(500)).is_none(),
+        "data beyond the window"
+    );
+    // The agent loop and other streams go on meanwhile.
+    let t = p.status_time();
+    println!("status answered in {t:?} beside a stalled stream");
+    assert!(t < Duration::from_secs(1), "{t:?}");
+    p.exec(51, exec_req(&["echo", "hi"]));
+    let o = p.collect(51);
+    assert_eq!(o.stdout, b"hi\n");
+    // A grant lets exactly that much more through.
+    p.send(Frame::Credit {
+        stream: 50,
+        bytes: GRANT_STEP,
+    });
+    assert_eq!(p.drain_data(50, GRANT_STEP as usize), GRANT_STEP as usize);
+    assert!(p.recv_within(Duration::from_millis(300)).is_none());
+    // The reader is gone: the rest is discarded, the stream still ends.
+    p.msg(50, GuestMsg::Signal { signal: 9 });
+    p.send(Frame::Credit {
+        stream: 50,
+        bytes: gatevm_protocol::CREDIT_DISCARD,
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "no exit after discard");
+        match p.recv() {
+            Frame::Msg {
+                stream: 50,
+                msg: GuestMsg::Exit(st),
+            } => {
+                assert_eq!(st.signal, Some(9));
+                break;
+            }
+            Frame::Eof { stream: 50, .. } => {}
+            other => panic!("only the end after a discard: {other:?}"),
+        }
+    }
+    p.finish();
+}
+
+#[test]
+fn a_stalled_stream_keeps_its_output_after_the_exit() {
+    // The process ends while its output waits for credit: nothing is lost to the exit grace.
+    let mut p = Peer::start();
+    p.exec(52, exec_req(&["head", "-c", "400000", "/dev/zero"]));
+    let got = p.drain_data(52, INITIAL_WINDOW as usize);
+    assert_eq!(got, INITIAL_WINDOW as usize);
+    std::thread::sleep(Duration::from_millis(600));
+    let mut w = RecvWindow::new();
+    w.receive(got).unwrap();
+    let g = w.consume(got).unwrap();
+    p.send(Frame::Credit {
+        stream: 52,
+        bytes: g,
+    });
+    let o = p.collect_within(52, w);
+    assert_eq!(got + o.stdout.len(), 400_000);
+    assert_eq!(o.exit, code(0));
+    p.finish();
+}
+
+#[test]
+fn stdin_beyond_the_window_is_dropped_without_blocking_the_loop() {
+    let mut p = Peer::start();
+    let mut r = exec_req(&["sleep", "100"]);
+    r.stdin = true;
+    p.exec(53, r);
+    // A host that ignores the window: 1 MiB for a process that reads nothing.
+    let chunk = vec![b'x'; DATA_CHUNK];
+    let t = Instant::now();
+    for _ in 0..32 {
+        p.send(Frame::Data {
+            stream: 53,
+            fd: Fd::Stdin,
+            bytes: chunk.clone(),
+        });
+    }
+    let sent = t.elapsed();
+    let st = p.status_time();
+    println!("1 MiB of unread stdin sent in {sent:?}; status answered in {st:?}");
+    assert!(st < Duration::from_secs(1), "{st:?}");
+    {
+        let sessions = sys::lock(&p.agent.sessions);
+        let q = sessions[&53].stdin.as_ref().unwrap();
+        assert!(q.queued() <= u64::from(INITIAL_WINDOW), "{}", q.queued());
+    }
+    // Grants come only for what the process took (the pipe's buffer, at most).
+    let mut granted = 0u64;
+    while let Some(f) = p.recv_within(Duration::from_millis(300)) {
+        match f {
+            Frame::Credit { stream: 53, bytes } => granted += u64::from(bytes),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(granted < u64::from(INITIAL_WINDOW), "{granted}");
+    p.msg(53, GuestMsg::Signal { signal: 9 });
+    assert_eq!(p.collect(53).exit.unwrap().signal, Some(9));
+    p.finish();
+}
+
+#[test]
+fn stdin_credit_comes_back_as_the_process_reads() {
+    let mut p = Peer::start();
+    let mut r = exec_req(&["wc", "-c"]);
+    r.stdin = true;
+    p.exec(54, r);
+    let total = 1024 * 1024usize;
+    let mut window = SendWindow::new();
+    let mut sent = 0;
+    let mut granted = 0u64;
+    while sent < total {
+        let n = window.take((total - sent).min(DATA_CHUNK));
+        if n == 0 {
+            // Out of credit: wait for a grant (an honest host).
+            match p.recv() {
+                Frame::Credit { stream: 54, bytes } => {
+                    granted += u64::from(bytes);
+                    window.grant(bytes);
+                }
+                other => panic!("{other:?}"),
+            }
+            continue;
+        }
+        p.send(Frame::Data {
+            stream: 54,
+            fd: Fd::Stdin,
+            bytes: vec![b'y'; n],
+        });
+        sent += n;
+    }
+    p.send(Frame::Eof {
+        stream: 54,
+        fd: Fd::Stdin,
+    });
+    let o = p.collect(54);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), total.to_string());
+    assert!(granted + o.credit >= (total - INITIAL_WINDOW as usize) as u64);
+    p.finish();
+}
+
+fn read_file(p: &mut Peer, stream: u32, path: &str, max_bytes: u64) -> Result<Outcome, String> {
+    p.msg(
+        stream,
+        GuestMsg::ReadFile {
+            path: path.into(),
+            max_bytes,
+        },
+    );
+    match p.recv_msg() {
+        (s, GuestMsg::ExecStarted { pid: 0 }) if s == stream => Ok(p.collect(stream)),
+        (s, GuestMsg::ExecFailed { code: 1, message }) if s == stream => Err(message),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn read_file_serves_regular_files_only() {
+    let mut p = Peer::start();
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("big");
+    let content: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&f, &content).unwrap();
+    let path = f.to_str().unwrap();
+    // Larger than the window: the credit is granted as it arrives (collect does).
+    let o = read_file(&mut p, 60, path, 700_000).unwrap();
+    assert_eq!(o.stdout, content);
+    assert_eq!(o.exit, code(0));
+    assert_eq!(o.eofs, vec![Fd::Stdout]);
+    let e = read_file(&mut p, 61, path, 699_999).unwrap_err();
+    assert!(e.contains("more than the limit"), "{e}");
+    let e = read_file(&mut p, 62, d.path().to_str().unwrap(), 10).unwrap_err();
+    assert!(e.contains("directory"), "{e}");
+    let e = read_file(&mut p, 63, "/nonexistent-gatevm/file", 10).unwrap_err();
+    assert!(e.contains("cannot open"), "{e}");
+    let e = read_file(&mut p, 64, "relative/path", 10).unwrap_err();
+    assert!(e.contains("absolute"), "{e}");
+    // A FIFO would block an open for reading until a writer comes: refused at once.
+    let fifo = d.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let t = Instant::now();
+    let e = read_file(&mut p, 65, fifo.to_str().unwrap(), 10).unwrap_err();
+    assert!(e.contains("not a regular file"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let e = read_file(&mut p, 66, "/dev/zero", u64::MAX).unwrap_err();
+    assert!(e.contains("not a regular file"), "{e}");
+    // Not on stream 0; the stream is free again after an answer.
+    p.msg(
+        0,
+        GuestMsg::ReadFile {
+            path: path.into(),
+            max_bytes: 1,
+        },
+    );
+    assert!(matches!(p.recv_msg(), (0, GuestMsg::Error { .. })));
+    let small = d.path().join("small");
+    std::fs::write(&small, b"k3s: yes\n").unwrap();
+    let o = read_file(&mut p, 60, small.to_str().unwrap(), 9).unwrap();
+    assert_eq!(o.stdout, b"k3s: yes\n");
+    p.finish();
+}
+
+#[test]
+fn read_file_keeps_to_the_window() {
+    let mut p = Peer::start();
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("big");
+    std::fs::write(&f, vec![7u8; 600_000]).unwrap();
+    p.msg(
+        70,
+        GuestMsg::ReadFile {
+            path: f.to_str().unwrap().into(),
+            max_bytes: 1 << 20,
+        },
+    );
+    assert!(matches!(
+        p.recv_msg(),
+        (70, GuestMsg::ExecStarted { pid: 0 })
+    ));
+    assert_eq!(
+        p.drain_data(70, INITIAL_WINDOW as usize),
+        INITIAL_WINDOW as usize
+    );
+    assert!(p.recv_within(Duration::from_millis(500)).is_none());
+    assert!(p.status_time() < Duration::from_secs(1));
+    // A new hello (host reconnected) ends the stalled read.
+    p.msg(0, hello());
+    assert!(matches!(p.recv_msg(), (0, GuestMsg::Hello { .. })));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.agent.session_count() > 0 {
+        assert!(Instant::now() < deadline, "the read thread did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p.finish();
 }
 
 #[test]
