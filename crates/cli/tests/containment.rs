@@ -233,7 +233,9 @@ fn gvproxy_runs_unprivileged_and_confined() {
     }
     for role in ["supervisor", "vmm", "virtiofsd"] {
         assert!(
-            procs.iter().any(|p| p["role"] == role && p["confinement"].is_object()),
+            procs
+                .iter()
+                .any(|p| p["role"] == role && p["confinement"].is_object()),
             "{role} missing in {procs:?}"
         );
     }

@@ -2,7 +2,7 @@
 //! start the kubeconfig (fetched from the guest, rewritten for the forwarded API port, merged
 //! into the user's) and the gateway metadata; `gatevm kubeconfig NAME`; clean-up on delete.
 
-use super::exec::{capture, capture_bytes, Limits};
+use super::exec::{capture, Limits};
 use crate::output::runtime;
 use anyhow::bail;
 use gatevm_instance::config::{GatewayPort, K3sSettings};
@@ -374,32 +374,14 @@ const PROBE: Limits = Limits {
 
 /// Reads a file of the guest: at most `max` bytes, within [`FETCH_TIMEOUT`], as UTF-8 text.
 ///
-/// For now this runs `/bin/cat -- PATH` through exec (an absolute path, so not a program the
-/// guest's PATH picks), with an overall timeout and a capped output; what it returns is
-/// untrusted either way. Its body is to be replaced by the agent's own file read
-/// (`gatevm_instance::client::read_file`), which runs no guest program at all.
+/// The guest agent reads the file itself (`gatevm_instance::client::read_file`): no guest
+/// program runs, the answer is capped at `max` bytes (more is an error) and the whole exchange
+/// is bounded by a timeout. What it returns is untrusted all the same.
 async fn fetch_guest_file(name: &str, path: &str, max: usize) -> anyhow::Result<String> {
-    let out = capture_bytes::<tokio::io::Empty>(
-        name,
-        &["/bin/cat", "--", path],
-        None,
-        Limits {
-            timeout: FETCH_TIMEOUT,
-            max_stdout: max,
-            max_stderr: 4 << 10,
-        },
-    )
-    .await?;
-    if out.code != 0 {
-        let err = super::exec::Captured {
-            code: out.code,
-            stdout: String::new(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        bail!("reading {path} in {name:?}: {}", err.error_line());
-    }
-    String::from_utf8(out.stdout)
-        .map_err(|_| anyhow::anyhow!("{path} in {name:?} is not UTF-8 text"))
+    let bytes = gatevm_instance::client::read_file(name, path, max, FETCH_TIMEOUT)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading {path} in {name:?}: {e}"))?;
+    String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{path} in {name:?} is not UTF-8 text"))
 }
 
 /// Fetches k3s's kubeconfig from the guest, rebuilds the instance's from its allowlisted
