@@ -217,6 +217,33 @@ pub enum SetupError {
     Qemu(#[from] QemuError),
 }
 
+/// Puts the tree `staging` in place of `final_dir` (the previous tree moved to `old` first and
+/// removed after), each rename made durable.
+fn swap_in(
+    component: &'static str,
+    staging: &Path,
+    final_dir: &Path,
+    old: &Path,
+) -> Result<(), SetupError> {
+    if old.exists() {
+        std::fs::remove_dir_all(old).map_err(io(component, "cannot remove", old))?;
+    }
+    if final_dir.exists() {
+        crate::fsutil::rename_durable(final_dir, old).map_err(io(
+            component,
+            "cannot move aside",
+            final_dir,
+        ))?;
+    }
+    crate::fsutil::rename_durable(staging, final_dir).map_err(io(
+        component,
+        "cannot install",
+        final_dir,
+    ))?;
+    let _ = std::fs::remove_dir_all(old);
+    Ok(())
+}
+
 fn io(
     component: &'static str,
     action: &'static str,
@@ -675,23 +702,7 @@ fn step_kernel(
 
     // Swap the new tree in.
     let final_dir = ctx.runtime.join("kernel");
-    let old = ctx.runtime.join(".kernel-old");
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(io(C, "cannot remove", &old))?;
-    }
-    if final_dir.exists() {
-        crate::fsutil::rename_durable(&final_dir, &old).map_err(io(
-            C,
-            "cannot move aside",
-            &final_dir,
-        ))?;
-    }
-    crate::fsutil::rename_durable(&staging, &final_dir).map_err(io(
-        C,
-        "cannot install",
-        &final_dir,
-    ))?;
-    let _ = std::fs::remove_dir_all(&old);
+    swap_in(C, &staging, &final_dir, &ctx.runtime.join(".kernel-old"))?;
 
     let rels: Vec<PathBuf> = util::list_files(&final_dir)
         .map_err(io(C, "cannot list", &final_dir))?
@@ -1298,27 +1309,7 @@ fn install_backport(
     let version = result.map_err(broken)?;
 
     let final_dir = ctx.runtime.join(qemu::BUNDLE_DIR);
-    let old = ctx.runtime.join(".qemu-old");
-    let swap = || -> Result<(), SetupError> {
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(io(C, "cannot remove", &old))?;
-        }
-        if final_dir.exists() {
-            crate::fsutil::rename_durable(&final_dir, &old).map_err(io(
-                C,
-                "cannot move aside",
-                &final_dir,
-            ))?;
-        }
-        crate::fsutil::rename_durable(&staging, &final_dir).map_err(io(
-            C,
-            "cannot install",
-            &final_dir,
-        ))?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
-    };
-    swap().map_err(broken)?;
+    swap_in(C, &staging, &final_dir, &ctx.runtime.join(".qemu-old")).map_err(broken)?;
 
     let had = prov.component(C).is_some();
     let nfiles =

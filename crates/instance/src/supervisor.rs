@@ -209,6 +209,20 @@ fn spawn_owned(
     })
 }
 
+/// Tells an exec or file-read client that there is no guest agent to ask.
+async fn not_connected(conn: &mut UnixStream) -> Result<(), String> {
+    let f: Frame<GuestMsg> = Frame::Msg {
+        stream: CLIENT_STREAM,
+        msg: GuestMsg::ExecFailed {
+            code: 1,
+            message: "the guest agent is not connected".into(),
+        },
+    };
+    asyncio::write_frame(conn, &f)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Connects to a unix socket that its creator may not be listening on yet (blocking socket, for
 /// a relay thread).
 async fn connect_unix_retrying(
@@ -1581,38 +1595,14 @@ async fn serve_client(mut conn: UnixStream, shared: &Shared) -> Result<(), Strin
             reply_within(&mut conn, &reply(CtlReply::Stopping)).await
         }
         CtlRequest::Exec(req) => {
-            let agent = match shared.agent() {
-                Some(a) if *a.connected.borrow() => a,
-                _ => {
-                    let f: Frame<GuestMsg> = Frame::Msg {
-                        stream: CLIENT_STREAM,
-                        msg: GuestMsg::ExecFailed {
-                            code: 1,
-                            message: "the guest agent is not connected".into(),
-                        },
-                    };
-                    return asyncio::write_frame(&mut conn, &f)
-                        .await
-                        .map_err(|e| e.to_string());
-                }
+            let Some(agent) = shared.agent().filter(|a| *a.connected.borrow()) else {
+                return not_connected(&mut conn).await;
             };
             relay_exec(conn, agent, GuestMsg::Exec(req)).await
         }
         CtlRequest::ReadFile { path, max_bytes } => {
-            let agent = match shared.agent() {
-                Some(a) if *a.connected.borrow() => a,
-                _ => {
-                    let f: Frame<GuestMsg> = Frame::Msg {
-                        stream: CLIENT_STREAM,
-                        msg: GuestMsg::ExecFailed {
-                            code: 1,
-                            message: "the guest agent is not connected".into(),
-                        },
-                    };
-                    return asyncio::write_frame(&mut conn, &f)
-                        .await
-                        .map_err(|e| e.to_string());
-                }
+            let Some(agent) = shared.agent().filter(|a| *a.connected.borrow()) else {
+                return not_connected(&mut conn).await;
             };
             relay_exec(conn, agent, GuestMsg::ReadFile { path, max_bytes }).await
         }
