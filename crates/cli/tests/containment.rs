@@ -59,6 +59,19 @@ fn hostile_guest_against(name: &'static str, net: &str) {
         read_forward(user_port, "hello from", Duration::from_secs(20)).is_some(),
         "the user's forward works before the attack"
     );
+    // The helper itself runs unprivileged (gvproxy: our confinement; passt drops to nobody).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let st = status_of(name, net);
+        let uid = field(&st, "Uid");
+        assert!(
+            uid.split_whitespace().all(|u| u != "0"),
+            "{net} runs as root: {uid}"
+        );
+        if net == "gvproxy" {
+            assert_eq!(field(&st, "CapEff"), "0000000000000000", "{net}: {st}");
+        }
+    }
     let (file, _dir) = victim(name);
     let wild = free_port();
     let bodies = [
