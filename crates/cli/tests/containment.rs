@@ -162,14 +162,73 @@ fn the_guest_cannot_reach_gvproxys_api() {
         return;
     }
     hostile_guest_against("cont-gvproxy", "gvproxy");
+    // Not with passt: see passt_runs_unprivileged_and_listens_only_on_forwards.
 }
 
+/// passt has no control plane inside the virtual network to attack, and it proxies every
+/// destination through the host's own sockets: a guest connection to the gateway address would
+/// leave the machine, so this test sends none. It checks what a hostile guest could gain from
+/// passt instead: passt runs as another uid than root, and on the host it listens only on the
+/// user's forwarded port.
 #[test]
-fn the_guest_cannot_reach_a_helper_api_with_passt() {
-    if !enabled("the_guest_cannot_reach_a_helper_api_with_passt") {
+fn passt_runs_unprivileged_and_listens_only_on_forwards() {
+    if !enabled("passt_runs_unprivileged_and_listens_only_on_forwards") {
         return;
     }
-    hostile_guest_against("cont-passt", "passt");
+    let name = "cont-passt";
+    let _guard = Instance(name);
+    let _ = gatevm(&["delete", name, "--force"]);
+    let user_port = free_port();
+    ok(&[
+        "start",
+        name,
+        "--net",
+        "passt",
+        "-p",
+        &format!("{user_port}:8080"),
+        "--memory",
+        "512",
+    ]);
+    serve_in_guest(name, 8080);
+    assert!(
+        read_forward(user_port, "hello from", Duration::from_secs(20)).is_some(),
+        "the user's forward works"
+    );
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let st = status_of(name, "passt");
+        let uid = field(&st, "Uid");
+        assert!(
+            uid.split_whitespace().all(|u| u != "0"),
+            "passt runs as root: {uid}"
+        );
+    }
+    let pids: Vec<String> = processes_of(name)
+        .iter()
+        .filter(|l| l.contains("passt"))
+        .filter_map(|l| l.split(':').next().map(str::to_string))
+        .collect();
+    let Ok(out) = std::process::Command::new("ss").args(["-Hltnp"]).output() else {
+        eprintln!(
+            "passt_runs_unprivileged_and_listens_only_on_forwards: listener part NOT RUN: no ss"
+        );
+        return;
+    };
+    let listening = String::from_utf8_lossy(&out.stdout);
+    let of_passt: Vec<&str> = listening
+        .lines()
+        .filter(|l| pids.iter().any(|p| l.contains(&format!("pid={p},"))))
+        .collect();
+    assert!(
+        !of_passt.is_empty(),
+        "no listener of passt ({pids:?}): {listening}"
+    );
+    for l in &of_passt {
+        assert!(
+            l.contains(&format!(":{user_port} ")),
+            "passt listens where the user did not ask: {l}"
+        );
+    }
 }
 
 /// `/proc/PID/status` fields of the instance's process whose executable is named `exe`.
