@@ -114,8 +114,10 @@ fn hostile_guest_against(name: &'static str, net: &str) {
         );
         ok(&["image", "import", name, archive.to_str().unwrap()]);
         for b in &bodies {
+            // Not the shell's last command: as the container's PID 1, `timeout` would be exec'd
+            // and its kill of the request ignored (PID 1 ignores signals it has no handler for).
             let script = format!(
-                "timeout 6 wget -q -O- --post-data='{b}' http://192.168.127.1/services/forwarder/expose"
+                "timeout -s KILL 6 wget -q -O- --post-data='{b}' http://192.168.127.1/services/forwarder/expose; exit $?"
             );
             let out = gatevm(&[
                 "run",
