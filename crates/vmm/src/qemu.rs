@@ -100,6 +100,10 @@ struct Handles {
     agent: RawFd,
     virtiofs: RawFd,
     net: Option<RawFd>,
+    /// The vhost-user socket's directory: QEMU connects by path through it
+    /// (`/proc/self/fd/N/FILE`), since a chardev made from a descriptor cannot pass descriptors,
+    /// which vhost-user needs.
+    vhost_dir: Option<(RawFd, String)>,
 }
 
 fn open_fd(p: &Path, flags: i32, what: &'static str) -> Result<OwnedFd, VmmError> {
@@ -183,9 +187,31 @@ impl Handles {
             .map_err(sock("virtiofsd socket", &cfg.virtiofs_socket))?;
         h.virtiofs = h.add(vfs.into());
         h.net = match &cfg.net {
-            Some(crate::NetAttach::Socket(p)) | Some(crate::NetAttach::VhostUser(p)) => {
+            Some(crate::NetAttach::Socket(p)) => {
                 let s = connect(p).map_err(sock("network helper socket", p))?;
                 Some(h.add(s.into()))
+            }
+            Some(crate::NetAttach::VhostUser(p)) => {
+                let (Some(dir), Some(file)) = (p.parent(), p.file_name()) else {
+                    return Err(VmmError::Invalid(format!(
+                        "vhost-user socket path {} has no directory",
+                        p.display()
+                    )));
+                };
+                // QEMU's uid must reach the socket: the directory and the socket become its own.
+                if let Some(ra) = q.run_as {
+                    for path in [dir, p.as_path()] {
+                        std::os::unix::fs::chown(path, Some(ra.uid), Some(ra.gid))
+                            .map_err(sock("network helper socket", path))?;
+                    }
+                }
+                let dfd = h.add(open_fd(
+                    dir,
+                    libc::O_PATH | libc::O_DIRECTORY,
+                    "network helper socket",
+                )?);
+                h.vhost_dir = Some((dfd, file.to_string_lossy().into_owned()));
+                None
             }
             _ => None,
         };
@@ -336,8 +362,13 @@ impl Qemu {
                 }
                 crate::NetAttach::VhostUser(p) => {
                     // The guest RAM is a shared memfd already (for virtiofsd).
-                    let chardev = match net_fd {
-                        Some(fd) => format!("socket,id=net,fd={fd}"),
+                    let chardev = match h.and_then(|h| h.vhost_dir.as_ref()) {
+                        Some((fd, file)) => {
+                            format!(
+                                "socket,id=net,path=/proc/self/fd/{fd}/{}",
+                                file.replace(',', ",,")
+                            )
+                        }
                         None => format!("socket,id=net,path={}", opt(p)),
                     };
                     push(&["-chardev", &chardev]);
