@@ -955,7 +955,8 @@ async fn boot_and_serve(
                     s.policies.push(("gvproxy".to_string(), policy));
                 });
                 let mut gv_cmd = Command::new(program);
-                gv_cmd.args(gv.args());
+                // Run through a descriptor, named as itself (ps, and whoever looks for it).
+                gv_cmd.arg0(runtime.gvproxy()).args(gv.args());
                 let mut gvp = spawn_owned(
                     "gvproxy",
                     gv_cmd,
