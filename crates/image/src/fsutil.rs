@@ -86,11 +86,6 @@ mod tests {
                     if p.extension().is_none_or(|x| x != "rs") || p.ends_with("fsutil.rs") {
                         continue;
                     }
-                    // The kubeconfig writer belongs to another change (issue 13's kubeconfig
-                    // slice); it is listed here so that it is not forgotten.
-                    if p.ends_with("k3s/src/kubeconfig.rs") {
-                        continue;
-                    }
                     let text = std::fs::read_to_string(&p).unwrap_or_default();
                     for (i, line) in text.lines().enumerate() {
                         let l = line.trim_start();

@@ -477,7 +477,8 @@ fn mount_upper(paths: &InstancePaths, root_mib: u32) -> Result<(), SupervisorErr
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        std::fs::rename(&tmp, &img).map_err(io_err(format!("creating {}", img.display())))?;
+        gatevm_image::fsutil::rename_durable(&tmp, &img)
+            .map_err(io_err(format!("creating {}", img.display())))?;
     }
     let out = std::process::Command::new("mount")
         .args(["-t", "ext4", "-o", "loop,nosuid,nodev,noatime"])
@@ -1174,7 +1175,9 @@ async fn boot_and_serve(
     });
     let _server_guard = AbortOnDrop(server);
 
-    let reconnect = !vmm.needs_virtiofsd();
+    // libkrun closes host connections until the guest listens; QEMU, given an already listening
+    // socket, was seen (rarely, under load) to end the first connection too: both retry.
+    let reconnect = true;
     // The helpers are watched from here on: one that dies during boot ends the start at once.
     let (helpers, vm) = children.split_at_mut(vm_index);
     let vm = &mut vm[0];
