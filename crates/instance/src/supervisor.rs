@@ -480,10 +480,24 @@ fn mount_upper(paths: &InstancePaths, root_mib: u32) -> Result<(), SupervisorErr
         gatevm_image::fsutil::rename_durable(&tmp, &img)
             .map_err(io_err(format!("creating {}", img.display())))?;
     }
-    let out = std::process::Command::new("mount")
+    let mut mount = std::process::Command::new("mount");
+    mount
         .args(["-t", "ext4", "-o", "loop,nosuid,nodev,noatime"])
         .arg(&img)
-        .arg(&mnt)
+        .arg(&mnt);
+    // A supervisor killed while mount(8) runs takes it along: otherwise the mount could appear
+    // after whoever cleans up after the dead supervisor has looked.
+    // SAFETY: the closure only calls prctl, which is async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        mount.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = mount
         .output()
         .map_err(io_err("running mount for the root's writable layer"))?;
     if !out.status.success() {
