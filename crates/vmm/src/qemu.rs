@@ -164,31 +164,14 @@ impl Handles {
         let agent = UnixListener::bind(&cfg.agent_socket)
             .map_err(sock("agent socket", &cfg.agent_socket))?;
         h.agent = h.add(agent.into());
-        // A helper creates its socket file a moment before it listens on it.
-        let connect = |p: &Path| {
-            let start = std::time::Instant::now();
-            loop {
-                match UnixStream::connect(p) {
-                    Err(e)
-                        if start.elapsed() < std::time::Duration::from_secs(5)
-                            && matches!(
-                                e.kind(),
-                                std::io::ErrorKind::ConnectionRefused
-                                    | std::io::ErrorKind::NotFound
-                            ) =>
-                    {
-                        std::thread::sleep(std::time::Duration::from_millis(20))
-                    }
-                    other => return other,
-                }
-            }
-        };
-        let vfs = connect(&cfg.virtiofs_socket)
+        // No waiting here: the supervisor runs this on its event loop, and a helper that died
+        // must fail the start at once (the supervisor waited for each socket to be there).
+        let vfs = UnixStream::connect(&cfg.virtiofs_socket)
             .map_err(sock("virtiofsd socket", &cfg.virtiofs_socket))?;
         h.virtiofs = h.add(vfs.into());
         h.net = match &cfg.net {
             Some(crate::NetAttach::Socket(p)) => {
-                let s = connect(p).map_err(sock("network helper socket", p))?;
+                let s = UnixStream::connect(p).map_err(sock("network helper socket", p))?;
                 Some(h.add(s.into()))
             }
             Some(crate::NetAttach::VhostUser(p)) => {
