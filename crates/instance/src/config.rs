@@ -24,29 +24,30 @@ pub const MIN_ROOT_MIB: u32 = 128;
 /// Largest root budget in MiB.
 pub const MAX_ROOT_MIB: u32 = 1024 * 1024;
 
+/// Splits a size into its number and unit (`t`, `g`, `m`, or `None` without one); `TiB`, `GiB`
+/// and `MiB` count as `t`, `g` and `m`. `lower` is already lower-case.
+fn split_size(lower: &str) -> (&str, Option<char>) {
+    for (long, short) in [("tib", 't'), ("gib", 'g'), ("mib", 'm')] {
+        if let Some(n) = lower
+            .strip_suffix(long)
+            .or_else(|| lower.strip_suffix(short))
+        {
+            return (n.trim(), Some(short));
+        }
+    }
+    (lower, None)
+}
+
 /// Parses a root write budget: MiB with an M suffix, GiB plain or with a G suffix, TiB with T.
 pub fn parse_root_size(s: &str) -> Result<u32, String> {
     let lower = s.trim().to_ascii_lowercase();
-    let (num, mult) = if let Some(n) = lower
-        .strip_suffix("tib")
-        .or_else(|| lower.strip_suffix('t'))
-    {
-        (n, 1024 * 1024)
-    } else if let Some(n) = lower
-        .strip_suffix("gib")
-        .or_else(|| lower.strip_suffix('g'))
-    {
-        (n, 1024)
-    } else if let Some(n) = lower
-        .strip_suffix("mib")
-        .or_else(|| lower.strip_suffix('m'))
-    {
-        (n, 1)
-    } else {
-        (lower.as_str(), 1024)
+    let (num, unit) = split_size(&lower);
+    let mult = match unit {
+        Some('t') => 1024 * 1024,
+        Some('m') => 1,
+        _ => 1024,
     };
     let n: u32 = num
-        .trim()
         .parse()
         .map_err(|_| format!("invalid root size {s:?}: use e.g. 512M, 8G or 8 (GiB)"))?;
     n.checked_mul(mult)
@@ -61,25 +62,14 @@ pub fn parse_root_size(s: &str) -> Result<u32, String> {
 
 /// Parses a disk size: a number of GiB, or a number with a `G`/`GiB`/`T`/`TiB` suffix.
 pub fn parse_disk_size(s: &str) -> Result<u32, String> {
-    let t = s.trim();
-    let lower = t.to_ascii_lowercase();
-    let (num, mult) = if let Some(n) = lower
-        .strip_suffix("tib")
-        .or_else(|| lower.strip_suffix('t'))
-    {
-        (n, 1024)
-    } else if let Some(n) = lower
-        .strip_suffix("gib")
-        .or_else(|| lower.strip_suffix('g'))
-    {
-        (n, 1)
-    } else {
-        (lower.as_str(), 1)
+    let lower = s.trim().to_ascii_lowercase();
+    let invalid = || format!("invalid disk size {s:?}: use GiB, e.g. 32 or 32G or 1T");
+    let (num, mult) = match split_size(&lower) {
+        (n, Some('t')) => (n, 1024),
+        (n, Some('g') | None) => (n, 1),
+        _ => return Err(invalid()),
     };
-    let n: u32 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("invalid disk size {s:?}: use GiB, e.g. 32 or 32G or 1T"))?;
+    let n: u32 = num.parse().map_err(|_| invalid())?;
     let gib = n
         .checked_mul(mult)
         .filter(|g| (1..=MAX_DISK_GIB).contains(g));
@@ -569,6 +559,14 @@ mod tests {
         assert_eq!(parse_disk_size("8G"), Ok(8));
         assert_eq!(parse_disk_size("8GiB"), Ok(8));
         assert_eq!(parse_disk_size("2t"), Ok(2048));
+        assert!(parse_disk_size("512M").is_err());
+        assert_eq!(parse_root_size("512M"), Ok(512));
+        assert_eq!(parse_root_size("8"), Ok(8192));
+        assert_eq!(parse_root_size("2GiB"), Ok(2048));
+        assert_eq!(parse_root_size("1t"), Ok(1024 * 1024));
+        for bad in ["64M", "2T", "x", "", "-1G", "1.5G"] {
+            assert!(parse_root_size(bad).is_err(), "{bad:?}");
+        }
         for bad in ["", "0", "-1", "1.5G", "32M", "17T", "x", "99999999999"] {
             assert!(parse_disk_size(bad).is_err(), "{bad:?}");
         }
