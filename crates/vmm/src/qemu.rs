@@ -181,10 +181,11 @@ impl Handles {
                         p.display()
                     )));
                 };
-                // QEMU's uid must reach the socket: the directory and the socket become its own.
+                // QEMU's uid must reach the socket: the directory and the socket become its own
+                // (never through a symlink put in their place).
                 if let Some(ra) = q.run_as {
                     for path in [dir, p.as_path()] {
-                        std::os::unix::fs::chown(path, Some(ra.uid), Some(ra.gid))
+                        std::os::unix::fs::lchown(path, Some(ra.uid), Some(ra.gid))
                             .map_err(sock("network helper socket", path))?;
                     }
                 }
