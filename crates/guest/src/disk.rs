@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 /// The state disk's block device.
 pub const DEVICE: &str = "/dev/vda";
 /// Where the state disk is mounted.
-pub const STATE_DIR: &str = "/var/lib/gatevm";
+pub const STATE_DIR: &str = gatevm_abi::paths::STATE_DIR;
 /// containerd's root directory.
 pub const CONTAINERD_DIR: &str = "/var/lib/containerd";
 

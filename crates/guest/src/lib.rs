@@ -33,10 +33,10 @@ use std::path::Path;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Marker file that exists only in gatevm's initramfs.
-pub const INITRAMFS_MARKER: &str = "/gatevm-initramfs";
+pub const INITRAMFS_MARKER: &str = gatevm_abi::paths::INITRAMFS_MARKER;
 
 /// Where the host installs this same binary in the instance root; stage 1 executes it.
-pub const STAGE2_PATH: &str = "/usr/local/sbin/gatevm-guest";
+pub const STAGE2_PATH: &str = gatevm_abi::paths::GUEST_AGENT;
 
 /// Software string of the agent's hello, e.g. `gatevm-guest 0.1.0`.
 pub fn software() -> String {

@@ -8,12 +8,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The guest's address on the user-mode network (gvproxy/passt).
-pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 127, 2);
-/// Netmask of the user-mode network (/24).
-pub const NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
-/// Gateway and DNS server of the user-mode network.
-pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 127, 1);
+/// The guest's address, netmask and gateway: the contract's ([`gatevm_abi::net`]).
+pub use gatevm_abi::net::{GATEWAY_IP as GATEWAY, GUEST_IP as GUEST_ADDR, NETMASK};
 /// The interface configured.
 pub const IFACE: &str = "eth0";
 

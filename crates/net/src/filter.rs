@@ -33,8 +33,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// The gateway address of gvproxy's network (see [`crate::gvproxy::GATEWAY_IP`]).
-pub const GATEWAY: [u8; 4] = [192, 168, 127, 1];
+/// The gateway address of the guest network ([`gatevm_abi::net::GATEWAY_IP`]).
+pub const GATEWAY: [u8; 4] = gatevm_abi::net::GATEWAY_IP.octets();
 /// Largest frame relayed: a 65520-byte MTU plus the Ethernet header, with room to spare.
 pub const MAX_FRAME: usize = 65_536 + 64;
 /// Ports of the gateway the guest may open TCP connections to: DNS.

@@ -13,14 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-/// The guest's fixed address on the gvproxy network.
-pub const GUEST_IP: &str = "192.168.127.2";
-/// The gateway and DNS server address.
-pub const GATEWAY_IP: &str = "192.168.127.1";
-/// The address gvproxy NATs to the host's 127.0.0.1.
-pub const HOST_ALIAS_IP: &str = "192.168.127.254";
-/// The guest's fixed MAC address.
-pub const GUEST_MAC: &str = "5a:94:ef:e4:0c:ee";
+pub use gatevm_abi::net::{GATEWAY_IP, GUEST_IP, GUEST_MAC, HOST_ALIAS_IP};
 /// Largest HTTP answer read from gvproxy.
 const MAX_ANSWER: usize = 64 * 1024;
 
@@ -174,7 +167,7 @@ fn parse_response(buf: &[u8]) -> Result<(u16, String), ApiError> {
     Ok((status, body.chars().take(300).collect()))
 }
 
-fn expose_body(f: &Forward, guest_ip: &str) -> String {
+fn expose_body(f: &Forward, guest_ip: std::net::Ipv4Addr) -> String {
     let local = match f.host_ip {
         std::net::IpAddr::V6(ip) => format!("[{ip}]:{}", f.host_port),
         std::net::IpAddr::V4(ip) => format!("{ip}:{}", f.host_port),

@@ -16,7 +16,7 @@
 //! that flag is given unless the user allowed the guest onto the host's loopback.
 
 use crate::forward::{Forward, Proto};
-use crate::gvproxy::{GATEWAY_IP, GUEST_IP};
+use gatevm_abi::net::{GATEWAY_IP, GUEST_IP, PREFIX_LEN};
 use std::net::IpAddr;
 
 /// How passt meets the VM.
@@ -66,15 +66,15 @@ impl PasstConfig {
             "--mtu".into(),
             self.mtu.to_string(),
             "--address".into(),
-            GUEST_IP.into(),
+            GUEST_IP.to_string(),
             "--netmask".into(),
-            "24".into(),
+            PREFIX_LEN.to_string(),
             "--gateway".into(),
-            GATEWAY_IP.into(),
+            GATEWAY_IP.to_string(),
             // The guest's resolv.conf names the gateway (as with gvproxy); passt forwards those
             // queries to the host's resolver.
             "--dns-forward".into(),
-            GATEWAY_IP.into(),
+            GATEWAY_IP.to_string(),
         ]);
         if !self.allow_host_loopback {
             a.push("--no-map-gw".into());
