@@ -20,6 +20,7 @@
 //! Constants below are libkrun 1.19's (`libkrun.h`).
 
 use crate::{HostCaps, VmConfig, Vmm, VmmError};
+use gatevm_abi::cmdline;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -285,7 +286,7 @@ pub const LIBRARY_PATH_VAR: &str = "LD_LIBRARY_PATH";
 pub const LIBRARY_PATH_VAR: &str = "DYLD_LIBRARY_PATH";
 
 /// The workload's `PATH` in the guest.
-pub const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const GUEST_ENV_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Why the krun backend cannot run on this host, as one line naming the reason and the
 /// alternative; None when it can. Cheap (a few file reads), so `--vmm krun` fails in
@@ -350,11 +351,14 @@ pub fn translate(
     let mut args: Vec<String> = vm
         .cmdline
         .split_whitespace()
-        .filter(|w| w.starts_with("gatevm.") && !w.starts_with("gatevm.agent="))
+        .filter(|w| {
+            w.starts_with(cmdline::KEY_PREFIX)
+                && !w.starts_with(&format!("{}=", cmdline::KEY_AGENT))
+        })
         .map(str::to_string)
         .collect();
-    args.push("gatevm.agent=vsock".into());
-    args.push("gatevm.vmm=krun".into());
+    args.push(format!("{}=vsock", cmdline::KEY_AGENT));
+    args.push(format!("{}=krun", cmdline::KEY_VMM));
     if let Some(crate::NetAttach::VhostUser(_)) = &vm.net {
         return Err(VmmError::Invalid(
             "libkrun has no vhost-user network device (passt is attached with --fd)".into(),
@@ -375,7 +379,7 @@ pub fn translate(
         env: vec![
             ("KRUN_INIT_PID1".into(), "1".into()),
             ("HOSTNAME".into(), vm.name.clone()),
-            ("PATH".into(), GUEST_PATH.into()),
+            ("PATH".into(), GUEST_ENV_PATH.into()),
             ("HOME".into(), "/root".into()),
             ("TERM".into(), "linux".into()),
         ],
