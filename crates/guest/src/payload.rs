@@ -81,7 +81,7 @@ pub struct PayloadConfig {
 }
 
 /// Where the containerd profile's configuration is written at every boot (the k3s profile has
-/// its own, [`crate::k3s::CONTAINERD_CONFIG`]).
+/// its own, [`crate::profile::k3s::CONTAINERD_CONFIG`]).
 pub const CONTAINERD_CONFIG: &str = "/run/gatevm/containerd.toml";
 
 /// The distribution's containerd configuration. gatevm's configuration imports it when it
@@ -118,7 +118,7 @@ pub fn containerd_config(import: Option<&Path>) -> String {
          version = 2\n",
     );
     if let Some(path) = import {
-        let quoted = crate::k3s::toml_string(&path.to_string_lossy());
+        let quoted = crate::profile::k3s::toml_string(&path.to_string_lossy());
         s.push_str(&format!("imports = [{quoted}]\n"));
     }
     s.push_str(&disabled_plugins_line());
@@ -135,7 +135,7 @@ pub fn write_config(path: &Path, text: &str) -> io::Result<()> {
             .mode(0o755)
             .create(dir)?;
     }
-    crate::k3s::write_atomic(path, text.as_bytes(), 0o644)
+    crate::profile::k3s::write_atomic(path, text.as_bytes(), 0o644)
 }
 
 impl PayloadConfig {

@@ -1,17 +1,17 @@
 //! Stage 2: PID 1 in the real root. Order matters for boot time: API mounts, then the agent
 //! (so the host can talk as early as possible), then the modules network and disk need, network,
 //! state disk (the modules the payload needs load in the background meanwhile), and finally the
-//! payloads (containerd; in the k3s profile containerd and then k3s, see [`crate::k3s`]) while
+//! payloads (containerd; in the k3s profile containerd and then k3s, see [`crate::profile::k3s`]) while
 //! the modules containers' networks need are still loading.
 
 use crate::agent::{self, Agent, AgentHost, AgentInfo};
 use crate::cmdline::{self, AgentTransport, PayloadKind};
 use crate::disk;
-use crate::k3s;
 use crate::modules;
 use crate::mounts;
 use crate::net;
 use crate::payload::{Payload, PayloadConfig};
+use crate::profile::k3s;
 use crate::reaper::Reaper;
 use crate::shutdown;
 use crate::sys;
