@@ -1,7 +1,7 @@
 //! Stage 2: PID 1 in the real root. Order matters for boot time: API mounts, then the agent
 //! (so the host can talk as early as possible), then the modules network and disk need, network,
 //! state disk (the modules the payload needs load in the background meanwhile), and finally the
-//! payloads (containerd; in the k3s profile containerd and then k3s, see [`crate::profile::k3s`]) while
+//! payloads (containerd; in the k3s profile containerd and then k3s, see [`crate::profile`]) while
 //! the modules containers' networks need are still loading.
 
 use crate::agent::{self, Agent, AgentHost, AgentInfo};
@@ -10,8 +10,8 @@ use crate::disk;
 use crate::modules;
 use crate::mounts;
 use crate::net;
-use crate::payload::{Payload, PayloadConfig};
-use crate::profile::k3s;
+use crate::payload::Payload;
+use crate::profile::Profile;
 use crate::reaper::Reaper;
 use crate::shutdown;
 use crate::sys;
@@ -104,14 +104,8 @@ pub fn run() -> ! {
     let reaper = Reaper::global();
     // The k3s profile reads its plan and writes containerd's configuration now, so a missing
     // plan or binary shows in the very first status.
-    let mut profile = (cmd.payload == PayloadKind::K3s).then(k3s::Profile::load);
-    let payloads = match (&profile, cmd.payload) {
-        (Some(p), _) => p.payloads(),
-        (None, PayloadKind::Containerd) => {
-            vec![Payload::new(PayloadConfig::containerd_profile())]
-        }
-        (None, _) => Vec::new(),
-    };
+    let mut profile = Profile::load(cmd.payload);
+    let payloads = profile.payloads();
     let system = Arc::new(System {
         payloads: payloads.clone(),
         reaper,
@@ -199,10 +193,10 @@ pub fn run() -> ! {
         crate::glog!("state: {backing:?}");
     }
     // k3s's data directory is on the state disk.
-    if let Some(profile) = profile.as_mut() {
+    if profile.needs_network_before_start() {
         join(network.take());
-        profile.prepare();
     }
+    profile.prepare();
 
     let _ = modules_rx.recv_timeout(Duration::from_secs(20));
     if !payloads.is_empty() {
@@ -210,16 +204,7 @@ pub fn run() -> ! {
             crate::glog!("warning: no /dev/mqueue (POSIX mqueue), runc may fail");
         }
         if !shutdown::in_progress() {
-            match &profile {
-                Some(profile) => profile.start(reaper),
-                None => {
-                    for payload in &payloads {
-                        if let Err(e) = payload.start(reaper) {
-                            crate::glog!("cannot start the payload supervisor: {e}");
-                        }
-                    }
-                }
-            }
+            profile.start(reaper);
         }
     }
     join(network.take());
