@@ -271,18 +271,7 @@ impl Payload {
         let mut backoff: Option<Duration> = None;
         loop {
             if !cfg.program.exists() {
-                let mut i = sys::lock(&self.inner);
-                if !i.stopping {
-                    i.state = PayloadState::Failed;
-                }
-                i.last_exit = Some(format!("{} not found", cfg.program.display()));
-                drop(i);
-                self.changed.notify_all();
-                crate::glog!(
-                    "{}: {} not found, not starting it",
-                    cfg.name,
-                    cfg.program.display()
-                );
+                self.program_missing();
                 return;
             }
             let spawned = {
@@ -315,41 +304,74 @@ impl Payload {
                     None
                 }
             };
-            let mut i = sys::lock(&self.inner);
-            i.pid = None;
-            if let Some(st) = status {
-                i.last_exit = Some(describe(&st));
-            }
-            if i.stopping {
-                drop(i);
-                self.changed.notify_all();
+            if !self.wait_restart(status, started, &mut backoff) {
                 return;
             }
-            i.restarts = i.restarts.saturating_add(1);
-            i.state = PayloadState::Restarting;
-            let delay = next_backoff(backoff, started.elapsed(), cfg);
-            backoff = Some(delay);
-            crate::glog!(
-                "{} exited ({}), restart #{} in {}ms",
-                cfg.name,
-                i.last_exit.as_deref().unwrap_or("?"),
-                i.restarts,
-                delay.as_millis()
-            );
-            self.changed.notify_all();
-            let deadline = Instant::now() + delay;
-            while !i.stopping {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                i = self
-                    .changed
-                    .wait_timeout(i, deadline - now)
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|e| e.into_inner().0);
-            }
         }
+    }
+
+    /// The program does not exist: `Failed` (unless stopping), for good.
+    fn program_missing(&self) {
+        let cfg = &self.cfg;
+        let mut i = sys::lock(&self.inner);
+        if !i.stopping {
+            i.state = PayloadState::Failed;
+        }
+        i.last_exit = Some(format!("{} not found", cfg.program.display()));
+        drop(i);
+        self.changed.notify_all();
+        crate::glog!(
+            "{}: {} not found, not starting it",
+            cfg.name,
+            cfg.program.display()
+        );
+    }
+
+    /// Records the end of a run that began at `started` (`status`: its exit, `None` when it
+    /// could not start) and, unless the payload is being stopped, counts a restart and waits the
+    /// backoff delay (cut short by a stop). False when the payload is being stopped.
+    fn wait_restart(
+        &self,
+        status: Option<gatevm_protocol::ExitStatus>,
+        started: Instant,
+        backoff: &mut Option<Duration>,
+    ) -> bool {
+        let cfg = &self.cfg;
+        let mut i = sys::lock(&self.inner);
+        i.pid = None;
+        if let Some(st) = status {
+            i.last_exit = Some(describe(&st));
+        }
+        if i.stopping {
+            drop(i);
+            self.changed.notify_all();
+            return false;
+        }
+        i.restarts = i.restarts.saturating_add(1);
+        i.state = PayloadState::Restarting;
+        let delay = next_backoff(*backoff, started.elapsed(), cfg);
+        *backoff = Some(delay);
+        crate::glog!(
+            "{} exited ({}), restart #{} in {}ms",
+            cfg.name,
+            i.last_exit.as_deref().unwrap_or("?"),
+            i.restarts,
+            delay.as_millis()
+        );
+        self.changed.notify_all();
+        let deadline = Instant::now() + delay;
+        while !i.stopping {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            i = self
+                .changed
+                .wait_timeout(i, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        true
     }
 
     fn spawn_once(

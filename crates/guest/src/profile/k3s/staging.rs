@@ -173,15 +173,7 @@ fn reconcile(
             .push(format!("cannot create {}: {e}", dst.display()));
         return;
     }
-    // Temporary files of an interrupted earlier run.
-    if let Ok(rd) = fs::read_dir(dst) {
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with('.') && n.ends_with(TMP_SUFFIX) {
-                let _ = fs::remove_file(e.path());
-            }
-        }
-    }
+    remove_temporaries(dst);
     // Record everything that may be placed before placing it, so an interrupted run still lets
     // a later boot remove what is no longer staged.
     let mut all = previous.clone();
@@ -197,8 +189,41 @@ fn reconcile(
         recorded = Some(all);
     }
 
+    let mut keep = place_wanted(dst, &want, &previous, report);
+    let wanted: BTreeSet<String> = want.keys().cloned().collect();
+    let unwanted = previous.difference(&wanted).cloned().collect();
+    remove_unwanted(dst, unwanted, complete, &mut keep, report);
+    if recorded.as_ref() != Some(&keep) {
+        if let Err(e) = write_index(index, &keep) {
+            report
+                .problems
+                .push(format!("cannot write {}: {e}", index.display()));
+        }
+    }
+}
+
+/// Removes the temporary files of an interrupted earlier run from `dst`.
+fn remove_temporaries(dst: &Path) {
+    if let Ok(rd) = fs::read_dir(dst) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with('.') && n.ends_with(TMP_SUFFIX) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Writes the files of `want` that are missing or out of date in `dst`; returns the names to
+/// keep recorded (placed now, already up to date, or an older copy left by a failed write).
+fn place_wanted(
+    dst: &Path,
+    want: &BTreeMap<String, Source>,
+    previous: &BTreeSet<String>,
+    report: &mut SyncReport,
+) -> BTreeSet<String> {
     let mut keep = BTreeSet::new();
-    for (name, source) in &want {
+    for (name, source) in want {
         let target = dst.join(name);
         let result = match source {
             Source::Staged(src, meta) => {
@@ -236,11 +261,24 @@ fn reconcile(
             }
         }
     }
-    for name in previous.difference(&want.keys().cloned().collect()) {
-        let target = dst.join(name);
+    keep
+}
+
+/// Removes from `dst` the files gatevm placed earlier that are no longer wanted (`unwanted`),
+/// only when `complete`; what stays (not removed, or not `complete`) is added to `keep`.
+/// Directories are never removed.
+fn remove_unwanted(
+    dst: &Path,
+    unwanted: BTreeSet<String>,
+    complete: bool,
+    keep: &mut BTreeSet<String>,
+    report: &mut SyncReport,
+) {
+    for name in unwanted {
+        let target = dst.join(&name);
         if !complete {
             if fs::symlink_metadata(&target).is_ok() {
-                keep.insert(name.clone());
+                keep.insert(name);
             }
             continue;
         }
@@ -251,21 +289,14 @@ fn reconcile(
                 target.display()
             )),
             Ok(_) => match fs::remove_file(&target) {
-                Ok(()) => report.removed.push(name.clone()),
+                Ok(()) => report.removed.push(name),
                 Err(e) => {
                     report
                         .problems
                         .push(format!("cannot remove {}: {e}", target.display()));
-                    keep.insert(name.clone());
+                    keep.insert(name);
                 }
             },
-        }
-    }
-    if recorded.as_ref() != Some(&keep) {
-        if let Err(e) = write_index(index, &keep) {
-            report
-                .problems
-                .push(format!("cannot write {}: {e}", index.display()));
         }
     }
 }
