@@ -296,30 +296,8 @@ impl Agent {
             GuestMsg::Hello { version, .. } => {
                 if stream != STREAM_CONTROL {
                     control_only("hello");
-                } else if version != PROTOCOL_VERSION {
-                    session::send(
-                        w,
-                        &error(
-                            stream,
-                            format!(
-                                "protocol version {version} not supported: this guest speaks {PROTOCOL_VERSION}"
-                            ),
-                        ),
-                    );
                 } else {
-                    self.detach_all(w);
-                    session::send(
-                        w,
-                        &msg(
-                            stream,
-                            GuestMsg::Hello {
-                                version: PROTOCOL_VERSION,
-                                software: self.info.software.clone(),
-                                uptime_ms: Some(self.info.uptime_at_start_ms),
-                                kernel: self.info.kernel.clone(),
-                            },
-                        ),
-                    );
+                    self.answer_hello(version, w);
                 }
             }
             GuestMsg::StatusRequest => {
@@ -353,19 +331,7 @@ impl Agent {
                     let _ = exec::set_winsize(&**tty, rows, cols);
                 }
             }
-            GuestMsg::Signal { signal } => {
-                if !(1..=64).contains(&signal) {
-                    session::send(w, &error(stream, format!("invalid signal number {signal}")));
-                } else {
-                    let target = sys::lock(&self.sessions)
-                        .get(&stream)
-                        .and_then(|s| Some((s.pid?, s.tty.is_some())));
-                    // Signals for finished sessions race with their exit: drop them silently.
-                    if let Some((pid, group)) = target {
-                        self.reaper.signal(pid, signal, group);
-                    }
-                }
-            }
+            GuestMsg::Signal { signal } => self.signal_session(stream, signal, w),
             GuestMsg::Error { message } => {
                 crate::glog!(
                     "agent: host reported an error on stream {stream}: {}",
@@ -381,6 +347,53 @@ impl Agent {
             }
         }
         None
+    }
+
+    /// Answers the host's hello on the control stream: a fresh hello ends every session of an
+    /// earlier connection; an unsupported version gets an error.
+    fn answer_hello(&self, version: u32, w: &SharedWriter) {
+        let stream = STREAM_CONTROL;
+        if version != PROTOCOL_VERSION {
+            session::send(
+                w,
+                &error(
+                    stream,
+                    format!(
+                        "protocol version {version} not supported: this guest speaks {PROTOCOL_VERSION}"
+                    ),
+                ),
+            );
+            return;
+        }
+        self.detach_all(w);
+        session::send(
+            w,
+            &msg(
+                stream,
+                GuestMsg::Hello {
+                    version: PROTOCOL_VERSION,
+                    software: self.info.software.clone(),
+                    uptime_ms: Some(self.info.uptime_at_start_ms),
+                    kernel: self.info.kernel.clone(),
+                },
+            ),
+        );
+    }
+
+    /// Sends `signal` to the process of the session on `stream` (its process group when it has
+    /// a terminal).
+    fn signal_session(&self, stream: u32, signal: i32, w: &SharedWriter) {
+        if !(1..=64).contains(&signal) {
+            session::send(w, &error(stream, format!("invalid signal number {signal}")));
+            return;
+        }
+        let target = sys::lock(&self.sessions)
+            .get(&stream)
+            .and_then(|s| Some((s.pid?, s.tty.is_some())));
+        // Signals for finished sessions race with their exit: drop them silently.
+        if let Some((pid, group)) = target {
+            self.reaper.signal(pid, signal, group);
+        }
     }
 
     /// Whether `stream` can take a new session; answers with an error when not.

@@ -1,7 +1,7 @@
 //! The guest side of gatevm: one static binary that is both the initramfs `/init` (stage 1) and
 //! PID 1 of the real root (stage 2), where it mounts the API filesystems, loads modules, configures
 //! the network and the state disk, reaps orphans, supervises the payload (containerd, or
-//! containerd and then k3s: see [`k3s`]) and serves the host's agent protocol
+//! containerd and then k3s: see [`profile`]) and serves the host's agent protocol
 //! ([`gatevm_protocol`]) on a virtio-serial port or a vsock port.
 //!
 //! Everything that can be exercised without a VM (command line parsing, module loading plans,
@@ -14,18 +14,20 @@ pub mod cni;
 pub mod container;
 pub mod disk;
 pub mod exec;
-pub mod k3s;
+pub mod fsutil;
 pub mod log;
 pub mod modules;
 pub mod mounts;
 pub mod net;
 pub mod payload;
 pub mod pid1;
+pub mod profile;
 pub mod reaper;
 pub mod session;
 pub mod shutdown;
 pub mod stage1;
 pub mod sys;
+pub mod toml;
 
 use std::path::Path;
 

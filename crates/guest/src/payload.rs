@@ -1,5 +1,6 @@
-//! Supervision of the payload services (containerd, and k3s in the k3s profile): start,
-//! readiness probe, restarts with exponential backoff, log capture with rotation, orderly stop.
+//! Supervision of a payload's services, whatever they run (the profiles in [`crate::profile`]
+//! say what): start, readiness probe, restarts with exponential backoff, log capture with
+//! rotation, orderly stop.
 
 use crate::reaper::{describe, Reaper};
 use crate::sys;
@@ -7,7 +8,6 @@ use gatevm_protocol::{PayloadState, PayloadStatus};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -53,6 +53,10 @@ pub enum WaitOutcome {
     Timeout,
 }
 
+/// Time a payload gets between SIGTERM and SIGKILL at shutdown unless its configuration says
+/// otherwise ([`PayloadConfig::stop_timeout`]).
+pub const PAYLOAD_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How one payload service is run.
 #[derive(Debug, Clone)]
 pub struct PayloadConfig {
@@ -78,101 +82,6 @@ pub struct PayloadConfig {
     pub probe_interval: Duration,
     /// Time between SIGTERM and SIGKILL when the payload is stopped for shutdown.
     pub stop_timeout: Duration,
-}
-
-/// Where the containerd profile's configuration is written at every boot (the k3s profile has
-/// its own, [`crate::k3s::CONTAINERD_CONFIG`]).
-pub const CONTAINERD_CONFIG: &str = "/run/gatevm/containerd.toml";
-
-/// The distribution's containerd configuration. gatevm's configuration imports it when it
-/// exists, so what is set there still applies (imported settings win).
-pub const ETC_CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
-
-/// containerd plugins gatevm turns off: snapshotters that cannot work in the guest (the state
-/// disk is ext4, the kernel has no aufs, devmapper and blockfile are not configured). containerd
-/// probes each at every start; aufs alone runs `modprobe aufs`, which fails, for ~0.3 s of a
-/// boot under TCG.
-pub const DISABLED_PLUGINS: &[&str] = &[
-    "io.containerd.snapshotter.v1.aufs",
-    "io.containerd.snapshotter.v1.btrfs",
-    "io.containerd.snapshotter.v1.zfs",
-    "io.containerd.snapshotter.v1.devmapper",
-    "io.containerd.snapshotter.v1.blockfile",
-];
-
-/// The `disabled_plugins` line of a containerd 1.7 (`version = 2`) configuration.
-pub fn disabled_plugins_line() -> String {
-    let ids: Vec<String> = DISABLED_PLUGINS
-        .iter()
-        .map(|p| format!("\"{p}\""))
-        .collect();
-    format!("disabled_plugins = [{}]", ids.join(", "))
-}
-
-/// containerd's configuration in the containerd profile: containerd's defaults with
-/// [`DISABLED_PLUGINS`] off, importing `import` (the distribution's file) when given.
-pub fn containerd_config(import: Option<&Path>) -> String {
-    let mut s = String::from(
-        "# Written by gatevm-guest at every boot; changes are lost. Settings belong in\n\
-         # /etc/containerd/config.toml, which is imported (its settings win).\n\
-         version = 2\n",
-    );
-    if let Some(path) = import {
-        let quoted = crate::k3s::toml_string(&path.to_string_lossy());
-        s.push_str(&format!("imports = [{quoted}]\n"));
-    }
-    s.push_str(&disabled_plugins_line());
-    s.push('\n');
-    s
-}
-
-/// Writes a payload's configuration file (mode 0644) through a temporary file, creating its
-/// directory (0755) as needed.
-pub fn write_config(path: &Path, text: &str) -> io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)?;
-    }
-    crate::k3s::write_atomic(path, text.as_bytes(), 0o644)
-}
-
-impl PayloadConfig {
-    /// containerd as gatevm runs it.
-    pub fn containerd() -> Self {
-        PayloadConfig {
-            name: "containerd".into(),
-            program: "/usr/bin/containerd".into(),
-            args: Vec::new(),
-            readiness: Readiness::UnixSocket("/run/containerd/containerd.sock".into()),
-            log: "/var/log/containerd.log".into(),
-            log_max: 10 * 1024 * 1024,
-            backoff_initial: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(30),
-            healthy_reset: Duration::from_secs(60),
-            probe_interval: Duration::from_millis(50),
-            stop_timeout: crate::shutdown::PAYLOAD_STOP_TIMEOUT,
-        }
-    }
-}
-
-impl PayloadConfig {
-    /// containerd in the containerd profile: writes [`CONTAINERD_CONFIG`] (see
-    /// [`containerd_config`]) and runs with it; if it cannot be written, containerd runs with
-    /// its defaults and the reason is logged.
-    pub fn containerd_profile() -> Self {
-        let mut c = Self::containerd();
-        let etc = Path::new(ETC_CONTAINERD_CONFIG);
-        let text = containerd_config(etc.is_file().then_some(etc));
-        match write_config(Path::new(CONTAINERD_CONFIG), &text) {
-            Ok(()) => c.args = vec!["--config".into(), CONTAINERD_CONFIG.into()],
-            Err(e) => crate::glog!(
-                "cannot write {CONTAINERD_CONFIG} ({e}): containerd runs with its defaults"
-            ),
-        }
-        c
-    }
 }
 
 /// Delay before the next restart: the initial delay after a first failure or a healthy run
@@ -362,18 +271,7 @@ impl Payload {
         let mut backoff: Option<Duration> = None;
         loop {
             if !cfg.program.exists() {
-                let mut i = sys::lock(&self.inner);
-                if !i.stopping {
-                    i.state = PayloadState::Failed;
-                }
-                i.last_exit = Some(format!("{} not found", cfg.program.display()));
-                drop(i);
-                self.changed.notify_all();
-                crate::glog!(
-                    "{}: {} not found, not starting it",
-                    cfg.name,
-                    cfg.program.display()
-                );
+                self.program_missing();
                 return;
             }
             let spawned = {
@@ -406,41 +304,74 @@ impl Payload {
                     None
                 }
             };
-            let mut i = sys::lock(&self.inner);
-            i.pid = None;
-            if let Some(st) = status {
-                i.last_exit = Some(describe(&st));
-            }
-            if i.stopping {
-                drop(i);
-                self.changed.notify_all();
+            if !self.wait_restart(status, started, &mut backoff) {
                 return;
             }
-            i.restarts = i.restarts.saturating_add(1);
-            i.state = PayloadState::Restarting;
-            let delay = next_backoff(backoff, started.elapsed(), cfg);
-            backoff = Some(delay);
-            crate::glog!(
-                "{} exited ({}), restart #{} in {}ms",
-                cfg.name,
-                i.last_exit.as_deref().unwrap_or("?"),
-                i.restarts,
-                delay.as_millis()
-            );
-            self.changed.notify_all();
-            let deadline = Instant::now() + delay;
-            while !i.stopping {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                i = self
-                    .changed
-                    .wait_timeout(i, deadline - now)
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|e| e.into_inner().0);
-            }
         }
+    }
+
+    /// The program does not exist: `Failed` (unless stopping), for good.
+    fn program_missing(&self) {
+        let cfg = &self.cfg;
+        let mut i = sys::lock(&self.inner);
+        if !i.stopping {
+            i.state = PayloadState::Failed;
+        }
+        i.last_exit = Some(format!("{} not found", cfg.program.display()));
+        drop(i);
+        self.changed.notify_all();
+        crate::glog!(
+            "{}: {} not found, not starting it",
+            cfg.name,
+            cfg.program.display()
+        );
+    }
+
+    /// Records the end of a run that began at `started` (`status`: its exit, `None` when it
+    /// could not start) and, unless the payload is being stopped, counts a restart and waits the
+    /// backoff delay (cut short by a stop). False when the payload is being stopped.
+    fn wait_restart(
+        &self,
+        status: Option<gatevm_protocol::ExitStatus>,
+        started: Instant,
+        backoff: &mut Option<Duration>,
+    ) -> bool {
+        let cfg = &self.cfg;
+        let mut i = sys::lock(&self.inner);
+        i.pid = None;
+        if let Some(st) = status {
+            i.last_exit = Some(describe(&st));
+        }
+        if i.stopping {
+            drop(i);
+            self.changed.notify_all();
+            return false;
+        }
+        i.restarts = i.restarts.saturating_add(1);
+        i.state = PayloadState::Restarting;
+        let delay = next_backoff(*backoff, started.elapsed(), cfg);
+        *backoff = Some(delay);
+        crate::glog!(
+            "{} exited ({}), restart #{} in {}ms",
+            cfg.name,
+            i.last_exit.as_deref().unwrap_or("?"),
+            i.restarts,
+            delay.as_millis()
+        );
+        self.changed.notify_all();
+        let deadline = Instant::now() + delay;
+        while !i.stopping {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            i = self
+                .changed
+                .wait_timeout(i, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        true
     }
 
     fn spawn_once(
@@ -587,63 +518,6 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out, last status {s:?}");
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-
-    #[test]
-    fn containerd_profile_configuration() {
-        let text = containerd_config(Some(Path::new(ETC_CONTAINERD_CONFIG)));
-        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
-        assert_eq!(
-            lines,
-            [
-                "version = 2",
-                "imports = [\"/etc/containerd/config.toml\"]",
-                "disabled_plugins = [\"io.containerd.snapshotter.v1.aufs\", \
-                 \"io.containerd.snapshotter.v1.btrfs\", \"io.containerd.snapshotter.v1.zfs\", \
-                 \"io.containerd.snapshotter.v1.devmapper\", \
-                 \"io.containerd.snapshotter.v1.blockfile\"]",
-            ]
-        );
-        // Without the distribution's file nothing is imported; overlayfs is never turned off.
-        let bare = containerd_config(None);
-        assert!(!bare.contains("imports"), "{bare}");
-        assert!(
-            !bare.contains("overlayfs") && !bare.contains("native"),
-            "{bare}"
-        );
-    }
-
-    #[test]
-    fn configuration_is_written_with_its_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("run/gatevm/containerd.toml");
-        write_config(&path, "version = 2\n").unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "version = 2\n");
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o644);
-        write_config(&path, "version = 2\nx = 1\n").unwrap();
-        assert!(std::fs::read_to_string(&path).unwrap().ends_with("x = 1\n"));
-    }
-
-    #[test]
-    fn backoff_doubles_caps_and_resets() {
-        let c = PayloadConfig::containerd();
-        let short = Duration::from_secs(1);
-        let mut d = next_backoff(None, short, &c);
-        assert_eq!(d, Duration::from_millis(500));
-        let mut seen = vec![d];
-        for _ in 0..8 {
-            d = next_backoff(Some(d), short, &c);
-            seen.push(d);
-        }
-        assert_eq!(seen[1], Duration::from_secs(1));
-        assert_eq!(seen[2], Duration::from_secs(2));
-        assert_eq!(*seen.last().unwrap(), Duration::from_secs(30));
-        assert_eq!(
-            next_backoff(Some(d), Duration::from_secs(61), &c),
-            Duration::from_millis(500)
-        );
     }
 
     #[test]

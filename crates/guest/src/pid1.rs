@@ -1,23 +1,24 @@
 //! Stage 2: PID 1 in the real root. Order matters for boot time: API mounts, then the agent
 //! (so the host can talk as early as possible), then the modules network and disk need, network,
 //! state disk (the modules the payload needs load in the background meanwhile), and finally the
-//! payloads (containerd; in the k3s profile containerd and then k3s, see [`crate::k3s`]) while
+//! payloads (containerd; in the k3s profile containerd and then k3s, see [`crate::profile`]) while
 //! the modules containers' networks need are still loading.
 
 use crate::agent::{self, Agent, AgentHost, AgentInfo};
-use crate::cmdline::{self, AgentTransport, PayloadKind};
+use crate::cmdline::{self, AgentTransport, Cmdline, PayloadKind};
 use crate::disk;
-use crate::k3s;
 use crate::modules;
 use crate::mounts;
 use crate::net;
-use crate::payload::{Payload, PayloadConfig};
+use crate::payload::Payload;
+use crate::profile::Profile;
 use crate::reaper::Reaper;
 use crate::shutdown;
 use crate::sys;
 use gatevm_kmod::ModuleIndex;
 use gatevm_protocol::PayloadStatus;
-use std::sync::mpsc::channel;
+use nix::sys::signal::SigSet;
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,62 +81,27 @@ fn join(thread: Option<std::thread::JoinHandle<()>>) {
     }
 }
 
-/// Runs stage 2; never returns.
-pub fn run() -> ! {
-    sys::fix_stdio();
-    let signals = sys::block_shutdown_signals();
-    std::panic::set_hook(Box::new(|info| {
-        crate::glog!("panic: {info}");
-    }));
-    // Ctrl-Alt-Del becomes SIGINT to PID 1 instead of an immediate reboot.
-    let _ = nix::sys::reboot::set_cad_enabled(false);
-    crate::glog!("{} starting as PID 1", crate::software());
-
-    report("mount", &mounts::setup_stage2());
-    let (cmd, warnings) = cmdline::read();
-    report("cmdline", &warnings);
-    if cmd.krun {
-        sys::end_by_reboot();
-    }
-    if let Err(e) = nix::unistd::sethostname(&cmd.hostname) {
-        crate::glog!("sethostname {}: {e}", cmd.hostname);
-    }
-
-    let reaper = Reaper::global();
-    // The k3s profile reads its plan and writes containerd's configuration now, so a missing
-    // plan or binary shows in the very first status.
-    let mut profile = (cmd.payload == PayloadKind::K3s).then(k3s::Profile::load);
-    let payloads = match (&profile, cmd.payload) {
-        (Some(p), _) => p.payloads(),
-        (None, PayloadKind::Containerd) => {
-            vec![Payload::new(PayloadConfig::containerd_profile())]
+/// Starts the threads that turn SIGTERM, SIGINT and SIGPWR into a shutdown and that serve the
+/// host's agent protocol.
+fn spawn_signals_and_agent(system: &Arc<System>, signals: SigSet, transport: AgentTransport) {
+    let for_signals = system.clone();
+    spawn_named("signals", move || loop {
+        if let Ok(sig) = signals.wait() {
+            let why = format!("{sig:?}");
+            shutdown::run(&for_signals.payloads, for_signals.reaper, &why);
         }
-        (None, _) => Vec::new(),
-    };
-    let system = Arc::new(System {
-        payloads: payloads.clone(),
-        reaper,
     });
+    let agent = Agent::new(system.clone(), system.reaper, AgentInfo::current());
+    spawn_named("agent", move || match transport {
+        AgentTransport::Serial => agent::run_serial(&agent),
+        AgentTransport::Vsock => agent::run_vsock(&agent),
+    });
+}
 
-    {
-        let system = system.clone();
-        spawn_named("signals", move || loop {
-            if let Ok(sig) = signals.wait() {
-                let why = format!("{sig:?}");
-                shutdown::run(&system.payloads, system.reaper, &why);
-            }
-        });
-    }
-
-    {
-        let agent = Agent::new(system.clone(), reaper, AgentInfo::current());
-        let transport = cmd.agent;
-        spawn_named("agent", move || match transport {
-            AgentTransport::Serial => agent::run_serial(&agent),
-            AgentTransport::Vsock => agent::run_vsock(&agent),
-        });
-    }
-
+/// Loads the modules network and disk need now and starts a thread that loads the rest; the
+/// receiver hears when the modules the payload needs at its start are loaded (or gives up when
+/// there are none to load).
+fn load_modules(payload: PayloadKind, transport: AgentTransport) -> Receiver<()> {
     // Modules: the ones network and disk need in the foreground, the rest in a background
     // thread while network and disk are set up: first what the payload needs at its start
     // (containerd: overlay), then, while containerd starts, what containers' networks need
@@ -143,8 +109,8 @@ pub fn run() -> ! {
     // boots each: containerd ready at a median 5.0 s this way, 5.65 s when it waited for every
     // module.
     let batches = modules::background(
-        cmd.payload == PayloadKind::K3s,
-        cmd.agent == AgentTransport::Vsock,
+        payload == PayloadKind::K3s,
+        transport == AgentTransport::Vsock,
     );
     let tree = modules::running_tree();
     let index = tree.as_ref().map(|t| (t.clone(), ModuleIndex::load(t)));
@@ -176,22 +142,61 @@ pub fn run() -> ! {
             drop(modules_tx);
         }
     }
+    modules_rx
+}
 
+/// Starts setting the network up in a thread (in the foreground when no thread can start);
+/// join the handle to wait for it.
+fn start_network(cmd: &Cmdline) -> Option<std::thread::JoinHandle<()>> {
+    let (on, hostname, mtu) = (cmd.net, cmd.hostname.clone(), cmd.mtu);
+    std::thread::Builder::new()
+        .name("net".into())
+        .spawn(move || setup_network(on, &hostname, mtu))
+        .map_err(|e| {
+            crate::glog!("cannot start thread net ({e}): setting the network up first");
+            setup_network(cmd.net, &cmd.hostname, cmd.mtu)
+        })
+        .ok()
+}
+
+/// Runs stage 2; never returns.
+pub fn run() -> ! {
+    sys::fix_stdio();
+    let signals = sys::block_shutdown_signals();
+    std::panic::set_hook(Box::new(|info| {
+        crate::glog!("panic: {info}");
+    }));
+    // Ctrl-Alt-Del becomes SIGINT to PID 1 instead of an immediate reboot.
+    let _ = nix::sys::reboot::set_cad_enabled(false);
+    crate::glog!("{} starting as PID 1", crate::software());
+
+    report("mount", &mounts::setup_stage2());
+    let (cmd, warnings) = cmdline::read();
+    report("cmdline", &warnings);
+    if cmd.krun {
+        sys::end_by_reboot();
+    }
+    if let Err(e) = nix::unistd::sethostname(&cmd.hostname) {
+        crate::glog!("sethostname {}: {e}", cmd.hostname);
+    }
+
+    let reaper = Reaper::global();
+    // The k3s profile reads its plan and writes containerd's configuration now, so a missing
+    // plan or binary shows in the very first status.
+    let mut profile = Profile::load(cmd.payload);
+    let payloads = profile.payloads();
+    let system = Arc::new(System {
+        payloads: payloads.clone(),
+        reaper,
+    });
+
+    spawn_signals_and_agent(&system, signals, cmd.agent);
+    let modules_rx = load_modules(cmd.payload, cmd.agent);
     // The network is set up beside the state disk: containerd needs only the disk, so in the
     // containerd profile it starts before the network is waited for (containers' networks wait
     // for the modules marker, which comes much later). k3s binds the guest address: for it the
     // network is done before it starts.
-    let mut network = {
-        let (on, hostname, mtu) = (cmd.net, cmd.hostname.clone(), cmd.mtu);
-        std::thread::Builder::new()
-            .name("net".into())
-            .spawn(move || setup_network(on, &hostname, mtu))
-            .map_err(|e| {
-                crate::glog!("cannot start thread net ({e}): setting the network up first");
-                setup_network(cmd.net, &cmd.hostname, cmd.mtu)
-            })
-            .ok()
-    };
+    let mut network = start_network(&cmd);
     // A throwaway VM (no payload) has no state disk and keeps nothing.
     if cmd.payload.runs_anything() {
         let (backing, problems) = disk::setup(reaper);
@@ -199,10 +204,10 @@ pub fn run() -> ! {
         crate::glog!("state: {backing:?}");
     }
     // k3s's data directory is on the state disk.
-    if let Some(profile) = profile.as_mut() {
+    if profile.needs_network_before_start() {
         join(network.take());
-        profile.prepare();
     }
+    profile.prepare();
 
     let _ = modules_rx.recv_timeout(Duration::from_secs(20));
     if !payloads.is_empty() {
@@ -210,16 +215,7 @@ pub fn run() -> ! {
             crate::glog!("warning: no /dev/mqueue (POSIX mqueue), runc may fail");
         }
         if !shutdown::in_progress() {
-            match &profile {
-                Some(profile) => profile.start(reaper),
-                None => {
-                    for payload in &payloads {
-                        if let Err(e) = payload.start(reaper) {
-                            crate::glog!("cannot start the payload supervisor: {e}");
-                        }
-                    }
-                }
-            }
+            profile.start(reaper);
         }
     }
     join(network.take());

@@ -9,9 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Time a payload gets between SIGTERM and SIGKILL unless its configuration says otherwise
-/// ([`crate::payload::PayloadConfig::stop_timeout`]).
-pub const PAYLOAD_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time all other processes get between SIGTERM and SIGKILL.
 pub const OTHERS_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -1,0 +1,190 @@
+//! Image import in the k3s profile: k3s imports its images directory only into the
+//! containerd it embeds, so gatevm imports the archives it placed there into the VM's
+//! containerd itself, once containerd is ready and before k3s starts.
+
+use crate::reaper::{describe, Reaper};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// The containerd namespace CRI (and so k3s) uses.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
+/// How a placed image archive is handed to containerd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImportMethod {
+    /// `ctr images import FILE` (a tar archive).
+    Tar,
+    /// `tool -dc FILE | ctr images import -`.
+    Compressed {
+        /// The decompressor (`gzip`, `zstd`, `bzip2`, `lz4`).
+        tool: &'static str,
+    },
+    /// Not imported; why.
+    Unsupported(&'static str),
+}
+
+/// The import method for an archive name, by suffix (case-insensitive), as k3s decides for the
+/// containerd it embeds.
+pub fn import_method(name: &str) -> ImportMethod {
+    let n = name.to_ascii_lowercase();
+    let has = |suffixes: &[&str]| suffixes.iter().any(|s| n.ends_with(s));
+    if has(&[".tar"]) {
+        ImportMethod::Tar
+    } else if has(&[".tar.gz", ".tgz"]) {
+        ImportMethod::Compressed { tool: "gzip" }
+    } else if has(&[".tar.zst", ".tzst"]) {
+        ImportMethod::Compressed { tool: "zstd" }
+    } else if has(&[".tar.bz2", ".tbz"]) {
+        ImportMethod::Compressed { tool: "bzip2" }
+    } else if has(&[".tar.lz4"]) {
+        ImportMethod::Compressed { tool: "lz4" }
+    } else if has(&[".txt"]) {
+        ImportMethod::Unsupported(
+            "a list of images to pull; gatevm imports archives only (pull the images on the host \
+             and stage them as an archive)",
+        )
+    } else {
+        ImportMethod::Unsupported(
+            "not an image archive (.tar, .tar.gz, .tgz, .tar.zst, .tzst, .tar.bz2, .tbz, .tar.lz4)",
+        )
+    }
+}
+
+/// Where a decompressor is looked for in the root.
+fn find_tool(tool: &str) -> Option<PathBuf> {
+    ["/usr/bin", "/bin", "/usr/local/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Imports one archive into containerd's [`CRI_NAMESPACE`] namespace; the error is ctr's (or
+/// the decompressor's) message.
+fn import_one(path: &Path, method: &ImportMethod, reaper: &Reaper) -> Result<(), String> {
+    let path_s = path.to_string_lossy().into_owned();
+    let mut decompressor = None;
+    let mut ctr = match method {
+        ImportMethod::Tar => {
+            let mut c =
+                crate::container::ctr::command(CRI_NAMESPACE, &["images", "import", &path_s]);
+            c.stdin(Stdio::null());
+            c
+        }
+        ImportMethod::Compressed { tool } => {
+            let prog = find_tool(tool).ok_or_else(|| {
+                format!("needs {tool}, which the root filesystem lacks (stage a plain .tar)")
+            })?;
+            let mut d = Command::new(prog);
+            d.arg("-dc")
+                .arg(path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null());
+            let d = reaper
+                .spawn(&mut d)
+                .map_err(|e| format!("cannot run {tool}: {e}"))?;
+            let mut c = crate::container::ctr::command(CRI_NAMESPACE, &["images", "import", "-"]);
+            match d.stdout {
+                Some(out) => {
+                    c.stdin(Stdio::from(out));
+                }
+                None => return Err(format!("cannot read {tool}'s output")),
+            }
+            decompressor = Some((tool, d.exit));
+            c
+        }
+        ImportMethod::Unsupported(why) => return Err(why.to_string()),
+    };
+    ctr.stdout(Stdio::null()).stderr(Stdio::piped());
+    let spawned = reaper
+        .spawn(&mut ctr)
+        .map_err(|e| format!("cannot run ctr: {e}"));
+    // The command holds our copy of the pipe from the decompressor: drop it so that the
+    // decompressor sees a closed pipe if ctr exits early.
+    drop(ctr);
+    let spawned = spawned?;
+    let mut stderr = Vec::new();
+    if let Some(mut e) = spawned.stderr {
+        let _ = e.read_to_end(&mut stderr);
+    }
+    let status = spawned
+        .exit
+        .recv()
+        .map_err(|_| "ctr's exit status was lost".to_string())?;
+    let tool_status = decompressor.map(|(tool, rx)| (tool, rx.recv().ok()));
+    if status.code != Some(0) {
+        let msg = crate::container::ctr::error_line(&String::from_utf8_lossy(&stderr));
+        return Err(if msg.is_empty() {
+            format!("ctr images import failed ({})", describe(&status))
+        } else {
+            msg
+        });
+    }
+    if let Some((tool, Some(st))) = tool_status {
+        if st.code != Some(0) {
+            return Err(format!("{tool} failed ({})", describe(&st)));
+        }
+    }
+    Ok(())
+}
+
+/// Imports the archives gatevm placed in the images directory into containerd (k3s imports its
+/// images directory only into the containerd it embeds). Each archive is imported at every boot,
+/// as k3s does; content containerd already has is not stored twice. Returns one log line per
+/// archive.
+pub fn import_images(dir: &Path, names: &[String], reaper: &Reaper) -> Vec<String> {
+    let mut lines = Vec::new();
+    for name in names {
+        let method = import_method(name);
+        let t = Instant::now();
+        match import_one(&dir.join(name), &method, reaper) {
+            Ok(()) => lines.push(format!(
+                "imported {name} into {CRI_NAMESPACE} in {}ms",
+                t.elapsed().as_millis()
+            )),
+            Err(e) => lines.push(format!("not imported {name}: {e}")),
+        }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn import_methods() {
+        assert_eq!(import_method("a.tar"), ImportMethod::Tar);
+        assert_eq!(import_method("A.TAR"), ImportMethod::Tar);
+        for (n, tool) in [
+            ("a.tar.gz", "gzip"),
+            ("a.tgz", "gzip"),
+            ("k3s-airgap-images-amd64.tar.zst", "zstd"),
+            ("a.tzst", "zstd"),
+            ("a.tar.bz2", "bzip2"),
+            ("a.tbz", "bzip2"),
+            ("a.tar.lz4", "lz4"),
+        ] {
+            assert_eq!(import_method(n), ImportMethod::Compressed { tool }, "{n}");
+        }
+        assert!(matches!(import_method("images.txt"),
+                ImportMethod::Unsupported(w) if w.contains("pull")));
+        assert!(matches!(
+            import_method("a.zip"),
+            ImportMethod::Unsupported(_)
+        ));
+        // Unsupported names are reported, not run.
+        let lines = import_images(
+            Path::new("/nonexistent"),
+            &["a.zip".to_string()],
+            Reaper::global(),
+        );
+        assert_eq!(lines.len(), 1);
+        assert!(
+            lines[0].starts_with("not imported a.zip: not an image archive"),
+            "{lines:?}"
+        );
+    }
+}
