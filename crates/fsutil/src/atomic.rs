@@ -58,11 +58,12 @@ fn temp_name(path: &Path) -> io::Result<PathBuf> {
     )))
 }
 
-/// Creates a temporary file next to `path` with exactly `mode`, lets `fill` write it, syncs it
-/// and renames it over `path` durably. An empty directory in the file's place (left by an
-/// accident, never by gatevm) gives way; anything else is reported. The temporary file is
-/// removed on every failure. The parent directory must exist.
-fn replace_with(
+/// Creates a temporary file next to `path` with exactly `mode`, lets `fill` write it (and set
+/// what else it wants, such as the modification time), syncs it and renames it over `path`
+/// durably. An empty directory in the file's place (left by an accident, never by gatevm) gives
+/// way; anything else is reported. The temporary file is removed on every failure. The parent
+/// directory must exist.
+pub fn write_atomic_with(
     path: &Path,
     mode: u32,
     fill: impl FnOnce(&mut File) -> io::Result<()>,
@@ -98,13 +99,13 @@ fn replace_with(
 /// Writes `data` to `path` atomically and durably with exactly `mode`: readers see the old file
 /// or the new one, never a part, and a crash after the return keeps the new one.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    replace_with(path, mode, |f| f.write_all(data))
+    write_atomic_with(path, mode, |f| f.write_all(data))
 }
 
 /// Copies the file `src` to `dest` as [`write_atomic`] writes.
 pub fn copy_atomic(src: &Path, dest: &Path, mode: u32) -> io::Result<()> {
     let mut input = File::open(src)?;
-    replace_with(dest, mode, |f| io::copy(&mut input, f).map(drop))
+    write_atomic_with(dest, mode, |f| io::copy(&mut input, f).map(drop))
 }
 
 #[cfg(test)]

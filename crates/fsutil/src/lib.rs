@@ -10,7 +10,9 @@
 mod atomic;
 pub mod mountinfo;
 
-pub use atomic::{copy_atomic, rename_durable, sync_dir, write_atomic, TMP_SUFFIX};
+pub use atomic::{
+    copy_atomic, rename_durable, sync_dir, write_atomic, write_atomic_with, TMP_SUFFIX,
+};
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -24,6 +26,18 @@ pub fn mkdir_private(dir: &Path) -> io::Result<()> {
         .mode(0o700)
         .create(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Creates a directory and its missing parents with mode 0700; an existing directory is left as
+/// it is (for directories another program owns the modes of, such as k3s's).
+pub fn create_dirs_private(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// SHA-256 of a file's contents, as lowercase hex.
@@ -59,6 +73,17 @@ mod tests {
         let f = d.path().join("file");
         std::fs::write(&f, b"x").unwrap();
         assert!(mkdir_private(&f).is_err());
+    }
+
+    #[test]
+    fn create_dirs_private_leaves_existing_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let deep = d.path().join("x/y");
+        create_dirs_private(&deep).unwrap();
+        assert_eq!(std::fs::metadata(&deep).unwrap().mode() & 0o777, 0o700);
+        std::fs::set_permissions(&deep, std::fs::Permissions::from_mode(0o755)).unwrap();
+        create_dirs_private(&deep).unwrap();
+        assert_eq!(std::fs::metadata(&deep).unwrap().mode() & 0o777, 0o755);
     }
 
     #[test]

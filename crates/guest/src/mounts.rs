@@ -92,43 +92,7 @@ pub const STAGE2: &[Spec] = &[
     },
 ];
 
-/// Decodes the octal escapes (`\040` etc.) of a mountinfo path field.
-pub fn unescape(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Mount points listed in a `/proc/self/mountinfo` text, in table order.
-pub fn parse_mountinfo(text: &str) -> Vec<String> {
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape)
-        .collect()
-}
-
-/// Current mount points (empty when `/proc` is not mounted).
-pub fn mount_points() -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|t| parse_mountinfo(&t))
-        .unwrap_or_default()
-}
+pub use gatevm_fsutil::mountinfo::{mount_points, parse as parse_mountinfo, unescape};
 
 /// Creates a directory (and parents) with `mode` when missing.
 pub fn mkdir(path: &Path, mode: u32) -> io::Result<()> {

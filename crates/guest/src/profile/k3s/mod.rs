@@ -55,11 +55,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The k3s binary the host installs.
-pub const K3S_BIN: &str = "/usr/local/bin/k3s";
+pub const K3S_BIN: &str = gatevm_abi::paths::K3S_BIN;
 /// Manifests the host stages for k3s's auto-deploy directory.
-pub const STAGED_MANIFESTS: &str = "/etc/gatevm/k3s/manifests";
+pub const STAGED_MANIFESTS: &str = gatevm_abi::paths::K3S_STAGED_MANIFESTS;
 /// Image archives the host stages.
-pub const STAGED_IMAGES: &str = "/etc/gatevm/k3s/images";
+pub const STAGED_IMAGES: &str = gatevm_abi::paths::K3S_STAGED_IMAGES;
 /// containerd's configuration in the k3s profile, written at every boot.
 pub const CONTAINERD_CONFIG: &str = "/run/gatevm/containerd-k3s.toml";
 /// k3s's log file.

@@ -5,7 +5,7 @@
 //! touched.
 
 use super::plan::{valid_name, CniConflist};
-use crate::fsutil::{mkdir_private, tmp_path, write_atomic, TMP_SUFFIX};
+use crate::fsutil::{mkdir_private, write_atomic, write_atomic_with, TMP_SUFFIX};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
@@ -129,27 +129,13 @@ fn copy_staged(src: &Path, dst: &Path) -> io::Result<()> {
             "not a regular file",
         ));
     }
-    let tmp = tmp_path(dst);
-    let r = (|| {
-        let mut to = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
-        io::copy(&mut from, &mut to)?;
+    write_atomic_with(dst, 0o600, |to| {
+        io::copy(&mut from, to)?;
         if let Ok(t) = meta.modified() {
             to.set_modified(t)?;
         }
-        to.sync_all()?;
-        drop(to);
-        fs::rename(&tmp, dst)
-    })();
-    if r.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    r
+        Ok(())
+    })
 }
 
 /// Makes `dst` hold exactly `want` among the files gatevm manages there (recorded in `index`):
