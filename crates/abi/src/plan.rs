@@ -188,67 +188,83 @@ pub fn parse(text: &str) -> Result<Plan, PlanError> {
     let obj = v
         .as_object()
         .ok_or_else(|| invalid("expected a JSON object"))?;
-    let mut notes = Vec::new();
-
-    let mut args = match obj.get("args") {
-        None => {
-            return Err(invalid(
-                "missing \"args\" (the arguments after `k3s server`)",
-            ))
-        }
-        Some(Value::Array(a)) => {
-            let mut args = Vec::with_capacity(a.len());
-            for (i, x) in a.iter().enumerate() {
-                match x.as_str() {
-                    Some(s) if !s.contains('\0') => args.push(s.to_string()),
-                    Some(_) => return Err(invalid(format!("\"args\"[{i}] contains a NUL byte"))),
-                    None => return Err(invalid(format!("\"args\"[{i}] is not a string"))),
-                }
-            }
-            args
-        }
-        Some(_) => return Err(invalid("\"args\" must be an array of strings")),
-    };
-
+    let mut args = parse_args(obj.get("args"))?;
     let data_dir = match obj.get("data_dir") {
         None => return Err(invalid("missing \"data_dir\" (k3s's --data-dir)")),
         Some(Value::String(s)) => check_data_dir(s)?,
         Some(_) => return Err(invalid("\"data_dir\" must be a string")),
     };
+    let cni = parse_cni(obj.get("cni"))?;
+    let notes = settle_args(&mut args, &data_dir)?;
+    Ok(Plan {
+        args,
+        data_dir,
+        cni,
+        notes,
+    })
+}
 
-    let cni = match obj.get("cni") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(o)) => {
-            let file = match o.get("file") {
-                Some(Value::String(f)) => f.clone(),
-                Some(_) => return Err(invalid("\"cni\".\"file\" must be a string")),
-                None => return Err(invalid("missing \"cni\".\"file\"")),
-            };
-            if !valid_name(&file) || !is_cni_name(&file) {
-                return Err(invalid(format!(
-                    "\"cni\".\"file\" {file:?} is not a plain .conflist, .conf or .json file name"
-                )));
-            }
-            let json = match o.get("json") {
-                Some(Value::String(j)) => j.clone(),
-                Some(_) => return Err(invalid("\"cni\".\"json\" must be a string")),
-                None => return Err(invalid("missing \"cni\".\"json\"")),
-            };
-            if let Err(e) = serde_json::from_str::<Value>(&json) {
-                return Err(invalid(format!("\"cni\".\"json\" is not valid JSON: {e}")));
-            }
-            Some(CniConflist { file, json })
+/// `"args"`: an array of strings without NUL bytes.
+fn parse_args(v: Option<&Value>) -> Result<Vec<String>, PlanError> {
+    let a = match v {
+        None => {
+            return Err(invalid(
+                "missing \"args\" (the arguments after `k3s server`)",
+            ))
         }
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(invalid("\"args\" must be an array of strings")),
+    };
+    let mut args = Vec::with_capacity(a.len());
+    for (i, x) in a.iter().enumerate() {
+        match x.as_str() {
+            Some(s) if !s.contains('\0') => args.push(s.to_string()),
+            Some(_) => return Err(invalid(format!("\"args\"[{i}] contains a NUL byte"))),
+            None => return Err(invalid(format!("\"args\"[{i}] is not a string"))),
+        }
+    }
+    Ok(args)
+}
+
+/// `"cni"`: null, absent, or `{"file": a plain CNI file name, "json": valid JSON text}`.
+fn parse_cni(v: Option<&Value>) -> Result<Option<CniConflist>, PlanError> {
+    let o = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(o)) => o,
         Some(_) => {
             return Err(invalid(
                 "\"cni\" must be null or an object with \"file\" and \"json\"",
             ))
         }
     };
+    let file = match o.get("file") {
+        Some(Value::String(f)) => f.clone(),
+        Some(_) => return Err(invalid("\"cni\".\"file\" must be a string")),
+        None => return Err(invalid("missing \"cni\".\"file\"")),
+    };
+    if !valid_name(&file) || !is_cni_name(&file) {
+        return Err(invalid(format!(
+            "\"cni\".\"file\" {file:?} is not a plain .conflist, .conf or .json file name"
+        )));
+    }
+    let json = match o.get("json") {
+        Some(Value::String(j)) => j.clone(),
+        Some(_) => return Err(invalid("\"cni\".\"json\" must be a string")),
+        None => return Err(invalid("missing \"cni\".\"json\"")),
+    };
+    if let Err(e) = serde_json::from_str::<Value>(&json) {
+        return Err(invalid(format!("\"cni\".\"json\" is not valid JSON: {e}")));
+    }
+    Ok(Some(CniConflist { file, json }))
+}
 
-    match flag_value(&args, "--data-dir", Some("-d")) {
+/// Makes `args` name `data_dir` (adding `--data-dir` when they name none; naming another is an
+/// error) and returns the notes on doubtful settings.
+fn settle_args(args: &mut Vec<String>, data_dir: &Path) -> Result<Vec<String>, PlanError> {
+    let mut notes = Vec::new();
+    match flag_value(args, "--data-dir", Some("-d")) {
         Some(d) => {
-            if check_data_dir(d).ok().as_deref() != Some(data_dir.as_path()) {
+            if check_data_dir(d).ok().as_deref() != Some(data_dir) {
                 return Err(invalid(format!(
                     "\"args\" pass --data-dir {d:?} but \"data_dir\" is {:?}",
                     data_dir.display().to_string()
@@ -263,7 +279,7 @@ pub fn parse(text: &str) -> Result<Plan, PlanError> {
             ));
         }
     }
-    if flag_value(&args, "--container-runtime-endpoint", None).is_none() {
+    if flag_value(args, "--container-runtime-endpoint", None).is_none() {
         notes.push(
             "plan args do not set --container-runtime-endpoint: k3s will start its own \
              containerd, which does not see images imported with `gatevm image import`"
@@ -277,12 +293,7 @@ pub fn parse(text: &str) -> Result<Plan, PlanError> {
             STATE_DIR
         ));
     }
-    Ok(Plan {
-        args,
-        data_dir,
-        cni,
-        notes,
-    })
+    Ok(notes)
 }
 
 impl Plan {
