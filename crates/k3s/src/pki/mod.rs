@@ -70,7 +70,7 @@ pub use gateway::{
 pub use manifest::{check_secret_ref, tls_secret_manifest};
 
 /// The guest's address on the user-mode network; always a SAN of the server certificate.
-pub const GUEST_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 168, 127, 2));
+pub const GUEST_ADDRESS: IpAddr = IpAddr::V4(gatevm_abi::net::GUEST_IP);
 /// The service names [`PkiOptions::new`] puts in the server certificate.
 pub const DEFAULT_SERVICE_NAMES: [&str; 2] =
     ["gateway.gatevm.svc", "gateway.gatevm.svc.cluster.local"];
