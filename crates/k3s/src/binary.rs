@@ -3,8 +3,8 @@
 //! its version and sha256 are recorded next to the cached copy (`k3s.json`), which `doctor` and
 //! the instance status report.
 
+pub(crate) use gatevm_fsutil::sha256_file;
 use serde::{Deserialize, Serialize};
-pub(crate) use sha2_compat::sha256_file;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -52,12 +52,8 @@ pub fn import(src: &Path, cache_dir: &Path) -> Result<K3sBinary, String> {
 /// Copies `src` to `dir/<sha256>/k3s` (mode 0755, atomically, the directory synced) and returns
 /// that path. An identical copy already there is kept.
 pub fn copy_to_cache(src: &Path, dir: &Path) -> Result<PathBuf, String> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    gatevm_fsutil::mkdir_private(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let tmp = dir.join(format!(".k3s.tmp-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let copied = (|| {
@@ -85,14 +81,11 @@ pub fn copy_to_cache(src: &Path, dir: &Path) -> Result<PathBuf, String> {
     let home = dir.join(&sha);
     let dest = home.join("k3s");
     let installed = (|| {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&home)?;
+        gatevm_fsutil::mkdir_private(&home)?;
         if sha256_file(&dest).is_ok_and(|have| have == sha) {
             std::fs::remove_file(&tmp)
         } else {
-            gatevm_image::fsutil::rename_durable(&tmp, &dest)
+            gatevm_fsutil::rename_durable(&tmp, &dest)
         }
     })();
     if let Err(e) = installed {
@@ -198,7 +191,7 @@ pub fn cache(bin: &K3sBinary, runtime_dir: &Path) -> Result<K3sBinary, String> {
             bin.path.display()
         ));
     }
-    gatevm_image::fsutil::rename_durable(&tmp, &dest)
+    gatevm_fsutil::rename_durable(&tmp, &dest)
         .map_err(|e| format!("installing {}: {e}", dest.display()))?;
     let cached = K3sBinary {
         path: dest,
@@ -214,19 +207,6 @@ pub fn cached(runtime_dir: &Path) -> Option<K3sBinary> {
     let dir = cache_dir(runtime_dir);
     let b: K3sBinary = serde_json::from_slice(&std::fs::read(dir.join("k3s.json")).ok()?).ok()?;
     b.path.is_file().then_some(b)
-}
-
-mod sha2_compat {
-    use std::path::Path;
-
-    /// Hex sha256 of a file's contents.
-    pub fn sha256_file(p: &Path) -> std::io::Result<String> {
-        use sha2::Digest;
-        let mut f = std::fs::File::open(p)?;
-        let mut h = sha2::Sha256::new();
-        std::io::copy(&mut f, &mut h)?;
-        Ok(hex::encode(h.finalize()))
-    }
 }
 
 #[cfg(test)]
@@ -317,7 +297,7 @@ mod tests {
         let b = K3sBinary {
             path: src.clone(),
             version: "v1.31.4+k3s1".into(),
-            sha256: sha2_compat::sha256_file(&src).unwrap(),
+            sha256: sha256_file(&src).unwrap(),
         };
         let rt = d.path().join("rt");
         assert_eq!(cached(&rt), None);

@@ -94,10 +94,10 @@ impl Default for K3sOptions {
             node_name: "gatevm".into(),
             tls_sans: vec![
                 "127.0.0.1".into(),
-                "192.168.127.2".into(),
+                gatevm_abi::net::GUEST_IP.to_string(),
                 "localhost".into(),
             ],
-            data_dir: "/var/lib/gatevm/k3s".into(),
+            data_dir: gatevm_abi::paths::K3S_DATA_DIR.into(),
             enable_traefik: false,
             enable_servicelb: false,
             enable_metrics_server: false,

@@ -33,8 +33,8 @@
 use serde::Serialize;
 use serde_yaml::{Mapping, Value};
 use std::fmt::Display;
-use std::fs::{self, OpenOptions, Permissions};
-use std::io::{self, Write};
+use std::fs::{self, OpenOptions};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -549,37 +549,10 @@ fn write_document(
     Ok(backup)
 }
 
-/// Writes `contents` to a temporary file next to `path` with `mode`, then renames it over `path`.
+/// Writes `contents` to `path` with exactly `mode`, atomically and durably
+/// ([`gatevm_fsutil::write_atomic`]).
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), KubeconfigError> {
-    let file_name = path
-        .file_name()
-        .map_or_else(|| "kubeconfig".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{file_name}.gatevm-tmp.{}", std::process::id()));
-    // A leftover from a crashed run with the same pid; create_new below must not trip on it.
-    let _ = fs::remove_file(&tmp);
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(NEW_FILE_MODE)
-            .open(&tmp)
-            .map_err(io_err("creating", &tmp))?;
-        f.write_all(contents).map_err(io_err("writing", &tmp))?;
-        // Explicitly, so the umask does not narrow the mode the file had.
-        f.set_permissions(Permissions::from_mode(mode))
-            .map_err(io_err("setting the mode of", &tmp))?;
-        f.sync_all().map_err(io_err("syncing", &tmp))?;
-        gatevm_image::fsutil::rename_durable(&tmp, path).map_err(io_err("replacing", path))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    } else if let Some(dir) = parent_dir(path) {
-        // Best effort: make the rename durable.
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    result
+    gatevm_fsutil::write_atomic(path, contents, mode).map_err(io_err("replacing", path))
 }
 
 /// The lock file client-go creates (`O_EXCL`) while it writes a kubeconfig; removed on drop.

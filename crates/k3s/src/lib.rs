@@ -9,8 +9,21 @@
 //! - [`flags`]: k3s server flags and CNI configuration chosen from the guest kernel's features.
 
 pub mod binary;
+mod cert;
 pub mod download;
 pub mod flags;
 pub mod kubeconfig;
 pub mod pki;
 pub mod tls;
+
+/// An error and its causes, `: `-separated on one line, for the messages that stay strings.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}

@@ -6,9 +6,9 @@
 //! credentials a client gets from the gateway metadata, so "healthy" means a client would get
 //! through.
 
+use crate::cert;
 use crate::pki::Pki;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,14 +16,18 @@ use std::time::Duration;
 /// The client side of the check, built from an instance's PKI.
 pub fn client_config(pki: &Pki) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
-    let ca = CertificateDer::from_pem_slice(pki.ca_cert.as_bytes())
-        .map_err(|e| format!("the instance's CA certificate: {e}"))?;
+    let ca = CertificateDer::from(
+        cert::pem_decode(&pki.ca_cert, "CERTIFICATE")
+            .map_err(|e| format!("the instance's CA certificate: {e}"))?,
+    );
     roots
         .add(ca)
         .map_err(|e| format!("the instance's CA certificate: {e}"))?;
-    let cert = CertificateDer::from_pem_slice(pki.client_cert.as_bytes())
-        .map_err(|e| format!("the client certificate: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(pki.client_key.as_bytes())
+    let cert = CertificateDer::from(
+        cert::pem_decode(&pki.client_cert, "CERTIFICATE")
+            .map_err(|e| format!("the client certificate: {e}"))?,
+    );
+    let key = cert::pem_private_key(pki.client_key.as_bytes())
         .map_err(|e| format!("the client key: {e}"))?;
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
@@ -81,6 +85,8 @@ fn describe(addr: SocketAddr, e: &std::io::Error) -> String {
 mod tests {
     use super::*;
     use crate::pki::{load_or_create, PkiOptions};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::PrivateKeyDer;
     use std::io::{Read, Write};
     use std::net::TcpListener;
 

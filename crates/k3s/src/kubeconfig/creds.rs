@@ -25,10 +25,9 @@
 //!
 //! Every error is one line and short; the caller prefixes the field's name.
 
-use crate::pki::{base64, der};
-use rustls::pki_types::{
-    CertificateDer, PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer,
-};
+use crate::cert::{self, Block, CertInfo, PemError, Signed};
+use crate::pki::base64;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::SignatureScheme;
 
 /// Most base64 characters of one credential field (k3s's are about 1.5 KiB).
@@ -43,7 +42,7 @@ pub(crate) struct CaBundle {
     /// For `certificate-authority-data`.
     pub data: String,
     /// The certificates: DER, and what was parsed of it.
-    pub certs: Vec<(Vec<u8>, der::CertInfo)>,
+    pub certs: Vec<(Vec<u8>, CertInfo)>,
 }
 
 /// Base64 field text to bytes: bounded, base64, not empty.
@@ -58,75 +57,24 @@ fn field_bytes(text: &str) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-/// Splits PEM text into (label, DER) blocks; anything but blocks and whitespace is refused.
-fn pem_blocks(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
-    let text = std::str::from_utf8(bytes).map_err(|_| "not PEM: not UTF-8 text")?;
-    let mut rest = text.trim_start();
-    let mut blocks = Vec::new();
-    while !rest.is_empty() {
-        if blocks.len() == MAX_CERTS {
-            return Err(format!("more than {MAX_CERTS} PEM blocks"));
-        }
-        let after = rest
-            .strip_prefix("-----BEGIN ")
-            .ok_or("not PEM: text outside a -----BEGIN ...----- block")?;
-        let label_end = after
-            .find("-----")
-            .ok_or("not PEM: unterminated BEGIN line")?;
-        let label = &after[..label_end];
-        if label.is_empty()
-            || label.len() > 32
-            || !label.bytes().all(|b| b.is_ascii_uppercase() || b == b' ')
-        {
-            return Err("not PEM: malformed BEGIN line".into());
-        }
-        let body_and_rest = after[label_end + 5..]
-            .strip_prefix('\n')
-            .or_else(|| after[label_end + 5..].strip_prefix("\r\n"))
-            .ok_or("not PEM: BEGIN line not followed by a line break")?;
-        let end = format!("-----END {label}-----");
-        let stop = body_and_rest
-            .find(&end)
-            .ok_or_else(|| format!("not PEM: no END line for {label}"))?;
-        let der = base64::decode(&body_and_rest[..stop])
-            .map_err(|e| format!("not PEM: {label} body: {e}"))?;
-        if der.is_empty() {
-            return Err(format!("not PEM: empty {label} block"));
-        }
-        blocks.push((label.to_string(), der));
-        rest = body_and_rest[stop + end.len()..].trim_start();
-    }
-    if blocks.is_empty() {
-        return Err("no PEM block".into());
-    }
-    Ok(blocks)
-}
-
-/// PEM text of DER blocks, 64 columns.
-fn pem(label: &str, ders: &[&[u8]]) -> String {
-    let mut out = String::new();
-    for der in ders {
-        out.push_str(&format!("-----BEGIN {label}-----\n"));
-        let b64 = base64::encode(der);
-        for line in b64.as_bytes().chunks(64) {
-            out.push_str(std::str::from_utf8(line).unwrap_or_default());
-            out.push('\n');
-        }
-        out.push_str(&format!("-----END {label}-----\n"));
-    }
-    out
+/// Splits PEM text into blocks; anything but blocks and whitespace is refused.
+fn pem_blocks(bytes: &[u8]) -> Result<Vec<Block>, String> {
+    cert::pem_blocks(bytes, MAX_CERTS).map_err(|e| match e {
+        PemError::TooMany(_) | PemError::NoBlock => e.to_string(),
+        e => format!("not PEM: {}", crate::error_chain(&e)),
+    })
 }
 
 /// Certificates of a `*-data` field, each parsed.
-fn certificates(text: &str) -> Result<Vec<(Vec<u8>, der::CertInfo)>, String> {
+fn certificates(text: &str) -> Result<Vec<(Vec<u8>, CertInfo)>, String> {
     let blocks = pem_blocks(&field_bytes(text)?)?;
     let mut out = Vec::new();
-    for (i, (label, der)) in blocks.into_iter().enumerate() {
+    for (i, Block { label, der }) in blocks.into_iter().enumerate() {
         if label != "CERTIFICATE" {
             return Err(format!("PEM block {i} is {label}, not CERTIFICATE"));
         }
-        let info = der::parse_certificate(&der)
-            .map_err(|e| format!("certificate {i} is not X.509: {e}"))?;
+        let info = cert::parse_certificate(&der)
+            .map_err(|e| format!("certificate {i} is not X.509: {}", crate::error_chain(&e)))?;
         out.push((der, info));
     }
     Ok(out)
@@ -140,7 +88,7 @@ pub(crate) fn ca(text: &str) -> Result<CaBundle, String> {
     }
     let refs: Vec<&[u8]> = certs.iter().map(|(d, _)| d.as_slice()).collect();
     Ok(CaBundle {
-        data: base64::encode(pem("CERTIFICATE", &refs).as_bytes()),
+        data: base64::encode(cert::pem_encode("CERTIFICATE", &refs).as_bytes()),
         certs,
     })
 }
@@ -166,14 +114,14 @@ fn algorithms(oid: &[u8]) -> Vec<&'static dyn rustls::pki_types::SignatureVerifi
 }
 
 /// Whether `signed`'s signature verifies under `issuer`'s public key.
-fn signed_by(signed: &der::Signed<'_>, issuer: &[u8]) -> bool {
+fn signed_by(signed: &Signed, issuer: &[u8]) -> bool {
     let issuer = CertificateDer::from(issuer);
     let Ok(issuer) = webpki::EndEntityCert::try_from(&issuer) else {
         return false;
     };
-    algorithms(signed.algorithm).iter().any(|a| {
+    algorithms(&signed.algorithm).iter().any(|a| {
         issuer
-            .verify_signature(*a, signed.tbs, signed.signature)
+            .verify_signature(*a, &signed.tbs, &signed.signature)
             .is_ok()
     })
 }
@@ -187,8 +135,8 @@ pub(crate) fn client(
 ) -> Result<(String, String), Field> {
     let certs = certificates(cert_text).map_err(Field::Cert)?;
     let (leaf_der, leaf) = &certs[0];
-    let signed = der::signed_parts(leaf_der).map_err(|e| Field::Cert(e.to_string()))?;
-    if algorithms(signed.algorithm).is_empty() {
+    let signed = cert::signed_parts(leaf_der).map_err(|e| Field::Cert(crate::error_chain(&e)))?;
+    if algorithms(&signed.algorithm).is_empty() {
         return Err(Field::Cert(
             "the client certificate's signature algorithm is not supported".into(),
         ));
@@ -206,14 +154,14 @@ pub(crate) fn client(
     let key = key(key_text).map_err(Field::Key)?;
     key_matches(&key, leaf_der).map_err(Field::Key)?;
     let ders: Vec<&[u8]> = certs.iter().map(|(d, _)| d.as_slice()).collect();
-    let cert_data = base64::encode(pem("CERTIFICATE", &ders).as_bytes());
+    let cert_data = base64::encode(cert::pem_encode("CERTIFICATE", &ders).as_bytes());
     let (label, key_der) = match &key {
         PrivateKeyDer::Sec1(k) => ("EC PRIVATE KEY", k.secret_sec1_der()),
         PrivateKeyDer::Pkcs1(k) => ("RSA PRIVATE KEY", k.secret_pkcs1_der()),
         PrivateKeyDer::Pkcs8(k) => ("PRIVATE KEY", k.secret_pkcs8_der()),
         _ => return Err(Field::Key("unsupported private key form".into())),
     };
-    let key_data = base64::encode(pem(label, &[key_der]).as_bytes());
+    let key_data = base64::encode(cert::pem_encode(label, &[key_der]).as_bytes());
     Ok((cert_data, key_data))
 }
 
@@ -232,13 +180,7 @@ fn key(text: &str) -> Result<PrivateKeyDer<'static>, String> {
     if blocks.len() != 1 {
         return Err(format!("{} PEM blocks, not one private key", blocks.len()));
     }
-    let (label, der) = blocks.remove(0);
-    Ok(match label.as_str() {
-        "EC PRIVATE KEY" => PrivateSec1KeyDer::from(der).into(),
-        "PRIVATE KEY" => PrivatePkcs8KeyDer::from(der).into(),
-        "RSA PRIVATE KEY" => PrivatePkcs1KeyDer::from(der).into(),
-        other => return Err(format!("PEM block is {other}, not a private key")),
-    })
+    cert::private_key(blocks.remove(0)).map_err(|e| e.to_string())
 }
 
 /// Whether the key belongs to the certificate: a message signed with it verifies under the

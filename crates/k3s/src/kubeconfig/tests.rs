@@ -765,7 +765,7 @@ fn merge_without_change_writes_nothing() {
 fn merge_keeps_the_file_mode() {
     let tmp = tempfile::tempdir().unwrap();
     let target = write(tmp.path(), "config", OTHER_YAML);
-    fs::set_permissions(&target, Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o640)).unwrap();
     merge(&target, &instance("box", 7000), "box").unwrap();
     assert_eq!(mode(&target), 0o640);
     remove(&target, "box").unwrap();

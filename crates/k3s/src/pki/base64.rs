@@ -1,5 +1,6 @@
 //! Standard base64 (RFC 4648, with padding): encoding for Kubernetes Secret data, decoding for the
-//! body of PEM files. Small enough that a dependency is not worth it.
+//! `*-data` fields of k3s's kubeconfig (PEM bodies are decoded by `crate::cert`). Small enough
+//! that a dependency is not worth it.
 
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 

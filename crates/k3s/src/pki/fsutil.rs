@@ -1,15 +1,12 @@
 //! Private directories and atomic file writes.
 
-use std::fs::{self, DirBuilder, OpenOptions, Permissions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, Permissions};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::PkiError;
 
-/// Mode of directories holding keys.
-pub(crate) const DIR_MODE: u32 = 0o700;
 /// Mode of private keys.
 pub(crate) const KEY_MODE: u32 = 0o600;
 /// Mode of certificates and other public files.
@@ -33,15 +30,11 @@ pub(crate) fn ensure_private_dir(dir: &Path) -> Result<(), PkiError> {
                 reason: "exists but is not a directory".into(),
             })
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => DirBuilder::new()
-            .recursive(true)
-            .mode(DIR_MODE)
-            .create(dir)
-            .map_err(|e| io_error("create directory", dir, e))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_error("inspect", dir, e)),
     }
-    fs::set_permissions(dir, Permissions::from_mode(DIR_MODE))
-        .map_err(|e| io_error("set the mode of", dir, e))
+    // Creates what is missing (parents too) with mode 0700 and sets `dir` to 0700.
+    gatevm_fsutil::mkdir_private(dir).map_err(|e| io_error("create directory", dir, e))
 }
 
 /// Whether anything (file, directory, dangling symlink) exists at `path`.
@@ -79,48 +72,10 @@ pub(crate) fn tighten_mode(path: &Path, mode: u32) -> Result<bool, PkiError> {
     Ok(true)
 }
 
-/// Writes `contents` to `path` with `mode`: a temporary file in the same directory, created
-/// with the final mode (so a key is never readable by others, whatever the umask), synced, then
-/// renamed over `path`; the directory is synced afterwards. Readers see the old file or the new
-/// one, never a part.
+/// Writes `contents` to `path` with exactly `mode`, atomically and durably
+/// ([`gatevm_fsutil::write_atomic`]): readers see the old file or the new one, never a part.
 pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| PkiError::Invalid {
-            path: path.to_path_buf(),
-            reason: "has no file name".into(),
-        })?
-        .to_string_lossy();
-    let temp = dir.join(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&temp)
-            .map_err(|e| io_error("create", &temp, e))?;
-        // The umask may have cleared bits of `mode` (0644 under umask 077): set it exactly.
-        file.set_permissions(Permissions::from_mode(mode))
-            .map_err(|e| io_error("set the mode of", &temp, e))?;
-        file.write_all(contents)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| io_error("write", &temp, e))?;
-        gatevm_image::fsutil::rename_durable(&temp, path).map_err(|e| io_error("replace", path, e))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
-        return result;
-    }
-    Ok(())
+    gatevm_fsutil::write_atomic(path, contents, mode).map_err(|e| io_error("write", path, e))
 }
 
 #[cfg(test)]

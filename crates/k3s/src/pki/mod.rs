@@ -42,7 +42,6 @@
 //! ([`write_gateway_metadata`]).
 
 pub(crate) mod base64;
-pub(crate) mod der;
 mod fsutil;
 mod gateway;
 mod manifest;
@@ -61,8 +60,8 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
-use der::CertInfo;
-use names::San;
+use crate::cert::{self, CertInfo};
+pub(crate) use names::San;
 
 pub use gateway::{
     config_dir, remove_gateway_metadata, write_gateway_metadata, GatewayMetadata, ENDPOINT_FILE,
@@ -71,7 +70,7 @@ pub use gateway::{
 pub use manifest::{check_secret_ref, tls_secret_manifest};
 
 /// The guest's address on the user-mode network; always a SAN of the server certificate.
-pub const GUEST_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 168, 127, 2));
+pub const GUEST_ADDRESS: IpAddr = IpAddr::V4(gatevm_abi::net::GUEST_IP);
 /// The service names [`PkiOptions::new`] puts in the server certificate.
 pub const DEFAULT_SERVICE_NAMES: [&str; 2] =
     ["gateway.gatevm.svc", "gateway.gatevm.svc.cluster.local"];
@@ -328,12 +327,12 @@ impl Leaf {
         match self {
             Leaf::Server => (
                 ExtendedKeyUsagePurpose::ServerAuth,
-                der::OID_SERVER_AUTH,
+                cert::OID_SERVER_AUTH,
                 "serverAuth",
             ),
             Leaf::Client => (
                 ExtendedKeyUsagePurpose::ClientAuth,
-                der::OID_CLIENT_AUTH,
+                cert::OID_CLIENT_AUTH,
                 "clientAuth",
             ),
         }
@@ -446,9 +445,9 @@ fn write_new_ca(dir: &Path, wanted: &Wanted, now: OffsetDateTime) -> Result<(), 
 }
 
 fn read_certificate(path: &Path, text: &str, hint: &str) -> Result<CertInfo, PkiError> {
-    let der = der::pem_decode(text, "CERTIFICATE")
+    let der = cert::pem_decode(text, "CERTIFICATE")
         .map_err(|e| invalid(path, format!("is not a PEM certificate ({e}); {hint}")))?;
-    der::parse_certificate(&der)
+    cert::parse_certificate(&der)
         .map_err(|e| invalid(path, format!("is not a valid certificate ({e}); {hint}")))
 }
 
@@ -518,7 +517,7 @@ fn load_ca(dir: &Path, wanted: &Wanted, now: OffsetDateTime) -> Result<Ca, PkiEr
     )?
     .self_signed(&key)
     .map_err(generate_error("CA issuer"))?;
-    let rebuilt = der::parse_certificate(issuer.der())
+    let rebuilt = cert::parse_certificate(issuer.der())
         .map_err(|e| invalid(&cert_path, format!("cannot be rebuilt for signing: {e}")))?;
     if rebuilt.subject != info.subject {
         return Err(invalid(
