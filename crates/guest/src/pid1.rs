@@ -15,7 +15,7 @@ use crate::payload::{Payload, PayloadConfig};
 use crate::reaper::Reaper;
 use crate::shutdown;
 use crate::sys;
-use gatevm_kmod::ModuleIndex;
+use gatevm_kernel::kmod::ModuleIndex;
 use gatevm_protocol::PayloadStatus;
 use std::sync::mpsc::channel;
 use std::sync::Arc;

@@ -92,7 +92,7 @@ pub fn copy_to_cache(src: &Path, dir: &Path) -> Result<PathBuf, String> {
         if sha256_file(&dest).is_ok_and(|have| have == sha) {
             std::fs::remove_file(&tmp)
         } else {
-            gatevm_image::fsutil::rename_durable(&tmp, &dest)
+            gatevm_runtime::fsutil::rename_durable(&tmp, &dest)
         }
     })();
     if let Err(e) = installed {
@@ -198,7 +198,7 @@ pub fn cache(bin: &K3sBinary, runtime_dir: &Path) -> Result<K3sBinary, String> {
             bin.path.display()
         ));
     }
-    gatevm_image::fsutil::rename_durable(&tmp, &dest)
+    gatevm_runtime::fsutil::rename_durable(&tmp, &dest)
         .map_err(|e| format!("installing {}: {e}", dest.display()))?;
     let cached = K3sBinary {
         path: dest,

@@ -569,7 +569,7 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), Kubeconfi
         f.set_permissions(Permissions::from_mode(mode))
             .map_err(io_err("setting the mode of", &tmp))?;
         f.sync_all().map_err(io_err("syncing", &tmp))?;
-        gatevm_image::fsutil::rename_durable(&tmp, path).map_err(io_err("replacing", path))
+        gatevm_runtime::fsutil::rename_durable(&tmp, path).map_err(io_err("replacing", path))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

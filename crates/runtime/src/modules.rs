@@ -1,9 +1,9 @@
-//! Kernel module resolution for the initramfs: the dependency closure [`gatevm_kmod`] orders
+//! Kernel module resolution for the initramfs: the dependency closure [`gatevm_kernel::kmod`] orders
 //! from `modules.dep` and `modules.builtin`, with every problem of the index an error.
 
 use std::path::{Path, PathBuf};
 
-use gatevm_kmod::{Defect, ModuleIndex};
+use gatevm_kernel::kmod::{Defect, ModuleIndex};
 use thiserror::Error;
 
 /// Errors of module resolution.

@@ -44,6 +44,8 @@
 //! Neither touches what the same layer creates, wherever it appears in the tar. A later entry
 //! replaces an earlier one, except that a directory over a directory keeps its contents.
 
+#![warn(missing_docs)]
+
 mod archive;
 mod fs;
 mod layer;

@@ -1,11 +1,11 @@
 //! What a guest kernel can do for the payloads, read from its build configuration.
 
-use serde::Serialize;
 use std::path::Path;
 
 /// How a kernel feature is available.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum Availability {
     /// Built into the kernel.
     Builtin,
@@ -16,7 +16,8 @@ pub enum Availability {
 }
 
 /// One feature the payloads (containerd, runc, CNI, kube-proxy, flannel) care about.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Capability {
     /// Short name (`overlay`, `nft_compat`, `cgroup:memory`, ...).
     pub name: &'static str,

@@ -57,7 +57,7 @@ fn skip(why: &str) {
 
 #[test]
 fn boots_vmlinux_with_generated_initramfs() {
-    let rt = match gatevm_image::Runtime::load() {
+    let rt = match gatevm_runtime::Runtime::load() {
         Ok(rt) => rt,
         Err(e) => return skip(&format!("no runtime bundle ({e})")),
     };
@@ -78,11 +78,11 @@ fn boots_vmlinux_with_generated_initramfs() {
     // Build into a temporary directory, not the runtime's initramfs cache.
     let out_dir = tmp.path().join("initramfs");
     let t = Instant::now();
-    let initrd = gatevm_image::build_initramfs(&init, rt.kernel(), &out_dir).unwrap();
+    let initrd = gatevm_runtime::build_initramfs(&init, rt.kernel(), &out_dir).unwrap();
     let first = t.elapsed();
     let t = Instant::now();
     assert_eq!(
-        gatevm_image::build_initramfs(&init, rt.kernel(), &out_dir).unwrap(),
+        gatevm_runtime::build_initramfs(&init, rt.kernel(), &out_dir).unwrap(),
         initrd
     );
     let cached = t.elapsed();
@@ -171,7 +171,7 @@ fn boots_vmlinux_with_generated_initramfs() {
     );
     assert!(out.contains("TESTINIT: marker present"), "{out}");
     assert!(out.contains("TESTINIT: console chardev"), "{out}");
-    let modules = gatevm_image::initramfs::initramfs_modules(rt.kernel()).unwrap();
+    let modules = gatevm_runtime::initramfs::initramfs_modules(rt.kernel()).unwrap();
     assert!(!modules.is_empty());
     for m in &modules {
         let name = Path::new(m).file_name().unwrap().to_string_lossy();

@@ -1576,7 +1576,7 @@ fn step_initramfs(
     let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
     let modules = initramfs::initramfs_modules(kernel)?
         .iter()
-        .map(|m| gatevm_kmod::module_name(m))
+        .map(|m| gatevm_kernel::kmod::module_name(m))
         .collect::<Vec<_>>()
         .join(" ");
     ctx.step(

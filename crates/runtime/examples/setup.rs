@@ -1,14 +1,14 @@
-//! Runs `gatevm_image::setup` and prints its progress and report (a development aid; the real
+//! Runs `gatevm_runtime::setup` and prints its progress and report (a development aid; the real
 //! front end is `gatevm setup`).
 //!
-//! Usage: `cargo run -p gatevm-image --example setup -- [--skip-rootfs] [--refresh] [--verify]
+//! Usage: `cargo run -p gatevm-runtime --example setup -- [--skip-rootfs] [--refresh] [--verify]
 //! [GUEST_BIN]`
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 fn main() {
-    let mut opts = gatevm_image::SetupOptions::default();
+    let mut opts = gatevm_runtime::SetupOptions::default();
     let mut verify = false;
     for a in std::env::args().skip(1) {
         match a.as_str() {
@@ -20,7 +20,7 @@ fn main() {
     }
     let t0 = Instant::now();
     let progress = |m: &str| eprintln!("[{:6.1}s] {m}", t0.elapsed().as_secs_f64());
-    match gatevm_image::setup(&opts, &progress) {
+    match gatevm_runtime::setup(&opts, &progress) {
         Ok(report) => {
             for s in &report.steps {
                 println!(
@@ -46,7 +46,7 @@ fn main() {
         }
     }
     let t = Instant::now();
-    let rt = match gatevm_image::Runtime::load() {
+    let rt = match gatevm_runtime::Runtime::load() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");
