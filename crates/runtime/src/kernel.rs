@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use crate::error::IoError;
+
 /// The boot-sector signature at 0x1fe.
 const BOOT_FLAG: u16 = 0xaa55;
 /// "HdrS" at 0x202.
@@ -85,16 +87,8 @@ pub enum KernelError {
     #[error("ELF kernel has no Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); the kernel needs CONFIG_PVH=y")]
     NoPvhNote,
     /// Reading or writing a kernel file failed.
-    #[error("{action} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// The bzImage header fields gatevm uses.
@@ -327,16 +321,20 @@ fn find_pvh_note(mut notes: &[u8]) -> Option<u64> {
 /// Reads the bzImage at `bzimage`, writes the extracted `vmlinux` to `out` atomically (temporary
 /// file in the same directory, then rename) and returns its size.
 pub fn write_vmlinux(bzimage: &Path, out: &Path) -> Result<u64, KernelError> {
-    let data = std::fs::read(bzimage).map_err(|source| KernelError::Io {
-        action: "cannot read",
-        path: bzimage.to_path_buf(),
-        source,
+    let data = std::fs::read(bzimage).map_err(|source| {
+        KernelError::Io(IoError {
+            action: "cannot read",
+            path: bzimage.to_path_buf(),
+            source,
+        })
     })?;
     let elf = extract_vmlinux(&data)?;
-    crate::util::write_atomic(out, &elf, 0o644).map_err(|source| KernelError::Io {
-        action: "cannot write",
-        path: out.to_path_buf(),
-        source,
+    crate::util::write_atomic(out, &elf, 0o644).map_err(|source| {
+        KernelError::Io(IoError {
+            action: "cannot write",
+            path: out.to_path_buf(),
+            source,
+        })
     })?;
     Ok(elf.len() as u64)
 }

@@ -16,6 +16,7 @@ pub mod apt;
 mod cmd;
 pub mod cpio;
 pub mod dirs;
+pub mod error;
 pub mod fsutil;
 pub mod host;
 pub mod initramfs;

@@ -13,6 +13,7 @@ use std::process::Command;
 use thiserror::Error;
 
 use crate::cmd::{self, CommandError};
+use crate::error::{io_err, IoError};
 
 /// The Debian suite whose source package is built.
 pub const PASST_SOURCE_SUITE: &str = "trixie";
@@ -51,16 +52,8 @@ pub enum PasstError {
         files: String,
     },
     /// A file operation in the work directory failed.
-    #[error("{action} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// `debian/patches/series` names a patch that cannot be applied as asked.
     #[error("debian/patches/series of passt {version}: {problem}")]
     BadSeries {
@@ -86,15 +79,6 @@ pub enum PasstError {
         /// What is wrong.
         problem: String,
     },
-}
-
-fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PasstError {
-    let path = path.to_path_buf();
-    move |source| PasstError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// One patch of a quilt series.
@@ -172,7 +156,7 @@ fn tarballs(files: &[PathBuf], version: &str) -> Result<(PathBuf, PathBuf), Pass
 /// (the usual `passt-<date>.<commit>/`), else `dir` itself.
 fn source_root(dir: &Path) -> Result<PathBuf, PasstError> {
     let entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io("cannot read", dir))?
+        .map_err(io_err("cannot read", dir))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .collect();
@@ -199,7 +183,7 @@ pub fn build_passt(
     };
     let (orig, debian) = tarballs(files, version)?;
     let src = work.join("src");
-    std::fs::create_dir_all(&src).map_err(io("cannot create", &src))?;
+    std::fs::create_dir_all(&src).map_err(io_err("cannot create", &src))?;
     let untar = |tarball: &Path, into: &Path| {
         let mut c = Command::new("tar");
         c.arg("-xf")
@@ -214,7 +198,8 @@ pub fn build_passt(
     // As dpkg-source does for format 3.0: the Debian tarball's debian/ replaces any upstream one.
     let upstream_debian = root.join("debian");
     if upstream_debian.exists() {
-        std::fs::remove_dir_all(&upstream_debian).map_err(io("cannot remove", &upstream_debian))?;
+        std::fs::remove_dir_all(&upstream_debian)
+            .map_err(io_err("cannot remove", &upstream_debian))?;
     }
     untar(&debian, &root)?;
 
@@ -226,7 +211,7 @@ pub fn build_passt(
             problem,
         })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(io("cannot read", &series_path)(e)),
+        Err(e) => return Err(io_err("cannot read", &series_path)(e).into()),
     };
     if !series.is_empty() {
         progress(&format!(

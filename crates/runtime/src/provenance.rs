@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::error::IoError;
+
 use crate::util;
 
 /// File name of the manifest inside the runtime directory.
@@ -34,16 +36,8 @@ pub mod component {
 #[derive(Debug, Error)]
 pub enum ProvenanceError {
     /// The manifest could not be read or written.
-    #[error("{action} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The manifest is not valid JSON of the expected shape.
     #[error("{} is not a valid gatevm provenance manifest: {source}; run `gatevm setup` to rewrite it", path.display())]
     Parse {
@@ -170,11 +164,11 @@ impl Provenance {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => {
-                return Err(ProvenanceError::Io {
+                return Err(ProvenanceError::Io(IoError {
                     action: "cannot read",
                     path,
                     source,
-                })
+                }))
             }
         };
         let p: Provenance =
@@ -202,10 +196,12 @@ impl Provenance {
                 source,
             })?;
         text.push('\n');
-        util::write_atomic(&path, text.as_bytes(), 0o644).map_err(|source| ProvenanceError::Io {
-            action: "cannot write",
-            path,
-            source,
+        util::write_atomic(&path, text.as_bytes(), 0o644).map_err(|source| {
+            ProvenanceError::Io(IoError {
+                action: "cannot write",
+                path,
+                source,
+            })
         })
     }
 
@@ -265,10 +261,12 @@ pub(crate) fn records_for(
         .iter()
         .map(|rel| {
             let abs = runtime_dir.join(rel);
-            let sha256 = util::sha256_file(&abs).map_err(|source| ProvenanceError::Io {
-                action: "cannot hash",
-                path: abs.clone(),
-                source,
+            let sha256 = util::sha256_file(&abs).map_err(|source| {
+                ProvenanceError::Io(IoError {
+                    action: "cannot hash",
+                    path: abs.clone(),
+                    source,
+                })
             })?;
             Ok(FileRecord {
                 path: rel.to_string_lossy().into_owned(),

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::cmd::{self, CommandError};
+use crate::error::{io_err, IoError};
 use crate::kernel::KernelInfo;
 use crate::util;
 
@@ -42,16 +43,8 @@ pub const ROOTFS_PACKAGES: &[&str] = &[
 #[derive(Debug, Error)]
 pub enum RootfsError {
     /// A file operation failed.
-    #[error("{action} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// mmdebstrap or depmod failed.
     #[error(transparent)]
     Command(#[from] CommandError),
@@ -71,15 +64,6 @@ pub enum RootfsError {
         /// What is missing.
         what: String,
     },
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError {
-    let path = path.to_path_buf();
-    move |source| RootfsError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// Everything that decides the contents of a base rootfs.
@@ -235,10 +219,12 @@ pub fn build_rootfs(
     log: &Path,
 ) -> Result<PathBuf, RootfsError> {
     use std::os::unix::fs::PermissionsExt;
-    crate::dirs::ensure_dir(root).map_err(|e| RootfsError::Io {
-        action: "cannot create",
-        path: root.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
+    crate::dirs::ensure_dir(root).map_err(|e| {
+        RootfsError::Io(IoError {
+            action: "cannot create",
+            path: root.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })
     })?;
     clean_stale_builds(root)?;
     let id = recipe.id();
@@ -347,10 +333,12 @@ fn build_into(
         hash: recipe.hash(),
         built_unix: util::now_unix(),
     };
-    let text = serde_json::to_string_pretty(&stamp).map_err(|e| RootfsError::Io {
-        action: "cannot serialize the recipe for",
-        path: dir.to_path_buf(),
-        source: std::io::Error::other(e),
+    let text = serde_json::to_string_pretty(&stamp).map_err(|e| {
+        RootfsError::Io(IoError {
+            action: "cannot serialize the recipe for",
+            path: dir.to_path_buf(),
+            source: std::io::Error::other(e),
+        })
     })?;
     let stamp_path = dir.join(RECIPE_FILE);
     util::write_atomic(&stamp_path, text.as_bytes(), 0o644)
