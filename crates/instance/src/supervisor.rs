@@ -867,7 +867,8 @@ async fn boot_and_serve(
         // ships none, so every feature counts as missing and the plan is the conservative one.
         let caps = match &chosen {
             backend::Chosen::Qemu(_) => {
-                gatevm_kernel::kconfig::capabilities_of(&runtime.kernel_config()).unwrap_or_default()
+                gatevm_kernel::kconfig::capabilities_of(&runtime.kernel_config())
+                    .unwrap_or_default()
             }
             backend::Chosen::Krun(_) => vec![],
         };

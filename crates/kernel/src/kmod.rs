@@ -496,7 +496,8 @@ kernel/x/nf-nat.ko:
 
     #[test]
     fn load_reads_the_tree() {
-        let dir = std::env::temp_dir().join(format!("gatevm-kernel-kmod-test-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("gatevm-kernel-kmod-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let err = ModuleIndex::load(&dir).unwrap_err();
         assert_eq!(err.path, dir.join("modules.dep"));

@@ -1,6 +1,6 @@
 //! gatevm's runtime bundle: the guest kernel and its modules, libkrunfw, gvproxy, virtiofsd,
-//! passt (built from Debian's source package; see [`passt`]) and QEMU (the host's when it is 8 or
-//! newer, else Debian's backport; see [`qemu`]), each with its provenance; the base root
+//! passt (built from Debian's source package; see [`component::passt`]) and QEMU (the host's when
+//! it is 8 or newer, else Debian's backport; see [`component::qemu`]), each with its provenance; the base root
 //! filesystem built from a recipe; the initramfs that boots the guest agent.
 //!
 //! - [`setup()`] acquires everything into [`dirs::runtime_dir`] (idempotent, reports each step).
@@ -14,28 +14,23 @@
 
 pub mod apt;
 mod cmd;
+pub mod component;
 pub mod cpio;
 pub mod dirs;
 pub mod error;
 pub mod fsutil;
-pub mod host;
-pub mod initramfs;
-pub mod kernel;
 pub mod modules;
-pub mod passt;
 pub mod provenance;
-pub mod qemu;
-pub mod rootfs;
 pub mod runtime;
 pub mod setup;
 mod util;
-pub mod virtiofsd;
 
 pub use cmd::{find_program, CommandError};
-pub use initramfs::{build_initramfs, InitramfsError, INITRAMFS_MODULES};
-pub use kernel::{KernelError, KernelInfo};
+pub use component::initramfs::{build_initramfs, InitramfsError, INITRAMFS_MODULES};
+pub use component::kernel::{KernelError, KernelInfo};
+pub use component::rootfs::{RootfsError, RootfsRecipe};
+pub use component::virtiofsd::VIRTIOFSD_VERSION;
+pub use component::{initramfs, rootfs};
 pub use provenance::{Component, FileRecord, Provenance, ProvenanceError, VerifyReport};
-pub use rootfs::{RootfsError, RootfsRecipe};
 pub use runtime::{verify, Runtime, RuntimeError};
 pub use setup::{setup, SetupAction, SetupError, SetupOptions, SetupReport, SetupStep};
-pub use virtiofsd::VIRTIOFSD_VERSION;

@@ -25,7 +25,7 @@ pub mod component {
     pub const LIBKRUNFW: &str = "libkrunfw";
     /// virtiofsd.
     pub const VIRTIOFSD: &str = "virtiofsd";
-    /// passt, built from Debian trixie's source package (see [`crate::passt`]).
+    /// passt, built from Debian trixie's source package (see [`crate::component::passt`]).
     pub const PASST: &str = "passt";
     /// QEMU: Debian's backport unpacked into the runtime directory (binary and firmware), or the
     /// host's `qemu-system-x86_64` recorded by absolute path.

@@ -4,12 +4,12 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use crate::component::initramfs::{self, InitramfsError};
+use crate::component::kernel::KernelInfo;
+use crate::component::qemu::{self, RecordedQemu};
+use crate::component::rootfs::{self, RootfsRecipe};
 use crate::dirs::{self, DirsError};
-use crate::initramfs::{self, InitramfsError};
-use crate::kernel::KernelInfo;
 use crate::provenance::{component, Provenance, ProvenanceError, VerifyReport};
-use crate::qemu::{self, RecordedQemu};
-use crate::rootfs::{self, RootfsRecipe};
 
 /// Errors of loading or using the runtime bundle.
 #[derive(Debug, Error)]
@@ -168,10 +168,10 @@ impl Runtime {
     }
 
     /// The passt binary (built by setup from Debian trixie's source package; see
-    /// [`crate::passt`]). Not checked by [`Runtime::load`]: a bundle set up before passt was
+    /// [`crate::component::passt`]). Not checked by [`Runtime::load`]: a bundle set up before passt was
     /// part of it lacks the file until `gatevm setup` runs again.
     pub fn passt(&self) -> PathBuf {
-        self.dir.join(crate::passt::PASST_BIN)
+        self.dir.join(crate::component::passt::PASST_BIN)
     }
 
     /// `libkrunfw.so.5` (a symlink to the versioned file in the same directory).
@@ -185,7 +185,7 @@ impl Runtime {
     }
 
     /// The `qemu-system-x86_64` to run: the bundled backport (`<runtime>/qemu/usr/bin/...`) or the
-    /// host's, by absolute path (see [`crate::qemu`] for which and why).
+    /// host's, by absolute path (see [`crate::component::qemu`] for which and why).
     pub fn qemu_binary(&self) -> PathBuf {
         match &self.qemu {
             RecordedQemu::Bundled => self.dir.join(qemu::BUNDLED_BINARY),

@@ -196,10 +196,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
 }
 
 /// The image's entrypoint, command, environment and working directory under the user's choices.
-fn apply_image_config(
-    req: &mut ExecRequest,
-    img: &gatevm_oci::ImageConfig,
-) -> anyhow::Result<()> {
+fn apply_image_config(req: &mut ExecRequest, img: &gatevm_oci::ImageConfig) -> anyhow::Result<()> {
     if req.argv.is_empty() {
         req.argv = img.entrypoint.iter().chain(&img.cmd).cloned().collect();
         if req.argv.is_empty() {

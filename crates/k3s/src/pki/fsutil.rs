@@ -114,7 +114,8 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()
         file.write_all(contents)
             .and_then(|()| file.sync_all())
             .map_err(|e| io_error("write", &temp, e))?;
-        gatevm_runtime::fsutil::rename_durable(&temp, path).map_err(|e| io_error("replace", path, e))
+        gatevm_runtime::fsutil::rename_durable(&temp, path)
+            .map_err(|e| io_error("replace", path, e))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&temp);

@@ -55,8 +55,6 @@ pub fn is_debian_codename(name: &str) -> bool {
     DEBIAN_SUITES.contains(&name) && !NOT_RELEASES.contains(&name)
 }
 
-/// Errors of the private apt configuration and of package fetching.
-
 /// One entry of an apt sources file (one `deb` line, or one deb822 paragraph).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AptSource {

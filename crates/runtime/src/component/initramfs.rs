@@ -19,9 +19,12 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::component::kernel::KernelInfo;
 use crate::cpio::CpioWriter;
-use crate::kernel::KernelInfo;
 use crate::modules::{self, ModulesError};
+use std::time::Instant;
+
+use crate::setup::{Ctx, SetupAction, SetupError, SetupOptions};
 
 /// Modules wanted before the root is mounted (those built into the kernel are skipped).
 pub const INITRAMFS_MODULES: &[&str] = &[
@@ -241,6 +244,53 @@ fn prune(dir: &Path, current: &Path) {
     }
 }
 
+/// The `initramfs` step: builds (or reuses) the initramfs for the guest binary, when one is given.
+pub(crate) fn ensure(
+    ctx: &mut Ctx<'_>,
+    opts: &SetupOptions,
+    kernel: &KernelInfo,
+) -> Result<Option<PathBuf>, SetupError> {
+    const C: &str = "initramfs";
+    let started = Instant::now();
+    let Some(guest) = &opts.guest_bin else {
+        ctx.step(
+            C,
+            SetupAction::Skipped,
+            "no guest binary given (GATEVM_GUEST_BIN or gatevm-guest next to gatevm)".into(),
+            started,
+        );
+        return Ok(None);
+    };
+    (ctx.progress)("building the initramfs");
+    let out_dir = ctx.runtime.join("initramfs");
+    let before: Vec<PathBuf> = std::fs::read_dir(&out_dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let p = build_initramfs(guest, kernel, &out_dir)?;
+    let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+    let modules = initramfs_modules(kernel)?
+        .iter()
+        .map(|m| gatevm_kernel::kmod::module_name(m))
+        .collect::<Vec<_>>()
+        .join(" ");
+    ctx.step(
+        C,
+        if before.contains(&p) {
+            SetupAction::AlreadyPresent
+        } else {
+            SetupAction::Installed
+        },
+        format!(
+            "{} ({} KiB; /init = {}; modules: {modules})",
+            p.display(),
+            size >> 10,
+            guest.display()
+        ),
+        started,
+    );
+    Ok(Some(p))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,7 +326,7 @@ mod tests {
     }
 
     fn fake_static_elf() -> Vec<u8> {
-        let mut elf = crate::kernel::tests::fake_elf(true);
+        let mut elf = crate::component::kernel::vmlinux::tests::fake_elf(true);
         elf.extend_from_slice(b"guest");
         elf
     }

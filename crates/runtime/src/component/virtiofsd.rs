@@ -7,6 +7,12 @@ use std::process::Command;
 use thiserror::Error;
 
 use crate::cmd::{self, CommandError};
+use std::time::Instant;
+
+use crate::component::present;
+use crate::provenance::{self, component, Component, Provenance};
+use crate::setup::{io, Ctx, SetupAction, SetupError};
+use crate::util;
 
 /// The virtiofsd release gatevm builds (`cargo install virtiofsd --version =X --locked`).
 /// 1.14.0 is the newest on crates-io and builds with Rust 1.95.
@@ -95,4 +101,46 @@ pub fn build_virtiofsd(
         }),
         Err(problem) => Err(VirtiofsdError::Broken { path: bin, problem }),
     }
+}
+
+/// The `virtiofsd` step: builds [`VIRTIOFSD_VERSION`] with cargo unless that version is installed.
+pub(crate) fn ensure(ctx: &mut Ctx<'_>, prov: &mut Provenance) -> Result<(), SetupError> {
+    const C: &str = component::VIRTIOFSD;
+    let started = Instant::now();
+    (ctx.progress)("checking virtiofsd");
+    let had = prov.component(C).is_some();
+    if present(prov, &ctx.runtime, C)
+        && prov
+            .component(C)
+            .is_some_and(|c| c.version == VIRTIOFSD_VERSION)
+    {
+        ctx.step(
+            C,
+            SetupAction::AlreadyPresent,
+            format!("{VIRTIOFSD_VERSION} (crates-io virtiofsd {VIRTIOFSD_VERSION})"),
+            started,
+        );
+        return Ok(());
+    }
+    let build_dir = ctx.cache.join("build");
+    std::fs::create_dir_all(&build_dir).map_err(io(C, "cannot create", &build_dir))?;
+    let bin = build_virtiofsd(&build_dir, &ctx.log, ctx.progress)?;
+    let dest = ctx.runtime.join("bin/virtiofsd");
+    util::copy_atomic(&bin, &dest, 0o755).map_err(io(C, "cannot install", &dest))?;
+    let files = provenance::records_for(&ctx.runtime, &[PathBuf::from("bin/virtiofsd")])?;
+    let origin = format!("crates-io virtiofsd {VIRTIOFSD_VERSION} (cargo install --locked)");
+    ctx.record(
+        prov,
+        Component {
+            name: C.into(),
+            version: VIRTIOFSD_VERSION.into(),
+            origin: origin.clone(),
+            installed_unix: util::now_unix(),
+            files,
+        },
+        had,
+        format!("{} from {origin}", dest.display()),
+        started,
+    )?;
+    Ok(())
 }

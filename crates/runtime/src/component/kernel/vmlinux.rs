@@ -8,7 +8,7 @@
 //! `payload_length` (u32 LE at 0x24c) bytes long. With `CONFIG_KERNEL_ZSTD` the payload is a zstd
 //! frame followed by the uncompressed size as a 4-byte little-endian trailer.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use thiserror::Error;
 
@@ -27,17 +27,6 @@ const MAX_VMLINUX: u64 = 1 << 30;
 /// ELF note type of the PVH 32-bit entry point in the "Xen" namespace.
 pub const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 const PT_NOTE: u32 = 4;
-
-/// A typed view of what gatevm knows about the guest kernel it installed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KernelInfo {
-    /// The kernel release (`uname -r` in the guest), e.g. `6.12.107+deb13-cloud-amd64`.
-    pub release: String,
-    /// The uncompressed ELF kernel to boot.
-    pub vmlinux: PathBuf,
-    /// The module tree of this release (the directory holding `modules.dep`).
-    pub modules_dir: PathBuf,
-}
 
 /// Errors of bzImage parsing and vmlinux extraction.
 #[derive(Debug, Error)]

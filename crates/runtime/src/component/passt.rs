@@ -14,6 +14,12 @@ use thiserror::Error;
 
 use crate::cmd::{self, CommandError};
 use crate::error::{io_err, IoError};
+use std::time::Instant;
+
+use crate::component::present;
+use crate::provenance::{self, component, Component, Provenance};
+use crate::setup::{io, Ctx, SetupAction, SetupError, SetupOptions};
+use crate::util;
 
 /// The Debian suite whose source package is built.
 pub const PASST_SOURCE_SUITE: &str = "trixie";
@@ -302,6 +308,81 @@ fn missing_flags(help: &str) -> Vec<&'static str> {
                 .any(|w| w == *flag)
         })
         .collect()
+}
+
+/// The `passt` step: passt built from [`PASST_SOURCE_SUITE`]'s source package (see the module
+/// docs). Left alone, without network access, when it is recorded and its binary is
+/// there; with `refresh`, rebuilt when the suite has another version.
+pub(crate) fn ensure(
+    ctx: &mut Ctx<'_>,
+    opts: &SetupOptions,
+    prov: &mut Provenance,
+) -> Result<(), SetupError> {
+    const C: &str = component::PASST;
+    let started = Instant::now();
+    (ctx.progress)("checking passt");
+    let wrap = |source| SetupError::Apt {
+        component: C,
+        source,
+    };
+    let had = prov.component(C).is_some();
+    let recorded = prov
+        .component(C)
+        .filter(|_| present(prov, &ctx.runtime, C))
+        .cloned();
+    if let (Some(c), false) = (&recorded, opts.refresh) {
+        let detail = format!("{} ({})", c.version, c.origin);
+        ctx.step(C, SetupAction::AlreadyPresent, detail, started);
+        return Ok(());
+    }
+    let entry = ctx
+        .source_apt()
+        .and_then(|a| a.showsrc(PASST_SOURCE_PACKAGE))
+        .map_err(wrap)?;
+    if let Some(c) = recorded.filter(|c| c.version == entry.version) {
+        let detail = format!("{} ({}; up to date)", c.version, c.origin);
+        ctx.step(C, SetupAction::AlreadyPresent, detail, started);
+        return Ok(());
+    }
+
+    let work = ctx.work_dir(C)?;
+    (ctx.progress)(&format!(
+        "downloading source package {PASST_SOURCE_PACKAGE} {} (Debian {PASST_SOURCE_SUITE})",
+        entry.version
+    ));
+    let log = ctx.log.clone();
+    let files = ctx
+        .source_apt()
+        .and_then(|a| a.download_source(&entry, &work.path().join("dl"), &log))
+        .map_err(wrap)?;
+    let bin = build_passt(
+        &work.path().join("build"),
+        &files,
+        &entry.version,
+        &log,
+        ctx.progress,
+    )?;
+    let dest = ctx.runtime.join(PASST_BIN);
+    util::copy_atomic(&bin, &dest, 0o755).map_err(io(C, "cannot install", &dest))?;
+    let files = provenance::records_for(&ctx.runtime, &[PathBuf::from(PASST_BIN)])?;
+    let origin = format!(
+        "Debian {PASST_SOURCE_SUITE} source package {PASST_SOURCE_PACKAGE} {} (built with make)",
+        entry.version
+    );
+    ctx.record(
+        prov,
+        Component {
+            name: C.into(),
+            version: entry.version.clone(),
+            origin: origin.clone(),
+            installed_unix: util::now_unix(),
+            files,
+        },
+        had,
+        format!("{} from {origin}", dest.display()),
+        started,
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

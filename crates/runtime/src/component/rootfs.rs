@@ -13,9 +13,14 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::cmd::{self, CommandError};
+use crate::component::kernel::KernelInfo;
 use crate::error::{io_err, IoError};
-use crate::kernel::KernelInfo;
 use crate::util;
+use std::time::Instant;
+
+use crate::component::dir_size;
+use crate::provenance::{Provenance, RootfsRecord};
+use crate::setup::{Ctx, SetupAction, SetupError, SetupOptions};
 
 /// Bump when the build steps change in a way that needs new trees.
 pub const ROOTFS_RECIPE_REVISION: u32 = 4;
@@ -344,6 +349,77 @@ fn build_into(
     util::write_atomic(&stamp_path, text.as_bytes(), 0o644)
         .map_err(io_err("cannot write", &stamp_path))?;
     Ok(())
+}
+
+/// The `rootfs` step: builds the base root file system for the kernel's recipe unless one is
+/// there (or asked to skip). Returns it and the trees of other recipes, left in place.
+pub(crate) fn ensure(
+    ctx: &mut Ctx<'_>,
+    opts: &SetupOptions,
+    kernel: &KernelInfo,
+    prov: &mut Provenance,
+) -> Result<(Option<PathBuf>, Vec<PathBuf>), SetupError> {
+    const C: &str = "rootfs";
+    let started = Instant::now();
+    let root = ctx.data.join("rootfs");
+    let recipe = RootfsRecipe::for_kernel(&kernel.release);
+    let id = recipe.id();
+    let others = |root: &Path| -> Vec<PathBuf> {
+        list_rootfs(root)
+            .into_iter()
+            .filter(|e| e.id != id)
+            .map(|e| e.path)
+            .collect()
+    };
+    if opts.skip_rootfs {
+        ctx.step(C, SetupAction::Skipped, "skipped as asked".into(), started);
+        return Ok((find_rootfs(&root, &recipe), others(&root)));
+    }
+    if let Some(p) = find_rootfs(&root, &recipe) {
+        if p.join("usr/bin/containerd").exists() {
+            ctx.step(
+                C,
+                SetupAction::AlreadyPresent,
+                format!("{} ({})", p.display(), recipe.describe()),
+                started,
+            );
+            set_rootfs_record(prov, &recipe, &p);
+            return Ok((Some(p), others(&root)));
+        }
+    }
+    let previous = others(&root);
+    (ctx.progress)(&format!(
+        "building the base rootfs with mmdebstrap (Debian {} {}, about a minute)",
+        recipe.suite, recipe.variant
+    ));
+    let p = build_rootfs(&root, &recipe, kernel, &ctx.log)?;
+    set_rootfs_record(prov, &recipe, &p);
+    prov.save(&ctx.runtime)?;
+    let size = dir_size(&p);
+    ctx.step(
+        C,
+        if previous.is_empty() {
+            SetupAction::Installed
+        } else {
+            SetupAction::Rebuilt
+        },
+        format!(
+            "{} ({}; {} MiB)",
+            p.display(),
+            recipe.describe(),
+            size >> 20
+        ),
+        started,
+    );
+    Ok((Some(p), previous))
+}
+
+fn set_rootfs_record(prov: &mut Provenance, recipe: &RootfsRecipe, path: &Path) {
+    prov.rootfs = Some(RootfsRecord {
+        id: recipe.id(),
+        path: path.to_path_buf(),
+        recipe: recipe.describe(),
+    });
 }
 
 #[cfg(test)]

@@ -7,6 +7,9 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::cmd::{self, CommandError};
+use std::time::Instant;
+
+use crate::setup::{Ctx, SetupAction, SetupError, SetupOptions};
 
 /// How a requirement is detected.
 #[derive(Debug, Clone, Copy)]
@@ -216,6 +219,34 @@ pub fn ensure_host_packages(log: &Path, progress: &dyn Fn(&str)) -> Result<Vec<S
     Ok(packages)
 }
 
+/// The `host-packages` step: checks the host packages and, when allowed (as root), installs the
+/// missing ones.
+pub(crate) fn ensure(ctx: &mut Ctx<'_>, opts: &SetupOptions) -> Result<(), SetupError> {
+    let started = Instant::now();
+    (ctx.progress)("checking host packages");
+    let missing = check_host();
+    if missing.is_empty() {
+        ctx.step(
+            "host-packages",
+            SetupAction::AlreadyPresent,
+            format!("{} present", required_packages().join(", ")),
+            started,
+        );
+        return Ok(());
+    }
+    if !opts.install_host_packages {
+        return Err(HostError::Missing { missing }.into());
+    }
+    let installed = ensure_host_packages(&ctx.log, ctx.progress)?;
+    ctx.step(
+        "host-packages",
+        SetupAction::Installed,
+        format!("apt-get install {}", installed.join(" ")),
+        started,
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,7 +281,7 @@ mod tests {
             "libseccomp-dev",
             "libcap-ng-dev",
             "pkg-config",
-            // Building passt from Debian's source package (see crate::passt).
+            // Building passt from Debian's source package (see crate::component::passt).
             "gcc",
             "libc6-dev",
             "make",
