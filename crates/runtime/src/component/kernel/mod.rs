@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::apt::PackageEntry;
 use crate::cmd;
 use crate::component::{present, swap_in};
-use crate::provenance::{self, component, Component, Provenance};
+use crate::provenance::{self, component, Component, FileRecord, Provenance};
 use crate::setup::{io, Ctx, SetupAction, SetupError, SetupOptions};
 use crate::util;
 
@@ -100,12 +100,7 @@ pub(crate) fn ensure(
     let final_dir = ctx.runtime.join("kernel");
     swap_in(C, &staging, &final_dir, &ctx.runtime.join(".kernel-old"))?;
 
-    let rels: Vec<PathBuf> = util::list_files(&final_dir)
-        .map_err(io(C, "cannot list", &final_dir))?
-        .into_iter()
-        .map(|p| PathBuf::from("kernel").join(p))
-        .collect();
-    let files = provenance::records_for(&ctx.runtime, &rels)?;
+    let files = installed_files(&ctx.runtime, &final_dir)?;
     let nfiles = files.len();
     let origin = format!(
         "debian {KERNEL_SUITE} package {real} {} (via {KERNEL_METAPACKAGE} {})",
@@ -130,6 +125,16 @@ pub(crate) fn ensure(
         started,
     )?;
     Ok(kernel_info(&ctx.runtime, &release))
+}
+
+/// The records of the files installed in `final_dir` (`runtime/kernel`).
+fn installed_files(runtime: &Path, final_dir: &Path) -> Result<Vec<FileRecord>, SetupError> {
+    let rels: Vec<PathBuf> = util::list_files(final_dir)
+        .map_err(io(component::KERNEL, "cannot list", final_dir))?
+        .into_iter()
+        .map(|p| PathBuf::from("kernel").join(p))
+        .collect();
+    Ok(provenance::records_for(runtime, &rels)?)
 }
 
 /// The real kernel package [`KERNEL_METAPACKAGE`]'s entry depends on (the first `linux-image-*`

@@ -166,15 +166,8 @@ pub(crate) fn ensure(
             }
             // The host's old QEMU accepted earlier because of hardware KVM: still fine while
             // KVM works and the binary is the same version (`--refresh` tries the backport again).
-            if let (Some(RecordedQemu::Host(path)), Some(h), false) =
-                (&recorded, &host, opts.refresh)
-            {
-                let same = complete
-                    && *path == h.path
-                    && prov
-                        .component(C)
-                        .is_some_and(|c| c.version == h.version_string());
-                if same && hardware_kvm().is_ok() {
+            if let (Some(h), false) = (&host, opts.refresh) {
+                if complete && old_host_still_accepted(prov, recorded.as_ref(), h) {
                     let detail = format!(
                         "QEMU {} at {} (older than {}, accepted because hardware KVM works)",
                         h.version,
@@ -211,6 +204,23 @@ pub(crate) fn ensure(
     };
     let (h, note) = accept_old_host(host.as_ref(), hardware_kvm(), codename.as_deref(), &problem)?;
     use_host_qemu(ctx, prov, h, Some(note), started)
+}
+
+/// Whether the recorded QEMU is the host's binary `h` at the same version, and hardware KVM
+/// (which made the host's old QEMU acceptable) still works.
+fn old_host_still_accepted(
+    prov: &Provenance,
+    recorded: Option<&RecordedQemu>,
+    h: &HostQemu,
+) -> bool {
+    let Some(RecordedQemu::Host(path)) = recorded else {
+        return false;
+    };
+    *path == h.path
+        && prov
+            .component(component::QEMU)
+            .is_some_and(|c| c.version == h.version_string())
+        && hardware_kvm().is_ok()
 }
 
 /// Records the host's QEMU as the `qemu` component (its binary by absolute path and hash) and
