@@ -1,6 +1,6 @@
 //! Facts about the host: CPU, memory, kernel, whether KVM is usable, which QEMU the bare boots
 //! use, and whether a binary is statically linked. (Where gatevm's runtime lives comes from
-//! `gatevm_image::dirs`, gatevm's own lookup.)
+//! `gatevm_runtime::dirs`, gatevm's own lookup.)
 
 use anyhow::{bail, Context};
 use std::ffi::OsString;

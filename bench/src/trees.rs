@@ -1,5 +1,5 @@
 //! Root filesystem trees the benchmarks build with gatevm's own recipe and builder
-//! (`gatevm_image::rootfs`): the ssh test rootfs (gatevm's rootfs plus openssh-server, cached in
+//! (`gatevm_runtime::rootfs`): the ssh test rootfs (gatevm's rootfs plus openssh-server, cached in
 //! the benchmark's cache directory) and the throwaway trees of the rootfs build case.
 //!
 //! A build runs mmdebstrap for minutes: it runs on a thread of its own while the caller watches
@@ -9,8 +9,8 @@
 use crate::procs::{Procfs, RealProc};
 use crate::runner;
 use anyhow::{anyhow, bail, Context};
-use gatevm_image::rootfs::{self, RootfsRecipe};
-use gatevm_image::KernelInfo;
+use gatevm_runtime::rootfs::{self, RootfsRecipe};
+use gatevm_runtime::KernelInfo;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -51,7 +51,7 @@ pub fn ssh_recipe(kernel_release: &str) -> RootfsRecipe {
 
 /// The installed runtime's guest kernel (`gatevm setup` must have run).
 pub fn runtime_kernel() -> anyhow::Result<KernelInfo> {
-    let rt = gatevm_image::Runtime::load().map_err(|e| anyhow!("{e}"))?;
+    let rt = gatevm_runtime::Runtime::load().map_err(|e| anyhow!("{e}"))?;
     Ok(rt.kernel().clone())
 }
 

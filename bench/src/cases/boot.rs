@@ -8,7 +8,7 @@ use crate::markdown::{num, times, Align, Section, Table, Target, Verdict};
 use crate::runner::{self, ms};
 use crate::stats::{ratio, Summary};
 use anyhow::{bail, Context};
-use gatevm_image::cpio::CpioWriter;
+use gatevm_runtime::cpio::CpioWriter;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -199,7 +199,7 @@ impl Bench<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gatevm_image::cpio::{parse_newc, S_IFCHR, S_IFREG};
+    use gatevm_runtime::cpio::{parse_newc, S_IFCHR, S_IFREG};
 
     #[test]
     fn baseline_initramfs_layout() {

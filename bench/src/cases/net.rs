@@ -174,7 +174,7 @@ impl Bench<'_> {
     fn qemu_user_path(&mut self, server: &Path) -> anyhow::Result<PathRun> {
         let qemu = self.qemu.clone().map_err(anyhow::Error::msg)?;
         let kernel = trees::runtime_kernel()?;
-        let initrd = gatevm_image::build_initramfs(
+        let initrd = gatevm_runtime::build_initramfs(
             server,
             &kernel,
             &self.scratch.path().join("net-initramfs"),
@@ -422,7 +422,7 @@ impl Bench<'_> {
             notes: vec![
                 "The same static test server (bench/src/netsrv.c, `cc -static -O2`) runs in every guest: one TCP connection at a time, TCP_NODELAY; the host side is the benchmark's client (256 KiB writes; one byte written, one read, per round trip). Throughput is the bytes sent over the wall time from the first byte to the sink's acknowledgement; each measurement opens its own connection (outside the timed part), after an unmeasured warm-up of 8 MiB and 20 round trips.".into(),
                 format!(
-                    "Baseline: a bare QEMU microVM of the same kernel (the boot case's bare boot: 2 vCPUs, 2048 MiB, acceleration `{}`) with `-netdev user,id=n0,hostfwd=tcp:127.0.0.1:PORT-:{gp} -device virtio-net-device,netdev=n0`; its initramfs is gatevm's own layout (`gatevm_image::build_initramfs`, which adds the virtio-net modules) with the server as /init, which loads the modules, gives eth0 {SLIRP_GUEST_IP}/24 and serves. It runs nothing else.",
+                    "Baseline: a bare QEMU microVM of the same kernel (the boot case's bare boot: 2 vCPUs, 2048 MiB, acceleration `{}`) with `-netdev user,id=n0,hostfwd=tcp:127.0.0.1:PORT-:{gp} -device virtio-net-device,netdev=n0`; its initramfs is gatevm's own layout (`gatevm_runtime::build_initramfs`, which adds the virtio-net modules) with the server as /init, which loads the modules, gives eth0 {SLIRP_GUEST_IP}/24 and serves. It runs nothing else.",
                     self.machine.accel.accel.name(),
                     gp = netproto::GUEST_PORT
                 ),

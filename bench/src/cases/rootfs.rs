@@ -8,7 +8,7 @@ use crate::runner;
 use crate::stats::{ratio, Summary};
 use crate::trees;
 use anyhow::Context;
-use gatevm_image::rootfs::RootfsRecipe;
+use gatevm_runtime::rootfs::RootfsRecipe;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -145,7 +145,7 @@ impl Bench<'_> {
         );
         let mut notes = vec![
             format!(
-                "Cold: `gatevm_image::rootfs::build_rootfs` (what `gatevm setup` runs) of recipe `{}` ({}) into a fresh directory, wall time; the tree is deleted afterwards. Baseline: the same mmdebstrap call without `--include`, into a fresh directory, in the same run just before each cold build. Both fetch their packages afresh from the mirror mmdebstrap uses (the same for both), so both include the download.",
+                "Cold: `gatevm_runtime::rootfs::build_rootfs` (what `gatevm setup` runs) of recipe `{}` ({}) into a fresh directory, wall time; the tree is deleted afterwards. Baseline: the same mmdebstrap call without `--include`, into a fresh directory, in the same run just before each cold build. Both fetch their packages afresh from the mirror mmdebstrap uses (the same for both), so both include the download.",
                 recipe.id(),
                 recipe.describe()
             ),

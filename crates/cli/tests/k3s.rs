@@ -309,7 +309,7 @@ fn k3s_profile_plumbing_with_a_stand_in() {
     );
     // The server certificate names the service and the extra SAN.
     let pem = std::fs::read(
-        gatevm_image::dirs::data_dir()
+        gatevm_runtime::dirs::data_dir()
             .unwrap()
             .join(format!("instances/{NAME}/pki/server.crt")),
     )

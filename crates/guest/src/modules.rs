@@ -1,9 +1,9 @@
 //! Kernel modules: loading with `finit_module` (compressed files are handed to the kernel as they
-//! are, `MODULE_INIT_COMPRESSED_FILE`) in the dependency order [`gatevm_kmod`] computes from
+//! are, `MODULE_INIT_COMPRESSED_FILE`) in the dependency order [`gatevm_kernel::kmod`] computes from
 //! `modules.dep`, skipping modules the running kernel already has.
 
 use crate::sys;
-use gatevm_kmod::{module_name, ModuleIndex};
+use gatevm_kernel::kmod::{module_name, ModuleIndex};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};

@@ -15,7 +15,7 @@ use crate::profile::Profile;
 use crate::reaper::Reaper;
 use crate::shutdown;
 use crate::sys;
-use gatevm_kmod::ModuleIndex;
+use gatevm_kernel::kmod::ModuleIndex;
 use gatevm_protocol::PayloadStatus;
 use nix::sys::signal::SigSet;
 use std::sync::mpsc::{channel, Receiver};

@@ -64,7 +64,7 @@ pub fn choose(
 
 /// The backend itself. `program` is the gatevm executable (the krun VM runs in a child process of
 /// it).
-pub fn build(chosen: &Chosen, runtime: &gatevm_image::Runtime, program: PathBuf) -> Box<dyn Vmm> {
+pub fn build(chosen: &Chosen, runtime: &gatevm_runtime::Runtime, program: PathBuf) -> Box<dyn Vmm> {
     match chosen {
         Chosen::Krun(kernel) => Box::new(Krun {
             program,

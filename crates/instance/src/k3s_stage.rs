@@ -9,9 +9,9 @@
 use crate::config::K3sSettings;
 use crate::paths::InstancePaths;
 pub use crate::rootdir::{dir_in_root, write_new};
-use gatevm_image::kconfig::Capability;
 use gatevm_k3s::flags::{self, K3sOptions};
 use gatevm_k3s::pki::{self, PkiOptions};
+use gatevm_kernel::kconfig::Capability;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 

@@ -25,17 +25,17 @@ pub struct InstancePaths {
 /// The directory holding all instances. Without any of `$GATEVM_DATA_DIR`, `$XDG_DATA_HOME` and
 /// `$HOME` (which the CLI refuses up front) it falls back to `/var/lib/gatevm/instances`.
 pub fn instances_dir() -> PathBuf {
-    gatevm_image::dirs::data_dir()
+    gatevm_runtime::dirs::data_dir()
         .unwrap_or_else(|_| PathBuf::from("/var/lib/gatevm"))
         .join("instances")
 }
 
 /// An absolute path from a variable, used only when it belongs to the calling user
-/// ([`gatevm_image::dirs::env_dir`]); empty and relative values count as unset (as for the data
+/// ([`gatevm_runtime::dirs::env_dir`]); empty and relative values count as unset (as for the data
 /// directory: a relative one would depend on the working directory). A `GATEVM_RUN_DIR` of
 /// another user's is refused by the CLI before any command runs; here it is skipped.
 fn abs_var(var: &'static str) -> Option<PathBuf> {
-    match gatevm_image::dirs::env_dir(var) {
+    match gatevm_runtime::dirs::env_dir(var) {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!("ignoring {var}: {e}");
@@ -216,12 +216,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
-    let renamed = gatevm_image::fsutil::rename_durable(&tmp, path).or_else(|e| {
+    let renamed = gatevm_runtime::fsutil::rename_durable(&tmp, path).or_else(|e| {
         // An empty directory in the file's place (left by an accident, never by gatevm) gives
         // way; anything else is reported.
         let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
         if is_dir && std::fs::remove_dir(path).is_ok() {
-            gatevm_image::fsutil::rename_durable(&tmp, path)
+            gatevm_runtime::fsutil::rename_durable(&tmp, path)
         } else {
             Err(e)
         }

@@ -477,7 +477,7 @@ fn mount_upper(paths: &InstancePaths, root_mib: u32) -> Result<(), SupervisorErr
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        gatevm_image::fsutil::rename_durable(&tmp, &img)
+        gatevm_runtime::fsutil::rename_durable(&tmp, &img)
             .map_err(io_err(format!("creating {}", img.display())))?;
     }
     let mut mount = std::process::Command::new("mount");
@@ -562,7 +562,7 @@ fn ensure_state_disk(paths: &InstancePaths, gib: u32) -> Result<(), SupervisorEr
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    gatevm_image::fsutil::rename_durable(&tmp, &disk).map_err(io_err("installing the state disk"))
+    gatevm_runtime::fsutil::rename_durable(&tmp, &disk).map_err(io_err("installing the state disk"))
 }
 
 /// Grows a state disk image as a file only (sparse: the new bytes are a hole). The ext4 file
@@ -823,7 +823,7 @@ async fn boot_and_serve(
 
     phase("preparing", progress);
     let runtime =
-        gatevm_image::Runtime::load().map_err(|e| SupervisorError::Setup(e.to_string()))?;
+        gatevm_runtime::Runtime::load().map_err(|e| SupervisorError::Setup(e.to_string()))?;
     let caps = gatevm_vmm::probe();
     let chosen = backend::choose(
         cfg.vmm,
@@ -867,7 +867,8 @@ async fn boot_and_serve(
         // ships none, so every feature counts as missing and the plan is the conservative one.
         let caps = match &chosen {
             backend::Chosen::Qemu(_) => {
-                gatevm_image::kconfig::capabilities_of(&runtime.kernel_config()).unwrap_or_default()
+                gatevm_kernel::kconfig::capabilities_of(&runtime.kernel_config())
+                    .unwrap_or_default()
             }
             backend::Chosen::Krun(_) => vec![],
         };

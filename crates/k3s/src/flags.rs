@@ -16,7 +16,7 @@
 //! Choices that do not depend on the kernel (runtime endpoint, eviction, packaged components)
 //! are the same everywhere; each is documented where it is made.
 
-use gatevm_image::kconfig::{Availability, Capability};
+use gatevm_kernel::kconfig::{Availability, Capability};
 use serde::Serialize;
 use serde_json::json;
 
@@ -178,7 +178,7 @@ impl Kernel<'_> {
 }
 
 /// The k3s server arguments and CNI setup for a kernel with `caps` (from
-/// [`gatevm_image::kconfig::capabilities`]) and the caller's `opts`.
+/// [`gatevm_kernel::kconfig::capabilities`]) and the caller's `opts`.
 ///
 /// Always:
 /// - `--write-kubeconfig-mode=0600`: k3s.yaml holds the admin client key; only root in the guest

@@ -1,7 +1,7 @@
 //! `gatevm doctor`: what this host and the runtime bundle can do.
 
 use crate::output::print_json;
-use gatevm_image::kconfig::{self, Availability, Capability};
+use gatevm_kernel::kconfig::{self, Availability, Capability};
 use gatevm_vmm::HostCaps;
 use serde::Serialize;
 
@@ -66,7 +66,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let hw = host.hardware_virt();
     // A bad environment (a relative GATEVM_DATA_DIR, no HOME) is the runtime's problem here.
     let runtime = match super::check_env() {
-        Ok(()) => gatevm_image::Runtime::load().map_err(|e| e.to_string()),
+        Ok(()) => gatevm_runtime::Runtime::load().map_err(|e| e.to_string()),
         Err(e) => Err(crate::output::error_line(&e)),
     };
     let mut backends = Vec::new();
@@ -124,7 +124,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         kernels: vec![],
         verified_files: None,
         verify_problems: vec![],
-        k3s: gatevm_image::dirs::runtime_dir()
+        k3s: gatevm_runtime::dirs::runtime_dir()
             .ok()
             .and_then(|rt| gatevm_k3s::binary::cached(&rt)),
         host,

@@ -215,8 +215,7 @@ fn rm(a: RmArgs) -> anyhow::Result<i32> {
         for r in &a.refs {
             let found = have.iter().find(|i| {
                 i.reference == *r
-                    || gatevm_image::oci::normalize_ref(&i.reference)
-                        == gatevm_image::oci::normalize_ref(r)
+                    || gatevm_oci::normalize_ref(&i.reference) == gatevm_oci::normalize_ref(r)
             });
             match found {
                 Some(i) => refs.push(i.reference.clone()),
@@ -329,8 +328,7 @@ fn import(a: ImportArgs) -> anyhow::Result<i32> {
         if meta.len() == 0 {
             bail!("{} is empty: not an image archive", path.display());
         }
-        let summaries =
-            gatevm_image::oci::inspect_archive(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let summaries = gatevm_oci::inspect_archive(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
         (Some(meta.len()), summaries)
     };
     require_running(&name)?;

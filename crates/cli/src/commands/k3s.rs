@@ -231,13 +231,13 @@ pub fn resolve(a: &K3sArgs, saved: Option<&K3sSettings>) -> anyhow::Result<Optio
     }
     let bin = match (&a.k3s, saved) {
         // Copied into the cache first: what runs is the copy, whatever happens to the file.
-        (Some(p), _) => binary::import(p, &gatevm_image::dirs::cache_dir()?)
+        (Some(p), _) => binary::import(p, &gatevm_runtime::dirs::cache_dir()?)
             .map_err(|e| anyhow::anyhow!("--k3s {e}"))?,
         (None, Some(s)) if s.binary.is_file() => {
             binary::inspect(&s.binary).map_err(|e| anyhow::anyhow!(e))?
         }
         _ => {
-            let rt = gatevm_image::dirs::runtime_dir()?;
+            let rt = gatevm_runtime::dirs::runtime_dir()?;
             match binary::cached(&rt) {
                 Some(b) => b,
                 None => fetch_pinned(&rt).map_err(|e| {
@@ -322,7 +322,7 @@ fn fetch_pinned(rt: &Path) -> anyhow::Result<binary::K3sBinary> {
 
 /// `gatevm setup --fetch-k3s`: the pinned release, verified and cached.
 pub fn fetch_and_cache() -> anyhow::Result<()> {
-    let rt = gatevm_image::dirs::runtime_dir()?;
+    let rt = gatevm_runtime::dirs::runtime_dir()?;
     let b = fetch_pinned(&rt)?;
     eprintln!(
         "k3s {} cached at {} (sha256 {})",
@@ -628,7 +628,7 @@ pub fn print_kubeconfig(a: KubeconfigArgs) -> anyhow::Result<i32> {
 /// `gatevm setup --k3s FILE`: checks and caches the binary in the runtime.
 pub fn cache_binary(file: &Path) -> anyhow::Result<()> {
     let b = binary::inspect(file).map_err(|e| anyhow::anyhow!("--k3s {e}"))?;
-    let rt = gatevm_image::dirs::runtime_dir()?;
+    let rt = gatevm_runtime::dirs::runtime_dir()?;
     let c = binary::cache(&b, &rt).map_err(|e| anyhow::anyhow!(e))?;
     eprintln!(
         "k3s {} cached at {} (sha256 {})",

@@ -73,9 +73,9 @@ pub fn check_env() -> anyhow::Result<()> {
         }
         check_dir(&p).map_err(|why| anyhow::anyhow!("{var}={} {why}", p.display()))?;
         // Another user's directory is refused (root included: `sudo -E` passes them on).
-        gatevm_image::dirs::env_dir(var)?;
+        gatevm_runtime::dirs::env_dir(var)?;
     }
-    let data = gatevm_image::dirs::data_dir()?;
+    let data = gatevm_runtime::dirs::data_dir()?;
     check_dir(&data)
         .map_err(|why| anyhow::anyhow!("the data directory {} {why}", data.display()))?;
     Ok(())

@@ -90,7 +90,7 @@ pub fn check_krun_kernel(config: &InstanceConfig) -> anyhow::Result<()> {
 /// cannot run here.
 pub fn check_backend(
     config: &InstanceConfig,
-    runtime: &gatevm_image::Runtime,
+    runtime: &gatevm_runtime::Runtime,
 ) -> anyhow::Result<()> {
     check_krun_kernel(config)?;
     if config.net == gatevm_instance::config::NetBackend::Passt {
@@ -148,7 +148,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     config.validate(host_memory_mib())?;
     check_krun_kernel(&config)?;
     config.k3s = super::k3s::resolve(&a.k3s, base.k3s.as_ref())?;
-    gatevm_image::dirs::data_dir().context("finding the data directory")?;
+    gatevm_runtime::dirs::data_dir().context("finding the data directory")?;
     let paths = InstancePaths::new(&name);
     if client::is_running(&paths) {
         bail!("instance {name:?} is already running");
@@ -172,7 +172,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         }
         config.root_mib = have;
     }
-    let rt = gatevm_image::Runtime::load()?;
+    let rt = gatevm_runtime::Runtime::load()?;
     check_backend(&config, &rt)?;
     let guest = super::guest_bin()?;
     // Only now that the start can go ahead: a refused start keeps the instance's state.

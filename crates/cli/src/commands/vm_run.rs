@@ -98,7 +98,7 @@ fn check_image(img: &Path) -> anyhow::Result<()> {
     if meta.len() == 0 {
         bail!("--image {} is empty: not an image archive", img.display());
     }
-    gatevm_image::oci::inspect_archive(img).map_err(|e| archive_error(img, e))?;
+    gatevm_oci::inspect_archive(img).map_err(|e| archive_error(img, e))?;
     Ok(())
 }
 
@@ -148,7 +148,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     };
     config.validate(host_memory_mib())?;
     super::start::check_krun_kernel(&config)?;
-    let rt = gatevm_image::Runtime::load()?;
+    let rt = gatevm_runtime::Runtime::load()?;
     super::start::check_backend(&config, &rt)?;
     let guest = super::guest_bin()?;
 
@@ -176,7 +176,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         if let Some(img) = &a.image {
             let dir = paths.dir.join("image-root");
             std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let unpacked = gatevm_image::oci::unpack_archive(img, &dir, a.image_ref.as_deref())
+            let unpacked = gatevm_oci::unpack_archive(img, &dir, a.image_ref.as_deref())
                 .map_err(|e| archive_error(img, e))?;
             for s in &unpacked.skipped {
                 tracing::info!("image entry not unpacked: {s}");
@@ -196,10 +196,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
 }
 
 /// The image's entrypoint, command, environment and working directory under the user's choices.
-fn apply_image_config(
-    req: &mut ExecRequest,
-    img: &gatevm_image::oci::ImageConfig,
-) -> anyhow::Result<()> {
+fn apply_image_config(req: &mut ExecRequest, img: &gatevm_oci::ImageConfig) -> anyhow::Result<()> {
     if req.argv.is_empty() {
         req.argv = img.entrypoint.iter().chain(&img.cmd).cloned().collect();
         if req.argv.is_empty() {
@@ -290,7 +287,7 @@ mod tests {
 
     #[test]
     fn image_config_fills_what_the_user_left_open() {
-        let img = gatevm_image::oci::ImageConfig {
+        let img = gatevm_oci::ImageConfig {
             entrypoint: vec!["/bin/tini".into(), "--".into()],
             cmd: vec!["sh".into()],
             env: vec!["PATH=/bin".into(), "A=1".into(), "junk".into()],
@@ -326,7 +323,7 @@ mod tests {
         assert_eq!(req2.argv, ["/bin/tini", "--", "echo", "hi"]);
         assert_eq!(req2.cwd.as_deref(), Some("/"));
 
-        let empty = gatevm_image::oci::ImageConfig {
+        let empty = gatevm_oci::ImageConfig {
             entrypoint: vec![],
             cmd: vec![],
             env: vec![],

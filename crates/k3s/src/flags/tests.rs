@@ -1,5 +1,5 @@
 use super::*;
-use gatevm_image::kconfig::{capabilities, FEATURES};
+use gatevm_kernel::kconfig::{capabilities, FEATURES};
 use serde_json::Value;
 use std::collections::BTreeSet;
 

@@ -49,7 +49,7 @@ pub fn config_dir() -> Option<PathBuf> {
     // XDG_CONFIG_HOME counts only when it belongs to the calling user (root ignores another
     // user's, which `sudo` passes on).
     config_dir_from(
-        gatevm_image::dirs::env_dir("XDG_CONFIG_HOME")
+        gatevm_runtime::dirs::env_dir("XDG_CONFIG_HOME")
             .ok()
             .flatten()
             .map(PathBuf::into_os_string),

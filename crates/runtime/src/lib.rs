@@ -1,0 +1,36 @@
+//! gatevm's runtime bundle: the guest kernel and its modules, libkrunfw, gvproxy, virtiofsd,
+//! passt (built from Debian's source package; see [`component::passt`]) and QEMU (the host's when
+//! it is 8 or newer, else Debian's backport; see [`component::qemu`]), each with its provenance; the base root
+//! filesystem built from a recipe; the initramfs that boots the guest agent.
+//!
+//! - [`setup()`] acquires everything into [`dirs::runtime_dir`] (idempotent, reports each step).
+//! - [`Runtime::load`] gives typed access to what setup installed.
+//! - [`build_initramfs`] makes (or reuses) the initramfs for a guest binary.
+//! - [`verify()`] re-hashes the installed files against `provenance.json`.
+//!
+//! Nothing here prints: progress goes through a callback, results come back as data.
+
+#![warn(missing_docs)]
+
+pub mod apt;
+mod cmd;
+pub mod component;
+pub mod cpio;
+pub mod dirs;
+pub mod error;
+pub mod fsutil;
+pub mod modules;
+pub mod provenance;
+pub mod runtime;
+pub mod setup;
+mod util;
+
+pub use cmd::{find_program, CommandError};
+pub use component::initramfs::{build_initramfs, InitramfsError, INITRAMFS_MODULES};
+pub use component::kernel::{KernelError, KernelInfo};
+pub use component::rootfs::{RootfsError, RootfsRecipe};
+pub use component::virtiofsd::VIRTIOFSD_VERSION;
+pub use component::{initramfs, rootfs};
+pub use provenance::{Component, FileRecord, Provenance, ProvenanceError, VerifyReport};
+pub use runtime::{verify, Runtime, RuntimeError};
+pub use setup::{setup, SetupAction, SetupError, SetupOptions, SetupReport, SetupStep};
