@@ -212,4 +212,52 @@ mod tests {
         assert!(n.starts_with(".y.conf.") && n.ends_with(TMP_SUFFIX), "{n}");
         assert_ne!(t, temp_name(Path::new("/x/y.conf")).unwrap());
     }
+
+    /// Every host-side rename goes through [`rename_durable`]: a plain `fs::rename` in the host
+    /// crates (outside this module) is an atomic write whose directory is never synced.
+    #[test]
+    fn no_host_crate_renames_without_syncing() {
+        let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut offenders = Vec::new();
+        for krate in [
+            "runtime", "oci", "kernel", "instance", "k3s", "net", "vmm", "cli",
+        ] {
+            let src = crates.join(krate).join("src");
+            // A renamed crate must be renamed here too, or the guard covers nothing.
+            assert!(src.is_dir(), "{} is not a crate's sources", src.display());
+            let mut stack = vec![src];
+            while let Some(dir) = stack.pop() {
+                let Ok(rd) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for e in rd.flatten() {
+                    let p = e.path();
+                    if p.is_dir() {
+                        stack.push(p);
+                        continue;
+                    }
+                    if p.extension().is_none_or(|x| x != "rs")
+                        || p.ends_with("runtime/src/fsutil.rs")
+                    {
+                        continue;
+                    }
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    for (i, line) in text.lines().enumerate() {
+                        let l = line.trim_start();
+                        if l.starts_with("//") {
+                            continue;
+                        }
+                        if l.contains("fs::rename(") || l.contains(".persist(") {
+                            offenders.push(format!("{}:{}: {l}", p.display(), i + 1));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            offenders.is_empty(),
+            "renames without a directory sync:\n{}",
+            offenders.join("\n")
+        );
+    }
 }

@@ -1,59 +1,32 @@
 //! Small file-system helpers shared by the modules of this crate.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
-/// Writes `data` to `path` atomically: a temporary file in the same directory, fsync, chmod,
-/// rename over the target.
-pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
-    tmp.write_all(data)?;
-    tmp.as_file().sync_all()?;
-    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(mode))?;
-    crate::fsutil::persist_durable(tmp, path)?;
-    Ok(())
-}
-
-/// Copies a file to `dest` atomically (temporary file next to it, then rename), keeping `mode`.
-pub(crate) fn copy_atomic(src: &Path, dest: &Path, mode: u32) -> io::Result<()> {
-    let dir = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
-    let mut input = File::open(src)?;
-    let mut out = tmp.as_file();
-    io::copy(&mut input, &mut out)?;
-    out.sync_all()?;
-    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(mode))?;
-    crate::fsutil::persist_durable(tmp, dest)?;
-    Ok(())
-}
-
-/// SHA-256 of a file's contents, hex.
-pub(crate) fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
+/// Creates the parent directory of `path` as needed (the runtime directory's layout is made on
+/// the fly).
+fn create_parent(path: &Path) -> io::Result<()> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => fs::create_dir_all(dir),
+        None => Ok(()),
     }
-    Ok(hex::encode(h.finalize()))
 }
+
+/// [`gatevm_fsutil::write_atomic`], creating the parent directory first.
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    create_parent(path)?;
+    gatevm_fsutil::write_atomic(path, data, mode)
+}
+
+/// [`gatevm_fsutil::copy_atomic`], creating the parent directory first.
+pub(crate) fn copy_atomic(src: &Path, dest: &Path, mode: u32) -> io::Result<()> {
+    create_parent(dest)?;
+    gatevm_fsutil::copy_atomic(src, dest, mode)
+}
+
+pub(crate) use gatevm_fsutil::sha256_file;
 
 /// Recursively copies the tree at `src` to `dest` (which must not exist yet): directories,
 /// regular files (with their permission bits) and symlinks.
@@ -105,38 +78,7 @@ pub(crate) fn list_files(root: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Mount points at or below `path` (from /proc/self/mountinfo). Used to refuse deleting a
-/// directory that still has something mounted inside it (a half-built chroot with /proc or /dev).
-pub(crate) fn mounts_under(path: &Path) -> Vec<PathBuf> {
-    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let canon = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(unescape_mountinfo(m)))
-        .filter(|m| m.starts_with(&canon))
-        .collect()
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() {
-            let oct = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
-            if let Ok(v) = u8::from_str_radix(oct, 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+use gatevm_fsutil::mountinfo::mounts_under;
 
 /// Removes a directory tree unless something is mounted inside it; returns the mount points that
 /// prevented removal.
@@ -203,9 +145,10 @@ mod tests {
 
     #[test]
     fn mountinfo_unescape() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo("/x\\"), "/x\\");
+        use gatevm_fsutil::mountinfo::unescape;
+        assert_eq!(unescape("/a\\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/x\\"), "/x\\");
         assert!(mounts_under(Path::new("/proc")).contains(&PathBuf::from("/proc")));
     }
 }
