@@ -22,6 +22,7 @@
 //! child processes; [`run_serial`] and [`run_vsock`] are the two real transports.
 
 use crate::exec;
+use crate::log::error_chain;
 use crate::reaper::Reaper;
 use crate::session::{self, Link, OutputCredit, SharedWriter, StdinQueue};
 use crate::sys;
@@ -424,7 +425,7 @@ impl Agent {
         };
         let file = match open_for_reading(path, max_bytes) {
             Ok(f) => f,
-            Err(message) => return failed(message),
+            Err(e) => return failed(error_chain(&e)),
         };
         let serial = self.next_serial.fetch_add(1, Ordering::SeqCst);
         let link = Link {
@@ -545,36 +546,88 @@ impl Agent {
     }
 }
 
+/// Why a `ReadFile` path cannot be read.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    /// The path is relative or contains a NUL byte.
+    #[error("{0:?} is not an absolute path")]
+    NotAbsolute(String),
+    /// open(2) failed.
+    #[error("cannot open {path}")]
+    Open {
+        /// The path (at most 200 characters).
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// fstat(2) failed.
+    #[error("cannot stat {path}")]
+    Stat {
+        /// The path (at most 200 characters).
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Not a regular file.
+    #[error("{path} is {what}")]
+    NotAFile {
+        /// The path (at most 200 characters).
+        path: String,
+        /// `a directory` or `not a regular file`.
+        what: &'static str,
+    },
+    /// Larger than the request allows.
+    #[error("{path} is {len} bytes, more than the limit of {max}")]
+    TooLarge {
+        /// The path (at most 200 characters).
+        path: String,
+        /// Its size.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+}
+
 /// Opens `path` for a `ReadFile`: an absolute path naming a regular file of at most `max_bytes`
 /// bytes. Opened without blocking (a FIFO or device would otherwise hold the agent loop) and
 /// checked on the open file, so a swap after the check changes nothing.
-fn open_for_reading(path: &str, max_bytes: u64) -> Result<File, String> {
+fn open_for_reading(path: &str, max_bytes: u64) -> Result<File, OpenError> {
     use std::os::unix::fs::OpenOptionsExt;
     if !path.starts_with('/') || path.contains('\0') {
-        return Err(format!("{:?} is not an absolute path", truncate(path, 200)));
+        return Err(OpenError::NotAbsolute(truncate(path, 200).into()));
     }
-    let shown = truncate(path, 200);
+    let shown = || truncate(path, 200).to_string();
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
-        .map_err(|e| format!("cannot open {shown}: {e}"))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot stat {shown}: {e}"))?;
+        .map_err(|source| OpenError::Open {
+            path: shown(),
+            source,
+        })?;
+    let meta = file.metadata().map_err(|source| OpenError::Stat {
+        path: shown(),
+        source,
+    })?;
     if !meta.is_file() {
         let what = if meta.is_dir() {
             "a directory"
         } else {
             "not a regular file"
         };
-        return Err(format!("{shown} is {what}"));
+        return Err(OpenError::NotAFile {
+            path: shown(),
+            what,
+        });
     }
     if meta.len() > max_bytes {
-        return Err(format!(
-            "{shown} is {} bytes, more than the limit of {max_bytes}",
-            meta.len()
-        ));
+        return Err(OpenError::TooLarge {
+            path: shown(),
+            len: meta.len(),
+            max: max_bytes,
+        });
     }
     Ok(file)
 }

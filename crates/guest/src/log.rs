@@ -29,6 +29,19 @@ pub fn line(msg: fmt::Arguments<'_>) {
     eprint!("{s}");
 }
 
+/// An error and its causes as one line, `message: cause: cause`: what the host and the console
+/// see of an error (each variant's message names only its own step; the causes follow).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// Logs one line to the console: `glog!("agent listening on {}", path)`.
 #[macro_export]
 macro_rules! glog {
@@ -48,5 +61,15 @@ mod tests {
             "gatevm-guest: [  812ms] agent listening on /dev/vport1p1\n"
         );
         assert!(uptime_ms() > 0);
+    }
+
+    #[test]
+    fn chain_names_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot open /x")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("no such thing"));
+        assert_eq!(error_chain(&e), "cannot open /x: no such thing");
+        assert_eq!(error_chain(&std::io::Error::other("plain")), "plain");
     }
 }

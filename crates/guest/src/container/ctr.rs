@@ -12,6 +12,28 @@ pub const SOCKET: &str = "/run/containerd/containerd.sock";
 /// Where Debian installs `ctr`.
 pub const CTR: &str = "/usr/bin/ctr";
 
+/// A failed `ctr` call, or containerd not running.
+#[derive(Debug, thiserror::Error)]
+pub enum CtrError {
+    /// `ctr` could not be started.
+    #[error("cannot run ctr")]
+    Spawn(#[source] std::io::Error),
+    /// `ctr` failed and said why (its message, see [`error_line`]).
+    #[error("{0}")]
+    Failed(String),
+    /// `ctr` failed without a message.
+    #[error("ctr {args} failed ({status})")]
+    Status {
+        /// Its arguments, joined by spaces.
+        args: String,
+        /// How it ended.
+        status: String,
+    },
+    /// containerd's socket is missing.
+    #[error("containerd is not running (no {SOCKET})")]
+    NotRunning,
+}
+
 /// A `ctr` command for a namespace (`ctr --address SOCKET --namespace NS ARGS…`).
 pub fn command(ns: &str, args: &[&str]) -> Command {
     let prog = if Path::new(CTR).exists() { CTR } else { "ctr" };
@@ -25,17 +47,19 @@ pub fn command(ns: &str, args: &[&str]) -> Command {
 }
 
 /// Runs `ctr` to completion with captured output; stdout on success, else ctr's error message.
-pub fn output(ns: &str, args: &[&str]) -> Result<String, String> {
-    let out =
-        run_captured(&mut command(ns, args), None).map_err(|e| format!("cannot run ctr: {e}"))?;
+pub fn output(ns: &str, args: &[&str]) -> Result<String, CtrError> {
+    let out = run_captured(&mut command(ns, args), None).map_err(CtrError::Spawn)?;
     if out.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         let err = error_line(&String::from_utf8_lossy(&out.stderr));
         Err(if err.is_empty() {
-            format!("ctr {} failed ({})", args.join(" "), describe(&out.status))
+            CtrError::Status {
+                args: args.join(" "),
+                status: describe(&out.status),
+            }
         } else {
-            err
+            CtrError::Failed(err)
         })
     }
 }
@@ -164,41 +188,41 @@ pub fn parse_info_labels(out: &str) -> BTreeMap<String, String> {
 }
 
 /// Image names stored in a namespace.
-pub fn images(ns: &str) -> Result<Vec<String>, String> {
+pub fn images(ns: &str) -> Result<Vec<String>, CtrError> {
     output(ns, &["images", "ls", "-q"]).map(|o| parse_quiet(&o))
 }
 
 /// Container ids of a namespace.
-pub fn container_ids(ns: &str) -> Result<Vec<String>, String> {
+pub fn container_ids(ns: &str) -> Result<Vec<String>, CtrError> {
     output(ns, &["containers", "ls", "-q"]).map(|o| parse_quiet(&o))
 }
 
 /// Containers of a namespace with their images.
-pub fn containers(ns: &str) -> Result<Vec<ContainerRow>, String> {
+pub fn containers(ns: &str) -> Result<Vec<ContainerRow>, CtrError> {
     output(ns, &["containers", "ls"]).map(|o| parse_containers(&o))
 }
 
 /// Tasks of a namespace.
-pub fn tasks(ns: &str) -> Result<Vec<TaskRow>, String> {
+pub fn tasks(ns: &str) -> Result<Vec<TaskRow>, CtrError> {
     output(ns, &["tasks", "ls"]).map(|o| parse_tasks(&o))
 }
 
 /// The task of one container, if it has one.
-pub fn task(ns: &str, id: &str) -> Result<Option<TaskRow>, String> {
+pub fn task(ns: &str, id: &str) -> Result<Option<TaskRow>, CtrError> {
     Ok(tasks(ns)?.into_iter().find(|t| t.id == id))
 }
 
 /// Labels of one container.
-pub fn labels(ns: &str, id: &str) -> Result<BTreeMap<String, String>, String> {
+pub fn labels(ns: &str, id: &str) -> Result<BTreeMap<String, String>, CtrError> {
     output(ns, &["containers", "info", id]).map(|o| parse_info_labels(&o))
 }
 
 /// Whether containerd's socket exists.
-pub fn check_running() -> Result<(), String> {
+pub fn check_running() -> Result<(), CtrError> {
     if Path::new(SOCKET).exists() {
         Ok(())
     } else {
-        Err(format!("containerd is not running (no {SOCKET})"))
+        Err(CtrError::NotRunning)
     }
 }
 

@@ -9,6 +9,7 @@
 
 use super::args::{parse_publish, Publish};
 use crate::cni::{self, Attachment, PortMapping};
+use crate::log::error_chain;
 use serde_json::{json, Value};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,81 @@ pub const LOG_DIR: &str = "/var/lib/gatevm/logs";
 
 const STATE_FILE: &str = "state.json";
 const RESULT_FILE: &str = "cni-result.json";
+
+/// A container network step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// `state.json` lacks a field.
+    #[error("container state has no {0}")]
+    MissingField(&'static str),
+    /// A state file could not be read.
+    #[error("read {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A state file is not JSON.
+    #[error("read {}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A state file could not be encoded.
+    #[error(transparent)]
+    Encode(serde_json::Error),
+    /// A state file or directory could not be written.
+    #[error("write {}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A directory could not be created.
+    #[error("create {}", path.display())]
+    Create {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Another command holds the state directory of that name.
+    #[error("container name {0:?} is being set up by another command")]
+    Busy(String),
+    /// A helper (`ip`) could not be started.
+    #[error("cannot run {prog}")]
+    Spawn {
+        /// The helper.
+        prog: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A helper failed: its command line and last stderr line.
+    #[error("{prog} {args}: {line}")]
+    Helper {
+        /// The helper.
+        prog: String,
+        /// Its arguments, joined by spaces.
+        args: String,
+        /// Its last stderr line.
+        line: String,
+    },
+    /// The network configuration file could not be written.
+    #[error("network configuration")]
+    Config(#[source] io::Error),
+    /// CNI ADD failed.
+    #[error("network setup failed")]
+    Add(#[source] cni::CniError),
+}
 
 /// The state directory of a container.
 pub fn state_dir(name: &str) -> PathBuf {
@@ -95,12 +171,12 @@ impl State {
     }
 
     /// Reads `state.json`.
-    pub fn from_json(v: &Value) -> Result<State, String> {
-        let s = |k: &str| -> Result<String, String> {
+    pub fn from_json(v: &Value) -> Result<State, NetworkError> {
+        let s = |k: &'static str| -> Result<String, NetworkError> {
             v.get(k)
                 .and_then(Value::as_str)
                 .map(str::to_string)
-                .ok_or_else(|| format!("container state has no {k}"))
+                .ok_or(NetworkError::MissingField(k))
         };
         let ports = v
             .get("ports")
@@ -127,7 +203,7 @@ impl State {
             conflist: v
                 .get("conflist")
                 .cloned()
-                .ok_or_else(|| "container state has no conflist".to_string())?,
+                .ok_or(NetworkError::MissingField("conflist"))?,
         })
     }
 
@@ -148,15 +224,17 @@ impl State {
 }
 
 /// Reads a container's saved state; `Ok(None)` when there is none.
-pub fn load(name: &str) -> Result<Option<State>, String> {
+pub fn load(name: &str) -> Result<Option<State>, NetworkError> {
     let path = state_dir(name).join(STATE_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("read {}: {e}", path.display())),
+        Err(source) => return Err(NetworkError::Read { path, source }),
     };
-    let v: Value =
-        serde_json::from_str(&text).map_err(|e| format!("read {}: {e}", path.display()))?;
+    let v: Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(source) => return Err(NetworkError::Parse { path, source }),
+    };
     State::from_json(&v).map(Some)
 }
 
@@ -176,9 +254,13 @@ pub fn owner_alive(pid: u32) -> bool {
 }
 
 /// Runs a helper (`ip`) to completion; its last stderr line on failure.
-fn run(prog: &str, args: &[&str]) -> Result<(), String> {
-    let out = cni::run_captured(Command::new(prog).args(args), None)
-        .map_err(|e| format!("cannot run {prog}: {e}"))?;
+fn run(prog: &str, args: &[&str]) -> Result<(), NetworkError> {
+    let out = cni::run_captured(Command::new(prog).args(args), None).map_err(|source| {
+        NetworkError::Spawn {
+            prog: prog.into(),
+            source,
+        }
+    })?;
     if out.success() {
         return Ok(());
     }
@@ -189,35 +271,42 @@ fn run(prog: &str, args: &[&str]) -> Result<(), String> {
         .map(str::trim)
         .find(|l| !l.is_empty())
         .unwrap_or("");
-    Err(format!("{prog} {}: {line}", args.join(" ")))
+    Err(NetworkError::Helper {
+        prog: prog.into(),
+        args: args.join(" "),
+        line: line.into(),
+    })
 }
 
-fn write_json(path: &Path, v: &Value) -> Result<(), String> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
-    std::fs::write(path, text + "\n").map_err(|e| format!("write {}: {e}", path.display()))
+fn write_json(path: &Path, v: &Value) -> Result<(), NetworkError> {
+    let text = serde_json::to_string_pretty(v).map_err(NetworkError::Encode)?;
+    std::fs::write(path, text + "\n").map_err(|source| NetworkError::Write {
+        path: path.into(),
+        source,
+    })
 }
 
 /// Claims the state directory of a new container (fails when it exists: the name is taken or
 /// being set up) and records `state` in it.
-pub fn claim(state: &State) -> Result<(), String> {
-    std::fs::create_dir_all(STATE_ROOT).map_err(|e| format!("create {STATE_ROOT}: {e}"))?;
+pub fn claim(state: &State) -> Result<(), NetworkError> {
+    std::fs::create_dir_all(STATE_ROOT).map_err(|source| NetworkError::Create {
+        path: STATE_ROOT.into(),
+        source,
+    })?;
     let dir = state_dir(&state.name);
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            return Err(format!(
-                "container name {:?} is being set up by another command",
-                state.name
-            ))
+            return Err(NetworkError::Busy(state.name.clone()))
         }
-        Err(e) => return Err(format!("create {}: {e}", dir.display())),
+        Err(source) => return Err(NetworkError::Create { path: dir, source }),
     }
     write_json(&dir.join(STATE_FILE), &state.to_json())
 }
 
 /// Creates the network namespace, writes the network list when missing or different, and
 /// attaches the namespace (CNI ADD); the result is saved for DEL.
-pub fn setup(state: &State) -> Result<(), String> {
+pub fn setup(state: &State) -> Result<(), NetworkError> {
     let ns = netns_name(&state.name);
     if Path::new(&state.netns).exists() {
         // A leftover of an earlier container of that name whose state is gone.
@@ -229,9 +318,9 @@ pub fn setup(state: &State) -> Result<(), String> {
         Path::new(cni::CONFLIST_PATH),
         &cni::conflist_text(&state.conflist),
     )
-    .map_err(|e| format!("network configuration: {e}"))?;
+    .map_err(NetworkError::Config)?;
     let result = cni::add(&state.conflist, &state.attachment(), &state.mappings())
-        .map_err(|e| format!("network setup failed: {e}"))?;
+        .map_err(NetworkError::Add)?;
     write_json(&state_dir(&state.name).join(RESULT_FILE), &result)
 }
 
@@ -252,11 +341,11 @@ pub fn teardown(name: &str) -> Vec<String> {
             }
         }
         Ok(None) => {}
-        Err(e) => problems.push(format!("network teardown: {e}")),
+        Err(e) => problems.push(format!("network teardown: {}", error_chain(&e))),
     }
     if netns_path(name).exists() {
         if let Err(e) = run("ip", &["netns", "delete", &netns_name(name)]) {
-            problems.push(e);
+            problems.push(error_chain(&e));
         }
     }
     let dir = state_dir(name);

@@ -2,10 +2,11 @@
 //! ports (from the `gatevm.ports` label).
 
 use super::args::{self, parse_ports_label};
-use super::ctr::{self, ContainerRow, TaskRow};
+use super::ctr::{self, ContainerRow, CtrError, TaskRow};
 use super::network;
 use super::run::PORTS_LABEL;
 use super::{print, Failure};
+use crate::log::error_chain;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -109,7 +110,7 @@ pub fn render_table(entries: &[Entry]) -> String {
 pub fn main(argv: &[String]) -> i32 {
     let o = match args::parse_ps(argv) {
         Ok(o) => o,
-        Err(e) => return Failure::new(2, e).report(),
+        Err(e) => return Failure::new(2, error_chain(&e)).report(),
     };
     match list(&o.namespace) {
         Ok(entries) => {
@@ -120,11 +121,11 @@ pub fn main(argv: &[String]) -> i32 {
             });
             0
         }
-        Err(e) => Failure::new(1, e).report(),
+        Err(e) => Failure::new(1, error_chain(&e)).report(),
     }
 }
 
-fn list(ns: &str) -> Result<Vec<Entry>, String> {
+fn list(ns: &str) -> Result<Vec<Entry>, CtrError> {
     ctr::check_running()?;
     let containers = ctr::containers(ns)?;
     let tasks = ctr::tasks(ns)?;

@@ -10,6 +10,7 @@ use super::args::{self, ports_label, RunOpts};
 use super::network::{self, State};
 use super::signals::{Forwarder, LaunchError};
 use super::{ctr, error, exit_code, image, print, rm, Failure};
+use crate::log::error_chain;
 use crate::reaper::{Reaper, Spawned};
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -30,6 +31,11 @@ pub const PORTS_LABEL: &str = "gatevm.ports";
 
 fn setup_failure(msg: impl Into<String>) -> Failure {
     Failure::new(SETUP_FAILED, msg)
+}
+
+/// A setup failure from an error and its causes.
+fn setup_error(e: &dyn std::error::Error) -> Failure {
+    setup_failure(error_chain(e))
 }
 
 /// Arguments of `ctr containers create` for a run.
@@ -112,7 +118,7 @@ pub fn foreground_code(code: i32, stderr_tail: &str) -> i32 {
 pub fn main(argv: &[String]) -> i32 {
     let o = match args::parse_run(argv) {
         Ok(o) => o,
-        Err(e) => return setup_failure(e).report(),
+        Err(e) => return setup_error(&e).report(),
     };
     let fwd = Forwarder::start();
     match run(&o, &fwd) {
@@ -147,7 +153,7 @@ fn undo(ns: &str, name: &str, container: bool) {
 /// leftover network of a container that is gone is removed.
 fn check_name_free(ns: &str, name: &str) -> Result<(), Failure> {
     if ctr::container_ids(ns)
-        .map_err(setup_failure)?
+        .map_err(|e| setup_error(&e))?
         .iter()
         .any(|c| c == name)
     {
@@ -196,7 +202,7 @@ fn check_signal(fwd: &Forwarder, ns: &str, name: &str, container: bool) -> Resul
 
 fn run(o: &RunOpts, fwd: &Forwarder) -> Result<i32, Failure> {
     let (ns, name) = (o.namespace.as_str(), o.name.as_str());
-    ctr::check_running().map_err(setup_failure)?;
+    ctr::check_running().map_err(|e| setup_error(&e))?;
     if o.tty && o.detach {
         return Err(setup_failure(
             "--tty cannot be used with --detach: the terminal ends with this command",
@@ -207,7 +213,7 @@ fn run(o: &RunOpts, fwd: &Forwarder) -> Result<i32, Failure> {
             "--tty needs a terminal: run it with a terminal, or without --tty",
         ));
     }
-    let stored = ctr::images(ns).map_err(setup_failure)?;
+    let stored = ctr::images(ns).map_err(|e| setup_error(&e))?;
     let image = image::find(&o.image, &stored).ok_or_else(|| {
         setup_failure(format!(
             "image \"{}\" is not in this VM: import it with gatevm image import",
@@ -225,10 +231,10 @@ fn run(o: &RunOpts, fwd: &Forwarder) -> Result<i32, Failure> {
         );
     }
     let state = State::new(ns, name, &o.publish);
-    network::claim(&state).map_err(setup_failure)?;
+    network::claim(&state).map_err(|e| setup_error(&e))?;
     if let Err(e) = network::setup(&state) {
         undo(ns, name, false);
-        return Err(setup_failure(e));
+        return Err(setup_error(&e));
     }
     check_signal(fwd, ns, name, false)?;
 
@@ -237,7 +243,8 @@ fn run(o: &RunOpts, fwd: &Forwarder) -> Result<i32, Failure> {
     if let Err(e) = ctr::output(ns, &create) {
         undo(ns, name, false);
         return Err(setup_failure(format!(
-            "cannot create container {name:?}: {e}"
+            "cannot create container {name:?}: {}",
+            error_chain(&e)
         )));
     }
     check_signal(fwd, ns, name, true)?;
@@ -252,6 +259,7 @@ fn run(o: &RunOpts, fwd: &Forwarder) -> Result<i32, Failure> {
         let start: Vec<&str> = start.iter().map(String::as_str).collect();
         if let Err(e) = ctr::output(ns, &start) {
             undo(ns, name, true);
+            let e = error_chain(&e);
             return Err(Failure::new(
                 start_failure_code(&e),
                 format!("cannot start container {name:?}: {e}"),

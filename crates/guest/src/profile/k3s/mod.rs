@@ -109,15 +109,27 @@ fn report_into(what: &str, r: &SyncReport, out: &mut Prepared) {
     }
 }
 
+/// Why k3s's data directory could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// The data directory could not be created.
+    #[error("cannot create the k3s data directory {}", path.display())]
+    DataDir {
+        /// The data directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Prepares k3s's data directory for this boot (see the module docs). Fails only when the data
 /// directory cannot be created; other problems are reported and k3s starts anyway.
-pub fn prepare(plan: &Plan, staging: &Staging) -> Result<Prepared, String> {
+pub fn prepare(plan: &Plan, staging: &Staging) -> Result<Prepared, PrepareError> {
     let mut out = Prepared::default();
-    mkdir_private(&plan.data_dir).map_err(|e| {
-        format!(
-            "cannot create the k3s data directory {}: {e}",
-            plan.data_dir.display()
-        )
+    mkdir_private(&plan.data_dir).map_err(|source| PrepareError::DataDir {
+        path: plan.data_dir.clone(),
+        source,
     })?;
     let idx = plan.index_dir();
 
@@ -282,7 +294,7 @@ impl Profile {
                 self.images = p.images;
             }
             Err(e) => {
-                self.k3s.fail(&e);
+                self.k3s.fail(&crate::log::error_chain(&e));
                 self.plan = None;
             }
         }
@@ -386,7 +398,7 @@ mod tests {
         // A data directory that cannot be created is fatal.
         write(&d.path().join("file"), "x");
         let bad = plan_for(&d.path().join("file/k3s"), &[]);
-        let e = prepare(&bad, &staging).unwrap_err();
+        let e = crate::log::error_chain(&prepare(&bad, &staging).unwrap_err());
         assert!(e.contains("cannot create the k3s data directory"), "{e}");
     }
 
