@@ -1,7 +1,7 @@
 //! Starting exec processes: environment, working directory, `PATH` lookup with the shell's
 //! 126/127 conventions, optional pseudo-terminal, own session per process.
 
-use crate::reaper::Reaper;
+use crate::reaper::{Reaper, Spawned};
 use gatevm_protocol::{ExecRequest, ExitStatus};
 use std::fs::File;
 use std::io;
@@ -239,6 +239,20 @@ pub fn set_winsize(tty: &impl std::os::fd::AsRawFd, rows: u16, cols: u16) -> io:
 
 /// Starts the process of an exec request through the reaper.
 pub fn spawn(req: &ExecRequest, reaper: &Reaper) -> Result<Process, ExecFailure> {
+    let (mut cmd, program) = build_command(req)?;
+    let master = attach_stdio(&mut cmd, req)?;
+    start_new_session(&mut cmd, req.tty);
+    let spawned = reaper
+        .spawn(&mut cmd)
+        .map_err(|e| classify_spawn_error(&program, &e))?;
+    // Closes our copies of the pty slave, so the master sees EIO once the session is gone.
+    drop(cmd);
+    process_streams(master, spawned)
+}
+
+/// The command of a request: checked argv, environment and working directory, and the program
+/// found on the request's `PATH`.
+fn build_command(req: &ExecRequest) -> Result<(Command, PathBuf), ExecFailure> {
     let Some(argv0) = req.argv.first() else {
         return Err(ExecFailure::new(1, "empty argv"));
     };
@@ -260,21 +274,13 @@ pub fn spawn(req: &ExecRequest, reaper: &Reaper) -> Result<Process, ExecFailure>
         .env_clear()
         .envs(env)
         .current_dir(&cwd);
+    Ok((cmd, program))
+}
 
-    let tty = req.tty;
-    let mut master = None;
-    if tty {
-        let (m, slave) = open_pty(req.rows, req.cols)
-            .map_err(|e| ExecFailure::new(1, format!("cannot allocate a terminal: {e}")))?;
-        let dup = |fd: &OwnedFd| {
-            fd.try_clone()
-                .map_err(|e| ExecFailure::new(1, format!("cannot allocate a terminal: {e}")))
-        };
-        cmd.stdin(Stdio::from(dup(&slave)?))
-            .stdout(Stdio::from(dup(&slave)?))
-            .stderr(Stdio::from(slave));
-        master = Some(m);
-    } else {
+/// Gives the command a new pty (returning its master) in terminal mode, else pipes (stdin only
+/// when the request asks for it).
+fn attach_stdio(cmd: &mut Command, req: &ExecRequest) -> Result<Option<File>, ExecFailure> {
+    if !req.tty {
         cmd.stdin(if req.stdin {
             Stdio::piped()
         } else {
@@ -282,7 +288,22 @@ pub fn spawn(req: &ExecRequest, reaper: &Reaper) -> Result<Process, ExecFailure>
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+        return Ok(None);
     }
+    let (m, slave) = open_pty(req.rows, req.cols)
+        .map_err(|e| ExecFailure::new(1, format!("cannot allocate a terminal: {e}")))?;
+    let dup = |fd: &OwnedFd| {
+        fd.try_clone()
+            .map_err(|e| ExecFailure::new(1, format!("cannot allocate a terminal: {e}")))
+    };
+    cmd.stdin(Stdio::from(dup(&slave)?))
+        .stdout(Stdio::from(dup(&slave)?))
+        .stderr(Stdio::from(slave));
+    Ok(Some(m))
+}
+
+/// Makes the child a session leader, with its pty (stdin) as controlling terminal when `tty`.
+fn start_new_session(cmd: &mut Command, tty: bool) {
     // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
     // functions (setsid, ioctl) without allocating.
     unsafe {
@@ -296,12 +317,11 @@ pub fn spawn(req: &ExecRequest, reaper: &Reaper) -> Result<Process, ExecFailure>
             Ok(())
         });
     }
-    let spawned = reaper
-        .spawn(&mut cmd)
-        .map_err(|e| classify_spawn_error(&program, &e))?;
-    // Closes our copies of the pty slave, so the master sees EIO once the session is gone.
-    drop(cmd);
+}
 
+/// The started process with the streams to forward: the pty master (output and input) in
+/// terminal mode, else its pipes.
+fn process_streams(master: Option<File>, spawned: Spawned) -> Result<Process, ExecFailure> {
     let mut outputs = Vec::new();
     let stdin;
     let mut tty_file = None;

@@ -266,34 +266,80 @@ pub fn pump(
                 None => exit.recv().unwrap_or(unknown),
             };
         }
-        let (allowed, discard) = match credit.wait(Duration::ZERO) {
-            Credit::Bytes(n) => (n.min(DATA_CHUNK), false),
-            Credit::Discard => (DATA_CHUNK, true),
-            Credit::None => {
-                let t = Instant::now();
-                credit.wait(CREDIT_POLL);
-                // The grace after the exit counts only time in which output could flow.
-                if let Some(d) = deadline.as_mut() {
-                    *d += t.elapsed();
-                }
-                continue;
-            }
+        let Some((allowed, discard)) = next_credit(credit, &mut deadline) else {
+            continue;
         };
-        let timeout = match deadline {
-            Some(d) => {
-                let now = Instant::now();
-                if now >= d {
-                    for (fd, _) in open.drain(..) {
-                        link.send(&Frame::Eof { stream, fd });
-                    }
-                    return status.unwrap_or(unknown);
-                }
-                d - now
+        let Some(timeout) = time_left(deadline) else {
+            for (fd, _) in open.drain(..) {
+                link.send(&Frame::Eof { stream, fd });
             }
-            None => CREDIT_POLL,
+            return status.unwrap_or(unknown);
         };
         let files: Vec<&File> = open.iter().map(|(_, f)| f).collect();
         let ready = poll_readable(&files, timeout);
+        let out = Output {
+            stream,
+            link,
+            credit,
+            discard,
+        };
+        out.read_ready(&mut open, &ready, &mut buf, allowed);
+    }
+}
+
+/// How many bytes [`pump`] may read now and whether they are discarded; `None` after waiting
+/// [`CREDIT_POLL`] for credit that did not come (that time extends the grace `deadline`).
+fn next_credit(credit: &OutputCredit, deadline: &mut Option<Instant>) -> Option<(usize, bool)> {
+    match credit.wait(Duration::ZERO) {
+        Credit::Bytes(n) => Some((n.min(DATA_CHUNK), false)),
+        Credit::Discard => Some((DATA_CHUNK, true)),
+        Credit::None => {
+            let t = Instant::now();
+            credit.wait(CREDIT_POLL);
+            // The grace after the exit counts only time in which output could flow.
+            if let Some(d) = deadline.as_mut() {
+                *d += t.elapsed();
+            }
+            None
+        }
+    }
+}
+
+/// How long [`pump`] polls: until the grace `deadline`, or [`CREDIT_POLL`] before the exit;
+/// `None` once the grace is over.
+fn time_left(deadline: Option<Instant>) -> Option<Duration> {
+    match deadline {
+        Some(d) => {
+            let now = Instant::now();
+            if now >= d {
+                return None;
+            }
+            Some(d - now)
+        }
+        None => Some(CREDIT_POLL),
+    }
+}
+
+/// Where [`pump`] sends what it reads.
+struct Output<'a> {
+    stream: u32,
+    link: &'a Link,
+    credit: &'a OutputCredit,
+    /// Read and drop (the host stopped reading).
+    discard: bool,
+}
+
+impl Output<'_> {
+    /// Reads the outputs that `ready` marks, at most `allowed` bytes in all, sending `Data` (and
+    /// using credit) or `Eof` for an output that ended, which is removed from `open`.
+    fn read_ready(
+        &self,
+        open: &mut Vec<(Fd, File)>,
+        ready: &[bool],
+        buf: &mut [u8],
+        allowed: usize,
+    ) {
+        let stream = self.stream;
         let mut left = allowed;
         let mut i = 0;
         let mut idx = 0;
@@ -307,14 +353,14 @@ pub fn pump(
             let fd = open[i].0;
             match open[i].1.read(&mut buf[..left]) {
                 Ok(0) => {
-                    link.send(&Frame::Eof { stream, fd });
+                    self.link.send(&Frame::Eof { stream, fd });
                     open.remove(i);
                 }
                 Ok(n) => {
-                    if !discard {
-                        credit.take(n);
+                    if !self.discard {
+                        self.credit.take(n);
                         left -= n;
-                        link.send(&Frame::Data {
+                        self.link.send(&Frame::Data {
                             stream,
                             fd,
                             bytes: buf[..n].to_vec(),
@@ -332,7 +378,7 @@ pub fn pump(
                 }
                 // EIO is how a pty master reports that the terminal side is gone.
                 Err(_) => {
-                    link.send(&Frame::Eof { stream, fd });
+                    self.link.send(&Frame::Eof { stream, fd });
                     open.remove(i);
                 }
             }
