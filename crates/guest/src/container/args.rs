@@ -5,7 +5,7 @@ use std::fmt;
 
 /// A bad `container run|ps|rm` command line, name, namespace or `--publish` spec.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ArgsError {
+pub(crate) enum ArgsError {
     /// A port of a `--publish` spec is not a number 1-65535.
     #[error("invalid {what} {port:?} in --publish {spec:?}: expected a number 1-65535")]
     Port {
@@ -88,7 +88,7 @@ pub enum ArgsError {
 
 /// Transport protocol of a published port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Proto {
+pub(crate) enum Proto {
     /// TCP (the default).
     Tcp,
     /// UDP.
@@ -97,7 +97,7 @@ pub enum Proto {
 
 impl Proto {
     /// `tcp` or `udp`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
@@ -107,7 +107,7 @@ impl Proto {
 
 /// One `--publish GUESTPORT:CONTAINERPORT[/tcp|/udp]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Publish {
+pub(crate) struct Publish {
     /// Port on the guest's address.
     pub guest_port: u16,
     /// Port inside the container.
@@ -130,7 +130,7 @@ impl fmt::Display for Publish {
 
 impl Publish {
     /// As a CNI port mapping.
-    pub fn mapping(&self) -> PortMapping {
+    pub(crate) fn mapping(&self) -> PortMapping {
         PortMapping {
             host_port: self.guest_port,
             container_port: self.container_port,
@@ -155,7 +155,7 @@ fn parse_port(s: &str, what: &str, spec: &str) -> Result<u16, ArgsError> {
 }
 
 /// Parses `GUESTPORT:CONTAINERPORT[/tcp|/udp]`.
-pub fn parse_publish(spec: &str) -> Result<Publish, ArgsError> {
+pub(crate) fn parse_publish(spec: &str) -> Result<Publish, ArgsError> {
     let (ports, proto) = match spec.rsplit_once('/') {
         Some((p, "tcp")) => (p, Proto::Tcp),
         Some((p, "udp")) => (p, Proto::Udp),
@@ -179,7 +179,7 @@ pub fn parse_publish(spec: &str) -> Result<Publish, ArgsError> {
 }
 
 /// The `gatevm.ports` label value: specs joined by `,`.
-pub fn ports_label(ports: &[Publish]) -> String {
+pub(crate) fn ports_label(ports: &[Publish]) -> String {
     ports
         .iter()
         .map(Publish::to_string)
@@ -188,7 +188,7 @@ pub fn ports_label(ports: &[Publish]) -> String {
 }
 
 /// Reads a `gatevm.ports` label back, skipping entries that do not parse.
-pub fn parse_ports_label(label: &str) -> Vec<Publish> {
+pub(crate) fn parse_ports_label(label: &str) -> Vec<Publish> {
     label
         .split(',')
         .map(str::trim)
@@ -198,7 +198,7 @@ pub fn parse_ports_label(label: &str) -> Vec<Publish> {
 }
 
 /// Checks a container name: 1-63 characters of `[A-Za-z0-9_.-]`, starting alphanumeric.
-pub fn validate_name(name: &str) -> Result<(), ArgsError> {
+pub(crate) fn validate_name(name: &str) -> Result<(), ArgsError> {
     let ok = (1..=63).contains(&name.len())
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name
@@ -212,7 +212,7 @@ pub fn validate_name(name: &str) -> Result<(), ArgsError> {
 }
 
 /// Checks a containerd namespace: 1-76 characters of `[A-Za-z0-9._-]`.
-pub fn validate_namespace(ns: &str) -> Result<(), ArgsError> {
+pub(crate) fn validate_namespace(ns: &str) -> Result<(), ArgsError> {
     let ok = (1..=76).contains(&ns.len())
         && ns
             .bytes()
@@ -226,7 +226,7 @@ pub fn validate_namespace(ns: &str) -> Result<(), ArgsError> {
 
 /// Options of `container run`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RunOpts {
+pub(crate) struct RunOpts {
     /// containerd namespace.
     pub namespace: String,
     /// Container name (and containerd id).
@@ -249,7 +249,7 @@ pub struct RunOpts {
 
 /// Options of `container ps`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PsOpts {
+pub(crate) struct PsOpts {
     /// containerd namespace.
     pub namespace: String,
     /// One JSON document instead of a table.
@@ -258,7 +258,7 @@ pub struct PsOpts {
 
 /// Options of `container rm`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RmOpts {
+pub(crate) struct RmOpts {
     /// containerd namespace.
     pub namespace: String,
     /// Kill a running container first.
@@ -324,7 +324,7 @@ fn required(slot: Option<String>, flag: &'static str) -> Result<String, ArgsErro
 
 /// Parses `run` arguments: flags, then `IMAGE [--] [CMD ARG...]` (everything after the image
 /// belongs to the command). Validates names, ports and environment entries.
-pub fn parse_run(args: &[String]) -> Result<RunOpts, ArgsError> {
+pub(crate) fn parse_run(args: &[String]) -> Result<RunOpts, ArgsError> {
     let mut o = RunOpts::default();
     let (mut ns, mut name, mut workdir) = (None, None, None);
     let mut f = Flags::new(args);
@@ -396,7 +396,7 @@ pub fn parse_run(args: &[String]) -> Result<RunOpts, ArgsError> {
 }
 
 /// Rejects two `--publish` of the same guest port and protocol.
-pub fn check_publish_unique(ports: &[Publish]) -> Result<(), ArgsError> {
+pub(crate) fn check_publish_unique(ports: &[Publish]) -> Result<(), ArgsError> {
     for (i, p) in ports.iter().enumerate() {
         if ports[..i]
             .iter()
@@ -412,7 +412,7 @@ pub fn check_publish_unique(ports: &[Publish]) -> Result<(), ArgsError> {
 }
 
 /// Parses `ps` arguments.
-pub fn parse_ps(args: &[String]) -> Result<PsOpts, ArgsError> {
+pub(crate) fn parse_ps(args: &[String]) -> Result<PsOpts, ArgsError> {
     let mut o = PsOpts::default();
     let mut ns = None;
     let mut f = Flags::new(args);
@@ -440,7 +440,7 @@ pub fn parse_ps(args: &[String]) -> Result<PsOpts, ArgsError> {
 }
 
 /// Parses `rm` arguments (flags may follow the name).
-pub fn parse_rm(args: &[String]) -> Result<RmOpts, ArgsError> {
+pub(crate) fn parse_rm(args: &[String]) -> Result<RmOpts, ArgsError> {
     let mut o = RmOpts::default();
     let (mut ns, mut name) = (None, None);
     let mut f = Flags::new(args);

@@ -8,13 +8,13 @@ use std::path::Path;
 use std::process::Command;
 
 /// containerd's socket; its absence means containerd is not running.
-pub const SOCKET: &str = "/run/containerd/containerd.sock";
+pub(crate) const SOCKET: &str = "/run/containerd/containerd.sock";
 /// Where Debian installs `ctr`.
-pub const CTR: &str = "/usr/bin/ctr";
+pub(crate) const CTR: &str = "/usr/bin/ctr";
 
 /// A failed `ctr` call, or containerd not running.
 #[derive(Debug, thiserror::Error)]
-pub enum CtrError {
+pub(crate) enum CtrError {
     /// `ctr` could not be started.
     #[error("cannot run ctr")]
     Spawn(#[source] std::io::Error),
@@ -35,7 +35,7 @@ pub enum CtrError {
 }
 
 /// A `ctr` command for a namespace (`ctr --address SOCKET --namespace NS ARGS…`).
-pub fn command(ns: &str, args: &[&str]) -> Command {
+pub(crate) fn command(ns: &str, args: &[&str]) -> Command {
     let prog = if Path::new(CTR).exists() { CTR } else { "ctr" };
     let mut cmd = Command::new(prog);
     cmd.arg("--address")
@@ -47,7 +47,7 @@ pub fn command(ns: &str, args: &[&str]) -> Command {
 }
 
 /// Runs `ctr` to completion with captured output; stdout on success, else ctr's error message.
-pub fn output(ns: &str, args: &[&str]) -> Result<String, CtrError> {
+pub(crate) fn output(ns: &str, args: &[&str]) -> Result<String, CtrError> {
     let out = run_captured(&mut command(ns, args), None).map_err(CtrError::Spawn)?;
     if out.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -66,7 +66,7 @@ pub fn output(ns: &str, args: &[&str]) -> Result<String, CtrError> {
 
 /// The message of a ctr failure: its last non-empty stderr line without the `ctr: ` prefix
 /// (logrus lines: their `msg="…"`).
-pub fn error_line(stderr: &str) -> String {
+pub(crate) fn error_line(stderr: &str) -> String {
     let line = stderr
         .lines()
         .rev()
@@ -98,7 +98,7 @@ pub fn error_line(stderr: &str) -> String {
 
 /// One row of `ctr containers ls`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerRow {
+pub(crate) struct ContainerRow {
     /// Container id (gatevm's name).
     pub id: String,
     /// Image reference (`-` when none).
@@ -107,7 +107,7 @@ pub struct ContainerRow {
 
 /// One row of `ctr tasks ls`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskRow {
+pub(crate) struct TaskRow {
     /// Container id.
     pub id: String,
     /// Pid of the task's init process.
@@ -118,7 +118,7 @@ pub struct TaskRow {
 
 impl TaskRow {
     /// Whether the task has live processes (anything but `stopped` and `created`).
-    pub fn is_running(&self) -> bool {
+    pub(crate) fn is_running(&self) -> bool {
         !matches!(self.status.as_str(), "stopped" | "created")
     }
 }
@@ -137,7 +137,7 @@ fn rows<'a>(out: &'a str, header: &str) -> Vec<Vec<&'a str>> {
 }
 
 /// Parses `ctr containers ls` (`CONTAINER IMAGE RUNTIME`).
-pub fn parse_containers(out: &str) -> Vec<ContainerRow> {
+pub(crate) fn parse_containers(out: &str) -> Vec<ContainerRow> {
     rows(out, "CONTAINER")
         .into_iter()
         .filter(|c| c.len() >= 2)
@@ -149,7 +149,7 @@ pub fn parse_containers(out: &str) -> Vec<ContainerRow> {
 }
 
 /// Parses `ctr tasks ls` (`TASK PID STATUS`).
-pub fn parse_tasks(out: &str) -> Vec<TaskRow> {
+pub(crate) fn parse_tasks(out: &str) -> Vec<TaskRow> {
     rows(out, "TASK")
         .into_iter()
         .filter(|c| c.len() >= 3)
@@ -164,7 +164,7 @@ pub fn parse_tasks(out: &str) -> Vec<TaskRow> {
 }
 
 /// Parses a `-q` listing: one name per line.
-pub fn parse_quiet(out: &str) -> Vec<String> {
+pub(crate) fn parse_quiet(out: &str) -> Vec<String> {
     out.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -173,7 +173,7 @@ pub fn parse_quiet(out: &str) -> Vec<String> {
 }
 
 /// The labels in `ctr containers info` output (`{"Labels": {...}, ...}`).
-pub fn parse_info_labels(out: &str) -> BTreeMap<String, String> {
+pub(crate) fn parse_info_labels(out: &str) -> BTreeMap<String, String> {
     let Ok(v) = serde_json::from_str::<Value>(out) else {
         return BTreeMap::new();
     };
@@ -188,37 +188,37 @@ pub fn parse_info_labels(out: &str) -> BTreeMap<String, String> {
 }
 
 /// Image names stored in a namespace.
-pub fn images(ns: &str) -> Result<Vec<String>, CtrError> {
+pub(crate) fn images(ns: &str) -> Result<Vec<String>, CtrError> {
     output(ns, &["images", "ls", "-q"]).map(|o| parse_quiet(&o))
 }
 
 /// Container ids of a namespace.
-pub fn container_ids(ns: &str) -> Result<Vec<String>, CtrError> {
+pub(crate) fn container_ids(ns: &str) -> Result<Vec<String>, CtrError> {
     output(ns, &["containers", "ls", "-q"]).map(|o| parse_quiet(&o))
 }
 
 /// Containers of a namespace with their images.
-pub fn containers(ns: &str) -> Result<Vec<ContainerRow>, CtrError> {
+pub(crate) fn containers(ns: &str) -> Result<Vec<ContainerRow>, CtrError> {
     output(ns, &["containers", "ls"]).map(|o| parse_containers(&o))
 }
 
 /// Tasks of a namespace.
-pub fn tasks(ns: &str) -> Result<Vec<TaskRow>, CtrError> {
+pub(crate) fn tasks(ns: &str) -> Result<Vec<TaskRow>, CtrError> {
     output(ns, &["tasks", "ls"]).map(|o| parse_tasks(&o))
 }
 
 /// The task of one container, if it has one.
-pub fn task(ns: &str, id: &str) -> Result<Option<TaskRow>, CtrError> {
+pub(crate) fn task(ns: &str, id: &str) -> Result<Option<TaskRow>, CtrError> {
     Ok(tasks(ns)?.into_iter().find(|t| t.id == id))
 }
 
 /// Labels of one container.
-pub fn labels(ns: &str, id: &str) -> Result<BTreeMap<String, String>, CtrError> {
+pub(crate) fn labels(ns: &str, id: &str) -> Result<BTreeMap<String, String>, CtrError> {
     output(ns, &["containers", "info", id]).map(|o| parse_info_labels(&o))
 }
 
 /// Whether containerd's socket exists.
-pub fn check_running() -> Result<(), CtrError> {
+pub(crate) fn check_running() -> Result<(), CtrError> {
     if Path::new(SOCKET).exists() {
         Ok(())
     } else {

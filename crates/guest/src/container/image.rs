@@ -4,12 +4,12 @@
 /// A reference that is not a docker-style image reference.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid image reference {0:?}")]
-pub struct InvalidReference(pub String);
+pub(crate) struct InvalidReference(pub String);
 
 /// Normalizes a docker-style reference: adds `docker.io` when the first component is not a
 /// registry (no `.` or `:`, not `localhost`, lower case), `library/` for official images on
 /// docker.io, and `:latest` when there is neither a tag nor a digest. Digests are kept.
-pub fn normalize(reference: &str) -> Result<String, InvalidReference> {
+pub(crate) fn normalize(reference: &str) -> Result<String, InvalidReference> {
     let invalid = || InvalidReference(reference.into());
     if reference.is_empty()
         || reference.starts_with('-')
@@ -75,7 +75,7 @@ pub fn normalize(reference: &str) -> Result<String, InvalidReference> {
 
 /// Picks the stored image that `reference` names: the normalized reference, or the reference
 /// exactly as given.
-pub fn find<'a>(reference: &str, stored: &'a [String]) -> Option<&'a str> {
+pub(crate) fn find<'a>(reference: &str, stored: &'a [String]) -> Option<&'a str> {
     let normalized = normalize(reference).ok();
     stored
         .iter()

@@ -16,18 +16,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Root of the per-container state directories.
-pub const STATE_ROOT: &str = "/run/gatevm/containers";
+pub(crate) const STATE_ROOT: &str = "/run/gatevm/containers";
 /// Where `ip netns` keeps named network namespaces.
-pub const NETNS_DIR: &str = "/run/netns";
+pub(crate) const NETNS_DIR: &str = "/run/netns";
 /// Where detached containers' output goes (the state disk, not the RAM-backed `/run`).
-pub const LOG_DIR: &str = "/var/lib/gatevm/logs";
+pub(crate) const LOG_DIR: &str = "/var/lib/gatevm/logs";
 
 const STATE_FILE: &str = "state.json";
 const RESULT_FILE: &str = "cni-result.json";
 
 /// A container network step that failed.
 #[derive(Debug, thiserror::Error)]
-pub enum NetworkError {
+pub(crate) enum NetworkError {
     /// `state.json` lacks a field.
     #[error("container state has no {0}")]
     MissingField(&'static str),
@@ -101,28 +101,28 @@ pub enum NetworkError {
 }
 
 /// The state directory of a container.
-pub fn state_dir(name: &str) -> PathBuf {
+pub(crate) fn state_dir(name: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(name)
 }
 
 /// The name of a container's network namespace (`gatevm-NAME`).
-pub fn netns_name(name: &str) -> String {
+pub(crate) fn netns_name(name: &str) -> String {
     format!("gatevm-{name}")
 }
 
 /// The path of a container's network namespace.
-pub fn netns_path(name: &str) -> PathBuf {
+pub(crate) fn netns_path(name: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(netns_name(name))
 }
 
 /// The output log of a detached container.
-pub fn log_path(name: &str) -> PathBuf {
+pub(crate) fn log_path(name: &str) -> PathBuf {
     Path::new(LOG_DIR).join(format!("{name}.log"))
 }
 
 /// What DEL needs, and who owns the container's setup.
 #[derive(Debug, Clone, PartialEq)]
-pub struct State {
+pub(crate) struct State {
     /// containerd namespace of the container.
     pub namespace: String,
     /// Container name.
@@ -143,7 +143,7 @@ pub struct State {
 
 impl State {
     /// The state of a new container of `namespace` owned by this process.
-    pub fn new(namespace: &str, name: &str, ports: &[Publish]) -> State {
+    pub(crate) fn new(namespace: &str, name: &str, ports: &[Publish]) -> State {
         State {
             namespace: namespace.into(),
             name: name.into(),
@@ -157,7 +157,7 @@ impl State {
     }
 
     /// As `state.json`.
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         json!({
             "namespace": self.namespace,
             "name": self.name,
@@ -171,7 +171,7 @@ impl State {
     }
 
     /// Reads `state.json`.
-    pub fn from_json(v: &Value) -> Result<State, NetworkError> {
+    pub(crate) fn from_json(v: &Value) -> Result<State, NetworkError> {
         let s = |k: &'static str| -> Result<String, NetworkError> {
             v.get(k)
                 .and_then(Value::as_str)
@@ -208,7 +208,7 @@ impl State {
     }
 
     /// The CNI attachment this state describes.
-    pub fn attachment(&self) -> Attachment {
+    pub(crate) fn attachment(&self) -> Attachment {
         Attachment {
             container_id: self.cni_container_id.clone(),
             netns: self.netns.clone(),
@@ -218,13 +218,13 @@ impl State {
     }
 
     /// The port mappings for the portmap plugin.
-    pub fn mappings(&self) -> Vec<PortMapping> {
+    pub(crate) fn mappings(&self) -> Vec<PortMapping> {
         self.ports.iter().map(Publish::mapping).collect()
     }
 }
 
 /// Reads a container's saved state; `Ok(None)` when there is none.
-pub fn load(name: &str) -> Result<Option<State>, NetworkError> {
+pub(crate) fn load(name: &str) -> Result<Option<State>, NetworkError> {
     let path = state_dir(name).join(STATE_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -244,7 +244,7 @@ fn load_result(name: &str) -> Option<Value> {
 }
 
 /// Whether a pid belongs to a live `gatevm-guest` process other than this one.
-pub fn owner_alive(pid: u32) -> bool {
+pub(crate) fn owner_alive(pid: u32) -> bool {
     if pid == 0 || pid == std::process::id() {
         return false;
     }
@@ -288,7 +288,7 @@ fn write_json(path: &Path, v: &Value) -> Result<(), NetworkError> {
 
 /// Claims the state directory of a new container (fails when it exists: the name is taken or
 /// being set up) and records `state` in it.
-pub fn claim(state: &State) -> Result<(), NetworkError> {
+pub(crate) fn claim(state: &State) -> Result<(), NetworkError> {
     std::fs::create_dir_all(STATE_ROOT).map_err(|source| NetworkError::Create {
         path: STATE_ROOT.into(),
         source,
@@ -306,7 +306,7 @@ pub fn claim(state: &State) -> Result<(), NetworkError> {
 
 /// Creates the network namespace, writes the network list when missing or different, and
 /// attaches the namespace (CNI ADD); the result is saved for DEL.
-pub fn setup(state: &State) -> Result<(), NetworkError> {
+pub(crate) fn setup(state: &State) -> Result<(), NetworkError> {
     let ns = netns_name(&state.name);
     if Path::new(&state.netns).exists() {
         // A leftover of an earlier container of that name whose state is gone.
@@ -326,7 +326,7 @@ pub fn setup(state: &State) -> Result<(), NetworkError> {
 
 /// Undoes whatever [`setup`] did for `name` (CNI DEL with the saved state, namespace deletion,
 /// state directory removal), tolerating each part being absent. Returns problems as messages.
-pub fn teardown(name: &str) -> Vec<String> {
+pub(crate) fn teardown(name: &str) -> Vec<String> {
     let mut problems = Vec::new();
     match load(name) {
         Ok(Some(state)) => {
@@ -358,7 +358,7 @@ pub fn teardown(name: &str) -> Vec<String> {
 }
 
 /// Whether anything of a container's network is left (state directory or namespace).
-pub fn exists(name: &str) -> bool {
+pub(crate) fn exists(name: &str) -> bool {
     state_dir(name).exists() || netns_path(name).exists()
 }
 

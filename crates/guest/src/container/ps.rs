@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 /// One listed container.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Container name.
     pub name: String,
     /// Image reference.
@@ -26,7 +26,7 @@ pub struct Entry {
 }
 
 /// Joins containers and tasks by id (sorted by name); `ports` maps ids to their port specs.
-pub fn join(
+pub(crate) fn join(
     containers: &[ContainerRow],
     tasks: &[TaskRow],
     ports: &BTreeMap<String, Vec<String>>,
@@ -49,7 +49,7 @@ pub fn join(
 }
 
 /// The `--json` document: an array of `{name, image, status, pid, ports}`.
-pub fn render_json(entries: &[Entry]) -> String {
+pub(crate) fn render_json(entries: &[Entry]) -> String {
     let v: Vec<Value> = entries
         .iter()
         .map(|e| {
@@ -68,7 +68,7 @@ pub fn render_json(entries: &[Entry]) -> String {
 }
 
 /// The table: `NAME IMAGE STATUS PORTS`, columns padded to their widest cell.
-pub fn render_table(entries: &[Entry]) -> String {
+pub(crate) fn render_table(entries: &[Entry]) -> String {
     let rows: Vec<[String; 4]> = std::iter::once([
         "NAME".to_string(),
         "IMAGE".to_string(),
@@ -107,7 +107,7 @@ pub fn render_table(entries: &[Entry]) -> String {
 }
 
 /// `gatevm-guest container ps ARGS…`.
-pub fn main(argv: &[String]) -> i32 {
+pub(crate) fn main(argv: &[String]) -> i32 {
     let o = match args::parse_ps(argv) {
         Ok(o) => o,
         Err(e) => return Failure::new(2, error_chain(&e)).report(),

@@ -8,11 +8,11 @@ use crate::log::error_chain;
 use std::time::{Duration, Instant};
 
 /// How long `--force` waits for a killed task to stop.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Deletes a container of `ns` (its task first; a running task only when `force`, with
 /// SIGKILL). Exit code 1 on failure.
-pub fn remove_container(ns: &str, name: &str, force: bool) -> Result<(), Failure> {
+pub(crate) fn remove_container(ns: &str, name: &str, force: bool) -> Result<(), Failure> {
     let fail = |m: String| Failure::new(1, m);
     let ctr_fail = |e: ctr::CtrError| fail(error_chain(&e));
     if let Some(task) = ctr::task(ns, name).map_err(ctr_fail)? {
@@ -66,7 +66,7 @@ pub fn remove_container(ns: &str, name: &str, force: bool) -> Result<(), Failure
 }
 
 /// `gatevm-guest container rm ARGS…`.
-pub fn main(argv: &[String]) -> i32 {
+pub(crate) fn main(argv: &[String]) -> i32 {
     let o = match args::parse_rm(argv) {
         Ok(o) => o,
         Err(e) => return Failure::new(2, error_chain(&e)).report(),

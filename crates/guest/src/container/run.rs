@@ -23,11 +23,11 @@ use std::time::Duration;
 const MODULES_WAIT: Duration = Duration::from_secs(30);
 
 /// Exit code of setup failures (like docker).
-pub const SETUP_FAILED: i32 = 125;
+pub(crate) const SETUP_FAILED: i32 = 125;
 /// The guest's resolver configuration, bind-mounted read-only into containers.
-pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+pub(crate) const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// Label holding the published ports (`8080:80/tcp,53:53/udp`).
-pub const PORTS_LABEL: &str = "gatevm.ports";
+pub(crate) const PORTS_LABEL: &str = "gatevm.ports";
 
 fn setup_failure(msg: impl Into<String>) -> Failure {
     Failure::new(SETUP_FAILED, msg)
@@ -43,7 +43,7 @@ fn setup_error(e: &dyn std::error::Error) -> Failure {
 /// Every flag is written `--flag=value` and the image follows `--`: some ctr versions reorder
 /// arguments, take the word after a flag without `=` as its possible value (so a `--` right after
 /// `--tty` would be swallowed) and would then take flags of the command (`sh -c …`) as their own.
-pub fn create_args(o: &RunOpts, image: &str, mount_resolv: bool) -> Vec<String> {
+pub(crate) fn create_args(o: &RunOpts, image: &str, mount_resolv: bool) -> Vec<String> {
     let mut a: Vec<String> = vec!["containers".into(), "create".into()];
     a.push(format!(
         "--with-ns=network:{}",
@@ -74,7 +74,7 @@ pub fn create_args(o: &RunOpts, image: &str, mount_resolv: bool) -> Vec<String> 
 }
 
 /// Arguments of `ctr tasks start`.
-pub fn start_args(name: &str, detach: bool) -> Vec<String> {
+pub(crate) fn start_args(name: &str, detach: bool) -> Vec<String> {
     let mut a: Vec<String> = vec!["tasks".into(), "start".into()];
     if detach {
         a.push("--detach".into());
@@ -87,7 +87,7 @@ pub fn start_args(name: &str, detach: bool) -> Vec<String> {
 
 /// The exit code for a container that could not be started, from ctr's message: 127 when the
 /// command is not found, 126 when it cannot be executed, else 125.
-pub fn start_failure_code(msg: &str) -> i32 {
+pub(crate) fn start_failure_code(msg: &str) -> i32 {
     let m = msg.to_ascii_lowercase();
     if m.contains("executable file not found") || m.contains("no such file or directory") {
         127
@@ -101,7 +101,7 @@ pub fn start_failure_code(msg: &str) -> i32 {
 /// The exit code of an attached `ctr tasks start` from its status and the end of its stderr:
 /// ctr reports its own failures with status 1 and a last line `ctr: …`; anything else is the
 /// container's code.
-pub fn foreground_code(code: i32, stderr_tail: &str) -> i32 {
+pub(crate) fn foreground_code(code: i32, stderr_tail: &str) -> i32 {
     let last = stderr_tail
         .lines()
         .rev()
@@ -115,7 +115,7 @@ pub fn foreground_code(code: i32, stderr_tail: &str) -> i32 {
 }
 
 /// `gatevm-guest container run ARGS…`.
-pub fn main(argv: &[String]) -> i32 {
+pub(crate) fn main(argv: &[String]) -> i32 {
     let o = match args::parse_run(argv) {
         Ok(o) => o,
         Err(e) => return setup_error(&e).report(),

@@ -9,11 +9,11 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 /// The containerd namespace CRI (and so k3s) uses.
-pub const CRI_NAMESPACE: &str = "k8s.io";
+pub(crate) const CRI_NAMESPACE: &str = "k8s.io";
 
 /// How a placed image archive is handed to containerd.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ImportMethod {
+pub(crate) enum ImportMethod {
     /// `ctr images import FILE` (a tar archive).
     Tar,
     /// `tool -dc FILE | ctr images import -`.
@@ -27,7 +27,7 @@ pub enum ImportMethod {
 
 /// The import method for an archive name, by suffix (case-insensitive), as k3s decides for the
 /// containerd it embeds.
-pub fn import_method(name: &str) -> ImportMethod {
+pub(crate) fn import_method(name: &str) -> ImportMethod {
     let n = name.to_ascii_lowercase();
     let has = |suffixes: &[&str]| suffixes.iter().any(|s| n.ends_with(s));
     if has(&[".tar"]) {
@@ -173,7 +173,7 @@ fn import_one(path: &Path, method: &ImportMethod, reaper: &Reaper) -> Result<(),
 /// images directory only into the containerd it embeds). Each archive is imported at every boot,
 /// as k3s does; content containerd already has is not stored twice. Returns one log line per
 /// archive.
-pub fn import_images(dir: &Path, names: &[String], reaper: &Reaper) -> Vec<String> {
+pub(crate) fn import_images(dir: &Path, names: &[String], reaper: &Reaper) -> Vec<String> {
     let mut lines = Vec::new();
     for name in names {
         let method = import_method(name);
