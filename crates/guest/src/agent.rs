@@ -22,6 +22,7 @@
 //! child processes; [`run_serial`] and [`run_vsock`] are the two real transports.
 
 use crate::exec;
+use crate::log::error_chain;
 use crate::reaper::Reaper;
 use crate::session::{self, Link, OutputCredit, SharedWriter, StdinQueue};
 use crate::sys;
@@ -38,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// What the agent needs from the rest of the guest.
-pub trait AgentHost: Send + Sync {
+pub(crate) trait AgentHost: Send + Sync {
     /// Current payload statuses for `Status`.
     fn payloads(&self) -> Vec<PayloadStatus>;
     /// Called after `ShutdownAck` was written. In PID 1 this powers off and never returns.
@@ -47,7 +48,7 @@ pub trait AgentHost: Send + Sync {
 
 /// Facts reported in the guest's `Hello`.
 #[derive(Debug, Clone)]
-pub struct AgentInfo {
+pub(crate) struct AgentInfo {
     /// e.g. `gatevm-guest 0.1.0`.
     pub software: String,
     /// Kernel release.
@@ -58,7 +59,7 @@ pub struct AgentInfo {
 
 impl AgentInfo {
     /// The info of this binary, stamped now.
-    pub fn current() -> Self {
+    pub(crate) fn current() -> Self {
         AgentInfo {
             software: crate::software(),
             kernel: sys::kernel_release(),
@@ -69,7 +70,7 @@ impl AgentInfo {
 
 /// What to do when the channel reads end-of-file at a frame boundary.
 #[derive(Debug, Clone, Copy)]
-pub enum OnEof {
+pub(crate) enum OnEof {
     /// No host is connected right now (virtio-serial): sleep and read again.
     Retry(Duration),
     /// The connection is over (vsock, tests): return.
@@ -78,7 +79,7 @@ pub enum OnEof {
 
 /// Why [`Agent::serve`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ServeEnd {
+pub(crate) enum ServeEnd {
     /// The channel ended ([`OnEof::Stop`]).
     Eof,
     /// The host asked for a shutdown and [`AgentHost::shutdown`] returned.
@@ -98,7 +99,7 @@ struct SessionHandle {
 type Sessions = Arc<Mutex<HashMap<u32, SessionHandle>>>;
 
 /// The agent: session table plus what it reports.
-pub struct Agent {
+pub(crate) struct Agent {
     host: Arc<dyn AgentHost>,
     reaper: &'static Reaper,
     info: AgentInfo,
@@ -159,7 +160,7 @@ fn error(stream: u32, message: impl Into<String>) -> Frame<GuestMsg> {
 
 impl Agent {
     /// A new agent with no sessions.
-    pub fn new(host: Arc<dyn AgentHost>, reaper: &'static Reaper, info: AgentInfo) -> Self {
+    pub(crate) fn new(host: Arc<dyn AgentHost>, reaper: &'static Reaper, info: AgentInfo) -> Self {
         Agent {
             host,
             reaper,
@@ -171,13 +172,14 @@ impl Agent {
     }
 
     /// Number of running sessions.
-    pub fn session_count(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn session_count(&self) -> usize {
         sys::lock(&self.sessions).len()
     }
 
     /// Serves one channel until it ends (per `on_eof`) or a shutdown was handled. Malformed
     /// frames get an `Error` on their stream; bad length fields are logged and reading goes on.
-    pub fn serve<R: Read>(&self, r: &mut R, w: &SharedWriter, on_eof: OnEof) -> ServeEnd {
+    pub(crate) fn serve<R: Read>(&self, r: &mut R, w: &SharedWriter, on_eof: OnEof) -> ServeEnd {
         let mut bad_frames: u64 = 0;
         loop {
             match read_body(r) {
@@ -216,7 +218,7 @@ impl Agent {
 
     /// Mutes every session (their frames would go to a host that is gone) and kills their
     /// process groups.
-    pub fn detach_all(&self, w: &SharedWriter) {
+    pub(crate) fn detach_all(&self, w: &SharedWriter) {
         let drained: Vec<SessionHandle> = {
             let mut sessions = sys::lock(&self.sessions);
             let _writer = sys::lock(w);
@@ -424,7 +426,7 @@ impl Agent {
         };
         let file = match open_for_reading(path, max_bytes) {
             Ok(f) => f,
-            Err(message) => return failed(message),
+            Err(e) => return failed(error_chain(&e)),
         };
         let serial = self.next_serial.fetch_add(1, Ordering::SeqCst);
         let link = Link {
@@ -545,36 +547,88 @@ impl Agent {
     }
 }
 
+/// Why a `ReadFile` path cannot be read.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    /// The path is relative or contains a NUL byte.
+    #[error("{0:?} is not an absolute path")]
+    NotAbsolute(String),
+    /// open(2) failed.
+    #[error("cannot open {path}")]
+    Open {
+        /// The path (at most 200 characters).
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// fstat(2) failed.
+    #[error("cannot stat {path}")]
+    Stat {
+        /// The path (at most 200 characters).
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Not a regular file.
+    #[error("{path} is {what}")]
+    NotAFile {
+        /// The path (at most 200 characters).
+        path: String,
+        /// `a directory` or `not a regular file`.
+        what: &'static str,
+    },
+    /// Larger than the request allows.
+    #[error("{path} is {len} bytes, more than the limit of {max}")]
+    TooLarge {
+        /// The path (at most 200 characters).
+        path: String,
+        /// Its size.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+}
+
 /// Opens `path` for a `ReadFile`: an absolute path naming a regular file of at most `max_bytes`
 /// bytes. Opened without blocking (a FIFO or device would otherwise hold the agent loop) and
 /// checked on the open file, so a swap after the check changes nothing.
-fn open_for_reading(path: &str, max_bytes: u64) -> Result<File, String> {
+fn open_for_reading(path: &str, max_bytes: u64) -> Result<File, OpenError> {
     use std::os::unix::fs::OpenOptionsExt;
     if !path.starts_with('/') || path.contains('\0') {
-        return Err(format!("{:?} is not an absolute path", truncate(path, 200)));
+        return Err(OpenError::NotAbsolute(truncate(path, 200).into()));
     }
-    let shown = truncate(path, 200);
+    let shown = || truncate(path, 200).to_string();
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
-        .map_err(|e| format!("cannot open {shown}: {e}"))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot stat {shown}: {e}"))?;
+        .map_err(|source| OpenError::Open {
+            path: shown(),
+            source,
+        })?;
+    let meta = file.metadata().map_err(|source| OpenError::Stat {
+        path: shown(),
+        source,
+    })?;
     if !meta.is_file() {
         let what = if meta.is_dir() {
             "a directory"
         } else {
             "not a regular file"
         };
-        return Err(format!("{shown} is {what}"));
+        return Err(OpenError::NotAFile {
+            path: shown(),
+            what,
+        });
     }
     if meta.len() > max_bytes {
-        return Err(format!(
-            "{shown} is {} bytes, more than the limit of {max_bytes}",
-            meta.len()
-        ));
+        return Err(OpenError::TooLarge {
+            path: shown(),
+            len: meta.len(),
+            max: max_bytes,
+        });
     }
     Ok(file)
 }
@@ -588,7 +642,7 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// Finds the virtio-serial port named `name` under `sysfs_ports` (normally
 /// `/sys/class/virtio-ports`); returns the port's device name (e.g. `vport1p1`).
-pub fn find_port(sysfs_ports: &Path, name: &str) -> Option<String> {
+pub(crate) fn find_port(sysfs_ports: &Path, name: &str) -> Option<String> {
     let entries = std::fs::read_dir(sysfs_ports).ok()?;
     for e in entries.flatten() {
         let n = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
@@ -623,7 +677,7 @@ fn port_device(port: &str) -> io::Result<PathBuf> {
 
 /// Serves the agent on the virtio-serial port named [`gatevm_protocol::AGENT_PORT_NAME`]; waits
 /// for the port to appear and never returns except after a handled shutdown.
-pub fn run_serial(agent: &Agent) {
+pub(crate) fn run_serial(agent: &Agent) {
     let started = std::time::Instant::now();
     let mut warned = false;
     let port = loop {
@@ -686,7 +740,7 @@ pub fn run_serial(agent: &Agent) {
 
 /// Serves the agent on an `AF_VSOCK` listener on [`gatevm_protocol::AGENT_VSOCK_PORT`], one
 /// connection at a time; sessions of a closed connection are killed.
-pub fn run_vsock(agent: &Agent) {
+pub(crate) fn run_vsock(agent: &Agent) {
     use nix::sys::socket::{
         accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
     };

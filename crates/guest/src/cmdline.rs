@@ -3,14 +3,11 @@
 //! The keys, their values and their parsing are the contract in [`gatevm_abi::cmdline`].
 
 use gatevm_abi::cmdline::with_args;
-pub use gatevm_abi::cmdline::{
-    parse, split, valid_hostname, AgentTransport, Cmdline, PayloadKind, DEFAULT_HOSTNAME, MAX_MTU,
-    MIN_MTU,
-};
+pub(crate) use gatevm_abi::cmdline::{parse, AgentTransport, Cmdline, PayloadKind};
 
 /// Reads and parses `/proc/cmdline` and then this process's arguments (which win); defaults when
 /// neither can be read.
-pub fn read() -> (Cmdline, Vec<String>) {
+pub(crate) fn read() -> (Cmdline, Vec<String>) {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match std::fs::read_to_string("/proc/cmdline") {
         Ok(s) => parse(&with_args(&s, &args)),

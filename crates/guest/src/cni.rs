@@ -15,25 +15,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Name of gatevm's container network.
-pub const NETWORK_NAME: &str = "gatevm";
+pub(crate) const NETWORK_NAME: &str = "gatevm";
 /// Where the network configuration list is written.
-pub const CONFLIST_PATH: &str = "/etc/cni/net.d/10-gatevm.conflist";
+pub(crate) const CONFLIST_PATH: &str = "/etc/cni/net.d/10-gatevm.conflist";
 /// The bridge on the guest side.
-pub const BRIDGE: &str = "gatevm0";
+pub(crate) const BRIDGE: &str = "gatevm0";
 /// The containers' subnet (host-local IPAM).
-pub const SUBNET: &str = "10.88.0.0/16";
+pub(crate) const SUBNET: &str = "10.88.0.0/16";
 /// Where plugin binaries are searched (Debian's containernetworking-plugins, then the usual place).
-pub const CNI_PATH: &str = "/usr/lib/cni:/opt/cni/bin";
+pub(crate) const CNI_PATH: &str = "/usr/lib/cni:/opt/cni/bin";
 /// Interface name inside the container.
-pub const IFNAME: &str = "eth0";
+pub(crate) const IFNAME: &str = "eth0";
 /// CNI specification version of the list.
-pub const CNI_VERSION: &str = "1.0.0";
+pub(crate) const CNI_VERSION: &str = "1.0.0";
 /// `PATH` given to plugins when this process has none (they run `iptables`, `ip`, …).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// A CNI failure, already phrased for the user.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CniError(pub String);
+pub(crate) struct CniError(pub String);
 
 impl std::fmt::Display for CniError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -45,7 +45,7 @@ impl std::error::Error for CniError {}
 
 /// One published port as CNI's `portMappings` capability describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PortMapping {
+pub(crate) struct PortMapping {
     /// Port on the guest (CNI calls it the host port).
     pub host_port: u16,
     /// Port inside the container.
@@ -56,7 +56,7 @@ pub struct PortMapping {
 
 /// The `CNI_COMMAND` verb.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verb {
+pub(crate) enum Verb {
     /// Attach the container to the network.
     Add,
     /// Detach it and release what ADD allocated.
@@ -65,7 +65,7 @@ pub enum Verb {
 
 impl Verb {
     /// The `CNI_COMMAND` value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Verb::Add => "ADD",
             Verb::Del => "DEL",
@@ -75,7 +75,7 @@ impl Verb {
 
 /// What identifies one attachment: the environment every plugin gets besides `CNI_COMMAND`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attachment {
+pub(crate) struct Attachment {
     /// `CNI_CONTAINERID`.
     pub container_id: String,
     /// `CNI_NETNS`: path of the network namespace.
@@ -87,7 +87,7 @@ pub struct Attachment {
 }
 
 /// gatevm's network configuration list: a bridge with host-local IPAM, then portmap.
-pub fn conflist() -> Value {
+pub(crate) fn conflist() -> Value {
     json!({
         "cniVersion": CNI_VERSION,
         "name": NETWORK_NAME,
@@ -113,14 +113,14 @@ pub fn conflist() -> Value {
 }
 
 /// The text written to [`CONFLIST_PATH`] (stable: serde_json sorts keys).
-pub fn conflist_text(list: &Value) -> String {
+pub(crate) fn conflist_text(list: &Value) -> String {
     let mut s = serde_json::to_string_pretty(list).unwrap_or_else(|_| list.to_string());
     s.push('\n');
     s
 }
 
 /// Writes `text` to `path` unless the file already holds exactly that; true when it wrote.
-pub fn ensure_file(path: &Path, text: &str) -> io::Result<bool> {
+pub(crate) fn ensure_file(path: &Path, text: &str) -> io::Result<bool> {
     if std::fs::read(path).ok().as_deref() == Some(text.as_bytes()) {
         return Ok(false);
     }
@@ -139,7 +139,7 @@ pub fn ensure_file(path: &Path, text: &str) -> io::Result<bool> {
 }
 
 /// The `portMappings` capability argument.
-pub fn port_mappings_json(ports: &[PortMapping]) -> Value {
+pub(crate) fn port_mappings_json(ports: &[PortMapping]) -> Value {
     Value::Array(
         ports
             .iter()
@@ -155,7 +155,7 @@ pub fn port_mappings_json(ports: &[PortMapping]) -> Value {
 }
 
 /// The plugin configurations of a list, checked: each is an object with a plain `type` name.
-pub fn plugins(list: &Value) -> Result<Vec<&Map<String, Value>>, CniError> {
+pub(crate) fn plugins(list: &Value) -> Result<Vec<&Map<String, Value>>, CniError> {
     let arr = list
         .get("plugins")
         .and_then(Value::as_array)
@@ -175,7 +175,7 @@ pub fn plugins(list: &Value) -> Result<Vec<&Map<String, Value>>, CniError> {
 }
 
 /// A plugin's `type`, which names its binary (so it must be a plain file name).
-pub fn plugin_type(plugin: &Map<String, Value>) -> Result<&str, CniError> {
+pub(crate) fn plugin_type(plugin: &Map<String, Value>) -> Result<&str, CniError> {
     match plugin.get("type").and_then(Value::as_str) {
         Some(t) if !t.is_empty() && !t.contains('/') && t != "." && t != ".." => Ok(t),
         _ => Err(CniError(
@@ -185,7 +185,7 @@ pub fn plugin_type(plugin: &Map<String, Value>) -> Result<&str, CniError> {
 }
 
 /// Whether a plugin enables a capability (`"capabilities": {"portMappings": true}`).
-pub fn has_capability(plugin: &Map<String, Value>, cap: &str) -> bool {
+pub(crate) fn has_capability(plugin: &Map<String, Value>, cap: &str) -> bool {
     plugin
         .get("capabilities")
         .and_then(|c| c.get(cap))
@@ -195,7 +195,7 @@ pub fn has_capability(plugin: &Map<String, Value>, cap: &str) -> bool {
 
 /// The stdin document of one plugin: its configuration plus the list's `name` and `cniVersion`,
 /// `prevResult` when given, and `runtimeConfig.portMappings` when it has that capability.
-pub fn plugin_stdin(
+pub(crate) fn plugin_stdin(
     list: &Value,
     plugin: &Map<String, Value>,
     prev_result: Option<&Value>,
@@ -229,7 +229,7 @@ pub fn plugin_stdin(
 
 /// The message of a plugin failure: `msg` (and `details` when present) of its JSON error on
 /// stdout, else the last line of its stderr, else how it exited.
-pub fn error_message(stdout: &[u8], stderr: &[u8], exit: &str) -> String {
+pub(crate) fn error_message(stdout: &[u8], stderr: &[u8], exit: &str) -> String {
     if let Ok(v) = serde_json::from_slice::<Value>(stdout) {
         let msg = v.get("msg").and_then(Value::as_str).unwrap_or("").trim();
         let details = v
@@ -256,7 +256,7 @@ pub fn error_message(stdout: &[u8], stderr: &[u8], exit: &str) -> String {
 }
 
 /// Finds a plugin binary in a `:`-separated search path.
-pub fn find_plugin(ty: &str, cni_path: &str) -> Option<PathBuf> {
+pub(crate) fn find_plugin(ty: &str, cni_path: &str) -> Option<PathBuf> {
     cni_path
         .split(':')
         .filter(|d| !d.is_empty())
@@ -265,7 +265,7 @@ pub fn find_plugin(ty: &str, cni_path: &str) -> Option<PathBuf> {
 }
 
 /// Runs one plugin binary with the CNI environment and `stdin`; returns its stdout on success.
-pub fn exec_plugin(
+pub(crate) fn exec_plugin(
     ty: &str,
     verb: Verb,
     att: &Attachment,
@@ -305,7 +305,7 @@ pub fn exec_plugin(
 
 /// What a process run by [`run_captured`] left behind.
 #[derive(Debug, Clone)]
-pub struct Captured {
+pub(crate) struct Captured {
     /// How it ended.
     pub status: ExitStatus,
     /// Everything it wrote on stdout.
@@ -316,7 +316,7 @@ pub struct Captured {
 
 impl Captured {
     /// Whether it exited with status 0.
-    pub fn success(&self) -> bool {
+    pub(crate) fn success(&self) -> bool {
         self.status.code == Some(0)
     }
 }
@@ -324,7 +324,7 @@ impl Captured {
 /// Runs a command to completion through the process's [`Reaper`] (the one place that waits),
 /// feeding it `input` (else `/dev/null`) and capturing stdout and stderr. The child starts with
 /// an empty signal mask.
-pub fn run_captured(cmd: &mut Command, input: Option<&[u8]>) -> io::Result<Captured> {
+pub(crate) fn run_captured(cmd: &mut Command, input: Option<&[u8]>) -> io::Result<Captured> {
     cmd.stdin(if input.is_some() {
         Stdio::piped()
     } else {
@@ -376,7 +376,11 @@ pub fn run_captured(cmd: &mut Command, input: Option<&[u8]>) -> io::Result<Captu
 }
 
 /// `ADD` through the whole list; returns the final result.
-pub fn add(list: &Value, att: &Attachment, ports: &[PortMapping]) -> Result<Value, CniError> {
+pub(crate) fn add(
+    list: &Value,
+    att: &Attachment,
+    ports: &[PortMapping],
+) -> Result<Value, CniError> {
     let mut prev: Option<Value> = None;
     for plugin in plugins(list)? {
         let ty = plugin_type(plugin)?;
@@ -399,7 +403,7 @@ pub fn add(list: &Value, att: &Attachment, ports: &[PortMapping]) -> Result<Valu
 
 /// `DEL` through the list in reverse, every plugin getting `prev_result` (the saved ADD result,
 /// when there is one). Runs every plugin even when one fails; returns the first failure.
-pub fn del(
+pub(crate) fn del(
     list: &Value,
     att: &Attachment,
     ports: &[PortMapping],

@@ -13,15 +13,15 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The state disk's block device.
-pub const DEVICE: &str = "/dev/vda";
+pub(crate) const DEVICE: &str = "/dev/vda";
 /// Where the state disk is mounted.
-pub const STATE_DIR: &str = gatevm_abi::paths::STATE_DIR;
+pub(crate) const STATE_DIR: &str = gatevm_abi::paths::STATE_DIR;
 /// containerd's root directory.
-pub const CONTAINERD_DIR: &str = "/var/lib/containerd";
+pub(crate) const CONTAINERD_DIR: &str = "/var/lib/containerd";
 
 /// What backs `/var/lib/containerd` after [`setup`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StateBacking {
+pub(crate) enum StateBacking {
     /// The ext4 state disk.
     Disk,
     /// A tmpfs (no disk, or the disk could not be mounted): state is lost at shutdown.
@@ -31,7 +31,7 @@ pub enum StateBacking {
 }
 
 /// Whether the first 64 KiB of a device are all zero (a never-formatted disk).
-pub fn is_blank(device: &Path) -> io::Result<bool> {
+pub(crate) fn is_blank(device: &Path) -> io::Result<bool> {
     let mut f = std::fs::File::open(device)?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut got = 0;
@@ -47,7 +47,7 @@ pub fn is_blank(device: &Path) -> io::Result<bool> {
 /// Removes runtime leftovers that must not survive a reboot, under a containerd root and the
 /// CNI state directory. Never touches `io.containerd.metadata.v1.bolt` (meta.db), content or
 /// snapshots.
-pub fn clean_runtime_state(containerd_root: &Path, cni_root: &Path) -> Vec<String> {
+pub(crate) fn clean_runtime_state(containerd_root: &Path, cni_root: &Path) -> Vec<String> {
     let mut removed = Vec::new();
     let targets = [
         containerd_root.join("io.containerd.runtime.v2.task"),
@@ -125,7 +125,7 @@ fn mount_disk(reaper: &Reaper) -> io::Result<()> {
 
 /// Size in bytes of the ext4 file system whose superblock (the 1024 bytes at offset 1024 of the
 /// device) is `sb`; None when it is not ext4.
-pub fn ext4_size(sb: &[u8]) -> Option<u64> {
+pub(crate) fn ext4_size(sb: &[u8]) -> Option<u64> {
     let u32_at =
         |o: usize| -> Option<u32> { Some(u32::from_le_bytes(sb.get(o..o + 4)?.try_into().ok()?)) };
     if sb.get(0x38..0x3a)? != [0x53, 0xef] {
@@ -149,7 +149,7 @@ pub fn ext4_size(sb: &[u8]) -> Option<u64> {
 const GROW_SLACK: u64 = 16 << 20;
 
 /// Whether a file system of `fs_bytes` on a device of `dev_bytes` should be grown.
-pub fn needs_grow(dev_bytes: u64, fs_bytes: u64) -> bool {
+pub(crate) fn needs_grow(dev_bytes: u64, fs_bytes: u64) -> bool {
     dev_bytes > fs_bytes.saturating_add(GROW_SLACK)
 }
 
@@ -223,7 +223,7 @@ fn mount_tmpfs() -> io::Result<()> {
 
 /// Mounts the state disk (formatting it when blank) or the tmpfs fallback, then cleans stale
 /// runtime state. Returns what backs containerd's root and one message per problem.
-pub fn setup(reaper: &Reaper) -> (StateBacking, Vec<String>) {
+pub(crate) fn setup(reaper: &Reaper) -> (StateBacking, Vec<String>) {
     let mut problems = Vec::new();
     // virtio_blk was just loaded: give the node a moment when a virtio disk exists.
     if virtio_device_present(2) {

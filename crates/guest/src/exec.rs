@@ -1,7 +1,7 @@
 //! Starting exec processes: environment, working directory, `PATH` lookup with the shell's
 //! 126/127 conventions, optional pseudo-terminal, own session per process.
 
-use crate::reaper::Reaper;
+use crate::reaper::{Reaper, Spawned};
 use gatevm_protocol::{ExecRequest, ExitStatus};
 use std::fs::File;
 use std::io;
@@ -13,17 +13,18 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc::Receiver;
 
 /// `PATH` of exec'd processes unless the request sets one.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// `HOME` of exec'd processes unless the request sets one.
-pub const DEFAULT_HOME: &str = "/root";
+pub(crate) const DEFAULT_HOME: &str = "/root";
 /// `TERM` of terminal sessions unless the request sets one.
-pub const DEFAULT_TERM: &str = "xterm-256color";
+pub(crate) const DEFAULT_TERM: &str = "xterm-256color";
 /// Terminal size used when the request gives 0 rows or columns.
-pub const DEFAULT_WINSIZE: (u16, u16) = (24, 80);
+pub(crate) const DEFAULT_WINSIZE: (u16, u16) = (24, 80);
 
 /// Why a process could not start, as sent in `ExecFailed`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecFailure {
+pub(crate) struct ExecFailure {
     /// 127 not found, 126 found but not runnable, 1 anything else.
     pub code: i32,
     /// Human-readable reason.
@@ -41,7 +42,7 @@ impl ExecFailure {
 
 /// A started exec process.
 #[derive(Debug)]
-pub struct Process {
+pub(crate) struct Process {
     /// Its pid (also its session and process group id).
     pub pid: i32,
     /// The pty master in terminal mode (output is read from it, input written to it).
@@ -60,7 +61,7 @@ fn has_nul(s: &str) -> bool {
 
 /// Builds the environment: defaults, then the request's variables (a request variable replaces a
 /// default of the same name).
-pub fn build_env(req: &ExecRequest) -> Result<Vec<(String, String)>, ExecFailure> {
+pub(crate) fn build_env(req: &ExecRequest) -> Result<Vec<(String, String)>, ExecFailure> {
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), DEFAULT_PATH.into()),
         ("HOME".into(), DEFAULT_HOME.into()),
@@ -85,7 +86,7 @@ pub fn build_env(req: &ExecRequest) -> Result<Vec<(String, String)>, ExecFailure
 
 /// The working directory: the request's (relative ones are taken from `/`) or `/`; it must be an
 /// existing directory.
-pub fn resolve_cwd(cwd: Option<&str>) -> Result<PathBuf, ExecFailure> {
+pub(crate) fn resolve_cwd(cwd: Option<&str>) -> Result<PathBuf, ExecFailure> {
     let dir = match cwd {
         None | Some("") => PathBuf::from("/"),
         Some(c) if has_nul(c) => return Err(ExecFailure::new(1, "working directory contains NUL")),
@@ -112,7 +113,7 @@ fn is_executable(m: &std::fs::Metadata) -> bool {
 /// `cwd`), any other name is searched in `path_var` (an empty entry means `cwd`).
 ///
 /// Not found is 127; found but a directory or without execute permission is 126.
-pub fn lookup(program: &str, path_var: &str, cwd: &Path) -> Result<PathBuf, ExecFailure> {
+pub(crate) fn lookup(program: &str, path_var: &str, cwd: &Path) -> Result<PathBuf, ExecFailure> {
     if program.is_empty() {
         return Err(ExecFailure::new(
             127,
@@ -167,7 +168,7 @@ pub fn lookup(program: &str, path_var: &str, cwd: &Path) -> Result<PathBuf, Exec
 }
 
 /// Maps an error of `spawn` (fork/exec in the child) to an exec failure.
-pub fn classify_spawn_error(program: &Path, e: &io::Error) -> ExecFailure {
+pub(crate) fn classify_spawn_error(program: &Path, e: &io::Error) -> ExecFailure {
     let p = program.display();
     match e.raw_os_error() {
         Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EISDIR) | Some(libc::ENOEXEC)
@@ -182,7 +183,7 @@ pub fn classify_spawn_error(program: &Path, e: &io::Error) -> ExecFailure {
 
 /// Opens a pseudo-terminal pair (both close-on-exec, the slave without becoming our controlling
 /// terminal) with the given size.
-pub fn open_pty(rows: u16, cols: u16) -> io::Result<(File, OwnedFd)> {
+pub(crate) fn open_pty(rows: u16, cols: u16) -> io::Result<(File, OwnedFd)> {
     let master = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -218,7 +219,7 @@ pub fn open_pty(rows: u16, cols: u16) -> io::Result<(File, OwnedFd)> {
 }
 
 /// Sets a terminal's size (`TIOCSWINSZ`); zero rows or columns mean [`DEFAULT_WINSIZE`].
-pub fn set_winsize(tty: &impl std::os::fd::AsRawFd, rows: u16, cols: u16) -> io::Result<()> {
+pub(crate) fn set_winsize(tty: &impl std::os::fd::AsRawFd, rows: u16, cols: u16) -> io::Result<()> {
     let (rows, cols) = if rows == 0 || cols == 0 {
         DEFAULT_WINSIZE
     } else {
@@ -238,7 +239,21 @@ pub fn set_winsize(tty: &impl std::os::fd::AsRawFd, rows: u16, cols: u16) -> io:
 }
 
 /// Starts the process of an exec request through the reaper.
-pub fn spawn(req: &ExecRequest, reaper: &Reaper) -> Result<Process, ExecFailure> {
+pub(crate) fn spawn(req: &ExecRequest, reaper: &Reaper) -> Result<Process, ExecFailure> {
+    let (mut cmd, program) = build_command(req)?;
+    let master = attach_stdio(&mut cmd, req)?;
+    start_new_session(&mut cmd, req.tty);
+    let spawned = reaper
+        .spawn(&mut cmd)
+        .map_err(|e| classify_spawn_error(&program, &e))?;
+    // Closes our copies of the pty slave, so the master sees EIO once the session is gone.
+    drop(cmd);
+    process_streams(master, spawned)
+}
+
+/// The command of a request: checked argv, environment and working directory, and the program
+/// found on the request's `PATH`.
+fn build_command(req: &ExecRequest) -> Result<(Command, PathBuf), ExecFailure> {
     let Some(argv0) = req.argv.first() else {
         return Err(ExecFailure::new(1, "empty argv"));
     };
@@ -260,21 +275,13 @@ pub fn spawn(req: &ExecRequest, reaper: &Reaper) -> Result<Process, ExecFailure>
         .env_clear()
         .envs(env)
         .current_dir(&cwd);
+    Ok((cmd, program))
+}
 
-    let tty = req.tty;
-    let mut master = None;
-    if tty {
-        let (m, slave) = open_pty(req.rows, req.cols)
-            .map_err(|e| ExecFailure::new(1, format!("cannot allocate a terminal: {e}")))?;
-        let dup = |fd: &OwnedFd| {
-            fd.try_clone()
-                .map_err(|e| ExecFailure::new(1, format!("cannot allocate a terminal: {e}")))
-        };
-        cmd.stdin(Stdio::from(dup(&slave)?))
-            .stdout(Stdio::from(dup(&slave)?))
-            .stderr(Stdio::from(slave));
-        master = Some(m);
-    } else {
+/// Gives the command a new pty (returning its master) in terminal mode, else pipes (stdin only
+/// when the request asks for it).
+fn attach_stdio(cmd: &mut Command, req: &ExecRequest) -> Result<Option<File>, ExecFailure> {
+    if !req.tty {
         cmd.stdin(if req.stdin {
             Stdio::piped()
         } else {
@@ -282,7 +289,22 @@ pub fn spawn(req: &ExecRequest, reaper: &Reaper) -> Result<Process, ExecFailure>
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+        return Ok(None);
     }
+    let (m, slave) = open_pty(req.rows, req.cols)
+        .map_err(|e| ExecFailure::new(1, format!("cannot allocate a terminal: {e}")))?;
+    let dup = |fd: &OwnedFd| {
+        fd.try_clone()
+            .map_err(|e| ExecFailure::new(1, format!("cannot allocate a terminal: {e}")))
+    };
+    cmd.stdin(Stdio::from(dup(&slave)?))
+        .stdout(Stdio::from(dup(&slave)?))
+        .stderr(Stdio::from(slave));
+    Ok(Some(m))
+}
+
+/// Makes the child a session leader, with its pty (stdin) as controlling terminal when `tty`.
+fn start_new_session(cmd: &mut Command, tty: bool) {
     // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
     // functions (setsid, ioctl) without allocating.
     unsafe {
@@ -296,12 +318,11 @@ pub fn spawn(req: &ExecRequest, reaper: &Reaper) -> Result<Process, ExecFailure>
             Ok(())
         });
     }
-    let spawned = reaper
-        .spawn(&mut cmd)
-        .map_err(|e| classify_spawn_error(&program, &e))?;
-    // Closes our copies of the pty slave, so the master sees EIO once the session is gone.
-    drop(cmd);
+}
 
+/// The started process with the streams to forward: the pty master (output and input) in
+/// terminal mode, else its pipes.
+fn process_streams(master: Option<File>, spawned: Spawned) -> Result<Process, ExecFailure> {
     let mut outputs = Vec::new();
     let stdin;
     let mut tty_file = None;

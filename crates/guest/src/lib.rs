@@ -8,40 +8,40 @@
 //! `PATH` lookup, the agent conversation with real child processes) is a plain library function
 //! with unit tests; the PID 1 sequencing lives in [`pid1`] and [`stage1`].
 
-pub mod agent;
-pub mod cmdline;
-pub mod cni;
-pub mod container;
-pub mod disk;
-pub mod exec;
-pub mod fsutil;
-pub mod log;
-pub mod modules;
-pub mod mounts;
-pub mod net;
-pub mod payload;
-pub mod pid1;
-pub mod profile;
-pub mod reaper;
-pub mod session;
-pub mod shutdown;
-pub mod stage1;
-pub mod sys;
-pub mod toml;
+pub(crate) mod agent;
+pub(crate) mod cmdline;
+pub(crate) mod cni;
+pub(crate) mod container;
+pub(crate) mod disk;
+pub(crate) mod exec;
+pub(crate) mod fsutil;
+pub(crate) mod log;
+pub(crate) mod modules;
+pub(crate) mod mounts;
+pub(crate) mod net;
+pub(crate) mod payload;
+pub(crate) mod pid1;
+pub(crate) mod profile;
+pub(crate) mod reaper;
+pub(crate) mod session;
+pub(crate) mod shutdown;
+pub(crate) mod stage1;
+pub(crate) mod sys;
+pub(crate) mod toml;
 
 use std::path::Path;
 
 /// Version of this crate, reported in `--version` and in the agent's hello.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Marker file that exists only in gatevm's initramfs.
-pub const INITRAMFS_MARKER: &str = gatevm_abi::paths::INITRAMFS_MARKER;
+pub(crate) const INITRAMFS_MARKER: &str = gatevm_abi::paths::INITRAMFS_MARKER;
 
 /// Where the host installs this same binary in the instance root; stage 1 executes it.
-pub const STAGE2_PATH: &str = gatevm_abi::paths::GUEST_AGENT;
+pub(crate) const STAGE2_PATH: &str = gatevm_abi::paths::GUEST_AGENT;
 
 /// Software string of the agent's hello, e.g. `gatevm-guest 0.1.0`.
-pub fn software() -> String {
+pub(crate) fn software() -> String {
     format!("gatevm-guest {VERSION}")
 }
 

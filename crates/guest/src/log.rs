@@ -5,7 +5,7 @@
 use std::fmt;
 
 /// Milliseconds since boot (`CLOCK_BOOTTIME`), the same clock as `/proc/uptime`.
-pub fn uptime_ms() -> u64 {
+pub(crate) fn uptime_ms() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -19,14 +19,27 @@ pub fn uptime_ms() -> u64 {
 }
 
 /// Formats one console line (without writing it).
-pub fn format_line(uptime_ms: u64, msg: fmt::Arguments<'_>) -> String {
+pub(crate) fn format_line(uptime_ms: u64, msg: fmt::Arguments<'_>) -> String {
     format!("gatevm-guest: [{uptime_ms:>5}ms] {msg}\n")
 }
 
 /// Writes one line to stderr in a single write.
-pub fn line(msg: fmt::Arguments<'_>) {
+pub(crate) fn line(msg: fmt::Arguments<'_>) {
     let s = format_line(uptime_ms(), msg);
     eprint!("{s}");
+}
+
+/// An error and its causes as one line, `message: cause: cause`: what the host and the console
+/// see of an error (each variant's message names only its own step; the causes follow).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// Logs one line to the console: `glog!("agent listening on {}", path)`.
@@ -48,5 +61,15 @@ mod tests {
             "gatevm-guest: [  812ms] agent listening on /dev/vport1p1\n"
         );
         assert!(uptime_ms() > 0);
+    }
+
+    #[test]
+    fn chain_names_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot open /x")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("no such thing"));
+        assert_eq!(error_chain(&e), "cannot open /x: no such thing");
+        assert_eq!(error_chain(&std::io::Error::other("plain")), "plain");
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 /// Modules stage 2 loads when the tree has them (missing or built-in ones are skipped): the
 /// network and disk devices, overlayfs for containerd's snapshotter, and what CNI's bridge,
 /// portmap and masquerade need.
-pub const WANTED: &[&str] = &[
+pub(crate) const WANTED: &[&str] = &[
     "virtio_net",
     "virtio_blk",
     "overlay",
@@ -29,11 +29,11 @@ pub const WANTED: &[&str] = &[
 /// What only the k3s profile loads: flannel's vxlan backend and kube-proxy's IPVS mode. Left
 /// out elsewhere, they are ~18% of the module bytes a boot links (under QEMU TCG, linking modules
 /// is most of the ~2 s the module thread takes).
-pub const K3S_ONLY: &[&str] = &["vxlan", "ip_vs"];
+pub(crate) const K3S_ONLY: &[&str] = &["vxlan", "ip_vs"];
 
 /// What containerd needs loaded before it starts: overlayfs, which its default snapshotter
 /// checks at start-up.
-pub const FOR_CONTAINERD: &[&str] = &["overlay"];
+pub(crate) const FOR_CONTAINERD: &[&str] = &["overlay"];
 
 /// The modules a guest loads in the background, in two batches: `first` before the payload
 /// starts, `rest` beside it. Together they are [`WANTED`] without [`EARLY`], plus
@@ -42,7 +42,7 @@ pub const FOR_CONTAINERD: &[&str] = &["overlay"];
 /// containerd needs only [`FOR_CONTAINERD`] (and the agent `vsock`); bridges, veths and
 /// netfilter are for containers' networks, which wait for [`LOADED_MARKER`]. k3s's kubelet,
 /// flannel and kube-proxy check the kernel as they start, so for k3s everything is `first`.
-pub fn background(k3s: bool, vsock: bool) -> Batches {
+pub(crate) fn background(k3s: bool, vsock: bool) -> Batches {
     let mut all: Vec<&str> = WANTED
         .iter()
         .copied()
@@ -68,7 +68,7 @@ pub fn background(k3s: bool, vsock: bool) -> Batches {
 
 /// The two batches of [`background`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Batches {
+pub(crate) struct Batches {
     /// Loaded before the payload starts.
     pub first: Vec<&'static str>,
     /// Loaded while the payload starts.
@@ -76,10 +76,10 @@ pub struct Batches {
 }
 
 /// Created by stage 2 once every background module is loaded (or given up on).
-pub const LOADED_MARKER: &str = "/run/gatevm/modules-loaded";
+pub(crate) const LOADED_MARKER: &str = "/run/gatevm/modules-loaded";
 
 /// Marks the background modules as loaded ([`LOADED_MARKER`]).
-pub fn mark_loaded() {
+pub(crate) fn mark_loaded() {
     let path = Path::new(LOADED_MARKER);
     let r = path
         .parent()
@@ -91,7 +91,7 @@ pub fn mark_loaded() {
 }
 
 /// Waits up to `timeout` for [`LOADED_MARKER`]; whether it appeared.
-pub fn wait_loaded(timeout: std::time::Duration) -> bool {
+pub(crate) fn wait_loaded(timeout: std::time::Duration) -> bool {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         if Path::new(LOADED_MARKER).exists() {
@@ -105,16 +105,16 @@ pub fn wait_loaded(timeout: std::time::Duration) -> bool {
 }
 
 /// Modules needed before the network and the state disk are set up (loaded in the foreground).
-pub const EARLY: &[&str] = &["virtio_net", "virtio_blk"];
+pub(crate) const EARLY: &[&str] = &["virtio_net", "virtio_blk"];
 
 /// Whether a module is already present in the running kernel (loaded, or built in with a
 /// `/sys/module` entry).
-pub fn is_loaded(name: &str) -> bool {
+pub(crate) fn is_loaded(name: &str) -> bool {
     Path::new("/sys/module").join(name).exists()
 }
 
 /// Loads one module file; `EEXIST` (already loaded) counts as success.
-pub fn load_file(path: &Path) -> io::Result<()> {
+pub(crate) fn load_file(path: &Path) -> io::Result<()> {
     let file = File::open(path)?;
     match sys::finit_module(&file, sys::module_flags(path)) {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
@@ -124,7 +124,7 @@ pub fn load_file(path: &Path) -> io::Result<()> {
 
 /// Outcome of [`load`].
 #[derive(Debug, Default)]
-pub struct Report {
+pub(crate) struct Report {
     /// Files loaded.
     pub loaded: usize,
     /// Requested names the tree does not have.
@@ -135,7 +135,7 @@ pub struct Report {
 
 /// Loads `names` and their dependencies from the tree at `tree`, leaving out those already
 /// loaded; built-in names and defects of the index are passed over.
-pub fn load(index: &ModuleIndex, tree: &Path, names: &[&str]) -> Report {
+pub(crate) fn load(index: &ModuleIndex, tree: &Path, names: &[&str]) -> Report {
     let closure = index.closure(names, is_loaded);
     let mut report = Report {
         missing: closure.missing,
@@ -152,7 +152,7 @@ pub fn load(index: &ModuleIndex, tree: &Path, names: &[&str]) -> Report {
 }
 
 /// The module tree of the running kernel, `/lib/modules/$(uname -r)`.
-pub fn running_tree() -> Option<PathBuf> {
+pub(crate) fn running_tree() -> Option<PathBuf> {
     sys::kernel_release().map(|r| Path::new("/lib/modules").join(r))
 }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 
 /// One filesystem to mount.
 #[derive(Debug, Clone, Copy)]
-pub struct Spec {
+pub(crate) struct Spec {
     /// Source (device or a name for virtual filesystems).
     pub source: &'static str,
     /// Mount point.
@@ -26,7 +26,7 @@ const NOSUID_NODEV: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
 const NOSUID_NODEV_NOEXEC: MsFlags = NOSUID_NODEV.union(MsFlags::MS_NOEXEC);
 
 /// The API filesystems of stage 2, in mount order.
-pub const STAGE2: &[Spec] = &[
+pub(crate) const STAGE2: &[Spec] = &[
     Spec {
         source: "proc",
         target: "/proc",
@@ -92,10 +92,10 @@ pub const STAGE2: &[Spec] = &[
     },
 ];
 
-pub use gatevm_fsutil::mountinfo::{mount_points, parse as parse_mountinfo, unescape};
+pub(crate) use gatevm_fsutil::mountinfo::mount_points;
 
 /// Creates a directory (and parents) with `mode` when missing.
-pub fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
+pub(crate) fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
     if path.is_dir() {
         return Ok(());
     }
@@ -107,7 +107,7 @@ pub fn mkdir(path: &Path, mode: u32) -> io::Result<()> {
 }
 
 /// Mounts `spec` unless its target is already a mount point; true when it mounted.
-pub fn ensure(spec: &Spec, mounted: &mut HashSet<String>) -> io::Result<bool> {
+pub(crate) fn ensure(spec: &Spec, mounted: &mut HashSet<String>) -> io::Result<bool> {
     if mounted.contains(spec.target) {
         return Ok(false);
     }
@@ -130,7 +130,7 @@ pub fn ensure(spec: &Spec, mounted: &mut HashSet<String>) -> io::Result<bool> {
 
 /// Mounts the stage 2 API filesystems, creates the usual `/dev` symlinks and enables the cgroup
 /// controllers. Returns one message per problem (nothing here is fatal).
-pub fn setup_stage2() -> Vec<String> {
+pub(crate) fn setup_stage2() -> Vec<String> {
     let mut problems = Vec::new();
     let mut mounted: HashSet<String> = mount_points().into_iter().collect();
     for spec in STAGE2 {
@@ -171,7 +171,7 @@ fn dev_links(problems: &mut Vec<String>) {
 
 /// Enables every available controller for the children of the cgroup at `root`, one by one,
 /// ignoring the ones that refuse.
-pub fn enable_cgroup_controllers(root: &Path) -> Vec<String> {
+pub(crate) fn enable_cgroup_controllers(root: &Path) -> Vec<String> {
     let available = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
     let mut enabled = Vec::new();
     for c in available.split_whitespace() {
@@ -185,7 +185,7 @@ pub fn enable_cgroup_controllers(root: &Path) -> Vec<String> {
 /// Unmounts everything except the root and the kernel API filesystems, last mounted first. A busy
 /// mount listed in `remount_ro` is remounted read-only (so its filesystem is clean); other busy
 /// mounts are detached lazily.
-pub fn unmount_for_shutdown(remount_ro: &[&str]) {
+pub(crate) fn unmount_for_shutdown(remount_ro: &[&str]) {
     let points = mount_points();
     let keep = |p: &str| {
         p == "/"
@@ -222,6 +222,8 @@ pub fn unmount_for_shutdown(remount_ro: &[&str]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use gatevm_fsutil::mountinfo::{parse as parse_mountinfo, unescape};
 
     #[test]
     fn mountinfo_parsing() {

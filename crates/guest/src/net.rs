@@ -9,9 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The guest's address, netmask and gateway: the contract's ([`gatevm_abi::net`]).
-pub use gatevm_abi::net::{GATEWAY_IP as GATEWAY, GUEST_IP as GUEST_ADDR, NETMASK};
+pub(crate) use gatevm_abi::net::{GATEWAY_IP as GATEWAY, GUEST_IP as GUEST_ADDR, NETMASK};
 /// The interface configured.
-pub const IFACE: &str = "eth0";
+pub(crate) const IFACE: &str = "eth0";
 
 /// `struct rtentry` of `<linux/route.h>` (libc has it only for musl).
 #[repr(C)]
@@ -49,13 +49,13 @@ fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
 }
 
 /// An `AF_INET` datagram socket for interface ioctls.
-pub struct NetCtl {
+pub(crate) struct NetCtl {
     fd: OwnedFd,
 }
 
 impl NetCtl {
     /// Opens the control socket.
-    pub fn open() -> io::Result<Self> {
+    pub(crate) fn open() -> io::Result<Self> {
         // SAFETY: plain socket(2) call; the result is checked and owned right away.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
@@ -99,7 +99,7 @@ impl NetCtl {
     }
 
     /// Sets `IFF_UP` on an interface.
-    pub fn up(&self, name: &str) -> io::Result<()> {
+    pub(crate) fn up(&self, name: &str) -> io::Result<()> {
         let mut req = Self::ifreq(name)?;
         self.ioctl("SIOCGIFFLAGS", name, libc::SIOCGIFFLAGS, &mut req)?;
         // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
@@ -108,14 +108,14 @@ impl NetCtl {
     }
 
     /// Sets an interface's MTU.
-    pub fn set_mtu(&self, name: &str, mtu: u32) -> io::Result<()> {
+    pub(crate) fn set_mtu(&self, name: &str, mtu: u32) -> io::Result<()> {
         let mut req = Self::ifreq(name)?;
         req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
         self.ioctl("SIOCSIFMTU", name, libc::SIOCSIFMTU, &mut req)
     }
 
     /// Sets an interface's IPv4 address and netmask.
-    pub fn set_addr(&self, name: &str, addr: Ipv4Addr, mask: Ipv4Addr) -> io::Result<()> {
+    pub(crate) fn set_addr(&self, name: &str, addr: Ipv4Addr, mask: Ipv4Addr) -> io::Result<()> {
         let mut req = Self::ifreq(name)?;
         req.ifr_ifru.ifru_addr = sockaddr_in(addr);
         self.ioctl("SIOCSIFADDR", name, libc::SIOCSIFADDR, &mut req)?;
@@ -125,7 +125,7 @@ impl NetCtl {
     }
 
     /// Adds the default route via `gw` (an existing one is fine).
-    pub fn add_default_route(&self, gw: Ipv4Addr, dev: &str) -> io::Result<()> {
+    pub(crate) fn add_default_route(&self, gw: Ipv4Addr, dev: &str) -> io::Result<()> {
         let mut dev_c: Vec<libc::c_char> = dev.bytes().map(|b| b as libc::c_char).collect();
         dev_c.push(0);
         let mut rt = RtEntry {
@@ -164,7 +164,7 @@ impl NetCtl {
 }
 
 /// Whether a virtio device of `device_id` (1 net, 2 block) exists on the virtio bus.
-pub fn virtio_device_present(device_id: u32) -> bool {
+pub(crate) fn virtio_device_present(device_id: u32) -> bool {
     let Ok(entries) = std::fs::read_dir("/sys/bus/virtio/devices") else {
         return false;
     };
@@ -177,7 +177,7 @@ pub fn virtio_device_present(device_id: u32) -> bool {
 }
 
 /// Waits until `/sys/class/net/<name>` exists.
-pub fn wait_for_iface(name: &str, timeout: Duration) -> bool {
+pub(crate) fn wait_for_iface(name: &str, timeout: Duration) -> bool {
     let path = Path::new("/sys/class/net").join(name);
     let deadline = Instant::now() + timeout;
     loop {
@@ -192,12 +192,12 @@ pub fn wait_for_iface(name: &str, timeout: Duration) -> bool {
 }
 
 /// Text of the guest's `/etc/resolv.conf`.
-pub fn resolv_conf() -> String {
+pub(crate) fn resolv_conf() -> String {
     format!("nameserver {GATEWAY}\n")
 }
 
 /// Writes `/etc/resolv.conf` unless it already says the same (replacing a symlink).
-pub fn write_resolv_conf(path: &Path) -> io::Result<()> {
+pub(crate) fn write_resolv_conf(path: &Path) -> io::Result<()> {
     let want = resolv_conf();
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if m.file_type().is_symlink() {
@@ -211,7 +211,7 @@ pub fn write_resolv_conf(path: &Path) -> io::Result<()> {
 
 /// The `/etc/hosts` text with a `127.0.1.1 <hostname>` line added when the name is missing;
 /// `None` when nothing needs to change.
-pub fn hosts_with(current: Option<&str>, hostname: &str) -> Option<String> {
+pub(crate) fn hosts_with(current: Option<&str>, hostname: &str) -> Option<String> {
     match current {
         None => Some(format!(
             "127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{hostname}\n"
@@ -236,7 +236,7 @@ pub fn hosts_with(current: Option<&str>, hostname: &str) -> Option<String> {
 
 /// Brings `lo` up and, when `net`, configures `eth0` (its MTU when given), the default route and
 /// DNS. Returns whether `eth0` got its address and one message per problem.
-pub fn setup(net: bool, hostname: &str, mtu: Option<u32>) -> (bool, Vec<String>) {
+pub(crate) fn setup(net: bool, hostname: &str, mtu: Option<u32>) -> (bool, Vec<String>) {
     let mut problems = Vec::new();
     let ctl = match NetCtl::open() {
         Ok(c) => c,

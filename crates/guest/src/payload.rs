@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 /// How the supervisor decides that a started service is ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Readiness {
+pub(crate) enum Readiness {
     /// A unix socket accepts connections (containerd's API socket).
     UnixSocket(PathBuf),
     /// A file exists and a TCP connection to the address succeeds (k3s: the kubeconfig it writes
@@ -27,10 +27,10 @@ pub enum Readiness {
 
 impl Readiness {
     /// How long a TCP probe may take before it counts as "not ready yet".
-    pub const TCP_TIMEOUT: Duration = Duration::from_millis(500);
+    pub(crate) const TCP_TIMEOUT: Duration = Duration::from_millis(500);
 
     /// One probe: whether the service answers now.
-    pub fn probe(&self) -> bool {
+    pub(crate) fn probe(&self) -> bool {
         match self {
             Readiness::UnixSocket(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
             Readiness::TcpAndFile(addr, file) => {
@@ -42,7 +42,7 @@ impl Readiness {
 
 /// What [`Payload::wait_ready`] saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WaitOutcome {
+pub(crate) enum WaitOutcome {
     /// The payload is ready.
     Ready,
     /// The payload failed for good (not restarted); its last exit or failure message.
@@ -55,11 +55,11 @@ pub enum WaitOutcome {
 
 /// Time a payload gets between SIGTERM and SIGKILL at shutdown unless its configuration says
 /// otherwise ([`PayloadConfig::stop_timeout`]).
-pub const PAYLOAD_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const PAYLOAD_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How one payload service is run.
 #[derive(Debug, Clone)]
-pub struct PayloadConfig {
+pub(crate) struct PayloadConfig {
     /// Name reported in the status.
     pub name: String,
     /// Program to run.
@@ -86,7 +86,11 @@ pub struct PayloadConfig {
 
 /// Delay before the next restart: the initial delay after a first failure or a healthy run
 /// (`ran_for >= healthy_reset`), else double the previous one, capped.
-pub fn next_backoff(prev: Option<Duration>, ran_for: Duration, cfg: &PayloadConfig) -> Duration {
+pub(crate) fn next_backoff(
+    prev: Option<Duration>,
+    ran_for: Duration,
+    cfg: &PayloadConfig,
+) -> Duration {
     match prev {
         Some(p) if ran_for < cfg.healthy_reset => (p * 2).min(cfg.backoff_max),
         _ => cfg.backoff_initial,
@@ -94,7 +98,7 @@ pub fn next_backoff(prev: Option<Duration>, ran_for: Duration, cfg: &PayloadConf
 }
 
 /// An append-only log file rotated to `<path>.1` when it would grow over `max` bytes.
-pub struct LogWriter {
+pub(crate) struct LogWriter {
     path: PathBuf,
     max: u64,
     file: Option<File>,
@@ -103,7 +107,7 @@ pub struct LogWriter {
 
 impl LogWriter {
     /// Opens (appending) the log, rotating it first when it is already too large.
-    pub fn open(path: &Path, max: u64) -> Self {
+    pub(crate) fn open(path: &Path, max: u64) -> Self {
         let mut w = LogWriter {
             path: path.to_path_buf(),
             max,
@@ -145,7 +149,7 @@ impl LogWriter {
     }
 
     /// Appends bytes (best effort: a log that cannot be written must not stop the payload).
-    pub fn write(&mut self, buf: &[u8]) {
+    pub(crate) fn write(&mut self, buf: &[u8]) {
         if self.size + buf.len() as u64 > self.max && self.size > 0 {
             self.rotate();
         }
@@ -167,7 +171,7 @@ struct Inner {
 }
 
 /// One supervised payload service.
-pub struct Payload {
+pub(crate) struct Payload {
     cfg: PayloadConfig,
     inner: Mutex<Inner>,
     changed: Condvar,
@@ -175,7 +179,7 @@ pub struct Payload {
 
 impl Payload {
     /// A payload that has not started (`Pending`).
-    pub fn new(cfg: PayloadConfig) -> Arc<Self> {
+    pub(crate) fn new(cfg: PayloadConfig) -> Arc<Self> {
         Arc::new(Payload {
             cfg,
             inner: Mutex::new(Inner {
@@ -190,7 +194,7 @@ impl Payload {
     }
 
     /// Its current status.
-    pub fn status(&self) -> PayloadStatus {
+    pub(crate) fn status(&self) -> PayloadStatus {
         let i = sys::lock(&self.inner);
         PayloadStatus {
             name: self.cfg.name.clone(),
@@ -202,13 +206,13 @@ impl Payload {
     }
 
     /// How it is run.
-    pub fn config(&self) -> &PayloadConfig {
+    pub(crate) fn config(&self) -> &PayloadConfig {
         &self.cfg
     }
 
     /// Marks a payload that will not be started as `Failed`, with `message` as its last exit
     /// (what the host's status shows), e.g. when what it needs is missing from the root.
-    pub fn fail(&self, message: &str) {
+    pub(crate) fn fail(&self, message: &str) {
         let mut i = sys::lock(&self.inner);
         if !i.stopping {
             i.state = PayloadState::Failed;
@@ -221,7 +225,7 @@ impl Payload {
 
     /// Waits up to `timeout` for the payload to become ready, fail for good, or be stopped.
     /// A payload that is restarting is waited for.
-    pub fn wait_ready(&self, timeout: Duration) -> WaitOutcome {
+    pub(crate) fn wait_ready(&self, timeout: Duration) -> WaitOutcome {
         let deadline = Instant::now() + timeout;
         let mut i = sys::lock(&self.inner);
         loop {
@@ -248,7 +252,7 @@ impl Payload {
     }
 
     /// Starts the supervisor thread.
-    pub fn start(self: &Arc<Self>, reaper: &'static Reaper) -> io::Result<()> {
+    pub(crate) fn start(self: &Arc<Self>, reaper: &'static Reaper) -> io::Result<()> {
         let me = self.clone();
         std::thread::Builder::new()
             .name(format!("payload-{}", self.cfg.name))
@@ -449,7 +453,7 @@ impl Payload {
 
     /// Stops the payload for shutdown: state `Stopping`, SIGTERM, up to `timeout` for it to
     /// exit, then SIGKILL (and up to 2 s more). No restart happens afterwards.
-    pub fn stop(&self, reaper: &Reaper, timeout: Duration) {
+    pub(crate) fn stop(&self, reaper: &Reaper, timeout: Duration) {
         let pid = {
             let mut i = sys::lock(&self.inner);
             i.stopping = true;

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The running guest, as the agent and the signal handler see it.
-pub struct System {
+pub(crate) struct System {
     /// The payloads in start order: none (`gatevm.payload=none`), containerd, or containerd
     /// and k3s.
     payloads: Vec<Arc<Payload>>,
@@ -160,7 +160,7 @@ fn start_network(cmd: &Cmdline) -> Option<std::thread::JoinHandle<()>> {
 }
 
 /// Runs stage 2; never returns.
-pub fn run() -> ! {
+pub(crate) fn run() -> ! {
     sys::fix_stdio();
     let signals = sys::block_shutdown_signals();
     std::panic::set_hook(Box::new(|info| {

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 /// A process started through the reaper.
 #[derive(Debug)]
-pub struct Spawned {
+pub(crate) struct Spawned {
     /// Its pid.
     pub pid: i32,
     /// Its stdin pipe when piped.
@@ -45,7 +45,7 @@ struct Registry {
 }
 
 /// The process-wide reaper (see the module docs).
-pub struct Reaper {
+pub(crate) struct Reaper {
     registry: Mutex<Registry>,
     spawned: Condvar,
 }
@@ -54,7 +54,7 @@ static GLOBAL: OnceLock<Reaper> = OnceLock::new();
 
 impl Reaper {
     /// The process's reaper; the reaper thread starts on first use.
-    pub fn global() -> &'static Reaper {
+    pub(crate) fn global() -> &'static Reaper {
         let mut started = false;
         let r = GLOBAL.get_or_init(|| {
             started = true;
@@ -76,7 +76,7 @@ impl Reaper {
 
     /// Spawns `cmd` and registers its pid before any exit can be reaped. The child starts with an
     /// empty signal mask (std keeps the parent's, and PID 1 blocks its shutdown signals).
-    pub fn spawn(&self, cmd: &mut Command) -> io::Result<Spawned> {
+    pub(crate) fn spawn(&self, cmd: &mut Command) -> io::Result<Spawned> {
         // SAFETY: runs in the forked child before exec; sigemptyset and pthread_sigmask are
         // async-signal-safe and only touch the local set and the calling thread's mask.
         unsafe {
@@ -107,7 +107,7 @@ impl Reaper {
 
     /// Sends `sig` to a registered, not yet reaped pid (to its process group when `group`).
     /// Returns false when the pid is not (or no longer) ours.
-    pub fn signal(&self, pid: i32, sig: i32, group: bool) -> bool {
+    pub(crate) fn signal(&self, pid: i32, sig: i32, group: bool) -> bool {
         let reg = sys::lock(&self.registry);
         if pid <= 1 || !reg.waiters.contains_key(&pid) {
             return false;
@@ -116,12 +116,13 @@ impl Reaper {
     }
 
     /// Whether a pid is registered and not reaped yet.
-    pub fn is_running(&self, pid: i32) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_running(&self, pid: i32) -> bool {
         sys::lock(&self.registry).waiters.contains_key(&pid)
     }
 
     /// Whether this process has any child at all (running or zombie).
-    pub fn has_children(&self) -> bool {
+    pub(crate) fn has_children(&self) -> bool {
         // SAFETY: an all-zero siginfo_t is a valid value for waitid to fill.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: waitid writes only into `info`; WNOHANG|WNOWAIT neither blocks nor reaps.
@@ -137,7 +138,7 @@ impl Reaper {
     }
 
     /// Waits until this process has no children left, up to `timeout`; true when none are left.
-    pub fn wait_no_children(&self, timeout: Duration) -> bool {
+    pub(crate) fn wait_no_children(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             if !self.has_children() {
@@ -199,7 +200,7 @@ impl Reaper {
 }
 
 /// Turns a raw wait status into the protocol's exit status.
-pub fn decode_status(status: libc::c_int) -> ExitStatus {
+pub(crate) fn decode_status(status: libc::c_int) -> ExitStatus {
     if libc::WIFEXITED(status) {
         ExitStatus {
             code: Some(libc::WEXITSTATUS(status)),
@@ -219,7 +220,7 @@ pub fn decode_status(status: libc::c_int) -> ExitStatus {
 }
 
 /// Renders an exit status as text (`exit code 3`, `killed by signal 9`).
-pub fn describe(status: &ExitStatus) -> String {
+pub(crate) fn describe(status: &ExitStatus) -> String {
     match (status.code, status.signal) {
         (Some(c), _) => format!("exit code {c}"),
         (None, Some(s)) => format!("killed by signal {s}"),

@@ -19,22 +19,22 @@ use std::time::{Duration, Instant};
 
 /// The writing half of the agent channel, shared by all sessions; each frame is written whole
 /// under the lock.
-pub type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
+pub(crate) type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
 
 /// How long output may still be forwarded after the process exited, when a background process
 /// keeps its stdout open.
-pub const EXIT_GRACE: Duration = Duration::from_millis(200);
+pub(crate) const EXIT_GRACE: Duration = Duration::from_millis(200);
 
 /// How long the output pump waits for credit before it looks at the process's exit again.
 const CREDIT_POLL: Duration = Duration::from_millis(100);
 
 /// Wraps any writer into a [`SharedWriter`].
-pub fn shared_writer(w: impl Write + Send + 'static) -> SharedWriter {
+pub(crate) fn shared_writer(w: impl Write + Send + 'static) -> SharedWriter {
     Arc::new(Mutex::new(Box::new(w)))
 }
 
 /// Writes one frame on a shared writer; false when it failed.
-pub fn send(w: &SharedWriter, frame: &Frame<GuestMsg>) -> bool {
+pub(crate) fn send(w: &SharedWriter, frame: &Frame<GuestMsg>) -> bool {
     let mut g = sys::lock(w);
     write_frame(&mut *g, frame).is_ok()
 }
@@ -42,7 +42,7 @@ pub fn send(w: &SharedWriter, frame: &Frame<GuestMsg>) -> bool {
 /// A session's view of the channel: the shared writer plus a mute switch (set when the host that
 /// started the session is gone), checked under the writer lock.
 #[derive(Clone)]
-pub struct Link {
+pub(crate) struct Link {
     /// The channel's writer.
     pub writer: SharedWriter,
     /// When set, the session writes nothing more.
@@ -51,7 +51,7 @@ pub struct Link {
 
 impl Link {
     /// Writes a frame unless muted; a failed write mutes the link.
-    pub fn send(&self, frame: &Frame<GuestMsg>) -> bool {
+    pub(crate) fn send(&self, frame: &Frame<GuestMsg>) -> bool {
         let mut g = sys::lock(&self.writer);
         if self.muted.load(Ordering::SeqCst) {
             return false;
@@ -77,7 +77,7 @@ static STDIN_DROPPED: AtomicU64 = AtomicU64::new(0);
 /// process that does not read its stdin never blocks the agent loop. The writer thread grants the
 /// credit back once it wrote the bytes to the process.
 #[derive(Clone)]
-pub struct StdinQueue {
+pub(crate) struct StdinQueue {
     stream: u32,
     tx: Sender<StdinMsg>,
     window: Arc<Mutex<RecvWindow>>,
@@ -86,7 +86,7 @@ pub struct StdinQueue {
 impl StdinQueue {
     /// Starts the writer thread for `file` on `stream`; grants go out on `link`. In terminal mode
     /// `Close` leaves the terminal open (a pty has no end-of-file to pass on).
-    pub fn start(file: File, tty: bool, stream: u32, link: Link) -> io::Result<StdinQueue> {
+    pub(crate) fn start(file: File, tty: bool, stream: u32, link: Link) -> io::Result<StdinQueue> {
         let (tx, rx) = channel::<StdinMsg>();
         let window = Arc::new(Mutex::new(RecvWindow::new()));
         let w = window.clone();
@@ -121,7 +121,7 @@ impl StdinQueue {
 
     /// Queues bytes for the process without waiting; bytes beyond the host's window are dropped
     /// with a log line (a host that ignores the window).
-    pub fn push(&self, bytes: Vec<u8>) {
+    pub(crate) fn push(&self, bytes: Vec<u8>) {
         if bytes.is_empty() {
             return;
         }
@@ -142,19 +142,20 @@ impl StdinQueue {
     }
 
     /// Closes the process's stdin (after the queued bytes).
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         let _ = self.tx.send(StdinMsg::Close);
     }
 
     /// Bytes received and not yet written to the process.
-    pub fn queued(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> u64 {
         sys::lock(&self.window).queued()
     }
 }
 
 /// What [`OutputCredit::wait`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Credit {
+pub(crate) enum Credit {
     /// This many bytes may be sent now (more than zero).
     Bytes(usize),
     /// The reader is gone: read and discard the rest.
@@ -165,25 +166,25 @@ pub enum Credit {
 
 /// The output window of one session: the host's grants, waited for by the session's thread.
 #[derive(Debug, Default)]
-pub struct OutputCredit {
+pub(crate) struct OutputCredit {
     window: Mutex<SendWindow>,
     cv: Condvar,
 }
 
 impl OutputCredit {
     /// A new session's window.
-    pub fn new() -> Arc<OutputCredit> {
+    pub(crate) fn new() -> Arc<OutputCredit> {
         Arc::new(OutputCredit::default())
     }
 
     /// Adds a grant from the host ([`gatevm_protocol::CREDIT_DISCARD`]: the reader is gone) and wakes the waiter.
-    pub fn grant(&self, bytes: u32) {
+    pub(crate) fn grant(&self, bytes: u32) {
         sys::lock(&self.window).grant(bytes);
         self.cv.notify_all();
     }
 
     /// Waits up to `timeout` until some credit is there; does not take it.
-    pub fn wait(&self, timeout: Duration) -> Credit {
+    pub(crate) fn wait(&self, timeout: Duration) -> Credit {
         let deadline = Instant::now() + timeout;
         let mut w = sys::lock(&self.window);
         loop {
@@ -206,7 +207,7 @@ impl OutputCredit {
     }
 
     /// Uses `n` bytes of credit (after sending them).
-    pub fn take(&self, n: usize) {
+    pub(crate) fn take(&self, n: usize) {
         sys::lock(&self.window).take(n);
     }
 }
@@ -234,7 +235,7 @@ fn poll_readable(fds: &[&File], timeout: Duration) -> Vec<bool> {
 /// the output open; time spent waiting for credit does not count), sending `Eof` for each output.
 /// Without credit the outputs are not read, so a process whose output nobody reads blocks on its
 /// own full pipe. Returns the exit status; the caller sends `Exit`.
-pub fn pump(
+pub(crate) fn pump(
     stream: u32,
     outputs: Vec<(Fd, OwnedFd)>,
     exit: &Receiver<ExitStatus>,
@@ -266,34 +267,80 @@ pub fn pump(
                 None => exit.recv().unwrap_or(unknown),
             };
         }
-        let (allowed, discard) = match credit.wait(Duration::ZERO) {
-            Credit::Bytes(n) => (n.min(DATA_CHUNK), false),
-            Credit::Discard => (DATA_CHUNK, true),
-            Credit::None => {
-                let t = Instant::now();
-                credit.wait(CREDIT_POLL);
-                // The grace after the exit counts only time in which output could flow.
-                if let Some(d) = deadline.as_mut() {
-                    *d += t.elapsed();
-                }
-                continue;
-            }
+        let Some((allowed, discard)) = next_credit(credit, &mut deadline) else {
+            continue;
         };
-        let timeout = match deadline {
-            Some(d) => {
-                let now = Instant::now();
-                if now >= d {
-                    for (fd, _) in open.drain(..) {
-                        link.send(&Frame::Eof { stream, fd });
-                    }
-                    return status.unwrap_or(unknown);
-                }
-                d - now
+        let Some(timeout) = time_left(deadline) else {
+            for (fd, _) in open.drain(..) {
+                link.send(&Frame::Eof { stream, fd });
             }
-            None => CREDIT_POLL,
+            return status.unwrap_or(unknown);
         };
         let files: Vec<&File> = open.iter().map(|(_, f)| f).collect();
         let ready = poll_readable(&files, timeout);
+        let out = Output {
+            stream,
+            link,
+            credit,
+            discard,
+        };
+        out.read_ready(&mut open, &ready, &mut buf, allowed);
+    }
+}
+
+/// How many bytes [`pump`] may read now and whether they are discarded; `None` after waiting
+/// [`CREDIT_POLL`] for credit that did not come (that time extends the grace `deadline`).
+fn next_credit(credit: &OutputCredit, deadline: &mut Option<Instant>) -> Option<(usize, bool)> {
+    match credit.wait(Duration::ZERO) {
+        Credit::Bytes(n) => Some((n.min(DATA_CHUNK), false)),
+        Credit::Discard => Some((DATA_CHUNK, true)),
+        Credit::None => {
+            let t = Instant::now();
+            credit.wait(CREDIT_POLL);
+            // The grace after the exit counts only time in which output could flow.
+            if let Some(d) = deadline.as_mut() {
+                *d += t.elapsed();
+            }
+            None
+        }
+    }
+}
+
+/// How long [`pump`] polls: until the grace `deadline`, or [`CREDIT_POLL`] before the exit;
+/// `None` once the grace is over.
+fn time_left(deadline: Option<Instant>) -> Option<Duration> {
+    match deadline {
+        Some(d) => {
+            let now = Instant::now();
+            if now >= d {
+                return None;
+            }
+            Some(d - now)
+        }
+        None => Some(CREDIT_POLL),
+    }
+}
+
+/// Where [`pump`] sends what it reads.
+struct Output<'a> {
+    stream: u32,
+    link: &'a Link,
+    credit: &'a OutputCredit,
+    /// Read and drop (the host stopped reading).
+    discard: bool,
+}
+
+impl Output<'_> {
+    /// Reads the outputs that `ready` marks, at most `allowed` bytes in all, sending `Data` (and
+    /// using credit) or `Eof` for an output that ended, which is removed from `open`.
+    fn read_ready(
+        &self,
+        open: &mut Vec<(Fd, File)>,
+        ready: &[bool],
+        buf: &mut [u8],
+        allowed: usize,
+    ) {
+        let stream = self.stream;
         let mut left = allowed;
         let mut i = 0;
         let mut idx = 0;
@@ -307,14 +354,14 @@ pub fn pump(
             let fd = open[i].0;
             match open[i].1.read(&mut buf[..left]) {
                 Ok(0) => {
-                    link.send(&Frame::Eof { stream, fd });
+                    self.link.send(&Frame::Eof { stream, fd });
                     open.remove(i);
                 }
                 Ok(n) => {
-                    if !discard {
-                        credit.take(n);
+                    if !self.discard {
+                        self.credit.take(n);
                         left -= n;
-                        link.send(&Frame::Data {
+                        self.link.send(&Frame::Data {
                             stream,
                             fd,
                             bytes: buf[..n].to_vec(),
@@ -332,7 +379,7 @@ pub fn pump(
                 }
                 // EIO is how a pty master reports that the terminal side is gone.
                 Err(_) => {
-                    link.send(&Frame::Eof { stream, fd });
+                    self.link.send(&Frame::Eof { stream, fd });
                     open.remove(i);
                 }
             }
@@ -344,7 +391,7 @@ pub fn pump(
 /// data within the host's credit, then `Eof`. Returns the stream's last message for the caller to
 /// send: `Exit` with code 0, or an `Error` when reading failed or the file grew beyond `max_bytes`
 /// meanwhile; `None` when the host discards the stream or the link is muted.
-pub fn send_file(
+pub(crate) fn send_file(
     stream: u32,
     mut file: File,
     max_bytes: u64,

@@ -10,19 +10,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Time all other processes get between SIGTERM and SIGKILL.
-pub const OTHERS_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const OTHERS_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 static STARTED: AtomicBool = AtomicBool::new(false);
 
 /// Whether a shutdown is under way.
-pub fn in_progress() -> bool {
+pub(crate) fn in_progress() -> bool {
     STARTED.load(Ordering::SeqCst)
 }
 
 /// Shuts the VM down; never returns. `payloads` are in start order and are stopped in reverse,
 /// each with its own stop timeout. A second caller (say SIGTERM during a host-requested
 /// shutdown) just waits for the first one to finish.
-pub fn run(payloads: &[Arc<Payload>], reaper: &Reaper, why: &str) -> ! {
+pub(crate) fn run(payloads: &[Arc<Payload>], reaper: &Reaper, why: &str) -> ! {
     if STARTED.swap(true, Ordering::SeqCst) {
         loop {
             std::thread::sleep(Duration::from_secs(3600));

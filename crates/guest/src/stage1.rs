@@ -12,13 +12,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Directory of the initramfs's modules.
-pub const MODULES_DIR: &str = "/modules";
+pub(crate) const MODULES_DIR: &str = "/modules";
 /// Where the virtio-fs root is mounted before the switch.
-pub const NEWROOT: &str = "/newroot";
+pub(crate) const NEWROOT: &str = "/newroot";
 /// virtio-fs tag of the instance root.
-pub const ROOT_TAG: &str = "root";
+pub(crate) const ROOT_TAG: &str = "root";
 /// How long to wait for the virtio-fs device to show up.
-pub const ROOT_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const ROOT_WAIT: Duration = Duration::from_secs(5);
 
 fn fatal(msg: &str) -> ! {
     crate::glog!("FATAL: {msg}; powering off");
@@ -27,7 +27,7 @@ fn fatal(msg: &str) -> ! {
 
 /// Parses `load.list`: one file name per line, blank lines and `#` comments skipped, names that
 /// would leave the modules directory refused.
-pub fn parse_load_list(text: &str) -> Vec<String> {
+pub(crate) fn parse_load_list(text: &str) -> Vec<String> {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
@@ -163,7 +163,7 @@ fn switch_root() -> io::Result<()> {
 }
 
 /// Runs stage 1; never returns (it executes stage 2 or powers off).
-pub fn run() -> ! {
+pub(crate) fn run() -> ! {
     let _ = std::fs::create_dir_all("/dev");
     mount_api("devtmpfs", "/dev", "devtmpfs");
     sys::fix_stdio();

@@ -9,10 +9,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 /// `finit_module` flag: the file is compressed and the kernel decompresses it itself.
-pub const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
+pub(crate) const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
 
 /// Adds "what failed" context to an I/O error, keeping its kind.
-pub trait Context<T> {
+pub(crate) trait Context<T> {
     /// Prefixes the error message with `what`.
     fn ctx(self, what: impl FnOnce() -> String) -> io::Result<T>;
 }
@@ -33,12 +33,12 @@ impl<T> Context<T> for nix::Result<T> {
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: PID 1 must keep going.
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Loads a kernel module from an open file (`finit_module(2)` with empty parameters).
-pub fn finit_module(file: &File, flags: libc::c_uint) -> io::Result<()> {
+pub(crate) fn finit_module(file: &File, flags: libc::c_uint) -> io::Result<()> {
     let params = c"";
     // SAFETY: the fd is valid for the duration of the call (borrowed from `file`), the parameter
     // string is a valid NUL-terminated C string, and the flags are plain integers.
@@ -58,7 +58,7 @@ pub fn finit_module(file: &File, flags: libc::c_uint) -> io::Result<()> {
 }
 
 /// Whether a module file name is compressed (and so needs [`MODULE_INIT_COMPRESSED_FILE`]).
-pub fn module_flags(path: &Path) -> libc::c_uint {
+pub(crate) fn module_flags(path: &Path) -> libc::c_uint {
     let name = path.to_string_lossy();
     if name.ends_with(".xz") || name.ends_with(".zst") || name.ends_with(".gz") {
         MODULE_INIT_COMPRESSED_FILE
@@ -68,7 +68,7 @@ pub fn module_flags(path: &Path) -> libc::c_uint {
 }
 
 /// Sends a signal by raw number (`kill(2)`), so real-time signals work too.
-pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+pub(crate) fn kill(pid: i32, sig: i32) -> io::Result<()> {
     // SAFETY: kill takes plain integers and has no memory effects.
     let rc = unsafe { libc::kill(pid, sig) };
     if rc < 0 {
@@ -81,7 +81,7 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
 /// Makes sure fds 0, 1 and 2 are open (the kernel leaves them closed when the initramfs lacks
 /// `/dev/console`), so files opened later never land on them. Uses `/dev/console` when it exists,
 /// else `/dev/null`.
-pub fn fix_stdio() {
+pub(crate) fn fix_stdio() {
     // SAFETY: fcntl(F_GETFD) only queries the descriptor table.
     let closed = |fd: i32| unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0;
     if !(0..3).any(closed) {
@@ -110,7 +110,7 @@ pub fn fix_stdio() {
 /// Blocks the signals PID 1 handles synchronously (in a `sigwait` thread) in the calling thread;
 /// call before starting any thread so every thread inherits the mask. Children get a clean mask
 /// from `std::process::Command`.
-pub fn block_shutdown_signals() -> nix::sys::signal::SigSet {
+pub(crate) fn block_shutdown_signals() -> nix::sys::signal::SigSet {
     use nix::sys::signal::{SigSet, SigmaskHow, Signal};
     let mut set = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGPWR] {
@@ -124,13 +124,13 @@ static END_BY_REBOOT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicB
 
 /// Makes [`power_off`] reboot first: libkrun ends the VM on a guest reset, while its kernel has
 /// no power-off device (a power-off would only halt the CPUs and leave the VM running).
-pub fn end_by_reboot() {
+pub(crate) fn end_by_reboot() {
     END_BY_REBOOT.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
 /// Syncs and powers the machine off; never returns. Falls back to a reboot (QEMU runs with
 /// `-no-reboot`, so that ends the VM too) and finally sleeps forever: PID 1 must not exit.
-pub fn power_off() -> ! {
+pub(crate) fn power_off() -> ! {
     use nix::sys::reboot::{reboot, RebootMode};
     nix::unistd::sync();
     if END_BY_REBOOT.load(std::sync::atomic::Ordering::SeqCst) {
@@ -144,7 +144,7 @@ pub fn power_off() -> ! {
 }
 
 /// Creates a character device node (`mknod(2)`), mode 0600.
-pub fn mknod_char(path: &Path, major: u64, minor: u64) -> io::Result<()> {
+pub(crate) fn mknod_char(path: &Path, major: u64, minor: u64) -> io::Result<()> {
     use nix::sys::stat::{makedev, mknod, Mode, SFlag};
     mknod(
         path,
@@ -156,7 +156,7 @@ pub fn mknod_char(path: &Path, major: u64, minor: u64) -> io::Result<()> {
 }
 
 /// The running kernel's release (`uname -r`).
-pub fn kernel_release() -> Option<String> {
+pub(crate) fn kernel_release() -> Option<String> {
     nix::sys::utsname::uname()
         .ok()
         .map(|u| u.release().to_string_lossy().into_owned())

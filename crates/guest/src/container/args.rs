@@ -3,9 +3,92 @@
 use crate::cni::PortMapping;
 use std::fmt;
 
+/// A bad `container run|ps|rm` command line, name, namespace or `--publish` spec.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ArgsError {
+    /// A port of a `--publish` spec is not a number 1-65535.
+    #[error("invalid {what} {port:?} in --publish {spec:?}: expected a number 1-65535")]
+    Port {
+        /// `guest port` or `container port`.
+        what: String,
+        /// The port as given.
+        port: String,
+        /// The whole spec.
+        spec: String,
+    },
+    /// A `--publish` spec names a protocol other than tcp or udp.
+    #[error("invalid protocol {proto:?} in --publish {spec:?}: use tcp or udp")]
+    Protocol {
+        /// The protocol as given.
+        proto: String,
+        /// The whole spec.
+        spec: String,
+    },
+    /// A `--publish` spec is not `GUESTPORT:CONTAINERPORT[/tcp|/udp]`.
+    #[error("invalid --publish {0:?}: expected GUESTPORT:CONTAINERPORT[/tcp|/udp]")]
+    Publish(String),
+    /// A bad container name.
+    #[error(
+        "invalid container name {0:?}: use 1-63 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit"
+    )]
+    Name(String),
+    /// A bad containerd namespace.
+    #[error("invalid namespace {0:?}: use 1-76 characters of A-Z a-z 0-9 _ . -")]
+    Namespace(String),
+    /// A flag that needs a value is last.
+    #[error("flag {0} needs a value")]
+    NeedsValue(String),
+    /// A flag that takes no value was given one.
+    #[error("flag {0} takes no value")]
+    TakesNoValue(String),
+    /// A flag that may be given once was given twice.
+    #[error("flag {0} given twice")]
+    Twice(String),
+    /// A required flag is missing.
+    #[error("{0} is required")]
+    Required(&'static str),
+    /// `run` without an image.
+    #[error("an IMAGE is required")]
+    NoImage,
+    /// `rm` without a container name.
+    #[error("a container name is required")]
+    NoName,
+    /// A bad `--env` entry.
+    #[error("invalid --env {0:?}: expected KEY=VALUE")]
+    Env(String),
+    /// A relative or NUL-containing `--workdir`.
+    #[error("invalid --workdir {0:?}: it must be an absolute path")]
+    Workdir(String),
+    /// A flag the command does not know.
+    #[error("unknown flag {flag} for container {command}")]
+    UnknownFlag {
+        /// The flag as given.
+        flag: String,
+        /// `run`, `ps` or `rm`.
+        command: &'static str,
+    },
+    /// A positional argument `ps` does not take.
+    #[error("unexpected argument {0:?} for container ps")]
+    PsArgument(String),
+    /// A second container name for `rm`.
+    #[error("unexpected argument {0:?}: container rm takes one container")]
+    RmArgument(String),
+    /// The same guest port and protocol published twice.
+    #[error("guest port {port}/{proto} is published twice")]
+    PublishedTwice {
+        /// The guest port.
+        port: u16,
+        /// `tcp` or `udp`.
+        proto: &'static str,
+    },
+    /// A NUL byte in the command.
+    #[error("the command contains a NUL byte")]
+    NulInCommand,
+}
+
 /// Transport protocol of a published port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Proto {
+pub(crate) enum Proto {
     /// TCP (the default).
     Tcp,
     /// UDP.
@@ -14,7 +97,7 @@ pub enum Proto {
 
 impl Proto {
     /// `tcp` or `udp`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
@@ -24,7 +107,7 @@ impl Proto {
 
 /// One `--publish GUESTPORT:CONTAINERPORT[/tcp|/udp]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Publish {
+pub(crate) struct Publish {
     /// Port on the guest's address.
     pub guest_port: u16,
     /// Port inside the container.
@@ -47,7 +130,7 @@ impl fmt::Display for Publish {
 
 impl Publish {
     /// As a CNI port mapping.
-    pub fn mapping(&self) -> PortMapping {
+    pub(crate) fn mapping(&self) -> PortMapping {
         PortMapping {
             host_port: self.guest_port,
             container_port: self.container_port,
@@ -56,29 +139,31 @@ impl Publish {
     }
 }
 
-fn parse_port(s: &str, what: &str, spec: &str) -> Result<u16, String> {
+fn parse_port(s: &str, what: &str, spec: &str) -> Result<u16, ArgsError> {
+    let invalid = || ArgsError::Port {
+        what: what.into(),
+        port: s.into(),
+        spec: spec.into(),
+    };
     if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!(
-            "invalid {what} {s:?} in --publish {spec:?}: expected a number 1-65535"
-        ));
+        return Err(invalid());
     }
     match s.parse::<u32>() {
         Ok(n @ 1..=65535) => Ok(n as u16),
-        _ => Err(format!(
-            "invalid {what} {s:?} in --publish {spec:?}: expected a number 1-65535"
-        )),
+        _ => Err(invalid()),
     }
 }
 
 /// Parses `GUESTPORT:CONTAINERPORT[/tcp|/udp]`.
-pub fn parse_publish(spec: &str) -> Result<Publish, String> {
+pub(crate) fn parse_publish(spec: &str) -> Result<Publish, ArgsError> {
     let (ports, proto) = match spec.rsplit_once('/') {
         Some((p, "tcp")) => (p, Proto::Tcp),
         Some((p, "udp")) => (p, Proto::Udp),
         Some((_, other)) => {
-            return Err(format!(
-                "invalid protocol {other:?} in --publish {spec:?}: use tcp or udp"
-            ))
+            return Err(ArgsError::Protocol {
+                proto: other.into(),
+                spec: spec.into(),
+            })
         }
         None => (spec, Proto::Tcp),
     };
@@ -89,14 +174,12 @@ pub fn parse_publish(spec: &str) -> Result<Publish, String> {
             container_port: parse_port(c, "container port", spec)?,
             proto,
         }),
-        _ => Err(format!(
-            "invalid --publish {spec:?}: expected GUESTPORT:CONTAINERPORT[/tcp|/udp]"
-        )),
+        _ => Err(ArgsError::Publish(spec.into())),
     }
 }
 
 /// The `gatevm.ports` label value: specs joined by `,`.
-pub fn ports_label(ports: &[Publish]) -> String {
+pub(crate) fn ports_label(ports: &[Publish]) -> String {
     ports
         .iter()
         .map(Publish::to_string)
@@ -105,7 +188,7 @@ pub fn ports_label(ports: &[Publish]) -> String {
 }
 
 /// Reads a `gatevm.ports` label back, skipping entries that do not parse.
-pub fn parse_ports_label(label: &str) -> Vec<Publish> {
+pub(crate) fn parse_ports_label(label: &str) -> Vec<Publish> {
     label
         .split(',')
         .map(str::trim)
@@ -115,7 +198,7 @@ pub fn parse_ports_label(label: &str) -> Vec<Publish> {
 }
 
 /// Checks a container name: 1-63 characters of `[A-Za-z0-9_.-]`, starting alphanumeric.
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub(crate) fn validate_name(name: &str) -> Result<(), ArgsError> {
     let ok = (1..=63).contains(&name.len())
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name
@@ -124,14 +207,12 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "invalid container name {name:?}: use 1-63 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit"
-        ))
+        Err(ArgsError::Name(name.into()))
     }
 }
 
 /// Checks a containerd namespace: 1-76 characters of `[A-Za-z0-9._-]`.
-pub fn validate_namespace(ns: &str) -> Result<(), String> {
+pub(crate) fn validate_namespace(ns: &str) -> Result<(), ArgsError> {
     let ok = (1..=76).contains(&ns.len())
         && ns
             .bytes()
@@ -139,15 +220,13 @@ pub fn validate_namespace(ns: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "invalid namespace {ns:?}: use 1-76 characters of A-Z a-z 0-9 _ . -"
-        ))
+        Err(ArgsError::Namespace(ns.into()))
     }
 }
 
 /// Options of `container run`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RunOpts {
+pub(crate) struct RunOpts {
     /// containerd namespace.
     pub namespace: String,
     /// Container name (and containerd id).
@@ -170,7 +249,7 @@ pub struct RunOpts {
 
 /// Options of `container ps`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PsOpts {
+pub(crate) struct PsOpts {
     /// containerd namespace.
     pub namespace: String,
     /// One JSON document instead of a table.
@@ -179,7 +258,7 @@ pub struct PsOpts {
 
 /// Options of `container rm`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RmOpts {
+pub(crate) struct RmOpts {
     /// containerd namespace.
     pub namespace: String,
     /// Kill a running container first.
@@ -210,7 +289,7 @@ impl<'a> Flags<'a> {
     }
 
     /// The value of a flag: inline (`--x=v`) or the next argument.
-    fn value(&mut self, flag: &str, inline: Option<&str>) -> Result<String, String> {
+    fn value(&mut self, flag: &str, inline: Option<&str>) -> Result<String, ArgsError> {
         if let Some(v) = inline {
             return Ok(v.to_string());
         }
@@ -219,33 +298,33 @@ impl<'a> Flags<'a> {
                 self.pos += 1;
                 Ok(v.clone())
             }
-            None => Err(format!("flag {flag} needs a value")),
+            None => Err(ArgsError::NeedsValue(flag.into())),
         }
     }
 
-    fn no_value(flag: &str, inline: Option<&str>) -> Result<(), String> {
+    fn no_value(flag: &str, inline: Option<&str>) -> Result<(), ArgsError> {
         match inline {
-            Some(_) => Err(format!("flag {flag} takes no value")),
+            Some(_) => Err(ArgsError::TakesNoValue(flag.into())),
             None => Ok(()),
         }
     }
 }
 
-fn set_once(slot: &mut Option<String>, flag: &str, v: String) -> Result<(), String> {
+fn set_once(slot: &mut Option<String>, flag: &str, v: String) -> Result<(), ArgsError> {
     if slot.is_some() {
-        return Err(format!("flag {flag} given twice"));
+        return Err(ArgsError::Twice(flag.into()));
     }
     *slot = Some(v);
     Ok(())
 }
 
-fn required(slot: Option<String>, flag: &str) -> Result<String, String> {
-    slot.ok_or_else(|| format!("{flag} is required"))
+fn required(slot: Option<String>, flag: &'static str) -> Result<String, ArgsError> {
+    slot.ok_or(ArgsError::Required(flag))
 }
 
 /// Parses `run` arguments: flags, then `IMAGE [--] [CMD ARG...]` (everything after the image
 /// belongs to the command). Validates names, ports and environment entries.
-pub fn parse_run(args: &[String]) -> Result<RunOpts, String> {
+pub(crate) fn parse_run(args: &[String]) -> Result<RunOpts, ArgsError> {
     let mut o = RunOpts::default();
     let (mut ns, mut name, mut workdir) = (None, None, None);
     let mut f = Flags::new(args);
@@ -279,25 +358,26 @@ pub fn parse_run(args: &[String]) -> Result<RunOpts, String> {
                 let e = f.value(flag, inline)?;
                 match e.split_once('=') {
                     Some((k, _)) if !k.is_empty() && !e.contains('\0') => o.env.push(e),
-                    _ => return Err(format!("invalid --env {e:?}: expected KEY=VALUE")),
+                    _ => return Err(ArgsError::Env(e)),
                 }
             }
             "--workdir" | "-w" => {
                 let w = f.value(flag, inline)?;
                 if !w.starts_with('/') || w.contains('\0') {
-                    return Err(format!(
-                        "invalid --workdir {w:?}: it must be an absolute path"
-                    ));
+                    return Err(ArgsError::Workdir(w));
                 }
                 set_once(&mut workdir, flag, w)?;
             }
-            _ => return Err(format!("unknown flag {flag} for container run")),
+            _ => {
+                return Err(ArgsError::UnknownFlag {
+                    flag: flag.into(),
+                    command: "run",
+                })
+            }
         }
     }
     let rest = &args[f.pos.min(args.len())..];
-    let (image, command) = rest
-        .split_first()
-        .ok_or_else(|| "an IMAGE is required".to_string())?;
+    let (image, command) = rest.split_first().ok_or(ArgsError::NoImage)?;
     o.image = image.clone();
     o.command = match command.split_first() {
         Some((first, tail)) if first == "--" => tail.to_vec(),
@@ -310,30 +390,29 @@ pub fn parse_run(args: &[String]) -> Result<RunOpts, String> {
     validate_name(&o.name)?;
     check_publish_unique(&o.publish)?;
     if o.command.iter().any(|a| a.contains('\0')) {
-        return Err("the command contains a NUL byte".into());
+        return Err(ArgsError::NulInCommand);
     }
     Ok(o)
 }
 
 /// Rejects two `--publish` of the same guest port and protocol.
-pub fn check_publish_unique(ports: &[Publish]) -> Result<(), String> {
+pub(crate) fn check_publish_unique(ports: &[Publish]) -> Result<(), ArgsError> {
     for (i, p) in ports.iter().enumerate() {
         if ports[..i]
             .iter()
             .any(|q| q.guest_port == p.guest_port && q.proto == p.proto)
         {
-            return Err(format!(
-                "guest port {}/{} is published twice",
-                p.guest_port,
-                p.proto.as_str()
-            ));
+            return Err(ArgsError::PublishedTwice {
+                port: p.guest_port,
+                proto: p.proto.as_str(),
+            });
         }
     }
     Ok(())
 }
 
 /// Parses `ps` arguments.
-pub fn parse_ps(args: &[String]) -> Result<PsOpts, String> {
+pub(crate) fn parse_ps(args: &[String]) -> Result<PsOpts, ArgsError> {
     let mut o = PsOpts::default();
     let mut ns = None;
     let mut f = Flags::new(args);
@@ -347,9 +426,12 @@ pub fn parse_ps(args: &[String]) -> Result<PsOpts, String> {
                 o.json = true;
             }
             _ if flag.starts_with('-') => {
-                return Err(format!("unknown flag {flag} for container ps"))
+                return Err(ArgsError::UnknownFlag {
+                    flag: flag.into(),
+                    command: "ps",
+                })
             }
-            _ => return Err(format!("unexpected argument {arg:?} for container ps")),
+            _ => return Err(ArgsError::PsArgument(arg.clone())),
         }
     }
     o.namespace = required(ns, "--namespace")?;
@@ -358,7 +440,7 @@ pub fn parse_ps(args: &[String]) -> Result<PsOpts, String> {
 }
 
 /// Parses `rm` arguments (flags may follow the name).
-pub fn parse_rm(args: &[String]) -> Result<RmOpts, String> {
+pub(crate) fn parse_rm(args: &[String]) -> Result<RmOpts, ArgsError> {
     let mut o = RmOpts::default();
     let (mut ns, mut name) = (None, None);
     let mut f = Flags::new(args);
@@ -371,9 +453,7 @@ pub fn parse_rm(args: &[String]) -> Result<RmOpts, String> {
         }
         if flags_done || !arg.starts_with('-') {
             if name.is_some() {
-                return Err(format!(
-                    "unexpected argument {arg:?}: container rm takes one container"
-                ));
+                return Err(ArgsError::RmArgument(arg.clone()));
             }
             name = Some(arg.clone());
             continue;
@@ -385,11 +465,16 @@ pub fn parse_rm(args: &[String]) -> Result<RmOpts, String> {
                 Flags::no_value(flag, inline)?;
                 o.force = true;
             }
-            _ => return Err(format!("unknown flag {flag} for container rm")),
+            _ => {
+                return Err(ArgsError::UnknownFlag {
+                    flag: flag.into(),
+                    command: "rm",
+                })
+            }
         }
     }
     o.namespace = required(ns, "--namespace")?;
-    o.name = name.ok_or_else(|| "a container name is required".to_string())?;
+    o.name = name.ok_or(ArgsError::NoName)?;
     validate_namespace(&o.namespace)?;
     validate_name(&o.name)?;
     Ok(o)
@@ -436,6 +521,7 @@ mod tests {
         }
         assert!(parse_publish("80:80/sctp")
             .unwrap_err()
+            .to_string()
             .contains("tcp or udp"));
     }
 
@@ -583,7 +669,7 @@ mod tests {
             ),
         ];
         for (args, want) in cases {
-            let e = parse_run(&v(args)).unwrap_err();
+            let e = parse_run(&v(args)).unwrap_err().to_string();
             assert!(e.contains(want), "{args:?}: {e}");
         }
         // The same port on both protocols is fine.
@@ -613,6 +699,7 @@ mod tests {
         assert!(!parse_ps(&v(&["-n", "x"])).unwrap().json);
         assert!(parse_ps(&v(&[]))
             .unwrap_err()
+            .to_string()
             .contains("--namespace is required"));
         assert!(parse_ps(&v(&["-n", "x", "extra"])).is_err());
         assert!(parse_ps(&v(&["-n", "x", "-q"])).is_err());
@@ -626,13 +713,16 @@ mod tests {
         assert!(!o.force);
         assert!(parse_rm(&v(&["-n", "d"]))
             .unwrap_err()
+            .to_string()
             .contains("name is required"));
         assert!(parse_rm(&v(&["-n", "d", "a", "b"]))
             .unwrap_err()
+            .to_string()
             .contains("one container"));
         assert!(parse_rm(&v(&["-n", "d", "-x", "a"])).is_err());
         assert!(parse_rm(&v(&["-n", "d", "--", "-a"]))
             .unwrap_err()
+            .to_string()
             .contains("invalid container name"));
     }
 

@@ -8,12 +8,34 @@ use std::path::Path;
 use std::process::Command;
 
 /// containerd's socket; its absence means containerd is not running.
-pub const SOCKET: &str = "/run/containerd/containerd.sock";
+pub(crate) const SOCKET: &str = "/run/containerd/containerd.sock";
 /// Where Debian installs `ctr`.
-pub const CTR: &str = "/usr/bin/ctr";
+pub(crate) const CTR: &str = "/usr/bin/ctr";
+
+/// A failed `ctr` call, or containerd not running.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CtrError {
+    /// `ctr` could not be started.
+    #[error("cannot run ctr")]
+    Spawn(#[source] std::io::Error),
+    /// `ctr` failed and said why (its message, see [`error_line`]).
+    #[error("{0}")]
+    Failed(String),
+    /// `ctr` failed without a message.
+    #[error("ctr {args} failed ({status})")]
+    Status {
+        /// Its arguments, joined by spaces.
+        args: String,
+        /// How it ended.
+        status: String,
+    },
+    /// containerd's socket is missing.
+    #[error("containerd is not running (no {SOCKET})")]
+    NotRunning,
+}
 
 /// A `ctr` command for a namespace (`ctr --address SOCKET --namespace NS ARGS…`).
-pub fn command(ns: &str, args: &[&str]) -> Command {
+pub(crate) fn command(ns: &str, args: &[&str]) -> Command {
     let prog = if Path::new(CTR).exists() { CTR } else { "ctr" };
     let mut cmd = Command::new(prog);
     cmd.arg("--address")
@@ -25,24 +47,26 @@ pub fn command(ns: &str, args: &[&str]) -> Command {
 }
 
 /// Runs `ctr` to completion with captured output; stdout on success, else ctr's error message.
-pub fn output(ns: &str, args: &[&str]) -> Result<String, String> {
-    let out =
-        run_captured(&mut command(ns, args), None).map_err(|e| format!("cannot run ctr: {e}"))?;
+pub(crate) fn output(ns: &str, args: &[&str]) -> Result<String, CtrError> {
+    let out = run_captured(&mut command(ns, args), None).map_err(CtrError::Spawn)?;
     if out.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         let err = error_line(&String::from_utf8_lossy(&out.stderr));
         Err(if err.is_empty() {
-            format!("ctr {} failed ({})", args.join(" "), describe(&out.status))
+            CtrError::Status {
+                args: args.join(" "),
+                status: describe(&out.status),
+            }
         } else {
-            err
+            CtrError::Failed(err)
         })
     }
 }
 
 /// The message of a ctr failure: its last non-empty stderr line without the `ctr: ` prefix
 /// (logrus lines: their `msg="…"`).
-pub fn error_line(stderr: &str) -> String {
+pub(crate) fn error_line(stderr: &str) -> String {
     let line = stderr
         .lines()
         .rev()
@@ -74,7 +98,7 @@ pub fn error_line(stderr: &str) -> String {
 
 /// One row of `ctr containers ls`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerRow {
+pub(crate) struct ContainerRow {
     /// Container id (gatevm's name).
     pub id: String,
     /// Image reference (`-` when none).
@@ -83,7 +107,7 @@ pub struct ContainerRow {
 
 /// One row of `ctr tasks ls`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskRow {
+pub(crate) struct TaskRow {
     /// Container id.
     pub id: String,
     /// Pid of the task's init process.
@@ -94,7 +118,7 @@ pub struct TaskRow {
 
 impl TaskRow {
     /// Whether the task has live processes (anything but `stopped` and `created`).
-    pub fn is_running(&self) -> bool {
+    pub(crate) fn is_running(&self) -> bool {
         !matches!(self.status.as_str(), "stopped" | "created")
     }
 }
@@ -113,7 +137,7 @@ fn rows<'a>(out: &'a str, header: &str) -> Vec<Vec<&'a str>> {
 }
 
 /// Parses `ctr containers ls` (`CONTAINER IMAGE RUNTIME`).
-pub fn parse_containers(out: &str) -> Vec<ContainerRow> {
+pub(crate) fn parse_containers(out: &str) -> Vec<ContainerRow> {
     rows(out, "CONTAINER")
         .into_iter()
         .filter(|c| c.len() >= 2)
@@ -125,7 +149,7 @@ pub fn parse_containers(out: &str) -> Vec<ContainerRow> {
 }
 
 /// Parses `ctr tasks ls` (`TASK PID STATUS`).
-pub fn parse_tasks(out: &str) -> Vec<TaskRow> {
+pub(crate) fn parse_tasks(out: &str) -> Vec<TaskRow> {
     rows(out, "TASK")
         .into_iter()
         .filter(|c| c.len() >= 3)
@@ -140,7 +164,7 @@ pub fn parse_tasks(out: &str) -> Vec<TaskRow> {
 }
 
 /// Parses a `-q` listing: one name per line.
-pub fn parse_quiet(out: &str) -> Vec<String> {
+pub(crate) fn parse_quiet(out: &str) -> Vec<String> {
     out.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -149,7 +173,7 @@ pub fn parse_quiet(out: &str) -> Vec<String> {
 }
 
 /// The labels in `ctr containers info` output (`{"Labels": {...}, ...}`).
-pub fn parse_info_labels(out: &str) -> BTreeMap<String, String> {
+pub(crate) fn parse_info_labels(out: &str) -> BTreeMap<String, String> {
     let Ok(v) = serde_json::from_str::<Value>(out) else {
         return BTreeMap::new();
     };
@@ -164,41 +188,41 @@ pub fn parse_info_labels(out: &str) -> BTreeMap<String, String> {
 }
 
 /// Image names stored in a namespace.
-pub fn images(ns: &str) -> Result<Vec<String>, String> {
+pub(crate) fn images(ns: &str) -> Result<Vec<String>, CtrError> {
     output(ns, &["images", "ls", "-q"]).map(|o| parse_quiet(&o))
 }
 
 /// Container ids of a namespace.
-pub fn container_ids(ns: &str) -> Result<Vec<String>, String> {
+pub(crate) fn container_ids(ns: &str) -> Result<Vec<String>, CtrError> {
     output(ns, &["containers", "ls", "-q"]).map(|o| parse_quiet(&o))
 }
 
 /// Containers of a namespace with their images.
-pub fn containers(ns: &str) -> Result<Vec<ContainerRow>, String> {
+pub(crate) fn containers(ns: &str) -> Result<Vec<ContainerRow>, CtrError> {
     output(ns, &["containers", "ls"]).map(|o| parse_containers(&o))
 }
 
 /// Tasks of a namespace.
-pub fn tasks(ns: &str) -> Result<Vec<TaskRow>, String> {
+pub(crate) fn tasks(ns: &str) -> Result<Vec<TaskRow>, CtrError> {
     output(ns, &["tasks", "ls"]).map(|o| parse_tasks(&o))
 }
 
 /// The task of one container, if it has one.
-pub fn task(ns: &str, id: &str) -> Result<Option<TaskRow>, String> {
+pub(crate) fn task(ns: &str, id: &str) -> Result<Option<TaskRow>, CtrError> {
     Ok(tasks(ns)?.into_iter().find(|t| t.id == id))
 }
 
 /// Labels of one container.
-pub fn labels(ns: &str, id: &str) -> Result<BTreeMap<String, String>, String> {
+pub(crate) fn labels(ns: &str, id: &str) -> Result<BTreeMap<String, String>, CtrError> {
     output(ns, &["containers", "info", id]).map(|o| parse_info_labels(&o))
 }
 
 /// Whether containerd's socket exists.
-pub fn check_running() -> Result<(), String> {
+pub(crate) fn check_running() -> Result<(), CtrError> {
     if Path::new(SOCKET).exists() {
         Ok(())
     } else {
-        Err(format!("containerd is not running (no {SOCKET})"))
+        Err(CtrError::NotRunning)
     }
 }
 

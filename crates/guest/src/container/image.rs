@@ -1,11 +1,16 @@
 //! Image references: docker-style short names normalized the way containerd names images imported
 //! from `docker save` archives (`busybox` is stored as `docker.io/library/busybox:latest`).
 
+/// A reference that is not a docker-style image reference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid image reference {0:?}")]
+pub(crate) struct InvalidReference(pub String);
+
 /// Normalizes a docker-style reference: adds `docker.io` when the first component is not a
 /// registry (no `.` or `:`, not `localhost`, lower case), `library/` for official images on
 /// docker.io, and `:latest` when there is neither a tag nor a digest. Digests are kept.
-pub fn normalize(reference: &str) -> Result<String, String> {
-    let invalid = || format!("invalid image reference {reference:?}");
+pub(crate) fn normalize(reference: &str) -> Result<String, InvalidReference> {
+    let invalid = || InvalidReference(reference.into());
     if reference.is_empty()
         || reference.starts_with('-')
         || reference
@@ -70,7 +75,7 @@ pub fn normalize(reference: &str) -> Result<String, String> {
 
 /// Picks the stored image that `reference` names: the normalized reference, or the reference
 /// exactly as given.
-pub fn find<'a>(reference: &str, stored: &'a [String]) -> Option<&'a str> {
+pub(crate) fn find<'a>(reference: &str, stored: &'a [String]) -> Option<&'a str> {
     let normalized = normalize(reference).ok();
     stored
         .iter()

@@ -11,19 +11,19 @@
 //! - `ps`: 0, 1 on failure, 2 on a usage error.
 //! - `rm`: 0, 1 on failure (unknown container, running without `--force`), 2 on a usage error.
 
-pub mod args;
-pub mod ctr;
-pub mod image;
-pub mod network;
-pub mod ps;
-pub mod rm;
-pub mod run;
-pub mod signals;
+pub(crate) mod args;
+pub(crate) mod ctr;
+pub(crate) mod image;
+pub(crate) mod network;
+pub(crate) mod ps;
+pub(crate) mod rm;
+pub(crate) mod run;
+pub(crate) mod signals;
 
 use std::io::Write;
 
 /// Usage of the `container` subcommands.
-pub const USAGE: &str = "\
+pub(crate) const USAGE: &str = "\
 usage:
   gatevm-guest container run --namespace NS --name C [--detach] [--tty]
       [--publish GUESTPORT:CONTAINERPORT[/tcp|/udp]]... [--env K=V]... [--workdir DIR]
@@ -33,7 +33,7 @@ usage:
 
 /// A failed command: its exit code and a one-line message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
+pub(crate) struct Failure {
     /// Exit code.
     pub code: i32,
     /// What went wrong.
@@ -42,7 +42,7 @@ pub struct Failure {
 
 impl Failure {
     /// A failure with `code`.
-    pub fn new(code: i32, message: impl Into<String>) -> Failure {
+    pub(crate) fn new(code: i32, message: impl Into<String>) -> Failure {
         Failure {
             code,
             message: message.into(),
@@ -50,14 +50,14 @@ impl Failure {
     }
 
     /// Prints the message and returns the code.
-    pub fn report(&self) -> i32 {
+    pub(crate) fn report(&self) -> i32 {
         error(&self.message);
         self.code
     }
 }
 
 /// Makes a message a single line.
-pub fn one_line(msg: &str) -> String {
+pub(crate) fn one_line(msg: &str) -> String {
     msg.split(['\n', '\r'])
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -66,19 +66,19 @@ pub fn one_line(msg: &str) -> String {
 }
 
 /// Prints `gatevm-guest: MSG` on stderr (one line).
-pub fn error(msg: &str) {
+pub(crate) fn error(msg: &str) {
     let _ = writeln!(std::io::stderr().lock(), "gatevm-guest: {}", one_line(msg));
 }
 
 /// Prints to stdout, ignoring a closed pipe (no panics).
-pub fn print(text: &str) {
+pub(crate) fn print(text: &str) {
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes());
     let _ = out.flush();
 }
 
 /// The exit code of a finished process: its code, or 128+N when killed by signal N.
-pub fn exit_code(status: &gatevm_protocol::ExitStatus) -> i32 {
+pub(crate) fn exit_code(status: &gatevm_protocol::ExitStatus) -> i32 {
     match (status.code, status.signal) {
         (Some(c), _) => c,
         (None, Some(s)) => 128 + s,
@@ -87,7 +87,7 @@ pub fn exit_code(status: &gatevm_protocol::ExitStatus) -> i32 {
 }
 
 /// `gatevm-guest container ARGS…`; returns the exit code.
-pub fn main(args: &[String]) -> i32 {
+pub(crate) fn main(args: &[String]) -> i32 {
     match args.first().map(String::as_str) {
         Some("run") => run::main(&args[1..]),
         Some("ps") => ps::main(&args[1..]),

@@ -9,44 +9,120 @@
 
 use super::args::{parse_publish, Publish};
 use crate::cni::{self, Attachment, PortMapping};
+use crate::log::error_chain;
 use serde_json::{json, Value};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Root of the per-container state directories.
-pub const STATE_ROOT: &str = "/run/gatevm/containers";
+pub(crate) const STATE_ROOT: &str = "/run/gatevm/containers";
 /// Where `ip netns` keeps named network namespaces.
-pub const NETNS_DIR: &str = "/run/netns";
+pub(crate) const NETNS_DIR: &str = "/run/netns";
 /// Where detached containers' output goes (the state disk, not the RAM-backed `/run`).
-pub const LOG_DIR: &str = "/var/lib/gatevm/logs";
+pub(crate) const LOG_DIR: &str = "/var/lib/gatevm/logs";
 
 const STATE_FILE: &str = "state.json";
 const RESULT_FILE: &str = "cni-result.json";
 
+/// A container network step that failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NetworkError {
+    /// `state.json` lacks a field.
+    #[error("container state has no {0}")]
+    MissingField(&'static str),
+    /// A state file could not be read.
+    #[error("read {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A state file is not JSON.
+    #[error("read {}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A state file could not be encoded.
+    #[error(transparent)]
+    Encode(serde_json::Error),
+    /// A state file or directory could not be written.
+    #[error("write {}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A directory could not be created.
+    #[error("create {}", path.display())]
+    Create {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Another command holds the state directory of that name.
+    #[error("container name {0:?} is being set up by another command")]
+    Busy(String),
+    /// A helper (`ip`) could not be started.
+    #[error("cannot run {prog}")]
+    Spawn {
+        /// The helper.
+        prog: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A helper failed: its command line and last stderr line.
+    #[error("{prog} {args}: {line}")]
+    Helper {
+        /// The helper.
+        prog: String,
+        /// Its arguments, joined by spaces.
+        args: String,
+        /// Its last stderr line.
+        line: String,
+    },
+    /// The network configuration file could not be written.
+    #[error("network configuration")]
+    Config(#[source] io::Error),
+    /// CNI ADD failed.
+    #[error("network setup failed")]
+    Add(#[source] cni::CniError),
+}
+
 /// The state directory of a container.
-pub fn state_dir(name: &str) -> PathBuf {
+pub(crate) fn state_dir(name: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(name)
 }
 
 /// The name of a container's network namespace (`gatevm-NAME`).
-pub fn netns_name(name: &str) -> String {
+pub(crate) fn netns_name(name: &str) -> String {
     format!("gatevm-{name}")
 }
 
 /// The path of a container's network namespace.
-pub fn netns_path(name: &str) -> PathBuf {
+pub(crate) fn netns_path(name: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(netns_name(name))
 }
 
 /// The output log of a detached container.
-pub fn log_path(name: &str) -> PathBuf {
+pub(crate) fn log_path(name: &str) -> PathBuf {
     Path::new(LOG_DIR).join(format!("{name}.log"))
 }
 
 /// What DEL needs, and who owns the container's setup.
 #[derive(Debug, Clone, PartialEq)]
-pub struct State {
+pub(crate) struct State {
     /// containerd namespace of the container.
     pub namespace: String,
     /// Container name.
@@ -67,7 +143,7 @@ pub struct State {
 
 impl State {
     /// The state of a new container of `namespace` owned by this process.
-    pub fn new(namespace: &str, name: &str, ports: &[Publish]) -> State {
+    pub(crate) fn new(namespace: &str, name: &str, ports: &[Publish]) -> State {
         State {
             namespace: namespace.into(),
             name: name.into(),
@@ -81,7 +157,7 @@ impl State {
     }
 
     /// As `state.json`.
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         json!({
             "namespace": self.namespace,
             "name": self.name,
@@ -95,12 +171,12 @@ impl State {
     }
 
     /// Reads `state.json`.
-    pub fn from_json(v: &Value) -> Result<State, String> {
-        let s = |k: &str| -> Result<String, String> {
+    pub(crate) fn from_json(v: &Value) -> Result<State, NetworkError> {
+        let s = |k: &'static str| -> Result<String, NetworkError> {
             v.get(k)
                 .and_then(Value::as_str)
                 .map(str::to_string)
-                .ok_or_else(|| format!("container state has no {k}"))
+                .ok_or(NetworkError::MissingField(k))
         };
         let ports = v
             .get("ports")
@@ -127,12 +203,12 @@ impl State {
             conflist: v
                 .get("conflist")
                 .cloned()
-                .ok_or_else(|| "container state has no conflist".to_string())?,
+                .ok_or(NetworkError::MissingField("conflist"))?,
         })
     }
 
     /// The CNI attachment this state describes.
-    pub fn attachment(&self) -> Attachment {
+    pub(crate) fn attachment(&self) -> Attachment {
         Attachment {
             container_id: self.cni_container_id.clone(),
             netns: self.netns.clone(),
@@ -142,21 +218,23 @@ impl State {
     }
 
     /// The port mappings for the portmap plugin.
-    pub fn mappings(&self) -> Vec<PortMapping> {
+    pub(crate) fn mappings(&self) -> Vec<PortMapping> {
         self.ports.iter().map(Publish::mapping).collect()
     }
 }
 
 /// Reads a container's saved state; `Ok(None)` when there is none.
-pub fn load(name: &str) -> Result<Option<State>, String> {
+pub(crate) fn load(name: &str) -> Result<Option<State>, NetworkError> {
     let path = state_dir(name).join(STATE_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("read {}: {e}", path.display())),
+        Err(source) => return Err(NetworkError::Read { path, source }),
     };
-    let v: Value =
-        serde_json::from_str(&text).map_err(|e| format!("read {}: {e}", path.display()))?;
+    let v: Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(source) => return Err(NetworkError::Parse { path, source }),
+    };
     State::from_json(&v).map(Some)
 }
 
@@ -166,7 +244,7 @@ fn load_result(name: &str) -> Option<Value> {
 }
 
 /// Whether a pid belongs to a live `gatevm-guest` process other than this one.
-pub fn owner_alive(pid: u32) -> bool {
+pub(crate) fn owner_alive(pid: u32) -> bool {
     if pid == 0 || pid == std::process::id() {
         return false;
     }
@@ -176,9 +254,13 @@ pub fn owner_alive(pid: u32) -> bool {
 }
 
 /// Runs a helper (`ip`) to completion; its last stderr line on failure.
-fn run(prog: &str, args: &[&str]) -> Result<(), String> {
-    let out = cni::run_captured(Command::new(prog).args(args), None)
-        .map_err(|e| format!("cannot run {prog}: {e}"))?;
+fn run(prog: &str, args: &[&str]) -> Result<(), NetworkError> {
+    let out = cni::run_captured(Command::new(prog).args(args), None).map_err(|source| {
+        NetworkError::Spawn {
+            prog: prog.into(),
+            source,
+        }
+    })?;
     if out.success() {
         return Ok(());
     }
@@ -189,35 +271,42 @@ fn run(prog: &str, args: &[&str]) -> Result<(), String> {
         .map(str::trim)
         .find(|l| !l.is_empty())
         .unwrap_or("");
-    Err(format!("{prog} {}: {line}", args.join(" ")))
+    Err(NetworkError::Helper {
+        prog: prog.into(),
+        args: args.join(" "),
+        line: line.into(),
+    })
 }
 
-fn write_json(path: &Path, v: &Value) -> Result<(), String> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
-    std::fs::write(path, text + "\n").map_err(|e| format!("write {}: {e}", path.display()))
+fn write_json(path: &Path, v: &Value) -> Result<(), NetworkError> {
+    let text = serde_json::to_string_pretty(v).map_err(NetworkError::Encode)?;
+    std::fs::write(path, text + "\n").map_err(|source| NetworkError::Write {
+        path: path.into(),
+        source,
+    })
 }
 
 /// Claims the state directory of a new container (fails when it exists: the name is taken or
 /// being set up) and records `state` in it.
-pub fn claim(state: &State) -> Result<(), String> {
-    std::fs::create_dir_all(STATE_ROOT).map_err(|e| format!("create {STATE_ROOT}: {e}"))?;
+pub(crate) fn claim(state: &State) -> Result<(), NetworkError> {
+    std::fs::create_dir_all(STATE_ROOT).map_err(|source| NetworkError::Create {
+        path: STATE_ROOT.into(),
+        source,
+    })?;
     let dir = state_dir(&state.name);
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            return Err(format!(
-                "container name {:?} is being set up by another command",
-                state.name
-            ))
+            return Err(NetworkError::Busy(state.name.clone()))
         }
-        Err(e) => return Err(format!("create {}: {e}", dir.display())),
+        Err(source) => return Err(NetworkError::Create { path: dir, source }),
     }
     write_json(&dir.join(STATE_FILE), &state.to_json())
 }
 
 /// Creates the network namespace, writes the network list when missing or different, and
 /// attaches the namespace (CNI ADD); the result is saved for DEL.
-pub fn setup(state: &State) -> Result<(), String> {
+pub(crate) fn setup(state: &State) -> Result<(), NetworkError> {
     let ns = netns_name(&state.name);
     if Path::new(&state.netns).exists() {
         // A leftover of an earlier container of that name whose state is gone.
@@ -229,15 +318,15 @@ pub fn setup(state: &State) -> Result<(), String> {
         Path::new(cni::CONFLIST_PATH),
         &cni::conflist_text(&state.conflist),
     )
-    .map_err(|e| format!("network configuration: {e}"))?;
+    .map_err(NetworkError::Config)?;
     let result = cni::add(&state.conflist, &state.attachment(), &state.mappings())
-        .map_err(|e| format!("network setup failed: {e}"))?;
+        .map_err(NetworkError::Add)?;
     write_json(&state_dir(&state.name).join(RESULT_FILE), &result)
 }
 
 /// Undoes whatever [`setup`] did for `name` (CNI DEL with the saved state, namespace deletion,
 /// state directory removal), tolerating each part being absent. Returns problems as messages.
-pub fn teardown(name: &str) -> Vec<String> {
+pub(crate) fn teardown(name: &str) -> Vec<String> {
     let mut problems = Vec::new();
     match load(name) {
         Ok(Some(state)) => {
@@ -252,11 +341,11 @@ pub fn teardown(name: &str) -> Vec<String> {
             }
         }
         Ok(None) => {}
-        Err(e) => problems.push(format!("network teardown: {e}")),
+        Err(e) => problems.push(format!("network teardown: {}", error_chain(&e))),
     }
     if netns_path(name).exists() {
         if let Err(e) = run("ip", &["netns", "delete", &netns_name(name)]) {
-            problems.push(e);
+            problems.push(error_chain(&e));
         }
     }
     let dir = state_dir(name);
@@ -269,7 +358,7 @@ pub fn teardown(name: &str) -> Vec<String> {
 }
 
 /// Whether anything of a container's network is left (state directory or namespace).
-pub fn exists(name: &str) -> bool {
+pub(crate) fn exists(name: &str) -> bool {
     state_dir(name).exists() || netns_path(name).exists()
 }
 

@@ -2,16 +2,17 @@
 //! ports (from the `gatevm.ports` label).
 
 use super::args::{self, parse_ports_label};
-use super::ctr::{self, ContainerRow, TaskRow};
+use super::ctr::{self, ContainerRow, CtrError, TaskRow};
 use super::network;
 use super::run::PORTS_LABEL;
 use super::{print, Failure};
+use crate::log::error_chain;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
 /// One listed container.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Container name.
     pub name: String,
     /// Image reference.
@@ -25,7 +26,7 @@ pub struct Entry {
 }
 
 /// Joins containers and tasks by id (sorted by name); `ports` maps ids to their port specs.
-pub fn join(
+pub(crate) fn join(
     containers: &[ContainerRow],
     tasks: &[TaskRow],
     ports: &BTreeMap<String, Vec<String>>,
@@ -48,7 +49,7 @@ pub fn join(
 }
 
 /// The `--json` document: an array of `{name, image, status, pid, ports}`.
-pub fn render_json(entries: &[Entry]) -> String {
+pub(crate) fn render_json(entries: &[Entry]) -> String {
     let v: Vec<Value> = entries
         .iter()
         .map(|e| {
@@ -67,7 +68,7 @@ pub fn render_json(entries: &[Entry]) -> String {
 }
 
 /// The table: `NAME IMAGE STATUS PORTS`, columns padded to their widest cell.
-pub fn render_table(entries: &[Entry]) -> String {
+pub(crate) fn render_table(entries: &[Entry]) -> String {
     let rows: Vec<[String; 4]> = std::iter::once([
         "NAME".to_string(),
         "IMAGE".to_string(),
@@ -106,10 +107,10 @@ pub fn render_table(entries: &[Entry]) -> String {
 }
 
 /// `gatevm-guest container ps ARGS…`.
-pub fn main(argv: &[String]) -> i32 {
+pub(crate) fn main(argv: &[String]) -> i32 {
     let o = match args::parse_ps(argv) {
         Ok(o) => o,
-        Err(e) => return Failure::new(2, e).report(),
+        Err(e) => return Failure::new(2, error_chain(&e)).report(),
     };
     match list(&o.namespace) {
         Ok(entries) => {
@@ -120,11 +121,11 @@ pub fn main(argv: &[String]) -> i32 {
             });
             0
         }
-        Err(e) => Failure::new(1, e).report(),
+        Err(e) => Failure::new(1, error_chain(&e)).report(),
     }
 }
 
-fn list(ns: &str) -> Result<Vec<Entry>, String> {
+fn list(ns: &str) -> Result<Vec<Entry>, CtrError> {
     ctr::check_running()?;
     let containers = ctr::containers(ns)?;
     let tasks = ctr::tasks(ns)?;

@@ -4,16 +4,18 @@
 use super::args;
 use super::network;
 use super::{ctr, error, print, Failure};
+use crate::log::error_chain;
 use std::time::{Duration, Instant};
 
 /// How long `--force` waits for a killed task to stop.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Deletes a container of `ns` (its task first; a running task only when `force`, with
 /// SIGKILL). Exit code 1 on failure.
-pub fn remove_container(ns: &str, name: &str, force: bool) -> Result<(), Failure> {
+pub(crate) fn remove_container(ns: &str, name: &str, force: bool) -> Result<(), Failure> {
     let fail = |m: String| Failure::new(1, m);
-    if let Some(task) = ctr::task(ns, name).map_err(fail)? {
+    let ctr_fail = |e: ctr::CtrError| fail(error_chain(&e));
+    if let Some(task) = ctr::task(ns, name).map_err(ctr_fail)? {
         if task.is_running() {
             if !force {
                 return Err(fail(format!(
@@ -30,10 +32,13 @@ pub fn remove_container(ns: &str, name: &str, force: bool) -> Result<(), Failure
                 match ctr::task(ns, name) {
                     Ok(Some(t)) if t.is_running() => {}
                     Ok(_) => break,
-                    Err(e) => return Err(fail(e)),
+                    Err(e) => return Err(ctr_fail(e)),
                 }
                 if Instant::now() >= deadline {
-                    let why = killed.err().map(|e| format!(": {e}")).unwrap_or_default();
+                    let why = killed
+                        .err()
+                        .map(|e| format!(": {}", error_chain(&e)))
+                        .unwrap_or_default();
                     return Err(fail(format!(
                         "container {name} did not stop within {} s{why}",
                         STOP_TIMEOUT.as_secs()
@@ -42,21 +47,29 @@ pub fn remove_container(ns: &str, name: &str, force: bool) -> Result<(), Failure
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        if ctr::task(ns, name).map_err(fail)?.is_some() {
-            ctr::output(ns, &["tasks", "delete", name])
-                .map_err(|e| fail(format!("cannot delete the task of {name}: {e}")))?;
+        if ctr::task(ns, name).map_err(ctr_fail)?.is_some() {
+            ctr::output(ns, &["tasks", "delete", name]).map_err(|e| {
+                fail(format!(
+                    "cannot delete the task of {name}: {}",
+                    error_chain(&e)
+                ))
+            })?;
         }
     }
-    ctr::output(ns, &["containers", "delete", name])
-        .map_err(|e| fail(format!("cannot delete container {name}: {e}")))?;
+    ctr::output(ns, &["containers", "delete", name]).map_err(|e| {
+        fail(format!(
+            "cannot delete container {name}: {}",
+            error_chain(&e)
+        ))
+    })?;
     Ok(())
 }
 
 /// `gatevm-guest container rm ARGS…`.
-pub fn main(argv: &[String]) -> i32 {
+pub(crate) fn main(argv: &[String]) -> i32 {
     let o = match args::parse_rm(argv) {
         Ok(o) => o,
-        Err(e) => return Failure::new(2, e).report(),
+        Err(e) => return Failure::new(2, error_chain(&e)).report(),
     };
     match rm(&o) {
         Ok(()) => {
@@ -69,9 +82,9 @@ pub fn main(argv: &[String]) -> i32 {
 
 fn rm(o: &args::RmOpts) -> Result<(), Failure> {
     let (ns, name) = (o.namespace.as_str(), o.name.as_str());
-    ctr::check_running().map_err(|e| Failure::new(1, e))?;
+    ctr::check_running().map_err(|e| Failure::new(1, error_chain(&e)))?;
     let known = ctr::container_ids(ns)
-        .map_err(|e| Failure::new(1, e))?
+        .map_err(|e| Failure::new(1, error_chain(&e)))?
         .iter()
         .any(|c| c == name);
     // The network of this name is ours to undo unless another namespace or a live foreground

@@ -10,6 +10,7 @@ use super::args::{self, ports_label, RunOpts};
 use super::network::{self, State};
 use super::signals::{Forwarder, LaunchError};
 use super::{ctr, error, exit_code, image, print, rm, Failure};
+use crate::log::error_chain;
 use crate::reaper::{Reaper, Spawned};
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -22,14 +23,19 @@ use std::time::Duration;
 const MODULES_WAIT: Duration = Duration::from_secs(30);
 
 /// Exit code of setup failures (like docker).
-pub const SETUP_FAILED: i32 = 125;
+pub(crate) const SETUP_FAILED: i32 = 125;
 /// The guest's resolver configuration, bind-mounted read-only into containers.
-pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+pub(crate) const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// Label holding the published ports (`8080:80/tcp,53:53/udp`).
-pub const PORTS_LABEL: &str = "gatevm.ports";
+pub(crate) const PORTS_LABEL: &str = "gatevm.ports";
 
 fn setup_failure(msg: impl Into<String>) -> Failure {
     Failure::new(SETUP_FAILED, msg)
+}
+
+/// A setup failure from an error and its causes.
+fn setup_error(e: &dyn std::error::Error) -> Failure {
+    setup_failure(error_chain(e))
 }
 
 /// Arguments of `ctr containers create` for a run.
@@ -37,7 +43,7 @@ fn setup_failure(msg: impl Into<String>) -> Failure {
 /// Every flag is written `--flag=value` and the image follows `--`: some ctr versions reorder
 /// arguments, take the word after a flag without `=` as its possible value (so a `--` right after
 /// `--tty` would be swallowed) and would then take flags of the command (`sh -c …`) as their own.
-pub fn create_args(o: &RunOpts, image: &str, mount_resolv: bool) -> Vec<String> {
+pub(crate) fn create_args(o: &RunOpts, image: &str, mount_resolv: bool) -> Vec<String> {
     let mut a: Vec<String> = vec!["containers".into(), "create".into()];
     a.push(format!(
         "--with-ns=network:{}",
@@ -68,7 +74,7 @@ pub fn create_args(o: &RunOpts, image: &str, mount_resolv: bool) -> Vec<String> 
 }
 
 /// Arguments of `ctr tasks start`.
-pub fn start_args(name: &str, detach: bool) -> Vec<String> {
+pub(crate) fn start_args(name: &str, detach: bool) -> Vec<String> {
     let mut a: Vec<String> = vec!["tasks".into(), "start".into()];
     if detach {
         a.push("--detach".into());
@@ -81,7 +87,7 @@ pub fn start_args(name: &str, detach: bool) -> Vec<String> {
 
 /// The exit code for a container that could not be started, from ctr's message: 127 when the
 /// command is not found, 126 when it cannot be executed, else 125.
-pub fn start_failure_code(msg: &str) -> i32 {
+pub(crate) fn start_failure_code(msg: &str) -> i32 {
     let m = msg.to_ascii_lowercase();
     if m.contains("executable file not found") || m.contains("no such file or directory") {
         127
@@ -95,7 +101,7 @@ pub fn start_failure_code(msg: &str) -> i32 {
 /// The exit code of an attached `ctr tasks start` from its status and the end of its stderr:
 /// ctr reports its own failures with status 1 and a last line `ctr: …`; anything else is the
 /// container's code.
-pub fn foreground_code(code: i32, stderr_tail: &str) -> i32 {
+pub(crate) fn foreground_code(code: i32, stderr_tail: &str) -> i32 {
     let last = stderr_tail
         .lines()
         .rev()
@@ -109,10 +115,10 @@ pub fn foreground_code(code: i32, stderr_tail: &str) -> i32 {
 }
 
 /// `gatevm-guest container run ARGS…`.
-pub fn main(argv: &[String]) -> i32 {
+pub(crate) fn main(argv: &[String]) -> i32 {
     let o = match args::parse_run(argv) {
         Ok(o) => o,
-        Err(e) => return setup_failure(e).report(),
+        Err(e) => return setup_error(&e).report(),
     };
     let fwd = Forwarder::start();
     match run(&o, &fwd) {
@@ -147,7 +153,7 @@ fn undo(ns: &str, name: &str, container: bool) {
 /// leftover network of a container that is gone is removed.
 fn check_name_free(ns: &str, name: &str) -> Result<(), Failure> {
     if ctr::container_ids(ns)
-        .map_err(setup_failure)?
+        .map_err(|e| setup_error(&e))?
         .iter()
         .any(|c| c == name)
     {
@@ -196,7 +202,7 @@ fn check_signal(fwd: &Forwarder, ns: &str, name: &str, container: bool) -> Resul
 
 fn run(o: &RunOpts, fwd: &Forwarder) -> Result<i32, Failure> {
     let (ns, name) = (o.namespace.as_str(), o.name.as_str());
-    ctr::check_running().map_err(setup_failure)?;
+    ctr::check_running().map_err(|e| setup_error(&e))?;
     if o.tty && o.detach {
         return Err(setup_failure(
             "--tty cannot be used with --detach: the terminal ends with this command",
@@ -207,7 +213,7 @@ fn run(o: &RunOpts, fwd: &Forwarder) -> Result<i32, Failure> {
             "--tty needs a terminal: run it with a terminal, or without --tty",
         ));
     }
-    let stored = ctr::images(ns).map_err(setup_failure)?;
+    let stored = ctr::images(ns).map_err(|e| setup_error(&e))?;
     let image = image::find(&o.image, &stored).ok_or_else(|| {
         setup_failure(format!(
             "image \"{}\" is not in this VM: import it with gatevm image import",
@@ -225,10 +231,10 @@ fn run(o: &RunOpts, fwd: &Forwarder) -> Result<i32, Failure> {
         );
     }
     let state = State::new(ns, name, &o.publish);
-    network::claim(&state).map_err(setup_failure)?;
+    network::claim(&state).map_err(|e| setup_error(&e))?;
     if let Err(e) = network::setup(&state) {
         undo(ns, name, false);
-        return Err(setup_failure(e));
+        return Err(setup_error(&e));
     }
     check_signal(fwd, ns, name, false)?;
 
@@ -237,7 +243,8 @@ fn run(o: &RunOpts, fwd: &Forwarder) -> Result<i32, Failure> {
     if let Err(e) = ctr::output(ns, &create) {
         undo(ns, name, false);
         return Err(setup_failure(format!(
-            "cannot create container {name:?}: {e}"
+            "cannot create container {name:?}: {}",
+            error_chain(&e)
         )));
     }
     check_signal(fwd, ns, name, true)?;
@@ -252,6 +259,7 @@ fn run(o: &RunOpts, fwd: &Forwarder) -> Result<i32, Failure> {
         let start: Vec<&str> = start.iter().map(String::as_str).collect();
         if let Err(e) = ctr::output(ns, &start) {
             undo(ns, name, true);
+            let e = error_chain(&e);
             return Err(Failure::new(
                 start_failure_code(&e),
                 format!("cannot start container {name:?}: {e}"),

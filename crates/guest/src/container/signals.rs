@@ -19,14 +19,14 @@ use nix::sys::signal::{SigSet, Signal};
 use std::sync::{Arc, Mutex};
 
 /// The signals that are forwarded.
-pub const FORWARDED: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
+pub(crate) const FORWARDED: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
 
 /// The forwarded signal from which on the task is killed instead.
-pub const KILL_AFTER: u32 = 3;
+pub(crate) const KILL_AFTER: u32 = 3;
 
 /// The foreground container.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
+pub(crate) struct Target {
     /// Pid of the attached `ctr tasks start`.
     pub ctr_pid: i32,
     /// containerd namespace.
@@ -39,7 +39,7 @@ pub struct Target {
 
 /// What to do with the `nth` forwarded signal (counting from 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Send it to the ctr process.
     SignalCtr(i32),
     /// Send it to the task with `ctr tasks kill`.
@@ -49,7 +49,7 @@ pub enum Action {
 }
 
 /// Decides how the `nth` signal reaches the container.
-pub fn action(target: &Target, sig: i32, nth: u32) -> Action {
+pub(crate) fn action(target: &Target, sig: i32, nth: u32) -> Action {
     if nth >= KILL_AFTER {
         Action::KillTask
     } else if target.via_task {
@@ -68,13 +68,13 @@ enum Phase {
 
 /// The forwarding thread's shared state.
 #[derive(Debug, Clone)]
-pub struct Forwarder {
+pub(crate) struct Forwarder {
     phase: Arc<Mutex<Phase>>,
 }
 
 /// Why a foreground `ctr` was not started.
 #[derive(Debug)]
-pub enum LaunchError {
+pub(crate) enum LaunchError {
     /// A signal arrived during the setup: stop, undo, exit 128+N.
     Signalled(i32),
     /// The process could not be spawned.
@@ -98,7 +98,7 @@ impl Forwarder {
     /// Blocks the forwarded signals and starts the thread that takes them. Call it before any
     /// other thread exists, so every thread inherits the mask. Without the thread (it could not
     /// start) the signals are left unblocked and keep their default effect.
-    pub fn start() -> Forwarder {
+    pub(crate) fn start() -> Forwarder {
         let fwd = Forwarder {
             phase: Arc::new(Mutex::new(Phase::Setup { pending: None })),
         };
@@ -140,7 +140,7 @@ impl Forwarder {
     }
 
     /// The first signal received during the setup, if any.
-    pub fn pending(&self) -> Option<i32> {
+    pub(crate) fn pending(&self) -> Option<i32> {
         match &*crate::sys::lock(&self.phase) {
             Phase::Setup { pending } => *pending,
             _ => None,
@@ -149,7 +149,7 @@ impl Forwarder {
 
     /// Spawns the foreground ctr unless a signal is pending, and routes signals to container
     /// `id` of `namespace` (through the task when `via_task`).
-    pub fn launch(
+    pub(crate) fn launch(
         &self,
         spawn: impl FnOnce() -> std::io::Result<Spawned>,
         namespace: &str,
@@ -174,14 +174,14 @@ impl Forwarder {
     }
 
     /// Waits for the launched child; signals that arrive afterwards are ignored.
-    pub fn wait(&self, child: &Spawned) -> Option<ExitStatus> {
+    pub(crate) fn wait(&self, child: &Spawned) -> Option<ExitStatus> {
         let status = child.exit.recv().ok();
         *crate::sys::lock(&self.phase) = Phase::Done;
         status
     }
 
     /// Stops forwarding for good (signals from now on are ignored).
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         *crate::sys::lock(&self.phase) = Phase::Done;
     }
 }

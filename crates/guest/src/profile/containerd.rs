@@ -9,17 +9,17 @@ use std::time::Duration;
 
 /// Where the containerd profile's configuration is written at every boot (the k3s profile has
 /// its own, [`crate::profile::k3s::CONTAINERD_CONFIG`]).
-pub const CONTAINERD_CONFIG: &str = "/run/gatevm/containerd.toml";
+pub(crate) const CONTAINERD_CONFIG: &str = "/run/gatevm/containerd.toml";
 
 /// The distribution's containerd configuration. gatevm's configuration imports it when it
 /// exists, so what is set there still applies (imported settings win).
-pub const ETC_CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+pub(crate) const ETC_CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 
 /// containerd plugins gatevm turns off: snapshotters that cannot work in the guest (the state
 /// disk is ext4, the kernel has no aufs, devmapper and blockfile are not configured). containerd
 /// probes each at every start; aufs alone runs `modprobe aufs`, which fails, for ~0.3 s of a
 /// boot under TCG.
-pub const DISABLED_PLUGINS: &[&str] = &[
+pub(crate) const DISABLED_PLUGINS: &[&str] = &[
     "io.containerd.snapshotter.v1.aufs",
     "io.containerd.snapshotter.v1.btrfs",
     "io.containerd.snapshotter.v1.zfs",
@@ -28,7 +28,7 @@ pub const DISABLED_PLUGINS: &[&str] = &[
 ];
 
 /// The `disabled_plugins` line of a containerd 1.7 (`version = 2`) configuration.
-pub fn disabled_plugins_line() -> String {
+pub(crate) fn disabled_plugins_line() -> String {
     let ids: Vec<String> = DISABLED_PLUGINS
         .iter()
         .map(|p| format!("\"{p}\""))
@@ -38,7 +38,7 @@ pub fn disabled_plugins_line() -> String {
 
 /// containerd's configuration in the containerd profile: containerd's defaults with
 /// [`DISABLED_PLUGINS`] off, importing `import` (the distribution's file) when given.
-pub fn containerd_config(import: Option<&Path>) -> String {
+pub(crate) fn containerd_config(import: Option<&Path>) -> String {
     let mut s = String::from(
         "# Written by gatevm-guest at every boot; changes are lost. Settings belong in\n\
          # /etc/containerd/config.toml, which is imported (its settings win).\n\
@@ -54,7 +54,7 @@ pub fn containerd_config(import: Option<&Path>) -> String {
 }
 
 /// containerd as gatevm runs it (without `--config`).
-pub fn payload_config() -> PayloadConfig {
+pub(crate) fn payload_config() -> PayloadConfig {
     PayloadConfig {
         name: "containerd".into(),
         program: "/usr/bin/containerd".into(),
@@ -73,7 +73,7 @@ pub fn payload_config() -> PayloadConfig {
 /// containerd in the containerd profile: writes [`CONTAINERD_CONFIG`] (see
 /// [`containerd_config`]) and runs with it; if it cannot be written, containerd runs with its
 /// defaults and the reason is logged.
-pub fn profile_payload_config() -> PayloadConfig {
+pub(crate) fn profile_payload_config() -> PayloadConfig {
     let mut c = payload_config();
     let etc = Path::new(ETC_CONTAINERD_CONFIG);
     let text = containerd_config(etc.is_file().then_some(etc));

@@ -6,8 +6,8 @@
 //! - `containerd` ([`containerd`]): containerd alone;
 //! - `k3s` ([`k3s`]): containerd configured for k3s's pods, then `k3s server` using it.
 
-pub mod containerd;
-pub mod k3s;
+pub(crate) mod containerd;
+pub(crate) mod k3s;
 
 use crate::cmdline::PayloadKind;
 use crate::payload::Payload;
@@ -15,7 +15,7 @@ use crate::reaper::Reaper;
 use std::sync::Arc;
 
 /// The profile of this boot and its payloads.
-pub enum Profile {
+pub(crate) enum Profile {
     /// No payload.
     None,
     /// containerd alone.
@@ -28,7 +28,7 @@ impl Profile {
     /// Loads the profile `kind` names: writes containerd's configuration and, for k3s, reads
     /// the plan (so a missing plan or binary shows in the very first status). Runs before the
     /// state disk is mounted.
-    pub fn load(kind: PayloadKind) -> Profile {
+    pub(crate) fn load(kind: PayloadKind) -> Profile {
         match kind {
             PayloadKind::None => Profile::None,
             PayloadKind::Containerd => {
@@ -39,7 +39,7 @@ impl Profile {
     }
 
     /// The payloads in start order (stopped in reverse at shutdown).
-    pub fn payloads(&self) -> Vec<Arc<Payload>> {
+    pub(crate) fn payloads(&self) -> Vec<Arc<Payload>> {
         match self {
             Profile::None => Vec::new(),
             Profile::Containerd(p) => vec![p.clone()],
@@ -49,19 +49,19 @@ impl Profile {
 
     /// Whether the network must be set up before [`Profile::prepare`] and the start (k3s binds
     /// the guest address); the others start without waiting for it.
-    pub fn needs_network_before_start(&self) -> bool {
+    pub(crate) fn needs_network_before_start(&self) -> bool {
         matches!(self, Profile::K3s(_))
     }
 
     /// Prepares what lives on the state disk, once it is mounted (k3s: its data directory).
-    pub fn prepare(&mut self) {
+    pub(crate) fn prepare(&mut self) {
         if let Profile::K3s(p) = self {
             p.prepare();
         }
     }
 
     /// Starts the payloads' supervisors (k3s: containerd now, k3s once containerd is ready).
-    pub fn start(&self, reaper: &'static Reaper) {
+    pub(crate) fn start(&self, reaper: &'static Reaper) {
         match self {
             Profile::None => {}
             Profile::Containerd(p) => {

@@ -21,7 +21,7 @@ use std::path::Path;
 ///   uses the cgroupfs driver;
 /// - the sandbox (pause) image, see [`super::plan::DEFAULT_PAUSE_IMAGE`];
 /// - the plugins of [`crate::profile::containerd::DISABLED_PLUGINS`] turned off.
-pub fn containerd_config(plan: &Plan) -> String {
+pub(crate) fn containerd_config(plan: &Plan) -> String {
     format!(
         "# Written by gatevm-guest at every boot of the k3s profile; changes are lost.\n\
          # containerd's defaults apply to everything not set here.\n\
@@ -54,7 +54,7 @@ pub fn containerd_config(plan: &Plan) -> String {
 }
 
 /// Writes containerd's configuration for `plan` to `path` (directory created as needed).
-pub fn write_containerd_config(plan: &Plan, path: &Path) -> io::Result<()> {
+pub(crate) fn write_containerd_config(plan: &Plan, path: &Path) -> io::Result<()> {
     write_config(path, &containerd_config(plan))
 }
 

@@ -9,11 +9,11 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 /// The containerd namespace CRI (and so k3s) uses.
-pub const CRI_NAMESPACE: &str = "k8s.io";
+pub(crate) const CRI_NAMESPACE: &str = "k8s.io";
 
 /// How a placed image archive is handed to containerd.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ImportMethod {
+pub(crate) enum ImportMethod {
     /// `ctr images import FILE` (a tar archive).
     Tar,
     /// `tool -dc FILE | ctr images import -`.
@@ -27,7 +27,7 @@ pub enum ImportMethod {
 
 /// The import method for an archive name, by suffix (case-insensitive), as k3s decides for the
 /// containerd it embeds.
-pub fn import_method(name: &str) -> ImportMethod {
+pub(crate) fn import_method(name: &str) -> ImportMethod {
     let n = name.to_ascii_lowercase();
     let has = |suffixes: &[&str]| suffixes.iter().any(|s| n.ends_with(s));
     if has(&[".tar"]) {
@@ -52,6 +52,46 @@ pub fn import_method(name: &str) -> ImportMethod {
     }
 }
 
+/// Why one archive was not imported.
+#[derive(Debug, thiserror::Error)]
+enum ImportError {
+    /// The archive's decompressor is not in the root.
+    #[error("needs {0}, which the root filesystem lacks (stage a plain .tar)")]
+    MissingTool(&'static str),
+    /// A program could not be started.
+    #[error("cannot run {prog}")]
+    Spawn {
+        /// `ctr` or the decompressor.
+        prog: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The decompressor's output pipe is missing.
+    #[error("cannot read {0}'s output")]
+    NoOutput(&'static str),
+    /// Not something gatevm imports (why).
+    #[error("{0}")]
+    Unsupported(&'static str),
+    /// The reaper lost ctr's exit status.
+    #[error("ctr's exit status was lost")]
+    LostStatus,
+    /// ctr failed and said why.
+    #[error("{0}")]
+    Ctr(String),
+    /// ctr failed without a message (how it ended).
+    #[error("ctr images import failed ({0})")]
+    CtrStatus(String),
+    /// The decompressor failed (how it ended).
+    #[error("{tool} failed ({status})")]
+    Tool {
+        /// The decompressor.
+        tool: &'static str,
+        /// How it ended.
+        status: String,
+    },
+}
+
 /// Where a decompressor is looked for in the root.
 fn find_tool(tool: &str) -> Option<PathBuf> {
     ["/usr/bin", "/bin", "/usr/local/bin"]
@@ -62,7 +102,7 @@ fn find_tool(tool: &str) -> Option<PathBuf> {
 
 /// Imports one archive into containerd's [`CRI_NAMESPACE`] namespace; the error is ctr's (or
 /// the decompressor's) message.
-fn import_one(path: &Path, method: &ImportMethod, reaper: &Reaper) -> Result<(), String> {
+fn import_one(path: &Path, method: &ImportMethod, reaper: &Reaper) -> Result<(), ImportError> {
     let path_s = path.to_string_lossy().into_owned();
     let mut decompressor = None;
     let mut ctr = match method {
@@ -73,9 +113,7 @@ fn import_one(path: &Path, method: &ImportMethod, reaper: &Reaper) -> Result<(),
             c
         }
         ImportMethod::Compressed { tool } => {
-            let prog = find_tool(tool).ok_or_else(|| {
-                format!("needs {tool}, which the root filesystem lacks (stage a plain .tar)")
-            })?;
+            let prog = find_tool(tool).ok_or(ImportError::MissingTool(tool))?;
             let mut d = Command::new(prog);
             d.arg("-dc")
                 .arg(path)
@@ -84,23 +122,24 @@ fn import_one(path: &Path, method: &ImportMethod, reaper: &Reaper) -> Result<(),
                 .stderr(Stdio::null());
             let d = reaper
                 .spawn(&mut d)
-                .map_err(|e| format!("cannot run {tool}: {e}"))?;
+                .map_err(|source| ImportError::Spawn { prog: tool, source })?;
             let mut c = crate::container::ctr::command(CRI_NAMESPACE, &["images", "import", "-"]);
             match d.stdout {
                 Some(out) => {
                     c.stdin(Stdio::from(out));
                 }
-                None => return Err(format!("cannot read {tool}'s output")),
+                None => return Err(ImportError::NoOutput(tool)),
             }
             decompressor = Some((tool, d.exit));
             c
         }
-        ImportMethod::Unsupported(why) => return Err(why.to_string()),
+        ImportMethod::Unsupported(why) => return Err(ImportError::Unsupported(why)),
     };
     ctr.stdout(Stdio::null()).stderr(Stdio::piped());
-    let spawned = reaper
-        .spawn(&mut ctr)
-        .map_err(|e| format!("cannot run ctr: {e}"));
+    let spawned = reaper.spawn(&mut ctr).map_err(|source| ImportError::Spawn {
+        prog: "ctr",
+        source,
+    });
     // The command holds our copy of the pipe from the decompressor: drop it so that the
     // decompressor sees a closed pipe if ctr exits early.
     drop(ctr);
@@ -109,22 +148,22 @@ fn import_one(path: &Path, method: &ImportMethod, reaper: &Reaper) -> Result<(),
     if let Some(mut e) = spawned.stderr {
         let _ = e.read_to_end(&mut stderr);
     }
-    let status = spawned
-        .exit
-        .recv()
-        .map_err(|_| "ctr's exit status was lost".to_string())?;
+    let status = spawned.exit.recv().map_err(|_| ImportError::LostStatus)?;
     let tool_status = decompressor.map(|(tool, rx)| (tool, rx.recv().ok()));
     if status.code != Some(0) {
         let msg = crate::container::ctr::error_line(&String::from_utf8_lossy(&stderr));
         return Err(if msg.is_empty() {
-            format!("ctr images import failed ({})", describe(&status))
+            ImportError::CtrStatus(describe(&status))
         } else {
-            msg
+            ImportError::Ctr(msg)
         });
     }
     if let Some((tool, Some(st))) = tool_status {
         if st.code != Some(0) {
-            return Err(format!("{tool} failed ({})", describe(&st)));
+            return Err(ImportError::Tool {
+                tool,
+                status: describe(&st),
+            });
         }
     }
     Ok(())
@@ -134,7 +173,7 @@ fn import_one(path: &Path, method: &ImportMethod, reaper: &Reaper) -> Result<(),
 /// images directory only into the containerd it embeds). Each archive is imported at every boot,
 /// as k3s does; content containerd already has is not stored twice. Returns one log line per
 /// archive.
-pub fn import_images(dir: &Path, names: &[String], reaper: &Reaper) -> Vec<String> {
+pub(crate) fn import_images(dir: &Path, names: &[String], reaper: &Reaper) -> Vec<String> {
     let mut lines = Vec::new();
     for name in names {
         let method = import_method(name);
@@ -144,7 +183,10 @@ pub fn import_images(dir: &Path, names: &[String], reaper: &Reaper) -> Vec<Strin
                 "imported {name} into {CRI_NAMESPACE} in {}ms",
                 t.elapsed().as_millis()
             )),
-            Err(e) => lines.push(format!("not imported {name}: {e}")),
+            Err(e) => lines.push(format!(
+                "not imported {name}: {}",
+                crate::log::error_chain(&e)
+            )),
         }
     }
     lines

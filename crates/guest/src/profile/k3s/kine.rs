@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 /// deleting lock and retrying"), so gatevm leaves the row to k3s.
 ///
 /// Only regular files are returned (never symbolic links or directories).
-pub fn kine_stale_files(db_dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn kine_stale_files(db_dir: &Path) -> Vec<PathBuf> {
     let db = db_dir.join("state.db");
     let candidates: &[&str] = match fs::symlink_metadata(&db) {
         Ok(m) if m.file_type().is_file() => &["state.db-shm"],
@@ -54,7 +54,7 @@ pub fn kine_stale_files(db_dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Removes [`kine_stale_files`]; returns what was removed and the problems.
-pub fn clean_kine(db_dir: &Path) -> (Vec<String>, Vec<String>) {
+pub(crate) fn clean_kine(db_dir: &Path) -> (Vec<String>, Vec<String>) {
     let mut removed = Vec::new();
     let mut problems = Vec::new();
     for p in kine_stale_files(db_dir) {

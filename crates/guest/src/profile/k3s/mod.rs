@@ -31,11 +31,11 @@
 //! payload is reported `Failed` with a message saying why, and is not started; containerd runs
 //! either way, so `gatevm image import` and exec keep working.
 
-pub mod containerd;
-pub mod images;
-pub mod kine;
-pub mod plan;
-pub mod staging;
+pub(crate) mod containerd;
+pub(crate) mod images;
+pub(crate) mod kine;
+pub(crate) mod plan;
+pub(crate) mod staging;
 #[cfg(test)]
 mod testutil;
 
@@ -55,20 +55,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The k3s binary the host installs.
-pub const K3S_BIN: &str = gatevm_abi::paths::K3S_BIN;
+pub(crate) const K3S_BIN: &str = gatevm_abi::paths::K3S_BIN;
 /// Manifests the host stages for k3s's auto-deploy directory.
-pub const STAGED_MANIFESTS: &str = gatevm_abi::paths::K3S_STAGED_MANIFESTS;
+pub(crate) const STAGED_MANIFESTS: &str = gatevm_abi::paths::K3S_STAGED_MANIFESTS;
 /// Image archives the host stages.
-pub const STAGED_IMAGES: &str = gatevm_abi::paths::K3S_STAGED_IMAGES;
+pub(crate) const STAGED_IMAGES: &str = gatevm_abi::paths::K3S_STAGED_IMAGES;
 /// containerd's configuration in the k3s profile, written at every boot.
-pub const CONTAINERD_CONFIG: &str = "/run/gatevm/containerd-k3s.toml";
+pub(crate) const CONTAINERD_CONFIG: &str = "/run/gatevm/containerd-k3s.toml";
 /// k3s's log file.
-pub const LOG: &str = "/var/log/k3s.log";
+pub(crate) const LOG: &str = "/var/log/k3s.log";
 
 /// Where [`prepare`] reads the staged files, and the kubeconfig it clears (the real paths for a
 /// plan, see [`Staging::for_plan`]; tests point them into temporary directories).
 #[derive(Debug, Clone)]
-pub struct Staging {
+pub(crate) struct Staging {
     /// Staged manifests.
     pub manifests: PathBuf,
     /// Staged image archives.
@@ -79,7 +79,7 @@ pub struct Staging {
 
 impl Staging {
     /// The real paths for `plan`.
-    pub fn for_plan(plan: &Plan) -> Staging {
+    pub(crate) fn for_plan(plan: &Plan) -> Staging {
         Staging {
             manifests: STAGED_MANIFESTS.into(),
             images: STAGED_IMAGES.into(),
@@ -90,7 +90,7 @@ impl Staging {
 
 /// What [`prepare`] did.
 #[derive(Debug, Default, Clone)]
-pub struct Prepared {
+pub(crate) struct Prepared {
     /// Log lines.
     pub notes: Vec<String>,
     /// Problems that did not stop k3s from starting.
@@ -109,15 +109,27 @@ fn report_into(what: &str, r: &SyncReport, out: &mut Prepared) {
     }
 }
 
+/// Why k3s's data directory could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PrepareError {
+    /// The data directory could not be created.
+    #[error("cannot create the k3s data directory {}", path.display())]
+    DataDir {
+        /// The data directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Prepares k3s's data directory for this boot (see the module docs). Fails only when the data
 /// directory cannot be created; other problems are reported and k3s starts anyway.
-pub fn prepare(plan: &Plan, staging: &Staging) -> Result<Prepared, String> {
+pub(crate) fn prepare(plan: &Plan, staging: &Staging) -> Result<Prepared, PrepareError> {
     let mut out = Prepared::default();
-    mkdir_private(&plan.data_dir).map_err(|e| {
-        format!(
-            "cannot create the k3s data directory {}: {e}",
-            plan.data_dir.display()
-        )
+    mkdir_private(&plan.data_dir).map_err(|source| PrepareError::DataDir {
+        path: plan.data_dir.clone(),
+        source,
     })?;
     let idx = plan.index_dir();
 
@@ -173,7 +185,7 @@ pub fn prepare(plan: &Plan, staging: &Staging) -> Result<Prepared, String> {
 
 /// containerd in the k3s profile: as in the containerd profile, plus `--config`
 /// [`CONTAINERD_CONFIG`].
-pub fn containerd_payload_config() -> PayloadConfig {
+pub(crate) fn containerd_payload_config() -> PayloadConfig {
     let mut c = base_containerd_config();
     c.args = vec!["--config".into(), CONTAINERD_CONFIG.into()];
     c
@@ -182,7 +194,7 @@ pub fn containerd_payload_config() -> PayloadConfig {
 /// k3s as gatevm runs it: `k3s server <plan args>`, ready when its kubeconfig exists and its
 /// API port accepts TCP connections on 127.0.0.1, log in [`LOG`], restarts and rotation as for
 /// containerd. Without a plan (k3s cannot run), just `k3s server` on the default port.
-pub fn k3s_payload_config(plan: Option<&Plan>) -> PayloadConfig {
+pub(crate) fn k3s_payload_config(plan: Option<&Plan>) -> PayloadConfig {
     let mut args = vec!["server".to_string()];
     let (port, kubeconfig) = match plan {
         Some(p) => {
@@ -205,7 +217,7 @@ pub fn k3s_payload_config(plan: Option<&Plan>) -> PayloadConfig {
 }
 
 /// The two payloads of the k3s profile and what starting k3s needs.
-pub struct Profile {
+pub(crate) struct Profile {
     /// containerd (started first).
     pub containerd: Arc<Payload>,
     /// k3s (started once containerd is ready).
@@ -221,7 +233,7 @@ impl Profile {
     /// is in the root, the configuration in `/run`). A missing or bad plan, a configuration
     /// that cannot be written, or a missing k3s binary mark k3s `Failed` right away; containerd
     /// then runs without `--config` when it has no configuration.
-    pub fn load() -> Profile {
+    pub(crate) fn load() -> Profile {
         let plan = match load_plan(Path::new(PLAN_PATH)) {
             Ok(p) => p,
             Err(e) => return Self::without_k3s(base_containerd_config(), None, &e.to_string()),
@@ -260,13 +272,13 @@ impl Profile {
     }
 
     /// Both payloads in start order.
-    pub fn payloads(&self) -> Vec<Arc<Payload>> {
+    pub(crate) fn payloads(&self) -> Vec<Arc<Payload>> {
         vec![self.containerd.clone(), self.k3s.clone()]
     }
 
     /// Prepares the data directory once the state disk is mounted (see [`prepare`]); a failure
     /// marks k3s `Failed`.
-    pub fn prepare(&mut self) {
+    pub(crate) fn prepare(&mut self) {
         let Some(plan) = &self.plan else { return };
         match prepare(plan, &Staging::for_plan(plan)) {
             Ok(p) => {
@@ -282,7 +294,7 @@ impl Profile {
                 self.images = p.images;
             }
             Err(e) => {
-                self.k3s.fail(&e);
+                self.k3s.fail(&crate::log::error_chain(&e));
                 self.plan = None;
             }
         }
@@ -290,7 +302,7 @@ impl Profile {
 
     /// Starts containerd's supervisor and a thread that waits for containerd to be ready,
     /// imports the images and starts k3s's supervisor.
-    pub fn start(&self, reaper: &'static Reaper) {
+    pub(crate) fn start(&self, reaper: &'static Reaper) {
         if let Err(e) = self.containerd.start(reaper) {
             crate::glog!("cannot start the containerd supervisor: {e}");
         }
@@ -386,7 +398,7 @@ mod tests {
         // A data directory that cannot be created is fatal.
         write(&d.path().join("file"), "x");
         let bad = plan_for(&d.path().join("file/k3s"), &[]);
-        let e = prepare(&bad, &staging).unwrap_err();
+        let e = crate::log::error_chain(&prepare(&bad, &staging).unwrap_err());
         assert!(e.contains("cannot create the k3s data directory"), "{e}");
     }
 

@@ -1,17 +1,16 @@
 //! The k3s plan the host writes ([`PLAN_PATH`]): its type and validating parser are the
 //! contract's ([`gatevm_abi::plan`]); reading the file is the guest's.
 
-pub use gatevm_abi::paths::{K3S_KUBECONFIG as KUBECONFIG, K3S_PLAN as PLAN_PATH};
-pub use gatevm_abi::plan::{
-    flag_value, is_cni_name, parse as parse_plan, valid_name, CniConflist, Plan, PlanError,
-    DEFAULT_API_PORT, DEFAULT_PAUSE_IMAGE, PLAN_MAX,
+pub(crate) use gatevm_abi::paths::{K3S_KUBECONFIG as KUBECONFIG, K3S_PLAN as PLAN_PATH};
+pub(crate) use gatevm_abi::plan::{
+    parse as parse_plan, valid_name, CniConflist, Plan, PlanError, DEFAULT_API_PORT, PLAN_MAX,
 };
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::Path;
 
 /// Reads and parses a plan file.
-pub fn load_plan(path: &Path) -> Result<Plan, PlanError> {
+pub(crate) fn load_plan(path: &Path) -> Result<Plan, PlanError> {
     let f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -35,7 +34,7 @@ mod tests {
     use super::*;
     use crate::profile::k3s::containerd::containerd_config;
     use crate::profile::k3s::testutil::FULL;
-    use gatevm_abi::plan::check_data_dir;
+    use gatevm_abi::plan::{check_data_dir, flag_value};
     use serde_json::json;
     use std::path::{Component, PathBuf};
 

@@ -14,13 +14,13 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Whether a staged manifest name is one k3s's deploy controller applies.
-pub fn is_manifest_name(name: &str) -> bool {
+pub(crate) fn is_manifest_name(name: &str) -> bool {
     name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json")
 }
 
 /// What a reconciliation of a target directory did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct SyncReport {
+pub(crate) struct SyncReport {
     /// Files written (new or changed).
     pub copied: Vec<String>,
     /// Files already up to date.
@@ -35,14 +35,14 @@ pub struct SyncReport {
 
 impl SyncReport {
     /// Names now in the target that gatevm placed and that are staged (copied or unchanged).
-    pub fn placed(&self) -> Vec<String> {
+    pub(crate) fn placed(&self) -> Vec<String> {
         let mut v: Vec<String> = self.copied.iter().chain(&self.unchanged).cloned().collect();
         v.sort();
         v
     }
 
     /// One log line, e.g. `2 copied, 1 unchanged, 1 removed, 1 ignored`.
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         format!(
             "{} copied, {} unchanged, {} removed, {} ignored, {} problems",
             self.copied.len(),
@@ -295,7 +295,7 @@ fn remove_unwanted(
 /// staging directory stages nothing (so everything placed earlier goes), while one that cannot
 /// be read fully (or is a symbolic link) removes nothing. Unchanged files (same size and time)
 /// are not copied again.
-pub fn sync_staged(
+pub(crate) fn sync_staged(
     src: &Path,
     dst: &Path,
     index: &Path,
@@ -372,7 +372,7 @@ pub fn sync_staged(
 /// Writes the plan's CNI configuration list into `dir` (or none), removing a list gatevm wrote
 /// on an earlier boot under another name (or when flannel now provides the network), never
 /// touching flannel's own `10-flannel.conflist`.
-pub fn place_cni(cni: Option<&CniConflist>, dir: &Path, index: &Path) -> SyncReport {
+pub(crate) fn place_cni(cni: Option<&CniConflist>, dir: &Path, index: &Path) -> SyncReport {
     let mut report = SyncReport::default();
     let want = cni
         .map(|c| (c.file.clone(), Source::Text(c.json.clone())))
