@@ -8,12 +8,14 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod guest_paths;
 pub mod k3s_stage;
 pub mod lock;
 pub mod logcap;
 pub mod name;
 pub mod paths;
 pub mod rootdir;
+pub mod state;
 pub mod supervisor;
 pub mod text;
 

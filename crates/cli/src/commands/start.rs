@@ -94,7 +94,7 @@ pub fn check_backend(
 ) -> anyhow::Result<()> {
     check_krun_kernel(config)?;
     if config.net == gatevm_instance::config::NetBackend::Passt {
-        gatevm_net::passt::check_forwards(&gatevm_instance::supervisor::all_forwards(config))?;
+        gatevm_net::passt::check_forwards(&gatevm_instance::config::all_forwards(config))?;
         let passt = runtime.passt();
         if !passt.is_file() {
             bail!(
@@ -153,7 +153,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     if client::is_running(&paths) {
         bail!("instance {name:?} is already running");
     }
-    super::check_ports_free(&gatevm_instance::supervisor::all_forwards(&config))?;
+    super::check_ports_free(&gatevm_instance::config::all_forwards(&config))?;
     if let Ok(meta) = std::fs::metadata(paths.state_disk()) {
         let have = meta.len() >> 30;
         if !a.reset && u64::from(config.disk_gib) < have {
