@@ -5,10 +5,12 @@
 
 pub mod agent;
 pub mod backend;
+pub mod capture;
 pub mod client;
 pub mod config;
 pub mod control;
 pub mod guest_paths;
+pub mod k3s;
 pub mod k3s_stage;
 pub mod lock;
 pub mod logcap;
