@@ -9,6 +9,7 @@ pub mod capture;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod ephemeral;
 pub mod guest_paths;
 pub mod k3s;
 pub mod k3s_stage;
