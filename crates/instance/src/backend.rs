@@ -6,25 +6,26 @@
 //! is started: a guest that dies 14 s later under `kvm_pvm` is worse than no guest.
 
 use crate::config::VmmChoice;
+use crate::guest_paths::GUEST_AGENT_PATH;
 use gatevm_vmm::krun::{self, Krun, KrunKernel};
 use gatevm_vmm::qemu::Qemu;
 use gatevm_vmm::{Accel, HostCaps, Vmm};
 use std::path::{Path, PathBuf};
 
-/// The backend chosen for a start.
+/// The VMM backend chosen for a start, with its kernel (krun) or acceleration (QEMU).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Chosen {
+pub enum VmmBackend {
     Krun(KrunKernel),
     Qemu(Accel),
 }
 
-impl Chosen {
+impl VmmBackend {
     /// `krun/kvm`, `qemu/kvm` or `qemu/tcg`, as status shows it.
     pub fn label(&self) -> &'static str {
         match self {
-            Chosen::Krun(_) => "krun/kvm",
-            Chosen::Qemu(Accel::Kvm) => "qemu/kvm",
-            Chosen::Qemu(Accel::Tcg) => "qemu/tcg",
+            VmmBackend::Krun(_) => "krun/kvm",
+            VmmBackend::Qemu(Accel::Kvm) => "qemu/kvm",
+            VmmBackend::Qemu(Accel::Tcg) => "qemu/tcg",
         }
     }
 }
@@ -47,41 +48,40 @@ pub fn choose(
     caps: &HostCaps,
     libkrunfw: &Path,
     krun_external_kernel: Option<&Path>,
-) -> Result<Chosen, String> {
+) -> Result<VmmBackend, String> {
     let kernel = krun_kernel(krun_external_kernel);
     match choice {
         VmmChoice::Krun => match krun::unavailable(caps, libkrunfw, &kernel) {
             Some(why) => Err(why),
-            None => Ok(Chosen::Krun(kernel)),
+            None => Ok(VmmBackend::Krun(kernel)),
         },
-        VmmChoice::Qemu => Ok(Chosen::Qemu(Accel::for_host(caps))),
+        VmmChoice::Qemu => Ok(VmmBackend::Qemu(Accel::for_host(caps))),
         VmmChoice::Auto => match krun::unavailable(caps, libkrunfw, &kernel) {
-            None => Ok(Chosen::Krun(kernel)),
-            Some(_) => Ok(Chosen::Qemu(Accel::for_host(caps))),
+            None => Ok(VmmBackend::Krun(kernel)),
+            Some(_) => Ok(VmmBackend::Qemu(Accel::for_host(caps))),
         },
     }
 }
 
 /// The backend itself. `program` is the gatevm executable (the krun VM runs in a child process of
 /// it).
-pub fn build(chosen: &Chosen, runtime: &gatevm_runtime::Runtime, program: PathBuf) -> Box<dyn Vmm> {
+pub fn build(
+    chosen: &VmmBackend,
+    runtime: &gatevm_runtime::Runtime,
+    program: PathBuf,
+) -> Box<dyn Vmm> {
     match chosen {
-        Chosen::Krun(kernel) => Box::new(Krun {
+        VmmBackend::Krun(kernel) => Box::new(Krun {
             program,
             libkrunfw: runtime.libkrunfw(),
             kernel: kernel.clone(),
-            guest_exec: gatevm_guest_path().into(),
+            guest_exec: GUEST_AGENT_PATH.into(),
         }),
-        Chosen::Qemu(_) => Box::new(Qemu::for_host(
+        VmmBackend::Qemu(_) => Box::new(Qemu::for_host(
             runtime.qemu_binary(),
             runtime.qemu_data_dirs(),
         )),
     }
-}
-
-/// Where the supervisor installs gatevm-guest in every instance root.
-pub fn gatevm_guest_path() -> &'static str {
-    crate::supervisor::GUEST_PATH
 }
 
 #[cfg(test)]
@@ -107,23 +107,23 @@ mod tests {
         let kvm = caps(true, "kvm_intel");
         assert_eq!(
             choose(VmmChoice::Auto, &kvm, &fw, None),
-            Ok(Chosen::Krun(KrunKernel::Libkrunfw))
+            Ok(VmmBackend::Krun(KrunKernel::Libkrunfw))
         );
         // No libkrunfw: QEMU with KVM.
         let missing = d.path().join("none");
         assert_eq!(
             choose(VmmChoice::Auto, &kvm, &missing, None),
-            Ok(Chosen::Qemu(Accel::Kvm))
+            Ok(VmmBackend::Qemu(Accel::Kvm))
         );
         // kvm_pvm (this project's machines): QEMU under TCG.
         let pvm = caps(true, "kvm_pvm");
         assert_eq!(
             choose(VmmChoice::Auto, &pvm, &fw, None),
-            Ok(Chosen::Qemu(Accel::Tcg))
+            Ok(VmmBackend::Qemu(Accel::Tcg))
         );
         assert_eq!(
             choose(VmmChoice::Qemu, &kvm, &fw, None),
-            Ok(Chosen::Qemu(Accel::Kvm))
+            Ok(VmmBackend::Qemu(Accel::Kvm))
         );
     }
 
@@ -155,13 +155,13 @@ mod tests {
                 &d.path().join("x"),
                 Some(&fw)
             ),
-            Ok(Chosen::Krun(krun_kernel(Some(&fw))))
+            Ok(VmmBackend::Krun(krun_kernel(Some(&fw))))
         );
     }
 
     #[test]
     fn labels() {
-        assert_eq!(Chosen::Krun(KrunKernel::Libkrunfw).label(), "krun/kvm");
-        assert_eq!(Chosen::Qemu(Accel::Tcg).label(), "qemu/tcg");
+        assert_eq!(VmmBackend::Krun(KrunKernel::Libkrunfw).label(), "krun/kvm");
+        assert_eq!(VmmBackend::Qemu(Accel::Tcg).label(), "qemu/tcg");
     }
 }

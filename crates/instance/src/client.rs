@@ -1,12 +1,15 @@
 //! Operations on instances from another process (the CLI, or any Rust program): status, list,
 //! stop, delete, exec, read a guest file, and starting a detached supervisor.
 
-use crate::config::{InstanceConfig, Phase, StateFile};
-use crate::control::{AgentInfo, CtlReply, CtlRequest, InstanceStatus, CLIENT_STREAM};
+use crate::config::InstanceConfig;
+use crate::control::{AgentInfo, CtlReply, CtlRequest, InstanceStatus, Progress, CLIENT_STREAM};
 use crate::lock::is_held;
 use crate::name::{validate, NameError};
 use crate::paths::{instances_dir, InstancePaths};
-use crate::supervisor::{phase_name, read_state, recover_stale, Progress};
+use crate::state::{Phase, StateFile};
+use crate::supervisor::state::{
+    phase_name, read_state, read_state_quietly, record_without_processes, recover_stale,
+};
 use gatevm_protocol::{asyncio, ExecRequest, Fd, Frame, GuestMsg};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -160,7 +163,7 @@ fn offline_status(
         k3s: None,
         cpus: cfg.cpus,
         memory_mib: cfg.memory_mib,
-        forwards: crate::supervisor::all_forwards(&cfg)
+        forwards: crate::config::all_forwards(&cfg)
             .iter()
             .map(|f| f.to_string())
             .collect(),
@@ -204,14 +207,8 @@ fn clean_up_after_dead_supervisor(paths: &InstancePaths, st: &StateFile) {
         return;
     }
     recover_stale(paths);
-    let mut rec = st.clone();
-    rec.supervisor = None;
-    rec.vmm = None;
-    rec.helpers.clear();
-    if let Ok(b) = serde_json::to_vec_pretty(&rec) {
-        if let Err(e) = crate::paths::write_atomic(&paths.state(), &b) {
-            tracing::warn!("recording the stop of {}: {e}", paths.name);
-        }
+    if let Err(e) = record_without_processes(paths, st) {
+        tracing::warn!("recording the stop of {}: {e}", paths.name);
     }
 }
 
@@ -299,10 +296,7 @@ pub async fn stop(name: &str, timeout: Duration) -> Result<(), ClientError> {
     if !is_running(&paths) {
         // A crashed run's leftovers go now, not at the next status or start.
         // (Read quietly: a corrupt state file is no news to someone stopping.)
-        let state: Option<StateFile> = std::fs::read(paths.state())
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        if let Some(mut st) = state.filter(|s| s.phase != Phase::Stopped) {
+        if let Some(mut st) = read_state_quietly(&paths).filter(|s| s.phase != Phase::Stopped) {
             after_dead_supervisor(&paths, &mut st);
         }
         return Err(ClientError::NotRunning(name.to_string()));
@@ -351,13 +345,8 @@ fn force_kill(paths: &InstancePaths) {
     recover_stale(paths);
     if let Some(mut st) = read_state(paths) {
         st.phase = Phase::Stopped;
-        st.supervisor = None;
-        st.vmm = None;
-        st.helpers.clear();
         st.stop_reason = Some("stopped by force: the supervisor did not finish in time".into());
-        if let Ok(b) = serde_json::to_vec_pretty(&st) {
-            let _ = crate::paths::write_atomic(&paths.state(), &b);
-        }
+        let _ = record_without_processes(paths, &st);
     }
 }
 

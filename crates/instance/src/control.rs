@@ -14,6 +14,20 @@ use serde::{Deserialize, Serialize};
 /// The stream id clients use.
 pub const CLIENT_STREAM: u32 = 1;
 
+/// A step of the start, reported to whoever started the supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Progress {
+    /// A phase began.
+    Phase { phase: String, elapsed_ms: u64 },
+    /// Something the user should know (e.g. software emulation).
+    Notice { message: String },
+    /// The instance is ready.
+    Ready { agent_ready_ms: u64, ready_ms: u64 },
+    /// The start failed.
+    Failed { message: String },
+}
+
 /// A client's request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

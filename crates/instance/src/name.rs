@@ -28,6 +28,24 @@ pub fn validate(name: &str) -> Result<&str, NameError> {
     Ok(name)
 }
 
+/// `n` random bytes as hex, for generated names (the clock's nanoseconds if getrandom fails).
+pub fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let got = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if got != b.len() as isize {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+            ^ u128::from(std::process::id());
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (t >> ((i % 16) * 8)) as u8;
+        }
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

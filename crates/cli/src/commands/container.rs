@@ -12,7 +12,7 @@ use anyhow::bail;
 use gatevm_instance::client;
 
 /// Where the supervisor installs gatevm-guest in every instance.
-const GUEST: &str = gatevm_instance::supervisor::GUEST_PATH;
+const GUEST_AGENT: &str = gatevm_instance::guest_paths::GUEST_AGENT_PATH;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -176,7 +176,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<i32> {
         }
     }
     let mut argv: Vec<String> = vec![
-        GUEST.into(),
+        GUEST_AGENT.into(),
         "container".into(),
         "run".into(),
         "--namespace".into(),
@@ -225,7 +225,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<i32> {
 /// its exit code.
 fn guest_command(name: &str, args: Vec<String>) -> anyhow::Result<i32> {
     super::exec::require_running(name)?;
-    let mut argv = vec![GUEST.to_string(), "container".to_string()];
+    let mut argv = vec![GUEST_AGENT.to_string(), "container".to_string()];
     argv.extend(args);
     ExecOpts {
         interactive: false,

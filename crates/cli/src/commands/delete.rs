@@ -15,7 +15,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?;
     let saved = gatevm_instance::client::saved_config(name);
     runtime()?.block_on(gatevm_instance::client::delete(name, a.force))?;
-    super::k3s::on_delete(name, saved.as_ref());
+    gatevm_instance::k3s::on_delete(name, saved.as_ref(), &mut super::k3s::show);
     eprintln!("deleted {name}");
     Ok(0)
 }

@@ -371,13 +371,13 @@ fn import(a: ImportArgs) -> anyhow::Result<i32> {
         let argv = ["ctr", "-n", &ns, "images", "import", "-"];
         let out: anyhow::Result<Captured> = if from_stdin {
             let input = Counting { inner: tokio::io::stdin(), count: count.clone() };
-            capture(&name, &argv, Some(input), import_limits(None)).await
+            capture(&name, &argv, Some(input), import_limits(None)).await.map_err(anyhow::Error::from)
         } else {
             let f = tokio::fs::File::open(&path)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
             let input = Counting { inner: f, count: count.clone() };
-            capture(&name, &argv, Some(input), import_limits(size)).await
+            capture(&name, &argv, Some(input), import_limits(size)).await.map_err(anyhow::Error::from)
         };
         progress.abort();
         if show {

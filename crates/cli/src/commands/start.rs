@@ -2,9 +2,9 @@
 
 use crate::output::{runtime, secs};
 use anyhow::{bail, Context};
-use gatevm_instance::client;
 use gatevm_instance::config::host_memory_mib;
-use gatevm_instance::supervisor::Progress;
+use gatevm_instance::control::Progress;
+use gatevm_instance::{client, k3s};
 use gatevm_instance::{InstanceConfig, InstancePaths, VmmChoice};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -94,7 +94,7 @@ pub fn check_backend(
 ) -> anyhow::Result<()> {
     check_krun_kernel(config)?;
     if config.net == gatevm_instance::config::NetBackend::Passt {
-        gatevm_net::passt::check_forwards(&gatevm_instance::supervisor::all_forwards(config))?;
+        gatevm_net::passt::check_forwards(&gatevm_instance::config::all_forwards(config))?;
         let passt = runtime.passt();
         if !passt.is_file() {
             bail!(
@@ -147,13 +147,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     // The cheap checks first: resolving k3s may download it.
     config.validate(host_memory_mib())?;
     check_krun_kernel(&config)?;
-    config.k3s = super::k3s::resolve(&a.k3s, base.k3s.as_ref())?;
+    config.k3s = k3s::resolve(&a.k3s.request(), base.k3s.as_ref(), &mut super::k3s::show)?;
     gatevm_runtime::dirs::data_dir().context("finding the data directory")?;
     let paths = InstancePaths::new(&name);
     if client::is_running(&paths) {
         bail!("instance {name:?} is already running");
     }
-    super::check_ports_free(&gatevm_instance::supervisor::all_forwards(&config))?;
+    super::check_ports_free(&gatevm_instance::config::all_forwards(&config))?;
     if let Ok(meta) = std::fs::metadata(paths.state_disk()) {
         let have = meta.len() >> 30;
         if !a.reset && u64::from(config.disk_gib) < have {
@@ -198,7 +198,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 if let (Progress::Ready { .. }, Some(s)) = (&p, &k3s_fg) {
                     let (n, s) = (name_fg.clone(), s.clone());
                     std::thread::spawn(move || {
-                        if let Err(e) = super::k3s::after_ready(&n, &s) {
+                        if let Err(e) = k3s::after_ready(&n, &s, &mut super::k3s::show) {
+                            let e = anyhow::Error::from(e);
                             eprintln!("gatevm: error: {}", crate::output::error_line(&e));
                         }
                     });
@@ -222,7 +223,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                     eprintln!("forwards: {}", st.forwards.join(", "));
                 }
                 if let Some(s) = &k3s {
-                    super::k3s::after_ready(&name, s)?;
+                    k3s::after_ready(&name, s, &mut super::k3s::show)?;
                 }
                 return Ok(0);
             }

@@ -15,12 +15,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?;
-    let st = runtime()?.block_on(async {
-        let mut st = gatevm_instance::client::status(name).await?;
-        super::k3s::health(&mut st).await;
-        Ok::<_, anyhow::Error>(st)
-    })?;
-    let mut st = st;
+    let mut st = runtime()?.block_on(gatevm_instance::k3s::status_with_health(name))?;
     crate::output::sanitize_status(&mut st);
     if a.json {
         print_json(&st)?;

@@ -1,7 +1,8 @@
 //! `gatevm __supervise`: the detached supervisor process `start` launches.
 
 use anyhow::Context;
-use gatevm_instance::supervisor::{self, Progress, SuperviseOptions};
+use gatevm_instance::control::Progress;
+use gatevm_instance::supervisor::{self, SuperviseOptions};
 use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;

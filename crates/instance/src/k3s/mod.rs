@@ -1,0 +1,184 @@
+//! The k3s profile on the host: the settings of a start (flags over what the instance last ran
+//! with, and the k3s binary), the work after the instance is ready (kubeconfig, gateway metadata,
+//! the node becoming Ready), its health in status, and clean-up on delete.
+//!
+//! Nothing here prints: what the user should read comes out as [`Notice`]s.
+
+mod health;
+mod ready;
+mod resolve;
+
+pub use health::{k3s_health, status_with_health};
+pub use ready::{after_ready, kubeconfig_file, refresh_kubeconfig};
+pub use resolve::{cache_binary, fetch_and_cache, resolve, K3sRequest, Profile, COMPONENTS};
+
+use crate::config::InstanceConfig;
+use gatevm_k3s::{kubeconfig, pki};
+use std::path::PathBuf;
+
+/// Errors of the k3s profile's host work; each message names what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum K3sError {
+    /// A setting that cannot be used, or a step that did not work out (the message says which
+    /// and why).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("reading {path} in {name:?}")]
+    ReadGuest {
+        name: String,
+        path: &'static str,
+        #[source]
+        source: crate::client::ClientError,
+    },
+    #[error(transparent)]
+    Kubeconfig(#[from] kubeconfig::KubeconfigError),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    Dirs(#[from] gatevm_runtime::dirs::DirsError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Something the user should read about the k3s profile's host work; its `Display` is the line
+/// to show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// The pinned k3s release is being fetched.
+    Fetching {
+        version: Option<String>,
+        url: String,
+        sha256: String,
+    },
+    /// A k3s binary was cached in the runtime.
+    Cached {
+        version: String,
+        path: PathBuf,
+        sha256: String,
+    },
+    /// The instance's kubeconfig was written.
+    KubeconfigWritten { path: PathBuf, api_port: u16 },
+    /// The kubeconfig was merged into the user's.
+    KubeconfigMerged {
+        context: String,
+        path: PathBuf,
+        current: bool,
+    },
+    /// The gateway metadata was written.
+    GatewayCredentials {
+        path: PathBuf,
+        endpoint: Option<String>,
+    },
+    /// `start` waits for the node.
+    WaitingForNode { name: String },
+    /// The node is Ready.
+    NodeReady { name: String },
+    /// A clean-up step failed; the work went on.
+    Warning(String),
+}
+
+impl std::fmt::Display for Notice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Notice::Fetching {
+                version,
+                url,
+                sha256,
+            } => write!(
+                f,
+                "fetching k3s {} from {url} (sha256 {sha256})",
+                version.as_deref().unwrap_or("(version unpinned)")
+            ),
+            Notice::Cached {
+                version,
+                path,
+                sha256,
+            } => write!(
+                f,
+                "k3s {version} cached at {} (sha256 {sha256})",
+                path.display()
+            ),
+            Notice::KubeconfigWritten { path, api_port } => write!(
+                f,
+                "kubeconfig: {} (API at https://127.0.0.1:{api_port})",
+                path.display()
+            ),
+            Notice::KubeconfigMerged {
+                context,
+                path,
+                current,
+            } => write!(
+                f,
+                "kubeconfig: context {context} in {}{}",
+                path.display(),
+                if *current {
+                    " (now the current context)"
+                } else {
+                    ""
+                }
+            ),
+            Notice::GatewayCredentials { path, endpoint } => write!(
+                f,
+                "gateway credentials: {}{}",
+                path.display(),
+                endpoint
+                    .as_ref()
+                    .map(|e| format!(" (endpoint {e})"))
+                    .unwrap_or_default()
+            ),
+            Notice::WaitingForNode { name } => {
+                write!(f, "{name}: waiting for the node to be Ready")
+            }
+            Notice::NodeReady { name } => write!(f, "{name}: node Ready"),
+            Notice::Warning(w) => write!(f, "warning: {w}"),
+        }
+    }
+}
+
+/// The user's kubeconfig gatevm merges into.
+fn user_kubeconfig() -> Result<PathBuf, K3sError> {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .ok_or_else(|| K3sError::Invalid("$HOME is not set: cannot find ~/.kube/config".into()))?;
+    Ok(kubeconfig::target_path(
+        std::env::var("KUBECONFIG").ok().as_deref(),
+        &home,
+    ))
+}
+
+/// The gateway endpoint of an instance, when it has a gateway port.
+fn gateway_endpoint(s: &crate::config::K3sSettings) -> Option<String> {
+    s.gateway
+        .map(|g| format!("https://127.0.0.1:{}", g.host_port))
+}
+
+/// On delete: the instance's context leaves the user's kubeconfig and its gateway metadata goes.
+pub fn on_delete(name: &str, cfg: Option<&InstanceConfig>, notice: &mut dyn FnMut(Notice)) {
+    let Some(s) = cfg.and_then(|c| c.k3s.as_ref()) else {
+        return;
+    };
+    if s.merge_kubeconfig {
+        if let Ok(target) = user_kubeconfig() {
+            if let Err(e) = kubeconfig::remove(&target, name) {
+                notice(Notice::Warning(format!(
+                    "removing context gatevm-{name} from {}: {e}",
+                    target.display()
+                )));
+            }
+        }
+    }
+    if let Some(dir) = pki::config_dir() {
+        if let Err(e) = pki::remove_gateway_metadata(&dir, name) {
+            notice(Notice::Warning(format!(
+                "removing the gateway metadata of {name}: {e}"
+            )));
+        }
+    }
+}
+
+/// A single-threaded runtime for the blocking entry points.
+fn runtime() -> Result<tokio::runtime::Runtime, K3sError> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}

@@ -1,0 +1,689 @@
+//! The steps of a start, in order: choose the backend, prepare the root (and k3s's files), the
+//! state disk and the initramfs, start the helpers, spawn the VM, put the forwards in, open the
+//! control socket, race the boot against the helpers and a stop, then serve until the VM ends.
+
+use super::children::{
+    describe, describe_vm_exit, first_exit, log_tail, spawn_owned, wait_socket, OwnedChild,
+    SpawnSpec,
+};
+use super::helpers::{self, Network};
+use super::{
+    control, io_err, payloads_ready, state, AbortOnDrop, ProgressSink, RunningInstance,
+    SuperviseOptions, SupervisorError, AGENT_TIMEOUT, PAYLOAD_TIMEOUT,
+};
+use crate::agent::Agent;
+use crate::backend::{self, VmmBackend};
+use crate::config::InstanceConfig;
+use crate::control::Progress;
+use crate::guest_paths::GUEST_AGENT_PATH;
+use crate::paths::InstancePaths;
+use crate::state::Phase;
+use gatevm_net::gvproxy::{self, GvproxyConfig};
+use gatevm_protocol::PayloadState;
+use gatevm_vmm::{Accel, VmConfig, Vmm};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Reports the start of a phase (and logs it), with the time since the start began.
+fn phase(p: &str, t0: Instant, progress: &mut ProgressSink) {
+    let ms = t0.elapsed().as_millis() as u64;
+    tracing::info!("phase {p} at {ms} ms");
+    progress(Progress::Phase {
+        phase: p.to_string(),
+        elapsed_ms: ms,
+    });
+}
+
+/// Boots the VM and serves until it stops; returns why it stopped.
+pub(super) async fn boot_and_serve(
+    opts: &SuperviseOptions,
+    inst: &Arc<RunningInstance>,
+    children: &mut Vec<OwnedChild>,
+    stop_rx: &mut mpsc::Receiver<u64>,
+    progress: &mut ProgressSink,
+    t0: Instant,
+) -> Result<String, SupervisorError> {
+    let (paths, cfg) = (&inst.paths, &opts.config);
+    phase("preparing", t0, progress);
+    let runtime =
+        gatevm_runtime::Runtime::load().map_err(|e| SupervisorError::Setup(e.to_string()))?;
+    let (chosen, vmm) = choose_backend(inst, &runtime, progress)?;
+    prepare_root(opts, paths, &runtime, &chosen)?;
+    let state_disk = prepare_state_disk(paths, cfg)?;
+    let initramfs = initramfs_for(vmm.as_ref(), &runtime, &opts.guest_bin)?;
+
+    phase("starting helpers", t0, progress);
+    if vmm.needs_virtiofsd() {
+        helpers::start_virtiofsd(inst, &runtime, children).await?;
+    }
+    let mtu = net_mtu(&chosen);
+    let net = helpers::start_network(inst, &runtime, &chosen, mtu, children).await?;
+
+    phase("booting", t0, progress);
+    // The VMM writes the console into a FIFO that the supervisor drains into the capped log.
+    let _console = crate::logcap::LogFifo::create(
+        &paths.console_fifo(),
+        &paths.log("console"),
+        crate::logcap::CONSOLE_LOG_CAP,
+    )
+    .map_err(io_err(format!(
+        "creating {}",
+        paths.console_fifo().display()
+    )))?;
+    let vm_cfg = vm_config(cfg, paths, &chosen, mtu, &runtime, initramfs, state_disk);
+    let (net_gvproxy, vm_index) = spawn_vm(inst, vmm.as_ref(), vm_cfg, net, children)?;
+    let expose = put_forwards(cfg, paths, net_gvproxy);
+    let _server = open_control_socket(inst)?;
+
+    // The helpers are watched from here on: one that dies during boot ends the start at once.
+    let (helpers, vm) = children.split_at_mut(vm_index);
+    let vm = &mut vm[0];
+    let (agent, (agent_ms, ready_ms)) = race_boot(inst, helpers, vm, stop_rx, progress, t0).await?;
+    forwards_done(expose).await?;
+    inst.set_state(|s| {
+        s.phase = Phase::Running;
+        s.agent_ready_ms = Some(agent_ms);
+        s.ready_ms = Some(ready_ms);
+        s.last_error = None;
+        s.stop_reason = None;
+    });
+    progress(Progress::Ready {
+        agent_ready_ms: agent_ms,
+        ready_ms,
+    });
+    let reason = serve(inst, &agent, helpers, vm, stop_rx).await;
+    inst.set_state(|s| s.phase = Phase::Stopping);
+    Ok(reason)
+}
+
+/// Chooses the backend (with a notice when it is QEMU's software emulation), builds it and
+/// records it and its kernel in the state.
+fn choose_backend(
+    inst: &RunningInstance,
+    runtime: &gatevm_runtime::Runtime,
+    progress: &mut ProgressSink,
+) -> Result<(VmmBackend, Box<dyn Vmm>), SupervisorError> {
+    let cfg = &inst.config;
+    let caps = gatevm_vmm::probe();
+    let chosen = backend::choose(
+        cfg.vmm,
+        &caps,
+        &runtime.libkrunfw(),
+        cfg.krun_kernel.as_deref(),
+    )
+    .map_err(SupervisorError::Setup)?;
+    if chosen == VmmBackend::Qemu(Accel::Tcg) {
+        let why = caps.why_no_hardware_virt().unwrap_or_default();
+        progress(Progress::Notice {
+            message: format!("no hardware virtualization ({why}): using QEMU software emulation (TCG), which is slower"),
+        });
+    }
+    let program = std::env::current_exe().map_err(io_err("locating the gatevm executable"))?;
+    let vmm = backend::build(&chosen, runtime, program);
+    let kernel_label = match &chosen {
+        VmmBackend::Krun(gatevm_vmm::krun::KrunKernel::Libkrunfw) => {
+            format!("libkrunfw ({})", runtime.libkrunfw().display())
+        }
+        VmmBackend::Krun(gatevm_vmm::krun::KrunKernel::External { path, .. }) => {
+            path.display().to_string()
+        }
+        VmmBackend::Qemu(_) => runtime.kernel_path().display().to_string(),
+    };
+    inst.set_state(|s| {
+        s.backend = Some(chosen.label().to_string());
+        s.kernel = Some(kernel_label);
+    });
+    Ok((chosen, vmm))
+}
+
+/// Mounts the instance root on its lower layer (a throwaway VM's own, or gatevm's rootfs),
+/// installs the guest agent in it and, for k3s, stages k3s's files.
+fn prepare_root(
+    opts: &SuperviseOptions,
+    paths: &InstancePaths,
+    runtime: &gatevm_runtime::Runtime,
+    chosen: &VmmBackend,
+) -> Result<(), SupervisorError> {
+    let cfg = &opts.config;
+    let lower = match cfg.ephemeral.as_ref().and_then(|e| e.rootfs.clone()) {
+        Some(dir) => dir,
+        None => runtime
+            .rootfs()
+            .map_err(|e| SupervisorError::Setup(e.to_string()))?,
+    };
+    super::mounts::mount_rootfs(paths, &lower, cfg.root_mib)?;
+    install_guest(paths, &opts.guest_bin)?;
+    if let Some(k3s) = &cfg.k3s {
+        // The plan follows the kernel the VM boots: Debian's config is read; libkrunfw's kernel
+        // ships none, so every feature counts as missing and the plan is the conservative one.
+        let caps = match chosen {
+            VmmBackend::Qemu(_) => {
+                gatevm_kernel::kconfig::capabilities_of(&runtime.kernel_config())
+                    .unwrap_or_default()
+            }
+            VmmBackend::Krun(_) => vec![],
+        };
+        crate::k3s_stage::stage(paths, k3s, &caps)
+            .map_err(|e| SupervisorError::Setup(format!("preparing k3s: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Copies the guest binary into the instance root when it differs. The root is not trusted (the
+/// guest writes its upper layer; a `vm-run` image comes from anywhere), so no symlink in it is
+/// followed on the host: a directory on the way that is a symlink is refused, and a symlink at the
+/// binary's own path is replaced.
+fn install_guest(paths: &InstancePaths, guest_bin: &Path) -> Result<(), SupervisorError> {
+    let rel = GUEST_AGENT_PATH.trim_start_matches('/');
+    let (dir_rel, file) = rel.rsplit_once('/').unwrap_or(("", rel));
+    let dir = crate::rootdir::dir_in_root(&paths.rootfs(), dir_rel).map_err(|e| {
+        SupervisorError::Setup(format!(
+            "{e}, so gatevm-guest cannot be installed at {GUEST_AGENT_PATH}"
+        ))
+    })?;
+    crate::rootdir::install(guest_bin, &dir.join(file), 0o755).map_err(SupervisorError::Setup)
+}
+
+/// The state disk, created or grown as configured; None for a throwaway VM.
+fn prepare_state_disk(
+    paths: &InstancePaths,
+    cfg: &InstanceConfig,
+) -> Result<Option<PathBuf>, SupervisorError> {
+    if cfg.ephemeral.is_some() {
+        return Ok(None);
+    }
+    super::mounts::ensure_state_disk(paths, cfg.disk_gib)?;
+    Ok(Some(paths.state_disk()))
+}
+
+/// gatevm's initramfs (with `guest_bin` as its init) for a VMM that boots through virtiofsd.
+fn initramfs_for(
+    vmm: &dyn Vmm,
+    runtime: &gatevm_runtime::Runtime,
+    guest_bin: &Path,
+) -> Result<Option<PathBuf>, SupervisorError> {
+    if !vmm.needs_virtiofsd() {
+        return Ok(None);
+    }
+    runtime
+        .initramfs(guest_bin)
+        .map(Some)
+        .map_err(|e| SupervisorError::Setup(e.to_string()))
+}
+
+/// Large frames where the VMM's device is known to take them (QEMU's virtio-net).
+fn net_mtu(chosen: &VmmBackend) -> u32 {
+    match chosen {
+        VmmBackend::Qemu(_) => gatevm_net::LARGE_MTU,
+        VmmBackend::Krun(_) => gatevm_net::ETHERNET_MTU,
+    }
+}
+
+/// The VM's configuration; the network is attached by [`spawn_vm`].
+fn vm_config(
+    cfg: &InstanceConfig,
+    paths: &InstancePaths,
+    chosen: &VmmBackend,
+    mtu: u32,
+    runtime: &gatevm_runtime::Runtime,
+    initramfs: Option<PathBuf>,
+    state_disk: Option<PathBuf>,
+) -> VmConfig {
+    VmConfig {
+        name: cfg.name.clone(),
+        cpus: cfg.cpus,
+        memory_mib: cfg.memory_mib,
+        accel: match chosen {
+            VmmBackend::Qemu(a) => *a,
+            VmmBackend::Krun(_) => Accel::Kvm,
+        },
+        kernel: runtime.kernel_path().to_path_buf(),
+        initramfs,
+        cmdline: kernel_cmdline(&cfg.name, payload_name(cfg), mtu),
+        root_dir: paths.rootfs(),
+        virtiofs_socket: paths.virtiofs_socket(),
+        state_disk,
+        agent_socket: paths.agent_socket(),
+        net: None,
+        mac: gvproxy::GUEST_MAC.to_string(),
+        console_log: paths.console_fifo(),
+    }
+}
+
+/// Spawns the VMM on `net`, as the last of `children` (teardown goes in reverse). Returns
+/// gvproxy's configuration (for the forwards) and the VM's index in `children`.
+fn spawn_vm(
+    inst: &RunningInstance,
+    vmm: &dyn Vmm,
+    mut vm_cfg: VmConfig,
+    net: Network,
+    children: &mut Vec<OwnedChild>,
+) -> Result<(Option<GvproxyConfig>, usize), SupervisorError> {
+    let paths = &inst.paths;
+    vm_cfg.net = Some(net.attach);
+    // libkrun refuses to listen on an existing path; an unprivileged QEMU gets the agent
+    // socket bound by `command` (so before it).
+    let _ = std::fs::remove_file(paths.agent_socket());
+    let std_cmd = vmm
+        .command(&vm_cfg)
+        .map_err(|e| match std::error::Error::source(&e) {
+            Some(cause) => SupervisorError::Setup(format!("{e}: {cause}")),
+            None => SupervisorError::Setup(e.to_string()),
+        })?;
+    let vm_log = paths.log("vmm");
+    let spec = SpawnSpec {
+        inherit: net.vm_end.as_ref().map(|s| {
+            use std::os::fd::AsRawFd;
+            s.as_raw_fd()
+        }),
+        ..SpawnSpec::plain(&vm_log, &paths.run)
+    };
+    children.push(spawn_owned(vmm.name(), Command::from(std_cmd), spec)?);
+    // The VM has its copy; ours goes.
+    drop(net.vm_end);
+    let vm_index = children.len() - 1;
+    let vm_id = children[vm_index].id;
+    inst.set_state(|s| s.vmm = Some(vm_id));
+    Ok((net.gvproxy, vm_index))
+}
+
+/// Puts gvproxy's forwards in while the guest boots (it retries internally until its stack is
+/// up); passt has its forwards from its command line.
+fn put_forwards(
+    cfg: &InstanceConfig,
+    paths: &InstancePaths,
+    gv: Option<GvproxyConfig>,
+) -> JoinHandle<Result<(), String>> {
+    let forwards = crate::config::all_forwards(cfg);
+    let api = paths.net_api_socket();
+    tokio::spawn(async move {
+        let Some(gv) = gv else {
+            return Ok::<(), String>(());
+        };
+        gvproxy::remove_ssh_forward(&api, gv.ssh_port, Duration::from_secs(20))
+            .await
+            .map_err(|e| e.to_string())?;
+        for f in &forwards {
+            gvproxy::expose(&api, f, Duration::from_secs(20))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok::<(), String>(())
+    })
+}
+
+/// Waits for the forwards task of [`put_forwards`].
+async fn forwards_done(expose: JoinHandle<Result<(), String>>) -> Result<(), SupervisorError> {
+    match expose.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(SupervisorError::Boot(format!("port forward failed: {e}"))),
+        Err(e) => Err(SupervisorError::Boot(format!(
+            "port forward task failed: {e}"
+        ))),
+    }
+}
+
+/// Binds the control socket (owner-only) and serves it, so status works during boot.
+fn open_control_socket(inst: &Arc<RunningInstance>) -> Result<AbortOnDrop, SupervisorError> {
+    let paths = &inst.paths;
+    let listener =
+        UnixListener::bind(paths.control_socket()).map_err(io_err("binding the control socket"))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(
+            paths.control_socket(),
+            std::fs::Permissions::from_mode(0o600),
+        );
+    }
+    Ok(control::serve_clients(listener, inst.clone()))
+}
+
+/// Waits for the guest to be ready, ended early by a helper that exits or a stop request.
+/// Returns the agent and the (agent, ready) times in ms.
+async fn race_boot(
+    inst: &RunningInstance,
+    helpers: &mut [OwnedChild],
+    vm: &mut OwnedChild,
+    stop_rx: &mut mpsc::Receiver<u64>,
+    progress: &mut ProgressSink,
+    t0: Instant,
+) -> Result<(Agent, (u64, u64)), SupervisorError> {
+    let paths = &inst.paths;
+    let vm_log = paths.log("vmm");
+    state::restrict_sockets(&paths.run);
+    let boot = async {
+        let agent = connect_agent(paths, vm, &vm_log).await?;
+        // The helpers' and the VMM's sockets exist by now; their makers use their own modes.
+        state::restrict_sockets(&paths.run);
+        inst.set_agent(agent.clone());
+        let times = wait_ready(&agent, &inst.config, vm, &vm_log, t0, progress).await?;
+        Ok::<_, SupervisorError>((agent, times))
+    };
+    tokio::select! {
+        r = boot => r,
+        (name, st) = first_exit(helpers) => Err(SupervisorError::Boot(format!(
+            "{name} exited during boot ({}); see {}",
+            describe(st),
+            paths.log(name).display()
+        ))),
+        t = stop_rx.recv() => Err(SupervisorError::Boot(format!("stopped during boot (timeout {} s)", t.unwrap_or(0)))),
+    }
+}
+
+/// Connects to the agent channel. libkrun connects each host connection to the guest's vsock
+/// port and closes it while nothing listens there yet; QEMU, given an already listening socket,
+/// was seen (rarely, under load) to end the first connection too. So a channel closed before the
+/// guest answered is retried until the guest answers (the VM's exit and the boot timeout end the
+/// wait).
+async fn connect_agent(
+    paths: &InstancePaths,
+    vm: &mut OwnedChild,
+    vm_log: &Path,
+) -> Result<Agent, SupervisorError> {
+    wait_socket(&paths.agent_socket(), vm, vm_log, Duration::from_secs(20)).await?;
+    let deadline = Instant::now() + AGENT_TIMEOUT;
+    // The VMM binds the socket a moment before it listens on it: refused connections are retried
+    // for a while (as long as the VM lives).
+    let refused_until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stream = connect_agent_socket(paths, vm, refused_until).await?;
+        let (r, w) = stream.into_split();
+        let agent = Agent::spawn(r, w);
+        agent.hello().await.map_err(SupervisorError::Boot)?;
+        let mut connected = agent.connected.clone();
+        let answered = tokio::time::timeout(Duration::from_millis(500), async {
+            while !*connected.borrow() && !agent.ended() {
+                if connected.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        if *agent.connected.borrow() || (answered.is_err() && !agent.ended()) {
+            // Answered, or the connection stays open: the hello loop of `wait_ready` goes on.
+            return Ok(agent);
+        }
+        if let Ok(Some(st)) = vm.child.try_wait() {
+            vm.drained.wait(Duration::from_secs(1)).await;
+            return Err(SupervisorError::Boot(format!(
+                "the VM exited during boot ({st}): see the console log; last lines: {}",
+                log_tail(vm_log, 2)
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(agent_timeout());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Connects to the agent socket, retrying a refused connection until `refused_until` while the
+/// VM lives.
+async fn connect_agent_socket(
+    paths: &InstancePaths,
+    vm: &mut OwnedChild,
+    refused_until: Instant,
+) -> Result<UnixStream, SupervisorError> {
+    loop {
+        match UnixStream::connect(paths.agent_socket()).await {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < refused_until
+                    && matches!(vm.child.try_wait(), Ok(None)) =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => {
+                return Err(SupervisorError::Boot(format!(
+                    "connecting to the agent socket: {e}"
+                )))
+            }
+        }
+    }
+}
+
+/// The agent did not answer within [`AGENT_TIMEOUT`].
+fn agent_timeout() -> SupervisorError {
+    SupervisorError::Boot(format!(
+        "the guest agent did not answer within {} s: see the console log",
+        AGENT_TIMEOUT.as_secs()
+    ))
+}
+
+/// Waits for the agent's hello, then for every payload to be ready. Returns (agent ms, ready ms).
+async fn wait_ready(
+    agent: &Agent,
+    cfg: &InstanceConfig,
+    vm: &mut OwnedChild,
+    vm_log: &Path,
+    t0: Instant,
+    progress: &mut ProgressSink,
+) -> Result<(u64, u64), SupervisorError> {
+    wait_hello(agent, vm, vm_log).await?;
+    let agent_ms = t0.elapsed().as_millis() as u64;
+    if cfg.ephemeral.is_some() {
+        return Ok((agent_ms, agent_ms));
+    }
+    progress(Progress::Phase {
+        phase: if cfg.k3s.is_some() {
+            "agent ready, starting containerd and k3s".into()
+        } else {
+            "agent ready, starting containerd".into()
+        },
+        elapsed_ms: agent_ms,
+    });
+    wait_payloads(agent, cfg, vm).await?;
+    Ok((agent_ms, t0.elapsed().as_millis() as u64))
+}
+
+/// Says hello until the guest answers (our bytes wait in the socket until the guest opens its
+/// port).
+async fn wait_hello(
+    agent: &Agent,
+    vm: &mut OwnedChild,
+    vm_log: &Path,
+) -> Result<(), SupervisorError> {
+    let mut connected = agent.connected.clone();
+    let deadline = Instant::now() + AGENT_TIMEOUT;
+    let vm_drained = vm.drained.clone();
+    loop {
+        if *connected.borrow() {
+            return Ok(());
+        }
+        agent.hello().await.map_err(SupervisorError::Boot)?;
+        tokio::select! {
+            _ = connected.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            st = vm.child.wait() => {
+                vm_drained.wait(Duration::from_secs(1)).await;
+                return Err(SupervisorError::Boot(format!(
+                    "the VM exited during boot ({}): see the console log; last lines: {}",
+                    describe(st), log_tail(vm_log, 2)
+                )));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(agent_timeout());
+        }
+    }
+}
+
+/// Waits for every payload to be ready (k3s under software emulation takes minutes to bring its
+/// API server up, so it gets longer).
+async fn wait_payloads(
+    agent: &Agent,
+    cfg: &InstanceConfig,
+    vm: &mut OwnedChild,
+) -> Result<(), SupervisorError> {
+    let payload_timeout = if cfg.k3s.is_some() {
+        Duration::from_secs(600)
+    } else {
+        PAYLOAD_TIMEOUT
+    };
+    let deadline = Instant::now() + payload_timeout;
+    loop {
+        agent.refresh_status(Duration::from_secs(2)).await;
+        let view = agent.view();
+        if payloads_ready(cfg, &view.payloads) {
+            return Ok(());
+        }
+        if let Some(p) = view
+            .payloads
+            .iter()
+            .find(|p| p.state == PayloadState::Failed)
+        {
+            return Err(SupervisorError::Boot(format!(
+                "{} failed in the guest: {}",
+                p.name,
+                p.last_exit.clone().unwrap_or_default()
+            )));
+        }
+        if !*agent.connected.borrow() {
+            return Err(SupervisorError::Boot(
+                "the guest agent disconnected during boot".into(),
+            ));
+        }
+        if Instant::now() > deadline {
+            let states: Vec<String> = view
+                .payloads
+                .iter()
+                .map(|p| format!("{} {:?}", p.name, p.state))
+                .collect();
+            return Err(SupervisorError::Boot(format!(
+                "the payload was not ready within {} s ({})",
+                payload_timeout.as_secs(),
+                states.join(", ")
+            )));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            st = vm.child.wait() => {
+                return Err(SupervisorError::Boot(format!("the VM exited during boot ({})", describe(st))));
+            }
+        }
+    }
+}
+
+/// Serves until the VM ends, a helper dies, or a stop is asked for; returns why it ended.
+async fn serve(
+    inst: &RunningInstance,
+    agent: &Agent,
+    helpers: &mut [OwnedChild],
+    vm: &mut OwnedChild,
+    stop_rx: &mut mpsc::Receiver<u64>,
+) -> String {
+    tokio::select! {
+        st = vm.child.wait() => describe_vm_exit(st),
+        (name, st) = first_exit(helpers) => helper_died(inst, vm, name, st).await,
+        t = stop_rx.recv() => graceful_stop(inst, agent, vm, Duration::from_secs(t.unwrap_or(30))).await,
+    }
+}
+
+/// Why the instance ends after a helper exited. The helpers end by themselves when the VM goes
+/// away (gvproxy exits when QEMU's network connection closes), so a VM that exited at about the
+/// same time is the cause, not the helper.
+async fn helper_died(
+    inst: &RunningInstance,
+    vm: &mut OwnedChild,
+    name: &str,
+    st: std::io::Result<std::process::ExitStatus>,
+) -> String {
+    if let Ok(vm_st) = tokio::time::timeout(Duration::from_millis(500), vm.child.wait()).await {
+        return describe_vm_exit(vm_st);
+    }
+    let why = format!(
+        "{name} exited unexpectedly ({}); the VM was stopped",
+        describe(st)
+    );
+    inst.set_state(|s| s.last_error = Some(why.clone()));
+    why
+}
+
+/// Asks the guest to power off, waits up to `timeout`, then forces the VM down.
+async fn graceful_stop(
+    inst: &RunningInstance,
+    agent: &Agent,
+    vm: &mut OwnedChild,
+    timeout: Duration,
+) -> String {
+    inst.set_state(|s| s.phase = Phase::Stopping);
+    let start = Instant::now();
+    let acked =
+        *agent.connected.borrow() && agent.shutdown(Duration::from_secs(2).min(timeout)).await;
+    if acked {
+        let left = timeout.saturating_sub(start.elapsed());
+        if let Ok(st) = tokio::time::timeout(left, vm.child.wait()).await {
+            return match st {
+                Ok(s) if s.success() => "stopped on request".into(),
+                other => format!("stopped on request ({})", describe(other)),
+            };
+        }
+    }
+    vm.terminate(Duration::from_secs(2)).await;
+    if acked {
+        format!(
+            "stopped on request (forced after {} s: the guest did not power off)",
+            timeout.as_secs()
+        )
+    } else {
+        "stopped on request (forced: the guest agent did not answer)".into()
+    }
+}
+
+/// What the guest runs: `none` for a throwaway VM, `k3s` (with containerd) for the k3s profile,
+/// else `containerd`.
+fn payload_name(cfg: &InstanceConfig) -> &'static str {
+    if cfg.ephemeral.is_some() {
+        "none"
+    } else if cfg.k3s.is_some() {
+        "k3s"
+    } else {
+        "containerd"
+    }
+}
+
+/// The guest kernel command line; `$GATEVM_KERNEL_APPEND` adds to it (e.g. `loglevel=7` to see
+/// the kernel's messages in the console log).
+fn kernel_cmdline(hostname: &str, payload: &str, mtu: u32) -> String {
+    let mut c = format!("console=ttyS0 quiet panic=-1 gatevm.hostname={hostname}");
+    if payload != "containerd" {
+        c.push_str(&format!(" gatevm.payload={payload}"));
+    }
+    if mtu != gatevm_net::ETHERNET_MTU {
+        c.push_str(&format!(" gatevm.mtu={mtu}"));
+    }
+    if let Ok(extra) = std::env::var("GATEVM_KERNEL_APPEND") {
+        c.push(' ');
+        c.push_str(&extra);
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_cmdline;
+
+    #[test]
+    fn kernel_cmdline_names_payload_and_a_large_mtu() {
+        if std::env::var_os("GATEVM_KERNEL_APPEND").is_some() {
+            eprintln!(
+                "NOT RUN kernel_cmdline_names_payload_and_a_large_mtu: GATEVM_KERNEL_APPEND is set"
+            );
+            return;
+        }
+        assert_eq!(
+            kernel_cmdline("gw", "containerd", gatevm_net::ETHERNET_MTU),
+            "console=ttyS0 quiet panic=-1 gatevm.hostname=gw"
+        );
+        assert_eq!(
+            kernel_cmdline("gw", "k3s", gatevm_net::LARGE_MTU),
+            "console=ttyS0 quiet panic=-1 gatevm.hostname=gw gatevm.payload=k3s gatevm.mtu=65520"
+        );
+    }
+}
