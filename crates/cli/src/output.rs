@@ -46,21 +46,10 @@ pub fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An error and its causes on one line, like `{:#}`, but a cause whose text the line already
-/// holds (an error that prints its source as part of its own message) is not repeated.
+/// An error and its causes on one line ([`gatevm_abi::error_chain`]: a cause whose text the line
+/// already holds is not repeated).
 pub fn error_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
+    gatevm_abi::error_chain(&**e)
 }
 
 /// Most characters of an error message shown.

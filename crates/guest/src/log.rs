@@ -29,18 +29,7 @@ pub(crate) fn line(msg: fmt::Arguments<'_>) {
     eprint!("{s}");
 }
 
-/// An error and its causes as one line, `message: cause: cause`: what the host and the console
-/// see of an error (each variant's message names only its own step; the causes follow).
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
+pub(crate) use gatevm_abi::error_chain;
 
 /// Logs one line to the console: `glog!("agent listening on {}", path)`.
 #[macro_export]

@@ -16,14 +16,4 @@ pub mod kubeconfig;
 pub mod pki;
 pub mod tls;
 
-/// An error and its causes, `: `-separated on one line, for the messages that stay strings.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
+pub(crate) use gatevm_abi::error_chain;
