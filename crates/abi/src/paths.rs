@@ -24,8 +24,14 @@ pub const K3S_DATA_DIR: &str = "/var/lib/gatevm/k3s";
 pub const K3S_KUBECONFIG: &str = "/etc/rancher/k3s/k3s.yaml";
 
 /// A guest path relative to the root, for host code that joins it onto the mounted root.
-pub fn rel(guest_path: &str) -> &str {
-    guest_path.trim_start_matches('/')
+pub const fn rel(guest_path: &str) -> &str {
+    match guest_path.as_bytes() {
+        [b'/', rest @ ..] => match std::str::from_utf8(rest) {
+            Ok(r) => r,
+            Err(_) => guest_path,
+        },
+        _ => guest_path,
+    }
 }
 
 #[cfg(test)]

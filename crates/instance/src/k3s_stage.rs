@@ -9,33 +9,19 @@
 use crate::config::K3sSettings;
 use crate::paths::InstancePaths;
 pub use crate::rootdir::{dir_in_root, write_new};
+use gatevm_abi::paths::{self, rel};
+use gatevm_abi::plan::{CniConflist, PlanFile};
 use gatevm_k3s::flags::{self, K3sOptions};
 use gatevm_k3s::pki::{self, PkiOptions};
 use gatevm_kernel::kconfig::Capability;
-use serde::Serialize;
 use std::path::{Path, PathBuf};
 
-/// Where the guest finds the k3s binary.
-pub const K3S_GUEST_PATH: &str = "usr/local/bin/k3s";
+/// Where the guest finds the k3s binary, relative to the root.
+pub const K3S_GUEST_PATH: &str = rel(paths::K3S_BIN);
 /// The staging directory in the root.
-pub const STAGE_DIR: &str = "etc/gatevm/k3s";
+pub const STAGE_DIR: &str = rel(paths::K3S_STAGE_DIR);
 /// k3s's state directory in the guest, on the state disk.
-pub const DATA_DIR: &str = "/var/lib/gatevm/k3s";
-
-/// `plan.json`, as gatevm-guest reads it.
-#[derive(Debug, Serialize)]
-pub struct StagedPlan {
-    pub args: Vec<String>,
-    pub data_dir: String,
-    pub cni: Option<StagedCni>,
-    pub notes: Vec<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct StagedCni {
-    pub file: String,
-    pub json: String,
-}
+pub const DATA_DIR: &str = paths::K3S_DATA_DIR;
 
 /// Copies a host file into the root (no-follow on the root side).
 fn copy_in(src: &Path, dest: &Path, mode: u32) -> Result<(), String> {
@@ -109,19 +95,19 @@ pub fn stage(paths: &InstancePaths, s: &K3sSettings, caps: &[Capability]) -> Res
         .map_err(|e| format!("clearing {}: {e}", stage.display()))?;
     }
     let stage = dir_in_root(&root, STAGE_DIR)?;
-    let manifests = dir_in_root(&root, &format!("{STAGE_DIR}/manifests"))?;
-    let images = dir_in_root(&root, &format!("{STAGE_DIR}/images"))?;
+    let manifests = dir_in_root(&root, rel(paths::K3S_STAGED_MANIFESTS))?;
+    let images = dir_in_root(&root, rel(paths::K3S_STAGED_IMAGES))?;
 
     let plan = flags::plan(caps, &options(&paths.name, s));
-    let staged = StagedPlan {
+    let staged = PlanFile {
         args: plan.args,
         data_dir: DATA_DIR.into(),
         cni: plan
             .cni_conflist
-            .map(|(file, json)| StagedCni { file, json }),
+            .map(|(file, json)| CniConflist { file, json }),
         notes: plan.notes,
     };
-    let json = serde_json::to_vec_pretty(&staged).map_err(|e| e.to_string())?;
+    let json = staged.to_json().map_err(|e| e.to_string())?;
     write_new(&stage.join("plan.json"), &json, 0o644)?;
 
     for m in &s.manifests {
@@ -224,6 +210,10 @@ mod tests {
             serde_json::from_slice(&std::fs::read(r.join("etc/gatevm/k3s/plan.json")).unwrap())
                 .unwrap();
         assert_eq!(plan["data_dir"], DATA_DIR);
+        // Where and what the guest reads: its parser takes the staged plan as it is.
+        let text = std::fs::read_to_string(r.join(rel(paths::K3S_PLAN))).unwrap();
+        let parsed = gatevm_abi::plan::parse(&text).unwrap();
+        assert_eq!(parsed.data_dir, Path::new(DATA_DIR));
         let args: Vec<&str> = plan["args"]
             .as_array()
             .unwrap()

@@ -6,7 +6,6 @@
 //! socket paths are limited to 107 bytes and because they must not outlive a host reboot.
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Longest unix socket path the kernel accepts (sun_path minus the terminating NUL).
@@ -187,54 +186,19 @@ impl InstancePaths {
     }
 }
 
-/// Creates a directory and its parents with mode 0700 (parents created here get 0700 too) and
-/// tightens an existing one.
-pub fn mkdir_private(d: &Path) -> io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(d)?;
-    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
-}
+pub use gatevm_fsutil::mkdir_private;
 
-/// Writes a file atomically (temp file in the same directory, fsync, rename), mode 0600.
+/// Writes a file atomically and durably with mode 0600 ([`gatevm_fsutil::write_atomic`]); the
+/// error names the file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    let renamed = gatevm_runtime::fsutil::rename_durable(&tmp, path).or_else(|e| {
-        // An empty directory in the file's place (left by an accident, never by gatevm) gives
-        // way; anything else is reported.
-        let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
-        if is_dir && std::fs::remove_dir(path).is_ok() {
-            gatevm_runtime::fsutil::rename_durable(&tmp, path)
-        } else {
-            Err(e)
-        }
-    });
-    renamed.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io::Error::new(e.kind(), format!("replacing {}: {e}", path.display()))
-    })
+    gatevm_fsutil::write_atomic(path, bytes, 0o600)
+        .map_err(|e| io::Error::new(e.kind(), format!("replacing {}: {e}", path.display())))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn write_atomic_replaces_files_and_empty_directories() {

@@ -13,7 +13,7 @@ use std::time::Duration;
 const NODE_READY_WITHIN: Duration = Duration::from_secs(300);
 
 /// Where k3s writes its kubeconfig in the guest.
-const K3S_YAML: &str = "/etc/rancher/k3s/k3s.yaml";
+const K3S_YAML: &str = gatevm_abi::paths::K3S_KUBECONFIG;
 
 /// How long a kubeconfig fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);

@@ -18,6 +18,7 @@ use crate::control::Progress;
 use crate::guest_paths::GUEST_AGENT_PATH;
 use crate::paths::InstancePaths;
 use crate::state::Phase;
+use gatevm_abi::cmdline::{Cmdline, PayloadKind};
 use gatevm_net::gvproxy::{self, GvproxyConfig};
 use gatevm_protocol::PayloadState;
 use gatevm_vmm::{Accel, VmConfig, Vmm};
@@ -244,7 +245,7 @@ fn vm_config(
         },
         kernel: runtime.kernel_path().to_path_buf(),
         initramfs,
-        cmdline: kernel_cmdline(&cfg.name, payload_name(cfg), mtu),
+        cmdline: kernel_cmdline(&cfg.name, payload_kind(cfg), mtu),
         root_dir: paths.rootfs(),
         virtiofs_socket: paths.virtiofs_socket(),
         state_disk,
@@ -636,28 +637,30 @@ async fn graceful_stop(
     }
 }
 
-/// What the guest runs: `none` for a throwaway VM, `k3s` (with containerd) for the k3s profile,
-/// else `containerd`.
-fn payload_name(cfg: &InstanceConfig) -> &'static str {
+/// What the guest runs: nothing for a throwaway VM, k3s (with containerd) for the k3s profile,
+/// else containerd.
+fn payload_kind(cfg: &InstanceConfig) -> PayloadKind {
     if cfg.ephemeral.is_some() {
-        "none"
+        PayloadKind::None
     } else if cfg.k3s.is_some() {
-        "k3s"
+        PayloadKind::K3s
     } else {
-        "containerd"
+        PayloadKind::Containerd
     }
 }
 
-/// The guest kernel command line; `$GATEVM_KERNEL_APPEND` adds to it (e.g. `loglevel=7` to see
-/// the kernel's messages in the console log).
-fn kernel_cmdline(hostname: &str, payload: &str, mtu: u32) -> String {
-    let mut c = format!("console=ttyS0 quiet panic=-1 gatevm.hostname={hostname}");
-    if payload != "containerd" {
-        c.push_str(&format!(" gatevm.payload={payload}"));
-    }
-    if mtu != gatevm_net::ETHERNET_MTU {
-        c.push_str(&format!(" gatevm.mtu={mtu}"));
-    }
+/// The guest kernel command line: the console, then the contract's `gatevm.*` words
+/// ([`Cmdline::render`]); `$GATEVM_KERNEL_APPEND` adds to it (e.g. `loglevel=7` to see the
+/// kernel's messages in the console log).
+fn kernel_cmdline(hostname: &str, payload: PayloadKind, mtu: u32) -> String {
+    let settings = Cmdline {
+        hostname: hostname.to_string(),
+        payload,
+        // The guest keeps the device's MTU (Ethernet's) unless told otherwise.
+        mtu: (mtu != gatevm_abi::net::ETHERNET_MTU).then_some(mtu),
+        ..Cmdline::default()
+    };
+    let mut c = format!("console=ttyS0 quiet panic=-1 {}", settings.render());
     if let Ok(extra) = std::env::var("GATEVM_KERNEL_APPEND") {
         c.push(' ');
         c.push_str(&extra);
@@ -668,6 +671,7 @@ fn kernel_cmdline(hostname: &str, payload: &str, mtu: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::kernel_cmdline;
+    use gatevm_abi::cmdline::{parse, PayloadKind};
 
     #[test]
     fn kernel_cmdline_names_payload_and_a_large_mtu() {
@@ -678,12 +682,19 @@ mod tests {
             return;
         }
         assert_eq!(
-            kernel_cmdline("gw", "containerd", gatevm_net::ETHERNET_MTU),
+            kernel_cmdline("gw", PayloadKind::Containerd, gatevm_net::ETHERNET_MTU),
             "console=ttyS0 quiet panic=-1 gatevm.hostname=gw"
         );
         assert_eq!(
-            kernel_cmdline("gw", "k3s", gatevm_net::LARGE_MTU),
+            kernel_cmdline("gw", PayloadKind::K3s, gatevm_net::LARGE_MTU),
             "console=ttyS0 quiet panic=-1 gatevm.hostname=gw gatevm.payload=k3s gatevm.mtu=65520"
+        );
+        // What the host writes is what the guest reads.
+        let (c, warnings) = parse(&kernel_cmdline("vm-1", PayloadKind::None, 9000));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            (c.hostname.as_str(), c.payload, c.mtu),
+            ("vm-1", PayloadKind::None, Some(9000))
         );
     }
 }

@@ -7,25 +7,7 @@ use std::path::Path;
 
 /// Whether `p` is a mount point (it is in mountinfo).
 pub fn is_mounted(p: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = p.to_string_lossy();
-    info.lines().any(|l| {
-        l.split_whitespace()
-            .nth(4)
-            .map(unescape_mountinfo)
-            .as_deref()
-            == Some(&*want)
-    })
-}
-
-/// A mountinfo field with its octal escapes (space, tab, newline, backslash) undone.
-fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
+    gatevm_fsutil::mountinfo::is_mount_point(p)
 }
 
 /// Unmounts the instance root and the image of its writable layer if mounted (lazily when busy).
