@@ -97,7 +97,7 @@ impl CappedLog {
 
     /// Moves the current file to `NAME.1` (replacing the older one) and starts a new one.
     fn rotate(&mut self) -> io::Result<()> {
-        gatevm_runtime::fsutil::rename_durable(&self.path, &previous_generation(&self.path))?;
+        gatevm_fsutil::rename_durable(&self.path, &previous_generation(&self.path))?;
         self.file = open_append(&self.path)?;
         self.len = self.file.metadata()?.len();
         for fd in &self.follow_fds {

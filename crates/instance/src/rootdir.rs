@@ -51,7 +51,7 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
         .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
     drop(f);
     let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode));
-    gatevm_runtime::fsutil::rename_durable(&tmp, path)
+    gatevm_fsutil::rename_durable(&tmp, path)
         .map_err(|e| format!("installing {}: {e}", path.display()))
 }
 
