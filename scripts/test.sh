@@ -3,6 +3,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/build.sh
+# The gates: formatting and lints (the workspace's [workspace.lints] and clippy's defaults), before
+# the long tests, so a style slip fails early. After build.sh, which installs the C toolchain.
+for tool in rustfmt cargo-clippy; do
+  command -v "$tool" >/dev/null || { echo "test: $tool is missing: rustup component add ${tool#cargo-}" >&2; exit 1; }
+done
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 target/release/gatevm setup
 # The vm-run tests build their root filesystems and image archives from a static busybox.
 if [ ! -x /usr/bin/busybox ] || readelf -l /usr/bin/busybox 2>/dev/null | grep -q 'program interpreter'; then

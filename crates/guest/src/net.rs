@@ -62,9 +62,8 @@ impl NetCtl {
             return Err(io::Error::last_os_error()).ctx(|| "socket(AF_INET)".into());
         }
         // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        Ok(NetCtl {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(NetCtl { fd })
     }
 
     fn ifreq(name: &str) -> io::Result<libc::ifreq> {

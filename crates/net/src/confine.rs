@@ -276,7 +276,7 @@ impl HelperConfine {
     /// parent-death signal is cleared by the uid change and set again here).
     pub fn apply_in_child(&self, parent: libc::pid_t) -> io::Result<()> {
         let err = || Err(io::Error::last_os_error());
-        // SAFETY (whole block): plain system calls on valid arguments: descriptors owned by
+        // SAFETY: (the whole block) plain system calls on valid arguments: descriptors owned by
         // `self`, and structures that live on the stack across each call.
         unsafe {
             for fd in &self.inherit {

@@ -73,6 +73,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
 
 /// Terminal size of stdin's terminal.
 fn term_size() -> Option<(u16, u16)> {
+    // SAFETY: winsize is plain integers, for which all zeroes is a valid value.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
     // SAFETY: TIOCGWINSZ writes a winsize into the struct we own.
     let rc = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) };
