@@ -1,76 +1,97 @@
-//! `gatevm doctor`: what this host and the runtime bundle can do.
+//! `gatevm doctor`: what this host and the runtime bundle can do, as a [`Report`] (its JSON form
+//! is `gatevm doctor --json`'s stable schema).
 
-use crate::output::print_json;
-use gatevm_kernel::kconfig::{self, Availability, Capability};
+use gatevm_k3s::binary::K3sBinary;
+use gatevm_kernel::kconfig;
+pub use gatevm_kernel::kconfig::{Availability, Capability};
+use gatevm_runtime::Runtime;
 use gatevm_vmm::HostCaps;
 use serde::Serialize;
 
-#[derive(clap::Args)]
-pub struct Args {
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
-    /// Also re-hash every runtime file against the provenance manifest (a few seconds).
-    #[arg(long)]
-    verify: bool,
-}
-
 /// One VMM backend and whether it can run here.
-#[derive(Serialize)]
-struct Backend {
-    name: &'static str,
-    available: bool,
+#[derive(Debug, Serialize)]
+pub struct Backend {
+    pub name: &'static str,
+    pub available: bool,
     /// Acceleration it would use, when available.
-    accel: Option<&'static str>,
+    pub accel: Option<&'static str>,
     /// Why not, or what to know.
-    note: String,
+    pub note: String,
 }
 
-#[derive(Serialize)]
-struct RuntimeComponent {
-    name: String,
-    version: String,
-    origin: String,
-    files: usize,
+/// One component of the runtime bundle, as its provenance manifest records it.
+#[derive(Debug, Serialize)]
+pub struct RuntimeComponent {
+    pub name: String,
+    pub version: String,
+    pub origin: String,
+    pub files: usize,
 }
 
 /// A guest kernel gatevm can boot and what it offers the payloads.
-#[derive(Serialize)]
-struct GuestKernel {
-    name: String,
+#[derive(Debug, Serialize)]
+pub struct GuestKernel {
+    pub name: String,
     /// Where the answer comes from.
-    source: String,
+    pub source: String,
     /// Empty when it could not be read here (see `source`).
-    capabilities: Vec<Capability>,
+    pub capabilities: Vec<Capability>,
 }
 
-#[derive(Serialize)]
-struct Report {
-    host: HostCaps,
-    hardware_virtualization: bool,
-    backends: Vec<Backend>,
+/// The doctor's report (field order is the JSON schema's).
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub host: HostCaps,
+    pub hardware_virtualization: bool,
+    pub backends: Vec<Backend>,
     /// Null when `gatevm setup` has not run.
-    runtime_dir: Option<String>,
-    runtime_error: Option<String>,
-    components: Vec<RuntimeComponent>,
-    kernels: Vec<GuestKernel>,
+    pub runtime_dir: Option<String>,
+    pub runtime_error: Option<String>,
+    pub components: Vec<RuntimeComponent>,
+    pub kernels: Vec<GuestKernel>,
     /// With --verify: files checked and problems found.
-    verified_files: Option<usize>,
-    verify_problems: Vec<String>,
+    pub verified_files: Option<usize>,
+    pub verify_problems: Vec<String>,
     /// The k3s binary cached by `gatevm setup --k3s` (null when none).
-    k3s: Option<gatevm_k3s::binary::K3sBinary>,
+    pub k3s: Option<K3sBinary>,
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+/// What this host and the runtime bundle can do; `verify` also re-hashes every runtime file
+/// against the provenance manifest (a few seconds).
+pub fn report(verify: bool) -> Report {
     let host = gatevm_vmm::probe();
     let hw = host.hardware_virt();
     // A bad environment (a relative GATEVM_DATA_DIR, no HOME) is the runtime's problem here.
-    let runtime = match super::check_env() {
-        Ok(()) => gatevm_runtime::Runtime::load().map_err(|e| e.to_string()),
-        Err(e) => Err(crate::output::error_line(&e)),
+    let runtime = match crate::preflight::check_env() {
+        Ok(()) => Runtime::load().map_err(|e| e.to_string()),
+        Err(e) => Err(gatevm_abi::error_chain(&e)),
     };
-    let mut backends = Vec::new();
+    let mut report = Report {
+        hardware_virtualization: hw,
+        backends: backends(&host, runtime.as_ref()),
+        runtime_dir: None,
+        runtime_error: None,
+        components: vec![],
+        kernels: vec![],
+        verified_files: None,
+        verify_problems: vec![],
+        k3s: gatevm_runtime::dirs::runtime_dir()
+            .ok()
+            .and_then(|rt| gatevm_k3s::binary::cached(&rt)),
+        host,
+    };
     match &runtime {
+        Ok(rt) => add_runtime(&mut report, rt, verify),
+        Err(e) => report.runtime_error = Some(e.clone()),
+    }
+    report
+}
+
+/// QEMU and krun, and whether each can run here.
+fn backends(host: &HostCaps, runtime: Result<&Runtime, &String>) -> Vec<Backend> {
+    let hw = host.hardware_virt();
+    let mut backends = Vec::new();
+    match runtime {
         Ok(rt) => backends.push(Backend {
             name: "qemu",
             available: true,
@@ -92,10 +113,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             note: e.clone(),
         }),
     }
-    let libkrunfw = runtime.as_ref().map(|rt| rt.libkrunfw()).ok();
+    let libkrunfw = runtime.map(|rt| rt.libkrunfw()).ok();
     let krun_why = match &libkrunfw {
         Some(fw) => {
-            gatevm_vmm::krun::unavailable(&host, fw, &gatevm_vmm::krun::KrunKernel::Libkrunfw)
+            gatevm_vmm::krun::unavailable(host, fw, &gatevm_vmm::krun::KrunKernel::Libkrunfw)
         }
         None => Some("needs the runtime: run `gatevm setup`".into()),
     };
@@ -114,160 +135,45 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             ),
         },
     });
-
-    let mut report = Report {
-        hardware_virtualization: hw,
-        backends,
-        runtime_dir: None,
-        runtime_error: None,
-        components: vec![],
-        kernels: vec![],
-        verified_files: None,
-        verify_problems: vec![],
-        k3s: gatevm_runtime::dirs::runtime_dir()
-            .ok()
-            .and_then(|rt| gatevm_k3s::binary::cached(&rt)),
-        host,
-    };
-    match &runtime {
-        Ok(rt) => {
-            report.runtime_dir = Some(rt.dir().display().to_string());
-            report.components = rt
-                .provenance()
-                .components
-                .iter()
-                .map(|c| RuntimeComponent {
-                    name: c.name.clone(),
-                    version: c.version.clone(),
-                    origin: c.origin.clone(),
-                    files: c.files.len(),
-                })
-                .collect();
-            let cfg = rt.kernel_config();
-            report.kernels.push(match kconfig::capabilities_of(&cfg) {
-                Ok(caps) => GuestKernel {
-                    name: format!("debian {} (qemu)", rt.kernel_release()),
-                    source: format!("kernel config {}", cfg.display()),
-                    capabilities: caps,
-                },
-                Err(e) => GuestKernel {
-                    name: format!("debian {} (qemu)", rt.kernel_release()),
-                    source: format!("cannot read {}: {e}", cfg.display()),
-                    capabilities: vec![],
-                },
-            });
-            report.kernels.push(GuestKernel {
-                name: "libkrunfw (krun)".into(),
-                source: "not read: libkrunfw ships no kernel config, and its kernel can only be asked by booting it with libkrun".into(),
-                capabilities: vec![],
-            });
-            if a.verify {
-                let v = rt.verify();
-                report.verified_files = Some(v.checked);
-                report.verify_problems = v.problems.iter().map(|p| format!("{p:?}")).collect();
-            }
-        }
-        Err(e) => report.runtime_error = Some(e.clone()),
-    }
-
-    if a.json {
-        print_json(&report)?;
-    } else {
-        print_human(&report);
-    }
-    Ok(if report.verify_problems.is_empty() {
-        0
-    } else {
-        1
-    })
+    backends
 }
 
-fn yes(b: bool) -> &'static str {
-    if b {
-        "yes"
-    } else {
-        "no"
-    }
-}
-
-fn print_human(r: &Report) {
-    let h = &r.host;
-    println!("host");
-    println!(
-        "  hardware virtualization  {}",
-        yes(r.hardware_virtualization)
-    );
-    if let Some(why) = h.why_no_hardware_virt() {
-        println!("    why not                {why}");
-    }
-    println!("  cpu vmx/svm              {}", yes(h.cpu_virt_flag));
-    println!(
-        "  /dev/kvm                 {} (accessible: {})",
-        yes(h.kvm_device),
-        yes(h.kvm_accessible)
-    );
-    println!(
-        "  kvm module               {}",
-        h.kvm_flavour.as_deref().unwrap_or("none")
-    );
-    println!("  /dev/vhost-vsock         {}", yes(h.vhost_vsock));
-    println!("  /dev/vhost-net           {}", yes(h.vhost_net));
-    println!("backends");
-    for b in &r.backends {
-        let state = match (b.available, b.accel) {
-            (true, Some(acc)) => format!("available ({acc})"),
-            (true, None) => "available".into(),
-            (false, _) => "unavailable".into(),
-        };
-        println!("  {:<6} {state}: {}", b.name, b.note);
-    }
-    match (&r.runtime_dir, &r.runtime_error) {
-        (Some(d), _) => println!("runtime {d}"),
-        (None, Some(e)) => println!("runtime: {e}"),
-        _ => {}
-    }
-    for c in &r.components {
-        println!(
-            "  {:<10} {:<32} {} ({} files)",
-            c.name, c.version, c.origin, c.files
-        );
-    }
-    match &r.k3s {
-        Some(k) => println!(
-            "  {:<10} {:<32} {} (sha256 {})",
-            "k3s",
-            k.version,
-            k.path.display(),
-            &k.sha256[..16.min(k.sha256.len())]
-        ),
-        None => println!(
-            "  {:<10} {:<32} (for --profile k3s: gatevm setup --k3s FILE, or start --k3s PATH)",
-            "k3s", "not cached"
-        ),
-    }
-    if let Some(n) = r.verified_files {
-        println!(
-            "  verified {n} files: {}",
-            if r.verify_problems.is_empty() {
-                "all match"
-            } else {
-                "PROBLEMS"
-            }
-        );
-        for p in &r.verify_problems {
-            println!("    {p}");
-        }
-    }
-    for k in &r.kernels {
-        println!("guest kernel {}", k.name);
-        println!("  source: {}", k.source);
-        for c in &k.capabilities {
-            let a = match c.availability {
-                Availability::Builtin => "built in",
-                Availability::Module => "module",
-                Availability::Missing => "MISSING",
-            };
-            println!("  {:<14} {:<9} ({})", c.name, a, c.option);
-        }
+/// The runtime bundle's part of the report: its components, its guest kernels and, with
+/// `verify`, the re-hash of its files.
+fn add_runtime(report: &mut Report, rt: &Runtime, verify: bool) {
+    report.runtime_dir = Some(rt.dir().display().to_string());
+    report.components = rt
+        .provenance()
+        .components
+        .iter()
+        .map(|c| RuntimeComponent {
+            name: c.name.clone(),
+            version: c.version.clone(),
+            origin: c.origin.clone(),
+            files: c.files.len(),
+        })
+        .collect();
+    let cfg = rt.kernel_config();
+    report.kernels.push(match kconfig::capabilities_of(&cfg) {
+        Ok(caps) => GuestKernel {
+            name: format!("debian {} (qemu)", rt.kernel_release()),
+            source: format!("kernel config {}", cfg.display()),
+            capabilities: caps,
+        },
+        Err(e) => GuestKernel {
+            name: format!("debian {} (qemu)", rt.kernel_release()),
+            source: format!("cannot read {}: {e}", cfg.display()),
+            capabilities: vec![],
+        },
+    });
+    report.kernels.push(GuestKernel {
+        name: "libkrunfw (krun)".into(),
+        source: "not read: libkrunfw ships no kernel config, and its kernel can only be asked by booting it with libkrun".into(),
+        capabilities: vec![],
+    });
+    if verify {
+        let v = rt.verify();
+        report.verified_files = Some(v.checked);
+        report.verify_problems = v.problems.iter().map(|p| format!("{p:?}")).collect();
     }
 }
