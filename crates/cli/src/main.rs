@@ -91,8 +91,8 @@ fn main() {
     // The environment that places gatevm's files is checked before any command touches them
     // (`doctor` reports a problem instead; the internal commands inherit a checked one).
     if !matches!(cli.cmd, Cmd::Doctor(_) | Cmd::Supervise(_) | Cmd::KrunVm(_)) {
-        if let Err(e) = commands::check_env() {
-            eprintln!("gatevm: error: {}", crate::output::error_line(&e));
+        if let Err(e) = gatevm_instance::preflight::check_env() {
+            eprintln!("gatevm: error: {}", gatevm_abi::error_chain(&e));
             std::process::exit(1);
         }
     }

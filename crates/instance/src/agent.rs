@@ -190,143 +190,138 @@ impl Agent {
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(e.to_string()),
             };
-            let stream = frame.stream();
-            if stream == STREAM_CONTROL {
-                match frame {
-                    Frame::Msg {
-                        msg:
-                            GuestMsg::Hello {
-                                version,
-                                software,
-                                uptime_ms,
-                                kernel,
-                            },
-                        ..
-                    } => {
-                        if version != PROTOCOL_VERSION {
-                            return Err(format!(
-                                "guest agent speaks protocol {version}, this host {PROTOCOL_VERSION}: rebuild the runtime with `gatevm setup`"
-                            ));
-                        }
-                        let mut v = lock(&self.view);
-                        v.agent = AgentInfo {
-                            connected: true,
-                            responding: true,
-                            version: Some(truncate(&software, 100)),
-                            kernel: kernel.map(|k| truncate(&k, 100)),
-                            uptime_ms,
-                        };
-                        drop(v);
-                        conn.send_replace(true);
-                    }
-                    Frame::Msg {
-                        msg:
-                            GuestMsg::Status {
-                                uptime_ms,
-                                payloads,
-                            },
-                        ..
-                    } => {
-                        let mut v = lock(&self.view);
-                        v.agent.uptime_ms = Some(uptime_ms);
-                        v.payloads = payloads
-                            .into_iter()
-                            .take(16)
-                            .map(|p| PayloadStatus {
-                                name: truncate(&p.name, 100),
-                                last_exit: p.last_exit.map(|e| truncate(&e, 1000)),
-                                ..p
-                            })
-                            .collect();
-                        drop(v);
-                        // The view is fresh for everyone who asked before this answer.
-                        for w in lock(&self.status_waiters).drain(..) {
-                            let _ = w.send(());
-                        }
-                    }
-                    Frame::Msg {
-                        msg: GuestMsg::ShutdownAck,
-                        ..
-                    } => {
-                        if let Some(w) = lock(&self.shutdown_ack).take() {
-                            let _ = w.send(());
-                        }
-                    }
-                    Frame::Msg {
-                        msg: GuestMsg::Error { message },
-                        ..
-                    } => {
-                        let message = truncate(&message, 300);
-                        errors_logged = errors_logged.saturating_add(1);
-                        if errors_logged < GUEST_ERRORS_LOGGED {
-                            tracing::warn!("guest agent error: {message}");
-                        } else if errors_logged == GUEST_ERRORS_LOGGED {
-                            tracing::warn!(
-                                "guest agent error: {message} (further ones at debug level)"
-                            );
-                        } else {
-                            tracing::debug!("guest agent error: {message}");
-                        }
-                    }
-                    other => tracing::debug!(
-                        "ignoring unexpected control frame from guest: {:?}",
-                        kind(&other)
-                    ),
-                }
-                continue;
+            if frame.stream() == STREAM_CONTROL {
+                self.on_control(frame, conn, &mut errors_logged)?;
+            } else {
+                self.route_exec_frame(frame);
             }
-            if !expected_on_exec_stream(&frame) {
-                tracing::debug!(
-                    "dropping unexpected {} frame on stream {stream}",
-                    kind(&frame)
-                );
-                continue;
+        }
+    }
+
+    /// A frame on the control stream: the agent's hello, a status answer, a shutdown
+    /// acknowledgement or an error report. Fails only on a protocol version mismatch.
+    fn on_control(
+        &self,
+        frame: Frame<GuestMsg>,
+        conn: &watch::Sender<bool>,
+        errors_logged: &mut u32,
+    ) -> Result<(), String> {
+        let what = kind(&frame);
+        let Frame::Msg { msg, .. } = frame else {
+            tracing::debug!("ignoring unexpected control frame from guest: {what:?}");
+            return Ok(());
+        };
+        match msg {
+            GuestMsg::Hello {
+                version,
+                software,
+                uptime_ms,
+                kernel,
+            } => {
+                if version != PROTOCOL_VERSION {
+                    return Err(format!(
+                        "guest agent speaks protocol {version}, this host {PROTOCOL_VERSION}: rebuild the runtime with `gatevm setup`"
+                    ));
+                }
+                lock(&self.view).agent = AgentInfo {
+                    connected: true,
+                    responding: true,
+                    version: Some(truncate(&software, 100)),
+                    kernel: kernel.map(|k| truncate(&k, 100)),
+                    uptime_ms,
+                };
+                conn.send_replace(true);
             }
-            let mut routes = lock(&self.routes);
-            let Some(route) = routes.get_mut(&stream) else {
-                tracing::debug!("dropping frame for unknown stream {stream}");
-                continue;
-            };
-            match &frame {
-                Frame::Credit { bytes, .. } => {
-                    let bytes = u64::from(*bytes);
-                    route
-                        .stdin_granted
-                        .send_modify(|g| *g = g.saturating_add(bytes));
-                    continue;
-                }
-                Frame::Data { bytes, .. } if bytes.is_empty() => continue,
-                Frame::Data { bytes, .. } => {
-                    if let Err(e) = route.window.receive(bytes.len()) {
-                        let message = format!(
-                            "the guest broke flow control on this stream ({e}); the stream was ended"
-                        );
-                        violation(&mut routes, stream, message);
-                        continue;
-                    }
-                }
-                Frame::Msg { .. } | Frame::Eof { .. } => {
-                    route.msgs += 1;
-                    if route.msgs > MAX_STREAM_MSGS {
-                        let message = format!(
-                            "the guest sent more than {MAX_STREAM_MSGS} messages on this stream; the stream was ended"
-                        );
-                        violation(&mut routes, stream, message);
-                        continue;
-                    }
+            GuestMsg::Status {
+                uptime_ms,
+                payloads,
+            } => self.on_status(uptime_ms, payloads),
+            GuestMsg::ShutdownAck => {
+                if let Some(w) = lock(&self.shutdown_ack).take() {
+                    let _ = w.send(());
                 }
             }
-            let last = matches!(
-                frame,
-                Frame::Msg {
-                    msg: GuestMsg::Exit(_) | GuestMsg::ExecFailed { .. },
-                    ..
-                }
+            GuestMsg::Error { message } => log_guest_error(&message, errors_logged),
+            _ => tracing::debug!("ignoring unexpected control frame from guest: {what:?}"),
+        }
+        Ok(())
+    }
+
+    /// A status answer: updates the view and wakes everyone who asked before it.
+    fn on_status(&self, uptime_ms: u64, payloads: Vec<PayloadStatus>) {
+        let mut v = lock(&self.view);
+        v.agent.uptime_ms = Some(uptime_ms);
+        v.payloads = payloads
+            .into_iter()
+            .take(16)
+            .map(|p| PayloadStatus {
+                name: truncate(&p.name, 100),
+                last_exit: p.last_exit.map(|e| truncate(&e, 1000)),
+                ..p
+            })
+            .collect();
+        drop(v);
+        // The view is fresh for everyone who asked before this answer.
+        for w in lock(&self.status_waiters).drain(..) {
+            let _ = w.send(());
+        }
+    }
+
+    /// A frame on an exec stream: checked against the stream's flow-control window and message
+    /// budget, then handed to the stream's consumer (the route ends with the last frame).
+    fn route_exec_frame(&self, frame: Frame<GuestMsg>) {
+        let stream = frame.stream();
+        if !expected_on_exec_stream(&frame) {
+            tracing::debug!(
+                "dropping unexpected {} frame on stream {stream}",
+                kind(&frame)
             );
-            // Unbounded, so never waits: the window bounds the data in it, MAX_STREAM_MSGS the rest.
-            if route.tx.send(frame).is_err() || last {
-                routes.remove(&stream);
+            return;
+        }
+        let mut routes = lock(&self.routes);
+        let Some(route) = routes.get_mut(&stream) else {
+            tracing::debug!("dropping frame for unknown stream {stream}");
+            return;
+        };
+        match &frame {
+            Frame::Credit { bytes, .. } => {
+                let bytes = u64::from(*bytes);
+                route
+                    .stdin_granted
+                    .send_modify(|g| *g = g.saturating_add(bytes));
+                return;
             }
+            Frame::Data { bytes, .. } if bytes.is_empty() => return,
+            Frame::Data { bytes, .. } => {
+                if let Err(e) = route.window.receive(bytes.len()) {
+                    let message = format!(
+                        "the guest broke flow control on this stream ({e}); the stream was ended"
+                    );
+                    violation(&mut routes, stream, message);
+                    return;
+                }
+            }
+            Frame::Msg { .. } | Frame::Eof { .. } => {
+                route.msgs += 1;
+                if route.msgs > MAX_STREAM_MSGS {
+                    let message = format!(
+                        "the guest sent more than {MAX_STREAM_MSGS} messages on this stream; the stream was ended"
+                    );
+                    violation(&mut routes, stream, message);
+                    return;
+                }
+            }
+        }
+        let last = matches!(
+            frame,
+            Frame::Msg {
+                msg: GuestMsg::Exit(_) | GuestMsg::ExecFailed { .. },
+                ..
+            }
+        );
+        // Unbounded, so never waits: the window bounds the data in it, MAX_STREAM_MSGS the rest.
+        if route.tx.send(frame).is_err() || last {
+            routes.remove(&stream);
         }
     }
 
@@ -481,6 +476,20 @@ impl Agent {
 
 /// Ends stream `stream` for breaking flow control: its consumer gets `message` as an `Error`, and
 /// later frames on it are dropped as frames of an unknown stream.
+/// Logs an error the guest agent reported: the first ones as warnings, the rest at debug level
+/// (a guest cannot flood the log).
+fn log_guest_error(message: &str, errors_logged: &mut u32) {
+    let message = truncate(message, 300);
+    *errors_logged = errors_logged.saturating_add(1);
+    if *errors_logged < GUEST_ERRORS_LOGGED {
+        tracing::warn!("guest agent error: {message}");
+    } else if *errors_logged == GUEST_ERRORS_LOGGED {
+        tracing::warn!("guest agent error: {message} (further ones at debug level)");
+    } else {
+        tracing::debug!("guest agent error: {message}");
+    }
+}
+
 fn violation(routes: &mut HashMap<u32, Route>, stream: u32, message: String) {
     tracing::warn!("guest agent, stream {stream}: {message}");
     if let Some(r) = routes.remove(&stream) {

@@ -9,6 +9,7 @@ pub mod capture;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod doctor;
 pub mod ephemeral;
 pub mod guest_paths;
 pub mod k3s;
@@ -17,6 +18,7 @@ pub mod lock;
 pub mod logcap;
 pub mod name;
 pub mod paths;
+pub mod preflight;
 pub mod rootdir;
 pub mod state;
 pub mod supervisor;
@@ -25,3 +27,16 @@ pub mod text;
 pub use config::{InstanceConfig, VmmChoice};
 pub use control::InstanceStatus;
 pub use paths::InstancePaths;
+
+/// Port forwards (`-p` specs) and the network helpers: re-exported so the CLI parses forwards
+/// through this crate only.
+pub use gatevm_net as net;
+/// Image archives and references (`gatevm image load`/`rm` read and compare them): re-exported
+/// so the CLI reaches them through this crate only.
+pub use gatevm_oci as oci;
+/// The runtime bundle (`gatevm setup` and its report): re-exported so the CLI reaches it through
+/// this crate only.
+pub use gatevm_runtime as runtime;
+/// The VMM backends (the `__krun-vm` process runs a libkrun VM): re-exported so the CLI reaches
+/// them through this crate only.
+pub use gatevm_vmm as vmm;

@@ -9,6 +9,7 @@
 use super::exec::{capture, require_running, Captured, Limits};
 use crate::output::{print_json, runtime};
 use anyhow::bail;
+use gatevm_instance::oci;
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -214,8 +215,7 @@ fn rm(a: RmArgs) -> anyhow::Result<i32> {
         let mut refs = Vec::new();
         for r in &a.refs {
             let found = have.iter().find(|i| {
-                i.reference == *r
-                    || gatevm_oci::normalize_ref(&i.reference) == gatevm_oci::normalize_ref(r)
+                i.reference == *r || oci::normalize_ref(&i.reference) == oci::normalize_ref(r)
             });
             match found {
                 Some(i) => refs.push(i.reference.clone()),
@@ -328,7 +328,7 @@ fn import(a: ImportArgs) -> anyhow::Result<i32> {
         if meta.len() == 0 {
             bail!("{} is empty: not an image archive", path.display());
         }
-        let summaries = gatevm_oci::inspect_archive(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let summaries = oci::inspect_archive(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
         (Some(meta.len()), summaries)
     };
     require_running(&name)?;

@@ -7,7 +7,7 @@
 //! stderr (the instance's vmm log) with the libkrun call and errno.
 
 use anyhow::Context;
-use gatevm_vmm::krun::{run_vm, KrunConfig};
+use gatevm_instance::vmm::krun::{run_vm, KrunConfig};
 
 #[derive(clap::Args)]
 pub struct Args {

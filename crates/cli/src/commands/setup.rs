@@ -1,7 +1,7 @@
 //! `gatevm setup`
 
 use crate::output::{print_json, secs};
-use gatevm_runtime::{SetupAction, SetupOptions};
+use gatevm_instance::runtime::{self, SetupAction, SetupOptions};
 use std::io::IsTerminal;
 
 #[derive(clap::Args)]
@@ -49,7 +49,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             eprintln!("setup: {phase}");
         }
     };
-    let report = gatevm_runtime::setup(&opts, &progress);
+    let report = runtime::setup(&opts, &progress);
     if tty {
         eprint!("\r\x1b[2K");
     }

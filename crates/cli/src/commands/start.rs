@@ -2,12 +2,11 @@
 
 use crate::output::{runtime, secs};
 use anyhow::{bail, Context};
-use gatevm_instance::config::host_memory_mib;
 use gatevm_instance::control::Progress;
-use gatevm_instance::{client, k3s};
+use gatevm_instance::{client, k3s, preflight};
 use gatevm_instance::{InstanceConfig, InstancePaths, VmmChoice};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -76,144 +75,92 @@ pub fn parse_vmm(s: &str) -> Result<VmmChoice, String> {
     s.parse()
 }
 
-/// Fails when `--krun-kernel` (given or saved) is not a file.
-pub fn check_krun_kernel(config: &InstanceConfig) -> anyhow::Result<()> {
-    if let Some(k) = &config.krun_kernel {
-        if !k.is_file() {
-            bail!("--krun-kernel {} is not a file", k.display());
-        }
+impl Args {
+    /// The configuration to start with: an existing instance's saved one (`base`) with the flags
+    /// given on top.
+    fn config(&self, name: &str, base: InstanceConfig) -> anyhow::Result<InstanceConfig> {
+        let forwards = gatevm_instance::net::parse_forwards(&self.publish)?;
+        Ok(InstanceConfig {
+            name: name.to_string(),
+            cpus: self.cpus.unwrap_or(base.cpus),
+            memory_mib: self.memory.unwrap_or(base.memory_mib),
+            forwards: if self.no_publish || !forwards.is_empty() {
+                forwards
+            } else {
+                base.forwards
+            },
+            allow_host_loopback: (base.allow_host_loopback || self.allow_host_loopback)
+                && !self.deny_host_loopback,
+            vmm: self.vmm.unwrap_or(base.vmm),
+            net: self.net.unwrap_or(base.net),
+            disk_gib: self.disk.unwrap_or(base.disk_gib),
+            root_mib: self.root_size.unwrap_or(base.root_mib),
+            krun_kernel: self.krun_kernel.clone().or(base.krun_kernel),
+            ephemeral: None,
+            k3s: None,
+        })
     }
-    Ok(())
-}
-
-/// Fails at once, naming the reason and the alternative, when the chosen backend or network helper
-/// cannot run here.
-pub fn check_backend(
-    config: &InstanceConfig,
-    runtime: &gatevm_runtime::Runtime,
-) -> anyhow::Result<()> {
-    check_krun_kernel(config)?;
-    if config.net == gatevm_instance::config::NetBackend::Passt {
-        gatevm_net::passt::check_forwards(&gatevm_instance::config::all_forwards(config))?;
-        let passt = runtime.passt();
-        if !passt.is_file() {
-            bail!(
-                "--net passt: {} is missing: run `gatevm setup` (it builds passt)",
-                passt.display()
-            );
-        }
-    }
-    gatevm_instance::backend::choose(
-        config.vmm,
-        &gatevm_vmm::probe(),
-        &runtime.libkrunfw(),
-        config.krun_kernel.as_deref(),
-    )
-    .map_err(|e| anyhow::anyhow!(e))?;
-    Ok(())
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?.to_string();
-    if name.starts_with(client::EPHEMERAL_PREFIX) {
-        bail!(
-            "instance names starting with {:?} are reserved for gatevm vm-run",
-            client::EPHEMERAL_PREFIX
-        );
-    }
-    let forwards = gatevm_net::parse_forwards(&a.publish)?;
+    preflight::check_start_name(&name)?;
     // An existing instance starts as it last ran, with the flags given on top.
-    let saved = client::saved_config(&name);
-    let base = saved.unwrap_or_else(|| InstanceConfig::new(&name));
-    let mut config = InstanceConfig {
-        name: name.clone(),
-        cpus: a.cpus.unwrap_or(base.cpus),
-        memory_mib: a.memory.unwrap_or(base.memory_mib),
-        forwards: if a.no_publish || !forwards.is_empty() {
-            forwards
-        } else {
-            base.forwards
-        },
-        allow_host_loopback: (base.allow_host_loopback || a.allow_host_loopback)
-            && !a.deny_host_loopback,
-        vmm: a.vmm.unwrap_or(base.vmm),
-        net: a.net.unwrap_or(base.net),
-        disk_gib: a.disk.unwrap_or(base.disk_gib),
-        root_mib: a.root_size.unwrap_or(base.root_mib),
-        krun_kernel: a.krun_kernel.or(base.krun_kernel),
-        ephemeral: None,
-        k3s: None,
-    };
+    let base = client::saved_config(&name).unwrap_or_else(|| InstanceConfig::new(&name));
+    let base_k3s = base.k3s.clone();
+    let mut config = a.config(&name, base)?;
     // The cheap checks first: resolving k3s may download it.
-    config.validate(host_memory_mib())?;
-    check_krun_kernel(&config)?;
-    config.k3s = k3s::resolve(&a.k3s.request(), base.k3s.as_ref(), &mut super::k3s::show)?;
-    gatevm_runtime::dirs::data_dir().context("finding the data directory")?;
-    let paths = InstancePaths::new(&name);
-    if client::is_running(&paths) {
-        bail!("instance {name:?} is already running");
-    }
-    super::check_ports_free(&gatevm_instance::config::all_forwards(&config))?;
-    if let Ok(meta) = std::fs::metadata(paths.state_disk()) {
-        let have = meta.len() >> 30;
-        if !a.reset && u64::from(config.disk_gib) < have {
-            bail!(
-                "the state disk of {name:?} is {have} GiB and cannot shrink to {} GiB (--reset discards it)",
-                config.disk_gib
-            );
-        }
-    }
-    if let Ok(meta) = std::fs::metadata(paths.upper_image()) {
-        let have = (meta.len() >> 20) as u32;
-        if !a.reset && a.root_size.is_some_and(|m| m != have) {
-            bail!(
-                "the root budget of {name:?} is {have} MiB; it changes only with --reset (which discards the root's writable layer)"
-            );
-        }
-        config.root_mib = have;
-    }
-    let rt = gatevm_runtime::Runtime::load()?;
-    check_backend(&config, &rt)?;
+    preflight::check_config(&config)?;
+    config.k3s = k3s::resolve(&a.k3s.request(), base_k3s.as_ref(), &mut super::k3s::show)?;
+    preflight::check_start(&mut config, a.reset, a.root_size.is_some())?;
     let guest = super::guest_bin()?;
     // Only now that the start can go ahead: a refused start keeps the instance's state.
     if a.reset {
         client::reset_state(&name)?;
         eprintln!("{name}: state discarded");
     }
-
-    let show = Shower::new();
-    let k3s = config.k3s.clone();
     if a.foreground {
-        let mut show = show;
-        let k3s_fg = k3s.clone();
-        let name_fg = name.clone();
-        let result = gatevm_instance::supervisor::run(
-            gatevm_instance::supervisor::SuperviseOptions {
-                config,
-                guest_bin: guest,
-                handle_signals: true,
-            },
-            Box::new(move |p| {
-                show.event(&name, &p);
-                if let (Progress::Ready { .. }, Some(s)) = (&p, &k3s_fg) {
-                    let (n, s) = (name_fg.clone(), s.clone());
-                    std::thread::spawn(move || {
-                        if let Err(e) = k3s::after_ready(&n, &s, &mut super::k3s::show) {
-                            let e = anyhow::Error::from(e);
-                            eprintln!("gatevm: error: {}", crate::output::error_line(&e));
-                        }
-                    });
-                }
-            }),
-        );
-        return match result {
-            Ok(()) => Ok(0),
-            Err(e) => Err(e.into()),
-        };
+        run_foreground(config, guest)
+    } else {
+        run_detached(config, &guest)
     }
+}
+
+/// `--foreground`: this process is the supervisor; k3s's set-up runs once the guest is ready.
+fn run_foreground(config: InstanceConfig, guest: PathBuf) -> anyhow::Result<i32> {
+    let mut show = Shower::new();
+    let name = config.name.clone();
+    let k3s = config.k3s.clone();
+    gatevm_instance::supervisor::run(
+        gatevm_instance::supervisor::SuperviseOptions {
+            config,
+            guest_bin: guest,
+            handle_signals: true,
+        },
+        Box::new(move |p| {
+            show.event(&name, &p);
+            if let (Progress::Ready { .. }, Some(s)) = (&p, &k3s) {
+                let (n, s) = (name.clone(), s.clone());
+                std::thread::spawn(move || {
+                    if let Err(e) = k3s::after_ready(&n, &s, &mut super::k3s::show) {
+                        let e = anyhow::Error::from(e);
+                        eprintln!("gatevm: error: {}", crate::output::error_line(&e));
+                    }
+                });
+            }
+        }),
+    )?;
+    Ok(0)
+}
+
+/// A detached supervisor: shows its progress until the guest is ready (then the forwards and
+/// k3s's set-up) or the start fails.
+fn run_detached(config: InstanceConfig, guest: &Path) -> anyhow::Result<i32> {
+    let name = config.name.clone();
+    let k3s = config.k3s.clone();
     let exe = std::env::current_exe().context("locating the gatevm executable")?;
-    let mut events = client::spawn_supervisor(&exe, &config, &guest)?;
-    let mut show = show;
+    let mut events = client::spawn_supervisor(&exe, &config, guest)?;
+    let mut show = Shower::new();
     while let Some(p) = client::next_progress(&mut events) {
         show.event(&name, &p);
         match p {
@@ -233,7 +180,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     }
     bail!(
         "the supervisor of {name:?} ended without reporting (see {})",
-        paths.log("supervisor").display()
+        InstancePaths::new(&name).log("supervisor").display()
     )
 }
 

@@ -2,9 +2,9 @@
 //! stdio; the exit code is the command's. The lifecycle is [`gatevm_instance::ephemeral`].
 
 use anyhow::bail;
-use gatevm_instance::config::{host_memory_mib, Ephemeral, DEFAULT_CPUS};
+use gatevm_instance::config::{Ephemeral, DEFAULT_CPUS};
 use gatevm_instance::ephemeral::{self, Image, DEFAULT_MEMORY_MIB};
-use gatevm_instance::{InstanceConfig, VmmChoice};
+use gatevm_instance::{preflight, InstanceConfig, VmmChoice};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -58,8 +58,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         bail!("no command: give one after --, e.g. gatevm vm-run -- uname -a");
     }
     let req = a.exec.request(&a.cmd)?;
-    let forwards = gatevm_net::parse_forwards(&a.publish)?;
-    super::check_ports_free(&forwards)?;
+    let forwards = gatevm_instance::net::parse_forwards(&a.publish)?;
+    preflight::check_ports_free(&forwards)?;
     let config = InstanceConfig {
         cpus: a.cpus,
         memory_mib: a.memory,
@@ -72,10 +72,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         ephemeral: Some(Ephemeral { rootfs }),
         ..InstanceConfig::new(&ephemeral::fresh_name())
     };
-    config.validate(host_memory_mib())?;
-    super::start::check_krun_kernel(&config)?;
-    let rt = gatevm_runtime::Runtime::load()?;
-    super::start::check_backend(&config, &rt)?;
+    preflight::check_config(&config)?;
+    preflight::check_backend(&config)?;
     let guest = super::guest_bin()?;
 
     let image = Image {

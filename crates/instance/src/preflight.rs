@@ -1,0 +1,242 @@
+//! The checks made before anything is created: the environment that places gatevm's files, a
+//! start's settings against the host and the instance's files, the chosen backend and network
+//! helper. Each fails at once with one line naming what is wrong and, when known, what to do.
+
+use crate::client::{self, EPHEMERAL_PREFIX};
+use crate::config::{self, ConfigError, InstanceConfig, NetBackend};
+use crate::paths::InstancePaths;
+use gatevm_net::Forward;
+use gatevm_runtime::dirs::DirsError;
+use gatevm_runtime::{Runtime, RuntimeError};
+use std::path::{Path, PathBuf};
+
+/// Why a command cannot go ahead.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    /// A `GATEVM_*_DIR` override is relative.
+    #[error("{var}={} is not an absolute path: give the full path (or unset it)", .path.display())]
+    RelativeDir { var: &'static str, path: PathBuf },
+    /// A `GATEVM_*_DIR` override names something that is not a directory.
+    #[error("{var}={} is not a directory", .path.display())]
+    DirNotDirectory { var: &'static str, path: PathBuf },
+    /// A `GATEVM_*_DIR` override cannot be looked at.
+    #[error("{var}={} cannot be used", .path.display())]
+    DirUnusable {
+        var: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The data directory is not a directory.
+    #[error("the data directory {} is not a directory", .0.display())]
+    DataDirNotDirectory(PathBuf),
+    /// The data directory cannot be looked at.
+    #[error("the data directory {} cannot be used", .path.display())]
+    DataDirUnusable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The directories could not be found or are refused.
+    #[error(transparent)]
+    Dirs(#[from] DirsError),
+    /// The data directory could not be found (a start).
+    #[error("finding the data directory")]
+    FindDataDir(#[source] DirsError),
+    /// The name is one `gatevm vm-run` reserves.
+    #[error("instance names starting with {EPHEMERAL_PREFIX:?} are reserved for gatevm vm-run")]
+    ReservedName,
+    /// The settings are out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `--krun-kernel` (given or saved) is not a file.
+    #[error("--krun-kernel {} is not a file", .0.display())]
+    KrunKernel(PathBuf),
+    /// The instance runs already.
+    #[error("instance {0:?} is already running")]
+    AlreadyRunning(String),
+    /// A forward's host port is taken.
+    #[error("host port {addr} ({proto}) is not available")]
+    PortTaken {
+        addr: std::net::SocketAddr,
+        proto: gatevm_net::forward::Proto,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--disk` is smaller than the existing state disk.
+    #[error("the state disk of {name:?} is {have} GiB and cannot shrink to {want} GiB (--reset discards it)")]
+    DiskShrink { name: String, have: u64, want: u32 },
+    /// `--root-size` differs from the existing root budget without `--reset`.
+    #[error("the root budget of {name:?} is {have} MiB; it changes only with --reset (which discards the root's writable layer)")]
+    RootBudget { name: String, have: u32 },
+    /// The runtime bundle cannot be loaded.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// passt cannot carry a forward.
+    #[error(transparent)]
+    PasstForwards(#[from] gatevm_net::passt::PasstError),
+    /// passt is not in the runtime.
+    #[error("--net passt: {} is missing: run `gatevm setup` (it builds passt)", .0.display())]
+    PasstMissing(PathBuf),
+    /// The chosen VMM cannot run here: the reason and the alternative.
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// Variables that place gatevm's files; each, when set and not empty, must be an absolute path.
+const DIR_VARS: &[&str] = &[
+    "GATEVM_DATA_DIR",
+    "GATEVM_RUNTIME_DIR",
+    "GATEVM_CACHE_DIR",
+    "GATEVM_RUN_DIR",
+];
+
+/// Checks the environment that places gatevm's files before a command reads or writes any:
+/// a `GATEVM_*_DIR` override that is set must be an absolute path that is a directory or does not
+/// exist yet (the library would otherwise ignore a relative one and use the default), and the
+/// data directory must be found (`$HOME` unset is refused here rather than falling back to a
+/// system-wide directory).
+pub fn check_env() -> Result<(), PreflightError> {
+    for &var in DIR_VARS {
+        let Some(value) = std::env::var_os(var).filter(|v| !v.is_empty()) else {
+            continue;
+        };
+        let path = PathBuf::from(value);
+        if !path.is_absolute() {
+            return Err(PreflightError::RelativeDir { var, path });
+        }
+        match dir_state(&path) {
+            DirState::Usable => {}
+            DirState::NotDirectory => return Err(PreflightError::DirNotDirectory { var, path }),
+            DirState::Unusable(source) => {
+                return Err(PreflightError::DirUnusable { var, path, source })
+            }
+        }
+        // Another user's directory is refused (root included: `sudo -E` passes them on).
+        gatevm_runtime::dirs::env_dir(var)?;
+    }
+    let data = gatevm_runtime::dirs::data_dir()?;
+    match dir_state(&data) {
+        DirState::Usable => Ok(()),
+        DirState::NotDirectory => Err(PreflightError::DataDirNotDirectory(data)),
+        DirState::Unusable(source) => Err(PreflightError::DataDirUnusable { path: data, source }),
+    }
+}
+
+/// Whether a path can be a directory of gatevm's.
+enum DirState {
+    /// It is one (through symlinks) or does not exist.
+    Usable,
+    NotDirectory,
+    Unusable(std::io::Error),
+}
+
+fn dir_state(p: &Path) -> DirState {
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => DirState::Usable,
+        Ok(_) => DirState::NotDirectory,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => DirState::Usable,
+        Err(e) => DirState::Unusable(e),
+    }
+}
+
+/// Refuses a name `gatevm vm-run` reserves for its throwaway instances.
+pub fn check_start_name(name: &str) -> Result<(), PreflightError> {
+    if name.starts_with(EPHEMERAL_PREFIX) {
+        return Err(PreflightError::ReservedName);
+    }
+    Ok(())
+}
+
+/// The cheap checks of a configuration, made before anything slow (resolving k3s may download
+/// it): its settings against the host's memory, and `--krun-kernel`.
+pub fn check_config(config: &InstanceConfig) -> Result<(), PreflightError> {
+    config.validate(config::host_memory_mib())?;
+    check_krun_kernel(config)
+}
+
+/// Fails when `--krun-kernel` (given or saved) is not a file.
+pub fn check_krun_kernel(config: &InstanceConfig) -> Result<(), PreflightError> {
+    match &config.krun_kernel {
+        Some(k) if !k.is_file() => Err(PreflightError::KrunKernel(k.clone())),
+        _ => Ok(()),
+    }
+}
+
+/// Fails naming the first forward whose host port is taken.
+pub fn check_ports_free(forwards: &[Forward]) -> Result<(), PreflightError> {
+    for f in forwards {
+        gatevm_net::forward::check_host_port_free(f).map_err(|source| {
+            PreflightError::PortTaken {
+                addr: f.host_addr(),
+                proto: f.proto,
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Fails at once, naming the reason and the alternative, when the chosen backend or network helper
+/// cannot run here (loading the runtime bundle to know).
+pub fn check_backend(config: &InstanceConfig) -> Result<(), PreflightError> {
+    let runtime = Runtime::load()?;
+    check_backend_with(config, &runtime)
+}
+
+/// [`check_backend`] with a loaded runtime bundle.
+fn check_backend_with(config: &InstanceConfig, runtime: &Runtime) -> Result<(), PreflightError> {
+    check_krun_kernel(config)?;
+    if config.net == NetBackend::Passt {
+        gatevm_net::passt::check_forwards(&config::all_forwards(config))?;
+        let passt = runtime.passt();
+        if !passt.is_file() {
+            return Err(PreflightError::PasstMissing(passt));
+        }
+    }
+    crate::backend::choose(
+        config.vmm,
+        &gatevm_vmm::probe(),
+        &runtime.libkrunfw(),
+        config.krun_kernel.as_deref(),
+    )
+    .map_err(PreflightError::Backend)?;
+    Ok(())
+}
+
+/// The checks of a start against the host and the instance's files, after [`check_config`]:
+/// the data directory is found, the instance is not running, its forwards' host ports are free,
+/// its state disk does not shrink and its root budget changes only with `reset`
+/// (`root_size_given`: the budget was asked for), and the backend can run. An existing root
+/// budget is kept in `config`.
+pub fn check_start(
+    config: &mut InstanceConfig,
+    reset: bool,
+    root_size_given: bool,
+) -> Result<(), PreflightError> {
+    gatevm_runtime::dirs::data_dir().map_err(PreflightError::FindDataDir)?;
+    let name = config.name.clone();
+    let paths = InstancePaths::new(&name);
+    if client::is_running(&paths) {
+        return Err(PreflightError::AlreadyRunning(name));
+    }
+    check_ports_free(&config::all_forwards(config))?;
+    if let Ok(meta) = std::fs::metadata(paths.state_disk()) {
+        let have = meta.len() >> 30;
+        if !reset && u64::from(config.disk_gib) < have {
+            return Err(PreflightError::DiskShrink {
+                name,
+                have,
+                want: config.disk_gib,
+            });
+        }
+    }
+    if let Ok(meta) = std::fs::metadata(paths.upper_image()) {
+        let have = (meta.len() >> 20) as u32;
+        if !reset && root_size_given && config.root_mib != have {
+            return Err(PreflightError::RootBudget { name, have });
+        }
+        config.root_mib = have;
+    }
+    check_backend(config)
+}
