@@ -135,10 +135,10 @@ pub fn stage(paths: &InstancePaths, s: &K3sSettings, caps: &[Capability]) -> Res
 
     // The gateway's certificates: made on the host, so they exist before the guest boots.
     let pki_dir = paths.dir.join("pki");
-    let pki =
-        pki::load_or_create(&pki_dir, &pki_options(&paths.name, s)).map_err(|e| e.to_string())?;
+    let pki = pki::load_or_create(&pki_dir, &pki_options(&paths.name, s))
+        .map_err(|e| gatevm_abi::error_chain(&e))?;
     let secret = pki::tls_secret_manifest(&s.secret_namespace, &s.secret_name, &pki)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| gatevm_abi::error_chain(&e))?;
     write_new(
         &manifests.join("gatevm-gateway-tls.yaml"),
         secret.as_bytes(),

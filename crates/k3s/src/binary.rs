@@ -8,6 +8,86 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Why a k3s binary could not be checked, copied or cached.
+#[derive(Debug, thiserror::Error)]
+pub enum BinaryError {
+    /// A file system operation on a path failed.
+    #[error("{op} {}", path.display())]
+    Io {
+        /// What was being done ("creating", "reading", ...).
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Copying the binary into the cache failed.
+    #[error("copying {} into {}", src.display(), dir.display())]
+    Copy {
+        /// The binary.
+        src: PathBuf,
+        /// The cache directory.
+        dir: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The path is not a regular file.
+    #[error("{} is not a file", path.display())]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The file is not an ELF executable.
+    #[error("{} is not a k3s binary (not an ELF executable)", path.display())]
+    NotElf {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file has no execute permission.
+    #[error("{} is not executable (chmod +x it)", path.display())]
+    NotExecutable {
+        /// The file.
+        path: PathBuf,
+    },
+    /// `k3s --version` could not be started.
+    #[error("running {} --version", path.display())]
+    Run {
+        /// The binary.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `k3s --version` did not exit in time.
+    #[error("{} --version did not answer within 10 s", path.display())]
+    Timeout {
+        /// The binary.
+        path: PathBuf,
+    },
+    /// `--version` printed no k3s version.
+    #[error("{} does not answer --version like k3s (\"k3s version v…\")", path.display())]
+    NotK3s {
+        /// The binary.
+        path: PathBuf,
+    },
+    /// The copy's hash is not the checked binary's.
+    #[error("{} changed while it was copied", path.display())]
+    Changed {
+        /// The binary.
+        path: PathBuf,
+    },
+    /// The record of the cached binary could not be serialized.
+    #[error("serializing k3s.json")]
+    Record(#[source] serde_json::Error),
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BinaryError {
+    let path = path.to_path_buf();
+    move |source| BinaryError::Io { op, path, source }
+}
+
 /// A checked k3s binary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct K3sBinary {
@@ -42,7 +122,7 @@ pub fn supplied_dir(cache_dir: &Path) -> PathBuf {
 /// the cache (named by its hash), and inspects and returns **the copy**. The copy is what runs
 /// (`--version` here, k3s in the guest later), so changing or replacing the user's file after
 /// this does not change what runs.
-pub fn import(src: &Path, cache_dir: &Path) -> Result<K3sBinary, String> {
+pub fn import(src: &Path, cache_dir: &Path) -> Result<K3sBinary, BinaryError> {
     check_file(src)?;
     let dest = copy_to_cache(src, &supplied_dir(cache_dir))?;
     let b = inspect(&dest)?;
@@ -51,9 +131,9 @@ pub fn import(src: &Path, cache_dir: &Path) -> Result<K3sBinary, String> {
 
 /// Copies `src` to `dir/<sha256>/k3s` (mode 0755, atomically, the directory synced) and returns
 /// that path. An identical copy already there is kept.
-pub fn copy_to_cache(src: &Path, dir: &Path) -> Result<PathBuf, String> {
+pub fn copy_to_cache(src: &Path, dir: &Path) -> Result<PathBuf, BinaryError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    gatevm_fsutil::mkdir_private(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    gatevm_fsutil::mkdir_private(dir).map_err(io_err("creating", dir))?;
     let tmp = dir.join(format!(".k3s.tmp-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let copied = (|| {
@@ -68,16 +148,16 @@ pub fn copy_to_cache(src: &Path, dir: &Path) -> Result<PathBuf, String> {
         out.set_permissions(std::fs::Permissions::from_mode(0o755))?;
         out.sync_all()
     })();
-    if let Err(e) = copied {
+    if let Err(source) = copied {
         let _ = std::fs::remove_file(&tmp);
-        return Err(format!(
-            "copying {} into {}: {e}",
-            src.display(),
-            dir.display()
-        ));
+        return Err(BinaryError::Copy {
+            src: src.to_path_buf(),
+            dir: dir.to_path_buf(),
+            source,
+        });
     }
     // The hash of what was copied, not of the user's file (which may change meanwhile).
-    let sha = sha256_file(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let sha = sha256_file(&tmp).map_err(io_err("hashing", &tmp))?;
     let home = dir.join(&sha);
     let dest = home.join("k3s");
     let installed = (|| {
@@ -90,43 +170,43 @@ pub fn copy_to_cache(src: &Path, dir: &Path) -> Result<PathBuf, String> {
     })();
     if let Err(e) = installed {
         let _ = std::fs::remove_file(&tmp);
-        return Err(format!("installing {}: {e}", dest.display()));
+        return Err(io_err("installing", &dest)(e));
     }
     Ok(dest)
 }
 
 /// The checks of [`inspect`] that do not run the file: a regular file, an ELF, executable.
-fn check_file(path: &Path) -> Result<(), String> {
+fn check_file(path: &Path) -> Result<(), BinaryError> {
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(io_err("reading", path))?;
     if !meta.is_file() {
-        return Err(format!("{} is not a file", path.display()));
+        return Err(BinaryError::NotAFile {
+            path: path.to_path_buf(),
+        });
     }
     let mut magic = Vec::with_capacity(4);
     std::fs::File::open(path)
         .and_then(|f| f.take(4).read_to_end(&mut magic))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(io_err("reading", path))?;
     if magic != b"\x7fELF" {
-        return Err(format!(
-            "{} is not a k3s binary (not an ELF executable)",
-            path.display()
-        ));
+        return Err(BinaryError::NotElf {
+            path: path.to_path_buf(),
+        });
     }
     if meta.permissions().mode() & 0o111 == 0 {
-        return Err(format!(
-            "{} is not executable (chmod +x it)",
-            path.display()
-        ));
+        return Err(BinaryError::NotExecutable {
+            path: path.to_path_buf(),
+        });
     }
     Ok(())
 }
 
 /// Checks that `path` is a k3s binary and reads its version and hash.
-pub fn inspect(path: &Path) -> Result<K3sBinary, String> {
+pub fn inspect(path: &Path) -> Result<K3sBinary, BinaryError> {
     check_file(path)?;
     let version = run_version(path)?;
-    let sha256 = sha256_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let sha256 = sha256_file(path).map_err(io_err("hashing", path))?;
     Ok(K3sBinary {
         path: path.to_path_buf(),
         version,
@@ -135,14 +215,17 @@ pub fn inspect(path: &Path) -> Result<K3sBinary, String> {
 }
 
 /// Runs `k3s --version` with a timeout and parses it.
-fn run_version(path: &Path) -> Result<String, String> {
+fn run_version(path: &Path) -> Result<String, BinaryError> {
     let mut child = std::process::Command::new(path)
         .arg("--version")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .map_err(|e| format!("running {} --version: {e}", path.display()))?;
+        .map_err(|source| BinaryError::Run {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         match child.try_wait() {
@@ -153,10 +236,9 @@ fn run_version(path: &Path) -> Result<String, String> {
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "{} --version did not answer within 10 s",
-                    path.display()
-                ));
+                return Err(BinaryError::Timeout {
+                    path: path.to_path_buf(),
+                });
             }
         }
     }
@@ -165,40 +247,36 @@ fn run_version(path: &Path) -> Result<String, String> {
         use std::io::Read;
         let _ = o.read_to_string(&mut out);
     }
-    parse_version(&out).ok_or_else(|| {
-        format!(
-            "{} does not answer --version like k3s (\"k3s version v…\")",
-            path.display()
-        )
+    parse_version(&out).ok_or_else(|| BinaryError::NotK3s {
+        path: path.to_path_buf(),
     })
 }
 
 /// Copies a checked binary into the runtime's cache (atomically) and records it in `k3s.json`.
-pub fn cache(bin: &K3sBinary, runtime_dir: &Path) -> Result<K3sBinary, String> {
+pub fn cache(bin: &K3sBinary, runtime_dir: &Path) -> Result<K3sBinary, BinaryError> {
     use std::os::unix::fs::PermissionsExt;
     let dir = cache_dir(runtime_dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
     let dest = dir.join("k3s");
     let tmp = dir.join(".k3s.tmp");
-    std::fs::copy(&bin.path, &tmp).map_err(|e| format!("copying {}: {e}", bin.path.display()))?;
+    std::fs::copy(&bin.path, &tmp).map_err(io_err("copying", &bin.path))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| format!("chmod {}: {e}", tmp.display()))?;
-    let copied = sha256_file(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        .map_err(io_err("chmod", &tmp))?;
+    let copied = sha256_file(&tmp).map_err(io_err("hashing", &tmp))?;
     if copied != bin.sha256 {
         let _ = std::fs::remove_file(&tmp);
-        return Err(format!(
-            "{} changed while it was copied",
-            bin.path.display()
-        ));
+        return Err(BinaryError::Changed {
+            path: bin.path.clone(),
+        });
     }
-    gatevm_fsutil::rename_durable(&tmp, &dest)
-        .map_err(|e| format!("installing {}: {e}", dest.display()))?;
+    gatevm_fsutil::rename_durable(&tmp, &dest).map_err(io_err("installing", &dest))?;
     let cached = K3sBinary {
         path: dest,
         ..bin.clone()
     };
-    let json = serde_json::to_vec_pretty(&cached).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("k3s.json"), json).map_err(|e| format!("writing k3s.json: {e}"))?;
+    let json = serde_json::to_vec_pretty(&cached).map_err(BinaryError::Record)?;
+    let record = dir.join("k3s.json");
+    std::fs::write(&record, json).map_err(io_err("writing", &record))?;
     Ok(cached)
 }
 
@@ -232,19 +310,28 @@ mod tests {
         let script = d.path().join("k3s");
         std::fs::write(&script, "#!/bin/sh\necho 'k3s version v1.31.4+k3s1 (x)'\n").unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(inspect(&script).unwrap_err().contains("not an ELF"));
-        assert!(inspect(d.path()).unwrap_err().contains("not a file"));
+        assert!(inspect(&script)
+            .unwrap_err()
+            .to_string()
+            .contains("not an ELF"));
+        assert!(inspect(d.path())
+            .unwrap_err()
+            .to_string()
+            .contains("not a file"));
         assert!(inspect(&d.path().join("none")).is_err());
         // An ELF that is not k3s.
         let sh = d.path().join("sh");
         std::fs::copy("/bin/true", &sh).unwrap();
         assert!(
-            inspect(&sh).unwrap_err().contains("like k3s"),
+            inspect(&sh).unwrap_err().to_string().contains("like k3s"),
             "{:?}",
             inspect(&sh)
         );
         std::fs::set_permissions(&sh, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(inspect(&sh).unwrap_err().contains("not executable"));
+        assert!(inspect(&sh)
+            .unwrap_err()
+            .to_string()
+            .contains("not executable"));
     }
 
     /// A `--k3s` file is copied, by hash, and later changes of the user's file do not reach
@@ -282,10 +369,13 @@ mod tests {
         std::fs::write(&script, "#!/bin/sh\n").unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         let other = d.path().join("other-cache");
-        assert!(import(&script, &other).unwrap_err().contains("not an ELF"));
+        assert!(import(&script, &other)
+            .unwrap_err()
+            .to_string()
+            .contains("not an ELF"));
         assert!(!other.exists());
         // An ELF that is no k3s: refused, naming the copy that was run.
-        let e = import(&src, &other).unwrap_err();
+        let e = import(&src, &other).unwrap_err().to_string();
         assert!(e.contains("like k3s") && e.contains("supplied"), "{e}");
     }
 
@@ -312,6 +402,9 @@ mod tests {
             sha256: "0".repeat(64),
             ..b
         };
-        assert!(cache(&wrong, &rt).unwrap_err().contains("changed"));
+        assert!(cache(&wrong, &rt)
+            .unwrap_err()
+            .to_string()
+            .contains("changed"));
     }
 }

@@ -3,8 +3,8 @@
 //! mismatch leaves nothing behind. `$GATEVM_K3S_URL` with `$GATEVM_K3S_SHA256` replaces the pin
 //! (a mirror, or another release), and is verified the same way.
 
-use crate::binary::{self, sha256_file, K3sBinary};
-use std::path::Path;
+use crate::binary::{self, sha256_file, BinaryError, K3sBinary};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// The pinned k3s release.
@@ -30,6 +30,73 @@ const RELEASES: &str = "https://github.com/k3s-io/k3s/releases/download";
 /// Largest file accepted (the k3s binary is about 70 MiB).
 const MAX_BYTES: u64 = 512 << 20;
 
+/// Why no k3s could be pinned or fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// `$GATEVM_K3S_SHA256` is not a sha256.
+    #[error("GATEVM_K3S_SHA256 {0:?} is not a sha256 (64 hex digits)")]
+    BadSha256(String),
+    /// `$GATEVM_K3S_URL` without `$GATEVM_K3S_SHA256`.
+    #[error("GATEVM_K3S_URL needs GATEVM_K3S_SHA256: gatevm does not run an unverified k3s")]
+    UrlWithoutSha256,
+    /// `$GATEVM_K3S_SHA256` without `$GATEVM_K3S_URL`.
+    #[error("GATEVM_K3S_SHA256 is set without GATEVM_K3S_URL")]
+    Sha256WithoutUrl,
+    /// No release is pinned for the host's architecture.
+    #[error("no k3s release is pinned for {0}: pass --k3s PATH, or cache one with `gatevm setup --k3s FILE`")]
+    NotPinned(String),
+    /// A file system operation failed.
+    #[error("{op} {}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// curl could not be started.
+    #[error("running curl to fetch k3s (install curl, or pass --k3s PATH)")]
+    Curl(#[source] std::io::Error),
+    /// curl failed; `reason` is the last line it printed.
+    #[error("fetching {url}: {reason}")]
+    Fetch {
+        /// What was fetched.
+        url: String,
+        /// curl's last line of error output.
+        reason: String,
+    },
+    /// The file's hash is not the pinned one.
+    #[error("{url} has sha256 {got}, not the pinned {want}: refusing to run it")]
+    WrongSha256 {
+        /// What was fetched.
+        url: String,
+        /// Its hash.
+        got: String,
+        /// The pinned hash.
+        want: String,
+    },
+    /// The file is not a usable k3s binary, or could not be cached.
+    #[error(transparent)]
+    Binary(#[from] BinaryError),
+    /// The binary reports another version than the pinned one.
+    #[error("{url} reports k3s {got}, not the pinned {want}")]
+    WrongVersion {
+        /// What was fetched.
+        url: String,
+        /// The version it reports.
+        got: String,
+        /// The pinned version.
+        want: String,
+    },
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DownloadError {
+    let path = path.to_path_buf();
+    move |source| DownloadError::Io { op, path, source }
+}
+
 /// A file to fetch and the hash it must have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pin {
@@ -50,14 +117,16 @@ pub fn pinned(arch: &str) -> Option<Pin> {
 }
 
 /// The pin to use: `$GATEVM_K3S_URL` and `$GATEVM_K3S_SHA256` together, or the built-in one.
-pub fn pin_from(url: Option<String>, sha256: Option<String>, arch: &str) -> Result<Pin, String> {
+pub fn pin_from(
+    url: Option<String>,
+    sha256: Option<String>,
+    arch: &str,
+) -> Result<Pin, DownloadError> {
     match (url, sha256) {
         (Some(url), Some(sha)) => {
             let sha = sha.trim().to_ascii_lowercase();
             if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(format!(
-                    "GATEVM_K3S_SHA256 {sha:?} is not a sha256 (64 hex digits)"
-                ));
+                return Err(DownloadError::BadSha256(sha));
             }
             Ok(Pin {
                 url,
@@ -65,16 +134,14 @@ pub fn pin_from(url: Option<String>, sha256: Option<String>, arch: &str) -> Resu
                 version: None,
             })
         }
-        (Some(_), None) => Err("GATEVM_K3S_URL needs GATEVM_K3S_SHA256: gatevm does not run an unverified k3s".into()),
-        (None, Some(_)) => Err("GATEVM_K3S_SHA256 is set without GATEVM_K3S_URL".into()),
-        (None, None) => pinned(arch).ok_or_else(|| {
-            format!("no k3s release is pinned for {arch}: pass --k3s PATH, or cache one with `gatevm setup --k3s FILE`")
-        }),
+        (Some(_), None) => Err(DownloadError::UrlWithoutSha256),
+        (None, Some(_)) => Err(DownloadError::Sha256WithoutUrl),
+        (None, None) => pinned(arch).ok_or_else(|| DownloadError::NotPinned(arch.to_string())),
     }
 }
 
 /// The pin for this host, from the environment or built in.
-pub fn pin() -> Result<Pin, String> {
+pub fn pin() -> Result<Pin, DownloadError> {
     pin_from(
         std::env::var("GATEVM_K3S_URL")
             .ok()
@@ -88,9 +155,9 @@ pub fn pin() -> Result<Pin, String> {
 
 /// Fetches `pin` with curl into the runtime's k3s cache, verifies its sha256 before anything
 /// else, checks that it is k3s (and the pinned version), and caches it like `setup --k3s`.
-pub fn fetch(pin: &Pin, runtime_dir: &Path) -> Result<K3sBinary, String> {
+pub fn fetch(pin: &Pin, runtime_dir: &Path) -> Result<K3sBinary, DownloadError> {
     let dir = binary::cache_dir(runtime_dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
     // Per process: two fetches at once do not share (or remove) each other's partial file.
     let tmp = dir.join(format!(".download-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
@@ -99,7 +166,7 @@ pub fn fetch(pin: &Pin, runtime_dir: &Path) -> Result<K3sBinary, String> {
     result
 }
 
-fn fetch_into(pin: &Pin, tmp: &Path, runtime_dir: &Path) -> Result<K3sBinary, String> {
+fn fetch_into(pin: &Pin, tmp: &Path, runtime_dir: &Path) -> Result<K3sBinary, DownloadError> {
     let out = Command::new("curl")
         .args([
             "--fail",
@@ -116,37 +183,40 @@ fn fetch_into(pin: &Pin, tmp: &Path, runtime_dir: &Path) -> Result<K3sBinary, St
         .arg(&pin.url)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| {
-            format!("running curl to fetch k3s: {e} (install curl, or pass --k3s PATH)")
-        })?;
+        .map_err(DownloadError::Curl)?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let line = err
             .lines()
             .rfind(|l| !l.trim().is_empty())
             .unwrap_or("failed");
-        return Err(format!("fetching {}: {}", pin.url, line.trim()));
+        return Err(DownloadError::Fetch {
+            url: pin.url.clone(),
+            reason: line.trim().to_string(),
+        });
     }
-    let got = sha256_file(tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let got = sha256_file(tmp).map_err(io_err("hashing", tmp))?;
     if got != pin.sha256 {
-        return Err(format!(
-            "{} has sha256 {got}, not the pinned {}: refusing to run it",
-            pin.url, pin.sha256
-        ));
+        return Err(DownloadError::WrongSha256 {
+            url: pin.url.clone(),
+            got,
+            want: pin.sha256.clone(),
+        });
     }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| format!("chmod {}: {e}", tmp.display()))?;
+        .map_err(io_err("chmod", tmp))?;
     let bin = binary::inspect(tmp)?;
     if let Some(v) = &pin.version {
         if &bin.version != v {
-            return Err(format!(
-                "{} reports k3s {}, not the pinned {v}",
-                pin.url, bin.version
-            ));
+            return Err(DownloadError::WrongVersion {
+                url: pin.url.clone(),
+                got: bin.version,
+                want: v.clone(),
+            });
         }
     }
-    binary::cache(&bin, runtime_dir)
+    Ok(binary::cache(&bin, runtime_dir)?)
 }
 
 #[cfg(test)]
@@ -166,14 +236,17 @@ mod tests {
         assert!(pinned("riscv64").is_none());
         assert!(pin_from(None, None, "riscv64")
             .unwrap_err()
+            .to_string()
             .contains("--k3s PATH"));
         assert!(pin_from(Some("file:///x".into()), None, "x86_64")
             .unwrap_err()
+            .to_string()
             .contains("unverified"));
         assert!(pin_from(None, Some("0".repeat(64)), "x86_64").is_err());
         assert!(
             pin_from(Some("file:///x".into()), Some("xyz".into()), "x86_64")
                 .unwrap_err()
+                .to_string()
                 .contains("64 hex")
         );
         let own = pin_from(Some("file:///x".into()), Some("AB".repeat(32)), "x86_64").unwrap();
@@ -192,7 +265,7 @@ mod tests {
             sha256: "0".repeat(64),
             version: None,
         };
-        let e = fetch(&pin, &rt).unwrap_err();
+        let e = fetch(&pin, &rt).unwrap_err().to_string();
         assert!(e.contains("not the pinned"), "{e}");
         assert_eq!(
             std::fs::read_dir(binary::cache_dir(&rt)).unwrap().count(),
@@ -204,7 +277,7 @@ mod tests {
             sha256: sha256_file(&src).unwrap(),
             ..pin
         };
-        let e = fetch(&pin, &rt).unwrap_err();
+        let e = fetch(&pin, &rt).unwrap_err().to_string();
         assert!(e.contains("like k3s"), "{e}");
         assert_eq!(
             std::fs::read_dir(binary::cache_dir(&rt)).unwrap().count(),
@@ -217,7 +290,7 @@ mod tests {
             url: format!("file://{}/none", d.path().display()),
             ..pin
         };
-        let e = fetch(&pin, &rt).unwrap_err();
+        let e = fetch(&pin, &rt).unwrap_err().to_string();
         assert!(e.starts_with("fetching file://"), "{e}");
     }
 }

@@ -109,7 +109,7 @@ pub enum KubeconfigError {
         lock: PathBuf,
     },
     /// A file system operation failed.
-    #[error("{op} {}: {source}", path.display())]
+    #[error("{op} {}", path.display())]
     Io {
         /// What was being done ("reading", "writing", ...).
         op: &'static str,
@@ -128,6 +128,51 @@ pub enum KubeconfigError {
         /// The serializer's message.
         reason: String,
     },
+}
+
+/// Why a document is not a kubeconfig, or lacks an entry; becomes the `reason` of a
+/// [`KubeconfigError`] through [`doc_reason`].
+#[derive(Debug, thiserror::Error)]
+enum DocError {
+    #[error("not YAML")]
+    NotYaml(#[source] serde_yaml::Error),
+    #[error("the top level is {0}, not a mapping")]
+    TopLevel(&'static str),
+    #[error("{list}[{index}] is {kind}, not a mapping")]
+    EntryNotMapping {
+        list: &'static str,
+        index: usize,
+        kind: &'static str,
+    },
+    #[error("{list}[{index}] has no name")]
+    NoName { list: &'static str, index: usize },
+    #[error("{list} is {kind}, not a list")]
+    NotList {
+        list: &'static str,
+        kind: &'static str,
+    },
+    #[error("current-context is {0}, not a string")]
+    CurrentContext(&'static str),
+    #[error("kind is {0:?}, not \"Config\"")]
+    Kind(String),
+    #[error("kind is {0}, not a string")]
+    KindType(&'static str),
+    #[error("no entry {name:?} in {list}")]
+    NoEntry { name: String, list: String },
+    #[error("{list} entry {name:?} has no {key} mapping")]
+    NoBody {
+        list: String,
+        name: String,
+        key: String,
+    },
+}
+
+/// A [`DocError`] as the one line a `reason` holds (serde_yaml's messages may span several).
+fn doc_reason(e: &DocError) -> String {
+    match e {
+        DocError::NotYaml(_) => one_line(crate::error_chain(e)),
+        _ => crate::error_chain(e),
+    }
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> KubeconfigError {
@@ -210,7 +255,7 @@ pub fn instance_kubeconfig(
             k3s_yaml.len()
         )));
     }
-    let doc = parse_doc(k3s_yaml).map_err(bad)?;
+    let doc = parse_doc(k3s_yaml).map_err(|e| bad(doc_reason(&e)))?;
 
     let context_name = match doc.get("current-context").and_then(Value::as_str) {
         Some(c) if !c.is_empty() => c.to_string(),
@@ -221,7 +266,7 @@ pub fn instance_kubeconfig(
     };
     let shown_context = shown(&context_name);
     let context =
-        body(&doc, "contexts", "context", &context_name).map_err(|e| bad(shown_error(e)))?;
+        body(&doc, "contexts", "context", &context_name).map_err(|e| bad(shown_error(&e)))?;
     let field = |key: &str| -> Result<String, KubeconfigError> {
         context
             .get(key)
@@ -231,8 +276,8 @@ pub fn instance_kubeconfig(
     };
     let (cluster_name, user_name) = (field("cluster")?, field("user")?);
     let cluster =
-        body(&doc, "clusters", "cluster", &cluster_name).map_err(|e| bad(shown_error(e)))?;
-    let user = body(&doc, "users", "user", &user_name).map_err(|e| bad(shown_error(e)))?;
+        body(&doc, "clusters", "cluster", &cluster_name).map_err(|e| bad(shown_error(&e)))?;
+    let user = body(&doc, "users", "user", &user_name).map_err(|e| bad(shown_error(&e)))?;
     let (cluster_name, user_name) = (shown(&cluster_name), shown(&user_name));
     for ((what, allowed), entry) in ALLOWED.iter().zip([&cluster, &user, &context]) {
         let dropped: Vec<String> = entry
@@ -261,8 +306,12 @@ pub fn instance_kubeconfig(
     let cluster_what = format!("cluster {cluster_name}");
     let ca_text = text(&cluster, &cluster_what, "certificate-authority-data")?
         .ok_or_else(|| bad(format!("{cluster_what}: no certificate-authority-data")))?;
-    let ca = creds::ca(&ca_text)
-        .map_err(|e| bad(format!("{cluster_what}: certificate-authority-data: {e}")))?;
+    let ca = creds::ca(&ca_text).map_err(|e| {
+        bad(format!(
+            "{cluster_what}: certificate-authority-data: {}",
+            crate::error_chain(&e)
+        ))
+    })?;
 
     let user_what = format!("user {user_name}");
     let mut user_out = Mapping::new();
@@ -273,8 +322,14 @@ pub fn instance_kubeconfig(
     ) {
         (Some(cert), Some(key), _) => {
             let (cert, key) = creds::client(&cert, &key, &ca).map_err(|e| match e {
-                creds::Field::Cert(e) => bad(format!("{user_what}: client-certificate-data: {e}")),
-                creds::Field::Key(e) => bad(format!("{user_what}: client-key-data: {e}")),
+                creds::Field::Cert(e) => bad(format!(
+                    "{user_what}: client-certificate-data: {}",
+                    crate::error_chain(&e)
+                )),
+                creds::Field::Key(e) => bad(format!(
+                    "{user_what}: client-key-data: {}",
+                    crate::error_chain(&e)
+                )),
             })?;
             user_out.insert("client-certificate-data".into(), cert.into());
             user_out.insert("client-key-data".into(), key.into());
@@ -290,8 +345,8 @@ pub fn instance_kubeconfig(
             )))
         }
         (None, None, Some(token)) => {
-            let token =
-                creds::token(&token).map_err(|e| bad(format!("{user_what}: token: {e}")))?;
+            let token = creds::token(&token)
+                .map_err(|e| bad(format!("{user_what}: token: {}", crate::error_chain(&e))))?;
             user_out.insert("token".into(), token.into());
         }
         (None, None, None) => {
@@ -337,8 +392,8 @@ fn shown(s: &str) -> String {
 }
 
 /// An error of [`body`], whose names come from the guest, cut short.
-fn shown_error(e: String) -> String {
-    let cut: String = e.chars().take(200).collect();
+fn shown_error(e: &DocError) -> String {
+    let cut: String = doc_reason(e).chars().take(200).collect();
     cut.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
@@ -494,7 +549,7 @@ fn read_existing(target: &Path) -> Result<Option<Existing>, KubeconfigError> {
         reason,
     };
     let text = std::str::from_utf8(&bytes).map_err(|_| malformed("not UTF-8 text".into()))?;
-    let doc = parse_doc(text).map_err(malformed)?;
+    let doc = parse_doc(text).map_err(|e| malformed(doc_reason(&e)))?;
     let real_path = fs::canonicalize(target).map_err(io_err("resolving", target))?;
     let mode = fs::metadata(&real_path)
         .map_err(io_err("checking", &real_path))?
@@ -530,7 +585,7 @@ fn write_document(
         Err(e) => {
             return Err(KubeconfigError::Serialize {
                 path: target.to_path_buf(),
-                reason: one_line(e),
+                reason: one_line(crate::error_chain(&e)),
             })
         }
     }
@@ -616,13 +671,12 @@ fn new_document() -> Mapping {
 
 /// Parses a kubeconfig and checks its shape. An empty (or comment-only) document is an empty
 /// kubeconfig, as kubectl treats it.
-fn parse_doc(text: &str) -> Result<Mapping, String> {
-    let value: Value =
-        serde_yaml::from_str(text).map_err(|e| format!("not YAML: {}", one_line(e)))?;
+fn parse_doc(text: &str) -> Result<Mapping, DocError> {
+    let value: Value = serde_yaml::from_str(text).map_err(DocError::NotYaml)?;
     let doc = match value {
         Value::Null => Mapping::new(),
         Value::Mapping(m) => m,
-        other => return Err(format!("the top level is {}, not a mapping", kind(&other))),
+        other => return Err(DocError::TopLevel(kind(&other))),
     };
     for (list, _) in LISTS {
         match doc.get(list) {
@@ -630,25 +684,34 @@ fn parse_doc(text: &str) -> Result<Mapping, String> {
             Some(Value::Sequence(items)) => {
                 for (i, item) in items.iter().enumerate() {
                     if !item.is_mapping() {
-                        return Err(format!("{list}[{i}] is {}, not a mapping", kind(item)));
+                        return Err(DocError::EntryNotMapping {
+                            list,
+                            index: i,
+                            kind: kind(item),
+                        });
                     }
                     if entry_name_of(item).is_none() {
-                        return Err(format!("{list}[{i}] has no name"));
+                        return Err(DocError::NoName { list, index: i });
                     }
                 }
             }
-            Some(other) => return Err(format!("{list} is {}, not a list", kind(other))),
+            Some(other) => {
+                return Err(DocError::NotList {
+                    list,
+                    kind: kind(other),
+                })
+            }
         }
     }
     match doc.get("current-context") {
         None | Some(Value::Null | Value::String(_)) => {}
-        Some(other) => return Err(format!("current-context is {}, not a string", kind(other))),
+        Some(other) => return Err(DocError::CurrentContext(kind(other))),
     }
     match doc.get("kind") {
         None | Some(Value::Null) => {}
         Some(Value::String(k)) if k == "Config" => {}
-        Some(Value::String(k)) => return Err(format!("kind is {k:?}, not \"Config\"")),
-        Some(other) => return Err(format!("kind is {}, not a string", kind(other))),
+        Some(Value::String(k)) => return Err(DocError::Kind(k.clone())),
+        Some(other) => return Err(DocError::KindType(kind(other))),
     }
     Ok(doc)
 }
@@ -678,14 +741,21 @@ fn entry_name_of(item: &Value) -> Option<&str> {
 }
 
 /// The body (`cluster:`, `user:`, `context:`) of the entry named `name` in `list`.
-fn body(doc: &Mapping, list: &str, key: &str, name: &str) -> Result<Mapping, String> {
+fn body(doc: &Mapping, list: &str, key: &str, name: &str) -> Result<Mapping, DocError> {
     let item = entries(doc, list)
         .iter()
         .find(|i| entry_name_of(i) == Some(name))
-        .ok_or_else(|| format!("no entry {name:?} in {list}"))?;
+        .ok_or_else(|| DocError::NoEntry {
+            name: name.to_string(),
+            list: list.to_string(),
+        })?;
     match item.get(key) {
         Some(Value::Mapping(m)) => Ok(m.clone()),
-        _ => Err(format!("{list} entry {name:?} has no {key} mapping")),
+        _ => Err(DocError::NoBody {
+            list: list.to_string(),
+            name: name.to_string(),
+            key: key.to_string(),
+        }),
     }
 }
 
@@ -713,11 +783,11 @@ fn instance_entries(
         name: name.into(),
         reason,
     };
-    let doc = parse_doc(instance_yaml).map_err(bad)?;
+    let doc = parse_doc(instance_yaml).map_err(|e| bad(doc_reason(&e)))?;
     let get = |(list, key): (&str, &str)| -> Result<Value, KubeconfigError> {
         body(&doc, list, key, entry)
             .map(|b| named(entry, key, b))
-            .map_err(bad)
+            .map_err(|e| bad(doc_reason(&e)))
     };
     Ok([get(LISTS[0])?, get(LISTS[1])?, get(LISTS[2])?])
 }

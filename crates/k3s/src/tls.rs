@@ -13,71 +13,153 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Why the gateway's health check failed: one line, naming the address or the credential.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A credential of the instance's PKI cannot be used.
+    #[error("cannot use {what}")]
+    Credential {
+        /// Which one ("the client key", ...).
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// rustls refused the client configuration.
+    #[error("cannot configure the TLS client")]
+    Config(#[source] rustls::Error),
+    /// Nothing accepted the connection.
+    #[error("connecting to {addr}")]
+    Connect {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server's certificate is not signed by the instance's CA.
+    #[error("{addr} answers TLS with a certificate not signed by the instance's CA")]
+    UnknownIssuer {
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// The server's certificate is unacceptable for another reason.
+    #[error("{addr} answers TLS with an unacceptable certificate: {reason}")]
+    BadCertificate {
+        /// The address.
+        addr: SocketAddr,
+        /// rustls's description of the problem.
+        reason: String,
+    },
+    /// The handshake failed.
+    #[error("TLS with {addr}")]
+    Tls {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The handshake did not finish within the timeout.
+    #[error("{addr} did not complete a TLS handshake in time")]
+    Timeout {
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// The server closed the connection during the handshake.
+    #[error("{addr} closed the connection during the TLS handshake")]
+    Closed {
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// The connection failed during the handshake.
+    #[error("TLS with {addr}")]
+    Io {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn credential<E>(what: &'static str) -> impl FnOnce(E) -> TlsError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    move |e| TlsError::Credential {
+        what,
+        source: Box::new(e),
+    }
+}
+
 /// The client side of the check, built from an instance's PKI.
-pub fn client_config(pki: &Pki) -> Result<rustls::ClientConfig, String> {
+pub fn client_config(pki: &Pki) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     let ca = CertificateDer::from(
         cert::pem_decode(&pki.ca_cert, "CERTIFICATE")
-            .map_err(|e| format!("the instance's CA certificate: {e}"))?,
+            .map_err(credential("the instance's CA certificate"))?,
     );
     roots
         .add(ca)
-        .map_err(|e| format!("the instance's CA certificate: {e}"))?;
+        .map_err(credential("the instance's CA certificate"))?;
     let cert = CertificateDer::from(
         cert::pem_decode(&pki.client_cert, "CERTIFICATE")
-            .map_err(|e| format!("the client certificate: {e}"))?,
+            .map_err(credential("the client certificate"))?,
     );
-    let key = cert::pem_private_key(pki.client_key.as_bytes())
-        .map_err(|e| format!("the client key: {e}"))?;
+    let key =
+        cert::pem_private_key(pki.client_key.as_bytes()).map_err(credential("the client key"))?;
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Config)?
         .with_root_certificates(roots)
         .with_client_auth_cert(vec![cert], key)
-        .map_err(|e| format!("the client credentials: {e}"))
+        .map_err(credential("the client credentials"))
 }
 
 /// Connects to `addr` and completes a TLS handshake that verifies the server against the
 /// instance's CA (for the address's IP, which the server certificate names for 127.0.0.1).
 /// `Err` says in one line why not: nothing listening, no TLS, another CA, a timeout.
-pub fn probe(addr: SocketAddr, pki: &Pki, timeout: Duration) -> Result<(), String> {
+pub fn probe(addr: SocketAddr, pki: &Pki, timeout: Duration) -> Result<(), TlsError> {
     let config = client_config(pki)?;
     let mut sock = TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        .map_err(|source| TlsError::Connect { addr, source })?;
     sock.set_read_timeout(Some(timeout)).ok();
     sock.set_write_timeout(Some(timeout)).ok();
     let mut conn = rustls::ClientConnection::new(Arc::new(config), ServerName::from(addr.ip()))
-        .map_err(|e| e.to_string())?;
+        .map_err(TlsError::Config)?;
     while conn.is_handshaking() {
         if let Err(e) = conn.complete_io(&mut sock) {
-            return Err(describe(addr, &e));
+            return Err(describe(addr, e));
         }
     }
     Ok(())
 }
 
-/// One line for a failed handshake.
-fn describe(addr: SocketAddr, e: &std::io::Error) -> String {
+/// The error of a failed handshake.
+fn describe(addr: SocketAddr, e: std::io::Error) -> TlsError {
     let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
     match inner {
         Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {
-            format!("{addr} answers TLS with a certificate not signed by the instance's CA")
+            TlsError::UnknownIssuer { addr }
         }
-        Some(rustls::Error::InvalidCertificate(c)) => {
-            format!("{addr} answers TLS with an unacceptable certificate: {c:?}")
-        }
-        Some(r) => format!("TLS with {addr}: {r}"),
+        Some(rustls::Error::InvalidCertificate(c)) => TlsError::BadCertificate {
+            addr,
+            reason: format!("{c:?}"),
+        },
+        Some(r) => TlsError::Tls {
+            addr,
+            source: r.clone(),
+        },
         None if matches!(
             e.kind(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
         ) =>
         {
-            format!("{addr} did not complete a TLS handshake in time")
+            TlsError::Timeout { addr }
         }
-        None if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            format!("{addr} closed the connection during the TLS handshake")
-        }
-        None => format!("TLS with {addr}: {e}"),
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => TlsError::Closed { addr },
+        None => TlsError::Io { addr, source: e },
     }
 }
 
@@ -151,7 +233,7 @@ mod tests {
         let (_d, p) = pki("gw");
         let (_e, other) = pki("other");
         let addr = tls_server(&other, &other);
-        let e = probe(addr, &p, T).unwrap_err();
+        let e = probe(addr, &p, T).unwrap_err().to_string();
         assert!(e.contains("not signed by the instance's CA"), "{e}");
     }
 
@@ -163,7 +245,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let held = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let addr = held.local_addr().unwrap();
-        let e = probe(addr, &p, T).unwrap_err();
+        let e = probe(addr, &p, T).unwrap_err().to_string();
         assert!(e.contains("connecting to"), "{e}");
         drop((held, l));
 
@@ -177,7 +259,7 @@ mod tests {
                 let _ = s.write_all(b"HTTP/1.0 400 Bad Request\r\n\r\n");
             }
         });
-        let e = probe(addr, &p, T).unwrap_err();
+        let e = probe(addr, &p, T).unwrap_err().to_string();
         assert!(e.starts_with("TLS with") || e.contains("closed"), "{e}");
 
         // A server that accepts and says nothing.
@@ -188,7 +270,9 @@ mod tests {
             std::thread::sleep(Duration::from_secs(2));
             drop(s);
         });
-        let e = probe(addr, &p, Duration::from_millis(300)).unwrap_err();
+        let e = probe(addr, &p, Duration::from_millis(300))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("in time"), "{e}");
         held.join().unwrap();
     }

@@ -94,12 +94,13 @@ async fn gateway_health(name: &str, s: &K3sSettings, g: GatewayPort) -> GatewayH
     let dir = InstancePaths::new(name).dir.join("pki");
     let opts = crate::k3s_stage::pki_options(name, s);
     let checked = tokio::task::spawn_blocking(move || {
-        let pki = pki::load_or_create(&dir, &opts).map_err(|e| e.to_string())?;
+        let pki = pki::load_or_create(&dir, &opts).map_err(|e| gatevm_abi::error_chain(&e))?;
         gatevm_k3s::tls::probe(
             (std::net::Ipv4Addr::LOCALHOST, g.host_port).into(),
             &pki,
             Duration::from_secs(5),
         )
+        .map_err(|e| gatevm_abi::error_chain(&e))
     })
     .await;
     match checked {

@@ -161,8 +161,9 @@ pub fn on_delete(name: &str, cfg: Option<&InstanceConfig>, notice: &mut dyn FnMu
         if let Ok(target) = user_kubeconfig() {
             if let Err(e) = kubeconfig::remove(&target, name) {
                 notice(Notice::Warning(format!(
-                    "removing context gatevm-{name} from {}: {e}",
-                    target.display()
+                    "removing context gatevm-{name} from {}: {}",
+                    target.display(),
+                    gatevm_abi::error_chain(&e)
                 )));
             }
         }
@@ -170,7 +171,8 @@ pub fn on_delete(name: &str, cfg: Option<&InstanceConfig>, notice: &mut dyn FnMu
     if let Some(dir) = pki::config_dir() {
         if let Err(e) = pki::remove_gateway_metadata(&dir, name) {
             notice(Notice::Warning(format!(
-                "removing the gateway metadata of {name}: {e}"
+                "removing the gateway metadata of {name}: {}",
+                gatevm_abi::error_chain(&e)
             )));
         }
     }

@@ -3,6 +3,7 @@
 
 use super::{K3sError, Notice};
 use crate::config::{GatewayPort, K3sSettings, K3S_API_GUEST_PORT};
+use gatevm_abi::error_chain;
 use gatevm_k3s::{binary, download, pki};
 use std::path::{Path, PathBuf};
 
@@ -78,7 +79,8 @@ fn parse_secret(v: &str) -> Result<(String, String), K3sError> {
             "--gateway-secret {v:?}: use NAMESPACE/NAME"
         )));
     };
-    pki::check_secret_ref(ns, name).map_err(|e| invalid(format!("--gateway-secret: {e}")))?;
+    pki::check_secret_ref(ns, name)
+        .map_err(|e| invalid(format!("--gateway-secret: {}", error_chain(&e))))?;
     Ok((ns.to_string(), name.to_string()))
 }
 
@@ -188,7 +190,7 @@ fn check_flags(
         ..pki::PkiOptions::new("x")
     }
     .validate()
-    .map_err(|e| invalid(format!("--tls-san: {e}")))?;
+    .map_err(|e| invalid(format!("--tls-san: {}", error_chain(&e))))?;
     Ok((gateway_port, secret))
 }
 
@@ -233,15 +235,18 @@ fn k3s_binary(
 ) -> Result<binary::K3sBinary, K3sError> {
     Ok(match (&a.k3s, saved) {
         (Some(p), _) => binary::import(p, &gatevm_runtime::dirs::cache_dir()?)
-            .map_err(|e| invalid(format!("--k3s {e}")))?,
-        (None, Some(s)) if s.binary.is_file() => binary::inspect(&s.binary).map_err(invalid)?,
+            .map_err(|e| invalid(format!("--k3s {}", error_chain(&e))))?,
+        (None, Some(s)) if s.binary.is_file() => {
+            binary::inspect(&s.binary).map_err(|e| invalid(error_chain(&e)))?
+        }
         _ => {
             let rt = gatevm_runtime::dirs::runtime_dir()?;
             match binary::cached(&rt) {
                 Some(b) => b,
                 None => fetch_pinned(&rt, notice).map_err(|e| {
                     invalid(format!(
-                        "the k3s profile needs a k3s binary: pass --k3s PATH, or cache one with `gatevm setup --k3s FILE` (the pinned download failed: {e})"
+                        "the k3s profile needs a k3s binary: pass --k3s PATH, or cache one with `gatevm setup --k3s FILE` (the pinned download failed: {})",
+                        error_chain(&e)
                     ))
                 })?,
             }
@@ -316,7 +321,7 @@ pub fn resolve(
 /// Fetches the pinned k3s release into the runtime's cache (verified before it runs). A failed
 /// fetch leaves no directories behind that it created.
 fn fetch_pinned(rt: &Path, notice: &mut dyn FnMut(Notice)) -> Result<binary::K3sBinary, K3sError> {
-    let pin = download::pin().map_err(invalid)?;
+    let pin = download::pin().map_err(|e| invalid(error_chain(&e)))?;
     notice(Notice::Fetching {
         version: pin.version.clone(),
         url: pin.url.clone(),
@@ -332,7 +337,7 @@ fn fetch_pinned(rt: &Path, notice: &mut dyn FnMut(Notice)) -> Result<binary::K3s
         for d in &created {
             let _ = std::fs::remove_dir(d);
         }
-        invalid(e)
+        invalid(error_chain(&e))
     })
 }
 
@@ -350,9 +355,9 @@ pub fn fetch_and_cache(notice: &mut dyn FnMut(Notice)) -> Result<(), K3sError> {
 
 /// `gatevm setup --k3s FILE`: checks and caches the binary in the runtime.
 pub fn cache_binary(file: &Path, notice: &mut dyn FnMut(Notice)) -> Result<(), K3sError> {
-    let b = binary::inspect(file).map_err(|e| invalid(format!("--k3s {e}")))?;
+    let b = binary::inspect(file).map_err(|e| invalid(format!("--k3s {}", error_chain(&e))))?;
     let rt = gatevm_runtime::dirs::runtime_dir()?;
-    let c = binary::cache(&b, &rt).map_err(invalid)?;
+    let c = binary::cache(&b, &rt).map_err(|e| invalid(error_chain(&e)))?;
     notice(Notice::Cached {
         version: c.version,
         path: c.path,

@@ -25,8 +25,8 @@
 //!
 //! Every error is one line and short; the caller prefixes the field's name.
 
-use crate::cert::{self, Block, CertInfo, PemError, Signed};
-use crate::pki::base64;
+use crate::cert::{self, Block, CertError, CertInfo, PemError, Signed};
+use crate::pki::base64::{self, Base64Error};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::SignatureScheme;
 
@@ -37,6 +37,75 @@ pub(crate) const MAX_CERTS: usize = 8;
 /// Longest token accepted.
 pub(crate) const MAX_TOKEN: usize = 4096;
 
+/// Why a credential field was refused; the caller prefixes the field's name.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CredError {
+    /// The field is empty.
+    #[error("empty")]
+    Empty,
+    /// The field is longer than allowed.
+    #[error("{len} bytes, more than {max}")]
+    TooBig { len: usize, max: usize },
+    /// The field is not base64.
+    #[error("not base64")]
+    NotBase64(#[source] Base64Error),
+    /// Too many PEM blocks, or none.
+    #[error(transparent)]
+    Blocks(PemError),
+    /// The decoded field is not PEM.
+    #[error("not PEM")]
+    NotPem(#[source] PemError),
+    /// A block of a certificate field is not a certificate.
+    #[error("PEM block {index} is {label}, not CERTIFICATE")]
+    NotCertificate { index: usize, label: String },
+    /// A certificate does not parse.
+    #[error("certificate {index} is not X.509")]
+    NotX509 {
+        index: usize,
+        #[source]
+        source: CertError,
+    },
+    /// A certificate of `certificate-authority-data` is not a CA.
+    #[error("certificate {0} is not a CA certificate")]
+    NotCa(usize),
+    /// The client certificate's signed parts do not parse.
+    #[error(transparent)]
+    Signed(CertError),
+    /// The client certificate's signature algorithm is not one webpki verifies.
+    #[error("the client certificate's signature algorithm is not supported")]
+    Algorithm,
+    /// No CA of the bundles signed the client certificate.
+    #[error("the client certificate is not signed by a CA certificate of its bundle or of certificate-authority-data")]
+    NotSigned,
+    /// The key field holds other than one block.
+    #[error("{0} PEM blocks, not one private key")]
+    KeyBlocks(usize),
+    /// The key block is not a private key.
+    #[error(transparent)]
+    Key(PemError),
+    /// A key form rustls knows but gatevm does not write.
+    #[error("unsupported private key form")]
+    KeyForm,
+    /// A key of a type rustls cannot sign with.
+    #[error("not a private key of a supported type (ECDSA, RSA, Ed25519)")]
+    KeyType,
+    /// No signature scheme fits the key.
+    #[error("no supported signature scheme for this key")]
+    NoScheme,
+    /// Signing with the key failed.
+    #[error("signing with the key failed")]
+    Sign,
+    /// webpki refuses the client certificate.
+    #[error("the client certificate cannot be used")]
+    Unusable(#[source] webpki::Error),
+    /// The key is not the client certificate's.
+    #[error("does not belong to the client certificate (another public key)")]
+    WrongKey,
+    /// The token has characters other than printable ASCII.
+    #[error("not printable ASCII without whitespace")]
+    NotPrintable,
+}
+
 /// A checked CA bundle: canonical base64 of its PEM, and each certificate's DER.
 pub(crate) struct CaBundle {
     /// For `certificate-authority-data`.
@@ -46,45 +115,48 @@ pub(crate) struct CaBundle {
 }
 
 /// Base64 field text to bytes: bounded, base64, not empty.
-fn field_bytes(text: &str) -> Result<Vec<u8>, String> {
+fn field_bytes(text: &str) -> Result<Vec<u8>, CredError> {
     if text.len() > MAX_FIELD {
-        return Err(format!("{} bytes, more than {MAX_FIELD}", text.len()));
+        return Err(CredError::TooBig {
+            len: text.len(),
+            max: MAX_FIELD,
+        });
     }
-    let bytes = base64::decode(text).map_err(|e| format!("not base64: {e}"))?;
+    let bytes = base64::decode(text).map_err(CredError::NotBase64)?;
     if bytes.is_empty() {
-        return Err("empty".into());
+        return Err(CredError::Empty);
     }
     Ok(bytes)
 }
 
 /// Splits PEM text into blocks; anything but blocks and whitespace is refused.
-fn pem_blocks(bytes: &[u8]) -> Result<Vec<Block>, String> {
+fn pem_blocks(bytes: &[u8]) -> Result<Vec<Block>, CredError> {
     cert::pem_blocks(bytes, MAX_CERTS).map_err(|e| match e {
-        PemError::TooMany(_) | PemError::NoBlock => e.to_string(),
-        e => format!("not PEM: {}", crate::error_chain(&e)),
+        PemError::TooMany(_) | PemError::NoBlock => CredError::Blocks(e),
+        e => CredError::NotPem(e),
     })
 }
 
 /// Certificates of a `*-data` field, each parsed.
-fn certificates(text: &str) -> Result<Vec<(Vec<u8>, CertInfo)>, String> {
+fn certificates(text: &str) -> Result<Vec<(Vec<u8>, CertInfo)>, CredError> {
     let blocks = pem_blocks(&field_bytes(text)?)?;
     let mut out = Vec::new();
     for (i, Block { label, der }) in blocks.into_iter().enumerate() {
         if label != "CERTIFICATE" {
-            return Err(format!("PEM block {i} is {label}, not CERTIFICATE"));
+            return Err(CredError::NotCertificate { index: i, label });
         }
         let info = cert::parse_certificate(&der)
-            .map_err(|e| format!("certificate {i} is not X.509: {}", crate::error_chain(&e)))?;
+            .map_err(|source| CredError::NotX509 { index: i, source })?;
         out.push((der, info));
     }
     Ok(out)
 }
 
 /// Checks `certificate-authority-data`: CA certificates only.
-pub(crate) fn ca(text: &str) -> Result<CaBundle, String> {
+pub(crate) fn ca(text: &str) -> Result<CaBundle, CredError> {
     let certs = certificates(text)?;
     if let Some(i) = certs.iter().position(|(_, info)| !info.is_ca) {
-        return Err(format!("certificate {i} is not a CA certificate"));
+        return Err(CredError::NotCa(i));
     }
     let refs: Vec<&[u8]> = certs.iter().map(|(d, _)| d.as_slice()).collect();
     Ok(CaBundle {
@@ -135,20 +207,16 @@ pub(crate) fn client(
 ) -> Result<(String, String), Field> {
     let certs = certificates(cert_text).map_err(Field::Cert)?;
     let (leaf_der, leaf) = &certs[0];
-    let signed = cert::signed_parts(leaf_der).map_err(|e| Field::Cert(crate::error_chain(&e)))?;
+    let signed = cert::signed_parts(leaf_der).map_err(|e| Field::Cert(CredError::Signed(e)))?;
     if algorithms(&signed.algorithm).is_empty() {
-        return Err(Field::Cert(
-            "the client certificate's signature algorithm is not supported".into(),
-        ));
+        return Err(Field::Cert(CredError::Algorithm));
     }
     let verified = certs[1..]
         .iter()
         .chain(ca.certs.iter())
         .any(|(der, info)| info.is_ca && info.subject == leaf.issuer && signed_by(&signed, der));
     if !verified {
-        return Err(Field::Cert(
-            "the client certificate is not signed by a CA certificate of its bundle or of certificate-authority-data".into(),
-        ));
+        return Err(Field::Cert(CredError::NotSigned));
     }
 
     let key = key(key_text).map_err(Field::Key)?;
@@ -159,35 +227,35 @@ pub(crate) fn client(
         PrivateKeyDer::Sec1(k) => ("EC PRIVATE KEY", k.secret_sec1_der()),
         PrivateKeyDer::Pkcs1(k) => ("RSA PRIVATE KEY", k.secret_pkcs1_der()),
         PrivateKeyDer::Pkcs8(k) => ("PRIVATE KEY", k.secret_pkcs8_der()),
-        _ => return Err(Field::Key("unsupported private key form".into())),
+        _ => return Err(Field::Key(CredError::KeyForm)),
     };
     let key_data = base64::encode(cert::pem_encode(label, &[key_der]).as_bytes());
     Ok((cert_data, key_data))
 }
 
 /// Which field of a client certificate pair failed, and why.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Field {
     /// `client-certificate-data`.
-    Cert(String),
+    Cert(CredError),
     /// `client-key-data`.
-    Key(String),
+    Key(CredError),
 }
 
 /// Exactly one PEM private key.
-fn key(text: &str) -> Result<PrivateKeyDer<'static>, String> {
+fn key(text: &str) -> Result<PrivateKeyDer<'static>, CredError> {
     let mut blocks = pem_blocks(&field_bytes(text)?)?;
     if blocks.len() != 1 {
-        return Err(format!("{} PEM blocks, not one private key", blocks.len()));
+        return Err(CredError::KeyBlocks(blocks.len()));
     }
-    cert::private_key(blocks.remove(0)).map_err(|e| e.to_string())
+    cert::private_key(blocks.remove(0)).map_err(CredError::Key)
 }
 
 /// Whether the key belongs to the certificate: a message signed with it verifies under the
 /// certificate's public key.
-fn key_matches(key: &PrivateKeyDer<'_>, cert_der: &[u8]) -> Result<(), String> {
-    let signing = rustls::crypto::ring::sign::any_supported_type(key)
-        .map_err(|_| "not a private key of a supported type (ECDSA, RSA, Ed25519)".to_string())?;
+fn key_matches(key: &PrivateKeyDer<'_>, cert_der: &[u8]) -> Result<(), CredError> {
+    let signing =
+        rustls::crypto::ring::sign::any_supported_type(key).map_err(|_| CredError::KeyType)?;
     let signer = signing
         .choose_scheme(&[
             SignatureScheme::ECDSA_NISTP256_SHA256,
@@ -195,11 +263,9 @@ fn key_matches(key: &PrivateKeyDer<'_>, cert_der: &[u8]) -> Result<(), String> {
             SignatureScheme::ED25519,
             SignatureScheme::RSA_PKCS1_SHA256,
         ])
-        .ok_or("no supported signature scheme for this key")?;
+        .ok_or(CredError::NoScheme)?;
     const MSG: &[u8] = b"gatevm: does this key belong to the client certificate?";
-    let sig = signer
-        .sign(MSG)
-        .map_err(|_| "signing with the key failed".to_string())?;
+    let sig = signer.sign(MSG).map_err(|_| CredError::Sign)?;
     let alg = match signer.scheme() {
         SignatureScheme::ECDSA_NISTP256_SHA256 => webpki::ring::ECDSA_P256_SHA256,
         SignatureScheme::ECDSA_NISTP384_SHA384 => webpki::ring::ECDSA_P384_SHA384,
@@ -207,22 +273,24 @@ fn key_matches(key: &PrivateKeyDer<'_>, cert_der: &[u8]) -> Result<(), String> {
         _ => webpki::ring::RSA_PKCS1_2048_8192_SHA256,
     };
     let cert = CertificateDer::from(cert_der);
-    let ee = webpki::EndEntityCert::try_from(&cert)
-        .map_err(|e| format!("the client certificate cannot be used: {e}"))?;
+    let ee = webpki::EndEntityCert::try_from(&cert).map_err(CredError::Unusable)?;
     ee.verify_signature(alg, MSG, &sig)
-        .map_err(|_| "does not belong to the client certificate (another public key)".to_string())
+        .map_err(|_| CredError::WrongKey)
 }
 
 /// Checks `token`: printable ASCII, no whitespace, bounded.
-pub(crate) fn token(t: &str) -> Result<String, String> {
+pub(crate) fn token(t: &str) -> Result<String, CredError> {
     if t.is_empty() {
-        return Err("empty".into());
+        return Err(CredError::Empty);
     }
     if t.len() > MAX_TOKEN {
-        return Err(format!("{} bytes, more than {MAX_TOKEN}", t.len()));
+        return Err(CredError::TooBig {
+            len: t.len(),
+            max: MAX_TOKEN,
+        });
     }
     if !t.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("not printable ASCII without whitespace".into());
+        return Err(CredError::NotPrintable);
     }
     Ok(t.to_string())
 }

@@ -36,16 +36,27 @@ fn value(c: u8) -> Option<u32> {
     }
 }
 
+/// Why a text is not base64.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Base64Error {
+    /// The length (whitespace left out) is not a multiple of 4.
+    #[error("base64 text has {0} characters, not a multiple of 4")]
+    Length(usize),
+    /// '=' anywhere but at the end, or more than two.
+    #[error("misplaced '=' padding in base64 text")]
+    Padding,
+    /// A character outside the base64 alphabet.
+    #[error("{0:?} is not a base64 character")]
+    Character(char),
+}
+
 /// Decodes padded standard base64, ignoring ASCII whitespace (PEM bodies are wrapped at 64
 /// columns). Returns why the text is not base64.
-pub(crate) fn decode(text: &str) -> Result<Vec<u8>, String> {
+pub(crate) fn decode(text: &str) -> Result<Vec<u8>, Base64Error> {
     let clean: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
     let chunks = clean.chunks_exact(4);
     if !chunks.remainder().is_empty() {
-        return Err(format!(
-            "base64 text has {} characters, not a multiple of 4",
-            clean.len()
-        ));
+        return Err(Base64Error::Length(clean.len()));
     }
     let quads = chunks.len();
     let mut out = Vec::with_capacity(quads * 3);
@@ -53,12 +64,11 @@ pub(crate) fn decode(text: &str) -> Result<Vec<u8>, String> {
         let last = index + 1 == quads;
         let padding = quad.iter().rev().take_while(|&&b| b == b'=').count();
         if padding > 2 || (padding > 0 && !last) {
-            return Err("misplaced '=' padding in base64 text".into());
+            return Err(Base64Error::Padding);
         }
         let mut n = 0u32;
         for &c in &quad[..4 - padding] {
-            let v =
-                value(c).ok_or_else(|| format!("{:?} is not a base64 character", char::from(c)))?;
+            let v = value(c).ok_or(Base64Error::Character(char::from(c)))?;
             n = (n << 6) | v;
         }
         n <<= 6 * padding as u32;

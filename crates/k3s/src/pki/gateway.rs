@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::names::InputError;
+
 use super::{
     fsutil, invalid_input, names, Pki, PkiError, CA_CERT_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE,
 };
@@ -76,15 +78,15 @@ fn check_name(name: &str) -> Result<(), PkiError> {
 
 fn check_endpoint(endpoint: &str) -> Result<(), PkiError> {
     let reason = match endpoint.strip_prefix("https://") {
-        None => Some("must start with https://".to_string()),
-        Some("") => Some("has no host after https://".to_string()),
-        Some(_) if endpoint.len() > 2048 => Some("is longer than 2048 characters".to_string()),
+        None => Some(InputError::NotHttps),
+        Some("") => Some(InputError::NoHost),
+        Some(_) if endpoint.len() > 2048 => Some(InputError::LongEndpoint),
         Some(_)
             if endpoint
                 .chars()
                 .any(|c| c.is_whitespace() || c.is_control()) =>
         {
-            Some("contains whitespace or control characters".to_string())
+            Some(InputError::EndpointChars)
         }
         Some(_) => None,
     };
@@ -124,7 +126,7 @@ pub fn write_gateway_metadata(
     };
     let mut json = serde_json::to_string_pretty(&metadata).map_err(|e| PkiError::Serialize {
         what: "gateway metadata",
-        reason: e.to_string(),
+        reason: crate::error_chain(&e),
     })?;
     json.push('\n');
     fsutil::write_atomic(&metadata.ca, pki.ca_cert.as_bytes(), fsutil::PUBLIC_MODE)?;

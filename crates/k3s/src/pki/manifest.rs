@@ -37,7 +37,7 @@ fn labels() -> BTreeMap<&'static str, &'static str> {
 fn to_yaml(object: &Object<'_>) -> Result<String, PkiError> {
     serde_yaml::to_string(object).map_err(|e| PkiError::Serialize {
         what: "TLS Secret manifest",
-        reason: e.to_string(),
+        reason: crate::error_chain(&e),
     })
 }
 

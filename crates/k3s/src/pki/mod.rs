@@ -61,6 +61,7 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 
 use crate::cert::{self, CertInfo};
+pub use names::InputError;
 pub(crate) use names::San;
 
 pub use gateway::{
@@ -199,14 +200,15 @@ impl fmt::Debug for Pki {
 #[non_exhaustive]
 pub enum PkiError {
     /// A name, SAN, CN or endpoint given by the caller is not acceptable.
-    #[error("invalid {what} {value:?}: {reason}")]
+    #[error("invalid {what} {value:?}")]
     InvalidInput {
         /// What the value is (instance name, SAN, namespace, ...).
         what: &'static str,
         /// The value as given.
         value: String,
         /// What is wrong with it.
-        reason: String,
+        #[source]
+        reason: InputError,
     },
     /// A file or directory is there but unusable.
     #[error("{} {reason}", path.display())]
@@ -229,7 +231,7 @@ pub enum PkiError {
         file: &'static str,
     },
     /// A filesystem operation failed.
-    #[error("cannot {action} {}: {source}", path.display())]
+    #[error("cannot {action} {}", path.display())]
     Io {
         /// What was being done.
         action: &'static str,
@@ -239,7 +241,7 @@ pub enum PkiError {
         source: io::Error,
     },
     /// rcgen could not generate a key or certificate.
-    #[error("cannot generate the {what}: {source}")]
+    #[error("cannot generate the {what}")]
     Generate {
         /// Which key or certificate.
         what: &'static str,
@@ -256,7 +258,7 @@ pub enum PkiError {
     },
 }
 
-pub(crate) fn invalid_input(what: &'static str, value: &str, reason: String) -> PkiError {
+pub(crate) fn invalid_input(what: &'static str, value: &str, reason: InputError) -> PkiError {
     PkiError::InvalidInput {
         what,
         value: value.to_string(),
@@ -445,17 +447,34 @@ fn write_new_ca(dir: &Path, wanted: &Wanted, now: OffsetDateTime) -> Result<(), 
 }
 
 fn read_certificate(path: &Path, text: &str, hint: &str) -> Result<CertInfo, PkiError> {
-    let der = cert::pem_decode(text, "CERTIFICATE")
-        .map_err(|e| invalid(path, format!("is not a PEM certificate ({e}); {hint}")))?;
-    cert::parse_certificate(&der)
-        .map_err(|e| invalid(path, format!("is not a valid certificate ({e}); {hint}")))
+    let der = cert::pem_decode(text, "CERTIFICATE").map_err(|e| {
+        invalid(
+            path,
+            format!(
+                "is not a PEM certificate ({}); {hint}",
+                crate::error_chain(&e)
+            ),
+        )
+    })?;
+    cert::parse_certificate(&der).map_err(|e| {
+        invalid(
+            path,
+            format!(
+                "is not a valid certificate ({}); {hint}",
+                crate::error_chain(&e)
+            ),
+        )
+    })
 }
 
 fn read_key(path: &Path, text: &str, hint: &str) -> Result<KeyPair, PkiError> {
     let key = KeyPair::from_pem(text).map_err(|e| {
         invalid(
             path,
-            format!("is not a PKCS#8 PEM private key ({e}); {hint}"),
+            format!(
+                "is not a PKCS#8 PEM private key ({}); {hint}",
+                crate::error_chain(&e)
+            ),
         )
     })?;
     if fsutil::tighten_mode(path, fsutil::KEY_MODE)? {
@@ -517,8 +536,12 @@ fn load_ca(dir: &Path, wanted: &Wanted, now: OffsetDateTime) -> Result<Ca, PkiEr
     )?
     .self_signed(&key)
     .map_err(generate_error("CA issuer"))?;
-    let rebuilt = cert::parse_certificate(issuer.der())
-        .map_err(|e| invalid(&cert_path, format!("cannot be rebuilt for signing: {e}")))?;
+    let rebuilt = cert::parse_certificate(issuer.der()).map_err(|e| {
+        invalid(
+            &cert_path,
+            format!("cannot be rebuilt for signing: {}", crate::error_chain(&e)),
+        )
+    })?;
     if rebuilt.subject != info.subject {
         return Err(invalid(
             &cert_path,

@@ -1,6 +1,6 @@
 //! Validation of the names that end up in certificates, Kubernetes objects and file paths.
 //!
-//! Each check returns the reason a value is rejected; the caller wraps it into
+//! Each check returns the reason a value is rejected ([`InputError`]); the caller wraps it into
 //! [`PkiError::InvalidInput`](super::PkiError::InvalidInput) together with the value and what it
 //! was meant to be, so the user sees one line naming the offending value.
 
@@ -32,8 +32,89 @@ pub(crate) const MAX_SUBDOMAIN: usize = 253;
 /// Longest common name (X.520 `ub-common-name`).
 pub(crate) const MAX_COMMON_NAME: usize = 64;
 
-fn too_long(len: usize, max: usize) -> String {
-    format!("is {len} characters long, at most {max} are allowed")
+/// Why a name, SAN, common name or endpoint is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InputError {
+    /// The value is empty.
+    #[error("must not be empty")]
+    Empty,
+    /// The value is too long.
+    #[error("is {len} characters long, at most {max} are allowed")]
+    TooLong {
+        /// Its length.
+        len: usize,
+        /// The most allowed.
+        max: usize,
+    },
+    /// A character outside a label's alphabet.
+    #[error("contains {0:?}; only lowercase letters, digits and '-' are allowed")]
+    LabelChar(char),
+    /// A character outside a subdomain's alphabet.
+    #[error("contains {0:?}; only lowercase letters, digits, '-' and '.' are allowed")]
+    SubdomainChar(char),
+    /// A label starts or ends with '-'.
+    #[error("must start and end with a lowercase letter or digit")]
+    LabelEdge,
+    /// Two dots in a row, or a leading or trailing dot, in a subdomain.
+    #[error("contains an empty part between dots")]
+    EmptyPart,
+    /// A part of a subdomain starts or ends with '-'.
+    #[error("part {0:?} must start and end with a lowercase letter or digit")]
+    PartEdge(String),
+    /// An IPv6 address in brackets.
+    #[error("write IPv6 addresses without brackets")]
+    Brackets,
+    /// A ':' that does not make an IPv6 address.
+    #[error("is not a valid IPv6 address (and ':' is not allowed in a DNS name)")]
+    BadIpv6,
+    /// `*.` and nothing after it.
+    #[error("a wildcard needs a domain after \"*.\"")]
+    BareWildcard,
+    /// A character not allowed in a DNS name.
+    #[error(
+        "is neither an IP address nor a DNS name: {0:?} is not allowed in a DNS name \
+         (letters, digits, '-' and '.' only)"
+    )]
+    DnsChar(char),
+    /// An empty DNS label.
+    #[error("contains an empty label (two dots in a row, or a leading or trailing dot)")]
+    EmptyLabel,
+    /// A DNS label over 63 characters.
+    #[error("label {label:?} is {len} characters long, at most {max} are allowed")]
+    LongLabel {
+        /// The label.
+        label: String,
+        /// Its length.
+        len: usize,
+        /// The most allowed.
+        max: usize,
+    },
+    /// A DNS label starts or ends with '-'.
+    #[error("label {0:?} must start and end with a letter or digit")]
+    DnsLabelEdge(String),
+    /// A DNS name whose last label is all digits (a mistyped address).
+    #[error("is not a valid IP address, and a DNS name cannot end in an all-digit label")]
+    DigitsLabel,
+    /// A common name with control characters.
+    #[error("contains control characters")]
+    ControlChars,
+    /// An endpoint that is not `https://`.
+    #[error("must start with https://")]
+    NotHttps,
+    /// `https://` and nothing after it.
+    #[error("has no host after https://")]
+    NoHost,
+    /// An endpoint over 2048 characters.
+    #[error("is longer than 2048 characters")]
+    LongEndpoint,
+    /// An endpoint with whitespace or control characters.
+    #[error("contains whitespace or control characters")]
+    EndpointChars,
+}
+
+fn too_long(len: usize, max: usize) -> InputError {
+    InputError::TooLong { len, max }
 }
 
 fn is_lower_alnum(c: char) -> bool {
@@ -42,20 +123,18 @@ fn is_lower_alnum(c: char) -> bool {
 
 /// A DNS-1123 label: 1 to 63 lowercase letters, digits and '-', starting and ending with a letter
 /// or digit (Kubernetes namespaces; gatevm instance and gateway names).
-pub(crate) fn dns1123_label(value: &str) -> Result<(), String> {
+pub(crate) fn dns1123_label(value: &str) -> Result<(), InputError> {
     if value.is_empty() {
-        return Err("must not be empty".into());
+        return Err(InputError::Empty);
     }
     if value.len() > MAX_LABEL {
         return Err(too_long(value.len(), MAX_LABEL));
     }
     if let Some(c) = value.chars().find(|&c| !(is_lower_alnum(c) || c == '-')) {
-        return Err(format!(
-            "contains {c:?}; only lowercase letters, digits and '-' are allowed"
-        ));
+        return Err(InputError::LabelChar(c));
     }
     if value.starts_with('-') || value.ends_with('-') {
-        return Err("must start and end with a lowercase letter or digit".into());
+        return Err(InputError::LabelEdge);
     }
     Ok(())
 }
@@ -63,9 +142,9 @@ pub(crate) fn dns1123_label(value: &str) -> Result<(), String> {
 /// A DNS-1123 subdomain as Kubernetes checks object names: at most 253 characters, lowercase
 /// letters, digits, '-' and '.', each '.'-separated part starting and ending with a letter or
 /// digit.
-pub(crate) fn dns1123_subdomain(value: &str) -> Result<(), String> {
+pub(crate) fn dns1123_subdomain(value: &str) -> Result<(), InputError> {
     if value.is_empty() {
-        return Err("must not be empty".into());
+        return Err(InputError::Empty);
     }
     if value.len() > MAX_SUBDOMAIN {
         return Err(too_long(value.len(), MAX_SUBDOMAIN));
@@ -74,18 +153,14 @@ pub(crate) fn dns1123_subdomain(value: &str) -> Result<(), String> {
         .chars()
         .find(|&c| !(is_lower_alnum(c) || c == '-' || c == '.'))
     {
-        return Err(format!(
-            "contains {c:?}; only lowercase letters, digits, '-' and '.' are allowed"
-        ));
+        return Err(InputError::SubdomainChar(c));
     }
     for part in value.split('.') {
         if part.is_empty() {
-            return Err("contains an empty part between dots".into());
+            return Err(InputError::EmptyPart);
         }
         if part.starts_with('-') || part.ends_with('-') {
-            return Err(format!(
-                "part {part:?} must start and end with a lowercase letter or digit"
-            ));
+            return Err(InputError::PartEdge(part.to_string()));
         }
     }
     Ok(())
@@ -95,18 +170,18 @@ pub(crate) fn dns1123_subdomain(value: &str) -> Result<(), String> {
 /// labels of 1 to 63 characters, at most 253 in all, optionally starting with a `*.` wildcard).
 /// DNS names are lowercased; a last label made only of digits is refused so that a mistyped
 /// address ("192.168.127.300") is not taken for a name.
-pub(crate) fn san(value: &str) -> Result<San, String> {
+pub(crate) fn san(value: &str) -> Result<San, InputError> {
     if value.is_empty() {
-        return Err("must not be empty".into());
+        return Err(InputError::Empty);
     }
     if let Ok(ip) = value.parse::<IpAddr>() {
         return Ok(San::Ip(ip));
     }
     if value.starts_with('[') {
-        return Err("write IPv6 addresses without brackets".into());
+        return Err(InputError::Brackets);
     }
     if value.contains(':') {
-        return Err("is not a valid IPv6 address (and ':' is not allowed in a DNS name)".into());
+        return Err(InputError::BadIpv6);
     }
     let name = value.to_ascii_lowercase();
     if name.len() > MAX_SUBDOMAIN {
@@ -114,58 +189,50 @@ pub(crate) fn san(value: &str) -> Result<San, String> {
     }
     let rest = name.strip_prefix("*.").unwrap_or(&name);
     if rest.is_empty() {
-        return Err("a wildcard needs a domain after \"*.\"".into());
+        return Err(InputError::BareWildcard);
     }
     if let Some(c) = rest
         .chars()
         .find(|&c| !(is_lower_alnum(c) || c == '-' || c == '.'))
     {
-        return Err(format!(
-            "is neither an IP address nor a DNS name: {c:?} is not allowed in a DNS name \
-             (letters, digits, '-' and '.' only)"
-        ));
+        return Err(InputError::DnsChar(c));
     }
     let labels: Vec<&str> = rest.split('.').collect();
     for label in &labels {
         if label.is_empty() {
-            return Err(
-                "contains an empty label (two dots in a row, or a leading or trailing dot)".into(),
-            );
+            return Err(InputError::EmptyLabel);
         }
         if label.len() > MAX_LABEL {
-            return Err(format!(
-                "label {label:?} {}",
-                too_long(label.len(), MAX_LABEL)
-            ));
+            return Err(InputError::LongLabel {
+                label: label.to_string(),
+                len: label.len(),
+                max: MAX_LABEL,
+            });
         }
         if label.starts_with('-') || label.ends_with('-') {
-            return Err(format!(
-                "label {label:?} must start and end with a letter or digit"
-            ));
+            return Err(InputError::DnsLabelEdge(label.to_string()));
         }
     }
     if labels
         .last()
         .is_some_and(|last| last.chars().all(|c| c.is_ascii_digit()))
     {
-        return Err(
-            "is not a valid IP address, and a DNS name cannot end in an all-digit label".into(),
-        );
+        return Err(InputError::DigitsLabel);
     }
     Ok(San::Dns(name))
 }
 
 /// A certificate common name: 1 to 64 characters, no control characters.
-pub(crate) fn common_name(value: &str) -> Result<(), String> {
+pub(crate) fn common_name(value: &str) -> Result<(), InputError> {
     if value.is_empty() {
-        return Err("must not be empty".into());
+        return Err(InputError::Empty);
     }
     let len = value.chars().count();
     if len > MAX_COMMON_NAME {
         return Err(too_long(len, MAX_COMMON_NAME));
     }
     if value.chars().any(char::is_control) {
-        return Err("contains control characters".into());
+        return Err(InputError::ControlChars);
     }
     Ok(())
 }
@@ -194,7 +261,7 @@ mod tests {
             assert!(dns1123_label(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(
-            dns1123_label("My-Gw").unwrap_err(),
+            dns1123_label("My-Gw").unwrap_err().to_string(),
             "contains 'M'; only lowercase letters, digits and '-' are allowed"
         );
     }
