@@ -13,7 +13,6 @@ pub mod doctor;
 pub mod ephemeral;
 pub mod guest_paths;
 pub mod k3s;
-pub mod k3s_stage;
 pub mod lock;
 pub mod logcap;
 pub mod name;

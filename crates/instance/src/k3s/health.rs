@@ -92,7 +92,7 @@ async fn gateway_health(name: &str, s: &K3sSettings, g: GatewayPort) -> GatewayH
         ..Default::default()
     };
     let dir = InstancePaths::new(name).dir.join("pki");
-    let opts = crate::k3s_stage::pki_options(name, s);
+    let opts = crate::k3s::stage::pki_options(name, s);
     let checked = tokio::task::spawn_blocking(move || {
         let pki = pki::load_or_create(&dir, &opts).map_err(|e| gatevm_abi::error_chain(&e))?;
         gatevm_k3s::tls::probe(

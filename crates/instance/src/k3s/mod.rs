@@ -7,6 +7,7 @@
 mod health;
 mod ready;
 mod resolve;
+pub mod stage;
 
 pub use health::{k3s_health, status_with_health};
 pub use ready::{after_ready, kubeconfig_file, refresh_kubeconfig};

@@ -52,7 +52,7 @@ pub fn refresh_kubeconfig(
     let k3s_yaml =
         runtime()?.block_on(fetch_guest_file(name, K3S_YAML, kubeconfig::MAX_K3S_YAML))?;
     let yaml = kubeconfig::instance_kubeconfig(&k3s_yaml, name, s.api_port)?;
-    crate::k3s_stage::write_new(&kubeconfig_file(&paths), yaml.as_bytes(), 0o600)
+    crate::k3s::stage::write_new(&kubeconfig_file(&paths), yaml.as_bytes(), 0o600)
         .map_err(K3sError::Invalid)?;
     notice(Notice::KubeconfigWritten {
         path: kubeconfig_file(&paths),
@@ -82,7 +82,7 @@ pub fn after_ready(
     refresh_kubeconfig(name, s, notice)?;
     let pki = pki::load_or_create(
         &paths.dir.join("pki"),
-        &crate::k3s_stage::pki_options(name, s),
+        &crate::k3s::stage::pki_options(name, s),
     )?;
     if let Some(dir) = pki::config_dir() {
         let at = pki::write_gateway_metadata(&dir, name, gateway_endpoint(s).as_deref(), &pki)?;

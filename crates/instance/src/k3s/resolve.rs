@@ -164,7 +164,7 @@ fn check_flags(
         }
     }
     for m in &a.manifests {
-        for f in crate::k3s_stage::manifest_files(m).map_err(invalid)? {
+        for f in crate::k3s::stage::manifest_files(m).map_err(invalid)? {
             check_manifest_name(&f)?;
         }
     }

@@ -169,7 +169,7 @@ fn prepare_root(
             }
             VmmBackend::Krun(_) => vec![],
         };
-        crate::k3s_stage::stage(paths, k3s, &caps)
+        crate::k3s::stage::stage(paths, k3s, &caps)
             .map_err(|e| SupervisorError::Setup(format!("preparing k3s: {e}")))?;
     }
     Ok(())
