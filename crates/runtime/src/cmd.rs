@@ -15,7 +15,7 @@ const TAIL_LINES: usize = 15;
 #[derive(Debug, Error)]
 pub enum CommandError {
     /// The program could not be started (not installed, not executable).
-    #[error("cannot run `{command}`: {source}")]
+    #[error("cannot run `{command}`")]
     Spawn {
         /// The command line.
         command: String,
@@ -36,7 +36,7 @@ pub enum CommandError {
         log: Option<PathBuf>,
     },
     /// The log file for the command's output could not be created or read.
-    #[error("cannot use log file {} for `{command}`: {source}", path.display())]
+    #[error("cannot use log file {} for `{command}`", path.display())]
     Log {
         /// The command line.
         command: String,

@@ -52,7 +52,7 @@ pub enum DirsError {
         why: String,
     },
     /// Creating a directory failed.
-    #[error("cannot create directory {}: {source}", path.display())]
+    #[error("cannot create directory {}", path.display())]
     Create {
         /// The directory.
         path: PathBuf,

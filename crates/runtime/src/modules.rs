@@ -10,7 +10,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ModulesError {
     /// A module index file could not be read.
-    #[error("cannot read {}: {source} (was depmod run on this module tree?)", path.display())]
+    #[error("cannot read {} (was depmod run on this module tree?)", path.display())]
     Read {
         /// The file.
         path: PathBuf,

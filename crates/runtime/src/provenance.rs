@@ -39,7 +39,7 @@ pub enum ProvenanceError {
     #[error(transparent)]
     Io(#[from] IoError),
     /// The manifest is not valid JSON of the expected shape.
-    #[error("{} is not a valid gatevm provenance manifest: {source}; run `gatevm setup` to rewrite it", path.display())]
+    #[error("{} is not a valid gatevm provenance manifest (run `gatevm setup` to rewrite it)", path.display())]
     Parse {
         /// The path.
         path: PathBuf,

@@ -66,7 +66,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let hw = host.hardware_virt();
     // A bad environment (a relative GATEVM_DATA_DIR, no HOME) is the runtime's problem here.
     let runtime = match super::check_env() {
-        Ok(()) => gatevm_runtime::Runtime::load().map_err(|e| e.to_string()),
+        Ok(()) => gatevm_runtime::Runtime::load().map_err(|e| gatevm_abi::error_chain(&e)),
         Err(e) => Err(crate::output::error_line(&e)),
     };
     let mut backends = Vec::new();

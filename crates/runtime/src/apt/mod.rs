@@ -57,7 +57,7 @@ pub enum AptError {
     #[error("Debian archive keyring {DEBIAN_KEYRING} is missing: install the debian-archive-keyring package")]
     NoKeyring,
     /// `apt-get update` on the private configuration failed.
-    #[error("cannot fetch the Debian {suites} package lists from {mirrors}: {source}; check network access to the mirror, or set {MIRROR_ENV}")]
+    #[error("cannot fetch the Debian {suites} package lists from {mirrors} (check network access to the mirror, or set {MIRROR_ENV})")]
     Update {
         /// The suites.
         suites: String,

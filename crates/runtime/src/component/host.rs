@@ -129,7 +129,7 @@ pub enum HostError {
         missing: Vec<Missing>,
     },
     /// apt-get failed.
-    #[error("installing host packages failed: {0}")]
+    #[error("installing host packages failed")]
     Install(#[source] CommandError),
     /// Still missing after installing.
     #[error("still missing after apt-get install: {}", list_what(missing))]

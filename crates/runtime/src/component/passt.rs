@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use gatevm_abi::error_chain;
 use thiserror::Error;
 
 use crate::cmd::{self, CommandError};
@@ -69,7 +70,7 @@ pub enum PasstError {
         problem: String,
     },
     /// Unpacking, patching or compiling failed.
-    #[error("building passt {version} failed: {source}")]
+    #[error("building passt {version} failed")]
     Build {
         /// The version.
         version: String,
@@ -277,7 +278,7 @@ pub fn check_binary(bin: &Path, version: &str) -> Result<(), PasstError> {
         c.arg("-o0").arg(bin).arg(arg);
         cmd::run_captured(&mut c)
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .map_err(|e| broken(e.to_string()))
+            .map_err(|e| broken(error_chain(&e)))
     };
     let out = run("--version")?;
     let first = out.lines().next().unwrap_or("").trim();

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use gatevm_abi::error_chain;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -228,7 +229,7 @@ pub fn build_rootfs(
         RootfsError::Io(IoError {
             action: "cannot create",
             path: root.to_path_buf(),
-            source: std::io::Error::other(e.to_string()),
+            source: std::io::Error::other(error_chain(&e)),
         })
     })?;
     clean_stale_builds(root)?;

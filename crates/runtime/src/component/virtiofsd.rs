@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use gatevm_abi::error_chain;
 use thiserror::Error;
 
 use crate::cmd::{self, CommandError};
@@ -25,7 +26,7 @@ pub enum VirtiofsdError {
     #[error("cargo not found (looked at $CARGO, PATH and ~/.cargo/bin): virtiofsd {VIRTIOFSD_VERSION} is built from crates-io; install a Rust toolchain (rustup) and run setup again")]
     NoCargo,
     /// The build failed.
-    #[error("building virtiofsd {VIRTIOFSD_VERSION} from crates-io failed: {0}")]
+    #[error("building virtiofsd {VIRTIOFSD_VERSION} from crates-io failed")]
     Build(#[source] CommandError),
     /// The built binary does not run or reports another version.
     #[error("built virtiofsd at {} does not work: {problem}", path.display())]
@@ -56,7 +57,7 @@ pub fn find_cargo() -> Option<PathBuf> {
 
 /// The version a virtiofsd binary reports (`virtiofsd --version` prints `virtiofsd X.Y.Z`).
 pub fn binary_version(bin: &Path) -> Result<String, String> {
-    let out = cmd::run_captured(Command::new(bin).arg("--version")).map_err(|e| e.to_string())?;
+    let out = cmd::run_captured(Command::new(bin).arg("--version")).map_err(|e| error_chain(&e))?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace()
         .nth(1)

@@ -59,7 +59,7 @@ pub enum KernelError {
         magic: String,
     },
     /// The payload does not decompress.
-    #[error("cannot decompress the bzImage payload: {0}")]
+    #[error("cannot decompress the bzImage payload")]
     Decompress(#[source] std::io::Error),
     /// The decompressed size does not match the size trailer.
     #[error("decompressed kernel is {actual} bytes, the bzImage trailer says {expected}")]

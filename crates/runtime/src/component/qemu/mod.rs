@@ -23,6 +23,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use gatevm_abi::error_chain;
 use thiserror::Error;
 
 use crate::cmd::CommandError;
@@ -90,7 +91,7 @@ pub enum QemuError {
         missing: Vec<MissingLibrary>,
     },
     /// The binary could not be run.
-    #[error("cannot check {}: {source}", binary.display())]
+    #[error("cannot check {}", binary.display())]
     Run {
         /// The binary.
         binary: PathBuf,
@@ -197,7 +198,7 @@ pub(crate) fn ensure(
                     if host.is_none() || hardware_kvm().is_err() {
                         return Err(e);
                     }
-                    format!("{suite}: {e}")
+                    format!("{suite}: {}", error_chain(&e))
                 }
             }
         }
