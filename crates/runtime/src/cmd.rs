@@ -201,7 +201,7 @@ pub(crate) fn run_logged(cmd: &mut Command, log: &Path) -> Result<(), CommandErr
 
 /// Finds an executable by name in `PATH` and the sbin directories (which a non-login root shell
 /// may lack in its `PATH`).
-pub fn find_program(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())

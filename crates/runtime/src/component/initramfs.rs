@@ -28,7 +28,7 @@ use std::time::Instant;
 use crate::setup::{Ctx, SetupAction, SetupError, SetupOptions};
 
 /// Modules wanted before the root is mounted (those built into the kernel are skipped).
-pub const INITRAMFS_MODULES: &[&str] = &[
+pub(crate) const INITRAMFS_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_blk",
     "virtiofs",
@@ -37,10 +37,10 @@ pub const INITRAMFS_MODULES: &[&str] = &[
 ];
 
 /// Bump when the initramfs layout changes.
-pub const INITRAMFS_REVISION: u32 = 1;
+pub(crate) const INITRAMFS_REVISION: u32 = 1;
 
 /// Name of the marker file at the initramfs root.
-pub const MARKER_FILE: &str = "gatevm-initramfs";
+pub(crate) const MARKER_FILE: &str = "gatevm-initramfs";
 
 /// How many initramfs files to keep in the output directory (newest first).
 const KEEP: usize = 4;

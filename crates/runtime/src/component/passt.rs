@@ -23,13 +23,13 @@ use crate::setup::{io, Ctx, SetupAction, SetupError, SetupOptions};
 use crate::util;
 
 /// The Debian suite whose source package is built.
-pub const PASST_SOURCE_SUITE: &str = "trixie";
+pub(crate) const PASST_SOURCE_SUITE: &str = "trixie";
 /// The source package.
-pub const PASST_SOURCE_PACKAGE: &str = "passt";
+pub(crate) const PASST_SOURCE_PACKAGE: &str = "passt";
 /// Where the binary goes, relative to the runtime directory.
-pub const PASST_BIN: &str = "bin/passt";
+pub(crate) const PASST_BIN: &str = "bin/passt";
 /// Long options gatevm's passt backend passes; the built binary's `--help` must list each.
-pub const PASST_REQUIRED_FLAGS: &[&str] = &[
+pub(crate) const PASST_REQUIRED_FLAGS: &[&str] = &[
     "--foreground",
     "--quiet",
     "--ipv4-only",
@@ -90,7 +90,7 @@ pub enum PasstError {
 
 /// One patch of a quilt series.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SeriesEntry {
+pub(crate) struct SeriesEntry {
     /// Path of the patch relative to `debian/patches`.
     pub patch: String,
     /// Leading path components to strip (`-pN`; 1 unless given).
@@ -100,7 +100,7 @@ pub struct SeriesEntry {
 /// Parses a quilt `series` file the way dpkg-source reads it: `#` starts a comment (at the start
 /// of a line or after white space), blank lines are skipped, a line is a patch path optionally
 /// followed by `-pN`. Refuses absolute paths, `..` components and other options.
-pub fn parse_series(text: &str) -> Result<Vec<SeriesEntry>, String> {
+pub(crate) fn parse_series(text: &str) -> Result<Vec<SeriesEntry>, String> {
     let mut out = Vec::new();
     for (n, raw) in text.lines().enumerate() {
         let comment = raw
@@ -177,7 +177,7 @@ fn source_root(dir: &Path) -> Result<PathBuf, PasstError> {
 /// of passt `version` under `work`, applies the Debian patches, runs `make passt
 /// VERSION=<version>` and checks the binary ([`check_binary`]). Returns the binary's path (inside
 /// `work`). Every command's output goes to `log`.
-pub fn build_passt(
+pub(crate) fn build_passt(
     work: &Path,
     files: &[PathBuf],
     version: &str,
@@ -268,7 +268,7 @@ pub fn build_passt(
 ///
 /// This passt prints both with stdio and leaves with `_exit()`, so into a pipe they come out cut
 /// short or empty; `stdbuf -o0` (coreutils) makes every write go out at once.
-pub fn check_binary(bin: &Path, version: &str) -> Result<(), PasstError> {
+pub(crate) fn check_binary(bin: &Path, version: &str) -> Result<(), PasstError> {
     let broken = |problem: String| PasstError::Broken {
         path: bin.to_path_buf(),
         problem,

@@ -24,15 +24,15 @@ use crate::provenance::{Provenance, RootfsRecord};
 use crate::setup::{Ctx, SetupAction, SetupError, SetupOptions};
 
 /// Bump when the build steps change in a way that needs new trees.
-pub const ROOTFS_RECIPE_REVISION: u32 = 4;
+pub(crate) const ROOTFS_RECIPE_REVISION: u32 = 4;
 /// Name of the recipe file inside a built tree.
-pub const RECIPE_FILE: &str = ".gatevm-rootfs.json";
+pub(crate) const RECIPE_FILE: &str = ".gatevm-rootfs.json";
 /// The Debian suite of the base rootfs.
-pub const ROOTFS_SUITE: &str = "trixie";
+pub(crate) const ROOTFS_SUITE: &str = "trixie";
 /// The mmdebstrap variant.
-pub const ROOTFS_VARIANT: &str = "minbase";
+pub(crate) const ROOTFS_VARIANT: &str = "minbase";
 /// Packages installed on top of the variant.
-pub const ROOTFS_PACKAGES: &[&str] = &[
+pub(crate) const ROOTFS_PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "containernetworking-plugins",
@@ -143,7 +143,7 @@ impl RootfsRecipe {
 
 /// The recipe file written into a built tree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RootfsStamp {
+pub(crate) struct RootfsStamp {
     /// The recipe.
     pub recipe: RootfsRecipe,
     /// Its full hash.

@@ -13,15 +13,15 @@ use crate::provenance::{self, component, Component, FileRecord, Provenance};
 use crate::setup::{io, Ctx, SetupAction, SetupError, SetupOptions};
 use crate::util;
 
-pub mod vmlinux;
+pub(crate) mod vmlinux;
 
-pub use vmlinux::{write_vmlinux, KernelError};
+pub(crate) use vmlinux::{write_vmlinux, KernelError};
 
 /// Debian suite the kernel and gvproxy come from.
-pub const KERNEL_SUITE: &str = "trixie";
+pub(crate) const KERNEL_SUITE: &str = "trixie";
 
 /// The kernel metapackage whose dependency names the real kernel package.
-pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
+pub(crate) const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 
 /// A typed view of what gatevm knows about the guest kernel it installed.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use crate::cmd;
 /// TCG, the firmware in `data_dirs` first) and no root file system: the kernel starts, panics
 /// for want of a root, and QEMU exits (`panic=-1`, `-no-reboot`). Proves the firmware loads the
 /// kernel. The console goes to `serial_log`. Takes a few seconds; gives up after `timeout`.
-pub fn boot_test(
+pub(crate) fn boot_test(
     binary: &Path,
     data_dirs: &[PathBuf],
     kernel: &Path,

@@ -33,14 +33,14 @@ use crate::provenance::{self, component, Component, Provenance};
 use crate::setup::{io, Ctx, SetupAction, SetupError, SetupOptions};
 use crate::util;
 
-pub mod backport;
-pub mod boot_test;
-pub mod choice;
-pub mod ldd;
+pub(crate) mod backport;
+pub(crate) mod boot_test;
+pub(crate) mod choice;
+pub(crate) mod ldd;
 
-pub use boot_test::boot_test;
-pub use choice::*;
-pub use ldd::{check_binary, MissingLibrary};
+pub(crate) use boot_test::boot_test;
+pub(crate) use choice::*;
+pub(crate) use ldd::{check_binary, MissingLibrary};
 
 use backport::{bundle_detail, install_backport};
 use ldd::{list_missing, missing_packages};
