@@ -184,10 +184,38 @@ pub(crate) fn build_passt(
     log: &Path,
     progress: &dyn Fn(&str),
 ) -> Result<PathBuf, PasstError> {
-    let build = |source| PasstError::Build {
+    let root = unpack_source(work, files, version, log)?;
+    apply_patches(&root, version, log, progress)?;
+    progress(&format!(
+        "building passt {version} from Debian {PASST_SOURCE_SUITE}'s source package"
+    ));
+    let mut c = Command::new("make");
+    c.current_dir(&root)
+        .arg("passt")
+        // The Makefile would otherwise ask git for a version; Debian's rules pass its own too.
+        .arg(format!("VERSION={version}"));
+    cmd::run_logged(&mut c, log).map_err(|e| build_error(version, e))?;
+    let bin = root.join("passt");
+    check_binary(&bin, version)?;
+    Ok(bin)
+}
+
+/// A failed command of the build of passt `version`.
+fn build_error(version: &str, source: CommandError) -> PasstError {
+    PasstError::Build {
         version: version.to_string(),
         source: Box::new(source),
-    };
+    }
+}
+
+/// Unpacks the upstream tarball under `work/src` and the Debian tarball over it (its `debian/`
+/// replacing any upstream one, as dpkg-source does for format 3.0); returns the source root.
+fn unpack_source(
+    work: &Path,
+    files: &[PathBuf],
+    version: &str,
+    log: &Path,
+) -> Result<PathBuf, PasstError> {
     let (orig, debian) = tarballs(files, version)?;
     let src = work.join("src");
     std::fs::create_dir_all(&src).map_err(io_err("cannot create", &src))?;
@@ -198,7 +226,7 @@ pub(crate) fn build_passt(
             .arg("-C")
             .arg(into)
             .arg("--no-same-owner");
-        cmd::run_logged(&mut c, log).map_err(build)
+        cmd::run_logged(&mut c, log).map_err(|e| build_error(version, e))
     };
     untar(&orig, &src)?;
     let root = source_root(&src)?;
@@ -209,7 +237,17 @@ pub(crate) fn build_passt(
             .map_err(io_err("cannot remove", &upstream_debian))?;
     }
     untar(&debian, &root)?;
+    Ok(root)
+}
 
+/// Applies the patches `debian/patches/series` lists (none when it is absent) to the source
+/// tree at `root`, as dpkg-source does for 3.0 (quilt).
+fn apply_patches(
+    root: &Path,
+    version: &str,
+    log: &Path,
+    progress: &dyn Fn(&str),
+) -> Result<(), PasstError> {
     let patches = root.join("debian/patches");
     let series_path = patches.join("series");
     let series = match std::fs::read_to_string(&series_path) {
@@ -236,7 +274,7 @@ pub(crate) fn build_passt(
         }
         // dpkg-source's way for 3.0 (quilt): no fuzz, no backup files.
         let mut c = Command::new("patch");
-        c.current_dir(&root)
+        c.current_dir(root)
             .arg(format!("-p{}", entry.strip))
             .args([
                 "--batch",
@@ -246,21 +284,9 @@ pub(crate) fn build_passt(
             ])
             .arg("-i")
             .arg(&file);
-        cmd::run_logged(&mut c, log).map_err(build)?;
+        cmd::run_logged(&mut c, log).map_err(|e| build_error(version, e))?;
     }
-
-    progress(&format!(
-        "building passt {version} from Debian {PASST_SOURCE_SUITE}'s source package"
-    ));
-    let mut c = Command::new("make");
-    c.current_dir(&root)
-        .arg("passt")
-        // The Makefile would otherwise ask git for a version; Debian's rules pass its own too.
-        .arg(format!("VERSION={version}"));
-    cmd::run_logged(&mut c, log).map_err(build)?;
-    let bin = root.join("passt");
-    check_binary(&bin, version)?;
-    Ok(bin)
+    Ok(())
 }
 
 /// Runs `bin --version` and `bin --help` with an unbuffered stdout: the version line must be

@@ -284,6 +284,19 @@ fn build_into(
         .env("LC_ALL", "C.UTF-8");
     cmd::run_logged(&mut c, log)?;
 
+    install_modules(dir, kernel, log)?;
+
+    let sbin = dir.join("usr/local/sbin");
+    std::fs::create_dir_all(&sbin).map_err(io_err("cannot create", &sbin))?;
+
+    write_guest_files(dir)?;
+    check_complete(dir, kernel)?;
+    write_stamp(dir, recipe)
+}
+
+/// Copies the kernel's module tree into the tree at `dir` (replacing one of the same release)
+/// and runs depmod on it.
+fn install_modules(dir: &Path, kernel: &KernelInfo, log: &Path) -> Result<(), RootfsError> {
     let modules_dest = dir.join("usr/lib/modules").join(&kernel.release);
     if let Some(parent) = modules_dest.parent() {
         std::fs::create_dir_all(parent).map_err(io_err("cannot create", parent))?;
@@ -297,10 +310,12 @@ fn build_into(
     let mut c = Command::new(depmod);
     c.arg("-b").arg(dir).arg(&kernel.release);
     cmd::run_logged(&mut c, log)?;
+    Ok(())
+}
 
-    let sbin = dir.join("usr/local/sbin");
-    std::fs::create_dir_all(&sbin).map_err(io_err("cannot create", &sbin))?;
-
+/// Writes the guest's own hostname, hosts and resolv.conf into the tree at `dir`.
+fn write_guest_files(dir: &Path) -> Result<(), RootfsError> {
+    use std::os::unix::fs::PermissionsExt;
     // mmdebstrap copies the build host's hostname, hosts and resolv.conf (with the host's modes):
     // the guest's own belong here instead (gatevm-guest sets the hostname and DNS at boot).
     for (file, text) in [
@@ -317,7 +332,11 @@ fn build_into(
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
             .map_err(io_err("cannot chmod", &p))?;
     }
+    Ok(())
+}
 
+/// Checks that the tree at `dir` has what the guest needs (containerd, runc, the module index).
+fn check_complete(dir: &Path, kernel: &KernelInfo) -> Result<(), RootfsError> {
     for must in [
         "usr/bin/containerd".to_string(),
         "usr/sbin/runc".to_string(),
@@ -333,7 +352,11 @@ fn build_into(
             });
         }
     }
+    Ok(())
+}
 
+/// Writes the recipe stamp ([`RECIPE_FILE`]) into the tree at `dir`.
+fn write_stamp(dir: &Path, recipe: &RootfsRecipe) -> Result<(), RootfsError> {
     let stamp = RootfsStamp {
         recipe: recipe.clone(),
         hash: recipe.hash(),

@@ -92,8 +92,23 @@ pub(crate) fn ensure(
         }
     }
 
-    let (x, _work) = ctx.fetch(C, &entry, KERNEL_SUITE)?;
-    let found = find_in_package(&x, &real, &entry.version)?;
+    install(ctx, prov, had, &meta, &real, &entry, started)
+}
+
+/// Fetches `real` (the package `meta` points at) as `entry` says, installs its kernel and
+/// modules into `runtime/kernel` and records it.
+fn install(
+    ctx: &mut Ctx<'_>,
+    prov: &mut Provenance,
+    had: bool,
+    meta: &PackageEntry,
+    real: &str,
+    entry: &PackageEntry,
+    started: Instant,
+) -> Result<KernelInfo, SetupError> {
+    const C: &str = component::KERNEL;
+    let (x, _work) = ctx.fetch(C, entry, KERNEL_SUITE)?;
+    let found = find_in_package(&x, real, &entry.version)?;
     let staging = ctx.runtime.join(".kernel-new");
     let vmlinux_size = stage(ctx, &found, &staging)?;
     // Swap the new tree in.
