@@ -133,7 +133,11 @@ fn load_modules(payload: PayloadKind, transport: AgentTransport) -> Receiver<()>
             });
         }
         Some((tree, Err(e))) => {
-            crate::glog!("modules: {e} (module tree {})", tree.display());
+            crate::glog!(
+                "modules: {} (module tree {})",
+                crate::log::error_chain(&e),
+                tree.display()
+            );
             modules::mark_loaded();
             drop(modules_tx);
         }

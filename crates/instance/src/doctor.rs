@@ -63,7 +63,7 @@ pub fn report(verify: bool) -> Report {
     let hw = host.hardware_virt();
     // A bad environment (a relative GATEVM_DATA_DIR, no HOME) is the runtime's problem here.
     let runtime = match crate::preflight::check_env() {
-        Ok(()) => Runtime::load().map_err(|e| e.to_string()),
+        Ok(()) => Runtime::load().map_err(|e| gatevm_abi::error_chain(&e)),
         Err(e) => Err(gatevm_abi::error_chain(&e)),
     };
     let mut report = Report {

@@ -106,8 +106,8 @@ pub fn check_image(img: &Path) -> Result<(), EphemeralError> {
 }
 
 /// An archive error that names the archive (once).
-fn archive_error(img: &std::path::Path, e: impl std::fmt::Display) -> EphemeralError {
-    let msg = e.to_string();
+fn archive_error(img: &std::path::Path, e: gatevm_oci::OciError) -> EphemeralError {
+    let msg = gatevm_abi::error_chain(&e);
     if msg.contains(&*img.to_string_lossy()) {
         invalid(msg)
     } else {

@@ -37,7 +37,7 @@ fn abs_var(var: &'static str) -> Option<PathBuf> {
     match gatevm_runtime::dirs::env_dir(var) {
         Ok(p) => p,
         Err(e) => {
-            tracing::warn!("ignoring {var}: {e}");
+            tracing::warn!("ignoring {var}: {}", gatevm_abi::error_chain(&e));
             None
         }
     }

@@ -47,7 +47,7 @@ pub struct ModuleIndex {
     dir: Option<PathBuf>,
 }
 
-/// A module index file that could not be read.
+/// A module index file that could not be read; the cause is its [`std::error::Error::source`].
 #[derive(Debug)]
 pub struct ReadError {
     /// The file.
@@ -58,7 +58,7 @@ pub struct ReadError {
 
 impl fmt::Display for ReadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path.display(), self.source)
+        write!(f, "cannot read {}", self.path.display())
     }
 }
 

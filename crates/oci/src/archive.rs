@@ -618,9 +618,9 @@ impl OuterArchive {
         if let Some(d) = digest {
             d.check(&hex::encode(Sha256::digest(&buf)))?;
         }
-        serde_json::from_slice(&buf).map_err(|source| OciError::Json {
+        serde_json::from_slice(&buf).map_err(|e| OciError::Json {
             what: what(),
-            source,
+            source: crate::JsonError(e),
         })
     }
 }

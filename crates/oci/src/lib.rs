@@ -123,11 +123,12 @@ pub struct ImageSummary {
 #[derive(Debug, Error)]
 pub enum OciError {
     /// The archive cannot be opened.
-    #[error("cannot open image archive {}: {source}", path.display())]
+    #[error("cannot open image archive {}", path.display())]
     Open {
         /// The archive.
         path: PathBuf,
         /// Why.
+        #[source]
         source: io::Error,
     },
     /// The destination is not an existing empty directory.
@@ -194,12 +195,13 @@ pub enum OciError {
         limit: u64,
     },
     /// A JSON document does not parse.
-    #[error("{} is not valid: {}", printable(what), printable(&source.to_string()))]
+    #[error("{} is not valid", printable(what))]
     Json {
         /// The member or digest.
         what: String,
         /// The parse error.
-        source: serde_json::Error,
+        #[source]
+        source: JsonError,
     },
     /// A document is well-formed JSON but not usable.
     #[error("{}: {}", printable(what), printable(reason))]
@@ -432,6 +434,23 @@ fn empty_dir(dir: &Path) {
 /// `s` with control characters (newlines, terminal escapes, ...) escaped, so that a message
 /// quoting archive content (member names, references, a tar reader's complaint about header
 /// bytes) stays on one line and cannot drive the terminal.
+/// A JSON parse error of a document from the archive. Its text can quote the document, so it is
+/// shown through `printable` (control characters escaped), like every text from the archive.
+#[derive(Debug)]
+pub struct JsonError(serde_json::Error);
+
+impl std::fmt::Display for JsonError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&printable(&self.0.to_string()))
+    }
+}
+
+impl std::error::Error for JsonError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
+    }
+}
+
 fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     if !s.chars().any(char::is_control) {
         return s.into();

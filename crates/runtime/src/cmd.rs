@@ -15,7 +15,7 @@ const TAIL_LINES: usize = 15;
 #[derive(Debug, Error)]
 pub enum CommandError {
     /// The program could not be started (not installed, not executable).
-    #[error("cannot run `{command}`: {source}")]
+    #[error("cannot run `{command}`")]
     Spawn {
         /// The command line.
         command: String,
@@ -36,7 +36,7 @@ pub enum CommandError {
         log: Option<PathBuf>,
     },
     /// The log file for the command's output could not be created or read.
-    #[error("cannot use log file {} for `{command}`: {source}", path.display())]
+    #[error("cannot use log file {} for `{command}`", path.display())]
     Log {
         /// The command line.
         command: String,
@@ -201,7 +201,7 @@ pub(crate) fn run_logged(cmd: &mut Command, log: &Path) -> Result<(), CommandErr
 
 /// Finds an executable by name in `PATH` and the sbin directories (which a non-login root shell
 /// may lack in its `PATH`).
-pub fn find_program(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())

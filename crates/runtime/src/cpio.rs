@@ -23,7 +23,7 @@ pub const S_IFREG: u32 = 0o100000;
 /// Character device.
 pub const S_IFCHR: u32 = 0o020000;
 /// Symbolic link.
-pub const S_IFLNK: u32 = 0o120000;
+pub(crate) const S_IFLNK: u32 = 0o120000;
 
 /// Errors of the newc reader.
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -26,7 +26,7 @@ use thiserror::Error;
 
 /// Version of the runtime bundle layout; part of the default [`runtime_dir`] path so that a
 /// future incompatible layout lives next to this one instead of overwriting it.
-pub const RUNTIME_LAYOUT_VERSION: u32 = 1;
+pub(crate) const RUNTIME_LAYOUT_VERSION: u32 = 1;
 
 /// Errors of directory resolution and creation.
 #[derive(Debug, Error)]
@@ -52,7 +52,7 @@ pub enum DirsError {
         why: String,
     },
     /// Creating a directory failed.
-    #[error("cannot create directory {}: {source}", path.display())]
+    #[error("cannot create directory {}", path.display())]
     Create {
         /// The directory.
         path: PathBuf,
@@ -76,7 +76,7 @@ fn var_path(get: &dyn Fn(&str) -> Option<OsString>, var: &str) -> Option<PathBuf
 /// Whether `path` may be used as a directory of the calling user `uid`: it exists and belongs to
 /// `uid`, or it does not exist and its nearest existing ancestor belongs to `uid` or to root.
 /// The error says who owns what.
-pub fn check_owner(path: &Path, uid: u32) -> Result<(), String> {
+pub(crate) fn check_owner(path: &Path, uid: u32) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     match std::fs::metadata(path) {
         Ok(m) if m.uid() == uid => return Ok(()),
@@ -104,7 +104,7 @@ pub fn check_owner(path: &Path, uid: u32) -> Result<(), String> {
 }
 
 /// The effective uid of this process.
-pub fn caller_uid() -> u32 {
+pub(crate) fn caller_uid() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
 
@@ -214,12 +214,12 @@ pub fn cache_dir() -> Result<PathBuf, DirsError> {
 }
 
 /// The directory holding the base root filesystems: `data_dir()/rootfs`.
-pub fn rootfs_root() -> Result<PathBuf, DirsError> {
+pub(crate) fn rootfs_root() -> Result<PathBuf, DirsError> {
     Ok(data_dir()?.join("rootfs"))
 }
 
 /// Creates `path` and any missing parents with mode 0700. Existing directories keep their mode.
-pub fn ensure_dir(path: &Path) -> Result<(), DirsError> {
+pub(crate) fn ensure_dir(path: &Path) -> Result<(), DirsError> {
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)

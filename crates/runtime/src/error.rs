@@ -6,7 +6,7 @@ use thiserror::Error;
 
 /// A file operation failed: what was being done, on which path.
 #[derive(Debug, Error)]
-#[error("{action} {}: {source}", path.display())]
+#[error("{action} {}", path.display())]
 pub struct IoError {
     /// What was being done (`cannot write`, ...).
     pub action: &'static str,
@@ -37,7 +37,8 @@ mod tests {
         let e = io_err("cannot write", Path::new("/x/y"))(std::io::Error::from(
             std::io::ErrorKind::NotFound,
         ));
-        assert!(e.to_string().starts_with("cannot write /x/y: "), "{e}");
+        let chain = gatevm_abi::error_chain(&e);
+        assert!(chain.starts_with("cannot write /x/y: "), "{chain}");
         assert!(std::error::Error::source(&e).is_some());
     }
 }

@@ -8,7 +8,7 @@ pub use gatevm_fsutil::{rename_durable, sync_dir};
 
 /// Persists a named temporary file at `to` (atomically, as [`tempfile::NamedTempFile::persist`])
 /// and fsyncs the directory.
-pub fn persist_durable(tmp: tempfile::NamedTempFile, to: &Path) -> io::Result<()> {
+pub(crate) fn persist_durable(tmp: tempfile::NamedTempFile, to: &Path) -> io::Result<()> {
     tmp.persist(to).map_err(|e| e.error)?;
     let dir = to
         .parent()

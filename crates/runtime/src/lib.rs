@@ -12,24 +12,23 @@
 
 #![warn(missing_docs)]
 
-pub mod apt;
+pub(crate) mod apt;
 mod cmd;
-pub mod component;
+pub(crate) mod component;
 pub mod cpio;
 pub mod dirs;
-pub mod error;
+pub(crate) mod error;
 pub mod fsutil;
-pub mod modules;
-pub mod provenance;
-pub mod runtime;
-pub mod setup;
+pub(crate) mod modules;
+pub(crate) mod provenance;
+pub(crate) mod runtime;
+pub(crate) mod setup;
 mod util;
 
-pub use cmd::{find_program, CommandError};
-pub use component::initramfs::{build_initramfs, InitramfsError, INITRAMFS_MODULES};
-pub use component::kernel::{KernelError, KernelInfo};
+pub use cmd::CommandError;
+pub use component::initramfs::{build_initramfs, InitramfsError};
+pub use component::kernel::KernelInfo;
 pub use component::rootfs::{RootfsError, RootfsRecipe};
-pub use component::virtiofsd::VIRTIOFSD_VERSION;
 pub use component::{initramfs, rootfs};
 pub use provenance::{Component, FileRecord, Provenance, ProvenanceError, VerifyReport};
 pub use runtime::{verify, Runtime, RuntimeError};

@@ -10,7 +10,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ModulesError {
     /// A module index file could not be read.
-    #[error("cannot read {}: {source} (was depmod run on this module tree?)", path.display())]
+    #[error("cannot read {} (was depmod run on this module tree?)", path.display())]
     Read {
         /// The file.
         path: PathBuf,
@@ -41,7 +41,7 @@ pub enum ModulesError {
 
 /// The result of resolving a set of modules.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ModuleClosure {
+pub(crate) struct ModuleClosure {
     /// Module files (relative to the module tree) in load order: every module after its
     /// dependencies.
     pub load_order: Vec<String>,
@@ -50,7 +50,7 @@ pub struct ModuleClosure {
 }
 
 /// Reads the module index (`modules.dep`, and `modules.builtin` if present) of a module tree.
-pub fn load_index(modules_dir: &Path) -> Result<ModuleIndex, ModulesError> {
+pub(crate) fn load_index(modules_dir: &Path) -> Result<ModuleIndex, ModulesError> {
     ModuleIndex::load(modules_dir).map_err(|e| ModulesError::Read {
         path: e.path,
         source: e.source,
@@ -61,7 +61,7 @@ pub fn load_index(modules_dir: &Path) -> Result<ModuleIndex, ModulesError> {
 /// (dependencies first, each once, order otherwise following the request). Built-in names are
 /// reported in [`ModuleClosure::builtin`]; unknown names and defects of the index are errors (an
 /// unknown name first, then the first defect met).
-pub fn closure(index: &ModuleIndex, names: &[&str]) -> Result<ModuleClosure, ModulesError> {
+pub(crate) fn closure(index: &ModuleIndex, names: &[&str]) -> Result<ModuleClosure, ModulesError> {
     let c = index.closure(names, |_| false);
     if let Some(name) = c.missing.into_iter().next() {
         return Err(ModulesError::Unknown {

@@ -11,25 +11,25 @@ use crate::error::IoError;
 use crate::util;
 
 /// File name of the manifest inside the runtime directory.
-pub const PROVENANCE_FILE: &str = "provenance.json";
+pub(crate) const PROVENANCE_FILE: &str = "provenance.json";
 /// Current manifest format.
-pub const PROVENANCE_FORMAT: u32 = 1;
+pub(crate) const PROVENANCE_FORMAT: u32 = 1;
 
 /// Component names used in the manifest.
-pub mod component {
+pub(crate) mod component {
     /// The guest kernel (vmlinux, vmlinuz, config) and its module tree.
-    pub const KERNEL: &str = "kernel";
+    pub(crate) const KERNEL: &str = "kernel";
     /// gvproxy.
-    pub const GVPROXY: &str = "gvproxy";
+    pub(crate) const GVPROXY: &str = "gvproxy";
     /// libkrunfw.
-    pub const LIBKRUNFW: &str = "libkrunfw";
+    pub(crate) const LIBKRUNFW: &str = "libkrunfw";
     /// virtiofsd.
-    pub const VIRTIOFSD: &str = "virtiofsd";
+    pub(crate) const VIRTIOFSD: &str = "virtiofsd";
     /// passt, built from Debian trixie's source package (see [`crate::component::passt`]).
-    pub const PASST: &str = "passt";
+    pub(crate) const PASST: &str = "passt";
     /// QEMU: Debian's backport unpacked into the runtime directory (binary and firmware), or the
     /// host's `qemu-system-x86_64` recorded by absolute path.
-    pub const QEMU: &str = "qemu";
+    pub(crate) const QEMU: &str = "qemu";
 }
 
 /// Errors reading, writing or verifying the manifest.
@@ -39,7 +39,7 @@ pub enum ProvenanceError {
     #[error(transparent)]
     Io(#[from] IoError),
     /// The manifest is not valid JSON of the expected shape.
-    #[error("{} is not a valid gatevm provenance manifest: {source}; run `gatevm setup` to rewrite it", path.display())]
+    #[error("{} is not a valid gatevm provenance manifest (run `gatevm setup` to rewrite it)", path.display())]
     Parse {
         /// The path.
         path: PathBuf,

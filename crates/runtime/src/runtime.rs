@@ -15,7 +15,7 @@ use crate::provenance::{component, Provenance, ProvenanceError, VerifyReport};
 #[derive(Debug, Error)]
 pub enum RuntimeError {
     /// A directory could not be resolved.
-    #[error("{0}")]
+    #[error(transparent)]
     Dirs(#[from] DirsError),
     /// Setup has not run (no manifest).
     #[error("gatevm runtime is not set up ({} not found): run `gatevm setup`", path.display())]
@@ -30,7 +30,7 @@ pub enum RuntimeError {
         what: String,
     },
     /// The manifest could not be read.
-    #[error("{0}")]
+    #[error(transparent)]
     Provenance(#[from] ProvenanceError),
     /// The base rootfs of the current recipe is not built.
     #[error("the base rootfs for kernel {kernel} is not built (expected {}): run `gatevm setup`", path.display())]
@@ -41,7 +41,7 @@ pub enum RuntimeError {
         kernel: String,
     },
     /// Building the initramfs failed.
-    #[error("initramfs: {0}")]
+    #[error("initramfs")]
     Initramfs(#[from] InitramfsError),
 }
 

@@ -133,10 +133,10 @@ impl SetupReport {
 #[derive(Debug, Error)]
 pub enum SetupError {
     /// A directory could not be resolved or created.
-    #[error("{0}")]
+    #[error(transparent)]
     Dirs(#[from] DirsError),
     /// The setup lock could not be taken.
-    #[error("cannot lock {}: {source}", path.display())]
+    #[error("cannot lock {}", path.display())]
     Lock {
         /// The lock file.
         path: PathBuf,
@@ -145,10 +145,10 @@ pub enum SetupError {
         source: std::io::Error,
     },
     /// Host packages are missing or could not be installed.
-    #[error("host packages: {0}")]
+    #[error("host packages")]
     Host(#[from] HostError),
     /// Fetching a Debian package failed.
-    #[error("{component}: {source}")]
+    #[error("{component}")]
     Apt {
         /// The component.
         component: &'static str,
@@ -165,7 +165,7 @@ pub enum SetupError {
         problem: String,
     },
     /// A file operation failed.
-    #[error("{component}: {action} {}: {source}", path.display())]
+    #[error("{component}: {action} {}", path.display())]
     Io {
         /// The component.
         component: &'static str,
@@ -178,7 +178,7 @@ pub enum SetupError {
         source: std::io::Error,
     },
     /// A command failed.
-    #[error("{component}: {source}")]
+    #[error("{component}")]
     Command {
         /// The component.
         component: &'static str,
@@ -187,25 +187,25 @@ pub enum SetupError {
         source: CommandError,
     },
     /// Extracting the ELF kernel failed.
-    #[error("kernel: {0}")]
+    #[error("kernel")]
     Kernel(#[from] KernelError),
     /// Building virtiofsd failed.
-    #[error("virtiofsd: {0}")]
+    #[error("virtiofsd")]
     Virtiofsd(#[from] VirtiofsdError),
     /// Building passt from its Debian source package failed.
-    #[error("passt: {0}")]
+    #[error("passt")]
     Passt(#[from] PasstError),
     /// Building the rootfs failed.
-    #[error("rootfs: {0}")]
+    #[error("rootfs")]
     Rootfs(#[from] RootfsError),
     /// Building the initramfs failed.
-    #[error("initramfs: {0}")]
+    #[error("initramfs")]
     Initramfs(#[from] InitramfsError),
     /// Reading or writing the provenance manifest failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Provenance(#[from] ProvenanceError),
     /// No QEMU that runs the guests reliably, or the fetched one does not work.
-    #[error("qemu: {0}")]
+    #[error("qemu")]
     Qemu(#[from] QemuError),
 }
 

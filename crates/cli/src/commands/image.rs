@@ -328,7 +328,8 @@ fn import(a: ImportArgs) -> anyhow::Result<i32> {
         if meta.len() == 0 {
             bail!("{} is empty: not an image archive", path.display());
         }
-        let summaries = oci::inspect_archive(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let summaries = oci::inspect_archive(&path)
+            .map_err(|e| anyhow::anyhow!(gatevm_abi::error_chain(&e)))?;
         (Some(meta.len()), summaries)
     };
     require_running(&name)?;

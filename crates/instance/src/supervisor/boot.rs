@@ -51,8 +51,8 @@ pub(super) async fn boot_and_serve(
 ) -> Result<String, SupervisorError> {
     let (paths, cfg) = (&inst.paths, &opts.config);
     phase("preparing", t0, progress);
-    let runtime =
-        gatevm_runtime::Runtime::load().map_err(|e| SupervisorError::Setup(e.to_string()))?;
+    let runtime = gatevm_runtime::Runtime::load()
+        .map_err(|e| SupervisorError::Setup(gatevm_abi::error_chain(&e)))?;
     let (chosen, vmm) = choose_backend(inst, &runtime, progress)?;
     prepare_root(opts, paths, &runtime, &chosen)?;
     let state_disk = prepare_state_disk(paths, cfg)?;
@@ -155,7 +155,7 @@ fn prepare_root(
         Some(dir) => dir,
         None => runtime
             .rootfs()
-            .map_err(|e| SupervisorError::Setup(e.to_string()))?,
+            .map_err(|e| SupervisorError::Setup(gatevm_abi::error_chain(&e)))?,
     };
     super::mounts::mount_rootfs(paths, &lower, cfg.root_mib)?;
     install_guest(paths, &opts.guest_bin)?;
@@ -214,7 +214,7 @@ fn initramfs_for(
     runtime
         .initramfs(guest_bin)
         .map(Some)
-        .map_err(|e| SupervisorError::Setup(e.to_string()))
+        .map_err(|e| SupervisorError::Setup(gatevm_abi::error_chain(&e)))
 }
 
 /// Large frames where the VMM's device is known to take them (QEMU's virtio-net).

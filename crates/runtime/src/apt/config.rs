@@ -13,11 +13,11 @@ use crate::error::io_err;
 use crate::util;
 
 /// The keyring that signs the Debian archive (from `debian-archive-keyring`).
-pub const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+pub(crate) const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// Which indexes a [`PrivateApt`] configuration fetches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IndexKind {
+pub(crate) enum IndexKind {
     /// Binary packages: `deb` entries, `Packages` indexes.
     Binary,
     /// Source packages: `deb-src` entries, `Sources` indexes.
@@ -26,7 +26,7 @@ pub enum IndexKind {
 
 /// The sources.list line for `suite` on `mirror`: component main, only `kind`'s indexes, signed
 /// by the Debian archive keyring.
-pub fn source_line(kind: IndexKind, mirror: &str, suite: &str) -> String {
+pub(crate) fn source_line(kind: IndexKind, mirror: &str, suite: &str) -> String {
     let (ty, target) = match kind {
         IndexKind::Binary => ("deb", "Packages"),
         IndexKind::Source => ("deb-src", "Sources"),
@@ -36,7 +36,7 @@ pub fn source_line(kind: IndexKind, mirror: &str, suite: &str) -> String {
 
 /// A private apt configuration rooted in a directory of its own.
 #[derive(Debug, Clone)]
-pub struct PrivateApt {
+pub(crate) struct PrivateApt {
     root: PathBuf,
     mirrors: Vec<String>,
     suites: Vec<String>,
@@ -56,13 +56,14 @@ impl PrivateApt {
     /// mirror and suite (component main, Packages indexes only, signed by the Debian archive
     /// keyring), `apt.conf` pointing apt's state, cache and source parts into `root`, an empty
     /// dpkg status and an empty parts directory.
-    pub fn new(root: &Path, mirrors: &[String], suites: &[&str]) -> Result<Self, AptError> {
+    #[cfg(test)]
+    pub(crate) fn new(root: &Path, mirrors: &[String], suites: &[&str]) -> Result<Self, AptError> {
         Self::with_kind(root, mirrors, suites, IndexKind::Binary)
     }
 
     /// Like [`PrivateApt::new`], for `kind`'s indexes: [`IndexKind::Source`] writes `deb-src`
     /// lines (Sources indexes only) instead.
-    pub fn with_kind(
+    pub(crate) fn with_kind(
         root: &Path,
         mirrors: &[String],
         suites: &[&str],
@@ -134,17 +135,12 @@ impl PrivateApt {
     }
 
     /// The directory the configuration lives in.
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
-    /// The mirrors in the sources list.
-    pub fn mirrors(&self) -> &[String] {
-        &self.mirrors
-    }
-
     /// The suites in the sources list.
-    pub fn suites(&self) -> &[String] {
+    pub(crate) fn suites(&self) -> &[String] {
         &self.suites
     }
 
@@ -159,7 +155,7 @@ impl PrivateApt {
 
     /// Runs `apt-get update` on the private configuration, retrying twice with a pause on
     /// failure (mirrors sync, networks hiccup).
-    pub fn update(&self, log: &Path) -> Result<(), AptError> {
+    pub(crate) fn update(&self, log: &Path) -> Result<(), AptError> {
         let mut attempt = 0u64;
         loop {
             let mut c = self.command("apt-get");
@@ -189,7 +185,7 @@ impl PrivateApt {
     }
 
     /// Whether every suite's package index has been downloaded (by an earlier `update`).
-    pub fn lists_complete(&self) -> bool {
+    pub(crate) fn lists_complete(&self) -> bool {
         let lists = self.root.join("state/lists");
         let names: Vec<String> = std::fs::read_dir(&lists)
             .map(|rd| {
@@ -210,7 +206,7 @@ impl PrivateApt {
     }
 
     /// Looks a package up in one suite (`apt-cache show pkg/suite`).
-    pub fn show(&self, package: &str, suite: &str) -> Result<PackageEntry, AptError> {
+    pub(crate) fn show(&self, package: &str, suite: &str) -> Result<PackageEntry, AptError> {
         let mut c = self.command("apt-cache");
         c.args(["show", "--no-all-versions", &format!("{package}/{suite}")]);
         let not_found = || AptError::NotFound {
@@ -228,7 +224,7 @@ impl PrivateApt {
 
     /// Downloads `package` at exactly `version` into `dir` (which should be empty) and returns the
     /// .deb's path; retries twice on failure. apt checks the file against the signed index.
-    pub fn download(
+    pub(crate) fn download(
         &self,
         package: &str,
         version: &str,
@@ -275,7 +271,7 @@ impl PrivateApt {
     /// Looks source package `package` up in the `Sources` indexes of a configuration made with
     /// [`IndexKind::Source`] (`apt-cache showsrc --only-source`); the highest version when they
     /// list several.
-    pub fn showsrc(&self, package: &str) -> Result<SourceEntry, AptError> {
+    pub(crate) fn showsrc(&self, package: &str) -> Result<SourceEntry, AptError> {
         let mut c = self.command("apt-cache");
         c.args(["showsrc", "--only-source", package]);
         let not_found = || AptError::NotFound {
@@ -300,7 +296,7 @@ impl PrivateApt {
     /// Only the tarballs are fetched (`--tar-only`, then `--diff-only` for the Debian tarball):
     /// the `.dsc` adds nothing the signed index does not already vouch for, the build does not
     /// read it, and some mirrors serve the pool only in part.
-    pub fn download_source(
+    pub(crate) fn download_source(
         &self,
         entry: &SourceEntry,
         dir: &Path,

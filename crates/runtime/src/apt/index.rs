@@ -5,7 +5,7 @@ use super::version::compare_versions;
 
 /// A package's entry in a suite's index.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PackageEntry {
+pub(crate) struct PackageEntry {
     /// Package name.
     pub package: String,
     /// Version.
@@ -57,7 +57,7 @@ pub(crate) fn parse_show(text: &str) -> Option<PackageEntry> {
 
 /// One file of a source package, as its `Sources` index entry lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceFile {
+pub(crate) struct SourceFile {
     /// File name (no directory part).
     pub name: String,
     /// Size in bytes.
@@ -68,7 +68,7 @@ pub struct SourceFile {
 
 /// A source package's entry in a suite's `Sources` index.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceEntry {
+pub(crate) struct SourceEntry {
     /// Source package name.
     pub package: String,
     /// Version.
@@ -85,7 +85,7 @@ fn is_plain_file_name(name: &str) -> bool {
 /// Parses `Sources` stanzas (as `apt-cache showsrc` prints them). Stanzas without a package or
 /// version, and `Extra-Source-Only: yes` ones (kept in the archive only because other packages
 /// were built from them), are left out; so are file lines that do not name a plain file.
-pub fn parse_sources(text: &str) -> Vec<SourceEntry> {
+pub(crate) fn parse_sources(text: &str) -> Vec<SourceEntry> {
     let mut out = Vec::new();
     for stanza in text.split("\n\n") {
         let mut package = None;
@@ -133,7 +133,7 @@ pub fn parse_sources(text: &str) -> Vec<SourceEntry> {
 }
 
 /// The entry of source package `package` with the highest version among `entries`.
-pub fn select_source(entries: &[SourceEntry], package: &str) -> Option<SourceEntry> {
+pub(crate) fn select_source(entries: &[SourceEntry], package: &str) -> Option<SourceEntry> {
     entries
         .iter()
         .filter(|e| e.package == package)

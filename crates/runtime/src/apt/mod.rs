@@ -22,18 +22,14 @@ use thiserror::Error;
 use crate::cmd::{self, CommandError};
 use crate::error::{io_err, IoError};
 
-pub mod config;
-pub mod index;
-pub mod sources;
-pub mod version;
+pub(crate) mod config;
+pub(crate) mod index;
+pub(crate) mod sources;
+pub(crate) mod version;
 
-pub use config::{source_line, IndexKind, PrivateApt, DEBIAN_KEYRING};
-pub use index::{parse_sources, select_source, PackageEntry, SourceEntry, SourceFile};
-pub use sources::{
-    debian_mirrors, is_debian_codename, parse_deb822, parse_one_line, system_debian_mirrors,
-    AptSource, MIRROR_ENV,
-};
-pub use version::compare_versions;
+pub(crate) use config::{IndexKind, PrivateApt, DEBIAN_KEYRING};
+pub(crate) use index::PackageEntry;
+pub(crate) use sources::{is_debian_codename, system_debian_mirrors, MIRROR_ENV};
 
 /// Errors of the private apt configuration and of package fetching.
 #[derive(Debug, Error)]
@@ -57,7 +53,7 @@ pub enum AptError {
     #[error("Debian archive keyring {DEBIAN_KEYRING} is missing: install the debian-archive-keyring package")]
     NoKeyring,
     /// `apt-get update` on the private configuration failed.
-    #[error("cannot fetch the Debian {suites} package lists from {mirrors}: {source}; check network access to the mirror, or set {MIRROR_ENV}")]
+    #[error("cannot fetch the Debian {suites} package lists from {mirrors} (check network access to the mirror, or set {MIRROR_ENV})")]
     Update {
         /// The suites.
         suites: String,
@@ -113,7 +109,7 @@ pub enum AptError {
 }
 
 /// Unpacks a .deb's files into `dest` with `dpkg-deb -x`.
-pub fn unpack_deb(deb: &Path, dest: &Path, log: &Path) -> Result<(), AptError> {
+pub(crate) fn unpack_deb(deb: &Path, dest: &Path, log: &Path) -> Result<(), AptError> {
     std::fs::create_dir_all(dest).map_err(io_err("cannot create", dest))?;
     let mut c = Command::new("dpkg-deb");
     c.arg("-x").arg(deb).arg(dest);

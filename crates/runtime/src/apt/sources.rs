@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use super::AptError;
 
 /// Environment variable that overrides the Debian mirror URI found in the system's apt sources.
-pub const MIRROR_ENV: &str = "GATEVM_DEBIAN_MIRROR";
+pub(crate) const MIRROR_ENV: &str = "GATEVM_DEBIAN_MIRROR";
 
 /// Debian release codenames and aliases; a source whose suite is one of these (or one with an
 /// `-updates`/`-backports`/`-proposed-updates` suffix) is an entry of the Debian archive.
@@ -42,7 +42,7 @@ const DEBIAN_SUITES: &[&str] = &[
 
 /// Whether `name` is the codename of a Debian release (one that can have a `-backports` suite):
 /// not an alias such as `stable`, not `sid` or `experimental`.
-pub fn is_debian_codename(name: &str) -> bool {
+pub(crate) fn is_debian_codename(name: &str) -> bool {
     const NOT_RELEASES: &[&str] = &[
         "sid",
         "stable",
@@ -57,7 +57,7 @@ pub fn is_debian_codename(name: &str) -> bool {
 
 /// One entry of an apt sources file (one `deb` line, or one deb822 paragraph).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AptSource {
+pub(crate) struct AptSource {
     /// `deb`, `deb-src`.
     pub types: Vec<String>,
     /// Archive URIs.
@@ -72,7 +72,7 @@ pub struct AptSource {
 
 /// Parses a deb822 `.sources` file. Comment lines start with `#`; paragraphs are separated by
 /// blank lines; field names are case-insensitive; continuation lines start with whitespace.
-pub fn parse_deb822(text: &str) -> Vec<AptSource> {
+pub(crate) fn parse_deb822(text: &str) -> Vec<AptSource> {
     let mut out = Vec::new();
     let mut fields: Vec<(String, String)> = Vec::new();
     let flush = |fields: &mut Vec<(String, String)>, out: &mut Vec<AptSource>| {
@@ -126,7 +126,7 @@ pub fn parse_deb822(text: &str) -> Vec<AptSource> {
 }
 
 /// Parses a one-line-format `sources.list` (`deb [options] URI suite [component...]`).
-pub fn parse_one_line(text: &str) -> Vec<AptSource> {
+pub(crate) fn parse_one_line(text: &str) -> Vec<AptSource> {
     let mut out = Vec::new();
     for raw in text.lines() {
         let line = raw.split('#').next().unwrap_or("").trim();
@@ -175,7 +175,7 @@ fn is_debian_archive_suite(suite: &str) -> bool {
 
 /// Picks the URIs of the main Debian archive out of parsed sources: enabled binary (`deb`)
 /// entries whose suites are Debian codenames, not the security archive; deduplicated, in order.
-pub fn debian_mirrors(sources: &[AptSource]) -> Vec<String> {
+pub(crate) fn debian_mirrors(sources: &[AptSource]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for s in sources {
         if !s.enabled || !s.types.iter().any(|t| t == "deb") {
@@ -200,7 +200,7 @@ pub fn debian_mirrors(sources: &[AptSource]) -> Vec<String> {
 /// Reads the system's apt sources (`/etc/apt/sources.list`, `/etc/apt/sources.list.d/*.list`
 /// and `*.sources`) and returns the Debian archive mirror URIs. `GATEVM_DEBIAN_MIRROR`, when set,
 /// wins.
-pub fn system_debian_mirrors() -> Result<Vec<String>, AptError> {
+pub(crate) fn system_debian_mirrors() -> Result<Vec<String>, AptError> {
     if let Some(m) = std::env::var_os(MIRROR_ENV) {
         let m = m.to_string_lossy().trim().trim_end_matches('/').to_string();
         if !m.is_empty() {

@@ -4,7 +4,7 @@ use std::cmp::Ordering;
 
 /// Orders two Debian version strings as dpkg does (`[epoch:]upstream[-revision]`, `~` sorting
 /// before everything, letters before other characters, digit runs compared as numbers).
-pub fn compare_versions(a: &str, b: &str) -> Ordering {
+pub(crate) fn compare_versions(a: &str, b: &str) -> Ordering {
     fn split(v: &str) -> (u64, &str, &str) {
         let (epoch, rest) = match v.split_once(':') {
             Some((e, r)) if !e.is_empty() && e.bytes().all(|c| c.is_ascii_digit()) => {

@@ -12,7 +12,7 @@ use crate::setup::{io, Ctx, SetupError, SetupOptions};
 use crate::util;
 
 /// The gvproxy package.
-pub const GVPROXY_PACKAGE: &str = "gvproxy";
+pub(crate) const GVPROXY_PACKAGE: &str = "gvproxy";
 
 /// Finds the first regular file named `name` below `root`, preferring `preferred` paths.
 fn find_file(root: &Path, preferred: &[&str], name: &str) -> Option<PathBuf> {

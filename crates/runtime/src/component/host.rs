@@ -129,7 +129,7 @@ pub enum HostError {
         missing: Vec<Missing>,
     },
     /// apt-get failed.
-    #[error("installing host packages failed: {0}")]
+    #[error("installing host packages failed")]
     Install(#[source] CommandError),
     /// Still missing after installing.
     #[error("still missing after apt-get install: {}", list_what(missing))]
@@ -159,7 +159,7 @@ fn packages_of(m: &[Missing]) -> Vec<String> {
 
 /// The Debian packages that provide what gatevm needs on the host, in order, without
 /// duplicates.
-pub fn required_packages() -> Vec<&'static str> {
+pub(crate) fn required_packages() -> Vec<&'static str> {
     let mut out: Vec<&'static str> = Vec::new();
     for r in REQUIREMENTS {
         if !out.contains(&r.package) {
@@ -170,7 +170,7 @@ pub fn required_packages() -> Vec<&'static str> {
 }
 
 /// Lists the host requirements that are not met.
-pub fn check_host() -> Vec<Missing> {
+pub(crate) fn check_host() -> Vec<Missing> {
     REQUIREMENTS
         .iter()
         .filter(|r| match r.probe {
@@ -192,7 +192,10 @@ pub(crate) fn is_root() -> bool {
 /// Makes sure the host has what gatevm needs: returns the packages it installed (empty when
 /// everything was there). Installs with `apt-get update` + `apt-get install -y
 /// --no-install-recommends` when running as root; otherwise fails naming the packages.
-pub fn ensure_host_packages(log: &Path, progress: &dyn Fn(&str)) -> Result<Vec<String>, HostError> {
+pub(crate) fn ensure_host_packages(
+    log: &Path,
+    progress: &dyn Fn(&str),
+) -> Result<Vec<String>, HostError> {
     let missing = check_host();
     if missing.is_empty() {
         return Ok(Vec::new());

@@ -16,6 +16,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use gatevm_abi::error_chain;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
@@ -27,7 +28,7 @@ use std::time::Instant;
 use crate::setup::{Ctx, SetupAction, SetupError, SetupOptions};
 
 /// Modules wanted before the root is mounted (those built into the kernel are skipped).
-pub const INITRAMFS_MODULES: &[&str] = &[
+pub(crate) const INITRAMFS_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_blk",
     "virtiofs",
@@ -36,10 +37,10 @@ pub const INITRAMFS_MODULES: &[&str] = &[
 ];
 
 /// Bump when the initramfs layout changes.
-pub const INITRAMFS_REVISION: u32 = 1;
+pub(crate) const INITRAMFS_REVISION: u32 = 1;
 
 /// Name of the marker file at the initramfs root.
-pub const MARKER_FILE: &str = "gatevm-initramfs";
+pub(crate) const MARKER_FILE: &str = "gatevm-initramfs";
 
 /// How many initramfs files to keep in the output directory (newest first).
 const KEEP: usize = 4;
@@ -48,7 +49,7 @@ const KEEP: usize = 4;
 #[derive(Debug, Error)]
 pub enum InitramfsError {
     /// The guest binary cannot be read.
-    #[error("cannot read guest binary {}: {source} (set GATEVM_GUEST_BIN or put gatevm-guest next to gatevm)", path.display())]
+    #[error("cannot read guest binary {} (set GATEVM_GUEST_BIN or put gatevm-guest next to gatevm)", path.display())]
     GuestBin {
         /// The path.
         path: PathBuf,
@@ -68,7 +69,7 @@ pub enum InitramfsError {
     #[error(transparent)]
     Modules(#[from] ModulesError),
     /// A module file cannot be read.
-    #[error("cannot read kernel module {}: {source}", path.display())]
+    #[error("cannot read kernel module {}", path.display())]
     Module {
         /// The path.
         path: PathBuf,
@@ -77,7 +78,7 @@ pub enum InitramfsError {
         source: std::io::Error,
     },
     /// Writing the archive failed.
-    #[error("cannot write initramfs {}: {source}", path.display())]
+    #[error("cannot write initramfs {}", path.display())]
     Write {
         /// The path.
         path: PathBuf,
@@ -173,7 +174,7 @@ pub fn build_initramfs(
     };
     crate::dirs::ensure_dir(out_dir).map_err(|e| InitramfsError::Write {
         path: out.clone(),
-        source: std::io::Error::other(e.to_string()),
+        source: std::io::Error::other(error_chain(&e)),
     })?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".initramfs-")

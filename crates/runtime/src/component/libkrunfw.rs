@@ -10,10 +10,10 @@ use crate::setup::{io, Ctx, SetupError, SetupOptions};
 use crate::util;
 
 /// Debian suite libkrunfw comes from.
-pub const LIBKRUNFW_SUITE: &str = "sid";
+pub(crate) const LIBKRUNFW_SUITE: &str = "sid";
 
 /// The libkrunfw package.
-pub const LIBKRUNFW_PACKAGE: &str = "libkrunfw5";
+pub(crate) const LIBKRUNFW_PACKAGE: &str = "libkrunfw5";
 
 /// The `libkrunfw` step: left alone, without network access, when it is recorded and its files
 /// are there; with `refresh`, replaced when the suite has another version.

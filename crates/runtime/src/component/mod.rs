@@ -20,15 +20,15 @@ use crate::provenance::Provenance;
 use crate::setup::{io, Ctx, SetupAction, SetupError, SetupOptions};
 use crate::util;
 
-pub mod gvproxy;
-pub mod host;
+pub(crate) mod gvproxy;
+pub(crate) mod host;
 pub mod initramfs;
-pub mod kernel;
-pub mod libkrunfw;
-pub mod passt;
-pub mod qemu;
+pub(crate) mod kernel;
+pub(crate) mod libkrunfw;
+pub(crate) mod passt;
+pub(crate) mod qemu;
 pub mod rootfs;
-pub mod virtiofsd;
+pub(crate) mod virtiofsd;
 
 /// Puts the tree `staging` in place of `final_dir` (the previous tree moved to `old` first and
 /// removed after), each rename made durable.

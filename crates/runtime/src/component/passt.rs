@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use gatevm_abi::error_chain;
 use thiserror::Error;
 
 use crate::cmd::{self, CommandError};
@@ -22,13 +23,13 @@ use crate::setup::{io, Ctx, SetupAction, SetupError, SetupOptions};
 use crate::util;
 
 /// The Debian suite whose source package is built.
-pub const PASST_SOURCE_SUITE: &str = "trixie";
+pub(crate) const PASST_SOURCE_SUITE: &str = "trixie";
 /// The source package.
-pub const PASST_SOURCE_PACKAGE: &str = "passt";
+pub(crate) const PASST_SOURCE_PACKAGE: &str = "passt";
 /// Where the binary goes, relative to the runtime directory.
-pub const PASST_BIN: &str = "bin/passt";
+pub(crate) const PASST_BIN: &str = "bin/passt";
 /// Long options gatevm's passt backend passes; the built binary's `--help` must list each.
-pub const PASST_REQUIRED_FLAGS: &[&str] = &[
+pub(crate) const PASST_REQUIRED_FLAGS: &[&str] = &[
     "--foreground",
     "--quiet",
     "--ipv4-only",
@@ -69,7 +70,7 @@ pub enum PasstError {
         problem: String,
     },
     /// Unpacking, patching or compiling failed.
-    #[error("building passt {version} failed: {source}")]
+    #[error("building passt {version} failed")]
     Build {
         /// The version.
         version: String,
@@ -89,7 +90,7 @@ pub enum PasstError {
 
 /// One patch of a quilt series.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SeriesEntry {
+pub(crate) struct SeriesEntry {
     /// Path of the patch relative to `debian/patches`.
     pub patch: String,
     /// Leading path components to strip (`-pN`; 1 unless given).
@@ -99,7 +100,7 @@ pub struct SeriesEntry {
 /// Parses a quilt `series` file the way dpkg-source reads it: `#` starts a comment (at the start
 /// of a line or after white space), blank lines are skipped, a line is a patch path optionally
 /// followed by `-pN`. Refuses absolute paths, `..` components and other options.
-pub fn parse_series(text: &str) -> Result<Vec<SeriesEntry>, String> {
+pub(crate) fn parse_series(text: &str) -> Result<Vec<SeriesEntry>, String> {
     let mut out = Vec::new();
     for (n, raw) in text.lines().enumerate() {
         let comment = raw
@@ -176,17 +177,45 @@ fn source_root(dir: &Path) -> Result<PathBuf, PasstError> {
 /// of passt `version` under `work`, applies the Debian patches, runs `make passt
 /// VERSION=<version>` and checks the binary ([`check_binary`]). Returns the binary's path (inside
 /// `work`). Every command's output goes to `log`.
-pub fn build_passt(
+pub(crate) fn build_passt(
     work: &Path,
     files: &[PathBuf],
     version: &str,
     log: &Path,
     progress: &dyn Fn(&str),
 ) -> Result<PathBuf, PasstError> {
-    let build = |source| PasstError::Build {
+    let root = unpack_source(work, files, version, log)?;
+    apply_patches(&root, version, log, progress)?;
+    progress(&format!(
+        "building passt {version} from Debian {PASST_SOURCE_SUITE}'s source package"
+    ));
+    let mut c = Command::new("make");
+    c.current_dir(&root)
+        .arg("passt")
+        // The Makefile would otherwise ask git for a version; Debian's rules pass its own too.
+        .arg(format!("VERSION={version}"));
+    cmd::run_logged(&mut c, log).map_err(|e| build_error(version, e))?;
+    let bin = root.join("passt");
+    check_binary(&bin, version)?;
+    Ok(bin)
+}
+
+/// A failed command of the build of passt `version`.
+fn build_error(version: &str, source: CommandError) -> PasstError {
+    PasstError::Build {
         version: version.to_string(),
         source: Box::new(source),
-    };
+    }
+}
+
+/// Unpacks the upstream tarball under `work/src` and the Debian tarball over it (its `debian/`
+/// replacing any upstream one, as dpkg-source does for format 3.0); returns the source root.
+fn unpack_source(
+    work: &Path,
+    files: &[PathBuf],
+    version: &str,
+    log: &Path,
+) -> Result<PathBuf, PasstError> {
     let (orig, debian) = tarballs(files, version)?;
     let src = work.join("src");
     std::fs::create_dir_all(&src).map_err(io_err("cannot create", &src))?;
@@ -197,7 +226,7 @@ pub fn build_passt(
             .arg("-C")
             .arg(into)
             .arg("--no-same-owner");
-        cmd::run_logged(&mut c, log).map_err(build)
+        cmd::run_logged(&mut c, log).map_err(|e| build_error(version, e))
     };
     untar(&orig, &src)?;
     let root = source_root(&src)?;
@@ -208,7 +237,17 @@ pub fn build_passt(
             .map_err(io_err("cannot remove", &upstream_debian))?;
     }
     untar(&debian, &root)?;
+    Ok(root)
+}
 
+/// Applies the patches `debian/patches/series` lists (none when it is absent) to the source
+/// tree at `root`, as dpkg-source does for 3.0 (quilt).
+fn apply_patches(
+    root: &Path,
+    version: &str,
+    log: &Path,
+    progress: &dyn Fn(&str),
+) -> Result<(), PasstError> {
     let patches = root.join("debian/patches");
     let series_path = patches.join("series");
     let series = match std::fs::read_to_string(&series_path) {
@@ -235,7 +274,7 @@ pub fn build_passt(
         }
         // dpkg-source's way for 3.0 (quilt): no fuzz, no backup files.
         let mut c = Command::new("patch");
-        c.current_dir(&root)
+        c.current_dir(root)
             .arg(format!("-p{}", entry.strip))
             .args([
                 "--batch",
@@ -245,21 +284,9 @@ pub fn build_passt(
             ])
             .arg("-i")
             .arg(&file);
-        cmd::run_logged(&mut c, log).map_err(build)?;
+        cmd::run_logged(&mut c, log).map_err(|e| build_error(version, e))?;
     }
-
-    progress(&format!(
-        "building passt {version} from Debian {PASST_SOURCE_SUITE}'s source package"
-    ));
-    let mut c = Command::new("make");
-    c.current_dir(&root)
-        .arg("passt")
-        // The Makefile would otherwise ask git for a version; Debian's rules pass its own too.
-        .arg(format!("VERSION={version}"));
-    cmd::run_logged(&mut c, log).map_err(build)?;
-    let bin = root.join("passt");
-    check_binary(&bin, version)?;
-    Ok(bin)
+    Ok(())
 }
 
 /// Runs `bin --version` and `bin --help` with an unbuffered stdout: the version line must be
@@ -267,7 +294,7 @@ pub fn build_passt(
 ///
 /// This passt prints both with stdio and leaves with `_exit()`, so into a pipe they come out cut
 /// short or empty; `stdbuf -o0` (coreutils) makes every write go out at once.
-pub fn check_binary(bin: &Path, version: &str) -> Result<(), PasstError> {
+pub(crate) fn check_binary(bin: &Path, version: &str) -> Result<(), PasstError> {
     let broken = |problem: String| PasstError::Broken {
         path: bin.to_path_buf(),
         problem,
@@ -277,7 +304,7 @@ pub fn check_binary(bin: &Path, version: &str) -> Result<(), PasstError> {
         c.arg("-o0").arg(bin).arg(arg);
         cmd::run_captured(&mut c)
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .map_err(|e| broken(e.to_string()))
+            .map_err(|e| broken(error_chain(&e)))
     };
     let out = run("--version")?;
     let first = out.lines().next().unwrap_or("").trim();

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use gatevm_abi::error_chain;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -23,15 +24,15 @@ use crate::provenance::{Provenance, RootfsRecord};
 use crate::setup::{Ctx, SetupAction, SetupError, SetupOptions};
 
 /// Bump when the build steps change in a way that needs new trees.
-pub const ROOTFS_RECIPE_REVISION: u32 = 4;
+pub(crate) const ROOTFS_RECIPE_REVISION: u32 = 4;
 /// Name of the recipe file inside a built tree.
-pub const RECIPE_FILE: &str = ".gatevm-rootfs.json";
+pub(crate) const RECIPE_FILE: &str = ".gatevm-rootfs.json";
 /// The Debian suite of the base rootfs.
-pub const ROOTFS_SUITE: &str = "trixie";
+pub(crate) const ROOTFS_SUITE: &str = "trixie";
 /// The mmdebstrap variant.
-pub const ROOTFS_VARIANT: &str = "minbase";
+pub(crate) const ROOTFS_VARIANT: &str = "minbase";
 /// Packages installed on top of the variant.
-pub const ROOTFS_PACKAGES: &[&str] = &[
+pub(crate) const ROOTFS_PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "containernetworking-plugins",
@@ -142,7 +143,7 @@ impl RootfsRecipe {
 
 /// The recipe file written into a built tree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RootfsStamp {
+pub(crate) struct RootfsStamp {
     /// The recipe.
     pub recipe: RootfsRecipe,
     /// Its full hash.
@@ -228,7 +229,7 @@ pub fn build_rootfs(
         RootfsError::Io(IoError {
             action: "cannot create",
             path: root.to_path_buf(),
-            source: std::io::Error::other(e.to_string()),
+            source: std::io::Error::other(error_chain(&e)),
         })
     })?;
     clean_stale_builds(root)?;
@@ -283,6 +284,19 @@ fn build_into(
         .env("LC_ALL", "C.UTF-8");
     cmd::run_logged(&mut c, log)?;
 
+    install_modules(dir, kernel, log)?;
+
+    let sbin = dir.join("usr/local/sbin");
+    std::fs::create_dir_all(&sbin).map_err(io_err("cannot create", &sbin))?;
+
+    write_guest_files(dir)?;
+    check_complete(dir, kernel)?;
+    write_stamp(dir, recipe)
+}
+
+/// Copies the kernel's module tree into the tree at `dir` (replacing one of the same release)
+/// and runs depmod on it.
+fn install_modules(dir: &Path, kernel: &KernelInfo, log: &Path) -> Result<(), RootfsError> {
     let modules_dest = dir.join("usr/lib/modules").join(&kernel.release);
     if let Some(parent) = modules_dest.parent() {
         std::fs::create_dir_all(parent).map_err(io_err("cannot create", parent))?;
@@ -296,10 +310,12 @@ fn build_into(
     let mut c = Command::new(depmod);
     c.arg("-b").arg(dir).arg(&kernel.release);
     cmd::run_logged(&mut c, log)?;
+    Ok(())
+}
 
-    let sbin = dir.join("usr/local/sbin");
-    std::fs::create_dir_all(&sbin).map_err(io_err("cannot create", &sbin))?;
-
+/// Writes the guest's own hostname, hosts and resolv.conf into the tree at `dir`.
+fn write_guest_files(dir: &Path) -> Result<(), RootfsError> {
+    use std::os::unix::fs::PermissionsExt;
     // mmdebstrap copies the build host's hostname, hosts and resolv.conf (with the host's modes):
     // the guest's own belong here instead (gatevm-guest sets the hostname and DNS at boot).
     for (file, text) in [
@@ -316,7 +332,11 @@ fn build_into(
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
             .map_err(io_err("cannot chmod", &p))?;
     }
+    Ok(())
+}
 
+/// Checks that the tree at `dir` has what the guest needs (containerd, runc, the module index).
+fn check_complete(dir: &Path, kernel: &KernelInfo) -> Result<(), RootfsError> {
     for must in [
         "usr/bin/containerd".to_string(),
         "usr/sbin/runc".to_string(),
@@ -332,7 +352,11 @@ fn build_into(
             });
         }
     }
+    Ok(())
+}
 
+/// Writes the recipe stamp ([`RECIPE_FILE`]) into the tree at `dir`.
+fn write_stamp(dir: &Path, recipe: &RootfsRecipe) -> Result<(), RootfsError> {
     let stamp = RootfsStamp {
         recipe: recipe.clone(),
         hash: recipe.hash(),

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use gatevm_abi::error_chain;
 use thiserror::Error;
 
 use crate::cmd::{self, CommandError};
@@ -16,7 +17,7 @@ use crate::util;
 
 /// The virtiofsd release gatevm builds (`cargo install virtiofsd --version =X --locked`).
 /// 1.14.0 is the newest on crates-io and builds with Rust 1.95.
-pub const VIRTIOFSD_VERSION: &str = "1.14.0";
+pub(crate) const VIRTIOFSD_VERSION: &str = "1.14.0";
 
 /// Errors of building virtiofsd.
 #[derive(Debug, Error)]
@@ -25,7 +26,7 @@ pub enum VirtiofsdError {
     #[error("cargo not found (looked at $CARGO, PATH and ~/.cargo/bin): virtiofsd {VIRTIOFSD_VERSION} is built from crates-io; install a Rust toolchain (rustup) and run setup again")]
     NoCargo,
     /// The build failed.
-    #[error("building virtiofsd {VIRTIOFSD_VERSION} from crates-io failed: {0}")]
+    #[error("building virtiofsd {VIRTIOFSD_VERSION} from crates-io failed")]
     Build(#[source] CommandError),
     /// The built binary does not run or reports another version.
     #[error("built virtiofsd at {} does not work: {problem}", path.display())]
@@ -38,7 +39,7 @@ pub enum VirtiofsdError {
 }
 
 /// Finds cargo: `$CARGO` (set when running under cargo), `PATH`, `~/.cargo/bin/cargo`.
-pub fn find_cargo() -> Option<PathBuf> {
+pub(crate) fn find_cargo() -> Option<PathBuf> {
     if let Some(c) = std::env::var_os("CARGO").map(PathBuf::from) {
         if c.is_absolute() && c.is_file() {
             return Some(c);
@@ -55,8 +56,8 @@ pub fn find_cargo() -> Option<PathBuf> {
 }
 
 /// The version a virtiofsd binary reports (`virtiofsd --version` prints `virtiofsd X.Y.Z`).
-pub fn binary_version(bin: &Path) -> Result<String, String> {
-    let out = cmd::run_captured(Command::new(bin).arg("--version")).map_err(|e| e.to_string())?;
+pub(crate) fn binary_version(bin: &Path) -> Result<String, String> {
+    let out = cmd::run_captured(Command::new(bin).arg("--version")).map_err(|e| error_chain(&e))?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace()
         .nth(1)
@@ -67,7 +68,7 @@ pub fn binary_version(bin: &Path) -> Result<String, String> {
 /// Builds virtiofsd [`VIRTIOFSD_VERSION`] into `build_dir/virtiofsd-<version>` (reusing an
 /// earlier build of the same version) and returns the binary's path. `build_dir/target` is the
 /// cargo target directory; it is removed after a successful build.
-pub fn build_virtiofsd(
+pub(crate) fn build_virtiofsd(
     build_dir: &Path,
     log: &Path,
     progress: &dyn Fn(&str),

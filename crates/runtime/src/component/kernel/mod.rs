@@ -13,15 +13,15 @@ use crate::provenance::{self, component, Component, FileRecord, Provenance};
 use crate::setup::{io, Ctx, SetupAction, SetupError, SetupOptions};
 use crate::util;
 
-pub mod vmlinux;
+pub(crate) mod vmlinux;
 
-pub use vmlinux::{write_vmlinux, KernelError};
+pub(crate) use vmlinux::{write_vmlinux, KernelError};
 
 /// Debian suite the kernel and gvproxy come from.
-pub const KERNEL_SUITE: &str = "trixie";
+pub(crate) const KERNEL_SUITE: &str = "trixie";
 
 /// The kernel metapackage whose dependency names the real kernel package.
-pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
+pub(crate) const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 
 /// A typed view of what gatevm knows about the guest kernel it installed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,8 +92,23 @@ pub(crate) fn ensure(
         }
     }
 
-    let (x, _work) = ctx.fetch(C, &entry, KERNEL_SUITE)?;
-    let found = find_in_package(&x, &real, &entry.version)?;
+    install(ctx, prov, had, &meta, &real, &entry, started)
+}
+
+/// Fetches `real` (the package `meta` points at) as `entry` says, installs its kernel and
+/// modules into `runtime/kernel` and records it.
+fn install(
+    ctx: &mut Ctx<'_>,
+    prov: &mut Provenance,
+    had: bool,
+    meta: &PackageEntry,
+    real: &str,
+    entry: &PackageEntry,
+    started: Instant,
+) -> Result<KernelInfo, SetupError> {
+    const C: &str = component::KERNEL;
+    let (x, _work) = ctx.fetch(C, entry, KERNEL_SUITE)?;
+    let found = find_in_package(&x, real, &entry.version)?;
     let staging = ctx.runtime.join(".kernel-new");
     let vmlinux_size = stage(ctx, &found, &staging)?;
     // Swap the new tree in.

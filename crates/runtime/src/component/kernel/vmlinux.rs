@@ -25,7 +25,7 @@ const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 /// The largest kernel image we accept after decompression (sanity bound against bad trailers).
 const MAX_VMLINUX: u64 = 1 << 30;
 /// ELF note type of the PVH 32-bit entry point in the "Xen" namespace.
-pub const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+pub(crate) const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 const PT_NOTE: u32 = 4;
 
 /// Errors of bzImage parsing and vmlinux extraction.
@@ -59,7 +59,7 @@ pub enum KernelError {
         magic: String,
     },
     /// The payload does not decompress.
-    #[error("cannot decompress the bzImage payload: {0}")]
+    #[error("cannot decompress the bzImage payload")]
     Decompress(#[source] std::io::Error),
     /// The decompressed size does not match the size trailer.
     #[error("decompressed kernel is {actual} bytes, the bzImage trailer says {expected}")]
@@ -82,7 +82,7 @@ pub enum KernelError {
 
 /// The bzImage header fields gatevm uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BzImageHeader {
+pub(crate) struct BzImageHeader {
     /// Number of 512-byte setup sectors after the boot sector (0 in the file already mapped to 4).
     pub setup_sects: u32,
     /// Boot protocol version, e.g. 0x020f.
@@ -95,7 +95,7 @@ pub struct BzImageHeader {
 
 impl BzImageHeader {
     /// Byte offset of the payload from the start of the file.
-    pub fn payload_start(&self) -> u64 {
+    pub(crate) fn payload_start(&self) -> u64 {
         (u64::from(self.setup_sects) + 1) * 512 + u64::from(self.payload_offset)
     }
 }
@@ -121,7 +121,7 @@ fn read_u32(data: &[u8], at: usize, what: &'static str) -> Result<u32, KernelErr
 }
 
 /// Parses and checks the header of a bzImage.
-pub fn parse_bzimage_header(data: &[u8]) -> Result<BzImageHeader, KernelError> {
+pub(crate) fn parse_bzimage_header(data: &[u8]) -> Result<BzImageHeader, KernelError> {
     if data.len() < 0x250 {
         return Err(KernelError::Truncated {
             what: "the setup header",
@@ -155,7 +155,7 @@ pub fn parse_bzimage_header(data: &[u8]) -> Result<BzImageHeader, KernelError> {
 }
 
 /// Returns the payload bytes (compressed kernel plus size trailer) of a bzImage.
-pub fn bzimage_payload(data: &[u8]) -> Result<&[u8], KernelError> {
+pub(crate) fn bzimage_payload(data: &[u8]) -> Result<&[u8], KernelError> {
     let h = parse_bzimage_header(data)?;
     let start = h.payload_start();
     let end = start + u64::from(h.payload_length);
@@ -172,7 +172,7 @@ pub fn bzimage_payload(data: &[u8]) -> Result<&[u8], KernelError> {
 
 /// Decompresses the kernel inside a zstd bzImage and checks that the result is a bootable
 /// PVH ELF (see [`check_pvh_elf`]). Returns the `vmlinux` bytes.
-pub fn extract_vmlinux(bzimage: &[u8]) -> Result<Vec<u8>, KernelError> {
+pub(crate) fn extract_vmlinux(bzimage: &[u8]) -> Result<Vec<u8>, KernelError> {
     use std::io::Read;
     let payload = bzimage_payload(bzimage)?;
     if payload.len() < 8 || payload[..4] != ZSTD_MAGIC {
@@ -214,7 +214,7 @@ pub fn extract_vmlinux(bzimage: &[u8]) -> Result<Vec<u8>, KernelError> {
 
 /// Checks that `elf` is a 64-bit little-endian ELF file with a `PT_NOTE` segment holding the Xen
 /// PVH entry note; returns the PVH entry address.
-pub fn check_pvh_elf(elf: &[u8]) -> Result<u64, KernelError> {
+pub(crate) fn check_pvh_elf(elf: &[u8]) -> Result<u64, KernelError> {
     if elf.len() < 64 || elf[..4] != [0x7f, b'E', b'L', b'F'] {
         return Err(KernelError::NotElf("no ELF magic"));
     }
@@ -309,7 +309,7 @@ fn find_pvh_note(mut notes: &[u8]) -> Option<u64> {
 
 /// Reads the bzImage at `bzimage`, writes the extracted `vmlinux` to `out` atomically (temporary
 /// file in the same directory, then rename) and returns its size.
-pub fn write_vmlinux(bzimage: &Path, out: &Path) -> Result<u64, KernelError> {
+pub(crate) fn write_vmlinux(bzimage: &Path, out: &Path) -> Result<u64, KernelError> {
     let data = std::fs::read(bzimage).map_err(|source| {
         KernelError::Io(IoError {
             action: "cannot read",

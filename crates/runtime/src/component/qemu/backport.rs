@@ -12,6 +12,7 @@ use crate::component::{dir_size, qemu, swap_in};
 use crate::provenance::{self, component, Component, Provenance};
 use crate::setup::{io, Ctx, SetupAction, SetupError};
 use crate::util;
+use gatevm_abi::error_chain;
 
 /// The report line of a bundled QEMU that is left as it is.
 pub(crate) fn bundle_detail(runtime: &Path, c: &Component, suffix: &str) -> String {
@@ -123,7 +124,7 @@ pub(crate) fn install_backport(
 
 /// An apt failure while fetching the backport: it is not to be had.
 fn unavailable(e: AptError) -> BackportFailure {
-    BackportFailure::Unavailable(e.to_string())
+    BackportFailure::Unavailable(error_chain(&e))
 }
 
 /// Whether the backport's package entries (in [`qemu::BACKPORT_PACKAGES`] order) can be used:

@@ -12,7 +12,7 @@ use crate::cmd;
 /// TCG, the firmware in `data_dirs` first) and no root file system: the kernel starts, panics
 /// for want of a root, and QEMU exits (`panic=-1`, `-no-reboot`). Proves the firmware loads the
 /// kernel. The console goes to `serial_log`. Takes a few seconds; gives up after `timeout`.
-pub fn boot_test(
+pub(crate) fn boot_test(
     binary: &Path,
     data_dirs: &[PathBuf],
     kernel: &Path,
@@ -24,39 +24,7 @@ pub fn boot_test(
         problem,
     };
     let started = Instant::now();
-    // Without the TSC frequency a TCG guest calibrates against the emulated PIT, which stalls on
-    // a loaded host ("Unable to calibrate against PIT"): give it what gatevm's own VMs get.
-    let mut append = "console=ttyS0 panic=-1".to_string();
-    if let Some(khz) = gatevm_vmm::probe::host_tsc_khz() {
-        append.push_str(&format!(" tsc_early_khz={khz}"));
-    }
-    let mut c = Command::new(binary);
-    for d in data_dirs {
-        c.arg("-L").arg(d);
-    }
-    c.args([
-        "-M",
-        "microvm,x-option-roms=off,rtc=on",
-        "-accel",
-        "tcg",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-append",
-        &append,
-        "-serial",
-    ])
-    .arg(format!("file:{}", serial_log.display()))
-    .arg("-kernel")
-    .arg(kernel)
-    .env("LC_ALL", "C")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    let mut c = boot_command(binary, data_dirs, kernel, serial_log);
     let mut child = c.spawn().map_err(|e| fail(format!("cannot run it: {e}")))?;
     let status = loop {
         match child.try_wait() {
@@ -95,6 +63,44 @@ pub fn boot_test(
         )));
     }
     Ok(started.elapsed())
+}
+
+/// The QEMU command line of [`boot_test`].
+fn boot_command(binary: &Path, data_dirs: &[PathBuf], kernel: &Path, serial_log: &Path) -> Command {
+    // Without the TSC frequency a TCG guest calibrates against the emulated PIT, which stalls on
+    // a loaded host ("Unable to calibrate against PIT"): give it what gatevm's own VMs get.
+    let mut append = "console=ttyS0 panic=-1".to_string();
+    if let Some(khz) = gatevm_vmm::probe::host_tsc_khz() {
+        append.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    let mut c = Command::new(binary);
+    for d in data_dirs {
+        c.arg("-L").arg(d);
+    }
+    c.args([
+        "-M",
+        "microvm,x-option-roms=off,rtc=on",
+        "-accel",
+        "tcg",
+        "-m",
+        "256",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-append",
+        &append,
+        "-serial",
+    ])
+    .arg(format!("file:{}", serial_log.display()))
+    .arg("-kernel")
+    .arg(kernel)
+    .env("LC_ALL", "C")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    c
 }
 
 fn console_tail(serial_log: &Path) -> String {

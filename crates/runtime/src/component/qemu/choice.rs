@@ -13,28 +13,28 @@ use crate::cmd;
 use crate::provenance::Component;
 
 /// The QEMU program gatevm runs.
-pub const QEMU_PROGRAM: &str = "qemu-system-x86_64";
+pub(crate) const QEMU_PROGRAM: &str = "qemu-system-x86_64";
 /// The Debian package of the host that provides [`QEMU_PROGRAM`] (and, through its dependencies,
 /// the shared libraries the bundled backport needs).
-pub const QEMU_HOST_PACKAGE: &str = "qemu-system-x86";
+pub(crate) const QEMU_HOST_PACKAGE: &str = "qemu-system-x86";
 /// The oldest QEMU major version that runs our guest kernel reliably under TCG.
-pub const MIN_TCG_SAFE_MAJOR: u32 = 8;
+pub(crate) const MIN_TCG_SAFE_MAJOR: u32 = 8;
 /// The Debian packages fetched from `<codename>-backports`, the first one holding the binary.
-pub const BACKPORT_PACKAGES: [&str; 4] = [
+pub(crate) const BACKPORT_PACKAGES: [&str; 4] = [
     "qemu-system-x86",
     "qemu-system-common",
     "qemu-system-data",
     "seabios",
 ];
 /// Directory of the bundled QEMU inside the runtime directory (a `usr/` tree).
-pub const BUNDLE_DIR: &str = "qemu";
+pub(crate) const BUNDLE_DIR: &str = "qemu";
 /// The bundled binary, relative to the runtime directory.
-pub const BUNDLED_BINARY: &str = "qemu/usr/bin/qemu-system-x86_64";
+pub(crate) const BUNDLED_BINARY: &str = "qemu/usr/bin/qemu-system-x86_64";
 /// The bundled firmware directories (`-L`), relative to the runtime directory, in search order.
-pub const BUNDLED_DATA_DIRS: [&str; 2] = ["qemu/usr/share/qemu", "qemu/usr/share/seabios"];
+pub(crate) const BUNDLED_DATA_DIRS: [&str; 2] = ["qemu/usr/share/qemu", "qemu/usr/share/seabios"];
 /// Files the bundle must have for the `microvm` machine gatevm uses, relative to the runtime
 /// directory.
-pub const BUNDLED_REQUIRED: [&str; 3] = [
+pub(crate) const BUNDLED_REQUIRED: [&str; 3] = [
     BUNDLED_BINARY,
     "qemu/usr/share/qemu/qboot.rom",
     MICROVM_FIRMWARE,
@@ -43,12 +43,12 @@ pub const BUNDLED_REQUIRED: [&str; 3] = [
 /// ships it (and Debian's 7.2 did). Debian's 10.0 drops the link, so the machine would load
 /// SeaBIOS's `bios-microvm.bin`, which cannot boot `-kernel` with `x-option-roms=off` (it needs
 /// the linuxboot option ROM) and stops at "No bootable device".
-pub const MICROVM_FIRMWARE: &str = "qemu/usr/share/qemu/bios-microvm.bin";
+pub(crate) const MICROVM_FIRMWARE: &str = "qemu/usr/share/qemu/bios-microvm.bin";
 
 /// Where an installed `qemu` component's binary is, from its file records: `Bundled` when it
 /// holds [`BUNDLED_BINARY`], `Host(path)` when it records an absolute path to a
 /// `qemu-system-x86_64` (the host's binary); `None` for anything else.
-pub fn recorded_binary(c: &Component) -> Option<RecordedQemu> {
+pub(crate) fn recorded_binary(c: &Component) -> Option<RecordedQemu> {
     if c.files.iter().any(|f| f.path == BUNDLED_BINARY) {
         return Some(RecordedQemu::Bundled);
     }
@@ -61,7 +61,7 @@ pub fn recorded_binary(c: &Component) -> Option<RecordedQemu> {
 
 /// Which QEMU a `qemu` component records (see [`recorded_binary`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RecordedQemu {
+pub(crate) enum RecordedQemu {
     /// The backport unpacked into [`BUNDLE_DIR`].
     Bundled,
     /// The host's binary at this absolute path.
@@ -92,7 +92,7 @@ const NON_X86_FIRMWARE: &[&str] = &[
 
 /// Whether a file of the `qemu-system-data` package's `usr/share/qemu` directory is firmware
 /// for another architecture (not kept in the bundle).
-pub fn is_non_x86_firmware(name: &str) -> bool {
+pub(crate) fn is_non_x86_firmware(name: &str) -> bool {
     NON_X86_FIRMWARE.iter().any(|p| match p.strip_suffix('*') {
         Some(prefix) => name.starts_with(prefix),
         None => name == *p,
@@ -173,7 +173,7 @@ impl QemuVersion {
 }
 
 /// The Debian package version in a `--version` line's parentheses (`(Debian 1:7.2+dfsg-7)`).
-pub fn debian_version_in_output(text: &str) -> Option<String> {
+pub(crate) fn debian_version_in_output(text: &str) -> Option<String> {
     let line = text.lines().find(|l| !l.trim().is_empty())?;
     let start = line.find("(Debian ")? + "(Debian ".len();
     let rest = &line[start..];
@@ -182,7 +182,7 @@ pub fn debian_version_in_output(text: &str) -> Option<String> {
 }
 
 /// Reads `VERSION_CODENAME` from os-release text (`KEY=value` lines, values optionally quoted).
-pub fn parse_os_release_codename(text: &str) -> Option<String> {
+pub(crate) fn parse_os_release_codename(text: &str) -> Option<String> {
     text.lines()
         .filter_map(|l| l.trim().split_once('='))
         .filter(|(k, _)| k.trim() == "VERSION_CODENAME")
@@ -191,7 +191,7 @@ pub fn parse_os_release_codename(text: &str) -> Option<String> {
 }
 
 /// The host's release codename from `/etc/os-release` (else `/usr/lib/os-release`).
-pub fn host_codename() -> Option<String> {
+pub(crate) fn host_codename() -> Option<String> {
     ["/etc/os-release", "/usr/lib/os-release"]
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())
@@ -200,7 +200,7 @@ pub fn host_codename() -> Option<String> {
 
 /// The host's QEMU.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostQemu {
+pub(crate) struct HostQemu {
     /// Absolute path of `qemu-system-x86_64`.
     pub path: PathBuf,
     /// Its version.
@@ -211,7 +211,7 @@ pub struct HostQemu {
 
 impl HostQemu {
     /// The package version when known, else the QEMU version.
-    pub fn version_string(&self) -> String {
+    pub(crate) fn version_string(&self) -> String {
         self.debian_version
             .clone()
             .unwrap_or_else(|| self.version.to_string())
@@ -219,7 +219,7 @@ impl HostQemu {
 }
 
 /// Runs `binary --version` and parses the answer.
-pub fn binary_version(binary: &Path) -> Result<(QemuVersion, Option<String>), QemuError> {
+pub(crate) fn binary_version(binary: &Path) -> Result<(QemuVersion, Option<String>), QemuError> {
     let out = cmd::run_captured(Command::new(binary).arg("--version").env("LC_ALL", "C")).map_err(
         |source| QemuError::Run {
             binary: binary.to_path_buf(),
@@ -236,7 +236,7 @@ pub fn binary_version(binary: &Path) -> Result<(QemuVersion, Option<String>), Qe
 
 /// Finds the host's `qemu-system-x86_64` and its version; `None` (logged) when it is not
 /// installed or does not answer `--version`.
-pub fn probe_host_qemu() -> Option<HostQemu> {
+pub(crate) fn probe_host_qemu() -> Option<HostQemu> {
     let path = cmd::find_program(QEMU_PROGRAM)?;
     match binary_version(&path) {
         Ok((version, debian_version)) => Some(HostQemu {
@@ -254,7 +254,7 @@ pub fn probe_host_qemu() -> Option<HostQemu> {
 /// Whether hardware KVM can boot an ordinary guest kernel, with `root` standing for `/`: the
 /// verdict of [`gatevm_vmm::probe`] (the vmx or svm CPU flag, a `/dev/kvm` that opens read-write,
 /// and a KVM module other than `kvm_pvm`, which runs only PVM guest kernels). `Err` says why not.
-pub fn hardware_kvm_at(root: &Path) -> Result<(), String> {
+pub(crate) fn hardware_kvm_at(root: &Path) -> Result<(), String> {
     match gatevm_vmm::probe::probe_at(root).why_no_hardware_virt() {
         None => Ok(()),
         Some(why) => Err(why),
@@ -262,13 +262,13 @@ pub fn hardware_kvm_at(root: &Path) -> Result<(), String> {
 }
 
 /// [`hardware_kvm_at`] for this host.
-pub fn hardware_kvm() -> Result<(), String> {
+pub(crate) fn hardware_kvm() -> Result<(), String> {
     hardware_kvm_at(Path::new("/"))
 }
 
 /// The first decision, from facts that need no network.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum QemuPlan {
+pub(crate) enum QemuPlan {
     /// The host's QEMU is new enough: use it.
     UseHost,
     /// Fetch QEMU from this Debian suite (`<codename>-backports`).
@@ -285,7 +285,7 @@ pub enum QemuPlan {
 
 /// Chooses where QEMU comes from: the host's when its version is known and TCG-safe, else the
 /// host release's Debian backports suite when the codename is a Debian release.
-pub fn plan(host: Option<QemuVersion>, codename: Option<&str>) -> QemuPlan {
+pub(crate) fn plan(host: Option<QemuVersion>, codename: Option<&str>) -> QemuPlan {
     if host.is_some_and(|v| v.tcg_safe()) {
         return QemuPlan::UseHost;
     }
@@ -307,7 +307,7 @@ pub fn plan(host: Option<QemuVersion>, codename: Option<&str>) -> QemuPlan {
 /// The decision when no TCG-safe QEMU could be had (`backport_problem` says why): the host's old
 /// QEMU is accepted only with working hardware KVM (`kvm`, from [`hardware_kvm`]). `Ok` carries
 /// the note for the setup report.
-pub fn accept_old_host<'a>(
+pub(crate) fn accept_old_host<'a>(
     host: Option<&'a HostQemu>,
     kvm: Result<(), String>,
     codename: Option<&str>,

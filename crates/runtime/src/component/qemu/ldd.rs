@@ -42,7 +42,7 @@ pub(crate) fn missing_packages(m: &[MissingLibrary]) -> String {
 }
 
 /// The sonames `ldd` reports as `not found` for `binary` (empty when ldd is missing or fails).
-pub fn missing_libraries(binary: &Path) -> Vec<String> {
+pub(crate) fn missing_libraries(binary: &Path) -> Vec<String> {
     let ldd = cmd::find_program("ldd").unwrap_or_else(|| PathBuf::from("ldd"));
     let out = Command::new(ldd)
         .arg(binary)
@@ -55,7 +55,7 @@ pub fn missing_libraries(binary: &Path) -> Vec<String> {
 }
 
 /// The sonames in `ldd` output lines of the form `libfoo.so.1 => not found`.
-pub fn parse_ldd_not_found(text: &str) -> Vec<String> {
+pub(crate) fn parse_ldd_not_found(text: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for l in text.lines() {
         if let Some((name, rest)) = l.split_once("=>") {
@@ -70,7 +70,7 @@ pub fn parse_ldd_not_found(text: &str) -> Vec<String> {
 
 /// The soname in a dynamic loader error (`error while loading shared libraries: libfoo.so.1:
 /// cannot open shared object file`).
-pub fn parse_loader_error(stderr: &str) -> Option<String> {
+pub(crate) fn parse_loader_error(stderr: &str) -> Option<String> {
     let key = "error while loading shared libraries: ";
     let start = stderr.find(key)? + key.len();
     let name = stderr[start..].split(':').next()?.trim();
@@ -81,7 +81,7 @@ pub fn parse_loader_error(stderr: &str) -> Option<String> {
 /// name (`libfoo.so.1` → `libfoo1`, `libfoo3.so.3` → `libfoo3-3`), matched against `depends`
 /// (the QEMU packages' dependencies: exact, or the first one that starts with the name, like
 /// `libjpeg62-turbo`). The flag tells whether the package is one of `depends`.
-pub fn package_for_soname(soname: &str, depends: &[String]) -> (String, bool) {
+pub(crate) fn package_for_soname(soname: &str, depends: &[String]) -> (String, bool) {
     const EXCEPTIONS: &[(&str, &str)] = &[
         ("libz.so.1", "zlib1g"),
         ("libglib-2.0.so.0", "libglib2.0-0"),
@@ -125,7 +125,7 @@ pub fn package_for_soname(soname: &str, depends: &[String]) -> (String, bool) {
 /// Runs `binary --version` and checks the answer; a binary that cannot start for want of shared
 /// libraries gives [`QemuError::MissingLibraries`], naming each library's Debian package (matched
 /// against `depends`, the QEMU packages' dependencies, where possible).
-pub fn check_binary(
+pub(crate) fn check_binary(
     binary: &Path,
     depends: &[String],
 ) -> Result<(QemuVersion, Option<String>), QemuError> {

@@ -23,6 +23,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use gatevm_abi::error_chain;
 use thiserror::Error;
 
 use crate::cmd::CommandError;
@@ -32,14 +33,14 @@ use crate::provenance::{self, component, Component, Provenance};
 use crate::setup::{io, Ctx, SetupAction, SetupError, SetupOptions};
 use crate::util;
 
-pub mod backport;
-pub mod boot_test;
-pub mod choice;
-pub mod ldd;
+pub(crate) mod backport;
+pub(crate) mod boot_test;
+pub(crate) mod choice;
+pub(crate) mod ldd;
 
-pub use boot_test::boot_test;
-pub use choice::*;
-pub use ldd::{check_binary, MissingLibrary};
+pub(crate) use boot_test::boot_test;
+pub(crate) use choice::*;
+pub(crate) use ldd::{check_binary, MissingLibrary};
 
 use backport::{bundle_detail, install_backport};
 use ldd::{list_missing, missing_packages};
@@ -90,7 +91,7 @@ pub enum QemuError {
         missing: Vec<MissingLibrary>,
     },
     /// The binary could not be run.
-    #[error("cannot check {}: {source}", binary.display())]
+    #[error("cannot check {}", binary.display())]
     Run {
         /// The binary.
         binary: PathBuf,
@@ -197,7 +198,7 @@ pub(crate) fn ensure(
                     if host.is_none() || hardware_kvm().is_err() {
                         return Err(e);
                     }
-                    format!("{suite}: {e}")
+                    format!("{suite}: {}", error_chain(&e))
                 }
             }
         }
