@@ -7,7 +7,7 @@
 
 #![no_main]
 
-use gatevm_protocol::{
+use gatevm_abi::{
     asyncio::FrameReader, check_len, decode_body, read_frame, Frame, GuestMsg, ProtoError,
 };
 use libfuzzer_sys::fuzz_target;

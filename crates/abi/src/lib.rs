@@ -1,6 +1,8 @@
 //! The contract between the host and the guest agent, written once: both sides depend on this
 //! crate and nothing here is restated elsewhere.
 //!
+//! - [`wire`] (re-exported at the root): the agent protocol's frames, messages and limits, and
+//!   its flow control ([`flow`]);
 //! - [`cmdline`]: the `gatevm.*` keys of the guest kernel command line (rendered by the host,
 //!   parsed by the guest, round-trip tested);
 //! - [`paths`]: where things are in the guest (the agent binary, the state disk, the k3s staging
@@ -10,10 +12,13 @@
 //! - [`error_chain`]: the one-line form of an error wherever it leaves a process (a frame to the
 //!   host, a log line, the CLI's message).
 //!
-//! The frames and messages of the agent protocol are the other half of the contract
-//! (`gatevm-protocol`); see ARCHITECTURE.md.
+//! See ARCHITECTURE.md for where each side uses it.
 
 pub mod cmdline;
+pub mod wire;
+
+pub use wire::*;
+
 pub mod net;
 pub mod paths;
 pub mod plan;

@@ -103,7 +103,7 @@ mod tests {
 
     #[test]
     fn hostile_status_texts_are_made_safe() {
-        use gatevm_protocol::{PayloadState, PayloadStatus};
+        use gatevm_abi::{PayloadState, PayloadStatus};
         let hostile = "x\u{1b}]52;c;aGk=\u{7}\u{1b}[2J\u{9b}31m\u{7}\u{8}\u{202e}y";
         let mut st: gatevm_instance::InstanceStatus =
             serde_json::from_value(serde_json::json!({

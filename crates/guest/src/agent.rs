@@ -1,4 +1,4 @@
-//! The agent server: speaks [`gatevm_protocol`] with the host over any byte stream.
+//! The agent server: speaks [`gatevm_abi`] with the host over any byte stream.
 //!
 //! The host speaks first (`Hello`); the guest only ever answers, because a virtio-serial write
 //! blocks while no host is connected. Stream 0 carries `Hello`, `StatusRequest` and `Shutdown`;
@@ -26,7 +26,7 @@ use crate::log::error_chain;
 use crate::reaper::Reaper;
 use crate::session::{self, Link, OutputCredit, SharedWriter, StdinQueue};
 use crate::sys;
-use gatevm_protocol::{
+use gatevm_abi::{
     check_len, decode_body, ExecRequest, Fd, Frame, GuestMsg, PayloadStatus, ProtoError,
     CREDIT_DISCARD, PROTOCOL_VERSION, STREAM_CONTROL,
 };
@@ -675,7 +675,7 @@ fn port_device(port: &str) -> io::Result<PathBuf> {
     Ok(dev)
 }
 
-/// Serves the agent on the virtio-serial port named [`gatevm_protocol::AGENT_PORT_NAME`]; waits
+/// Serves the agent on the virtio-serial port named [`gatevm_abi::AGENT_PORT_NAME`]; waits
 /// for the port to appear and never returns except after a handled shutdown.
 pub(crate) fn run_serial(agent: &Agent) {
     let started = std::time::Instant::now();
@@ -683,14 +683,14 @@ pub(crate) fn run_serial(agent: &Agent) {
     let port = loop {
         if let Some(p) = find_port(
             Path::new("/sys/class/virtio-ports"),
-            gatevm_protocol::AGENT_PORT_NAME,
+            gatevm_abi::AGENT_PORT_NAME,
         ) {
             break p;
         }
         if !warned && started.elapsed() > Duration::from_secs(5) {
             crate::glog!(
                 "agent: no virtio-serial port named {} yet",
-                gatevm_protocol::AGENT_PORT_NAME
+                gatevm_abi::AGENT_PORT_NAME
             );
             warned = true;
         }
@@ -738,7 +738,7 @@ pub(crate) fn run_serial(agent: &Agent) {
     }
 }
 
-/// Serves the agent on an `AF_VSOCK` listener on [`gatevm_protocol::AGENT_VSOCK_PORT`], one
+/// Serves the agent on an `AF_VSOCK` listener on [`gatevm_abi::AGENT_VSOCK_PORT`], one
 /// connection at a time; sessions of a closed connection are killed.
 pub(crate) fn run_vsock(agent: &Agent) {
     use nix::sys::socket::{
@@ -754,7 +754,7 @@ pub(crate) fn run_vsock(agent: &Agent) {
         .and_then(|fd| {
             bind(
                 std::os::fd::AsRawFd::as_raw_fd(&fd),
-                &VsockAddr::new(libc::VMADDR_CID_ANY, gatevm_protocol::AGENT_VSOCK_PORT),
+                &VsockAddr::new(libc::VMADDR_CID_ANY, gatevm_abi::AGENT_VSOCK_PORT),
             )?;
             listen(&fd, Backlog::new(4).unwrap_or(Backlog::MAXCONN))?;
             Ok(fd)
@@ -764,7 +764,7 @@ pub(crate) fn run_vsock(agent: &Agent) {
             Err(e) => {
                 crate::glog!(
                     "agent: vsock listen on port {}: {e}",
-                    gatevm_protocol::AGENT_VSOCK_PORT
+                    gatevm_abi::AGENT_VSOCK_PORT
                 );
                 std::thread::sleep(Duration::from_secs(1));
             }
@@ -772,7 +772,7 @@ pub(crate) fn run_vsock(agent: &Agent) {
     };
     crate::glog!(
         "agent listening on vsock port {}",
-        gatevm_protocol::AGENT_VSOCK_PORT
+        gatevm_abi::AGENT_VSOCK_PORT
     );
     loop {
         let accepted = accept4(

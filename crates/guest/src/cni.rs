@@ -8,7 +8,7 @@
 //! (`{"code":…,"msg":…,"details":…}`) on its stdout; its `msg` is what the user sees.
 
 use crate::reaper::{describe, Reaper};
-use gatevm_protocol::ExitStatus;
+use gatevm_abi::ExitStatus;
 use serde_json::{json, Map, Value};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! 126/127 conventions, optional pseudo-terminal, own session per process.
 
 use crate::reaper::{Reaper, Spawned};
-use gatevm_protocol::{ExecRequest, ExitStatus};
+use gatevm_abi::{ExecRequest, ExitStatus};
 use std::fs::File;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -50,7 +50,7 @@ pub(crate) struct Process {
     /// Where `Data{Stdin}` goes: the stdin pipe, or a dup of the pty master.
     pub stdin: Option<File>,
     /// Output fds to forward, with the stream they are reported as.
-    pub outputs: Vec<(gatevm_protocol::Fd, OwnedFd)>,
+    pub outputs: Vec<(gatevm_abi::Fd, OwnedFd)>,
     /// Receives the exit status from the reaper.
     pub exit: Receiver<ExitStatus>,
 }
@@ -334,16 +334,16 @@ fn process_streams(master: Option<File>, spawned: Spawned) -> Result<Process, Ex
             let inp = m
                 .try_clone()
                 .map_err(|e| ExecFailure::new(1, format!("dup pty: {e}")))?;
-            outputs.push((gatevm_protocol::Fd::Stdout, OwnedFd::from(out)));
+            outputs.push((gatevm_abi::Fd::Stdout, OwnedFd::from(out)));
             stdin = Some(inp);
             tty_file = Some(m);
         }
         None => {
             if let Some(o) = spawned.stdout {
-                outputs.push((gatevm_protocol::Fd::Stdout, OwnedFd::from(o)));
+                outputs.push((gatevm_abi::Fd::Stdout, OwnedFd::from(o)));
             }
             if let Some(e) = spawned.stderr {
-                outputs.push((gatevm_protocol::Fd::Stderr, OwnedFd::from(e)));
+                outputs.push((gatevm_abi::Fd::Stderr, OwnedFd::from(e)));
             }
             stdin = spawned.stdin.map(|s| File::from(OwnedFd::from(s)));
         }

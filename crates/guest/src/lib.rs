@@ -2,7 +2,7 @@
 //! PID 1 of the real root (stage 2), where it mounts the API filesystems, loads modules, configures
 //! the network and the state disk, reaps orphans, supervises the payload (containerd, or
 //! containerd and then k3s: see [`profile`]) and serves the host's agent protocol
-//! ([`gatevm_protocol`]) on a virtio-serial port or a vsock port.
+//! ([`gatevm_abi`]) on a virtio-serial port or a vsock port.
 //!
 //! Everything that can be exercised without a VM (command line parsing, module loading plans,
 //! `PATH` lookup, the agent conversation with real child processes) is a plain library function

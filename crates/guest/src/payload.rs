@@ -4,7 +4,7 @@
 
 use crate::reaper::{describe, Reaper};
 use crate::sys;
-use gatevm_protocol::{PayloadState, PayloadStatus};
+use gatevm_abi::{PayloadState, PayloadStatus};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -336,7 +336,7 @@ impl Payload {
     /// backoff delay (cut short by a stop). False when the payload is being stopped.
     fn wait_restart(
         &self,
-        status: Option<gatevm_protocol::ExitStatus>,
+        status: Option<gatevm_abi::ExitStatus>,
         started: Instant,
         backoff: &mut Option<Duration>,
     ) -> bool {
@@ -423,8 +423,8 @@ impl Payload {
 
     fn wait_exit(
         &self,
-        exit: &std::sync::mpsc::Receiver<gatevm_protocol::ExitStatus>,
-    ) -> gatevm_protocol::ExitStatus {
+        exit: &std::sync::mpsc::Receiver<gatevm_abi::ExitStatus>,
+    ) -> gatevm_abi::ExitStatus {
         let mut ready = false;
         loop {
             let wait = if ready {
@@ -435,7 +435,7 @@ impl Payload {
             match exit.recv_timeout(wait) {
                 Ok(s) => return s,
                 Err(RecvTimeoutError::Disconnected) => {
-                    return gatevm_protocol::ExitStatus {
+                    return gatevm_abi::ExitStatus {
                         code: None,
                         signal: None,
                     }

@@ -13,7 +13,7 @@
 //! [`Reaper::spawn`] takes the `Child` apart so callers cannot.
 
 use crate::sys;
-use gatevm_protocol::ExitStatus;
+use gatevm_abi::ExitStatus;
 use std::collections::HashMap;
 use std::io;
 use std::os::unix::process::CommandExt;

@@ -7,8 +7,8 @@
 //! beyond the window the guest granted is dropped with a log line.
 
 use crate::sys;
-use gatevm_protocol::flow::{RecvWindow, SendWindow};
-use gatevm_protocol::{write_frame, ExitStatus, Fd, Frame, GuestMsg, DATA_CHUNK};
+use gatevm_abi::flow::{RecvWindow, SendWindow};
+use gatevm_abi::{write_frame, ExitStatus, Fd, Frame, GuestMsg, DATA_CHUNK};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -73,7 +73,7 @@ enum StdinMsg {
 static STDIN_DROPPED: AtomicU64 = AtomicU64::new(0);
 
 /// The stdin side of a session: a queue drained by a writer thread, bounded by the input window
-/// (the host may send [`gatevm_protocol::INITIAL_WINDOW`] bytes plus what was granted back), so a
+/// (the host may send [`gatevm_abi::INITIAL_WINDOW`] bytes plus what was granted back), so a
 /// process that does not read its stdin never blocks the agent loop. The writer thread grants the
 /// credit back once it wrote the bytes to the process.
 #[derive(Clone)]
@@ -177,7 +177,7 @@ impl OutputCredit {
         Arc::new(OutputCredit::default())
     }
 
-    /// Adds a grant from the host ([`gatevm_protocol::CREDIT_DISCARD`]: the reader is gone) and wakes the waiter.
+    /// Adds a grant from the host ([`gatevm_abi::CREDIT_DISCARD`]: the reader is gone) and wakes the waiter.
     pub(crate) fn grant(&self, bytes: u32) {
         sys::lock(&self.window).grant(bytes);
         self.cv.notify_all();

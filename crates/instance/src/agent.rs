@@ -10,15 +10,15 @@
 //!
 //! Flow control: the reader never waits for a stream's consumer. Each exec stream has an unbounded
 //! queue whose data is bounded by the stream's credit window instead: the guest may send only
-//! [`gatevm_protocol::INITIAL_WINDOW`] bytes plus what was granted back, and the host grants only
+//! [`gatevm_abi::INITIAL_WINDOW`] bytes plus what was granted back, and the host grants only
 //! after the consumer handed bytes on ([`Agent::consumed`]). A guest that exceeds its window, or
 //! sends more than [`MAX_STREAM_MSGS`] messages and ends on one exec stream, breaks only that
 //! stream: its consumer gets an `Error` and the stream is closed; the channel and every other
 //! stream go on. The guest grants stdin credit the same way ([`StdinCredit`]).
 
 use crate::control::AgentInfo;
-use gatevm_protocol::flow::RecvWindow;
-use gatevm_protocol::{
+use gatevm_abi::flow::RecvWindow;
+use gatevm_abi::{
     asyncio, Fd, Frame, GuestMsg, PayloadStatus, CREDIT_DISCARD, INITIAL_WINDOW, PROTOCOL_VERSION,
     STREAM_CONTROL,
 };

@@ -1,7 +1,7 @@
 //! Commands the host runs in the guest for itself (probes, listings), bounded: the guest may
 //! never answer, or stream forever.
 
-use gatevm_protocol::{ExecRequest, GuestMsg};
+use gatevm_abi::{ExecRequest, GuestMsg};
 use std::time::Duration;
 
 /// Why a bounded command gave no answer.

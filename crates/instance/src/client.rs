@@ -10,7 +10,7 @@ use crate::state::{Phase, StateFile};
 use crate::supervisor::state::{
     phase_name, read_state, read_state_quietly, record_without_processes, recover_stale,
 };
-use gatevm_protocol::{asyncio, ExecRequest, Fd, Frame, GuestMsg};
+use gatevm_abi::{asyncio, ExecRequest, Fd, Frame, GuestMsg};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -519,7 +519,7 @@ where
     )
     .await
     .map_err(|e| cerr(e.to_string()))?;
-    let mut buf = vec![0u8; gatevm_protocol::DATA_CHUNK];
+    let mut buf = vec![0u8; gatevm_abi::DATA_CHUNK];
     let mut stdin_open = stdin.is_some();
     let mut events_open = true;
     // The supervisor answers within its own start timeout (30 s, see relay_exec); a silent one

@@ -8,7 +8,7 @@
 //! control (the supervisor reads the client's stdin only while the guest granted credit, and
 //! grants the guest credit only after writing its output to the client).
 
-use gatevm_protocol::{ExecRequest, PayloadStatus};
+use gatevm_abi::{ExecRequest, PayloadStatus};
 use serde::{Deserialize, Serialize};
 
 /// The stream id clients use.
@@ -39,7 +39,7 @@ pub enum CtlRequest {
     /// Run a process in the guest.
     Exec(ExecRequest),
     /// Read a regular file in the guest (the guest agent opens it; no program runs), at most
-    /// `max_bytes` bytes. Answered like an exec: see [`gatevm_protocol::GuestMsg::ReadFile`].
+    /// `max_bytes` bytes. Answered like an exec: see [`gatevm_abi::GuestMsg::ReadFile`].
     ReadFile { path: String, max_bytes: u64 },
 }
 

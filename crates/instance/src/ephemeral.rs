@@ -12,7 +12,7 @@ use crate::config::{Ephemeral, InstanceConfig};
 use crate::control::Progress;
 use crate::paths::InstancePaths;
 use crate::supervisor::{self, SuperviseOptions};
-use gatevm_protocol::ExecRequest;
+use gatevm_abi::ExecRequest;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -6,11 +6,11 @@
 //! `HANG` is the hang detector, not a performance bound: it is generous because the machines that
 //! run this are shared and slow.
 
-use gatevm_instance::agent::Agent;
-use gatevm_protocol::{
+use gatevm_abi::{
     asyncio::FrameReader, ExitStatus, Fd, Frame, GuestMsg, PayloadState, PayloadStatus,
     MAX_FRAME_LEN, PROTOCOL_VERSION, STREAM_CONTROL,
 };
+use gatevm_instance::agent::Agent;
 use std::future::Future;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -299,7 +299,7 @@ async fn unexpected_messages_are_dropped_and_the_channel_stays_usable() {
         },
         Frame::Msg {
             stream: 0,
-            msg: GuestMsg::Exec(gatevm_protocol::ExecRequest {
+            msg: GuestMsg::Exec(gatevm_abi::ExecRequest {
                 argv: vec![String::new(); 50_000],
                 ..Default::default()
             }),
@@ -464,7 +464,7 @@ async fn a_guest_that_stops_reading_cannot_block_the_host() {
     // The guest reads nothing: the socket buffer fills, then the agent's queue, then sending
     // gives up instead of waiting forever.
     let (sid, _from_guest) = agent.open_stream();
-    let chunk = vec![0u8; gatevm_protocol::DATA_CHUNK];
+    let chunk = vec![0u8; gatevm_abi::DATA_CHUNK];
     let err = bounded("a send to a guest that does not read to fail", async {
         loop {
             let f = Frame::Data {
@@ -658,7 +658,7 @@ mod control_client {
             within,
             client::exec(
                 name,
-                gatevm_protocol::ExecRequest {
+                gatevm_abi::ExecRequest {
                     argv: vec!["true".into()],
                     ..Default::default()
                 },
@@ -711,8 +711,8 @@ mod control_client {
 /// that stops reading delays nobody else.
 mod flow {
     use super::*;
+    use gatevm_abi::{GRANT_STEP, INITIAL_WINDOW};
     use gatevm_instance::agent::MAX_STREAM_MSGS;
-    use gatevm_protocol::{GRANT_STEP, INITIAL_WINDOW};
     use std::sync::Arc;
     use tokio::net::unix::OwnedWriteHalf;
     use tokio::sync::Mutex;
@@ -881,13 +881,13 @@ mod flow {
         let (bad, mut bad_rx) = agent.open_stream();
         let (good, mut good_rx) = agent.open_stream();
         // Exactly the window is fine; one byte more is a violation.
-        for _ in 0..(INITIAL_WINDOW as usize / gatevm_protocol::DATA_CHUNK) {
-            guest.put(&data(bad, gatevm_protocol::DATA_CHUNK)).await;
+        for _ in 0..(INITIAL_WINDOW as usize / gatevm_abi::DATA_CHUNK) {
+            guest.put(&data(bad, gatevm_abi::DATA_CHUNK)).await;
         }
         guest.put(&data(bad, 1)).await;
         // And it goes on, as a hostile guest would.
         for _ in 0..64 {
-            guest.put(&data(bad, gatevm_protocol::DATA_CHUNK)).await;
+            guest.put(&data(bad, gatevm_abi::DATA_CHUNK)).await;
         }
         let (bytes, frames) = drain(&mut bad_rx).await;
         assert_eq!(
@@ -969,8 +969,8 @@ mod flow {
     async fn credit_is_granted_only_after_the_consumer_took_the_bytes() {
         let (agent, guest) = connected().await;
         let (sid, mut rx) = agent.open_stream();
-        for _ in 0..(INITIAL_WINDOW as usize / gatevm_protocol::DATA_CHUNK) {
-            guest.put(&data(sid, gatevm_protocol::DATA_CHUNK)).await;
+        for _ in 0..(INITIAL_WINDOW as usize / gatevm_abi::DATA_CHUNK) {
+            guest.put(&data(sid, gatevm_abi::DATA_CHUNK)).await;
         }
         // Received but not handed on: no grant.
         let mut got = 0;
@@ -998,8 +998,8 @@ mod flow {
         assert_eq!(granted, u64::from(INITIAL_WINDOW));
         assert_eq!(granted % u64::from(GRANT_STEP), 0);
         // With the grant the guest may send another window's worth, and no more.
-        for _ in 0..(INITIAL_WINDOW as usize / gatevm_protocol::DATA_CHUNK) {
-            guest.put(&data(sid, gatevm_protocol::DATA_CHUNK)).await;
+        for _ in 0..(INITIAL_WINDOW as usize / gatevm_abi::DATA_CHUNK) {
+            guest.put(&data(sid, gatevm_abi::DATA_CHUNK)).await;
         }
         status_within_1s(&agent).await;
         assert_eq!(agent.queued(sid), Some(u64::from(INITIAL_WINDOW)));

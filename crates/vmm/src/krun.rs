@@ -186,7 +186,7 @@ pub fn plan(c: &KrunConfig) -> Vec<KrunCall> {
     calls.push(KrunCall::DisableImplicitVsock);
     calls.push(KrunCall::AddVsock { tsi_features: 0 });
     calls.push(KrunCall::AddVsockPort2 {
-        port: gatevm_protocol::AGENT_VSOCK_PORT,
+        port: gatevm_abi::AGENT_VSOCK_PORT,
         path: c.agent_socket.clone(),
         listen: true,
     });
@@ -544,7 +544,7 @@ mod tests {
             ]
         );
         assert!(p.contains(&KrunCall::AddVsockPort2 {
-            port: gatevm_protocol::AGENT_VSOCK_PORT,
+            port: gatevm_abi::AGENT_VSOCK_PORT,
             path: "/run/gatevm/i/agent.sock".into(),
             listen: true
         }));

@@ -298,7 +298,7 @@ impl Qemu {
             "-device",
             &format!(
                 "virtserialport,chardev=ag,name={}",
-                gatevm_protocol::AGENT_PORT_NAME
+                gatevm_abi::AGENT_PORT_NAME
             ),
         ]);
         // Root filesystem through virtiofsd.

@@ -2,8 +2,8 @@
 
 use crate::output::runtime;
 use anyhow::bail;
+use gatevm_abi::{ExecRequest, GuestMsg};
 pub use gatevm_instance::capture::{capture, Captured, Limits};
-use gatevm_protocol::{ExecRequest, GuestMsg};
 use std::io::IsTerminal;
 use tokio::signal::unix::{signal, SignalKind};
 

@@ -1,8 +1,8 @@
 //! `gatevm logs`
 
 use anyhow::bail;
+use gatevm_abi::ExecRequest;
 use gatevm_instance::client;
-use gatevm_protocol::ExecRequest;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! `gatevm shell`
 
-use gatevm_protocol::ExecRequest;
+use gatevm_abi::ExecRequest;
 use std::io::IsTerminal;
 
 #[derive(clap::Args)]

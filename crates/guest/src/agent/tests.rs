@@ -1,8 +1,8 @@
 //! End-to-end tests of the agent over a socketpair, with real child processes.
 
 use super::*;
-use gatevm_protocol::flow::{RecvWindow, SendWindow};
-use gatevm_protocol::{
+use gatevm_abi::flow::{RecvWindow, SendWindow};
+use gatevm_abi::{
     read_frame, write_frame, ExitStatus, PayloadState, DATA_CHUNK, GRANT_STEP, INITIAL_WINDOW,
 };
 use std::io::Write;
@@ -175,7 +175,7 @@ impl Peer {
         self.sock.set_read_timeout(Some(t)).unwrap();
         let f = match read_frame(&mut self.sock) {
             Ok(f) => f,
-            Err(gatevm_protocol::ProtoError::Io(e))
+            Err(gatevm_abi::ProtoError::Io(e))
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
@@ -690,7 +690,7 @@ fn output_waits_for_credit_and_stops_only_its_own_stream() {
     p.msg(50, GuestMsg::Signal { signal: 9 });
     p.send(Frame::Credit {
         stream: 50,
-        bytes: gatevm_protocol::CREDIT_DISCARD,
+        bytes: gatevm_abi::CREDIT_DISCARD,
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -78,7 +78,7 @@ pub(crate) fn print(text: &str) {
 }
 
 /// The exit code of a finished process: its code, or 128+N when killed by signal N.
-pub(crate) fn exit_code(status: &gatevm_protocol::ExitStatus) -> i32 {
+pub(crate) fn exit_code(status: &gatevm_abi::ExitStatus) -> i32 {
     match (status.code, status.signal) {
         (Some(c), _) => c,
         (None, Some(s)) => 128 + s,
@@ -120,7 +120,7 @@ mod tests {
 
     #[test]
     fn exit_codes_of_processes() {
-        let st = |code, signal| gatevm_protocol::ExitStatus { code, signal };
+        let st = |code, signal| gatevm_abi::ExitStatus { code, signal };
         assert_eq!(exit_code(&st(Some(3), None)), 3);
         assert_eq!(exit_code(&st(None, Some(9))), 137);
         assert_eq!(exit_code(&st(Some(0), None)), 0);

@@ -14,7 +14,7 @@
 use super::ctr;
 use crate::cni::run_captured;
 use crate::reaper::{Reaper, Spawned};
-use gatevm_protocol::ExitStatus;
+use gatevm_abi::ExitStatus;
 use nix::sys::signal::{SigSet, Signal};
 use std::sync::{Arc, Mutex};
 

@@ -5,7 +5,7 @@
 use super::{AbortOnDrop, RunningInstance, EXEC_START_TIMEOUT};
 use crate::agent::{Agent, StdinCredit};
 use crate::control::{CtlReply, CtlRequest, CLIENT_STREAM};
-use gatevm_protocol::{asyncio, Fd, Frame, GuestMsg, ProtoError};
+use gatevm_abi::{asyncio, Fd, Frame, GuestMsg, ProtoError};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -372,7 +372,7 @@ async fn send_stdin(
         let n = usize::try_from(credit.available())
             .unwrap_or(usize::MAX)
             .min(pending.len())
-            .min(gatevm_protocol::DATA_CHUNK);
+            .min(gatevm_abi::DATA_CHUNK);
         if n == 0 {
             break;
         }
@@ -406,8 +406,8 @@ fn restream(f: Frame<GuestMsg>, stream: u32) -> Frame<GuestMsg> {
 mod relay_tests {
     use super::{relay_exec, Agent};
     use crate::control::CLIENT_STREAM;
-    use gatevm_protocol::flow::SendWindow;
-    use gatevm_protocol::{
+    use gatevm_abi::flow::SendWindow;
+    use gatevm_abi::{
         asyncio, ExecRequest, ExitStatus, Fd, Frame, GuestMsg, DATA_CHUNK, INITIAL_WINDOW,
         PROTOCOL_VERSION, STREAM_CONTROL,
     };

@@ -30,8 +30,8 @@ use crate::lock::{try_lock, InstanceLock};
 use crate::paths::{write_atomic, InstancePaths};
 use crate::state::{now_ms, Phase, ProcId, StateFile};
 use children::OwnedChild;
+use gatevm_abi::PayloadState;
 use gatevm_net::loopback;
-use gatevm_protocol::PayloadState;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -168,7 +168,7 @@ impl RunningInstance {
 }
 
 /// Whether the payloads the instance runs are all ready (a throwaway VM runs none).
-fn payloads_ready(cfg: &InstanceConfig, payloads: &[gatevm_protocol::PayloadStatus]) -> bool {
+fn payloads_ready(cfg: &InstanceConfig, payloads: &[gatevm_abi::PayloadStatus]) -> bool {
     if cfg.ephemeral.is_some() {
         return payloads.iter().all(|p| p.state == PayloadState::Ready);
     }

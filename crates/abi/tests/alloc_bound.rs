@@ -3,7 +3,7 @@
 //!
 //! One test function only: the allocator's record is process-wide.
 
-use gatevm_protocol::{read_frame, GuestMsg, ProtoError, MAX_FRAME_LEN};
+use gatevm_abi::{read_frame, GuestMsg, ProtoError, MAX_FRAME_LEN};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -68,14 +68,14 @@ fn huge_length_fields_are_refused_before_allocating() {
             .build()
             .expect("runtime");
         let largest = largest_during(|| {
-            let r = rt.block_on(gatevm_protocol::asyncio::read_frame::<GuestMsg, _>(
+            let r = rt.block_on(gatevm_abi::asyncio::read_frame::<GuestMsg, _>(
                 &mut &input[..],
             ));
             assert!(matches!(r, Err(ProtoError::TooLarge(_))), "{r:?}");
         });
         assert!(largest < limit, "async reader allocated {largest} bytes");
         let largest = largest_during(|| {
-            let mut reader = gatevm_protocol::asyncio::FrameReader::new(&input[..]);
+            let mut reader = gatevm_abi::asyncio::FrameReader::new(&input[..]);
             let r = rt.block_on(reader.read_frame::<GuestMsg>());
             assert!(matches!(r, Err(ProtoError::TooLarge(_))), "{r:?}");
         });
