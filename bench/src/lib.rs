@@ -163,7 +163,7 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     }
     let scratch = Scratch::new("gatevm-bench")?;
     let machine = Machine::probe();
-    let runtime = gatevm_runtime::dirs::runtime_dir().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let runtime = gatevm_runtime::dirs::runtime_dir()?;
     let qemu = host::find_qemu(&runtime, std::env::var_os("PATH")).map_err(|e| format!("{e:#}"));
     let (commit, dirty) = commit(&o.repo, &scratch);
     let mut meta = report::Meta {

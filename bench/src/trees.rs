@@ -8,7 +8,7 @@
 
 use crate::procs::{Procfs, RealProc};
 use crate::runner;
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use gatevm_runtime::rootfs::{self, RootfsRecipe};
 use gatevm_runtime::KernelInfo;
 use std::ffi::OsString;
@@ -51,7 +51,7 @@ pub fn ssh_recipe(kernel_release: &str) -> RootfsRecipe {
 
 /// The installed runtime's guest kernel (`gatevm setup` must have run).
 pub fn runtime_kernel() -> anyhow::Result<KernelInfo> {
-    let rt = gatevm_runtime::Runtime::load().map_err(|e| anyhow!("{e}"))?;
+    let rt = gatevm_runtime::Runtime::load()?;
     Ok(rt.kernel().clone())
 }
 
@@ -94,7 +94,7 @@ pub fn build_killable(
                 if let Some(why) = why {
                     bail!("building the rootfs: {why}");
                 }
-                return Err(anyhow!("{e}")).context(format!(
+                return Err(anyhow::Error::from(e)).context(format!(
                     "building the rootfs {} in {}",
                     recipe.id(),
                     root.display()

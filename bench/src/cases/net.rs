@@ -179,7 +179,6 @@ impl Bench<'_> {
             &kernel,
             &self.scratch.path().join("net-initramfs"),
         )
-        .map_err(|e| anyhow::anyhow!("{e}"))
         .context("building the bare VM's initramfs")?;
         let console = self.scratch.path().join("net-console.log");
         let port = free_port()?;

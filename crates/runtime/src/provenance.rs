@@ -83,6 +83,24 @@ pub struct Component {
     pub files: Vec<FileRecord>,
 }
 
+impl Component {
+    /// A component installed now.
+    pub(crate) fn installed_now(
+        name: &str,
+        version: &str,
+        origin: &str,
+        files: Vec<FileRecord>,
+    ) -> Component {
+        Component {
+            name: name.to_string(),
+            version: version.to_string(),
+            origin: origin.to_string(),
+            installed_unix: util::now_unix(),
+            files,
+        }
+    }
+}
+
 /// The base root filesystem that setup built or found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootfsRecord {

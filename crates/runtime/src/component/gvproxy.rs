@@ -82,13 +82,7 @@ pub(crate) fn ensure(
     let files = provenance::records_for(&ctx.runtime, &[PathBuf::from("bin/gvproxy")])?;
     ctx.record(
         prov,
-        Component {
-            name: C.into(),
-            version: entry.version.clone(),
-            origin: origin.clone(),
-            installed_unix: util::now_unix(),
-            files,
-        },
+        Component::installed_now(C, &entry.version, &origin, files),
         had,
         format!("{} from {origin}; runs: {reported}", dest.display()),
         started,

@@ -63,13 +63,7 @@ pub(crate) fn ensure(
     );
     ctx.record(
         prov,
-        Component {
-            name: C.into(),
-            version: entry.version.clone(),
-            origin: origin.clone(),
-            installed_unix: util::now_unix(),
-            files: records,
-        },
+        Component::installed_now(C, &entry.version, &origin, records),
         had,
         format!("{} ({} MiB) from {origin}", dest.display(), size >> 20),
         started,

@@ -398,13 +398,7 @@ pub(crate) fn ensure(
     );
     ctx.record(
         prov,
-        Component {
-            name: C.into(),
-            version: entry.version.clone(),
-            origin: origin.clone(),
-            installed_unix: util::now_unix(),
-            files,
-        },
+        Component::installed_now(C, &entry.version, &origin, files),
         had,
         format!("{} from {origin}", dest.display()),
         started,

@@ -132,13 +132,7 @@ pub(crate) fn ensure(ctx: &mut Ctx<'_>, prov: &mut Provenance) -> Result<(), Set
     let origin = format!("crates-io virtiofsd {VIRTIOFSD_VERSION} (cargo install --locked)");
     ctx.record(
         prov,
-        Component {
-            name: C.into(),
-            version: VIRTIOFSD_VERSION.into(),
-            origin: origin.clone(),
-            installed_unix: util::now_unix(),
-            files,
-        },
+        Component::installed_now(C, VIRTIOFSD_VERSION, &origin, files),
         had,
         format!("{} from {origin}", dest.display()),
         started,

@@ -125,13 +125,7 @@ fn install(
     prov.kernel_release = Some(release.clone());
     ctx.record(
         prov,
-        Component {
-            name: C.into(),
-            version: entry.version.clone(),
-            origin: origin.clone(),
-            installed_unix: util::now_unix(),
-            files,
-        },
+        Component::installed_now(C, &entry.version, &origin, files),
         had,
         format!(
             "{release} from {origin}; vmlinux {} MiB; {nfiles} files incl. modules",

@@ -42,13 +42,7 @@ pub(crate) fn record_bundle(
         .collect();
     let files = provenance::records_for(runtime, &rels)?;
     let n = files.len();
-    prov.set_component(Component {
-        name: C.into(),
-        version: version.to_string(),
-        origin: origin.to_string(),
-        installed_unix: util::now_unix(),
-        files,
-    });
+    prov.set_component(Component::installed_now(C, version, origin, files));
     prov.save(runtime)?;
     Ok(n)
 }

@@ -31,7 +31,6 @@ use crate::component::kernel::KernelInfo;
 use crate::component::present;
 use crate::provenance::{self, component, Component, Provenance};
 use crate::setup::{io, Ctx, SetupAction, SetupError, SetupOptions};
-use crate::util;
 
 pub(crate) mod backport;
 pub(crate) mod boot_test;
@@ -251,13 +250,7 @@ fn use_host_qemu(
     }
     let had = prov.component(C).is_some();
     let files = provenance::records_for(&ctx.runtime, std::slice::from_ref(&h.path))?;
-    prov.set_component(Component {
-        name: C.into(),
-        version,
-        origin,
-        installed_unix: util::now_unix(),
-        files,
-    });
+    prov.set_component(Component::installed_now(C, &version, &origin, files));
     prov.save(&ctx.runtime)?;
     let bundle = ctx.runtime.join(BUNDLE_DIR);
     if bundle.exists() {
