@@ -84,7 +84,7 @@ pub const STREAM_CONTROL: u32 = 0;
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {
     /// I/O on the underlying stream failed.
-    #[error("agent channel i/o: {0}")]
+    #[error("agent channel i/o")]
     Io(#[from] io::Error),
     /// The peer announced a frame larger than the limit.
     #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]

@@ -199,7 +199,10 @@ impl Agent {
                 Err(ReadError::Framing(e)) => {
                     bad_frames += 1;
                     if bad_frames.is_power_of_two() {
-                        crate::glog!("agent: framing error ({bad_frames} so far): {e}");
+                        crate::glog!(
+                            "agent: framing error ({bad_frames} so far): {}",
+                            gatevm_abi::error_chain(&e)
+                        );
                     }
                 }
                 Err(ReadError::Io(e)) => match on_eof {
@@ -245,7 +248,13 @@ impl Agent {
                     [a, b, c, d, ..] => u32::from_be_bytes([*a, *b, *c, *d]),
                     _ => STREAM_CONTROL,
                 };
-                session::send(w, &error(stream, format!("bad frame: {e}")));
+                session::send(
+                    w,
+                    &error(
+                        stream,
+                        format!("bad frame: {}", gatevm_abi::error_chain(&e)),
+                    ),
+                );
                 return None;
             }
         };

@@ -43,6 +43,37 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// guest cannot fill the supervisor's log.
 const GUEST_ERRORS_LOGGED: u32 = 20;
 
+/// Why the agent channel's reader stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// A frame could not be read or decoded.
+    #[error(transparent)]
+    Frame(#[from] gatevm_abi::ProtoError),
+    /// The guest's hello names another protocol version.
+    #[error("guest agent speaks protocol {guest}, this host {PROTOCOL_VERSION}: rebuild the runtime with `gatevm setup`")]
+    Version {
+        /// The guest's version.
+        guest: u32,
+    },
+}
+
+/// Why a frame could not be queued for the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The frame does not encode.
+    #[error(transparent)]
+    Encode(#[from] gatevm_abi::ProtoError),
+    /// The channel has ended.
+    #[error("agent channel is closed")]
+    Closed,
+    /// The guest stopped reading while the queue was full.
+    #[error("the guest agent has not read its channel for {secs} s")]
+    Stalled {
+        /// How long the send waited.
+        secs: u64,
+    },
+}
+
 /// The host's side of one exec stream, as the reader sees it.
 struct Route {
     tx: mpsc::UnboundedSender<Frame<GuestMsg>>,
@@ -152,7 +183,7 @@ impl Agent {
         tokio::spawn(async move {
             let result = a.read_loop(read, &conn_tx).await;
             if let Err(e) = result {
-                tracing::warn!("agent channel closed: {e}");
+                tracing::warn!("agent channel closed: {}", gatevm_abi::error_chain(&e));
             } else {
                 tracing::info!("agent channel closed by the guest");
             }
@@ -182,13 +213,13 @@ impl Agent {
         &self,
         mut read: OwnedReadHalf,
         conn: &watch::Sender<bool>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReadError> {
         let mut errors_logged = 0u32;
         loop {
             let frame = match asyncio::read_frame::<GuestMsg, _>(&mut read).await {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ok(()),
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             };
             if frame.stream() == STREAM_CONTROL {
                 self.on_control(frame, conn, &mut errors_logged)?;
@@ -205,7 +236,7 @@ impl Agent {
         frame: Frame<GuestMsg>,
         conn: &watch::Sender<bool>,
         errors_logged: &mut u32,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReadError> {
         let what = kind(&frame);
         let Frame::Msg { msg, .. } = frame else {
             tracing::debug!("ignoring unexpected control frame from guest: {what:?}");
@@ -219,9 +250,7 @@ impl Agent {
                 kernel,
             } => {
                 if version != PROTOCOL_VERSION {
-                    return Err(format!(
-                        "guest agent speaks protocol {version}, this host {PROTOCOL_VERSION}: rebuild the runtime with `gatevm setup`"
-                    ));
+                    return Err(ReadError::Version { guest: version });
                 }
                 lock(&self.view).agent = AgentInfo {
                     connected: true,
@@ -327,7 +356,7 @@ impl Agent {
 
     /// `n` data bytes of stream `id` were handed on by its consumer: grants the guest credit when
     /// a grant is due. Fails only when the grant cannot be queued (see [`Agent::send`]).
-    pub async fn consumed(&self, id: u32, n: usize) -> Result<(), String> {
+    pub async fn consumed(&self, id: u32, n: usize) -> Result<(), SendError> {
         let grant = lock(&self.routes)
             .get_mut(&id)
             .and_then(|r| r.window.consume(n));
@@ -339,7 +368,7 @@ impl Agent {
 
     /// Tells the guest that nobody reads stream `id` any more (it discards the rest of the
     /// output) and forgets the stream.
-    pub async fn discard(&self, id: u32) -> Result<(), String> {
+    pub async fn discard(&self, id: u32) -> Result<(), SendError> {
         self.close_stream(id);
         self.send(Frame::Credit {
             stream: id,
@@ -350,22 +379,21 @@ impl Agent {
 
     /// Queues a frame for the guest; fails when the channel is closed, or when the guest has read
     /// nothing for the send timeout ([`SEND_TIMEOUT`]) while the queue is full.
-    pub async fn send(&self, frame: Frame<GuestMsg>) -> Result<(), String> {
+    pub async fn send(&self, frame: Frame<GuestMsg>) -> Result<(), SendError> {
         use mpsc::error::SendTimeoutError;
-        let bytes = frame.encode().map_err(|e| e.to_string())?;
+        let bytes = frame.encode()?;
         match self.tx.send_timeout(bytes, self.send_timeout).await {
             Ok(()) => Ok(()),
-            Err(SendTimeoutError::Closed(_)) => Err("agent channel is closed".to_string()),
-            Err(SendTimeoutError::Timeout(_)) => Err(format!(
-                "the guest agent has not read its channel for {} s",
-                self.send_timeout.as_secs()
-            )),
+            Err(SendTimeoutError::Closed(_)) => Err(SendError::Closed),
+            Err(SendTimeoutError::Timeout(_)) => Err(SendError::Stalled {
+                secs: self.send_timeout.as_secs(),
+            }),
         }
     }
 
     /// Sends the host hello. Never waits: when the queue is full, hellos the guest has not read
     /// yet are already waiting in it, and one more adds nothing.
-    pub async fn hello(&self) -> Result<(), String> {
+    pub async fn hello(&self) -> Result<(), SendError> {
         let frame = Frame::Msg {
             stream: STREAM_CONTROL,
             msg: GuestMsg::Hello {
@@ -375,10 +403,10 @@ impl Agent {
                 kernel: None,
             },
         };
-        let bytes = frame.encode().map_err(|e| e.to_string())?;
+        let bytes = frame.encode()?;
         match self.tx.try_send(bytes) {
             Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err("agent channel is closed".to_string()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Closed),
         }
     }
 
@@ -401,7 +429,7 @@ impl Agent {
                 msg: GuestMsg::StatusRequest,
             })
             .await?;
-            rx.await.map_err(|_| "agent channel is closed".to_string())
+            rx.await.map_err(|_| SendError::Closed)
         };
         matches!(tokio::time::timeout(timeout, exchange).await, Ok(Ok(())))
     }
@@ -468,7 +496,7 @@ impl Agent {
                 msg: GuestMsg::Shutdown,
             })
             .await?;
-            rx.await.map_err(|_| "agent channel is closed".to_string())
+            rx.await.map_err(|_| SendError::Closed)
         };
         matches!(tokio::time::timeout(timeout, exchange).await, Ok(Ok(())))
     }

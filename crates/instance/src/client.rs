@@ -11,7 +11,7 @@ use crate::supervisor::state::{
     phase_name, read_state, read_state_quietly, record_without_processes, recover_stale,
 };
 use gatevm_abi::{asyncio, ExecRequest, Fd, Frame, GuestMsg};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -111,7 +111,7 @@ async fn request(
         .await
         .map_err(|e| ClientError::Control {
             name: name.clone(),
-            message: e.to_string(),
+            message: gatevm_abi::error_chain(&e),
         })?;
         match asyncio::read_frame::<CtlReply, _>(&mut s).await {
             Ok(Some(Frame::Msg { msg, .. })) => Ok(msg),
@@ -121,7 +121,7 @@ async fn request(
             }),
             Err(e) => Err(ClientError::Control {
                 name: name.clone(),
-                message: e.to_string(),
+                message: gatevm_abi::error_chain(&e),
             }),
         }
     };
@@ -216,20 +216,36 @@ fn read_config(paths: &InstancePaths) -> Option<InstanceConfig> {
     read_config_checked(paths).ok().flatten()
 }
 
+/// Why an instance's saved config could not be used.
+#[derive(Debug, thiserror::Error)]
+enum ConfigFileError {
+    /// The file exists but could not be read.
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not decode.
+    #[error("{} is corrupt; the next start rewrites it", path.display())]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 /// The saved config; `Ok(None)` when there is none, `Err` naming the file when it is unreadable.
-fn read_config_checked(paths: &InstancePaths) -> Result<Option<InstanceConfig>, String> {
-    let f = paths.config();
-    let bytes = match std::fs::read(&f) {
+fn read_config_checked(paths: &InstancePaths) -> Result<Option<InstanceConfig>, ConfigFileError> {
+    let path = paths.config();
+    let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("cannot read {}: {e}", f.display())),
+        Err(source) => return Err(ConfigFileError::Read { path, source }),
     };
-    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-        format!(
-            "{} is corrupt ({e}); the next start rewrites it",
-            f.display()
-        )
-    })
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|source| ConfigFileError::Corrupt { path, source })
 }
 
 /// The configuration an existing instance last ran with (None for a new instance, or when the
@@ -248,14 +264,17 @@ pub async fn status(name: &str) -> Result<InstanceStatus, ClientError> {
             Ok(other) => tracing::warn!("unexpected status reply: {other:?}"),
             Err(e) => {
                 let mut st = offline_status(&paths, read_config(&paths), read_state(&paths));
-                st.last_error = Some(format!("the supervisor does not answer: {e}"));
+                st.last_error = Some(format!(
+                    "the supervisor does not answer: {}",
+                    gatevm_abi::error_chain(&e)
+                ));
                 return Ok(st);
             }
         }
     }
     let (cfg, cfg_err) = match read_config_checked(&paths) {
         Ok(c) => (c, None),
-        Err(e) => (None, Some(e)),
+        Err(e) => (None, Some(gatevm_abi::error_chain(&e))),
     };
     let mut st = offline_status(&paths, cfg, read_state(&paths));
     if let Some(e) = cfg_err {
@@ -310,7 +329,10 @@ pub async fn stop(name: &str, timeout: Duration) -> Result<(), ClientError> {
     )
     .await;
     if let Err(e) = &asked {
-        tracing::warn!("graceful stop request failed: {e}; forcing");
+        tracing::warn!(
+            "graceful stop request failed: {}; forcing",
+            gatevm_abi::error_chain(e)
+        );
     }
     // The supervisor's own deadline is `timeout` plus a few seconds of teardown.
     let deadline = Instant::now()
@@ -518,7 +540,7 @@ where
         },
     )
     .await
-    .map_err(|e| cerr(e.to_string()))?;
+    .map_err(|e| cerr(gatevm_abi::error_chain(&e)))?;
     let mut buf = vec![0u8; gatevm_abi::DATA_CHUNK];
     let mut stdin_open = stdin.is_some();
     let mut events_open = true;
@@ -533,7 +555,7 @@ where
             }
             f = r.read_frame::<GuestMsg>() => {
                 started = true;
-                match f.map_err(|e| cerr(e.to_string()))? {
+                match f.map_err(|e| cerr(gatevm_abi::error_chain(&e)))? {
                     None => return Err(cerr("the supervisor closed the exec stream".into())),
                     Some(Frame::Data { fd, bytes, .. }) if fd != Fd::Stdin => {
                         let out: &mut (dyn AsyncWrite + Unpin) =
@@ -567,16 +589,16 @@ where
                 match n {
                     Ok(0) | Err(_) => {
                         stdin_open = false;
-                        asyncio::write_frame(&mut w, &Frame::<GuestMsg>::Eof { stream: CLIENT_STREAM, fd: Fd::Stdin }).await.map_err(|e| cerr(e.to_string()))?;
+                        asyncio::write_frame(&mut w, &Frame::<GuestMsg>::Eof { stream: CLIENT_STREAM, fd: Fd::Stdin }).await.map_err(|e| cerr(gatevm_abi::error_chain(&e)))?;
                     }
                     Ok(n) => {
-                        asyncio::write_frame(&mut w, &Frame::<GuestMsg>::Data { stream: CLIENT_STREAM, fd: Fd::Stdin, bytes: buf[..n].to_vec() }).await.map_err(|e| cerr(e.to_string()))?;
+                        asyncio::write_frame(&mut w, &Frame::<GuestMsg>::Data { stream: CLIENT_STREAM, fd: Fd::Stdin, bytes: buf[..n].to_vec() }).await.map_err(|e| cerr(gatevm_abi::error_chain(&e)))?;
                     }
                 }
             }
             ev = events.recv(), if events_open => {
                 match ev {
-                    Some(msg) => asyncio::write_frame(&mut w, &Frame::Msg { stream: CLIENT_STREAM, msg }).await.map_err(|e| cerr(e.to_string()))?,
+                    Some(msg) => asyncio::write_frame(&mut w, &Frame::Msg { stream: CLIENT_STREAM, msg }).await.map_err(|e| cerr(gatevm_abi::error_chain(&e)))?,
                     None => events_open = false,
                 }
             }
@@ -632,12 +654,12 @@ pub async fn read_file(
             },
         )
         .await
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| fail(gatevm_abi::error_chain(&e)))?;
         let mut out = Vec::new();
         loop {
             let f = asyncio::read_frame::<GuestMsg, _>(&mut s)
                 .await
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| fail(gatevm_abi::error_chain(&e)))?;
             match f {
                 None => return Err(fail("the supervisor closed the stream".into())),
                 Some(Frame::Data {

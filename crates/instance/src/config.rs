@@ -25,6 +25,29 @@ pub const MIN_ROOT_MIB: u32 = 128;
 /// Largest root budget in MiB.
 pub const MAX_ROOT_MIB: u32 = 1024 * 1024;
 
+/// Why a size, network helper or VMM given for an instance was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigValueError {
+    /// A root write budget that does not parse.
+    #[error("invalid root size {0:?}: use e.g. 512M, 8G or 8 (GiB)")]
+    RootSize(String),
+    /// A root write budget out of range.
+    #[error("root size {0:?} is out of range: use {MIN_ROOT_MIB}M to {max}T", max = MAX_ROOT_MIB / 1024 / 1024)]
+    RootSizeRange(String),
+    /// A disk size that does not parse.
+    #[error("invalid disk size {0:?}: use GiB, e.g. 32 or 32G or 1T")]
+    DiskSize(String),
+    /// A disk size out of range.
+    #[error("disk size {0:?} is out of range: use 1G to {max}T", max = MAX_DISK_GIB / 1024)]
+    DiskSizeRange(String),
+    /// An unknown network helper.
+    #[error("unknown network helper {0:?}: use gvproxy or passt")]
+    UnknownNet(String),
+    /// An unknown VMM.
+    #[error("unknown VMM {0:?}: use auto, krun or qemu")]
+    UnknownVmm(String),
+}
+
 /// Splits a size into its number and unit (`t`, `g`, `m`, or `None` without one); `TiB`, `GiB`
 /// and `MiB` count as `t`, `g` and `m`. `lower` is already lower-case.
 fn split_size(lower: &str) -> (&str, Option<char>) {
@@ -40,7 +63,7 @@ fn split_size(lower: &str) -> (&str, Option<char>) {
 }
 
 /// Parses a root write budget: MiB with an M suffix, GiB plain or with a G suffix, TiB with T.
-pub fn parse_root_size(s: &str) -> Result<u32, String> {
+pub fn parse_root_size(s: &str) -> Result<u32, ConfigValueError> {
     let lower = s.trim().to_ascii_lowercase();
     let (num, unit) = split_size(&lower);
     let mult = match unit {
@@ -50,21 +73,16 @@ pub fn parse_root_size(s: &str) -> Result<u32, String> {
     };
     let n: u32 = num
         .parse()
-        .map_err(|_| format!("invalid root size {s:?}: use e.g. 512M, 8G or 8 (GiB)"))?;
+        .map_err(|_| ConfigValueError::RootSize(s.to_string()))?;
     n.checked_mul(mult)
         .filter(|m| (MIN_ROOT_MIB..=MAX_ROOT_MIB).contains(m))
-        .ok_or_else(|| {
-            format!(
-                "root size {s:?} is out of range: use {MIN_ROOT_MIB}M to {}T",
-                MAX_ROOT_MIB / 1024 / 1024
-            )
-        })
+        .ok_or_else(|| ConfigValueError::RootSizeRange(s.to_string()))
 }
 
 /// Parses a disk size: a number of GiB, or a number with a `G`/`GiB`/`T`/`TiB` suffix.
-pub fn parse_disk_size(s: &str) -> Result<u32, String> {
+pub fn parse_disk_size(s: &str) -> Result<u32, ConfigValueError> {
     let lower = s.trim().to_ascii_lowercase();
-    let invalid = || format!("invalid disk size {s:?}: use GiB, e.g. 32 or 32G or 1T");
+    let invalid = || ConfigValueError::DiskSize(s.to_string());
     let (num, mult) = match split_size(&lower) {
         (n, Some('t')) => (n, 1024),
         (n, Some('g') | None) => (n, 1),
@@ -74,12 +92,7 @@ pub fn parse_disk_size(s: &str) -> Result<u32, String> {
     let gib = n
         .checked_mul(mult)
         .filter(|g| (1..=MAX_DISK_GIB).contains(g));
-    gib.ok_or_else(|| {
-        format!(
-            "disk size {s:?} is out of range: use 1G to {}T",
-            MAX_DISK_GIB / 1024
-        )
-    })
+    gib.ok_or_else(|| ConfigValueError::DiskSizeRange(s.to_string()))
 }
 
 /// Which user-mode network helper gives the guest its network.
@@ -103,14 +116,12 @@ impl NetBackend {
 }
 
 impl std::str::FromStr for NetBackend {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ConfigValueError;
+    fn from_str(s: &str) -> Result<Self, ConfigValueError> {
         match s {
             "gvproxy" => Ok(NetBackend::Gvproxy),
             "passt" => Ok(NetBackend::Passt),
-            _ => Err(format!(
-                "unknown network helper {s:?}: use gvproxy or passt"
-            )),
+            _ => Err(ConfigValueError::UnknownNet(s.to_string())),
         }
     }
 }
@@ -137,13 +148,13 @@ impl VmmChoice {
 }
 
 impl std::str::FromStr for VmmChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ConfigValueError;
+    fn from_str(s: &str) -> Result<Self, ConfigValueError> {
         match s {
             "auto" => Ok(VmmChoice::Auto),
             "qemu" => Ok(VmmChoice::Qemu),
             "krun" => Ok(VmmChoice::Krun),
-            _ => Err(format!("unknown VMM {s:?}: use auto, krun or qemu")),
+            _ => Err(ConfigValueError::UnknownVmm(s.to_string())),
         }
     }
 }

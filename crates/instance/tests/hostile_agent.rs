@@ -478,6 +478,7 @@ async fn a_guest_that_stops_reading_cannot_block_the_host() {
         }
     })
     .await;
+    let err = gatevm_abi::error_chain(&err);
     assert!(err.contains("has not read"), "{err}");
     // Requests with a timeout time out (queueing included); a hello does not wait at all.
     assert!(!bounded("status", agent.refresh_status(Duration::from_secs(1))).await);

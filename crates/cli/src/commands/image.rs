@@ -47,8 +47,24 @@ pub struct Namespace {
     pub namespace: String,
 }
 
+/// A `--namespace` value that is not a containerd namespace name.
+#[derive(Debug)]
+pub struct InvalidNamespace(String);
+
+impl std::fmt::Display for InvalidNamespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "invalid namespace {:?}: letters, digits, '.', '_' and '-', starting with a letter or digit",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidNamespace {}
+
 /// containerd namespace names: letters, digits, `.`, `_`, `-`.
-pub fn parse_namespace(s: &str) -> Result<String, String> {
+pub fn parse_namespace(s: &str) -> Result<String, InvalidNamespace> {
     let ok = !s.is_empty()
         && s.len() <= 76
         && s.starts_with(|c: char| c.is_ascii_alphanumeric())
@@ -57,9 +73,7 @@ pub fn parse_namespace(s: &str) -> Result<String, String> {
     if ok {
         Ok(s.to_string())
     } else {
-        Err(format!(
-            "invalid namespace {s:?}: letters, digits, '.', '_' and '-', starting with a letter or digit"
-        ))
+        Err(InvalidNamespace(s.to_string()))
     }
 }
 

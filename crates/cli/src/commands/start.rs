@@ -66,12 +66,15 @@ pub struct Args {
     foreground: bool,
 }
 
-/// `--vmm` values.
-pub fn parse_net(s: &str) -> Result<gatevm_instance::config::NetBackend, String> {
+/// `--net` values.
+pub fn parse_net(
+    s: &str,
+) -> Result<gatevm_instance::config::NetBackend, gatevm_instance::config::ConfigValueError> {
     s.parse()
 }
 
-pub fn parse_vmm(s: &str) -> Result<VmmChoice, String> {
+/// `--vmm` values.
+pub fn parse_vmm(s: &str) -> Result<VmmChoice, gatevm_instance::config::ConfigValueError> {
     s.parse()
 }
 
@@ -128,7 +131,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
 
 /// `--foreground`: this process is the supervisor; k3s's set-up runs once the guest is ready.
 fn run_foreground(config: InstanceConfig, guest: PathBuf) -> anyhow::Result<i32> {
-    let mut show = Shower::new();
+    let mut show = ProgressPrinter::new();
     let name = config.name.clone();
     let k3s = config.k3s.clone();
     gatevm_instance::supervisor::run(
@@ -160,7 +163,7 @@ fn run_detached(config: InstanceConfig, guest: &Path) -> anyhow::Result<i32> {
     let k3s = config.k3s.clone();
     let exe = std::env::current_exe().context("locating the gatevm executable")?;
     let mut events = client::spawn_supervisor(&exe, &config, guest)?;
-    let mut show = Shower::new();
+    let mut show = ProgressPrinter::new();
     while let Some(p) = client::next_progress(&mut events) {
         show.event(&name, &p);
         match p {
@@ -184,14 +187,14 @@ fn run_detached(config: InstanceConfig, guest: &Path) -> anyhow::Result<i32> {
     )
 }
 
-/// Shows start progress on stderr.
-struct Shower {
+/// Prints a start's progress events on stderr (one line each, redrawn in place on a terminal).
+struct ProgressPrinter {
     tty: bool,
 }
 
-impl Shower {
-    fn new() -> Shower {
-        Shower {
+impl ProgressPrinter {
+    fn new() -> ProgressPrinter {
+        ProgressPrinter {
             tty: std::io::stderr().is_terminal(),
         }
     }

@@ -20,10 +20,48 @@ use std::path::PathBuf;
 /// Errors of the k3s profile's host work; each message names what failed.
 #[derive(Debug, thiserror::Error)]
 pub enum K3sError {
-    /// A setting that cannot be used, or a step that did not work out (the message says which
-    /// and why).
+    /// A setting that cannot be used (the message says which and why).
     #[error("{0}")]
     Invalid(String),
+    /// A flag's value was refused by the gateway PKI's checks.
+    #[error("{flag}")]
+    Flag {
+        /// The flag ("--gateway-secret", "--tls-san").
+        flag: &'static str,
+        #[source]
+        source: pki::PkiError,
+    },
+    /// The binary `--k3s` names cannot be used.
+    #[error("--k3s")]
+    GivenBinary(#[source] gatevm_k3s::binary::BinaryError),
+    /// No k3s binary given or cached, and the pinned release could not be fetched.
+    #[error("the k3s profile needs a k3s binary: pass --k3s PATH, or cache one with `gatevm setup --k3s FILE`; the pinned download failed")]
+    NoBinary(#[source] Box<K3sError>),
+    /// A k3s binary could not be checked or cached.
+    #[error(transparent)]
+    Binary(#[from] gatevm_k3s::binary::BinaryError),
+    /// The pinned k3s release could not be fetched.
+    #[error(transparent)]
+    Download(#[from] gatevm_k3s::download::DownloadError),
+    /// The k3s profile could not be staged, or a `--manifest` not read.
+    #[error(transparent)]
+    Stage(#[from] stage::StageError),
+    /// A file in the instance's directory could not be written.
+    #[error(transparent)]
+    RootDir(#[from] crate::rootdir::RootDirError),
+    /// A file read from the guest is not text.
+    #[error("{path} in {name:?} is not UTF-8 text")]
+    NotUtf8 { name: String, path: &'static str },
+    /// The node did not become Ready in time.
+    #[error("{name} is running, but its node is not Ready after {secs} s ({detail}); `gatevm status {name}` shows progress")]
+    NodeNotReady {
+        name: String,
+        secs: u64,
+        detail: String,
+    },
+    /// `$HOME` is not set.
+    #[error("$HOME is not set: cannot find ~/.kube/config")]
+    NoHome,
     #[error("reading {path} in {name:?}")]
     ReadGuest {
         name: String,
@@ -140,7 +178,7 @@ impl std::fmt::Display for Notice {
 fn user_kubeconfig() -> Result<PathBuf, K3sError> {
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
-        .ok_or_else(|| K3sError::Invalid("$HOME is not set: cannot find ~/.kube/config".into()))?;
+        .ok_or(K3sError::NoHome)?;
     Ok(kubeconfig::target_path(
         std::env::var("KUBECONFIG").ok().as_deref(),
         &home,

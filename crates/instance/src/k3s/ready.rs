@@ -36,8 +36,10 @@ async fn fetch_guest_file(name: &str, path: &'static str, max: usize) -> Result<
             path,
             source,
         })?;
-    String::from_utf8(bytes)
-        .map_err(|_| K3sError::Invalid(format!("{path} in {name:?} is not UTF-8 text")))
+    String::from_utf8(bytes).map_err(|_| K3sError::NotUtf8 {
+        name: name.to_string(),
+        path,
+    })
 }
 
 /// Fetches k3s's kubeconfig from the guest, rebuilds the instance's from its allowlisted
@@ -52,8 +54,7 @@ pub fn refresh_kubeconfig(
     let k3s_yaml =
         runtime()?.block_on(fetch_guest_file(name, K3S_YAML, kubeconfig::MAX_K3S_YAML))?;
     let yaml = kubeconfig::instance_kubeconfig(&k3s_yaml, name, s.api_port)?;
-    crate::k3s::stage::write_new(&kubeconfig_file(&paths), yaml.as_bytes(), 0o600)
-        .map_err(K3sError::Invalid)?;
+    crate::k3s::stage::write_new(&kubeconfig_file(&paths), yaml.as_bytes(), 0o600)?;
     notice(Notice::KubeconfigWritten {
         path: kubeconfig_file(&paths),
         api_port: s.api_port,
@@ -102,11 +103,11 @@ pub fn after_ready(
             return Ok(());
         }
         if std::time::Instant::now() >= deadline {
-            return Err(K3sError::Invalid(format!(
-                "{name} is running, but its node is not Ready after {} s ({}); `gatevm status {name}` shows progress",
-                NODE_READY_WITHIN.as_secs(),
-                h.detail.as_deref().unwrap_or("no detail")
-            )));
+            return Err(K3sError::NodeNotReady {
+                name: name.to_string(),
+                secs: NODE_READY_WITHIN.as_secs(),
+                detail: h.detail.unwrap_or_else(|| "no detail".into()),
+            });
         }
         if !said {
             notice(Notice::WaitingForNode {

@@ -3,7 +3,6 @@
 
 use super::{K3sError, Notice};
 use crate::config::{GatewayPort, K3sSettings, K3S_API_GUEST_PORT};
-use gatevm_abi::error_chain;
 use gatevm_k3s::{binary, download, pki};
 use std::path::{Path, PathBuf};
 
@@ -79,8 +78,10 @@ fn parse_secret(v: &str) -> Result<(String, String), K3sError> {
             "--gateway-secret {v:?}: use NAMESPACE/NAME"
         )));
     };
-    pki::check_secret_ref(ns, name)
-        .map_err(|e| invalid(format!("--gateway-secret: {}", error_chain(&e))))?;
+    pki::check_secret_ref(ns, name).map_err(|source| K3sError::Flag {
+        flag: "--gateway-secret",
+        source,
+    })?;
     Ok((ns.to_string(), name.to_string()))
 }
 
@@ -164,7 +165,7 @@ fn check_flags(
         }
     }
     for m in &a.manifests {
-        for f in crate::k3s::stage::manifest_files(m).map_err(invalid)? {
+        for f in crate::k3s::stage::manifest_files(m)? {
             check_manifest_name(&f)?;
         }
     }
@@ -190,7 +191,10 @@ fn check_flags(
         ..pki::PkiOptions::new("x")
     }
     .validate()
-    .map_err(|e| invalid(format!("--tls-san: {}", error_chain(&e))))?;
+    .map_err(|source| K3sError::Flag {
+        flag: "--tls-san",
+        source,
+    })?;
     Ok((gateway_port, secret))
 }
 
@@ -234,21 +238,15 @@ fn k3s_binary(
     notice: &mut dyn FnMut(Notice),
 ) -> Result<binary::K3sBinary, K3sError> {
     Ok(match (&a.k3s, saved) {
-        (Some(p), _) => binary::import(p, &gatevm_runtime::dirs::cache_dir()?)
-            .map_err(|e| invalid(format!("--k3s {}", error_chain(&e))))?,
-        (None, Some(s)) if s.binary.is_file() => {
-            binary::inspect(&s.binary).map_err(|e| invalid(error_chain(&e)))?
+        (Some(p), _) => {
+            binary::import(p, &gatevm_runtime::dirs::cache_dir()?).map_err(K3sError::GivenBinary)?
         }
+        (None, Some(s)) if s.binary.is_file() => binary::inspect(&s.binary)?,
         _ => {
             let rt = gatevm_runtime::dirs::runtime_dir()?;
             match binary::cached(&rt) {
                 Some(b) => b,
-                None => fetch_pinned(&rt, notice).map_err(|e| {
-                    invalid(format!(
-                        "the k3s profile needs a k3s binary: pass --k3s PATH, or cache one with `gatevm setup --k3s FILE` (the pinned download failed: {})",
-                        error_chain(&e)
-                    ))
-                })?,
+                None => fetch_pinned(&rt, notice).map_err(|e| K3sError::NoBinary(Box::new(e)))?,
             }
         }
     })
@@ -321,7 +319,7 @@ pub fn resolve(
 /// Fetches the pinned k3s release into the runtime's cache (verified before it runs). A failed
 /// fetch leaves no directories behind that it created.
 fn fetch_pinned(rt: &Path, notice: &mut dyn FnMut(Notice)) -> Result<binary::K3sBinary, K3sError> {
-    let pin = download::pin().map_err(|e| invalid(error_chain(&e)))?;
+    let pin = download::pin()?;
     notice(Notice::Fetching {
         version: pin.version.clone(),
         url: pin.url.clone(),
@@ -337,7 +335,7 @@ fn fetch_pinned(rt: &Path, notice: &mut dyn FnMut(Notice)) -> Result<binary::K3s
         for d in &created {
             let _ = std::fs::remove_dir(d);
         }
-        invalid(error_chain(&e))
+        K3sError::Download(e)
     })
 }
 
@@ -355,9 +353,9 @@ pub fn fetch_and_cache(notice: &mut dyn FnMut(Notice)) -> Result<(), K3sError> {
 
 /// `gatevm setup --k3s FILE`: checks and caches the binary in the runtime.
 pub fn cache_binary(file: &Path, notice: &mut dyn FnMut(Notice)) -> Result<(), K3sError> {
-    let b = binary::inspect(file).map_err(|e| invalid(format!("--k3s {}", error_chain(&e))))?;
+    let b = binary::inspect(file).map_err(K3sError::GivenBinary)?;
     let rt = gatevm_runtime::dirs::runtime_dir()?;
-    let c = binary::cache(&b, &rt).map_err(|e| invalid(error_chain(&e)))?;
+    let c = binary::cache(&b, &rt)?;
     notice(Notice::Cached {
         version: c.version,
         path: c.path,
@@ -398,7 +396,7 @@ mod tests {
                 ..Default::default()
             };
             f(&mut a);
-            resolve(&a, None).unwrap_err().to_string()
+            gatevm_abi::error_chain(&resolve(&a, None).unwrap_err())
         };
         assert!(k3s(|a| a.enable = vec!["istio".into()]).contains("istio"));
         assert!(k3s(|a| a.manifests = vec!["/nonexistent.yaml".into()]).contains("--manifest"));

@@ -8,6 +8,7 @@
 
 use crate::config::K3sSettings;
 use crate::paths::InstancePaths;
+use crate::rootdir::RootDirError;
 pub use crate::rootdir::{dir_in_root, write_new};
 use gatevm_abi::paths::{self, rel};
 use gatevm_abi::plan::{CniConflist, PlanFile};
@@ -23,21 +24,64 @@ pub const STAGE_DIR: &str = rel(paths::K3S_STAGE_DIR);
 /// k3s's state directory in the guest, on the state disk.
 pub const DATA_DIR: &str = paths::K3S_DATA_DIR;
 
+/// Why the k3s profile could not be staged in the instance root.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// A path in the root could not be made or written.
+    #[error(transparent)]
+    RootDir(#[from] RootDirError),
+    /// A `--manifest` path could not be read.
+    #[error("--manifest {}", path.display())]
+    Manifest {
+        /// The path given.
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file system operation failed.
+    #[error("{op} {}", path.display())]
+    Io {
+        /// What was being done ("reading", "clearing").
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server plan does not encode.
+    #[error("encoding the k3s plan")]
+    Plan(#[source] serde_json::Error),
+    /// A manifest named like the ones gatevm writes itself.
+    #[error("manifest {}: names starting with gatevm- are reserved", .0.display())]
+    Reserved(PathBuf),
+    /// The gateway's certificates could not be made.
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+}
+
 /// Copies a host file into the root (no-follow on the root side).
-fn copy_in(src: &Path, dest: &Path, mode: u32) -> Result<(), String> {
-    let bytes = std::fs::read(src).map_err(|e| format!("reading {}: {e}", src.display()))?;
-    write_new(dest, &bytes, mode)
+fn copy_in(src: &Path, dest: &Path, mode: u32) -> Result<(), StageError> {
+    let bytes = std::fs::read(src).map_err(|source| StageError::Io {
+        op: "reading",
+        path: src.to_path_buf(),
+        source,
+    })?;
+    Ok(write_new(dest, &bytes, mode)?)
 }
 
 /// The manifest files a `--manifest` names: the file itself, or a directory's `*.yaml`, `*.yml`
 /// and `*.json` files (not recursive), sorted.
-pub fn manifest_files(p: &Path) -> Result<Vec<PathBuf>, String> {
-    let meta = std::fs::metadata(p).map_err(|e| format!("--manifest {}: {e}", p.display()))?;
+pub fn manifest_files(p: &Path) -> Result<Vec<PathBuf>, StageError> {
+    let bad = |source| StageError::Manifest {
+        path: p.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(p).map_err(bad)?;
     if meta.is_file() {
         return Ok(vec![p.to_path_buf()]);
     }
     let mut v: Vec<PathBuf> = std::fs::read_dir(p)
-        .map_err(|e| format!("--manifest {}: {e}", p.display()))?
+        .map_err(bad)?
         .flatten()
         .map(|e| e.path())
         .filter(|f| {
@@ -74,7 +118,11 @@ pub fn pki_options(name: &str, s: &K3sSettings) -> PkiOptions {
 /// Prepares the k3s profile in the mounted instance root. `caps` are the guest kernel's features
 /// (empty when unknown: every feature then counts as missing and the plan is the conservative
 /// one).
-pub fn stage(paths: &InstancePaths, s: &K3sSettings, caps: &[Capability]) -> Result<(), String> {
+pub fn stage(
+    paths: &InstancePaths,
+    s: &K3sSettings,
+    caps: &[Capability],
+) -> Result<(), StageError> {
     let root = paths.rootfs();
     // The binary, checked against what `start` saw.
     let (bin_dir, bin_name) = K3S_GUEST_PATH
@@ -92,7 +140,11 @@ pub fn stage(paths: &InstancePaths, s: &K3sSettings, caps: &[Capability]) -> Res
         } else {
             std::fs::remove_file(&stage)
         }
-        .map_err(|e| format!("clearing {}: {e}", stage.display()))?;
+        .map_err(|source| StageError::Io {
+            op: "clearing",
+            path: stage.clone(),
+            source,
+        })?;
     }
     let stage = dir_in_root(&root, STAGE_DIR)?;
     let manifests = dir_in_root(&root, rel(paths::K3S_STAGED_MANIFESTS))?;
@@ -107,7 +159,7 @@ pub fn stage(paths: &InstancePaths, s: &K3sSettings, caps: &[Capability]) -> Res
             .map(|(file, json)| CniConflist { file, json }),
         notes: plan.notes,
     };
-    let json = staged.to_json().map_err(|e| e.to_string())?;
+    let json = staged.to_json().map_err(StageError::Plan)?;
     write_new(&stage.join("plan.json"), &json, 0o644)?;
 
     for m in &s.manifests {
@@ -117,10 +169,7 @@ pub fn stage(paths: &InstancePaths, s: &K3sSettings, caps: &[Capability]) -> Res
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             if name.starts_with("gatevm-") {
-                return Err(format!(
-                    "manifest {}: names starting with gatevm- are reserved",
-                    f.display()
-                ));
+                return Err(StageError::Reserved(f));
             }
             copy_in(&f, &manifests.join(&name), 0o644)?;
         }
@@ -135,10 +184,8 @@ pub fn stage(paths: &InstancePaths, s: &K3sSettings, caps: &[Capability]) -> Res
 
     // The gateway's certificates: made on the host, so they exist before the guest boots.
     let pki_dir = paths.dir.join("pki");
-    let pki = pki::load_or_create(&pki_dir, &pki_options(&paths.name, s))
-        .map_err(|e| gatevm_abi::error_chain(&e))?;
-    let secret = pki::tls_secret_manifest(&s.secret_namespace, &s.secret_name, &pki)
-        .map_err(|e| gatevm_abi::error_chain(&e))?;
+    let pki = pki::load_or_create(&pki_dir, &pki_options(&paths.name, s))?;
+    let secret = pki::tls_secret_manifest(&s.secret_namespace, &s.secret_name, &pki)?;
     write_new(
         &manifests.join("gatevm-gateway-tls.yaml"),
         secret.as_bytes(),
@@ -245,15 +292,16 @@ mod tests {
         // A symlinked directory on the way to the binary is refused.
         std::fs::remove_dir_all(r.join("usr")).unwrap();
         std::os::unix::fs::symlink(&outside, r.join("usr")).unwrap();
-        assert!(stage(&paths, &s, &[])
-            .unwrap_err()
-            .contains("not a directory"));
+        assert!(
+            gatevm_abi::error_chain(&stage(&paths, &s, &[]).unwrap_err())
+                .contains("not a directory")
+        );
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
 
         // Reserved manifest names.
         std::fs::remove_file(r.join("usr")).unwrap();
         std::fs::write(mdir.join("gatevm-x.yaml"), "x").unwrap();
-        assert!(stage(&paths, &s, &[]).unwrap_err().contains("reserved"));
+        assert!(gatevm_abi::error_chain(&stage(&paths, &s, &[]).unwrap_err()).contains("reserved"));
     }
 
     #[test]

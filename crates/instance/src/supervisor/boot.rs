@@ -169,8 +169,7 @@ fn prepare_root(
             }
             VmmBackend::Krun(_) => vec![],
         };
-        crate::k3s::stage::stage(paths, k3s, &caps)
-            .map_err(|e| SupervisorError::Setup(format!("preparing k3s: {e}")))?;
+        crate::k3s::stage::stage(paths, k3s, &caps).map_err(SupervisorError::K3sStage)?;
     }
     Ok(())
 }
@@ -182,12 +181,10 @@ fn prepare_root(
 fn install_guest(paths: &InstancePaths, guest_bin: &Path) -> Result<(), SupervisorError> {
     let rel = GUEST_AGENT_PATH.trim_start_matches('/');
     let (dir_rel, file) = rel.rsplit_once('/').unwrap_or(("", rel));
-    let dir = crate::rootdir::dir_in_root(&paths.rootfs(), dir_rel).map_err(|e| {
-        SupervisorError::Setup(format!(
-            "{e}, so gatevm-guest cannot be installed at {GUEST_AGENT_PATH}"
-        ))
-    })?;
-    crate::rootdir::install(guest_bin, &dir.join(file), 0o755).map_err(SupervisorError::Setup)
+    let dir = crate::rootdir::dir_in_root(&paths.rootfs(), dir_rel)
+        .map_err(SupervisorError::InstallGuest)?;
+    crate::rootdir::install(guest_bin, &dir.join(file), 0o755)
+        .map_err(SupervisorError::InstallGuest)
 }
 
 /// The state disk, created or grown as configured; None for a throwaway VM.
@@ -299,33 +296,29 @@ fn put_forwards(
     cfg: &InstanceConfig,
     paths: &InstancePaths,
     gv: Option<GvproxyConfig>,
-) -> JoinHandle<Result<(), String>> {
+) -> JoinHandle<Result<(), gvproxy::ApiError>> {
     let forwards = crate::config::all_forwards(cfg);
     let api = paths.net_api_socket();
     tokio::spawn(async move {
         let Some(gv) = gv else {
-            return Ok::<(), String>(());
+            return Ok::<(), gvproxy::ApiError>(());
         };
-        gvproxy::remove_ssh_forward(&api, gv.ssh_port, Duration::from_secs(20))
-            .await
-            .map_err(|e| e.to_string())?;
+        gvproxy::remove_ssh_forward(&api, gv.ssh_port, Duration::from_secs(20)).await?;
         for f in &forwards {
-            gvproxy::expose(&api, f, Duration::from_secs(20))
-                .await
-                .map_err(|e| e.to_string())?;
+            gvproxy::expose(&api, f, Duration::from_secs(20)).await?;
         }
-        Ok::<(), String>(())
+        Ok(())
     })
 }
 
 /// Waits for the forwards task of [`put_forwards`].
-async fn forwards_done(expose: JoinHandle<Result<(), String>>) -> Result<(), SupervisorError> {
+async fn forwards_done(
+    expose: JoinHandle<Result<(), gvproxy::ApiError>>,
+) -> Result<(), SupervisorError> {
     match expose.await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(SupervisorError::Boot(format!("port forward failed: {e}"))),
-        Err(e) => Err(SupervisorError::Boot(format!(
-            "port forward task failed: {e}"
-        ))),
+        Ok(Err(e)) => Err(SupervisorError::Forward(e)),
+        Err(e) => Err(SupervisorError::ForwardTask(e)),
     }
 }
 
@@ -395,7 +388,7 @@ async fn connect_agent(
         let stream = connect_agent_socket(paths, vm, refused_until).await?;
         let (r, w) = stream.into_split();
         let agent = Agent::spawn(r, w);
-        agent.hello().await.map_err(SupervisorError::Boot)?;
+        agent.hello().await?;
         let mut connected = agent.connected.clone();
         let answered = tokio::time::timeout(Duration::from_millis(500), async {
             while !*connected.borrow() && !agent.ended() {
@@ -497,7 +490,7 @@ async fn wait_hello(
         if *connected.borrow() {
             return Ok(());
         }
-        agent.hello().await.map_err(SupervisorError::Boot)?;
+        agent.hello().await?;
         tokio::select! {
             _ = connected.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}

@@ -3,7 +3,7 @@
 //! credit.
 
 use super::{AbortOnDrop, RunningInstance, EXEC_START_TIMEOUT};
-use crate::agent::{Agent, StdinCredit};
+use crate::agent::{Agent, SendError, StdinCredit};
 use crate::control::{CtlReply, CtlRequest, CLIENT_STREAM};
 use gatevm_abi::{asyncio, Fd, Frame, GuestMsg, ProtoError};
 use std::sync::Arc;
@@ -11,6 +11,26 @@ use std::time::Duration;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc::UnboundedReceiver;
+
+/// Why serving one control client ended early.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ServeError {
+    /// No request within the wait.
+    #[error("client sent no request")]
+    NoRequest,
+    /// The client hung up before its request.
+    #[error("client closed without a request")]
+    Closed,
+    /// The reply was not read within the wait.
+    #[error("the client does not read its reply")]
+    ReplyTimeout,
+    /// A frame to or from the client failed.
+    #[error(transparent)]
+    Frame(#[from] ProtoError),
+    /// A frame could not be queued for the guest.
+    #[error(transparent)]
+    Agent(#[from] SendError),
+}
 
 /// Accepts control clients on `listener` and serves each on its own task, until the returned
 /// guard is dropped.
@@ -22,7 +42,7 @@ pub(crate) fn serve_clients(listener: UnixListener, inst: Arc<RunningInstance>) 
                     let inst = inst.clone();
                     tokio::spawn(async move {
                         if let Err(e) = serve_client(conn, &inst).await {
-                            tracing::debug!("control client: {e}");
+                            tracing::debug!("control client: {}", gatevm_abi::error_chain(&e));
                         }
                     });
                 }
@@ -36,7 +56,7 @@ pub(crate) fn serve_clients(listener: UnixListener, inst: Arc<RunningInstance>) 
 }
 
 /// Tells an exec or file-read client that there is no guest agent to ask.
-async fn not_connected(conn: &mut UnixStream) -> Result<(), String> {
+async fn not_connected(conn: &mut UnixStream) -> Result<(), ServeError> {
     let f: Frame<GuestMsg> = Frame::Msg {
         stream: CLIENT_STREAM,
         msg: GuestMsg::ExecFailed {
@@ -44,31 +64,28 @@ async fn not_connected(conn: &mut UnixStream) -> Result<(), String> {
             message: "the guest agent is not connected".into(),
         },
     };
-    asyncio::write_frame(conn, &f)
-        .await
-        .map_err(|e| e.to_string())
+    Ok(asyncio::write_frame(conn, &f).await?)
 }
 
 /// Writes a one-frame reply, giving up on a client that does not read it within 10 s (the task
 /// serving it would otherwise wait forever).
-async fn reply_within(conn: &mut UnixStream, f: &Frame<CtlReply>) -> Result<(), String> {
+async fn reply_within(conn: &mut UnixStream, f: &Frame<CtlReply>) -> Result<(), ServeError> {
     match tokio::time::timeout(Duration::from_secs(10), asyncio::write_frame(conn, f)).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err("the client does not read its reply".into()),
+        Ok(r) => Ok(r?),
+        Err(_) => Err(ServeError::ReplyTimeout),
     }
 }
 
 /// Serves one control client.
-async fn serve_client(mut conn: UnixStream, inst: &RunningInstance) -> Result<(), String> {
+async fn serve_client(mut conn: UnixStream, inst: &RunningInstance) -> Result<(), ServeError> {
     let first = tokio::time::timeout(
         Duration::from_secs(10),
         asyncio::read_frame::<CtlRequest, _>(&mut conn),
     )
     .await
-    .map_err(|_| "client sent no request".to_string())?
-    .map_err(|e| e.to_string())?;
+    .map_err(|_| ServeError::NoRequest)??;
     let Some(Frame::Msg { msg, .. }) = first else {
-        return Err("client closed without a request".into());
+        return Err(ServeError::Closed);
     };
     let reply = |m: CtlReply| Frame::Msg {
         stream: CLIENT_STREAM,
@@ -116,7 +133,7 @@ pub(crate) async fn relay_exec(
     conn: UnixStream,
     agent: Agent,
     request: GuestMsg,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     let read_file = matches!(request, GuestMsg::ReadFile { .. });
     let (sid, stream) = agent.open_stream();
     let (from_guest, stdin_credit) = stream.split();
@@ -146,10 +163,10 @@ pub(crate) async fn relay_exec(
     match end {
         Flow::Failed(e) => {
             // The client may be the one that stalled: do not wait on it for long.
-            let f = client_error(e.clone());
+            let f = client_error(gatevm_abi::error_chain(&e));
             let _ = tokio::time::timeout(Duration::from_secs(5), asyncio::write_frame(&mut cw, &f))
                 .await;
-            Err(e)
+            Err(e.into())
         }
         _ => Ok(()),
     }
@@ -163,7 +180,7 @@ async fn send_request(
     request: GuestMsg,
     deadline: tokio::time::Instant,
     mut conn: UnixStream,
-) -> Result<Option<UnixStream>, String> {
+) -> Result<Option<UnixStream>, SendError> {
     let sent = tokio::time::timeout_at(
         deadline,
         agent.send(Frame::Msg {
@@ -214,7 +231,7 @@ enum Flow {
     /// The relay ends without the process's end (client gone, guest gone, start timeout).
     Ended,
     /// A frame could not be queued for the guest (it stopped reading): the stream ends.
-    Failed(String),
+    Failed(SendError),
 }
 
 /// One exec stream between a client connection and the guest.
@@ -367,7 +384,7 @@ async fn send_stdin(
     sid: u32,
     credit: &mut StdinCredit,
     pending: &mut Vec<u8>,
-) -> Result<(), String> {
+) -> Result<(), SendError> {
     while !pending.is_empty() {
         let n = usize::try_from(credit.available())
             .unwrap_or(usize::MAX)

@@ -54,13 +54,29 @@ pub enum SupervisorError {
     AlreadyRunning(String),
     #[error("{0}")]
     Setup(String),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
+        #[source]
         source: std::io::Error,
     },
     #[error("{0}")]
     Boot(String),
+    /// The guest agent could not be put in the instance root.
+    #[error("installing gatevm-guest at {}", crate::guest_paths::GUEST_AGENT_PATH)]
+    InstallGuest(#[source] crate::rootdir::RootDirError),
+    /// The k3s profile could not be staged in the root.
+    #[error("preparing k3s")]
+    K3sStage(#[source] crate::k3s::stage::StageError),
+    /// gvproxy refused a port forward.
+    #[error("port forward failed")]
+    Forward(#[source] gatevm_net::gvproxy::ApiError),
+    /// The task putting the forwards in failed.
+    #[error("port forward task failed")]
+    ForwardTask(#[source] tokio::task::JoinError),
+    /// A frame could not be queued for the guest agent.
+    #[error(transparent)]
+    Agent(#[from] crate::agent::SendError),
 }
 
 /// Maps an I/O error to [`SupervisorError::Io`] naming `what` failed.
@@ -188,14 +204,14 @@ async fn supervise(
     let Some(lock) = take_lock(&paths).await? else {
         let e = SupervisorError::AlreadyRunning(name);
         progress(Progress::Failed {
-            message: e.to_string(),
+            message: gatevm_abi::error_chain(&e),
         });
         return Err(e);
     };
     let result = supervise_locked(&opts, &paths, &lock, &mut progress).await;
     if let Err(e) = &result {
         progress(Progress::Failed {
-            message: e.to_string(),
+            message: gatevm_abi::error_chain(e),
         });
     }
     drop(lock);
@@ -304,7 +320,10 @@ async fn tear_down(
     loopback::remove_stale(&paths.name);
     let (reason, error) = match outcome {
         Ok(reason) => (reason.clone(), None),
-        Err(e) => (format!("start failed: {e}"), Some(e.to_string())),
+        Err(e) => {
+            let line = gatevm_abi::error_chain(e);
+            (format!("start failed: {line}"), Some(line))
+        }
     };
     tracing::info!(
         "instance stopped after {} ms: {reason}",
