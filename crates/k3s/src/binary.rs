@@ -22,6 +22,15 @@ pub enum BinaryError {
         #[source]
         source: std::io::Error,
     },
+    /// The file cannot be opened (the message is its path: callers say what it was for).
+    #[error("{}", path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Copying the binary into the cache failed.
     #[error("copying {} into {}", src.display(), dir.display())]
     Copy {
@@ -179,7 +188,11 @@ pub fn copy_to_cache(src: &Path, dir: &Path) -> Result<PathBuf, BinaryError> {
 fn check_file(path: &Path) -> Result<(), BinaryError> {
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(io_err("reading", path))?;
+    let open = |source| BinaryError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(open)?;
     if !meta.is_file() {
         return Err(BinaryError::NotAFile {
             path: path.to_path_buf(),
@@ -188,7 +201,7 @@ fn check_file(path: &Path) -> Result<(), BinaryError> {
     let mut magic = Vec::with_capacity(4);
     std::fs::File::open(path)
         .and_then(|f| f.take(4).read_to_end(&mut magic))
-        .map_err(io_err("reading", path))?;
+        .map_err(open)?;
     if magic != b"\x7fELF" {
         return Err(BinaryError::NotElf {
             path: path.to_path_buf(),

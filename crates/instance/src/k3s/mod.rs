@@ -32,8 +32,9 @@ pub enum K3sError {
         source: pki::PkiError,
     },
     /// The binary `--k3s` names cannot be used.
-    #[error("--k3s")]
-    GivenBinary(#[source] gatevm_k3s::binary::BinaryError),
+    /// (Its text is the binary's error with its causes, after `--k3s`: the path leads it.)
+    #[error("--k3s {}", gatevm_abi::error_chain(.0))]
+    GivenBinary(gatevm_k3s::binary::BinaryError),
     /// No k3s binary given or cached, and the pinned release could not be fetched.
     #[error("the k3s profile needs a k3s binary: pass --k3s PATH, or cache one with `gatevm setup --k3s FILE`; the pinned download failed")]
     NoBinary(#[source] Box<K3sError>),
