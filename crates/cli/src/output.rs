@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 /// Logs go to stderr: warnings by default, info with -v, debug with -vv, or as `RUST_LOG` says.
 /// The supervisor logs at info by default (its stderr is its log file).
 /// With `log`, the lines go to that capped log instead of stderr.
-pub fn init_logging(
+pub(crate) fn init_logging(
     verbose: u8,
     supervisor: bool,
     log: Option<gatevm_instance::logcap::SharedLog>,
@@ -29,35 +29,35 @@ pub fn init_logging(
 }
 
 /// A single-threaded runtime for a command.
-pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
 }
 
 /// Seconds with one decimal.
-pub fn secs(ms: u64) -> String {
+pub(crate) fn secs(ms: u64) -> String {
     format!("{:.1} s", ms as f64 / 1000.0)
 }
 
 /// Prints a value as pretty JSON on stdout.
-pub fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
 /// An error and its causes on one line ([`gatevm_abi::error_chain`]: a cause whose text the line
 /// already holds is not repeated).
-pub fn error_line(e: &anyhow::Error) -> String {
+pub(crate) fn error_line(e: &anyhow::Error) -> String {
     gatevm_abi::error_chain(&**e)
 }
 
 /// Most characters of an error message shown.
-pub const MAX_ERROR_CHARS: usize = 2000;
+pub(crate) const MAX_ERROR_CHARS: usize = 2000;
 
 /// The error line as it is printed: [`error_line`], stripped of terminal control sequences (a
 /// message may quote the guest) and bounded.
-pub fn shown_error(e: &anyhow::Error) -> String {
+pub(crate) fn shown_error(e: &anyhow::Error) -> String {
     gatevm_instance::text::line(&error_line(e), MAX_ERROR_CHARS)
 }
 
@@ -65,7 +65,7 @@ pub fn shown_error(e: &anyhow::Error) -> String {
 /// guest, or quotes it, is stripped of terminal control sequences and bounded. The supervisor
 /// already does this for what the agent reports; this covers the CLI's own additions (the k3s
 /// health details) and a supervisor that did not.
-pub fn sanitize_status(st: &mut gatevm_instance::InstanceStatus) {
+pub(crate) fn sanitize_status(st: &mut gatevm_instance::InstanceStatus) {
     use gatevm_instance::text::line;
     let opt = |s: &mut Option<String>, max: usize| {
         if let Some(v) = s.as_mut() {

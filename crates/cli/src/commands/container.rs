@@ -15,7 +15,7 @@ use gatevm_instance::client;
 const GUEST_AGENT: &str = gatevm_instance::guest_paths::GUEST_AGENT_PATH;
 
 #[derive(clap::Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// Instance name.
     name: String,
     /// An imported image (see `gatevm image ls`; short forms like busybox:1 work).
@@ -40,7 +40,7 @@ pub struct RunArgs {
 }
 
 #[derive(clap::Args)]
-pub struct PsArgs {
+pub(crate) struct PsArgs {
     /// Instance name.
     name: String,
     #[command(flatten)]
@@ -51,7 +51,7 @@ pub struct PsArgs {
 }
 
 #[derive(clap::Args)]
-pub struct RmArgs {
+pub(crate) struct RmArgs {
     /// Instance name.
     name: String,
     /// Container names.
@@ -66,14 +66,14 @@ pub struct RmArgs {
 
 /// A container port published on a guest port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Publish {
+pub(crate) struct Publish {
     pub guest: u16,
     pub container: u16,
     pub udp: bool,
 }
 
 /// Parses `GUESTPORT:CONTAINERPORT[/tcp|/udp]`.
-pub fn parse_publish(s: &str) -> anyhow::Result<Publish> {
+pub(crate) fn parse_publish(s: &str) -> anyhow::Result<Publish> {
     let bad = |why: &str| anyhow::anyhow!("invalid --publish {s:?}: {why}");
     let (ports, proto) = match s.rsplit_once('/') {
         Some((p, proto)) => (p, proto),
@@ -101,7 +101,7 @@ pub fn parse_publish(s: &str) -> anyhow::Result<Publish> {
 }
 
 /// Container names: 1 to 63 of `[A-Za-z0-9_.-]`, starting with a letter or digit.
-pub fn valid_container_name(c: &str) -> bool {
+pub(crate) fn valid_container_name(c: &str) -> bool {
     !c.is_empty()
         && c.len() <= 63
         && c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
@@ -131,7 +131,7 @@ fn generated_name(image: &str) -> String {
     format!("{base}-{}", super::random_hex(3))
 }
 
-pub fn run(a: RunArgs) -> anyhow::Result<i32> {
+pub(crate) fn run(a: RunArgs) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?.to_string();
     if a.detach && (a.exec.tty || a.exec.interactive) {
         bail!("--detach runs the container in the background: it cannot take -t or -i");
@@ -256,7 +256,7 @@ fn shown_output(stdout: &str, stderr: &str) -> (String, String) {
     )
 }
 
-pub fn ps(a: PsArgs) -> anyhow::Result<i32> {
+pub(crate) fn ps(a: PsArgs) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?;
     let mut args = vec!["ps".to_string(), "--namespace".into(), a.ns.namespace];
     if a.json {
@@ -265,7 +265,7 @@ pub fn ps(a: PsArgs) -> anyhow::Result<i32> {
     guest_command(name, args)
 }
 
-pub fn rm(a: RmArgs) -> anyhow::Result<i32> {
+pub(crate) fn rm(a: RmArgs) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?;
     for c in &a.containers {
         if !valid_container_name(c) {

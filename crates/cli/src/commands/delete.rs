@@ -3,7 +3,7 @@
 use crate::output::runtime;
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Instance name.
     name: String,
     /// Stop the instance first if it is running.
@@ -11,7 +11,7 @@ pub struct Args {
     force: bool,
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?;
     let saved = gatevm_instance::client::saved_config(name);
     runtime()?.block_on(gatevm_instance::client::delete(name, a.force))?;

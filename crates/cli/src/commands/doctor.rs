@@ -4,7 +4,7 @@ use crate::output::print_json;
 use gatevm_instance::doctor::{self, Availability, Report};
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -13,7 +13,7 @@ pub struct Args {
     verify: bool,
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     let report = doctor::report(a.verify);
     if a.json {
         print_json(&report)?;

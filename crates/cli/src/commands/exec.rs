@@ -3,12 +3,12 @@
 use crate::output::runtime;
 use anyhow::bail;
 use gatevm_abi::{ExecRequest, GuestMsg};
-pub use gatevm_instance::capture::{capture, Captured, Limits};
+pub(crate) use gatevm_instance::capture::{capture, Captured, Limits};
 use std::io::IsTerminal;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Instance name.
     name: String,
     #[command(flatten)]
@@ -20,7 +20,7 @@ pub struct Args {
 
 /// How a command runs in the guest (shared by `exec` and `vm-run`).
 #[derive(clap::Args, Clone)]
-pub struct ExecOpts {
+pub(crate) struct ExecOpts {
     /// Keep stdin open and send it to the command.
     #[arg(short, long)]
     pub interactive: bool,
@@ -37,7 +37,7 @@ pub struct ExecOpts {
 
 impl ExecOpts {
     /// The request for `argv` (which may still be empty for `vm-run --image`).
-    pub fn request(&self, argv: &[String]) -> anyhow::Result<ExecRequest> {
+    pub(crate) fn request(&self, argv: &[String]) -> anyhow::Result<ExecRequest> {
         let mut env = Vec::new();
         for kv in &self.env {
             match kv.split_once('=') {
@@ -65,7 +65,7 @@ impl ExecOpts {
     }
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?.to_string();
     let req = a.opts.request(&a.cmd)?;
     run_exec(&name, req)
@@ -115,7 +115,7 @@ impl Drop for RawMode {
 }
 
 /// Runs an exec request against an instance, wiring this process's stdio and signals to it.
-pub fn run_exec(name: &str, mut req: ExecRequest) -> anyhow::Result<i32> {
+pub(crate) fn run_exec(name: &str, mut req: ExecRequest) -> anyhow::Result<i32> {
     let rt = runtime()?;
     if req.tty {
         let (rows, cols) = term_size().unwrap_or((24, 80));
@@ -160,7 +160,7 @@ pub fn run_exec(name: &str, mut req: ExecRequest) -> anyhow::Result<i32> {
 }
 
 /// The instance must exist and run (the one-line errors say which is not the case).
-pub fn require_running(name: &str) -> anyhow::Result<()> {
+pub(crate) fn require_running(name: &str) -> anyhow::Result<()> {
     let paths = gatevm_instance::client::existing(name)?;
     if !gatevm_instance::client::is_running(&paths) {
         return Err(gatevm_instance::client::ClientError::NotRunning(name.to_string()).into());

@@ -20,10 +20,10 @@ use std::task::{Context as TaskContext, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// containerd namespace k3s uses, so the k3s profile sees the same images.
-pub const DEFAULT_NAMESPACE: &str = "k8s.io";
+pub(crate) const DEFAULT_NAMESPACE: &str = "k8s.io";
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -41,7 +41,7 @@ enum Cmd {
 }
 
 #[derive(clap::Args)]
-pub struct Namespace {
+pub(crate) struct Namespace {
     /// containerd namespace.
     #[arg(long, default_value = DEFAULT_NAMESPACE, env = "GATEVM_NAMESPACE", value_parser = parse_namespace)]
     pub namespace: String,
@@ -49,7 +49,7 @@ pub struct Namespace {
 
 /// A `--namespace` value that is not a containerd namespace name.
 #[derive(Debug)]
-pub struct InvalidNamespace(String);
+pub(crate) struct InvalidNamespace(String);
 
 impl std::fmt::Display for InvalidNamespace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,7 +64,7 @@ impl std::fmt::Display for InvalidNamespace {
 impl std::error::Error for InvalidNamespace {}
 
 /// containerd namespace names: letters, digits, `.`, `_`, `-`.
-pub fn parse_namespace(s: &str) -> Result<String, InvalidNamespace> {
+pub(crate) fn parse_namespace(s: &str) -> Result<String, InvalidNamespace> {
     let ok = !s.is_empty()
         && s.len() <= 76
         && s.starts_with(|c: char| c.is_ascii_alphanumeric())
@@ -78,7 +78,7 @@ pub fn parse_namespace(s: &str) -> Result<String, InvalidNamespace> {
 }
 
 #[derive(clap::Args)]
-pub struct ImportArgs {
+pub(crate) struct ImportArgs {
     /// Instance name.
     name: String,
     /// The archive (`docker save` or OCI layout tar, optionally compressed), or - for stdin.
@@ -88,7 +88,7 @@ pub struct ImportArgs {
 }
 
 #[derive(clap::Args)]
-pub struct LsArgs {
+pub(crate) struct LsArgs {
     /// Instance name.
     name: String,
     #[command(flatten)]
@@ -99,7 +99,7 @@ pub struct LsArgs {
 }
 
 #[derive(clap::Args)]
-pub struct RmArgs {
+pub(crate) struct RmArgs {
     /// Instance name.
     name: String,
     /// Image references, as `image ls` shows them (or short forms like busybox:1).
@@ -109,7 +109,7 @@ pub struct RmArgs {
     ns: Namespace,
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     match a.cmd {
         Cmd::Import(a) => import(a),
         Cmd::Ls(a) => ls(a),
@@ -119,7 +119,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
 
 /// One image as `image ls --json` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ImageInfo {
+pub(crate) struct ImageInfo {
     #[serde(rename = "ref")]
     pub reference: String,
     pub digest: String,
@@ -145,7 +145,7 @@ fn import_limits(size: Option<u64>) -> Limits {
 impl ImageInfo {
     /// The image as the user is shown it: the guest wrote these strings, so terminal control
     /// sequences are stripped and each is cut short.
-    pub fn shown(&self) -> ImageInfo {
+    pub(crate) fn shown(&self) -> ImageInfo {
         let line = gatevm_instance::text::line;
         ImageInfo {
             reference: line(&self.reference, 512),
@@ -162,7 +162,7 @@ impl ImageInfo {
 }
 
 /// Parses `ctr images ls` (columns REF TYPE DIGEST SIZE PLATFORMS LABELS; SIZE is two words).
-pub fn parse_images(table: &str) -> Vec<ImageInfo> {
+pub(crate) fn parse_images(table: &str) -> Vec<ImageInfo> {
     table
         .lines()
         .skip(1)
@@ -270,7 +270,7 @@ fn rm(a: RmArgs) -> anyhow::Result<i32> {
 
 /// containerd's CRI plugin names every image in the k8s.io namespace by its ID too
 /// (`sha256:…`); such an alias is not an image of its own.
-pub fn is_id_alias(reference: &str) -> bool {
+pub(crate) fn is_id_alias(reference: &str) -> bool {
     reference
         .strip_prefix("sha256:")
         .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -319,7 +319,7 @@ async fn free_and_images(name: &str, ns: &str) -> anyhow::Result<(u64, Vec<Image
 
 /// Space an import needs: the archive's content in the store plus the unpacked layers, which
 /// take at least as much again.
-pub fn space_needed(archive_bytes: u64, layer_bytes: u64) -> u64 {
+pub(crate) fn space_needed(archive_bytes: u64, layer_bytes: u64) -> u64 {
     archive_bytes + layer_bytes.max(archive_bytes / 2)
 }
 
@@ -433,7 +433,7 @@ fn import(a: ImportArgs) -> anyhow::Result<i32> {
 
 /// References named by `ctr images import` output (`unpacking REF (sha256:…)...done`, or a
 /// reference on a line of its own).
-pub fn imported_refs(out: &str) -> Vec<String> {
+pub(crate) fn imported_refs(out: &str) -> Vec<String> {
     let mut refs: Vec<String> = Vec::new();
     for l in out.lines() {
         let l = l.trim();

@@ -6,7 +6,7 @@ use gatevm_instance::k3s::{self, K3sRequest, Notice};
 
 /// What the instance runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Profile {
+pub(crate) enum Profile {
     /// containerd only.
     Containerd,
     /// k3s with the VM's containerd.
@@ -14,7 +14,7 @@ pub enum Profile {
 }
 
 #[derive(clap::Args, Debug, Default)]
-pub struct K3sArgs {
+pub(crate) struct K3sArgs {
     /// What the instance runs: containerd, or k3s on top of it [default: what the instance last
     /// ran, or containerd].
     #[arg(long, value_enum)]
@@ -59,7 +59,7 @@ pub struct K3sArgs {
 
 impl K3sArgs {
     /// The request these flags make.
-    pub fn request(&self) -> K3sRequest {
+    pub(crate) fn request(&self) -> K3sRequest {
         K3sRequest {
             profile: self.profile.map(|p| match p {
                 Profile::Containerd => k3s::Profile::Containerd,
@@ -80,12 +80,12 @@ impl K3sArgs {
 }
 
 /// Shows a notice of the k3s profile's host work on stderr.
-pub fn show(n: Notice) {
+pub(crate) fn show(n: Notice) {
     eprintln!("{n}");
 }
 
 #[derive(clap::Args)]
-pub struct KubeconfigArgs {
+pub(crate) struct KubeconfigArgs {
     /// Instance name.
     name: String,
     /// Fetch k3s's kubeconfig from the running instance again first (after k3s renewed its
@@ -95,7 +95,7 @@ pub struct KubeconfigArgs {
 }
 
 /// `gatevm kubeconfig NAME`: prints the instance's kubeconfig.
-pub fn print_kubeconfig(a: KubeconfigArgs) -> anyhow::Result<i32> {
+pub(crate) fn print_kubeconfig(a: KubeconfigArgs) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?;
     let paths = gatevm_instance::client::existing(name)?;
     if a.refresh {
@@ -119,11 +119,11 @@ pub fn print_kubeconfig(a: KubeconfigArgs) -> anyhow::Result<i32> {
 }
 
 /// `gatevm setup --k3s FILE`: checks and caches the binary in the runtime.
-pub fn cache_binary(file: &std::path::Path) -> anyhow::Result<()> {
+pub(crate) fn cache_binary(file: &std::path::Path) -> anyhow::Result<()> {
     Ok(k3s::cache_binary(file, &mut show)?)
 }
 
 /// `gatevm setup --fetch-k3s`: the pinned release, verified and cached.
-pub fn fetch_and_cache() -> anyhow::Result<()> {
+pub(crate) fn fetch_and_cache() -> anyhow::Result<()> {
     Ok(k3s::fetch_and_cache(&mut show)?)
 }

@@ -10,13 +10,13 @@ use anyhow::Context;
 use gatevm_instance::vmm::krun::{run_vm, KrunConfig};
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// The libkrun configuration ([`KrunConfig`] as JSON).
     #[arg(long)]
     config_json: String,
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     let cfg: KrunConfig =
         serde_json::from_str(&a.config_json).context("reading the libkrun configuration")?;
     let err = run_vm(&cfg);

@@ -3,13 +3,13 @@
 use crate::output::{print_json, runtime};
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Print a JSON array of status documents.
     #[arg(long)]
     json: bool,
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     let mut all = runtime()?.block_on(gatevm_instance::client::list());
     all.iter_mut().for_each(crate::output::sanitize_status);
     if a.json {

@@ -7,7 +7,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Instance name.
     #[arg(default_value = super::DEFAULT_NAME)]
     name: String,
@@ -23,7 +23,7 @@ pub struct Args {
     host: Option<String>,
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?.to_string();
     let paths = client::existing(&name)?;
     if let Some(which) = a.console.then_some("console").or(a.host.as_deref()) {

@@ -1,30 +1,30 @@
 //! One module per subcommand.
 
-pub mod container;
-pub mod delete;
-pub mod doctor;
-pub mod exec;
-pub mod image;
-pub mod k3s;
-pub mod krun_vm;
-pub mod list;
-pub mod logs;
-pub mod setup;
-pub mod shell;
-pub mod start;
-pub mod status;
-pub mod stop;
-pub mod supervise;
-pub mod vm_run;
+pub(crate) mod container;
+pub(crate) mod delete;
+pub(crate) mod doctor;
+pub(crate) mod exec;
+pub(crate) mod image;
+pub(crate) mod k3s;
+pub(crate) mod krun_vm;
+pub(crate) mod list;
+pub(crate) mod logs;
+pub(crate) mod setup;
+pub(crate) mod shell;
+pub(crate) mod start;
+pub(crate) mod status;
+pub(crate) mod stop;
+pub(crate) mod supervise;
+pub(crate) mod vm_run;
 
 use anyhow::{bail, Context};
 use std::path::PathBuf;
 
 /// The name used when a command is given none.
-pub const DEFAULT_NAME: &str = "default";
+pub(crate) const DEFAULT_NAME: &str = "default";
 
 /// The gatevm-guest binary: `$GATEVM_GUEST_BIN`, else `gatevm-guest` next to this executable.
-pub fn guest_bin() -> anyhow::Result<PathBuf> {
+pub(crate) fn guest_bin() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("GATEVM_GUEST_BIN") {
         let p = PathBuf::from(p);
         if !p.is_file() {
@@ -47,8 +47,8 @@ pub fn guest_bin() -> anyhow::Result<PathBuf> {
 }
 
 /// Checks a name from the command line.
-pub fn name_arg(name: &str) -> anyhow::Result<&str> {
+pub(crate) fn name_arg(name: &str) -> anyhow::Result<&str> {
     Ok(gatevm_instance::name::validate(name)?)
 }
 
-pub use gatevm_instance::name::random_hex;
+pub(crate) use gatevm_instance::name::random_hex;

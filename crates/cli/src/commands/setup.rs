@@ -5,7 +5,7 @@ use gatevm_instance::runtime::{self, SetupAction, SetupOptions};
 use std::io::IsTerminal;
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Don't build the base root filesystem.
     #[arg(long)]
     skip_rootfs: bool,
@@ -27,7 +27,7 @@ pub struct Args {
     fetch_k3s: bool,
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     if let Some(f) = &a.k3s {
         super::k3s::cache_binary(f)?;
     }

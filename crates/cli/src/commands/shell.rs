@@ -4,13 +4,13 @@ use gatevm_abi::ExecRequest;
 use std::io::IsTerminal;
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Instance name.
     #[arg(default_value = super::DEFAULT_NAME)]
     name: String,
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?.to_string();
     let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let req = ExecRequest {

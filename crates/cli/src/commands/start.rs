@@ -9,7 +9,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Instance name: lowercase letters, digits and '-', at most 63 characters.
     #[arg(default_value = super::DEFAULT_NAME)]
     name: String,
@@ -67,14 +67,14 @@ pub struct Args {
 }
 
 /// `--net` values.
-pub fn parse_net(
+pub(crate) fn parse_net(
     s: &str,
 ) -> Result<gatevm_instance::config::NetBackend, gatevm_instance::config::ConfigValueError> {
     s.parse()
 }
 
 /// `--vmm` values.
-pub fn parse_vmm(s: &str) -> Result<VmmChoice, gatevm_instance::config::ConfigValueError> {
+pub(crate) fn parse_vmm(s: &str) -> Result<VmmChoice, gatevm_instance::config::ConfigValueError> {
     s.parse()
 }
 
@@ -105,7 +105,7 @@ impl Args {
     }
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?.to_string();
     preflight::check_start_name(&name)?;
     // An existing instance starts as it last ran, with the flags given on top.

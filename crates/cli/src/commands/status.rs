@@ -4,7 +4,7 @@ use crate::output::{print_json, runtime, secs};
 use gatevm_instance::InstanceStatus;
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Instance name.
     #[arg(default_value = super::DEFAULT_NAME)]
     name: String,
@@ -13,7 +13,7 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?;
     let mut st = runtime()?.block_on(gatevm_instance::k3s::status_with_health(name))?;
     crate::output::sanitize_status(&mut st);
@@ -26,7 +26,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
 }
 
 /// The human form of a status.
-pub fn print_human(st: &InstanceStatus) {
+pub(crate) fn print_human(st: &InstanceStatus) {
     let health = if st.healthy { " (healthy)" } else { "" };
     println!("name:       {}", st.name);
     println!("state:      {}{health}", st.state);

@@ -4,7 +4,7 @@ use crate::output::runtime;
 use std::time::Duration;
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Instance name.
     #[arg(default_value = super::DEFAULT_NAME)]
     name: String,
@@ -13,7 +13,7 @@ pub struct Args {
     timeout: u64,
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?;
     runtime()?.block_on(gatevm_instance::client::stop(
         name,

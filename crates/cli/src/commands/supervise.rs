@@ -8,7 +8,7 @@ use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// The instance configuration as JSON.
     #[arg(long)]
     config_json: String,
@@ -24,7 +24,7 @@ impl Args {
     /// Opens the instance's capped supervisor log and points this process's stdout and stderr
     /// at it (they follow it across rotations). None when the configuration or the log cannot
     /// be read: the log then stays the file the starter opened.
-    pub fn open_log(&self) -> Option<gatevm_instance::logcap::SharedLog> {
+    pub(crate) fn open_log(&self) -> Option<gatevm_instance::logcap::SharedLog> {
         use gatevm_instance::logcap::{CappedLog, SharedLog, HELPER_LOG_CAP};
         let config: gatevm_instance::config::InstanceConfig =
             serde_json::from_str(&self.config_json).ok()?;
@@ -36,7 +36,7 @@ impl Args {
     }
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     let config = serde_json::from_str(&a.config_json).context("decoding --config-json")?;
     // Losing the starter (it was killed, or it stopped reading) must not kill us.
     // SAFETY: setting SIGPIPE to ignored has no preconditions.

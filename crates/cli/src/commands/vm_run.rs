@@ -8,7 +8,7 @@ use gatevm_instance::{preflight, InstanceConfig, VmmChoice};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Boot on this root directory (read-only: the VM writes to a private layer on top).
     #[arg(long, value_name = "DIR", conflicts_with = "image")]
     rootfs: Option<PathBuf>,
@@ -48,7 +48,7 @@ pub struct Args {
     cmd: Vec<String>,
 }
 
-pub fn run(a: Args) -> anyhow::Result<i32> {
+pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     // Everything from the command line is checked before anything is created.
     let rootfs = a.rootfs.as_deref().map(ephemeral::root_dir).transpose()?;
     if let Some(img) = &a.image {
