@@ -318,13 +318,14 @@ fn write_guest_files(dir: &Path) -> Result<(), RootfsError> {
     use std::os::unix::fs::PermissionsExt;
     // mmdebstrap copies the build host's hostname, hosts and resolv.conf (with the host's modes):
     // the guest's own belong here instead (gatevm-guest sets the hostname and DNS at boot).
+    let resolv = format!("nameserver {}\n", gatevm_abi::net::GATEWAY_IP);
     for (file, text) in [
         ("etc/hostname", "gatevm\n"),
         (
             "etc/hosts",
             "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n",
         ),
-        ("etc/resolv.conf", "nameserver 192.168.127.1\n"),
+        ("etc/resolv.conf", resolv.as_str()),
     ] {
         let p = dir.join(file);
         let _ = std::fs::remove_file(&p);
