@@ -559,7 +559,22 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn any_plan_text_is_parsed_or_rejected(text in "\\PC{0,200}") {
-            let _ = parse(&text);
+            match parse(&text) {
+                // What is accepted is usable: an absolute data directory other than "/", named
+                // to k3s by the arguments.
+                Ok(p) => {
+                    proptest::prop_assert!(p.data_dir.is_absolute() && p.data_dir != Path::new("/"));
+                    let named = flag_value(&p.args, "--data-dir", Some("-d"));
+                    let named = named.and_then(|d| check_data_dir(d).ok());
+                    proptest::prop_assert_eq!(named, Some(p.data_dir.clone()));
+                }
+                // What is refused says so on one line.
+                Err(e) => {
+                    let msg = e.to_string();
+                    proptest::prop_assert!(msg.starts_with("k3s plan.json"), "{}", msg);
+                    proptest::prop_assert!(!msg.contains('\n'), "{}", msg);
+                }
+            }
         }
     }
 }

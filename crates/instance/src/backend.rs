@@ -6,7 +6,7 @@
 //! is started: a guest that dies 14 s later under `kvm_pvm` is worse than no guest.
 
 use crate::config::VmmChoice;
-use crate::guest_paths::GUEST_AGENT_PATH;
+use gatevm_abi::paths::GUEST_AGENT as GUEST_AGENT_PATH;
 use gatevm_vmm::krun::{self, Krun, KrunKernel};
 use gatevm_vmm::qemu::Qemu;
 use gatevm_vmm::{Accel, HostCaps, Vmm};

@@ -11,7 +11,6 @@ pub mod config;
 pub mod control;
 pub mod doctor;
 pub mod ephemeral;
-pub mod guest_paths;
 pub mod k3s;
 pub mod lock;
 pub mod logcap;

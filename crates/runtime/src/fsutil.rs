@@ -1,10 +1,10 @@
-//! Durable file replacement for the runtime's temporary files. The renames and directory syncs
-//! are [`gatevm_fsutil`]'s, re-exported here for the crates that reached them through this path.
+//! Durable persisting of the runtime's `tempfile` temporaries (every other durable rename is
+//! [`gatevm_fsutil::rename_durable`]).
 
 use std::io;
 use std::path::Path;
 
-pub use gatevm_fsutil::{rename_durable, sync_dir};
+use gatevm_fsutil::sync_dir;
 
 /// Persists a named temporary file at `to` (atomically, as [`tempfile::NamedTempFile::persist`])
 /// and fsyncs the directory.

@@ -18,7 +18,7 @@ pub(crate) mod component;
 pub mod cpio;
 pub mod dirs;
 pub(crate) mod error;
-pub mod fsutil;
+pub(crate) mod fsutil;
 pub(crate) mod modules;
 pub(crate) mod provenance;
 pub(crate) mod runtime;

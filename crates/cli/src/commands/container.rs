@@ -12,7 +12,7 @@ use anyhow::bail;
 use gatevm_instance::client;
 
 /// Where the supervisor installs gatevm-guest in every instance.
-const GUEST_AGENT: &str = gatevm_instance::guest_paths::GUEST_AGENT_PATH;
+use gatevm_abi::paths::GUEST_AGENT;
 
 #[derive(clap::Args)]
 pub(crate) struct RunArgs {

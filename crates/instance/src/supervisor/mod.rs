@@ -63,7 +63,7 @@ pub enum SupervisorError {
     #[error("{0}")]
     Boot(String),
     /// The guest agent could not be put in the instance root.
-    #[error("installing gatevm-guest at {}", crate::guest_paths::GUEST_AGENT_PATH)]
+    #[error("installing gatevm-guest at {}", gatevm_abi::paths::GUEST_AGENT)]
     InstallGuest(#[source] crate::rootdir::RootDirError),
     /// The k3s profile could not be staged in the root.
     #[error("preparing k3s")]

@@ -93,7 +93,7 @@ fn install_lib(runtime: &Path, real: &Path) -> Result<(PathBuf, Vec<PathBuf>), S
             "cannot create symlink",
             &tmp_link,
         ))?;
-        crate::fsutil::rename_durable(&tmp_link, &link).map_err(io(C, "cannot install", &link))?;
+        gatevm_fsutil::rename_durable(&tmp_link, &link).map_err(io(C, "cannot install", &link))?;
     }
     // Remove other versions' files.
     if let Ok(rd) = std::fs::read_dir(&lib) {

@@ -42,13 +42,13 @@ pub(crate) fn swap_in(
         std::fs::remove_dir_all(old).map_err(io(component, "cannot remove", old))?;
     }
     if final_dir.exists() {
-        crate::fsutil::rename_durable(final_dir, old).map_err(io(
+        gatevm_fsutil::rename_durable(final_dir, old).map_err(io(
             component,
             "cannot move aside",
             final_dir,
         ))?;
     }
-    crate::fsutil::rename_durable(staging, final_dir).map_err(io(
+    gatevm_fsutil::rename_durable(staging, final_dir).map_err(io(
         component,
         "cannot install",
         final_dir,

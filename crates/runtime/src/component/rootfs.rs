@@ -255,13 +255,13 @@ pub fn build_rootfs(
     if dest.exists() {
         // A directory without a recipe file (find_rootfs said "not built"): not ours to trust.
         let stale = root.join(format!(".build-{id}-stale-{}", util::now_unix()));
-        crate::fsutil::rename_durable(&dest, &stale).map_err(io_err("cannot move aside", &dest))?;
+        gatevm_fsutil::rename_durable(&dest, &stale).map_err(io_err("cannot move aside", &dest))?;
         util::remove_tree_safely(&stale).map_err(|mounts| RootfsError::StillMounted {
             path: stale.clone(),
             mounts,
         })?;
     }
-    crate::fsutil::rename_durable(&build, &dest)
+    gatevm_fsutil::rename_durable(&build, &dest)
         .map_err(io_err("cannot rename the build into", &dest))?;
     Ok(dest)
 }
