@@ -6,7 +6,9 @@
 # mmdebstrap. Prints the tables and writes docs/benchmarks.md.
 # Usage: scripts/bench.sh [--only boot,exec,memory,import,net,rootfs] [--runs N] [--exec-runs N]
 #                         [--import-mib N] [--net-mib N] [--net-pings N] [--rootfs-runs N]
-#                         [--out FILE] [--gatevm PATH]   (--help for more)
+#                         [--user USER] [--out FILE] [--gatevm PATH]   (--help for more)
+# The boot and memory cases run gatevm as root and as an ordinary user (--user, default gatevm-ci,
+# created here when missing) on the system runtime, so run it as root.
 # It boots VMs and, the first time, builds an ssh test rootfs (cached in ~/.cache/gatevm-bench):
 # run it on an otherwise idle machine.
 set -euo pipefail
@@ -36,6 +38,28 @@ if ! command -v ssh >/dev/null || ! command -v ssh-keygen >/dev/null; then
 fi
 # (build.sh also makes sure of gcc and libc6-dev, which the net case's static test server needs.)
 ./scripts/build.sh
-# The runtime (kernel, QEMU, root filesystem) the instance and the baseline boot.
+# The runtime (kernel, QEMU, root filesystem) the instance and the baseline boot: the system
+# runtime every user finds (/var/lib/gatevm), then root's own.
+if [ "$(id -u)" = 0 ]; then
+  target/release/gatevm setup --system
+fi
 target/release/gatevm setup
+# The ordinary user the boot and memory cases run gatevm as (in the kvm group where there is one);
+# not as an ordinary user itself: the report then says why those rows are missing.
+user=gatevm-ci
+prev=
+for a in "$@"; do
+  case $prev in --user) user=$a ;; esac
+  case $a in --user=*) user=${a#--user=} ;; esac
+  prev=$a
+done
+if [ "$(id -u)" = 0 ]; then
+  if ! id -u "$user" >/dev/null 2>&1; then
+    echo "bench: creating the user $user for the runs as an ordinary user"
+    useradd --create-home --shell /bin/sh "$user"
+  fi
+  if getent group kvm >/dev/null; then
+    usermod -aG kvm "$user"
+  fi
+fi
 exec "$tool" "$@"

@@ -4,7 +4,7 @@ use crate::runner::{self, Finished};
 use crate::scratch::Scratch;
 use anyhow::{bail, Context};
 use serde_json::Value;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -16,6 +16,54 @@ const DELETE_TIMEOUT: Duration = Duration::from_secs(120);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 const RM_TIMEOUT: Duration = Duration::from_secs(120);
+/// `gatevm setup` of a user on the system runtime builds at most the agent's initramfs.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(600);
+/// The `PATH` gatevm gets when it runs as an ordinary user (a login's default).
+pub const USER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// An ordinary user the benchmarks run gatevm as (through `runuser`, from root), with their own
+/// home and so their own data, cache and runtime directories.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AsUser {
+    /// The user name.
+    pub name: String,
+    /// The uid.
+    pub uid: u32,
+    /// The home directory.
+    pub home: PathBuf,
+}
+
+/// The user's uid and home directory in an /etc/passwd text.
+pub fn parse_passwd(text: &str, user: &str) -> Option<(u32, PathBuf)> {
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        if f.len() < 7 || f[0] != user {
+            return None;
+        }
+        Some((f[2].parse().ok()?, PathBuf::from(f[5])))
+    })
+}
+
+/// The argument vector that runs `bin` as `u`: `runuser -u USER -- env -i HOME=.. USER=..
+/// LOGNAME=.. PATH=.. BIN`, so that nothing of root's environment (`GATEVM_*`, `XDG_*`) reaches
+/// the user's gatevm: it finds its directories as a login of that user would.
+pub fn user_argv(u: &AsUser, bin: &Path) -> Vec<OsString> {
+    let mut home = OsString::from("HOME=");
+    home.push(&u.home);
+    vec![
+        "runuser".into(),
+        "-u".into(),
+        u.name.clone().into(),
+        "--".into(),
+        "env".into(),
+        "-i".into(),
+        home,
+        format!("USER={}", u.name).into(),
+        format!("LOGNAME={}", u.name).into(),
+        format!("PATH={USER_PATH}").into(),
+        bin.as_os_str().to_owned(),
+    ]
+}
 
 /// The fields of `gatevm status NAME --json` the benchmarks read.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -34,6 +82,8 @@ pub struct Status {
     pub agent_ready_ms: Option<u64>,
     /// Milliseconds from start to containerd being ready.
     pub ready_ms: Option<u64>,
+    /// The network helper (`gvproxy`, `passt`).
+    pub net: Option<String>,
 }
 
 /// Parses the status document.
@@ -56,6 +106,7 @@ pub fn parse_status(json: &str) -> anyhow::Result<Status> {
         vm_pid: u32_of("vm_pid"),
         agent_ready_ms: u64_of("agent_ready_ms"),
         ready_ms: u64_of("ready_ms"),
+        net: v.get("net").and_then(Value::as_str).map(str::to_string),
     })
 }
 
@@ -93,12 +144,14 @@ impl Drop for DeleteOnDrop<'_> {
     }
 }
 
-/// The gatevm binary and the instance it works on.
+/// The gatevm binary and the instance it works on, run as root (the caller) or as an ordinary
+/// user.
 pub struct Gatevm<'a> {
     bin: PathBuf,
     /// The instance.
     pub name: String,
     scratch: &'a Scratch,
+    user: Option<AsUser>,
 }
 
 impl<'a> Gatevm<'a> {
@@ -108,7 +161,50 @@ impl<'a> Gatevm<'a> {
             bin: bin.to_owned(),
             name: name.to_string(),
             scratch,
+            user: None,
         }
+    }
+
+    /// The same binary on the same instance name, run as the ordinary user `u` (in that user's
+    /// own data directory).
+    pub fn as_user(&self, u: AsUser) -> Gatevm<'a> {
+        Gatevm {
+            user: Some(u),
+            ..self.on(&self.name)
+        }
+    }
+
+    /// The user gatevm runs as, when not the caller.
+    pub fn user(&self) -> Option<&AsUser> {
+        self.user.as_ref()
+    }
+
+    /// Who runs it, for the report: `root` (the caller) or `user NAME`.
+    pub fn who(&self) -> String {
+        match &self.user {
+            Some(u) => format!("user {}", u.name),
+            None => "root".to_string(),
+        }
+    }
+
+    /// A command that runs the binary (through `runuser` for a user).
+    fn command(&self) -> Command {
+        match &self.user {
+            None => Command::new(&self.bin),
+            Some(u) => {
+                let argv = user_argv(u, &self.bin);
+                let mut c = Command::new(&argv[0]);
+                c.args(&argv[1..]);
+                c
+            }
+        }
+    }
+
+    /// `gatevm setup` (as a user on the system runtime: checks it and builds the agent's
+    /// initramfs in the user's cache once).
+    pub fn setup(&self) -> anyhow::Result<()> {
+        self.run(&["setup"], SETUP_TIMEOUT)?.ok()?;
+        Ok(())
     }
 
     /// The binary.
@@ -118,11 +214,14 @@ impl<'a> Gatevm<'a> {
 
     /// The same binary on another instance.
     pub fn on(&self, name: &str) -> Gatevm<'a> {
-        Gatevm::new(&self.bin, name, self.scratch)
+        Gatevm {
+            user: self.user.clone(),
+            ..Gatevm::new(&self.bin, name, self.scratch)
+        }
     }
 
     fn run<S: AsRef<OsStr>>(&self, args: &[S], timeout: Duration) -> anyhow::Result<Finished> {
-        let mut c = Command::new(&self.bin);
+        let mut c = self.command();
         c.args(args);
         runner::run(&mut c, timeout, self.scratch)
     }
@@ -167,7 +266,7 @@ impl<'a> Gatevm<'a> {
 
     /// `gatevm exec -i NAME -- ARGV...` with standard input from `stdin`.
     pub fn exec_with_stdin(&self, argv: &[&str], stdin: std::fs::File) -> anyhow::Result<()> {
-        let mut c = Command::new(&self.bin);
+        let mut c = self.command();
         c.args(["exec", "-i", &self.name, "--"]).args(argv);
         runner::run_with_stdin(&mut c, stdin, EXEC_TIMEOUT, self.scratch)?.ok()?;
         Ok(())
@@ -190,7 +289,7 @@ impl<'a> Gatevm<'a> {
     }
 
     fn delete_with(&self, interruptible: bool) -> anyhow::Result<()> {
-        let mut c = Command::new(&self.bin);
+        let mut c = self.command();
         c.args(["delete", &self.name, "--force"]);
         let f = if interruptible {
             runner::run(&mut c, DELETE_TIMEOUT, self.scratch)?
@@ -287,8 +386,12 @@ mod tests {
                 vm_pid: Some(202),
                 agent_ready_ms: Some(3400),
                 ready_ms: Some(5100),
+                net: None,
             }
         );
+        let user =
+            parse_status(r#"{"state":"running","net":"passt","backend":"qemu/tcg"}"#).unwrap();
+        assert_eq!(user.net.as_deref(), Some("passt"));
         let stopped =
             parse_status(r#"{"state":"stopped","supervisor_pid":null,"vm_pid":null}"#).unwrap();
         assert_eq!(stopped.state, "stopped");
@@ -324,5 +427,62 @@ mod tests {
             "net"
         ));
         assert!(help_has_option("  -n, --net=<HELPER>  x", "net"));
+    }
+
+    #[test]
+    fn passwd_entries() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
+                      gatevm-ci:x:1002:1002::/home/gatevm-ci:/bin/sh\n\
+                      broken:x:notanumber:1::/home/broken:/bin/sh\n\
+                      short:x:5\n";
+        assert_eq!(
+            parse_passwd(passwd, "gatevm-ci"),
+            Some((1002, PathBuf::from("/home/gatevm-ci")))
+        );
+        assert_eq!(
+            parse_passwd(passwd, "root"),
+            Some((0, PathBuf::from("/root")))
+        );
+        assert_eq!(parse_passwd(passwd, "gatevm"), None);
+        assert_eq!(parse_passwd(passwd, "broken"), None);
+        assert_eq!(parse_passwd(passwd, "short"), None);
+    }
+
+    #[test]
+    fn runs_as_the_user_with_a_clean_environment() {
+        let u = AsUser {
+            name: "gatevm-ci".into(),
+            uid: 1002,
+            home: PathBuf::from("/home/gatevm-ci"),
+        };
+        let argv = user_argv(&u, Path::new("/w/target/release/gatevm"));
+        let argv: Vec<&str> = argv.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            argv,
+            [
+                "runuser",
+                "-u",
+                "gatevm-ci",
+                "--",
+                "env",
+                "-i",
+                "HOME=/home/gatevm-ci",
+                "USER=gatevm-ci",
+                "LOGNAME=gatevm-ci",
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "/w/target/release/gatevm",
+            ]
+        );
+        let scratch = Scratch::new("gatevm-bench-test").unwrap();
+        let root = Gatevm::new(Path::new("/w/gatevm"), "bench", &scratch);
+        assert_eq!(root.who(), "root");
+        assert_eq!(root.command().get_program(), "/w/gatevm");
+        let user = root.as_user(u.clone());
+        assert_eq!(user.who(), "user gatevm-ci");
+        assert_eq!(user.name, "bench");
+        assert_eq!(user.command().get_program(), "runuser");
+        // Another instance of the user's stays the user's.
+        assert_eq!(user.on("benchnet").user(), Some(&u));
+        assert_eq!(root.on("benchnet").user(), None);
     }
 }

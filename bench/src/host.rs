@@ -321,6 +321,22 @@ pub fn static_busybox(path: &Path) -> anyhow::Result<Vec<u8>> {
     }
 }
 
+/// The 1, 5 and 15 minute load averages of a /proc/loadavg text.
+pub fn parse_loadavg(text: &str) -> Option<[f64; 3]> {
+    let mut it = text.split_whitespace().map(|w| w.parse::<f64>().ok());
+    Some([it.next()??, it.next()??, it.next()??])
+}
+
+/// The host's load averages now, as `1.23 / 2.34 / 3.45`, or `unknown`.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .as_deref()
+        .and_then(parse_loadavg)
+        .map(|[a, b, c]| format!("{a:.2} / {b:.2} / {c:.2}"))
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,5 +455,16 @@ mod tests {
         assert!(missing
             .to_string()
             .contains("apt-get install busybox-static"));
+    }
+
+    #[test]
+    fn load_averages() {
+        assert_eq!(
+            parse_loadavg("2.85 3.37 3.63 2/121 25095\n"),
+            Some([2.85, 3.37, 3.63])
+        );
+        assert_eq!(parse_loadavg("2.85 x 3.63"), None);
+        assert_eq!(parse_loadavg("1.0 2.0"), None);
+        assert_eq!(parse_loadavg(""), None);
     }
 }

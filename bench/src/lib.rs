@@ -15,6 +15,7 @@ pub mod gatevm;
 pub mod host;
 pub mod markdown;
 pub mod netproto;
+pub mod previous;
 pub mod procs;
 pub mod report;
 pub mod runner;
@@ -75,6 +76,23 @@ impl Case {
             Case::Rootfs => "rootfs",
         }
     }
+
+    /// The title of its section in the report.
+    pub fn title(self) -> &'static str {
+        match self {
+            Case::Boot => "Boot",
+            Case::Exec => "Exec round trip",
+            Case::Memory => "Host memory",
+            Case::Import => "Image import throughput",
+            Case::Net => "Network: port forward host -> guest",
+            Case::Rootfs => "Root filesystem build",
+        }
+    }
+
+    /// Whether it runs gatevm as the ordinary user as well as root.
+    pub fn as_user_too(self) -> bool {
+        matches!(self, Case::Boot | Case::Memory)
+    }
 }
 
 /// What to run and where.
@@ -98,6 +116,8 @@ pub struct Options {
     pub out: PathBuf,
     /// The cases to run.
     pub cases: Vec<Case>,
+    /// The ordinary user the boot and memory cases also run gatevm as (from root).
+    pub user: String,
     /// The gatevm repository (for its commit).
     pub repo: PathBuf,
     /// How the tool was invoked, for the report.
@@ -152,6 +172,38 @@ fn qemu_description(qemu: &Result<host::Qemu, String>, scratch: &Scratch) -> Str
     }
 }
 
+/// The sentence on the host's load around a case: other work on a machine of few cores slows
+/// every row, the baseline included.
+pub fn load_note(before: &str, after: &str, cores: usize) -> String {
+    format!(
+        "Host load average (1 / 5 / 15 min, /proc/loadavg) on {cores} cores: {before} before the case, {after} after it. Other work on the machine slows every row, the baseline included, and widens min..max."
+    )
+}
+
+/// The ordinary user `name` to run gatevm as, or why the tool cannot.
+fn ordinary_user(name: &str) -> Result<gatevm::AsUser, String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(format!(
+            "the tool ran as uid {euid}, not root, so it cannot run gatevm as another user (run scripts/bench.sh as root)"
+        ));
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd")
+        .map_err(|e| format!("cannot read /etc/passwd: {e}"))?;
+    let (uid, home) = gatevm::parse_passwd(&passwd, name).ok_or_else(|| {
+        format!("there is no user {name} (scripts/bench.sh creates it: `useradd --create-home --shell /bin/sh {name}`)")
+    })?;
+    if uid == 0 {
+        return Err(format!("{name} has uid 0: not an ordinary user"));
+    }
+    Ok(gatevm::AsUser {
+        name: name.to_string(),
+        uid,
+        home,
+    })
+}
+
 /// Runs the selected cases, prints their tables and writes the report. Targets that are missed
 /// are reported, not errors.
 pub fn run(o: &Options) -> anyhow::Result<()> {
@@ -184,7 +236,10 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
             .filter(|c| !o.cases.contains(c))
             .map(|c| c.name().to_string())
             .collect(),
+        kept: Vec::new(),
     };
+    // The report this run replaces: the sections of the cases not run are kept from it.
+    let previous = std::fs::read_to_string(&o.out).ok();
     println!(
         "## Machine\n\n{}",
         report::machine_table(&meta, false).render()
@@ -195,6 +250,19 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         .cases
         .contains(&Case::Net)
         .then(|| DeleteOnDrop(Gatevm::new(&o.gatevm, cases::net::NET_INSTANCE, &scratch)));
+    let root_gv = Gatevm::new(&o.gatevm, INSTANCE, &scratch);
+    let user = if o.cases.iter().any(|c| c.as_user_too()) {
+        ordinary_user(&o.user).map(|u| root_gv.as_user(u))
+    } else {
+        Err("not run".to_string())
+    };
+    let _cleanup_user = user.as_ref().ok().map(|u| DeleteOnDrop(u.on(INSTANCE)));
+    if let Ok(u) = &user {
+        eprintln!("gatevm-bench: `gatevm setup` as {} (untimed)", u.who());
+        u.setup()
+            .with_context(|| format!("`gatevm setup` as {}", u.who()))?;
+    }
+    let machine_cores = machine.cores;
     let mut bench = Bench {
         runs: o.runs,
         exec_runs: o.exec_runs,
@@ -202,7 +270,9 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         net_mib: o.net_mib,
         net_pings: o.net_pings,
         rootfs_runs: o.rootfs_runs,
-        gv: Gatevm::new(&o.gatevm, INSTANCE, &scratch),
+        gv: root_gv,
+        user,
+        previous: previous.clone(),
         scratch: &scratch,
         machine,
         runtime,
@@ -211,10 +281,11 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         ssh_rootfs_build: None,
         not_measured: Vec::new(),
     };
-    let mut sections: Vec<Section> = Vec::new();
+    let mut sections: Vec<(Case, Section)> = Vec::new();
     for case in Case::ALL.iter().filter(|c| o.cases.contains(c)) {
         eprintln!("gatevm-bench: {} ...", case.name());
-        let section = match case {
+        let load_before = host::loadavg();
+        let mut section = match case {
             Case::Boot => bench.boot(),
             Case::Exec => bench.exec(),
             Case::Memory => bench.memory(),
@@ -223,16 +294,58 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
             Case::Rootfs => bench.rootfs(),
         }
         .with_context(|| format!("{} benchmark", case.name()))?;
+        section
+            .intro
+            .push(load_note(&load_before, &host::loadavg(), machine_cores));
         print!("{}", section.render());
         let _ = std::io::stdout().flush();
-        sections.push(section);
+        sections.push((*case, section));
     }
     meta.backend = bench.backend.clone();
-    let md = report::render(&meta, &sections, &bench.not_measured);
+    let old = previous
+        .as_deref()
+        .map(previous::sections)
+        .unwrap_or_default();
+    let old_from = previous.as_deref().and_then(previous::measured);
+    let mut body = Vec::new();
+    for case in Case::ALL {
+        if let Some((_, s)) = sections.iter().find(|(c, _)| *c == case) {
+            body.push(s.render());
+        } else if let (Some(text), Some((date, commit))) =
+            (previous::section(&old, case.title()), &old_from)
+        {
+            body.push(previous::kept_section(text, date, commit));
+            meta.kept.push(case.name().to_string());
+        }
+    }
+    let md = report::render(&meta, &body, &bench.not_measured);
     if let Some(dir) = o.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     std::fs::write(&o.out, md).with_context(|| format!("cannot write {}", o.out.display()))?;
     eprintln!("gatevm-bench: wrote {}", o.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_sentence() {
+        assert_eq!(
+            load_note("2.85 / 3.37 / 3.63", "1.00 / 2.00 / 3.00", 2),
+            "Host load average (1 / 5 / 15 min, /proc/loadavg) on 2 cores: 2.85 / 3.37 / 3.63 before the case, 1.00 / 2.00 / 3.00 after it. Other work on the machine slows every row, the baseline included, and widens min..max."
+        );
+    }
+
+    #[test]
+    fn case_titles_match_the_sections() {
+        assert_eq!(Case::Memory.title(), "Host memory");
+        assert!(Case::Boot.as_user_too() && Case::Memory.as_user_too());
+        assert!(!Case::Net.as_user_too());
+        let mut titles: Vec<&str> = Case::ALL.iter().map(|c| c.title()).collect();
+        titles.dedup();
+        assert_eq!(titles.len(), Case::ALL.len());
+    }
 }

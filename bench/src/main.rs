@@ -46,6 +46,10 @@ struct Args {
     /// Where to write the report [default: docs/benchmarks.md of the repository].
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// The ordinary user the boot and memory cases also run gatevm as (through runuser, in that
+    /// user's own data directory); the tool must run as root for it.
+    #[arg(long, value_name = "USER", default_value = "gatevm-ci")]
+    user: String,
     /// The gatevm binary [default: target/release/gatevm of the repository].
     #[arg(long, value_name = "PATH")]
     gatevm: Option<PathBuf>,
@@ -74,6 +78,7 @@ fn main() {
         rootfs_runs: a.rootfs_runs as usize,
         out: a.out.unwrap_or_else(|| repo.join("docs/benchmarks.md")),
         cases: a.only,
+        user: a.user,
         repo,
         command,
     };

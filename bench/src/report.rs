@@ -2,7 +2,7 @@
 //! measured.
 
 use crate::host::{Accel, Machine};
-use crate::markdown::{Align, Section, Table};
+use crate::markdown::{Align, Table};
 
 /// Everything about the run that is not a measurement.
 #[derive(Debug, Clone)]
@@ -23,6 +23,8 @@ pub struct Meta {
     pub command: String,
     /// Cases not run (`--only`).
     pub skipped: Vec<String>,
+    /// Of those, the ones whose sections are kept from the earlier report.
+    pub kept: Vec<String>,
 }
 
 /// The UTC date and time of a Unix time, `YYYY-MM-DD HH:MM UTC`.
@@ -76,22 +78,32 @@ pub fn machine_table(meta: &Meta, with_backend: bool) -> Table {
     t
 }
 
-/// The report in Markdown; `not_measured` lists what the cases could not measure and why.
-pub fn render(meta: &Meta, sections: &[Section], not_measured: &[String]) -> String {
+/// The report in Markdown: `sections` are the cases' sections in order, each already rendered
+/// (this run's, or one kept from the earlier report); `not_measured` lists what the cases could
+/// not measure and why.
+pub fn render(meta: &Meta, sections: &[String], not_measured: &[String]) -> String {
     let mut s = String::from("# gatevm benchmarks\n\n");
     s.push_str(&format!(
         "Measured on {} at gatevm commit `{}`{} by `scripts/bench.sh` (the `gatevm-bench` tool in `bench/`), run as `{}`. \
-         Every row stands beside a baseline measured in the same run on the same machine.\n\n",
+         Every row stands beside a baseline measured in the same run on the same machine.{}\n\n",
         meta.date,
         meta.commit,
         if meta.dirty { " (plus uncommitted changes)" } else { "" },
-        meta.command
+        meta.command,
+        if meta.kept.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " The cases {} were not run this time: their sections are kept from the earlier report, each marked with the date and commit it was measured at.",
+                meta.kept.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+            )
+        }
     ));
     s.push_str("## Machine\n\n");
     s.push_str(&machine_table(meta, true).render());
     s.push('\n');
     for sec in sections {
-        s.push_str(&sec.render());
+        s.push_str(sec);
     }
     s.push_str("## Not measured\n\n");
     if not_measured.is_empty() && meta.skipped.is_empty() {
@@ -101,7 +113,13 @@ pub fn render(meta: &Meta, sections: &[Section], not_measured: &[String]) -> Str
         s.push_str(&format!("- {n}\n"));
     }
     for c in &meta.skipped {
-        s.push_str(&format!("- {c}: not run this time (`--only`).\n"));
+        if meta.kept.contains(c) {
+            s.push_str(&format!(
+                "- {c}: not run this time (`--only`); its section above is kept from the earlier report.\n"
+            ));
+        } else {
+            s.push_str(&format!("- {c}: not run this time (`--only`).\n"));
+        }
     }
     s
 }
@@ -110,6 +128,7 @@ pub fn render(meta: &Meta, sections: &[Section], not_measured: &[String]) -> Str
 mod tests {
     use super::*;
     use crate::host::{choose_accel, Machine};
+    use crate::markdown::Section;
 
     #[test]
     fn dates() {
@@ -135,7 +154,8 @@ mod tests {
             qemu: "QEMU emulator version 9.2.0".into(),
             backend: Some("qemu/tcg".into()),
             command: "gatevm-bench --runs 5".into(),
-            skipped: vec!["import".into()],
+            skipped: vec!["import".into(), "net".into()],
+            kept: vec!["net".into()],
         };
         let sec = Section {
             title: "Boot".into(),
@@ -143,7 +163,7 @@ mod tests {
         };
         let md = render(
             &meta,
-            &[sec],
+            &[sec.render(), "## Network\n\n_Kept._\n\n".into()],
             &["Network through passt: this gatevm has no --net passt.".into()],
         );
         assert!(md.starts_with("# gatevm benchmarks\n\nMeasured on 2026-05-07 12:00 UTC at gatevm commit `b51f269` (plus uncommitted changes) by"));
@@ -156,9 +176,12 @@ mod tests {
             .find("## Not measured\n\n- Network through passt: this gatevm has no --net passt.\n")
             .unwrap();
         assert!(boot < later);
-        assert!(md.ends_with("- import: not run this time (`--only`).\n"));
+        assert!(md.ends_with("- import: not run this time (`--only`).\n- net: not run this time (`--only`); its section above is kept from the earlier report.\n"));
+        assert!(md.contains("on the same machine. The cases `net` were not run this time: their sections are kept from the earlier report, each marked with the date and commit it was measured at.\n\n## Machine"));
+        assert!(md.find("## Network").unwrap() > boot);
         let all = Meta {
             skipped: vec![],
+            kept: vec![],
             ..meta
         };
         assert!(render(&all, &[], &[])

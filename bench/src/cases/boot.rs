@@ -1,8 +1,8 @@
 //! Boot: a bare QEMU boot of the same kernel to userspace and power-off, beside `gatevm start`
-//! of a new instance (cold) and of a stopped one (warm).
+//! of a new instance (cold) and of a stopped one (warm), as root and as an ordinary user.
 
 use super::{summary, Bench};
-use crate::gatevm::need;
+use crate::gatevm::{need, Gatevm};
 use crate::host::{self, bare_boot_args};
 use crate::markdown::{num, times, Align, Section, Table, Target, Verdict};
 use crate::runner::{self, ms};
@@ -47,22 +47,90 @@ struct Starts {
     ready: Vec<f64>,
 }
 
-impl Bench<'_> {
-    fn timed_start(&mut self, into: &mut Starts) -> anyhow::Result<()> {
+/// One side's cold and warm starts: root's or an ordinary user's.
+struct Side<'g, 'a> {
+    gv: &'g Gatevm<'a>,
+    cold: Starts,
+    warm: Starts,
+    backend: Option<String>,
+    net: Option<String>,
+}
+
+impl Side<'_, '_> {
+    fn timed_start(&mut self, warm: bool) -> anyhow::Result<()> {
         let wall = self.gv.start()?;
         let st = self.gv.status()?;
         let name = &self.gv.name;
+        let into = if warm { &mut self.warm } else { &mut self.cold };
         into.wall.push(ms(wall));
         into.agent
             .push(need(st.agent_ready_ms, "agent_ready_ms", name)? as f64);
         into.ready.push(need(st.ready_ms, "ready_ms", name)? as f64);
-        if st.backend.is_some() {
-            self.backend = st.backend;
-        }
+        self.backend = st.backend.or(self.backend.take());
+        self.net = st.net.or(self.net.take());
         Ok(())
     }
 
-    /// Runs the boot case.
+    /// Delete, cold start, stop, warm start, stop.
+    fn round(&mut self) -> anyhow::Result<()> {
+        self.gv.delete()?;
+        self.timed_start(false)?;
+        self.gv.stop()?;
+        self.timed_start(true)?;
+        self.gv.stop()
+    }
+
+    /// `root` or `user NAME`, with the network helper it ran with.
+    fn label(&self) -> String {
+        match &self.net {
+            Some(n) => format!("{} (net {n})", self.gv.who()),
+            None => self.gv.who(),
+        }
+    }
+
+    fn progress(&self, i: usize) -> String {
+        let (c, w) = (&self.cold, &self.warm);
+        format!(
+            "{}: cold {} ms (agent {} / containerd {}), warm {} ms (agent {} / containerd {})",
+            self.gv.who(),
+            num(c.wall[i]),
+            num(c.agent[i]),
+            num(c.ready[i]),
+            num(w.wall[i]),
+            num(w.agent[i]),
+            num(w.ready[i]),
+        )
+    }
+}
+
+/// The order of the sides in run `i` (from 1): as given in odd runs, reversed in even ones.
+pub fn run_order(sides: usize, i: usize) -> Vec<usize> {
+    let mut o: Vec<usize> = (0..sides).collect();
+    if i % 2 == 0 {
+        o.reverse();
+    }
+    o
+}
+
+/// The rows of one side: `who` is `root` or `user NAME` (`None`: the only side, as before).
+pub fn side_rows(who: Option<&str>) -> [String; 6] {
+    let p = |what: &str| match who {
+        Some(w) => format!("{w}: {what}"),
+        None => what.to_string(),
+    };
+    [
+        p("cold `gatevm start` (new instance): wall"),
+        p("cold: agent ready (agent_ready_ms)"),
+        p("cold: containerd ready (ready_ms)"),
+        p("warm `gatevm start` (stopped instance): wall"),
+        p("warm: agent ready (agent_ready_ms)"),
+        p("warm: containerd ready (ready_ms)"),
+    ]
+}
+
+impl Bench<'_> {
+    /// Runs the boot case: per run, the bare boot, then root's cold and warm start, then (when
+    /// there is one) the ordinary user's, interleaved so that drift hits all alike.
     pub fn boot(&mut self) -> anyhow::Result<Section> {
         let kernel = self.runtime.join("kernel/vmlinux");
         if !kernel.is_file() {
@@ -80,8 +148,17 @@ impl Bench<'_> {
         let accel = self.machine.accel.accel;
 
         let mut bare = Vec::new();
-        let mut cold = Starts::default();
-        let mut warm = Starts::default();
+        let new_side = |gv| Side {
+            gv,
+            cold: Starts::default(),
+            warm: Starts::default(),
+            backend: None,
+            net: None,
+        };
+        let mut sides = vec![new_side(&self.gv)];
+        if let Ok(u) = &self.user {
+            sides.push(new_side(u));
+        }
         for i in 1..=self.runs {
             let _ = std::fs::remove_file(&console);
             let mut cmd = Command::new(&qemu.bin);
@@ -97,23 +174,23 @@ impl Bench<'_> {
                 );
             }
             bare.push(ms(f.elapsed));
-
-            self.gv.delete()?;
-            self.timed_start(&mut cold)?;
-            self.gv.stop()?;
-            self.timed_start(&mut warm)?;
-            self.gv.stop()?;
+            // Root first in odd runs, the user first in even ones: load that comes and goes
+            // (the machine's other work) falls on neither side more than the other.
+            for k in run_order(sides.len(), i) {
+                let s = &mut sides[k];
+                s.round()
+                    .with_context(|| format!("gatevm as {}", s.gv.who()))?;
+            }
+            let each: Vec<String> = sides.iter().map(|s| s.progress(i - 1)).collect();
             eprintln!(
-                "boot {i}/{}: bare {} ms; cold start {} ms (agent {} / containerd {}); warm start {} ms (agent {} / containerd {})",
+                "boot {i}/{}: bare {} ms; {}",
                 self.runs,
                 num(bare[i - 1]),
-                num(cold.wall[i - 1]),
-                num(cold.agent[i - 1]),
-                num(cold.ready[i - 1]),
-                num(warm.wall[i - 1]),
-                num(warm.agent[i - 1]),
-                num(warm.ready[i - 1]),
+                each.join("; ")
             );
+        }
+        if let Some(b) = sides[0].backend.clone() {
+            self.backend = Some(b);
         }
 
         let bare_s = summary(&bare);
@@ -136,16 +213,6 @@ impl Bench<'_> {
             ]);
         };
         row("baseline: bare QEMU boot to userspace + power-off", &bare_s);
-        let sums = |s: &Starts| (summary(&s.wall), summary(&s.agent), summary(&s.ready));
-        let (cw, ca, cr) = sums(&cold);
-        let (ww, wa, wr) = sums(&warm);
-        row("cold `gatevm start` (new instance): wall", &cw);
-        row("cold: agent ready (agent_ready_ms)", &ca);
-        row("cold: containerd ready (ready_ms)", &cr);
-        row("warm `gatevm start` (stopped instance): wall", &ww);
-        row("warm: agent ready (agent_ready_ms)", &wa);
-        row("warm: containerd ready (ready_ms)", &wr);
-
         let target = |what: &str, s: &Summary, limit: f64| {
             let r = ratio(s.median, bare_s.median);
             Target {
@@ -162,6 +229,35 @@ impl Bench<'_> {
                 },
             }
         };
+        let two = sides.len() > 1;
+        let mut targets = Vec::new();
+        for s in &sides {
+            let label = s.label();
+            let names = side_rows(two.then_some(label.as_str()));
+            let sums = [
+                summary(&s.cold.wall),
+                summary(&s.cold.agent),
+                summary(&s.cold.ready),
+                summary(&s.warm.wall),
+                summary(&s.warm.agent),
+                summary(&s.warm.ready),
+            ];
+            for (n, sum) in names.iter().zip(&sums) {
+                row(n, sum);
+            }
+            let p = |w: &str| {
+                if two {
+                    format!("{}: {w}", s.gv.who())
+                } else {
+                    w.to_string()
+                }
+            };
+            targets.push(target(&p("cold agent ready"), &sums[1], AGENT_TARGET));
+            targets.push(target(&p("warm agent ready"), &sums[4], AGENT_TARGET));
+            targets.push(target(&p("cold containerd ready"), &sums[2], READY_TARGET));
+            targets.push(target(&p("warm containerd ready"), &sums[5], READY_TARGET));
+        }
+
         let backend = self.backend.clone().unwrap_or_else(|| "unknown".into());
         let mut notes = vec![
             format!(
@@ -172,6 +268,31 @@ impl Bench<'_> {
             ),
             "gatevm: wall time of `gatevm start bench`; agent ready and containerd ready are the supervisor's own `agent_ready_ms` and `ready_ms` from `gatevm status bench --json`, counted from the start of the boot. Cold: the instance is deleted first; warm: the same instance, stopped, started again.".to_string(),
         ];
+        match &self.user {
+            Ok(u) => {
+                let who = u.user().map(|u| u.name.as_str()).unwrap_or("?");
+                notes.push(format!(
+                    "Root and an ordinary user in the same run: each run is the bare boot, then root's delete / cold start / stop / warm start / stop of its instance `bench` and the same as the user `{who}` (no privileges{}) on the user's own instance `bench` in the user's own data directory, through `runuser -u {who} -- env -i HOME=... USER=... LOGNAME=... PATH=... gatevm ...` (root's environment does not reach it); root goes first in odd runs, the user in even ones. The user's wall times include starting `runuser` and `env` (a few ms). The user runs on the system runtime (`gatevm setup --system`) after an untimed `gatevm setup` of its own.",
+                    ", a member of the kvm group where there is one"
+                ));
+                let helpers: Vec<String> = sides
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{} `{}`, network helper `{}`",
+                            s.gv.who(),
+                            s.backend.as_deref().unwrap_or("unknown"),
+                            s.net.as_deref().unwrap_or("unknown")
+                        )
+                    })
+                    .collect();
+                notes.push(format!("Backends: {}.", helpers.join("; ")));
+            }
+            Err(why) => {
+                self.not_measured
+                    .push(format!("Boot as an ordinary user: {why}."));
+            }
+        }
         if !backend.starts_with("qemu") {
             notes.push(format!(
                 "gatevm ran on the {backend} backend here, not QEMU: the baseline is still a bare QEMU boot."
@@ -185,12 +306,7 @@ impl Bench<'_> {
                 accel.name()
             )],
             tables: vec![t],
-            targets: vec![
-                target("cold agent ready", &ca, AGENT_TARGET),
-                target("warm agent ready", &wa, AGENT_TARGET),
-                target("cold containerd ready", &cr, READY_TARGET),
-                target("warm containerd ready", &wr, READY_TARGET),
-            ],
+            targets,
             notes,
         })
     }
@@ -213,5 +329,30 @@ mod tests {
         let console = get("dev/console");
         assert_eq!(console.mode, S_IFCHR | 0o600);
         assert_eq!((console.rdev_major, console.rdev_minor), (5, 1));
+    }
+
+    #[test]
+    fn row_names_per_side() {
+        assert_eq!(
+            side_rows(None)[0],
+            "cold `gatevm start` (new instance): wall"
+        );
+        let user = side_rows(Some("user gatevm-ci (net passt)"));
+        assert_eq!(
+            user[4],
+            "user gatevm-ci (net passt): warm: agent ready (agent_ready_ms)"
+        );
+        assert_eq!(
+            user[2],
+            "user gatevm-ci (net passt): cold: containerd ready (ready_ms)"
+        );
+    }
+
+    #[test]
+    fn sides_alternate() {
+        assert_eq!(run_order(2, 1), [0, 1]);
+        assert_eq!(run_order(2, 2), [1, 0]);
+        assert_eq!(run_order(2, 5), [0, 1]);
+        assert_eq!(run_order(1, 2), [0]);
     }
 }

@@ -30,8 +30,13 @@ pub struct Bench<'a> {
     pub net_pings: usize,
     /// Cold builds of the rootfs case.
     pub rootfs_runs: usize,
-    /// The gatevm binary on the benchmark's instance.
+    /// The gatevm binary on the benchmark's instance, run as root (the caller).
     pub gv: Gatevm<'a>,
+    /// The same as an ordinary user (on that user's own instance `bench`), or why there is none.
+    pub user: Result<Gatevm<'a>, String>,
+    /// The report this run replaces (docs/benchmarks.md as it was), for earlier numbers to
+    /// compare with.
+    pub previous: Option<String>,
     /// Scratch space (the initramfs, the image archive, command output).
     pub scratch: &'a Scratch,
     /// The host.

@@ -35,6 +35,16 @@ mod tests {
         for a in [GATEWAY_IP, HOST_ALIAS_IP] {
             assert_eq!(u32::from(a) & mask, u32::from(GUEST_IP) & mask, "{a}");
         }
-        assert_eq!(GUEST_MAC.split(':').count(), 6);
+        // Six two-digit hex octets; the first says unicast (bit 0 clear, or no DHCP lease is
+        // ever matched) and locally administered (bit 1 set: no vendor's address).
+        let octets: Vec<u8> = GUEST_MAC
+            .split(':')
+            .map(|o| {
+                assert_eq!(o.len(), 2, "{GUEST_MAC}");
+                u8::from_str_radix(o, 16).unwrap()
+            })
+            .collect();
+        assert_eq!(octets.len(), 6, "{GUEST_MAC}");
+        assert_eq!(octets[0] & 0b11, 0b10, "{GUEST_MAC}");
     }
 }

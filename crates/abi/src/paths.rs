@@ -1,15 +1,34 @@
-//! Where things are in the guest's root filesystem. Host code that writes into the instance root
-//! uses the relative forms ([`rel`]); the guest uses the absolute ones.
+//! Where things are in the guest's root filesystem, and the disks the guest finds its file
+//! systems on. Host code that writes into a staging directory uses the relative forms ([`rel`]);
+//! the guest uses the absolute ones.
 
-/// The guest agent (PID 1 of the root, stage 2), installed by the host at every start.
+/// The guest agent (PID 1 of the root, stage 2): stage 1 copies itself here at every boot.
 pub const GUEST_AGENT: &str = "/usr/local/sbin/gatevm-guest";
+
+/// The disks a VM gets, by the serial (virtio-blk ID) the VMM gives each; the guest finds them in
+/// `/sys/block/vd*/serial`, whatever order the devices come up in.
+pub mod disk {
+    /// The shared base root file system: a read-only EROFS image (the lower layer of the root).
+    pub const BASE: &str = "gatevm-base";
+    /// The instance's writable root layer: ext4 holding `upper/` and `work/` of the overlay.
+    pub const UPPER: &str = "gatevm-upper";
+    /// The state disk (ext4 at [`super::STATE_DIR`]).
+    pub const STATE: &str = "gatevm-state";
+    /// What the host stages for the k3s profile: a read-only EROFS image mounted at
+    /// [`super::K3S_STAGE_DIR`].
+    pub const STAGE: &str = "gatevm-stage";
+    /// Subdirectories of the writable layer's file system: the overlay's upper and work dirs.
+    pub const UPPER_DIR: &str = "upper";
+    pub const WORK_DIR: &str = "work";
+}
 /// Present at the root of the initramfs only: the agent there is stage 1.
 pub const INITRAMFS_MARKER: &str = "/gatevm-initramfs";
 /// The state disk's mount point.
 pub const STATE_DIR: &str = "/var/lib/gatevm";
-/// The k3s binary the host installs for the k3s profile.
-pub const K3S_BIN: &str = "/usr/local/bin/k3s";
-/// The directory the host stages the k3s profile into (rebuilt at every start).
+/// The k3s binary the host stages for the k3s profile.
+pub const K3S_BIN: &str = "/etc/gatevm/k3s/k3s";
+/// Where the guest mounts the k3s profile's staging image (read-only; rebuilt by the host at
+/// every start).
 pub const K3S_STAGE_DIR: &str = "/etc/gatevm/k3s";
 /// The k3s plan ([`crate::plan`]) in the staging directory.
 pub const K3S_PLAN: &str = "/etc/gatevm/k3s/plan.json";
@@ -40,11 +59,15 @@ mod tests {
 
     #[test]
     fn staged_paths_are_in_the_stage_dir_and_state_on_the_state_disk() {
-        for p in [K3S_PLAN, K3S_STAGED_MANIFESTS, K3S_STAGED_IMAGES] {
+        for p in [K3S_BIN, K3S_PLAN, K3S_STAGED_MANIFESTS, K3S_STAGED_IMAGES] {
             assert!(p.starts_with(&format!("{K3S_STAGE_DIR}/")), "{p}");
         }
         assert!(K3S_DATA_DIR.starts_with(&format!("{STATE_DIR}/")));
-        assert_eq!(rel(K3S_BIN), "usr/local/bin/k3s");
+        assert_eq!(rel(K3S_BIN), "etc/gatevm/k3s/k3s");
+        // virtio-blk IDs hold at most 20 bytes.
+        for s in [disk::BASE, disk::UPPER, disk::STATE, disk::STAGE] {
+            assert!(s.len() <= 20 && s.starts_with("gatevm-"), "{s}");
+        }
         assert_eq!(rel(GUEST_AGENT), "usr/local/sbin/gatevm-guest");
     }
 }

@@ -661,14 +661,40 @@ mod tests {
     }
 
     proptest! {
-        // Any byte string either decodes to frames or fails cleanly: no panic, no huge allocation.
+        // Any byte string: the first read agrees with a model of the framing (nothing, a cut
+        // length field, a length out of bounds, a cut body, or the body's own decoding), and a
+        // frame read consumes exactly its length field and body, nothing more.
         #[test]
-        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        fn decoder_matches_a_framing_model(
+            bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+            small_len in proptest::option::of(0u32..64),
+        ) {
+            let mut bytes = bytes;
+            if let (Some(l), true) = (small_len, bytes.len() >= 4) {
+                // Often a plausible length, so bodies get decoded too.
+                bytes[..4].copy_from_slice(&l.to_be_bytes());
+            }
             let mut r = &bytes[..];
-            for _ in 0..64 {
-                match read_frame::<GuestMsg, _>(&mut r) {
-                    Ok(Some(_)) => continue,
-                    _ => break,
+            let got = read_frame::<GuestMsg, _>(&mut r);
+            let consumed = bytes.len() - r.len();
+            if bytes.is_empty() {
+                prop_assert!(matches!(got, Ok(None)));
+            } else if bytes.len() < 4 {
+                prop_assert!(matches!(got, Err(ProtoError::Truncated)), "{:?}", got);
+            } else {
+                let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+                if len > MAX_FRAME_LEN {
+                    prop_assert!(matches!(got, Err(ProtoError::TooLarge(n)) if n == len), "{:?}", got);
+                    prop_assert_eq!(consumed, 4);
+                } else if len < 5 {
+                    prop_assert!(matches!(got, Err(ProtoError::TooShort(n)) if n == len), "{:?}", got);
+                    prop_assert_eq!(consumed, 4);
+                } else if bytes.len() < 4 + len {
+                    prop_assert!(matches!(got, Err(ProtoError::Truncated)), "{:?}", got);
+                } else {
+                    let want = decode_body::<GuestMsg>(&bytes[4..4 + len]);
+                    prop_assert_eq!(format!("{:?}", got.map(|f| f.unwrap())), format!("{:?}", want));
+                    prop_assert_eq!(consumed, 4 + len);
                 }
             }
         }
@@ -696,9 +722,11 @@ mod tests {
             }
         }
 
-        // Valid length fields with arbitrary bodies, several frames in a row, cut anywhere.
+        // Valid length fields with arbitrary bodies, several frames in a row, cut anywhere:
+        // each whole frame is read on its own (an undecodable body costs that frame only, the
+        // next one is read in step), the cut gives `Truncated`, a cut at a boundary the end.
         #[test]
-        fn framed_garbage_never_panics(bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..8), cut in any::<usize>()) {
+        fn framed_garbage_is_read_frame_by_frame(bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 5..64), 0..8), cut in any::<usize>()) {
             let mut bytes = Vec::new();
             for b in &bodies {
                 bytes.extend_from_slice(&(b.len() as u32).to_be_bytes());
@@ -706,7 +734,23 @@ mod tests {
             }
             let cut = if bytes.is_empty() { 0 } else { cut % (bytes.len() + 1) };
             let mut r = &bytes[..cut];
-            while let Ok(Some(_)) = read_frame::<GuestMsg, _>(&mut r) {}
+            let mut offset = 0;
+            for b in &bodies {
+                let got = read_frame::<GuestMsg, _>(&mut r);
+                if offset == cut {
+                    prop_assert!(matches!(got, Ok(None)), "{:?}", got);
+                    return Ok(());
+                }
+                if offset + 4 + b.len() > cut {
+                    prop_assert!(matches!(got, Err(ProtoError::Truncated)), "{:?}", got);
+                    return Ok(());
+                }
+                let want = decode_body::<GuestMsg>(b);
+                prop_assert_eq!(format!("{:?}", got.map(|f| f.unwrap())), format!("{:?}", want));
+                offset += 4 + b.len();
+                prop_assert_eq!(r.len(), cut - offset);
+            }
+            prop_assert!(matches!(read_frame::<GuestMsg, _>(&mut r), Ok(None)));
         }
     }
 

@@ -202,6 +202,15 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Whether a `ctr images import` runs in the guest now (read from the guest's /proc; the
+/// pattern is split so this script's own command line does not match it).
+fn guest_import_running(name: &str) -> bool {
+    let script = r#"for p in /proc/[0-9]*; do c=$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null); case "$c" in *"images imp""ort -"*) echo "$c";; esac; done"#;
+    let (code, out, err) = exec(name, &["sh", "-c", script], None);
+    assert_eq!(code, 0, "{err}");
+    !out.trim().is_empty()
+}
+
 #[test]
 fn vm_killed_during_an_import() {
     const NAME: &str = "e2e-killimport";
@@ -212,8 +221,9 @@ fn vm_killed_during_an_import() {
     let _ = gatevm(&["delete", NAME, "--force"]);
     let t = tempfile::tempdir().unwrap();
     let archive = t.path().join("big.tar");
-    // Random data so the import takes a while (it streams through the agent channel).
-    let noise: Vec<u8> = (0..(96u32 << 20))
+    // A valid archive whose layer is large enough that its first half is a stream of its own; the
+    // manifest comes last, so no image can be registered before the whole archive arrived.
+    let noise: Vec<u8> = (0..(16u32 << 20))
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     busybox_image(
@@ -221,49 +231,110 @@ fn vm_killed_during_an_import() {
         "gatevm-test/killed:1",
         vec![file("noise.bin", &noise)],
     );
+    let bytes = std::fs::read(&archive).unwrap();
+    let (first, rest) = bytes.split_at(bytes.len() / 2);
+    let (first, rest) = (first.to_vec(), rest.to_vec());
     ok(&["start", NAME]);
-    let import = Command::new(bin())
-        .args(["image", "import", NAME, archive.to_str().unwrap()])
-        .stdin(Stdio::null())
+    let vm = status(NAME)["vm_pid"].as_u64().expect("vm pid") as i32;
+
+    // The import reads stdin, and the test holds the second half back until the VM is dead: the
+    // kill lands while the import is in flight, however fast the import is.
+    let mut import = Command::new(bin())
+        .args(["image", "import", NAME, "-"])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    let vm = status(NAME)["vm_pid"].as_u64().expect("vm pid");
-    // SAFETY: kill has no memory effects; the pid is the instance's VM.
-    unsafe { libc::kill(vm as i32, libc::SIGKILL) };
-    let out = import.wait_with_output().unwrap();
-    eprintln!(
-        "import when the VM was killed: {:?} {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).trim()
+    let mut input = import.stdin.take().unwrap();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        // Returns once the CLI has read all but a pipe buffer (64 KiB) of it.
+        let r = input.write_all(&first);
+        let _ = sent_tx.send(r.map_err(|e| e.to_string()));
+        input
+    });
+    match sent_rx.recv_timeout(Duration::from_secs(300)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let out = import.wait_with_output().unwrap();
+            panic!(
+                "the import stopped reading its input ({e}): {:?} {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(_) => panic!("the import did not read the first half of the archive in 300 s"),
+    }
+    let mut input = writer.join().unwrap();
+    assert!(
+        guest_import_running(NAME),
+        "no `ctr images import` runs in the guest while its input is held back"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
+    assert!(
+        import.try_wait().unwrap().is_none(),
+        "the import ended before the VM was killed"
+    );
+    // SAFETY: kill has no memory effects; the pid is the instance's VM.
+    assert_eq!(unsafe { libc::kill(vm, libc::SIGKILL) }, 0);
+
+    // The import ends on the VM's death, without waiting for more input.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while import.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the import did not end within 60 s of the VM's death"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The rest of the archive: nobody reads it any more.
+    {
+        use std::io::Write;
+        assert!(
+            input.write_all(&rest).is_err(),
+            "the ended import's stdin is still read"
+        );
+    }
+    drop(input);
+    let out = import.wait_with_output().unwrap();
+    let r = (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    eprintln!("import when the VM was killed: {:?} {}", r.0, r.2.trim());
+    one_line_error("import cut off by the VM's death", &r);
+    assert_eq!(r.0, 1, "{r:?}");
+    assert!(
+        r.2.starts_with(&format!(
+            "gatevm: error: importing stdin into {NAME:?} failed"
+        )),
+        "{:?}",
+        r.2
+    );
+    assert_eq!(r.1, "", "the failed import printed an image");
+
+    // status tells the truth within 2 s.
+    let deadline = Instant::now() + Duration::from_secs(2);
     while status(NAME)["state"] != "stopped" && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(status(NAME)["state"], "stopped");
+    let st = status(NAME);
+    assert_eq!(st["state"], "stopped", "{st}");
+    assert_eq!(
+        st["stop_reason"], "the VM process was killed by signal 9 from outside",
+        "{st}"
+    );
+
+    // The next start works, and no partial image is listed.
     ok(&["start", NAME]);
     assert!(healthy(NAME));
-    let listed = images(NAME);
-    if listed.iter().any(|r| r.contains("killed")) {
-        // Present means complete.
-        let (code, out, _) = exec(NAME, &["ctr", "-n", "k8s.io", "images", "check"], None);
-        assert_eq!(code, 0);
-        assert!(out.contains("complete"), "{out}");
-    }
-    eprintln!(
-        "after the kill the image is {}",
-        if listed.is_empty() {
-            "absent"
-        } else {
-            "present"
-        }
-    );
+    assert_eq!(images(NAME), Vec::<String>::new());
     // The instance imports fine afterwards.
     let small = t.path().join("small.tar");
     busybox_image(&small, TAG, vec![]);
-    ok(&["image", "import", NAME, small.to_str().unwrap()]);
-    assert!(images(NAME).contains(&REF.to_string()));
+    let out = ok(&["image", "import", NAME, small.to_str().unwrap()]);
+    assert_eq!(out, format!("imported {REF}\n"));
+    assert_eq!(images(NAME), [REF]);
 }

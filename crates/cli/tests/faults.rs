@@ -1,4 +1,4 @@
-//! Faults: the crash of any part (the VM, gvproxy, virtiofsd, the supervisor, the CLI) during boot
+//! Faults: the crash of any part (the VM, the network helper, the supervisor, the CLI) during boot
 //! and while running, durability of fsynced data, concurrent use, stops of a hung guest, and
 //! leaks over repeated cycles. Every test boots real VMs.
 
@@ -11,23 +11,38 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
     Vm,
-    Gvproxy,
-    Virtiofsd,
+    /// The network helper: gvproxy for root, passt for an ordinary user (their defaults).
+    Net,
     Supervisor,
+}
+
+/// The network helper an instance started without `--net` gets: gvproxy when root, passt for an
+/// ordinary user (gvproxy's loopback guard needs root).
+fn net_helper() -> &'static str {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        "gvproxy"
+    } else {
+        "passt"
+    }
 }
 
 impl Part {
     fn matches(self, cmd: &str) -> bool {
+        // The supervisor's command line holds the instance's configuration, which names the
+        // network helper (and may name others): it is never one of them.
+        if self != Part::Supervisor && cmd.contains("__supervise") {
+            return false;
+        }
         match self {
             Part::Vm => cmd.contains("qemu-system"),
-            Part::Gvproxy => cmd.contains("gvproxy"),
-            Part::Virtiofsd => cmd.contains("virtiofsd"),
+            Part::Net => cmd.contains(net_helper()),
             Part::Supervisor => cmd.contains("__supervise"),
         }
     }
 }
 
-/// Pids of a part of the instance (virtiofsd may show as more than one process).
+/// Pids of a part of the instance (a part may show as more than one process).
 fn pids_of(name: &str, part: Part) -> Vec<i32> {
     let mut v: Vec<i32> = processes_of(name)
         .iter()
@@ -71,15 +86,11 @@ fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Status says stopped within two seconds of the kill, naming a reason.
+/// Status says stopped within two seconds of the kill; returns that status.
 fn stopped_within_2s(name: &str, killed: Instant, what: &str) -> serde_json::Value {
     loop {
         let st = status(name);
         if st["state"] == "stopped" {
-            assert!(
-                st["stop_reason"].is_string(),
-                "{what}: stopped without a reason: {st}"
-            );
             return st;
         }
         assert!(
@@ -87,6 +98,48 @@ fn stopped_within_2s(name: &str, killed: Instant, what: &str) -> serde_json::Val
             "{what}: status still says {st} 2 s after the kill"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The stop reason a part's death while running leaves (README, "When things fail").
+fn running_reason(part: Part) -> String {
+    match part {
+        Part::Vm => "the VM process was killed by signal 9 from outside".into(),
+        Part::Net => format!(
+            "{} exited unexpectedly (killed by signal 9); the VM was stopped",
+            net_helper()
+        ),
+        Part::Supervisor => "the supervisor process died unexpectedly".into(),
+    }
+}
+
+/// Whether `reason` is what a part's death during boot leaves. The boot is in one of a few steps
+/// when the kill lands (a helper waited for its socket, the VM for the agent's socket or the
+/// agent's answer), and each step words it in its own fixed way; every one names the part that
+/// died and the signal.
+fn is_boot_reason(part: Part, reason: &str, logs: &str, run: &str) -> bool {
+    let helper = |n: &str| {
+        reason
+            == format!(
+                "start failed: {n} exited during boot (killed by signal 9); see {logs}/{n}.log"
+            )
+            || reason.starts_with(&format!(
+                "start failed: {n} exited (signal: 9 (SIGKILL)) before creating {run}/"
+            ))
+    };
+    match part {
+        Part::Supervisor => reason == "the supervisor process died unexpectedly",
+        Part::Net => helper(net_helper()),
+        Part::Vm => {
+            reason == "start failed: the VM exited during boot (killed by signal 9)"
+                || [
+                    "start failed: the VM exited during boot (killed by signal 9): see the console log; last lines: ",
+                    "start failed: the VM exited during boot (signal: 9 (SIGKILL)): see the console log; last lines: ",
+                    &format!("start failed: qemu exited (signal: 9 (SIGKILL)) before creating {run}/"),
+                ]
+                .iter()
+                .any(|p| reason.starts_with(p))
+        }
     }
 }
 
@@ -99,7 +152,7 @@ fn crash_matrix_each_part_during_boot_and_while_running() {
     const NAME: &str = "e2e-crash";
     let _guard = Instance(NAME);
     let _ = gatevm(&["delete", NAME, "--force"]);
-    for part in [Part::Vm, Part::Gvproxy, Part::Virtiofsd, Part::Supervisor] {
+    for part in [Part::Vm, Part::Net, Part::Supervisor] {
         // During boot: kill the part as soon as it exists.
         let what = format!("{part:?} killed during boot");
         let mut start = Command::new(bin())
@@ -122,8 +175,17 @@ fn crash_matrix_each_part_during_boot_and_while_running() {
         for p in &victims {
             kill(*p, libc::SIGKILL);
         }
-        let st = stopped_within_2s(NAME, killed, &what);
+        stopped_within_2s(NAME, killed, &what);
         let out = wait_output(&mut start, Duration::from_secs(60), &what);
+        // The reason once the start has ended: a supervisor killed before it recorded its run
+        // leaves the previous run's record, which the start replaces when it sees it gone.
+        let st = status(NAME);
+        let reason = st["stop_reason"].as_str().unwrap_or_default();
+        let logs = st["logs"].as_str().unwrap_or_default();
+        assert!(
+            is_boot_reason(part, reason, logs, &run_dir(NAME).display().to_string()),
+            "{what}: stop_reason {reason:?}"
+        );
         let err = String::from_utf8_lossy(&out.1);
         assert_ne!(out.0, 0, "{what}: start succeeded: {err}");
         assert_eq!(
@@ -157,6 +219,7 @@ fn crash_matrix_each_part_during_boot_and_while_running() {
         }
         let st = stopped_within_2s(NAME, killed, &what);
         eprintln!("{what}: stop_reason {}", st["stop_reason"]);
+        assert_eq!(st["stop_reason"], running_reason(part), "{what}: {st}");
         assert_no_leftovers(NAME);
     }
     // After all that, a normal life.
@@ -255,7 +318,11 @@ fn concurrent_starts_execs_and_lifecycle_races() {
     for o in outs.iter().filter(|o| !o.status.success()) {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{err}");
-        assert!(err.contains("already running"), "{err}");
+        assert_eq!(
+            err,
+            format!("gatevm: error: instance {NAME:?} is already running\n"),
+            "a losing start"
+        );
     }
     assert_eq!(pids_of(NAME, Part::Vm).len(), 1, "{:?}", processes_of(NAME));
     assert_eq!(pids_of(NAME, Part::Supervisor).len(), 1);
@@ -283,7 +350,16 @@ fn concurrent_starts_execs_and_lifecycle_races() {
     ok(&["stop", NAME]);
 
     // start, stop and delete racing, with the stop and delete landing at different points of the
-    // boot: whatever wins, the end state is consistent.
+    // boot: whatever wins, each command either succeeds or fails with one line saying why, and
+    // the end state is the one the winners imply.
+    let missing = format!(
+        "gatevm: error: instance {NAME:?} does not exist (create it with `gatevm start {NAME}`)"
+    );
+    let not_running = format!(
+        "gatevm: error: instance {NAME:?} is not running (start it with `gatevm start {NAME}`)"
+    );
+    let running = format!("gatevm: error: instance {NAME:?} is already running");
+    let mut instance_dir = None;
     for delay_ms in [0u64, 700, 2500, 6000] {
         let start = std::thread::spawn(|| gatevm(&["start", NAME, "--memory", "768"]));
         std::thread::sleep(Duration::from_millis(delay_ms));
@@ -294,49 +370,145 @@ fn concurrent_starts_execs_and_lifecycle_races() {
             stop.join().unwrap(),
             delete.join().unwrap(),
         ];
-        for (what, o) in ["start", "stop", "delete"].iter().zip(&outs) {
+        let mut won = [false; 3];
+        for (i, (what, o)) in ["start", "stop", "delete"].iter().zip(&outs).enumerate() {
             let err = String::from_utf8_lossy(&o.stderr);
-            assert!(
-                !err.contains("panicked"),
-                "{what} after {delay_ms} ms panicked: {err}"
-            );
+            // A failure is one error line, the last (start prints its progress before it).
+            let errors: Vec<&str> = err
+                .lines()
+                .filter(|l| l.starts_with("gatevm: error"))
+                .collect();
+            let line = errors.last().copied().unwrap_or("");
             eprintln!(
-                "race at {delay_ms} ms: {what} exited {:?}: {}",
-                o.status.code(),
-                err.lines().last().unwrap_or("")
+                "race at {delay_ms} ms: {what} exited {:?}: {line}",
+                o.status.code()
             );
+            match o.status.code() {
+                Some(0) => won[i] = true,
+                Some(1) => {
+                    assert_eq!(
+                        errors.len(),
+                        1,
+                        "{what} after {delay_ms} ms: not one error line: {err}"
+                    );
+                    assert_eq!(
+                        err.trim_end().lines().last(),
+                        Some(line),
+                        "{what} after {delay_ms} ms: {err}"
+                    );
+                    assert!(
+                        !err.contains("panicked"),
+                        "{what} after {delay_ms} ms: {err}"
+                    );
+                    // What a stop or delete may meet: nothing there, nothing running (yet or
+                    // any more), or a supervisor holding the lock.
+                    let allowed: &[&str] = match *what {
+                        "stop" => &[&missing, &not_running],
+                        "delete" => &[&missing, &running, &not_running],
+                        _ => &[],
+                    };
+                    assert!(
+                        allowed.is_empty() || allowed.contains(&line),
+                        "{what} after {delay_ms} ms failed with {line:?}, not one of {allowed:?}"
+                    );
+                }
+                other => panic!("{what} after {delay_ms} ms exited {other:?}: {err}"),
+            }
         }
-        assert_consistent(NAME);
-        let _ = gatevm(&["delete", NAME, "--force"]);
+        let [start_ok, stop_ok, delete_ok] = won;
+        let end = settle(NAME);
+        eprintln!("race at {delay_ms} ms: end state {end}");
+        match end.as_str() {
+            // Gone: the delete removed it (a failed start leaves a stopped instance behind, and
+            // before the first round none existed only after a delete).
+            "absent" => assert!(delete_ok, "gone although the delete failed"),
+            // Running: the start won and nothing stopped it afterwards.
+            "running" => {
+                assert!(start_ok, "running although the start failed");
+                assert_eq!(pids_of(NAME, Part::Vm).len(), 1, "{:?}", processes_of(NAME));
+                assert_eq!(pids_of(NAME, Part::Supervisor).len(), 1);
+                assert_eq!(exec(NAME, &["true"], None).0, 0);
+            }
+            // Stopped: by the stop, or a start that failed; either way the reason says which.
+            "stopped" => {
+                let st = status(NAME);
+                let reason = st["stop_reason"].as_str().unwrap_or_default().to_string();
+                let by_stop = STOP_REASONS.contains(&reason.as_str());
+                if start_ok {
+                    assert!(stop_ok, "stopped after a good start, but no stop won: {st}");
+                    assert!(by_stop, "{st}");
+                } else {
+                    assert!(by_stop || reason.starts_with("start failed: "), "{st}");
+                }
+                assert_no_leftovers(NAME);
+            }
+            other => panic!("race at {delay_ms} ms: end state {other}"),
+        }
+        if end != "absent" {
+            instance_dir.get_or_insert_with(|| {
+                std::path::PathBuf::from(status(NAME)["logs"].as_str().unwrap())
+                    .parent()
+                    .unwrap()
+                    .to_path_buf()
+            });
+            ok(&["delete", NAME, "--force"]);
+        }
         assert_no_leftovers(NAME);
+        assert_eq!(
+            pids_of(NAME, Part::Supervisor),
+            Vec::<i32>::new(),
+            "a supervisor is left"
+        );
+        assert!(
+            !run_dir(NAME).exists(),
+            "{} is left",
+            run_dir(NAME).display()
+        );
+        if let Some(dir) = &instance_dir {
+            assert!(!dir.exists(), "{} is left", dir.display());
+        }
         let listed = ok(&["list", "--json"]);
         assert!(!listed.contains(&format!("\"{NAME}\"")), "{listed}");
     }
 }
 
-/// The instance is either gone, stopped with nothing running, or running and answering.
-fn assert_consistent(name: &str) {
-    let out = gatevm(&["status", name, "--json"]);
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("does not exist"), "{err}");
-        assert_no_leftovers(name);
-        return;
-    }
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    match st["state"].as_str() {
-        Some("stopped") => assert_no_leftovers(name),
-        Some("running") => {
-            assert_eq!(exec(name, &["true"], None).0, 0, "{st}");
+/// How a `stop` (with `--timeout 5`, or delete's own 10 s) can end a run, in every wording.
+const STOP_REASONS: &[&str] = &[
+    "stopped on request",
+    "stopped on request (forced after 5 s: the guest did not power off)",
+    "stopped on request (forced after 10 s: the guest did not power off)",
+    "stopped on request (forced: the guest agent did not answer)",
+    "stopped by force: the supervisor did not finish in time",
+];
+
+/// The end state after a race, once no start is still booting: `absent`, `stopped` or `running`.
+fn settle(name: &str) -> String {
+    let t = Instant::now();
+    loop {
+        let out = gatevm(&["status", name, "--json"]);
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                err,
+                format!(
+                    "gatevm: error: instance {name:?} does not exist (create it with `gatevm start {name}`)\n"
+                )
+            );
+            return "absent".into();
         }
-        // A start that is still booting (the racing stop arrived before its supervisor).
-        Some("starting") => {
-            wait_until("the start to settle", Duration::from_secs(90), || {
-                status(name)["state"] != "starting"
-            });
-            assert_consistent(name);
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        match st["state"].as_str() {
+            Some(s @ ("running" | "stopped")) => return s.into(),
+            // A start that is still booting (the racing stop arrived before its supervisor).
+            Some("starting" | "stopping") => {
+                assert!(
+                    t.elapsed() < Duration::from_secs(90),
+                    "did not settle: {st}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => panic!("inconsistent state {other:?}: {st}"),
         }
-        other => panic!("inconsistent state {other:?}: {st}"),
     }
 }
 
@@ -365,11 +537,9 @@ fn stop_is_graceful_and_a_hung_guest_still_stops() {
     eprintln!("stop of a frozen guest took {:?}", t.elapsed());
     let st = status(NAME);
     assert_eq!(st["state"], "stopped", "{st}");
-    assert!(
-        st["stop_reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("forced"),
+    // The frozen guest cannot acknowledge the power-off request, so the VM is killed.
+    assert_eq!(
+        st["stop_reason"], "stopped on request (forced: the guest agent did not answer)",
         "{st}"
     );
     assert_no_leftovers(NAME);
@@ -394,8 +564,8 @@ fn socket_inodes(pid: i32) -> Vec<u64> {
         .unwrap_or_default()
 }
 
-/// Listening TCP sockets on the host: (inode, local address as hex "ADDR:PORT").
-fn tcp_listeners() -> Vec<(u64, String)> {
+/// Listening TCP sockets on the host: (inode, local address as hex "ADDR:PORT", owner's uid).
+fn tcp_listeners() -> Vec<(u64, String, u32)> {
     let mut v = vec![];
     for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
         for line in std::fs::read_to_string(f)
@@ -405,8 +575,8 @@ fn tcp_listeners() -> Vec<(u64, String)> {
         {
             let cols: Vec<&str> = line.split_whitespace().collect();
             if cols.len() > 9 && cols[3] == "0A" {
-                if let Ok(inode) = cols[9].parse() {
-                    v.push((inode, cols[1].to_string()));
+                if let (Ok(inode), Ok(uid)) = (cols[9].parse(), cols[7].parse()) {
+                    v.push((inode, cols[1].to_string(), uid));
                 }
             }
         }
@@ -420,8 +590,8 @@ fn mode(p: &std::path::Path) -> u32 {
 }
 
 #[test]
-fn exposure_listeners_modes_and_virtiofsd_confinement() {
-    let test = "exposure_listeners_modes_and_virtiofsd_confinement";
+fn exposure_listeners_and_modes() {
+    let test = "exposure_listeners_and_modes";
     if !enabled(test) {
         return;
     }
@@ -440,30 +610,58 @@ fn exposure_listeners_modes_and_virtiofsd_confinement() {
 
     // Every TCP listener of the instance's processes is on 127.0.0.1 (0100007F in /proc).
     let listeners = tcp_listeners();
-    let mut pids: Vec<i32> = [Part::Vm, Part::Gvproxy, Part::Virtiofsd, Part::Supervisor]
-        .iter()
-        .flat_map(|p| pids_of(NAME, *p))
-        .collect();
-    pids.sort();
-    pids.dedup();
-    let mut seen = 0;
-    for pid in &pids {
-        for inode in socket_inodes(*pid) {
-            if let Some((_, addr)) = listeners.iter().find(|(i, _)| *i == inode) {
-                seen += 1;
-                assert!(
-                    addr.starts_with("0100007F:")
-                        || addr.starts_with("0000000000000000FFFF00000100007F:")
-                        || addr.starts_with("00000000000000000000000001000000:"),
-                    "process {pid} listens on {addr} (not loopback)"
-                );
+    let loopback = |addr: &str| {
+        addr.starts_with("0100007F:")
+            || addr.starts_with("0000000000000000FFFF00000100007F:")
+            || addr.starts_with("00000000000000000000000001000000:")
+    };
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        let mut pids: Vec<i32> = [Part::Vm, Part::Net, Part::Supervisor]
+            .iter()
+            .flat_map(|p| pids_of(NAME, *p))
+            .collect();
+        pids.sort();
+        pids.dedup();
+        let mut seen = 0;
+        for pid in &pids {
+            for inode in socket_inodes(*pid) {
+                if let Some((_, addr, _)) = listeners.iter().find(|(i, _, _)| *i == inode) {
+                    seen += 1;
+                    assert!(
+                        loopback(addr),
+                        "process {pid} listens on {addr} (not loopback)"
+                    );
+                }
             }
         }
+        assert!(
+            seen >= 1,
+            "no listener found for the forward (pids {pids:?})"
+        );
+    } else {
+        // passt, an ordinary user's helper, makes itself non-dumpable: its /proc/PID/fd is
+        // root's, so the user cannot tie sockets to it. Their owner tells instead: every listener
+        // of this user (whose processes are gatevm's and these tests') is on loopback, and the
+        // forward is one of them.
+        let own: Vec<&str> = listeners
+            .iter()
+            .filter(|(_, _, u)| *u == uid)
+            .map(|(_, a, _)| a.as_str())
+            .collect();
+        for addr in &own {
+            assert!(
+                loopback(addr),
+                "a process of uid {uid} listens on {addr} (not loopback)"
+            );
+        }
+        let fwd: u16 = port.parse().unwrap();
+        assert!(
+            own.iter().any(|a| a.ends_with(&format!(":{fwd:04X}"))),
+            "no listener of uid {uid} for the forward on port {fwd}: {own:?}"
+        );
     }
-    assert!(
-        seen >= 1,
-        "no listener found for the forward (pids {pids:?})"
-    );
 
     // Directories 0700, sockets 0600 (or inside a 0700 directory).
     let st = status(NAME);
@@ -492,26 +690,16 @@ fn exposure_listeners_modes_and_virtiofsd_confinement() {
         }
     }
 
-    // virtiofsd serves the instance's root and nothing else: sandboxed into it.
-    let vfs = pids_of(NAME, Part::Virtiofsd);
-    assert!(!vfs.is_empty());
-    let cmdline = processes_of(NAME)
-        .into_iter()
-        .find(|l| l.contains("virtiofsd"))
-        .unwrap();
-    assert!(cmdline.contains("--sandbox=namespace"), "{cmdline}");
+    // The instance's root is disks the guest mounts: no file server for it, no host mount.
+    let procs = processes_of(NAME);
     assert!(
-        cmdline.contains(&format!("--shared-dir={}/rootfs", instance_dir.display())),
-        "{cmdline}"
+        !procs.iter().any(|l| l.contains("virtiofsd")),
+        "a virtiofsd runs for the instance: {procs:?}"
     );
-    // Its serving process lives in its own mount namespace, rooted at the shared directory.
-    let own_ns = std::fs::read_link("/proc/self/ns/mnt").unwrap();
-    let confined = vfs
-        .iter()
-        .any(|p| std::fs::read_link(format!("/proc/{p}/ns/mnt")).is_ok_and(|ns| ns != own_ns));
-    assert!(
-        confined,
-        "no virtiofsd process in a mount namespace of its own"
+    assert_eq!(
+        mounts_of(NAME),
+        Vec::<String>::new(),
+        "host mounts of {NAME}"
     );
     ok(&["stop", NAME]);
 }
@@ -593,6 +781,12 @@ fn no_leaks_over_repeated_cycles() {
         ok(&["start", NAME, "--memory", "768"]);
         let sup = pids_of(NAME, Part::Supervisor)[0];
         assert_eq!(exec(NAME, &["true"], None).0, 0);
+        // A running instance mounts nothing on the host either (its root is the VM's disks).
+        assert_eq!(
+            mounts(),
+            mounts_before,
+            "cycle {cycle}: mounts while running"
+        );
         let fds_after_one = fd_count(sup);
         for i in 0..10 {
             let (code, out, _) = exec(NAME, &["echo", &i.to_string()], None);
@@ -619,8 +813,8 @@ fn no_leaks_over_repeated_cycles() {
             "cycle {cycle}: a loopback-guard cgroup is left"
         );
         assert_eq!(mounts(), mounts_before, "cycle {cycle}: mounts changed");
-        // Files in the instance directory: steady after the first cycle (the upper layer of
-        // the root gets what the first boot writes).
+        // Files in the instance directory: steady after the first cycle (which creates the
+        // disk images).
         let files = count_files(&dir);
         match first_files {
             None => first_files = Some(files),
@@ -722,16 +916,237 @@ fn killing_the_cli_leaves_the_instance_sound() {
     let killed = Instant::now();
     fg.wait().unwrap();
     let st = stopped_within_2s(NAME, killed, "foreground start killed");
-    assert!(
-        st["stop_reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("died"),
+    assert_eq!(
+        st["stop_reason"], "the supervisor process died unexpectedly",
         "{st}"
     );
     assert_no_leftovers(NAME);
     ok(&["start", NAME, "--memory", "768"]);
     assert_eq!(exec(NAME, &["true"], None).0, 0);
+    ok(&["stop", NAME]);
+    assert_no_leftovers(NAME);
+}
+
+/// A process's start time (clock ticks after boot) and state letter, from /proc; `None` when no
+/// process has that pid.
+fn proc_stat(pid: i64) -> Option<(u64, char)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: the fields follow its last ')'.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    // Field 22 of stat is the start time; `rest` begins at field 3.
+    let start = fields.get(19)?.parse().ok()?;
+    Some((start, state))
+}
+
+/// Whether the process recorded as (pid, start time) is dead: gone, a zombie waiting for its
+/// reaper, or its pid taken by another process.
+fn is_dead(pid: i64, start: u64) -> bool {
+    match proc_stat(pid) {
+        None => true,
+        Some((s, state)) => s != start || state == 'Z' || state == 'X',
+    }
+}
+
+/// README: the supervisor's children get the parent-death signal, so a SIGKILLed supervisor takes
+/// the VMM and the network helper with it by itself, before any client looks; the first `status`
+/// afterwards records "the supervisor process died unexpectedly".
+#[test]
+fn a_killed_supervisor_takes_its_children_before_any_client() {
+    let test = "a_killed_supervisor_takes_its_children_before_any_client";
+    if !enabled(test) {
+        return;
+    }
+    const NAME: &str = "e2e-pdeath";
+    let _guard = Instance(NAME);
+    let _ = gatevm(&["delete", NAME, "--force"]);
+    ok(&["start", NAME, "--memory", "768"]);
+    let st = status(NAME);
+    assert_eq!(st["healthy"], true, "{st}");
+    let sup = st["supervisor_pid"].as_i64().expect("supervisor_pid");
+    let mut children: Vec<(String, i64, u64)> = vec![];
+    for p in st["processes"].as_array().expect("processes") {
+        let role = p["role"].as_str().unwrap_or_default().to_string();
+        let pid = p["pid"].as_i64().expect("pid");
+        if role == "supervisor" {
+            assert_eq!(pid, sup, "{st}");
+            continue;
+        }
+        let (start, _) = proc_stat(pid).unwrap_or_else(|| panic!("{role} {pid} is not running"));
+        children.push((role, pid, start));
+    }
+    let mut roles: Vec<&str> = children.iter().map(|c| c.0.as_str()).collect();
+    roles.sort();
+    // The root is the VM's disks: no virtiofsd, whichever the backend.
+    assert_eq!(roles, [net_helper(), "vmm"], "{st}");
+    assert_eq!(
+        st["vm_pid"].as_i64(),
+        children.iter().find(|c| c.0 == "vmm").map(|c| c.1)
+    );
+    // Every other process of the instance too (a helper's child, for one).
+    for line in processes_of(NAME) {
+        let pid: i64 = line.split(':').next().unwrap().parse().unwrap();
+        if pid != sup && !children.iter().any(|c| c.1 == pid) {
+            if let Some((start, _)) = proc_stat(pid) {
+                children.push(("other".into(), pid, start));
+            }
+        }
+    }
+
+    kill(sup as i32, libc::SIGKILL);
+    let killed = Instant::now();
+    // No gatevm command runs until every child is dead: they die by their death signal alone.
+    loop {
+        let alive: Vec<&(String, i64, u64)> = children
+            .iter()
+            .filter(|(_, pid, start)| !is_dead(*pid, *start))
+            .collect();
+        if alive.is_empty() {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "alive 10 s after the supervisor was killed: {alive:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "the supervisor's {} children were gone {:?} after its SIGKILL",
+        children.len(),
+        killed.elapsed()
+    );
+    assert_eq!(processes_of(NAME), Vec::<String>::new());
+
+    let st = status(NAME);
+    assert_eq!(st["state"], "stopped", "{st}");
+    assert_eq!(
+        st["stop_reason"], "the supervisor process died unexpectedly",
+        "{st}"
+    );
+    assert_eq!(st["supervisor_pid"], serde_json::Value::Null, "{st}");
+    assert_eq!(st["vm_pid"], serde_json::Value::Null, "{st}");
+    assert_no_leftovers(NAME);
+}
+
+/// One poll of `status --json` with the time it was taken, for the health tests below.
+fn poll_status(
+    name: &str,
+    since: Instant,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> (serde_json::Value, Duration) {
+    let mut last = serde_json::Value::Null;
+    while since.elapsed() < within {
+        last = status(name);
+        if done(&last) {
+            return (last, since.elapsed());
+        }
+    }
+    panic!("{what}: not within {within:?}; last status {last}");
+}
+
+/// The containerd payload of a status document.
+fn containerd(st: &serde_json::Value) -> serde_json::Value {
+    st["payloads"]
+        .as_array()
+        .and_then(|v| v.iter().find(|p| p["name"] == "containerd"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no containerd payload: {st}"))
+}
+
+/// README: status tells the truth about the guest. A frozen guest (its VM process stopped) shows
+/// as not responding and not healthy within seconds, and as healthy again once it runs; a killed
+/// containerd shows as not ready and not healthy, is restarted by the guest agent, and status
+/// counts the restart and says how it ended.
+#[test]
+fn a_frozen_guest_and_a_killed_containerd_show_and_recover() {
+    let test = "a_frozen_guest_and_a_killed_containerd_show_and_recover";
+    if !enabled(test) {
+        return;
+    }
+    const NAME: &str = "e2e-health";
+    let _guard = Instance(NAME);
+    let _ = gatevm(&["delete", NAME, "--force"]);
+    ok(&["start", NAME, "--memory", "768"]);
+    let st = status(NAME);
+    assert_eq!(st["healthy"], true, "{st}");
+    assert_eq!(st["agent"]["responding"], true, "{st}");
+    let vm = st["vm_pid"].as_i64().expect("vm_pid") as i32;
+
+    // Frozen: the VM process gets SIGSTOP, as a hung host thread or a debugger would leave it.
+    kill(vm, libc::SIGSTOP);
+    let frozen = Instant::now();
+    let (st, took) = poll_status(
+        NAME,
+        frozen,
+        Duration::from_secs(20),
+        "a frozen guest shows as not responding",
+        |st| st["agent"]["responding"] == false,
+    );
+    eprintln!("frozen guest: not responding after {took:?}");
+    assert_eq!(st["healthy"], false, "{st}");
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["vm_pid"].as_i64(), Some(i64::from(vm)), "{st}");
+    kill(vm, libc::SIGCONT);
+    let thawed = Instant::now();
+    let (st, took) = poll_status(
+        NAME,
+        thawed,
+        Duration::from_secs(30),
+        "a thawed guest is healthy again",
+        |st| st["healthy"] == true,
+    );
+    eprintln!("thawed guest: healthy again after {took:?}");
+    assert_eq!(st["agent"]["responding"], true, "{st}");
+    assert_eq!(exec(NAME, &["true"], None).0, 0, "exec after the thaw");
+
+    // containerd killed in the guest.
+    let before = containerd(&st);
+    assert_eq!(before["state"], "ready", "{st}");
+    assert_eq!(before["restarts"], 0, "{st}");
+    let pid = before["pid"].as_i64().expect("containerd's pid");
+    let (code, out, err) = exec(NAME, &["pidof", "containerd"], None);
+    assert_eq!((code, out.trim()), (0, pid.to_string().as_str()), "{err}");
+    let (code, _, err) = exec(NAME, &["sh", "-c", &format!("kill -9 {pid}")], None);
+    assert_eq!(code, 0, "{err}");
+    let killed = Instant::now();
+    let (st, took) = poll_status(
+        NAME,
+        killed,
+        Duration::from_secs(20),
+        "a killed containerd shows as not ready",
+        |st| containerd(st)["state"] != "ready",
+    );
+    let down = containerd(&st);
+    eprintln!("containerd killed: {} after {took:?}", down["state"]);
+    assert_eq!(st["healthy"], false, "{st}");
+    assert!(
+        ["restarting", "starting"].contains(&down["state"].as_str().unwrap_or_default()),
+        "{st}"
+    );
+    assert_eq!(down["restarts"], 1, "{st}");
+    assert_eq!(down["last_exit"], "killed by signal 9", "{st}");
+    let (st, took) = poll_status(
+        NAME,
+        killed,
+        Duration::from_secs(60),
+        "containerd is restarted and the instance healthy",
+        |st| st["healthy"] == true,
+    );
+    eprintln!("containerd killed: healthy again after {took:?}");
+    let up = containerd(&st);
+    assert_eq!(up["state"], "ready", "{st}");
+    assert_eq!(up["restarts"], 1, "{st}");
+    assert_eq!(up["last_exit"], "killed by signal 9", "{st}");
+    assert_ne!(up["pid"], before["pid"], "{st}");
+    let (code, out, err) = exec(NAME, &["pidof", "containerd"], None);
+    assert_eq!(
+        (code, out.trim().to_string()),
+        (0, up["pid"].to_string()),
+        "{err}"
+    );
     ok(&["stop", NAME]);
     assert_no_leftovers(NAME);
 }

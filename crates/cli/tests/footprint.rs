@@ -1,6 +1,7 @@
 //! The host footprint of a hostile guest: a console flood stays within the log caps (rotated,
 //! newest kept) while the instance keeps answering; a larger state disk is grown by the host as
-//! a file only, its file system by the guest (no file system tool runs on the host).
+//! a file only, its file system by the guest (no file system tool runs on the host), and a smaller
+//! one is refused.
 
 mod common;
 use common::*;
@@ -178,9 +179,9 @@ fn guest_disk_bytes(name: &str) -> u64 {
 }
 
 #[test]
-fn larger_disk_is_grown_by_the_guest_not_the_host() {
+fn the_state_disk_is_grown_by_the_guest_and_never_shrinks() {
     const NAME: &str = "hygiene-disk";
-    if !enabled("larger_disk_is_grown_by_the_guest_not_the_host") {
+    if !enabled("the_state_disk_is_grown_by_the_guest_and_never_shrinks") {
         return;
     }
     let _guard = Instance(NAME);
@@ -242,4 +243,17 @@ fn larger_disk_is_grown_by_the_guest_not_the_host() {
         }
     );
     ok(&["stop", NAME]);
+
+    // Smaller: refused in one line before anything starts; the disk keeps its size.
+    let out = gatevm(&["start", NAME, "--disk", "2G"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "gatevm: error: the state disk of {NAME:?} is 3 GiB and cannot shrink to 2 GiB (--reset discards it)\n"
+        )
+    );
+    assert_eq!(size(&img), 3 << 30);
+    assert_eq!(status(NAME)["state"], "stopped");
 }

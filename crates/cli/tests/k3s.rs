@@ -13,7 +13,7 @@ fn k3s_bin(test: &str) -> Option<PathBuf> {
     match std::env::var_os("GATEVM_K3S_BIN") {
         Some(p) => Some(PathBuf::from(p)),
         None => {
-            eprintln!("e2e {test}: NOT RUN: set GATEVM_K3S_BIN to a k3s binary (none is available from the package registries here)");
+            gatevm_testkit::skip(test, "set GATEVM_K3S_BIN to a k3s binary (none is available from the package registries here)");
             None
         }
     }
@@ -178,6 +178,22 @@ fn k3s_gateway_with_a_nodeport_across_a_restart() {
     assert!(!after.contains(&format!("gatevm-{NAME}")), "{after}");
 }
 
+/// The stand-in k3s binary, when end-to-end tests run and `GATEVM_FAKE_K3S` names it; otherwise
+/// the test is recorded as skipped.
+fn stand_in(test: &str) -> Option<PathBuf> {
+    if !enabled(test) {
+        return None;
+    }
+    let fake = std::env::var_os("GATEVM_FAKE_K3S").map(PathBuf::from);
+    if fake.is_none() {
+        gatevm_testkit::skip(
+            test,
+            "set GATEVM_FAKE_K3S to the fake-k3s binary (scripts/test.sh builds it)",
+        );
+    }
+    fake
+}
+
 /// The k3s profile's plumbing with a stand-in k3s (crates/fake-k3s): everything gatevm does
 /// around k3s (binary check and cache, staging of the plan, manifests and TLS Secret, the guest
 /// supervising k3s on the VM's containerd, readiness, the API forward, kubeconfig merge and
@@ -186,11 +202,7 @@ fn k3s_gateway_with_a_nodeport_across_a_restart() {
 fn k3s_profile_plumbing_with_a_stand_in() {
     const NAME: &str = "e2e-k3sfake";
     let test = "k3s_profile_plumbing_with_a_stand_in";
-    if !enabled(test) {
-        return;
-    }
-    let Some(fake) = std::env::var_os("GATEVM_FAKE_K3S").map(PathBuf::from) else {
-        eprintln!("e2e {test}: NOT RUN: set GATEVM_FAKE_K3S to the fake-k3s binary (scripts/test.sh builds it)");
+    let Some(fake) = stand_in(test) else {
         return;
     };
     let _guard = Instance(NAME);
@@ -496,7 +508,7 @@ fn k3s_profile_plumbing_with_a_stand_in() {
         &[
             "sh",
             "-c",
-            "cat > /usr/local/bin/.k3s-hostile && chmod 755 /usr/local/bin/.k3s-hostile && mv /usr/local/bin/.k3s-hostile /usr/local/bin/k3s",
+            "cat > /root/k3s-hostile && chmod 755 /root/k3s-hostile && mount --bind /root/k3s-hostile /etc/gatevm/k3s/k3s",
         ],
         Some(hostile_k3s.as_bytes()),
     );
@@ -523,4 +535,213 @@ fn k3s_profile_plumbing_with_a_stand_in() {
     let after = std::fs::read_to_string(&kubeconfig).unwrap_or_default();
     assert!(!after.contains(&format!("gatevm-{NAME}")), "{after}");
     assert!(!gw.exists());
+}
+
+/// Polls `status --json` of `name` until `done` holds of it (within `within`) and returns it.
+fn status_until(
+    name: &str,
+    what: &str,
+    within: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let st = status(name);
+        if done(&st) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {} s; last status: {st}",
+            within.as_secs()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// k3s health's negative paths, end to end, with the stand-in told to fail (its switches, see
+/// crates/fake-k3s): the API server down, the node NotReady, the gateway serving another CA's
+/// certificate, the gateway turning the instance's client certificate away. Each makes the
+/// instance unhealthy with `status` saying exactly why, and undoing it makes it healthy again.
+/// Started with `--no-kubeconfig`: the user's kubeconfig is neither changed nor created, no
+/// backup appears, and `gatevm kubeconfig` still gives the instance's own.
+#[test]
+fn k3s_health_fails_and_recovers_with_a_stand_in() {
+    const NAME: &str = "e2e-k3sneg";
+    let test = "k3s_health_fails_and_recovers_with_a_stand_in";
+    let Some(fake) = stand_in(test) else {
+        return;
+    };
+    let _guard = Instance(NAME);
+    let _ = gatevm(&["delete", NAME, "--force"]);
+    let t = tempfile::tempdir().unwrap();
+    // The user's kubeconfig, naming another cluster: --no-kubeconfig leaves it alone.
+    const THEIRS: &str = "apiVersion: v1\nkind: Config\nclusters:\n- cluster:\n    server: https://127.0.0.1:1\n  name: theirs\ncontexts:\n- context:\n    cluster: theirs\n    user: theirs\n  name: theirs\ncurrent-context: theirs\nusers:\n- name: theirs\n  user:\n    token: theirs\n";
+    let kube_dir = t.path().join("kube");
+    std::fs::create_dir_all(&kube_dir).unwrap();
+    let kubeconfig = kube_dir.join("config");
+    std::fs::write(&kubeconfig, THEIRS).unwrap();
+    // A $KUBECONFIG naming a file that does not exist: it is not created either.
+    let none_dir = t.path().join("none");
+    std::fs::create_dir_all(&none_dir).unwrap();
+    let config_home = t.path().join("config");
+    let run_with = |kubeconfig: &std::path::Path, args: &[&str]| {
+        let out = Command::new(bin())
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("XDG_CONFIG_HOME", &config_home)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "gatevm {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let run = |args: &[&str]| run_with(&kubeconfig, args);
+    let entries = |dir: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let api = free_port();
+    let gw = free_port();
+    run(&[
+        "start",
+        NAME,
+        "--profile",
+        "k3s",
+        "--k3s",
+        fake.to_str().unwrap(),
+        "--api-port",
+        &api.to_string(),
+        "--gateway-port",
+        &format!("{gw}:30443"),
+        "--no-kubeconfig",
+    ]);
+    let st = status(NAME);
+    assert_eq!(st["healthy"], true, "{st}");
+    assert_eq!(st["k3s"]["detail"], serde_json::Value::Null, "{st}");
+    assert_eq!(st["k3s"]["gateway"]["tls_ready"], true, "{st}");
+
+    // --no-kubeconfig: the user's file as it was, no backup beside it; the instance's own
+    // kubeconfig all the same, also when fetched again.
+    assert_eq!(std::fs::read_to_string(&kubeconfig).unwrap(), THEIRS);
+    assert_eq!(entries(&kube_dir), ["config"]);
+    let own = run(&["kubeconfig", NAME]);
+    assert!(
+        own.contains(&format!("    server: https://127.0.0.1:{api}\n")),
+        "{own}"
+    );
+    assert!(own.contains("client-key-data: "), "{own}");
+    let refreshed = run_with(&none_dir.join("config"), &["kubeconfig", NAME, "--refresh"]);
+    assert!(
+        refreshed.contains(&format!("    server: https://127.0.0.1:{api}\n")),
+        "{refreshed}"
+    );
+    assert!(entries(&none_dir).is_empty(), "{:?}", entries(&none_dir));
+
+    let switch = |words: &str| {
+        let (code, _, err) = exec(
+            NAME,
+            &["sh", "-c", &format!("echo {words} > /run/fake-k3s.fail")],
+            None,
+        );
+        assert_eq!(code, 0, "{err}");
+    };
+    const WITHIN: Duration = Duration::from_secs(120);
+    let recovers = |after: &str| {
+        switch("");
+        let st = status_until(
+            NAME,
+            &format!("healthy again after {after}"),
+            WITHIN,
+            |st| st["healthy"] == true,
+        );
+        assert_eq!(st["k3s"]["api_ready"], true, "{st}");
+        assert_eq!(st["k3s"]["node_ready"], true, "{st}");
+        assert_eq!(st["k3s"]["detail"], serde_json::Value::Null, "{st}");
+        assert_eq!(st["k3s"]["gateway"]["tls_ready"], true, "{st}");
+        assert_eq!(
+            st["k3s"]["gateway"]["detail"],
+            serde_json::Value::Null,
+            "{st}"
+        );
+    };
+
+    // Each switch, what status must say while it is on: the API's and the node's readiness, the
+    // k3s detail, the gateway's TLS and its detail.
+    let null = serde_json::Value::Null;
+    let cases = [
+        // The API server down: /readyz fails, the node is not asked.
+        (
+            "api-down",
+            false,
+            false,
+            serde_json::json!("/readyz: Unable to connect to the server 127.0.0.1:6443: EOF"),
+            true,
+            null.clone(),
+        ),
+        // The node NotReady, the API server fine.
+        (
+            "node-not-ready",
+            true,
+            false,
+            serde_json::json!("the node is not Ready yet"),
+            true,
+            null.clone(),
+        ),
+        // The gateway serving a certificate of another CA.
+        (
+            "gateway-other-ca",
+            true,
+            true,
+            null.clone(),
+            false,
+            serde_json::json!(format!(
+                "127.0.0.1:{gw} answers TLS with a certificate not signed by the instance's CA"
+            )),
+        ),
+        // The gateway turning the instance's client certificate away (after the handshake's
+        // end, in TLS 1.3).
+        (
+            "gateway-refuse-client",
+            true,
+            true,
+            null.clone(),
+            false,
+            serde_json::json!(format!(
+                "127.0.0.1:{gw} refused the instance's client certificate: received fatal alert: UnknownCA"
+            )),
+        ),
+    ];
+    for (word, api, node, detail, tls, gw_detail) in cases {
+        switch(word);
+        let st = status_until(NAME, &format!("unhealthy with {word}"), WITHIN, |st| {
+            st["healthy"] == false
+        });
+        assert_eq!(st["state"], "running", "{word}: {st}");
+        assert_eq!(st["k3s"]["api_ready"], api, "{word}: {st}");
+        assert_eq!(st["k3s"]["node_ready"], node, "{word}: {st}");
+        assert_eq!(st["k3s"]["detail"], detail, "{word}: {st}");
+        assert_eq!(st["k3s"]["gateway"]["tls_ready"], tls, "{word}: {st}");
+        assert_eq!(st["k3s"]["gateway"]["detail"], gw_detail, "{word}: {st}");
+        if word == "api-down" {
+            let human = run(&["status", NAME]);
+            assert!(
+                human.contains("(API not ready, node not Ready; /readyz: Unable to connect to the server 127.0.0.1:6443: EOF)"),
+                "{human}"
+            );
+        }
+        recovers(word);
+    }
+
+    // Delete leaves the user's kubeconfig as it was, too.
+    run(&["delete", NAME, "--force"]);
+    assert_eq!(std::fs::read_to_string(&kubeconfig).unwrap(), THEIRS);
+    assert_eq!(entries(&kube_dir), ["config"]);
 }

@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 struct Sandbox {
     data: tempfile::TempDir,
     run: tempfile::TempDir,
-    runtime: PathBuf,
+    /// The runtime to name in `GATEVM_RUNTIME_DIR`: the caller's own; none when it is the
+    /// system one (`setup --system`), which a sandbox with an empty data directory finds by
+    /// itself (and which the variable may not name for an ordinary user: it is root's).
+    runtime: Option<PathBuf>,
 }
 
 impl Sandbox {
@@ -32,6 +35,7 @@ impl Sandbox {
                 .as_str()
                 .expect("doctor names the runtime directory"),
         );
+        let runtime = (v["runtime_source"] != "system").then_some(runtime);
         Sandbox {
             data: tempfile::tempdir().unwrap(),
             run: tempfile::Builder::new()
@@ -47,8 +51,11 @@ impl Sandbox {
         c.args(args)
             .env("GATEVM_DATA_DIR", self.data.path())
             .env("GATEVM_RUN_DIR", self.run.path())
-            .env("GATEVM_RUNTIME_DIR", &self.runtime)
             .env_remove("GATEVM_VMM");
+        match &self.runtime {
+            Some(r) => c.env("GATEVM_RUNTIME_DIR", r),
+            None => c.env_remove("GATEVM_RUNTIME_DIR"),
+        };
         c
     }
 
@@ -402,7 +409,10 @@ fn krun_fails_fast_where_it_cannot_run() {
     let (_, doctor, _) = sb.run(&["doctor", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&doctor).unwrap();
     if v["hardware_virtualization"].as_bool() != Some(false) {
-        eprintln!("e2e krun_fails_fast_where_it_cannot_run: NOT RUN: this host has hardware virtualization, so krun can run");
+        gatevm_testkit::skip(
+            "krun_fails_fast_where_it_cannot_run",
+            "this host has hardware virtualization, so krun can run",
+        );
         return;
     }
     for args in [
@@ -436,5 +446,149 @@ fn krun_fails_fast_where_it_cannot_run() {
     let (code, _, err) = sb.run(&["vm-run", "--vmm", "firecracker", "--", "true"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("unknown VMM"), "{err}");
+    sb.assert_clean();
+}
+
+/// Whether process `pid` still exists (a zombie counts as gone: it no longer runs).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// The VMM of a throwaway instance: QEMU (named `gatevm-NAME` on its command line) or the
+/// `gatevm __krun-vm` process the supervisor marked with the instance's name.
+fn vmm_of(name: &str) -> Option<u32> {
+    processes_of(name).iter().find_map(|p| {
+        let (pid, cmd) = p.split_once(": ")?;
+        (cmd.contains(&format!("-name gatevm-{name},")) || cmd.contains(" __krun-vm "))
+            .then(|| pid.parse().ok())
+            .flatten()
+    })
+}
+
+#[test]
+fn killed_vm_run_takes_its_vm_along_and_the_next_one_sweeps() {
+    const TEST: &str = "killed_vm_run_takes_its_vm_along_and_the_next_one_sweeps";
+    if !enabled(TEST) || !have_busybox(TEST) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let root_tmp = tempfile::tempdir().unwrap();
+    let root = root_tmp.path().join("root");
+    busybox_root(&root);
+    let r = root.to_str().unwrap();
+
+    let mut child = sb
+        .cmd(&[
+            "vm-run",
+            "--rootfs",
+            r,
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 600",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(180)) {
+        Ok(line) => assert_eq!(line, "started"),
+        Err(_) => {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "vm-run's command did not start within 180 s: {:?} {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    // The throwaway instance: its directory in the sandbox and its VMM.
+    let instances: Vec<String> = std::fs::read_dir(sb.data.path().join("instances"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(instances.len(), 1, "{instances:?}");
+    let name = instances[0].clone();
+    assert!(
+        name.starts_with(&format!("vmrun-{}-", child.id())),
+        "{name}"
+    );
+    let vmm = vmm_of(&name).unwrap_or_else(|| {
+        panic!(
+            "no VMM of {name} among its processes {:?}",
+            processes_of(&name)
+        )
+    });
+    assert!(alive(vmm));
+    // The VM's root is its own tree made into a read-only image the guest mounts: the host
+    // mounts nothing of the throwaway instance, and the VMM holds the image read-only.
+    let dir = sb.data.path().join("instances").join(&name);
+    let image = dir.join("root.erofs");
+    assert!(image.is_file(), "no {}", image.display());
+    assert_eq!(mounts_under(&dir), Vec::<String>::new());
+    let held: Vec<(PathBuf, bool)> = open_files(u64::from(vmm))
+        .into_iter()
+        .filter(|(p, _)| *p == image)
+        .collect();
+    assert!(
+        !held.is_empty() && held.iter().all(|(_, writable)| !writable),
+        "the VMM does not hold {} read-only: {held:?}",
+        image.display()
+    );
+
+    // SIGKILL: vm-run gets no chance to clean up.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(vmm) {
+        assert!(
+            Instant::now() < deadline,
+            "the VMM ({vmm}) of the killed vm-run still runs after 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = processes_of(&name);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes of the killed vm-run still run after 10 s: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // What the killed run could not remove is still there (files only: it mounted nothing)...
+    assert!(dir.is_dir(), "{} vanished on its own", dir.display());
+    assert_eq!(mounts_under(&dir), Vec::<String>::new());
+    assert_eq!(mounts_of(&name), Vec::<String>::new());
+    eprintln!("left by the killed vm-run: {}", dir.display());
+
+    // ...until the next vm-run sweeps it.
+    let (code, out, err) = sb.run(&["vm-run", "--rootfs", r, "--", "echo", "next"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "next\n");
+    assert!(
+        !dir.exists(),
+        "{} is left after the next vm-run",
+        dir.display()
+    );
+    assert!(processes_of(&name).is_empty());
     sb.assert_clean();
 }

@@ -2,17 +2,35 @@
 //! registry carries it). It is not Kubernetes: it does what gatevm relies on k3s doing.
 //!
 //! - `fake-k3s --version` prints a k3s-style version line.
-//! - `fake-k3s kubectl get --raw=/readyz` prints `ok`; `fake-k3s kubectl get nodes ...` prints
-//!   `True` (the node's Ready condition, as gatevm's status asks for it).
 //! - `fake-k3s server ARGS...` records its arguments and the manifests it finds in
 //!   `<data-dir>/server/manifests` in `/run/fake-k3s.json`, writes a k3s-shaped kubeconfig to
 //!   `/etc/rancher/k3s/k3s.yaml` (embedded CA and client credentials, real certificates and key
-//!   generated at start, shaped like k3s's), and accepts TCP connections on the API port (6443 or `--https-listen-port`),
-//!   answering each with `fake-k3s\n`, until it is terminated.
+//!   generated at start, shaped like k3s's), and accepts TCP connections on the API port (6443
+//!   or `--https-listen-port`, noted in `/run/fake-k3s.api-port`), answering each with
+//!   `fake-k3s\n`, until it is terminated.
+//! - `fake-k3s kubectl get --raw=/readyz` connects to that API port and prints `ok` when the
+//!   server answers; otherwise it fails (exit 1) with kubectl's `Unable to connect to the
+//!   server 127.0.0.1:PORT: ...` on stderr. `fake-k3s kubectl get nodes ...` asks the same way
+//!   and prints `True` (the node's Ready condition, as gatevm's status asks for it).
 //! - As a stand-in for a gateway workload, when the manifests hold gatevm's TLS Secret
 //!   (`gatevm-gateway-tls.yaml`), it serves TLS with that Secret's server pair on port
 //!   [`GATEWAY_PORT`], requiring a client certificate signed by the Secret's `ca.crt`, and
 //!   answers `gateway\n`.
+//!
+//! # Failing on purpose
+//!
+//! Tests make it fail by writing words into [`SWITCHES`] (`/run/fake-k3s.fail`, in the guest:
+//! `gatevm exec NAME -- sh -c 'echo api-down > /run/fake-k3s.fail'`). The file is read on every
+//! request, so a switch takes effect at the next one and is undone by removing the word (or the
+//! file); `/run` is emptied at each boot, so a restart clears them all.
+//!
+//! - `api-down`: the API server closes each connection without answering, so `/readyz` fails
+//!   with `Unable to connect to the server 127.0.0.1:PORT: EOF`.
+//! - `node-not-ready`: `kubectl get nodes` prints `False`.
+//! - `gateway-other-ca`: the gateway serves a certificate of a CA of its own (made at start),
+//!   not the Secret's.
+//! - `gateway-refuse-client`: the gateway requires a client certificate of that other CA, so it
+//!   turns the instance's client certificate away after the handshake.
 
 use std::io::Write;
 
@@ -149,36 +167,84 @@ fn secret_field(yaml: &str, key: &str) -> Option<Vec<u8>> {
     base64_decode(line.trim_start()[want.len()..].trim())
 }
 
-/// Serves TLS with the Secret's server pair, requiring a client certificate of its CA.
-fn gateway(secret_yaml: &str) -> Result<(), String> {
+/// Where the switches are read (see the crate's doc).
+const SWITCHES: &str = "/run/fake-k3s.fail";
+
+/// Where `server` notes its API port for `kubectl`.
+const API_PORT_FILE: &str = "/run/fake-k3s.api-port";
+
+/// Whether the switch `word` is on now.
+fn switched(word: &str) -> bool {
+    std::fs::read_to_string(SWITCHES).is_ok_and(|s| s.split_whitespace().any(|w| w == word))
+}
+
+/// A CA of the stand-in's own and a server certificate it signed for 127.0.0.1 and localhost,
+/// as PEM: what a gateway serves when it was not given the instance's Secret.
+fn other_ca() -> Result<(String, String, String), rcgen::Error> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(vec![])?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(DnType::CommonName, "fake-k3s other CA");
+    let ca = p.self_signed(&ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
+    p.subject_alt_names
+        .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+    let leaf = p.signed_by(&key, &ca, &ca_key)?;
+    Ok((ca.pem(), leaf.pem(), key.serialize_pem()))
+}
+
+/// A TLS server configuration: the pair `crt`/`key`, requiring a client certificate of `ca`.
+fn tls_config(crt: &[u8], key: &[u8], ca: &[u8]) -> Result<rustls::ServerConfig, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    use std::sync::Arc;
-    let field = |k: &str| secret_field(secret_yaml, k).ok_or(format!("no {k} in the Secret"));
-    let (crt, key, ca) = (field("tls.crt")?, field("tls.key")?, field("ca.crt")?);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots
-        .add(CertificateDer::from_pem_slice(&ca).map_err(|e| e.to_string())?)
+        .add(CertificateDer::from_pem_slice(ca).map_err(|e| e.to_string())?)
         .map_err(|e| e.to_string())?;
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
             .build()
             .map_err(|e| e.to_string())?;
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+    rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
         .with_single_cert(
-            vec![CertificateDer::from_pem_slice(&crt).map_err(|e| e.to_string())?],
-            PrivateKeyDer::from_pem_slice(&key).map_err(|e| e.to_string())?,
+            vec![CertificateDer::from_pem_slice(crt).map_err(|e| e.to_string())?],
+            PrivateKeyDer::from_pem_slice(key).map_err(|e| e.to_string())?,
         )
-        .map_err(|e| e.to_string())?;
-    let cfg = Arc::new(cfg);
+        .map_err(|e| e.to_string())
+}
+
+/// Serves TLS with the Secret's server pair, requiring a client certificate of its CA (or, as
+/// the switches say, failing: see the crate's doc).
+fn gateway(secret_yaml: &str) -> Result<(), String> {
+    use std::sync::Arc;
+    let field = |k: &str| secret_field(secret_yaml, k).ok_or(format!("no {k} in the Secret"));
+    let (crt, key, ca) = (field("tls.crt")?, field("tls.key")?, field("ca.crt")?);
+    let (other_ca, other_crt, other_key) = other_ca().map_err(|e| e.to_string())?;
+    let (other_ca, other_crt, other_key) = (
+        other_ca.as_bytes(),
+        other_crt.as_bytes(),
+        other_key.as_bytes(),
+    );
+    let good = Arc::new(tls_config(&crt, &key, &ca)?);
+    let wrong_server = Arc::new(tls_config(other_crt, other_key, &ca)?);
+    let wrong_client = Arc::new(tls_config(&crt, &key, other_ca)?);
     let l = std::net::TcpListener::bind(("0.0.0.0", GATEWAY_PORT)).map_err(|e| e.to_string())?;
     std::thread::spawn(move || {
         for mut s in l.incoming().flatten() {
-            let cfg = cfg.clone();
+            let cfg = if switched("gateway-other-ca") {
+                wrong_server.clone()
+            } else if switched("gateway-refuse-client") {
+                wrong_client.clone()
+            } else {
+                good.clone()
+            };
             std::thread::spawn(move || {
                 s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
                     .ok();
@@ -191,6 +257,32 @@ fn gateway(secret_yaml: &str) -> Result<(), String> {
         }
     });
     Ok(())
+}
+
+/// What `kubectl` does first: reach the API server, which answers `fake-k3s`. `Err` is
+/// kubectl's line for a server it cannot reach.
+fn reach_api() -> Result<(), String> {
+    use std::io::Read;
+    let port: u16 = std::fs::read_to_string(API_PORT_FILE)
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or(6443);
+    let unable = |why: &str| format!("Unable to connect to the server 127.0.0.1:{port}: {why}");
+    let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+    let t = std::time::Duration::from_secs(5);
+    let c = std::net::TcpStream::connect_timeout(&addr, t)
+        .map_err(|e| unable(&format!("connect: {e}")))?;
+    c.set_read_timeout(Some(t)).ok();
+    let mut got = Vec::new();
+    let _ = c.take(64).read_to_end(&mut got);
+    match got.as_slice() {
+        b"fake-k3s\n" => Ok(()),
+        b"" => Err(unable("EOF")),
+        other => Err(unable(&format!(
+            "unexpected answer {:?}",
+            String::from_utf8_lossy(other)
+        ))),
+    }
 }
 
 fn server(args: &[String]) -> std::io::Result<()> {
@@ -226,11 +318,15 @@ fn server(args: &[String]) -> std::io::Result<()> {
         }
     }
     let listener = std::net::TcpListener::bind(("0.0.0.0", port))?;
+    std::fs::write(API_PORT_FILE, format!("{port}\n"))?;
     std::fs::create_dir_all("/etc/rancher/k3s")?;
     let kubeconfig = kubeconfig().map_err(std::io::Error::other)?;
     std::fs::write("/etc/rancher/k3s/k3s.yaml", kubeconfig)?;
     for mut c in listener.incoming().flatten() {
-        let _ = c.write_all(b"fake-k3s\n");
+        // Down: the connection is closed at once, unanswered.
+        if !switched("api-down") {
+            let _ = c.write_all(b"fake-k3s\n");
+        }
     }
     Ok(())
 }
@@ -243,14 +339,27 @@ fn main() {
             println!("go version go1.22.0 (a stand-in for tests)");
         }
         // What gatevm's status asks: `kubectl get --raw=/readyz` and the node's Ready condition.
-        Some("kubectl") => match args.get(1..).unwrap_or_default() {
-            [get, raw] if get == "get" && raw == "--raw=/readyz" => println!("ok"),
-            [get, nodes, ..] if get == "get" && nodes == "nodes" => print!("True"),
-            _ => {
+        Some("kubectl") => {
+            let readyz = matches!(args.get(1..).unwrap_or_default(),
+                [get, raw] if get == "get" && raw == "--raw=/readyz");
+            let nodes = matches!(args.get(1..).unwrap_or_default(),
+                [get, nodes, ..] if get == "get" && nodes == "nodes");
+            if !readyz && !nodes {
                 eprintln!("fake-k3s: kubectl: only get --raw=/readyz and get nodes");
                 std::process::exit(1);
             }
-        },
+            if let Err(e) = reach_api() {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+            if readyz {
+                println!("ok");
+            } else if switched("node-not-ready") {
+                print!("False");
+            } else {
+                print!("True");
+            }
+        }
         Some("server") => {
             if let Err(e) = server(&args[1..]) {
                 eprintln!("fake-k3s: {e}");

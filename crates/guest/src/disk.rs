@@ -1,19 +1,16 @@
-//! The state disk: `/dev/vda` (ext4) at `/var/lib/gatevm`, with containerd's state bind-mounted
+//! The state disk: the disk with serial `gatevm-state` (ext4) at `/var/lib/gatevm`, with containerd's state bind-mounted
 //! at `/var/lib/containerd`; a tmpfs there when the VM has no disk (containerd's overlayfs
 //! snapshotter cannot sit on virtio-fs).
 
 use crate::mounts::mkdir;
-use crate::net::virtio_device_present;
 use crate::reaper::{describe, Reaper};
 use crate::sys::Context;
 use nix::mount::{mount, MsFlags};
 use std::io::{self, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// The state disk's block device.
-pub(crate) const DEVICE: &str = "/dev/vda";
 /// Where the state disk is mounted.
 pub(crate) const STATE_DIR: &str = gatevm_abi::paths::STATE_DIR;
 /// containerd's root directory.
@@ -44,9 +41,15 @@ pub(crate) fn is_blank(device: &Path) -> io::Result<bool> {
     Ok(buf[..got].iter().all(|&b| b == 0))
 }
 
+/// containerd's unfinished content writes, one directory per writer's ref.
+const INGEST_DIR: &str = "io.containerd.content.v1.content/ingest";
+
 /// Removes runtime leftovers that must not survive a reboot, under a containerd root and the
-/// CNI state directory. Never touches `io.containerd.metadata.v1.bolt` (meta.db), content or
-/// snapshots.
+/// CNI state directory: task state, CNI allocations, and unfinished content writes (an import
+/// or pull cut off by the VM's death; no writer of a previous boot is alive, and containerd
+/// would resume such a write under its ref, so the next import of other content under the same
+/// name, such as `layer0/layer.tar`, would fail its commit). Never touches
+/// `io.containerd.metadata.v1.bolt` (meta.db), committed content or snapshots.
 pub(crate) fn clean_runtime_state(containerd_root: &Path, cni_root: &Path) -> Vec<String> {
     let mut removed = Vec::new();
     let targets = [
@@ -54,7 +57,10 @@ pub(crate) fn clean_runtime_state(containerd_root: &Path, cni_root: &Path) -> Ve
         cni_root.join("networks"),
         cni_root.join("results"),
     ];
-    for t in targets {
+    let ingests: Vec<std::path::PathBuf> = std::fs::read_dir(containerd_root.join(INGEST_DIR))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    for t in targets.into_iter().chain(ingests) {
         if std::fs::symlink_metadata(&t).is_ok() && std::fs::remove_dir_all(&t).is_ok() {
             removed.push(t.display().to_string());
         }
@@ -68,7 +74,7 @@ fn find_mkfs() -> Option<&'static str> {
         .find(|p| Path::new(p).exists())
 }
 
-fn format(reaper: &Reaper) -> io::Result<()> {
+fn format(reaper: &Reaper, dev: &Path) -> io::Result<()> {
     let mkfs = find_mkfs()
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "mkfs.ext4 not found"))?;
     let mut cmd = Command::new(mkfs);
@@ -79,8 +85,8 @@ fn format(reaper: &Reaper) -> io::Result<()> {
         "gatevm-state",
         "-E",
         "lazy_itable_init=1,lazy_journal_init=1",
-        DEVICE,
     ])
+    .arg(dev)
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(Stdio::null());
@@ -95,20 +101,20 @@ fn format(reaper: &Reaper) -> io::Result<()> {
     }
 }
 
-fn mount_disk(reaper: &Reaper) -> io::Result<()> {
+fn mount_disk(reaper: &Reaper, dev: &Path) -> io::Result<()> {
     mkdir(Path::new(STATE_DIR), 0o755)?;
-    if is_blank(Path::new(DEVICE)).ctx(|| format!("read {DEVICE}"))? {
+    if is_blank(dev).ctx(|| format!("read {}", dev.display()))? {
         crate::glog!("state disk is blank, formatting it");
-        format(reaper)?;
+        format(reaper, dev)?;
     }
     mount(
-        Some(DEVICE),
+        Some(dev),
         STATE_DIR,
         Some("ext4"),
         MsFlags::MS_NOATIME,
         None::<&str>,
     )
-    .ctx(|| format!("mount {DEVICE} on {STATE_DIR}"))?;
+    .ctx(|| format!("mount {} on {STATE_DIR}", dev.display()))?;
     let state = Path::new(STATE_DIR).join("containerd");
     mkdir(&state, 0o711)?;
     mkdir(Path::new(CONTAINERD_DIR), 0o711)?;
@@ -153,7 +159,7 @@ pub(crate) fn needs_grow(dev_bytes: u64, fs_bytes: u64) -> bool {
     dev_bytes > fs_bytes.saturating_add(GROW_SLACK)
 }
 
-/// Size of block device `dev` (`/dev/vda`) from sysfs, in bytes.
+/// Size of block device `dev` (`/dev/vdX`) from sysfs, in bytes.
 fn device_bytes(dev: &Path) -> io::Result<u64> {
     let name = dev
         .file_name()
@@ -175,14 +181,14 @@ fn find_resize2fs() -> Option<&'static str> {
 /// Grows the mounted state file system to its device when the host made the disk larger (the
 /// host grows only the image file; it never runs a file system tool on what the guest wrote).
 /// Online: resize2fs on a mounted ext4 uses the kernel's resize ioctl.
-fn grow_if_larger(reaper: &Reaper) -> io::Result<()> {
-    let dev = Path::new(DEVICE);
-    let dev_bytes = device_bytes(dev).ctx(|| format!("size of {DEVICE}"))?;
+fn grow_if_larger(reaper: &Reaper, dev: &Path) -> io::Result<()> {
+    let name = dev.display();
+    let dev_bytes = device_bytes(dev).ctx(|| format!("size of {name}"))?;
     let mut sb = vec![0u8; 2048];
-    let mut f = std::fs::File::open(dev).ctx(|| format!("open {DEVICE}"))?;
-    f.read_exact(&mut sb).ctx(|| format!("read {DEVICE}"))?;
+    let mut f = std::fs::File::open(dev).ctx(|| format!("open {name}"))?;
+    f.read_exact(&mut sb).ctx(|| format!("read {name}"))?;
     let fs_bytes = ext4_size(&sb[1024..])
-        .ok_or_else(|| io::Error::other(format!("{DEVICE} holds no ext4 superblock")))?;
+        .ok_or_else(|| io::Error::other(format!("{name} holds no ext4 superblock")))?;
     if !needs_grow(dev_bytes, fs_bytes) {
         return Ok(());
     }
@@ -194,7 +200,7 @@ fn grow_if_larger(reaper: &Reaper) -> io::Result<()> {
         dev_bytes >> 20
     );
     let mut cmd = Command::new(prog);
-    cmd.arg(DEVICE)
+    cmd.arg(dev)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -202,10 +208,10 @@ fn grow_if_larger(reaper: &Reaper) -> io::Result<()> {
     match s.exit.recv_timeout(Duration::from_secs(300)) {
         Ok(st) if st.code == Some(0) => Ok(()),
         Ok(st) => Err(io::Error::other(format!(
-            "{prog} {DEVICE} failed: {}",
+            "{prog} {name} failed: {}",
             describe(&st)
         ))),
-        Err(_) => Err(io::Error::other(format!("{prog} {DEVICE} did not finish"))),
+        Err(_) => Err(io::Error::other(format!("{prog} {name} did not finish"))),
     }
 }
 
@@ -225,20 +231,23 @@ fn mount_tmpfs() -> io::Result<()> {
 /// runtime state. Returns what backs containerd's root and one message per problem.
 pub(crate) fn setup(reaper: &Reaper) -> (StateBacking, Vec<String>) {
     let mut problems = Vec::new();
-    // virtio_blk was just loaded: give the node a moment when a virtio disk exists.
-    if virtio_device_present(2) {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !Path::new(DEVICE).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
     let mut backing = StateBacking::None;
-    if Path::new(DEVICE).exists() {
-        match mount_disk(reaper) {
+    // Stage 1 waited for the root's disks, so every disk of the VM is there by now; a VM
+    // without a state disk (a throwaway one) has none.
+    let dev = match crate::blockdev::find(gatevm_abi::paths::disk::STATE) {
+        Ok(d) => Some(d),
+        Err(e) if e.starts_with("no disk") => None,
+        Err(e) => {
+            problems.push(format!("state disk: {e}; using a tmpfs"));
+            None
+        }
+    };
+    if let Some(dev) = dev {
+        match mount_disk(reaper, &dev) {
             Ok(()) => {
                 backing = StateBacking::Disk;
                 // A file system that could not grow still works at its old size.
-                if let Err(e) = grow_if_larger(reaper) {
+                if let Err(e) = grow_if_larger(reaper, &dev) {
                     problems.push(format!("state disk: growing the file system: {e}"));
                 }
             }
@@ -278,10 +287,19 @@ mod tests {
         let cni = d.path().join("cni");
         std::fs::create_dir_all(cni.join("networks/cbr0")).unwrap();
         std::fs::write(cni.join("networks/cbr0/10.42.0.5"), "id").unwrap();
+        // An import cut off by the VM's death: its ref's directory with the data so far.
+        let ingest = root.join(INGEST_DIR);
+        for w in ["1f2e3d", "4c5b6a"] {
+            std::fs::create_dir_all(ingest.join(w)).unwrap();
+            std::fs::write(ingest.join(w).join("data"), vec![7u8; 4096]).unwrap();
+            std::fs::write(ingest.join(w).join("ref"), "tar-layer0/layer.tar").unwrap();
+        }
         let removed = clean_runtime_state(&root, &cni);
-        assert_eq!(removed.len(), 2);
+        assert_eq!(removed.len(), 4, "{removed:?}");
         assert!(!root.join("io.containerd.runtime.v2.task").exists());
         assert!(!cni.join("networks").exists());
+        // The ingest directory stays (containerd writes into it), empty.
+        assert_eq!(std::fs::read_dir(&ingest).unwrap().count(), 0);
         for k in keep {
             assert!(root.join(k).exists(), "{k} was removed");
         }
@@ -315,7 +333,10 @@ mod tests {
     #[test]
     fn ext4_size_of_a_real_file_system() {
         let Some(mkfs) = find_mkfs() else {
-            println!("NOT RUN: mkfs.ext4 is not installed");
+            gatevm_testkit::skip(
+                "disk::tests::ext4_size_of_a_real_file_system",
+                "mkfs.ext4 is not installed",
+            );
             return;
         };
         let d = tempfile::tempdir().unwrap();

@@ -9,6 +9,7 @@
 //! with unit tests; the PID 1 sequencing lives in [`pid1`] and [`stage1`].
 
 pub(crate) mod agent;
+pub(crate) mod blockdev;
 pub(crate) mod cmdline;
 pub(crate) mod cni;
 pub(crate) mod container;

@@ -4,8 +4,14 @@
 //! external kernel) is there, and QEMU otherwise (with KVM where it works, else TCG). Forcing krun
 //! where it cannot work is refused at once with the reason and the alternative, before anything
 //! is started: a guest that dies 14 s later under `kvm_pvm` is worse than no guest.
+//!
+//! Which network helper runs it: [`choose_net`]. gvproxy NATs an address of its network to the
+//! host's loopback and keeps the guest off it only inside the loopback guard, a cgroup BPF
+//! program that only root can attach; passt with `--no-map-gw` maps nothing of the host's loopback
+//! and needs no privilege for that. So where the guard cannot be attached passt is the default,
+//! and gvproxy runs there only when the user accepts the exposure (`--allow-host-loopback`).
 
-use crate::config::VmmChoice;
+use crate::config::{NetBackend, VmmChoice};
 use gatevm_abi::paths::GUEST_AGENT as GUEST_AGENT_PATH;
 use gatevm_vmm::krun::{self, Krun, KrunKernel};
 use gatevm_vmm::qemu::Qemu;
@@ -84,6 +90,54 @@ pub fn build(
     }
 }
 
+/// Why the network helper asked for (or saved) cannot run here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetChoiceError {
+    /// `--net gvproxy` where the loopback guard cannot be attached.
+    #[error("--net gvproxy cannot keep the guest off the host's loopback here: its guard is a cgroup BPF program, which only root (with cgroup v2) can attach; use --net passt, or --allow-host-loopback to accept the exposure")]
+    GvproxyUnguarded,
+    /// An instance saved with gvproxy, started where the loopback guard cannot be attached.
+    #[error("instance {0:?} was saved with --net gvproxy, which cannot keep the guest off the host's loopback here: its guard is a cgroup BPF program, which only root (with cgroup v2) can attach; start it with --net passt, or --allow-host-loopback to accept the exposure")]
+    SavedGvproxyUnguarded(String),
+}
+
+/// Picks the network helper of a start: `asked` (`--net`), else what the instance `saved` last
+/// ran with, else the default: gvproxy where the caller can attach the loopback guard
+/// (`can_guard`: root with cgroup v2), passt where it cannot. gvproxy without the guard is refused
+/// unless the guest may reach the host's loopback anyway (`allow_host_loopback`).
+pub fn choose_net(
+    name: &str,
+    asked: Option<NetBackend>,
+    saved: Option<NetBackend>,
+    allow_host_loopback: bool,
+    can_guard: bool,
+) -> Result<NetBackend, NetChoiceError> {
+    let default = if can_guard {
+        NetBackend::Gvproxy
+    } else {
+        NetBackend::Passt
+    };
+    let chosen = asked.or(saved).unwrap_or(default);
+    if chosen == NetBackend::Gvproxy && !can_guard && !allow_host_loopback {
+        return Err(match asked {
+            Some(_) => NetChoiceError::GvproxyUnguarded,
+            None => NetChoiceError::SavedGvproxyUnguarded(name.to_string()),
+        });
+    }
+    Ok(chosen)
+}
+
+/// Whether the network helper must run inside the loopback guard: gvproxy always unless the guest
+/// may reach the host's loopback; passt (which maps nothing of it) where the guard can be attached
+/// (`can_guard`, asked only for passt), as a second wall.
+pub fn net_guarded(
+    net: NetBackend,
+    allow_host_loopback: bool,
+    can_guard: impl FnOnce() -> bool,
+) -> bool {
+    !allow_host_loopback && (net == NetBackend::Gvproxy || can_guard())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,8 +214,137 @@ mod tests {
     }
 
     #[test]
-    fn labels() {
-        assert_eq!(VmmBackend::Krun(KrunKernel::Libkrunfw).label(), "krun/kvm");
-        assert_eq!(VmmBackend::Qemu(Accel::Tcg).label(), "qemu/tcg");
+    fn labels_name_the_vmm_choice_that_gives_the_same_backend() {
+        // Whatever `auto` picks on a host, status's label is "VMM/ACCEL": VMM is a `--vmm`
+        // value that picks the same backend on that host, ACCEL says whether it runs on KVM or
+        // under TCG, and different backends never share a label.
+        let d = tempfile::tempdir().unwrap();
+        let fw = d.path().join("libkrunfw.so.5");
+        std::fs::write(&fw, b"").unwrap();
+        let missing = d.path().join("none");
+        let mut seen: Vec<(String, VmmBackend)> = Vec::new();
+        for host in [
+            caps(true, "kvm_intel"),
+            caps(true, "kvm_pvm"),
+            caps(false, "kvm_amd"),
+        ] {
+            for lib in [&fw, &missing] {
+                let chosen = choose(VmmChoice::Auto, &host, lib, None).unwrap();
+                let label = chosen.label();
+                let (vmm, accel) = label.split_once('/').unwrap();
+                let forced: VmmChoice = vmm.parse().unwrap();
+                assert_eq!(forced.name(), vmm);
+                assert_eq!(
+                    choose(forced, &host, lib, None),
+                    Ok(chosen.clone()),
+                    "{label}"
+                );
+                let tcg = chosen == VmmBackend::Qemu(Accel::Tcg);
+                assert_eq!(accel, if tcg { "tcg" } else { "kvm" }, "{chosen:?}");
+                for (other, b) in &seen {
+                    assert!(
+                        other != label || *b == chosen,
+                        "{b:?} and {chosen:?} both {label}"
+                    );
+                }
+                seen.push((label.to_string(), chosen));
+            }
+        }
+        // All three backends came up.
+        let labels: std::collections::BTreeSet<_> = seen.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(labels.len(), 3, "{labels:?}");
+    }
+
+    const REFUSED_ASKED: &str = "--net gvproxy cannot keep the guest off the host's loopback here: its guard is a cgroup BPF program, which only root (with cgroup v2) can attach; use --net passt, or --allow-host-loopback to accept the exposure";
+
+    fn refused_saved(name: &str) -> String {
+        format!(
+            "instance {name:?} was saved with --net gvproxy, which cannot keep the guest off the host's loopback here: its guard is a cgroup BPF program, which only root (with cgroup v2) can attach; start it with --net passt, or --allow-host-loopback to accept the exposure"
+        )
+    }
+
+    #[test]
+    fn the_default_helper_is_gvproxy_where_the_guard_attaches_and_passt_elsewhere() {
+        use NetBackend::{Gvproxy, Passt};
+        // Root (the guard attaches): today's default, whatever the loopback setting.
+        assert_eq!(choose_net("a", None, None, false, true), Ok(Gvproxy));
+        assert_eq!(choose_net("a", None, None, true, true), Ok(Gvproxy));
+        // An ordinary user: passt, with or without the host's loopback.
+        assert_eq!(choose_net("a", None, None, false, false), Ok(Passt));
+        assert_eq!(choose_net("a", None, None, true, false), Ok(Passt));
+        // What the instance last ran with is kept when it still keeps its guarantee.
+        assert_eq!(choose_net("a", None, Some(Passt), false, true), Ok(Passt));
+        assert_eq!(choose_net("a", None, Some(Passt), false, false), Ok(Passt));
+        assert_eq!(
+            choose_net("a", None, Some(Gvproxy), false, true),
+            Ok(Gvproxy)
+        );
+        // --net wins over what was saved.
+        assert_eq!(
+            choose_net("a", Some(Passt), Some(Gvproxy), false, true),
+            Ok(Passt)
+        );
+        assert_eq!(
+            choose_net("a", Some(Gvproxy), Some(Passt), false, true),
+            Ok(Gvproxy)
+        );
+        assert_eq!(
+            choose_net("a", Some(Passt), Some(Gvproxy), false, false),
+            Ok(Passt)
+        );
+    }
+
+    #[test]
+    fn gvproxy_without_its_guard_needs_the_exposure_accepted() {
+        use NetBackend::{Gvproxy, Passt};
+        // Asked for with --net.
+        let asked = choose_net("a", Some(Gvproxy), None, false, false).unwrap_err();
+        assert_eq!(asked, NetChoiceError::GvproxyUnguarded);
+        assert_eq!(asked.to_string(), REFUSED_ASKED);
+        let asked = choose_net("a", Some(Gvproxy), Some(Passt), false, false).unwrap_err();
+        assert_eq!(asked.to_string(), REFUSED_ASKED);
+        // Saved by an earlier start: the error says so and names the instance.
+        let saved = choose_net("box-1", None, Some(Gvproxy), false, false).unwrap_err();
+        assert_eq!(saved, NetChoiceError::SavedGvproxyUnguarded("box-1".into()));
+        assert_eq!(saved.to_string(), refused_saved("box-1"));
+        // With the exposure accepted gvproxy runs unguarded.
+        assert_eq!(
+            choose_net("a", Some(Gvproxy), None, true, false),
+            Ok(Gvproxy)
+        );
+        assert_eq!(
+            choose_net("a", None, Some(Gvproxy), true, false),
+            Ok(Gvproxy)
+        );
+        // Root is never refused.
+        assert_eq!(
+            choose_net("a", Some(Gvproxy), None, false, true),
+            Ok(Gvproxy)
+        );
+    }
+
+    #[test]
+    fn helpers_run_in_the_guard_unless_the_exposure_is_accepted() {
+        use NetBackend::{Gvproxy, Passt};
+        let asked = std::cell::Cell::new(0);
+        let probe = |answer: bool| {
+            let asked = &asked;
+            move || {
+                asked.set(asked.get() + 1);
+                answer
+            }
+        };
+        // gvproxy: always in the guard (where it cannot attach, starting fails), without asking.
+        assert!(net_guarded(Gvproxy, false, probe(true)));
+        assert!(net_guarded(Gvproxy, false, probe(false)));
+        assert_eq!(asked.get(), 0);
+        // passt: in the guard where it attaches, else on --no-map-gw alone.
+        assert!(net_guarded(Passt, false, probe(true)));
+        assert!(!net_guarded(Passt, false, probe(false)));
+        assert_eq!(asked.get(), 2);
+        // --allow-host-loopback: neither, without asking.
+        assert!(!net_guarded(Gvproxy, true, probe(true)));
+        assert!(!net_guarded(Passt, true, probe(true)));
+        assert_eq!(asked.get(), 2);
     }
 }

@@ -185,13 +185,39 @@ fn offline_status(
     }
 }
 
+/// The stop reason of a supervisor that died without recording it (README, "When things fail").
+const SUPERVISOR_DIED: &str = "the supervisor process died unexpectedly";
+
 /// Marks `st` (the state a dead supervisor left) as stopped with the reason, and clears up after
 /// that supervisor.
 fn after_dead_supervisor(paths: &InstancePaths, st: &mut StateFile) {
     st.phase = Phase::Stopped;
-    st.stop_reason = Some("the supervisor process died unexpectedly".into());
+    st.stop_reason = Some(SUPERVISOR_DIED.into());
     st.last_error = st.stop_reason.clone();
     clean_up_after_dead_supervisor(paths, st);
+}
+
+/// After a `start` whose supervisor ended without a word (killed before it recorded its run, e.g.
+/// by SIGKILL right after it began): records the instance as stopped by the supervisor's death,
+/// under the instance lock, so `status` does not go on showing the previous run's stop reason.
+/// Nothing is recorded when that supervisor (or a later one) recorded its run itself (a start
+/// time from `spawned_at_ms` on: `status` then finds the dead supervisor), or when another
+/// supervisor holds the lock. `spawned_at_ms` is when the start launched the supervisor.
+pub fn record_silent_supervisor_death(name: &str, spawned_at_ms: u64) {
+    let paths = InstancePaths::new(name);
+    let Ok(Some(_lock)) = crate::lock::try_lock(&paths.lock()) else {
+        return;
+    };
+    let mut st = read_state(&paths).unwrap_or_else(|| StateFile::stopped(None));
+    if st.phase != Phase::Stopped || st.started_at_ms.is_some_and(|t| t >= spawned_at_ms) {
+        return;
+    }
+    recover_stale(&paths);
+    st.stop_reason = Some(SUPERVISOR_DIED.into());
+    st.last_error = st.stop_reason.clone();
+    if let Err(e) = record_without_processes(&paths, &st) {
+        tracing::warn!("recording the stop of {name}: {e}");
+    }
 }
 
 /// The first client to notice that a supervisor died without recording it (SIGKILL, host crash)
@@ -392,19 +418,43 @@ pub async fn delete(name: &str, force: bool) -> Result<(), ClientError> {
         Err(e) => return Err(ioe(name, "taking the instance lock")(e)),
     };
     recover_stale(&paths);
-    // A racing `start` may still be creating directories (before its supervisor runs).
-    let mut tries = 0;
-    loop {
-        match remove_any(&paths.dir) {
-            Ok(()) => break,
-            Err(e) if tries < 10 && e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => return Err(ioe(name, &format!("removing {}", paths.dir.display()))(e)),
+    // While this holds the lock at its path no supervisor can run: the runtime directory goes
+    // first. The instance directory then moves aside in one step, lock and all, and is removed
+    // from there. A racing start that waits for the lock finds no instance and makes a new one
+    // beside the old one being removed; removing the directory in place instead let a start
+    // create a fresh lock file in it half-way and boot into what was still being removed.
+    remove_any(&paths.run).map_err(ioe(name, &format!("removing {}", paths.run.display())))?;
+    let aside = paths
+        .dir
+        .with_file_name(format!(".deleting-{name}-{}", std::process::id()));
+    match gatevm_fsutil::rename_durable(&paths.dir, &aside) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(ioe(name, &format!("moving {} aside", paths.dir.display()))(
+                e,
+            ))
         }
     }
-    remove_any(&paths.run).map_err(ioe(name, &format!("removing {}", paths.run.display())))?;
+    remove_any(&aside).map_err(ioe(name, &format!("removing {}", aside.display())))?;
+    // What an earlier delete of this name left when it was killed half-way (never listed: the
+    // name is no instance name); the pid in the name tells whether that delete still runs.
+    let stale = format!(".deleting-{name}-");
+    for e in std::fs::read_dir(instances_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let file = e.file_name().to_string_lossy().into_owned();
+        // `.deleting-NAME-PID`: the name may hold '-' itself, so the rest must be the pid.
+        let pid = file.strip_prefix(&stale).unwrap_or_default();
+        // A delete still running has its own to remove.
+        let ours_or_dead =
+            pid == std::process::id().to_string() || !Path::new("/proc").join(pid).exists();
+        if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && ours_or_dead {
+            let _ = remove_any(&e.path());
+        }
+    }
     Ok(())
 }
 
@@ -733,11 +783,24 @@ pub fn spawn_supervisor(
     }
     // SAFETY: both fds were just created by pipe2 and are owned by nobody else.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(paths.log("supervisor"))
-        .map_err(ioe(name, "opening the supervisor log"))?;
+    let open_log = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(paths.log("supervisor"))
+    };
+    let log = match open_log() {
+        // A racing delete moved the instance's directory away after it was created above: this
+        // start makes the instance anew (as its supervisor does when the lock file is gone).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            paths
+                .create_dirs()
+                .map_err(ioe(name, "creating the instance directories"))?;
+            open_log()
+        }
+        other => other,
+    }
+    .map_err(ioe(name, "opening the supervisor log"))?;
     let log2 = log
         .try_clone()
         .map_err(ioe(name, "opening the supervisor log"))?;

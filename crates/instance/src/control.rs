@@ -146,7 +146,7 @@ pub struct InstanceStatus {
 /// One host process of an instance, as `status --json` reports it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ProcessReport {
-    /// `supervisor`, `vmm`, `virtiofsd`, `gvproxy` or `passt`.
+    /// `supervisor`, `vmm`, `gvproxy` or `passt`.
     pub role: String,
     pub pid: u32,
     /// What the kernel says about it (uid, capabilities, seccomp, no_new_privs, mount

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 /// Cap of the guest console log (`console.log`), per generation.
 pub const CONSOLE_LOG_CAP: u64 = 4 * 1024 * 1024;
-/// Cap of each host-side log (supervisor, gvproxy, passt, virtiofsd, vmm), per generation.
+/// Cap of each host-side log (supervisor, gvproxy, passt, vmm), per generation.
 pub const HELPER_LOG_CAP: u64 = 2 * 1024 * 1024;
 /// Generations kept besides the current file (`NAME.log.1`).
 pub const KEPT_GENERATIONS: u32 = 1;

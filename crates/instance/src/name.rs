@@ -77,10 +77,39 @@ mod tests {
     }
 
     proptest! {
+        /// The check agrees with the DNS-label rule its documentation states (so what is
+        /// accepted is a safe path component and hostname); a refusal is one line that says
+        /// which rule the name breaks and quotes it.
         #[test]
-        fn accepted_names_are_safe_path_components(s in ".{0,70}") {
-            if validate(&s).is_ok() {
-                prop_assert!(!s.contains('/') && !s.starts_with('.') && s.len() <= 63);
+        fn validate_matches_the_dns_label_rule(s in "[a-z0-9-]{0,70}|[a-zA-Z0-9_./-]{0,8}|.{0,70}") {
+            let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+            let model = !s.is_empty()
+                && s.len() <= 63
+                && s.chars().all(|c| alnum(c) || c == '-')
+                && s.starts_with(alnum)
+                && s.ends_with(alnum);
+            match validate(&s) {
+                Ok(n) => {
+                    prop_assert!(model, "{:?} accepted", s);
+                    prop_assert_eq!(n, s.as_str());
+                    prop_assert!(!s.contains('/') && !s.starts_with('.'));
+                }
+                Err(e) => {
+                    prop_assert!(!model, "{:?} refused: {}", s, e);
+                    let msg = e.to_string();
+                    prop_assert!(!msg.contains('\n'), "{}", msg);
+                    let want = if s.is_empty() {
+                        NameError::Empty
+                    } else if s.len() > 63 {
+                        NameError::TooLong(s.chars().take(80).collect())
+                    } else {
+                        NameError::Invalid(s.clone())
+                    };
+                    prop_assert_eq!(e, want);
+                    if !s.is_empty() {
+                        prop_assert!(msg.contains(&format!("{:?}", s.chars().take(80).collect::<String>())), "{}", msg);
+                    }
+                }
             }
         }
     }

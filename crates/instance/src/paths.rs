@@ -93,11 +93,12 @@ impl InstancePaths {
     pub fn legacy_upper(&self) -> PathBuf {
         self.dir.join("rootfs-upper")
     }
-    /// The image holding the root's writable layer (sparse ext4 of the root budget's size).
+    /// The image holding the root's writable layer (sparse ext4 of the root budget's size), the
+    /// guest's disk [`gatevm_abi::paths::disk::UPPER`].
     pub fn upper_image(&self) -> PathBuf {
         self.dir.join("rootfs-rw.img")
     }
-    /// Where [`Self::upper_image`] is mounted (nosuid, nodev) on the host.
+    /// Where an earlier gatevm mounted [`Self::upper_image`] on the host (cleaned up only).
     pub fn upper_mount(&self) -> PathBuf {
         self.dir.join("rootfs-rw")
     }
@@ -105,31 +106,32 @@ impl InstancePaths {
     pub fn is_legacy_upper(&self) -> bool {
         !self.upper_image().exists() && self.legacy_upper().is_dir()
     }
-    /// Writable layer of the root filesystem.
-    pub fn upper(&self) -> PathBuf {
-        if self.is_legacy_upper() {
-            return self.legacy_upper();
-        }
-        self.upper_mount().join("upper")
-    }
-    pub fn overlay_work(&self) -> PathBuf {
-        if self.is_legacy_upper() {
-            return self.dir.join("rootfs-work");
-        }
-        self.upper_mount().join("work")
-    }
-    /// Mount point of the merged root filesystem that virtiofsd serves.
+    /// Where an earlier gatevm mounted the merged root on the host (cleaned up only).
     pub fn rootfs(&self) -> PathBuf {
         self.dir.join("rootfs")
+    }
+    /// A throwaway VM's own root (`vm-run --rootfs` or an unpacked image) as a read-only image.
+    pub fn root_image(&self) -> PathBuf {
+        self.dir.join("root.erofs")
+    }
+    /// The k3s profile's staging directory, made into [`Self::stage_image`] at every start.
+    pub fn stage_dir(&self) -> PathBuf {
+        self.dir.join("k3s-stage")
+    }
+    /// The k3s profile's staging image, the guest's read-only disk
+    /// [`gatevm_abi::paths::disk::STAGE`].
+    pub fn stage_image(&self) -> PathBuf {
+        self.dir.join("k3s-stage.erofs")
+    }
+    /// libkrun's boot directory: only the guest agent, which builds the root from the disks.
+    pub fn boot_dir(&self) -> PathBuf {
+        self.dir.join("boot")
     }
     pub fn control_socket(&self) -> PathBuf {
         self.run.join("ctl.sock")
     }
     pub fn agent_socket(&self) -> PathBuf {
         self.run.join("agent.sock")
-    }
-    pub fn virtiofs_socket(&self) -> PathBuf {
-        self.run.join("vfs.sock")
     }
     /// The network helper's own directory: the only place a confined gvproxy may create or
     /// remove files (owned by the helper's uid when gatevm runs as root).
@@ -153,7 +155,6 @@ impl InstancePaths {
         vec![
             self.control_socket(),
             self.agent_socket(),
-            self.virtiofs_socket(),
             self.net_socket(),
             self.net_api_socket(),
             self.console_fifo(),

@@ -81,6 +81,85 @@ pub enum PreflightError {
     /// The chosen VMM cannot run here: the reason and the alternative.
     #[error("{0}")]
     Backend(String),
+    /// The network helper asked for (or saved) cannot keep its guarantee here.
+    #[error(transparent)]
+    Net(#[from] crate::backend::NetChoiceError),
+    /// A forward's host port needs root.
+    #[error("forward {forward}: host port {port} is below net.ipv4.ip_unprivileged_port_start ({start}), so only root can bind it: use a host port of {start} or more, or lower that sysctl (sysctl net.ipv4.ip_unprivileged_port_start={port})")]
+    PrivilegedPort {
+        forward: Forward,
+        port: u16,
+        start: u16,
+    },
+}
+
+/// What the calling process may do, as far as a start's network is concerned: probed once per
+/// command ([`Caller::probe`]), given to the checks below (tests give their own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// It can attach the loopback guard (cgroup BPF): root with cgroup v2.
+    pub can_guard: bool,
+    /// It is root, so it can bind host ports below `net.ipv4.ip_unprivileged_port_start`.
+    pub root: bool,
+}
+
+impl Caller {
+    /// This process: whether it is root, and whether it can attach the loopback guard (a real
+    /// attempt on a cgroup of its own, removed again).
+    pub fn probe() -> Caller {
+        let can_guard = match gatevm_net::loopback::LoopbackGuard::probe() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("the loopback guard cannot be attached: {e}");
+                false
+            }
+        };
+        Caller {
+            can_guard,
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            root: unsafe { libc::geteuid() } == 0,
+        }
+    }
+}
+
+/// The network helper of a start, chosen once ([`crate::backend::choose_net`]): `asked` with
+/// `--net`, else what the instance `saved` last ran with, else gvproxy where the caller can attach
+/// the loopback guard and passt where it cannot. gvproxy without its guard is refused unless
+/// `allow_host_loopback`.
+pub fn choose_net(
+    name: &str,
+    asked: Option<NetBackend>,
+    saved: Option<NetBackend>,
+    allow_host_loopback: bool,
+    caller: Caller,
+) -> Result<NetBackend, PreflightError> {
+    Ok(crate::backend::choose_net(
+        name,
+        asked,
+        saved,
+        allow_host_loopback,
+        caller.can_guard,
+    )?)
+}
+
+/// Fails naming the first forward whose host port only root can bind, when the caller is not
+/// root: ports below `unprivileged_start` (`net.ipv4.ip_unprivileged_port_start`).
+pub fn check_low_ports(
+    forwards: &[Forward],
+    caller: Caller,
+    unprivileged_start: u16,
+) -> Result<(), PreflightError> {
+    if caller.root {
+        return Ok(());
+    }
+    match forwards.iter().find(|f| f.host_port < unprivileged_start) {
+        Some(f) => Err(PreflightError::PrivilegedPort {
+            forward: *f,
+            port: f.host_port,
+            start: unprivileged_start,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Variables that place gatevm's files; each, when set and not empty, must be an absolute path.
@@ -163,8 +242,14 @@ pub fn check_krun_kernel(config: &InstanceConfig) -> Result<(), PreflightError> 
     }
 }
 
-/// Fails naming the first forward whose host port is taken.
-pub fn check_ports_free(forwards: &[Forward]) -> Result<(), PreflightError> {
+/// Fails naming the first forward whose host port only root can bind (when the caller is not
+/// root), then the first whose host port is taken.
+pub fn check_ports_free(forwards: &[Forward], caller: Caller) -> Result<(), PreflightError> {
+    check_low_ports(
+        forwards,
+        caller,
+        gatevm_net::confine::unprivileged_port_start(),
+    )?;
     for f in forwards {
         gatevm_net::forward::check_host_port_free(f).map_err(|source| {
             PreflightError::PortTaken {
@@ -205,14 +290,15 @@ fn check_backend_with(config: &InstanceConfig, runtime: &Runtime) -> Result<(), 
 }
 
 /// The checks of a start against the host and the instance's files, after [`check_config`]:
-/// the data directory is found, the instance is not running, its forwards' host ports are free,
-/// its state disk does not shrink and its root budget changes only with `reset`
-/// (`root_size_given`: the budget was asked for), and the backend can run. An existing root
-/// budget is kept in `config`.
+/// the data directory is found, the instance is not running, its forwards' host ports can be
+/// bound by the `caller` and are free, its state disk does not shrink and its root budget changes
+/// only with `reset` (`root_size_given`: the budget was asked for), and the backend can run. An
+/// existing root budget is kept in `config`.
 pub fn check_start(
     config: &mut InstanceConfig,
     reset: bool,
     root_size_given: bool,
+    caller: Caller,
 ) -> Result<(), PreflightError> {
     gatevm_runtime::dirs::data_dir().map_err(PreflightError::FindDataDir)?;
     let name = config.name.clone();
@@ -220,7 +306,7 @@ pub fn check_start(
     if client::is_running(&paths) {
         return Err(PreflightError::AlreadyRunning(name));
     }
-    check_ports_free(&config::all_forwards(config))?;
+    check_ports_free(&config::all_forwards(config), caller)?;
     if let Ok(meta) = std::fs::metadata(paths.state_disk()) {
         let have = meta.len() >> 30;
         if !reset && u64::from(config.disk_gib) < have {
@@ -239,4 +325,84 @@ pub fn check_start(
         config.root_mib = have;
     }
     check_backend(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USER: Caller = Caller {
+        can_guard: false,
+        root: false,
+    };
+    const ROOT: Caller = Caller {
+        can_guard: true,
+        root: true,
+    };
+
+    fn fwd(spec: &str) -> Forward {
+        gatevm_net::parse_forwards(&[spec.to_string()])
+            .unwrap()
+            .remove(0)
+    }
+
+    #[test]
+    fn an_ordinary_user_is_told_which_forwards_need_root() {
+        let low = [fwd("80:80")];
+        assert_eq!(
+            check_low_ports(&low, USER, 1024).unwrap_err().to_string(),
+            "forward 127.0.0.1:80:80/tcp: host port 80 is below net.ipv4.ip_unprivileged_port_start (1024), so only root can bind it: use a host port of 1024 or more, or lower that sysctl (sysctl net.ipv4.ip_unprivileged_port_start=80)"
+        );
+        // The first low one is named, UDP too; the sysctl's value is the one given.
+        let mixed = [fwd("8080:80"), fwd("0.0.0.0:53:53/udp"), fwd("22:22")];
+        assert_eq!(
+            check_low_ports(&mixed, USER, 600).unwrap_err().to_string(),
+            "forward 0.0.0.0:53:53/udp: host port 53 is below net.ipv4.ip_unprivileged_port_start (600), so only root can bind it: use a host port of 600 or more, or lower that sysctl (sysctl net.ipv4.ip_unprivileged_port_start=53)"
+        );
+        // The boundary: the sysctl's port itself is unprivileged.
+        assert!(check_low_ports(&[fwd("1024:80")], USER, 1024).is_ok());
+        assert!(check_low_ports(&[fwd("1023:80")], USER, 1024).is_err());
+        // A host that lowered the sysctl lets the user bind them.
+        assert!(check_low_ports(&mixed, USER, 0).is_ok());
+        // Root binds any.
+        assert!(check_low_ports(&mixed, ROOT, 1024).is_ok());
+        assert!(check_low_ports(&[], USER, 1024).is_ok());
+    }
+
+    #[test]
+    fn the_network_helper_is_chosen_by_what_the_caller_can_attach() {
+        assert_eq!(
+            choose_net("a", None, None, false, ROOT).unwrap(),
+            NetBackend::Gvproxy
+        );
+        assert_eq!(
+            choose_net("a", None, None, false, USER).unwrap(),
+            NetBackend::Passt
+        );
+        let err = choose_net("a", Some(NetBackend::Gvproxy), None, false, USER).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PreflightError::Net(crate::backend::NetChoiceError::GvproxyUnguarded)
+            ),
+            "{err:?}"
+        );
+        // The preflight error is the choice's own line, nothing added.
+        assert!(
+            err.to_string().starts_with("--net gvproxy cannot keep"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_probe_matches_who_runs_the_tests() {
+        let me = Caller::probe();
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        assert_eq!(me.root, root);
+        if !root {
+            // An ordinary user cannot attach cgroup BPF.
+            assert!(!me.can_guard, "{me:?}");
+        }
+    }
 }

@@ -561,20 +561,48 @@ mod tests {
     }
 
     proptest! {
+        /// A certificate cut short is refused; one with a flipped bit is refused or read from
+        /// its own bytes (the names and key found are in the damaged DER); a flip in the
+        /// signature's last bytes, which gatevm does not read, changes nothing.
         #[test]
-        fn damaged_certificates_never_panic(cut in 0usize..2000, flip in 0usize..2000, bit in 0u8..8) {
+        fn damaged_certificates_are_refused_or_read_from_their_bytes(cut in 0usize..2000, flip in 0usize..2000, bit in 0u8..8) {
             let der = sample_der();
-            let cut = cut % (der.len() + 1);
-            let _ = parse_certificate(&der[..cut]);
+            let whole = parse_certificate(der).unwrap();
+            let cut = cut % der.len();
+            let e = parse_certificate(&der[..cut]).unwrap_err().to_string();
+            prop_assert!(!e.is_empty() && !e.contains('\n'), "{:?}", e);
             let mut flipped = der.to_vec();
             let at = flip % der.len();
             flipped[at] ^= 1 << bit;
-            let _ = parse_certificate(&flipped);
+            let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len().max(1)).any(|w| w == needle);
+            match parse_certificate(&flipped) {
+                Ok(info) => {
+                    prop_assert!(contains(&flipped, &info.subject) && contains(&flipped, &info.issuer));
+                    prop_assert!(contains(&flipped, &info.public_key));
+                }
+                Err(e) => prop_assert!(!e.to_string().contains('\n')),
+            }
+            let mut sig = der.to_vec();
+            let n = sig.len();
+            sig[n - 1 - flip % 8] ^= 1 << bit;
+            prop_assert_eq!(parse_certificate(&sig).ok(), Some(whole));
         }
 
+        /// Bytes after the certificate are refused, counted exactly.
         #[test]
-        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let _ = parse_certificate(&bytes);
+        fn trailing_bytes_are_counted(extra in proptest::collection::vec(any::<u8>(), 1..100)) {
+            let mut bytes = sample_der().to_vec();
+            bytes.extend_from_slice(&extra);
+            let e = parse_certificate(&bytes).unwrap_err();
+            prop_assert!(matches!(e, CertError::Trailing(n) if n == extra.len()), "{:?}", e);
+            prop_assert_eq!(e.to_string(), format!("{} unexpected trailing bytes after the certificate", extra.len()));
+        }
+
+        /// Random bytes are never a certificate; the refusal is one line.
+        #[test]
+        fn random_bytes_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let e = parse_certificate(&bytes).unwrap_err().to_string();
+            prop_assert!(!e.is_empty() && !e.contains('\n'), "{:?}", e);
         }
     }
 }

@@ -231,7 +231,13 @@ mod tests {
             format!("{RELEASES}/v1.34.2%2Bk3s1/k3s"),
             "the + of the tag is escaped"
         );
-        assert_eq!(p.sha256.len(), 64);
+        // Each built-in pin passes the check a user's pin gets (a sha256: 64 lowercase hex
+        // digits), unchanged.
+        for arch in ["x86_64", "aarch64"] {
+            let p = pinned(arch).unwrap();
+            let again = pin_from(Some(p.url.clone()), Some(p.sha256.clone()), arch).unwrap();
+            assert_eq!(again.sha256, p.sha256, "{arch}");
+        }
         assert!(pinned("aarch64").unwrap().url.ends_with("/k3s-arm64"));
         assert!(pinned("riscv64").is_none());
         assert!(pin_from(None, None, "riscv64")
@@ -255,6 +261,38 @@ mod tests {
     }
 
     #[test]
+    fn the_hash_checked_is_the_sha256_of_the_bytes() {
+        // The FIPS 180-2 example: the digest of "abc", and of nothing.
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("abc");
+        std::fs::write(&f, b"abc").unwrap();
+        assert_eq!(
+            sha256_file(&f).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        std::fs::write(&f, b"").unwrap();
+        assert_eq!(
+            sha256_file(&f).unwrap(),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        // A user's pin is compared in lowercase, whatever case it was given in; anything but
+        // 64 hex digits is refused, naming what was given.
+        let up = "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD";
+        let p = pin_from(Some("file:///x".into()), Some(format!(" {up}\n")), "x86_64").unwrap();
+        assert_eq!(p.sha256, up.to_ascii_lowercase());
+        for bad in [&up[1..], &format!("{up}0"), &up.replace('B', "g")] {
+            let e = pin_from(Some("file:///x".into()), Some(bad.to_string()), "x86_64")
+                .unwrap_err()
+                .to_string();
+            let shown = bad.to_ascii_lowercase();
+            assert_eq!(
+                e,
+                format!("GATEVM_K3S_SHA256 {shown:?} is not a sha256 (64 hex digits)")
+            );
+        }
+    }
+
+    #[test]
     fn a_wrong_hash_is_refused_and_nothing_is_kept() {
         let d = tempfile::tempdir().unwrap();
         let src = d.path().join("k3s");
@@ -266,7 +304,14 @@ mod tests {
             version: None,
         };
         let e = fetch(&pin, &rt).unwrap_err().to_string();
-        assert!(e.contains("not the pinned"), "{e}");
+        let got = sha256_file(&src).unwrap();
+        assert_eq!(
+            e,
+            format!(
+                "{} has sha256 {got}, not the pinned {}: refusing to run it",
+                pin.url, pin.sha256
+            )
+        );
         assert_eq!(
             std::fs::read_dir(binary::cache_dir(&rt)).unwrap().count(),
             0

@@ -72,6 +72,22 @@ pub enum TlsError {
         /// The address.
         addr: SocketAddr,
     },
+    /// The server turned the client certificate away (an alert after the client's side of a
+    /// TLS 1.3 handshake ended).
+    #[error("{addr} refused the instance's client certificate")]
+    ClientRefused {
+        /// The address.
+        addr: SocketAddr,
+        /// The alert, as rustls reports it.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The server closed the connection right after the handshake, before any answer.
+    #[error("{addr} closed the connection right after the TLS handshake")]
+    ClosedAfterHandshake {
+        /// The address.
+        addr: SocketAddr,
+    },
     /// The connection failed during the handshake.
     #[error("TLS with {addr}")]
     Io {
@@ -133,7 +149,45 @@ pub fn probe(addr: SocketAddr, pki: &Pki, timeout: Duration) -> Result<(), TlsEr
             return Err(describe(addr, e));
         }
     }
+    // In TLS 1.2 the server's Finished, which the client has now checked, follows its verdict
+    // on the client certificate; in TLS 1.3 the client's side ends first, and the verdict
+    // comes after.
+    if conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
+        await_verdict(addr, &mut conn, &mut sock, timeout.min(VERDICT_WITHIN))?;
+    }
     Ok(())
+}
+
+/// How long, after a TLS 1.3 handshake, the check waits for the server to turn the client
+/// certificate away (a server that accepts it may say nothing until the client speaks).
+const VERDICT_WITHIN: Duration = Duration::from_secs(1);
+
+/// Waits up to `within` for what the server sends after the client's side of a TLS 1.3
+/// handshake: an alert (or the connection closed) means it refused the client certificate;
+/// anything else it sends (session tickets, data), or silence, means it took it.
+fn await_verdict(
+    addr: SocketAddr,
+    conn: &mut rustls::ClientConnection,
+    sock: &mut TcpStream,
+    within: Duration,
+) -> Result<(), TlsError> {
+    sock.set_read_timeout(Some(within)).ok();
+    match conn.read_tls(sock) {
+        Ok(0) => Err(TlsError::ClosedAfterHandshake { addr }),
+        Ok(_) => match conn.process_new_packets() {
+            Ok(_) => Ok(()),
+            Err(source) => Err(TlsError::ClientRefused { addr, source }),
+        },
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(TlsError::Io { addr, source }),
+    }
 }
 
 /// The error of a failed handshake.
@@ -235,6 +289,27 @@ mod tests {
         let addr = tls_server(&other, &other);
         let e = probe(addr, &p, T).unwrap_err().to_string();
         assert!(e.contains("not signed by the instance's CA"), "{e}");
+    }
+
+    /// A gateway that requires a client certificate of another CA turns the instance's away:
+    /// a client would not get through, so the check fails. (In TLS 1.3 the client's side of
+    /// the handshake ends before the server has judged its certificate.)
+    #[test]
+    fn refuses_a_server_that_turns_the_client_certificate_away() {
+        let (_d, p) = pki("gw");
+        let (_e, other) = pki("other");
+        let addr = tls_server(&p, &other);
+        let e = probe(addr, &p, T).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{addr} refused the instance's client certificate")
+        );
+        let alert = std::error::Error::source(&e).map(ToString::to_string);
+        assert_eq!(
+            alert.as_deref(),
+            Some("received fatal alert: UnknownCA"),
+            "{e:?}"
+        );
     }
 
     #[test]

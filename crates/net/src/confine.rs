@@ -459,7 +459,10 @@ mod tests {
     #[test]
     fn the_helper_writes_only_in_its_directory() {
         if landlock_abi() == 0 {
-            println!("NOT RUN: this kernel has no Landlock");
+            gatevm_testkit::skip(
+                "confine::tests::the_helper_writes_only_in_its_directory",
+                "this kernel has no Landlock",
+            );
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -492,7 +495,10 @@ mod tests {
     fn the_helper_drops_root_and_capabilities() {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            println!("NOT RUN: needs root to switch uid");
+            gatevm_testkit::skip(
+                "confine::tests::the_helper_drops_root_and_capabilities",
+                "needs root to switch uid",
+            );
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -526,7 +532,10 @@ mod tests {
     #[test]
     fn the_helper_binds_only_forwarded_ports() {
         if landlock_abi() < 4 {
-            println!("NOT RUN: this kernel's Landlock cannot restrict ports");
+            gatevm_testkit::skip(
+                "confine::tests::the_helper_binds_only_forwarded_ports",
+                "this kernel's Landlock cannot restrict ports",
+            );
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -540,7 +549,10 @@ mod tests {
         let (allowed, other) = (free(()), free(()));
         let python = Path::new("/usr/bin/python3");
         if !python.exists() {
-            println!("NOT RUN: no python3 to bind from");
+            gatevm_testkit::skip(
+                "confine::tests::the_helper_binds_only_forwarded_ports",
+                "no python3 to bind from",
+            );
             return;
         }
         let script = |port: u16| {

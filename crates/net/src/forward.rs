@@ -258,10 +258,48 @@ mod tests {
         );
     }
 
+    /// Port numbers, often at and around the edges of 1-65535.
+    fn port_number() -> impl Strategy<Value = u32> {
+        prop_oneof![0u32..3, 65_533u32..65_539, 0u32..70_000]
+    }
+
     proptest! {
+        /// Whatever the text: what is accepted has ports in 1-65535 and prints back to a spec
+        /// that parses to the same forward; what is refused is named in a one-line message.
         #[test]
-        fn never_panics(s in ".{0,40}") {
-            let _ = s.parse::<Forward>();
+        fn any_spec_is_accepted_whole_or_refused_by_name(s in ".{0,40}|[0-9:./\\[\\]a-fudpt]{0,24}") {
+            match s.parse::<Forward>() {
+                Ok(f) => {
+                    prop_assert!(f.host_port >= 1 && f.guest_port >= 1);
+                    prop_assert_eq!(f.to_string().parse::<Forward>(), Ok(f));
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    prop_assert!(msg.starts_with(&format!("invalid port forward {s:?}: ")), "{}", msg);
+                    prop_assert!(!msg.contains('\n'), "{}", msg);
+                }
+            }
+        }
+
+        /// `host:guest[/proto]` with any numbers: accepted exactly when both are in 1-65535,
+        /// else the error names the first port out of range and its text.
+        #[test]
+        fn ports_are_checked_against_their_range(h in port_number(), g in port_number(), proto in "|/tcp|/udp") {
+            let spec = format!("{h}:{g}{proto}");
+            let ok = |p: u32| (1..=65535).contains(&p);
+            match spec.parse::<Forward>() {
+                Ok(f) => {
+                    prop_assert!(ok(h) && ok(g));
+                    prop_assert_eq!((u32::from(f.host_port), u32::from(f.guest_port)), (h, g));
+                    prop_assert_eq!(f.host_ip, IpAddr::from([127, 0, 0, 1]));
+                    prop_assert_eq!(f.proto, if proto == "/udp" { Proto::Udp } else { Proto::Tcp });
+                }
+                Err(e) => {
+                    let (what, value) = if ok(h) { ("guest", g) } else { ("host", h) };
+                    prop_assert!(!ok(h) || !ok(g));
+                    prop_assert_eq!(e, ForwardSpecError::Port { spec: spec.clone(), what, value: value.to_string() });
+                }
+            }
         }
 
         #[test]

@@ -177,7 +177,7 @@ pub struct LoopbackGuard {
 
 /// Why the guard could not be set up.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot keep the guest away from the host's loopback ({0}); gatevm needs root and cgroup v2 for this, or pass --allow-host-loopback to accept the exposure")]
+#[error("cannot keep the guest away from the host's loopback ({0}); gvproxy needs root and cgroup v2 for this: use --net passt, or --allow-host-loopback to accept the exposure")]
 pub struct GuardError(String);
 
 impl LoopbackGuard {
@@ -190,7 +190,25 @@ impl LoopbackGuard {
 
     /// Creates the cgroup `gatevm-<name>-net` and attaches the filters.
     pub fn create(name: &str) -> Result<LoopbackGuard, GuardError> {
-        let dir = Self::path_for(name)?;
+        Self::create_at(Self::path_for(name)?)
+    }
+
+    /// Whether this process can set up the guard: does what [`LoopbackGuard::create`] does on a
+    /// cgroup of its own (`gatevm-probe.PID`, a name no instance can have) and removes it again.
+    /// An ordinary user fails here (creating the cgroup, loading or attaching the filters).
+    pub fn probe() -> Result<(), GuardError> {
+        let root = cgroup2_root().map_err(|e| GuardError(e.to_string()))?;
+        let own = own_cgroup().map_err(|e| GuardError(e.to_string()))?;
+        let dir = root
+            .join(own)
+            .join(format!("gatevm-probe.{}", std::process::id()));
+        let created = Self::create_at(dir.clone());
+        remove_dir(&dir);
+        created.map(drop)
+    }
+
+    /// Creates the cgroup `dir` (or takes the one there) and attaches the filters.
+    fn create_at(dir: PathBuf) -> Result<LoopbackGuard, GuardError> {
         let e = |what: &str, err: io::Error| GuardError(format!("{what}: {err}"));
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
@@ -310,10 +328,35 @@ mod tests {
     }
 
     #[test]
+    fn the_probe_answers_as_setting_up_the_guard_does_and_leaves_nothing() {
+        let probe_dir = cgroup2_root()
+            .unwrap()
+            .join(own_cgroup().unwrap())
+            .join(format!("gatevm-probe.{}", std::process::id()));
+        let probed = LoopbackGuard::probe();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            // Root attaches the guard (guarded_processes_cannot_reach_loopback needs it too).
+            assert!(probed.is_ok(), "{probed:?}");
+        } else {
+            let e = probed.unwrap_err().to_string();
+            assert!(
+                e.starts_with("cannot keep the guest away from the host's loopback (")
+                    && e.ends_with("); gvproxy needs root and cgroup v2 for this: use --net passt, or --allow-host-loopback to accept the exposure"),
+                "{e}"
+            );
+        }
+        assert!(!probe_dir.exists(), "{} was left", probe_dir.display());
+    }
+
+    #[test]
     fn guarded_processes_cannot_reach_loopback() {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("loopback guard test: NOT RUN: needs root");
+            gatevm_testkit::skip(
+                "loopback::tests::guarded_processes_cannot_reach_loopback",
+                "needs root",
+            );
             return;
         }
         let guard = match LoopbackGuard::create(&format!("test-{}", std::process::id())) {

@@ -796,7 +796,10 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
 
-        /// Corrupt zstd and gzip streams are errors or short data, never panics.
+        /// Corrupt zstd and gzip streams are errors or short data, never panics. For zstd
+        /// (written without a checksum, so damaged data can decode to other bytes) not
+        /// panicking is the property; gzip's CRC makes a stronger one: whatever decodes without
+        /// an error is exactly the original data.
         #[test]
         fn corrupt_compressed_streams_do_not_panic(
             flips in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()), 1..6),
@@ -814,8 +817,32 @@ mod tests {
                 let mut out = Vec::new();
                 let z = Compression::detect(&stream);
                 if let Ok(mut d) = z.decoder(&stream[..]) {
-                    let _ = d.read_to_end(&mut out);
+                    let read = d.read_to_end(&mut out);
+                    if z == Compression::Gzip && read.is_ok() {
+                        proptest::prop_assert!(out == data, "damaged gzip decoded to other bytes without an error");
+                    }
                 }
+            }
+        }
+
+        /// A good stream cut short anywhere gives an error, never a shorter layer read as
+        /// whole, and what comes out before the error is a beginning of the original data.
+        #[test]
+        fn cut_compressed_streams_are_errors(cut in proptest::prelude::any::<proptest::sample::Index>()) {
+            let data: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut gz, &data).unwrap();
+            for whole in [zstd::encode_all(&data[..], 3).unwrap(), gz.finish().unwrap()] {
+                let z = Compression::detect(&whole);
+                let mut out = Vec::new();
+                z.decoder(&whole[..]).unwrap().read_to_end(&mut out).unwrap();
+                proptest::prop_assert!(out == data, "{:?}: the whole stream does not give the data", z);
+                // Keep at least the magic, so the decoder is the one under test.
+                let at = 4 + cut.index(whole.len() - 4);
+                let mut out = Vec::new();
+                let read = z.decoder(&whole[..at]).unwrap().read_to_end(&mut out);
+                proptest::prop_assert!(read.is_err(), "{:?} cut at {} of {} read as {} bytes", z, at, whole.len(), out.len());
+                proptest::prop_assert!(data.starts_with(&out), "{:?}: not a beginning of the data", z);
             }
         }
     }

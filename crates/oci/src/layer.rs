@@ -578,7 +578,9 @@ impl Unpacker {
             Err(Errno::EPERM | Errno::EINVAL) if !self.is_root => {
                 if !self.chown_refused {
                     self.chown_refused = true;
-                    tracing::warn!("not running as root: image files keep the caller's owner");
+                    // Nothing for the user to act on: the image made of the tree for the
+                    // guest says root's (erofs::Owners::AllRoot).
+                    tracing::debug!("not running as root: unpacked files keep the caller's owner");
                 }
                 Ok(())
             }

@@ -314,9 +314,48 @@ mod tests {
             }
         }
 
+        /// Whatever the bytes: an error names an offset inside the input, and what is read
+        /// is bounded by the input (each entry takes at least 112 bytes and its data is a part
+        /// of the input). Random bytes are refused. (That nothing panics is checked as well.)
         #[test]
-        fn reader_never_panics(data in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
-            let _ = parse_newc(&data);
+        fn reader_is_bounded_by_its_input(data in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            match parse_newc(&data) {
+                Ok(entries) => {
+                    proptest::prop_assert!(entries.len() * 112 <= data.len());
+                    let body: usize = entries.iter().map(|e| e.data.len()).sum();
+                    proptest::prop_assert!(body <= data.len());
+                }
+                Err(CpioError::Truncated(o) | CpioError::BadMagic(o) | CpioError::BadField(o) | CpioError::BadName(o)) => {
+                    proptest::prop_assert!(o <= data.len(), "offset {} of {} bytes", o, data.len());
+                }
+                Err(CpioError::NoTrailer) => {}
+            }
+            // Random bytes: too short for a header, or no magic where it must be.
+            let first = if data.len() < HEADER_LEN {
+                Some(CpioError::Truncated(0))
+            } else if !data.starts_with(MAGIC) {
+                Some(CpioError::BadMagic(0))
+            } else {
+                None
+            };
+            if let Some(e) = first {
+                proptest::prop_assert_eq!(parse_newc(&data), Err(e));
+            }
+        }
+
+        /// A good archive cut short anywhere is refused, never read as a shorter archive.
+        #[test]
+        fn cut_archives_are_refused(
+            files in proptest::collection::vec(("[a-z]{1,12}", proptest::collection::vec(proptest::num::u8::ANY, 0..40)), 1..5),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            let mut w = CpioWriter::new(Vec::new());
+            for (n, d) in &files {
+                w.file(n, 0o644, d).unwrap();
+            }
+            let data = w.finish().unwrap();
+            let cut = cut.index(data.len());
+            proptest::prop_assert!(parse_newc(&data[..cut]).is_err(), "cut at {} of {}", cut, data.len());
         }
     }
 }

@@ -17,6 +17,7 @@ mod cmd;
 pub(crate) mod component;
 pub mod cpio;
 pub mod dirs;
+pub mod erofs;
 pub(crate) mod error;
 pub(crate) mod fsutil;
 pub(crate) mod modules;
@@ -32,4 +33,7 @@ pub use component::rootfs::{RootfsError, RootfsRecipe};
 pub use component::{initramfs, rootfs};
 pub use provenance::{Component, FileRecord, Provenance, ProvenanceError, VerifyReport};
 pub use runtime::{verify, Runtime, RuntimeError};
-pub use setup::{setup, SetupAction, SetupError, SetupOptions, SetupReport, SetupStep};
+pub use setup::{
+    setup, setup_system, uses_system_runtime, SetupAction, SetupError, SetupOptions, SetupReport,
+    SetupStep,
+};

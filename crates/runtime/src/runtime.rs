@@ -50,16 +50,24 @@ pub enum RuntimeError {
 pub struct Runtime {
     dir: PathBuf,
     rootfs_root: PathBuf,
+    /// Where initramfs images are built and found: `dir/initramfs`, or the caller's cache when
+    /// the runtime is the system one and the caller is not root (who cannot write there).
+    initramfs_dir: PathBuf,
     provenance: Provenance,
     kernel: KernelInfo,
     qemu: RecordedQemu,
 }
 
 impl Runtime {
-    /// Loads the bundle from the default directories ([`dirs::runtime_dir`],
-    /// [`dirs::rootfs_root`]).
+    /// Loads the bundle [`dirs::locate_runtime`] picks: the caller's own when complete, else the
+    /// system one (`gatevm setup --system`).
     pub fn load() -> Result<Runtime, RuntimeError> {
-        Self::load_from(&dirs::runtime_dir()?, &dirs::rootfs_root()?)
+        let at = dirs::locate_runtime()?;
+        let mut rt = Self::load_from(&at.runtime, &at.rootfs_root)?;
+        if at.source == dirs::RuntimeSource::System && dirs::caller_uid() != 0 {
+            rt.initramfs_dir = dirs::cache_dir()?.join("initramfs");
+        }
+        Ok(rt)
     }
 
     /// Loads the bundle from `runtime_dir`, with base rootfs trees under `rootfs_root`. Checks
@@ -102,6 +110,7 @@ impl Runtime {
         let rt = Runtime {
             dir: runtime_dir.to_path_buf(),
             rootfs_root: rootfs_root.to_path_buf(),
+            initramfs_dir: runtime_dir.join("initramfs"),
             provenance,
             kernel,
             qemu,
@@ -227,13 +236,28 @@ impl Runtime {
         })
     }
 
+    /// The read-only EROFS image of the base rootfs tree, which VMs boot; an error when it is not
+    /// made (`gatevm setup` makes it).
+    pub fn base_image(&self) -> Result<PathBuf, RuntimeError> {
+        self.rootfs()?;
+        let img = rootfs::image_path(&self.rootfs_root, &self.rootfs_recipe());
+        if img.is_file() {
+            return Ok(img);
+        }
+        Err(RuntimeError::RootfsNotBuilt {
+            path: img,
+            kernel: self.kernel.release.clone(),
+        })
+    }
+
     /// The initramfs for `guest_bin`: built on first use, then reused from
-    /// `runtime_dir/initramfs/` (the name carries a hash of the inputs).
+    /// `runtime_dir/initramfs/` (the caller's `cache_dir()/initramfs/` when the runtime is the
+    /// system one and the caller is not root; the name carries a hash of the inputs).
     pub fn initramfs(&self, guest_bin: &Path) -> Result<PathBuf, RuntimeError> {
         Ok(initramfs::build_initramfs(
             guest_bin,
             &self.kernel,
-            &self.dir.join("initramfs"),
+            &self.initramfs_dir,
         )?)
     }
 

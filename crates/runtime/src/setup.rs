@@ -41,6 +41,9 @@ use crate::component::{
 use crate::dirs::{self, DirsError};
 use crate::provenance::{Component, Provenance, ProvenanceError};
 
+pub(crate) mod phases;
+use phases::Phases;
+
 /// What to do in [`setup`].
 #[derive(Debug, Clone)]
 pub struct SetupOptions {
@@ -118,6 +121,9 @@ pub struct SetupReport {
     pub log: PathBuf,
     /// Wall time of the whole setup in milliseconds.
     pub elapsed_ms: u64,
+    /// The caller (not root, without a runtime of their own) uses the system runtime that
+    /// `gatevm setup --system` installed in `runtime_dir`; nothing was built.
+    pub uses_system_runtime: bool,
 }
 
 impl SetupReport {
@@ -207,6 +213,27 @@ pub enum SetupError {
     /// No QEMU that runs the guests reliably, or the fetched one does not work.
     #[error("qemu")]
     Qemu(#[from] QemuError),
+    /// `gatevm setup --system` run by someone other than root.
+    #[error("setup --system installs host packages and writes {}: run it as root: `sudo gatevm setup --system`", path.display())]
+    SystemNeedsRoot {
+        /// The system directory.
+        path: PathBuf,
+    },
+    /// An ordinary user's setup, with no system runtime to use.
+    #[error("no system runtime in {}: as an ordinary user, setup cannot install host packages or build the base rootfs; run `sudo gatevm setup --system` once", path.display())]
+    NoSystemRuntime {
+        /// The system runtime directory.
+        path: PathBuf,
+    },
+    /// An ordinary user's setup, with a system runtime that is incomplete or older than this
+    /// gatevm.
+    #[error("the system runtime in {} is not current ({why}): run `sudo gatevm setup --system`", path.display())]
+    SystemRuntimeNotCurrent {
+        /// The system runtime directory.
+        path: PathBuf,
+        /// What is missing or out of date.
+        why: String,
+    },
 }
 
 pub(crate) fn io(
@@ -230,7 +257,10 @@ pub(crate) struct Ctx<'a> {
     pub(crate) cache: PathBuf,
     pub(crate) data: PathBuf,
     pub(crate) log: PathBuf,
+    /// Starts a phase ([`Phases::start`]): each message is one line.
     pub(crate) progress: &'a dyn Fn(&str),
+    /// The phases, ended (with their time when long) as each step is reported.
+    pub(crate) phases: &'a Phases<'a>,
     pub(crate) apt: Option<PrivateApt>,
     /// The private apt configuration for the host release's backports suite (kept apart from
     /// `apt`, so that a missing or failing backports suite cannot break the other lookups).
@@ -270,6 +300,7 @@ impl Ctx<'_> {
         detail: String,
         started: Instant,
     ) {
+        self.phases.end();
         tracing::info!(component, ?action, %detail, "setup step");
         self.steps.push(SetupStep {
             component: component.to_string(),
@@ -435,15 +466,203 @@ fn lock(data: &Path, progress: &dyn Fn(&str)) -> Result<File, SetupError> {
 /// builds the base rootfs and the initramfs. Idempotent: components that are present are left
 /// alone (their files' presence is checked; [`crate::verify`] re-hashes them), so a second run
 /// reports every step as [`SetupAction::AlreadyPresent`] and needs no network. Progress messages
-/// go to `progress`; nothing is printed.
+/// go to `progress`, one line each: a phase as it starts, and a long one again when it ends, with
+/// its time (`<phase>: done in 1 min 12 s`); nothing is printed.
+///
+/// For a caller who is not root, has no complete runtime of their own and no
+/// `GATEVM_RUNTIME_DIR`: uses the system runtime when it is complete and current (the report says
+/// so in [`SetupReport::uses_system_runtime`]; nothing is built), and is an error naming `sudo
+/// gatevm setup --system` otherwise.
 pub fn setup(opts: &SetupOptions, progress: &dyn Fn(&str)) -> Result<SetupReport, SetupError> {
     let started = Instant::now();
+    if !host::is_root() {
+        let at = dirs::locate_runtime()?;
+        if let Some(rt) = system_runtime_for_user(&at)? {
+            return Ok(SetupReport {
+                data_dir: dirs::data_dir()?,
+                runtime_dir: at.runtime,
+                cache_dir: dirs::cache_dir()?,
+                steps: Vec::new(),
+                kernel_release: rt.kernel_release().to_string(),
+                rootfs: rt.rootfs().ok(),
+                old_rootfs: Vec::new(),
+                initramfs: None,
+                log: dirs::cache_dir()?.join("logs/setup.log"),
+                elapsed_ms: started.elapsed().as_millis() as u64,
+                uses_system_runtime: true,
+            });
+        }
+    }
     let data = dirs::data_dir()?;
-    let runtime = dirs::runtime_dir()?;
+    let runtime = dirs::own_runtime_dir()?;
     let cache = dirs::cache_dir()?;
     for d in [&data, &runtime, &cache] {
         dirs::ensure_dir(d)?;
     }
+    setup_in(opts, progress, started, data, runtime, cache)
+}
+
+/// Whether [`setup`] for this caller uses the system runtime and builds nothing (a caller who
+/// is not root, without a complete runtime of their own or `GATEVM_RUNTIME_DIR`); the error
+/// [`setup`] would fail with when that system runtime is missing or not current.
+pub fn uses_system_runtime() -> Result<bool, SetupError> {
+    if host::is_root() {
+        return Ok(false);
+    }
+    Ok(system_runtime_for_user(&dirs::locate_runtime()?)?.is_some())
+}
+
+/// What an ordinary user's setup does with the runtime [`dirs::locate_runtime`] found: `None`
+/// (set up as root would: their own, or `GATEVM_RUNTIME_DIR`), the system runtime when it is
+/// complete and current, or an error naming `sudo gatevm setup --system`.
+fn system_runtime_for_user(
+    at: &dirs::RuntimeLocation,
+) -> Result<Option<crate::Runtime>, SetupError> {
+    match at.source {
+        dirs::RuntimeSource::Env | dirs::RuntimeSource::Own => Ok(None),
+        dirs::RuntimeSource::NotSetUp => Err(SetupError::NoSystemRuntime {
+            path: at
+                .system
+                .as_ref()
+                .map(|s| s.runtime())
+                .unwrap_or_else(|| at.runtime.clone()),
+        }),
+        dirs::RuntimeSource::System => {
+            let not_current = |why: String| SetupError::SystemRuntimeNotCurrent {
+                path: at.runtime.clone(),
+                why,
+            };
+            let rt = crate::Runtime::load_from(&at.runtime, &at.rootfs_root)
+                .map_err(|e| not_current(why_not_current(&e)))?;
+            rt.base_image()
+                .map_err(|e| not_current(why_not_current(&e)))?;
+            if !rt.passt().exists() {
+                return Err(not_current(format!("{} is missing", rt.passt().display())));
+            }
+            Ok(Some(rt))
+        }
+    }
+}
+
+/// What is wrong with the system runtime, for [`SetupError::SystemRuntimeNotCurrent`] (without
+/// the advice to run `gatevm setup`, which is not what an ordinary user can do).
+fn why_not_current(e: &crate::RuntimeError) -> String {
+    use crate::RuntimeError as E;
+    match e {
+        E::NotSetUp { path } => format!("{} not found", path.display()),
+        E::Incomplete { what } => what.clone(),
+        E::RootfsNotBuilt { path, kernel } => format!(
+            "the base rootfs for kernel {kernel} is not built: {} not found",
+            path.display()
+        ),
+        other => gatevm_abi::error_chain(other),
+    }
+}
+
+/// `gatevm setup --system` (root only): installs the host packages and builds the runtime and
+/// the base rootfs into the system directory ([`dirs::system_dir`]: `runtime/v1`, `rootfs/`),
+/// then makes them root's and readable by all: directories 0755, files 0755 when executable,
+/// else 0644 (the modes inside a rootfs tree are the guest's and stay). Every user's commands
+/// then find it ([`dirs::locate_runtime`]). Downloads and build trees go to root's cache.
+pub fn setup_system(
+    opts: &SetupOptions,
+    progress: &dyn Fn(&str),
+) -> Result<SetupReport, SetupError> {
+    let started = Instant::now();
+    let sys = dirs::system_dir()?;
+    if !host::is_root() {
+        return Err(SetupError::SystemNeedsRoot { path: sys.path });
+    }
+    let runtime = sys.runtime();
+    for d in [&sys.path, &runtime] {
+        dirs::ensure_public_dir(d)?;
+    }
+    let cache = dirs::cache_dir()?;
+    dirs::ensure_dir(&cache)?;
+    let report = setup_in(opts, progress, started, sys.path.clone(), runtime, cache)?;
+    publish_system(&sys.path, (0, 0))?;
+    Ok(report)
+}
+
+/// Makes the system directory `sys` readable by all and writable only by `owner` (root's uid
+/// and gid in [`setup_system`]): `sys` itself and the files in it, the whole runtime tree
+/// (`runtime/`) and `rootfs/` with its entries, not the insides of its trees (whose modes are the
+/// guest's). Directories get 0755, files 0755 when any execute bit is set and 0644 otherwise;
+/// symbolic links keep theirs and are not followed.
+pub(crate) fn publish_system(sys: &Path, owner: (u32, u32)) -> Result<(), SetupError> {
+    publish_entry(sys, owner)?;
+    for e in std::fs::read_dir(sys).map_err(io("setup", "cannot read", sys))? {
+        let e = e.map_err(io("setup", "cannot read", sys))?;
+        let path = e.path();
+        match e.file_name().to_str() {
+            Some("runtime") => publish_tree(&path, owner)?,
+            Some("rootfs") => {
+                publish_entry(&path, owner)?;
+                for t in std::fs::read_dir(&path).map_err(io("setup", "cannot read", &path))? {
+                    let t = t.map_err(io("setup", "cannot read", &path))?;
+                    publish_entry(&t.path(), owner)?;
+                }
+            }
+            _ => publish_entry(&path, owner)?,
+        }
+    }
+    Ok(())
+}
+
+/// [`publish_entry`] on `root` and everything below it.
+fn publish_tree(root: &Path, owner: (u32, u32)) -> Result<(), SetupError> {
+    publish_entry(root, owner)?;
+    let m = std::fs::symlink_metadata(root).map_err(io("setup", "cannot stat", root))?;
+    if m.is_dir() {
+        for e in std::fs::read_dir(root).map_err(io("setup", "cannot read", root))? {
+            let e = e.map_err(io("setup", "cannot read", root))?;
+            publish_tree(&e.path(), owner)?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives one path to `owner` with mode 0755 (a directory or an executable) or 0644; a symbolic
+/// link only changes owner.
+fn publish_entry(path: &Path, owner: (u32, u32)) -> Result<(), SetupError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = std::fs::symlink_metadata(path).map_err(io("setup", "cannot stat", path))?;
+    if (m.uid(), m.gid()) != owner {
+        std::os::unix::fs::lchown(path, Some(owner.0), Some(owner.1)).map_err(io(
+            "setup",
+            "cannot change the owner of",
+            path,
+        ))?;
+    }
+    if m.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mode = if m.is_dir() || m.mode() & 0o111 != 0 {
+        0o755
+    } else {
+        0o644
+    };
+    if m.mode() & 0o7777 != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io(
+            "setup",
+            "cannot change the mode of",
+            path,
+        ))?;
+    }
+    Ok(())
+}
+
+/// The steps of [`setup`] into `data` (lock, rootfs trees), `runtime` and `cache`, which exist.
+fn setup_in(
+    opts: &SetupOptions,
+    progress: &dyn Fn(&str),
+    started: Instant,
+    data: PathBuf,
+    runtime: PathBuf,
+    cache: PathBuf,
+) -> Result<SetupReport, SetupError> {
+    let phases = Phases::new(progress);
+    let progress = &|what: &str| phases.start(what);
     let _lock = lock(&data, progress)?;
     let logs = cache.join("logs");
     dirs::ensure_dir(&logs)?;
@@ -457,6 +676,7 @@ pub fn setup(opts: &SetupOptions, progress: &dyn Fn(&str)) -> Result<SetupReport
         data: data.clone(),
         log: log.clone(),
         progress,
+        phases: &phases,
         apt: None,
         backports_apt: None,
         source_apt: None,
@@ -486,6 +706,7 @@ pub fn setup(opts: &SetupOptions, progress: &dyn Fn(&str)) -> Result<SetupReport
         prov.save(&runtime)?;
     }
     let initramfs = initramfs::ensure(&mut ctx, opts, &kernel)?;
+    phases.end();
 
     Ok(SetupReport {
         data_dir: data,
@@ -498,5 +719,276 @@ pub fn setup(opts: &SetupOptions, progress: &dyn Fn(&str)) -> Result<SetupReport
         initramfs,
         log,
         elapsed_ms: started.elapsed().as_millis() as u64,
+        uses_system_runtime: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dirs::{RuntimeLocation, RuntimeSource, SystemDir};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    fn write(p: &Path, m: u32) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"x").unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+
+    fn chmod(p: &Path, m: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+
+    /// `setup --system`'s last step on a small tree: everything root's (the caller's here when
+    /// not root), directories 0755, executables 0755, other files 0644, links left alone, the
+    /// insides of a rootfs tree untouched.
+    #[test]
+    fn publish_makes_the_system_dir_readable_by_all() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sys = tmp.path().join("sys");
+        let rt = sys.join("runtime/v1");
+        write(&sys.join("setup.lock"), 0o600);
+        write(&rt.join("provenance.json"), 0o600);
+        write(&rt.join("bin/gvproxy"), 0o700);
+        write(&rt.join("bin/virtiofsd"), 0o4775);
+        write(&rt.join("lib/libkrunfw.so.5.5.0"), 0o664);
+        std::os::unix::fs::symlink("libkrunfw.so.5.5.0", rt.join("lib/libkrunfw.so.5")).unwrap();
+        write(&rt.join("kernel/lib/modules/6.0/modules.dep"), 0o600);
+        let tree = sys.join("rootfs/0123456789ab");
+        write(&tree.join("etc/shadow"), 0o640);
+        std::fs::create_dir_all(tree.join("tmp")).unwrap();
+        chmod(&tree.join("tmp"), 0o1777);
+        write(&sys.join("rootfs/0123456789ab.erofs"), 0o600);
+        for d in [
+            sys.clone(),
+            sys.join("runtime"),
+            rt.clone(),
+            rt.join("bin"),
+            rt.join("kernel/lib/modules"),
+            sys.join("rootfs"),
+            tree.clone(),
+        ] {
+            chmod(&d, 0o700);
+        }
+        chmod(&rt.join("lib"), 0o777);
+        let root = nix::unistd::geteuid().is_root();
+        if root {
+            std::os::unix::fs::lchown(rt.join("bin/gvproxy"), Some(4242), Some(4242)).unwrap();
+            std::os::unix::fs::lchown(rt.join("lib/libkrunfw.so.5"), Some(4242), None).unwrap();
+        }
+        let owner = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        publish_system(&sys, owner).unwrap();
+
+        for (p, m) in [
+            (sys.clone(), 0o755),
+            (sys.join("setup.lock"), 0o644),
+            (sys.join("runtime"), 0o755),
+            (rt.clone(), 0o755),
+            (rt.join("provenance.json"), 0o644),
+            (rt.join("bin"), 0o755),
+            (rt.join("bin/gvproxy"), 0o755),
+            (rt.join("bin/virtiofsd"), 0o755),
+            (rt.join("lib"), 0o755),
+            (rt.join("lib/libkrunfw.so.5.5.0"), 0o644),
+            (rt.join("kernel/lib/modules"), 0o755),
+            (rt.join("kernel/lib/modules/6.0"), 0o755),
+            (rt.join("kernel/lib/modules/6.0/modules.dep"), 0o644),
+            (sys.join("rootfs"), 0o755),
+            (tree.clone(), 0o755),
+            (sys.join("rootfs/0123456789ab.erofs"), 0o644),
+            // The guest's own modes inside the tree stay.
+            (tree.join("etc/shadow"), 0o640),
+            (tree.join("tmp"), 0o1777),
+        ] {
+            assert_eq!(mode(&p), m, "{}", p.display());
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            assert_eq!((md.uid(), md.gid()), owner, "{}", p.display());
+        }
+        let link = std::fs::symlink_metadata(rt.join("lib/libkrunfw.so.5")).unwrap();
+        assert!(link.file_type().is_symlink());
+        assert_eq!(link.uid(), owner.0);
+        if !root {
+            gatevm_testkit::skip_part(
+                "publish_makes_the_system_dir_readable_by_all",
+                "files of another user become root's",
+                "giving a file to another user needs root",
+            );
+        }
+        // What it leaves is what resolution trusts.
+        let s = SystemDir {
+            path: sys.clone(),
+            owners: vec![0, owner.0],
+        };
+        crate::dirs::check_trusted(&rt.join("bin/gvproxy"), &s.owners).unwrap();
+        crate::dirs::check_trusted(&s.rootfs_root(), &s.owners).unwrap();
+    }
+
+    /// A complete bundle (host QEMU, passt) in `rt` with its base rootfs built under `rootfs`.
+    fn fake_bundle(tmp: &Path, rt: &Path, rootfs: &Path) {
+        let rel = "6.0.0-test";
+        for f in [
+            "kernel/vmlinux".to_string(),
+            format!("kernel/lib/modules/{rel}/modules.dep"),
+            "bin/gvproxy".into(),
+            "bin/virtiofsd".into(),
+            "bin/passt".into(),
+            "lib/libkrunfw.so.5".into(),
+        ] {
+            write(&rt.join(f), 0o755);
+        }
+        let host_qemu = tmp.join("host/usr/bin/qemu-system-x86_64");
+        write(&host_qemu, 0o755);
+        let mut p = Provenance {
+            kernel_release: Some(rel.into()),
+            ..Default::default()
+        };
+        for name in ["kernel", "gvproxy", "libkrunfw", "virtiofsd", "qemu"] {
+            p.set_component(Component {
+                name: name.into(),
+                version: "1".into(),
+                origin: "test".into(),
+                installed_unix: 0,
+                files: if name == "qemu" {
+                    crate::provenance::records_for(rt, std::slice::from_ref(&host_qemu)).unwrap()
+                } else {
+                    vec![]
+                },
+            });
+        }
+        p.save(rt).unwrap();
+        let recipe = crate::RootfsRecipe::for_kernel(rel);
+        write(
+            &rootfs
+                .join(recipe.id())
+                .join(crate::component::rootfs::RECIPE_FILE),
+            0o644,
+        );
+        write(&crate::rootfs::image_path(rootfs, &recipe), 0o644);
+    }
+
+    /// An ordinary user's `gatevm setup` without a runtime of their own: the system runtime
+    /// when complete and current, else a one-line error naming `sudo gatevm setup --system`.
+    #[test]
+    fn ordinary_user_setup_uses_or_asks_for_the_system_runtime() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sys = SystemDir {
+            path: tmp.path().join("sys"),
+            owners: vec![0],
+        };
+        let at = |source| RuntimeLocation {
+            runtime: if source == RuntimeSource::System {
+                sys.runtime()
+            } else {
+                tmp.path().join("own/runtime/v1")
+            },
+            rootfs_root: if source == RuntimeSource::System {
+                sys.rootfs_root()
+            } else {
+                tmp.path().join("own/rootfs")
+            },
+            source,
+            system: Some(sys.clone()),
+        };
+        // Own or GATEVM_RUNTIME_DIR: set up as today.
+        assert!(system_runtime_for_user(&at(RuntimeSource::Own))
+            .unwrap()
+            .is_none());
+        assert!(system_runtime_for_user(&at(RuntimeSource::Env))
+            .unwrap()
+            .is_none());
+        // Nothing anywhere.
+        let e = system_runtime_for_user(&at(RuntimeSource::NotSetUp)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "no system runtime in {}: as an ordinary user, setup cannot install host \
+                 packages or build the base rootfs; run `sudo gatevm setup --system` once",
+                sys.runtime().display()
+            )
+        );
+        // There but incomplete.
+        std::fs::create_dir_all(sys.runtime()).unwrap();
+        let e = system_runtime_for_user(&at(RuntimeSource::System)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the system runtime in {} is not current ({} not found): run `sudo gatevm setup --system`",
+                sys.runtime().display(),
+                sys.runtime().join("provenance.json").display()
+            )
+        );
+        // Complete and current: used.
+        fake_bundle(tmp.path(), &sys.runtime(), &sys.rootfs_root());
+        let rt = system_runtime_for_user(&at(RuntimeSource::System))
+            .unwrap()
+            .unwrap();
+        assert_eq!(rt.dir(), sys.runtime());
+        assert_eq!(rt.kernel_release(), "6.0.0-test");
+        // Without passt (set up by an older gatevm): not current.
+        std::fs::remove_file(sys.runtime().join("bin/passt")).unwrap();
+        let e = system_runtime_for_user(&at(RuntimeSource::System)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the system runtime in {} is not current ({} is missing): run `sudo gatevm setup --system`",
+                sys.runtime().display(),
+                sys.runtime().join("bin/passt").display()
+            )
+        );
+        write(&sys.runtime().join("bin/passt"), 0o755);
+        // The base rootfs's image missing (a runtime set up before the root became a disk).
+        let img = crate::rootfs::image_path(
+            &sys.rootfs_root(),
+            &crate::RootfsRecipe::for_kernel("6.0.0-test"),
+        );
+        std::fs::remove_file(&img).unwrap();
+        let e = system_runtime_for_user(&at(RuntimeSource::System)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the system runtime in {} is not current (the base rootfs for kernel 6.0.0-test is not built: {} not found): run `sudo gatevm setup --system`",
+                sys.runtime().display(),
+                img.display()
+            )
+        );
+        // The base rootfs of the current recipe missing.
+        std::fs::remove_dir_all(sys.rootfs_root()).unwrap();
+        let e = system_runtime_for_user(&at(RuntimeSource::System)).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("is not current (the base rootfs for kernel 6.0.0-test is not built: "),
+            "{m}"
+        );
+        assert!(
+            m.ends_with("not found): run `sudo gatevm setup --system`"),
+            "{m}"
+        );
+    }
+
+    /// `setup --system` by anyone but root: refused in one line, before touching anything.
+    #[test]
+    fn setup_system_refuses_non_root() {
+        if nix::unistd::geteuid().is_root() {
+            gatevm_testkit::skip(
+                "setup_system_refuses_non_root",
+                "runs as root here; the CLI test `setup_system_as_user_is_refused` covers it as user gvtest",
+            );
+            return;
+        }
+        let e = setup_system(&SetupOptions::default(), &|_| {}).unwrap_err();
+        let m = e.to_string();
+        assert!(matches!(e, SetupError::SystemNeedsRoot { .. }), "{m}");
+        assert!(
+            m.ends_with("run it as root: `sudo gatevm setup --system`"),
+            "{m}"
+        );
+        assert!(!m.contains('\n'));
+    }
 }

@@ -152,9 +152,17 @@ fn cpath(p: &Path) -> Result<CString, ConfineError> {
 
 /// The confinement of a libkrun VM for its configuration.
 pub fn for_krun(c: &crate::krun::KrunConfig) -> Confine {
-    let mut binds = vec![Bind::data(&c.root_dir, BindKind::Dir)];
-    if let Some(d) = &c.state_disk {
-        binds.push(Bind::data(d, BindKind::File));
+    // The boot directory holds only the guest agent: read-only, so the guest cannot write
+    // through libkrun's virtio-fs; so are the disks attached read-only.
+    let mut binds = vec![Bind {
+        read_only: true,
+        ..Bind::data(&c.root_dir, BindKind::Dir)
+    }];
+    for d in &c.disks {
+        binds.push(Bind {
+            read_only: d.read_only,
+            ..Bind::data(&d.path, BindKind::File)
+        });
     }
     // The agent socket does not exist yet (libkrun creates it): its directory is bound.
     let mut dirs: Vec<&Path> = c.agent_socket.parent().into_iter().collect();
@@ -435,8 +443,11 @@ mod tests {
                 initramfs: None,
                 cmdline: String::new(),
             },
-            root_dir: "/inst/rootfs".into(),
-            state_disk: Some("/inst/state.img".into()),
+            root_dir: "/inst/boot".into(),
+            disks: vec![
+                crate::Disk::ro("gatevm-base", "/rt/base.erofs"),
+                crate::Disk::rw("gatevm-state", "/inst/state.img"),
+            ],
             agent_socket: "/run/g/i/agent.sock".into(),
             net: Some(crate::NetAttach::Socket("/run/g/i/net.sock".into())),
             mac: [0; 6],
@@ -454,7 +465,8 @@ mod tests {
         assert_eq!(
             paths,
             [
-                "/inst/rootfs",
+                "/inst/boot",
+                "/rt/base.erofs",
                 "/inst/state.img",
                 "/run/g/i",
                 "/inst/logs/console.log",
@@ -464,7 +476,8 @@ mod tests {
             ]
         );
         let by = |p: &str| c.binds.iter().find(|b| b.path == Path::new(p)).unwrap();
-        assert!(!by("/inst/rootfs").allow_dev && !by("/inst/rootfs").read_only);
+        assert!(!by("/inst/boot").allow_dev && by("/inst/boot").read_only);
+        assert!(by("/rt/base.erofs").read_only && !by("/inst/state.img").read_only);
         assert!(by("/rt/vmlinux").read_only && by("/proc/self/fd").read_only);
         assert!(by("/dev/kvm").allow_dev);
         assert!(by("/inst/logs/console.log").create);
@@ -480,10 +493,7 @@ mod tests {
             net: None,
             ..cfg()
         });
-        assert!(!c
-            .binds
-            .iter()
-            .any(|b| b.read_only && b.path.starts_with("/rt")));
+        assert!(!c.binds.iter().any(|b| b.path == Path::new("/rt/vmlinux")));
         assert_eq!(
             c.binds
                 .iter()

@@ -10,9 +10,11 @@
 //! [`KrunApi`] trait: [`sys::LibKrun`] calls the linked `libkrun` crate; tests use a recording
 //! fake.
 //!
-//! The appliance is the same as under QEMU: the instance root over libkrun's built-in virtio-fs,
-//! the state disk as virtio-blk, `gatevm-guest` as the workload (started by libkrun's own init as
-//! PID 1, `KRUN_INIT_PID1=1`), the agent on vsock port 1024 mapped to a host unix socket, and
+//! The appliance is the same as under QEMU: the same disks (the read-only base image, the root's
+//! writable layer, the k3s staging image, the state disk) as virtio-blk with the same serials,
+//! and `gatevm-guest` as the workload (started by libkrun's own init as PID 1,
+//! `KRUN_INIT_PID1=1`) from a boot directory served by libkrun's built-in virtio-fs that holds
+//! nothing else; it builds the root from the disks as it does from gatevm's initramfs, the agent on vsock port 1024 mapped to a host unix socket, and
 //! gvproxy attached as a unix stream network device with the same static address and MAC.
 //! Transparent socket impersonation (TSI) stays off: it would give the guest the host's network
 //! stack, loopback included.
@@ -53,9 +55,10 @@ pub struct KrunConfig {
     pub cpus: u8,
     pub memory_mib: u32,
     pub kernel: KrunKernel,
-    /// The instance's root directory, served by libkrun's built-in virtio-fs.
+    /// The boot directory (only the guest agent), served by libkrun's built-in virtio-fs.
     pub root_dir: PathBuf,
-    pub state_disk: Option<PathBuf>,
+    /// The disks, each with its serial as libkrun's block id (the guest reads it as the serial).
+    pub disks: Vec<crate::Disk>,
     /// Host unix socket libkrun listens on and connects to the guest agent's vsock port.
     pub agent_socket: PathBuf,
     /// The network helper: gvproxy's `-listen-qemu` socket or passt's inherited descriptor.
@@ -165,12 +168,12 @@ pub fn plan(c: &KrunConfig) -> Vec<KrunCall> {
     calls.push(KrunCall::SetRoot {
         path: c.root_dir.clone(),
     });
-    if let Some(disk) = &c.state_disk {
+    for disk in &c.disks {
         calls.push(KrunCall::AddDisk3 {
-            block_id: "state".into(),
-            path: disk.clone(),
+            block_id: disk.serial.clone(),
+            path: disk.path.clone(),
             format: KRUN_DISK_FORMAT_RAW,
-            read_only: false,
+            read_only: disk.read_only,
             direct_io: false,
             sync_mode: KRUN_SYNC_FULL,
         });
@@ -368,8 +371,8 @@ pub fn translate(
         cpus,
         memory_mib: vm.memory_mib,
         kernel: kernel.clone(),
-        root_dir: vm.root_dir.clone(),
-        state_disk: vm.state_disk.clone(),
+        root_dir: vm.boot_dir.clone(),
+        disks: vm.disks.clone(),
         agent_socket: vm.agent_socket.clone(),
         net: vm.net.clone(),
         mac: parse_mac(&vm.mac)?,
@@ -413,7 +416,7 @@ impl Vmm for Krun {
         "krun"
     }
 
-    fn needs_virtiofsd(&self) -> bool {
+    fn boots_initramfs(&self) -> bool {
         false
     }
 
@@ -512,8 +515,12 @@ mod tests {
             cpus: 2,
             memory_mib: 2048,
             kernel: KrunKernel::Libkrunfw,
-            root_dir: "/i/rootfs".into(),
-            state_disk: Some("/i/state.img".into()),
+            root_dir: "/i/boot".into(),
+            disks: vec![
+                crate::Disk::ro("gatevm-base", "/rt/base.erofs"),
+                crate::Disk::rw("gatevm-upper", "/i/rootfs-rw.img"),
+                crate::Disk::rw("gatevm-state", "/i/state.img"),
+            ],
             agent_socket: "/run/gatevm/i/agent.sock".into(),
             net: Some(crate::NetAttach::Socket("/run/gatevm/i/net.sock".into())),
             mac: [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee],
@@ -534,6 +541,8 @@ mod tests {
                 "krun_set_vm_config",
                 "krun_set_root",
                 "krun_add_disk3",
+                "krun_add_disk3",
+                "krun_add_disk3",
                 "krun_add_net_unixstream",
                 "krun_disable_implicit_vsock",
                 "krun_add_vsock",
@@ -543,6 +552,23 @@ mod tests {
                 "krun_set_exec"
             ]
         );
+        // Each disk with its serial as the block id, the base read-only.
+        assert!(p.contains(&KrunCall::AddDisk3 {
+            block_id: "gatevm-base".into(),
+            path: "/rt/base.erofs".into(),
+            format: KRUN_DISK_FORMAT_RAW,
+            read_only: true,
+            direct_io: false,
+            sync_mode: KRUN_SYNC_FULL,
+        }));
+        assert!(p.contains(&KrunCall::AddDisk3 {
+            block_id: "gatevm-upper".into(),
+            path: "/i/rootfs-rw.img".into(),
+            format: KRUN_DISK_FORMAT_RAW,
+            read_only: false,
+            direct_io: false,
+            sync_mode: KRUN_SYNC_FULL,
+        }));
         assert!(p.contains(&KrunCall::AddVsockPort2 {
             port: gatevm_abi::AGENT_VSOCK_PORT,
             path: "/run/gatevm/i/agent.sock".into(),
@@ -566,9 +592,11 @@ mod tests {
             cmdline:
                 "console=ttyS0 quiet gatevm.hostname=gw gatevm.agent=serial gatevm.payload=none"
                     .into(),
-            root_dir: "/i/rootfs".into(),
-            virtiofs_socket: "/run/gatevm/gw/vfs.sock".into(),
-            state_disk: Some("/i/state.img".into()),
+            disks: vec![
+                crate::Disk::ro("gatevm-base", "/rt/base.erofs"),
+                crate::Disk::rw("gatevm-state", "/i/state.img"),
+            ],
+            boot_dir: "/i/boot".into(),
             agent_socket: "/run/gatevm/gw/agent.sock".into(),
             net: Some(crate::NetAttach::Socket("/run/gatevm/gw/net.sock".into())),
             mac: "5a:94:ef:e4:0c:ee".into(),
@@ -586,7 +614,8 @@ mod tests {
         .unwrap();
         assert_eq!(k.cpus, 2);
         assert_eq!(k.memory_mib, 1024);
-        assert_eq!(k.root_dir, PathBuf::from("/i/rootfs"));
+        assert_eq!(k.root_dir, PathBuf::from("/i/boot"));
+        assert_eq!(k.disks, vm().disks);
         assert_eq!(k.mac, [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee]);
         // Only gatevm.* words reach the guest, and the agent is always on vsock.
         assert_eq!(
@@ -754,7 +783,7 @@ mod tests {
                 initramfs: None,
                 cmdline: "quiet".into(),
             },
-            state_disk: None,
+            disks: vec![],
             net: None,
             ..cfg()
         };
@@ -987,7 +1016,10 @@ pub mod sys {
                 memory_mib: 512,
                 kernel: KrunKernel::Libkrunfw,
                 root_dir: d.path().to_path_buf(),
-                state_disk: Some(disk),
+                disks: vec![
+                    crate::Disk::ro("gatevm-base", &disk),
+                    crate::Disk::rw("gatevm-state", &disk),
+                ],
                 agent_socket: d.path().join("agent.sock"),
                 net: Some(crate::NetAttach::Socket(d.path().join("net.sock"))),
                 mac: [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee],

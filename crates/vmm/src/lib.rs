@@ -51,12 +51,12 @@ pub struct VmConfig {
     pub initramfs: Option<PathBuf>,
     /// Kernel command line.
     pub cmdline: String,
-    /// The instance's root directory on the host (libkrun serves it itself).
-    pub root_dir: PathBuf,
-    /// vhost-user socket of virtiofsd serving the root filesystem (tag `root`; QEMU).
-    pub virtiofs_socket: PathBuf,
-    /// Raw disk image attached as virtio-blk (the guest's /dev/vda).
-    pub state_disk: Option<PathBuf>,
+    /// The VM's disks (the root's base and writable layer, the k3s staging image, the state
+    /// disk); the guest finds each by its serial, whatever order they come up in.
+    pub disks: Vec<Disk>,
+    /// libkrun only: the directory its built-in virtio-fs serves as the boot root. It holds only
+    /// the guest agent, which builds the real root from the disks.
+    pub boot_dir: PathBuf,
     /// Unix socket path where the VMM listens for the agent channel.
     pub agent_socket: PathBuf,
     /// The network helper's end (gvproxy's `-listen-qemu` socket, or passt's connected socket),
@@ -66,6 +66,54 @@ pub struct VmConfig {
     pub mac: String,
     /// File the guest console is appended to.
     pub console_log: PathBuf,
+}
+
+/// One virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// The ID the guest reads as `/sys/block/vdX/serial` (see `gatevm_abi::paths::disk`).
+    pub serial: String,
+    /// The raw image file.
+    pub path: PathBuf,
+    /// Attached read-only: the VMM opens the file read-only and the guest cannot write it.
+    pub read_only: bool,
+}
+
+impl Disk {
+    /// A read-write disk.
+    pub fn rw(serial: &str, path: impl Into<PathBuf>) -> Disk {
+        Disk {
+            serial: serial.to_string(),
+            path: path.into(),
+            read_only: false,
+        }
+    }
+
+    /// A read-only disk.
+    pub fn ro(serial: &str, path: impl Into<PathBuf>) -> Disk {
+        Disk {
+            read_only: true,
+            ..Disk::rw(serial, path)
+        }
+    }
+
+    /// Checks the serial: 1 to 20 bytes (virtio-blk's ID size) of `[a-z0-9-]`, so it needs no
+    /// quoting anywhere.
+    pub fn check(&self) -> Result<(), VmmError> {
+        let ok = (1..=20).contains(&self.serial.len())
+            && self
+                .serial
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if ok {
+            Ok(())
+        } else {
+            Err(VmmError::Invalid(format!(
+                "disk serial {:?}: 1 to 20 characters of a-z, 0-9 and -",
+                self.serial
+            )))
+        }
+    }
 }
 
 /// How the VM's network device reaches the network helper: QEMU's stream protocol (frames with
@@ -102,8 +150,9 @@ pub enum VmmError {
 pub trait Vmm {
     /// Short name (`qemu`, `krun`).
     fn name(&self) -> &'static str;
-    /// Whether the backend needs an external virtiofsd for the root filesystem.
-    fn needs_virtiofsd(&self) -> bool;
+    /// Whether the VM boots gatevm's initramfs (QEMU) rather than libkrun's own init from
+    /// [`VmConfig::boot_dir`].
+    fn boots_initramfs(&self) -> bool;
     /// The command that runs the VM; it exits when the guest powers off.
     fn command(&self, cfg: &VmConfig) -> Result<std::process::Command, VmmError>;
 }

@@ -93,12 +93,11 @@ struct Handles {
     kernel: RawFd,
     initramfs: Option<RawFd>,
     console: RawFd,
-    disk: Option<RawFd>,
-    /// The state disk again, read-only: QEMU also opens an image read-only (for its lock) and
-    /// takes from the fd set only a descriptor whose access mode matches.
-    disk_ro: Option<RawFd>,
+    /// Per disk, its descriptors: read-write ones get a read-only one as well, since QEMU also
+    /// opens an image read-only (for its lock) and takes from the fd set only a descriptor whose
+    /// access mode matches.
+    disks: Vec<Vec<RawFd>>,
     agent: RawFd,
-    virtiofs: RawFd,
     net: Option<RawFd>,
     /// The vhost-user socket's directory: QEMU connects by path through it
     /// (`/proc/self/fd/N/FILE`), since a chardev made from a descriptor cannot pass descriptors,
@@ -152,9 +151,13 @@ impl Handles {
             libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT,
             "console log",
         )?);
-        if let Some(d) = &cfg.state_disk {
-            h.disk = Some(h.add(open_fd(d, libc::O_RDWR, "state disk")?));
-            h.disk_ro = Some(h.add(open_fd(d, libc::O_RDONLY, "state disk")?));
+        for d in &cfg.disks {
+            let mut fds = vec![];
+            if !d.read_only {
+                fds.push(h.add(open_fd(&d.path, libc::O_RDWR, "disk image")?));
+            }
+            fds.push(h.add(open_fd(&d.path, libc::O_RDONLY, "disk image")?));
+            h.disks.push(fds);
         }
         fn sock(what: &'static str, p: &Path) -> impl FnOnce(std::io::Error) -> VmmError {
             let path = p.to_path_buf();
@@ -166,9 +169,6 @@ impl Handles {
         h.agent = h.add(agent.into());
         // No waiting here: the supervisor runs this on its event loop, and a helper that died
         // must fail the start at once (the supervisor waited for each socket to be there).
-        let vfs = UnixStream::connect(&cfg.virtiofs_socket)
-            .map_err(sock("virtiofsd socket", &cfg.virtiofs_socket))?;
-        h.virtiofs = h.add(vfs.into());
         h.net = match &cfg.net {
             Some(crate::NetAttach::Socket(p)) => {
                 let s = UnixStream::connect(p).map_err(sock("network helper socket", p))?;
@@ -209,6 +209,48 @@ fn opt(p: &Path) -> String {
 }
 
 impl Qemu {
+    /// How the guest boots, apart from its devices and files: the sandbox, the machine type, the
+    /// accelerator (and CPU model), CPUs and memory. Set-up's boot check of a QEMU binary uses
+    /// it too, so that the check boots the kernel as the guests do.
+    pub fn machine_args(accel: Accel, cpus: u32, memory_mib: u32) -> Vec<String> {
+        let mem = format!("{memory_mib}M");
+        let mut a: Vec<&str> = vec![
+            "-sandbox",
+            SANDBOX,
+            "-M",
+            "microvm,x-option-roms=off,rtc=on,memory-backend=mem",
+            // Modern (virtio 1.x) devices on virtio-mmio instead of QEMU's legacy default:
+            // vhost-user back ends such as passt take only modern devices.
+            "-global",
+            "virtio-mmio.force-legacy=false",
+        ];
+        match accel {
+            Accel::Kvm => a.extend(["-accel", "kvm", "-cpu", "host"]),
+            // TCG keeps QEMU's default CPU model. QEMU 7.2 crashed 6.12 guests under TCG with
+            // any model; the runtime bundle brings QEMU 10 where the host's is older.
+            Accel::Tcg => a.extend(["-accel", "tcg"]),
+        }
+        let smp = cpus.to_string();
+        let backend = format!("memory-backend-memfd,id=mem,size={mem},share=on");
+        a.extend(["-smp", &smp, "-m", &mem, "-object", &backend]);
+        a.extend(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        a.into_iter().map(str::to_string).collect()
+    }
+
+    /// The kernel command line QEMU hands the guest: `base`, then what the guest's clock needs
+    /// under `accel` (under TCG the host's TSC frequency as `tsc_early_khz`, see
+    /// [`Qemu::tsc_khz`]; KVM guests use kvmclock).
+    pub fn kernel_append(&self, accel: Accel, base: &str) -> String {
+        let mut cmdline = base.to_string();
+        if let (Accel::Tcg, Some(khz)) = (accel, self.tsc_khz) {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(&format!("tsc_early_khz={khz}"));
+        }
+        cmdline
+    }
+
     /// The argument list for a configuration, with QEMU opening every path itself.
     pub fn args(&self, cfg: &VmConfig) -> Result<Vec<String>, VmmError> {
         self.args_with(cfg, None)
@@ -227,7 +269,6 @@ impl Qemu {
         }
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-        let mem = format!("{}M", cfg.memory_mib);
         push(&[
             "-name",
             &format!("gatevm-{},process=gatevm-{}", cfg.name, cfg.name),
@@ -242,23 +283,8 @@ impl Qemu {
                 .iter()
                 .for_each(|d| push(&["-L", &d.display().to_string()])),
         }
-        push(&["-sandbox", SANDBOX]);
-        push(&["-M", "microvm,x-option-roms=off,rtc=on,memory-backend=mem"]);
-        // Modern (virtio 1.x) devices on virtio-mmio instead of QEMU's legacy default: vhost-user
-        // back ends such as passt take only modern devices.
-        push(&["-global", "virtio-mmio.force-legacy=false"]);
-        match cfg.accel {
-            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-            // TCG keeps QEMU's default CPU model. QEMU 7.2 crashed 6.12 guests under TCG with any
-            // model; the runtime bundle brings QEMU 10 where the host's is older.
-            Accel::Tcg => push(&["-accel", "tcg"]),
-        }
-        push(&["-smp", &cfg.cpus.to_string(), "-m", &mem]);
-        push(&[
-            "-object",
-            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
-        ]);
-        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        let machine = Self::machine_args(cfg.accel, cfg.cpus, cfg.memory_mib);
+        push(&machine.iter().map(String::as_str).collect::<Vec<_>>());
         let console = match h {
             Some(h) => {
                 push(&["-add-fd", &format!("fd={},set=1", h.console)]);
@@ -277,11 +303,7 @@ impl Qemu {
             (None, Some(initrd)) => push(&["-initrd", &initrd.display().to_string()]),
             (None, None) => {}
         }
-        let mut cmdline = cfg.cmdline.clone();
-        if let (Accel::Tcg, Some(khz)) = (cfg.accel, self.tsc_khz) {
-            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
-        }
-        push(&["-append", &cmdline]);
+        push(&["-append", &self.kernel_append(cfg.accel, &cfg.cmdline)]);
         // Agent channel: a virtio-serial port the guest finds by name.
         push(&["-device", "virtio-serial-device"]);
         push(&[
@@ -301,33 +323,34 @@ impl Qemu {
                 gatevm_abi::AGENT_PORT_NAME
             ),
         ]);
-        // Root filesystem through virtiofsd.
-        push(&[
-            "-chardev",
-            &match h {
-                Some(h) => format!("socket,id=vfs,fd={}", h.virtiofs),
-                None => format!("socket,id=vfs,path={}", opt(&cfg.virtiofs_socket)),
-            },
-        ]);
-        push(&["-device", "vhost-user-fs-device,chardev=vfs,tag=root"]);
-        if let Some(disk) = &cfg.state_disk {
-            let file = match h.and_then(|h| h.disk) {
-                Some(fd) => {
-                    push(&["-add-fd", &format!("fd={fd},set=2")]);
-                    if let Some(ro) = h.and_then(|h| h.disk_ro) {
-                        push(&["-add-fd", &format!("fd={ro},set=2")]);
+        // The disks, each with the serial the guest finds it by; fd sets from 2 on.
+        for (i, d) in cfg.disks.iter().enumerate() {
+            d.check()?;
+            let set = i + 2;
+            let file = match h.and_then(|h| h.disks.get(i)) {
+                Some(fds) => {
+                    for fd in fds {
+                        push(&["-add-fd", &format!("fd={fd},set={set}")]);
                     }
-                    "/dev/fdset/2".to_string()
+                    format!("/dev/fdset/{set}")
                 }
-                None => opt(disk),
+                None => opt(&d.path),
             };
             // writeback: the host's page cache, with the guest's flushes passed on as fsync of
             // the file, so what the guest fsyncs survives a host crash too.
+            let mode = if d.read_only {
+                "readonly=on"
+            } else {
+                "discard=unmap"
+            };
             push(&[
                 "-drive",
-                &format!("if=none,id=state,format=raw,file={file},cache=writeback,discard=unmap"),
+                &format!("if=none,id=d{i},format=raw,file={file},cache=writeback,{mode}"),
             ]);
-            push(&["-device", "virtio-blk-device,drive=state"]);
+            push(&[
+                "-device",
+                &format!("virtio-blk-device,drive=d{i},serial={}", d.serial),
+            ]);
         }
         if let Some(net) = &cfg.net {
             let stream = |addr: String| format!("stream,id=n0,server=off,{addr}");
@@ -345,7 +368,7 @@ impl Qemu {
                     push(&["-netdev", &stream(format!("addr.type=fd,addr.str={fd}"))])
                 }
                 crate::NetAttach::VhostUser(p) => {
-                    // The guest RAM is a shared memfd already (for virtiofsd).
+                    // The guest RAM is a shared memfd already (for vhost-user back ends).
                     let chardev = match h.and_then(|h| h.vhost_dir.as_ref()) {
                         Some((fd, file)) => {
                             format!(
@@ -373,7 +396,7 @@ impl Vmm for Qemu {
         "qemu"
     }
 
-    fn needs_virtiofsd(&self) -> bool {
+    fn boots_initramfs(&self) -> bool {
         true
     }
 
@@ -427,9 +450,8 @@ impl Qemu {
     /// `/dev/kvm`'s group under KVM), then the gid and uid of [`RunAs`]; and QEMU gets
     /// everything it would open under root's private directories already open: the firmware
     /// directories, kernel and initramfs as `/proc/self/fd/N` (their files are world-readable;
-    /// their directories need not be), the console log and state disk through QEMU fd sets,
-    /// the agent socket bound and listening, and connected sockets to virtiofsd and the network
-    /// helper. The binary itself is executed through a descriptor too.
+    /// their directories need not be), the console log and the disks through QEMU fd sets,
+    /// the agent socket bound and listening, and a connected socket to the network helper. The binary itself is executed through a descriptor too.
     fn unprivileged_command(
         &self,
         cfg: &VmConfig,
@@ -483,9 +505,11 @@ mod tests {
             kernel: "/k".into(),
             initramfs: Some("/i".into()),
             cmdline: "console=ttyS0".into(),
-            root_dir: "/r".into(),
-            virtiofs_socket: "/run/v,s".into(),
-            state_disk: Some("/d".into()),
+            disks: vec![
+                crate::Disk::ro("gatevm-base", "/b,x"),
+                crate::Disk::rw("gatevm-state", "/d"),
+            ],
+            boot_dir: "/unused".into(),
             agent_socket: "/a".into(),
             net: Some(crate::NetAttach::Socket("/n".into())),
             mac: "5a:94:ef:e4:0c:ee".into(),
@@ -508,14 +532,21 @@ mod tests {
             "-smp 2 -m 512M",
             "memory-backend-memfd,id=mem,size=512M,share=on",
             "-global virtio-mmio.force-legacy=false",
-            "path=/run/v,,s",
             "virtserialport,chardev=ag,name=gatevm.agent",
-            "virtio-blk-device,drive=state",
-            "cache=writeback",
+            "-drive if=none,id=d0,format=raw,file=/b,,x,cache=writeback,readonly=on -device virtio-blk-device,drive=d0,serial=gatevm-base",
+            "-drive if=none,id=d1,format=raw,file=/d,cache=writeback,discard=unmap -device virtio-blk-device,drive=d1,serial=gatevm-state",
             "virtio-net-device,netdev=n0,mac=5a:94:ef:e4:0c:ee",
             "-no-reboot",
         ] {
             assert!(a.contains(want), "missing {want} in {a}");
+        }
+        assert!(!a.contains("vhost-user-fs"), "no virtio-fs root: {a}");
+        // A serial that would need quoting (or is longer than virtio-blk's ID) is refused.
+        for bad in ["gatevm,x", "", "a-very-long-disk-serial-x", "Upper"] {
+            let mut c = cfg();
+            c.disks[0].serial = bad.into();
+            let e = q.args(&c).unwrap_err().to_string();
+            assert!(e.contains("disk serial"), "{bad}: {e}");
         }
         let mut k = cfg();
         k.accel = Accel::Kvm;
@@ -532,7 +563,7 @@ mod tests {
             "{a}"
         );
         k.net = None;
-        k.state_disk = None;
+        k.disks.clear();
         let a = Qemu {
             tsc_khz: Some(2_600_000),
             ..Qemu::default()
@@ -543,6 +574,27 @@ mod tests {
         assert!(a.contains("-accel kvm -cpu host"));
         assert!(!a.contains("tsc_early_khz"), "KVM guests use kvmclock");
         assert!(!a.contains("netdev") && !a.contains("virtio-blk"));
+    }
+
+    #[test]
+    fn kernel_append_adds_the_tsc_frequency_under_tcg_only() {
+        let q = Qemu {
+            tsc_khz: Some(2_600_000),
+            ..Qemu::default()
+        };
+        assert_eq!(
+            q.kernel_append(Accel::Tcg, "console=ttyS0"),
+            "console=ttyS0 tsc_early_khz=2600000"
+        );
+        assert_eq!(q.kernel_append(Accel::Tcg, ""), "tsc_early_khz=2600000");
+        assert_eq!(
+            q.kernel_append(Accel::Kvm, "console=ttyS0"),
+            "console=ttyS0"
+        );
+        assert_eq!(
+            Qemu::default().kernel_append(Accel::Tcg, "console=ttyS0"),
+            "console=ttyS0"
+        );
     }
 
     #[test]
@@ -562,16 +614,17 @@ mod tests {
         use std::os::unix::net::UnixListener;
         let d = tempfile::tempdir().unwrap();
         let p = |n: &str| d.path().join(n);
-        for f in ["vmlinux", "initrd", "state.img"] {
+        for f in ["vmlinux", "initrd", "state.img", "base.erofs"] {
             std::fs::write(p(f), b"x").unwrap();
         }
-        let _vfs = UnixListener::bind(p("vfs.sock")).unwrap();
         let _net = UnixListener::bind(p("net.sock")).unwrap();
         let c = VmConfig {
             kernel: p("vmlinux"),
             initramfs: Some(p("initrd")),
-            state_disk: Some(p("state.img")),
-            virtiofs_socket: p("vfs.sock"),
+            disks: vec![
+                crate::Disk::ro("gatevm-base", p("base.erofs")),
+                crate::Disk::rw("gatevm-state", p("state.img")),
+            ],
             agent_socket: p("agent.sock"),
             console_log: p("console.log"),
             net: Some(crate::NetAttach::Socket(p("net.sock"))),
@@ -598,9 +651,9 @@ mod tests {
             "-kernel /proc/self/fd/",
             "-initrd /proc/self/fd/",
             "path=/dev/fdset/1,append=on",
-            "file=/dev/fdset/2,",
+            "file=/dev/fdset/2,cache=writeback,readonly=on",
+            "file=/dev/fdset/3,cache=writeback,discard=unmap",
             "socket,id=ag,fd=",
-            "socket,id=vfs,fd=",
             "stream,id=n0,server=off,addr.type=fd,addr.str=",
             "-sandbox on,",
         ] {
@@ -613,13 +666,22 @@ mod tests {
         // The agent socket is bound and listening already; the console log exists.
         assert!(std::os::unix::net::UnixStream::connect(p("agent.sock")).is_ok());
         assert!(p("console.log").exists());
-        // A socket that is not there is named.
+        // The read-only disk's set holds one descriptor, the read-write one's two.
+        assert_eq!(a.matches(",set=2").count(), 1, "{a}");
+        assert_eq!(a.matches(",set=3").count(), 2, "{a}");
+        // A socket or a disk that is not there is named.
         let bad = VmConfig {
-            virtiofs_socket: p("missing.sock"),
-            ..c
+            net: Some(crate::NetAttach::Socket(p("missing.sock"))),
+            ..c.clone()
         };
         let e = q.command(&bad).unwrap_err();
         assert!(e.to_string().contains("missing.sock"), "{e}");
+        let bad = VmConfig {
+            disks: vec![crate::Disk::ro("gatevm-base", p("missing.erofs"))],
+            ..c
+        };
+        let e = q.command(&bad).unwrap_err();
+        assert!(e.to_string().contains("missing.erofs"), "{e}");
     }
 
     #[test]

@@ -21,8 +21,11 @@ fn config(dir: &Path) -> KrunConfig {
             initramfs: None,
             cmdline: String::new(),
         },
-        root_dir: dir.join("rootfs"),
-        state_disk: Some(dir.join("state.img")),
+        root_dir: dir.join("boot"),
+        disks: vec![
+            gatevm_vmm::Disk::ro("gatevm-base", dir.join("base.erofs")),
+            gatevm_vmm::Disk::rw("gatevm-state", dir.join("state.img")),
+        ],
         agent_socket: dir.join("run/agent.sock"),
         net: Some(gatevm_vmm::NetAttach::Socket(dir.join("run/net.sock"))),
         mac: [0; 6],
@@ -109,11 +112,19 @@ fn child_helper() {
             .display()
     );
     println!("PROBE proc-sys {}", Path::new("/proc/sys").exists());
-    std::fs::write(cfg.root_dir.join("from-inside"), b"x").unwrap();
+    // The guest writes through libkrun's virtio-fs and its disks: the boot directory and the
+    // base image are read-only, the state disk is not.
+    let writes = |p: &Path| std::fs::OpenOptions::new().write(true).open(p).is_ok();
     println!(
-        "PROBE root-write {}",
+        "PROBE boot-write {}",
+        std::fs::write(cfg.root_dir.join("from-inside"), b"x").is_ok()
+    );
+    println!(
+        "PROBE boot-read {}",
         std::fs::read(cfg.root_dir.join("host-file")).is_ok()
     );
+    println!("PROBE base-write {}", writes(&dir.join("base.erofs")));
+    println!("PROBE state-write {}", writes(&dir.join("state.img")));
     // No CAP_SYS_ADMIN: no mount can undo the confinement.
     let t = std::ffi::CString::new("tmpfs").unwrap();
     let r = std::ffi::CString::new("/").unwrap();
@@ -126,17 +137,21 @@ fn child_helper() {
 #[test]
 fn confinement_holds_in_a_child() {
     if !Path::new("/dev/kvm").exists() {
-        println!("NOT RUN: the plan binds /dev/kvm, which this host lacks");
+        gatevm_testkit::skip(
+            "confinement_holds_in_a_child",
+            "the plan binds /dev/kvm, which this host lacks",
+        );
         return;
     }
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    for sub in ["rootfs", "run", "logs"] {
+    for sub in ["boot", "run", "logs"] {
         std::fs::create_dir(dir.join(sub)).unwrap();
     }
-    std::fs::write(dir.join("rootfs/host-file"), b"h").unwrap();
+    std::fs::write(dir.join("boot/host-file"), b"h").unwrap();
     std::fs::write(dir.join("vmlinux"), b"kernel").unwrap();
     std::fs::write(dir.join("state.img"), b"disk").unwrap();
+    std::fs::write(dir.join("base.erofs"), b"base").unwrap();
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -156,7 +171,10 @@ fn confinement_holds_in_a_child() {
     if let Some(failed) = probe.iter().find(|l| l.starts_with("apply-failed")) {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 && failed.contains("namespace") {
-            println!("NOT RUN: not root, and this multi-threaded test child cannot enter a user namespace: {failed}");
+            gatevm_testkit::skip(
+                "confinement_holds_in_a_child",
+                format!("not root, and this multi-threaded test child cannot enter a user namespace: {failed}"),
+            );
             return;
         }
         panic!("confinement failed: {failed}\n{text}");
@@ -176,7 +194,8 @@ fn confinement_holds_in_a_child() {
     mounts.sort();
     let mut want: Vec<String> = vec![
         "/".into(),
-        dir.join("rootfs").display().to_string(),
+        dir.join("boot").display().to_string(),
+        dir.join("base.erofs").display().to_string(),
         dir.join("state.img").display().to_string(),
         dir.join("run").display().to_string(),
         dir.join("logs/console.log").display().to_string(),
@@ -210,10 +229,13 @@ fn confinement_holds_in_a_child() {
     assert_eq!(get("escape"), ["false"], "`..` left the root: {text}");
     assert_eq!(get("dotdot"), ["/"], "{text}");
     assert_eq!(get("proc-sys"), ["false"], "{text}");
-    assert_eq!(get("root-write"), ["true"], "{text}");
+    assert_eq!(get("boot-write"), ["false"], "{text}");
+    assert_eq!(get("boot-read"), ["true"], "{text}");
+    assert_eq!(get("base-write"), ["false"], "{text}");
+    assert_eq!(get("state-write"), ["true"], "{text}");
     assert_eq!(get("mount-allowed"), ["false"], "{text}");
-    // The bind is the real directory: what the child wrote is on the host.
-    assert!(dir.join("rootfs/from-inside").exists());
+    assert!(!dir.join("boot/from-inside").exists());
+    assert_eq!(std::fs::read(dir.join("base.erofs")).unwrap(), b"base");
     // The console log was created for the VM.
     assert!(dir.join("logs/console.log").is_file());
 }

@@ -1,7 +1,8 @@
 //! `gatevm doctor`: what this host and the runtime bundle can do ([`gatevm_instance::doctor`]).
 
 use crate::output::print_json;
-use gatevm_instance::doctor::{self, Availability, Report};
+use gatevm_instance::doctor::{self, Availability, Finding, Report};
+use gatevm_instance::runtime::dirs::RuntimeSource;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -36,6 +37,7 @@ fn yes(b: bool) -> &'static str {
 }
 
 fn print_human(r: &Report) {
+    print_findings(&r.findings);
     let h = &r.host;
     println!("host");
     println!(
@@ -67,6 +69,9 @@ fn print_human(r: &Report) {
         println!("  {:<6} {state}: {}", b.name, b.note);
     }
     match (&r.runtime_dir, &r.runtime_error) {
+        (Some(d), _) if r.runtime_source == Some(RuntimeSource::System) => {
+            println!("runtime {d} (the system runtime)")
+        }
         (Some(d), _) => println!("runtime {d}"),
         (None, Some(e)) => println!("runtime: {e}"),
         _ => {}
@@ -113,6 +118,22 @@ fn print_human(r: &Report) {
                 Availability::Missing => "MISSING",
             };
             println!("  {:<14} {:<9} ({})", c.name, a, c.option);
+        }
+    }
+}
+
+/// What the user lacks, first: each problem with the command that fixes it.
+fn print_findings(findings: &[Finding]) {
+    if findings.is_empty() {
+        println!("nothing missing for this user");
+        return;
+    }
+    println!("missing for this user ({}):", findings.len());
+    for f in findings {
+        println!("  {}", f.problem);
+        match &f.note {
+            Some(n) => println!("    fix: {} ({n})", f.fix),
+            None => println!("    fix: {}", f.fix),
         }
     }
 }

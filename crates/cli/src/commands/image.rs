@@ -348,7 +348,7 @@ fn import(a: ImportArgs) -> anyhow::Result<i32> {
     };
     require_running(&name)?;
     let rt = runtime()?;
-    rt.block_on(async {
+    let result = rt.block_on(async {
         let (free, before) = free_and_images(&name, &ns).await?;
         let before: Vec<String> = before.into_iter().map(|i| i.reference).collect();
         if let Some(size) = size {
@@ -428,7 +428,11 @@ fn import(a: ImportArgs) -> anyhow::Result<i32> {
             bail!("the archive imported no image (it holds no tagged image?)");
         }
         Ok(0)
-    })
+    });
+    // Don't wait for a blocking stdin read to finish: an import that failed (the VM died) ends
+    // now, not when its input moves again.
+    rt.shutdown_background();
+    result
 }
 
 /// References named by `ctr images import` output (`unpacking REF (sha256:…)...done`, or a

@@ -18,8 +18,8 @@ pub(crate) struct Args {
     /// stopped instance too, to see why it stopped.
     #[arg(long, conflicts_with = "host")]
     console: bool,
-    /// Show one of the host-side logs instead: supervisor, gvproxy or passt (the network helper), virtiofsd or vmm.
-    #[arg(long, value_parser = ["supervisor", "gvproxy", "passt", "virtiofsd", "vmm"])]
+    /// Show one of the host-side logs instead: supervisor, gvproxy or passt (the network helper), or vmm.
+    #[arg(long, value_parser = ["supervisor", "gvproxy", "passt", "vmm"])]
     host: Option<String>,
 }
 

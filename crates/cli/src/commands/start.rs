@@ -14,10 +14,10 @@ pub(crate) struct Args {
     #[arg(default_value = super::DEFAULT_NAME)]
     name: String,
     /// Virtual CPUs [default: 2, or what the instance last ran with].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     cpus: Option<u32>,
     /// Guest memory in MiB [default: 2048, or what the instance last ran with].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     memory: Option<u32>,
     /// Forward a host port to the guest: [ip:]hostport:guestport[/tcp|/udp]. The host side binds
     /// 127.0.0.1 unless an address is given. Repeatable; replaces the instance's previous forwards
@@ -39,7 +39,8 @@ pub(crate) struct Args {
     #[arg(long, value_name = "VMM", env = "GATEVM_VMM", value_parser = parse_vmm)]
     vmm: Option<VmmChoice>,
     /// The network helper: gvproxy, or passt (the host's own sockets; forwards fixed at start)
-    /// [default: what the instance last ran with, or gvproxy].
+    /// [default: what the instance last ran with, or gvproxy as root and passt as an ordinary
+    /// user, who cannot attach gvproxy's loopback guard].
     #[arg(long, value_name = "HELPER", value_parser = parse_net)]
     net: Option<gatevm_instance::config::NetBackend>,
     /// A kernel (uncompressed ELF) for the krun backend instead of libkrunfw's.
@@ -80,7 +81,7 @@ pub(crate) fn parse_vmm(s: &str) -> Result<VmmChoice, gatevm_instance::config::C
 
 impl Args {
     /// The configuration to start with: an existing instance's saved one (`base`) with the flags
-    /// given on top.
+    /// given on top; the network helper is `base`'s until [`preflight::choose_net`] picks it.
     fn config(&self, name: &str, base: InstanceConfig) -> anyhow::Result<InstanceConfig> {
         let forwards = gatevm_instance::net::parse_forwards(&self.publish)?;
         Ok(InstanceConfig {
@@ -95,7 +96,7 @@ impl Args {
             allow_host_loopback: (base.allow_host_loopback || self.allow_host_loopback)
                 && !self.deny_host_loopback,
             vmm: self.vmm.unwrap_or(base.vmm),
-            net: self.net.unwrap_or(base.net),
+            net: base.net,
             disk_gib: self.disk.unwrap_or(base.disk_gib),
             root_mib: self.root_size.unwrap_or(base.root_mib),
             krun_kernel: self.krun_kernel.clone().or(base.krun_kernel),
@@ -109,13 +110,23 @@ pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?.to_string();
     preflight::check_start_name(&name)?;
     // An existing instance starts as it last ran, with the flags given on top.
-    let base = client::saved_config(&name).unwrap_or_else(|| InstanceConfig::new(&name));
+    let saved = client::saved_config(&name);
+    let saved_net = saved.as_ref().map(|c| c.net);
+    let base = saved.unwrap_or_else(|| InstanceConfig::new(&name));
     let base_k3s = base.k3s.clone();
     let mut config = a.config(&name, base)?;
     // The cheap checks first: resolving k3s may download it.
+    let caller = preflight::Caller::probe();
+    config.net =
+        preflight::choose_net(&name, a.net, saved_net, config.allow_host_loopback, caller)?;
+    preflight::check_low_ports(
+        &config.forwards,
+        caller,
+        gatevm_instance::net::confine::unprivileged_port_start(),
+    )?;
     preflight::check_config(&config)?;
     config.k3s = k3s::resolve(&a.k3s.request(), base_k3s.as_ref(), &mut super::k3s::show)?;
-    preflight::check_start(&mut config, a.reset, a.root_size.is_some())?;
+    preflight::check_start(&mut config, a.reset, a.root_size.is_some(), caller)?;
     let guest = super::guest_bin()?;
     // Only now that the start can go ahead: a refused start keeps the instance's state.
     if a.reset {
@@ -162,6 +173,7 @@ fn run_detached(config: InstanceConfig, guest: &Path) -> anyhow::Result<i32> {
     let name = config.name.clone();
     let k3s = config.k3s.clone();
     let exe = std::env::current_exe().context("locating the gatevm executable")?;
+    let spawned_at_ms = gatevm_instance::state::now_ms();
     let mut events = client::spawn_supervisor(&exe, &config, guest)?;
     let mut show = ProgressPrinter::new();
     while let Some(p) = client::next_progress(&mut events) {
@@ -181,6 +193,8 @@ fn run_detached(config: InstanceConfig, guest: &Path) -> anyhow::Result<i32> {
             _ => {}
         }
     }
+    // Killed before it recorded anything: status must not show the previous run's stop reason.
+    client::record_silent_supervisor_death(&name, spawned_at_ms);
     bail!(
         "the supervisor of {name:?} ended without reporting (see {})",
         InstancePaths::new(&name).log("supervisor").display()

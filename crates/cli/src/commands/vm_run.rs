@@ -35,7 +35,8 @@ pub(crate) struct Args {
     /// The virtual machine monitor: auto, krun or qemu [default: $GATEVM_VMM, or auto].
     #[arg(long, value_name = "VMM", env = "GATEVM_VMM", value_parser = super::start::parse_vmm)]
     vmm: Option<VmmChoice>,
-    /// The network helper: gvproxy or passt [default: gvproxy].
+    /// The network helper: gvproxy or passt [default: gvproxy as root, passt as an ordinary user,
+    /// who cannot attach gvproxy's loopback guard].
     #[arg(long, value_name = "HELPER", value_parser = super::start::parse_net)]
     net: Option<gatevm_instance::config::NetBackend>,
     /// A kernel (uncompressed ELF) for the krun backend instead of libkrunfw's.
@@ -59,18 +60,21 @@ pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     }
     let req = a.exec.request(&a.cmd)?;
     let forwards = gatevm_instance::net::parse_forwards(&a.publish)?;
-    preflight::check_ports_free(&forwards)?;
+    let caller = preflight::Caller::probe();
+    preflight::check_ports_free(&forwards, caller)?;
+    let name = ephemeral::fresh_name();
+    let net = preflight::choose_net(&name, a.net, None, a.allow_host_loopback, caller)?;
     let config = InstanceConfig {
         cpus: a.cpus,
         memory_mib: a.memory,
         forwards,
         allow_host_loopback: a.allow_host_loopback,
         vmm: a.vmm.unwrap_or_default(),
-        net: a.net.unwrap_or_default(),
+        net,
         disk_gib: 0,
         krun_kernel: a.krun_kernel.clone(),
         ephemeral: Some(Ephemeral { rootfs }),
-        ..InstanceConfig::new(&ephemeral::fresh_name())
+        ..InstanceConfig::new(&name)
     };
     preflight::check_config(&config)?;
     preflight::check_backend(&config)?;

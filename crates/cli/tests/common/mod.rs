@@ -10,8 +10,9 @@ pub fn enabled(test: &str) -> bool {
     if std::env::var("GATEVM_E2E").as_deref() == Ok("1") {
         return true;
     }
-    eprintln!(
-        "e2e {test}: NOT RUN: set GATEVM_E2E=1 after `gatevm setup` (scripts/test.sh does both)"
+    gatevm_testkit::skip(
+        test,
+        "set GATEVM_E2E=1 after `gatevm setup` (scripts/test.sh does both)",
     );
     false
 }
@@ -91,10 +92,25 @@ impl Drop for Instance {
     }
 }
 
+/// The instance's runtime directory, chosen as gatevm chooses it: `$GATEVM_RUN_DIR`, else
+/// `$XDG_RUNTIME_DIR/gatevm`, else `/run/gatevm` for root and `/tmp/gatevm-UID` for a user.
 pub fn run_dir(name: &str) -> PathBuf {
-    let base = std::env::var_os("GATEVM_RUN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/run/gatevm"));
+    let var = |v: &str| {
+        std::env::var_os(v)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let base = var("GATEVM_RUN_DIR")
+        .or_else(|| var("XDG_RUNTIME_DIR").map(|d| d.join("gatevm")))
+        .unwrap_or_else(|| {
+            if uid == 0 {
+                PathBuf::from("/run/gatevm")
+            } else {
+                PathBuf::from(format!("/tmp/gatevm-{uid}"))
+            }
+        });
     base.join(name)
 }
 
@@ -129,16 +145,21 @@ pub fn processes_of(name: &str) -> Vec<String> {
     found
 }
 
+/// The lines of this process's mount table under the instance `name`'s directory.
+pub fn mounts_of(name: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&format!("/instances/{name}/")))
+        .map(str::to_string)
+        .collect()
+}
+
 pub fn assert_no_leftovers(name: &str) {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let procs = processes_of(name);
-        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains(&format!("/instances/{name}/")))
-            .map(str::to_string)
-            .collect();
+        let mounts = mounts_of(name);
         let sockets: Vec<PathBuf> = std::fs::read_dir(run_dir(name))
             .map(|rd| {
                 rd.flatten()
@@ -200,8 +221,15 @@ pub fn serve_in_guest(name: &str, port: u16) {
 
 /// Whether a guest process can open a TCP connection to the host's loopback through gvproxy's
 /// host alias, checked against a listener of this test on 127.0.0.1.
+/// Whether the guest reaches a listener on the host's 127.0.0.1 through the address its network
+/// helper maps there when allowed: gvproxy's NAT address, or the gateway for passt (the helper an
+/// ordinary user gets by default).
 pub fn guest_reaches_host_loopback(name: &str) -> bool {
-    guest_reaches_host_loopback_via(name, "192.168.127.254")
+    let addr = match status(name)["net"].as_str() {
+        Some("passt") => "192.168.127.1",
+        _ => "192.168.127.254",
+    };
+    guest_reaches_host_loopback_via(name, addr)
 }
 
 /// Whether the guest, connecting to `addr`, reaches a listener on the host's 127.0.0.1.
@@ -247,7 +275,10 @@ pub fn have_busybox(test: &str) -> bool {
     if Path::new(BUSYBOX).is_file() {
         return true;
     }
-    eprintln!("e2e {test}: NOT RUN: {BUSYBOX} is missing (apt-get install busybox-static)");
+    gatevm_testkit::skip(
+        test,
+        format!("{BUSYBOX} is missing (apt-get install busybox-static)"),
+    );
     false
 }
 
@@ -417,4 +448,84 @@ pub fn read_forward(port: u16, want: &str, within: Duration) -> Option<String> {
         std::thread::sleep(Duration::from_millis(200));
     }
     None
+}
+
+/// The instance's directory in the data directory (the parent of its logs).
+pub fn instance_dir_of(name: &str) -> PathBuf {
+    let st = status(name);
+    PathBuf::from(st["logs"].as_str().expect("logs in status"))
+        .parent()
+        .expect("logs in the instance directory")
+        .to_path_buf()
+}
+
+/// The lines of this process's mount table whose mount point or mounted source is `dir` or under
+/// it (the instance's root is the VM's disks now: there should be none).
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let d = dir.display().to_string();
+    let under = |p: &str| p == d || p.starts_with(&format!("{d}/"));
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let source = l.split(" - ").nth(1).and_then(|r| r.split(' ').nth(1));
+            f.get(4).is_some_and(|m| under(m)) || source.is_some_and(under)
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Loop devices of the host whose backing file is in `dir`.
+pub fn loop_devices_under(dir: &Path) -> Vec<String> {
+    let d = dir.display().to_string();
+    std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let back = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            back.trim()
+                .starts_with(&format!("{d}/"))
+                .then(|| format!("{}: {}", e.file_name().to_string_lossy(), back.trim()))
+        })
+        .collect()
+}
+
+/// The SHA-256 of a file, in hex (sha256sum: a debug build hashes hundreds of MiB slowly).
+pub fn sha256_of(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The files process `pid` holds open, with whether each is open for writing.
+pub fn open_files(pid: u64) -> Vec<(PathBuf, bool)> {
+    let mut v = vec![];
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        let fd = e.file_name().to_string_lossy().into_owned();
+        let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")) else {
+            continue;
+        };
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| i64::from_str_radix(f.trim(), 8).ok())
+            .unwrap_or(0);
+        v.push((
+            target,
+            flags & i64::from(libc::O_ACCMODE) != i64::from(libc::O_RDONLY),
+        ));
+    }
+    v
 }

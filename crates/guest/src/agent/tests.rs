@@ -933,14 +933,62 @@ fn quiet_agent() -> Agent {
     Agent::new(host, Reaper::global(), AgentInfo::current())
 }
 
+/// A writer whose bytes the test reads afterwards.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serves `bytes` to a fresh agent, failing the test when that does not end within a minute;
+/// returns how serving ended, the frames the agent wrote back (as the host would read them)
+/// and the sessions left running.
+fn serve_bytes(bytes: Vec<u8>) -> (ServeEnd, Vec<Result<Frame<GuestMsg>, String>>, usize) {
+    gatevm_testkit::within(
+        Duration::from_secs(60),
+        "the agent serving hostile bytes",
+        move || {
+            let agent = quiet_agent();
+            let out = Captured::default();
+            let w = session::shared_writer(out.clone());
+            let mut r = &bytes[..];
+            let end = agent.serve(&mut r, &w, OnEof::Stop);
+            let written = out.0.lock().unwrap().clone();
+            let mut replies = Vec::new();
+            let mut r = &written[..];
+            loop {
+                match read_frame::<GuestMsg, _>(&mut r) {
+                    Ok(Some(f)) => replies.push(Ok(f)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        replies.push(Err(e.to_string()));
+                        break;
+                    }
+                }
+            }
+            (end, replies, agent.session_count())
+        },
+    )
+}
+
 proptest::proptest! {
-    // Arbitrary bytes from the host never panic the agent and never make it hang.
+    // Arbitrary bytes from the host never panic the agent, never make it hang (bounded by
+    // `within`), start no session, and whatever it answers is a well-formed frame.
     #[test]
     fn arbitrary_input_is_survived(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096)) {
-        let agent = quiet_agent();
-        let w = session::shared_writer(std::io::sink());
-        let mut r = &bytes[..];
-        agent.serve(&mut r, &w, OnEof::Stop);
+        let (end, replies, sessions) = serve_bytes(bytes);
+        proptest::prop_assert!(matches!(end, ServeEnd::Eof), "serving ended by a shutdown");
+        proptest::prop_assert_eq!(sessions, 0);
+        for r in &replies {
+            proptest::prop_assert!(r.is_ok(), "the agent wrote a frame the host cannot read: {:?}", r);
+        }
     }
 
     // Well-framed bodies with arbitrary stream ids, kinds and payloads.
@@ -953,16 +1001,20 @@ proptest::proptest! {
         )
     ) {
         let mut bytes = Vec::new();
+        let frames_sent = frames.len();
         for (stream, kind, payload) in frames {
             bytes.extend_from_slice(&((5 + payload.len()) as u32).to_be_bytes());
             bytes.extend_from_slice(&stream.to_be_bytes());
             bytes.push(kind);
             bytes.extend_from_slice(&payload);
         }
-        let agent = quiet_agent();
-        let w = session::shared_writer(std::io::sink());
-        let mut r = &bytes[..];
-        agent.serve(&mut r, &w, OnEof::Stop);
-        proptest::prop_assert_eq!(agent.session_count(), 0);
+        let (_, replies, sessions) = serve_bytes(bytes);
+        proptest::prop_assert_eq!(sessions, 0);
+        // Each reply is a readable frame; one a frame at most (a malformed frame gets one
+        // Error, a request one answer).
+        proptest::prop_assert!(replies.len() <= frames_sent, "{} replies to {} frames", replies.len(), frames_sent);
+        for r in &replies {
+            proptest::prop_assert!(r.is_ok(), "the agent wrote a frame the host cannot read: {:?}", r);
+        }
     }
 }

@@ -742,17 +742,114 @@ mod tests {
             prop_assert_eq!((p.guest_port, p.container_port), (g, c));
         }
 
+        /// The name and namespace checks agree with the rules their documentation states, and
+        /// a refusal quotes the value refused.
         #[test]
-        fn names_never_panic(s in "\\PC{0,70}") {
-            let _ = validate_name(&s);
-            let _ = validate_namespace(&s);
+        fn name_checks_match_a_simple_model(s in "[A-Za-z0-9_.-]{0,80}|\\PC{0,70}") {
+            let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+            let name_ok = (1..=63).contains(&s.len())
+                && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && s.chars().all(allowed);
+            let ns_ok = (1..=76).contains(&s.len()) && s.chars().all(allowed);
+            let quoted = format!("{s:?}");
+            match validate_name(&s) {
+                Ok(()) => prop_assert!(name_ok, "{:?} accepted as a name", s),
+                Err(e) => {
+                    prop_assert!(!name_ok, "{:?} refused as a name", s);
+                    prop_assert!(e.to_string().contains(&quoted), "{}", e);
+                }
+            }
+            match validate_namespace(&s) {
+                Ok(()) => prop_assert!(ns_ok, "{:?} accepted as a namespace", s),
+                Err(e) => {
+                    prop_assert!(!ns_ok, "{:?} refused as a namespace", s);
+                    prop_assert!(e.to_string().contains(&quoted), "{}", e);
+                }
+            }
         }
 
+        /// A `run` command line written with any spelling of the flags (`--name x`,
+        /// `--name=x`, short forms, `-dt`) reads back as the options written; the command
+        /// after the image is kept word for word.
         #[test]
-        fn run_parser_never_panics(args in proptest::collection::vec("\\PC{0,12}", 0..8)) {
-            let _ = parse_run(&args);
-            let _ = parse_ps(&args);
-            let _ = parse_rm(&args);
+        fn run_arguments_round_trip(
+            ns in "[a-z0-9][a-z0-9._-]{0,10}",
+            name in "[a-z0-9][a-z0-9._-]{0,10}",
+            detach in any::<bool>(),
+            tty in any::<bool>(),
+            env in proptest::collection::vec("[A-Z_]{1,6}=[ -~]{0,8}", 0..3),
+            workdir in proptest::option::of("/[a-z/]{0,10}"),
+            image in "[a-z0-9][a-z0-9./:-]{0,16}",
+            dashdash in any::<bool>(),
+            command in proptest::collection::vec("[a-z/][ -~]{0,8}", 0..4),
+            inline in any::<bool>(),
+        ) {
+            let pair = |long: &str, short: &str, v: &str| -> Vec<String> {
+                if inline {
+                    vec![format!("{long}={v}")]
+                } else {
+                    vec![short.to_string(), v.to_string()]
+                }
+            };
+            let mut args = Vec::new();
+            args.extend(pair("--namespace", "-n", &ns));
+            match (detach, tty) {
+                (true, true) => args.push("-dt".to_string()),
+                (true, false) => args.push("--detach".to_string()),
+                (false, true) => args.push("-t".to_string()),
+                (false, false) => {}
+            }
+            for e in &env {
+                args.extend(pair("--env", "-e", e));
+            }
+            if let Some(w) = &workdir {
+                args.extend(pair("--workdir", "-w", w));
+            }
+            args.extend(pair("--name", "--name", &name));
+            args.push(image.clone());
+            if dashdash {
+                args.push("--".to_string());
+            }
+            args.extend(command.iter().cloned());
+            let want = RunOpts {
+                namespace: ns,
+                name,
+                detach,
+                tty,
+                publish: Vec::new(),
+                env,
+                workdir,
+                image,
+                command,
+            };
+            prop_assert_eq!(parse_run(&args), Ok(want));
+        }
+
+        /// Whatever the words: what `run`, `ps` and `rm` accept passes the name and namespace
+        /// checks, the image is one of the words and the command is exactly the words after
+        /// it; a refusal has a message.
+        #[test]
+        fn parsers_accept_only_valid_names(args in proptest::collection::vec("\\PC{0,12}|-[-a-z]{1,10}(=[a-z]{0,3})?|[a-z]{1,4}", 0..8)) {
+            match parse_run(&args) {
+                Ok(o) => {
+                    prop_assert!(validate_name(&o.name).is_ok() && validate_namespace(&o.namespace).is_ok());
+                    let at = args.iter().position(|a| *a == o.image);
+                    prop_assert!(at.is_some(), "image {:?} is not among {:?}", o.image, args);
+                    prop_assert!(args.ends_with(&o.command), "{:?} does not end {:?}", o.command, args);
+                }
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+            match parse_ps(&args) {
+                Ok(o) => prop_assert!(validate_namespace(&o.namespace).is_ok()),
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+            match parse_rm(&args) {
+                Ok(o) => {
+                    prop_assert!(validate_name(&o.name).is_ok() && validate_namespace(&o.namespace).is_ok());
+                    prop_assert!(args.contains(&o.name));
+                }
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
         }
     }
 }

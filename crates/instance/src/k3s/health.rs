@@ -44,7 +44,12 @@ pub async fn k3s_health(name: &str, s: &K3sSettings, gateway: bool) -> K3sHealth
     };
     let readyz = capture::<tokio::io::Empty>(
         name,
-        &["/usr/local/bin/k3s", "kubectl", "get", "--raw=/readyz"],
+        &[
+            gatevm_abi::paths::K3S_BIN,
+            "kubectl",
+            "get",
+            "--raw=/readyz",
+        ],
         None,
         PROBE,
     )
@@ -58,7 +63,7 @@ pub async fn k3s_health(name: &str, s: &K3sSettings, gateway: bool) -> K3sHealth
         let node = capture::<tokio::io::Empty>(
             name,
             &[
-                "/usr/local/bin/k3s",
+                gatevm_abi::paths::K3S_BIN,
                 "kubectl",
                 "get",
                 "nodes",

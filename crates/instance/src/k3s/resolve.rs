@@ -243,7 +243,7 @@ fn k3s_binary(
         }
         (None, Some(s)) if s.binary.is_file() => binary::inspect(&s.binary)?,
         _ => {
-            let rt = gatevm_runtime::dirs::runtime_dir()?;
+            let rt = gatevm_runtime::dirs::own_runtime_dir()?;
             match binary::cached(&rt) {
                 Some(b) => b,
                 None => fetch_pinned(&rt, notice).map_err(|e| K3sError::NoBinary(Box::new(e)))?,
@@ -341,7 +341,7 @@ fn fetch_pinned(rt: &Path, notice: &mut dyn FnMut(Notice)) -> Result<binary::K3s
 
 /// `gatevm setup --fetch-k3s`: the pinned release, verified and cached.
 pub fn fetch_and_cache(notice: &mut dyn FnMut(Notice)) -> Result<(), K3sError> {
-    let rt = gatevm_runtime::dirs::runtime_dir()?;
+    let rt = gatevm_runtime::dirs::own_runtime_dir()?;
     let b = fetch_pinned(&rt, notice)?;
     notice(Notice::Cached {
         version: b.version,
@@ -354,7 +354,7 @@ pub fn fetch_and_cache(notice: &mut dyn FnMut(Notice)) -> Result<(), K3sError> {
 /// `gatevm setup --k3s FILE`: checks and caches the binary in the runtime.
 pub fn cache_binary(file: &Path, notice: &mut dyn FnMut(Notice)) -> Result<(), K3sError> {
     let b = binary::inspect(file).map_err(K3sError::GivenBinary)?;
-    let rt = gatevm_runtime::dirs::runtime_dir()?;
+    let rt = gatevm_runtime::dirs::own_runtime_dir()?;
     let c = binary::cache(&b, &rt)?;
     notice(Notice::Cached {
         version: c.version,

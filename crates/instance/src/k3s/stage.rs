@@ -1,10 +1,9 @@
-//! The k3s profile, prepared on the host before boot: the k3s binary in the instance root, the
-//! server plan (flags and CNI configuration chosen from the guest kernel's features), the user's
-//! manifests and airgap images, and the gateway's TLS Secret, staged under `/etc/gatevm/k3s` of
-//! the root, where gatevm-guest picks them up (`gatevm.payload=k3s`).
-//!
-//! The root is not trusted (the guest writes its upper layer), so every path into it is walked
-//! without following symlinks, and the staging directory is rebuilt from scratch at every start.
+//! The k3s profile, prepared on the host before boot: the k3s binary, the server plan (flags and
+//! CNI configuration chosen from the guest kernel's features), the user's manifests and airgap
+//! images, and the gateway's TLS Secret, staged into a directory of the instance and made into a
+//! read-only EROFS image at every start. The guest mounts it at `/etc/gatevm/k3s`, where
+//! gatevm-guest picks them up (`gatevm.payload=k3s`). The guest cannot write it, and the host
+//! never reads anything back from it.
 
 use crate::config::K3sSettings;
 use crate::paths::InstancePaths;
@@ -17,10 +16,13 @@ use gatevm_k3s::pki::{self, PkiOptions};
 use gatevm_kernel::kconfig::Capability;
 use std::path::{Path, PathBuf};
 
-/// Where the guest finds the k3s binary, relative to the root.
-pub const K3S_GUEST_PATH: &str = rel(paths::K3S_BIN);
-/// The staging directory in the root.
-pub const STAGE_DIR: &str = rel(paths::K3S_STAGE_DIR);
+/// A guest path under the staging directory, relative to it (`/etc/gatevm/k3s/k3s` → `k3s`).
+pub fn in_stage(guest_path: &str) -> &str {
+    guest_path
+        .strip_prefix(paths::K3S_STAGE_DIR)
+        .map(|r| r.trim_start_matches('/'))
+        .unwrap_or_else(|| rel(guest_path))
+}
 /// k3s's state directory in the guest, on the state disk.
 pub const DATA_DIR: &str = paths::K3S_DATA_DIR;
 
@@ -57,6 +59,9 @@ pub enum StageError {
     /// The gateway's certificates could not be made.
     #[error(transparent)]
     Pki(#[from] pki::PkiError),
+    /// The staging image could not be made.
+    #[error(transparent)]
+    Image(#[from] gatevm_runtime::erofs::ErofsError),
 }
 
 /// Copies a host file into the root (no-follow on the root side).
@@ -115,40 +120,51 @@ pub fn pki_options(name: &str, s: &K3sSettings) -> PkiOptions {
     }
 }
 
-/// Prepares the k3s profile in the mounted instance root. `caps` are the guest kernel's features
-/// (empty when unknown: every feature then counts as missing and the plan is the conservative
-/// one).
+/// Prepares the k3s profile: stages it ([`stage_tree`]) and makes the staging image the guest
+/// mounts (`paths.stage_image()`); the staging directory goes again. `caps` are the guest
+/// kernel's features (empty when unknown: every feature then counts as missing and the plan is
+/// the conservative one).
 pub fn stage(
     paths: &InstancePaths,
     s: &K3sSettings,
     caps: &[Capability],
 ) -> Result<(), StageError> {
-    let root = paths.rootfs();
-    // The binary, checked against what `start` saw.
-    let (bin_dir, bin_name) = K3S_GUEST_PATH
-        .rsplit_once('/')
-        .unwrap_or(("", K3S_GUEST_PATH));
-    let dir = dir_in_root(&root, bin_dir)?;
-    crate::rootdir::install(&s.binary, &dir.join(bin_name), 0o755)?;
+    stage_tree(paths, s, caps)?;
+    let dir = paths.stage_dir();
+    let made = gatevm_runtime::erofs::make_image(
+        &dir,
+        &paths.stage_image(),
+        gatevm_runtime::erofs::Owners::AllRoot,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(made?)
+}
 
-    // A fresh staging directory.
-    let stage_parent = dir_in_root(&root, "etc/gatevm")?;
-    let stage = stage_parent.join("k3s");
+/// Stages the k3s profile into a fresh `paths.stage_dir()`, laid out as the guest sees it under
+/// `/etc/gatevm/k3s`.
+pub fn stage_tree(
+    paths: &InstancePaths,
+    s: &K3sSettings,
+    caps: &[Capability],
+) -> Result<(), StageError> {
+    let stage = paths.stage_dir();
     if std::fs::symlink_metadata(&stage).is_ok() {
-        if std::fs::symlink_metadata(&stage).is_ok_and(|m| m.is_dir()) {
-            std::fs::remove_dir_all(&stage)
-        } else {
-            std::fs::remove_file(&stage)
-        }
-        .map_err(|source| StageError::Io {
+        std::fs::remove_dir_all(&stage).map_err(|source| StageError::Io {
             op: "clearing",
             path: stage.clone(),
             source,
         })?;
     }
-    let stage = dir_in_root(&root, STAGE_DIR)?;
-    let manifests = dir_in_root(&root, rel(paths::K3S_STAGED_MANIFESTS))?;
-    let images = dir_in_root(&root, rel(paths::K3S_STAGED_IMAGES))?;
+    crate::paths::mkdir_private(&stage).map_err(|source| StageError::Io {
+        op: "creating",
+        path: stage.clone(),
+        source,
+    })?;
+    // The binary, checked against what `start` saw.
+    let bin = in_stage(paths::K3S_BIN);
+    crate::rootdir::install(&s.binary, &stage.join(bin), 0o755)?;
+    let manifests = dir_in_root(&stage, in_stage(paths::K3S_STAGED_MANIFESTS))?;
+    let images = dir_in_root(&stage, in_stage(paths::K3S_STAGED_IMAGES))?;
 
     let plan = flags::plan(caps, &options(&paths.name, s));
     let staged = PlanFile {
@@ -160,7 +176,7 @@ pub fn stage(
         notes: plan.notes,
     };
     let json = staged.to_json().map_err(StageError::Plan)?;
-    write_new(&stage.join("plan.json"), &json, 0o644)?;
+    write_new(&stage.join(in_stage(paths::K3S_PLAN)), &json, 0o644)?;
 
     for m in &s.manifests {
         for f in manifest_files(m)? {
@@ -224,7 +240,7 @@ mod tests {
             dir: d.path().join("data/instances/k3stest"),
             run: d.path().join("run/k3stest"),
         };
-        std::fs::create_dir_all(paths.rootfs()).unwrap();
+        std::fs::create_dir_all(&paths.dir).unwrap();
         let bin = d.path().join("k3s");
         std::fs::write(&bin, b"\x7fELF fake").unwrap();
         let mdir = d.path().join("m");
@@ -236,29 +252,19 @@ mod tests {
         let mut s = settings(&bin);
         s.manifests = vec![mdir.clone()];
         s.images = vec![img];
-        // An old staging file and a guest-planted symlink are replaced, not followed.
-        let outside = d.path().join("outside");
-        std::fs::create_dir(&outside).unwrap();
-        std::fs::create_dir_all(paths.rootfs().join("etc/gatevm/k3s/manifests")).unwrap();
-        std::fs::write(
-            paths.rootfs().join("etc/gatevm/k3s/manifests/old.yaml"),
-            "x",
-        )
-        .unwrap();
-        std::os::unix::fs::symlink(&outside, paths.rootfs().join("etc/gatevm/k3s/images")).unwrap();
+        // What an earlier start staged goes.
+        std::fs::create_dir_all(paths.stage_dir().join("manifests")).unwrap();
+        std::fs::write(paths.stage_dir().join("manifests/old.yaml"), "x").unwrap();
 
-        stage(&paths, &s, &[]).unwrap();
-        let r = paths.rootfs();
-        assert_eq!(
-            std::fs::read(r.join(K3S_GUEST_PATH)).unwrap(),
-            b"\x7fELF fake"
-        );
-        let plan: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(r.join("etc/gatevm/k3s/plan.json")).unwrap())
-                .unwrap();
-        assert_eq!(plan["data_dir"], DATA_DIR);
+        stage_tree(&paths, &s, &[]).unwrap();
+        let r = paths.stage_dir();
+        assert_eq!(in_stage(paths::K3S_BIN), "k3s");
+        assert_eq!(std::fs::read(r.join("k3s")).unwrap(), b"\x7fELF fake");
         // Where and what the guest reads: its parser takes the staged plan as it is.
-        let text = std::fs::read_to_string(r.join(rel(paths::K3S_PLAN))).unwrap();
+        let text = std::fs::read_to_string(r.join(in_stage(paths::K3S_PLAN))).unwrap();
+        assert_eq!(in_stage(paths::K3S_PLAN), "plan.json");
+        let plan: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(plan["data_dir"], DATA_DIR);
         let parsed = gatevm_abi::plan::parse(&text).unwrap();
         assert_eq!(parsed.data_dir, Path::new(DATA_DIR));
         let args: Vec<&str> = plan["args"]
@@ -274,34 +280,35 @@ mod tests {
         );
         // No kernel features known: the conservative plan brings its own bridge CNI.
         assert!(plan["cni"]["file"].is_string(), "{plan}");
-        let m = r.join("etc/gatevm/k3s/manifests");
+        let m = r.join("manifests");
         assert!(m.join("a.yaml").is_file());
         assert!(!m.join("notes.txt").exists());
         assert!(!m.join("old.yaml").exists());
         assert!(std::fs::read_to_string(m.join("gatevm-gateway-tls.yaml"))
             .unwrap()
             .contains("kubernetes.io/tls"));
-        assert!(r.join("etc/gatevm/k3s/images/00-airgap.tar").is_file());
-        assert_eq!(
-            std::fs::read_dir(&outside).unwrap().count(),
-            0,
-            "wrote through a symlink"
-        );
+        assert!(r.join("images/00-airgap.tar").is_file());
         assert!(paths.dir.join("pki/ca.crt").is_file());
 
-        // A symlinked directory on the way to the binary is refused.
-        std::fs::remove_dir_all(r.join("usr")).unwrap();
-        std::os::unix::fs::symlink(&outside, r.join("usr")).unwrap();
-        assert!(
-            gatevm_abi::error_chain(&stage(&paths, &s, &[]).unwrap_err())
-                .contains("not a directory")
-        );
-        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        // The image: made, and the staging directory gone.
+        if gatevm_runtime::erofs::mkfs_erofs().is_some() {
+            stage(&paths, &s, &[]).unwrap();
+            assert!(!paths.stage_dir().exists());
+            let bytes = std::fs::read(paths.stage_image()).unwrap();
+            assert_eq!(&bytes[1024..1028], &[0xe2, 0xe1, 0xf5, 0xe0], "not EROFS");
+        } else {
+            gatevm_testkit::skip_part(
+                "stages_binary_plan_manifests_images_and_secret",
+                "the staging image",
+                "mkfs.erofs is not installed (erofs-utils)",
+            );
+        }
 
         // Reserved manifest names.
-        std::fs::remove_file(r.join("usr")).unwrap();
         std::fs::write(mdir.join("gatevm-x.yaml"), "x").unwrap();
-        assert!(gatevm_abi::error_chain(&stage(&paths, &s, &[]).unwrap_err()).contains("reserved"));
+        assert!(
+            gatevm_abi::error_chain(&stage_tree(&paths, &s, &[]).unwrap_err()).contains("reserved")
+        );
     }
 
     #[test]

@@ -1,10 +1,10 @@
-//! The steps of a start, in order: choose the backend, prepare the root (and k3s's files), the
-//! state disk and the initramfs, start the helpers, spawn the VM, put the forwards in, open the
+//! The steps of a start, in order: choose the backend, prepare the root's disks (and k3s's
+//! staging image), the state disk and the initramfs, start the network helper, spawn the VM, put the forwards in, open the
 //! control socket, race the boot against the helpers and a stop, then serve until the VM ends.
 
 use super::children::{
-    describe, describe_vm_exit, first_exit, log_tail, spawn_owned, wait_socket, OwnedChild,
-    SpawnSpec,
+    describe, describe_vm_exit, first_exit, helper_exited_during_boot, log_tail, spawn_owned,
+    wait_socket, OwnedChild, SpawnSpec,
 };
 use super::helpers::{self, Network};
 use super::{
@@ -18,10 +18,11 @@ use crate::control::Progress;
 use crate::paths::InstancePaths;
 use crate::state::Phase;
 use gatevm_abi::cmdline::{Cmdline, PayloadKind};
-use gatevm_abi::paths::GUEST_AGENT as GUEST_AGENT_PATH;
+use gatevm_abi::paths::{disk, GUEST_AGENT as GUEST_AGENT_PATH};
 use gatevm_abi::PayloadState;
 use gatevm_net::gvproxy::{self, GvproxyConfig};
-use gatevm_vmm::{Accel, VmConfig, Vmm};
+use gatevm_runtime::erofs::Owners;
+use gatevm_vmm::{Accel, Disk, VmConfig, Vmm};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,14 +55,11 @@ pub(super) async fn boot_and_serve(
     let runtime = gatevm_runtime::Runtime::load()
         .map_err(|e| SupervisorError::Setup(gatevm_abi::error_chain(&e)))?;
     let (chosen, vmm) = choose_backend(inst, &runtime, progress)?;
-    prepare_root(opts, paths, &runtime, &chosen)?;
-    let state_disk = prepare_state_disk(paths, cfg)?;
-    let initramfs = initramfs_for(vmm.as_ref(), &runtime, &opts.guest_bin)?;
+    let mut disks = prepare_root(opts, paths, &runtime, &chosen)?;
+    disks.extend(prepare_state_disk(paths, cfg)?);
+    let initramfs = boot_files(vmm.as_ref(), &runtime, paths, &opts.guest_bin)?;
 
     phase("starting helpers", t0, progress);
-    if vmm.needs_virtiofsd() {
-        helpers::start_virtiofsd(inst, &runtime, children).await?;
-    }
     let mtu = net_mtu(&chosen);
     let net = helpers::start_network(inst, &runtime, &chosen, mtu, children).await?;
 
@@ -76,7 +74,7 @@ pub(super) async fn boot_and_serve(
         "creating {}",
         paths.console_fifo().display()
     )))?;
-    let vm_cfg = vm_config(cfg, paths, &chosen, mtu, &runtime, initramfs, state_disk);
+    let vm_cfg = vm_config(cfg, paths, &chosen, mtu, &runtime, initramfs, disks);
     let (net_gvproxy, vm_index) = spawn_vm(inst, vmm.as_ref(), vm_cfg, net, children)?;
     let expose = put_forwards(cfg, paths, net_gvproxy);
     let _server = open_control_socket(inst)?;
@@ -142,23 +140,38 @@ fn choose_backend(
     Ok((chosen, vmm))
 }
 
-/// Mounts the instance root on its lower layer (a throwaway VM's own, or gatevm's rootfs),
-/// installs the guest agent in it and, for k3s, stages k3s's files.
+/// The root's disks: the read-only base (gatevm's rootfs image, or a throwaway VM's own root made
+/// into one), the instance's writable layer and, for k3s, the staging image. Nothing is mounted
+/// on the host: the guest's stage 1 builds the root from them.
 fn prepare_root(
     opts: &SuperviseOptions,
     paths: &InstancePaths,
     runtime: &gatevm_runtime::Runtime,
     chosen: &VmmBackend,
-) -> Result<(), SupervisorError> {
+) -> Result<Vec<Disk>, SupervisorError> {
     let cfg = &opts.config;
-    let lower = match cfg.ephemeral.as_ref().and_then(|e| e.rootfs.clone()) {
-        Some(dir) => dir,
+    let base = match cfg.ephemeral.as_ref().and_then(|e| e.rootfs.clone()) {
+        Some(dir) => {
+            // A tree an ordinary user made holds that user's files: root's in the guest.
+            let owners = if nix::unistd::geteuid().is_root() {
+                Owners::AsInTree
+            } else {
+                Owners::AllRoot
+            };
+            let img = paths.root_image();
+            gatevm_runtime::erofs::make_image(&dir, &img, owners)
+                .map_err(|e| SupervisorError::Setup(gatevm_abi::error_chain(&e)))?;
+            img
+        }
         None => runtime
-            .rootfs()
+            .base_image()
             .map_err(|e| SupervisorError::Setup(gatevm_abi::error_chain(&e)))?,
     };
-    super::mounts::mount_rootfs(paths, &lower, cfg.root_mib)?;
-    install_guest(paths, &opts.guest_bin)?;
+    super::mounts::prepare_upper(paths, cfg.root_mib)?;
+    let mut disks = vec![
+        Disk::ro(disk::BASE, base),
+        Disk::rw(disk::UPPER, paths.upper_image()),
+    ];
     if let Some(k3s) = &cfg.k3s {
         // The plan follows the kernel the VM boots: Debian's config is read; libkrunfw's kernel
         // ships none, so every feature counts as missing and the plan is the conservative one.
@@ -170,48 +183,63 @@ fn prepare_root(
             VmmBackend::Krun(_) => vec![],
         };
         crate::k3s::stage::stage(paths, k3s, &caps).map_err(SupervisorError::K3sStage)?;
+        disks.push(Disk::ro(disk::STAGE, paths.stage_image()));
     }
-    Ok(())
+    Ok(disks)
 }
 
-/// Copies the guest binary into the instance root when it differs. The root is not trusted (the
-/// guest writes its upper layer; a `vm-run` image comes from anywhere), so no symlink in it is
-/// followed on the host: a directory on the way that is a symlink is refused, and a symlink at the
-/// binary's own path is replaced.
-fn install_guest(paths: &InstancePaths, guest_bin: &Path) -> Result<(), SupervisorError> {
-    let rel = GUEST_AGENT_PATH.trim_start_matches('/');
-    let (dir_rel, file) = rel.rsplit_once('/').unwrap_or(("", rel));
-    let dir = crate::rootdir::dir_in_root(&paths.rootfs(), dir_rel)
-        .map_err(SupervisorError::InstallGuest)?;
-    crate::rootdir::install(guest_bin, &dir.join(file), 0o755)
-        .map_err(SupervisorError::InstallGuest)
-}
-
-/// The state disk, created or grown as configured; None for a throwaway VM.
+/// The state disk, created or grown as configured; none for a throwaway VM.
 fn prepare_state_disk(
     paths: &InstancePaths,
     cfg: &InstanceConfig,
-) -> Result<Option<PathBuf>, SupervisorError> {
+) -> Result<Option<Disk>, SupervisorError> {
     if cfg.ephemeral.is_some() {
         return Ok(None);
     }
     super::mounts::ensure_state_disk(paths, cfg.disk_gib)?;
-    Ok(Some(paths.state_disk()))
+    Ok(Some(Disk::rw(disk::STATE, paths.state_disk())))
 }
 
-/// gatevm's initramfs (with `guest_bin` as its init) for a VMM that boots through virtiofsd.
-fn initramfs_for(
+/// What the VM boots before the root: gatevm's initramfs (with `guest_bin` as its init) for QEMU;
+/// for libkrun, whose own init starts the workload from a virtio-fs directory, a boot directory
+/// holding only `guest_bin` (at the agent's path, with the initramfs marker, so it runs as stage
+/// 1 there too).
+fn boot_files(
     vmm: &dyn Vmm,
     runtime: &gatevm_runtime::Runtime,
+    paths: &InstancePaths,
     guest_bin: &Path,
 ) -> Result<Option<PathBuf>, SupervisorError> {
-    if !vmm.needs_virtiofsd() {
-        return Ok(None);
+    if vmm.boots_initramfs() {
+        return runtime
+            .initramfs(guest_bin)
+            .map(Some)
+            .map_err(|e| SupervisorError::Setup(gatevm_abi::error_chain(&e)));
     }
-    runtime
-        .initramfs(guest_bin)
-        .map(Some)
-        .map_err(|e| SupervisorError::Setup(gatevm_abi::error_chain(&e)))
+    let boot = paths.boot_dir();
+    let _ = std::fs::remove_dir_all(&boot);
+    let rel = GUEST_AGENT_PATH.trim_start_matches('/');
+    let (dir_rel, file) = rel.rsplit_once('/').unwrap_or(("", rel));
+    let made = (|| {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = boot.join(dir_rel);
+        std::fs::create_dir_all(&dir)?;
+        for d in ["dev", "proc", "sys", "tmp"] {
+            std::fs::create_dir_all(boot.join(d))?;
+        }
+        std::fs::copy(guest_bin, dir.join(file))?;
+        std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o755))?;
+        std::fs::write(
+            boot.join(gatevm_abi::paths::rel(gatevm_abi::paths::INITRAMFS_MARKER)),
+            b"",
+        )?;
+        std::fs::set_permissions(&boot, std::fs::Permissions::from_mode(0o755))
+    })();
+    made.map_err(io_err(format!(
+        "making the boot directory {}",
+        boot.display()
+    )))?;
+    Ok(None)
 }
 
 /// Large frames where the VMM's device is known to take them (QEMU's virtio-net).
@@ -230,7 +258,7 @@ fn vm_config(
     mtu: u32,
     runtime: &gatevm_runtime::Runtime,
     initramfs: Option<PathBuf>,
-    state_disk: Option<PathBuf>,
+    disks: Vec<Disk>,
 ) -> VmConfig {
     VmConfig {
         name: cfg.name.clone(),
@@ -243,9 +271,8 @@ fn vm_config(
         kernel: runtime.kernel_path().to_path_buf(),
         initramfs,
         cmdline: kernel_cmdline(&cfg.name, payload_kind(cfg), mtu),
-        root_dir: paths.rootfs(),
-        virtiofs_socket: paths.virtiofs_socket(),
-        state_disk,
+        disks,
+        boot_dir: paths.boot_dir(),
         agent_socket: paths.agent_socket(),
         net: None,
         mac: gvproxy::GUEST_MAC.to_string(),
@@ -267,12 +294,16 @@ fn spawn_vm(
     // libkrun refuses to listen on an existing path; an unprivileged QEMU gets the agent
     // socket bound by `command` (so before it).
     let _ = std::fs::remove_file(paths.agent_socket());
-    let std_cmd = vmm
-        .command(&vm_cfg)
-        .map_err(|e| match std::error::Error::source(&e) {
+    let std_cmd = vmm.command(&vm_cfg).map_err(|e| {
+        // A helper that died refuses its socket: the death is the cause, so name it.
+        if let Some(dead) = exited_helper(paths, children) {
+            return dead;
+        }
+        match std::error::Error::source(&e) {
             Some(cause) => SupervisorError::Setup(format!("{e}: {cause}")),
             None => SupervisorError::Setup(e.to_string()),
-        })?;
+        }
+    })?;
     let vm_log = paths.log("vmm");
     let spec = SpawnSpec {
         inherit: net.vm_end.as_ref().map(|s| {
@@ -288,6 +319,14 @@ fn spawn_vm(
     let vm_id = children[vm_index].id;
     inst.set_state(|s| s.vmm = Some(vm_id));
     Ok((net.gvproxy, vm_index))
+}
+
+/// The first of the helpers started so far that has exited, as the boot's error.
+fn exited_helper(paths: &InstancePaths, helpers: &mut [OwnedChild]) -> Option<SupervisorError> {
+    helpers.iter_mut().find_map(|h| {
+        let st = h.child.try_wait().ok().flatten()?;
+        Some(helper_exited_during_boot(paths, h.name, Ok(st)))
+    })
 }
 
 /// Puts gvproxy's forwards in while the guest boots (it retries internally until its stack is
@@ -350,23 +389,31 @@ async fn race_boot(
     let paths = &inst.paths;
     let vm_log = paths.log("vmm");
     state::restrict_sockets(&paths.run);
-    let boot = async {
-        let agent = connect_agent(paths, vm, &vm_log).await?;
-        // The helpers' and the VMM's sockets exist by now; their makers use their own modes.
-        state::restrict_sockets(&paths.run);
-        inst.set_agent(agent.clone());
-        let times = wait_ready(&agent, &inst.config, vm, &vm_log, t0, progress).await?;
-        Ok::<_, SupervisorError>((agent, times))
+    let (name, st) = {
+        let boot = async {
+            let agent = connect_agent(paths, &mut *vm, &vm_log).await?;
+            // The helpers' and the VMM's sockets exist by now; their makers use their own modes.
+            state::restrict_sockets(&paths.run);
+            inst.set_agent(agent.clone());
+            let times = wait_ready(&agent, &inst.config, &mut *vm, &vm_log, t0, progress).await?;
+            Ok::<_, SupervisorError>((agent, times))
+        };
+        tokio::select! {
+            r = boot => return r,
+            exited = first_exit(helpers) => exited,
+            t = stop_rx.recv() => return Err(SupervisorError::Boot(format!("stopped during boot (timeout {} s)", t.unwrap_or(0)))),
+        }
     };
-    tokio::select! {
-        r = boot => r,
-        (name, st) = first_exit(helpers) => Err(SupervisorError::Boot(format!(
-            "{name} exited during boot ({}); see {}",
-            describe(st),
-            paths.log(name).display()
-        ))),
-        t = stop_rx.recv() => Err(SupervisorError::Boot(format!("stopped during boot (timeout {} s)", t.unwrap_or(0)))),
+    // As in `helper_died`: a helper that exited by itself may have followed the VM.
+    if !killed_by_signal(&st) {
+        if let Ok(vm_st) = tokio::time::timeout(Duration::from_millis(500), vm.child.wait()).await {
+            return Err(SupervisorError::Boot(format!(
+                "the VM exited during boot ({})",
+                describe(vm_st)
+            )));
+        }
     }
+    Err(helper_exited_during_boot(paths, name, st))
 }
 
 /// Connects to the agent channel. libkrun connects each host connection to the guest's vsock
@@ -385,10 +432,15 @@ async fn connect_agent(
     // for a while (as long as the VM lives).
     let refused_until = Instant::now() + Duration::from_secs(10);
     loop {
-        let stream = connect_agent_socket(paths, vm, refused_until).await?;
+        let stream = match connect_agent_socket(paths, vm, refused_until).await {
+            Ok(s) => s,
+            Err(e) => return Err(vm_exit_or(vm, vm_log, e).await),
+        };
         let (r, w) = stream.into_split();
         let agent = Agent::spawn(r, w);
-        agent.hello().await?;
+        if let Err(e) = agent.hello().await {
+            return Err(vm_exit_or(vm, vm_log, e.into()).await);
+        }
         let mut connected = agent.connected.clone();
         let answered = tokio::time::timeout(Duration::from_millis(500), async {
             while !*connected.borrow() && !agent.ended() {
@@ -403,16 +455,35 @@ async fn connect_agent(
             return Ok(agent);
         }
         if let Ok(Some(st)) = vm.child.try_wait() {
-            vm.drained.wait(Duration::from_secs(1)).await;
-            return Err(SupervisorError::Boot(format!(
-                "the VM exited during boot ({st}): see the console log; last lines: {}",
-                log_tail(vm_log, 2)
-            )));
+            return Err(vm_exited_during_boot(vm, vm_log, st).await);
         }
         if Instant::now() > deadline {
             return Err(agent_timeout());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The boot's error once the VM has exited.
+async fn vm_exited_during_boot(
+    vm: &mut OwnedChild,
+    vm_log: &Path,
+    st: std::process::ExitStatus,
+) -> SupervisorError {
+    vm.drained.wait(Duration::from_secs(1)).await;
+    SupervisorError::Boot(format!(
+        "the VM exited during boot ({st}): see the console log; last lines: {}",
+        log_tail(vm_log, 2)
+    ))
+}
+
+/// A failed agent connection is the VM's exit when the VM is exiting: a killed process closes
+/// its sockets a moment before it can be waited for, so the VM gets a second to show its exit
+/// before `err` is taken as the cause.
+async fn vm_exit_or(vm: &mut OwnedChild, vm_log: &Path, err: SupervisorError) -> SupervisorError {
+    match tokio::time::timeout(Duration::from_secs(1), vm.child.wait()).await {
+        Ok(Ok(st)) => vm_exited_during_boot(vm, vm_log, st).await,
+        _ => err,
     }
 }
 
@@ -579,17 +650,28 @@ async fn serve(
     }
 }
 
-/// Why the instance ends after a helper exited. The helpers end by themselves when the VM goes
-/// away (gvproxy exits when QEMU's network connection closes), so a VM that exited at about the
-/// same time is the cause, not the helper.
+/// Whether a helper was killed by a signal: then its death is the cause of whatever follows. The
+/// helpers end by themselves, with an exit code, when the VM goes away (gvproxy when QEMU's
+/// network connection closes, passt when its vhost-user peer does), and QEMU ends with one when
+/// a vhost-user back end goes during boot; so only a helper that exited by itself may have followed a VM
+/// that exited at about the same time.
+fn killed_by_signal(st: &std::io::Result<std::process::ExitStatus>) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    matches!(st, Ok(s) if s.signal().is_some())
+}
+
+/// Why the instance ends after a helper exited: the helper, unless it exited by itself and the VM
+/// exited at about the same time (see [`killed_by_signal`]).
 async fn helper_died(
     inst: &RunningInstance,
     vm: &mut OwnedChild,
     name: &str,
     st: std::io::Result<std::process::ExitStatus>,
 ) -> String {
-    if let Ok(vm_st) = tokio::time::timeout(Duration::from_millis(500), vm.child.wait()).await {
-        return describe_vm_exit(vm_st);
+    if !killed_by_signal(&st) {
+        if let Ok(vm_st) = tokio::time::timeout(Duration::from_millis(500), vm.child.wait()).await {
+            return describe_vm_exit(vm_st);
+        }
     }
     let why = format!(
         "{name} exited unexpectedly ({}); the VM was stopped",
@@ -669,8 +751,9 @@ mod tests {
     #[test]
     fn kernel_cmdline_names_payload_and_a_large_mtu() {
         if std::env::var_os("GATEVM_KERNEL_APPEND").is_some() {
-            eprintln!(
-                "NOT RUN kernel_cmdline_names_payload_and_a_large_mtu: GATEVM_KERNEL_APPEND is set"
+            gatevm_testkit::skip(
+                "supervisor::boot::tests::kernel_cmdline_names_payload_and_a_large_mtu",
+                "GATEVM_KERNEL_APPEND is set",
             );
             return;
         }

@@ -209,9 +209,69 @@ pub(crate) async fn keep_when_listening(
     log: &Path,
     children: &mut Vec<OwnedChild>,
 ) -> Result<(), SupervisorError> {
-    let waited = wait_socket(socket, &mut helper, log, Duration::from_secs(10)).await;
+    let mut waited = wait_socket(socket, &mut helper, log, Duration::from_secs(10)).await;
+    if waited.is_ok() {
+        waited = wait_listening(socket, &mut helper, log).await;
+    }
     children.push(helper);
     waited
+}
+
+/// Waits until the socket at `p` listens: a helper binds its path a moment before it listens,
+/// and a VMM that connects in between is refused (seen with passt once virtiofsd no longer
+/// started first). Read from `/proc/net/unix` without connecting (passt's vhost-user socket takes
+/// one client). A path that does not show there at all (bound in another network namespace)
+/// counts as listening after a short grace.
+async fn wait_listening(
+    p: &Path,
+    owner: &mut OwnedChild,
+    log: &Path,
+) -> Result<(), SupervisorError> {
+    let start = Instant::now();
+    loop {
+        let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+        match unix_socket_listening(&table, p) {
+            Some(true) => return Ok(()),
+            None if start.elapsed() > Duration::from_millis(200) => return Ok(()),
+            _ => {}
+        }
+        if let Ok(Some(st)) = owner.child.try_wait() {
+            owner.drained.wait(Duration::from_secs(1)).await;
+            return Err(SupervisorError::Boot(format!(
+                "{} exited ({st}) before listening on {}: {}",
+                owner.name,
+                p.display(),
+                log_tail(log, 3)
+            )));
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(SupervisorError::Boot(format!(
+                "{} did not listen on {} in time",
+                owner.name,
+                p.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Whether `/proc/net/unix` (`table`) shows a socket bound to `p` listening (`__SO_ACCEPTCON`,
+/// 0x10000, in its flags): `Some(true)` listening, `Some(false)` bound only, `None` not there.
+pub(crate) fn unix_socket_listening(table: &str, p: &Path) -> Option<bool> {
+    let want = p.to_str()?;
+    let mut seen = None;
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 || f[7..].join(" ") != want {
+            continue;
+        }
+        let flags = u32::from_str_radix(f[3], 16).unwrap_or(0);
+        if flags & 0x1_0000 != 0 {
+            return Some(true);
+        }
+        seen = Some(false);
+    }
+    seen
 }
 
 /// The first helper to exit, with its status (pending forever when there are none).
@@ -253,6 +313,20 @@ pub(crate) fn describe(st: std::io::Result<std::process::ExitStatus>) -> String 
     }
 }
 
+/// The boot's error when the helper `name` exited before the VM was ready: the helper named as
+/// the cause, how it ended, and its log.
+pub(crate) fn helper_exited_during_boot(
+    paths: &crate::paths::InstancePaths,
+    name: &str,
+    st: std::io::Result<std::process::ExitStatus>,
+) -> super::SupervisorError {
+    super::SupervisorError::Boot(format!(
+        "{name} exited during boot ({}); see {}",
+        describe(st),
+        paths.log(name).display()
+    ))
+}
+
 /// How the VM process ended, as the stop reason says it.
 pub(crate) fn describe_vm_exit(st: std::io::Result<std::process::ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -262,5 +336,40 @@ pub(crate) fn describe_vm_exit(st: std::io::Result<std::process::ExitStatus>) ->
             format!("the VM process was {} from outside", describe(st))
         }
         _ => format!("the VM process ended ({})", describe(st)),
+    }
+}
+
+#[cfg(test)]
+mod listening_tests {
+    use super::*;
+
+    #[test]
+    fn a_bound_socket_is_not_listening_until_its_flag_says_so() {
+        let head = "Num       RefCount Protocol Flags    Type St Inode Path\n";
+        let bound = "0000000000000000: 00000002 00000000 00000000 0001 01 4242 /run/g/x/net.sock\n";
+        let listening =
+            "0000000000000000: 00000002 00000000 00010000 0001 01 4243 /run/g/x/net.sock\n";
+        let other = "0000000000000000: 00000002 00000000 00010000 0001 01 9 /run/g/y/net.sock\n";
+        let p = Path::new("/run/g/x/net.sock");
+        assert_eq!(unix_socket_listening(&format!("{head}{other}"), p), None);
+        assert_eq!(
+            unix_socket_listening(&format!("{head}{bound}{other}"), p),
+            Some(false)
+        );
+        assert_eq!(
+            unix_socket_listening(&format!("{head}{bound}{listening}"), p),
+            Some(true)
+        );
+        let spaced = "0000000000000000: 00000002 00000000 00010000 0001 01 7 /run/a b/net.sock\n";
+        assert_eq!(
+            unix_socket_listening(&format!("{head}{spaced}"), Path::new("/run/a b/net.sock")),
+            Some(true)
+        );
+        // A real listener of this process shows as listening.
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("l.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+        assert_eq!(unix_socket_listening(&table, &sock), Some(true));
     }
 }

@@ -1,10 +1,13 @@
-//! The helpers the VM needs: virtiofsd (QEMU's virtio-fs root) and the network helper, gvproxy
-//! (behind the frame filter, restarted when it loses its ssh port) or passt.
+//! The helper the VM needs: the network helper, gvproxy (behind the frame filter, restarted when
+//! it loses its ssh port) or passt. (The root is a set of disks; no virtiofsd serves it.)
 
-use super::children::{keep_when_listening, spawn_owned, wait_socket, OwnedChild, SpawnSpec};
+use super::children::{
+    helper_exited_during_boot, keep_when_listening, spawn_owned, wait_socket, OwnedChild, SpawnSpec,
+};
 use super::{io_err, RunningInstance, SupervisorError};
 use crate::backend::VmmBackend;
 use crate::config::NetBackend;
+use crate::paths::InstancePaths;
 use gatevm_net::confine::HelperConfine;
 use gatevm_net::filter::{self, FilterStats};
 use gatevm_net::gvproxy::{self, GvproxyConfig};
@@ -21,27 +24,6 @@ use tokio::process::Command;
 /// How many times gvproxy is started when another process takes its ssh port first.
 const GVPROXY_ATTEMPTS: u32 = 4;
 
-/// Starts virtiofsd on the merged root and waits for its socket.
-pub(crate) async fn start_virtiofsd(
-    inst: &RunningInstance,
-    runtime: &gatevm_runtime::Runtime,
-    children: &mut Vec<OwnedChild>,
-) -> Result<(), SupervisorError> {
-    let paths = &inst.paths;
-    let mut vfs_cmd = Command::new(runtime.virtiofsd());
-    vfs_cmd
-        .arg(format!(
-            "--socket-path={}",
-            paths.virtiofs_socket().display()
-        ))
-        .arg(format!("--shared-dir={}", paths.rootfs().display()))
-        .args(["--cache=auto", "--sandbox=namespace", "--log-level=info"]);
-    let vfs_log = paths.log("virtiofsd");
-    let vfs = spawn_owned("virtiofsd", vfs_cmd, SpawnSpec::plain(&vfs_log, &paths.run))?;
-    inst.set_state(|s| s.helpers.push(("virtiofsd".to_string(), vfs.id)));
-    keep_when_listening(vfs, &paths.virtiofs_socket(), &vfs_log, children).await
-}
-
 /// The guest's network as the VM gets it.
 pub(crate) struct Network {
     /// How the VMM attaches its network device.
@@ -54,7 +36,9 @@ pub(crate) struct Network {
 
 /// Starts the network helper. Unless the user allows it, it runs where it cannot reach the host's
 /// loopback (gvproxy NATs 192.168.127.254 there; passt maps the gateway there without
-/// --no-map-gw, which it then gets as well).
+/// --no-map-gw, which it then gets as well). gvproxy runs in the loopback guard; passt too where
+/// the guard can be attached (as root), a second wall beside --no-map-gw
+/// ([`crate::backend::net_guarded`]).
 pub(crate) async fn start_network(
     inst: &RunningInstance,
     runtime: &gatevm_runtime::Runtime,
@@ -63,10 +47,17 @@ pub(crate) async fn start_network(
     children: &mut Vec<OwnedChild>,
 ) -> Result<Network, SupervisorError> {
     let cfg = &inst.config;
-    let guard = if cfg.allow_host_loopback {
-        None
-    } else {
+    let can_guard = || match LoopbackGuard::probe() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::info!("passt runs without the loopback guard (--no-map-gw keeps the guest off the host's loopback): {e}");
+            false
+        }
+    };
+    let guard = if crate::backend::net_guarded(cfg.net, cfg.allow_host_loopback, can_guard) {
         Some(LoopbackGuard::create(&cfg.name).map_err(|e| SupervisorError::Setup(e.to_string()))?)
+    } else {
+        None
     };
     // The network helper's own directory (its sockets; the only place a confined gvproxy may
     // write).
@@ -94,14 +85,21 @@ async fn start_gvproxy(
     net_dir: &Path,
     children: &mut Vec<OwnedChild>,
 ) -> Result<Network, SupervisorError> {
-    let (gvp, gv) = spawn_gvproxy_retrying(inst, runtime, guard, mtu, net_dir, children).await?;
+    let (mut gvp, gv) =
+        spawn_gvproxy_retrying(inst, runtime, guard, mtu, net_dir, children).await?;
     inst.set_state(|s| s.helpers.push(("gvproxy".to_string(), gvp.id)));
-    children.push(gvp);
     // The VM does not talk to gvproxy directly: its frames pass the filter that keeps the guest
     // away from gvproxy's API (gatevm_net::filter).
-    let helper = connect_unix_retrying(&inst.paths.net_socket(), Duration::from_secs(5))
-        .await
-        .map_err(io_err("connecting to gvproxy's VM socket"))?;
+    let connected = connect_helper_retrying(
+        &mut gvp,
+        &inst.paths,
+        &inst.paths.net_socket(),
+        Duration::from_secs(5),
+    )
+    .await;
+    // Among the children either way, so a failure still tears it down.
+    children.push(gvp);
+    let helper = connected?;
     let (vm_end, relay_end) =
         UnixStream::pair().map_err(io_err("creating the network socket pair"))?;
     filter::spawn_relay(relay_end, helper, Arc::new(FilterStats::default()))
@@ -250,6 +248,10 @@ async fn start_passt(
             bin.display()
         )));
     }
+    // A socket file left by an earlier run would look like passt's own before passt binds it.
+    if pair.is_none() {
+        let _ = std::fs::remove_file(paths.net_socket());
+    }
     let mut p_cmd = Command::new(bin);
     p_cmd.args(args);
     let p_log = paths.log("passt");
@@ -281,15 +283,28 @@ async fn start_passt(
     }
 }
 
-/// Connects to a unix socket that its creator may not be listening on yet (blocking socket, for
-/// a relay thread).
-async fn connect_unix_retrying(p: &Path, within: Duration) -> std::io::Result<UnixStream> {
+/// Connects to a helper's socket (a blocking socket, for a relay thread), retrying while the
+/// helper is not listening yet; a helper that exits meanwhile ends the wait at once, named as the
+/// cause.
+async fn connect_helper_retrying(
+    helper: &mut OwnedChild,
+    paths: &InstancePaths,
+    p: &Path,
+    within: Duration,
+) -> Result<UnixStream, SupervisorError> {
     let start = Instant::now();
     loop {
         match UnixStream::connect(p) {
             Ok(s) => return Ok(s),
-            Err(e) if start.elapsed() >= within => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => {
+                if let Ok(Some(st)) = helper.child.try_wait() {
+                    return Err(helper_exited_during_boot(paths, helper.name, Ok(st)));
+                }
+                if start.elapsed() >= within {
+                    return Err(io_err(format!("connecting to {}'s VM socket", helper.name))(e));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     }
 }

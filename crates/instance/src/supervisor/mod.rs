@@ -1,17 +1,17 @@
 //! The supervisor: one host process per running instance.
 //!
-//! It holds the instance lock for its whole life, owns the VMM process and the helpers (virtiofsd,
-//! gvproxy), the agent channel and the control socket, and records the instance state. Its children
+//! It holds the instance lock for its whole life, owns the VMM process and the network helper
+//! (gvproxy or passt), the agent channel and the control socket, and records the instance state. Its children
 //! get `PR_SET_PDEATHSIG(SIGKILL)`, so they die with it even when it is SIGKILLed; they are spawned
 //! from the runtime's only thread (the death signal follows the spawning thread).
 //!
-//! When a helper dies, the supervisor stops the VM and records why: virtiofsd cannot be restarted
-//! under a running guest (the vhost-user connection is gone), and a guest without its network is
-//! not the appliance the user started. The next `start` begins from a clean slate.
+//! When the helper dies, the supervisor stops the VM and records why: a guest without its network
+//! is not the appliance the user started (and passt's vhost-user connection cannot be remade under
+//! a running guest). The next `start` begins from a clean slate.
 //!
-//! [`run`] is the entry; [`boot`] holds the steps of a start, [`helpers`] the network and
-//! virtio-fs helpers, [`children`] the owned processes, [`control`] the control socket and the
-//! exec relay, [`state`] the state file and [`mounts`] the instance's file systems.
+//! [`run`] is the entry; [`boot`] holds the steps of a start, [`helpers`] the network
+//! helper, [`children`] the owned processes, [`control`] the control socket and the
+//! exec relay, [`state`] the state file and [`mounts`] the instance's disks.
 
 mod boot;
 mod children;

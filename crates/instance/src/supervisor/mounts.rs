@@ -1,5 +1,6 @@
-//! The instance's file systems on the host: the root (a read-only base with the instance's
-//! writable layer on top, in a budgeted ext4 image), mountinfo, and the state disk.
+//! The instance's disks on the host: the image of the root's writable layer and the state disk
+//! (both sparse ext4 files the guest mounts; the host mounts nothing), and the clean-up of the
+//! mounts an earlier gatevm made on the host.
 
 use super::{io_err, SupervisorError};
 use crate::paths::InstancePaths;
@@ -10,7 +11,9 @@ pub fn is_mounted(p: &Path) -> bool {
     gatevm_fsutil::mountinfo::is_mount_point(p)
 }
 
-/// Unmounts the instance root and the image of its writable layer if mounted (lazily when busy).
+/// Unmounts what an earlier gatevm mounted on the host for an instance (its merged root and the
+/// image of its writable layer), lazily when busy: an instance that ran under an earlier version
+/// may still have them.
 pub fn unmount_rootfs(paths: &InstancePaths) {
     for p in [paths.rootfs(), paths.upper_mount()] {
         while is_mounted(&p) {
@@ -24,68 +27,31 @@ pub fn unmount_rootfs(paths: &InstancePaths) {
     }
 }
 
-/// Mounts the instance's root: the shared read-only base with the instance's writable layer on
-/// top. The writable layer lives in a sparse ext4 image of the root budget's size, mounted
-/// `nosuid,nodev` (so a guest that fills its root gets ENOSPC and the host keeps its space); an
-/// instance created before budgets keeps its plain directory. The overlay itself is `nosuid,nodev`
-/// too: nothing the guest writes is a setuid program or a device for the host.
-pub(crate) fn mount_rootfs(
-    paths: &InstancePaths,
-    base: &Path,
-    root_mib: u32,
-) -> Result<(), SupervisorError> {
+/// Makes sure the image of the root's writable layer exists: a sparse ext4 file of the root
+/// budget's size, made on first use. The guest mounts it as the upper layer of its root's
+/// overlay, so what it writes to its root counts against this size (it gets ENOSPC, and the host
+/// keeps its space). An instance of an early gatevm that kept the layer in a plain directory on
+/// the host is refused with the way out, since that needed a host mount.
+pub(crate) fn prepare_upper(paths: &InstancePaths, root_mib: u32) -> Result<(), SupervisorError> {
     if paths.is_legacy_upper() {
-        tracing::warn!(
-            "{}: the root's writable layer is the unbudgeted directory {} of an earlier gatevm; \
-             `gatevm start --reset` moves it into a budgeted image",
+        return Err(SupervisorError::Setup(format!(
+            "{}: the root's writable layer is the directory {} of an early gatevm, which this \
+             version no longer mounts on the host; `gatevm start {} --reset` replaces it with a \
+             disk (containerd's data on the state disk stays)",
             paths.name,
-            paths.legacy_upper().display()
-        );
-    } else {
-        mount_upper(paths, root_mib)?;
+            paths.legacy_upper().display(),
+            paths.name
+        )));
     }
-    for d in [paths.upper(), paths.overlay_work(), paths.rootfs()] {
-        crate::paths::mkdir_private(&d).map_err(io_err(format!("creating {}", d.display())))?;
-    }
-    // The guest's root directory itself must be world-readable like any root.
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(paths.upper(), std::fs::Permissions::from_mode(0o755));
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        base.display(),
-        paths.upper().display(),
-        paths.overlay_work().display()
-    );
-    nix::mount::mount(
-        Some("gatevm"),
-        &paths.rootfs(),
-        Some("overlay"),
-        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
-        Some(&*opts),
-    )
-    .map_err(|e| {
-        SupervisorError::Setup(format!(
-            "mounting the instance root (overlay on {}) failed: {e}; gatevm needs root for this",
-            paths.rootfs().display()
-        ))
-    })
-}
-
-/// Creates the root budget's image on first use and mounts it.
-fn mount_upper(paths: &InstancePaths, root_mib: u32) -> Result<(), SupervisorError> {
-    let (img, mnt) = (paths.upper_image(), paths.upper_mount());
-    crate::paths::mkdir_private(&mnt).map_err(io_err(format!("creating {}", mnt.display())))?;
-    if is_mounted(&mnt) {
+    let img = paths.upper_image();
+    if img.exists() {
         return Ok(());
     }
-    if !img.exists() {
-        create_upper_image(paths, &img, root_mib)?;
-    }
-    mount_loop(&img, &mnt)
+    create_upper_image(paths, &img, root_mib)
 }
 
 /// Writes the root budget's image: a fresh file system on an empty sparse file (the host never
-/// runs a file system tool on what the guest wrote).
+/// runs a file system tool on what the guest wrote; the guest makes the overlay's directories).
 fn create_upper_image(
     paths: &InstancePaths,
     img: &Path,
@@ -111,39 +77,6 @@ fn create_upper_image(
         )));
     }
     gatevm_fsutil::rename_durable(&tmp, img).map_err(io_err(format!("creating {}", img.display())))
-}
-
-/// Mounts the root budget's image `img` on `mnt` with mount(8) (a loop device, `nosuid,nodev`).
-fn mount_loop(img: &Path, mnt: &Path) -> Result<(), SupervisorError> {
-    let mut mount = std::process::Command::new("mount");
-    mount
-        .args(["-t", "ext4", "-o", "loop,nosuid,nodev,noatime"])
-        .arg(img)
-        .arg(mnt);
-    // A supervisor killed while mount(8) runs takes it along: otherwise the mount could appear
-    // after whoever cleans up after the dead supervisor has looked.
-    // SAFETY: the closure only calls prctl, which is async-signal-safe.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        mount.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = mount
-        .output()
-        .map_err(io_err("running mount for the root's writable layer"))?;
-    if !out.status.success() {
-        return Err(SupervisorError::Setup(format!(
-            "mounting {} on {} failed: {}; gatevm needs root (and loop devices) for this",
-            img.display(),
-            mnt.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
 }
 
 /// Creates the sparse ext4 state disk on first start, and grows it (the file; the guest grows
@@ -201,4 +134,61 @@ fn grow_state_disk(disk: &Path, bytes: u64) -> Result<(), SupervisorError> {
         .open(disk)
         .and_then(|f| f.set_len(bytes))
         .map_err(io_err(format!("growing {}", disk.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(d: &Path) -> InstancePaths {
+        let p = InstancePaths {
+            name: "m1".into(),
+            dir: d.join("m1"),
+            run: d.join("run"),
+        };
+        std::fs::create_dir_all(&p.dir).unwrap();
+        p
+    }
+
+    #[test]
+    fn the_writable_layer_is_a_disk_made_once_and_never_mounted() {
+        let d = tempfile::tempdir().unwrap();
+        let p = paths(d.path());
+        prepare_upper(&p, 64).unwrap();
+        let img = p.upper_image();
+        let meta = std::fs::metadata(&img).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        // An ext4 superblock (magic 0xEF53 at 1024 + 56), made on the host only while new.
+        let bytes = std::fs::read(&img).unwrap();
+        assert_eq!(&bytes[1024 + 56..1024 + 58], &[0x53, 0xef]);
+        // The next start leaves what the guest wrote alone.
+        std::fs::write(&img, b"the guest's bytes").unwrap();
+        prepare_upper(&p, 64).unwrap();
+        assert_eq!(std::fs::read(&img).unwrap(), b"the guest's bytes");
+        // Nothing was mounted, and no host-side root or overlay directory exists.
+        for gone in [p.rootfs(), p.upper_mount()] {
+            assert!(!gone.exists(), "{}", gone.display());
+        }
+        assert!(!std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(&d.path().display().to_string()));
+    }
+
+    #[test]
+    fn an_early_directory_layer_is_refused_with_the_way_out() {
+        let d = tempfile::tempdir().unwrap();
+        let p = paths(d.path());
+        std::fs::create_dir_all(p.legacy_upper().join("etc")).unwrap();
+        let e = prepare_upper(&p, 64).unwrap_err();
+        assert_eq!(
+            gatevm_abi::error_chain(&e),
+            format!(
+                "m1: the root's writable layer is the directory {} of an early gatevm, which this \
+                 version no longer mounts on the host; `gatevm start m1 --reset` replaces it with a \
+                 disk (containerd's data on the state disk stays)",
+                p.legacy_upper().display()
+            )
+        );
+        assert!(!p.upper_image().exists());
+    }
 }

@@ -89,7 +89,7 @@ pub(crate) fn restrict_sockets(run: &Path) {
     }
 }
 
-/// Removes everything in the instance's runtime directory (sockets, virtiofsd's pid file).
+/// Removes everything in the instance's runtime directory (sockets, FIFOs).
 pub(crate) fn clear_run_dir(paths: &InstancePaths) {
     if let Ok(rd) = std::fs::read_dir(&paths.run) {
         for e in rd.flatten() {

@@ -2,6 +2,7 @@ use super::*;
 use gatevm_kernel::kconfig::{capabilities, FEATURES};
 use serde_json::Value;
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 
 /// Debian trixie's cloud kernel: the payload features as modules, the rest built in.
 fn debian_cloud() -> Vec<Capability> {
@@ -385,11 +386,49 @@ fn test_kernels_cover_every_feature() {
     assert!(deb.iter().all(|c| c.availability != Availability::Missing));
 }
 
+/// The plan as the guest reads it: written as the host stages it, parsed by the guest's parser.
+fn as_guest_reads(plan: &K3sPlan, data_dir: &str) -> gatevm_abi::plan::Plan {
+    let file = gatevm_abi::plan::PlanFile {
+        args: plan.args.clone(),
+        data_dir: data_dir.to_string(),
+        cni: None,
+        notes: plan.notes.clone(),
+    };
+    let json = String::from_utf8(file.to_json().unwrap()).unwrap();
+    gatevm_abi::plan::parse(&json).unwrap()
+}
+
 #[test]
-fn defaults_are_the_documented_ones() {
+fn defaults_reach_what_the_guest_reads() {
+    // The default options, through the flags, to what the guest's k3s profile reads: the API
+    // port it waits on is the one the guest side assumes when none is given, the data directory
+    // is the guest's, the certificate names the guest's address, and no optional component runs.
     let d = K3sOptions::default();
-    assert_eq!(d.api_port, 6443);
-    assert_eq!(d.tls_sans, ["127.0.0.1", "192.168.127.2", "localhost"]);
-    assert_eq!(d.data_dir, "/var/lib/gatevm/k3s");
-    assert!(!d.enable_traefik && !d.enable_servicelb && !d.enable_metrics_server);
+    let p = plan(&debian_cloud(), &d);
+    let read = as_guest_reads(&p, &d.data_dir);
+    assert_eq!(read.api_port(), gatevm_abi::plan::DEFAULT_API_PORT);
+    let port = format!("--https-listen-port={}", gatevm_abi::plan::DEFAULT_API_PORT);
+    assert!(has(&p, &port));
+    assert_eq!(
+        read.data_dir,
+        PathBuf::from(gatevm_abi::paths::K3S_DATA_DIR)
+    );
+    let guest_ip = format!("--tls-san={}", gatevm_abi::net::GUEST_IP);
+    assert!(has(&p, &guest_ip), "{:?}", p.args);
+    assert!(has(&p, "--tls-san=127.0.0.1") && has(&p, "--tls-san=localhost"));
+    assert!(
+        has(&p, "--disable=traefik,servicelb,metrics-server"),
+        "{:?}",
+        p.args
+    );
+
+    // Any other port given reaches the guest the same way.
+    for port in [1u16, 16443, 65535] {
+        let o = K3sOptions {
+            api_port: port,
+            ..K3sOptions::default()
+        };
+        let read = as_guest_reads(&plan(&debian_cloud(), &o), &o.data_dir);
+        assert_eq!(read.api_port(), port);
+    }
 }

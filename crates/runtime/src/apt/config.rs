@@ -374,7 +374,10 @@ mod tests {
     #[test]
     fn changed_sources_drop_old_indexes() {
         if !Path::new(DEBIAN_KEYRING).exists() {
-            eprintln!("SKIPPED changed_sources_drop_old_indexes: no {DEBIAN_KEYRING}");
+            gatevm_testkit::skip(
+                "apt::config::tests::changed_sources_drop_old_indexes",
+                format!("no {DEBIAN_KEYRING}"),
+            );
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
@@ -425,7 +428,10 @@ mod tests {
     #[test]
     fn source_config_and_lists() {
         if !Path::new(DEBIAN_KEYRING).exists() {
-            eprintln!("SKIPPED source_config_and_lists: no {DEBIAN_KEYRING}");
+            gatevm_testkit::skip(
+                "apt::config::tests::source_config_and_lists",
+                format!("no {DEBIAN_KEYRING}"),
+            );
             return;
         }
         let tmp = tempfile::tempdir().unwrap();

@@ -224,10 +224,93 @@ Version: 99
     }
 
     proptest::proptest! {
+        /// An `apt-cache show` stanza written with any dependencies (alternatives, version
+        /// constraints, architecture qualifiers) reads back as the package, version, digest and
+        /// the dependency names once each, in order.
         #[test]
-        fn parsers_never_panic(s in "\\PC*") {
-            let _ = parse_show(&s);
-            let _ = parse_sources(&s);
+        fn show_round_trips(
+            package in "[a-z0-9][a-z0-9.+-]{0,20}",
+            version in "([0-9]:)?[0-9][0-9a-z.+~-]{0,12}",
+            deps in proptest::collection::vec(("[a-z0-9][a-z0-9.+-]{0,12}", 0usize..3, proptest::bool::ANY), 0..8),
+            sha256 in proptest::option::of("[0-9a-f]{64}"),
+        ) {
+            let mut depends_field = Vec::new();
+            let mut want: Vec<String> = Vec::new();
+            for (name, extra, alt) in &deps {
+                let word = format!("{name}{}", ["", " (>= 1.2~rc1)", ":any"][*extra]);
+                if *alt && !depends_field.is_empty() {
+                    let last: &mut String = depends_field.last_mut().unwrap();
+                    last.push_str(&format!(" | {word}"));
+                } else {
+                    depends_field.push(word);
+                }
+                if !want.contains(name) {
+                    want.push(name.clone());
+                }
+            }
+            let mut text = format!("Package: {package}\nVersion: {version}\n");
+            if !depends_field.is_empty() {
+                text.push_str(&format!("Depends: {}\n", depends_field.join(", ")));
+            }
+            text.push_str("Description: a package\n with: a colon in its long description\n");
+            if let Some(d) = &sha256 {
+                text.push_str(&format!("SHA256: {d}\n"));
+            }
+            text.push_str("\nPackage: next\nVersion: 9\nDepends: other\n");
+            let want = PackageEntry { package, version, depends: want, sha256 };
+            proptest::prop_assert_eq!(parse_show(&text), Some(want));
+        }
+
+        /// `Sources` stanzas written for any packages read back as those that are not
+        /// `Extra-Source-Only`, files and all; a file line naming no plain file is left out.
+        #[test]
+        fn sources_round_trip(
+            stanzas in proptest::collection::vec((
+                "[a-z0-9][a-z0-9.+-]{0,12}",
+                "[0-9][0-9a-z.+~-]{0,10}",
+                proptest::bool::ANY,
+                proptest::collection::vec(("[0-9A-F]{64}", 0u64..1_000_000_000, "[a-z0-9][a-z0-9_.+~-]{0,16}"), 0..4),
+            ), 0..5),
+        ) {
+            let mut text = String::new();
+            let mut want = Vec::new();
+            for (package, version, extra, files) in &stanzas {
+                text.push_str(&format!("Package: {package}\nBinary: {package}\nVersion: {version}\n"));
+                if *extra {
+                    text.push_str("Extra-Source-Only: yes\n");
+                }
+                text.push_str("Checksums-Sha256:\n");
+                for (sha, size, name) in files {
+                    text.push_str(&format!(" {sha} {size} {name}\n"));
+                }
+                // Neither a path nor a hidden file is a plain file name.
+                text.push_str(&format!(" {} 1 ../escape\n {} 1 .hidden\n", "0".repeat(64), "0".repeat(64)));
+                text.push_str("Directory: pool/main\n\n");
+                if !*extra {
+                    let files = files
+                        .iter()
+                        .map(|(sha, size, name)| SourceFile { name: name.clone(), size: *size, sha256: sha.to_ascii_lowercase() })
+                        .collect();
+                    want.push(SourceEntry { package: package.clone(), version: version.clone(), files });
+                }
+            }
+            proptest::prop_assert_eq!(parse_sources(&text), want);
+        }
+
+        /// Whatever the text: at most one entry per stanza, and every file named is a plain
+        /// name safe to join to a directory.
+        #[test]
+        fn sources_parser_keeps_only_plain_file_names(s in "\\PC{0,200}|(Package: a\n|Version: 1\n|Checksums-Sha256:\n| [0-9a-f./ ]{0,12}\n|\n)*") {
+            let entries = parse_sources(&s);
+            proptest::prop_assert!(entries.len() <= s.split("\n\n").count());
+            for f in entries.iter().flat_map(|e| &e.files) {
+                proptest::prop_assert!(is_plain_file_name(&f.name), "{:?}", f);
+                proptest::prop_assert!(!f.name.contains('/') && !f.name.starts_with('.'), "{:?}", f);
+            }
+            if let Some(e) = parse_show(&s) {
+                proptest::prop_assert!(s.contains("Package:") && s.contains("Version:"));
+                proptest::prop_assert!(s.contains(&e.package) && s.contains(&e.version));
+            }
         }
     }
 }

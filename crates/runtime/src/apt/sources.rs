@@ -343,10 +343,61 @@ garbage line
     }
 
     proptest::proptest! {
+        /// The same sources written in both formats (with comments, options, continuation
+        /// lines and field names in any case) read back as those sources from either.
         #[test]
-        fn parsers_never_panic(s in "\\PC*") {
-            let _ = parse_deb822(&s);
-            let _ = parse_one_line(&s);
+        fn both_formats_read_back_the_sources(
+            sources in proptest::collection::vec((
+                proptest::bool::ANY,
+                "http://m[a-z]{1,6}\\.example/[a-z]{1,8}",
+                "[a-z]{3,10}(-updates|-backports)?",
+                proptest::collection::vec("[a-z-]{1,12}", 0..4),
+                proptest::bool::ANY,
+            ), 0..6),
+        ) {
+            let mut deb822 = String::from("# generated\n");
+            let mut one_line = String::from("# generated\n\n");
+            let mut want = Vec::new();
+            for (src, uri, suite, components, enabled) in &sources {
+                let ty = if *src { "deb-src" } else { "deb" };
+                deb822.push_str(&format!("types: {ty}\nURIs: {uri}\nSuites:\n {suite}\nComponents: {}\n", components.join(" ")));
+                if !*enabled {
+                    deb822.push_str("Enabled: no\n");
+                }
+                deb822.push_str("Signed-By: /usr/share/keyrings/k.gpg\n\n");
+                one_line.push_str(&format!("{ty} [arch=amd64 signed-by=/k.gpg] {uri} {suite} {} # note\n", components.join(" ")));
+                want.push(AptSource {
+                    types: vec![ty.to_string()],
+                    uris: vec![uri.clone()],
+                    suites: vec![suite.clone()],
+                    components: components.clone(),
+                    enabled: *enabled,
+                });
+            }
+            proptest::prop_assert_eq!(parse_deb822(&deb822), want.clone());
+            for w in &mut want {
+                // The one-line format has no way to disable a line but a comment.
+                w.enabled = true;
+            }
+            proptest::prop_assert_eq!(parse_one_line(&one_line), want);
+        }
+
+        /// Whatever the text: one-line entries are `deb` or `deb-src` with a URI and a suite,
+        /// at most one a line; deb822 entries have types and URIs, at most one a paragraph.
+        #[test]
+        fn parsers_keep_only_complete_entries(s in "\\PC{0,200}|(deb |deb-src |\\[a\\] |[a-z:/]{1,6} |# |Types: |URIs: |\n| )*") {
+            let lines = s.lines().count();
+            let one = parse_one_line(&s);
+            proptest::prop_assert!(one.len() <= lines);
+            for e in &one {
+                proptest::prop_assert!(e.types == ["deb"] || e.types == ["deb-src"], "{:?}", e);
+                proptest::prop_assert!(e.uris.len() == 1 && e.suites.len() == 1 && e.enabled, "{:?}", e);
+            }
+            let paragraphs = parse_deb822(&s);
+            proptest::prop_assert!(paragraphs.len() <= lines);
+            for e in &paragraphs {
+                proptest::prop_assert!(!e.types.is_empty() && !e.uris.is_empty(), "{:?}", e);
+            }
         }
     }
 }

@@ -50,6 +50,11 @@ const REQUIREMENTS: &[Requirement] = &[
         probe: Probe::Program("mkfs.ext4"),
     },
     Requirement {
+        what: "mkfs.erofs",
+        package: "erofs-utils",
+        probe: Probe::Program("mkfs.erofs"),
+    },
+    Requirement {
         what: "dpkg-deb",
         package: "dpkg",
         probe: Probe::Program("dpkg-deb"),
@@ -281,6 +286,8 @@ mod tests {
             "mmdebstrap",
             "kmod",
             "e2fsprogs",
+            // The base rootfs becomes a read-only EROFS image.
+            "erofs-utils",
             "libseccomp-dev",
             "libcap-ng-dev",
             "pkg-config",

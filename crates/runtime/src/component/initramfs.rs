@@ -34,10 +34,12 @@ pub(crate) const INITRAMFS_MODULES: &[&str] = &[
     "virtiofs",
     "virtio_net",
     "virtio_console",
+    "erofs",
+    "overlay",
 ];
 
 /// Bump when the initramfs layout changes.
-pub(crate) const INITRAMFS_REVISION: u32 = 1;
+pub(crate) const INITRAMFS_REVISION: u32 = 2;
 
 /// Name of the marker file at the initramfs root.
 pub(crate) const MARKER_FILE: &str = "gatevm-initramfs";
@@ -306,12 +308,18 @@ mod tests {
         std::fs::write(m.join("kernel/drivers/block/virtio_blk.ko.xz"), b"blk").unwrap();
         std::fs::write(m.join("kernel/drivers/net/failover.ko.xz"), b"fo").unwrap();
         std::fs::write(m.join("kernel/drivers/net/virtio_net.ko.xz"), b"net").unwrap();
+        std::fs::create_dir_all(m.join("kernel/fs/erofs")).unwrap();
+        std::fs::create_dir_all(m.join("kernel/fs/overlayfs")).unwrap();
+        std::fs::write(m.join("kernel/fs/erofs/erofs.ko.xz"), b"erofs").unwrap();
+        std::fs::write(m.join("kernel/fs/overlayfs/overlay.ko.xz"), b"ovl").unwrap();
         std::fs::write(
             m.join("modules.dep"),
             "kernel/drivers/virtio/virtio_mmio.ko.xz:\n\
              kernel/drivers/block/virtio_blk.ko.xz:\n\
              kernel/drivers/net/failover.ko.xz:\n\
-             kernel/drivers/net/virtio_net.ko.xz: kernel/drivers/net/failover.ko.xz\n",
+             kernel/drivers/net/virtio_net.ko.xz: kernel/drivers/net/failover.ko.xz\n\
+             kernel/fs/erofs/erofs.ko.xz:\n\
+             kernel/fs/overlayfs/overlay.ko.xz:\n",
         )
         .unwrap();
         std::fs::write(
@@ -363,7 +371,7 @@ mod tests {
         assert!(get(MARKER_FILE).data.is_empty());
         assert_eq!(
             String::from_utf8(get("modules/load.list").data.clone()).unwrap(),
-            "virtio_mmio.ko.xz\nvirtio_blk.ko.xz\nfailover.ko.xz\nvirtio_net.ko.xz\n"
+            "virtio_mmio.ko.xz\nvirtio_blk.ko.xz\nfailover.ko.xz\nvirtio_net.ko.xz\nerofs.ko.xz\noverlay.ko.xz\n"
         );
         assert_eq!(get("modules/virtio_net.ko.xz").data, b"net");
 

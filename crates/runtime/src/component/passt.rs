@@ -511,9 +511,54 @@ a#b.patch #c # d
     }
 
     proptest::proptest! {
+        /// A series file written with comments, blank lines and `-pN` options reads back as
+        /// the patches written, in order.
         #[test]
-        fn series_parser_never_panics(s in "\\PC*") {
-            let _ = parse_series(&s);
+        fn series_round_trips(
+            entries in proptest::collection::vec(("[a-z0-9_-]{1,8}(/[a-z0-9_-]{1,12}){0,2}\\.patch", proptest::option::of(0u32..5)), 0..10),
+            comments in proptest::collection::vec(proptest::bool::ANY, 10),
+        ) {
+            let mut text = String::from("# patches, in order\n");
+            let mut want = Vec::new();
+            for (i, (patch, strip)) in entries.iter().enumerate() {
+                match strip {
+                    Some(p) => text.push_str(&format!("{patch} -p{p}")),
+                    None => text.push_str(patch),
+                }
+                if comments[i] {
+                    text.push_str("   # why #this one\n\n");
+                } else {
+                    text.push('\n');
+                }
+                want.push(SeriesEntry { patch: patch.clone(), strip: strip.unwrap_or(1) });
+            }
+            proptest::prop_assert_eq!(parse_series(&text), Ok(want));
+        }
+
+        /// Whatever the text: accepted patches are relative paths without `..`, at most one a
+        /// line; a refusal names the line (within the text) on one line.
+        #[test]
+        fn series_parser_accepts_only_safe_paths(s in "\\PC{0,120}|([a-z./# -]|-p[0-9x]|\n)*") {
+            let lines = s.lines().count();
+            match parse_series(&s) {
+                Ok(entries) => {
+                    proptest::prop_assert!(entries.len() <= lines);
+                    for e in &entries {
+                        proptest::prop_assert!(!e.patch.is_empty() && !e.patch.starts_with('/'), "{:?}", e);
+                        proptest::prop_assert!(!e.patch.split('/').any(|c| c == ".."), "{:?}", e);
+                        proptest::prop_assert!(!e.patch.contains(char::is_whitespace), "{:?}", e);
+                    }
+                }
+                Err(msg) => {
+                    proptest::prop_assert!(!msg.contains('\n'), "{:?}", msg);
+                    let n: usize = msg
+                        .strip_prefix("line ")
+                        .and_then(|r| r.split(':').next())
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
+                    proptest::prop_assert!(n >= 1 && n <= lines, "{:?} for {} lines", msg, lines);
+                }
+            }
         }
     }
 }

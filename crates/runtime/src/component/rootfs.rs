@@ -3,7 +3,9 @@
 //!
 //! A tree is built in a temporary directory next to its final place and renamed into it when
 //! complete, so a directory named after a recipe hash is always whole. It carries its recipe in
-//! `.gatevm-rootfs.json`. Trees of older recipes are left alone (instances may still use them).
+//! `.gatevm-rootfs.json`. What VMs boot is the tree's read-only EROFS image next to it,
+//! `<hash12>.erofs` ([`image_path`]), made the same way. Trees and images of older recipes are
+//! left alone (instances may still use them).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -62,6 +64,9 @@ pub enum RootfsError {
         /// The mount points inside it.
         mounts: Vec<PathBuf>,
     },
+    /// The tree's read-only image could not be made.
+    #[error(transparent)]
+    Image(#[from] crate::erofs::ErofsError),
     /// The built tree lacks something it must have.
     #[error("built rootfs {} is incomplete: {what} is missing", path.display())]
     Incomplete {
@@ -161,6 +166,29 @@ pub struct RootfsEntry {
     pub path: PathBuf,
     /// Its recipe, when the recipe file is readable.
     pub recipe: Option<RootfsRecipe>,
+}
+
+/// Where the EROFS image of the tree for `recipe` under `root` lives.
+pub fn image_path(root: &Path, recipe: &RootfsRecipe) -> PathBuf {
+    root.join(format!("{}.erofs", recipe.id()))
+}
+
+/// The image of the tree `tree` for `recipe` under `root`: made when missing or older than the
+/// tree's recipe stamp. Returns whether it was made.
+pub(crate) fn ensure_image(
+    root: &Path,
+    recipe: &RootfsRecipe,
+    tree: &Path,
+) -> Result<bool, crate::erofs::ErofsError> {
+    let img = image_path(root, recipe);
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(i), Some(t)) = (mtime(&img), mtime(&tree.join(RECIPE_FILE))) {
+        if i >= t {
+            return Ok(false);
+        }
+    }
+    crate::erofs::make_image(tree, &img, crate::erofs::Owners::AsInTree)?;
+    Ok(true)
 }
 
 /// The path of the tree for `recipe` under `root`, if it is built (its recipe file exists).
@@ -402,10 +430,20 @@ pub(crate) fn ensure(
     }
     if let Some(p) = find_rootfs(&root, &recipe) {
         if p.join("usr/bin/containerd").exists() {
+            let made = ensure_image(&root, &recipe, &p).map_err(RootfsError::Image)?;
             ctx.step(
                 C,
-                SetupAction::AlreadyPresent,
-                format!("{} ({})", p.display(), recipe.describe()),
+                if made {
+                    SetupAction::Installed
+                } else {
+                    SetupAction::AlreadyPresent
+                },
+                format!(
+                    "{} ({}){}",
+                    p.display(),
+                    recipe.describe(),
+                    if made { "; its EROFS image made" } else { "" }
+                ),
                 started,
             );
             set_rootfs_record(prov, &recipe, &p);
@@ -418,6 +456,7 @@ pub(crate) fn ensure(
         recipe.suite, recipe.variant
     ));
     let p = build_rootfs(&root, &recipe, kernel, &ctx.log)?;
+    ensure_image(&root, &recipe, &p).map_err(RootfsError::Image)?;
     set_rootfs_record(prov, &recipe, &p);
     prov.save(&ctx.runtime)?;
     let size = dir_size(&p);

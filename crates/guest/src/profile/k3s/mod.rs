@@ -410,7 +410,7 @@ mod tests {
         );
         let c = k3s_payload_config(Some(&p));
         assert_eq!(c.name, "k3s");
-        assert_eq!(c.program, PathBuf::from("/usr/local/bin/k3s"));
+        assert_eq!(c.program, PathBuf::from("/etc/gatevm/k3s/k3s"));
         assert_eq!(c.args[0], "server");
         assert_eq!(&c.args[1..], p.args.as_slice());
         assert_eq!(

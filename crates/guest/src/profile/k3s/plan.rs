@@ -71,8 +71,12 @@ mod tests {
                 let named = named.and_then(|d| check_data_dir(&d.to_string_lossy()).ok());
                 proptest::prop_assert_eq!(named, Some(p.data_dir.clone()));
                 // The CNI file stays a plain name inside the directory.
-                let _ = containerd_config(&p);
                 let conf_dir = p.cni_conf_dir();
+                // containerd is pointed at that same directory (the dir is [a-z./]: no quoting
+                // changes it).
+                let config = containerd_config(&p);
+                let conf_line = format!("conf_dir = \"{}\"", conf_dir.display());
+                proptest::prop_assert!(config.contains(&conf_line), "{}", config);
                 let c = p.cni.clone().unwrap();
                 proptest::prop_assert!(valid_name(&c.file));
                 let placed = conf_dir.join(&c.file);

@@ -163,11 +163,8 @@ fn download_backport(
 ) -> Result<PathBuf, BackportFailure> {
     let x = work.join("x");
     let log = ctx.log.clone();
+    (ctx.progress)(&download_line(suite, entries));
     for e in entries {
-        (ctx.progress)(&format!(
-            "downloading {} {} (Debian {suite})",
-            e.package, e.version
-        ));
         let dl = work.join("dl").join(&e.package);
         let apt = ctx.backports_apt(suite).map_err(unavailable)?;
         let deb = apt
@@ -181,6 +178,30 @@ fn download_backport(
         })?;
     }
     Ok(x)
+}
+
+/// The progress line of fetching the backport: what, from where, and why.
+fn download_line(suite: &str, entries: &[PackageEntry]) -> String {
+    let version = entries
+        .first()
+        .and_then(|e| QemuVersion::from_debian_version(&e.version))
+        .map(|v| format!("QEMU {v}"))
+        .unwrap_or_else(|| "QEMU".into());
+    let packages: Vec<&str> = entries.iter().map(|e| e.package.as_str()).collect();
+    format!(
+        "downloading {version} from Debian {suite} (the host has no QEMU {}+, which guests \
+         need under TCG; packages {})",
+        qemu::MIN_TCG_SAFE_MAJOR,
+        packages.join(", ")
+    )
+}
+
+/// The progress line of the boot check: what, why and how long it takes.
+fn boot_check_line(version: QemuVersion) -> String {
+    format!(
+        "booting the guest kernel with QEMU {version} to check it boots gatevm's TCG guests \
+         (about 5 s, longer on a busy host)"
+    )
 }
 
 /// Builds the trimmed QEMU tree in `staging` from the unpacked packages in `x`: the binary, the
@@ -293,9 +314,7 @@ fn check_staged(
         .iter()
         .map(|d| staging.join(d.strip_prefix(&prefix).unwrap_or(d)))
         .collect();
-    (ctx.progress)(&format!(
-        "booting the guest kernel with QEMU {version} (TCG) to check it"
-    ));
+    (ctx.progress)(&boot_check_line(version));
     let serial = work.join("boot-test-console.log");
     let took = qemu::boot_test(
         bin,
@@ -348,6 +367,27 @@ mod tests {
         let e = judge_backport("x", &entries("garbage")).unwrap_err();
         assert!(e.contains("cannot read a QEMU version"), "{e}");
         assert_eq!(judge_backport("x", &[]).unwrap_err(), "no packages");
+    }
+
+    #[test]
+    fn fetch_and_boot_check_say_what_and_why() {
+        let line = download_line("bookworm-backports", &entries("1:10.0.2+ds-2~bpo12+1"));
+        assert_eq!(
+            line,
+            "downloading QEMU 10.0.2 from Debian bookworm-backports (the host has no QEMU 8+, \
+             which guests need under TCG; packages qemu-system-x86, qemu-system-common, \
+             qemu-system-data, seabios)"
+        );
+        assert_eq!(
+            crate::setup::phases::done_line(&line, Duration::from_millis(12_340)).as_deref(),
+            Some("downloading QEMU 10.0.2 from Debian bookworm-backports: done in 12.3 s")
+        );
+        let v = QemuVersion::from_debian_version("1:10.0.2+ds-2~bpo12+1").unwrap();
+        assert_eq!(
+            boot_check_line(v),
+            "booting the guest kernel with QEMU 10.0.2 to check it boots gatevm's TCG guests \
+             (about 5 s, longer on a busy host)"
+        );
     }
 
     #[test]

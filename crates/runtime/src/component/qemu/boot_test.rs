@@ -5,11 +5,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use gatevm_vmm::qemu::Qemu;
+use gatevm_vmm::Accel;
+
 use super::QemuError;
 use crate::cmd;
 
-/// Boots `kernel` with `binary` the way gatevm does (machine `microvm` without option ROMs,
-/// TCG, the firmware in `data_dirs` first) and no root file system: the kernel starts, panics
+/// Boots `kernel` with `binary` the way gatevm boots its TCG guests ([`boot_command`]; the
+/// firmware in `data_dirs` first) and no root file system: the kernel starts, panics
 /// for want of a root, and QEMU exits (`panic=-1`, `-no-reboot`). Proves the firmware loads the
 /// kernel. The console goes to `serial_log`. Takes a few seconds; gives up after `timeout`.
 pub(crate) fn boot_test(
@@ -24,7 +27,9 @@ pub(crate) fn boot_test(
         problem,
     };
     let started = Instant::now();
-    let mut c = boot_command(binary, data_dirs, kernel, serial_log);
+    // The TSC frequency is measured here, as the supervisor measures it for each VM.
+    let qemu = Qemu::for_host(binary.to_path_buf(), data_dirs.to_vec());
+    let mut c = boot_command(&qemu, kernel, serial_log);
     let mut child = c.spawn().map_err(|e| fail(format!("cannot run it: {e}")))?;
     let status = loop {
         match child.try_wait() {
@@ -65,34 +70,32 @@ pub(crate) fn boot_test(
     Ok(started.elapsed())
 }
 
-/// The QEMU command line of [`boot_test`].
-fn boot_command(binary: &Path, data_dirs: &[PathBuf], kernel: &Path, serial_log: &Path) -> Command {
-    // Without the TSC frequency a TCG guest calibrates against the emulated PIT, which stalls on
-    // a loaded host ("Unable to calibrate against PIT"): give it what gatevm's own VMs get.
-    let mut append = "console=ttyS0 panic=-1".to_string();
-    if let Some(khz) = gatevm_vmm::probe::host_tsc_khz() {
-        append.push_str(&format!(" tsc_early_khz={khz}"));
-    }
-    let mut c = Command::new(binary);
-    for d in data_dirs {
+/// The boot check's guest: TCG (the accelerator whose QEMU versions differ), the guests' default
+/// CPU count, and memory enough for a kernel without a root file system.
+const CHECK_ACCEL: Accel = Accel::Tcg;
+const CHECK_CPUS: u32 = 2;
+const CHECK_MEMORY_MIB: u32 = 256;
+/// The check's own part of the kernel command line: no `quiet`, since the console must show
+/// "Linux version", and a panic (no root) powers off.
+const CHECK_CMDLINE: &str = "console=ttyS0 panic=-1";
+
+/// The QEMU command line of [`boot_test`]: the machine, accelerator, CPUs and memory, and the
+/// kernel command line's clock settings (the TSC frequency under TCG: without it the guest
+/// calibrates against the emulated PIT, which fails on a loaded host with "Unable to calibrate
+/// against PIT" and stalls the boot) come from the same functions as gatevm's own VMs'.
+fn boot_command(qemu: &Qemu, kernel: &Path, serial_log: &Path) -> Command {
+    let mut c = Command::new(&qemu.binary);
+    for d in &qemu.data_dirs {
         c.arg("-L").arg(d);
     }
-    c.args([
-        "-M",
-        "microvm,x-option-roms=off,rtc=on",
-        "-accel",
-        "tcg",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-append",
-        &append,
-        "-serial",
-    ])
+    c.args(Qemu::machine_args(
+        CHECK_ACCEL,
+        CHECK_CPUS,
+        CHECK_MEMORY_MIB,
+    ))
+    .arg("-append")
+    .arg(qemu.kernel_append(CHECK_ACCEL, CHECK_CMDLINE))
+    .arg("-serial")
     .arg(format!("file:{}", serial_log.display()))
     .arg("-kernel")
     .arg(kernel)
@@ -112,5 +115,130 @@ fn console_tail(serial_log: &Path) -> String {
         "(empty)".into()
     } else {
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gatevm_vmm::VmConfig;
+
+    /// The value after each `flag` in an argument list, in order.
+    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    /// An instance's VM as the supervisor configures it, with the check's accelerator, CPUs
+    /// and memory.
+    fn instance_vm(cmdline: &str) -> VmConfig {
+        VmConfig {
+            name: "vm".into(),
+            cpus: CHECK_CPUS,
+            memory_mib: CHECK_MEMORY_MIB,
+            accel: CHECK_ACCEL,
+            kernel: "/k".into(),
+            initramfs: Some("/i".into()),
+            cmdline: cmdline.into(),
+            disks: vec![gatevm_vmm::Disk::rw("gatevm-state", "/d")],
+            boot_dir: "/b".into(),
+            agent_socket: "/a".into(),
+            net: None,
+            mac: "5a:94:ef:e4:0c:ee".into(),
+            console_log: "/c".into(),
+        }
+    }
+
+    /// The check's QEMU command line has what an instance's has for the kernel's clock (the TSC
+    /// frequency the backend adds under TCG) and the same machine, accelerator, CPU model, CPUs,
+    /// memory and sandbox, built from the same backend settings.
+    #[test]
+    fn check_boots_as_the_instances_do() {
+        let qemu = Qemu {
+            binary: "/q/qemu-system-x86_64".into(),
+            data_dirs: vec!["/fw1".into(), "/fw2".into()],
+            tsc_khz: Some(2_600_000),
+            run_as: None,
+        };
+        let base = "console=ttyS0 quiet panic=-1 gatevm.hostname=vm";
+        let instance = qemu.args(&instance_vm(base)).unwrap();
+        let cmd = boot_command(&qemu, Path::new("/k"), Path::new("/log"));
+        assert_eq!(cmd.get_program(), "/q/qemu-system-x86_64");
+        let check: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+
+        let instance_append = values(&instance, "-append");
+        assert_eq!(instance_append.len(), 1, "{instance:?}");
+        let clock: Vec<&str> = instance_append[0]
+            .split_whitespace()
+            .filter(|w| !base.split_whitespace().any(|b| b == *w))
+            .collect();
+        assert_eq!(clock, ["tsc_early_khz=2600000"]);
+        let check_append = values(&check, "-append");
+        assert_eq!(
+            check_append,
+            ["console=ttyS0 panic=-1 tsc_early_khz=2600000"],
+            "{check:?}"
+        );
+        for flag in ["-M", "-accel", "-cpu", "-smp", "-m", "-sandbox", "-L"] {
+            assert_eq!(values(&check, flag), values(&instance, flag), "{flag}");
+        }
+        assert_eq!(values(&check, "-accel"), ["tcg"]);
+        assert_eq!(values(&check, "-smp"), ["2"]);
+        for flag in ["-object", "-global"] {
+            let theirs = values(&instance, flag);
+            for v in values(&check, flag) {
+                assert!(theirs.contains(&v), "{flag} {v} not in {instance:?}");
+            }
+        }
+        for flag in ["-nodefaults", "-no-user-config", "-no-reboot"] {
+            assert!(check.iter().any(|a| a == flag), "{flag} in {check:?}");
+        }
+        // Without a TSC frequency (a host without a constant TSC) neither gets one.
+        let plain = Qemu {
+            tsc_khz: None,
+            ..qemu
+        };
+        let check = boot_command(&plain, Path::new("/k"), Path::new("/log"));
+        let append: Vec<String> = check
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(values(&append, "-append"), ["console=ttyS0 panic=-1"]);
+    }
+
+    /// The installed QEMU boots the installed kernel in the check ([`boot_test`]), within the
+    /// limit set-up gives it. Boots a VM, so it runs only with `GATEVM_E2E=1`.
+    #[test]
+    fn installed_qemu_passes_the_boot_check() {
+        const TEST: &str =
+            "component::qemu::boot_test::tests::installed_qemu_passes_the_boot_check";
+        if std::env::var("GATEVM_E2E").as_deref() != Ok("1") {
+            return gatevm_testkit::skip(TEST, "boots a VM; set GATEVM_E2E=1");
+        }
+        let rt = match crate::Runtime::load() {
+            Ok(rt) => rt,
+            Err(e) => return gatevm_testkit::skip(TEST, format!("no runtime bundle ({e})")),
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let serial = tmp.path().join("console.log");
+        let took = boot_test(
+            &rt.qemu_binary(),
+            &rt.qemu_data_dirs(),
+            rt.kernel_path(),
+            &serial,
+            Duration::from_secs(180),
+        )
+        .unwrap();
+        let console = std::fs::read_to_string(&serial).unwrap();
+        assert!(
+            !console.contains("Unable to calibrate against PIT"),
+            "{console}"
+        );
+        eprintln!("boot check passed in {:.1} s", took.as_secs_f64());
     }
 }

@@ -557,12 +557,60 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// A `--version` answer written the way QEMU and Debian write it gives back the version,
+        /// the package version and, from that, the same upstream version.
         #[test]
-        fn parsers_never_panic(s in "\\PC*") {
-            let _ = QemuVersion::from_version_output(&s);
-            let _ = QemuVersion::from_debian_version(&s);
-            let _ = debian_version_in_output(&s);
-            let _ = parse_os_release_codename(&s);
+        fn version_output_round_trips(
+            major in 0u32..1_000_000, minor in 0u32..1_000_000, micro in 0u32..1_000_000,
+            suffix in "|-rc[0-9]|\\+ds",
+            epoch in proptest::option::of(0u32..10),
+            rev in "[0-9]{1,2}(\\+deb[0-9]{2}u[0-9]{1,2})?(~bpo[0-9]{2}\\+1)?",
+        ) {
+            let v = QemuVersion { major, minor, micro };
+            proptest::prop_assert_eq!(QemuVersion::parse_dotted(&v.to_string()), Some(v));
+            let pkg = match epoch {
+                Some(e) => format!("{e}:{v}+ds-{rev}"),
+                None => format!("{v}+dfsg-{rev}"),
+            };
+            let out = format!(
+                "\nQEMU emulator version {v}{suffix} (Debian {pkg})\nCopyright (c) 2003-2025 Fabrice Bellard\n"
+            );
+            proptest::prop_assert_eq!(QemuVersion::from_version_output(&out), Some(v));
+            proptest::prop_assert_eq!(debian_version_in_output(&out), Some(pkg.clone()));
+            proptest::prop_assert_eq!(QemuVersion::from_debian_version(&pkg), Some(v));
+        }
+
+        /// Whatever the text, a version is read only from a first line that says it is QEMU's,
+        /// a package version only from inside "(Debian ...)", and each is non-empty.
+        #[test]
+        fn version_parsers_read_only_what_is_there(s in "\\PC{0,80}|(QEMU emulator version |\\(Debian |[0-9.:+~ -])*") {
+            let first = s.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            if QemuVersion::from_version_output(&s).is_some() {
+                proptest::prop_assert!(first.trim().starts_with("QEMU emulator version "), "{:?}", s);
+            }
+            if let Some(d) = debian_version_in_output(&s) {
+                proptest::prop_assert!(!d.is_empty() && !d.contains([')', ' ']), "{:?}", d);
+                let after = first.split_once("(Debian ").map(|(_, a)| a.trim_start());
+                proptest::prop_assert!(after.is_some_and(|a| a.starts_with(&d)), "{:?} from {:?}", d, s);
+            }
+        }
+
+        /// `VERSION_CODENAME` is found among any other lines, quoted or not; whatever the
+        /// text, a codename reported is non-empty and written in the text.
+        #[test]
+        fn os_release_codename_is_found(
+            before in proptest::collection::vec("[A-Z_]{1,12}=\"?[a-z0-9 ]{0,12}\"?", 0..6),
+            after in proptest::collection::vec("[A-Z_]{1,12}=[a-z0-9]{0,12}", 0..6),
+            codename in "[a-z]{1,12}",
+            quote in "|\"|'",
+            junk in "\\PC{0,80}",
+        ) {
+            let before: Vec<_> = before.into_iter().filter(|l| !l.starts_with("VERSION_CODENAME=")).collect();
+            let text = format!("{}\nVERSION_CODENAME={quote}{codename}{quote}\n{}\n", before.join("\n"), after.join("\n"));
+            proptest::prop_assert_eq!(parse_os_release_codename(&text), Some(codename));
+            if let Some(c) = parse_os_release_codename(&junk) {
+                proptest::prop_assert!(!c.is_empty() && junk.contains(&c), "{:?} from {:?}", c, junk);
+            }
         }
     }
 }

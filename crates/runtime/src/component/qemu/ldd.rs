@@ -283,11 +283,79 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// ldd's answer, one line per library, found or not: the missing ones come back once
+        /// each, in the order of their first line (a simple model of the same rule).
         #[test]
-        fn parsers_never_panic(s in "\\PC*") {
-            let _ = parse_ldd_not_found(&s);
-            let _ = parse_loader_error(&s);
-            let _ = package_for_soname(&s, &[]);
+        fn ldd_missing_libraries_match_a_model(
+            libs in proptest::collection::vec(("lib[a-z0-9+_-]{1,10}\\.so\\.[0-9]{1,2}", proptest::bool::ANY), 0..12),
+        ) {
+            let mut text = String::from("\tlinux-vdso.so.1 (0x00007ffd)\n");
+            let mut want: Vec<String> = Vec::new();
+            for (soname, found) in &libs {
+                if *found {
+                    text.push_str(&format!("\t{soname} => /lib/x86_64-linux-gnu/{soname} (0x00007f)\n"));
+                } else {
+                    text.push_str(&format!("\t{soname} => not found\n"));
+                    if !want.contains(soname) {
+                        want.push(soname.clone());
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(parse_ldd_not_found(&text), want);
+        }
+
+        /// Whatever the text: each name reported missing is non-empty, reported once, and
+        /// written in the text on a line that says "not found"; there are never more names
+        /// than lines.
+        #[test]
+        fn ldd_parser_reports_only_what_the_text_says(s in "[a-z. =>\n\t]{0,80}|\\PC{0,80}") {
+            let names = parse_ldd_not_found(&s);
+            proptest::prop_assert!(names.len() <= s.lines().count());
+            for (i, n) in names.iter().enumerate() {
+                proptest::prop_assert!(!n.is_empty());
+                proptest::prop_assert!(!names[..i].contains(n), "{:?} twice", n);
+                let said = s.lines().any(|l| l.contains(n.as_str()) && l.contains("not found"));
+                proptest::prop_assert!(said, "{:?} is not on a 'not found' line of {:?}", n, s);
+            }
+        }
+
+        /// The loader's message gives back exactly the soname it names, whatever comes before.
+        #[test]
+        fn loader_error_names_the_soname(
+            prefix in "[^:]{0,30}",
+            soname in "lib[a-z0-9+_.-]{1,16}\\.so\\.[0-9]{1,2}",
+        ) {
+            let stderr = format!(
+                "{prefix}: error while loading shared libraries: {soname}: cannot open shared \
+                 object file: No such file or directory"
+            );
+            proptest::prop_assert_eq!(parse_loader_error(&stderr), Some(soname));
+            // Without the loader's words there is nothing to report.
+            proptest::prop_assert_eq!(parse_loader_error(&prefix), None);
+        }
+
+        /// The flag says exactly whether the package named is one of the dependencies, and a
+        /// policy-named soname (`libNAME.so.N`, NAME ending in a letter) maps to `libNAMEN`.
+        #[test]
+        fn package_flag_matches_the_dependencies(
+            name in "lib[a-z]{1,8}",
+            major in 0u32..100,
+            listed in proptest::bool::ANY,
+            others in proptest::collection::vec("[a-z0-9.+-]{1,12}", 0..4),
+            junk in "\\PC{0,30}",
+        ) {
+            // The known exceptions follow no policy (tested by `sonames_to_packages`).
+            proptest::prop_assume!(!["libz", "libm", "libcrypto", "libjpeg"].contains(&name.as_str()));
+            let want = format!("{name}{major}");
+            let mut deps = others.clone();
+            deps.retain(|d| !d.starts_with(&want));
+            if listed {
+                deps.push(want.clone());
+            }
+            let soname = format!("{name}.so.{major}");
+            proptest::prop_assert_eq!(package_for_soname(&soname, &deps), (want, listed));
+            let (p, certain) = package_for_soname(&junk, &deps);
+            proptest::prop_assert_eq!(certain, deps.contains(&p), "{:?} -> {:?}", junk, p);
         }
     }
 }
