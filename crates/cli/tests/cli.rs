@@ -469,6 +469,10 @@ impl OrdinaryUser {
                 ids: me,
             });
         }
+        if let Err(why) = ensure_gvtest() {
+            gatevm_testkit::skip(test, why);
+            return None;
+        }
         let id = |flag: &str| -> Option<u32> {
             let out = Command::new("id").args([flag, "gvtest"]).output().ok()?;
             String::from_utf8_lossy(&out.stdout).trim().parse().ok()
@@ -476,7 +480,7 @@ impl OrdinaryUser {
         let (Some(uid), Some(gid)) = (id("-u"), id("-g")) else {
             gatevm_testkit::skip(
                 test,
-                "running as root and there is no user gvtest to run as (useradd -m gvtest)",
+                "running as root and there is no user gvtest to run as",
             );
             return None;
         };
@@ -658,30 +662,37 @@ fn an_ordinary_user_is_refused_privileged_host_ports() {
     }
 }
 
+/// Creates the ordinary user gvtest when it is missing (tests running as root run gatevm as it).
+fn ensure_gvtest() -> Result<(), String> {
+    let exists = || {
+        Command::new("id")
+            .args(["-u", "gvtest"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if exists() {
+        return Ok(());
+    }
+    let made = Command::new("useradd")
+        .args(["-m", "-s", "/bin/bash", "gvtest"])
+        .output()
+        .map_err(|e| format!("user gvtest is missing and useradd cannot run: {e}"))?;
+    if !made.status.success() && !exists() {
+        return Err(format!(
+            "user gvtest is missing and useradd failed: {}",
+            String::from_utf8_lossy(&made.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
 /// Runs the built `gatevm` as an ordinary user with only `envs` set: as user gvtest through
 /// `runuser` when this test runs as root (creating gvtest when missing), as this user otherwise.
 /// `None` (with the reason) when no ordinary user is to be had.
 fn as_ordinary_user(args: &[&str], envs: &[(&str, &Path)]) -> Result<Output, String> {
     let bin = env!("CARGO_BIN_EXE_gatevm");
     let mut c = if nix::unistd::geteuid().is_root() {
-        let exists = |u: &str| {
-            Command::new("id")
-                .args(["-u", u])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        };
-        if !exists("gvtest") {
-            let made = Command::new("useradd")
-                .args(["-m", "-s", "/bin/bash", "gvtest"])
-                .output()
-                .map_err(|e| format!("user gvtest is missing and useradd cannot run: {e}"))?;
-            if !made.status.success() && !exists("gvtest") {
-                return Err(format!(
-                    "user gvtest is missing and useradd failed: {}",
-                    String::from_utf8_lossy(&made.stderr).trim()
-                ));
-            }
-        }
+        ensure_gvtest()?;
         let reach = Command::new("runuser")
             .args(["-u", "gvtest", "--", "test", "-x", bin])
             .status()

@@ -123,9 +123,11 @@ fn is_boot_reason(part: Part, reason: &str, logs: &str, run: &str) -> bool {
             == format!(
                 "start failed: {n} exited during boot (killed by signal 9); see {logs}/{n}.log"
             )
-            || reason.starts_with(&format!(
-                "start failed: {n} exited (signal: 9 (SIGKILL)) before creating {run}/"
-            ))
+            || ["creating", "listening on"].iter().any(|step| {
+                reason.starts_with(&format!(
+                    "start failed: {n} exited (signal: 9 (SIGKILL)) before {step} {run}/"
+                ))
+            })
     };
     match part {
         Part::Supervisor => reason == "the supervisor process died unexpectedly",

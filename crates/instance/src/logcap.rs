@@ -145,12 +145,17 @@ impl Write for SharedLog {
 
 /// Tells when a drained pipe has reached its end (every writer gone, everything written).
 #[derive(Debug, Clone, Default)]
-pub struct Drained(Arc<AtomicBool>);
+pub struct Drained(Arc<AtomicBool>, Arc<std::sync::atomic::AtomicU64>);
 
 impl Drained {
     /// Whether the pipe's end was reached.
     pub fn done(&self) -> bool {
         self.0.load(Ordering::Acquire)
+    }
+
+    /// How many bytes were read from the pipe so far.
+    pub fn bytes(&self) -> u64 {
+        self.1.load(Ordering::Acquire)
     }
 
     /// Waits until the pipe's end was reached, at most `max`.
@@ -212,6 +217,7 @@ pub fn drain_into(from: OwnedFd, path: &Path, cap: u64) -> io::Result<Drained> {
                 match from.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
+                        done.1.fetch_add(n as u64, Ordering::AcqRel);
                         if let Err(e) = log.append(&buf[..n]) {
                             tracing::debug!("writing {}: {e}", log.path.display());
                         }

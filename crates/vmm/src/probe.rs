@@ -84,6 +84,11 @@ pub fn probe_at(root: &Path) -> HostCaps {
 
 /// The host's TSC frequency in kHz, measured against CLOCK_MONOTONIC over ~5 ms and rounded to
 /// 1 MHz; None where there is no usable TSC.
+///
+/// Each TSC read is bracketed by two clock reads, and a sample whose brackets are wide (the thread
+/// was preempted between the reads, common on a loaded host) is dropped: an unbracketed read
+/// counts the preemption as time without ticks and gives the guest a frequency that is far too
+/// low. The median of the good samples is taken.
 pub fn host_tsc_khz() -> Option<u64> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -95,22 +100,43 @@ pub fn host_tsc_khz() -> Option<u64> {
         if !flags.split_whitespace().any(|f| f == "constant_tsc") {
             return None;
         }
-        let t0 = std::time::Instant::now();
-        // SAFETY: rdtsc has no preconditions on x86_64.
-        let c0 = unsafe { core::arch::x86_64::_rdtsc() };
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        // SAFETY: as above.
-        let c1 = unsafe { core::arch::x86_64::_rdtsc() };
-        let ns = t0.elapsed().as_nanos() as u64;
-        if ns == 0 || c1 <= c0 {
-            return None;
+        let mut samples = Vec::new();
+        for _ in 0..8 {
+            if let Some(khz) = tsc_sample() {
+                samples.push(khz);
+            }
+            if samples.len() == 3 {
+                break;
+            }
         }
-        let khz = (c1 - c0).saturating_mul(1_000_000) / ns;
+        samples.sort_unstable();
+        let khz = *samples.get(samples.len() / 2)?;
         let mhz = (khz + 500) / 1000;
         (mhz > 100).then_some(mhz * 1000)
     }
     #[cfg(not(target_arch = "x86_64"))]
     None
+}
+
+/// One TSC frequency sample in kHz over ~2 ms, None when a read was not tightly bracketed.
+#[cfg(target_arch = "x86_64")]
+fn tsc_sample() -> Option<u64> {
+    use std::time::{Duration, Instant};
+    let bracketed = || {
+        let a = Instant::now();
+        // SAFETY: rdtsc has no preconditions on x86_64.
+        let c = unsafe { core::arch::x86_64::_rdtsc() };
+        let b = Instant::now();
+        (b.duration_since(a) < Duration::from_micros(20)).then_some((a, c))
+    };
+    let (t0, c0) = bracketed()?;
+    std::thread::sleep(Duration::from_millis(2));
+    let (t1, c1) = bracketed()?;
+    let ns = t1.duration_since(t0).as_nanos() as u64;
+    if ns == 0 || c1 <= c0 {
+        return None;
+    }
+    Some((c1 - c0).saturating_mul(1_000_000) / ns)
 }
 
 /// Reads this host's capabilities.
@@ -162,5 +188,42 @@ mod tests {
         assert!(c.why_no_hardware_virt().unwrap().contains("does not exist"));
         let c = probe_at(fake("", None, true).path());
         assert!(c.why_no_hardware_virt().unwrap().contains("vmx/svm"));
+    }
+
+    /// The measurement holds steady while the host is busy: two measurements taken while other
+    /// threads keep every core busy agree within 3% (unbracketed reads used to come out several
+    /// times too low under load, and the guest then ran its clock that much too fast).
+    #[test]
+    fn tsc_frequency_is_steady_under_load() {
+        let Some(first) = host_tsc_khz() else {
+            gatevm_testkit::skip(
+                "tsc_frequency_is_steady_under_load",
+                "this host has no constant TSC (or rdtsc is not x86_64)",
+            );
+            return;
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let spinners: Vec<_> = (0..cores * 2)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        let loaded: Vec<Option<u64>> = (0..5).map(|_| host_tsc_khz()).collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for s in spinners {
+            s.join().unwrap();
+        }
+        let measured: Vec<u64> = loaded.into_iter().flatten().collect();
+        assert!(measured.len() >= 3, "only {} of 5 measurements under load", measured.len());
+        for khz in measured {
+            let diff = khz.abs_diff(first) as f64 / first as f64;
+            assert!(diff < 0.03, "{khz} kHz under load against {first} kHz idle");
+        }
     }
 }

@@ -65,7 +65,7 @@ pub(super) async fn boot_and_serve(
 
     phase("booting", t0, progress);
     // The VMM writes the console into a FIFO that the supervisor drains into the capped log.
-    let _console = crate::logcap::LogFifo::create(
+    let console = crate::logcap::LogFifo::create(
         &paths.console_fifo(),
         &paths.log("console"),
         crate::logcap::CONSOLE_LOG_CAP,
@@ -82,7 +82,9 @@ pub(super) async fn boot_and_serve(
     // The helpers are watched from here on: one that dies during boot ends the start at once.
     let (helpers, vm) = children.split_at_mut(vm_index);
     let vm = &mut vm[0];
-    let (agent, (agent_ms, ready_ms)) = race_boot(inst, helpers, vm, stop_rx, progress, t0).await?;
+    let (agent, (agent_ms, ready_ms)) = race_boot(inst, helpers, vm, stop_rx, progress, t0)
+        .await
+        .map_err(|e| silent_console(e, console.drained.bytes(), &paths.log("vmm")))?;
     forwards_done(expose).await?;
     inst.set_state(|s| {
         s.phase = Phase::Running;
@@ -396,12 +398,23 @@ async fn race_boot(
             state::restrict_sockets(&paths.run);
             inst.set_agent(agent.clone());
             let times = wait_ready(&agent, &inst.config, &mut *vm, &vm_log, t0, progress).await?;
-            Ok::<_, SupervisorError>((agent, times))
+            Ok::<_, SupervisorError>(Ok((agent, times)))
         };
-        tokio::select! {
-            r = boot => return r,
-            exited = first_exit(helpers) => exited,
+        let booted = tokio::select! {
+            r = boot => r,
+            exited = first_exit(helpers) => Ok(Err(exited)),
             t = stop_rx.recv() => return Err(SupervisorError::Boot(format!("stopped during boot (timeout {} s)", t.unwrap_or(0)))),
+        };
+        match booted {
+            Ok(Ok(ready)) => return Ok(ready),
+            Ok(Err(exited)) => exited,
+            // The VM's failure may be the consequence of a helper killed a moment before (QEMU
+            // exits when its vhost-user network back end goes away): the killed helper is the
+            // cause, whichever of the two exits was seen first.
+            Err(e) => match killed_helper(helpers) {
+                Some(exited) => exited,
+                None => return Err(e),
+            },
         }
     };
     // As in `helper_died`: a helper that exited by itself may have followed the VM.
@@ -414,6 +427,16 @@ async fn race_boot(
         }
     }
     Err(helper_exited_during_boot(paths, name, st))
+}
+
+/// The first helper that has exited by a signal, if any (reaping it).
+fn killed_helper(
+    helpers: &mut [OwnedChild],
+) -> Option<(&'static str, std::io::Result<std::process::ExitStatus>)> {
+    helpers.iter_mut().find_map(|h| match h.child.try_wait() {
+        Ok(Some(st)) if killed_by_signal(&Ok(st)) => Some((h.name, Ok(st))),
+        _ => None,
+    })
 }
 
 /// Connects to the agent channel. libkrun connects each host connection to the guest's vsock
@@ -510,6 +533,23 @@ async fn connect_agent_socket(
                 )))
             }
         }
+    }
+}
+
+/// An agent timeout on a VM that wrote nothing on its console says so, with the VMM's own last
+/// words: the guest kernel never ran (the VMM hung while it set up a device), which is a different
+/// failure from a guest that booted and then stalled.
+fn silent_console(e: SupervisorError, console_bytes: u64, vm_log: &Path) -> SupervisorError {
+    match e {
+        SupervisorError::Boot(m) if console_bytes == 0 && m == agent_timeout().to_string() => {
+            let said = log_tail(vm_log, 2);
+            SupervisorError::Boot(format!(
+                "the guest agent did not answer within {} s and the VM wrote nothing on its console (the guest kernel never ran){}",
+                AGENT_TIMEOUT.as_secs(),
+                if said.is_empty() { String::new() } else { format!("; the VMM said: {said}") }
+            ))
+        }
+        e => e,
     }
 }
 

@@ -229,12 +229,8 @@ async fn wait_listening(
 ) -> Result<(), SupervisorError> {
     let start = Instant::now();
     loop {
-        let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
-        match unix_socket_listening(&table, p) {
-            Some(true) => return Ok(()),
-            None if start.elapsed() > Duration::from_millis(200) => return Ok(()),
-            _ => {}
-        }
+        // Whether the helper still runs comes first: a helper killed after binding leaves its
+        // path behind and no socket in the table, which must not read as "listening elsewhere".
         if let Ok(Some(st)) = owner.child.try_wait() {
             owner.drained.wait(Duration::from_secs(1)).await;
             return Err(SupervisorError::Boot(format!(
@@ -243,6 +239,12 @@ async fn wait_listening(
                 p.display(),
                 log_tail(log, 3)
             )));
+        }
+        let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+        match unix_socket_listening(&table, p) {
+            Some(true) => return Ok(()),
+            None if start.elapsed() > Duration::from_millis(200) => return Ok(()),
+            _ => {}
         }
         if start.elapsed() > Duration::from_secs(10) {
             return Err(SupervisorError::Boot(format!(
