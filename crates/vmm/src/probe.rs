@@ -220,7 +220,11 @@ mod tests {
             s.join().unwrap();
         }
         let measured: Vec<u64> = loaded.into_iter().flatten().collect();
-        assert!(measured.len() >= 3, "only {} of 5 measurements under load", measured.len());
+        assert!(
+            measured.len() >= 3,
+            "only {} of 5 measurements under load",
+            measured.len()
+        );
         for khz in measured {
             let diff = khz.abs_diff(first) as f64 / first as f64;
             assert!(diff < 0.03, "{khz} kHz under load against {first} kHz idle");

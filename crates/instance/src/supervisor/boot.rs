@@ -82,9 +82,10 @@ pub(super) async fn boot_and_serve(
     // The helpers are watched from here on: one that dies during boot ends the start at once.
     let (helpers, vm) = children.split_at_mut(vm_index);
     let vm = &mut vm[0];
-    let (agent, (agent_ms, ready_ms)) = race_boot(inst, helpers, vm, stop_rx, progress, t0)
-        .await
-        .map_err(|e| silent_console(e, console.drained.bytes(), &paths.log("vmm")))?;
+    let (agent, (agent_ms, ready_ms)) =
+        race_boot(inst, helpers, vm, stop_rx, progress, t0)
+            .await
+            .map_err(|e| silent_console(e, console.drained.bytes(), &paths.log("vmm")))?;
     forwards_done(expose).await?;
     inst.set_state(|s| {
         s.phase = Phase::Running;
