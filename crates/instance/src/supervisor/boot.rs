@@ -9,7 +9,7 @@ use super::children::{
 use super::helpers::{self, Network};
 use super::{
     control, io_err, payloads_ready, state, AbortOnDrop, ProgressSink, RunningInstance,
-    SuperviseOptions, SupervisorError, AGENT_TIMEOUT, PAYLOAD_TIMEOUT,
+    SuperviseOptions, SupervisorError, AGENT_TIMEOUT, PAYLOAD_TIMEOUT, VMM_SILENCE,
 };
 use crate::agent::Agent;
 use crate::backend::{self, VmmBackend};
@@ -83,9 +83,7 @@ pub(super) async fn boot_and_serve(
     let (helpers, vm) = children.split_at_mut(vm_index);
     let vm = &mut vm[0];
     let (agent, (agent_ms, ready_ms)) =
-        race_boot(inst, helpers, vm, stop_rx, progress, t0)
-            .await
-            .map_err(|e| silent_console(e, console.drained.bytes(), &paths.log("vmm")))?;
+        race_boot(inst, helpers, vm, &console.drained, stop_rx, progress, t0).await?;
     forwards_done(expose).await?;
     inst.set_state(|s| {
         s.phase = Phase::Running;
@@ -385,6 +383,7 @@ async fn race_boot(
     inst: &RunningInstance,
     helpers: &mut [OwnedChild],
     vm: &mut OwnedChild,
+    console: &crate::logcap::Drained,
     stop_rx: &mut mpsc::Receiver<u64>,
     progress: &mut ProgressSink,
     t0: Instant,
@@ -404,6 +403,14 @@ async fn race_boot(
         let booted = tokio::select! {
             r = boot => r,
             exited = first_exit(helpers) => Ok(Err(exited)),
+            () = console_silent(console) => {
+                let said = log_tail(&vm_log, 2);
+                return Err(SupervisorError::Stalled(format!(
+                    "the VM wrote nothing on its console for {} s: the VMM hung before the guest kernel ran{}",
+                    VMM_SILENCE.as_secs(),
+                    if said.is_empty() { String::new() } else { format!(" (the VMM said: {said})") }
+                )));
+            }
             t = stop_rx.recv() => return Err(SupervisorError::Boot(format!("stopped during boot (timeout {} s)", t.unwrap_or(0)))),
         };
         match booted {
@@ -537,21 +544,16 @@ async fn connect_agent_socket(
     }
 }
 
-/// An agent timeout on a VM that wrote nothing on its console says so, with the VMM's own last
-/// words: the guest kernel never ran (the VMM hung while it set up a device), which is a different
-/// failure from a guest that booted and then stalled.
-fn silent_console(e: SupervisorError, console_bytes: u64, vm_log: &Path) -> SupervisorError {
-    match e {
-        SupervisorError::Boot(m) if console_bytes == 0 && m == agent_timeout().to_string() => {
-            let said = log_tail(vm_log, 2);
-            SupervisorError::Boot(format!(
-                "the guest agent did not answer within {} s and the VM wrote nothing on its console (the guest kernel never ran){}",
-                AGENT_TIMEOUT.as_secs(),
-                if said.is_empty() { String::new() } else { format!("; the VMM said: {said}") }
-            ))
+/// Resolves once the console has stayed empty for [`VMM_SILENCE`] (never, once a byte came).
+async fn console_silent(console: &crate::logcap::Drained) {
+    let start = Instant::now();
+    while console.bytes() == 0 {
+        if start.elapsed() >= VMM_SILENCE {
+            return;
         }
-        e => e,
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    std::future::pending::<()>().await
 }
 
 /// The agent did not answer within [`AGENT_TIMEOUT`].

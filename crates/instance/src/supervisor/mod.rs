@@ -41,6 +41,11 @@ use tokio::sync::mpsc;
 const AGENT_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long the guest may take to answer an exec request with "started" or "failed".
 const EXEC_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a VM may run without writing a byte on its console before the boot counts as
+/// stalled: the guest kernel prints within a second or two even under software emulation on a
+/// busy host, so silence this long means the VMM hung before the guest ran (seen once in CI with
+/// QEMU and passt's vhost-user back end: 90 s without a byte). Such a boot is tried once more.
+const VMM_SILENCE: Duration = Duration::from_secs(30);
 /// How long the payload may take after the agent answered.
 const PAYLOAD_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -62,6 +67,9 @@ pub enum SupervisorError {
     },
     #[error("{0}")]
     Boot(String),
+    /// The VMM runs but the guest never wrote on its console (see [`VMM_SILENCE`]).
+    #[error("{0}")]
+    Stalled(String),
     /// The guest agent could not be put in the instance root.
     #[error("installing gatevm-guest at {}", gatevm_abi::paths::GUEST_AGENT)]
     InstallGuest(#[source] crate::rootdir::RootDirError),
@@ -279,8 +287,23 @@ async fn supervise_locked(
     };
 
     let mut children: Vec<OwnedChild> = Vec::new();
-    let outcome =
+    let mut outcome =
         boot::boot_and_serve(opts, &inst, &mut children, &mut stop_rx, progress, t0).await;
+    if let Err(SupervisorError::Stalled(why)) = &outcome {
+        // A VMM that hung before the guest ran has touched nothing of the guest's: start the VM
+        // and its helpers once more.
+        tracing::warn!("{why}: starting the VM once more");
+        progress(Progress::Notice {
+            message: format!("{why}: starting the VM once more"),
+        });
+        clear_attempt(&inst, &mut children).await;
+        outcome = boot::boot_and_serve(opts, &inst, &mut children, &mut stop_rx, progress, t0)
+            .await
+            .map_err(|e| match e {
+                SupervisorError::Stalled(why) => SupervisorError::Stalled(format!("{why} (twice)")),
+                e => e,
+            });
+    }
     tear_down(&inst, &mut children, &outcome, t0).await;
     outcome.map(|_| ())
 }
@@ -301,6 +324,21 @@ fn stop_on_signals(stop: mpsc::Sender<u64>) -> Result<AbortOnDrop, SupervisorErr
             let _ = stop.send(30).await;
         }
     })))
+}
+
+/// Undoes a boot attempt that stalled so that another can start: its processes, sockets and
+/// loopback guard go, and the state forgets them.
+async fn clear_attempt(inst: &RunningInstance, children: &mut Vec<OwnedChild>) {
+    for c in children.iter_mut().rev() {
+        c.terminate(Duration::from_secs(2)).await;
+    }
+    children.clear();
+    let _ = std::fs::remove_file(inst.paths.control_socket());
+    loopback::remove_stale(&inst.paths.name);
+    inst.set_state(|s| {
+        s.vmm = None;
+        s.helpers.clear();
+    });
 }
 
 /// Stops the children (the VM first), removes the mounts and sockets and records how the run
