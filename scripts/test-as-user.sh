@@ -43,6 +43,9 @@ chmod 755 "$work"
 cp "$gatevm_bin" "$work/gatevm"
 cp "$guest_bin" "$work/gatevm-guest"
 cp "$fake_k3s" "$work/fake-k3s"
+if [ -n "${GATEVM_HOST_CTR:-}" ]; then
+  cp "$GATEVM_HOST_CTR" "$work/ctr"
+fi
 # The test programs cargo built for the root run (same flags, so nothing is rebuilt).
 mapfile -t built < <(cargo test --workspace --locked --all-targets --no-run 2>&1 \
   | sed -n 's|.*Executable tests/\([a-z0-9_]*\)\.rs (\(.*\))$|\1 \2|p')
@@ -65,6 +68,7 @@ for f in "${files[@]}"; do
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     GATEVM_E2E=1 GATEVM_BIN="$work/gatevm" GATEVM_GUEST_BIN="$work/gatevm-guest" \
     GATEVM_FAKE_K3S="$work/fake-k3s" ${GATEVM_K3S_BIN:+GATEVM_K3S_BIN="$GATEVM_K3S_BIN"} \
+    ${GATEVM_HOST_CTR:+GATEVM_HOST_CTR="$work/ctr"} \
     GATEVM_SKIP_LOG="$userskips" RUST_BACKTRACE=1 "./$f" --test-threads=2) 2>&1 | tee -a "$log"
   test_rc=${PIPESTATUS[0]}
   set -e

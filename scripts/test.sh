@@ -18,6 +18,10 @@ if [ ! -x /usr/bin/busybox ] || readelf -l /usr/bin/busybox 2>/dev/null | grep -
   apt-get install -y -q --no-install-recommends busybox-static >/dev/null \
     || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends busybox-static >/dev/null; }
 fi
+# The host's own ctr (out of Debian's containerd package, not installed) for the tests that drive
+# an instance's containerd socket with it.
+GATEVM_HOST_CTR=$(./scripts/host-ctr.sh)
+export GATEVM_HOST_CTR
 # A stand-in k3s for the k3s profile's plumbing test (k3s itself is not available here).
 cargo build --release --locked -p gatevm-fake-k3s
 # GATEVM_E2E=0 runs everything but the tests that boot VMs (they are then reported as skipped).

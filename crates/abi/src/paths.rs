@@ -5,6 +5,9 @@
 /// The guest agent (PID 1 of the root, stage 2): stage 1 copies itself here at every boot.
 pub const GUEST_AGENT: &str = "/usr/local/sbin/gatevm-guest";
 
+/// containerd's API socket in the guest (both profiles: k3s runs on this containerd).
+pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+
 /// The disks a VM gets, by the serial (virtio-blk ID) the VMM gives each; the guest finds them in
 /// `/sys/block/vd*/serial`, whatever order the devices come up in.
 pub mod disk {

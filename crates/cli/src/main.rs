@@ -51,6 +51,8 @@ enum Cmd {
     Doctor(commands::doctor::Args),
     /// Delete an instance and its data.
     Delete(commands::delete::Args),
+    /// Print CONTAINERD_ADDRESS and CONTAINERD_NAMESPACE for the host's own tools (`eval "$(gatevm env)"`).
+    Env(commands::env::Args),
     /// Print the kubeconfig of a k3s instance.
     Kubeconfig(commands::k3s::KubeconfigArgs),
     /// Import, list and remove container images in an instance.
@@ -101,6 +103,7 @@ fn main() {
         Cmd::Start(a) => commands::start::run(a),
         Cmd::Stop(a) => commands::stop::run(a),
         Cmd::Status(a) => commands::status::run(a),
+        Cmd::Env(a) => commands::env::run(a),
         Cmd::List(a) => commands::list::run(a),
         Cmd::Exec(a) => commands::exec::run(a),
         Cmd::VmRun(a) => commands::vm_run::run(a),

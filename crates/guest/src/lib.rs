@@ -24,6 +24,7 @@ pub(crate) mod payload;
 pub(crate) mod pid1;
 pub(crate) mod profile;
 pub(crate) mod reaper;
+pub(crate) mod relay;
 pub(crate) mod session;
 pub(crate) mod shutdown;
 pub(crate) mod stage1;
@@ -66,9 +67,10 @@ pub fn main_entry() -> i32 {
             0
         }
         Some("container") => container::main(&args[1..]),
+        Some("relay") => relay::main(&args[1..]),
         _ => {
             eprintln!(
-                "gatevm-guest: usage: gatevm-guest --version | gatevm-guest container run|ps|rm ... (otherwise it only runs as PID 1 of a gatevm VM)"
+                "gatevm-guest: usage: gatevm-guest --version | gatevm-guest container run|ps|rm ... | gatevm-guest relay SOCKET (otherwise it only runs as PID 1 of a gatevm VM)"
             );
             2
         }

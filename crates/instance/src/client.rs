@@ -182,6 +182,7 @@ fn offline_status(
         last_error: st.last_error,
         logs: paths.logs().display().to_string(),
         processes: vec![],
+        containerd_socket: None,
     }
 }
 

@@ -141,6 +141,10 @@ pub struct InstanceStatus {
     /// The instance's host processes (supervisor, VMM, helpers) and how each is confined.
     #[serde(default)]
     pub processes: Vec<ProcessReport>,
+    /// containerd's API on the host while the instance runs (a unix socket, 0600), relayed to the
+    /// guest's containerd over the agent channel; null when stopped and for `vm-run`.
+    #[serde(default)]
+    pub containerd_socket: Option<String>,
 }
 
 /// One host process of an instance, as `status --json` reports it.

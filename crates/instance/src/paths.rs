@@ -133,6 +133,10 @@ impl InstancePaths {
     pub fn agent_socket(&self) -> PathBuf {
         self.run.join("agent.sock")
     }
+    /// containerd's API on the host, relayed to the guest's over the agent channel.
+    pub fn containerd_socket(&self) -> PathBuf {
+        self.run.join("containerd.sock")
+    }
     /// The network helper's own directory: the only place a confined gvproxy may create or
     /// remove files (owned by the helper's uid when gatevm runs as root).
     pub fn net_dir(&self) -> PathBuf {
@@ -155,6 +159,7 @@ impl InstancePaths {
         vec![
             self.control_socket(),
             self.agent_socket(),
+            self.containerd_socket(),
             self.net_socket(),
             self.net_api_socket(),
             self.console_fifo(),

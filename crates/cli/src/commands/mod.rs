@@ -3,6 +3,7 @@
 pub(crate) mod container;
 pub(crate) mod delete;
 pub(crate) mod doctor;
+pub(crate) mod env;
 pub(crate) mod exec;
 pub(crate) mod image;
 pub(crate) mod k3s;

@@ -37,6 +37,9 @@ pub(crate) fn print_human(st: &InstanceStatus) {
     if !st.forwards.is_empty() {
         println!("forwards:   {}", st.forwards.join(", "));
     }
+    if let Some(sock) = &st.containerd_socket {
+        println!("containerd: {sock} (`eval \"$(gatevm env {})\"`, then `ctr`)", st.name);
+    }
     if let Some(k) = &st.k3s {
         println!(
             "k3s:        {} on https://127.0.0.1:{} (API {}, node {}{})",

@@ -92,6 +92,11 @@ pub(super) async fn boot_and_serve(
         s.last_error = None;
         s.stop_reason = None;
     });
+    // containerd's API on the host (an appliance's, not a throwaway VM's).
+    let _containerd = match cfg.ephemeral {
+        None => Some(open_containerd_socket(inst)?),
+        Some(_) => None,
+    };
     progress(Progress::Ready {
         agent_ready_ms: agent_ms,
         ready_ms,
@@ -375,6 +380,24 @@ fn open_control_socket(inst: &Arc<RunningInstance>) -> Result<AbortOnDrop, Super
         );
     }
     Ok(control::serve_clients(listener, inst.clone()))
+}
+
+/// Listens on the instance's containerd socket (owner only); each client is relayed to the guest's
+/// containerd through the agent channel.
+fn open_containerd_socket(inst: &Arc<RunningInstance>) -> Result<AbortOnDrop, SupervisorError> {
+    let path = inst.paths.containerd_socket();
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(io_err(format!("binding {}", path.display())))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err(format!("restricting {}", path.display())))?;
+    }
+    Ok(control::serve_socket_relay(
+        listener,
+        inst.clone(),
+        gatevm_abi::paths::CONTAINERD_SOCKET,
+    ))
 }
 
 /// Waits for the guest to be ready, ended early by a helper that exits or a stop request.

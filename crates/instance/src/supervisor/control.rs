@@ -55,6 +55,133 @@ pub(crate) fn serve_clients(listener: UnixListener, inst: Arc<RunningInstance>) 
     }))
 }
 
+/// Accepts plain clients of a guest API socket (containerd's) on `listener` and relays each to
+/// `guest_socket` in the guest, until the returned guard is dropped. A client that comes while
+/// the agent is not connected is closed at once.
+pub(crate) fn serve_socket_relay(
+    listener: UnixListener,
+    inst: Arc<RunningInstance>,
+    guest_socket: &'static str,
+) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((conn, _)) => {
+                    let Some(agent) = inst.agent().filter(|a| *a.connected.borrow()) else {
+                        tracing::info!("{guest_socket}: a client came while the guest agent is not connected");
+                        continue;
+                    };
+                    tokio::spawn(async move {
+                        if let Err(e) = relay_socket(conn, agent, guest_socket).await {
+                            tracing::debug!("{guest_socket} relay: {}", gatevm_abi::error_chain(&e));
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("{guest_socket} relay accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }))
+}
+
+/// Relays one plain client connection to `guest_socket` in the guest: a `gatevm-guest relay`
+/// exec joins the socket to its stdin and stdout, and the exec relay ([`relay_exec`]) carries the
+/// client's bytes as that stdin and the answers as that stdout, with its flow control (a client
+/// that stops reading stops only its own connection). The two directions run apart, so a full
+/// buffer one way never holds up the other. When the guest side ends (the server closed, or
+/// containerd restarted) the client's connection is closed; a client that closes its side ends
+/// the guest's stdin.
+pub(crate) async fn relay_socket(
+    raw: UnixStream,
+    agent: Agent,
+    guest_socket: &str,
+) -> Result<(), ServeError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = GuestMsg::Exec(gatevm_abi::ExecRequest {
+        argv: vec![
+            gatevm_abi::paths::GUEST_AGENT.into(),
+            "relay".into(),
+            guest_socket.into(),
+        ],
+        stdin: true,
+        ..Default::default()
+    });
+    let (framed, inner) = UnixStream::pair().map_err(ProtoError::Io)?;
+    let relay = tokio::spawn(relay_exec(inner, agent, request));
+    let (mut raw_r, mut raw_w) = raw.into_split();
+    let (framed_r, mut framed_w) = framed.into_split();
+    let up = tokio::spawn(async move {
+        let mut buf = vec![0u8; gatevm_abi::DATA_CHUNK];
+        loop {
+            let n = raw_r.read(&mut buf).await.unwrap_or(0);
+            let f = if n == 0 {
+                Frame::Eof {
+                    stream: CLIENT_STREAM,
+                    fd: Fd::Stdin,
+                }
+            } else {
+                Frame::Data {
+                    stream: CLIENT_STREAM,
+                    fd: Fd::Stdin,
+                    bytes: buf[..n].to_vec(),
+                }
+            };
+            if asyncio::write_frame::<GuestMsg, _>(&mut framed_w, &f)
+                .await
+                .is_err()
+                || n == 0
+            {
+                // Holds the write half until the relay ends, so the exec's stdin stays as sent.
+                return framed_w;
+            }
+        }
+    });
+    let mut frames = asyncio::FrameReader::new(framed_r);
+    let mut result = Ok(());
+    loop {
+        match frames.read_frame::<GuestMsg>().await {
+            Ok(Some(Frame::Data {
+                fd: Fd::Stdout,
+                bytes,
+                ..
+            })) => {
+                if raw_w.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+            Ok(Some(Frame::Data {
+                fd: Fd::Stderr,
+                bytes,
+                ..
+            })) => {
+                let text = String::from_utf8_lossy(&bytes[..bytes.len().min(500)]).into_owned();
+                tracing::info!("{guest_socket} relay: {}", text.trim_end());
+            }
+            Ok(Some(Frame::Msg { msg, .. })) => match msg {
+                GuestMsg::Exit(_) => break,
+                GuestMsg::ExecFailed { message, .. } | GuestMsg::Error { message } => {
+                    tracing::info!("{guest_socket} relay: {message}");
+                    break;
+                }
+                _ => {}
+            },
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => {
+                result = Err(e.into());
+                break;
+            }
+        }
+    }
+    let _ = raw_w.shutdown().await;
+    up.abort();
+    drop(frames);
+    let _ = tokio::time::timeout(Duration::from_secs(5), relay).await;
+    result
+}
+
 /// Tells an exec or file-read client that there is no guest agent to ask.
 async fn not_connected(conn: &mut UnixStream) -> Result<(), ServeError> {
     let f: Frame<GuestMsg> = Frame::Msg {

@@ -187,6 +187,8 @@ impl RunningInstance {
             last_error: s.last_error.clone(),
             logs: self.paths.logs().display().to_string(),
             processes: state::process_reports(&s),
+            containerd_socket: (s.phase == Phase::Running && self.config.ephemeral.is_none())
+                .then(|| self.paths.containerd_socket().display().to_string()),
         }
     }
 }
