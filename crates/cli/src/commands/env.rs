@@ -52,6 +52,9 @@ mod tests {
             .args(["-c", &script])
             .output()
             .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{sock}|k8s.io"));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{sock}|k8s.io")
+        );
     }
 }

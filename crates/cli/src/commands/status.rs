@@ -38,7 +38,10 @@ pub(crate) fn print_human(st: &InstanceStatus) {
         println!("forwards:   {}", st.forwards.join(", "));
     }
     if let Some(sock) = &st.containerd_socket {
-        println!("containerd: {sock} (`eval \"$(gatevm env {})\"`, then `ctr`)", st.name);
+        println!(
+            "containerd: {sock} (`eval \"$(gatevm env {})\"`, then `ctr`)",
+            st.name
+        );
     }
     if let Some(k) = &st.k3s {
         println!(

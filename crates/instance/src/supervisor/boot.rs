@@ -387,7 +387,8 @@ fn open_control_socket(inst: &Arc<RunningInstance>) -> Result<AbortOnDrop, Super
 fn open_containerd_socket(inst: &Arc<RunningInstance>) -> Result<AbortOnDrop, SupervisorError> {
     let path = inst.paths.containerd_socket();
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).map_err(io_err(format!("binding {}", path.display())))?;
+    let listener =
+        UnixListener::bind(&path).map_err(io_err(format!("binding {}", path.display())))?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))

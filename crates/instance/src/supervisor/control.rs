@@ -68,12 +68,17 @@ pub(crate) fn serve_socket_relay(
             match listener.accept().await {
                 Ok((conn, _)) => {
                     let Some(agent) = inst.agent().filter(|a| *a.connected.borrow()) else {
-                        tracing::info!("{guest_socket}: a client came while the guest agent is not connected");
+                        tracing::info!(
+                            "{guest_socket}: a client came while the guest agent is not connected"
+                        );
                         continue;
                     };
                     tokio::spawn(async move {
                         if let Err(e) = relay_socket(conn, agent, guest_socket).await {
-                            tracing::debug!("{guest_socket} relay: {}", gatevm_abi::error_chain(&e));
+                            tracing::debug!(
+                                "{guest_socket} relay: {}",
+                                gatevm_abi::error_chain(&e)
+                            );
                         }
                     });
                 }
@@ -548,7 +553,7 @@ fn restream(f: Frame<GuestMsg>, stream: u32) -> Frame<GuestMsg> {
 /// credit windows: a client that stops reading stops only its own relay.
 #[cfg(test)]
 mod relay_tests {
-    use super::{relay_exec, Agent};
+    use super::{relay_exec, relay_socket, Agent};
     use crate::control::CLIENT_STREAM;
     use gatevm_abi::flow::SendWindow;
     use gatevm_abi::{
@@ -710,6 +715,47 @@ mod relay_tests {
         .await
         .expect("the fake guest's hello");
         (agent, seen)
+    }
+
+    /// A plain client of the containerd relay gets the guest's bytes as they are, then the end of
+    /// the connection when the guest's side ends.
+    #[tokio::test]
+    async fn a_socket_relay_passes_the_bytes_and_ends_with_the_guest() {
+        use tokio::io::AsyncReadExt;
+        let (agent, _) = fake_guest(1_000_000, true).await;
+        let (mut client, server) = UnixStream::pair().expect("socketpair");
+        let relay = tokio::spawn(relay_socket(server, agent, "/run/x.sock"));
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut got))
+            .await
+            .expect("the relay closes the client when the guest side ends")
+            .expect("read");
+        assert_eq!(got.len(), 1_000_000);
+        assert!(got.iter().all(|b| *b == b'y'));
+        let ended = tokio::time::timeout(Duration::from_secs(10), relay).await;
+        assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    }
+
+    /// A guest that floods a plain client that does not read gets no more credit than the window
+    /// and the sockets' buffers hold: nothing piles up in the supervisor. The client's hang-up
+    /// ends the relay.
+    #[tokio::test]
+    async fn a_socket_relay_holds_a_flooding_guest_to_its_window() {
+        let (agent, seen) = fake_guest(64 << 20, true).await;
+        let (client, server) = UnixStream::pair().expect("socketpair");
+        let relay = tokio::spawn(relay_socket(server, agent, "/run/x.sock"));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let granted: u64 = seen.lock().expect("lock").granted.values().sum();
+        assert!(
+            granted < 4 << 20,
+            "{granted} bytes granted to a guest whose client reads nothing"
+        );
+        drop(client);
+        let ended = tokio::time::timeout(Duration::from_secs(10), relay).await;
+        assert!(
+            ended.is_ok(),
+            "the relay did not end after the client hung up"
+        );
     }
 
     /// A client connection running `relay_exec`; returns the client's end.
