@@ -282,6 +282,26 @@ fn k3s_profile_plumbing_with_a_stand_in() {
         "{st}"
     );
 
+    // containerd's socket on the host serves this profile too (k3s runs on that containerd).
+    let sock = st["containerd_socket"].as_str().expect("containerd_socket");
+    match std::env::var_os("GATEVM_HOST_CTR") {
+        Some(ctr) => {
+            let out = Command::new(ctr)
+                .args(["--address", sock, "version"])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Server:"),
+                "host ctr version on the k3s profile: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        None => gatevm_testkit::skip_part(
+            "k3s_profile_plumbing_with_a_stand_in",
+            "host ctr",
+            "set GATEVM_HOST_CTR (scripts/test.sh does)",
+        ),
+    }
     // The API port reaches the guest's server.
     let got = read_forward(api, "fake-k3s", Duration::from_secs(30));
     assert!(got.is_some(), "the API forward did not reach the guest");
