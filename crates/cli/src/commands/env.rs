@@ -16,6 +16,11 @@ pub(crate) struct Args {
 pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?;
     let st = runtime()?.block_on(gatevm_instance::client::status(name))?;
+    if st.ephemeral {
+        anyhow::bail!(
+            "instance {name:?} is a throwaway VM of `gatevm vm-run`: it has no containerd socket"
+        );
+    }
     let Some(sock) = st.containerd_socket else {
         return Err(ClientError::NotRunning(name.to_string()).into());
     };

@@ -91,6 +91,9 @@ pub(crate) fn serve_socket_relay(
     }))
 }
 
+/// How many lines of what the guest says about one relayed connection are logged at info.
+const GUEST_LINES_LOGGED: u32 = 3;
+
 /// Relays one plain client connection to `guest_socket` in the guest: a `gatevm-guest relay`
 /// exec joins the socket to its stdin and stdout, and the exec relay ([`relay_exec`]) carries the
 /// client's bytes as that stdin and the answers as that stdout, with its flow control (a client
@@ -145,6 +148,18 @@ pub(crate) async fn relay_socket(
     });
     let mut frames = asyncio::FrameReader::new(framed_r);
     let mut result = Ok(());
+    // What the guest says is logged as one plain line each (no control characters), and only the
+    // first few lines at info: a guest cannot fill the log or write escapes into it.
+    let mut said = 0u32;
+    let mut log_guest = |what: &str| {
+        said = said.saturating_add(1);
+        let line = crate::text::line(what, 300);
+        if said <= GUEST_LINES_LOGGED {
+            tracing::info!("{guest_socket} relay: {line}");
+        } else {
+            tracing::debug!("{guest_socket} relay: {line}");
+        }
+    };
     loop {
         match frames.read_frame::<GuestMsg>().await {
             Ok(Some(Frame::Data {
@@ -160,14 +175,11 @@ pub(crate) async fn relay_socket(
                 fd: Fd::Stderr,
                 bytes,
                 ..
-            })) => {
-                let text = String::from_utf8_lossy(&bytes[..bytes.len().min(500)]).into_owned();
-                tracing::info!("{guest_socket} relay: {}", text.trim_end());
-            }
+            })) => log_guest(&String::from_utf8_lossy(&bytes[..bytes.len().min(300)])),
             Ok(Some(Frame::Msg { msg, .. })) => match msg {
                 GuestMsg::Exit(_) => break,
                 GuestMsg::ExecFailed { message, .. } | GuestMsg::Error { message } => {
-                    tracing::info!("{guest_socket} relay: {message}");
+                    log_guest(&message);
                     break;
                 }
                 _ => {}

@@ -337,6 +337,8 @@ async fn clear_attempt(inst: &RunningInstance, children: &mut Vec<OwnedChild>) {
     children.clear();
     let _ = std::fs::remove_file(inst.paths.control_socket());
     loopback::remove_stale(&inst.paths.name);
+    // The stalled attempt's agent channel (if the VMM's socket took one) is not the next one's.
+    *inst.agent.lock().unwrap_or_else(|p| p.into_inner()) = None;
     inst.set_state(|s| {
         s.vmm = None;
         s.helpers.clear();
