@@ -60,6 +60,8 @@ pub struct Cmdline {
     pub krun: bool,
     /// MTU of `eth0` when not the device's default (passt: 65520).
     pub mtu: Option<u32>,
+    /// The host attached a settings disk ([`crate::paths::disk::SETTINGS`]): wait for it.
+    pub settings: bool,
 }
 
 impl Default for Cmdline {
@@ -71,6 +73,7 @@ impl Default for Cmdline {
             payload: PayloadKind::Containerd,
             krun: false,
             mtu: None,
+            settings: false,
         }
     }
 }
@@ -102,6 +105,9 @@ impl Cmdline {
         if let Some(m) = self.mtu {
             words.push(format!("{KEY_MTU}={m}"));
         }
+        if self.settings {
+            words.push(format!("{KEY_SETTINGS}=1"));
+        }
         words.join(" ")
     }
 }
@@ -120,6 +126,8 @@ pub const KEY_PAYLOAD: &str = "gatevm.payload";
 pub const KEY_VMM: &str = "gatevm.vmm";
 /// Key of [`Cmdline::mtu`].
 pub const KEY_MTU: &str = "gatevm.mtu";
+/// Key of [`Cmdline::settings`].
+pub const KEY_SETTINGS: &str = "gatevm.settings";
 
 /// Splits a command line into words the way the kernel does: whitespace separates, double quotes
 /// group (and are removed).
@@ -189,6 +197,11 @@ pub fn parse(line: &str) -> (Cmdline, Vec<String>) {
                 _ => warnings.push(format!(
                     "invalid gatevm.mtu {value:?} (expected {MIN_MTU}-{MAX_MTU}), using the device's"
                 )),
+            },
+            KEY_SETTINGS => match value {
+                "0" => c.settings = false,
+                "1" => c.settings = true,
+                _ => warnings.push(format!("invalid gatevm.settings {value:?}, using 0")),
             },
             KEY_NET => match value {
                 "0" | "off" | "no" | "false" => c.net = false,
@@ -362,20 +375,24 @@ mod tests {
             0u8..3,
             any::<bool>(),
             proptest::option::of(MIN_MTU..=MAX_MTU),
+            any::<bool>(),
         )
-            .prop_map(|(hostname, net, vsock, payload, krun, mtu)| Cmdline {
-                hostname,
-                net,
-                agent: if vsock {
-                    AgentTransport::Vsock
-                } else {
-                    AgentTransport::Serial
+            .prop_map(
+                |(hostname, net, vsock, payload, krun, mtu, settings)| Cmdline {
+                    hostname,
+                    net,
+                    agent: if vsock {
+                        AgentTransport::Vsock
+                    } else {
+                        AgentTransport::Serial
+                    },
+                    payload: [PayloadKind::None, PayloadKind::Containerd, PayloadKind::K3s]
+                        [usize::from(payload)],
+                    krun,
+                    mtu,
+                    settings,
                 },
-                payload: [PayloadKind::None, PayloadKind::Containerd, PayloadKind::K3s]
-                    [usize::from(payload)],
-                krun,
-                mtu,
-            })
+            )
     }
 
     proptest::proptest! {

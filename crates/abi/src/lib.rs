@@ -9,6 +9,7 @@
 //!   directory);
 //! - [`net`]: the guest's fixed network (addresses, MAC, MTUs);
 //! - [`plan`]: the k3s plan the host stages and the guest validates;
+//! - [`settings`]: shared directories, registries and proxies, handed over on a small disk;
 //! - [`error_chain`]: the one-line form of an error wherever it leaves a process (a frame to the
 //!   host, a log line, the CLI's message).
 //!
@@ -22,6 +23,7 @@ pub use wire::*;
 pub mod net;
 pub mod paths;
 pub mod plan;
+pub mod settings;
 
 /// An error and its causes on one line, `": "`-joined. Errors keep their cause in `source()`
 /// only (never also in their own message); a cause whose text the line already holds (an error

@@ -20,6 +20,8 @@ pub mod disk {
     /// What the host stages for the k3s profile: a read-only EROFS image mounted at
     /// [`super::K3S_STAGE_DIR`].
     pub const STAGE: &str = "gatevm-stage";
+    /// The host's settings for this boot (`crate::settings`): JSON on a small read-only raw disk.
+    pub const SETTINGS: &str = "gatevm-settings";
     /// Subdirectories of the writable layer's file system: the overlay's upper and work dirs.
     pub const UPPER_DIR: &str = "upper";
     pub const WORK_DIR: &str = "work";

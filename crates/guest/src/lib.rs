@@ -26,6 +26,7 @@ pub(crate) mod profile;
 pub(crate) mod reaper;
 pub(crate) mod relay;
 pub(crate) mod session;
+pub(crate) mod settings;
 pub(crate) mod shutdown;
 pub(crate) mod stage1;
 pub(crate) mod sys;

@@ -390,6 +390,8 @@ impl Payload {
             .env_clear()
             .env("PATH", crate::exec::DEFAULT_PATH)
             .env("HOME", "/root")
+            // The proxy variables the host handed over (`start --proxy-env`), if any.
+            .envs(crate::settings::get().proxy_env())
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::from(wr.try_clone()?))

@@ -185,6 +185,11 @@ pub(crate) fn run() -> ! {
     }
 
     let reaper = Reaper::global();
+    // The host's settings (shares, registries, proxies) before anything uses them.
+    if let Err(e) = crate::settings::load(cmd.settings) {
+        crate::glog!("FATAL: {e}");
+        shutdown::run(&[], reaper, "the host's settings cannot be read");
+    }
     // The k3s profile reads its plan and writes containerd's configuration now, so a missing
     // plan or binary shows in the very first status.
     let mut profile = Profile::load(cmd.payload);
@@ -206,6 +211,12 @@ pub(crate) fn run() -> ! {
         let (backing, problems) = disk::setup(reaper);
         report("disk", &problems);
         crate::glog!("state: {backing:?}");
+    }
+    // Shares and registry settings before any payload could use them: a container must never
+    // write into the guest's directory where the user's share should be.
+    if let Err(e) = crate::settings::apply(cmd.payload == PayloadKind::K3s) {
+        crate::glog!("FATAL: {e}");
+        shutdown::run(&[], reaper, "a share or registry setting failed");
     }
     // k3s's data directory is on the state disk.
     if profile.needs_network_before_start() {

@@ -183,7 +183,11 @@ fn offline_status(
         logs: paths.logs().display().to_string(),
         processes: vec![],
         containerd_socket: None,
+        volumes: vec![],
+        registries: vec![],
+        proxy_env: vec![],
     }
+    .with_settings(&cfg)
 }
 
 /// The stop reason of a supervisor that died without recording it (README, "When things fail").

@@ -1,6 +1,7 @@
 //! An instance's configuration: what `start` was asked for (the recorded state is in
 //! [`crate::state`]).
 
+use gatevm_abi::settings::{GuestSettings, ProxyVar, RegistryHost, VolumeMount};
 use gatevm_net::Forward;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -192,6 +193,15 @@ pub struct InstanceConfig {
     /// The k3s profile's settings; None for the containerd profile.
     #[serde(default)]
     pub k3s: Option<K3sSettings>,
+    /// Shared host directories (`-v`).
+    #[serde(default)]
+    pub volumes: Vec<crate::volume::Volume>,
+    /// Registry mirrors and insecure registries (`--registry-mirror`, `--insecure-registry`).
+    #[serde(default)]
+    pub registries: Vec<RegistryHost>,
+    /// Proxy variables for the guest's containerd and k3s (`--proxy-env`).
+    #[serde(default)]
+    pub proxy: Vec<ProxyVar>,
 }
 
 /// Guest port of the Kubernetes API server.
@@ -314,6 +324,45 @@ impl InstanceConfig {
             krun_kernel: None,
             ephemeral: None,
             k3s: None,
+            volumes: vec![],
+            registries: vec![],
+            proxy: vec![],
+        }
+    }
+
+    /// What the guest is handed on its settings disk: the shares (tagged in order), the
+    /// registries and the proxy variables, `NO_PROXY` completed with the guest's own network.
+    pub fn guest_settings(&self) -> GuestSettings {
+        let mut proxy: Vec<ProxyVar> = self
+            .proxy
+            .iter()
+            .filter(|p| p.name != "NO_PROXY")
+            .cloned()
+            .collect();
+        if !proxy.is_empty() {
+            let given = self
+                .proxy
+                .iter()
+                .find(|p| p.name == "NO_PROXY")
+                .map(|p| p.value.as_str());
+            proxy.push(ProxyVar {
+                name: "NO_PROXY".into(),
+                value: gatevm_abi::settings::no_proxy_with_guest_net(given),
+            });
+        }
+        GuestSettings {
+            volumes: self
+                .volumes
+                .iter()
+                .enumerate()
+                .map(|(i, v)| VolumeMount {
+                    tag: gatevm_abi::settings::volume_tag(i),
+                    guest_dir: v.guest.clone(),
+                    read_only: v.read_only,
+                })
+                .collect(),
+            registries: self.registries.clone(),
+            proxy,
         }
     }
 
@@ -390,6 +439,9 @@ mod tests {
             krun_kernel: None,
             ephemeral: None,
             k3s: None,
+            volumes: vec![],
+            registries: vec![],
+            proxy: vec![],
         }
     }
 

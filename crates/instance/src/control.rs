@@ -145,6 +145,25 @@ pub struct InstanceStatus {
     /// guest's containerd over the agent channel; null when stopped and for `vm-run`.
     #[serde(default)]
     pub containerd_socket: Option<String>,
+    /// Shared host directories, `HOST_DIR:GUEST_DIR[:ro]`.
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    /// Registry settings: `HOST` with its mirrors and whether it is insecure.
+    #[serde(default)]
+    pub registries: Vec<gatevm_abi::settings::RegistryHost>,
+    /// The proxy variables handed to the guest (names only: values may hold a password).
+    #[serde(default)]
+    pub proxy_env: Vec<String>,
+}
+
+impl InstanceStatus {
+    /// Fills the configuration's shares, registries and proxy variable names in.
+    pub fn with_settings(mut self, cfg: &crate::config::InstanceConfig) -> InstanceStatus {
+        self.volumes = cfg.volumes.iter().map(|v| v.spec()).collect();
+        self.registries = cfg.registries.clone();
+        self.proxy_env = cfg.proxy.iter().map(|p| p.name.clone()).collect();
+        self
+    }
 }
 
 /// One host process of an instance, as `status --json` reports it.

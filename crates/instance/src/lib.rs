@@ -21,6 +21,7 @@ pub mod rootdir;
 pub mod state;
 pub mod supervisor;
 pub mod text;
+pub mod volume;
 
 pub use config::{InstanceConfig, VmmChoice};
 pub use control::InstanceStatus;

@@ -123,6 +123,19 @@ impl InstancePaths {
     pub fn stage_image(&self) -> PathBuf {
         self.dir.join("k3s-stage.erofs")
     }
+    /// The host's settings for the guest (shares, registries, proxies), the guest's read-only
+    /// disk [`gatevm_abi::paths::disk::SETTINGS`].
+    pub fn settings_image(&self) -> PathBuf {
+        self.dir.join("settings.img")
+    }
+    /// The shares' file server sockets (virtiofsd, one per share).
+    pub fn fs_dir(&self) -> PathBuf {
+        self.run.join("fs")
+    }
+    /// The socket of the `index`-th share's file server.
+    pub fn fs_socket(&self, index: usize) -> PathBuf {
+        self.fs_dir().join(format!("vol{index}.sock"))
+    }
     /// libkrun's boot directory: only the guest agent, which builds the root from the disks.
     pub fn boot_dir(&self) -> PathBuf {
         self.dir.join("boot")

@@ -75,6 +75,12 @@ pub enum PreflightError {
     /// passt cannot carry a forward.
     #[error(transparent)]
     PasstForwards(#[from] gatevm_net::passt::PasstError),
+    /// A shared directory is refused.
+    #[error(transparent)]
+    Volume(#[from] crate::volume::VolumeError),
+    /// virtiofsd is not in the runtime (QEMU shares need it).
+    #[error("-v needs virtiofsd, and {} is missing: run `gatevm setup`", .0.display())]
+    VirtiofsdMissing(PathBuf),
     /// passt is not in the runtime.
     #[error("--net passt: {} is missing: run `gatevm setup` (it builds passt)", .0.display())]
     PasstMissing(PathBuf),
@@ -231,7 +237,20 @@ pub fn check_start_name(name: &str) -> Result<(), PreflightError> {
 /// it): its settings against the host's memory, and `--krun-kernel`.
 pub fn check_config(config: &InstanceConfig) -> Result<(), PreflightError> {
     config.validate(config::host_memory_mib())?;
-    check_krun_kernel(config)
+    check_krun_kernel(config)?;
+    // A saved share is checked again: its directory may have gone or changed.
+    let host = crate::volume::HostView::current();
+    for v in &config.volumes {
+        crate::volume::recheck(v, &host)?;
+    }
+    crate::volume::check_together(&config.volumes)?;
+    config.guest_settings().validate().map_err(|e| {
+        PreflightError::Volume(crate::volume::VolumeError {
+            spec: "(saved settings)".into(),
+            why: e.to_string(),
+        })
+    })?;
+    Ok(())
 }
 
 /// Fails when `--krun-kernel` (given or saved) is not a file.
@@ -279,13 +298,19 @@ fn check_backend_with(config: &InstanceConfig, runtime: &Runtime) -> Result<(), 
             return Err(PreflightError::PasstMissing(passt));
         }
     }
-    crate::backend::choose(
+    let chosen = crate::backend::choose(
         config.vmm,
         &gatevm_vmm::probe(),
         &runtime.libkrunfw(),
         config.krun_kernel.as_deref(),
     )
     .map_err(PreflightError::Backend)?;
+    if !config.volumes.is_empty()
+        && matches!(chosen, crate::backend::VmmBackend::Qemu(_))
+        && !runtime.virtiofsd().is_file()
+    {
+        return Err(PreflightError::VirtiofsdMissing(runtime.virtiofsd()));
+    }
     Ok(())
 }
 

@@ -164,6 +164,15 @@ pub fn for_krun(c: &crate::krun::KrunConfig) -> Confine {
             ..Bind::data(&d.path, BindKind::File)
         });
     }
+    // Shared directories: libkrun's virtio-fs serves them from inside this process, so each is
+    // bound here (read-only for a read-only share: the kernel refuses writes even if the
+    // file server did not), nosuid and nodev like every bind.
+    for share in &c.shares {
+        binds.push(Bind {
+            read_only: share.read_only,
+            ..Bind::data(&share.host_dir, BindKind::Dir)
+        });
+    }
     // The agent socket does not exist yet (libkrun creates it): its directory is bound.
     let mut dirs: Vec<&Path> = c.agent_socket.parent().into_iter().collect();
     if let Some(crate::NetAttach::Socket(p)) = &c.net {
@@ -455,6 +464,7 @@ mod tests {
             exec: "/init".into(),
             args: vec![],
             env: vec![],
+            shares: vec![],
         }
     }
 

@@ -70,6 +70,9 @@ pub struct KrunConfig {
     pub args: Vec<String>,
     /// The workload's whole environment (never the host's).
     pub env: Vec<(String, String)>,
+    /// Shared host directories, served by libkrun's built-in virtio-fs.
+    #[serde(default)]
+    pub shares: Vec<crate::Share>,
 }
 
 /// One libkrun call, with its arguments (the context id is implied).
@@ -95,6 +98,13 @@ pub enum KrunCall {
         read_only: bool,
         direct_io: bool,
         sync_mode: u32,
+    },
+    /// A shared directory on libkrun's virtio-fs (`krun_add_virtiofs3`, no DAX window).
+    AddVirtiofs3 {
+        tag: String,
+        path: PathBuf,
+        shm_size: u64,
+        read_only: bool,
     },
     AddNetUnixstream {
         net: crate::NetAttach,
@@ -134,6 +144,7 @@ impl KrunCall {
             KrunCall::SetKernel { .. } => "krun_set_kernel",
             KrunCall::SetRoot { .. } => "krun_set_root",
             KrunCall::AddDisk3 { .. } => "krun_add_disk3",
+            KrunCall::AddVirtiofs3 { .. } => "krun_add_virtiofs3",
             KrunCall::AddNetUnixstream { .. } => "krun_add_net_unixstream",
             KrunCall::DisableImplicitVsock => "krun_disable_implicit_vsock",
             KrunCall::AddVsock { .. } => "krun_add_vsock",
@@ -176,6 +187,14 @@ pub fn plan(c: &KrunConfig) -> Vec<KrunCall> {
             read_only: disk.read_only,
             direct_io: false,
             sync_mode: KRUN_SYNC_FULL,
+        });
+    }
+    for share in &c.shares {
+        calls.push(KrunCall::AddVirtiofs3 {
+            tag: share.tag.clone(),
+            path: share.host_dir.clone(),
+            shm_size: 0,
+            read_only: share.read_only,
         });
     }
     if let Some(net) = &c.net {
@@ -367,7 +386,11 @@ pub fn translate(
             "libkrun has no vhost-user network device (passt is attached with --fd)".into(),
         ));
     }
+    for share in &vm.shares {
+        share.check()?;
+    }
     Ok(KrunConfig {
+        shares: vm.shares.clone(),
         cpus,
         memory_mib: vm.memory_mib,
         kernel: kernel.clone(),
@@ -528,7 +551,70 @@ mod tests {
             exec: "/usr/local/sbin/gatevm-guest".into(),
             args: vec![],
             env: vec![("PATH".into(), "/usr/sbin:/usr/bin".into())],
+            shares: vec![],
         }
+    }
+
+    #[test]
+    fn shares_are_served_by_libkrun_and_bound_into_the_confinement() {
+        let mut c = cfg();
+        c.shares = vec![
+            crate::Share {
+                tag: "gatevm-vol0".into(),
+                host_dir: "/home/u/src".into(),
+                read_only: false,
+                socket: None,
+            },
+            crate::Share {
+                tag: "gatevm-vol1".into(),
+                host_dir: "/home/u/ro".into(),
+                read_only: true,
+                socket: None,
+            },
+        ];
+        let calls = plan(&c);
+        let fs: Vec<&KrunCall> = calls
+            .iter()
+            .filter(|k| matches!(k, KrunCall::AddVirtiofs3 { .. }))
+            .collect();
+        assert_eq!(
+            fs,
+            vec![
+                &KrunCall::AddVirtiofs3 {
+                    tag: "gatevm-vol0".into(),
+                    path: "/home/u/src".into(),
+                    shm_size: 0,
+                    read_only: false
+                },
+                &KrunCall::AddVirtiofs3 {
+                    tag: "gatevm-vol1".into(),
+                    path: "/home/u/ro".into(),
+                    shm_size: 0,
+                    read_only: true
+                },
+            ]
+        );
+        assert_eq!(fs[0].function(), "krun_add_virtiofs3");
+        // libkrun's file server runs in the confined VM process: each share is bound there,
+        // read-only when the share is.
+        let conf = crate::confine::for_krun(&c);
+        let b: Vec<(&str, bool)> = conf
+            .binds
+            .iter()
+            .filter(|b| b.path.starts_with("/home/u"))
+            .map(|b| (b.path.to_str().unwrap(), b.read_only))
+            .collect();
+        assert_eq!(b, vec![("/home/u/src", false), ("/home/u/ro", true)]);
+        // A tag the guest could not take is refused before libkrun is called.
+        let mut vm = vm();
+        vm.shares = vec![crate::Share {
+            tag: "Bad Tag".into(),
+            host_dir: "/x".into(),
+            read_only: false,
+            socket: None,
+        }];
+        let e = translate(&vm, &KrunKernel::Libkrunfw, "/g").unwrap_err();
+        assert!(e.to_string().contains("share tag"), "{e}");
     }
 
     #[test]
@@ -597,6 +683,7 @@ mod tests {
                 crate::Disk::rw("gatevm-state", "/i/state.img"),
             ],
             boot_dir: "/i/boot".into(),
+            shares: vec![],
             agent_socket: "/run/gatevm/gw/agent.sock".into(),
             net: Some(crate::NetAttach::Socket("/run/gatevm/gw/net.sock".into())),
             mac: "5a:94:ef:e4:0c:ee".into(),
@@ -929,6 +1016,26 @@ pub mod sys {
                         )
                     }
                 }
+                KrunCall::AddVirtiofs3 {
+                    tag,
+                    path,
+                    shm_size,
+                    read_only,
+                } => {
+                    let (Some(t), Some(p)) = (cstr(tag), cpath(path)) else {
+                        return inval;
+                    };
+                    // SAFETY: pointers from CStrings alive for the call; libkrun copies them.
+                    unsafe {
+                        ::krun::krun_add_virtiofs3(
+                            ctx,
+                            t.as_ptr(),
+                            p.as_ptr(),
+                            *shm_size,
+                            *read_only,
+                        )
+                    }
+                }
                 KrunCall::AddNetUnixstream {
                     net,
                     mac,
@@ -1027,6 +1134,13 @@ pub mod sys {
                 exec: "/usr/local/sbin/gatevm-guest".into(),
                 args: vec!["--krun".into()],
                 env: vec![("PATH".into(), "/usr/bin".into())],
+                // A share, read-only: libkrun's own virtio-fs takes it.
+                shares: vec![crate::Share {
+                    tag: "gatevm-vol0".into(),
+                    host_dir: d.path().to_path_buf(),
+                    read_only: true,
+                    socket: None,
+                }],
             };
             let mut api = LibKrun;
             let ctx = configure(&mut api, &plan(&c)).expect("libkrun refused the plan");

@@ -66,6 +66,42 @@ pub struct VmConfig {
     pub mac: String,
     /// File the guest console is appended to.
     pub console_log: PathBuf,
+    /// Shared host directories (virtio-fs), in tag order.
+    #[serde(default)]
+    pub shares: Vec<Share>,
+}
+
+/// One shared host directory: QEMU reaches it through its virtiofsd's vhost-user socket;
+/// libkrun serves it with its built-in virtio-fs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    /// The tag the guest mounts (`gatevm_abi::settings::volume_tag`).
+    pub tag: String,
+    /// The host directory (resolved).
+    pub host_dir: PathBuf,
+    /// The host side refuses writes.
+    pub read_only: bool,
+    /// The virtiofsd socket (QEMU).
+    pub socket: Option<PathBuf>,
+}
+
+impl Share {
+    /// Checks the tag: 1 to 36 bytes (virtio-fs's tag size) of `[a-z0-9-]`.
+    pub fn check(&self) -> Result<(), VmmError> {
+        let ok = (1..=36).contains(&self.tag.len())
+            && self
+                .tag
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if ok {
+            Ok(())
+        } else {
+            Err(VmmError::Invalid(format!(
+                "share tag {:?}: 1 to 36 characters of a-z, 0-9 and -",
+                self.tag
+            )))
+        }
+    }
 }
 
 /// One virtio-blk disk.

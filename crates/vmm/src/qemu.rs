@@ -103,6 +103,8 @@ struct Handles {
     /// (`/proc/self/fd/N/FILE`), since a chardev made from a descriptor cannot pass descriptors,
     /// which vhost-user needs.
     vhost_dir: Option<(RawFd, String)>,
+    /// Per share, its virtiofsd socket's directory and file name (as for `vhost_dir`).
+    shares: Vec<(RawFd, String)>,
 }
 
 fn open_fd(p: &Path, flags: i32, what: &'static str) -> Result<OwnedFd, VmmError> {
@@ -199,6 +201,34 @@ impl Handles {
             }
             _ => None,
         };
+        for share in &cfg.shares {
+            let Some(p) = &share.socket else {
+                return Err(VmmError::Invalid(format!(
+                    "share {} has no virtiofsd socket",
+                    share.tag
+                )));
+            };
+            let (Some(dir), Some(file)) = (p.parent(), p.file_name()) else {
+                return Err(VmmError::Invalid(format!(
+                    "virtiofsd socket path {} has no directory",
+                    p.display()
+                )));
+            };
+            // QEMU's uid must reach the socket (the file server, run as the share's owner, has
+            // its listening descriptor already).
+            if let Some(ra) = q.run_as {
+                for path in [dir, p.as_path()] {
+                    std::os::unix::fs::lchown(path, Some(ra.uid), Some(ra.gid))
+                        .map_err(sock("virtiofsd socket", path))?;
+                }
+            }
+            let dfd = h.add(open_fd(
+                dir,
+                libc::O_PATH | libc::O_DIRECTORY,
+                "virtiofsd socket",
+            )?);
+            h.shares.push((dfd, file.to_string_lossy().into_owned()));
+        }
         Ok(h)
     }
 }
@@ -387,6 +417,29 @@ impl Qemu {
                 &format!("virtio-net-device,netdev=n0,mac={}", cfg.mac),
             ]);
         }
+        // Shared directories: one virtiofsd per share, on vhost-user (the guest RAM is a shared
+        // memfd already).
+        for (i, share) in cfg.shares.iter().enumerate() {
+            share.check()?;
+            let path = match (h.and_then(|h| h.shares.get(i)), &share.socket) {
+                (Some((fd, file)), _) => format!("/proc/self/fd/{fd}/{}", file.replace(',', ",,")),
+                (None, Some(p)) => opt(p),
+                (None, None) => {
+                    return Err(VmmError::Invalid(format!(
+                        "share {} has no virtiofsd socket",
+                        share.tag
+                    )))
+                }
+            };
+            push(&["-chardev", &format!("socket,id=fs{i},path={path}")]);
+            push(&[
+                "-device",
+                &format!(
+                    "vhost-user-fs-device,chardev=fs{i},tag={},queue-size=1024",
+                    share.tag
+                ),
+            ]);
+        }
         Ok(a)
     }
 }
@@ -510,6 +563,7 @@ mod tests {
                 crate::Disk::rw("gatevm-state", "/d"),
             ],
             boot_dir: "/unused".into(),
+            shares: vec![],
             agent_socket: "/a".into(),
             net: Some(crate::NetAttach::Socket("/n".into())),
             mac: "5a:94:ef:e4:0c:ee".into(),
@@ -574,6 +628,50 @@ mod tests {
         assert!(a.contains("-accel kvm -cpu host"));
         assert!(!a.contains("tsc_early_khz"), "KVM guests use kvmclock");
         assert!(!a.contains("netdev") && !a.contains("virtio-blk"));
+    }
+
+    #[test]
+    fn shares_are_vhost_user_fs_devices_on_their_virtiofsd_sockets() {
+        let mut c = cfg();
+        c.shares = vec![
+            crate::Share {
+                tag: "gatevm-vol0".into(),
+                host_dir: "/home/u/src".into(),
+                read_only: false,
+                socket: Some("/run/gatevm/t/fs/vol0.sock".into()),
+            },
+            crate::Share {
+                tag: "gatevm-vol1".into(),
+                host_dir: "/home/u/ro".into(),
+                read_only: true,
+                socket: Some("/run/g,x/vol1.sock".into()),
+            },
+        ];
+        let a = Qemu::default().args(&c).unwrap().join(" ");
+        assert!(
+            a.contains("-chardev socket,id=fs0,path=/run/gatevm/t/fs/vol0.sock -device vhost-user-fs-device,chardev=fs0,tag=gatevm-vol0,queue-size=1024"),
+            "{a}"
+        );
+        assert!(
+            a.contains("-chardev socket,id=fs1,path=/run/g,,x/vol1.sock -device vhost-user-fs-device,chardev=fs1,tag=gatevm-vol1"),
+            "{a}"
+        );
+        // QEMU never sees the host directory itself: virtiofsd serves it.
+        assert!(!a.contains("/home/u"), "{a}");
+        let mut bad = c.clone();
+        bad.shares[0].tag = "tag,with=comma".into();
+        assert!(Qemu::default()
+            .args(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("share tag"));
+        bad = c.clone();
+        bad.shares[0].socket = None;
+        assert!(Qemu::default()
+            .args(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("no virtiofsd socket"));
     }
 
     #[test]

@@ -33,6 +33,7 @@ fn config(dir: &Path) -> KrunConfig {
         exec: "/init".into(),
         args: vec![],
         env: vec![],
+        shares: vec![],
     }
 }
 

@@ -30,6 +30,10 @@ pub(crate) struct RunArgs {
     /// The instance's forwards reach guest ports from the host.
     #[arg(short = 'p', long = "publish", value_name = "SPEC")]
     publish: Vec<String>,
+    /// Bind a guest directory into the container: GUEST_DIR:CONTAINER_DIR[:ro]. A share of
+    /// `gatevm start -v HOST_DIR:GUEST_DIR` puts host files there. Repeatable.
+    #[arg(short = 'v', long = "volume", value_name = "SPEC")]
+    volume: Vec<String>,
     #[command(flatten)]
     exec: ExecOpts,
     #[command(flatten)]
@@ -70,6 +74,25 @@ pub(crate) struct Publish {
     pub guest: u16,
     pub container: u16,
     pub udp: bool,
+}
+
+/// Checks `GUEST_DIR:CONTAINER_DIR[:ro]` as far as the host can (the guest checks it again and
+/// that the guest directory exists).
+pub(crate) fn check_volume(s: &str) -> anyhow::Result<()> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let ok_mode = matches!(parts.as_slice(), [_, _] | [_, _, "ro" | "rw"]);
+    if !ok_mode {
+        bail!("invalid --volume {s:?}: expected GUEST_DIR:CONTAINER_DIR[:ro]");
+    }
+    for p in &parts[..2] {
+        if !p.starts_with('/') {
+            bail!("invalid --volume {s:?}: {p:?} is not an absolute path");
+        }
+        if p.chars().any(|c| c.is_control() || c == ',' || c == '=') {
+            bail!("invalid --volume {s:?}: {p:?} contains ',', '=' or a control character");
+        }
+    }
+    Ok(())
 }
 
 /// Parses `GUESTPORT:CONTAINERPORT[/tcp|/udp]`.
@@ -198,6 +221,11 @@ pub(crate) fn run(a: RunArgs) -> anyhow::Result<i32> {
             p.container,
             if p.udp { "udp" } else { "tcp" }
         ));
+    }
+    for v in &a.volume {
+        check_volume(v)?;
+        argv.push("--volume".into());
+        argv.push(v.clone());
     }
     // The environment and working directory are the container's, not gatevm-guest's.
     let inner = a.exec.request(&a.cmd)?;

@@ -31,6 +31,34 @@ pub(crate) struct Args {
     /// later starts until --deny-host-loopback).
     #[arg(long)]
     allow_host_loopback: bool,
+    /// Share a host directory with the guest: HOST_DIR:GUEST_DIR[:ro] (virtio-fs; read-only is
+    /// enforced on the host). Repeatable; replaces the instance's previous shares (without -v an
+    /// existing instance keeps them). Containers get them with `gatevm run -v GUEST_DIR:DIR`.
+    #[arg(short = 'v', long = "volume", value_name = "SPEC")]
+    volume: Vec<String>,
+    /// Drop the instance's previous shares.
+    #[arg(long, conflicts_with = "volume")]
+    no_volumes: bool,
+    /// Pull REGISTRY's images through a mirror first: REGISTRY=URL (containerd hosts.toml; the
+    /// registry itself stays the fallback). Repeatable; with --insecure-registry, replaces the
+    /// instance's previous registry settings.
+    #[arg(long, value_name = "REGISTRY=URL")]
+    registry_mirror: Vec<String>,
+    /// Reach a registry over plain HTTP, or HTTPS without certificate checks: HOST[:PORT].
+    /// Repeatable.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    insecure_registry: Vec<String>,
+    /// Drop the instance's previous registry settings.
+    #[arg(long, conflicts_with_all = ["registry_mirror", "insecure_registry"])]
+    no_registries: bool,
+    /// Hand this shell's HTTP_PROXY, HTTPS_PROXY and NO_PROXY to containerd and k3s in the guest
+    /// (kept for later starts until --no-proxy-env; the guest's own network is added to
+    /// NO_PROXY). Off unless asked: the guest sees the values, a password in them included.
+    #[arg(long)]
+    proxy_env: bool,
+    /// Withdraw an earlier --proxy-env.
+    #[arg(long, conflicts_with = "proxy_env")]
+    no_proxy_env: bool,
     /// Withdraw an earlier --allow-host-loopback.
     #[arg(long, conflicts_with = "allow_host_loopback")]
     deny_host_loopback: bool,
@@ -84,6 +112,27 @@ impl Args {
     /// given on top; the network helper is `base`'s until [`preflight::choose_net`] picks it.
     fn config(&self, name: &str, base: InstanceConfig) -> anyhow::Result<InstanceConfig> {
         let forwards = gatevm_instance::net::parse_forwards(&self.publish)?;
+        let host = gatevm_instance::volume::HostView::current();
+        let volumes = if self.no_volumes || !self.volume.is_empty() {
+            gatevm_instance::volume::parse_all(&self.volume, &host)?
+        } else {
+            base.volumes.clone()
+        };
+        let registries = if self.no_registries
+            || !self.registry_mirror.is_empty()
+            || !self.insecure_registry.is_empty()
+        {
+            registries(&self.registry_mirror, &self.insecure_registry)?
+        } else {
+            base.registries.clone()
+        };
+        let proxy = if self.proxy_env {
+            proxy_from_env(&|k| std::env::var(k).ok())?
+        } else if self.no_proxy_env {
+            vec![]
+        } else {
+            base.proxy.clone()
+        };
         Ok(InstanceConfig {
             name: name.to_string(),
             cpus: self.cpus.unwrap_or(base.cpus),
@@ -102,8 +151,71 @@ impl Args {
             krun_kernel: self.krun_kernel.clone().or(base.krun_kernel),
             ephemeral: None,
             k3s: None,
+            volumes,
+            registries,
+            proxy,
         })
     }
+}
+
+/// The registry settings of `--registry-mirror REGISTRY=URL` and `--insecure-registry HOST`.
+pub(crate) fn registries(
+    mirrors: &[String],
+    insecure: &[String],
+) -> anyhow::Result<Vec<gatevm_abi::settings::RegistryHost>> {
+    use gatevm_abi::settings::{check_mirror_url, check_registry_host, RegistryHost};
+    let mut out: Vec<RegistryHost> = Vec::new();
+    fn entry<'a>(out: &'a mut Vec<RegistryHost>, host: &str) -> &'a mut RegistryHost {
+        if let Some(i) = out.iter().position(|r| r.host == host) {
+            return &mut out[i];
+        }
+        out.push(RegistryHost {
+            host: host.to_string(),
+            ..Default::default()
+        });
+        out.last_mut().expect("just pushed")
+    }
+    for m in mirrors {
+        let Some((reg, url)) = m.split_once('=') else {
+            bail!("--registry-mirror {m:?}: expected REGISTRY=URL, e.g. docker.io=https://mirror.example");
+        };
+        check_registry_host(reg).map_err(|e| anyhow::anyhow!("--registry-mirror {m:?}: {e}"))?;
+        check_mirror_url(url).map_err(|e| anyhow::anyhow!("--registry-mirror {m:?}: {e}"))?;
+        let r = entry(&mut out, reg);
+        if !r.mirrors.iter().any(|x| x == url) {
+            r.mirrors.push(url.to_string());
+        }
+    }
+    for h in insecure {
+        check_registry_host(h).map_err(|e| anyhow::anyhow!("--insecure-registry {h:?}: {e}"))?;
+        entry(&mut out, h).insecure = true;
+    }
+    Ok(out)
+}
+
+/// `--proxy-env`: HTTP_PROXY, HTTPS_PROXY and NO_PROXY from the caller's environment (the
+/// upper-case spelling first, as curl and Go read them).
+pub(crate) fn proxy_from_env(
+    get: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<Vec<gatevm_abi::settings::ProxyVar>> {
+    use gatevm_abi::settings::{check_proxy_value, ProxyVar, PROXY_VARS};
+    let mut out = Vec::new();
+    for name in PROXY_VARS {
+        let value = get(name)
+            .filter(|v| !v.is_empty())
+            .or_else(|| get(&name.to_ascii_lowercase()).filter(|v| !v.is_empty()));
+        if let Some(value) = value {
+            check_proxy_value(name, &value).map_err(|e| anyhow::anyhow!("--proxy-env: {e}"))?;
+            out.push(ProxyVar {
+                name: name.to_string(),
+                value,
+            });
+        }
+    }
+    if !out.iter().any(|p| p.name != "NO_PROXY") {
+        bail!("--proxy-env: neither HTTP_PROXY nor HTTPS_PROXY (nor their lower-case forms) is set in this environment");
+    }
+    Ok(out)
 }
 
 pub(crate) fn run(a: Args) -> anyhow::Result<i32> {

@@ -37,6 +37,19 @@ pub(crate) fn print_human(st: &InstanceStatus) {
     if !st.forwards.is_empty() {
         println!("forwards:   {}", st.forwards.join(", "));
     }
+    for v in &st.volumes {
+        println!("volume:     {v}");
+    }
+    for r in &st.registries {
+        let mut what: Vec<String> = r.mirrors.iter().map(|m| format!("mirror {m}")).collect();
+        if r.insecure {
+            what.push("insecure (plain HTTP or unchecked TLS)".into());
+        }
+        println!("registry:   {}: {}", r.host, what.join(", "));
+    }
+    if !st.proxy_env.is_empty() {
+        println!("proxy:      {} (from --proxy-env)", st.proxy_env.join(", "));
+    }
     if let Some(sock) = &st.containerd_socket {
         println!(
             "containerd: {sock} (`eval \"$(gatevm env {})\"`, then `ctr`)",

@@ -84,6 +84,66 @@ pub(crate) enum ArgsError {
     /// A NUL byte in the command.
     #[error("the command contains a NUL byte")]
     NulInCommand,
+    /// A bad `--volume` spec.
+    #[error("invalid --volume {spec:?}: {why}")]
+    Volume {
+        /// The spec as given.
+        spec: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// One `--volume GUEST_DIR:CONTAINER_DIR[:ro]`: a guest directory (a share's, typically) bound
+/// into the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Bind {
+    pub src: String,
+    pub dst: String,
+    pub read_only: bool,
+}
+
+/// Checks one side of a `--volume`: absolute, no `.`/`..` component, not `/`, and none of the
+/// characters ctr's `--mount` syntax splits on (`,` `=` `:`) or controls.
+fn check_bind_path(p: &str, what: &str) -> Result<String, String> {
+    if !p.starts_with('/') {
+        return Err(format!("the {what} {p:?} is not an absolute path"));
+    }
+    if p.chars()
+        .any(|c| c.is_control() || c == ',' || c == '=' || c == ':')
+    {
+        return Err(format!(
+            "the {what} {p:?} contains ',', '=', ':' or a control character"
+        ));
+    }
+    if p.split('/').any(|c| c == "." || c == "..") {
+        return Err(format!("the {what} {p:?} contains \".\" or \"..\""));
+    }
+    let norm: Vec<&str> = p.split('/').filter(|c| !c.is_empty()).collect();
+    if norm.is_empty() {
+        return Err(format!("the {what} is \"/\""));
+    }
+    Ok(format!("/{}", norm.join("/")))
+}
+
+/// Parses `GUEST_DIR:CONTAINER_DIR[:ro|:rw]`.
+pub(crate) fn parse_bind(spec: &str) -> Result<Bind, ArgsError> {
+    let err = |why: String| ArgsError::Volume {
+        spec: spec.to_string(),
+        why,
+    };
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (src, dst, ro) = match parts.as_slice() {
+        [s, d] => (*s, *d, false),
+        [s, d, "ro"] => (*s, *d, true),
+        [s, d, "rw"] => (*s, *d, false),
+        _ => return Err(err("expected GUEST_DIR:CONTAINER_DIR[:ro]".into())),
+    };
+    Ok(Bind {
+        src: check_bind_path(src, "guest directory").map_err(err)?,
+        dst: check_bind_path(dst, "container directory").map_err(err)?,
+        read_only: ro,
+    })
 }
 
 /// Transport protocol of a published port.
@@ -239,6 +299,8 @@ pub(crate) struct RunOpts {
     pub publish: Vec<Publish>,
     /// `K=V` environment entries.
     pub env: Vec<String>,
+    /// Guest directories bound into the container.
+    pub volumes: Vec<Bind>,
     /// Working directory inside the container.
     pub workdir: Option<String>,
     /// Image reference as given.
@@ -354,6 +416,7 @@ pub(crate) fn parse_run(args: &[String]) -> Result<RunOpts, ArgsError> {
                 o.tty = true;
             }
             "--publish" | "-p" => o.publish.push(parse_publish(&f.value(flag, inline)?)?),
+            "--volume" | "-v" => o.volumes.push(parse_bind(&f.value(flag, inline)?)?),
             "--env" | "-e" => {
                 let e = f.value(flag, inline)?;
                 match e.split_once('=') {
@@ -667,6 +730,42 @@ mod tests {
                 &["-n", "ns", "--name", "c", "--detach=yes", "img"],
                 "takes no value",
             ),
+            (
+                &["-n", "ns", "--name", "c", "-v", "/a", "img"],
+                "GUEST_DIR:CONTAINER_DIR",
+            ),
+            (
+                &["-n", "ns", "--name", "c", "-v", "a:/b", "img"],
+                "not an absolute path",
+            ),
+            (
+                &["-n", "ns", "--name", "c", "-v", "/a:/", "img"],
+                "is \"/\"",
+            ),
+            (
+                &["-n", "ns", "--name", "c", "-v", "/a:/b/../c", "img"],
+                "\"..\"",
+            ),
+            (
+                &[
+                    "-n",
+                    "ns",
+                    "--name",
+                    "c",
+                    "-v",
+                    "/a,options=rbind:rw:/b",
+                    "img",
+                ],
+                "GUEST_DIR:CONTAINER_DIR",
+            ),
+            (
+                &["-n", "ns", "--name", "c", "-v", "/a,dst=/etc:/b", "img"],
+                "','",
+            ),
+            (
+                &["-n", "ns", "--name", "c", "-v", "/a:/b:rx", "img"],
+                "GUEST_DIR:CONTAINER_DIR",
+            ),
         ];
         for (args, want) in cases {
             let e = parse_run(&v(args)).unwrap_err().to_string();
@@ -818,6 +917,7 @@ mod tests {
                 tty,
                 publish: Vec::new(),
                 env,
+                volumes: Vec::new(),
                 workdir,
                 image,
                 command,

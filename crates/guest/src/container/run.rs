@@ -54,6 +54,14 @@ pub(crate) fn create_args(o: &RunOpts, image: &str, mount_resolv: bool) -> Vec<S
             "--mount=type=bind,src={RESOLV_CONF},dst={RESOLV_CONF},options=rbind:ro"
         ));
     }
+    for v in &o.volumes {
+        a.push(format!(
+            "--mount=type=bind,src={},dst={},options=rbind:{}",
+            v.src,
+            v.dst,
+            if v.read_only { "ro" } else { "rw" }
+        ));
+    }
     if o.tty {
         a.push("--tty=true".into());
     }
@@ -220,6 +228,25 @@ fn run(o: &RunOpts, fwd: &Forwarder) -> Result<i32, Failure> {
             o.image
         ))
     })?;
+    // A bind's guest directory must be there: runc would otherwise create it (outside a share)
+    // or fail later with a less clear message.
+    for v in &o.volumes {
+        match std::fs::metadata(&v.src) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(setup_failure(format!(
+                    "--volume {}: {} is not a directory in the guest",
+                    v.src, v.src
+                )))
+            }
+            Err(e) => {
+                return Err(setup_failure(format!(
+                    "--volume {}: {} in the guest: {e} (shares are mounted where `gatevm start -v` put them)",
+                    v.src, v.src
+                )))
+            }
+        }
+    }
     check_name_free(ns, name)?;
     check_signal(fwd, ns, name, false)?;
 
@@ -403,6 +430,9 @@ mod tests {
                 "-w",
                 "/srv",
                 "--tty",
+                "-v",
+                "/data:/srv/data:ro",
+                "--volume=/mnt/x/:/x",
                 "nginx",
                 "nginx",
                 "-g",
@@ -423,6 +453,8 @@ mod tests {
                 "create",
                 "--with-ns=network:/run/netns/gatevm-web",
                 "--mount=type=bind,src=/etc/resolv.conf,dst=/etc/resolv.conf,options=rbind:ro",
+                "--mount=type=bind,src=/data,dst=/srv/data,options=rbind:ro",
+                "--mount=type=bind,src=/mnt/x,dst=/x,options=rbind:rw",
                 "--tty=true",
                 "--env=A=1",
                 "--cwd=/srv",

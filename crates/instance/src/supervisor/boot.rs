@@ -57,11 +57,13 @@ pub(super) async fn boot_and_serve(
     let (chosen, vmm) = choose_backend(inst, &runtime, progress)?;
     let mut disks = prepare_root(opts, paths, &runtime, &chosen)?;
     disks.extend(prepare_state_disk(paths, cfg)?);
+    disks.extend(prepare_settings(paths, cfg)?);
     let initramfs = boot_files(vmm.as_ref(), &runtime, paths, &opts.guest_bin)?;
 
     phase("starting helpers", t0, progress);
     let mtu = net_mtu(&chosen);
     let net = helpers::start_network(inst, &runtime, &chosen, mtu, children).await?;
+    let shares = helpers::start_file_servers(inst, &runtime, &chosen, children)?;
 
     phase("booting", t0, progress);
     // The VMM writes the console into a FIFO that the supervisor drains into the capped log.
@@ -74,7 +76,8 @@ pub(super) async fn boot_and_serve(
         "creating {}",
         paths.console_fifo().display()
     )))?;
-    let vm_cfg = vm_config(cfg, paths, &chosen, mtu, &runtime, initramfs, disks);
+    let mut vm_cfg = vm_config(cfg, paths, &chosen, mtu, &runtime, initramfs, disks);
+    vm_cfg.shares = shares;
     let (net_gvproxy, vm_index) = spawn_vm(inst, vmm.as_ref(), vm_cfg, net, children)?;
     let expose = put_forwards(cfg, paths, net_gvproxy);
     let _server = open_control_socket(inst)?;
@@ -206,6 +209,26 @@ fn prepare_state_disk(
     Ok(Some(Disk::rw(disk::STATE, paths.state_disk())))
 }
 
+/// The settings disk ([`gatevm_abi::settings`]): shares, registries and proxies for the guest,
+/// written at every start (0600: it may hold a proxy password); none when there are none.
+fn prepare_settings(
+    paths: &InstancePaths,
+    cfg: &InstanceConfig,
+) -> Result<Option<Disk>, SupervisorError> {
+    let img = paths.settings_image();
+    let settings = cfg.guest_settings();
+    if settings.is_empty() {
+        let _ = std::fs::remove_file(&img);
+        return Ok(None);
+    }
+    let bytes = settings
+        .to_image()
+        .map_err(|e| SupervisorError::Setup(format!("the guest's settings: {e}")))?;
+    crate::paths::write_atomic(&img, &bytes)
+        .map_err(io_err(format!("writing {}", img.display())))?;
+    Ok(Some(Disk::ro(disk::SETTINGS, img)))
+}
+
 /// What the VM boots before the root: gatevm's initramfs (with `guest_bin` as its init) for QEMU;
 /// for libkrun, whose own init starts the workload from a virtio-fs directory, a boot directory
 /// holding only `guest_bin` (at the agent's path, with the initramfs marker, so it runs as stage
@@ -276,13 +299,19 @@ fn vm_config(
         },
         kernel: runtime.kernel_path().to_path_buf(),
         initramfs,
-        cmdline: kernel_cmdline(&cfg.name, payload_kind(cfg), mtu),
+        cmdline: kernel_cmdline(
+            &cfg.name,
+            payload_kind(cfg),
+            mtu,
+            !cfg.guest_settings().is_empty(),
+        ),
         disks,
         boot_dir: paths.boot_dir(),
         agent_socket: paths.agent_socket(),
         net: None,
         mac: gvproxy::GUEST_MAC.to_string(),
         console_log: paths.console_fifo(),
+        shares: vec![],
     }
 }
 
@@ -312,10 +341,15 @@ fn spawn_vm(
     })?;
     let vm_log = paths.log("vmm");
     let spec = SpawnSpec {
-        inherit: net.vm_end.as_ref().map(|s| {
-            use std::os::fd::AsRawFd;
-            s.as_raw_fd()
-        }),
+        inherit: net
+            .vm_end
+            .as_ref()
+            .map(|s| {
+                use std::os::fd::AsRawFd;
+                s.as_raw_fd()
+            })
+            .into_iter()
+            .collect(),
         ..SpawnSpec::plain(&vm_log, &paths.run)
     };
     children.push(spawn_owned(vmm.name(), Command::from(std_cmd), spec)?);
@@ -794,10 +828,11 @@ fn payload_kind(cfg: &InstanceConfig) -> PayloadKind {
 /// The guest kernel command line: the console, then the contract's `gatevm.*` words
 /// ([`Cmdline::render`]); `$GATEVM_KERNEL_APPEND` adds to it (e.g. `loglevel=7` to see the
 /// kernel's messages in the console log).
-fn kernel_cmdline(hostname: &str, payload: PayloadKind, mtu: u32) -> String {
+fn kernel_cmdline(hostname: &str, payload: PayloadKind, mtu: u32, settings_disk: bool) -> String {
     let settings = Cmdline {
         hostname: hostname.to_string(),
         payload,
+        settings: settings_disk,
         // The guest keeps the device's MTU (Ethernet's) unless told otherwise.
         mtu: (mtu != gatevm_abi::net::ETHERNET_MTU).then_some(mtu),
         ..Cmdline::default()
@@ -825,15 +860,20 @@ mod tests {
             return;
         }
         assert_eq!(
-            kernel_cmdline("gw", PayloadKind::Containerd, gatevm_net::ETHERNET_MTU),
+            kernel_cmdline(
+                "gw",
+                PayloadKind::Containerd,
+                gatevm_net::ETHERNET_MTU,
+                false
+            ),
             "console=ttyS0 quiet panic=-1 gatevm.hostname=gw"
         );
         assert_eq!(
-            kernel_cmdline("gw", PayloadKind::K3s, gatevm_net::LARGE_MTU),
-            "console=ttyS0 quiet panic=-1 gatevm.hostname=gw gatevm.payload=k3s gatevm.mtu=65520"
+            kernel_cmdline("gw", PayloadKind::K3s, gatevm_net::LARGE_MTU, true),
+            "console=ttyS0 quiet panic=-1 gatevm.hostname=gw gatevm.payload=k3s gatevm.mtu=65520 gatevm.settings=1"
         );
         // What the host writes is what the guest reads.
-        let (c, warnings) = parse(&kernel_cmdline("vm-1", PayloadKind::None, 9000));
+        let (c, warnings) = parse(&kernel_cmdline("vm-1", PayloadKind::None, 9000, false));
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(
             (c.hostname.as_str(), c.payload, c.mtu),

@@ -57,10 +57,12 @@ pub(crate) struct SpawnSpec<'a> {
     pub(crate) cwd: &'a Path,
     /// The loopback guard it enters (no way to the host's loopback).
     pub(crate) guard: Option<LoopbackGuard>,
-    /// A descriptor it keeps across exec.
-    pub(crate) inherit: Option<RawFd>,
+    /// Descriptors it keeps across exec.
+    pub(crate) inherit: Vec<RawFd>,
     /// The confinement applied to it (uid, Landlock).
     pub(crate) confine: Option<Arc<HelperConfine>>,
+    /// The uid and gid it runs as (set by root only; it then runs in `/`).
+    pub(crate) run_as: Option<(u32, u32)>,
 }
 
 impl<'a> SpawnSpec<'a> {
@@ -70,8 +72,9 @@ impl<'a> SpawnSpec<'a> {
             log,
             cwd,
             guard: None,
-            inherit: None,
+            inherit: vec![],
             confine: None,
+            run_as: None,
         }
     }
 }
@@ -102,6 +105,12 @@ pub(crate) fn spawn_owned(
         .current_dir(spec.cwd)
         .env(INSTANCE_ENV, instance)
         .kill_on_drop(true);
+    // The identity changes before the working directory is entered (and before the pre-exec
+    // steps, so the death signal set there is not cleared by the change): the run directory is
+    // root's own, so such a child runs in `/`.
+    if let Some((uid, gid)) = spec.run_as {
+        cmd.uid(uid).gid(gid).current_dir("/");
+    }
     set_pre_exec(&mut cmd, spec.guard, spec.inherit, spec.confine);
     let child = cmd.spawn().map_err(io_err(format!("starting {name}")))?;
     // Our copies of the pipe's write end go with the command, so the drain ends with the child.
@@ -126,7 +135,7 @@ pub(crate) fn spawn_owned(
 fn set_pre_exec(
     cmd: &mut Command,
     guard: Option<LoopbackGuard>,
-    inherit: Option<RawFd>,
+    inherit: Vec<RawFd>,
     confine: Option<Arc<HelperConfine>>,
 ) {
     // SAFETY: the closure runs between fork and exec and only calls async-signal-safe functions
@@ -145,7 +154,7 @@ fn set_pre_exec(
                 g.enter_self()?;
             }
             // A descriptor the child is told about by number keeps it across exec.
-            if let Some(fd) = inherit {
+            for &fd in &inherit {
                 if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }

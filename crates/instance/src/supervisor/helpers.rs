@@ -1,5 +1,6 @@
 //! The helper the VM needs: the network helper, gvproxy (behind the frame filter, restarted when
-//! it loses its ssh port) or passt. (The root is a set of disks; no virtiofsd serves it.)
+//! it loses its ssh port) or passt, and the shares' file servers (virtiofsd, one per `-v`; the
+//! root is a set of disks, no virtiofsd serves it).
 
 use super::children::{
     helper_exited_during_boot, keep_when_listening, spawn_owned, wait_socket, OwnedChild, SpawnSpec,
@@ -15,6 +16,7 @@ use gatevm_net::loopback::LoopbackGuard;
 use gatevm_net::passt::{PasstAttach, PasstConfig};
 use gatevm_vmm::NetAttach;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -257,7 +259,11 @@ async fn start_passt(
     let p_log = paths.log("passt");
     let spec = SpawnSpec {
         guard,
-        inherit: pair.as_ref().map(|(_, passt_end)| passt_end.as_raw_fd()),
+        inherit: pair
+            .as_ref()
+            .map(|(_, passt_end)| passt_end.as_raw_fd())
+            .into_iter()
+            .collect(),
         ..SpawnSpec::plain(&p_log, &paths.run)
     };
     let passt = spawn_owned("passt", p_cmd, spec)?;
@@ -281,6 +287,104 @@ async fn start_passt(
             })
         }
     }
+}
+
+/// Starts one virtiofsd per share (QEMU; libkrun serves shares itself), each on a listening
+/// socket gatevm binds and hands over (`--fd`), so QEMU can connect at once and no socket can be
+/// taken over meanwhile. virtiofsd runs in its namespace sandbox (its own mount, PID and network
+/// namespaces, the share as its root: a guest cannot name a file outside it), read-only shares
+/// with `--readonly` (the server refuses writes), and, when gatevm runs as root, as the share's
+/// owner ([`crate::volume::server_identity`]).
+pub(crate) fn start_file_servers(
+    inst: &RunningInstance,
+    runtime: &gatevm_runtime::Runtime,
+    backend: &VmmBackend,
+    children: &mut Vec<OwnedChild>,
+) -> Result<Vec<gatevm_vmm::Share>, SupervisorError> {
+    let (paths, cfg) = (&inst.paths, &inst.config);
+    let settings = cfg.guest_settings();
+    let qemu = matches!(backend, VmmBackend::Qemu(_));
+    let mut shares = Vec::new();
+    if qemu && !cfg.volumes.is_empty() {
+        let dir = paths.fs_dir();
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::paths::mkdir_private(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    for (i, (v, m)) in cfg.volumes.iter().zip(&settings.volumes).enumerate() {
+        let mut share = gatevm_vmm::Share {
+            tag: m.tag.clone(),
+            host_dir: v.host.clone(),
+            read_only: v.read_only,
+            socket: None,
+        };
+        if qemu {
+            let sock = paths.fs_socket(i);
+            let listener = std::os::unix::net::UnixListener::bind(&sock)
+                .map_err(io_err(format!("binding {}", sock.display())))?;
+            let identity = crate::volume::server_identity(v, euid)
+                .map_err(io_err(format!("reading {}", v.host.display())))?;
+            let bin = runtime.virtiofsd();
+            // Run as the share's owner, who may not reach the runtime's directory: the binary
+            // is executed through a descriptor opened here (named as itself).
+            let exe = match identity {
+                Some(_) => Some(
+                    std::fs::File::options()
+                        .read(true)
+                        .custom_flags(libc::O_PATH)
+                        .open(&bin)
+                        .map(std::os::fd::OwnedFd::from)
+                        .map_err(io_err(format!("opening {}", bin.display())))?,
+                ),
+                None => None,
+            };
+            let mut c = match &exe {
+                Some(fd) => {
+                    let mut c = Command::new(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+                    c.arg0(&bin);
+                    c
+                }
+                None => Command::new(&bin),
+            };
+            c.arg(format!("--fd={}", listener.as_raw_fd()))
+                .arg("--shared-dir")
+                .arg(&v.host)
+                .args(["--sandbox=namespace", "--cache=auto", "--log-level=warn"]);
+            if v.read_only {
+                c.arg("--readonly");
+            }
+            let log = paths.log(&format!("virtiofsd-vol{i}"));
+            let spec = SpawnSpec {
+                inherit: std::iter::once(listener.as_raw_fd())
+                    .chain(exe.as_ref().map(|f| f.as_raw_fd()))
+                    .collect(),
+                run_as: identity,
+                ..SpawnSpec::plain(&log, &paths.run)
+            };
+            let child = spawn_owned("virtiofsd", c, spec)?;
+            tracing::info!(
+                "share {}: {} -> {}{} (virtiofsd pid {}{})",
+                m.tag,
+                v.host.display(),
+                m.guest_dir,
+                if v.read_only { ", read-only" } else { "" },
+                child.id.pid,
+                match identity {
+                    Some((u, g)) => format!(", as {u}:{g}"),
+                    None => String::new(),
+                }
+            );
+            inst.set_state(|s| s.helpers.push((format!("virtiofsd-vol{i}"), child.id)));
+            children.push(child);
+            // virtiofsd has its copies of the listener and its binary.
+            drop(listener);
+            drop(exe);
+            share.socket = Some(sock);
+        }
+        shares.push(share);
+    }
+    Ok(shares)
 }
 
 /// Connects to a helper's socket (a blocking socket, for a relay thread), retrying while the

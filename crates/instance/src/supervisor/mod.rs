@@ -189,7 +189,11 @@ impl RunningInstance {
             processes: state::process_reports(&s),
             containerd_socket: (s.phase == Phase::Running && self.config.ephemeral.is_none())
                 .then(|| self.paths.containerd_socket().display().to_string()),
+            volumes: vec![],
+            registries: vec![],
+            proxy_env: vec![],
         }
+        .with_settings(&self.config)
     }
 }
 

@@ -19,6 +19,8 @@ use std::path::Path;
 /// - the `runc` runtime (its type and sandbox mode restated, since a table given here replaces
 ///   the default entry) with `SystemdCgroup = false`: no systemd in the guest, and k3s's kubelet
 ///   uses the cgroupfs driver;
+/// - CRI's registry `config_path`: the host files gatevm writes from `--registry-mirror` and
+///   `--insecure-registry` (`gatevm_abi::settings::CERTS_DIR`);
 /// - the sandbox (pause) image, see [`super::plan::DEFAULT_PAUSE_IMAGE`];
 /// - the plugins of [`crate::profile::containerd::DISABLED_PLUGINS`] turned off.
 pub(crate) fn containerd_config(plan: &Plan) -> String {
@@ -40,6 +42,9 @@ pub(crate) fn containerd_config(plan: &Plan) -> String {
          \x20 bin_dir = {bin}\n\
          \x20 conf_dir = {conf}\n\
          \n\
+         [plugins.\"io.containerd.grpc.v1.cri\".registry]\n\
+         \x20 config_path = {certs}\n\
+         \n\
          [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
          \x20 runtime_type = \"io.containerd.runc.v2\"\n\
          \x20 sandbox_mode = \"podsandbox\"\n\
@@ -50,6 +55,7 @@ pub(crate) fn containerd_config(plan: &Plan) -> String {
         pause = basic_string(plan.pause_image()),
         bin = basic_string(&plan.cni_bin_dir().to_string_lossy()),
         conf = basic_string(&plan.cni_conf_dir().to_string_lossy()),
+        certs = basic_string(gatevm_abi::settings::CERTS_DIR),
     )
 }
 
@@ -87,6 +93,9 @@ mod tests {
             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n\
             \x20 bin_dir = \"/var/lib/gatevm/k3s/data/current/bin\"\n\
             \x20 conf_dir = \"/var/lib/gatevm/k3s/agent/etc/cni/net.d\"\n\
+            \n\
+            [plugins.\"io.containerd.grpc.v1.cri\".registry]\n\
+            \x20 config_path = \"/run/gatevm/certs.d\"\n\
             \n\
             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
             \x20 runtime_type = \"io.containerd.runc.v2\"\n\

@@ -144,6 +144,7 @@ mod tests {
             cmdline: cmdline.into(),
             disks: vec![gatevm_vmm::Disk::rw("gatevm-state", "/d")],
             boot_dir: "/b".into(),
+            shares: vec![],
             agent_socket: "/a".into(),
             net: None,
             mac: "5a:94:ef:e4:0c:ee".into(),
