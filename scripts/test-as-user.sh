@@ -43,6 +43,9 @@ chmod 755 "$work"
 cp "$gatevm_bin" "$work/gatevm"
 cp "$guest_bin" "$work/gatevm-guest"
 cp "$fake_k3s" "$work/fake-k3s"
+if [ -n "${GATEVM_HOST_REGISTRY:-}" ]; then
+  cp "$GATEVM_HOST_REGISTRY" "$work/docker-registry"
+fi
 if [ -n "${GATEVM_HOST_CTR:-}" ]; then
   cp "$GATEVM_HOST_CTR" "$work/ctr"
 fi
@@ -69,6 +72,7 @@ for f in "${files[@]}"; do
     GATEVM_E2E=1 GATEVM_BIN="$work/gatevm" GATEVM_GUEST_BIN="$work/gatevm-guest" \
     GATEVM_FAKE_K3S="$work/fake-k3s" ${GATEVM_K3S_BIN:+GATEVM_K3S_BIN="$GATEVM_K3S_BIN"} \
     ${GATEVM_HOST_CTR:+GATEVM_HOST_CTR="$work/ctr"} \
+    ${GATEVM_HOST_REGISTRY:+GATEVM_HOST_REGISTRY="$work/docker-registry"} \
     GATEVM_SKIP_LOG="$userskips" RUST_BACKTRACE=1 "./$f" --test-threads=2) 2>&1 | tee -a "$log"
   test_rc=${PIPESTATUS[0]}
   set -e

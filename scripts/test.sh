@@ -22,6 +22,10 @@ fi
 # an instance's containerd socket with it.
 GATEVM_HOST_CTR=$(./scripts/host-ctr.sh)
 export GATEVM_HOST_CTR
+# A registry server (Debian's docker-registry, unpacked, not installed) and skopeo to fill it, for
+# the image pull tests (a registry on 127.0.0.1 only).
+GATEVM_HOST_REGISTRY=$(./scripts/host-registry.sh)
+export GATEVM_HOST_REGISTRY
 # A stand-in k3s for the k3s profile's plumbing test (k3s itself is not available here).
 cargo build --release --locked -p gatevm-fake-k3s
 # GATEVM_E2E=0 runs everything but the tests that boot VMs (they are then reported as skipped).

@@ -11,9 +11,19 @@ use std::time::Duration;
 
 static SETTINGS: OnceLock<GuestSettings> = OnceLock::new();
 
-/// The settings of this boot (none until [`load`], and none without a settings disk).
+/// Where PID 1 leaves the settings for the commands the host runs later (`container pull` needs
+/// the proxy variables): root's only, on the guest's tmpfs.
+pub(crate) const SETTINGS_COPY: &str = "/run/gatevm/settings.json";
+
+/// The settings of this boot: PID 1's from [`load`]; in any other process of the guest the copy
+/// PID 1 left (none without a settings disk).
 pub(crate) fn get() -> &'static GuestSettings {
-    SETTINGS.get_or_init(GuestSettings::default)
+    SETTINGS.get_or_init(|| {
+        std::fs::read(SETTINGS_COPY)
+            .ok()
+            .and_then(|b| GuestSettings::from_image(&b).ok())
+            .unwrap_or_default()
+    })
 }
 
 /// Reads the settings disk (waiting up to 10 s for it when `attached`). An unreadable or invalid
@@ -37,8 +47,30 @@ pub(crate) fn load(attached: bool) -> Result<(), String> {
         s.registries.len(),
         s.proxy.len()
     );
+    let text = serde_json::to_vec(&s).map_err(|e| format!("the settings: {e}"))?;
+    write_private(Path::new(SETTINGS_COPY), &text)
+        .map_err(|e| format!("writing {SETTINGS_COPY}: {e}"))?;
     let _ = SETTINGS.set(s);
     Ok(())
+}
+
+/// Writes a file only root can read (it may hold a proxy password).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    drop(f);
+    std::fs::rename(&tmp, path)
 }
 
 /// Mounts the shares (virtio-fs, `nosuid,nodev`, read-only where asked) at their guest

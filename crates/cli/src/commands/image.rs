@@ -1,4 +1,4 @@
-//! `gatevm image import|ls|rm`: container images in an instance's containerd.
+//! `gatevm image import|pull|ls|rm`: container images in an instance's containerd.
 //!
 //! An archive is streamed into the guest's `ctr images import -` through the agent channel: no
 //! copy lands in the guest's memory or on its root, only in containerd's content store on the
@@ -32,6 +32,9 @@ pub(crate) struct Args {
 enum Cmd {
     /// Import a `docker save` or OCI image archive (a file, or - for stdin).
     Import(ImportArgs),
+    /// Pull an image through the instance's containerd (the guest fetches it, with the
+    /// instance's registry mirrors, insecure registries and proxy variables).
+    Pull(PullArgs),
     /// List the images in an instance.
     #[command(alias = "list")]
     Ls(LsArgs),
@@ -88,6 +91,19 @@ pub(crate) struct ImportArgs {
 }
 
 #[derive(clap::Args)]
+pub(crate) struct PullArgs {
+    /// Instance name.
+    name: String,
+    /// Image reference (short forms like busybox:1 mean docker-style names).
+    reference: String,
+    /// The platform to pull, OS/ARCH[/VARIANT] [default: the guest's].
+    #[arg(long, value_name = "PLATFORM")]
+    platform: Option<String>,
+    #[command(flatten)]
+    ns: Namespace,
+}
+
+#[derive(clap::Args)]
 pub(crate) struct LsArgs {
     /// Instance name.
     name: String,
@@ -112,6 +128,7 @@ pub(crate) struct RmArgs {
 pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     match a.cmd {
         Cmd::Import(a) => import(a),
+        Cmd::Pull(a) => pull(a),
         Cmd::Ls(a) => ls(a),
         Cmd::Rm(a) => rm(a),
     }
@@ -433,6 +450,173 @@ fn import(a: ImportArgs) -> anyhow::Result<i32> {
     // now, not when its input moves again.
     rt.shutdown_background();
     result
+}
+
+/// Bounds on a pull: an hour, and what the guest prints besides progress.
+const PULL_LIMITS: Limits = Limits {
+    timeout: std::time::Duration::from_secs(3600),
+    max_stdout: 4 << 20,
+    max_stderr: 64 << 10,
+};
+
+/// The guest's pull output as it arrives: `progress: …` lines shown on stderr (redrawn in
+/// place on a terminal), everything else kept.
+struct PullSink {
+    line: Vec<u8>,
+    kept: Vec<u8>,
+    terminal: bool,
+    shown: bool,
+}
+
+impl PullSink {
+    fn line_done(&mut self) {
+        let text = String::from_utf8_lossy(&self.line).into_owned();
+        self.line.clear();
+        if let Some(p) = text.strip_prefix("progress: ") {
+            let p = gatevm_instance::text::line(p.trim_end(), 200);
+            if self.terminal {
+                eprint!("\r\x1b[2Kpulling: {p}");
+            } else {
+                eprintln!("pulling: {p}");
+            }
+            self.shown = true;
+        } else if self.kept.len() < PULL_LIMITS.max_stdout {
+            self.kept.extend_from_slice(text.as_bytes());
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for PullSink {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut TaskContext<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        for &b in data {
+            if b == b'\n' {
+                self.line_done();
+            } else if self.line.len() < 4096 {
+                self.line.push(b);
+            }
+        }
+        Poll::Ready(Ok(data.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Checks a `--platform` as the guest will: OS/ARCH[/VARIANT] of lower-case letters, digits, `_`.
+pub(crate) fn check_platform(p: &str) -> anyhow::Result<()> {
+    let parts: Vec<&str> = p.split('/').collect();
+    let ok = (2..=3).contains(&parts.len())
+        && parts.iter().all(|s| {
+            !s.is_empty()
+                && s.len() <= 32
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        });
+    if !ok {
+        bail!("invalid --platform {p:?}: expected OS/ARCH[/VARIANT], e.g. linux/amd64 or linux/arm64/v8");
+    }
+    Ok(())
+}
+
+fn pull(a: PullArgs) -> anyhow::Result<i32> {
+    use gatevm_abi::paths::GUEST_AGENT;
+    let name = super::name_arg(&a.name)?.to_string();
+    gatevm_instance::client::existing(&name)?;
+    if a.reference.is_empty()
+        || a.reference.starts_with('-')
+        || a.reference
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        bail!("invalid image reference {:?}", a.reference);
+    }
+    if let Some(p) = &a.platform {
+        check_platform(p)?;
+    }
+    require_running(&name)?;
+    let mut argv: Vec<String> = vec![
+        GUEST_AGENT.into(),
+        "container".into(),
+        "pull".into(),
+        "--namespace".into(),
+        a.ns.namespace.clone(),
+    ];
+    if let Some(p) = &a.platform {
+        argv.push("--platform".into());
+        argv.push(p.clone());
+    }
+    argv.push(a.reference.clone());
+    let req = gatevm_abi::ExecRequest {
+        argv,
+        env: vec![],
+        cwd: None,
+        tty: false,
+        rows: 0,
+        cols: 0,
+        stdin: false,
+    };
+    let terminal = std::io::stderr().is_terminal();
+    let mut out = PullSink {
+        line: Vec::new(),
+        kept: Vec::new(),
+        terminal,
+        shown: false,
+    };
+    let mut err = gatevm_instance::capture::Capped::new(PULL_LIMITS.max_stderr);
+    let rt = runtime()?;
+    let (_tx, rx) = tokio::sync::mpsc::channel::<gatevm_abi::GuestMsg>(1);
+    let result = rt.block_on(async {
+        tokio::time::timeout(
+            PULL_LIMITS.timeout,
+            gatevm_instance::client::exec(
+                &name,
+                req,
+                None::<tokio::io::Empty>,
+                &mut out,
+                &mut err,
+                rx,
+            ),
+        )
+        .await
+    });
+    if out.shown && terminal {
+        eprint!("\r\x1b[2K");
+    }
+    let code = match result {
+        Ok(r) => r?,
+        Err(_) => bail!(
+            "pulling {} into {name:?} took more than {} s",
+            a.reference,
+            PULL_LIMITS.timeout.as_secs()
+        ),
+    };
+    let stderr = String::from_utf8_lossy(&err.into_inner()).into_owned();
+    let why = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().trim_start_matches("gatevm-guest: ").to_string());
+    if code != 0 {
+        bail!(
+            "{}",
+            gatevm_instance::text::line(
+                &why.unwrap_or_else(|| format!("pulling {} failed (exit {code})", a.reference)),
+                1024
+            )
+        );
+    }
+    let kept = String::from_utf8_lossy(&out.kept).into_owned();
+    for l in kept.lines().filter(|l| l.starts_with("pulled ")) {
+        println!("{}", gatevm_instance::text::line(l, 512));
+    }
+    Ok(0)
 }
 
 /// References named by `ctr images import` output (`unpacking REF (sha256:…)...done`, or a

@@ -16,6 +16,7 @@ pub(crate) mod ctr;
 pub(crate) mod image;
 pub(crate) mod network;
 pub(crate) mod ps;
+pub(crate) mod pull;
 pub(crate) mod rm;
 pub(crate) mod run;
 pub(crate) mod signals;
@@ -29,7 +30,8 @@ usage:
       [--publish GUESTPORT:CONTAINERPORT[/tcp|/udp]]... [--env K=V]... [--workdir DIR]
       IMAGE [--] [CMD ARG...]
   gatevm-guest container ps --namespace NS [--json]
-  gatevm-guest container rm --namespace NS [--force] C";
+  gatevm-guest container rm --namespace NS [--force] C
+  gatevm-guest container pull --namespace NS [--platform OS/ARCH[/VARIANT]] REF";
 
 /// A failed command: its exit code and a one-line message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,13 +94,14 @@ pub(crate) fn main(args: &[String]) -> i32 {
         Some("run") => run::main(&args[1..]),
         Some("ps") => ps::main(&args[1..]),
         Some("rm") => rm::main(&args[1..]),
+        Some("pull") => pull::main(&args[1..]),
         Some("--help") | Some("-h") | Some("help") => {
             print(&format!("{USAGE}\n"));
             0
         }
         Some(other) => {
             error(&format!(
-                "unknown container command {other:?}: use run, ps or rm"
+                "unknown container command {other:?}: use run, ps, rm or pull"
             ));
             2
         }
