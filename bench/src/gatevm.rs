@@ -29,18 +29,20 @@ pub struct AsUser {
     pub name: String,
     /// The uid.
     pub uid: u32,
+    /// The primary gid.
+    pub gid: u32,
     /// The home directory.
     pub home: PathBuf,
 }
 
-/// The user's uid and home directory in an /etc/passwd text.
-pub fn parse_passwd(text: &str, user: &str) -> Option<(u32, PathBuf)> {
+/// The user's uid, primary gid and home directory in an /etc/passwd text.
+pub fn parse_passwd(text: &str, user: &str) -> Option<(u32, u32, PathBuf)> {
     text.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
         if f.len() < 7 || f[0] != user {
             return None;
         }
-        Some((f[2].parse().ok()?, PathBuf::from(f[5])))
+        Some((f[2].parse().ok()?, f[3].parse().ok()?, PathBuf::from(f[5])))
     })
 }
 
@@ -84,6 +86,8 @@ pub struct Status {
     pub ready_ms: Option<u64>,
     /// The network helper (`gvproxy`, `passt`).
     pub net: Option<String>,
+    /// The host-side socket of the guest's containerd API.
+    pub containerd_socket: Option<String>,
 }
 
 /// Parses the status document.
@@ -107,6 +111,10 @@ pub fn parse_status(json: &str) -> anyhow::Result<Status> {
         agent_ready_ms: u64_of("agent_ready_ms"),
         ready_ms: u64_of("ready_ms"),
         net: v.get("net").and_then(Value::as_str).map(str::to_string),
+        containerd_socket: v
+            .get("containerd_socket")
+            .and_then(Value::as_str)
+            .map(str::to_string),
     })
 }
 
@@ -272,6 +280,13 @@ impl<'a> Gatevm<'a> {
         Ok(())
     }
 
+    /// `gatevm exec NAME -- ARGV...` with a timeout; a non-zero exit is an error.
+    pub fn exec_output(&self, argv: &[&str], timeout: Duration) -> anyhow::Result<Finished> {
+        let mut c = self.command();
+        c.args(["exec", &self.name, "--"]).args(argv);
+        runner::run(&mut c, timeout, self.scratch)?.ok()
+    }
+
     /// `gatevm stop NAME`.
     pub fn stop(&self) -> anyhow::Result<()> {
         self.run(&["stop", &self.name], STOP_TIMEOUT)?.ok()?;
@@ -373,7 +388,7 @@ mod tests {
                 "cpus":2,"memory_mib":2048,"forwards":[],"supervisor_pid":101,"vm_pid":202,
                 "agent":{"connected":true},"payloads":[],"started_at_ms":1,
                 "agent_ready_ms":3400,"ready_ms":5100,"stop_reason":null,"last_error":null,
-                "logs":"/x"}"#,
+                "logs":"/x","containerd_socket":"/run/gatevm/bench/containerd.sock"}"#,
         )
         .unwrap();
         assert_eq!(
@@ -387,6 +402,7 @@ mod tests {
                 agent_ready_ms: Some(3400),
                 ready_ms: Some(5100),
                 net: None,
+                containerd_socket: Some("/run/gatevm/bench/containerd.sock".into()),
             }
         );
         let user =
@@ -396,6 +412,7 @@ mod tests {
             parse_status(r#"{"state":"stopped","supervisor_pid":null,"vm_pid":null}"#).unwrap();
         assert_eq!(stopped.state, "stopped");
         assert_eq!(stopped.vm_pid, None);
+        assert_eq!(stopped.containerd_socket, None);
         assert!(parse_status("[]").is_err());
         assert!(parse_status("not json").is_err());
         assert!(need(stopped.ready_ms, "ready_ms", "bench")
@@ -432,16 +449,16 @@ mod tests {
     #[test]
     fn passwd_entries() {
         let passwd = "root:x:0:0:root:/root:/bin/bash\n\
-                      gatevm-ci:x:1002:1002::/home/gatevm-ci:/bin/sh\n\
+                      gatevm-ci:x:1002:1003::/home/gatevm-ci:/bin/sh\n\
                       broken:x:notanumber:1::/home/broken:/bin/sh\n\
                       short:x:5\n";
         assert_eq!(
             parse_passwd(passwd, "gatevm-ci"),
-            Some((1002, PathBuf::from("/home/gatevm-ci")))
+            Some((1002, 1003, PathBuf::from("/home/gatevm-ci")))
         );
         assert_eq!(
             parse_passwd(passwd, "root"),
-            Some((0, PathBuf::from("/root")))
+            Some((0, 0, PathBuf::from("/root")))
         );
         assert_eq!(parse_passwd(passwd, "gatevm"), None);
         assert_eq!(parse_passwd(passwd, "broken"), None);
@@ -453,6 +470,7 @@ mod tests {
         let u = AsUser {
             name: "gatevm-ci".into(),
             uid: 1002,
+            gid: 1002,
             home: PathBuf::from("/home/gatevm-ci"),
         };
         let argv = user_argv(&u, Path::new("/w/target/release/gatevm"));

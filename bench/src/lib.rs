@@ -1,11 +1,13 @@
 //! Benchmarks of gatevm, each beside a baseline measured in the same run: boot (against a bare
 //! QEMU boot of the same kernel), exec round trip (against ssh into the same VM), host memory
-//! (against the guest RAM configured), image import throughput (against a host-side copy),
-//! port-forward throughput and latency (against QEMU's user networking) and the rootfs build
-//! (against a plain minbase mmdebstrap).
+//! (against the guest RAM configured), image import throughput (against a host-side copy; the
+//! host's `ctr` through the instance's containerd socket beside it), shared-directory
+//! throughput (against the same reads and writes on the host), port-forward throughput and
+//! latency (against QEMU's user networking) and the rootfs build (against a plain minbase
+//! mmdebstrap).
 //!
-//! The tool drives the `gatevm` binary on the instances `bench` and `benchnet` (and a `gatevm
-//! vm-run` VM), which it deletes at the end, on failure and on Ctrl-C. It prints each case's
+//! The tool drives the `gatevm` binary on the instances `bench`, `bench-vol` and `benchnet` (and
+//! a `gatevm vm-run` VM), which it deletes at the end, on failure and on Ctrl-C. It prints each case's
 //! tables as they finish and writes them all, with a description of the machine, to
 //! docs/benchmarks.md.
 
@@ -46,8 +48,10 @@ pub enum Case {
     Exec,
     /// Host memory of the supervisor, helpers and VM.
     Memory,
-    /// `gatevm image import` throughput.
+    /// `gatevm image import` (and the host's `ctr images import`) throughput.
     Import,
+    /// Shared-directory (`-v`, virtio-fs) sequential write and read throughput.
+    Volume,
     /// Port-forward throughput and latency: gvproxy, passt, QEMU user networking.
     Net,
     /// Rootfs build, cold and cached, beside a minbase mmdebstrap.
@@ -56,11 +60,12 @@ pub enum Case {
 
 impl Case {
     /// Every case, in the order they run.
-    pub const ALL: [Case; 6] = [
+    pub const ALL: [Case; 7] = [
         Case::Boot,
         Case::Exec,
         Case::Memory,
         Case::Import,
+        Case::Volume,
         Case::Net,
         Case::Rootfs,
     ];
@@ -72,6 +77,7 @@ impl Case {
             Case::Exec => "exec",
             Case::Memory => "memory",
             Case::Import => "import",
+            Case::Volume => "volume",
             Case::Net => "net",
             Case::Rootfs => "rootfs",
         }
@@ -84,6 +90,7 @@ impl Case {
             Case::Exec => "Exec round trip",
             Case::Memory => "Host memory",
             Case::Import => "Image import throughput",
+            Case::Volume => "Shared directory throughput",
             Case::Net => "Network: port forward host -> guest",
             Case::Rootfs => "Root filesystem build",
         }
@@ -106,6 +113,11 @@ pub struct Options {
     pub exec_runs: usize,
     /// Size of the import case's archive, MiB.
     pub import_mib: u64,
+    /// The host's `ctr` for the import case's row through the containerd socket; none: the row
+    /// is left out.
+    pub host_ctr: Option<PathBuf>,
+    /// Size of the volume case's file, MiB.
+    pub volume_mib: u64,
     /// MiB sent per throughput measurement of the net case.
     pub net_mib: u64,
     /// Round trips per latency measurement of the net case.
@@ -116,7 +128,8 @@ pub struct Options {
     pub out: PathBuf,
     /// The cases to run.
     pub cases: Vec<Case>,
-    /// The ordinary user the boot and memory cases also run gatevm as (from root).
+    /// The ordinary user the boot and memory cases also run gatevm as (from root), and whom the
+    /// volume case's shared directory belongs to.
     pub user: String,
     /// The gatevm repository (for its commit).
     pub repo: PathBuf,
@@ -181,7 +194,7 @@ pub fn load_note(before: &str, after: &str, cores: usize) -> String {
 }
 
 /// The ordinary user `name` to run gatevm as, or why the tool cannot.
-fn ordinary_user(name: &str) -> Result<gatevm::AsUser, String> {
+pub(crate) fn ordinary_user(name: &str) -> Result<gatevm::AsUser, String> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     if euid != 0 {
@@ -191,7 +204,7 @@ fn ordinary_user(name: &str) -> Result<gatevm::AsUser, String> {
     }
     let passwd = std::fs::read_to_string("/etc/passwd")
         .map_err(|e| format!("cannot read /etc/passwd: {e}"))?;
-    let (uid, home) = gatevm::parse_passwd(&passwd, name).ok_or_else(|| {
+    let (uid, gid, home) = gatevm::parse_passwd(&passwd, name).ok_or_else(|| {
         format!("there is no user {name} (scripts/bench.sh creates it: `useradd --create-home --shell /bin/sh {name}`)")
     })?;
     if uid == 0 {
@@ -200,6 +213,7 @@ fn ordinary_user(name: &str) -> Result<gatevm::AsUser, String> {
     Ok(gatevm::AsUser {
         name: name.to_string(),
         uid,
+        gid,
         home,
     })
 }
@@ -250,6 +264,10 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         .cases
         .contains(&Case::Net)
         .then(|| DeleteOnDrop(Gatevm::new(&o.gatevm, cases::net::NET_INSTANCE, &scratch)));
+    let _cleanup_vol = o
+        .cases
+        .contains(&Case::Volume)
+        .then(|| DeleteOnDrop(Gatevm::new(&o.gatevm, cases::volume::VOL_INSTANCE, &scratch)));
     let root_gv = Gatevm::new(&o.gatevm, INSTANCE, &scratch);
     let user = if o.cases.iter().any(|c| c.as_user_too()) {
         ordinary_user(&o.user).map(|u| root_gv.as_user(u))
@@ -267,6 +285,9 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         runs: o.runs,
         exec_runs: o.exec_runs,
         import_mib: o.import_mib,
+        host_ctr: o.host_ctr.clone(),
+        volume_mib: o.volume_mib,
+        user_name: o.user.clone(),
         net_mib: o.net_mib,
         net_pings: o.net_pings,
         rootfs_runs: o.rootfs_runs,
@@ -290,6 +311,7 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
             Case::Exec => bench.exec(),
             Case::Memory => bench.memory(),
             Case::Import => bench.import(),
+            Case::Volume => bench.volume(),
             Case::Net => bench.net(),
             Case::Rootfs => bench.rootfs(),
         }
@@ -343,7 +365,12 @@ mod tests {
     fn case_titles_match_the_sections() {
         assert_eq!(Case::Memory.title(), "Host memory");
         assert!(Case::Boot.as_user_too() && Case::Memory.as_user_too());
-        assert!(!Case::Net.as_user_too());
+        assert!(!Case::Net.as_user_too() && !Case::Volume.as_user_too());
+        assert_eq!(Case::Volume.name(), "volume");
+        let mut names: Vec<&str> = Case::ALL.iter().map(|c| c.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Case::ALL.len());
         let mut titles: Vec<&str> = Case::ALL.iter().map(|c| c.title()).collect();
         titles.dedup();
         assert_eq!(titles.len(), Case::ALL.len());

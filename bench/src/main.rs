@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 
 /// Benchmarks of gatevm, each beside a baseline measured in the same run: boot (bare QEMU boot of
 /// the same kernel), exec round trip (ssh into the same VM), host memory (guest RAM configured),
-/// image import (host-side copy), port-forward throughput and latency (QEMU user networking),
-/// rootfs build (minbase mmdebstrap). Uses, and deletes at the end, instances named `bench` and
-/// `benchnet` and a `gatevm vm-run` VM; caches the ssh test rootfs in ~/.cache/gatevm-bench
-/// ($GATEVM_BENCH_CACHE_DIR).
+/// image import (host-side copy; the host's `ctr` through the containerd socket beside it),
+/// shared-directory throughput (the same writes and reads on the host), port-forward throughput
+/// and latency (QEMU user networking), rootfs build (minbase mmdebstrap). Uses, and deletes at
+/// the end, instances named `bench`, `bench-vol` and `benchnet` and a `gatevm vm-run` VM; caches
+/// the ssh test rootfs in ~/.cache/gatevm-bench ($GATEVM_BENCH_CACHE_DIR).
 #[derive(Parser)]
 #[command(
     name = "gatevm-bench",
@@ -22,7 +23,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "boot,exec,memory,import,net,rootfs"
+        default_value = "boot,exec,memory,import,volume,net,rootfs"
     )]
     only: Vec<Case>,
     /// Repetitions of each case.
@@ -34,6 +35,14 @@ struct Args {
     /// Size of the import case's image archive, MiB.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
     import_mib: u64,
+    /// The host's `ctr` (containerd's client; scripts/host-ctr.sh prints one) for the import
+    /// case's row that imports the same archive through the instance's containerd socket
+    /// [default: none, the row is left out].
+    #[arg(long, value_name = "PATH")]
+    host_ctr: Option<PathBuf>,
+    /// Size of the file the volume case writes and reads through the shared directory, MiB.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    volume_mib: u64,
     /// MiB sent from the host into the guest per throughput measurement of the net case.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536))]
     net_mib: u64,
@@ -47,7 +56,9 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
     /// The ordinary user the boot and memory cases also run gatevm as (through runuser, in that
-    /// user's own data directory); the tool must run as root for it.
+    /// user's own data directory), and whom the volume case's shared directory belongs to (as
+    /// root, gatevm refuses a writable share of a root-owned directory); the tool must run as
+    /// root for it.
     #[arg(long, value_name = "USER", default_value = "gatevm-ci")]
     user: String,
     /// The gatevm binary [default: target/release/gatevm of the repository].
@@ -73,6 +84,8 @@ fn main() {
         runs: a.runs as usize,
         exec_runs: a.exec_runs as usize,
         import_mib: a.import_mib,
+        host_ctr: a.host_ctr,
+        volume_mib: a.volume_mib,
         net_mib: a.net_mib,
         net_pings: a.net_pings as usize,
         rootfs_runs: a.rootfs_runs as usize,

@@ -8,6 +8,7 @@ pub mod import;
 pub mod memory;
 pub mod net;
 pub mod rootfs;
+pub mod volume;
 
 use crate::gatevm::Gatevm;
 use crate::host::{Machine, Qemu};
@@ -24,6 +25,13 @@ pub struct Bench<'a> {
     pub exec_runs: usize,
     /// Size of the import case's archive.
     pub import_mib: u64,
+    /// The host's `ctr` for the import case's row through the containerd socket, if any.
+    pub host_ctr: Option<PathBuf>,
+    /// Size of the volume case's file, MiB.
+    pub volume_mib: u64,
+    /// The ordinary user (`--user`) the volume case's shared directory belongs to when the tool
+    /// runs as root.
+    pub user_name: String,
     /// MiB sent per throughput measurement of the net case.
     pub net_mib: u64,
     /// Round trips per latency measurement of the net case.

@@ -171,7 +171,20 @@ fn host_ctr_through_the_instance_socket() {
     assert!(listed.lines().any(|l| l.ends_with(BIG_TAG)), "{listed}");
     drop(dir);
 
-    // containerd restarts in the guest: the relay serves the new one.
+    // containerd restarts in the guest: a client in the middle of a stream gets a clean end
+    // (not a hang), and the relay serves the new one.
+    let mut events = Command::new(&ctr_bin)
+        .args(["--address", &sock, "events"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr events");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        events.try_wait().unwrap().is_none(),
+        "ctr events ended before containerd did"
+    );
     let (code, _, err) = exec(
         NAME,
         &[
@@ -182,6 +195,24 @@ fn host_ctr_through_the_instance_socket() {
         None,
     );
     assert_eq!(code, 0, "killing containerd in the guest: {err}");
+    let t0 = Instant::now();
+    let ended = loop {
+        if let Some(st) = events.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = events.kill();
+            panic!("a streaming client hung after containerd went away");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut why = String::new();
+    if let Some(mut e) = events.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut why);
+    }
+    assert!(!ended.success(), "ctr events ended cleanly?: {why}");
+    assert!(why.contains("ctr:"), "ctr events said: {why}");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let (code, out, _) = ctr(&ctr_bin, &sock, &["version"]);

@@ -177,7 +177,7 @@ pub(crate) fn registries(
     }
     for m in mirrors {
         let Some((reg, url)) = m.split_once('=') else {
-            bail!("--registry-mirror {m:?}: expected REGISTRY=URL, e.g. docker.io=https://mirror.example");
+            bail!("--registry-mirror {m:?}: expected REGISTRY=URL, e.g. registry.example=https://mirror.example");
         };
         check_registry_host(reg).map_err(|e| anyhow::anyhow!("--registry-mirror {m:?}: {e}"))?;
         check_mirror_url(url).map_err(|e| anyhow::anyhow!("--registry-mirror {m:?}: {e}"))?;

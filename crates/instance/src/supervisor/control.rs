@@ -593,6 +593,16 @@ mod relay_tests {
     /// the host's credit (then exits); it grants stdin credit back for every frame when
     /// `grant_stdin`.
     async fn fake_guest(output: usize, grant_stdin: bool) -> (Agent, Arc<Mutex<Seen>>) {
+        fake_guest_with(output, grant_stdin, 0).await
+    }
+
+    /// [`fake_guest`] whose process first writes `stderr_flood` bytes of terminal escapes and
+    /// line breaks on its stderr (a hostile guest's relay process).
+    async fn fake_guest_with(
+        output: usize,
+        grant_stdin: bool,
+        stderr_flood: usize,
+    ) -> (Agent, Arc<Mutex<Seen>>) {
         let (host, guest) = UnixStream::pair().expect("socketpair");
         let (hr, hw) = host.into_split();
         let agent = Agent::spawn(hr, hw);
@@ -654,6 +664,36 @@ mod relay_tests {
                             put(gw.clone(), started).await;
                             if output == RUNS_SILENTLY {
                                 return;
+                            }
+                            let mut flood = stderr_flood;
+                            while flood > 0 {
+                                let n = windows
+                                    .lock()
+                                    .expect("lock")
+                                    .get_mut(&stream)
+                                    .map(|w| w.take(flood.min(DATA_CHUNK)))
+                                    .unwrap_or(0);
+                                if n == 0 {
+                                    let _ = tokio::time::timeout(
+                                        Duration::from_millis(20),
+                                        notify.notified(),
+                                    )
+                                    .await;
+                                    continue;
+                                }
+                                let bytes: Vec<u8> = b"\x1b[2J\x1b]0;owned\x07\r\nPRI * HTTP/2.0\n"
+                                    .iter()
+                                    .copied()
+                                    .cycle()
+                                    .take(n)
+                                    .collect();
+                                let data = Frame::Data {
+                                    stream,
+                                    fd: Fd::Stderr,
+                                    bytes,
+                                };
+                                put(gw.clone(), data).await;
+                                flood -= n;
                             }
                             let mut left = output;
                             while left > 0 {
@@ -744,6 +784,29 @@ mod relay_tests {
             .expect("read");
         assert_eq!(got.len(), 1_000_000);
         assert!(got.iter().all(|b| *b == b'y'));
+        let ended = tokio::time::timeout(Duration::from_secs(10), relay).await;
+        assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    }
+
+    /// What the guest's relay process writes on stderr (here a megabyte of terminal escapes and
+    /// text that looks like the protocol) never reaches the client's byte stream, and does not
+    /// stop the relay: the client gets exactly the stdout bytes.
+    #[tokio::test]
+    async fn a_hostile_guests_stderr_stays_out_of_the_clients_stream() {
+        use tokio::io::AsyncReadExt;
+        let (agent, _) = fake_guest_with(100_000, true, 1 << 20).await;
+        let (mut client, server) = UnixStream::pair().expect("socketpair");
+        let relay = tokio::spawn(relay_socket(server, agent, "/run/x.sock"));
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut got))
+            .await
+            .expect("the relay ends with the guest despite the stderr flood")
+            .expect("read");
+        assert_eq!(got.len(), 100_000);
+        assert!(
+            got.iter().all(|b| *b == b'y'),
+            "stderr bytes reached the client"
+        );
         let ended = tokio::time::timeout(Duration::from_secs(10), relay).await;
         assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
     }
