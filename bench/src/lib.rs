@@ -264,10 +264,13 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         .cases
         .contains(&Case::Net)
         .then(|| DeleteOnDrop(Gatevm::new(&o.gatevm, cases::net::NET_INSTANCE, &scratch)));
-    let _cleanup_vol = o
-        .cases
-        .contains(&Case::Volume)
-        .then(|| DeleteOnDrop(Gatevm::new(&o.gatevm, cases::volume::VOL_INSTANCE, &scratch)));
+    let _cleanup_vol = o.cases.contains(&Case::Volume).then(|| {
+        DeleteOnDrop(Gatevm::new(
+            &o.gatevm,
+            cases::volume::VOL_INSTANCE,
+            &scratch,
+        ))
+    });
     let root_gv = Gatevm::new(&o.gatevm, INSTANCE, &scratch);
     let user = if o.cases.iter().any(|c| c.as_user_too()) {
         ordinary_user(&o.user).map(|u| root_gv.as_user(u))

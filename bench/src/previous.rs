@@ -181,6 +181,22 @@ mod tests {
     }
 
     #[test]
+    fn every_case_is_found_by_its_title() {
+        // A run with --only keeps the other cases' sections by their titles.
+        let md: String = crate::Case::ALL
+            .iter()
+            .map(|c| format!("## {}\n\n{} numbers.\n\n", c.title(), c.name()))
+            .collect();
+        let all = sections(&md);
+        for c in crate::Case::ALL {
+            let text = section(&all, c.title()).unwrap_or_else(|| panic!("{}", c.name()));
+            assert!(text.contains(&format!("{} numbers.", c.name())), "{text}");
+        }
+        let vol = section(&all, crate::Case::Volume.title()).unwrap();
+        assert!(vol.starts_with("## Shared directory throughput\n"));
+    }
+
+    #[test]
     fn a_kept_section_is_marked_once() {
         let s = sections(OLD);
         let import = section(&s, "Image import throughput").unwrap();

@@ -44,7 +44,11 @@ pub struct HostCtr {
 impl HostCtr {
     /// The host's `ctr` named by `--host-ctr` on the socket the status names, or why the row
     /// through it cannot be measured.
-    pub fn find(bin: Option<&Path>, socket: Option<&str>, instance: &str) -> Result<HostCtr, String> {
+    pub fn find(
+        bin: Option<&Path>,
+        socket: Option<&str>,
+        instance: &str,
+    ) -> Result<HostCtr, String> {
         let bin = bin.ok_or_else(|| {
             "no host ctr was given (--host-ctr PATH; scripts/bench.sh passes the one scripts/host-ctr.sh prints)".to_string()
         })?;
@@ -69,7 +73,12 @@ impl HostCtr {
     }
 
     /// `ctr ... images import ARCHIVE`: the wall time.
-    pub fn import(&self, archive: &Path, timeout: Duration, scratch: &Scratch) -> anyhow::Result<Duration> {
+    pub fn import(
+        &self,
+        archive: &Path,
+        timeout: Duration,
+        scratch: &Scratch,
+    ) -> anyhow::Result<Duration> {
         let mut c = self.command(&[
             std::ffi::OsStr::new("images"),
             std::ffi::OsStr::new("import"),
@@ -135,7 +144,10 @@ impl Bench<'_> {
                 // `gatevm image rm` removes what the host's ctr imported too (same namespace).
                 self.gv.image_rm(REPO_TAG)?;
                 via_ctr.push(size_mib / t.as_secs_f64());
-                others.push(format!("host ctr {} MiB/s", num(size_mib / t.as_secs_f64())));
+                others.push(format!(
+                    "host ctr {} MiB/s",
+                    num(size_mib / t.as_secs_f64())
+                ));
                 runner::check_interrupted()?;
             }
             let c = host_copy(&archive, &copy)?;
@@ -171,7 +183,7 @@ impl Bench<'_> {
                 ),
                 &g,
             ),
-            (ctr_what.clone(), &c),
+            (ctr_what, &c),
             (
                 "baseline: host copy of the same file (std::fs::copy + fsync)".to_string(),
                 &h,

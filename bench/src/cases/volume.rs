@@ -31,7 +31,6 @@ const WRITE_FILE: &str = "f";
 const READ_FILE: &str = "g";
 /// The file the host's own write baseline writes.
 const HOST_WRITE_FILE: &str = "h";
-const MIB: f64 = 1024.0 * 1024.0;
 
 /// What `dd` reports on its last line: the bytes copied and the seconds it took. Reads GNU
 /// coreutils' `N bytes (.. MB, .. MiB) copied, 0.52 s, 516 MB/s` and busybox's
@@ -347,7 +346,7 @@ impl Bench<'_> {
             targets: vec![],
             notes: vec![
                 format!(
-                    "Throughput is {mib} MiB over dd's own elapsed time (its last line on stderr, in the C locale), so the `gatevm exec` round trip around the guest's dd is not counted; that round trip (exec wall time minus dd's time) was median {} ms. Each run does, in turn: the guest write, the host write, the guest read, the host read; each write starts from a new file and ends with its fsync (`conv=fsync`, inside dd's time).",
+                    "Throughput is {mib} MiB over dd's own elapsed time (its last line on stderr, in the C locale), so the `gatevm exec` round trip around the guest's dd is not counted; that round trip (exec wall time minus dd's time, which also holds the `rm` before a write and the `sync` and `drop_caches` before a read) was median {} ms. Each run does, in turn: the guest write, the host write, the guest read, the host read; each write starts from a new file and ends with its fsync (`conv=fsync`, inside dd's time).",
                     num(summary(&overhead).median)
                 ),
                 format!(
@@ -378,7 +377,10 @@ mod tests {
         let mixed = "100 bytes copied, 9 s, x\n33554432 bytes (34 MB, 32 MiB) copied, 0.1 s, 335 MB/s\nwarning: x\n";
         assert_eq!(parse_dd(mixed), Some((33_554_432, 0.1)));
         assert_eq!(parse_dd(""), None);
-        assert_eq!(parse_dd("dd: failed to open '/share/f': Permission denied\n"), None);
+        assert_eq!(
+            parse_dd("dd: failed to open '/share/f': Permission denied\n"),
+            None
+        );
         // Another locale's decimal comma is not read as a number.
         assert_eq!(parse_dd("5 bytes (5 B) copied, 0,5 s, 10 B/s"), None);
         assert_eq!(parse_dd("5 bytes copied, 0.5 minutes, 10 B/s"), None);
@@ -388,16 +390,25 @@ mod tests {
     fn dd_runs_check_the_size() {
         let s = Scratch::new("gatevm-bench-test").unwrap();
         let mut c = Command::new("sh");
-        c.args(["-c", "echo '1048576 bytes (1.0 MB, 1.0 MiB) copied, 0.25 s, 4.2 MB/s' >&2"]);
+        c.args([
+            "-c",
+            "echo '1048576 bytes (1.0 MB, 1.0 MiB) copied, 0.25 s, 4.2 MB/s' >&2",
+        ]);
         let f = runner::run(&mut c, Duration::from_secs(10), &s).unwrap();
         let d = DdRun::of(&f, 1 << 20).unwrap();
         assert_eq!(d.secs, 0.25);
         assert!(d.wall > 0.0);
         let short = DdRun::of(&f, 2 << 20).unwrap_err().to_string();
-        assert!(short.contains("copied 1048576 bytes, not 2097152"), "{short}");
+        assert!(
+            short.contains("copied 1048576 bytes, not 2097152"),
+            "{short}"
+        );
         let mut c = Command::new("true");
         let f = runner::run(&mut c, Duration::from_secs(10), &s).unwrap();
-        assert!(DdRun::of(&f, 1).unwrap_err().to_string().contains("no dd summary"));
+        assert!(DdRun::of(&f, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("no dd summary"));
     }
 
     #[test]

@@ -216,6 +216,12 @@ fn k3s_profile_plumbing_with_a_stand_in() {
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: marker}\n",
     )
     .unwrap();
+    // A share for pods' hostPath volumes (read-only: as root a writable share of a root-owned
+    // directory is refused).
+    let share = t.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("f"), "for-pods\n").unwrap();
+    let share_spec = format!("{}:/srv/share:ro", share.display());
     let api = free_port();
     let run = |args: &[&str]| {
         let out = Command::new(bin())
@@ -254,6 +260,10 @@ fn k3s_profile_plumbing_with_a_stand_in() {
         "gw.example.test",
         "--gateway-secret",
         "edge/web-tls",
+        "-v",
+        &share_spec,
+        "--insecure-registry",
+        "192.168.127.1:5000",
     ]);
     let st = status(NAME);
     assert_eq!(st["healthy"], true, "{st}");
@@ -302,6 +312,23 @@ fn k3s_profile_plumbing_with_a_stand_in() {
             "set GATEVM_HOST_CTR (scripts/test.sh does)",
         ),
     }
+    // The share is there for hostPath volumes, and the registry settings reach k3s's containerd
+    // (config_path) and k3s's own registries.yaml.
+    let (code, out, err) = exec(
+        NAME,
+        &[
+            "sh",
+            "-c",
+            "cat /srv/share/f && grep -c 'config_path = \"/run/gatevm/certs.d\"' /run/gatevm/containerd-k3s.toml && grep -c 'http://192.168.127.1:5000' /run/gatevm/certs.d/192.168.127.1:5000/hosts.toml /etc/rancher/k3s/registries.yaml",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(out.starts_with("for-pods\n1\n"), "{out}");
+    assert!(
+        out.contains("hosts.toml:2") && out.contains("registries.yaml:1"),
+        "{out}"
+    );
     // The API port reaches the guest's server.
     let got = read_forward(api, "fake-k3s", Duration::from_secs(30));
     assert!(got.is_some(), "the API forward did not reach the guest");

@@ -163,6 +163,27 @@ fn shares_reach_guest_and_containers_and_hold_a_hostile_guest_in() {
         want_uid,
         "owner of a file the guest created"
     );
+    // No set-user-ID or set-group-ID file comes out of a share, whatever the guest asks.
+    let (_, out, _) = sh(
+        "chmod u+s /data/guest.txt; echo suid=$?; chmod g+s /data/guest.txt; echo sgid=$?; \
+         install -m 4755 /bin/true /data/t; echo install=$?",
+    );
+    assert!(
+        !out.contains("suid=0") && !out.contains("sgid=0") && !out.contains("install=0"),
+        "{out}"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["guest.txt", "t"] {
+            if let Ok(m) = std::fs::metadata(data.join(f)) {
+                assert_eq!(
+                    m.permissions().mode() & 0o6000,
+                    0,
+                    "{f} is set-ID on the host"
+                );
+            }
+        }
+    }
     std::fs::write(data.join("later.txt"), "later\n").unwrap();
     let t0 = Instant::now();
     loop {

@@ -63,6 +63,8 @@ pub(crate) struct SpawnSpec<'a> {
     pub(crate) confine: Option<Arc<HelperConfine>>,
     /// The uid and gid it runs as (set by root only; it then runs in `/`).
     pub(crate) run_as: Option<(u32, u32)>,
+    /// A seccomp filter installed last before exec (with no_new_privs).
+    pub(crate) seccomp: Option<Arc<Vec<libc::sock_filter>>>,
 }
 
 impl<'a> SpawnSpec<'a> {
@@ -75,6 +77,7 @@ impl<'a> SpawnSpec<'a> {
             inherit: vec![],
             confine: None,
             run_as: None,
+            seccomp: None,
         }
     }
 }
@@ -111,7 +114,13 @@ pub(crate) fn spawn_owned(
     if let Some((uid, gid)) = spec.run_as {
         cmd.uid(uid).gid(gid).current_dir("/");
     }
-    set_pre_exec(&mut cmd, spec.guard, spec.inherit, spec.confine);
+    set_pre_exec(
+        &mut cmd,
+        spec.guard,
+        spec.inherit,
+        spec.confine,
+        spec.seccomp,
+    );
     let child = cmd.spawn().map_err(io_err(format!("starting {name}")))?;
     // Our copies of the pipe's write end go with the command, so the drain ends with the child.
     drop(cmd);
@@ -137,6 +146,7 @@ fn set_pre_exec(
     guard: Option<LoopbackGuard>,
     inherit: Vec<RawFd>,
     confine: Option<Arc<HelperConfine>>,
+    seccomp: Option<Arc<Vec<libc::sock_filter>>>,
 ) {
     // SAFETY: the closure runs between fork and exec and only calls async-signal-safe functions
     // (prctl, getppid, _exit, open/write/close in enter_self, and the system calls of
@@ -162,6 +172,9 @@ fn set_pre_exec(
             // Last: the uid change and Landlock come after entering the guard's cgroup.
             if let Some(c) = &confine {
                 c.apply_in_child(parent)?;
+            }
+            if let Some(p) = &seccomp {
+                super::seccomp::install(p)?;
             }
             Ok(())
         });

@@ -293,8 +293,9 @@ async fn start_passt(
 /// socket gatevm binds and hands over (`--fd`), so QEMU can connect at once and no socket can be
 /// taken over meanwhile. virtiofsd runs in its namespace sandbox (its own mount, PID and network
 /// namespaces, the share as its root: a guest cannot name a file outside it), read-only shares
-/// with `--readonly` (the server refuses writes), and, when gatevm runs as root, as the share's
-/// owner ([`crate::volume::server_identity`]).
+/// with `--readonly` (the server refuses writes), under a seccomp filter that makes no
+/// set-user-ID or set-group-ID file ([`super::seccomp`]), and, when gatevm runs as root, as the
+/// share's owner ([`crate::volume::server_identity`]).
 pub(crate) fn start_file_servers(
     inst: &RunningInstance,
     runtime: &gatevm_runtime::Runtime,
@@ -312,6 +313,7 @@ pub(crate) fn start_file_servers(
     }
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
+    let no_setid = Arc::new(super::seccomp::no_setid_program());
     for (i, (v, m)) in cfg.volumes.iter().zip(&settings.volumes).enumerate() {
         let mut share = gatevm_vmm::Share {
             tag: m.tag.clone(),
@@ -360,6 +362,7 @@ pub(crate) fn start_file_servers(
                     .chain(exe.as_ref().map(|f| f.as_raw_fd()))
                     .collect(),
                 run_as: identity,
+                seccomp: Some(no_setid.clone()),
                 ..SpawnSpec::plain(&log, &paths.run)
             };
             let child = spawn_owned("virtiofsd", c, spec)?;

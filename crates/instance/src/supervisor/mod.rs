@@ -18,6 +18,7 @@ mod children;
 mod control;
 mod helpers;
 pub mod mounts;
+mod seccomp;
 pub mod state;
 
 pub use crate::control::Progress;
