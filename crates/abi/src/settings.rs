@@ -153,6 +153,38 @@ pub fn related(a: &str, b: &str) -> bool {
     under(a, b) || under(b, a)
 }
 
+/// Splits a mount spec `SOURCE:TARGET[:ro|:rw]` (a share's `HOST_DIR:GUEST_DIR`, a container
+/// bind's `GUEST_DIR:CONTAINER_DIR`): the two paths and whether it is read-only.
+pub fn split_mount_spec(spec: &str) -> Result<(&str, &str, bool), String> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    match parts.as_slice() {
+        [a, b] | [a, b, "rw"] => Ok((a, b, false)),
+        [a, b, "ro"] => Ok((a, b, true)),
+        [_, _, m] => Err(format!("unknown mode {m:?}: use ro or rw")),
+        _ => Err("expected SOURCE:TARGET[:ro] (paths with ':' cannot be used)".into()),
+    }
+}
+
+/// Checks an image platform for a pull: `OS/ARCH[/VARIANT]` of lower-case letters, digits and
+/// `_`.
+pub fn check_platform(p: &str) -> Result<(), String> {
+    let parts: Vec<&str> = p.split('/').collect();
+    let ok = (2..=3).contains(&parts.len())
+        && parts.iter().all(|s| {
+            !s.is_empty()
+                && s.len() <= 32
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid --platform {p:?}: expected OS/ARCH[/VARIANT], e.g. linux/amd64 or linux/arm64/v8"
+        ))
+    }
+}
+
 /// Checks a registry host as image references name it: `host[:port]` with a host of letters,
 /// digits, `.` and `-` (or an IPv4 address) and an optional port 1-65535.
 pub fn check_registry_host(s: &str) -> Result<(), String> {

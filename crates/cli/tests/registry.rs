@@ -157,12 +157,7 @@ fn start_proxy(upstream: u16) -> (u16, Arc<Mutex<Vec<String>>>) {
 }
 
 fn run(args: &[&str]) -> (i32, String, String) {
-    let out = gatevm(args);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_gatevm(args)
 }
 
 fn listed(ns_ref: &str) -> bool {

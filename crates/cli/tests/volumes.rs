@@ -51,12 +51,7 @@ fn sh(script: &str) -> (i32, String, String) {
 }
 
 fn run(args: &[&str]) -> (i32, String, String) {
-    let out = gatevm(args);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_gatevm(args)
 }
 
 #[test]

@@ -88,22 +88,8 @@ pub fn parse(spec: &str, host: &HostView) -> Result<Volume, VolumeError> {
         spec: spec.to_string(),
         why,
     };
-    let parts: Vec<&str> = spec.split(':').collect();
-    let (h, g, ro) = match parts.as_slice() {
-        [h, g] => (*h, *g, false),
-        [h, g, "ro"] => (*h, *g, true),
-        [h, g, "rw"] => (*h, *g, false),
-        [_, _, m] => {
-            return Err(err(format!(
-                "unknown mode {m:?}: use ro or rw (HOST_DIR:GUEST_DIR[:ro])"
-            )))
-        }
-        _ => {
-            return Err(err(
-                "expected HOST_DIR:GUEST_DIR[:ro] (paths with ':' cannot be shared)".into(),
-            ))
-        }
-    };
+    let (h, g, ro) = gatevm_abi::settings::split_mount_spec(spec)
+        .map_err(|e| err(format!("{e} (HOST_DIR:GUEST_DIR[:ro])")))?;
     let guest = check_guest_dir(g).map_err(err)?;
     let host_dir = check_host_dir(h, ro, host).map_err(err)?;
     Ok(Volume {
@@ -278,8 +264,8 @@ mod tests {
             (format!("{p}/data:/"), "whole system"),
             (format!("{p}/data:/mnt/../etc"), "\"..\""),
             (format!("{p}/data:/data:rx"), "unknown mode"),
-            (format!("{p}/data"), "expected HOST_DIR:GUEST_DIR"),
-            (format!("{p}/data:/a:ro:x"), "expected HOST_DIR:GUEST_DIR"),
+            (format!("{p}/data"), "expected SOURCE:TARGET"),
+            (format!("{p}/data:/a:ro:x"), "expected SOURCE:TARGET"),
             (":/data".to_string(), "empty"),
         ] {
             let msg = e(spec.clone());

@@ -88,19 +88,23 @@ pub struct Share {
 impl Share {
     /// Checks the tag: 1 to 36 bytes (virtio-fs's tag size) of `[a-z0-9-]`.
     pub fn check(&self) -> Result<(), VmmError> {
-        let ok = (1..=36).contains(&self.tag.len())
-            && self
-                .tag
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if ok {
-            Ok(())
-        } else {
-            Err(VmmError::Invalid(format!(
-                "share tag {:?}: 1 to 36 characters of a-z, 0-9 and -",
-                self.tag
-            )))
-        }
+        check_id("share tag", &self.tag, 36)
+    }
+}
+
+/// Checks a device ID the guest reads (a disk serial, a share tag): 1 to `max` bytes of
+/// `[a-z0-9-]`, so it needs no quoting anywhere.
+fn check_id(what: &str, id: &str, max: usize) -> Result<(), VmmError> {
+    let ok = (1..=max).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(VmmError::Invalid(format!(
+            "{what} {id:?}: 1 to {max} characters of a-z, 0-9 and -"
+        )))
     }
 }
 
@@ -136,19 +140,7 @@ impl Disk {
     /// Checks the serial: 1 to 20 bytes (virtio-blk's ID size) of `[a-z0-9-]`, so it needs no
     /// quoting anywhere.
     pub fn check(&self) -> Result<(), VmmError> {
-        let ok = (1..=20).contains(&self.serial.len())
-            && self
-                .serial
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if ok {
-            Ok(())
-        } else {
-            Err(VmmError::Invalid(format!(
-                "disk serial {:?}: 1 to 20 characters of a-z, 0-9 and -",
-                self.serial
-            )))
-        }
+        check_id("disk serial", &self.serial, 20)
     }
 }
 

@@ -79,12 +79,10 @@ pub(crate) struct Publish {
 /// Checks `GUEST_DIR:CONTAINER_DIR[:ro]` as far as the host can (the guest checks it again and
 /// that the guest directory exists).
 pub(crate) fn check_volume(s: &str) -> anyhow::Result<()> {
-    let parts: Vec<&str> = s.split(':').collect();
-    let ok_mode = matches!(parts.as_slice(), [_, _] | [_, _, "ro" | "rw"]);
-    if !ok_mode {
-        bail!("invalid --volume {s:?}: expected GUEST_DIR:CONTAINER_DIR[:ro]");
-    }
-    for p in &parts[..2] {
+    let (src, dst, _) = gatevm_abi::settings::split_mount_spec(s).map_err(|e| {
+        anyhow::anyhow!("invalid --volume {s:?}: {e} (GUEST_DIR:CONTAINER_DIR[:ro])")
+    })?;
+    for p in [src, dst] {
         if !p.starts_with('/') {
             bail!("invalid --volume {s:?}: {p:?} is not an absolute path");
         }

@@ -509,22 +509,6 @@ impl tokio::io::AsyncWrite for PullSink {
     }
 }
 
-/// Checks a `--platform` as the guest will: OS/ARCH[/VARIANT] of lower-case letters, digits, `_`.
-pub(crate) fn check_platform(p: &str) -> anyhow::Result<()> {
-    let parts: Vec<&str> = p.split('/').collect();
-    let ok = (2..=3).contains(&parts.len())
-        && parts.iter().all(|s| {
-            !s.is_empty()
-                && s.len() <= 32
-                && s.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        });
-    if !ok {
-        bail!("invalid --platform {p:?}: expected OS/ARCH[/VARIANT], e.g. linux/amd64 or linux/arm64/v8");
-    }
-    Ok(())
-}
-
 fn pull(a: PullArgs) -> anyhow::Result<i32> {
     use gatevm_abi::paths::GUEST_AGENT;
     let name = super::name_arg(&a.name)?.to_string();
@@ -538,7 +522,7 @@ fn pull(a: PullArgs) -> anyhow::Result<i32> {
         bail!("invalid image reference {:?}", a.reference);
     }
     if let Some(p) = &a.platform {
-        check_platform(p)?;
+        gatevm_abi::settings::check_platform(p).map_err(anyhow::Error::msg)?;
     }
     require_running(&name)?;
     let mut argv: Vec<String> = vec![

@@ -31,6 +31,16 @@ pub fn gatevm(args: &[&str]) -> Output {
         .expect("running gatevm")
 }
 
+/// Runs gatevm: exit code, stdout, stderr.
+pub fn run_gatevm(args: &[&str]) -> (i32, String, String) {
+    let out = gatevm(args);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn ok(args: &[&str]) -> String {
     let out = gatevm(args);
     assert!(

@@ -132,13 +132,8 @@ pub(crate) fn parse_bind(spec: &str) -> Result<Bind, ArgsError> {
         spec: spec.to_string(),
         why,
     };
-    let parts: Vec<&str> = spec.split(':').collect();
-    let (src, dst, ro) = match parts.as_slice() {
-        [s, d] => (*s, *d, false),
-        [s, d, "ro"] => (*s, *d, true),
-        [s, d, "rw"] => (*s, *d, false),
-        _ => return Err(err("expected GUEST_DIR:CONTAINER_DIR[:ro]".into())),
-    };
+    let (src, dst, ro) = gatevm_abi::settings::split_mount_spec(spec)
+        .map_err(|e| err(format!("{e} (GUEST_DIR:CONTAINER_DIR[:ro])")))?;
     Ok(Bind {
         src: check_bind_path(src, "guest directory").map_err(err)?,
         dst: check_bind_path(dst, "container directory").map_err(err)?,

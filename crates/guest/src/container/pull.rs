@@ -51,7 +51,7 @@ pub(crate) fn parse(a: &[String]) -> Result<PullOpts, String> {
     let namespace = ns.ok_or("--namespace is required")?;
     args::validate_namespace(&namespace).map_err(|e| e.to_string())?;
     if let Some(p) = &platform {
-        check_platform(p)?;
+        gatevm_abi::settings::check_platform(p)?;
     }
     let reference = reference.ok_or("an image reference is required")?;
     let reference = image::normalize(&reference).map_err(|e| e.to_string())?;
@@ -60,25 +60,6 @@ pub(crate) fn parse(a: &[String]) -> Result<PullOpts, String> {
         platform,
         reference,
     })
-}
-
-/// `os/arch[/variant]` of lower-case letters, digits and `_`.
-pub(crate) fn check_platform(p: &str) -> Result<(), String> {
-    let parts: Vec<&str> = p.split('/').collect();
-    let ok = (2..=3).contains(&parts.len())
-        && parts.iter().all(|s| {
-            !s.is_empty()
-                && s.len() <= 32
-                && s.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid --platform {p:?}: expected OS/ARCH[/VARIANT], e.g. linux/amd64 or linux/arm64/v8"
-        ))
-    }
 }
 
 /// What a failed pull's last `ctr: …` line means, as one line for the user.

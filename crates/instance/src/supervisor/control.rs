@@ -665,61 +665,35 @@ mod relay_tests {
                             if output == RUNS_SILENTLY {
                                 return;
                             }
-                            let mut flood = stderr_flood;
-                            while flood > 0 {
-                                let n = windows
-                                    .lock()
-                                    .expect("lock")
-                                    .get_mut(&stream)
-                                    .map(|w| w.take(flood.min(DATA_CHUNK)))
-                                    .unwrap_or(0);
-                                if n == 0 {
-                                    let _ = tokio::time::timeout(
-                                        Duration::from_millis(20),
-                                        notify.notified(),
-                                    )
-                                    .await;
-                                    continue;
+                            // The stderr flood first, then the output, each within the host's
+                            // credit.
+                            let hostile: &[u8] = b"\x1b[2J\x1b]0;owned\x07\r\nPRI * HTTP/2.0\n";
+                            for (fd, pattern, total) in [
+                                (Fd::Stderr, hostile, stderr_flood),
+                                (Fd::Stdout, &b"y"[..], output),
+                            ] {
+                                let mut left = total;
+                                while left > 0 {
+                                    let n = windows
+                                        .lock()
+                                        .expect("lock")
+                                        .get_mut(&stream)
+                                        .map(|w| w.take(left.min(DATA_CHUNK)))
+                                        .unwrap_or(0);
+                                    if n == 0 {
+                                        // Polls too: a grant between the take and this wait
+                                        // would otherwise be missed.
+                                        let _ = tokio::time::timeout(
+                                            Duration::from_millis(20),
+                                            notify.notified(),
+                                        )
+                                        .await;
+                                        continue;
+                                    }
+                                    let bytes = pattern.iter().copied().cycle().take(n).collect();
+                                    put(gw.clone(), Frame::Data { stream, fd, bytes }).await;
+                                    left -= n;
                                 }
-                                let bytes: Vec<u8> = b"\x1b[2J\x1b]0;owned\x07\r\nPRI * HTTP/2.0\n"
-                                    .iter()
-                                    .copied()
-                                    .cycle()
-                                    .take(n)
-                                    .collect();
-                                let data = Frame::Data {
-                                    stream,
-                                    fd: Fd::Stderr,
-                                    bytes,
-                                };
-                                put(gw.clone(), data).await;
-                                flood -= n;
-                            }
-                            let mut left = output;
-                            while left > 0 {
-                                let n = windows
-                                    .lock()
-                                    .expect("lock")
-                                    .get_mut(&stream)
-                                    .map(|w| w.take(left.min(DATA_CHUNK)))
-                                    .unwrap_or(0);
-                                if n == 0 {
-                                    // Polls too: a grant between the take and this wait would
-                                    // otherwise be missed.
-                                    let _ = tokio::time::timeout(
-                                        Duration::from_millis(20),
-                                        notify.notified(),
-                                    )
-                                    .await;
-                                    continue;
-                                }
-                                let data = Frame::Data {
-                                    stream,
-                                    fd: Fd::Stdout,
-                                    bytes: vec![b'y'; n],
-                                };
-                                put(gw.clone(), data).await;
-                                left -= n;
                             }
                             let exit = Frame::Msg {
                                 stream,
