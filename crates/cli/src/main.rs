@@ -18,8 +18,9 @@ Exit codes:
 #[derive(Parser)]
 #[command(name = "gatevm", version, about, after_help = EXIT_CODES, propagate_version = true)]
 struct Cli {
-    /// More output on stderr (-v: error chains and info logs, -vv: debug logs).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    /// More output on stderr (once: error chains and info logs, twice: debug logs). Long form
+    /// only: `-v` is `start -v`'s and `run -v`'s shared directories, as in docker.
+    #[arg(long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
     #[command(subcommand)]
     cmd: Cmd,
