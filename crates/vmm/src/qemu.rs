@@ -131,6 +131,38 @@ impl Handles {
         n
     }
 
+    /// A vhost-user back end's socket (passt's, a virtiofsd's) as QEMU reaches it: its directory
+    /// by descriptor and its file name (QEMU connects to `/proc/self/fd/N/FILE`, since a chardev
+    /// made from a descriptor cannot pass descriptors, which vhost-user needs). QEMU's uid must
+    /// reach the socket: the directory and the socket become its own (never through a symlink put
+    /// in their place).
+    fn vhost_user_socket(
+        &mut self,
+        q: &Qemu,
+        p: &Path,
+        what: &'static str,
+    ) -> Result<(RawFd, String), VmmError> {
+        let (Some(dir), Some(file)) = (p.parent(), p.file_name()) else {
+            return Err(VmmError::Invalid(format!(
+                "{what} path {} has no directory",
+                p.display()
+            )));
+        };
+        if let Some(ra) = q.run_as {
+            for path in [dir, p] {
+                std::os::unix::fs::lchown(path, Some(ra.uid), Some(ra.gid)).map_err(|source| {
+                    VmmError::Open {
+                        what,
+                        path: path.to_path_buf(),
+                        source,
+                    }
+                })?;
+            }
+        }
+        let dfd = self.add(open_fd(dir, libc::O_PATH | libc::O_DIRECTORY, what)?);
+        Ok((dfd, file.to_string_lossy().into_owned()))
+    }
+
     /// Opens the files and sockets of a configuration; the agent socket is bound and listening.
     fn open(q: &Qemu, cfg: &VmConfig) -> Result<Handles, VmmError> {
         use std::os::unix::net::{UnixListener, UnixStream};
@@ -177,26 +209,7 @@ impl Handles {
                 Some(h.add(s.into()))
             }
             Some(crate::NetAttach::VhostUser(p)) => {
-                let (Some(dir), Some(file)) = (p.parent(), p.file_name()) else {
-                    return Err(VmmError::Invalid(format!(
-                        "vhost-user socket path {} has no directory",
-                        p.display()
-                    )));
-                };
-                // QEMU's uid must reach the socket: the directory and the socket become its own
-                // (never through a symlink put in their place).
-                if let Some(ra) = q.run_as {
-                    for path in [dir, p.as_path()] {
-                        std::os::unix::fs::lchown(path, Some(ra.uid), Some(ra.gid))
-                            .map_err(sock("network helper socket", path))?;
-                    }
-                }
-                let dfd = h.add(open_fd(
-                    dir,
-                    libc::O_PATH | libc::O_DIRECTORY,
-                    "network helper socket",
-                )?);
-                h.vhost_dir = Some((dfd, file.to_string_lossy().into_owned()));
+                h.vhost_dir = Some(h.vhost_user_socket(q, p, "network helper socket")?);
                 None
             }
             _ => None,
@@ -208,26 +221,8 @@ impl Handles {
                     share.tag
                 )));
             };
-            let (Some(dir), Some(file)) = (p.parent(), p.file_name()) else {
-                return Err(VmmError::Invalid(format!(
-                    "virtiofsd socket path {} has no directory",
-                    p.display()
-                )));
-            };
-            // QEMU's uid must reach the socket (the file server, run as the share's owner, has
-            // its listening descriptor already).
-            if let Some(ra) = q.run_as {
-                for path in [dir, p.as_path()] {
-                    std::os::unix::fs::lchown(path, Some(ra.uid), Some(ra.gid))
-                        .map_err(sock("virtiofsd socket", path))?;
-                }
-            }
-            let dfd = h.add(open_fd(
-                dir,
-                libc::O_PATH | libc::O_DIRECTORY,
-                "virtiofsd socket",
-            )?);
-            h.shares.push((dfd, file.to_string_lossy().into_owned()));
+            let dir = h.vhost_user_socket(q, p, "virtiofsd socket")?;
+            h.shares.push(dir);
         }
         Ok(h)
     }

@@ -482,6 +482,7 @@ impl PullSink {
             self.shown = true;
         } else if self.kept.len() < PULL_LIMITS.max_stdout {
             self.kept.extend_from_slice(text.as_bytes());
+            self.kept.push(b'\n');
         }
     }
 }

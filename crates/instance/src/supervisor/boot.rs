@@ -303,7 +303,7 @@ fn vm_config(
             &cfg.name,
             payload_kind(cfg),
             mtu,
-            !cfg.guest_settings().is_empty(),
+            disks.iter().any(|d| d.serial == disk::SETTINGS),
         ),
         disks,
         boot_dir: paths.boot_dir(),

@@ -303,7 +303,6 @@ pub(crate) fn start_file_servers(
     children: &mut Vec<OwnedChild>,
 ) -> Result<Vec<gatevm_vmm::Share>, SupervisorError> {
     let (paths, cfg) = (&inst.paths, &inst.config);
-    let settings = cfg.guest_settings();
     let qemu = matches!(backend, VmmBackend::Qemu(_));
     let mut shares = Vec::new();
     if qemu && !cfg.volumes.is_empty() {
@@ -314,9 +313,15 @@ pub(crate) fn start_file_servers(
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     let no_setid = Arc::new(super::seccomp::no_setid_program());
-    for (i, (v, m)) in cfg.volumes.iter().zip(&settings.volumes).enumerate() {
+    let host = crate::volume::HostView::current();
+    for (i, v) in cfg.volumes.iter().enumerate() {
+        // Checked again right before it is served: since the start's own check a path on the way
+        // may have been replaced (by another instance's guest writing in a share that holds this
+        // one, say) with a symlink to somewhere else.
+        crate::volume::recheck(v, &host).map_err(|e| SupervisorError::Setup(e.to_string()))?;
+        let tag = gatevm_abi::settings::volume_tag(i);
         let mut share = gatevm_vmm::Share {
-            tag: m.tag.clone(),
+            tag: tag.clone(),
             host_dir: v.host.clone(),
             read_only: v.read_only,
             socket: None,
@@ -367,10 +372,9 @@ pub(crate) fn start_file_servers(
             };
             let child = spawn_owned("virtiofsd", c, spec)?;
             tracing::info!(
-                "share {}: {} -> {}{} (virtiofsd pid {}{})",
-                m.tag,
+                "share {tag}: {} -> {}{} (virtiofsd pid {}{})",
                 v.host.display(),
-                m.guest_dir,
+                v.guest,
                 if v.read_only { ", read-only" } else { "" },
                 child.id.pid,
                 match identity {
