@@ -18,6 +18,13 @@ if [ ! -x /usr/bin/busybox ] || readelf -l /usr/bin/busybox 2>/dev/null | grep -
   apt-get install -y -q --no-install-recommends busybox-static >/dev/null \
     || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends busybox-static >/dev/null; }
 fi
+# The datastore recovery's unit test drives a real SQLite shell, as the guest's rootfs has one.
+if ! command -v sqlite3 >/dev/null; then
+  echo "test: installing sqlite3 for the k3s datastore recovery tests"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends sqlite3 >/dev/null \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends sqlite3 >/dev/null; }
+fi
 # The host's own ctr (out of Debian's containerd package, not installed) for the tests that drive
 # an instance's containerd socket with it.
 GATEVM_HOST_CTR=$(./scripts/host-ctr.sh)

@@ -46,6 +46,9 @@ pub const K3S_DATA_DIR: &str = "/var/lib/gatevm/k3s";
 /// The admin kubeconfig k3s writes once its API server is up (unless the plan passes
 /// `--write-kubeconfig`); the host reads it through the agent.
 pub const K3S_KUBECONFIG: &str = "/etc/rancher/k3s/k3s.yaml";
+/// What the guest's k3s profile did at this boot, for `gatevm status`: JSON
+/// `{"images": [LINE...], "datastore": [LINE...]}` (airgap imports, datastore recovery).
+pub const K3S_REPORT: &str = "/run/gatevm/k3s-report.json";
 
 /// A guest path relative to the root, for host code that joins it onto the mounted root.
 pub const fn rel(guest_path: &str) -> &str {

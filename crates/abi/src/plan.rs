@@ -34,7 +34,22 @@ pub struct PlanFile {
     pub cni: Option<CniConflist>,
     /// Why the plan is as it is (logged by the guest; not read back).
     pub notes: Vec<String>,
+    /// The staged image archives with their digests, so the guest imports each archive once.
+    pub images: Vec<StagedImage>,
 }
+
+/// One staged image archive: its file name in the staged images directory and the SHA-256 of
+/// its contents (lowercase hex), computed by the host while staging it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StagedImage {
+    /// File name (a plain name, [`valid_name`]).
+    pub file: String,
+    /// SHA-256 of the archive, 64 lowercase hex digits.
+    pub sha256: String,
+}
+
+/// At most this many staged image archives in a plan.
+pub const STAGED_IMAGES_MAX: usize = 256;
 
 impl PlanFile {
     /// The JSON text the guest reads.
@@ -63,6 +78,9 @@ pub struct Plan {
     pub cni: Option<CniConflist>,
     /// Things worth a log line (adjustments, doubtful settings).
     pub notes: Vec<String>,
+    /// The staged image archives' digests (empty from a host that sends none: every archive is
+    /// then imported at every boot).
+    pub images: Vec<StagedImage>,
 }
 
 /// Why the plan cannot be used.
@@ -195,13 +213,62 @@ pub fn parse(text: &str) -> Result<Plan, PlanError> {
         Some(_) => return Err(invalid("\"data_dir\" must be a string")),
     };
     let cni = parse_cni(obj.get("cni"))?;
+    let images = parse_images(obj.get("images"))?;
     let notes = settle_args(&mut args, &data_dir)?;
     Ok(Plan {
         args,
         data_dir,
         cni,
         notes,
+        images,
     })
+}
+
+/// `"images"`: absent, or an array of at most [`STAGED_IMAGES_MAX`] `{"file", "sha256"}`, each
+/// file a plain name named once, each digest 64 lowercase hex digits.
+fn parse_images(v: Option<&Value>) -> Result<Vec<StagedImage>, PlanError> {
+    let a = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(invalid("\"images\" must be an array")),
+    };
+    if a.len() > STAGED_IMAGES_MAX {
+        return Err(invalid(format!(
+            "\"images\" has {} entries, at most {STAGED_IMAGES_MAX}",
+            a.len()
+        )));
+    }
+    let mut out: Vec<StagedImage> = Vec::with_capacity(a.len());
+    for (i, x) in a.iter().enumerate() {
+        let field = |k: &str| x.get(k).and_then(Value::as_str);
+        let (Some(file), Some(sha256)) = (field("file"), field("sha256")) else {
+            return Err(invalid(format!(
+                "\"images\"[{i}] must be {{\"file\": NAME, \"sha256\": HEX}}"
+            )));
+        };
+        if !valid_name(file) {
+            return Err(invalid(format!(
+                "\"images\"[{i}].\"file\" {file:?} is not a plain file name"
+            )));
+        }
+        if sha256.len() != 64
+            || !sha256
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(invalid(format!(
+                "\"images\"[{i}].\"sha256\" is not 64 lowercase hex digits"
+            )));
+        }
+        if out.iter().any(|o| o.file == file) {
+            return Err(invalid(format!("\"images\" names {file:?} twice")));
+        }
+        out.push(StagedImage {
+            file: file.to_string(),
+            sha256: sha256.to_string(),
+        });
+    }
+    Ok(out)
 }
 
 /// `"args"`: an array of strings without NUL bytes.
@@ -380,6 +447,48 @@ mod tests {
     }
 
     #[test]
+    fn staged_image_digests() {
+        let base = |images: serde_json::Value| {
+            json!({"args": [], "data_dir": "/var/lib/gatevm/k3s", "images": images}).to_string()
+        };
+        let h = "ab".repeat(32);
+        let p = parse(&base(json!([{"file": "00-a.tar", "sha256": h}]))).unwrap();
+        assert_eq!(
+            p.images,
+            vec![StagedImage {
+                file: "00-a.tar".into(),
+                sha256: h.clone()
+            }]
+        );
+        assert!(parse(&base(json!(null))).unwrap().images.is_empty());
+        assert!(parse(FULL).unwrap().images.is_empty());
+        for (bad, want) in [
+            (json!("x"), "must be an array"),
+            (json!([{"file": "a.tar"}]), "must be {"),
+            (
+                json!([{"file": "../a.tar", "sha256": h}]),
+                "not a plain file name",
+            ),
+            (
+                json!([{"file": "a.tar", "sha256": "AB".repeat(32)}]),
+                "lowercase hex",
+            ),
+            (json!([{"file": "a.tar", "sha256": "ab"}]), "lowercase hex"),
+            (
+                json!([{"file": "a.tar", "sha256": h}, {"file": "a.tar", "sha256": h}]),
+                "twice",
+            ),
+        ] {
+            let e = err(&base(bad.clone()));
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+        let many: Vec<_> = (0..=STAGED_IMAGES_MAX)
+            .map(|i| json!({"file": format!("{i}.tar"), "sha256": h}))
+            .collect();
+        assert!(err(&base(json!(many))).contains("at most"));
+    }
+
+    #[test]
     fn plan_parses() {
         let p = parse(FULL).unwrap();
         assert_eq!(p.data_dir, PathBuf::from("/var/lib/gatevm/k3s"));
@@ -546,9 +655,14 @@ mod tests {
                 json: "{\"cniVersion\":\"1.0.0\"}".into(),
             }),
             notes: vec!["flannel off".into()],
+            images: vec![StagedImage {
+                file: "00-airgap.tar.zst".into(),
+                sha256: "0f".repeat(32),
+            }],
         };
         let text = String::from_utf8(file.to_json().unwrap()).unwrap();
         let plan = parse(&text).unwrap();
+        assert_eq!(plan.images, file.images);
         assert_eq!(plan.args, file.args);
         assert_eq!(plan.data_dir, Path::new(crate::paths::K3S_DATA_DIR));
         assert_eq!(plan.cni, file.cni);

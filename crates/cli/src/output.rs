@@ -82,6 +82,12 @@ pub(crate) fn sanitize_status(st: &mut gatevm_instance::InstanceStatus) {
     if let Some(k) = st.k3s.as_mut() {
         k.version = line(&k.version, 100);
         opt(&mut k.detail, 1000);
+        for v in [&mut k.images, &mut k.datastore] {
+            v.truncate(64);
+            for l in v.iter_mut() {
+                *l = line(l, 512);
+            }
+        }
         if let Some(g) = k.gateway.as_mut() {
             opt(&mut g.detail, 1000);
         }

@@ -792,3 +792,262 @@ fn k3s_health_fails_and_recovers_with_a_stand_in() {
     assert_eq!(std::fs::read_to_string(&kubeconfig).unwrap(), THEIRS);
     assert_eq!(entries(&kube_dir), ["config"]);
 }
+
+/// The k3s profile's state kept tidy across restarts (issue 17), with the stand-in k3s:
+/// - an airgap archive is imported at the first boot, skipped at the next (recorded by digest on
+///   the state disk, its image still in containerd), imported again when its image was removed
+///   and when the archive's contents change; `status` says which;
+/// - `--k3s-arg` reaches k3s after gatevm's own arguments (the new defaults among them), is
+///   saved, and a reserved one is refused with one line before anything starts;
+/// - kine's datastore after a crash: a stale bootstrap lock row (built here with the guest's
+///   sqlite3) is removed at the next boot and the populated key kept; a database that fails
+///   its header check is moved aside whole, never deleted, and `status` says where.
+#[test]
+fn k3s_state_kept_tidy_with_a_stand_in() {
+    const NAME: &str = "e2e-k3stidy";
+    let test = "k3s_state_kept_tidy_with_a_stand_in";
+    let Some(fake) = stand_in(test) else {
+        return;
+    };
+    let _guard = Instance(NAME);
+    let _ = gatevm(&["delete", NAME, "--force"]);
+    let t = tempfile::tempdir().unwrap();
+    let arch = match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        _ => "amd64",
+    };
+    let archive = t.path().join("app.tar");
+    let make_archive = |content: &[u8]| {
+        docker_archive_tagged(
+            &archive,
+            "gatevm-test/airgap:1",
+            &[tar_of(&[file("hello.txt", content)])],
+            serde_json::json!({"architecture": arch, "os": "linux", "config": {}}),
+        );
+    };
+    make_archive(b"first\n");
+    const IMAGE: &str = "docker.io/gatevm-test/airgap:1";
+    let fake_s = fake.to_str().unwrap();
+
+    // A reserved argument: one line, nothing made.
+    let (code, _, err) = run_gatevm(&[
+        "start",
+        NAME,
+        "--profile",
+        "k3s",
+        "--k3s",
+        fake_s,
+        "--k3s-arg=--data-dir=/tmp/k3s",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err:?}");
+    assert!(
+        err.contains("--k3s-arg \"--data-dir=/tmp/k3s\": --data-dir is reserved"),
+        "{err}"
+    );
+    let (code, _, _) = run_gatevm(&["status", NAME]);
+    assert_ne!(code, 0, "a refused start left an instance behind");
+
+    ok(&[
+        "start",
+        NAME,
+        "--profile",
+        "k3s",
+        "--k3s",
+        fake_s,
+        "--no-kubeconfig",
+        "--images",
+        archive.to_str().unwrap(),
+        "--k3s-arg=--node-label=tier=edge",
+        "--k3s-arg",
+        "--disable-helm-controller",
+    ]);
+    let images_said = |st: &serde_json::Value| st["k3s"]["images"].to_string();
+    let st = status_until(
+        NAME,
+        "the airgap import report",
+        Duration::from_secs(60),
+        |s| {
+            let said = images_said(s);
+            said.contains("00-app.tar") && !said.contains("waiting for containerd")
+        },
+    );
+    assert!(
+        images_said(&st).contains("imported 1 images"),
+        "{}",
+        images_said(&st)
+    );
+    assert_eq!(
+        st["k3s"]["user_args"],
+        serde_json::json!(["--node-label=tier=edge", "--disable-helm-controller"]),
+        "{st}"
+    );
+    let (code, out, err) = exec(NAME, &["ctr", "-n", "k8s.io", "images", "ls", "-q"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().any(|l| l == IMAGE), "{out}");
+    // What k3s got: gatevm's arguments (the new defaults among them), then the user's, last.
+    let k3s_args = || -> Vec<String> {
+        let (code, report, err) = exec(NAME, &["cat", "/run/fake-k3s.json"], None);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+        v["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let args = k3s_args();
+    let n = args.len();
+    assert_eq!(
+        &args[n - 2..],
+        ["--node-label=tier=edge", "--disable-helm-controller"],
+        "{args:?}"
+    );
+    for want in [
+        "--kubelet-arg=runtime-request-timeout=15m",
+        "--kube-proxy-arg=nodeport-addresses=192.168.127.0/24",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want} missing: {args:?}");
+    }
+
+    // A crash's leftovers in kine's database, built with the guest's own sqlite3: a stale
+    // bootstrap lock (an empty latest value) and a populated bootstrap key.
+    let db = "/var/lib/gatevm/k3s/server/db/state.db";
+    let sql = |script: &str| {
+        // The stand-in makes no datastore: its directory is made here, as k3s would.
+        let cmd = format!(
+            "mkdir -p {} && sqlite3 -batch {db}",
+            db.trim_end_matches("/state.db")
+        );
+        let (code, out, err) = exec(NAME, &["sh", "-c", &cmd], Some(script.as_bytes()));
+        assert_eq!(code, 0, "sqlite3 in the guest: {err}");
+        out
+    };
+    sql("CREATE TABLE IF NOT EXISTS kine (id INTEGER PRIMARY KEY AUTOINCREMENT, name INTEGER, created INTEGER, deleted INTEGER, create_revision INTEGER, prev_revision INTEGER, lease INTEGER, value BLOB, old_value BLOB);
+         INSERT INTO kine(name, created, deleted, value) VALUES
+           ('/bootstrap/0123abcd', 1, 0, ''),
+           ('/bootstrap/feedbeef', 1, 0, x'00112233');");
+
+    // The next boot: the archive skipped, the lock gone, the data kept; the saved arguments
+    // still passed.
+    ok(&["stop", NAME]);
+    ok(&["start", NAME]);
+    let st = status_until(
+        NAME,
+        "the second boot's report",
+        Duration::from_secs(60),
+        |s| {
+            let said = images_said(s);
+            said.contains("00-app.tar") && !said.contains("waiting for containerd")
+        },
+    );
+    assert!(
+        images_said(&st).contains("already imported (1 images), skipped"),
+        "{}",
+        images_said(&st)
+    );
+    let datastore = st["k3s"]["datastore"].to_string();
+    assert!(
+        datastore.contains("removed a stale bootstrap lock (/bootstrap/0123abcd"),
+        "{datastore}"
+    );
+    assert_eq!(
+        sql("SELECT name FROM kine WHERE name LIKE '/bootstrap/%' ORDER BY id;"),
+        "/bootstrap/feedbeef\n"
+    );
+    assert!(k3s_args().iter().any(|a| a == "--node-label=tier=edge"));
+    let human = ok(&["status", NAME]);
+    assert!(human.contains("airgap:     00-app.tar"), "{human}");
+    assert!(
+        human.contains("datastore:  removed a stale bootstrap lock"),
+        "{human}"
+    );
+    assert!(
+        human.contains("k3s args:   --node-label=tier=edge --disable-helm-controller"),
+        "{human}"
+    );
+
+    // The image removed since: imported again. A torn database: moved aside, not deleted.
+    let (code, _, err) = exec(NAME, &["ctr", "-n", "k8s.io", "images", "rm", IMAGE], None);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = exec(
+        NAME,
+        &[
+            "sh",
+            "-c",
+            &format!("head -c 3000 /dev/urandom > {db} && sync"),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    ok(&["stop", NAME]);
+    ok(&["start", NAME]);
+    let st = status_until(
+        NAME,
+        "the third boot's report",
+        Duration::from_secs(60),
+        |s| {
+            let said = images_said(s);
+            said.contains("00-app.tar") && !said.contains("waiting for containerd")
+        },
+    );
+    assert!(
+        images_said(&st).contains("imported 1 images"),
+        "{}",
+        images_said(&st)
+    );
+    let datastore = st["k3s"]["datastore"].to_string();
+    assert!(
+        datastore.contains("state.db failed its header check")
+            && datastore.contains("/var/lib/gatevm/k3s/server/db/corrupt-"),
+        "{datastore}"
+    );
+    let (code, out, err) = exec(
+        NAME,
+        &[
+            "sh",
+            "-c",
+            "wc -c /var/lib/gatevm/k3s/server/db/corrupt-*/state.db",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.trim_start().starts_with("3000 "), "{out}");
+
+    // The archive's contents changed (same path): another digest, imported again; the next
+    // boot after that skips it once more.
+    make_archive(b"second\n");
+    ok(&["stop", NAME]);
+    ok(&["start", NAME]);
+    let st = status_until(
+        NAME,
+        "the fourth boot's report",
+        Duration::from_secs(60),
+        |s| {
+            let said = images_said(s);
+            said.contains("00-app.tar") && !said.contains("waiting for containerd")
+        },
+    );
+    assert!(
+        images_said(&st).contains("imported 1 images"),
+        "{}",
+        images_said(&st)
+    );
+    // --no-k3s-args drops the saved arguments.
+    ok(&["stop", NAME]);
+    ok(&["start", NAME, "--no-k3s-args"]);
+    let st = status_until(
+        NAME,
+        "the fifth boot's report",
+        Duration::from_secs(60),
+        |s| {
+            let said = images_said(s);
+            said.contains("00-app.tar") && !said.contains("waiting for containerd")
+        },
+    );
+    assert!(images_said(&st).contains("skipped"), "{}", images_said(&st));
+    assert_eq!(st["k3s"]["user_args"], serde_json::json!([]), "{st}");
+    assert!(!k3s_args().iter().any(|a| a == "--node-label=tier=edge"));
+    ok(&["delete", NAME, "--force"]);
+}

@@ -245,6 +245,9 @@ pub struct K3sSettings {
     /// gateway Service's NodePort); health then also needs TLS signed by the instance's CA there.
     #[serde(default)]
     pub gateway: Option<GatewayPort>,
+    /// The user's own k3s server arguments (`--k3s-arg`), checked, passed after gatevm's.
+    #[serde(default)]
+    pub user_args: Vec<String>,
 }
 
 /// Where the gateway is reached: host port (on 127.0.0.1) to guest port.

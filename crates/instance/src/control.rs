@@ -84,6 +84,17 @@ pub struct K3sHealth {
     /// The gateway port, when one is configured.
     #[serde(default)]
     pub gateway: Option<GatewayHealth>,
+    /// The user's own k3s server arguments (`--k3s-arg`).
+    #[serde(default)]
+    pub user_args: Vec<String>,
+    /// What this boot did with each airgap archive (imported, already imported and skipped,
+    /// failed), as the guest reports it.
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// What this boot's datastore recovery did (a database moved aside, a stale bootstrap
+    /// lock removed), as the guest reports it.
+    #[serde(default)]
+    pub datastore: Vec<String>,
 }
 
 /// The gateway port's part of the k3s health.

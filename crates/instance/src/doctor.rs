@@ -186,11 +186,21 @@ fn add_runtime(report: &mut Report, rt: &Runtime, verify: bool) {
             capabilities: vec![],
         },
     });
-    report.kernels.push(GuestKernel {
-        name: "libkrunfw (krun)".into(),
-        source: "not read: libkrunfw ships no kernel config, and its kernel can only be asked by booting it with libkrun".into(),
-        capabilities: vec![],
-    });
+    let fw = rt.libkrunfw();
+    report.kernels.push(
+        match gatevm_kernel::libkrunfw::KrunfwKernel::of_library(&fw, std::env::consts::ARCH) {
+            Ok(k) => GuestKernel {
+                name: format!("libkrunfw {} (krun)", k.release.as_deref().unwrap_or("?")),
+                source: k.source(),
+                capabilities: k.capabilities(),
+            },
+            Err(e) => GuestKernel {
+                name: "libkrunfw (krun)".into(),
+                source: format!("cannot read {}: {e}", fw.display()),
+                capabilities: vec![],
+            },
+        },
+    );
     if verify {
         let v = rt.verify();
         report.verified_files = Some(v.checked);

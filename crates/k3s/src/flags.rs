@@ -83,6 +83,142 @@ pub struct K3sOptions {
     pub enable_metrics_server: bool,
     /// The API server's port in the guest (`--https-listen-port`), normally 6443.
     pub api_port: u16,
+    /// The node addresses kube-proxy serves NodePorts on (`nodeport-addresses`), as CIDRs: the
+    /// VM network, where host port forwards arrive (and the cluster network of a joined node).
+    pub nodeport_cidrs: Vec<String>,
+    /// The user's own k3s arguments (`--k3s-arg`), each checked by [`check_user_arg`], passed
+    /// after gatevm's.
+    pub user_args: Vec<String>,
+}
+
+/// How long the kubelet waits for one container runtime call (`runtime-request-timeout`,
+/// kubelet's default 2m). Pulling a large image under emulation takes longer than that, and the
+/// kubelet would then cancel and restart the pull from the start, forever.
+pub const RUNTIME_REQUEST_TIMEOUT: &str = "15m";
+
+/// The VM network as a CIDR (`192.168.127.0/24`): host port forwards reach the guest there.
+pub fn vm_network_cidr() -> String {
+    let ip = u32::from(gatevm_abi::net::GUEST_IP);
+    let mask = u32::MAX << (32 - u32::from(gatevm_abi::net::PREFIX_LEN));
+    format!(
+        "{}/{}",
+        std::net::Ipv4Addr::from(ip & mask),
+        gatevm_abi::net::PREFIX_LEN
+    )
+}
+
+/// k3s flags a `--k3s-arg` may not set, with why: each is something gatevm itself decides and
+/// relies on (`(long, short, why)`).
+pub const RESERVED_ARGS: &[(&str, Option<&str>, &str)] = &[
+    (
+        "--data-dir",
+        Some("-d"),
+        "k3s's state lives where gatevm keeps it on the state disk",
+    ),
+    (
+        "--write-kubeconfig",
+        Some("-o"),
+        "gatevm fetches the kubeconfig from where it expects it",
+    ),
+    (
+        "--write-kubeconfig-mode",
+        None,
+        "the kubeconfig holds the admin key: 0600 only",
+    ),
+    (
+        "--container-runtime-endpoint",
+        None,
+        "k3s must use the VM's containerd, where imported images are",
+    ),
+    (
+        "--docker",
+        None,
+        "k3s must use the VM's containerd, where imported images are",
+    ),
+    (
+        "--https-listen-port",
+        None,
+        "the host's API forward reaches the guest's port 6443 (use --api-port for the host side)",
+    ),
+    ("--node-name", None, "the node is named after the instance"),
+    (
+        "--server",
+        Some("-s"),
+        "use gatevm start --join SERVER to join a cluster",
+    ),
+    (
+        "--token",
+        Some("-t"),
+        "the cluster token is gatevm's (start --join)",
+    ),
+    (
+        "--token-file",
+        None,
+        "the cluster token is gatevm's (start --join)",
+    ),
+    (
+        "--agent-token",
+        None,
+        "the cluster token is gatevm's (start --join)",
+    ),
+    (
+        "--agent-token-file",
+        None,
+        "the cluster token is gatevm's (start --join)",
+    ),
+];
+
+/// At most this many `--k3s-arg`s, each at most [`USER_ARG_MAX`] bytes.
+pub const USER_ARGS_MAX: usize = 64;
+/// The longest `--k3s-arg`.
+pub const USER_ARG_MAX: usize = 4096;
+
+/// Checks one `--k3s-arg`: a long flag as one argument (`--flag` or `--flag=value`), printable,
+/// and not one of [`RESERVED_ARGS`]. The error is the reason, for a one-line message.
+pub fn check_user_arg(arg: &str) -> Result<(), String> {
+    if arg.len() > USER_ARG_MAX {
+        return Err(format!("longer than {USER_ARG_MAX} bytes"));
+    }
+    if arg.chars().any(|c| c.is_control()) {
+        return Err("contains a control character".into());
+    }
+    let name = arg.split_once('=').map_or(arg, |(n, _)| n);
+    if let Some((long, _, why)) = RESERVED_ARGS
+        .iter()
+        .find(|(long, short, _)| name == *long || Some(name) == *short)
+    {
+        return Err(format!("{long} is reserved: {why}"));
+    }
+    if !name.starts_with("--") {
+        return Err("give a long k3s server flag as one argument, --flag or --flag=value".into());
+    }
+    let flag = &name[2..];
+    let ok = !flag.is_empty()
+        && flag
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !flag.starts_with('-');
+    if !ok {
+        return Err(format!(
+            "{name:?} is not a k3s flag name (lowercase letters, digits and '-')"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a whole `--k3s-arg` list ([`check_user_arg`] and [`USER_ARGS_MAX`]); the error names
+/// the argument.
+pub fn check_user_args(args: &[String]) -> Result<(), String> {
+    if args.len() > USER_ARGS_MAX {
+        return Err(format!(
+            "--k3s-arg: {} given, at most {USER_ARGS_MAX}",
+            args.len()
+        ));
+    }
+    for a in args {
+        check_user_arg(a).map_err(|why| format!("--k3s-arg {a:?}: {why}"))?;
+    }
+    Ok(())
 }
 
 impl Default for K3sOptions {
@@ -102,6 +238,8 @@ impl Default for K3sOptions {
             enable_servicelb: false,
             enable_metrics_server: false,
             api_port: 6443,
+            nodeport_cidrs: vec![vm_network_cidr()],
+            user_args: vec![],
         }
     }
 }
@@ -197,6 +335,9 @@ impl Kernel<'_> {
 /// - `--kubelet-arg=image-gc-high-threshold=100`: the kubelet documents 100 as "disable image
 ///   garbage collection", so it never deletes images the user imported because the host's disk
 ///   looks full (the low threshold keeps its default of 80, which must stay below it).
+/// - `--kubelet-arg=runtime-request-timeout=15m` ([`RUNTIME_REQUEST_TIMEOUT`]).
+/// - With kube-proxy running, `--kube-proxy-arg=nodeport-addresses=` [`K3sOptions::nodeport_cidrs`].
+/// - Last, the user's `--k3s-arg`s ([`K3sOptions::user_args`]).
 ///
 /// From the kernel:
 /// - network policy: the embedded controller (kube-router) enforces policies with iptables
@@ -251,6 +392,9 @@ pub fn plan(caps: &[Capability], opts: &K3sOptions) -> K3sPlan {
         eviction.join(",")
     ));
     args.push("--kubelet-arg=image-gc-high-threshold=100".into());
+    args.push(format!(
+        "--kubelet-arg=runtime-request-timeout={RUNTIME_REQUEST_TIMEOUT}"
+    ));
 
     let mut notes = Vec::new();
     let iptables_parts = ["xtables", "nft_compat", "nftables"];
@@ -340,12 +484,32 @@ pub fn plan(caps: &[Capability], opts: &K3sOptions) -> K3sPlan {
         cni_conflist = Some((BRIDGE_CONFLIST.to_string(), bridge_conflist(backend)));
     }
 
+    if kube_proxy && !opts.nodeport_cidrs.is_empty() {
+        args.push(format!(
+            "--kube-proxy-arg=nodeport-addresses={}",
+            opts.nodeport_cidrs.join(",")
+        ));
+        notes.push(format!(
+            "NodePorts served on {} only (where host port forwards arrive), not on the pod \
+             bridge or loopback",
+            opts.nodeport_cidrs.join(", ")
+        ));
+    }
+
     let missing_links = kernel.missing(&["bridge", "veth"]);
     if !missing_links.is_empty() {
         notes.push(format!(
             "the kernel lacks {}: no pod network (bridge CNI or flannel) can attach pods",
             missing_links.join(", ")
         ));
+    }
+
+    if !opts.user_args.is_empty() {
+        notes.push(format!(
+            "the user's --k3s-arg, after gatevm's arguments: {}",
+            opts.user_args.join(" ")
+        ));
+        args.extend(opts.user_args.iter().cloned());
     }
 
     K3sPlan {

@@ -55,6 +55,15 @@ pub(crate) struct K3sArgs {
     /// The TLS Secret holding the gateway's server pair and CA [default: gatevm/gateway-tls].
     #[arg(long, value_name = "NAMESPACE/NAME")]
     pub gateway_secret: Option<String>,
+    /// Another `k3s server` argument, as one --flag or --flag=value (e.g.
+    /// --k3s-arg=--node-label=tier=edge), passed after gatevm's own. Repeatable; saved, and
+    /// replaces the earlier list. Flags gatevm relies on (data dir, kubeconfig, runtime endpoint,
+    /// listen port, node name, token, server) are refused.
+    #[arg(long = "k3s-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub k3s_args: Vec<String>,
+    /// Drop the saved --k3s-arg list.
+    #[arg(long)]
+    pub no_k3s_args: bool,
 }
 
 impl K3sArgs {
@@ -75,6 +84,8 @@ impl K3sArgs {
             services: self.services.clone(),
             tls_sans: self.tls_sans.clone(),
             gateway_secret: self.gateway_secret.clone(),
+            k3s_args: self.k3s_args.clone(),
+            no_k3s_args: self.no_k3s_args,
         }
     }
 }

@@ -68,6 +68,15 @@ pub(crate) fn print_human(st: &InstanceStatus) {
                 .map(|d| format!("; {d}"))
                 .unwrap_or_default()
         );
+        for l in &k.images {
+            println!("airgap:     {l}");
+        }
+        for l in &k.datastore {
+            println!("datastore:  {l}");
+        }
+        if !k.user_args.is_empty() {
+            println!("k3s args:   {} (--k3s-arg)", k.user_args.join(" "));
+        }
         if let Some(g) = &k.gateway {
             println!(
                 "gateway:    {} -> guest port {} ({}{})",

@@ -40,6 +40,7 @@ pub async fn k3s_health(name: &str, s: &K3sSettings, gateway: bool) -> K3sHealth
     let mut h = K3sHealth {
         version: s.version.clone(),
         api_port: s.api_port,
+        user_args: s.user_args.clone(),
         ..Default::default()
     };
     let readyz = capture::<tokio::io::Empty>(
@@ -116,6 +117,36 @@ async fn gateway_health(name: &str, s: &K3sSettings, g: GatewayPort) -> GatewayH
     gh
 }
 
+/// The guest's report of this boot ([`gatevm_abi::paths::K3S_REPORT`]): its `images` and
+/// `datastore` lines, at most 64 of each, each made one safe line; nothing when it cannot be
+/// read (it is the guest's word, and only shown).
+async fn boot_report(name: &str) -> (Vec<String>, Vec<String>) {
+    let Ok(bytes) = crate::client::read_file(
+        name,
+        gatevm_abi::paths::K3S_REPORT,
+        64 << 10,
+        Duration::from_secs(5),
+    )
+    .await
+    else {
+        return (Vec::new(), Vec::new());
+    };
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let lines = |k: &str| -> Vec<String> {
+        v.get(k)
+            .and_then(|a| a.as_array())
+            .map(|a| {
+                a.iter()
+                    .take(64)
+                    .filter_map(|x| x.as_str())
+                    .map(|l| crate::text::line(l, 512))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    (lines("images"), lines("datastore"))
+}
+
 /// Fills the status's `k3s` part for a k3s instance; healthy then also needs the API server,
 /// the node and, when configured, the gateway port's TLS.
 async fn fill_health(st: &mut InstanceStatus) {
@@ -123,7 +154,8 @@ async fn fill_health(st: &mut InstanceStatus) {
         return;
     };
     let h = if st.state == "running" {
-        let h = k3s_health(&st.name, &s, true).await;
+        let mut h = k3s_health(&st.name, &s, true).await;
+        (h.images, h.datastore) = boot_report(&st.name).await;
         let gateway_ok = h.gateway.as_ref().is_none_or(|g| g.tls_ready);
         st.healthy = st.healthy && h.api_ready && h.node_ready && gateway_ok;
         h
@@ -131,6 +163,7 @@ async fn fill_health(st: &mut InstanceStatus) {
         K3sHealth {
             version: s.version.clone(),
             api_port: s.api_port,
+            user_args: s.user_args.clone(),
             gateway: s.gateway.map(|g| GatewayHealth {
                 endpoint: format!("https://127.0.0.1:{}", g.host_port),
                 guest_port: g.guest_port,

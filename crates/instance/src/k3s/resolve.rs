@@ -43,6 +43,10 @@ pub struct K3sRequest {
     pub tls_sans: Vec<String>,
     /// `NAMESPACE/NAME` of the gateway's TLS Secret.
     pub gateway_secret: Option<String>,
+    /// The user's own k3s server arguments (replace the earlier list when given).
+    pub k3s_args: Vec<String>,
+    /// Drop the saved k3s arguments.
+    pub no_k3s_args: bool,
 }
 
 fn invalid(message: String) -> K3sError {
@@ -115,6 +119,8 @@ impl K3sRequest {
             || !self.services.is_empty()
             || !self.tls_sans.is_empty()
             || self.gateway_secret.is_some()
+            || !self.k3s_args.is_empty()
+            || self.no_k3s_args
     }
 }
 
@@ -186,6 +192,12 @@ fn check_flags(
         .map(parse_gateway_port)
         .transpose()?;
     let secret = a.gateway_secret.as_deref().map(parse_secret).transpose()?;
+    if a.no_k3s_args && !a.k3s_args.is_empty() {
+        return Err(invalid(
+            "--k3s-arg and --no-k3s-args contradict each other".into(),
+        ));
+    }
+    gatevm_k3s::flags::check_user_args(&a.k3s_args).map_err(invalid)?;
     pki::PkiOptions {
         extra_sans: a.tls_sans.clone(),
         ..pki::PkiOptions::new("x")
@@ -266,7 +278,7 @@ pub fn resolve(
     });
     if profile == Profile::Containerd {
         if a.any_k3s_flag() {
-            return Err(invalid("--k3s, --api-port, --manifest, --images, --enable, --no-kubeconfig and the --gateway-*/--tls-san flags belong to --profile k3s".into()));
+            return Err(invalid("--k3s, --api-port, --manifest, --images, --enable, --no-kubeconfig, --k3s-arg and the --gateway-*/--tls-san flags belong to --profile k3s".into()));
         }
         return Ok(None);
     }
@@ -313,6 +325,11 @@ pub fn resolve(
         services: keep(&a.services, saved.map(|s| &s.services)),
         tls_sans: keep(&a.tls_sans, saved.map(|s| &s.tls_sans)),
         gateway,
+        user_args: if a.no_k3s_args {
+            Vec::new()
+        } else {
+            keep(&a.k3s_args, saved.map(|s| &s.user_args))
+        },
     }))
 }
 
@@ -403,5 +420,15 @@ mod tests {
         assert!(k3s(|a| a.images = vec!["/nonexistent.tar".into()]).contains("--images"));
         assert!(k3s(|a| a.api_port = Some(0)).contains("--api-port"));
         assert!(k3s(|a| a.k3s = Some("/bin/true".into())).contains("like k3s"));
+        let e = k3s(|a| a.k3s_args = vec!["--data-dir=/tmp".into()]);
+        assert!(
+            e.contains("--k3s-arg \"--data-dir=/tmp\": --data-dir is reserved"),
+            "{e}"
+        );
+        let e = k3s(|a| {
+            a.k3s_args = vec!["--node-label=x=y".into()];
+            a.no_k3s_args = true
+        });
+        assert!(e.contains("contradict"), "{e}");
     }
 }

@@ -10,7 +10,7 @@ use crate::paths::InstancePaths;
 use crate::rootdir::RootDirError;
 pub use crate::rootdir::{dir_in_root, write_new};
 use gatevm_abi::paths::{self, rel};
-use gatevm_abi::plan::{CniConflist, PlanFile};
+use gatevm_abi::plan::{CniConflist, PlanFile, StagedImage};
 use gatevm_k3s::flags::{self, K3sOptions};
 use gatevm_k3s::pki::{self, PkiOptions};
 use gatevm_kernel::kconfig::Capability;
@@ -74,6 +74,39 @@ fn copy_in(src: &Path, dest: &Path, mode: u32) -> Result<(), StageError> {
     Ok(write_new(dest, &bytes, mode)?)
 }
 
+/// Copies an image archive into the stage, streaming (archives are large), and returns the
+/// SHA-256 of what was copied: the guest imports an archive once per digest.
+fn copy_hashed(src: &Path, dest: &Path) -> Result<String, StageError> {
+    use sha2::Digest;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |op: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StageError::Io { op, path, source }
+    };
+    let mut from = std::fs::File::open(src).map_err(io("reading", src))?;
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dest)
+        .map_err(io("creating", dest))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io("reading", src)(e)),
+        };
+        h.update(&buf[..n]);
+        to.write_all(&buf[..n]).map_err(io("writing", dest))?;
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
 /// The manifest files a `--manifest` names: the file itself, or a directory's `*.yaml`, `*.yml`
 /// and `*.json` files (not recursive), sorted.
 pub fn manifest_files(p: &Path) -> Result<Vec<PathBuf>, StageError> {
@@ -107,6 +140,7 @@ pub fn options(name: &str, s: &K3sSettings) -> K3sOptions {
         enable_traefik: s.enable.iter().any(|e| e == "traefik"),
         enable_servicelb: s.enable.iter().any(|e| e == "servicelb"),
         enable_metrics_server: s.enable.iter().any(|e| e == "metrics-server"),
+        user_args: s.user_args.clone(),
         ..K3sOptions::default()
     }
 }
@@ -166,6 +200,17 @@ pub fn stage_tree(
     let manifests = dir_in_root(&stage, in_stage(paths::K3S_STAGED_MANIFESTS))?;
     let images = dir_in_root(&stage, in_stage(paths::K3S_STAGED_IMAGES))?;
 
+    let mut staged_images = Vec::new();
+    for (i, img) in s.images.iter().enumerate() {
+        let base = img
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("images-{i}.tar"));
+        let file = format!("{i:02}-{base}");
+        let sha256 = copy_hashed(img, &images.join(&file))?;
+        staged_images.push(StagedImage { file, sha256 });
+    }
+
     let plan = flags::plan(caps, &options(&paths.name, s));
     let staged = PlanFile {
         args: plan.args,
@@ -174,6 +219,7 @@ pub fn stage_tree(
             .cni_conflist
             .map(|(file, json)| CniConflist { file, json }),
         notes: plan.notes,
+        images: staged_images,
     };
     let json = staged.to_json().map_err(StageError::Plan)?;
     write_new(&stage.join(in_stage(paths::K3S_PLAN)), &json, 0o644)?;
@@ -189,13 +235,6 @@ pub fn stage_tree(
             }
             copy_in(&f, &manifests.join(&name), 0o644)?;
         }
-    }
-    for (i, img) in s.images.iter().enumerate() {
-        let base = img
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| format!("images-{i}.tar"));
-        copy_in(img, &images.join(format!("{i:02}-{base}")), 0o644)?;
     }
 
     // The gateway's certificates: made on the host, so they exist before the guest boots.
@@ -229,6 +268,7 @@ mod tests {
             services: vec![],
             tls_sans: vec![],
             gateway: None,
+            user_args: vec![],
         }
     }
 
@@ -288,6 +328,14 @@ mod tests {
             .unwrap()
             .contains("kubernetes.io/tls"));
         assert!(r.join("images/00-airgap.tar").is_file());
+        // The plan carries the archive's digest.
+        assert_eq!(plan["images"][0]["file"], "00-airgap.tar");
+        // sha256("tar"), the archive's three bytes.
+        assert_eq!(
+            plan["images"][0]["sha256"],
+            "90aebae315675cbf04612de4f7d5874850f48e0b8dd82becbeaa47ca93f5ebfb"
+        );
+        assert_eq!(parsed.images.len(), 1);
         assert!(paths.dir.join("pki/ca.crt").is_file());
 
         // The image: made, and the staging directory gone.

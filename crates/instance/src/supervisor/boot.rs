@@ -183,13 +183,20 @@ fn prepare_root(
     ];
     if let Some(k3s) = &cfg.k3s {
         // The plan follows the kernel the VM boots: Debian's config is read; libkrunfw's kernel
-        // ships none, so every feature counts as missing and the plan is the conservative one.
+        // ships none, so its recorded configuration is read (for the release in the library's
+        // banner; another release counts as unknown: every feature missing, the conservative
+        // plan).
         let caps = match chosen {
             VmmBackend::Qemu(_) => {
                 gatevm_kernel::kconfig::capabilities_of(&runtime.kernel_config())
                     .unwrap_or_default()
             }
-            VmmBackend::Krun(_) => vec![],
+            VmmBackend::Krun(_) => gatevm_kernel::libkrunfw::KrunfwKernel::of_library(
+                &runtime.libkrunfw(),
+                std::env::consts::ARCH,
+            )
+            .map(|k| k.capabilities())
+            .unwrap_or_default(),
         };
         crate::k3s::stage::stage(paths, k3s, &caps).map_err(SupervisorError::K3sStage)?;
         disks.push(Disk::ro(disk::STAGE, paths.stage_image()));

@@ -14,15 +14,12 @@ fn debian_cloud() -> Vec<Capability> {
     )
 }
 
-/// libkrunfw's kernel: everything built in, but no xtables, nft_compat, vxlan or ipvs.
+/// libkrunfw's kernel, as recorded: everything built in, but no xtables, nft_compat, vxlan or
+/// ipvs.
 fn libkrunfw() -> Vec<Capability> {
-    capabilities(
-        "CONFIG_CGROUP_SCHED=y\nCONFIG_MEMCG=y\nCONFIG_CGROUP_PIDS=y\nCONFIG_CPUSETS=y\n\
-         CONFIG_BLK_CGROUP=y\nCONFIG_OVERLAY_FS=y\nCONFIG_POSIX_MQUEUE=y\nCONFIG_NF_TABLES=y\n\
-         # CONFIG_NFT_COMPAT is not set\n# CONFIG_NETFILTER_XTABLES is not set\nCONFIG_BRIDGE=y\n\
-         CONFIG_VETH=y\n# CONFIG_VXLAN is not set\n# CONFIG_IP_VS is not set\n\
-         CONFIG_VIRTIO_VSOCKETS=y\nCONFIG_VIRTIO_FS=y\n",
-    )
+    gatevm_kernel::libkrunfw::recorded("6.12.91", "x86_64")
+        .expect("libkrunfw 5.5.0 is recorded")
+        .capabilities()
 }
 
 /// libkrunfw-like, without nf_tables either.
@@ -55,6 +52,8 @@ fn opts() -> K3sOptions {
         enable_servicelb: false,
         enable_metrics_server: false,
         api_port: 6443,
+        nodeport_cidrs: vec!["192.168.127.0/24".into()],
+        user_args: vec![],
     }
 }
 
@@ -393,6 +392,7 @@ fn as_guest_reads(plan: &K3sPlan, data_dir: &str) -> gatevm_abi::plan::Plan {
         data_dir: data_dir.to_string(),
         cni: None,
         notes: plan.notes.clone(),
+        images: vec![],
     };
     let json = String::from_utf8(file.to_json().unwrap()).unwrap();
     gatevm_abi::plan::parse(&json).unwrap()
@@ -430,5 +430,128 @@ fn defaults_reach_what_the_guest_reads() {
         };
         let read = as_guest_reads(&plan(&debian_cloud(), &o), &o.data_dir);
         assert_eq!(read.api_port(), port);
+    }
+}
+
+#[test]
+fn defaults_for_slow_pulls_and_nodeports() {
+    let p = plan(&debian_cloud(), &opts());
+    assert!(
+        has(&p, "--kubelet-arg=runtime-request-timeout=15m"),
+        "{:?}",
+        p.args
+    );
+    assert!(
+        has(&p, "--kube-proxy-arg=nodeport-addresses=192.168.127.0/24"),
+        "{:?}",
+        p.args
+    );
+    let p = plan(&libkrunfw(), &opts());
+    assert!(
+        has(&p, "--kube-proxy-arg=nodeport-addresses=192.168.127.0/24"),
+        "{:?}",
+        p.args
+    );
+    // No kube-proxy, no kube-proxy arguments.
+    let p = plan(&no_netfilter(), &opts());
+    assert!(
+        !p.args.iter().any(|a| a.starts_with("--kube-proxy-arg")),
+        "{:?}",
+        p.args
+    );
+    // The default CIDR is the VM network's.
+    assert_eq!(
+        K3sOptions::default().nodeport_cidrs,
+        vec!["192.168.127.0/24"]
+    );
+    assert_eq!(vm_network_cidr(), "192.168.127.0/24");
+}
+
+#[test]
+fn user_args_come_last_and_reserved_ones_are_refused() {
+    let o = K3sOptions {
+        user_args: vec![
+            "--node-label=tier=edge".into(),
+            "--disable-helm-controller".into(),
+        ],
+        ..opts()
+    };
+    let p = plan(&debian_cloud(), &o);
+    let n = p.args.len();
+    assert_eq!(
+        &p.args[n - 2..],
+        ["--node-label=tier=edge", "--disable-helm-controller"]
+    );
+    assert!(p.notes.iter().any(|x| x.contains("--node-label=tier=edge")));
+
+    for ok in [
+        "--node-label=a=b",
+        "--kubelet-arg=max-pods=50",
+        "--disable-helm-controller",
+        "--cluster-cidr=10.52.0.0/16",
+    ] {
+        assert_eq!(check_user_arg(ok), Ok(()), "{ok}");
+    }
+    let refused = |a: &str| check_user_arg(a).unwrap_err();
+    assert!(refused("--data-dir=/tmp").contains("--data-dir is reserved"));
+    assert!(refused("-d").contains("--data-dir is reserved"));
+    assert!(refused("--write-kubeconfig=/x").contains("reserved"));
+    assert!(refused("--write-kubeconfig-mode=0644").contains("0600"));
+    assert!(refused("--container-runtime-endpoint=unix:///x").contains("containerd"));
+    assert!(refused("--https-listen-port=7443").contains("--api-port"));
+    assert!(refused("--token=abc").contains("--join"));
+    assert!(refused("--server=https://x:6443").contains("--join"));
+    assert!(refused("-s").contains("--join"));
+    assert!(refused("node-label=x").contains("--flag=value"));
+    assert!(refused("-v=3").contains("long"));
+    assert!(refused("--").contains("not a k3s flag"));
+    assert!(refused("--Node-Label=x").contains("not a k3s flag"));
+    assert!(refused("--node-label=a\nb").contains("control"));
+    assert!(refused(&format!("--x={}", "a".repeat(5000))).contains("longer"));
+    let many: Vec<String> = (0..65).map(|i| format!("--node-label=n{i}=x")).collect();
+    assert!(check_user_args(&many).unwrap_err().contains("at most 64"));
+    let e = check_user_args(&["--node-label=x".into(), "--data-dir=/x".into()]).unwrap_err();
+    assert!(
+        e.starts_with("--k3s-arg \"--data-dir=/x\": --data-dir is reserved"),
+        "{e}"
+    );
+}
+
+proptest::proptest! {
+    /// Whatever passes the check is one long flag that names no reserved flag, in any spelling.
+    #[test]
+    fn accepted_user_args_never_name_reserved_flags(a in "-{0,3}[a-z-]{0,24}(=[ -~]{0,8})?") {
+        if check_user_arg(&a).is_ok() {
+            let name = a.split_once('=').map_or(a.as_str(), |(n, _)| n);
+            proptest::prop_assert!(name.starts_with("--") && name.len() > 2);
+            proptest::prop_assert!(!RESERVED_ARGS.iter().any(|(l, s, _)| name == *l || Some(name) == *s));
+        }
+    }
+}
+
+#[test]
+fn libkrunfw_as_recorded_gets_nftables_kube_proxy_and_a_masquerading_bridge() {
+    for arch in ["x86_64", "aarch64"] {
+        let caps = gatevm_kernel::libkrunfw::recorded("6.12.91", arch)
+            .unwrap()
+            .capabilities();
+        let p = plan(&caps, &opts());
+        assert!(
+            has(&p, "--kube-proxy-arg=proxy-mode=nftables"),
+            "{arch}: {:?}",
+            p.args
+        );
+        assert!(!has(&p, "--disable-kube-proxy"), "{arch}: {:?}", p.args);
+        assert!(has(&p, "--flannel-backend=none"));
+        assert!(has(&p, "--disable-network-policy"));
+        assert!(has(
+            &p,
+            "--kube-proxy-arg=nodeport-addresses=192.168.127.0/24"
+        ));
+        let conf = conflist(&p);
+        assert_eq!(plugin_types(&conf), ["bridge", "portmap"]);
+        assert_eq!(conf["plugins"][0]["ipMasq"], true);
+        assert_eq!(conf["plugins"][0]["ipMasqBackend"], "nftables");
+        assert_eq!(conf["plugins"][1]["backend"], "nftables");
     }
 }

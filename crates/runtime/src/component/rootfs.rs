@@ -45,6 +45,8 @@ pub(crate) const ROOTFS_PACKAGES: &[&str] = &[
     "ca-certificates",
     "e2fsprogs",
     "kmod",
+    // k3s's datastore recovery at boot (a stale bootstrap lock row in kine's SQLite database).
+    "sqlite3",
 ];
 
 /// Errors of building or finding a rootfs.

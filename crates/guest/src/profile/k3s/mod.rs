@@ -41,7 +41,7 @@ mod testutil;
 
 use self::containerd::write_containerd_config;
 use self::images::import_images;
-use self::kine::clean_kine;
+use self::kine::recover as recover_datastore;
 use self::plan::{load_plan, Plan, DEFAULT_API_PORT, KUBECONFIG, PLAN_PATH};
 use self::staging::{is_manifest_name, place_cni, sync_staged, SyncReport};
 use crate::fsutil::mkdir_private;
@@ -64,6 +64,34 @@ pub(crate) const STAGED_IMAGES: &str = gatevm_abi::paths::K3S_STAGED_IMAGES;
 pub(crate) const CONTAINERD_CONFIG: &str = "/run/gatevm/containerd-k3s.toml";
 /// k3s's log file.
 pub(crate) const LOG: &str = "/var/log/k3s.log";
+/// What this boot's k3s profile did, for `gatevm status` ([`write_report`]).
+pub(crate) const REPORT: &str = gatevm_abi::paths::K3S_REPORT;
+
+/// Writes [`REPORT`]: the airgap import lines and the datastore lines (at most 64 of each, each
+/// at most 512 bytes). Failing to write it only loses the report.
+pub(crate) fn write_report(path: &Path, images: &[String], datastore: &[String]) {
+    let cut = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .take(64)
+            .map(|l| {
+                let mut l = l.clone();
+                if l.len() > 512 {
+                    let mut end = 512;
+                    while !l.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    l.truncate(end);
+                }
+                l
+            })
+            .collect()
+    };
+    let v = serde_json::json!({ "images": cut(images), "datastore": cut(datastore) });
+    let text = serde_json::to_vec(&v).unwrap_or_default();
+    if let Err(e) = gatevm_fsutil::write_atomic(path, &text, 0o644) {
+        crate::glog!("k3s: cannot write {}: {e}", path.display());
+    }
+}
 
 /// Where [`prepare`] reads the staged files, and the kubeconfig it clears (the real paths for a
 /// plan, see [`Staging::for_plan`]; tests point them into temporary directories).
@@ -97,6 +125,8 @@ pub(crate) struct Prepared {
     pub problems: Vec<String>,
     /// Image archives in the images directory that gatevm placed (to import).
     pub images: Vec<String>,
+    /// What the datastore's recovery did and found (for `gatevm status`).
+    pub datastore: Vec<String>,
 }
 
 fn report_into(what: &str, r: &SyncReport, out: &mut Prepared) {
@@ -159,12 +189,19 @@ pub(crate) fn prepare(plan: &Plan, staging: &Staging) -> Result<Prepared, Prepar
     );
     report_into("cni", &r, &mut out);
 
-    let (removed, problems) = clean_kine(&plan.db_dir());
-    for r in removed {
-        out.notes.push(format!("datastore: removed stale {r}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (notes, problems) = recover_datastore(&plan.db_dir(), now);
+    for n in notes {
+        out.notes.push(format!("datastore: {n}"));
+        out.datastore.push(n);
     }
-    out.problems
-        .extend(problems.into_iter().map(|p| format!("datastore: {p}")));
+    for p in problems {
+        out.problems.push(format!("datastore: {p}"));
+        out.datastore.push(p);
+    }
 
     // A kubeconfig of an earlier boot would make readiness (and the host) believe this boot's
     // API server is up before it is; k3s writes it anew at every start.
@@ -226,6 +263,8 @@ pub(crate) struct Profile {
     plan: Option<Plan>,
     /// Archives to import before k3s starts.
     images: Vec<String>,
+    /// What the datastore's recovery did (for the report).
+    datastore: Vec<String>,
 }
 
 impl Profile {
@@ -257,6 +296,7 @@ impl Profile {
             k3s: Payload::new(k3s_payload_config(Some(&plan))),
             plan: Some(plan),
             images: Vec::new(),
+            datastore: Vec::new(),
         }
     }
 
@@ -268,6 +308,7 @@ impl Profile {
             k3s,
             plan: None,
             images: Vec::new(),
+            datastore: Vec::new(),
         }
     }
 
@@ -292,6 +333,13 @@ impl Profile {
                     crate::glog!("k3s: {} more problems", p.problems.len() - 8);
                 }
                 self.images = p.images;
+                self.datastore = p.datastore;
+                let pending: Vec<String> = self
+                    .images
+                    .iter()
+                    .map(|i| format!("{i}: waiting for containerd"))
+                    .collect();
+                write_report(Path::new(REPORT), &pending, &self.datastore);
             }
             Err(e) => {
                 self.k3s.fail(&crate::log::error_chain(&e));
@@ -309,25 +357,42 @@ impl Profile {
         let Some(plan) = &self.plan else { return };
         let containerd = self.containerd.clone();
         let k3s = self.k3s.clone();
-        let images_dir = plan.images_dir();
-        let images = self.images.clone();
+        let imports = Imports {
+            dir: plan.images_dir(),
+            names: self.images.clone(),
+            digests: plan
+                .images
+                .iter()
+                .map(|i| (i.file.clone(), i.sha256.clone()))
+                .collect(),
+            record: plan.index_dir().join("imported-images.json"),
+            datastore: self.datastore.clone(),
+        };
         let spawned = std::thread::Builder::new()
             .name("k3s-start".into())
-            .spawn(move || launch(&containerd, &k3s, &images_dir, &images, reaper));
+            .spawn(move || launch(&containerd, &k3s, &imports, reaper));
         if let Err(e) = spawned {
             self.k3s.fail(&format!("cannot start a thread: {e}"));
         }
     }
 }
 
+/// The airgap archives to import before k3s starts, and what the report says besides.
+struct Imports {
+    /// k3s's images directory, where they were placed.
+    dir: PathBuf,
+    /// The placed archives.
+    names: Vec<String>,
+    /// File name → SHA-256, from the plan.
+    digests: Vec<(String, String)>,
+    /// The import record on the state disk.
+    record: PathBuf,
+    /// The datastore's lines for the report.
+    datastore: Vec<String>,
+}
+
 /// Waits for containerd, imports the images, starts k3s (unless a shutdown began).
-fn launch(
-    containerd: &Payload,
-    k3s: &Arc<Payload>,
-    images_dir: &Path,
-    images: &[String],
-    reaper: &'static Reaper,
-) {
+fn launch(containerd: &Payload, k3s: &Arc<Payload>, imports: &Imports, reaper: &'static Reaper) {
     loop {
         match containerd.wait_ready(Duration::from_secs(3600)) {
             WaitOutcome::Ready => break,
@@ -339,9 +404,17 @@ fn launch(
             }
         }
     }
-    for line in import_images(images_dir, images, reaper) {
+    let lines = import_images(
+        &imports.dir,
+        &imports.names,
+        &imports.digests,
+        &imports.record,
+        reaper,
+    );
+    for line in &lines {
         crate::glog!("k3s: {line}");
     }
+    write_report(Path::new(REPORT), &lines, &imports.datastore);
     if crate::shutdown::in_progress() {
         return;
     }
@@ -373,7 +446,8 @@ mod tests {
         write(&staging.manifests.join("gw.yaml"), "kind: x\n");
         write(&staging.images.join("app.tar"), "tar");
         write(&staging.kubeconfig, "old");
-        write(&data.join("server/db/state.db"), "db");
+        // An empty database is a valid one (SQLite's header comes with the first write).
+        write(&data.join("server/db/state.db"), "");
         write(&data.join("server/db/state.db-shm"), "shm");
 
         let p = prepare(&plan, &staging).unwrap();
