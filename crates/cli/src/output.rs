@@ -96,6 +96,7 @@ pub(crate) fn sanitize_status(st: &mut gatevm_instance::InstanceStatus) {
     opt(&mut st.last_error, MAX_ERROR_CHARS);
     opt(&mut st.kernel, 200);
     opt(&mut st.backend, 100);
+    opt(&mut st.backend_note, MAX_ERROR_CHARS);
     st.state = line(&st.state, 40);
     st.net = line(&st.net, 40);
     for f in &mut st.forwards {

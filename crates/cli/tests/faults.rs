@@ -1296,3 +1296,122 @@ fn a_vmm_that_hangs_before_the_guest_runs_boots_again() {
     );
     assert_no_leftovers(NAME);
 }
+
+/// Removes the remembered krun failure when the test ends, however it ends.
+struct ForgetKrunFailure(std::path::PathBuf);
+impl Drop for ForgetKrunFailure {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `--vmm auto` never strands a user on an unproven path (issue 17): where auto takes krun and
+/// the VM does not reach the agent, the start says so in one line, remembers why (0600, keyed by
+/// the runtime), and boots the same instance with QEMU; the next start takes QEMU at once with a
+/// note; a changed runtime tries krun again; `--vmm qemu` has no note. This host has no hardware
+/// virtualization, so the krun attempt is made to fail by gatevm's fault hook
+/// (`GATEVM_FAULT_KRUN=boot-fails`: auto acts as if krun were usable and its boot failed).
+#[test]
+fn auto_falls_back_to_qemu_when_krun_cannot_boot() {
+    const NAME: &str = "e2e-krunfallback";
+    if !enabled("auto_falls_back_to_qemu_when_krun_cannot_boot") {
+        return;
+    }
+    let _guard = Instance(NAME);
+    let _ = gatevm(&["delete", NAME, "--force"]);
+    let memory = gatevm_runtime::dirs::data_dir()
+        .unwrap()
+        .join("krun-failed.json");
+    let _forget = ForgetKrunFailure(memory.clone());
+    let _ = std::fs::remove_file(&memory);
+    let start = |args: &[&str]| {
+        let out = Command::new(bin())
+            .args(args)
+            .env("GATEVM_FAULT_KRUN", "boot-fails")
+            .env_remove("GATEVM_VMM")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "gatevm {args:?}: {err}");
+        err
+    };
+
+    // The first start: krun fails, QEMU boots the same instance.
+    let err = start(&["start", NAME]);
+    let notice: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("krun could not boot the guest"))
+        .collect();
+    assert_eq!(notice.len(), 1, "{err}");
+    assert!(
+        notice[0].contains("GATEVM_FAULT_KRUN=boot-fails")
+            && notice[0].contains("booting it with QEMU instead"),
+        "{err}"
+    );
+    let st = status(NAME);
+    assert_eq!(st["healthy"], true, "{st}");
+    assert!(st["backend"].as_str().unwrap().starts_with("qemu/"), "{st}");
+    assert!(
+        st["backend_note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("krun failed to boot the guest"),
+        "{st}"
+    );
+    let (code, out, _) = exec(NAME, &["echo", "ok"], None);
+    assert_eq!((code, out.as_str()), (0, "ok\n"));
+    // Remembered, owner only, with the reason and the runtime it is about.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&memory).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&memory).unwrap()).unwrap();
+    assert!(
+        m["reason"]
+            .as_str()
+            .unwrap()
+            .contains("GATEVM_FAULT_KRUN=boot-fails"),
+        "{m}"
+    );
+    assert!(m["runtime"].as_str().unwrap().contains("libkrunfw"), "{m}");
+
+    // The next start: QEMU at once, with the note; no second krun attempt.
+    ok(&["stop", NAME]);
+    let err = start(&["start", NAME]);
+    assert!(!err.contains("krun could not boot"), "{err}");
+    assert!(
+        err.contains("krun failed to boot a guest here before"),
+        "{err}"
+    );
+    let st = status(NAME);
+    assert_eq!(st["healthy"], true, "{st}");
+    assert!(
+        st["backend_note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("until the runtime changes"),
+        "{st}"
+    );
+    let human = ok(&["status", NAME]);
+    assert!(
+        human.contains("krun failed to boot a guest here before"),
+        "{human}"
+    );
+
+    // --vmm qemu: no note.
+    ok(&["stop", NAME]);
+    start(&["start", NAME, "--vmm", "qemu"]);
+    assert_eq!(status(NAME)["backend_note"], serde_json::Value::Null);
+
+    // Another runtime (the remembered identity no longer matches): krun is tried again.
+    ok(&["stop", NAME]);
+    let mut stale = m.clone();
+    stale["runtime"] = serde_json::json!("gatevm 0.0.0, libkrun 0.0.0, libkrunfw missing");
+    std::fs::write(&memory, stale.to_string()).unwrap();
+    let err = start(&["start", NAME, "--vmm", "auto"]);
+    assert!(err.contains("krun could not boot the guest"), "{err}");
+    assert_eq!(status(NAME)["healthy"], true);
+    ok(&["delete", NAME, "--force"]);
+}

@@ -69,6 +69,95 @@ pub fn choose(
     }
 }
 
+/// Where krun failed to boot a guest on this machine: remembered (in the data directory) so that
+/// `--vmm auto` takes QEMU at once until the runtime changes (another gatevm, libkrun or
+/// libkrunfw); an explicit `--vmm krun` still tries krun, and a krun boot that works forgets it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KrunFailure {
+    /// [`runtime_identity`] when it failed.
+    pub runtime: String,
+    /// Why, one line.
+    pub reason: String,
+    /// Unix time in milliseconds.
+    pub at_ms: u64,
+}
+
+/// What the krun path is made of: gatevm's and libkrun's versions and libkrunfw's file (size and
+/// modification time). A change of any of them is worth another krun attempt.
+pub fn runtime_identity(libkrunfw: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let fw = std::fs::metadata(libkrunfw)
+        .map(|m| {
+            format!(
+                "{} bytes, mtime {}.{:09}",
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec()
+            )
+        })
+        .unwrap_or_else(|_| "missing".into());
+    format!(
+        "gatevm {}, libkrun {}, libkrunfw {fw}",
+        env!("CARGO_PKG_VERSION"),
+        krun::LIBKRUN_VERSION
+    )
+}
+
+/// The file the failure is remembered in.
+pub fn krun_failure_file() -> Option<PathBuf> {
+    gatevm_runtime::dirs::data_dir()
+        .ok()
+        .map(|d| d.join("krun-failed.json"))
+}
+
+/// The remembered failure, if it is for the runtime `identity` (one for another runtime is
+/// stale and ignored).
+pub fn remembered_krun_failure(file: &Path, identity: &str) -> Option<KrunFailure> {
+    let bytes = std::fs::read(file).ok()?;
+    let f: KrunFailure = serde_json::from_slice(&bytes).ok()?;
+    (f.runtime == identity).then_some(f)
+}
+
+/// Remembers a krun failure (0600, replaced whole).
+pub fn remember_krun_failure(file: &Path, failure: &KrunFailure) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(failure).map_err(std::io::Error::other)?;
+    gatevm_fsutil::write_atomic(file, &bytes, 0o600)
+}
+
+/// [`choose`], remembering: where `auto` would take krun but krun failed here before with the
+/// same runtime, QEMU (with KVM where it works), and the note saying why.
+pub fn choose_remembering(
+    choice: VmmChoice,
+    caps: &HostCaps,
+    libkrunfw: &Path,
+    krun_external_kernel: Option<&Path>,
+    failed_before: Option<&KrunFailure>,
+) -> Result<(VmmBackend, Option<String>), String> {
+    let chosen = choose(choice, caps, libkrunfw, krun_external_kernel)?;
+    match (choice, &chosen, failed_before) {
+        (VmmChoice::Auto, VmmBackend::Krun(_), Some(f)) => Ok((
+            VmmBackend::Qemu(Accel::for_host(caps)),
+            Some(remembered_note(f)),
+        )),
+        _ => Ok((chosen, None)),
+    }
+}
+
+/// What status says when `auto` takes QEMU because krun failed here before.
+pub fn remembered_note(f: &KrunFailure) -> String {
+    format!(
+        "krun failed to boot a guest here before ({}); --vmm auto uses QEMU until the runtime \
+         changes (--vmm krun tries it again)",
+        f.reason
+    )
+}
+
+/// A test hook: with `GATEVM_FAULT_KRUN=boot-fails`, `--vmm auto` acts as if krun were usable
+/// here and its boot failed before the guest agent answered (this project's machines have no
+/// hardware virtualization, so the fallback could not be exercised otherwise). Unset, nothing
+/// changes.
+pub const FAULT_KRUN_ENV: &str = "GATEVM_FAULT_KRUN";
+
 /// The backend itself. `program` is the gatevm executable (the krun VM runs in a child process of
 /// it).
 pub fn build(
@@ -179,6 +268,48 @@ mod tests {
             choose(VmmChoice::Qemu, &kvm, &fw, None),
             Ok(VmmBackend::Qemu(Accel::Kvm))
         );
+    }
+
+    #[test]
+    fn a_krun_failure_is_remembered_until_the_runtime_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let fw = d.path().join("libkrunfw.so.5");
+        std::fs::write(&fw, b"one").unwrap();
+        let kvm = caps(true, "kvm_intel");
+        let file = d.path().join("krun-failed.json");
+        let id = runtime_identity(&fw);
+        assert!(remembered_krun_failure(&file, &id).is_none());
+        let f = KrunFailure {
+            runtime: id.clone(),
+            reason: "the VM exited before the guest agent answered".into(),
+            at_ms: 1,
+        };
+        remember_krun_failure(&file, &f).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let got = remembered_krun_failure(&file, &id);
+        assert_eq!(got.as_ref(), Some(&f));
+        let (b, note) = choose_remembering(VmmChoice::Auto, &kvm, &fw, None, got.as_ref()).unwrap();
+        assert_eq!(b, VmmBackend::Qemu(Accel::Kvm));
+        assert!(note.unwrap().contains("the VM exited before"));
+        // --vmm krun still tries krun; without a failure auto takes krun.
+        assert_eq!(
+            choose_remembering(VmmChoice::Krun, &kvm, &fw, None, got.as_ref()).unwrap(),
+            (VmmBackend::Krun(KrunKernel::Libkrunfw), None)
+        );
+        assert_eq!(
+            choose_remembering(VmmChoice::Auto, &kvm, &fw, None, None).unwrap(),
+            (VmmBackend::Krun(KrunKernel::Libkrunfw), None)
+        );
+        // Another libkrunfw: the old failure does not count.
+        std::fs::write(&fw, b"another").unwrap();
+        assert!(remembered_krun_failure(&file, &runtime_identity(&fw)).is_none());
+        // A damaged file counts as none.
+        std::fs::write(&file, b"{").unwrap();
+        assert!(remembered_krun_failure(&file, &id).is_none());
     }
 
     #[test]

@@ -157,6 +157,7 @@ fn offline_status(
         state: phase_name(st.phase).into(),
         healthy: false,
         backend: st.backend.clone(),
+        backend_note: st.backend_note.clone(),
         net: cfg.net.name().into(),
         kernel: st.kernel.clone(),
         ephemeral: cfg.ephemeral.is_some(),

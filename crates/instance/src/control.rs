@@ -126,6 +126,10 @@ pub struct InstanceStatus {
     /// The guest kernel: a path, or `libkrunfw` with its file.
     #[serde(default)]
     pub kernel: Option<String>,
+    /// Why the backend is QEMU although `--vmm auto` would take krun: krun failed to boot a
+    /// guest here (and is not tried again until the runtime changes).
+    #[serde(default)]
+    pub backend_note: Option<String>,
     /// A throwaway VM of `gatevm vm-run`, deleted when it stops.
     #[serde(default)]
     pub ephemeral: bool,

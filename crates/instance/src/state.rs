@@ -138,6 +138,9 @@ pub struct StateFile {
     /// Which kernel the VM boots (a path, or libkrunfw's).
     #[serde(default)]
     pub kernel: Option<String>,
+    /// Why the backend is not the one `--vmm auto` would pick first (krun failed to boot here).
+    #[serde(default)]
+    pub backend_note: Option<String>,
     /// Unix time in milliseconds when the start began.
     pub started_at_ms: Option<u64>,
     /// Milliseconds from start to the guest agent answering.
@@ -161,6 +164,7 @@ impl StateFile {
             policies: vec![],
             backend: None,
             kernel: None,
+            backend_note: None,
             started_at_ms: None,
             agent_ready_ms: None,
             ready_ms: None,

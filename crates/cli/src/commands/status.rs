@@ -33,6 +33,9 @@ pub(crate) fn print_human(st: &InstanceStatus) {
     if let Some(b) = &st.backend {
         println!("backend:    {b}, network {}", st.net);
     }
+    if let Some(n) = &st.backend_note {
+        println!("            {n}");
+    }
     println!("resources:  {} CPUs, {} MiB", st.cpus, st.memory_mib);
     if !st.forwards.is_empty() {
         println!("forwards:   {}", st.forwards.join(", "));

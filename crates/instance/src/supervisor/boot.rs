@@ -13,7 +13,7 @@ use super::{
 };
 use crate::agent::Agent;
 use crate::backend::{self, VmmBackend};
-use crate::config::InstanceConfig;
+use crate::config::{InstanceConfig, VmmChoice};
 use crate::control::Progress;
 use crate::paths::InstancePaths;
 use crate::state::Phase;
@@ -88,6 +88,12 @@ pub(super) async fn boot_and_serve(
     let (agent, (agent_ms, ready_ms)) =
         race_boot(inst, helpers, vm, &console.drained, stop_rx, progress, t0).await?;
     forwards_done(expose).await?;
+    if matches!(chosen, VmmBackend::Krun(_)) {
+        // krun works here (again): forget an earlier failure.
+        if let Some(f) = backend::krun_failure_file() {
+            let _ = std::fs::remove_file(f);
+        }
+    }
     inst.set_state(|s| {
         s.phase = Phase::Running;
         s.agent_ready_ms = Some(agent_ms);
@@ -118,13 +124,59 @@ fn choose_backend(
 ) -> Result<(VmmBackend, Box<dyn Vmm>), SupervisorError> {
     let cfg = &inst.config;
     let caps = gatevm_vmm::probe();
-    let chosen = backend::choose(
-        cfg.vmm,
-        &caps,
-        &runtime.libkrunfw(),
-        cfg.krun_kernel.as_deref(),
-    )
-    .map_err(SupervisorError::Setup)?;
+    let failed_now = inst
+        .krun_failed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let failed_before = backend::krun_failure_file().and_then(|f| {
+        backend::remembered_krun_failure(&f, &backend::runtime_identity(&runtime.libkrunfw()))
+    });
+    let (chosen, note) = match (&failed_now, cfg.vmm) {
+        // krun failed in this very start: the same instance boots with QEMU.
+        (Some(why), VmmChoice::Auto) => (
+            VmmBackend::Qemu(Accel::for_host(&caps)),
+            Some(format!(
+                "krun failed to boot the guest ({why}); this start uses QEMU, and --vmm auto \
+                 does until the runtime changes"
+            )),
+        ),
+        // The test hook (see FAULT_KRUN_ENV): auto acts as if it took krun, which fails.
+        (None, VmmChoice::Auto)
+            if std::env::var(backend::FAULT_KRUN_ENV).as_deref() == Ok("boot-fails") =>
+        {
+            match &failed_before {
+                Some(f) => (
+                    VmmBackend::Qemu(Accel::for_host(&caps)),
+                    Some(backend::remembered_note(f)),
+                ),
+                None => {
+                    inst.krun_by_auto
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    inst.set_state(|s| s.backend = Some("krun/kvm".into()));
+                    return Err(SupervisorError::Boot(format!(
+                        "the VM exited before the guest agent answered ({}=boot-fails)",
+                        backend::FAULT_KRUN_ENV
+                    )));
+                }
+            }
+        }
+        _ => backend::choose_remembering(
+            cfg.vmm,
+            &caps,
+            &runtime.libkrunfw(),
+            cfg.krun_kernel.as_deref(),
+            failed_before.as_ref(),
+        )
+        .map_err(SupervisorError::Setup)?,
+    };
+    if let Some(n) = &note {
+        progress(Progress::Notice { message: n.clone() });
+    }
+    inst.krun_by_auto.store(
+        cfg.vmm == VmmChoice::Auto && matches!(chosen, VmmBackend::Krun(_)),
+        std::sync::atomic::Ordering::SeqCst,
+    );
     if chosen == VmmBackend::Qemu(Accel::Tcg) {
         let why = caps.why_no_hardware_virt().unwrap_or_default();
         progress(Progress::Notice {
@@ -145,6 +197,7 @@ fn choose_backend(
     inst.set_state(|s| {
         s.backend = Some(chosen.label().to_string());
         s.kernel = Some(kernel_label);
+        s.backend_note = note;
     });
     Ok((chosen, vmm))
 }

@@ -131,6 +131,11 @@ pub(crate) struct RunningInstance {
     agent: Mutex<Option<Agent>>,
     /// A stop request, with its timeout in seconds.
     pub(crate) stop_tx: mpsc::Sender<u64>,
+    /// This attempt boots krun because `--vmm auto` took it (a failure before the agent answers
+    /// then falls back to QEMU).
+    pub(crate) krun_by_auto: std::sync::atomic::AtomicBool,
+    /// Why krun failed in this start: the next attempt uses QEMU.
+    pub(crate) krun_failed: Mutex<Option<String>>,
 }
 
 impl RunningInstance {
@@ -167,6 +172,7 @@ impl RunningInstance {
             state: state::phase_name(s.phase).into(),
             healthy: s.phase == Phase::Running && responding && payload_ready,
             backend: s.backend.clone(),
+            backend_note: s.backend_note.clone(),
             net: self.config.net.name().into(),
             kernel: s.kernel.clone(),
             ephemeral: self.config.ephemeral.is_some(),
@@ -285,6 +291,8 @@ async fn supervise_locked(
         state: Mutex::new(initial),
         agent: Mutex::new(None),
         stop_tx,
+        krun_by_auto: std::sync::atomic::AtomicBool::new(false),
+        krun_failed: Mutex::new(None),
     });
     inst.set_state(|_| {});
     let _signals = if opts.handle_signals {
@@ -310,6 +318,42 @@ async fn supervise_locked(
                 SupervisorError::Stalled(why) => SupervisorError::Stalled(format!("{why} (twice)")),
                 e => e,
             });
+    }
+    if let Err(e) = &outcome {
+        let before_agent =
+            inst.state.lock().unwrap_or_else(|p| p.into_inner()).phase != Phase::Running;
+        if before_agent && inst.krun_by_auto.load(std::sync::atomic::Ordering::SeqCst) {
+            // `auto` must not strand the user on a path never proven here: say why in one
+            // line, remember it, and boot the same instance with QEMU.
+            let why = gatevm_abi::error_chain(e);
+            let file = crate::backend::krun_failure_file();
+            let runtime = gatevm_runtime::Runtime::load().ok();
+            if let (Some(file), Some(rt)) = (file, runtime) {
+                let failure = crate::backend::KrunFailure {
+                    runtime: crate::backend::runtime_identity(&rt.libkrunfw()),
+                    reason: why.clone(),
+                    at_ms: now_ms(),
+                };
+                if let Err(err) = crate::backend::remember_krun_failure(&file, &failure) {
+                    tracing::warn!(
+                        "cannot remember the krun failure in {}: {err}",
+                        file.display()
+                    );
+                }
+            }
+            let message = format!(
+                "krun could not boot the guest ({why}); booting it with QEMU instead (remembered \
+                 until the runtime changes)"
+            );
+            tracing::warn!("{message}");
+            progress(Progress::Notice { message });
+            clear_attempt(&inst, &mut children).await;
+            inst.krun_by_auto
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            *inst.krun_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+            outcome =
+                boot::boot_and_serve(opts, &inst, &mut children, &mut stop_rx, progress, t0).await;
+        }
     }
     tear_down(&inst, &mut children, &outcome, t0).await;
     outcome.map(|_| ())
