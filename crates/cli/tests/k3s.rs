@@ -863,20 +863,28 @@ fn k3s_state_kept_tidy_with_a_stand_in() {
         "--disable-helm-controller",
     ]);
     let images_said = |st: &serde_json::Value| st["k3s"]["images"].to_string();
-    let st = status_until(
-        NAME,
-        "the airgap import report",
-        Duration::from_secs(60),
-        |s| {
+    // The boot's airgap report once the imports are done, checked to say `want`.
+    let report_says = |what: &str, want: &str| {
+        let st = status_until(NAME, what, Duration::from_secs(60), |s| {
             let said = images_said(s);
             said.contains("00-app.tar") && !said.contains("waiting for containerd")
-        },
-    );
-    assert!(
-        images_said(&st).contains("imported 1 images"),
-        "{}",
-        images_said(&st)
-    );
+        });
+        assert!(
+            images_said(&st).contains(want),
+            "{what}: {}",
+            images_said(&st)
+        );
+        st
+    };
+    // Stops, starts with `extra`, and checks the new boot's report.
+    let boot_again = |extra: &[&str], what: &str, want: &str| {
+        ok(&["stop", NAME]);
+        let mut args = vec!["start", NAME];
+        args.extend_from_slice(extra);
+        ok(&args);
+        report_says(what, want)
+    };
+    let st = report_says("the airgap import report", "imported 1 images");
     assert_eq!(
         st["k3s"]["user_args"],
         serde_json::json!(["--node-label=tier=edge", "--disable-helm-controller"]),
@@ -931,21 +939,10 @@ fn k3s_state_kept_tidy_with_a_stand_in() {
 
     // The next boot: the archive skipped, the lock gone, the data kept; the saved arguments
     // still passed.
-    ok(&["stop", NAME]);
-    ok(&["start", NAME]);
-    let st = status_until(
-        NAME,
+    let st = boot_again(
+        &[],
         "the second boot's report",
-        Duration::from_secs(60),
-        |s| {
-            let said = images_said(s);
-            said.contains("00-app.tar") && !said.contains("waiting for containerd")
-        },
-    );
-    assert!(
-        images_said(&st).contains("already imported (1 images), skipped"),
-        "{}",
-        images_said(&st)
+        "already imported (1 images), skipped",
     );
     let datastore = st["k3s"]["datastore"].to_string();
     assert!(
@@ -981,22 +978,7 @@ fn k3s_state_kept_tidy_with_a_stand_in() {
         None,
     );
     assert_eq!(code, 0, "{err}");
-    ok(&["stop", NAME]);
-    ok(&["start", NAME]);
-    let st = status_until(
-        NAME,
-        "the third boot's report",
-        Duration::from_secs(60),
-        |s| {
-            let said = images_said(s);
-            said.contains("00-app.tar") && !said.contains("waiting for containerd")
-        },
-    );
-    assert!(
-        images_said(&st).contains("imported 1 images"),
-        "{}",
-        images_said(&st)
-    );
+    let st = boot_again(&[], "the third boot's report", "imported 1 images");
     let datastore = st["k3s"]["datastore"].to_string();
     assert!(
         datastore.contains("state.db failed its header check")
@@ -1018,35 +1000,9 @@ fn k3s_state_kept_tidy_with_a_stand_in() {
     // The archive's contents changed (same path): another digest, imported again; the next
     // boot after that skips it once more.
     make_archive(b"second\n");
-    ok(&["stop", NAME]);
-    ok(&["start", NAME]);
-    let st = status_until(
-        NAME,
-        "the fourth boot's report",
-        Duration::from_secs(60),
-        |s| {
-            let said = images_said(s);
-            said.contains("00-app.tar") && !said.contains("waiting for containerd")
-        },
-    );
-    assert!(
-        images_said(&st).contains("imported 1 images"),
-        "{}",
-        images_said(&st)
-    );
+    boot_again(&[], "the fourth boot's report", "imported 1 images");
     // --no-k3s-args drops the saved arguments.
-    ok(&["stop", NAME]);
-    ok(&["start", NAME, "--no-k3s-args"]);
-    let st = status_until(
-        NAME,
-        "the fifth boot's report",
-        Duration::from_secs(60),
-        |s| {
-            let said = images_said(s);
-            said.contains("00-app.tar") && !said.contains("waiting for containerd")
-        },
-    );
-    assert!(images_said(&st).contains("skipped"), "{}", images_said(&st));
+    let st = boot_again(&["--no-k3s-args"], "the fifth boot's report", "skipped");
     assert_eq!(st["k3s"]["user_args"], serde_json::json!([]), "{st}");
     assert!(!k3s_args().iter().any(|a| a == "--node-label=tier=edge"));
     ok(&["delete", NAME, "--force"]);
