@@ -41,6 +41,8 @@ pub const K3S_PLAN: &str = "/etc/gatevm/k3s/plan.json";
 pub const K3S_STAGED_MANIFESTS: &str = "/etc/gatevm/k3s/manifests";
 /// Image archives staged for import.
 pub const K3S_STAGED_IMAGES: &str = "/etc/gatevm/k3s/images";
+/// The cluster token (0600), for a cluster's server and agents (`--token-file`).
+pub const K3S_TOKEN: &str = "/etc/gatevm/k3s/token";
 /// k3s's data directory as gatevm plans it: on the state disk.
 pub const K3S_DATA_DIR: &str = "/var/lib/gatevm/k3s";
 /// The admin kubeconfig k3s writes once its API server is up (unless the plan passes

@@ -36,6 +36,29 @@ pub struct PlanFile {
     pub notes: Vec<String>,
     /// The staged image archives with their digests, so the guest imports each archive once.
     pub images: Vec<StagedImage>,
+    /// `k3s server` or `k3s agent`.
+    pub role: Role,
+}
+
+/// What k3s runs as.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// `k3s server` (the control plane, and a node).
+    #[default]
+    Server,
+    /// `k3s agent`: a node joining a server.
+    Agent,
+}
+
+impl Role {
+    /// The k3s subcommand.
+    pub fn subcommand(self) -> &'static str {
+        match self {
+            Role::Server => "server",
+            Role::Agent => "agent",
+        }
+    }
 }
 
 /// One staged image archive: its file name in the staged images directory and the SHA-256 of
@@ -81,6 +104,8 @@ pub struct Plan {
     /// The staged image archives' digests (empty from a host that sends none: every archive is
     /// then imported at every boot).
     pub images: Vec<StagedImage>,
+    /// `k3s server` (absent from older hosts) or `k3s agent`.
+    pub role: Role,
 }
 
 /// Why the plan cannot be used.
@@ -214,6 +239,12 @@ pub fn parse(text: &str) -> Result<Plan, PlanError> {
     };
     let cni = parse_cni(obj.get("cni"))?;
     let images = parse_images(obj.get("images"))?;
+    let role = match obj.get("role") {
+        None | Some(Value::Null) => Role::Server,
+        Some(Value::String(r)) if r == "server" => Role::Server,
+        Some(Value::String(r)) if r == "agent" => Role::Agent,
+        Some(_) => return Err(invalid("\"role\" must be \"server\" or \"agent\"")),
+    };
     let notes = settle_args(&mut args, &data_dir)?;
     Ok(Plan {
         args,
@@ -221,6 +252,7 @@ pub fn parse(text: &str) -> Result<Plan, PlanError> {
         cni,
         notes,
         images,
+        role,
     })
 }
 
@@ -659,10 +691,15 @@ mod tests {
                 file: "00-airgap.tar.zst".into(),
                 sha256: "0f".repeat(32),
             }],
+            role: Role::Agent,
         };
         let text = String::from_utf8(file.to_json().unwrap()).unwrap();
         let plan = parse(&text).unwrap();
         assert_eq!(plan.images, file.images);
+        assert_eq!(plan.role, Role::Agent);
+        assert_eq!(parse(FULL).unwrap().role, Role::Server);
+        let bad = json!({"args": [], "data_dir": "/var/lib/gatevm/k3s", "role": "boss"});
+        assert!(err(&bad.to_string()).contains("\"role\""));
         assert_eq!(plan.args, file.args);
         assert_eq!(plan.data_dir, Path::new(crate::paths::K3S_DATA_DIR));
         assert_eq!(plan.cni, file.cni);

@@ -43,6 +43,17 @@ pub struct GuestSettings {
     /// Proxy variables for containerd, k3s and pulls.
     #[serde(default)]
     pub proxy: Vec<ProxyVar>,
+    /// The cluster NIC, for a k3s node of a cluster ([`crate::net::CLUSTER_NET`]).
+    #[serde(default)]
+    pub cluster: Option<ClusterLink>,
+}
+
+/// The guest's address on the cluster network; the NIC is the one with
+/// [`crate::net::cluster_mac`] of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterLink {
+    /// The node's address ([`crate::net::is_cluster_node_ip`]).
+    pub ip: std::net::Ipv4Addr,
 }
 
 /// One shared directory as the guest mounts it.
@@ -303,7 +314,10 @@ impl RegistryHost {
 impl GuestSettings {
     /// Whether there is nothing to hand over (the VM then gets no settings disk).
     pub fn is_empty(&self) -> bool {
-        self.volumes.is_empty() && self.registries.is_empty() && self.proxy.is_empty()
+        self.volumes.is_empty()
+            && self.registries.is_empty()
+            && self.proxy.is_empty()
+            && self.cluster.is_none()
     }
 
     /// The disk image: the JSON text, zero-padded to a whole number of 4 KiB blocks.
@@ -371,6 +385,16 @@ impl GuestSettings {
             }
             for m in &r.mirrors {
                 check_mirror_url(m).map_err(invalid)?;
+            }
+        }
+        if let Some(c) = &self.cluster {
+            if !crate::net::is_cluster_node_ip(c.ip) {
+                return Err(invalid(format!(
+                    "cluster address {} is not a node address of {}/{}",
+                    c.ip,
+                    crate::net::CLUSTER_NET,
+                    crate::net::CLUSTER_PREFIX_LEN
+                )));
             }
         }
         for p in &self.proxy {
@@ -601,6 +625,9 @@ mod tests {
                 name: "HTTPS_PROXY".into(),
                 value: "http://u:p@proxy:3128".into(),
             }],
+            cluster: Some(ClusterLink {
+                ip: crate::net::CLUSTER_SERVER_IP,
+            }),
         };
         let img = s.to_image().unwrap();
         assert_eq!(img.len() % 4096, 0);
@@ -639,6 +666,10 @@ mod tests {
         assert!(bad(&|b| b.registries.push(b.registries[0].clone())).contains("twice"));
         assert!(bad(&|b| b.proxy[0].name = "LD_PRELOAD".into()).contains("not a proxy"));
         assert!(bad(&|b| b.proxy[0].value = "x\ny".into()).contains("control"));
+        assert!(bad(&|b| b.cluster = Some(ClusterLink {
+            ip: crate::net::GUEST_IP
+        }))
+        .contains("cluster address"));
         assert!(
             bad(&|b| b.volumes = (0..17).map(|i| vol(i, &format!("/m{i}"), false)).collect())
                 .contains("more than")

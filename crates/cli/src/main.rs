@@ -31,7 +31,7 @@ enum Cmd {
     /// Install host packages and fetch the runtime: kernel, helpers, root filesystem.
     Setup(commands::setup::Args),
     /// Start an instance and wait until it is ready.
-    Start(commands::start::Args),
+    Start(Box<commands::start::Args>),
     /// Stop an instance: graceful, then forced after a timeout.
     Stop(commands::stop::Args),
     /// Show the status of an instance.
@@ -56,6 +56,9 @@ enum Cmd {
     Env(commands::env::Args),
     /// Print the kubeconfig of a k3s instance.
     Kubeconfig(commands::k3s::KubeconfigArgs),
+    /// Print the cluster token of a k3s server instance (for joining k3s nodes on other machines).
+    #[command(name = "cluster-token")]
+    ClusterToken(commands::k3s::ClusterTokenArgs),
     /// Import, list and remove container images in an instance.
     Image(commands::image::Args),
     /// Run a container from an imported image in an instance.
@@ -101,7 +104,7 @@ fn main() {
     }
     let result = match cli.cmd {
         Cmd::Setup(a) => commands::setup::run(a),
-        Cmd::Start(a) => commands::start::run(a),
+        Cmd::Start(a) => commands::start::run(*a),
         Cmd::Stop(a) => commands::stop::run(a),
         Cmd::Status(a) => commands::status::run(a),
         Cmd::Env(a) => commands::env::run(a),
@@ -113,6 +116,7 @@ fn main() {
         Cmd::Delete(a) => commands::delete::run(a),
         Cmd::Image(a) => commands::image::run(a),
         Cmd::Kubeconfig(a) => commands::k3s::print_kubeconfig(a),
+        Cmd::ClusterToken(a) => commands::k3s::print_cluster_token(a),
         Cmd::Run(a) => commands::container::run(a),
         Cmd::Ps(a) => commands::container::ps(a),
         Cmd::Rm(a) => commands::container::rm(a),

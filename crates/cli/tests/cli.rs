@@ -296,7 +296,7 @@ fn k3s_profile_and_appliance_inputs() {
             && lines[1].contains("the pinned download failed: fetching file:///nonexistent/k3s"),
         "{err}"
     );
-    let k3s_only = "gatevm: error: --k3s, --api-port, --manifest, --images, --enable, --no-kubeconfig and the --gateway-*/--tls-san flags belong to --profile k3s";
+    let k3s_only = "gatevm: error: --k3s, --api-port, --manifest, --images, --enable, --no-kubeconfig, --k3s-arg, --join and the --gateway-*/--tls-san flags belong to --profile k3s";
     refused(&["start", "k1", "--no-kubeconfig"], 1, k3s_only);
     refused(&["start", "k1", "--gateway-port", "30443"], 1, k3s_only);
     let k3s = |extra: &[&str], line: &str| {

@@ -1007,3 +1007,342 @@ fn k3s_state_kept_tidy_with_a_stand_in() {
     assert!(!k3s_args().iter().any(|a| a == "--node-label=tier=edge"));
     ok(&["delete", NAME, "--force"]);
 }
+
+/// A cluster of two VMs (issue 17) with the stand-in k3s: a server and an agent that joined it.
+/// Both come up; the agent's k3s is `k3s agent` with the server's URL on the cluster network and
+/// the cluster token, which is the same on the host (0600) and in both guests; real TCP flows
+/// between the two guests over the cluster network in both directions (the stand-in agent
+/// reached the server's API port at 192.168.200.10 itself), through the cluster NIC, not the
+/// host's network; the agent reconnects after the server restarts; `list` shows the roles; a
+/// bad `--join` is refused with one line; deleting the server is refused while it has an agent;
+/// deleting the agent drains it and deletes its node through the server.
+#[test]
+fn k3s_cluster_of_two_vms_with_a_stand_in() {
+    const SERVER: &str = "e2e-k3ssrv";
+    const AGENT: &str = "e2e-k3sagt";
+    let test = "k3s_cluster_of_two_vms_with_a_stand_in";
+    let Some(fake) = stand_in(test) else {
+        return;
+    };
+    // Dropped last to first: the agent goes before its server.
+    let _server_guard = Instance(SERVER);
+    let _agent_guard = Instance(AGENT);
+    let _ = gatevm(&["delete", AGENT, "--force"]);
+    let _ = gatevm(&["delete", SERVER, "--force"]);
+    let fake_s = fake.to_str().unwrap();
+    let refused = |args: &[&str], want: &str| {
+        let (code, _, err) = run_gatevm(args);
+        assert_eq!(code, 1, "gatevm {args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err:?}");
+        assert!(
+            err.contains(want),
+            "gatevm {args:?}: {err:?} lacks {want:?}"
+        );
+    };
+    // No server yet.
+    refused(
+        &[
+            "start",
+            AGENT,
+            "--profile",
+            "k3s",
+            "--k3s",
+            fake_s,
+            "--join",
+            SERVER,
+        ],
+        "no k3s server instance of that name",
+    );
+    ok(&[
+        "start",
+        SERVER,
+        "--profile",
+        "k3s",
+        "--k3s",
+        fake_s,
+        "--no-kubeconfig",
+        "--vmm",
+        "qemu",
+    ]);
+    refused(
+        &[
+            "start",
+            AGENT,
+            "--profile",
+            "k3s",
+            "--k3s",
+            fake_s,
+            "--join",
+            AGENT,
+        ],
+        "cannot join itself",
+    );
+    refused(
+        &[
+            "start",
+            AGENT,
+            "--profile",
+            "k3s",
+            "--k3s",
+            fake_s,
+            "--join",
+            SERVER,
+            "--enable",
+            "traefik",
+        ],
+        "belong to the cluster's server",
+    );
+    refused(&["start", SERVER, "--join", SERVER], "cannot join itself");
+    ok(&[
+        "start",
+        AGENT,
+        "--profile",
+        "k3s",
+        "--k3s",
+        fake_s,
+        "--join",
+        SERVER,
+    ]);
+    let st = status(AGENT);
+    assert_eq!(st["healthy"], true, "{st}");
+    assert_eq!(st["role"], "agent", "{st}");
+    assert_eq!(st["cluster_server"], SERVER, "{st}");
+    assert_eq!(st["k3s"]["server"], SERVER, "{st}");
+    assert!(
+        !st["forwards"].to_string().contains(":6443/"),
+        "an agent forwards no API port: {st}"
+    );
+    assert_eq!(status(SERVER)["role"], "server");
+    let list = ok(&["list"]);
+    let line = |n: &str| {
+        list.lines()
+            .find(|l| l.starts_with(n))
+            .unwrap_or_else(|| panic!("{n} not in {list}"))
+            .to_string()
+    };
+    assert!(
+        line(AGENT).contains(&format!("agent of {SERVER}")),
+        "{list}"
+    );
+    assert!(line(SERVER).contains("k3s server"), "{list}");
+
+    // What each k3s was started with.
+    let report = |name: &str| -> serde_json::Value {
+        let (code, out, err) = exec(name, &["cat", "/run/fake-k3s.json"], None);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let args_of = |v: &serde_json::Value| -> Vec<String> {
+        v["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let agent = report(AGENT);
+    let agent_args = args_of(&agent);
+    assert_eq!(agent["role"], "agent", "{agent}");
+    for want in [
+        "--server=https://192.168.200.10:6443",
+        "--token-file=/etc/gatevm/k3s/token",
+        "--node-ip=192.168.200.11",
+        "--flannel-iface=cl0",
+        &format!("--node-name={AGENT}"),
+    ] {
+        assert!(
+            agent_args.iter().any(|a| a == want),
+            "{want}: {agent_args:?}"
+        );
+    }
+    // The stand-in agent reached the server's API port over the cluster network itself.
+    assert_eq!(agent["server_answer"], "fake-k3s", "{agent}");
+    let server_args = args_of(&report(SERVER));
+    for want in [
+        "--node-ip=192.168.200.10",
+        "--flannel-iface=cl0",
+        "--token-file=/etc/gatevm/k3s/token",
+    ] {
+        assert!(
+            server_args.iter().any(|a| a == want),
+            "{want}: {server_args:?}"
+        );
+    }
+
+    // The token: on the host (0600) and the same in both guests (0600 there too).
+    let token_file = gatevm_runtime::dirs::data_dir()
+        .unwrap()
+        .join(format!("instances/{SERVER}/cluster-token"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert_eq!(token.len(), 64);
+    // Printed for nodes on other machines; an agent has none of its own.
+    assert_eq!(ok(&["cluster-token", SERVER]), format!("{token}\n"));
+    refused(&["cluster-token", AGENT], "gatevm cluster-token e2e-k3ssrv");
+    for name in [SERVER, AGENT] {
+        let (code, out, err) = exec(
+            name,
+            &[
+                "sh",
+                "-c",
+                "stat -c %a /etc/gatevm/k3s/token && cat /etc/gatevm/k3s/token",
+            ],
+            None,
+        );
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out, format!("600\n{token}"), "{name}");
+    }
+
+    // TCP from the server to the agent, through the cluster NIC.
+    let (code, _, err) = exec(
+        AGENT,
+        &[
+            "sh",
+            "-c",
+            "nohup perl -MIO::Socket::INET -e 'my $s = IO::Socket::INET->new(LocalAddr => \"192.168.200.11\", LocalPort => 7777, Listen => 5, ReuseAddr => 1) or die; while (my $c = $s->accept) { print $c \"agent\\n\"; close $c; }' >/dev/null 2>&1 &",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let tcp = |from: &str, ip: &str, port: u16| -> String {
+        let script = format!(
+            "for i in $(seq 1 50); do out=$(timeout 5 bash -c 'exec 3<>/dev/tcp/{ip}/{port}; cat <&3' 2>/dev/null) && [ -n \"$out\" ] && echo \"$out\" && exit 0; sleep 0.5; done; exit 1"
+        );
+        let (code, out, err) = exec(from, &["sh", "-c", &script], None);
+        assert_eq!(code, 0, "TCP from {from} to {ip}:{port}: {out} {err}");
+        out.trim().to_string()
+    };
+    assert_eq!(tcp(SERVER, "192.168.200.11", 7777), "agent");
+    assert_eq!(tcp(AGENT, "192.168.200.10", 6443), "fake-k3s");
+    let (code, route, err) = exec(SERVER, &["ip", "route", "get", "192.168.200.11"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(route.contains("dev cl0"), "{route}");
+
+    // The server restarts: the agent's link comes back by itself.
+    ok(&["stop", SERVER]);
+    ok(&["start", SERVER]);
+    assert_eq!(tcp(AGENT, "192.168.200.10", 6443), "fake-k3s");
+    assert_eq!(status(AGENT)["healthy"], true);
+
+    // The server goes only after its agents; the agent leaves the cluster as it goes.
+    refused(&["delete", SERVER], "delete them first");
+    refused(&["kubeconfig", AGENT], "gatevm kubeconfig e2e-k3ssrv");
+    let (code, _, err) = run_gatevm(&["delete", AGENT, "--force"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!("{AGENT}: drain {AGENT} done on {SERVER}")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{AGENT}: delete node done on {SERVER}")),
+        "{err}"
+    );
+    let (code, log, err) = exec(SERVER, &["cat", "/run/fake-k3s-kubectl.log"], None);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    assert!(
+        lines[0].starts_with(&format!("drain {AGENT} --ignore-daemonsets")),
+        "{log}"
+    );
+    assert_eq!(lines[1], format!("delete node {AGENT}"));
+    ok(&["delete", SERVER, "--force"]);
+}
+
+/// The real k3s as a two-node cluster (runs where `GATEVM_K3S_BIN` names a k3s binary): a
+/// server and an agent that joined it are both Ready; a pod pinned to the agent answers through
+/// a NodePort forwarded from the server's host port (kube-proxy on the server, flannel's VXLAN
+/// over the cluster network to the agent); deleting the agent removes its node.
+#[test]
+fn k3s_real_two_node_cluster() {
+    const SERVER: &str = "e2e-k3s2s";
+    const AGENT: &str = "e2e-k3s2a";
+    let test = "k3s_real_two_node_cluster";
+    if !enabled(test) || !have_busybox(test) {
+        return;
+    }
+    let Some(k3s) = k3s_bin(test) else { return };
+    let _server_guard = Instance(SERVER);
+    let _agent_guard = Instance(AGENT);
+    let _ = gatevm(&["delete", AGENT, "--force"]);
+    let _ = gatevm(&["delete", SERVER, "--force"]);
+    let t = tempfile::tempdir().unwrap();
+    let archive = t.path().join("busybox.tar");
+    docker_archive_tagged(
+        &archive,
+        "gatevm-test/busybox:1",
+        &[tar_of(&busybox_layer())],
+        image_config(&[], &["sh"], &["PATH=/bin"], "/"),
+    );
+    let port = free_port();
+    let fwd = format!("{port}:30080");
+    let k3s_s = k3s.to_str().unwrap();
+    ok(&[
+        "start",
+        SERVER,
+        "--profile",
+        "k3s",
+        "--k3s",
+        k3s_s,
+        "--vmm",
+        "qemu",
+        "-p",
+        &fwd,
+        "--memory",
+        "3072",
+        "--no-kubeconfig",
+    ]);
+    ok(&[
+        "start",
+        AGENT,
+        "--profile",
+        "k3s",
+        "--k3s",
+        k3s_s,
+        "--join",
+        SERVER,
+        "--memory",
+        "2048",
+    ]);
+    wait_for("both nodes to be Ready", Duration::from_secs(900), || {
+        let (_, out, _) = kubectl(
+            SERVER,
+            &[
+                "get",
+                "nodes",
+                "-o",
+                "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}",
+            ],
+            None,
+        );
+        out.split_whitespace().filter(|w| *w == "True").count() == 2
+    });
+    assert_eq!(status(AGENT)["healthy"], true);
+    ok(&["image", "import", AGENT, archive.to_str().unwrap()]);
+    let pinned = MANIFEST.replace(
+        "    spec:\n      containers:",
+        &format!(
+            "    spec:\n      nodeSelector: {{kubernetes.io/hostname: {AGENT}}}\n      containers:"
+        ),
+    );
+    let (code, _, err) = kubectl(SERVER, &["apply", "-f", "-"], Some(pinned.as_bytes()));
+    assert_eq!(code, 0, "{err}");
+    let got = read_forward(port, "hello-from-k3s", Duration::from_secs(900));
+    assert!(
+        got.is_some(),
+        "the pod on the agent did not answer through the server's NodePort"
+    );
+    ok(&["delete", AGENT, "--force"]);
+    wait_for(
+        "the agent's node to be gone",
+        Duration::from_secs(120),
+        || {
+            let (_, out, _) = kubectl(SERVER, &["get", "nodes", "-o", "name"], None);
+            !out.contains(AGENT)
+        },
+    );
+}

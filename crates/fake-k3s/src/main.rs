@@ -10,7 +10,12 @@
 //!   `fake-k3s\n`, until it is terminated.
 //! - `fake-k3s kubectl get --raw=/readyz` connects to that API port and prints `ok` when the
 //!   server answers; otherwise it fails (exit 1) with kubectl's `Unable to connect to the
-//!   server 127.0.0.1:PORT: ...` on stderr. `fake-k3s kubectl get nodes ...` asks the same way
+//!   server 127.0.0.1:PORT: ...` on stderr. `kubectl drain NODE ...` and `kubectl delete node
+//!   NODE` are recorded, one line each, in `/run/fake-k3s-kubectl.log`.
+//! - `fake-k3s agent ARGS...` reaches the server named by `--server https://IP:PORT` over TCP
+//!   (retrying for a minute), records its arguments and the server's answer in
+//!   `/run/fake-k3s.json` (`role`, `args`, `server_answer`), then serves the kubelet's health
+//!   port 127.0.0.1:10248 (gatevm's readiness for an agent). `fake-k3s kubectl get nodes ...` asks the same way
 //!   and prints `True` (the node's Ready condition, as gatevm's status asks for it).
 //! - As a stand-in for a gateway workload, when the manifests hold gatevm's TLS Secret
 //!   (`gatevm-gateway-tls.yaml`), it serves TLS with that Secret's server pair on port
@@ -172,6 +177,66 @@ const SWITCHES: &str = "/run/fake-k3s.fail";
 
 /// Where `server` notes its API port for `kubectl`.
 const API_PORT_FILE: &str = "/run/fake-k3s.api-port";
+
+/// Where `kubectl drain` and `kubectl delete node` are recorded.
+const KUBECTL_LOG: &str = "/run/fake-k3s-kubectl.log";
+
+/// `agent ARGS`: records its arguments in `/run/fake-k3s.json`, reaches the server named by
+/// `--server https://IP:PORT` over TCP (retrying for a minute) and records what it answered
+/// (`server_answer`), then serves the kubelet's health port (127.0.0.1:10248, gatevm's
+/// readiness for an agent) until it is terminated.
+fn agent(args: &[String]) -> std::io::Result<()> {
+    use std::io::Read;
+    let url = arg_value(args, "--server").unwrap_or_default();
+    let hostport = url
+        .strip_prefix("https://")
+        .unwrap_or(&url)
+        .trim_end_matches('/')
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let answer = loop {
+        let got = std::net::ToSocketAddrs::to_socket_addrs(&hostport)
+            .ok()
+            .and_then(|mut a| a.next())
+            .and_then(|addr| {
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).ok()
+            })
+            .and_then(|c| {
+                c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                    .ok()?;
+                let mut got = Vec::new();
+                let _ = c.take(64).read_to_end(&mut got);
+                Some(String::from_utf8_lossy(&got).trim().to_string())
+            })
+            .filter(|s| !s.is_empty());
+        match got {
+            Some(a) => break a,
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(500))
+            }
+            None => break String::new(),
+        }
+    };
+    let report = format!(
+        "{{\"role\": \"agent\", \"args\": [{}], \"server_answer\": {}}}\n",
+        args.iter()
+            .map(|a| json_str(a))
+            .collect::<Vec<_>>()
+            .join(", "),
+        json_str(&answer)
+    );
+    std::fs::write("/run/fake-k3s.json", report)?;
+    if answer.is_empty() {
+        return Err(std::io::Error::other(format!(
+            "cannot reach the server {url}"
+        )));
+    }
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 10248))?;
+    for mut c in listener.incoming().flatten() {
+        let _ = c.write_all(b"ok\n");
+    }
+    Ok(())
+}
 
 /// Whether the switch `word` is on now.
 fn switched(word: &str) -> bool {
@@ -338,15 +403,39 @@ fn main() {
             println!("k3s version v1.31.0+k3s1 (fake0000)");
             println!("go version go1.22.0 (a stand-in for tests)");
         }
-        // What gatevm's status asks: `kubectl get --raw=/readyz` and the node's Ready condition.
+        // What gatevm's status asks: `kubectl get --raw=/readyz` and the node's Ready condition;
+        // what an agent's delete asks: `kubectl drain NODE ...` and `kubectl delete node NODE`
+        // (recorded in KUBECTL_LOG, one line each).
         Some("kubectl") => {
-            let readyz = matches!(args.get(1..).unwrap_or_default(),
-                [get, raw] if get == "get" && raw == "--raw=/readyz");
-            let nodes = matches!(args.get(1..).unwrap_or_default(),
-                [get, nodes, ..] if get == "get" && nodes == "nodes");
-            if !readyz && !nodes {
-                eprintln!("fake-k3s: kubectl: only get --raw=/readyz and get nodes");
+            let rest = args.get(1..).unwrap_or_default();
+            let readyz = matches!(rest, [get, raw] if get == "get" && raw == "--raw=/readyz");
+            let nodes = matches!(rest,
+                [get, nodes, ..] if get == "get" && (nodes == "nodes" || nodes == "node"));
+            let removal = matches!(rest, [drain, _, ..] if drain == "drain")
+                || matches!(rest, [delete, node, _] if delete == "delete" && node == "node");
+            if !readyz && !nodes && !removal {
+                eprintln!(
+                    "fake-k3s: kubectl: only get --raw=/readyz, get node(s), drain and delete node"
+                );
                 std::process::exit(1);
+            }
+            if let Err(e) = reach_api() {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+            if removal {
+                use std::io::Write as _;
+                let line = format!("{}\n", rest.join(" "));
+                let logged = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(KUBECTL_LOG)
+                    .and_then(|mut f| f.write_all(line.as_bytes()));
+                if let Err(e) = logged {
+                    eprintln!("fake-k3s: {KUBECTL_LOG}: {e}");
+                    std::process::exit(1);
+                }
+                return;
             }
             if let Err(e) = reach_api() {
                 eprintln!("{e}");
@@ -366,8 +455,14 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        Some("agent") => {
+            if let Err(e) = agent(&args[1..]) {
+                eprintln!("fake-k3s: {e}");
+                std::process::exit(1);
+            }
+        }
         _ => {
-            eprintln!("fake-k3s: usage: fake-k3s --version | server [ARGS]");
+            eprintln!("fake-k3s: usage: fake-k3s --version | server [ARGS] | agent [ARGS]");
             std::process::exit(2);
         }
     }

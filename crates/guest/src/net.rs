@@ -106,6 +106,14 @@ impl NetCtl {
         self.ioctl("SIOCSIFFLAGS", name, libc::SIOCSIFFLAGS, &mut req)
     }
 
+    /// Renames a (down) interface.
+    pub(crate) fn rename(&self, name: &str, new: &str) -> io::Result<()> {
+        let mut req = Self::ifreq(name)?;
+        let newreq = Self::ifreq(new)?;
+        req.ifr_ifru.ifru_newname = newreq.ifr_name;
+        self.ioctl("SIOCSIFNAME", name, libc::SIOCSIFNAME, &mut req)
+    }
+
     /// Sets an interface's MTU.
     pub(crate) fn set_mtu(&self, name: &str, mtu: u32) -> io::Result<()> {
         let mut req = Self::ifreq(name)?;
@@ -190,6 +198,60 @@ pub(crate) fn wait_for_iface(name: &str, timeout: Duration) -> bool {
     }
 }
 
+/// The interface whose MAC address is `mac` (as `/sys/class/net/*/address` shows it).
+pub(crate) fn iface_with_mac(mac: &str) -> Option<String> {
+    std::fs::read_dir("/sys/class/net")
+        .ok()?
+        .flatten()
+        .find(|e| {
+            std::fs::read_to_string(e.path().join("address"))
+                .is_ok_and(|a| a.trim().eq_ignore_ascii_case(mac))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+}
+
+/// Gives the NICs their names by MAC: the cluster NIC becomes
+/// [`gatevm_abi::net::CLUSTER_IFACE`] and the guest's own NIC [`IFACE`] (the kernel names them in
+/// the order it finds the devices, which is not the order the VMM lists them in).
+fn name_nics(ctl: &NetCtl, cluster_mac: &str, problems: &mut Vec<String>) {
+    let cluster = gatevm_abi::net::CLUSTER_IFACE;
+    match iface_with_mac(cluster_mac) {
+        Some(n) if n == cluster => {}
+        Some(n) => {
+            if let Err(e) = ctl.rename(&n, cluster) {
+                problems.push(e.to_string());
+            }
+        }
+        None => problems.push(format!("no NIC with the cluster MAC {cluster_mac}")),
+    }
+    match iface_with_mac(gatevm_abi::net::GUEST_MAC) {
+        Some(n) if n == IFACE => {}
+        Some(n) => {
+            if let Err(e) = ctl.rename(&n, IFACE) {
+                problems.push(e.to_string());
+            }
+        }
+        None => {}
+    }
+}
+
+/// Configures the cluster NIC (see [`name_nics`]) with `ip` on the cluster network; the kernel
+/// adds the network's route.
+fn setup_cluster(ctl: &NetCtl, ip: Ipv4Addr, problems: &mut Vec<String>) -> bool {
+    let cluster = gatevm_abi::net::CLUSTER_IFACE;
+    let mask = Ipv4Addr::from(u32::MAX << (32 - u32::from(gatevm_abi::net::CLUSTER_PREFIX_LEN)));
+    match ctl
+        .set_addr(cluster, ip, mask)
+        .and_then(|_| ctl.up(cluster))
+    {
+        Ok(()) => true,
+        Err(e) => {
+            problems.push(e.to_string());
+            false
+        }
+    }
+}
+
 /// Text of the guest's `/etc/resolv.conf`.
 pub(crate) fn resolv_conf() -> String {
     format!("nameserver {GATEWAY}\n")
@@ -234,8 +296,14 @@ pub(crate) fn hosts_with(current: Option<&str>, hostname: &str) -> Option<String
 }
 
 /// Brings `lo` up and, when `net`, configures `eth0` (its MTU when given), the default route and
-/// DNS. Returns whether `eth0` got its address and one message per problem.
-pub(crate) fn setup(net: bool, hostname: &str, mtu: Option<u32>) -> (bool, Vec<String>) {
+/// DNS, and with `cluster` the cluster NIC at that address. Returns whether `eth0` got its
+/// address and one message per problem.
+pub(crate) fn setup(
+    net: bool,
+    hostname: &str,
+    mtu: Option<u32>,
+    cluster: Option<Ipv4Addr>,
+) -> (bool, Vec<String>) {
     let mut problems = Vec::new();
     let ctl = match NetCtl::open() {
         Ok(c) => c,
@@ -258,6 +326,12 @@ pub(crate) fn setup(net: bool, hostname: &str, mtu: Option<u32>) -> (bool, Vec<S
     } else {
         Duration::from_millis(200)
     };
+    if let Some(ip) = cluster {
+        // Both NICs must be there before they are named by MAC.
+        let _ = wait_for_iface("eth1", wait);
+        name_nics(&ctl, &gatevm_abi::net::cluster_mac(ip), &mut problems);
+        setup_cluster(&ctl, ip, &mut problems);
+    }
     if !wait_for_iface(IFACE, wait) {
         problems.push(format!("{IFACE} did not appear"));
         return (false, problems);

@@ -23,6 +23,8 @@ pub(crate) enum Readiness {
     /// A file exists and a TCP connection to the address succeeds (k3s: the kubeconfig it writes
     /// once the API server is up, and its supervisor port).
     TcpAndFile(SocketAddr, PathBuf),
+    /// A TCP connection to the address succeeds (a k3s agent: its kubelet's health port).
+    Tcp(SocketAddr),
 }
 
 impl Readiness {
@@ -36,6 +38,7 @@ impl Readiness {
             Readiness::TcpAndFile(addr, file) => {
                 file.is_file() && TcpStream::connect_timeout(addr, Self::TCP_TIMEOUT).is_ok()
             }
+            Readiness::Tcp(addr) => TcpStream::connect_timeout(addr, Self::TCP_TIMEOUT).is_ok(),
         }
     }
 }

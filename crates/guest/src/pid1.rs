@@ -68,10 +68,17 @@ fn load_report(what: &str, r: &modules::Report) -> String {
 
 /// Configures loopback, the hostname's /etc/hosts line and the guest's link, and logs the outcome.
 fn setup_network(on: bool, hostname: &str, mtu: Option<u32>) {
-    let (configured, problems) = net::setup(on, hostname, mtu);
+    let cluster = crate::settings::get().cluster.as_ref().map(|c| c.ip);
+    let (configured, problems) = net::setup(on, hostname, mtu, cluster);
     report("net", &problems);
     if configured {
         crate::glog!("network configured ({} on {})", net::GUEST_ADDR, net::IFACE);
+    }
+    if let Some(ip) = cluster {
+        crate::glog!(
+            "cluster network: {ip} on {}",
+            gatevm_abi::net::CLUSTER_IFACE
+        );
     }
 }
 

@@ -187,6 +187,8 @@ fn offline_status(
         volumes: vec![],
         registries: vec![],
         proxy_env: vec![],
+        role: None,
+        cluster_server: None,
     }
     .with_settings(&cfg)
 }

@@ -248,6 +248,19 @@ pub struct K3sSettings {
     /// The user's own k3s server arguments (`--k3s-arg`), checked, passed after gatevm's.
     #[serde(default)]
     pub user_args: Vec<String>,
+    /// A k3s agent node of another instance's cluster (`start --join SERVER`); None for a
+    /// server.
+    #[serde(default)]
+    pub join: Option<Join>,
+}
+
+/// What an agent node joined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Join {
+    /// The server instance.
+    pub server: String,
+    /// This node's address on the server's cluster network (kept across starts).
+    pub node_ip: std::net::Ipv4Addr,
 }
 
 /// Where the gateway is reached: host port (on 127.0.0.1) to guest port.
@@ -333,8 +346,30 @@ impl InstanceConfig {
         }
     }
 
+    /// The instance's address on its cluster network: a k3s server's is
+    /// [`gatevm_abi::net::CLUSTER_SERVER_IP`], an agent's the one it was given when it joined;
+    /// None for the containerd profile and throwaway VMs.
+    pub fn cluster_ip(&self) -> Option<std::net::Ipv4Addr> {
+        if self.ephemeral.is_some() {
+            return None;
+        }
+        let k = self.k3s.as_ref()?;
+        Some(match &k.join {
+            Some(j) => j.node_ip,
+            None => gatevm_abi::net::CLUSTER_SERVER_IP,
+        })
+    }
+
     /// What the guest is handed on its settings disk: the shares (tagged in order), the
-    /// registries and the proxy variables, `NO_PROXY` completed with the guest's own network.
+    /// registries and the proxy variables, `NO_PROXY` completed with the guest's own network,
+    /// and the cluster NIC's address (`cluster`, when the VM has one).
+    pub fn guest_settings_with(&self, cluster: Option<std::net::Ipv4Addr>) -> GuestSettings {
+        let mut s = self.guest_settings();
+        s.cluster = cluster.map(|ip| gatevm_abi::settings::ClusterLink { ip });
+        s
+    }
+
+    /// [`Self::guest_settings_with`] without a cluster NIC.
     pub fn guest_settings(&self) -> GuestSettings {
         let mut proxy: Vec<ProxyVar> = self
             .proxy
@@ -366,6 +401,7 @@ impl InstanceConfig {
                 .collect(),
             registries: self.registries.clone(),
             proxy,
+            cluster: None,
         }
     }
 
@@ -401,7 +437,8 @@ pub fn host_memory_mib() -> Option<u64> {
 /// gateway's.
 pub fn all_forwards(cfg: &InstanceConfig) -> Vec<Forward> {
     let mut v = cfg.forwards.clone();
-    if let Some(k) = &cfg.k3s {
+    // An agent runs no API server (its api_port is 0).
+    if let Some(k) = cfg.k3s.as_ref().filter(|k| k.join.is_none()) {
         if !v.iter().any(|f| f.guest_port == K3S_API_GUEST_PORT) {
             v.push(Forward {
                 host_ip: std::net::Ipv4Addr::LOCALHOST.into(),

@@ -87,6 +87,9 @@ pub struct K3sHealth {
     /// The user's own k3s server arguments (`--k3s-arg`).
     #[serde(default)]
     pub user_args: Vec<String>,
+    /// For an agent node (`--join`): its cluster's server instance; null for a server.
+    #[serde(default)]
+    pub server: Option<String>,
     /// What this boot did with each airgap archive (imported, already imported and skipped,
     /// failed), as the guest reports it.
     #[serde(default)]
@@ -169,6 +172,13 @@ pub struct InstanceStatus {
     /// The proxy variables handed to the guest (names only: values may hold a password).
     #[serde(default)]
     pub proxy_env: Vec<String>,
+    /// A k3s instance's role in its cluster: `server` or `agent` (null for the containerd
+    /// profile).
+    #[serde(default)]
+    pub role: Option<String>,
+    /// An agent's server instance (`--join`).
+    #[serde(default)]
+    pub cluster_server: Option<String>,
 }
 
 impl InstanceStatus {
@@ -177,6 +187,10 @@ impl InstanceStatus {
         self.volumes = cfg.volumes.iter().map(|v| v.spec()).collect();
         self.registries = cfg.registries.clone();
         self.proxy_env = cfg.proxy.iter().map(|p| p.name.clone()).collect();
+        if let Some(k) = &cfg.k3s {
+            self.role = Some(if k.join.is_some() { "agent" } else { "server" }.into());
+            self.cluster_server = k.join.as_ref().map(|j| j.server.clone());
+        }
         self
     }
 }

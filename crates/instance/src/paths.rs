@@ -161,6 +161,15 @@ impl InstancePaths {
     pub fn net_api_socket(&self) -> PathBuf {
         self.net_dir().join("netapi.sock")
     }
+    /// A k3s cluster server's switch: agents' supervisors connect here to put their VMs on the
+    /// cluster network (owner only).
+    pub fn cluster_socket(&self) -> PathBuf {
+        self.run.join("cluster.sock")
+    }
+    /// The cluster token of a k3s server's cluster (0600), which its agents join with.
+    pub fn cluster_token(&self) -> PathBuf {
+        self.dir.join("cluster-token")
+    }
     /// The FIFO the VMM writes the guest console into (the supervisor drains it into the
     /// capped `console.log`).
     pub fn console_fifo(&self) -> PathBuf {
@@ -173,6 +182,7 @@ impl InstancePaths {
             self.control_socket(),
             self.agent_socket(),
             self.containerd_socket(),
+            self.cluster_socket(),
             self.net_socket(),
             self.net_api_socket(),
             self.console_fifo(),

@@ -89,6 +89,35 @@ pub struct K3sOptions {
     /// The user's own k3s arguments (`--k3s-arg`), each checked by [`check_user_arg`], passed
     /// after gatevm's.
     pub user_args: Vec<String>,
+    /// The node's place in a cluster of VMs (its cluster NIC); None without one.
+    pub cluster: Option<ClusterNode>,
+}
+
+/// A node on the cluster network ([`gatevm_abi::net::CLUSTER_NET`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterNode {
+    /// Its address there: the node IP k3s advertises, and where flannel's VXLAN runs.
+    pub node_ip: std::net::Ipv4Addr,
+    /// The file in the guest holding the cluster token (`--token-file`).
+    pub token_file: String,
+    /// For an agent: the server's API URL (`--server`); None for the server.
+    pub server_url: Option<String>,
+}
+
+impl ClusterNode {
+    /// The server's API URL on the cluster network.
+    pub fn server_url_default() -> String {
+        format!("https://{}:6443", gatevm_abi::net::CLUSTER_SERVER_IP)
+    }
+}
+
+/// The cluster network as a CIDR.
+pub fn cluster_cidr() -> String {
+    format!(
+        "{}/{}",
+        gatevm_abi::net::CLUSTER_NET,
+        gatevm_abi::net::CLUSTER_PREFIX_LEN
+    )
 }
 
 /// How long the kubelet waits for one container runtime call (`runtime-request-timeout`,
@@ -240,6 +269,7 @@ impl Default for K3sOptions {
             api_port: 6443,
             nodeport_cidrs: vec![vm_network_cidr()],
             user_args: vec![],
+            cluster: None,
         }
     }
 }
@@ -353,6 +383,9 @@ impl Kernel<'_> {
 ///   whatever the kernel supports, and, with kube-proxy running,
 ///   `--kube-proxy-arg=masquerade-all=true` (see [`bridge_conflist`] for why).
 pub fn plan(caps: &[Capability], opts: &K3sOptions) -> K3sPlan {
+    if let Some(c) = opts.cluster.as_ref().filter(|c| c.server_url.is_some()) {
+        return agent_plan(caps, opts, c);
+    }
     let kernel = Kernel(caps);
     let netfilter = kernel.netfilter();
     let mut args = vec![
@@ -372,6 +405,23 @@ pub fn plan(caps: &[Capability], opts: &K3sOptions) -> K3sPlan {
     args.push(format!(
         "--container-runtime-endpoint={CONTAINERD_ENDPOINT}"
     ));
+    let mut nodeport_cidrs = opts.nodeport_cidrs.clone();
+    let mut cluster_notes = Vec::new();
+    if let Some(c) = &opts.cluster {
+        if !seen.contains(&c.node_ip.to_string().as_str()) {
+            args.push(format!("--tls-san={}", c.node_ip));
+        }
+        args.extend(cluster_node_args(c));
+        nodeport_cidrs.push(cluster_cidr());
+        cluster_notes.push(format!(
+            "cluster server: node IP {} on {} (the cluster network {}), agents join with the token \
+             in {}",
+            c.node_ip,
+            gatevm_abi::net::CLUSTER_IFACE,
+            cluster_cidr(),
+            c.token_file
+        ));
+    }
 
     let disabled: Vec<&str> = [
         ("traefik", opts.enable_traefik),
@@ -396,7 +446,7 @@ pub fn plan(caps: &[Capability], opts: &K3sOptions) -> K3sPlan {
         "--kubelet-arg=runtime-request-timeout={RUNTIME_REQUEST_TIMEOUT}"
     ));
 
-    let mut notes = Vec::new();
+    let mut notes = cluster_notes;
     let iptables_parts = ["xtables", "nft_compat", "nftables"];
 
     // Network policy.
@@ -484,15 +534,15 @@ pub fn plan(caps: &[Capability], opts: &K3sOptions) -> K3sPlan {
         cni_conflist = Some((BRIDGE_CONFLIST.to_string(), bridge_conflist(backend)));
     }
 
-    if kube_proxy && !opts.nodeport_cidrs.is_empty() {
+    if kube_proxy && !nodeport_cidrs.is_empty() {
         args.push(format!(
             "--kube-proxy-arg=nodeport-addresses={}",
-            opts.nodeport_cidrs.join(",")
+            nodeport_cidrs.join(",")
         ));
         notes.push(format!(
             "NodePorts served on {} only (where host port forwards arrive), not on the pod \
              bridge or loopback",
-            opts.nodeport_cidrs.join(", ")
+            nodeport_cidrs.join(", ")
         ));
     }
 
@@ -515,6 +565,74 @@ pub fn plan(caps: &[Capability], opts: &K3sOptions) -> K3sPlan {
     K3sPlan {
         args,
         cni_conflist,
+        notes,
+    }
+}
+
+/// The arguments every cluster node gets: its node IP, flannel on the cluster NIC, the token.
+fn cluster_node_args(c: &ClusterNode) -> Vec<String> {
+    vec![
+        format!("--node-ip={}", c.node_ip),
+        format!("--flannel-iface={}", gatevm_abi::net::CLUSTER_IFACE),
+        format!("--token-file={}", c.token_file),
+    ]
+}
+
+/// `k3s agent`'s arguments for a node joining `c.server_url`. The pod network's mode (flannel
+/// or none) is the server's to decide; kube-proxy and the kubelet run on the agent, so their
+/// flags follow this node's kernel as on the server.
+fn agent_plan(caps: &[Capability], opts: &K3sOptions, c: &ClusterNode) -> K3sPlan {
+    let kernel = Kernel(caps);
+    let netfilter = kernel.netfilter();
+    let server = c
+        .server_url
+        .clone()
+        .unwrap_or_else(ClusterNode::server_url_default);
+    let mut args = vec![
+        format!("--server={server}"),
+        format!("--data-dir={}", opts.data_dir),
+        format!("--node-name={}", opts.node_name),
+        format!("--container-runtime-endpoint={CONTAINERD_ENDPOINT}"),
+    ];
+    args.extend(cluster_node_args(c));
+    let eviction: Vec<String> = EVICTION_SIGNALS.iter().map(|s| format!("{s}<0%")).collect();
+    args.push(format!(
+        "--kubelet-arg=eviction-hard={}",
+        eviction.join(",")
+    ));
+    args.push("--kubelet-arg=image-gc-high-threshold=100".into());
+    args.push(format!(
+        "--kubelet-arg=runtime-request-timeout={RUNTIME_REQUEST_TIMEOUT}"
+    ));
+    let mut notes = vec![format!(
+        "cluster agent: joins {server} with node IP {} on {}",
+        c.node_ip,
+        gatevm_abi::net::CLUSTER_IFACE
+    )];
+    match netfilter {
+        Netfilter::Iptables => {}
+        Netfilter::NftablesOnly => args.push("--kube-proxy-arg=proxy-mode=nftables".into()),
+        Netfilter::Unavailable => notes
+            .push("the kernel has no packet filtering: kube-proxy cannot work on this node".into()),
+    }
+    if netfilter != Netfilter::Unavailable {
+        let mut cidrs = opts.nodeport_cidrs.clone();
+        cidrs.push(cluster_cidr());
+        args.push(format!(
+            "--kube-proxy-arg=nodeport-addresses={}",
+            cidrs.join(",")
+        ));
+    }
+    if !opts.user_args.is_empty() {
+        notes.push(format!(
+            "the user's --k3s-arg, after gatevm's arguments: {}",
+            opts.user_args.join(" ")
+        ));
+        args.extend(opts.user_args.iter().cloned());
+    }
+    K3sPlan {
+        args,
+        cni_conflist: None,
         notes,
     }
 }

@@ -389,6 +389,13 @@ pub fn translate(
     for share in &vm.shares {
         share.check()?;
     }
+    if vm.cluster_nic.is_some() {
+        return Err(VmmError::Invalid(
+            "libkrun gets no cluster network device in gatevm yet (k3s clusters of several VMs \
+             run on QEMU)"
+                .into(),
+        ));
+    }
     Ok(KrunConfig {
         shares: vm.shares.clone(),
         cpus,
@@ -684,6 +691,7 @@ mod tests {
             ],
             boot_dir: "/i/boot".into(),
             shares: vec![],
+            cluster_nic: None,
             agent_socket: "/run/gatevm/gw/agent.sock".into(),
             net: Some(crate::NetAttach::Socket("/run/gatevm/gw/net.sock".into())),
             mac: "5a:94:ef:e4:0c:ee".into(),

@@ -69,6 +69,19 @@ pub struct VmConfig {
     /// Shared host directories (virtio-fs), in tag order.
     #[serde(default)]
     pub shares: Vec<Share>,
+    /// A second NIC on a k3s cluster's private network: one end of a datagram socket pair the
+    /// VMM inherits (each datagram one Ethernet frame). QEMU only.
+    #[serde(default)]
+    pub cluster_nic: Option<ClusterNic>,
+}
+
+/// The cluster NIC of [`VmConfig::cluster_nic`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterNic {
+    /// The inherited `SOCK_DGRAM` descriptor.
+    pub fd: i32,
+    /// The NIC's MAC address.
+    pub mac: String,
 }
 
 /// One shared host directory: QEMU reaches it through its virtiofsd's vhost-user socket;

@@ -412,6 +412,17 @@ impl Qemu {
                 &format!("virtio-net-device,netdev=n0,mac={}", cfg.mac),
             ]);
         }
+        // The cluster NIC: a datagram socket whose datagrams are Ethernet frames.
+        if let Some(c) = &cfg.cluster_nic {
+            push(&[
+                "-netdev",
+                &format!("dgram,id=n1,local.type=fd,local.str={}", c.fd),
+            ]);
+            push(&[
+                "-device",
+                &format!("virtio-net-device,netdev=n1,mac={}", c.mac),
+            ]);
+        }
         // Shared directories: one virtiofsd per share, on vhost-user (the guest RAM is a shared
         // memfd already).
         for (i, share) in cfg.shares.iter().enumerate() {
@@ -559,6 +570,7 @@ mod tests {
             ],
             boot_dir: "/unused".into(),
             shares: vec![],
+            cluster_nic: None,
             agent_socket: "/a".into(),
             net: Some(crate::NetAttach::Socket("/n".into())),
             mac: "5a:94:ef:e4:0c:ee".into(),
@@ -611,6 +623,16 @@ mod tests {
             a.contains("-chardev socket,id=net,path=/run/n,,x -netdev vhost-user,id=n0,chardev=net -device virtio-net-device,netdev=n0"),
             "{a}"
         );
+        k.cluster_nic = Some(crate::ClusterNic {
+            fd: 9,
+            mac: "5a:94:ef:c8:c8:0a".into(),
+        });
+        let a = Qemu::default().args(&k).unwrap().join(" ");
+        assert!(
+            a.contains("-netdev dgram,id=n1,local.type=fd,local.str=9 -device virtio-net-device,netdev=n1,mac=5a:94:ef:c8:c8:0a"),
+            "{a}"
+        );
+        k.cluster_nic = None;
         k.net = None;
         k.disks.clear();
         let a = Qemu {

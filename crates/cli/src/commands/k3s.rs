@@ -64,6 +64,11 @@ pub(crate) struct K3sArgs {
     /// Drop the saved --k3s-arg list.
     #[arg(long)]
     pub no_k3s_args: bool,
+    /// Join the cluster of SERVER (a running --profile k3s instance) as a k3s agent node, on a
+    /// private network between the cluster's VMs (QEMU only). Saved: the instance stays an agent
+    /// of SERVER; `delete` drains it and removes it from the cluster.
+    #[arg(long, value_name = "SERVER")]
+    pub join: Option<String>,
 }
 
 impl K3sArgs {
@@ -86,6 +91,7 @@ impl K3sArgs {
             gateway_secret: self.gateway_secret.clone(),
             k3s_args: self.k3s_args.clone(),
             no_k3s_args: self.no_k3s_args,
+            join: self.join.clone(),
         }
     }
 }
@@ -109,6 +115,16 @@ pub(crate) struct KubeconfigArgs {
 pub(crate) fn print_kubeconfig(a: KubeconfigArgs) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?;
     let paths = gatevm_instance::client::existing(name)?;
+    if let Some(j) = gatevm_instance::client::saved_config(name)
+        .and_then(|c| c.k3s)
+        .and_then(|k| k.join)
+    {
+        bail!(
+            "{name:?} is a k3s agent of {:?}: the cluster's kubeconfig is its server's (gatevm kubeconfig {})",
+            j.server,
+            j.server
+        );
+    }
     if a.refresh {
         let Some(s) = gatevm_instance::client::saved_config(name).and_then(|c| c.k3s) else {
             bail!("{name:?} does not run the k3s profile: it has no kubeconfig");
@@ -126,6 +142,36 @@ pub(crate) fn print_kubeconfig(a: KubeconfigArgs) -> anyhow::Result<i32> {
             "{name:?} has no kubeconfig: it is written when a --profile k3s instance becomes ready"
         ),
         Err(e) => bail!("reading the kubeconfig of {name:?}, {}: {e}", f.display()),
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ClusterTokenArgs {
+    /// The k3s server instance.
+    name: String,
+}
+
+/// `gatevm cluster-token NAME`: prints the server's cluster token (made at its first start).
+pub(crate) fn print_cluster_token(a: ClusterTokenArgs) -> anyhow::Result<i32> {
+    let name = super::name_arg(&a.name)?;
+    let paths = gatevm_instance::client::existing(name)?;
+    match gatevm_instance::client::saved_config(name).and_then(|c| c.k3s) {
+        None => bail!("{name:?} does not run the k3s profile: it has no cluster token"),
+        Some(k) if k.join.is_some() => bail!(
+            "{name:?} is an agent: the cluster token is its server's (gatevm cluster-token {})",
+            k.join.map(|j| j.server).unwrap_or_default()
+        ),
+        Some(_) => {}
+    }
+    match std::fs::read_to_string(paths.cluster_token()) {
+        Ok(t) => {
+            println!("{}", t.trim());
+            Ok(0)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "{name:?} has no cluster token yet: it is made when the server first starts on QEMU"
+        ),
+        Err(e) => bail!("reading {}: {e}", paths.cluster_token().display()),
     }
 }
 

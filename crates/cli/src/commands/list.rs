@@ -17,16 +17,22 @@ pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<24} {:<10} {:<8} {:<10} FORWARDS",
-        "NAME", "STATE", "HEALTHY", "BACKEND"
+        "{:<24} {:<10} {:<8} {:<10} {:<20} FORWARDS",
+        "NAME", "STATE", "HEALTHY", "BACKEND", "ROLE"
     );
     for s in &all {
+        let role = match (&s.role, &s.cluster_server) {
+            (Some(_), Some(server)) => format!("agent of {server}"),
+            (Some(r), None) => format!("k3s {r}"),
+            _ => "-".into(),
+        };
         println!(
-            "{:<24} {:<10} {:<8} {:<10} {}",
+            "{:<24} {:<10} {:<8} {:<10} {:<20} {}",
             s.name,
             s.state,
             if s.healthy { "yes" } else { "no" },
             s.backend.as_deref().unwrap_or("-"),
+            role,
             s.forwards.join(",")
         );
     }

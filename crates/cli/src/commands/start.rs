@@ -218,6 +218,46 @@ pub(crate) fn proxy_from_env(
     Ok(out)
 }
 
+/// One warning per forward published beyond the host's loopback (`-p 0.0.0.0:...`): whoever
+/// reaches that address reaches the guest; for a k3s server's API port, joining the cluster is
+/// one token away.
+fn beyond_loopback(config: &InstanceConfig) -> Vec<String> {
+    gatevm_instance::config::all_forwards(config)
+        .into_iter()
+        .filter(|f| !f.host_ip.is_loopback())
+        .map(|f| {
+            let what = if config.k3s.is_some() && f.guest_port == 6443 {
+                " (the Kubernetes API: with the cluster token, `gatevm cluster-token`, a machine that reaches it can join the cluster)"
+            } else {
+                ""
+            };
+            format!(
+                "{f} publishes guest port {} beyond loopback: whoever reaches {}:{} reaches the guest{what}",
+                f.guest_port, f.host_ip, f.host_port
+            )
+        })
+        .collect()
+}
+
+/// An agent starts only beside its running server, and both on QEMU (the cluster network is a
+/// QEMU device).
+fn check_server_for_agent(server: &str, vmm: gatevm_instance::VmmChoice) -> anyhow::Result<()> {
+    if vmm == gatevm_instance::VmmChoice::Krun {
+        bail!("--vmm krun: a k3s agent needs QEMU, since gatevm gives libkrun VMs no cluster network yet (use --vmm qemu or auto)");
+    }
+    let st = runtime()?.block_on(client::status(server))?;
+    if st.state != "running" {
+        bail!(
+            "the cluster's server {server:?} is {}: start it first (gatevm start {server})",
+            st.state
+        );
+    }
+    if st.backend.as_deref().is_some_and(|b| b.starts_with("krun")) {
+        bail!("the cluster's server {server:?} runs on krun, which has no cluster network in gatevm yet: restart it with --vmm qemu");
+    }
+    Ok(())
+}
+
 pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
     let name = super::name_arg(&a.name)?.to_string();
     preflight::check_start_name(&name)?;
@@ -237,9 +277,21 @@ pub(crate) fn run(a: Args) -> anyhow::Result<i32> {
         gatevm_instance::net::confine::unprivileged_port_start(),
     )?;
     preflight::check_config(&config)?;
-    config.k3s = k3s::resolve(&a.k3s.request(), base_k3s.as_ref(), &mut super::k3s::show)?;
+    config.k3s = k3s::resolve(
+        &name,
+        &a.k3s.request(),
+        base_k3s.as_ref(),
+        &mut super::k3s::show,
+    )?;
+    if let Some(j) = config.k3s.as_ref().and_then(|k| k.join.as_ref()) {
+        check_server_for_agent(&j.server, config.vmm)?;
+    }
     preflight::check_start(&mut config, a.reset, a.root_size.is_some(), caller)?;
     let guest = super::guest_bin()?;
+    // The start goes ahead: say what it exposes.
+    for w in beyond_loopback(&config) {
+        eprintln!("gatevm: warning: {w}");
+    }
     // Only now that the start can go ahead: a refused start keeps the instance's state.
     if a.reset {
         client::reset_state(&name)?;
@@ -359,5 +411,47 @@ impl ProgressPrinter {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishing_beyond_loopback_is_warned_about() {
+        let mut c = InstanceConfig::new("w");
+        c.forwards = gatevm_instance::net::parse_forwards(&[
+            "8080:80".to_string(),
+            "0.0.0.0:16443:6443".to_string(),
+        ])
+        .unwrap();
+        let w = beyond_loopback(&c);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("0.0.0.0:16443") && w[0].contains("beyond loopback"),
+            "{w:?}"
+        );
+        assert!(!w[0].contains("cluster token"), "{w:?}");
+        c.k3s = Some(gatevm_instance::config::K3sSettings {
+            binary: "/k3s".into(),
+            version: "v1".into(),
+            sha256: String::new(),
+            api_port: 16444,
+            manifests: vec![],
+            images: vec![],
+            enable: vec![],
+            merge_kubeconfig: false,
+            secret_namespace: "gatevm".into(),
+            secret_name: "gateway-tls".into(),
+            services: vec![],
+            tls_sans: vec![],
+            gateway: None,
+            user_args: vec![],
+            join: None,
+        });
+        let w = beyond_loopback(&c);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("cluster token"), "{w:?}");
     }
 }

@@ -59,7 +59,18 @@ pub(crate) fn print_human(st: &InstanceStatus) {
             st.name
         );
     }
-    if let Some(k) = &st.k3s {
+    if let Some(k) = st.k3s.as_ref().filter(|k| k.server.is_some()) {
+        println!(
+            "k3s:        {} agent of {} (node {}{})",
+            k.version,
+            k.server.as_deref().unwrap_or("?"),
+            if k.node_ready { "Ready" } else { "not Ready" },
+            k.detail
+                .as_deref()
+                .map(|d| format!("; {d}"))
+                .unwrap_or_default()
+        );
+    } else if let Some(k) = &st.k3s {
         println!(
             "k3s:        {} on https://127.0.0.1:{} (API {}, node {}{})",
             k.version,

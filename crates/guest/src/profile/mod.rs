@@ -21,7 +21,7 @@ pub(crate) enum Profile {
     /// containerd alone.
     Containerd(Arc<Payload>),
     /// containerd, then k3s.
-    K3s(k3s::Profile),
+    K3s(Box<k3s::Profile>),
 }
 
 impl Profile {
@@ -34,7 +34,7 @@ impl Profile {
             PayloadKind::Containerd => {
                 Profile::Containerd(Payload::new(containerd::profile_payload_config()))
             }
-            PayloadKind::K3s => Profile::K3s(k3s::Profile::load()),
+            PayloadKind::K3s => Profile::K3s(Box::new(k3s::Profile::load())),
         }
     }
 

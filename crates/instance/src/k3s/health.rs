@@ -35,16 +35,19 @@ fn error_line(e: &dyn std::error::Error) -> String {
 }
 
 /// Asks the guest's k3s whether its API server is ready (`/readyz`) and its node is Ready and,
-/// with `gateway`, whether the gateway port accepts TLS signed by the instance's CA.
+/// with `gateway`, whether the gateway port accepts TLS signed by the instance's CA. An agent
+/// node has no API server of its own: its server's is asked, about this node.
 pub async fn k3s_health(name: &str, s: &K3sSettings, gateway: bool) -> K3sHealth {
     let mut h = K3sHealth {
         version: s.version.clone(),
         api_port: s.api_port,
         user_args: s.user_args.clone(),
+        server: s.join.as_ref().map(|j| j.server.clone()),
         ..Default::default()
     };
+    let asker = s.join.as_ref().map_or(name, |j| j.server.as_str());
     let readyz = capture::<tokio::io::Empty>(
-        name,
+        asker,
         &[
             gatevm_abi::paths::K3S_BIN,
             "kubectl",
@@ -62,14 +65,15 @@ pub async fn k3s_health(name: &str, s: &K3sSettings, gateway: bool) -> K3sHealth
     }
     if h.api_ready {
         let node = capture::<tokio::io::Empty>(
-            name,
+            asker,
             &[
                 gatevm_abi::paths::K3S_BIN,
                 "kubectl",
                 "get",
-                "nodes",
+                "node",
+                name,
                 "-o",
-                "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
             ],
             None,
             PROBE,
@@ -164,6 +168,7 @@ async fn fill_health(st: &mut InstanceStatus) {
             version: s.version.clone(),
             api_port: s.api_port,
             user_args: s.user_args.clone(),
+            server: s.join.as_ref().map(|j| j.server.clone()),
             gateway: s.gateway.map(|g| GatewayHealth {
                 endpoint: format!("https://127.0.0.1:{}", g.host_port),
                 guest_port: g.guest_port,

@@ -14,6 +14,7 @@ pub use ready::{after_ready, kubeconfig_file, refresh_kubeconfig};
 pub use resolve::{cache_binary, fetch_and_cache, resolve, K3sRequest, Profile, COMPONENTS};
 
 use crate::config::InstanceConfig;
+use crate::paths::InstancePaths;
 use gatevm_k3s::{kubeconfig, pki};
 use std::path::PathBuf;
 
@@ -113,6 +114,12 @@ pub enum Notice {
     WaitingForNode { name: String },
     /// The node is Ready.
     NodeReady { name: String },
+    /// A step of an agent leaving its cluster (`kubectl drain`, `kubectl delete node`) done.
+    Left {
+        name: String,
+        server: String,
+        step: String,
+    },
     /// A clean-up step failed; the work went on.
     Warning(String),
 }
@@ -170,6 +177,9 @@ impl std::fmt::Display for Notice {
                 write!(f, "{name}: waiting for the node to be Ready")
             }
             Notice::NodeReady { name } => write!(f, "{name}: node Ready"),
+            Notice::Left { name, server, step } => {
+                write!(f, "{name}: {step} done on {server}")
+            }
             Notice::Warning(w) => write!(f, "warning: {w}"),
         }
     }
@@ -214,6 +224,83 @@ pub fn on_delete(name: &str, cfg: Option<&InstanceConfig>, notice: &mut dyn FnMu
                 "removing the gateway metadata of {name}: {}",
                 gatevm_abi::error_chain(&e)
             )));
+        }
+    }
+}
+
+/// The agents of a cluster server instance (the instances that joined it).
+pub fn agents_of(server: &str) -> Vec<String> {
+    crate::client::names()
+        .into_iter()
+        .filter(|n| {
+            crate::client::saved_config(n)
+                .and_then(|c| c.k3s)
+                .and_then(|k| k.join)
+                .is_some_and(|j| j.server == server)
+        })
+        .collect()
+}
+
+/// Before an agent node is deleted: drains it and deletes it from its cluster, asking its server
+/// (when that runs). A failure is a warning: the instance goes either way.
+pub fn leave_cluster(name: &str, cfg: Option<&InstanceConfig>, notice: &mut dyn FnMut(Notice)) {
+    let Some(j) = cfg
+        .and_then(|c| c.k3s.as_ref())
+        .and_then(|k| k.join.as_ref())
+    else {
+        return;
+    };
+    let server = j.server.as_str();
+    if !crate::client::is_running(&InstancePaths::new(server)) {
+        notice(Notice::Warning(format!(
+            "the cluster's server {server:?} is not running: node {name} stays in its cluster \
+             until removed there (k3s kubectl delete node {name})"
+        )));
+        return;
+    }
+    let limits = crate::capture::Limits {
+        timeout: std::time::Duration::from_secs(150),
+        max_stdout: 64 << 10,
+        max_stderr: 64 << 10,
+    };
+    let steps: [&[&str]; 2] = [
+        &[
+            gatevm_abi::paths::K3S_BIN,
+            "kubectl",
+            "drain",
+            name,
+            "--ignore-daemonsets",
+            "--delete-emptydir-data",
+            "--force",
+            "--timeout=120s",
+        ],
+        &[
+            gatevm_abi::paths::K3S_BIN,
+            "kubectl",
+            "delete",
+            "node",
+            name,
+        ],
+    ];
+    let Ok(rt) = runtime() else { return };
+    for argv in steps {
+        let what = argv[2..4].join(" ");
+        match rt.block_on(crate::capture::capture::<tokio::io::Empty>(
+            server, argv, None, limits,
+        )) {
+            Ok(o) if o.code == 0 => notice(Notice::Left {
+                name: name.to_string(),
+                server: server.to_string(),
+                step: what,
+            }),
+            Ok(o) => notice(Notice::Warning(format!(
+                "{what} on {server}: {}",
+                o.error_line()
+            ))),
+            Err(e) => notice(Notice::Warning(format!(
+                "{what} on {server}: {}",
+                gatevm_abi::error_chain(&e)
+            ))),
         }
     }
 }

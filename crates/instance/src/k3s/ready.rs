@@ -80,17 +80,20 @@ pub fn after_ready(
     notice: &mut dyn FnMut(Notice),
 ) -> Result<(), K3sError> {
     let paths = InstancePaths::new(name);
-    refresh_kubeconfig(name, s, notice)?;
-    let pki = pki::load_or_create(
-        &paths.dir.join("pki"),
-        &crate::k3s::stage::pki_options(name, s),
-    )?;
-    if let Some(dir) = pki::config_dir() {
-        let at = pki::write_gateway_metadata(&dir, name, gateway_endpoint(s).as_deref(), &pki)?;
-        notice(Notice::GatewayCredentials {
-            path: at,
-            endpoint: gateway_endpoint(s),
-        });
+    // An agent has no kubeconfig or gateway of its own: its server's serve the cluster.
+    if s.join.is_none() {
+        refresh_kubeconfig(name, s, notice)?;
+        let pki = pki::load_or_create(
+            &paths.dir.join("pki"),
+            &crate::k3s::stage::pki_options(name, s),
+        )?;
+        if let Some(dir) = pki::config_dir() {
+            let at = pki::write_gateway_metadata(&dir, name, gateway_endpoint(s).as_deref(), &pki)?;
+            notice(Notice::GatewayCredentials {
+                path: at,
+                endpoint: gateway_endpoint(s),
+            });
+        }
     }
     let deadline = std::time::Instant::now() + NODE_READY_WITHIN;
     let mut said = false;

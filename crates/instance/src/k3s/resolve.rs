@@ -47,6 +47,8 @@ pub struct K3sRequest {
     pub k3s_args: Vec<String>,
     /// Drop the saved k3s arguments.
     pub no_k3s_args: bool,
+    /// Join this server instance's cluster as a k3s agent node.
+    pub join: Option<String>,
 }
 
 fn invalid(message: String) -> K3sError {
@@ -121,7 +123,98 @@ impl K3sRequest {
             || self.gateway_secret.is_some()
             || !self.k3s_args.is_empty()
             || self.no_k3s_args
+            || self.join.is_some()
     }
+
+    /// The server-only flags given, by name.
+    fn server_flags(&self) -> Vec<&'static str> {
+        [
+            ("--api-port", self.api_port.is_some()),
+            ("--manifest", !self.manifests.is_empty()),
+            ("--enable", !self.enable.is_empty()),
+            ("--gateway-port", self.gateway_port.is_some()),
+            ("--gateway-service", !self.services.is_empty()),
+            ("--tls-san", !self.tls_sans.is_empty()),
+            ("--gateway-secret", self.gateway_secret.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, given)| *given)
+        .map(|(f, _)| f)
+        .collect()
+    }
+}
+
+/// The addresses taken on `server`'s cluster network by its other agents (`name` aside).
+fn agent_ips(server: &str, name: &str) -> Vec<std::net::Ipv4Addr> {
+    crate::client::names()
+        .into_iter()
+        .filter(|n| n != name)
+        .filter_map(|n| crate::client::saved_config(&n)?.k3s?.join)
+        .filter(|j| j.server == server)
+        .map(|j| j.node_ip)
+        .collect()
+}
+
+/// The agent side of a start: `--join SERVER` checked (an existing k3s server instance, not
+/// this one, not an agent itself; an instance stays what it was made as), the node's address on
+/// the server's cluster network kept or the lowest free one taken. None for a server.
+fn resolve_join(
+    name: &str,
+    a: &K3sRequest,
+    saved: Option<&K3sSettings>,
+) -> Result<Option<crate::config::Join>, K3sError> {
+    let saved_join = saved.and_then(|s| s.join.as_ref());
+    let Some(server) = a.join.as_deref() else {
+        return Ok(saved_join.cloned());
+    };
+    crate::name::validate(server).map_err(|e| invalid(format!("--join {server:?}: {e}")))?;
+    if server == name {
+        return Err(invalid(format!(
+            "--join {server:?}: an instance cannot join itself"
+        )));
+    }
+    match (saved, saved_join) {
+        (Some(_), None) => {
+            return Err(invalid(format!(
+                "--join {server:?}: {name:?} already is a k3s server with a server's state; an \
+                 agent needs an instance of its own (a new name)"
+            )))
+        }
+        (_, Some(j)) if j.server != server => {
+            return Err(invalid(format!(
+                "--join {server:?}: {name:?} is an agent of {:?}; delete it to join another \
+                 server",
+                j.server
+            )))
+        }
+        (_, Some(j)) => return Ok(Some(j.clone())),
+        (None, None) => {}
+    }
+    let server_k3s = crate::client::saved_config(server).and_then(|c| c.k3s);
+    match server_k3s {
+        None => {
+            return Err(invalid(format!(
+                "--join {server:?}: there is no k3s server instance of that name (start one with \
+                 `gatevm start {server} --profile k3s`)"
+            )))
+        }
+        Some(k) if k.join.is_some() => {
+            return Err(invalid(format!(
+                "--join {server:?}: it is an agent itself; join its server instead"
+            )))
+        }
+        Some(_) => {}
+    }
+    let taken = agent_ips(server, name);
+    let o = gatevm_abi::net::CLUSTER_NET.octets();
+    let node_ip = (gatevm_abi::net::CLUSTER_AGENT_FIRST..=gatevm_abi::net::CLUSTER_AGENT_LAST)
+        .map(|last| std::net::Ipv4Addr::new(o[0], o[1], o[2], last))
+        .find(|ip| !taken.contains(ip))
+        .ok_or_else(|| invalid(format!("--join {server:?}: its cluster network is full")))?;
+    Ok(Some(crate::config::Join {
+        server: server.to_string(),
+        node_ip,
+    }))
 }
 
 /// A manifest file k3s will deploy: `*.yaml`, `*.yml` or `*.json` (k3s skips anything else),
@@ -267,6 +360,7 @@ fn k3s_binary(
 /// The k3s settings for a start: the flags over what the instance last ran with. None for the
 /// containerd profile. Fails within a second when no k3s binary is to be had.
 pub fn resolve(
+    name: &str,
     a: &K3sRequest,
     saved: Option<&K3sSettings>,
     notice: &mut dyn FnMut(Notice),
@@ -278,12 +372,26 @@ pub fn resolve(
     });
     if profile == Profile::Containerd {
         if a.any_k3s_flag() {
-            return Err(invalid("--k3s, --api-port, --manifest, --images, --enable, --no-kubeconfig, --k3s-arg and the --gateway-*/--tls-san flags belong to --profile k3s".into()));
+            return Err(invalid("--k3s, --api-port, --manifest, --images, --enable, --no-kubeconfig, --k3s-arg, --join and the --gateway-*/--tls-san flags belong to --profile k3s".into()));
         }
         return Ok(None);
     }
     let (gateway_port, secret) = check_flags(a)?;
-    let (api_port, gateway) = host_ports(a, saved, gateway_port)?;
+    let join = resolve_join(name, a, saved)?;
+    if join.is_some() {
+        let server_only = a.server_flags();
+        if !server_only.is_empty() {
+            return Err(invalid(format!(
+                "{} belong to the cluster's server: an agent (--join) runs no API server, \
+                 deploys nothing and serves no gateway",
+                server_only.join(", ")
+            )));
+        }
+    }
+    let (api_port, gateway) = match &join {
+        Some(_) => (0, None),
+        None => host_ports(a, saved, gateway_port)?,
+    };
     let bin = k3s_binary(a, saved, notice)?;
     let pick = |given: &Vec<PathBuf>, old: Option<&Vec<PathBuf>>| {
         if given.is_empty() {
@@ -330,6 +438,7 @@ pub fn resolve(
         } else {
             keep(&a.k3s_args, saved.map(|s| &s.user_args))
         },
+        join,
     }))
 }
 
@@ -389,7 +498,7 @@ mod tests {
         a: &K3sRequest,
         saved: Option<&K3sSettings>,
     ) -> Result<Option<K3sSettings>, K3sError> {
-        super::resolve(a, saved, &mut |_| {})
+        super::resolve("resolve-test", a, saved, &mut |_| {})
     }
 
     #[test]
@@ -430,5 +539,12 @@ mod tests {
             a.no_k3s_args = true
         });
         assert!(e.contains("contradict"), "{e}");
+        // --join: itself, a server that is not there, server-only flags beside it.
+        let e = k3s(|a| a.join = Some("resolve-test".into()));
+        assert!(e.contains("cannot join itself"), "{e}");
+        let e = k3s(|a| a.join = Some("gatevm-test-no-such-server".into()));
+        assert!(e.contains("no k3s server instance of that name"), "{e}");
+        let e = k3s(|a| a.join = Some("Bad Name".into()));
+        assert!(e.contains("--join"), "{e}");
     }
 }

@@ -62,6 +62,38 @@ pub enum StageError {
     /// The staging image could not be made.
     #[error(transparent)]
     Image(#[from] gatevm_runtime::erofs::ErofsError),
+    /// An agent's server has no cluster token yet.
+    #[error("the cluster token of {server:?} is missing ({}): start {server:?} first", path.display())]
+    NoToken {
+        /// The server instance.
+        server: String,
+        /// Where its token would be.
+        path: PathBuf,
+    },
+}
+
+/// A cluster server's token (`paths.cluster_token()`, 0600): read, or made from 32 random bytes
+/// (hex) on first use.
+pub fn cluster_token(paths: &InstancePaths) -> Result<String, StageError> {
+    let path = paths.cluster_token();
+    let io = |op: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StageError::Io { op, path, source }
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(t) if t.trim().len() >= 32 => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("reading", &path)(e)),
+    }
+    let mut bytes = [0u8; 32];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(io("reading", Path::new("/dev/urandom")))?;
+    let token = hex::encode(bytes);
+    gatevm_fsutil::write_atomic(&path, token.as_bytes(), 0o600).map_err(io("writing", &path))?;
+    Ok(token)
 }
 
 /// Copies a host file into the root (no-follow on the root side).
@@ -162,8 +194,9 @@ pub fn stage(
     paths: &InstancePaths,
     s: &K3sSettings,
     caps: &[Capability],
+    cluster_ip: Option<std::net::Ipv4Addr>,
 ) -> Result<(), StageError> {
-    stage_tree(paths, s, caps)?;
+    stage_tree(paths, s, caps, cluster_ip)?;
     let dir = paths.stage_dir();
     let made = gatevm_runtime::erofs::make_image(
         &dir,
@@ -175,11 +208,13 @@ pub fn stage(
 }
 
 /// Stages the k3s profile into a fresh `paths.stage_dir()`, laid out as the guest sees it under
-/// `/etc/gatevm/k3s`.
+/// `/etc/gatevm/k3s`. With `cluster_ip` (the VM has a cluster NIC) the cluster token is staged
+/// too (0600): the server's own, made on first use, or, for an agent, its server's.
 pub fn stage_tree(
     paths: &InstancePaths,
     s: &K3sSettings,
     caps: &[Capability],
+    cluster_ip: Option<std::net::Ipv4Addr>,
 ) -> Result<(), StageError> {
     let stage = paths.stage_dir();
     if std::fs::symlink_metadata(&stage).is_ok() {
@@ -211,7 +246,39 @@ pub fn stage_tree(
         staged_images.push(StagedImage { file, sha256 });
     }
 
-    let plan = flags::plan(caps, &options(&paths.name, s));
+    let mut opts = options(&paths.name, s);
+    if let Some(ip) = cluster_ip {
+        let token = match &s.join {
+            None => cluster_token(paths)?,
+            Some(j) => {
+                let server = InstancePaths::new(&j.server);
+                let path = server.cluster_token();
+                match std::fs::read_to_string(&path) {
+                    Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+                    _ => {
+                        return Err(StageError::NoToken {
+                            server: j.server.clone(),
+                            path,
+                        })
+                    }
+                }
+            }
+        };
+        write_new(
+            &stage.join(in_stage(paths::K3S_TOKEN)),
+            token.as_bytes(),
+            0o600,
+        )?;
+        opts.cluster = Some(flags::ClusterNode {
+            node_ip: ip,
+            token_file: paths::K3S_TOKEN.into(),
+            server_url: s
+                .join
+                .as_ref()
+                .map(|_| flags::ClusterNode::server_url_default()),
+        });
+    }
+    let plan = flags::plan(caps, &opts);
     let staged = PlanFile {
         args: plan.args,
         data_dir: DATA_DIR.into(),
@@ -220,6 +287,11 @@ pub fn stage_tree(
             .map(|(file, json)| CniConflist { file, json }),
         notes: plan.notes,
         images: staged_images,
+        role: if s.join.is_some() {
+            gatevm_abi::plan::Role::Agent
+        } else {
+            gatevm_abi::plan::Role::Server
+        },
     };
     let json = staged.to_json().map_err(StageError::Plan)?;
     write_new(&stage.join(in_stage(paths::K3S_PLAN)), &json, 0o644)?;
@@ -237,6 +309,10 @@ pub fn stage_tree(
         }
     }
 
+    // An agent deploys nothing and serves no gateway: its server does.
+    if s.join.is_some() {
+        return Ok(());
+    }
     // The gateway's certificates: made on the host, so they exist before the guest boots.
     let pki_dir = paths.dir.join("pki");
     let pki = pki::load_or_create(&pki_dir, &pki_options(&paths.name, s))?;
@@ -269,6 +345,7 @@ mod tests {
             tls_sans: vec![],
             gateway: None,
             user_args: vec![],
+            join: None,
         }
     }
 
@@ -296,7 +373,7 @@ mod tests {
         std::fs::create_dir_all(paths.stage_dir().join("manifests")).unwrap();
         std::fs::write(paths.stage_dir().join("manifests/old.yaml"), "x").unwrap();
 
-        stage_tree(&paths, &s, &[]).unwrap();
+        stage_tree(&paths, &s, &[], None).unwrap();
         let r = paths.stage_dir();
         assert_eq!(in_stage(paths::K3S_BIN), "k3s");
         assert_eq!(std::fs::read(r.join("k3s")).unwrap(), b"\x7fELF fake");
@@ -340,7 +417,7 @@ mod tests {
 
         // The image: made, and the staging directory gone.
         if gatevm_runtime::erofs::mkfs_erofs().is_some() {
-            stage(&paths, &s, &[]).unwrap();
+            stage(&paths, &s, &[], None).unwrap();
             assert!(!paths.stage_dir().exists());
             let bytes = std::fs::read(paths.stage_image()).unwrap();
             assert_eq!(&bytes[1024..1028], &[0xe2, 0xe1, 0xf5, 0xe0], "not EROFS");
@@ -355,8 +432,85 @@ mod tests {
         // Reserved manifest names.
         std::fs::write(mdir.join("gatevm-x.yaml"), "x").unwrap();
         assert!(
-            gatevm_abi::error_chain(&stage_tree(&paths, &s, &[]).unwrap_err()).contains("reserved")
+            gatevm_abi::error_chain(&stage_tree(&paths, &s, &[], None).unwrap_err())
+                .contains("reserved")
         );
+    }
+
+    #[test]
+    fn a_cluster_server_makes_its_token_and_an_agent_stages_it() {
+        let d = tempfile::tempdir().unwrap();
+        let inst = |name: &str| {
+            let p = InstancePaths {
+                name: name.into(),
+                dir: d.path().join(format!("data/instances/{name}")),
+                run: d.path().join(format!("run/{name}")),
+            };
+            std::fs::create_dir_all(&p.dir).unwrap();
+            p
+        };
+        let bin = d.path().join("k3s");
+        std::fs::write(&bin, b"\x7fELF fake").unwrap();
+        let server = inst("srv");
+        let s = settings(&bin);
+        let ip = gatevm_abi::net::CLUSTER_SERVER_IP;
+        stage_tree(&server, &s, &[], Some(ip)).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let token = std::fs::read_to_string(server.cluster_token()).unwrap();
+        assert_eq!(token.len(), 64);
+        for f in [server.cluster_token(), server.stage_dir().join("token")] {
+            assert_eq!(
+                std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+                0o600,
+                "{}",
+                f.display()
+            );
+        }
+        assert_eq!(
+            std::fs::read_to_string(server.stage_dir().join("token")).unwrap(),
+            token
+        );
+        let plan = |p: &InstancePaths| {
+            gatevm_abi::plan::parse(
+                &std::fs::read_to_string(p.stage_dir().join("plan.json")).unwrap(),
+            )
+            .unwrap()
+        };
+        let sp = plan(&server);
+        assert_eq!(sp.role, gatevm_abi::plan::Role::Server);
+        assert!(sp
+            .args
+            .iter()
+            .any(|a| a == "--token-file=/etc/gatevm/k3s/token"));
+        assert!(sp.args.iter().any(|a| a == "--node-ip=192.168.200.10"));
+        // The token is kept across starts.
+        stage_tree(&server, &s, &[], Some(ip)).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(server.cluster_token()).unwrap(),
+            token
+        );
+
+        // An agent: its server's token, no manifests or certificates of its own. A server that
+        // never started has no token: the start says which to start first.
+        let agent = inst("wrk");
+        let mut a = settings(&bin);
+        a.join = Some(crate::config::Join {
+            server: "gatevm-test-no-such-server".into(),
+            node_ip: "192.168.200.11".parse().unwrap(),
+        });
+        let e = stage_tree(&agent, &a, &[], Some("192.168.200.11".parse().unwrap())).unwrap_err();
+        assert!(
+            gatevm_abi::error_chain(&e).contains("start \"gatevm-test-no-such-server\" first"),
+            "{e}"
+        );
+        stage_tree(&agent, &a, &[], None).unwrap();
+        let ap = plan(&agent);
+        assert_eq!(ap.role, gatevm_abi::plan::Role::Agent);
+        assert!(!agent.dir.join("pki").exists());
+        assert!(!agent
+            .stage_dir()
+            .join("manifests/gatevm-gateway-tls.yaml")
+            .exists());
     }
 
     #[test]

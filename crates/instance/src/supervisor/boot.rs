@@ -55,9 +55,10 @@ pub(super) async fn boot_and_serve(
     let runtime = gatevm_runtime::Runtime::load()
         .map_err(|e| SupervisorError::Setup(gatevm_abi::error_chain(&e)))?;
     let (chosen, vmm) = choose_backend(inst, &runtime, progress)?;
-    let mut disks = prepare_root(opts, paths, &runtime, &chosen)?;
+    let cluster_ip = cluster_ip(cfg, &chosen)?;
+    let mut disks = prepare_root(opts, paths, &runtime, &chosen, cluster_ip)?;
     disks.extend(prepare_state_disk(paths, cfg)?);
-    disks.extend(prepare_settings(paths, cfg)?);
+    disks.extend(prepare_settings(paths, cfg, cluster_ip)?);
     let initramfs = boot_files(vmm.as_ref(), &runtime, paths, &opts.guest_bin)?;
 
     phase("starting helpers", t0, progress);
@@ -78,7 +79,31 @@ pub(super) async fn boot_and_serve(
     )))?;
     let mut vm_cfg = vm_config(cfg, paths, &chosen, mtu, &runtime, initramfs, disks);
     vm_cfg.shares = shares;
-    let (net_gvproxy, vm_index) = spawn_vm(inst, vmm.as_ref(), vm_cfg, net, children)?;
+    // The cluster network: the VM's end of its NIC's socket pair, and the switch (a server) or
+    // the relay to the server's switch (an agent) on ours, for as long as this boot serves.
+    let (cluster_vm_end, _cluster) = match cluster_ip {
+        Some(ip) => {
+            let (vm_end, ours) =
+                super::cluster::vm_pair().map_err(io_err("creating the cluster NIC's sockets"))?;
+            let link = match cfg.k3s.as_ref().and_then(|k| k.join.as_ref()) {
+                Some(j) => super::cluster::start_relay(
+                    ours,
+                    InstancePaths::new(&j.server).cluster_socket(),
+                ),
+                None => super::cluster::start_switch(ours, &paths.cluster_socket()).map_err(
+                    io_err(format!("listening on {}", paths.cluster_socket().display())),
+                )?,
+            };
+            vm_cfg.cluster_nic = Some(gatevm_vmm::ClusterNic {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&vm_end),
+                mac: gatevm_abi::net::cluster_mac(ip),
+            });
+            (Some(vm_end), Some(link))
+        }
+        None => (None, None),
+    };
+    let (net_gvproxy, vm_index) =
+        spawn_vm(inst, vmm.as_ref(), vm_cfg, net, cluster_vm_end, children)?;
     let expose = put_forwards(cfg, paths, net_gvproxy);
     let _server = open_control_socket(inst)?;
 
@@ -161,6 +186,10 @@ fn choose_backend(
                 }
             }
         }
+        // A k3s agent's cluster NIC is a QEMU device: auto means QEMU for it.
+        _ if cfg.vmm == VmmChoice::Auto && cfg.k3s.as_ref().is_some_and(|k| k.join.is_some()) => {
+            (VmmBackend::Qemu(Accel::for_host(&caps)), None)
+        }
         _ => backend::choose_remembering(
             cfg.vmm,
             &caps,
@@ -210,6 +239,7 @@ fn prepare_root(
     paths: &InstancePaths,
     runtime: &gatevm_runtime::Runtime,
     chosen: &VmmBackend,
+    cluster_ip: Option<std::net::Ipv4Addr>,
 ) -> Result<Vec<Disk>, SupervisorError> {
     let cfg = &opts.config;
     let base = match cfg.ephemeral.as_ref().and_then(|e| e.rootfs.clone()) {
@@ -251,7 +281,8 @@ fn prepare_root(
             .map(|k| k.capabilities())
             .unwrap_or_default(),
         };
-        crate::k3s::stage::stage(paths, k3s, &caps).map_err(SupervisorError::K3sStage)?;
+        crate::k3s::stage::stage(paths, k3s, &caps, cluster_ip)
+            .map_err(SupervisorError::K3sStage)?;
         disks.push(Disk::ro(disk::STAGE, paths.stage_image()));
     }
     Ok(disks)
@@ -274,9 +305,10 @@ fn prepare_state_disk(
 fn prepare_settings(
     paths: &InstancePaths,
     cfg: &InstanceConfig,
+    cluster_ip: Option<std::net::Ipv4Addr>,
 ) -> Result<Option<Disk>, SupervisorError> {
     let img = paths.settings_image();
-    let settings = cfg.guest_settings();
+    let settings = cfg.guest_settings_with(cluster_ip);
     if settings.is_empty() {
         let _ = std::fs::remove_file(&img);
         return Ok(None);
@@ -372,6 +404,27 @@ fn vm_config(
         mac: gvproxy::GUEST_MAC.to_string(),
         console_log: paths.console_fifo(),
         shares: vec![],
+        cluster_nic: None,
+    }
+}
+
+/// The VM's address on its cluster network: a k3s instance's under QEMU
+/// ([`InstanceConfig::cluster_ip`]); none under libkrun, where an agent cannot run.
+fn cluster_ip(
+    cfg: &InstanceConfig,
+    chosen: &VmmBackend,
+) -> Result<Option<std::net::Ipv4Addr>, SupervisorError> {
+    let ip = cfg.cluster_ip();
+    match chosen {
+        VmmBackend::Qemu(_) => Ok(ip),
+        VmmBackend::Krun(_) => match cfg.k3s.as_ref().and_then(|k| k.join.as_ref()) {
+            Some(j) => Err(SupervisorError::Setup(format!(
+                "a k3s agent of {:?} needs the QEMU backend: gatevm gives libkrun VMs no cluster \
+                 network yet (start it with --vmm qemu)",
+                j.server
+            ))),
+            None => Ok(None),
+        },
     }
 }
 
@@ -382,6 +435,7 @@ fn spawn_vm(
     vmm: &dyn Vmm,
     mut vm_cfg: VmConfig,
     net: Network,
+    cluster_vm_end: Option<std::os::fd::OwnedFd>,
     children: &mut Vec<OwnedChild>,
 ) -> Result<(Option<GvproxyConfig>, usize), SupervisorError> {
     let paths = &inst.paths;
@@ -409,12 +463,14 @@ fn spawn_vm(
                 s.as_raw_fd()
             })
             .into_iter()
+            .chain(cluster_vm_end.as_ref().map(std::os::fd::AsRawFd::as_raw_fd))
             .collect(),
         ..SpawnSpec::plain(&vm_log, &paths.run)
     };
     children.push(spawn_owned(vmm.name(), Command::from(std_cmd), spec)?);
-    // The VM has its copy; ours goes.
+    // The VM has its copies; ours go.
     drop(net.vm_end);
+    drop(cluster_vm_end);
     let vm_index = children.len() - 1;
     let vm_id = children[vm_index].id;
     inst.set_state(|s| s.vmm = Some(vm_id));

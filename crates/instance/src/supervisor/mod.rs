@@ -15,6 +15,7 @@
 
 mod boot;
 mod children;
+mod cluster;
 mod control;
 mod helpers;
 pub mod mounts;
@@ -199,6 +200,8 @@ impl RunningInstance {
             volumes: vec![],
             registries: vec![],
             proxy_env: vec![],
+            role: None,
+            cluster_server: None,
         }
         .with_settings(&self.config)
     }

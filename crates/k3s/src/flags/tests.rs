@@ -54,6 +54,7 @@ fn opts() -> K3sOptions {
         api_port: 6443,
         nodeport_cidrs: vec!["192.168.127.0/24".into()],
         user_args: vec![],
+        cluster: None,
     }
 }
 
@@ -393,6 +394,7 @@ fn as_guest_reads(plan: &K3sPlan, data_dir: &str) -> gatevm_abi::plan::Plan {
         cni: None,
         notes: plan.notes.clone(),
         images: vec![],
+        role: Default::default(),
     };
     let json = String::from_utf8(file.to_json().unwrap()).unwrap();
     gatevm_abi::plan::parse(&json).unwrap()
@@ -554,4 +556,64 @@ fn libkrunfw_as_recorded_gets_nftables_kube_proxy_and_a_masquerading_bridge() {
         assert_eq!(conf["plugins"][0]["ipMasqBackend"], "nftables");
         assert_eq!(conf["plugins"][1]["backend"], "nftables");
     }
+}
+
+#[test]
+fn a_cluster_server_and_an_agent() {
+    let token = "/etc/gatevm/k3s/token".to_string();
+    let server = K3sOptions {
+        cluster: Some(ClusterNode {
+            node_ip: gatevm_abi::net::CLUSTER_SERVER_IP,
+            token_file: token.clone(),
+            server_url: None,
+        }),
+        ..opts()
+    };
+    let p = plan(&debian_cloud(), &server);
+    for want in [
+        "--node-ip=192.168.200.10",
+        "--flannel-iface=cl0",
+        "--token-file=/etc/gatevm/k3s/token",
+        "--tls-san=192.168.200.10",
+        "--kube-proxy-arg=nodeport-addresses=192.168.127.0/24,192.168.200.0/24",
+    ] {
+        assert!(has(&p, want), "{want}: {:?}", p.args);
+    }
+    let agent = K3sOptions {
+        node_name: "worker".into(),
+        cluster: Some(ClusterNode {
+            node_ip: "192.168.200.11".parse().unwrap(),
+            token_file: token,
+            server_url: Some(ClusterNode::server_url_default()),
+        }),
+        user_args: vec!["--node-label=role=worker".into()],
+        ..opts()
+    };
+    let p = plan(&debian_cloud(), &agent);
+    for want in [
+        "--server=https://192.168.200.10:6443",
+        "--node-ip=192.168.200.11",
+        "--node-name=worker",
+        "--flannel-iface=cl0",
+        "--token-file=/etc/gatevm/k3s/token",
+        "--container-runtime-endpoint=unix:///run/containerd/containerd.sock",
+        "--kubelet-arg=runtime-request-timeout=15m",
+    ] {
+        assert!(has(&p, want), "{want}: {:?}", p.args);
+    }
+    assert_eq!(p.args.last().unwrap(), "--node-label=role=worker");
+    // Server-only flags are not an agent's.
+    let names = flag_names(&p);
+    for server_only in [
+        "--disable",
+        "--tls-san",
+        "--https-listen-port",
+        "--write-kubeconfig-mode",
+        "--flannel-backend",
+        "--disable-network-policy",
+        "--disable-kube-proxy",
+    ] {
+        assert!(!names.contains(&server_only), "{server_only}: {:?}", p.args);
+    }
+    assert!(p.cni_conflist.is_none());
 }

@@ -228,11 +228,16 @@ pub(crate) fn containerd_payload_config() -> PayloadConfig {
     c
 }
 
+/// The kubelet's health port, which a k3s agent's readiness probes.
+pub(crate) const KUBELET_HEALTHZ_PORT: u16 = 10248;
+
 /// k3s as gatevm runs it: `k3s server <plan args>`, ready when its kubeconfig exists and its
-/// API port accepts TCP connections on 127.0.0.1, log in [`LOG`], restarts and rotation as for
-/// containerd. Without a plan (k3s cannot run), just `k3s server` on the default port.
+/// API port accepts TCP connections on 127.0.0.1 (`k3s agent <plan args>` for an agent node:
+/// ready when its kubelet's health port accepts them), log in [`LOG`], restarts and rotation as
+/// for containerd. Without a plan (k3s cannot run), just `k3s server` on the default port.
 pub(crate) fn k3s_payload_config(plan: Option<&Plan>) -> PayloadConfig {
-    let mut args = vec!["server".to_string()];
+    let role = plan.map(|p| p.role).unwrap_or_default();
+    let mut args = vec![role.subcommand().to_string()];
     let (port, kubeconfig) = match plan {
         Some(p) => {
             args.extend(p.args.iter().cloned());
@@ -240,12 +245,21 @@ pub(crate) fn k3s_payload_config(plan: Option<&Plan>) -> PayloadConfig {
         }
         None => (DEFAULT_API_PORT, PathBuf::from(KUBECONFIG)),
     };
+    let readiness = match role {
+        gatevm_abi::plan::Role::Server => {
+            Readiness::TcpAndFile(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), kubeconfig)
+        }
+        gatevm_abi::plan::Role::Agent => Readiness::Tcp(SocketAddr::from((
+            Ipv4Addr::LOCALHOST,
+            KUBELET_HEALTHZ_PORT,
+        ))),
+    };
     let base = base_containerd_config();
     PayloadConfig {
         name: "k3s".into(),
         program: K3S_BIN.into(),
         args,
-        readiness: Readiness::TcpAndFile(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), kubeconfig),
+        readiness,
         log: LOG.into(),
         // k3s takes seconds to start: probe less often than containerd.
         probe_interval: Duration::from_millis(250),
@@ -500,6 +514,16 @@ mod tests {
         assert_eq!(c.backoff_initial, base.backoff_initial);
         assert_eq!(c.backoff_max, base.backoff_max);
         assert_eq!(c.stop_timeout, crate::payload::PAYLOAD_STOP_TIMEOUT);
+
+        // An agent: `k3s agent`, ready when its kubelet answers.
+        let mut agent = p.clone();
+        agent.role = gatevm_abi::plan::Role::Agent;
+        let c = k3s_payload_config(Some(&agent));
+        assert_eq!(c.args[0], "agent");
+        assert_eq!(
+            c.readiness,
+            Readiness::Tcp("127.0.0.1:10248".parse().unwrap())
+        );
 
         let c = k3s_payload_config(None);
         assert_eq!(c.args, vec!["server"]);

@@ -145,6 +145,7 @@ mod tests {
             disks: vec![gatevm_vmm::Disk::rw("gatevm-state", "/d")],
             boot_dir: "/b".into(),
             shares: vec![],
+            cluster_nic: None,
             agent_socket: "/a".into(),
             net: None,
             mac: "5a:94:ef:e4:0c:ee".into(),
