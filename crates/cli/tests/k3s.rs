@@ -914,7 +914,8 @@ fn k3s_state_kept_tidy_with_a_stand_in() {
     );
     for want in [
         "--kubelet-arg=runtime-request-timeout=15m",
-        "--kube-proxy-arg=nodeport-addresses=192.168.127.0/24",
+        // The VM network, and the cluster network of this (cluster-ready) server.
+        "--kube-proxy-arg=nodeport-addresses=192.168.127.0/24,192.168.200.0/24",
     ] {
         assert!(args.iter().any(|a| a == want), "{want} missing: {args:?}");
     }

@@ -554,18 +554,23 @@ pub fn plan(caps: &[Capability], opts: &K3sOptions) -> K3sPlan {
         ));
     }
 
+    add_user_args(&mut args, &mut notes, opts);
+
+    K3sPlan {
+        args,
+        cni_conflist,
+        notes,
+    }
+}
+
+/// The user's `--k3s-arg`s, last (after gatevm's), with a note.
+fn add_user_args(args: &mut Vec<String>, notes: &mut Vec<String>, opts: &K3sOptions) {
     if !opts.user_args.is_empty() {
         notes.push(format!(
             "the user's --k3s-arg, after gatevm's arguments: {}",
             opts.user_args.join(" ")
         ));
         args.extend(opts.user_args.iter().cloned());
-    }
-
-    K3sPlan {
-        args,
-        cni_conflist,
-        notes,
     }
 }
 
@@ -623,13 +628,7 @@ fn agent_plan(caps: &[Capability], opts: &K3sOptions, c: &ClusterNode) -> K3sPla
             cidrs.join(",")
         ));
     }
-    if !opts.user_args.is_empty() {
-        notes.push(format!(
-            "the user's --k3s-arg, after gatevm's arguments: {}",
-            opts.user_args.join(" ")
-        ));
-        args.extend(opts.user_args.iter().cloned());
-    }
+    add_user_args(&mut args, &mut notes, opts);
     K3sPlan {
         args,
         cni_conflist: None,
