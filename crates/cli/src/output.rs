@@ -131,8 +131,14 @@ mod tests {
         ];
         st.last_error = Some(hostile.into());
         st.agent.version = Some(hostile.into());
+        // The guest's boot report (airgap imports, datastore recovery): many long hostile lines.
+        let report: Vec<String> = (0..100)
+            .map(|_| format!("{hostile}{}", "r".repeat(5000)))
+            .collect();
         st.k3s = Some(gatevm_instance::control::K3sHealth {
             detail: Some(hostile.into()),
+            images: report.clone(),
+            datastore: report,
             ..Default::default()
         });
         super::sanitize_status(&mut st);
@@ -140,7 +146,14 @@ mod tests {
         assert_eq!(st.payloads[0].name.chars().count(), 100);
         assert_eq!(st.payloads[0].last_exit.as_deref(), Some("x   y"));
         assert_eq!(st.last_error.as_deref(), Some("x   y"));
-        assert_eq!(st.k3s.as_ref().unwrap().detail.as_deref(), Some("x   y"));
+        let k = st.k3s.as_ref().unwrap();
+        assert_eq!(k.detail.as_deref(), Some("x   y"));
+        for lines in [&k.images, &k.datastore] {
+            assert_eq!(lines.len(), 64);
+            assert!(lines
+                .iter()
+                .all(|l| l.chars().count() <= 512 && l.starts_with("x   y")));
+        }
         let json = serde_json::to_string(&st).unwrap();
         for bad in ["\\u001b", "\u{9b}", "\u{202e}", "\\u0007", "\\b"] {
             assert!(!json.contains(bad), "{bad:?} in {json}");

@@ -436,15 +436,7 @@ pub fn plan(caps: &[Capability], opts: &K3sOptions) -> K3sPlan {
         args.push(format!("--disable={}", disabled.join(",")));
     }
 
-    let eviction: Vec<String> = EVICTION_SIGNALS.iter().map(|s| format!("{s}<0%")).collect();
-    args.push(format!(
-        "--kubelet-arg=eviction-hard={}",
-        eviction.join(",")
-    ));
-    args.push("--kubelet-arg=image-gc-high-threshold=100".into());
-    args.push(format!(
-        "--kubelet-arg=runtime-request-timeout={RUNTIME_REQUEST_TIMEOUT}"
-    ));
+    args.extend(kubelet_args());
 
     let mut notes = cluster_notes;
     let iptables_parts = ["xtables", "nft_compat", "nftables"];
@@ -563,6 +555,17 @@ pub fn plan(caps: &[Capability], opts: &K3sOptions) -> K3sPlan {
     }
 }
 
+/// The kubelet's arguments on every node: no hard eviction, no image garbage collection, a
+/// long runtime request timeout (see [`plan`]).
+fn kubelet_args() -> Vec<String> {
+    let eviction: Vec<String> = EVICTION_SIGNALS.iter().map(|s| format!("{s}<0%")).collect();
+    vec![
+        format!("--kubelet-arg=eviction-hard={}", eviction.join(",")),
+        "--kubelet-arg=image-gc-high-threshold=100".into(),
+        format!("--kubelet-arg=runtime-request-timeout={RUNTIME_REQUEST_TIMEOUT}"),
+    ]
+}
+
 /// The user's `--k3s-arg`s, last (after gatevm's), with a note.
 fn add_user_args(args: &mut Vec<String>, notes: &mut Vec<String>, opts: &K3sOptions) {
     if !opts.user_args.is_empty() {
@@ -600,15 +603,7 @@ fn agent_plan(caps: &[Capability], opts: &K3sOptions, c: &ClusterNode) -> K3sPla
         format!("--container-runtime-endpoint={CONTAINERD_ENDPOINT}"),
     ];
     args.extend(cluster_node_args(c));
-    let eviction: Vec<String> = EVICTION_SIGNALS.iter().map(|s| format!("{s}<0%")).collect();
-    args.push(format!(
-        "--kubelet-arg=eviction-hard={}",
-        eviction.join(",")
-    ));
-    args.push("--kubelet-arg=image-gc-high-threshold=100".into());
-    args.push(format!(
-        "--kubelet-arg=runtime-request-timeout={RUNTIME_REQUEST_TIMEOUT}"
-    ));
+    args.extend(kubelet_args());
     let mut notes = vec![format!(
         "cluster agent: joins {server} with node IP {} on {}",
         c.node_ip,

@@ -82,7 +82,14 @@ pub fn cluster_token(paths: &InstancePaths) -> Result<String, StageError> {
     };
     match std::fs::read_to_string(&path) {
         Ok(t) if t.trim().len() >= 32 => return Ok(t.trim().to_string()),
-        Ok(_) => {}
+        // Never replaced behind the user's back: the cluster was made with it.
+        Ok(_) => {
+            return Err(io("reading", &path)(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not a cluster token (fewer than 32 characters); restore it, or delete it and \
+                 the server's state (start --reset) for a new cluster",
+            )))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io("reading", &path)(e)),
     }
@@ -489,6 +496,15 @@ mod tests {
             std::fs::read_to_string(server.cluster_token()).unwrap(),
             token
         );
+        // A damaged token is refused, never replaced: the cluster was made with it.
+        std::fs::write(server.cluster_token(), "short").unwrap();
+        let e = gatevm_abi::error_chain(&stage_tree(&server, &s, &[], Some(ip)).unwrap_err());
+        assert!(e.contains("not a cluster token"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(server.cluster_token()).unwrap(),
+            "short"
+        );
+        std::fs::write(server.cluster_token(), &token).unwrap();
 
         // An agent: its server's token, no manifests or certificates of its own. A server that
         // never started has no token: the start says which to start first.

@@ -102,6 +102,12 @@ pub(super) async fn boot_and_serve(
         }
         None => (None, None),
     };
+    // From here on a failure before the agent answers is the VM's: with `auto` on krun, the
+    // supervisor then boots the instance with QEMU.
+    inst.krun_by_auto.store(
+        cfg.vmm == VmmChoice::Auto && matches!(chosen, VmmBackend::Krun(_)),
+        std::sync::atomic::Ordering::SeqCst,
+    );
     let (net_gvproxy, vm_index) =
         spawn_vm(inst, vmm.as_ref(), vm_cfg, net, cluster_vm_end, children)?;
     let expose = put_forwards(cfg, paths, net_gvproxy);
@@ -202,10 +208,10 @@ fn choose_backend(
     if let Some(n) = &note {
         progress(Progress::Notice { message: n.clone() });
     }
-    inst.krun_by_auto.store(
-        cfg.vmm == VmmChoice::Auto && matches!(chosen, VmmBackend::Krun(_)),
-        std::sync::atomic::Ordering::SeqCst,
-    );
+    // Set just before the VM is spawned (see boot_and_serve): a step before it that fails is not
+    // krun's failure.
+    inst.krun_by_auto
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     if chosen == VmmBackend::Qemu(Accel::Tcg) {
         let why = caps.why_no_hardware_virt().unwrap_or_default();
         progress(Progress::Notice {
@@ -585,7 +591,7 @@ async fn race_boot(
                     if said.is_empty() { String::new() } else { format!(" (the VMM said: {said})") }
                 )));
             }
-            t = stop_rx.recv() => return Err(SupervisorError::Boot(format!("stopped during boot (timeout {} s)", t.unwrap_or(0)))),
+            t = stop_rx.recv() => return Err(SupervisorError::StoppedDuringBoot(format!("stopped during boot (timeout {} s)", t.unwrap_or(0)))),
         };
         match booted {
             Ok(Ok(ready)) => return Ok(ready),

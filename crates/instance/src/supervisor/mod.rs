@@ -72,6 +72,9 @@ pub enum SupervisorError {
     /// The VMM runs but the guest never wrote on its console (see [`VMM_SILENCE`]).
     #[error("{0}")]
     Stalled(String),
+    /// A stop was asked for while the guest was booting (not a failure of the VM).
+    #[error("{0}")]
+    StoppedDuringBoot(String),
     /// The guest agent could not be put in the instance root.
     #[error("installing gatevm-guest at {}", gatevm_abi::paths::GUEST_AGENT)]
     InstallGuest(#[source] crate::rootdir::RootDirError),
@@ -325,7 +328,11 @@ async fn supervise_locked(
     if let Err(e) = &outcome {
         let before_agent =
             inst.state.lock().unwrap_or_else(|p| p.into_inner()).phase != Phase::Running;
-        if before_agent && inst.krun_by_auto.load(std::sync::atomic::Ordering::SeqCst) {
+        // Only the krun VM's own failure counts: not the user's stop, and not a step before the
+        // VM was spawned (krun_by_auto is set just before the spawn).
+        let vm_failed = !matches!(e, SupervisorError::StoppedDuringBoot(_));
+        if before_agent && vm_failed && inst.krun_by_auto.load(std::sync::atomic::Ordering::SeqCst)
+        {
             // `auto` must not strand the user on a path never proven here: say why in one
             // line, remember it, and boot the same instance with QEMU.
             let why = gatevm_abi::error_chain(e);
